@@ -1,0 +1,55 @@
+"""The exceptions and warnings terge raises.
+
+Every terge error derives from :class:`TergeError`, and also from the built-in exception that
+terge 0.1.1 raised in the same situation (``ValueError``, ``ZeroDivisionError``, ``IndexError``,
+``KeyError``, ``TypeError``), so code written against 0.1.1 keeps catching what it caught.
+"""
+
+from __future__ import annotations
+
+
+class TergeError(Exception):
+    """Base class of every error terge raises on purpose."""
+
+
+class NoParametersToMergeWarning(UserWarning):
+    """Warned when no parameter is shared by two or more models, so nothing was merged."""
+
+
+class NoMergeMethodFoundForParameterError(TergeError, ValueError):
+    """A method map has no entry matching a parameter that would be merged."""
+
+
+class ParameterModelWeightsSumToZeroError(TergeError, ZeroDivisionError):
+    """The weights of the models holding a parameter sum to zero, so they cannot be normalised."""
+
+
+class MergeArgumentError(TergeError, ValueError):
+    """An argument of ``merge()`` is malformed (empty models, bad weights, bad dtype, ...)."""
+
+
+class BaseIndexError(TergeError, IndexError):
+    """``base`` is an index that does not point into ``models``."""
+
+
+class PatternTypeError(TergeError, TypeError):
+    """A name pattern is neither a ``str`` nor a compiled ``re``/``regex`` pattern."""
+
+
+class UnknownMergeMethodError(TergeError, ValueError, KeyError):
+    """A method name is not in the registry (a ``KeyError`` too, as in terge 0.1.1)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodNotApplicableError(TergeError, ValueError):
+    """A merge method cannot apply to a parameter (e.g. SLERP of three tensors)."""
+
+
+class MetaTensorError(TergeError, ValueError):
+    """A tensor to be merged lives on the ``meta`` device and so holds no data."""
+
+
+class MethodResultError(TergeError, ValueError):
+    """A merge method (usually a user's own) returned something other than a same-shape tensor."""

@@ -1,0 +1,153 @@
+"""Walking the plan: make the destination tensors, then fill them one tensor at a time."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import MethodResultError
+from .kernels import ChunkBuffers, linear_combine, store_whole
+from .plan import Plan, Step, derive_seed
+from .sources import ModuleSource, Source, StateDictSource
+
+
+def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The object to return and, for each step, the tensor its result is written into.
+
+    In place, that is the base's own tensor. Otherwise the base is copied once, with every tensor
+    that will be merged replaced by a fresh empty one (no copy-then-overwrite), ties kept.
+    """
+    if inplace:
+        owner = base.module if isinstance(base, ModuleSource) else base.mapping  # type: ignore[attr-defined]
+        return owner, {step.name: base.get(step.name) for step in plan.steps}
+    if isinstance(base, ModuleSource):
+        return _copy_module(base, plan)
+    assert isinstance(base, StateDictSource)
+    return _copy_state_dict(base, plan)
+
+
+def _fresh_like(original: torch.Tensor) -> torch.Tensor:
+    fresh = torch.empty_like(original.detach(), memory_format=torch.preserve_format)
+    if isinstance(original, torch.nn.Parameter):
+        return torch.nn.Parameter(fresh, requires_grad=original.requires_grad)
+    return fresh
+
+
+def _copy_module(base: ModuleSource, plan: Plan) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    memo: dict[int, Any] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for step in plan.steps:
+        original = base.get(step.name)
+        fresh = _fresh_like(original)
+        memo[id(original)] = fresh
+        outputs[step.name] = fresh
+        for alias in step.aliases:  # a different object viewing the same memory: share the fresh one
+            other = base.get(alias)
+            if id(other) not in memo:
+                memo[id(other)] = (
+                    torch.nn.Parameter(fresh.data, requires_grad=other.requires_grad)
+                    if isinstance(other, torch.nn.Parameter)
+                    else fresh.data
+                )
+    memo[id(memo)] = [base.get(step.name) for step in plan.steps]  # keep ids stable while copying
+    return copy.deepcopy(base.module, memo), outputs
+
+
+def _copy_state_dict(
+    base: StateDictSource, plan: Plan
+) -> tuple[MutableMapping[str, Any], dict[str, torch.Tensor]]:
+    outputs: dict[str, torch.Tensor] = {}
+    by_view: dict[Any, torch.Tensor] = {}
+    for step in plan.steps:
+        fresh = _fresh_like(base.get(step.name))
+        outputs[step.name] = fresh
+        by_view[base.entries[step.name].key] = fresh
+    try:
+        result: MutableMapping[str, Any] = type(base.mapping)()  # type: ignore[assignment]
+    except TypeError:
+        result = {}
+    for name, value in base.mapping.items():
+        if isinstance(value, torch.Tensor):
+            key = base.entries[name].key
+            if key not in by_view:
+                by_view[key] = value.detach().clone(memory_format=torch.preserve_format)
+            result[name] = by_view[key]
+        else:
+            result[name] = copy.deepcopy(value)
+    metadata = getattr(base.mapping, "_metadata", None)
+    if metadata is not None:
+        try:
+            result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return result, outputs
+
+
+def execute(
+    plan: Plan,
+    sources: list[Source],
+    base: Source,
+    outputs: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    progress: bool,
+) -> None:
+    """Compute every step into its destination, one tensor at a time."""
+    buffers = ChunkBuffers(dtype)
+    bar: Callable[..., Any] = tqdm if progress else _no_bar
+    with torch.no_grad(), bar(
+        total=len(plan.steps), desc="Merging the models' parameters", unit="parameters"
+    ) as progress_bar:
+        for step in plan.steps:
+            _run_step(step, sources, base, outputs[step.name], buffers)
+            progress_bar.update(1)
+
+
+def _run_step(
+    step: Step,
+    sources: list[Source],
+    base: Source,
+    destination: torch.Tensor,
+    buffers: ChunkBuffers,
+) -> None:
+    inputs = [sources[i].get(step.name) for i in step.contributors]
+    if step.method.streaming:
+        linear_combine(destination, inputs, step.weights, buffers)
+        return
+    device, dtype = destination.device, buffers.dtype
+    tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]
+    reference = (
+        base.get(step.name).detach().to(device=device, dtype=dtype) if step.uses_base else None
+    )
+    generator = None
+    if step.method.random:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(derive_seed(step.seed or 0, step.name))
+    result = step.method(tensors, list(step.weights), reference, generator)
+    if not isinstance(result, torch.Tensor) or result.shape != destination.shape:
+        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        raise MethodResultError(
+            f"the merge method {step.method.name!r} returned {got} for the parameter "
+            f"'{step.name}', which has shape {tuple(destination.shape)}; a method must return a "
+            "tensor of the same shape as its inputs."
+        )
+    store_whole(destination, result.to(dtype), buffers)
+
+
+class _no_bar:
+    """A stand-in for tqdm when no progress bar is wanted."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def __enter__(self) -> _no_bar:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+    def update(self, _: int) -> None:
+        pass

@@ -1,0 +1,309 @@
+"""Building and validating the plan: for every tensor, merge it how, or leave it alone why.
+
+All of ``merge()``'s validation happens here, so a bad call fails before a single tensor is
+modified. The lineage map is the plan, recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import lineage as reasons
+from .errors import (
+    MergeArgumentError,
+    MetaTensorError,
+    MethodNotApplicableError,
+    NoMergeMethodFoundForParameterError,
+    ParameterModelWeightsSumToZeroError,
+)
+from .lineage import Lineage, LineageEntry
+from .methods import Method, resolve
+from .patterns import PatternMap, PatternSet, pattern_repr, selected
+from .sources import Source
+
+
+@dataclass(frozen=True)
+class Step:
+    """One tensor to write: its name in the base, the method, who contributes and how much."""
+
+    name: str
+    method: Method
+    contributors: tuple[int, ...]
+    weights: tuple[float, ...]
+    uses_base: bool
+    seed: int | None = None
+    aliases: tuple[str, ...] = ()
+
+    def lineage_entry(self) -> LineageEntry:
+        settings = dict(self.method.settings)
+        if self.method.random:
+            settings["seed"] = self.seed
+        return LineageEntry(self.method.name, list(zip(self.contributors, self.weights)), settings)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``merge()`` will do, decided before it does any of it."""
+
+    steps: tuple[Step, ...]
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    tied: Mapping[str, str] = field(default_factory=dict)
+
+    def lineage(self) -> Lineage:
+        return Lineage(
+            {step.name: step.lineage_entry() for step in self.steps}, self.skipped, self.tied
+        )
+
+
+def _weight_vector(value: Any, count: int, dtype: torch.dtype, argument: str) -> torch.Tensor:
+    """One weight per model as a ``dtype`` tensor, or a clear error."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
+        raise MergeArgumentError(
+            f"`{argument}` must be a list of numbers, one per model; got {type(value).__name__}."
+        )
+    try:
+        vector = torch.as_tensor(
+            value.detach().cpu() if isinstance(value, torch.Tensor) else list(value), dtype=dtype
+        )
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise MergeArgumentError(
+            f"`{argument}` must be a list of numbers, one per model; {error}."
+        ) from None
+    if vector.dim() != 1 or vector.numel() != count:
+        length = vector.numel() if vector.dim() == 1 else f"shape {tuple(vector.shape)}"
+        raise MergeArgumentError(
+            f"`{argument}` has {length} weights but there are {count} models; give exactly one "
+            "weight per model, in the order of `models`."
+        )
+    if not bool(torch.isfinite(vector).all()):
+        raise MergeArgumentError(
+            f"`{argument}` holds a weight that is not finite ({vector.tolist()}); weights must be "
+            "finite numbers."
+        )
+    return vector
+
+
+class _Weights:
+    """Per-name weight vectors: one list, or a first-match-wins map with equal weights elsewhere."""
+
+    def __init__(self, weights: Any, count: int, dtype: torch.dtype) -> None:
+        self.uniform = torch.ones(count, dtype=dtype)
+        self.map: PatternMap[torch.Tensor] | None = None
+        self.default = self.uniform
+        if isinstance(weights, Mapping):
+            self.map = PatternMap(
+                {
+                    key: _weight_vector(value, count, dtype, f"weights[{pattern_repr(key)}]")
+                    for key, value in weights.items()
+                },
+                "weights",
+            )
+        elif weights is not None:
+            self.default = _weight_vector(weights, count, dtype, "weights")
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self.map is not None:
+            found = self.map.match(name)
+            return self.uniform if found is None else found[1]
+        return self.default
+
+
+class _Methods:
+    """Per-name methods: one method, or a first-match-wins map (no match is an error)."""
+
+    def __init__(self, method: Any) -> None:
+        self.map: PatternMap[Method] | None = None
+        if isinstance(method, Mapping):
+            self.map = PatternMap(
+                {key: resolve(value, f"method[{pattern_repr(key)}]") for key, value in method.items()},
+                "method",
+            )
+            self.single: Method | None = None
+        else:
+            self.single = resolve(method)
+
+    def find(self, name: str) -> Method | None:
+        if self.map is None:
+            return self.single
+        found = self.map.match(name)
+        return None if found is None else found[1]
+
+    def __call__(self, name: str) -> Method:
+        method = self.find(name)
+        if method is None:
+            raise NoMergeMethodFoundForParameterError(
+                f"The map of parameter names to merge methods provided to `merge()` did not "
+                f"contain a matching merge method for the parameter '{name}'. Either exclude that "
+                "parameter via the `included` or `excluded` arguments, or assign it a merge "
+                "method (a catch-all `re.compile(r'.*')` at the end of the map does that)."
+            )
+        return method
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from the user's seed and a tensor's name, independent of any other tensor."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_dtype(dtype: Any) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MergeArgumentError(
+            f"`dtype` must be a floating-point torch.dtype to accumulate in (torch.float64 by "
+            f"default, or torch.float32); got {dtype!r}."
+        )
+
+
+def build_plan(
+    sources: Sequence[Source],
+    base: Source,
+    base_index: int | None,
+    *,
+    method: Any,
+    weights: Any,
+    included: Any,
+    excluded: Any,
+    dtype: torch.dtype,
+    normalize: bool,
+    seed: int | None,
+) -> Plan:
+    """Decide every tensor's fate, raising before anything is touched if the call is bad."""
+    _check_dtype(dtype)
+    included_set = PatternSet(included, "included")
+    excluded_set = PatternSet(excluded, "excluded")
+    weight_of = _Weights(weights, len(sources), dtype)
+    method_of = _Methods(method)
+
+    steps: list[Step] = []
+    skipped: dict[str, str] = {}
+    tied: dict[str, str] = {}
+    first_name_of_view: dict[Any, str] = {}
+    step_index: dict[str, int] = {}
+
+    for name in base.others:
+        skipped[name] = reasons.NOT_A_TENSOR
+
+    for name, entry in base.entries.items():
+        canonical = first_name_of_view.setdefault(entry.key, name)
+        if canonical != name:
+            tied[name] = canonical
+            skipped[name] = reasons.TIED
+            if canonical in step_index:
+                i = step_index[canonical]
+                steps[i] = _with_alias(steps[i], name)
+            continue
+        if not selected(name, included_set, excluded_set):
+            skipped[name] = reasons.EXCLUDED
+            continue
+        holders = [i for i, source in enumerate(sources) if source.holds(name, entry.shape)]
+        step_method = _method_for(name, holders, base_index, method_of)
+        if step_method is None:
+            named_elsewhere = any(name in s.entries for s in sources if s is not base)
+            skipped[name] = reasons.SHAPE_MISMATCH if named_elsewhere else reasons.ONE_MODEL
+            continue
+        if not entry.is_floating:
+            skipped[name] = reasons.NOT_FLOATING
+            continue
+        contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
+        _check_applicable(step_method, name, contributors)
+        _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
+        vector = weight_of(name)[contributors]
+        if normalize:
+            total = vector.sum()
+            if total == 0:
+                raise ParameterModelWeightsSumToZeroError(
+                    f"The model weights for the parameter '{name}' that were passed to `merge()` "
+                    f"sum to 0 (models {contributors} have weights {vector.tolist()}), so they "
+                    "cannot be normalised. Either ensure that the weights never sum to 0, exclude "
+                    "the parameter via the `included` or `excluded` arguments, or pass "
+                    "`normalize=False` to use the weights as given."
+                )
+            vector = vector / total
+        step_index[name] = len(steps)
+        steps.append(
+            Step(
+                name=name,
+                method=step_method,
+                contributors=tuple(contributors),
+                weights=tuple(vector.tolist()),
+                uses_base=step_method.task_vectors or step_method.needs_base,
+                seed=seed if step_method.random else None,
+            )
+        )
+    return Plan(tuple(steps), skipped, tied)
+
+
+def _method_for(
+    name: str, holders: list[int], base_index: int | None, method_of: _Methods
+) -> Method | None:
+    """The method for a tensor held by at least two models, else ``None`` (left alone).
+
+    As in terge 0.1.1, a method map is consulted (and must match) only for tensors held by two or
+    more models; a separate base counts as a holder for a method that reads it.
+    """
+    if len(holders) >= 2:
+        return method_of(name)
+    if len(holders) == 1 and base_index is None:
+        method = method_of.find(name)
+        if method is not None and (method.task_vectors or method.needs_base):
+            return method
+    return None
+
+
+def _with_alias(step: Step, alias: str) -> Step:
+    return Step(
+        step.name,
+        step.method,
+        step.contributors,
+        step.weights,
+        step.uses_base,
+        step.seed,
+        (*step.aliases, alias),
+    )
+
+
+def _check_applicable(method: Method, name: str, contributors: list[int]) -> None:
+    count = len(contributors)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        if method.max_models is None:
+            wanted = f"at least {method.min_models}"
+        elif method.max_models == method.min_models:
+            wanted = f"exactly {method.min_models}"
+        else:
+            wanted = f"between {method.min_models} and {method.max_models}"
+        raise MethodNotApplicableError(
+            f"the merge method {method.name!r} needs {wanted} contributing models, but the "
+            f"parameter '{name}' has {count} (models {contributors}). Give that parameter another "
+            "method with a method map, or exclude it."
+        )
+
+
+def _check_not_meta(name: str, base: Any, holders: list[tuple[int, Any]]) -> None:
+    if base.is_meta:
+        raise MetaTensorError(
+            f"the base's tensor '{name}' is on the meta device and holds no data; load real "
+            "weights into it (e.g. with load_state_dict(..., assign=True)) or exclude it."
+        )
+    for index, entry in holders:
+        if entry.is_meta:
+            raise MetaTensorError(
+                f"models[{index}]'s tensor '{name}' is on the meta device and holds no data; "
+                "load real weights into it or exclude it."
+            )
+
+
+def check_seed(seed: Any) -> int | None:
+    """``seed`` must be an int (or None, meaning a fresh one is drawn and recorded)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MergeArgumentError(f"`seed` must be an int or None; got {seed!r}.")
+    return seed
+
+
