@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
@@ -45,7 +46,9 @@ def _copy_module(base: ModuleSource, plan: Plan) -> tuple[torch.nn.Module, dict[
         fresh = _fresh_like(original)
         memo[id(original)] = fresh
         outputs[step.name] = fresh
-        for alias in step.aliases:  # a different object viewing the same memory: share the fresh one
+        for (
+            alias
+        ) in step.aliases:  # a different object viewing the same memory: share the fresh one
             other = base.get(alias)
             if id(other) not in memo:
                 memo[id(other)] = (
@@ -80,10 +83,8 @@ def _copy_state_dict(
             result[name] = copy.deepcopy(value)
     metadata = getattr(base.mapping, "_metadata", None)
     if metadata is not None:
-        try:
+        with contextlib.suppress(AttributeError):  # plain dicts take no attributes
             result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
     return result, outputs
 
 
@@ -98,9 +99,12 @@ def execute(
     """Compute every step into its destination, one tensor at a time."""
     buffers = ChunkBuffers(dtype)
     bar: Callable[..., Any] = tqdm if progress else _no_bar
-    with torch.no_grad(), bar(
-        total=len(plan.steps), desc="Merging the models' parameters", unit="parameters"
-    ) as progress_bar:
+    with (
+        torch.no_grad(),
+        bar(
+            total=len(plan.steps), desc="Merging the models' parameters", unit="parameters"
+        ) as progress_bar,
+    ):
         for step in plan.steps:
             _run_step(step, sources, base, outputs[step.name], buffers)
             progress_bar.update(1)
@@ -115,7 +119,7 @@ def _run_step(
 ) -> None:
     inputs = [sources[i].get(step.name) for i in step.contributors]
     if step.method.streaming:
-        linear_combine(destination, inputs, step.weights, buffers)
+        linear_combine(destination, inputs, step.coefficients, buffers, step.divisor)
         return
     device, dtype = destination.device, buffers.dtype
     tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]

@@ -64,8 +64,9 @@ def linear_combine(
     sources: Sequence[torch.Tensor],
     coefficients: Sequence[float],
     buffers: ChunkBuffers,
+    divisor: float | None = None,
 ) -> None:
-    """``destination = sum_i coefficients[i] * sources[i]``, accumulated in ``buffers.dtype``.
+    """``destination = (sum_i coefficients[i] * sources[i]) / divisor`` in ``buffers.dtype``.
 
     Sources may have any floating dtype and live on any device: each chunk is brought to the
     destination's device as it is read. ``destination`` may itself be one of the sources.
@@ -85,6 +86,7 @@ def linear_combine(
     chunk = buffers.chunk
     first, rest = coefficients[0], list(zip(flats[1:], coefficients[1:]))
     total = target.numel()
+    divide = divisor is not None and divisor != 1
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         acc = accumulator[: stop - start]
@@ -95,6 +97,8 @@ def linear_combine(
             if piece.device != device:
                 piece = piece.to(device)
             acc.add_(piece, alpha=coefficient)
+        if divide:
+            acc.div_(divisor)
         if scratch is None:
             target[start:stop].copy_(acc)
         else:
@@ -110,7 +114,9 @@ def store_whole(destination: torch.Tensor, value: torch.Tensor, buffers: ChunkBu
         flat_value = value.reshape(-1)
         scratch = buffers.get(destination.device, torch.float32)
         target = destination.view(-1) if destination.is_contiguous() else None
-        out = target if target is not None else torch.empty_like(flat_value, dtype=destination.dtype)
+        out = (
+            target if target is not None else torch.empty_like(flat_value, dtype=destination.dtype)
+        )
         for start in range(0, flat_value.numel(), buffers.chunk):
             stop = min(start + buffers.chunk, flat_value.numel())
             store_rounded(out[start:stop], flat_value[start:stop], scratch)

@@ -15,10 +15,10 @@ import regex
 
 from .errors import PatternTypeError
 
-Pattern = Union[str, "re.Pattern[str]", "regex.Pattern[str]"]
+Pattern = str | re.Pattern | regex.Pattern
 """A parameter-name pattern: an exact name, or a compiled regular expression."""
 
-Patterns = Union[Pattern, Iterable[Pattern]]
+Patterns = Union[Pattern, Iterable[Pattern]]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 V = TypeVar("V")
 
@@ -81,7 +81,9 @@ class PatternMap(Mapping[Any, V]):
 
     def __init__(self, mapping: Mapping[Any, V], argument: str) -> None:
         self.argument = argument
-        self._items = [(key, compile_pattern(key, argument), value) for key, value in mapping.items()]
+        self._items = [
+            (key, compile_pattern(key, argument), value) for key, value in mapping.items()
+        ]
 
     def match(self, name: str) -> tuple[Any, V] | None:
         """The first ``(pattern, value)`` whose pattern matches ``name``, or ``None``."""

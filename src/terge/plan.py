@@ -6,8 +6,8 @@ modified. The lineage map is the plan, recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,11 @@ class Step:
     uses_base: bool
     seed: int | None = None
     aliases: tuple[str, ...] = ()
+    coefficients: tuple[float, ...] = ()
+    """The weights as given (before normalising), for the streaming kernel."""
+    divisor: float | None = None
+    """Their sum when normalising: the kernel divides once at the end, which keeps equal and
+    integer weights exact (``(a + b + c) / 3`` rather than ``a/3 + b/3 + c/3``)."""
 
     def lineage_entry(self) -> LineageEntry:
         settings = dict(self.method.settings)
@@ -121,7 +126,10 @@ class _Methods:
         self.map: PatternMap[Method] | None = None
         if isinstance(method, Mapping):
             self.map = PatternMap(
-                {key: resolve(value, f"method[{pattern_repr(key)}]") for key, value in method.items()},
+                {
+                    key: resolve(value, f"method[{pattern_repr(key)}]")
+                    for key, value in method.items()
+                },
                 "method",
             )
             self.single: Method | None = None
@@ -214,6 +222,8 @@ def build_plan(
         _check_applicable(step_method, name, contributors)
         _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
         vector = weight_of(name)[contributors]
+        coefficients = tuple(vector.tolist())
+        divisor = None
         if normalize:
             total = vector.sum()
             if total == 0:
@@ -225,6 +235,7 @@ def build_plan(
                     "`normalize=False` to use the weights as given."
                 )
             vector = vector / total
+            divisor = total.item()
         step_index[name] = len(steps)
         steps.append(
             Step(
@@ -234,6 +245,8 @@ def build_plan(
                 weights=tuple(vector.tolist()),
                 uses_base=step_method.task_vectors or step_method.needs_base,
                 seed=seed if step_method.random else None,
+                coefficients=coefficients,
+                divisor=divisor,
             )
         )
     return Plan(tuple(steps), skipped, tied)
@@ -257,15 +270,7 @@ def _method_for(
 
 
 def _with_alias(step: Step, alias: str) -> Step:
-    return Step(
-        step.name,
-        step.method,
-        step.contributors,
-        step.weights,
-        step.uses_base,
-        step.seed,
-        (*step.aliases, alias),
-    )
+    return dataclasses.replace(step, aliases=(*step.aliases, alias))
 
 
 def _check_applicable(method: Method, name: str, contributors: list[int]) -> None:
@@ -305,5 +310,3 @@ def check_seed(seed: Any) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MergeArgumentError(f"`seed` must be an int or None; got {seed!r}.")
     return seed
-
-

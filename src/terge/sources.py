@@ -76,7 +76,7 @@ class Source:
 
 
 class ModuleSource(Source):
-    """An ``nn.Module``'s parameters (and, with ``buffers=True``, its buffers), tied names included."""
+    """A module's parameters (with ``buffers=True`` its buffers too), tied names included."""
 
     kind = "module"
 
