@@ -1,0 +1,157 @@
+"""Methods chosen through merge(): contributors, settings in the lineage, seeds, errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+import terge
+from terge import MethodNotApplicableError, MethodResultError, methods
+
+
+def states(count: int, seed: int = 0, width: int = 64) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "w": torch.randn(width, width, generator=generator),
+            "b": torch.randn(width, generator=generator),
+        }
+        for _ in range(count)
+    ]
+
+
+def test_task_vector_methods_use_the_base_index_as_reference_only():
+    models = states(3)
+    merged, lineage = terge.merge(models, method="task_arithmetic", weights=[5, 1, 3], lineage=True)
+    assert lineage["w"] == ("task_arithmetic", [(1, 0.25), (2, 0.75)])
+    assert lineage["w"].settings == {"scale": 1.0}
+    base = models[0]["w"].double()
+    expected = base + 0.25 * (models[1]["w"].double() - base) + 0.75 * (models[2]["w"].double() - base)
+    torch.testing.assert_close(merged["w"], expected.float(), rtol=0, atol=1e-6)
+
+
+def test_scale_zero_gives_the_base_for_every_task_vector_method():
+    models = states(3)
+    for factory in (methods.task_arithmetic, methods.ties, methods.dare_linear, methods.dare_ties, methods.breadcrumbs):
+        merged = terge.merge(models, method=factory(scale=0.0), seed=1)
+        assert torch.equal(merged["w"], models[0]["w"]), factory.__name__
+
+
+def test_method_maps_mix_names_and_configured_factories():
+    models = states(3)
+    method = {"b": "arithmetic", re.compile("w"): methods.ties(density=0.5)}
+    _, lineage = terge.merge(models, method=method, lineage=True)
+    assert lineage["b"] == ("arithmetic", [(0, 1 / 3), (1, 1 / 3), (2, 1 / 3)])
+    assert lineage["w"] == ("ties", [(1, 0.5), (2, 0.5)])
+    assert lineage["w"].settings == {"density": 0.5, "scale": 1.0}
+    assert lineage["b"].settings == {}
+
+
+def test_ties_at_full_density_without_conflicts_equals_task_arithmetic():
+    base = states(1)[0]
+    delta = {k: v.abs() + 0.1 for k, v in states(1, seed=5)[0].items()}
+    models = [base, {k: base[k] + delta[k] for k in base}, {k: base[k] + 2 * delta[k] for k in base}]
+    ties = terge.merge(models, method=methods.ties(density=1.0))
+    plain = terge.merge(models, method="task_arithmetic")
+    for name in base:
+        torch.testing.assert_close(ties[name], plain[name], rtol=0, atol=1e-6)
+
+
+def test_a_separate_base_is_the_reference_and_counts_as_a_holder():
+    base, tuned = states(2)
+    merged, lineage = terge.merge([tuned], base=base, method="task_arithmetic", lineage=True)
+    assert lineage["w"] == ("task_arithmetic", [(0, 1.0)])
+    assert torch.equal(merged["w"], tuned["w"])
+
+
+def test_random_methods_depend_only_on_seed_and_name():
+    models = states(3)
+    whole = terge.merge(models, method="dare_ties", seed=7)
+    alone = terge.merge(models, method="dare_ties", seed=7, included="w")
+    torch.randn(10)  # global RNG state must not matter
+    again = terge.merge(models, method="dare_ties", seed=7)
+    assert torch.equal(whole["w"], alone["w"]) and torch.equal(whole["w"], again["w"])
+    other = terge.merge(models, method="dare_ties", seed=8)
+    assert not torch.equal(whole["w"], other["w"])
+    renamed = terge.merge([{"v": m["w"]} for m in models], method="dare_ties", seed=7)
+    assert not torch.equal(whole["w"], renamed["v"])  # the name is part of the derivation
+
+
+def test_an_unseeded_random_merge_records_a_seed_that_reproduces_it():
+    models = states(3)
+    merged, lineage = terge.merge(models, method="dare_linear", lineage=True)
+    seed = lineage["w"].settings["seed"]
+    assert isinstance(seed, int)
+    again = terge.merge(models, method="dare_linear", seed=seed)
+    assert torch.equal(merged["w"], again["w"]) and torch.equal(merged["b"], again["b"])
+    assert "seed" not in terge.merge(models, method="ties", lineage=True)[1]["w"].settings
+
+
+def test_slerp_with_three_contributors_is_refused_naming_the_parameter():
+    models = states(3)
+    before = snapshot(models[0])
+    with pytest.raises(MethodNotApplicableError, match=r"'slerp' needs exactly 2 contributing models, but the parameter 'w' has 3"):
+        terge.merge(models, method={"b": "arithmetic", "w": "slerp"}, inplace=True)
+    assert_unchanged(models[0], before)
+
+
+def test_slerp_interpolates_between_two_models_by_the_second_weight():
+    a, b = states(2)
+    merged, lineage = terge.merge([a, b], method="slerp", weights=[1, 0], lineage=True)
+    assert torch.equal(merged["w"], a["w"])
+    assert lineage["w"] == ("slerp", [(0, 1.0), (1, 0.0)])
+    merged = terge.merge([a, b], method="slerp", weights=[0, 1])
+    torch.testing.assert_close(merged["w"], b["w"], rtol=0, atol=1e-6)
+
+
+def test_model_stock_needs_two_task_vectors():
+    models = states(2)
+    with pytest.raises(MethodNotApplicableError, match=r"'model_stock' needs at least 2 contributing models, but the parameter 'w' has 1"):
+        terge.merge(models, method="model_stock")
+    merged = terge.merge(states(3), method="model_stock")
+    assert merged["w"].dtype == torch.float32
+
+
+def test_half_precision_parameters_keep_their_dtype_under_every_method():
+    models = [{k: v.bfloat16() for k, v in m.items()} for m in states(3)]
+    for name in methods.REGISTRY:
+        merged = terge.merge(models, method=name if name != "slerp" else "arithmetic", seed=0)
+        assert merged["w"].dtype == torch.bfloat16, name
+
+
+def test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage():
+    seen = {}
+
+    def elementwise_max(tensors, weights, base):
+        seen["dtypes"] = {t.dtype for t in tensors}
+        seen["weights"] = weights
+        seen["base"] = base
+        return torch.stack(tensors).amax(0)
+
+    models = states(3)
+    merged, lineage = terge.merge(models, method=elementwise_max, weights=[1, 1, 2], lineage=True)
+    assert seen == {"dtypes": {torch.float64}, "weights": [0.25, 0.25, 0.5], "base": None}
+    assert lineage["w"][0] == "test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage.<locals>.elementwise_max"
+    expected = torch.stack([m["w"] for m in models]).amax(0)
+    assert torch.equal(merged["w"], expected)
+
+
+def test_custom_functions_see_raw_weights_without_normalising():
+    got = []
+    terge.merge(states(2), method=lambda t, w, b: got.append(w) or t[0], weights=[2, -3], normalize=False)
+    assert got == [[2.0, -3.0], [2.0, -3.0]]
+
+
+def test_a_custom_function_returning_the_wrong_shape_is_reported():
+    with pytest.raises(MethodResultError, match=r"returned \(1,\) for the parameter 'w', which has shape \(64, 64\)"):
+        terge.merge(states(2), method=lambda t, w, b: torch.zeros(1))
+    with pytest.raises(MethodResultError, match=r"returned list"):
+        terge.merge(states(2), method=lambda t, w, b: [1])
+
+
+def test_a_custom_function_with_the_wrong_signature_is_refused_up_front():
+    with pytest.raises(terge.MergeArgumentError, match=r"must accept \(tensors, weights, base\)"):
+        terge.merge(states(2), method=lambda tensors: tensors[0])
