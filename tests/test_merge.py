@@ -11,7 +11,6 @@ import regex
 import torch
 
 import terge
-from conftest import Tied, assert_unchanged, snapshot
 from terge import (
     BaseIndexError,
     Lineage,
@@ -24,6 +23,8 @@ from terge import (
     TergeError,
     UnknownMergeMethodError,
 )
+
+from conftest import Tied, assert_unchanged, snapshot
 
 THIRD = 0.3333333333333333
 
@@ -200,16 +201,21 @@ def test_accumulates_in_float64_and_rounds_once_into_the_parameters_dtype(dtype)
         assert not torch.equal(merged, in_dtype)
 
 
+@pytest.mark.parametrize("weights", [None, [1 / 3] * 3, [0.7] * 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_means_are_correctly_rounded(dtype):
-    """The default equal-weight mean of bf16/fp16 tensors is the correctly rounded exact mean."""
+def test_half_precision_means_are_correctly_rounded(dtype, weights):
+    """An equal-weight mean of bf16/fp16 tensors is the correctly rounded exact mean, however the
+    equal weights are written (1/3 is inexact in binary: terge sums with 1s and divides by 3)."""
     from fractions import Fraction
 
     from test_kernels import nearest
 
     torch.manual_seed(0)
     tensors = [torch.randn(3000).to(dtype) for _ in range(3)]
-    merged = terge.merge([{"x": t} for t in tensors])["x"]
+    merged, lineage = terge.merge([{"x": t} for t in tensors], weights=weights, lineage=True)
+    merged = merged["x"]
+    given = torch.tensor(weights or [1.0] * 3, dtype=torch.float64)
+    assert lineage["x"][1] == list(enumerate((given / given.sum()).tolist()))  # as in 0.1.1
     for i in range(0, 3000, 7):
         exact = sum(Fraction(t[i].item()) for t in tensors) / 3
         assert merged[i].item() == nearest(exact, dtype).item()

@@ -6,10 +6,11 @@ import re
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
 
 import terge
 from terge import MethodNotApplicableError, MethodResultError, methods
+
+from conftest import assert_unchanged, snapshot
 
 
 def states(count: int, seed: int = 0, width: int = 64) -> list[dict[str, torch.Tensor]]:
@@ -29,13 +30,21 @@ def test_task_vector_methods_use_the_base_index_as_reference_only():
     assert lineage["w"] == ("task_arithmetic", [(1, 0.25), (2, 0.75)])
     assert lineage["w"].settings == {"scale": 1.0}
     base = models[0]["w"].double()
-    expected = base + 0.25 * (models[1]["w"].double() - base) + 0.75 * (models[2]["w"].double() - base)
+    expected = (
+        base + 0.25 * (models[1]["w"].double() - base) + 0.75 * (models[2]["w"].double() - base)
+    )
     torch.testing.assert_close(merged["w"], expected.float(), rtol=0, atol=1e-6)
 
 
 def test_scale_zero_gives_the_base_for_every_task_vector_method():
     models = states(3)
-    for factory in (methods.task_arithmetic, methods.ties, methods.dare_linear, methods.dare_ties, methods.breadcrumbs):
+    for factory in (
+        methods.task_arithmetic,
+        methods.ties,
+        methods.dare_linear,
+        methods.dare_ties,
+        methods.breadcrumbs,
+    ):
         merged = terge.merge(models, method=factory(scale=0.0), seed=1)
         assert torch.equal(merged["w"], models[0]["w"]), factory.__name__
 
@@ -53,7 +62,11 @@ def test_method_maps_mix_names_and_configured_factories():
 def test_ties_at_full_density_without_conflicts_equals_task_arithmetic():
     base = states(1)[0]
     delta = {k: v.abs() + 0.1 for k, v in states(1, seed=5)[0].items()}
-    models = [base, {k: base[k] + delta[k] for k in base}, {k: base[k] + 2 * delta[k] for k in base}]
+    models = [
+        base,
+        {k: base[k] + delta[k] for k in base},
+        {k: base[k] + 2 * delta[k] for k in base},
+    ]
     ties = terge.merge(models, method=methods.ties(density=1.0))
     plain = terge.merge(models, method="task_arithmetic")
     for name in base:
@@ -93,7 +106,10 @@ def test_an_unseeded_random_merge_records_a_seed_that_reproduces_it():
 def test_slerp_with_three_contributors_is_refused_naming_the_parameter():
     models = states(3)
     before = snapshot(models[0])
-    with pytest.raises(MethodNotApplicableError, match=r"'slerp' needs exactly 2 contributing models, but the parameter 'w' has 3"):
+    with pytest.raises(
+        MethodNotApplicableError,
+        match=r"'slerp' needs exactly 2 contributing models, but the parameter 'w' has 3",
+    ):
         terge.merge(models, method={"b": "arithmetic", "w": "slerp"}, inplace=True)
     assert_unchanged(models[0], before)
 
@@ -109,7 +125,10 @@ def test_slerp_interpolates_between_two_models_by_the_second_weight():
 
 def test_model_stock_needs_two_task_vectors():
     models = states(2)
-    with pytest.raises(MethodNotApplicableError, match=r"'model_stock' needs at least 2 contributing models, but the parameter 'w' has 1"):
+    with pytest.raises(
+        MethodNotApplicableError,
+        match=r"'model_stock' needs at least 2 contributing models, but the parameter 'w' has 1",
+    ):
         terge.merge(models, method="model_stock")
     merged = terge.merge(states(3), method="model_stock")
     assert merged["w"].dtype == torch.float32
@@ -134,19 +153,27 @@ def test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage():
     models = states(3)
     merged, lineage = terge.merge(models, method=elementwise_max, weights=[1, 1, 2], lineage=True)
     assert seen == {"dtypes": {torch.float64}, "weights": [0.25, 0.25, 0.5], "base": None}
-    assert lineage["w"][0] == "test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage.<locals>.elementwise_max"
+    assert (
+        lineage["w"][0]
+        == "test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage.<locals>.elementwise_max"
+    )
     expected = torch.stack([m["w"] for m in models]).amax(0)
     assert torch.equal(merged["w"], expected)
 
 
 def test_custom_functions_see_raw_weights_without_normalising():
     got = []
-    terge.merge(states(2), method=lambda t, w, b: got.append(w) or t[0], weights=[2, -3], normalize=False)
+    terge.merge(
+        states(2), method=lambda t, w, b: got.append(w) or t[0], weights=[2, -3], normalize=False
+    )
     assert got == [[2.0, -3.0], [2.0, -3.0]]
 
 
 def test_a_custom_function_returning_the_wrong_shape_is_reported():
-    with pytest.raises(MethodResultError, match=r"returned \(1,\) for the parameter 'w', which has shape \(64, 64\)"):
+    with pytest.raises(
+        MethodResultError,
+        match=r"returned \(1,\) for the parameter 'w', which has shape \(64, 64\)",
+    ):
         terge.merge(states(2), method=lambda t, w, b: torch.zeros(1))
     with pytest.raises(MethodResultError, match=r"returned list"):
         terge.merge(states(2), method=lambda t, w, b: [1])

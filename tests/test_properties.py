@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 
 import terge
+
 from conftest import assert_unchanged, snapshot
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)

@@ -91,18 +91,21 @@ def linear_combine(
         stop = min(start + chunk, total)
         acc = accumulator[: stop - start]
         acc.copy_(flats[0][start:stop])
-        acc.mul_(first)
+        if first != 1:
+            acc.mul_(first)
         for flat, coefficient in rest:
             piece = flat[start:stop]
             if piece.device != device:
                 piece = piece.to(device)
             acc.add_(piece, alpha=coefficient)
-        if divide:
-            acc.div_(divisor)
-        if scratch is None:
-            target[start:stop].copy_(acc)
-        else:
+        if scratch is not None:
+            if divide:
+                acc.div_(divisor)
             store_rounded(target[start:stop], acc, scratch)
+        elif divide:  # divides in the accumulator's dtype and rounds once on the way out
+            torch.div(acc, divisor, out=target[start:stop])
+        else:
+            target[start:stop].copy_(acc)
     if write_back is not None:
         write_back.copy_(target.view(write_back.shape))
 

@@ -224,6 +224,9 @@ def build_plan(
         vector = weight_of(name)[contributors]
         coefficients = tuple(vector.tolist())
         divisor = None
+        if normalize and len(set(coefficients)) == 1 and coefficients[0] != 0:
+            # Equal weights, however written (1/3 is inexact): sum with 1s, divide by the count.
+            coefficients, divisor = (1.0,) * len(coefficients), float(len(coefficients))
         if normalize:
             total = vector.sum()
             if total == 0:
@@ -235,7 +238,7 @@ def build_plan(
                     "`normalize=False` to use the weights as given."
                 )
             vector = vector / total
-            divisor = total.item()
+            divisor = total.item() if divisor is None else divisor
         step_index[name] = len(steps)
         steps.append(
             Step(
