@@ -14,6 +14,8 @@ from .errors import (
     TergeError,
     UnknownMergeMethodError,
 )
+from .layers import layer_index, layers
+from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry
 from .merge import merge
 
@@ -21,6 +23,7 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "BaseIndexError",
+    "ByLayer",
     "Lineage",
     "LineageEntry",
     "MergeArgumentError",
@@ -34,6 +37,9 @@ __all__ = [
     "TergeError",
     "UnknownMergeMethodError",
     "__version__",
+    "by_layer",
+    "layer_index",
+    "layers",
     "merge",
     "methods",
 ]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
+from .layerwise import ByLayer
 
 __all__ = [
     "REGISTRY",
@@ -103,6 +104,17 @@ def _real(method: str, setting: str, value: Any) -> float:
     return float(value)
 
 
+def _per_layer(check: Callable[[str, Any], float]) -> Callable[[str, Any], Any]:
+    """Let a setting be a ``by_layer`` value, each of whose values passes the same check."""
+
+    def checked(method: str, value: Any) -> Any:
+        if isinstance(value, ByLayer):
+            return value.checked(lambda v: check(method, v))
+        return check(method, value)
+
+    return checked
+
+
 def _check_scale(method: str, scale: Any) -> float:
     value = _real(method, "scale", scale)
     if not math.isfinite(value):
@@ -122,6 +134,11 @@ def _check_gamma(method: str, gamma: Any) -> float:
     if not 0 <= value < 1:
         raise MergeArgumentError(f"{method}: gamma must be in [0, 1), got {gamma!r}.")
     return value
+
+
+_check_scale = _per_layer(_check_scale)  # type: ignore[assignment]
+_check_density = _per_layer(_check_density)  # type: ignore[assignment]
+_check_gamma = _per_layer(_check_gamma)  # type: ignore[assignment]
 
 
 # --- arithmetic -----------------------------------------------------------------------------------
@@ -340,14 +357,21 @@ def breadcrumbs(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0
     """
     density_ = _check_density("breadcrumbs", density)
     gamma_ = _check_gamma("breadcrumbs", gamma)
-    if density_ + gamma_ > 1 + 1e-12:  # tolerate float sums such as 0.7 + 0.3
+    largest = _largest(density_) + _largest(gamma_)  # per-layer values: the worst case
+    if largest > 1 + 1e-12:  # tolerate float sums such as 0.7 + 0.3
         raise MergeArgumentError(
             "breadcrumbs: density + gamma must be at most 1 (density of the entries are kept "
             f"after the gamma largest are removed), got density={density!r} + gamma={gamma!r} "
-            f"= {density_ + gamma_!r}."
+            f"= {largest!r}."
         )
     settings = {"density": density_, "gamma": gamma_, "scale": _check_scale("breadcrumbs", scale)}
     return _task_vector_method("breadcrumbs", "breadcrumbs", None, settings, _BREADCRUMBS)
+
+
+def _largest(value: Any) -> float:
+    if isinstance(value, ByLayer):
+        return max((*value.values, *(() if value.other is None else (value.other,))))
+    return value
 
 
 # --- slerp ----------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from .errors import (
     NoMergeMethodFoundForParameterError,
     ParameterModelWeightsSumToZeroError,
 )
+from .layers import layer_index
+from .layerwise import ByLayer, count_layers
 from .lineage import Lineage, LineageEntry
 from .methods import Method, resolve
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
@@ -66,8 +68,22 @@ class Plan:
         )
 
 
-def _weight_vector(value: Any, count: int, dtype: torch.dtype, argument: str) -> torch.Tensor:
-    """One weight per model as a ``dtype`` tensor, or a clear error."""
+WeightVector = torch.Tensor | tuple[Any, ...]
+"""A ``dtype`` tensor, or (with ``by_layer`` entries) the entries, resolved per parameter."""
+
+
+def _weight_vector(value: Any, count: int, dtype: torch.dtype, argument: str) -> WeightVector:
+    """One weight per model as a ``dtype`` tensor (or per-layer entries), or a clear error."""
+    if isinstance(value, Sequence) and any(isinstance(v, ByLayer) for v in value):
+        if len(value) != count:
+            raise MergeArgumentError(
+                f"`{argument}` has {len(value)} weights but there are {count} models; give "
+                "exactly one weight per model, in the order of `models`."
+            )
+        for v in value:
+            if not isinstance(v, ByLayer):
+                _weight_vector([v] * count, count, dtype, argument)
+        return tuple(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
         raise MergeArgumentError(
             f"`{argument}` must be a list of numbers, one per model; got {type(value).__name__}."
@@ -97,10 +113,12 @@ def _weight_vector(value: Any, count: int, dtype: torch.dtype, argument: str) ->
 class _Weights:
     """Per-name weight vectors: one list, or a first-match-wins map with equal weights elsewhere."""
 
-    def __init__(self, weights: Any, count: int, dtype: torch.dtype) -> None:
+    def __init__(self, weights: Any, count: int, dtype: torch.dtype, layers: int) -> None:
+        self.dtype = dtype
+        self.layers = layers
         self.uniform = torch.ones(count, dtype=dtype)
-        self.map: PatternMap[torch.Tensor] | None = None
-        self.default = self.uniform
+        self.map: PatternMap[WeightVector] | None = None
+        self.default: WeightVector = self.uniform
         if isinstance(weights, Mapping):
             self.map = PatternMap(
                 {
@@ -113,10 +131,15 @@ class _Weights:
             self.default = _weight_vector(weights, count, dtype, "weights")
 
     def __call__(self, name: str) -> torch.Tensor:
+        vector = self.default
         if self.map is not None:
             found = self.map.match(name)
-            return self.uniform if found is None else found[1]
-        return self.default
+            vector = self.uniform if found is None else found[1]
+        if isinstance(vector, torch.Tensor):
+            return vector
+        layer = layer_index(name)
+        values = [v.at(layer, self.layers) if isinstance(v, ByLayer) else v for v in vector]
+        return torch.tensor(values, dtype=self.dtype)
 
 
 class _Methods:
@@ -185,7 +208,8 @@ def build_plan(
     _check_dtype(dtype)
     included_set = PatternSet(included, "included")
     excluded_set = PatternSet(excluded, "excluded")
-    weight_of = _Weights(weights, len(sources), dtype)
+    layers = count_layers(base.entries)
+    weight_of = _Weights(weights, len(sources), dtype, layers)
     method_of = _Methods(method)
 
     steps: list[Step] = []
@@ -218,6 +242,7 @@ def build_plan(
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING
             continue
+        step_method = _for_layer(step_method, layer_index(name), layers)
         contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
         _check_applicable(step_method, name, contributors)
         _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
@@ -270,6 +295,17 @@ def _method_for(
         if method is not None and (method.task_vectors or method.needs_base):
             return method
     return None
+
+
+def _for_layer(method: Method, layer: int | None, layers: int) -> Method:
+    """The method with any ``by_layer`` settings resolved for this parameter's block."""
+    if not any(isinstance(v, ByLayer) for v in method.settings.values()):
+        return method
+    settings = {
+        key: value.at(layer, layers) if isinstance(value, ByLayer) else value
+        for key, value in method.settings.items()
+    }
+    return dataclasses.replace(method, settings=settings)
 
 
 def _with_alias(step: Step, alias: str) -> Step:
