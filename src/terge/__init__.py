@@ -3,6 +3,7 @@
 from . import methods
 from .errors import (
     BaseIndexError,
+    CheckpointError,
     MergeArgumentError,
     MetaTensorError,
     MethodNotApplicableError,
@@ -11,6 +12,8 @@ from .errors import (
     NoParametersToMergeWarning,
     ParameterModelWeightsSumToZeroError,
     PatternTypeError,
+    SizeFormatError,
+    TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
 )
@@ -24,6 +27,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "BaseIndexError",
     "ByLayer",
+    "CheckpointError",
     "Lineage",
     "LineageEntry",
     "MergeArgumentError",
@@ -34,6 +38,8 @@ __all__ = [
     "NoParametersToMergeWarning",
     "ParameterModelWeightsSumToZeroError",
     "PatternTypeError",
+    "SizeFormatError",
+    "TensorNotFoundError",
     "TergeError",
     "UnknownMergeMethodError",
     "__version__",

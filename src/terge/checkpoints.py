@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -32,29 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import TergeError
+from .errors import CheckpointError, SizeFormatError, TensorNotFoundError
 from .patterns import Patterns, PatternSet, selected
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CheckpointError(TergeError, ValueError):
-    """A checkpoint cannot be read or written as asked; ``path`` is the file or folder at fault."""
-
-    def __init__(self, message: str, path: PathLike | None = None) -> None:
-        super().__init__(message)
-        self.path = Path(path) if path is not None else None
-
-
-class TensorNotFoundError(CheckpointError, KeyError):
-    """A tensor name is not in the checkpoint (a ``KeyError`` too, as for a missing dict key)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message; show it as written.
-        return str(self.args[0]) if self.args else ""
-
-
-class SizeFormatError(TergeError, ValueError):
-    """A size is neither a positive int of bytes nor a string such as ``"5GB"`` or ``"2GiB"``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +141,9 @@ def _corrupt(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}; {_CORRUPT_FIX}.", path)
 
 
-def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Check a safetensors header against the file and return its tensors in file order.
+def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """Check a safetensors header against the file; its tensors in file order, and where each
+    one's data starts in the file (for zero-copy reads).
 
     Done by hand (8-byte little-endian length, then JSON) so that a truncated or scribbled file
     is reported with what is wrong and where, rather than as a generic library error.
@@ -223,7 +206,10 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         entries.append((begin, name, info))
     entries.sort(key=lambda entry: entry[0])
-    return {name: info for _, name, info in entries}
+    start = 8 + length
+    return {name: info for _, name, info in entries}, {
+        name: start + begin for begin, name, _ in entries
+    }
 
 
 class _SafetensorsFile:
@@ -231,7 +217,8 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.infos = _read_safetensors_header(path)
+        self.infos, self._offsets = _read_safetensors_header(path)
+        self._map: mmap.mmap | None = None
         try:
             self._handle: Any = safe_open(str(path), framework="pt", device="cpu")
         except Exception as error:  # the library checks more than the header (coverage, ...)
@@ -240,10 +227,31 @@ class _SafetensorsFile:
     def get(self, name: str) -> torch.Tensor:
         return self._handle.get_tensor(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        """``name`` as a view of a private (copy-on-write) memory map of the file, no copy.
+
+        Its pages stay file-backed, so reading a whole model costs page cache, not process
+        memory. A misaligned tensor (or a dtype ``torch.frombuffer`` refuses) is read by copy.
+        """
+        info, offset = self.infos[name], self._offsets[name]
+        if info.numel == 0 or offset % info.dtype.itemsize:
+            return self.get(name)
+        if self._map is None:
+            with open(self.path, "rb") as file:  # the map outlives the descriptor
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            flat = torch.frombuffer(self._map, dtype=info.dtype, count=info.numel, offset=offset)
+        except (TypeError, ValueError, RuntimeError):
+            return self.get(name)
+        return flat.view(info.shape)
+
     def close(self) -> None:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.__exit__(None, None, None)
+        # Views still hold the map (torch.frombuffer keeps a reference): closing it here would
+        # leave them dangling, so it is only dropped and unmapped when the last view dies.
+        self._map = None
 
 
 class _TorchFile:
@@ -283,6 +291,8 @@ class _TorchFile:
     def get(self, name: str) -> torch.Tensor:
         assert self._tensors is not None
         return self._tensors[name]
+
+    view = get  # already a view of the file's memory map (or, for legacy files, of memory)
 
     def close(self) -> None:
         self._tensors = None
@@ -474,10 +484,22 @@ class CheckpointReader:
         Do not modify the result in place: a CPU tensor from a torch file is a view of the
         reader's memory map, shared with later reads of the same (or a tied) name.
         """
+        return self._open_file_of(name).get(name).to(device)
+
+    def view(self, name: str) -> torch.Tensor:
+        """``name`` without copying it: a CPU view of the file's private memory map.
+
+        Pages are read from disk (and stay reclaimable page cache) only as they are touched, so
+        a merge can stream through checkpoints larger than memory. Writing into the view never
+        changes the file (the map is copy-on-write), but is seen by later views of ``name``.
+        """
+        return self._open_file_of(name).view(name)
+
+    def _open_file_of(self, name: str) -> _File:
         opened = self._file(name)
         if not self._opened:
             raise CheckpointError(f"the reader of {self.path} is closed.", self.path)
-        return opened.get(name).to(device)
+        return opened
 
     def close(self) -> None:
         """Release the open shard handles; the reader can no longer :meth:`get`."""
@@ -668,6 +690,8 @@ class ShardedWriter:
         self.files: list[Path] = []
         """The files written (shards, index, copies), at their final paths once committed."""
         self.copied: list[str] = []
+        self.written_texts: list[str] = []
+        """Files written with :meth:`write_text` (lineage, an updated config, ...)."""
         self.total_size = 0
         """Bytes of tensor data written (tied duplicates counted once), as in the index."""
         self._tmp: Path | None = None
@@ -793,6 +817,29 @@ class ShardedWriter:
         self._shards.append((file_name, list(self._buffer)))
         self._buffer, self._buffer_bytes, self._buffer_storages = {}, 0, set()
 
+    def write_text(self, name: str, text: str) -> None:
+        """Write a small text file (``lineage.json``, an edited ``config.json``) into the output.
+
+        It lands in the temporary folder, so it appears with the weights or not at all; a file
+        of that name copied by ``copy_files_from`` is replaced.
+        """
+        if self._state != "open":
+            raise CheckpointError(
+                "ShardedWriter.write_text() needs an open writer: call it inside the `with` block.",
+                self.path,
+            )
+        plain = bool(name) and Path(name).name == name and not name.startswith(".")
+        if not plain or name.endswith(_NOT_COPIED_SUFFIXES):
+            raise CheckpointError(
+                f"write_text() takes a plain file name that is not a weight or index file; "
+                f"got {name!r}.",
+                self.path,
+            )
+        assert self._tmp is not None
+        (self._tmp / name).write_text(text, encoding="utf-8")
+        if name not in self.copied and name not in self.written_texts:
+            self.written_texts.append(name)
+
     # -- committing --------------------------------------------------------------------------
 
     def _commit(self) -> None:
@@ -817,13 +864,13 @@ class ShardedWriter:
                 json.dumps(index, indent=2) + "\n", encoding="utf-8"
             )
             written.append("model.safetensors.index.json")
-        for name in written:
+        for name in [*written, *self.written_texts]:
             _fsync(tmp / name)
         _fsync(tmp)
         self._install(tmp)
         self._state = "done"
         self._tmp = None
-        self.files = [self.path / name for name in [*written, *self.copied]]
+        self.files = [self.path / name for name in [*written, *self.copied, *self.written_texts]]
 
     def _install(self, tmp: Path) -> None:
         """Rename ``tmp`` to the target, moving an existing target away first (overwrite)."""

@@ -7,6 +7,9 @@ terge 0.1.1 raised in the same situation (``ValueError``, ``ZeroDivisionError``,
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class TergeError(Exception):
     """Base class of every error terge raises on purpose."""
@@ -53,3 +56,22 @@ class MetaTensorError(TergeError, ValueError):
 
 class MethodResultError(TergeError, ValueError):
     """A merge method (usually a user's own) returned something other than a same-shape tensor."""
+
+
+class CheckpointError(TergeError, ValueError):
+    """A checkpoint cannot be read or written as asked; ``path`` is the file or folder at fault."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """A tensor name is not in the checkpoint (a ``KeyError`` too, as for a missing dict key)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class SizeFormatError(TergeError, ValueError):
+    """A size is neither a positive int of bytes nor a string such as ``"5GB"`` or ``"2GiB"``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .errors import MethodResultError
 from .kernels import ChunkBuffers, linear_combine, store_whole
 from .plan import Plan, Step, derive_seed
-from .sources import ModuleSource, Source, StateDictSource
+from .sources import FileSource, ModuleSource, Source, StateDictSource
 
 
 def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -27,8 +27,27 @@ def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str
         return owner, {step.name: base.get(step.name) for step in plan.steps}
     if isinstance(base, ModuleSource):
         return _copy_module(base, plan)
+    if isinstance(base, FileSource):
+        return _load_file(base, plan)
     assert isinstance(base, StateDictSource)
     return _copy_state_dict(base, plan)
+
+
+def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state dict of the base checkpoint: fresh tensors to merge into, views of the rest.
+
+    The tensors left alone are the file's copy-on-write memory-mapped views: nothing is read
+    until used, and changing them never changes the file.
+    """
+    merged = {step.name for step in plan.steps}
+    result: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for name, entry in base.entries.items():
+        if name in merged:
+            result[name] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
+        else:
+            result[name] = base.get(name)
+    return result, outputs
 
 
 def _fresh_like(original: torch.Tensor) -> torch.Tensor:
@@ -89,25 +108,27 @@ def _copy_state_dict(
 
 
 def execute(
-    plan: Plan,
+    steps: Sequence[Step],
     sources: list[Source],
     base: Source,
-    outputs: Mapping[str, torch.Tensor],
+    destination: Callable[[str], torch.Tensor],
     dtype: torch.dtype,
     progress: bool,
 ) -> None:
-    """Compute every step into its destination, one tensor at a time."""
+    """Compute every step into ``destination(step.name)``, one tensor at a time.
+
+    The destination is asked for only when its step runs, so a file writer can hand out a view
+    of its shard's memory map and nothing needs to be held for long.
+    """
     buffers = ChunkBuffers(dtype)
     bar: Callable[..., Any] = tqdm if progress else _no_bar
     with (
         torch.no_grad(),
-        bar(
-            total=len(plan.steps), desc="Merging the models' parameters", unit="parameters"
-        ) as progress_bar,
+        bar(total=len(steps), desc="Merging the models' parameters", unit="parameters") as shown,
     ):
-        for step in plan.steps:
-            _run_step(step, sources, base, outputs[step.name], buffers)
-            progress_bar.update(1)
+        for step in steps:
+            _run_step(step, sources, base, destination(step.name), buffers)
+            shown.update(1)
 
 
 def _run_step(

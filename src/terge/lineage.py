@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
 ONE_MODEL = "held by one model"
@@ -72,3 +74,40 @@ class Lineage(dict):
 
     def __repr__(self) -> str:
         return f"Lineage({dict.__repr__(self)}, skipped={self.skipped!r}, tied={self.tied!r})"
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, dtypes as names, and anything else JSON lacks as its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return repr(value)
+
+
+def lineage_to_json(lineage: Lineage, **extra: Any) -> dict[str, Any]:
+    """A lineage as a JSON-ready dict (``schema`` 1), with ``extra`` top-level fields.
+
+    ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
+    "skipped": {name: reason}, "tied": {alias: name}, **extra}``; written sorted by key.
+    """
+    merged = {
+        name: {
+            "method": entry[0],
+            "contributions": [[index, weight] for index, weight in entry[1]],
+            "settings": getattr(entry, "settings", {}),
+        }
+        for name, entry in lineage.items()
+    }
+    record = {
+        **extra,
+        "schema": 1,
+        "merged": merged,
+        "skipped": dict(lineage.skipped),
+        "tied": dict(lineage.tied),
+    }
+    return _jsonable(record)

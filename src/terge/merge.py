@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 import torch
 
+from .checkpoints import parse_size
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning
 from .execute import destinations, execute
+from .output import write_merge
 from .plan import build_plan, check_seed
-from .sources import Source, as_source
+from .sources import FileSource, Source, as_source, is_path
+
+Model = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, "os.PathLike[str]"]
+"""A model in memory, or the path of a checkpoint file or folder."""
 
 
 def merge(
-    models: Sequence[torch.nn.Module | Mapping[str, torch.Tensor]],
-    base: torch.nn.Module | Mapping[str, torch.Tensor] | int = 0,
+    models: Sequence[Model],
+    base: Model | int = 0,
     method: Any = "arithmetic",
     weights: Any = None,
     included: Any = None,
@@ -30,6 +38,10 @@ def merge(
     normalize: bool = True,
     buffers: bool = False,
     seed: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    out_dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> Any:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -38,9 +50,13 @@ def merge(
     rounded once into the tensor's own dtype. Everything is validated before any tensor is touched.
 
     Args:
-        models: the models to merge, ``nn.Module``s and state dicts mixed freely.
+        models: the models to merge, ``nn.Module``s, state dicts and checkpoint paths mixed
+            freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin`` or
+            ``.pt`` file or a Hugging Face-style folder of (sharded) weights; it is read lazily,
+            only the tensors the merge uses, through a memory map.
         base: the model whose tensors are the defaults and, with ``inplace=True``, are written
-            into: an index into ``models`` (default ``0``) or a separate module or state dict.
+            into: an index into ``models`` (default ``0``) or a separate module, state dict or
+            path.
         method: a method name (``'arithmetic'``), a method from ``terge.methods``, a callable
             ``f(tensors, weights, base) -> tensor``, or a map of patterns to those
             (first match wins; a merged parameter that matches nothing is an error).
@@ -62,10 +78,24 @@ def merge(
             buffers are kept from the base. State dicts have no buffers: all their tensors count.
         seed: seeds random methods per parameter name, so results never depend on what else is
             merged; ``None`` draws a seed, recorded in the lineage.
+        out: a folder to stream the merged model into instead of building it in memory:
+            safetensors shards (``model-0000i-of-0000n.safetensors`` and
+            ``model.safetensors.index.json``, or one ``model.safetensors``) holding every tensor
+            of the base (tied ones once), the base folder's config and tokenizer files, and the
+            lineage as ``lineage.json``. Merged tensors are computed straight into the shards,
+            so memory stays flat however large the models. Written atomically: on any error no
+            folder is left.
+        out_dtype: with ``out``, the dtype floating tensors are written in (``torch.bfloat16``
+            or ``'bfloat16'``); each is rounded once from the ``dtype`` accumulation, and
+            ``config.json``'s ``torch_dtype`` is updated.
+        max_shard_size: with ``out``, the most bytes per shard (an int, or ``'2GB'``, ``'2GiB'``).
+        overwrite: with ``out``, replace an existing ``out`` (only once the merge succeeded).
 
     Returns:
-        The merged model (the base itself when ``inplace``; a state dict when the base is one),
-        or ``(model, lineage)`` when ``lineage=True``.
+        The merged model (the base itself when ``inplace``; a state dict when the base is one,
+        or is a path: then the tensors left alone are copy-on-write views of its file), or the
+        output folder as a ``pathlib.Path`` when ``out`` is given; ``(result, lineage)`` when
+        ``lineage=True``.
 
     Example:
         >>> import torch, terge
@@ -74,22 +104,49 @@ def merge(
         >>> lineage['bias']
         ('arithmetic', [(0, 0.25), (1, 0.25), (2, 0.5)])
     """
-    sources, base_index, base_source = _sources(models, base, buffers)
+    target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
     seed = check_seed(seed)
-    plan = build_plan(
-        sources,
-        base_source,
-        base_index,
-        method=method,
-        weights=weights,
-        included=included,
-        excluded=excluded,
-        dtype=dtype,
-        normalize=normalize,
-        seed=secrets.randbits(63) if seed is None else seed,
-    )
-    result, outputs = destinations(base_source, plan, inplace)
-    execute(plan, sources, base_source, outputs, dtype, progress)
+    with contextlib.ExitStack() as opened:
+        sources, base_index, base_source = _sources(models, base, buffers, opened)
+        if inplace and isinstance(base_source, FileSource):
+            raise MergeArgumentError(
+                f"inplace=True writes into the base's own tensors, but the base is the "
+                f"checkpoint {base_source.path}, which terge never modifies; pass out='folder' "
+                "to write the merge as a new checkpoint, or inplace=False for a state dict."
+            )
+        seed = secrets.randbits(63) if seed is None else seed
+        plan = build_plan(
+            sources,
+            base_source,
+            base_index,
+            method=method,
+            weights=weights,
+            included=included,
+            excluded=excluded,
+            dtype=dtype,
+            normalize=normalize,
+            seed=seed,
+        )
+        if target is not None:
+            result: Any = write_merge(
+                plan,
+                sources,
+                base_source,
+                out=target,
+                out_dtype=_out_dtype(out_dtype),
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                dtype=dtype,
+                progress=progress,
+                record={
+                    "models": [source.label for source in sources],
+                    "base": base_source.label if base_index is None else base_index,
+                    "dtype": dtype,
+                },
+            )
+        else:
+            result, outputs = destinations(base_source, plan, inplace)
+            execute(plan.steps, sources, base_source, outputs.__getitem__, dtype, progress)
     if not plan.steps:
         warnings.warn(
             "Of all the models and desired parameters passed to `merge()`, none of them share "
@@ -103,40 +160,106 @@ def merge(
     return (result, plan.lineage()) if lineage else result
 
 
-def _sources(models: Any, base: Any, buffers: bool) -> tuple[list[Source], int | None, Source]:
-    """Wrap every model, and find the base among them (an index) or wrap it separately."""
-    if isinstance(models, (torch.nn.Module, Mapping)) and not isinstance(
+def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``out_dtype`` as a floating torch dtype (names like ``'bfloat16'`` accepted), or None."""
+    if out_dtype is None:
+        return None
+    resolved = getattr(torch, out_dtype, None) if isinstance(out_dtype, str) else out_dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise MergeArgumentError(
+            f"`out_dtype` must be a floating-point torch.dtype or its name (torch.bfloat16, "
+            f"'float16', 'float32'); got {out_dtype!r}."
+        )
+    return resolved
+
+
+def _check_output(
+    out: Any, out_dtype: Any, max_shard_size: Any, overwrite: Any, inplace: bool
+) -> Path | None:
+    """The output folder, with its options checked; the target itself is checked once the plan
+    is built (by the writer, before anything is computed)."""
+    if out is None:
+        if out_dtype is not None:
+            raise MergeArgumentError(
+                "`out_dtype` sets the dtype of the tensors written to `out`; pass out='folder' "
+                "too, or cast the in-memory result yourself (model.to(dtype))."
+            )
+        return None
+    if not isinstance(out, (str, os.PathLike)):
+        raise MergeArgumentError(
+            f"`out` must be the path of the folder to write (str or os.PathLike); got "
+            f"{type(out).__name__}."
+        )
+    if inplace:
+        raise MergeArgumentError(
+            "inplace=True writes into the base model and out= writes a new checkpoint; pass "
+            "only one of them."
+        )
+    if not isinstance(overwrite, bool):
+        raise MergeArgumentError(f"`overwrite` must be True or False; got {overwrite!r}.")
+    _out_dtype(out_dtype)
+    parse_size(max_shard_size)
+    return Path(out).expanduser()
+
+
+def _sources(
+    models: Any, base: Any, buffers: bool, opened: contextlib.ExitStack
+) -> tuple[list[Source], int | None, Source]:
+    """Wrap every model, and find the base among them (an index) or wrap it separately.
+
+    Checkpoint files are opened (and their headers checked) here; ``opened`` closes them.
+    """
+    if isinstance(models, (torch.nn.Module, Mapping, str, os.PathLike)) and not isinstance(
         models, (torch.nn.ModuleList, torch.nn.Sequential)
     ):
+        kind = "path" if is_path(models) else type(models).__name__
         raise MergeArgumentError(
-            f"`models` must be a list of models; got a single {type(models).__name__}. "
+            f"`models` must be a list of models; got a single {kind}. "
             "Wrap it in a list: merge([model_a, model_b])."
         )
-    if isinstance(models, (str, bytes)) or not isinstance(
+    if isinstance(models, bytes) or not isinstance(
         models, (Sequence, torch.nn.ModuleList, torch.nn.Sequential)
     ):
         raise MergeArgumentError(
-            f"`models` must be a list of models (nn.Module or state dict); got "
+            f"`models` must be a list of models (nn.Module, state dict or checkpoint path); got "
             f"{type(models).__name__}."
         )
     models = list(models)
     if not models:
         raise MergeArgumentError("`models` is empty; pass at least one model to merge.")
-    sources = [as_source(m, buffers, f"models[{i}]") for i, m in enumerate(models)]
-    if isinstance(base, bool) or not isinstance(base, (int, torch.nn.Module, Mapping)):
+    if isinstance(base, bool) or not isinstance(
+        base, (int, torch.nn.Module, Mapping, str, os.PathLike)
+    ):
         raise MergeArgumentError(
-            f"`base` must be an index into `models` or a model (nn.Module or state dict); got "
-            f"{base!r}."
+            f"`base` must be an index into `models` or a model (nn.Module, state dict or "
+            f"checkpoint path); got {base!r}."
         )
+    if is_path(base) and not Path(base).expanduser().exists():
+        raise MergeArgumentError(
+            f"`base` must be an index into `models` or a model (nn.Module, state dict or "
+            f"checkpoint path); got {base!r}, which is no existing file or folder (an index "
+            "is an int)."
+        )
+    if isinstance(base, int) and not -len(models) <= base < len(models):
+        raise BaseIndexError(
+            f"`base` is {base}, but there are only {len(models)} models; pass an index from "
+            f"{-len(models)} to {len(models) - 1}, or a model."
+        )
+    sources = []
+    for i, model in enumerate(models):
+        sources.append(as_source(model, buffers, f"models[{i}]"))
+        opened.callback(sources[-1].close)
     if isinstance(base, int):
-        if not -len(models) <= base < len(models):
-            raise BaseIndexError(
-                f"`base` is {base}, but there are only {len(models)} models; pass an index from "
-                f"{-len(models)} to {len(models) - 1}, or a model."
-            )
         index = base % len(models)
         return sources, index, sources[index]
     for index, model in enumerate(models):
-        if model is base:
+        if model is base or (is_path(base) and is_path(model) and _same_path(model, base)):
             return sources, index, sources[index]
-    return sources, None, as_source(base, buffers, "base")
+    base_source = as_source(base, buffers, "base")
+    opened.callback(base_source.close)
+    return sources, None, base_source
+
+
+def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same checkpoint (so a path ``base`` is that model)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -1,4 +1,4 @@
-"""A uniform view over the things terge merges: modules and state dicts (files come later).
+"""A uniform view over the things terge merges: modules, state dicts and checkpoint files.
 
 A source lists its tensors' names, shapes and dtypes, and hands out a tensor only when asked.
 Tensors that are the same view of the same storage (tied weights) share an ``Entry.key``.
@@ -6,8 +6,10 @@ Tensors that are the same view of the same storage (tied weights) share an ``Ent
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +72,14 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    @property
+    def label(self) -> str:
+        """How the lineage names this model: its kind, or a file's path."""
+        return self.kind
+
+    def close(self) -> None:
+        """Release what the source holds open (files); nothing for in-memory models."""
+
     def holds(self, name: str, shape: torch.Size) -> bool:
         entry = self.entries.get(name)
         return entry is not None and entry.shape == shape
@@ -108,13 +118,55 @@ class StateDictSource(Source):
         super().__init__(tensors, others)
 
 
+class FileSource(Source):
+    """A checkpoint on disk (file or folder): names, shapes and dtypes from its headers.
+
+    Opening checks every header and index, so a broken file fails before anything is merged.
+    ``get`` is a zero-copy view of the file's private memory map (see
+    ``CheckpointReader.view``): a tensor's pages are read only when the merge touches them, and
+    stay reclaimable page cache rather than process memory. Each name is its own tensor: files
+    hold no ties (``save_pretrained`` writes tied tensors once).
+    """
+
+    kind = "file"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from .checkpoints import open_checkpoint  # safetensors is imported only when used
+
+        self.path = Path(path).expanduser()
+        self.reader = open_checkpoint(self.path)
+        cpu = torch.device("cpu")
+        self.entries = {}
+        for name in self.reader.names():
+            info = self.reader.info(name)
+            self.entries[name] = Entry(name, info.shape, info.dtype, cpu, ("file", name))
+        self.others = ()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.view(name)
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def is_path(model: Any) -> bool:
+    """Whether ``model`` names a checkpoint on disk rather than being a model in memory."""
+    return isinstance(model, (str, os.PathLike))
+
+
 def as_source(model: Any, buffers: bool, where: str) -> Source:
-    """Wrap a module or a state dict; ``where`` names it in errors (e.g. 'models[2]')."""
+    """Wrap a module, a state dict or a checkpoint path; ``where`` names it in errors."""
     if isinstance(model, torch.nn.Module):
         return ModuleSource(model, buffers)
     if isinstance(model, Mapping):
         return StateDictSource(model)
+    if is_path(model):
+        return FileSource(model)
     raise MergeArgumentError(
-        f"{where} is a {type(model).__name__}; terge merges torch.nn.Module objects and state "
-        "dicts (mappings of names to tensors)."
+        f"{where} is a {type(model).__name__}; terge merges torch.nn.Module objects, state "
+        "dicts (mappings of names to tensors) and checkpoint paths (str or os.PathLike)."
     )

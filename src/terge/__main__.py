@@ -1,0 +1,8 @@
+"""``python -m terge``: the ``terge`` command (see :mod:`terge.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

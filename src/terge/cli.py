@@ -1,0 +1,480 @@
+"""The ``terge`` command.
+
+``terge merge MODEL... -o OUT`` merges checkpoints into a sharded safetensors folder, with every
+setting of :func:`terge.merge` as an option or in a TOML recipe (see :mod:`terge.recipe`).
+
+Subcommands live in :data:`COMMANDS`, a map of name to :class:`Command`; adding one is adding an
+entry (its ``add_arguments`` may itself add sub-subcommands). ``main(argv)`` returns the exit code:
+0 on success, 1 when the merge failed (reading or writing files, memory), 2 when the command line,
+the recipe or the input models are at fault (every error terge diagnoses itself), 130 when
+interrupted. Errors are one line on stderr, ``terge: error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TergeError
+from .lineage import lineage_to_json
+from .merge import merge
+from .methods import REGISTRY
+from .output import LINEAGE_FILE
+from .recipe import (
+    RECIPE_EXAMPLE,
+    RECIPE_KEYS,
+    Settings,
+    load_recipe,
+    method_settings,
+    parse_method,
+    parse_out_dtype,
+    parse_pattern,
+    parse_shard_size,
+    parse_weights,
+)
+
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main"]
+
+PROG = "terge"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(TergeError, ValueError):
+    """The command line is malformed (argparse's errors, and the CLI's own checks)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are raised (one line from ``main``), not printed + exited."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help, its options, and what it does (returns the exit code)."""
+
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
+
+
+# --- terge merge ----------------------------------------------------------------------------------
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return textwrap.indent(text, prefix)
+
+
+def _methods_list() -> str:
+    parts = []
+    for name in REGISTRY:
+        settings = method_settings(name)
+        parts.append(f"{name} ({', '.join(settings)})" if settings else name)
+    return ", ".join(parts)
+
+
+MERGE_DESCRIPTION = """\
+Merge checkpoints that share tensors by name and shape, and write the result as a folder of
+sharded safetensors (atomically, with lineage.json beside it). A MODEL is a .safetensors or .bin
+file or a Hugging Face-style folder. By default the tensors are averaged with equal weights; the
+base (the first model unless --base says otherwise) provides every tensor that is not merged.
+Patterns, method specs and recipes are explained after the options.
+"""
+
+MERGE_EPILOG = f"""\
+patterns (--include, --exclude, and the patterns of a recipe):
+  re:REGEX      a regular expression, matching a name when found anywhere in it:
+                re:mlp matches model.layers.0.mlp.up_proj.weight; anchor with ^ and $
+  layers:SPEC   transformer blocks, inclusive ranges: layers:0-5, layers:0-3,8;
+                add embeddings or head: layers:0-5,embeddings  layers:head
+  NAME          anything else is an exact tensor name: lm_head.weight
+                (prefix name: for a name that starts with re:, layers: or name:)
+
+methods (--method NAME or NAME:KEY=VALUE,KEY=VALUE), with their settings:
+{_indent(textwrap.fill(_methods_list(), 92))}
+  e.g. --method ties:density=0.3,scale=0.8 is terge.methods.ties(density=0.3, scale=0.8)
+
+recipes (--recipe FILE, TOML) hold the same settings, plus per-pattern weights and methods;
+options given on the command line override the recipe's, and its relative paths are relative to
+its own folder:
+
+{_indent(RECIPE_EXAMPLE)}
+recipe keys:
+{_indent(chr(10).join(f"{key:<15} {meaning}" for key, meaning in RECIPE_KEYS.items()))}
+
+examples:
+  terge merge a b c -o soup
+  terge merge base.safetensors math code -o merged --method ties:density=0.3 --seed 0
+  terge merge a b -o merged --weights 3,1 --exclude 're:^lm_head\\.' --out-dtype bfloat16
+  terge merge --recipe recipe.toml --out other --overwrite
+
+exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
+command line, recipe or input models; 130 interrupted.
+"""
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="checkpoints to merge: .safetensors/.bin files or Hugging Face-style folders, e.g. "
+        "'terge merge a.safetensors b.safetensors c -o soup' (may come from --recipe instead)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        metavar="OUT",
+        help="the output folder, written atomically, e.g. -o merged (required, here or in the "
+        "recipe)",
+    )
+    parser.add_argument(
+        "--base",
+        metavar="INDEX_OR_PATH",
+        help="the base model: an index into the models (default 0, the first; -1 the last) or a "
+        "path to a separate reference model, e.g. --base 1 or --base pretrained/ (write ./0 for "
+        "a path named 0)",
+    )
+    parser.add_argument(
+        "--method",
+        metavar="NAME_OR_SPEC",
+        help="the merge method, NAME or NAME:KEY=VALUE,..., e.g. --method task_arithmetic or "
+        f"--method ties:density=0.3,scale=0.8 (default arithmetic). Methods: {_methods_list()}",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        help="relative weights, one per model, normalised per tensor, e.g. --weights 1,2,3 "
+        "(default equal; write --weights=-1,1,1 when the first is negative)",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="merge only tensors matching PATTERN (repeatable), e.g. --include 're:\\.mlp\\.' "
+        "--include layers:0-5 --include lm_head.weight",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="never merge tensors matching PATTERN (repeatable, applied after --include), "
+        "e.g. --exclude 're:norm' --exclude model.embed_tokens.weight",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        help="the dtype the merge accumulates in, e.g. --dtype float32 (default float64: exact)",
+    )
+    parser.add_argument(
+        "--out-dtype",
+        metavar="DTYPE",
+        help="cast the written floating tensors, e.g. --out-dtype bfloat16 (float32, float16, "
+        "...; default: keep each tensor's dtype)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="the largest shard file, e.g. --max-shard-size 2GB or 500MiB (default 5GB)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed for random methods (dare_*), per tensor, e.g. --seed 0 (default: drawn and "
+        "recorded in the lineage)",
+    )
+    parser.add_argument(
+        "--lineage",
+        metavar="FILE",
+        help="also write the lineage (how each tensor was made) as JSON to FILE, e.g. --lineage "
+        "soup.lineage.json (OUT/lineage.json is always written)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action=argparse.BooleanOptionalAction,
+        help="replace OUT if it exists, e.g. --overwrite (default: refuse)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="divide each tensor's weights by their sum; --no-normalize uses them as given, "
+        "e.g. --no-normalize --weights=1,1,-1 writes a + b - c (default --normalize)",
+    )
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="read settings from a TOML recipe (see below); options given here override it, "
+        "e.g. "
+        "--recipe soup.toml",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors: no progress bar, warnings or summary, e.g. -q",
+    )
+
+
+def _base_value(text: str) -> int | Path:
+    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else Path(text).expanduser()
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    """The settings the command line gives (``None`` where it gives none)."""
+
+    def patterns(texts: list[str] | None, option: str) -> tuple[Any, ...] | None:
+        if texts is None:
+            return None
+        return tuple(parse_pattern(text, option) for text in texts)
+
+    return Settings(
+        models=tuple(Path(m).expanduser() for m in args.models) or None,
+        base=None if args.base is None else _base_value(args.base),
+        out=None if args.out is None else Path(args.out).expanduser(),
+        method=None if args.method is None else parse_method(args.method, "--method"),
+        weights=None if args.weights is None else parse_weights(args.weights, "--weights"),
+        include=patterns(args.include, "--include"),
+        exclude=patterns(args.exclude, "--exclude"),
+        dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        out_dtype=None
+        if args.out_dtype is None
+        else parse_out_dtype(args.out_dtype, "--out-dtype"),
+        max_shard_size=(
+            None
+            if args.max_shard_size is None
+            else parse_shard_size(args.max_shard_size, "--max-shard-size")
+        ),
+        seed=args.seed,
+        lineage=None if args.lineage is None else Path(args.lineage).expanduser(),
+        overwrite=args.overwrite,
+        normalize=args.normalize,
+    )
+
+
+def _text(pattern: Any) -> str:
+    """A pattern as it would be written: ``re:REGEX`` or the exact name."""
+    return pattern if isinstance(pattern, str) else f"re:{pattern.pattern}"
+
+
+def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
+    """Check what can be checked before merging; returns (models, base, out)."""
+    if not settings.models:
+        raise UsageError("no models to merge: give MODEL paths, or a --recipe with 'models'.")
+    if settings.out is None:
+        raise UsageError("no output folder: give -o/--out OUT, or a --recipe with 'out'.")
+    models = list(settings.models)
+    for path in models:
+        if not path.exists():
+            raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
+    base: int | Path = 0 if settings.base is None else settings.base
+    if isinstance(base, int):
+        if not -len(models) <= base < len(models):
+            raise UsageError(
+                f"the base index {base} is not an index into the {len(models)} models; give "
+                f"{-len(models)} to {len(models) - 1}, or a path."
+            )
+    elif not base.exists():
+        raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
+    else:  # a path that is one of the models is that model
+        resolved = [path.resolve() for path in models]
+        if base.resolve() in resolved:
+            base = resolved.index(base.resolve())
+    weights = settings.weights
+    vectors = weights.items() if isinstance(weights, dict) else [(None, weights)]
+    for key, vector in vectors:
+        if vector is not None and len(vector) != len(models):
+            where = "--weights" if key is None else f"the [[weights]] of pattern {_text(key)!r}"
+            raise UsageError(
+                f"{where} gives {len(vector)} weights but there are {len(models)} models; give "
+                "exactly one per model, in order."
+            )
+    if (settings.out.exists() or settings.out.is_symlink()) and not settings.overwrite:
+        raise UsageError(
+            f"the output {str(settings.out)!r} already exists; pass --overwrite to replace it, or "
+            "choose another path."
+        )
+    if settings.lineage is not None:
+        folder = settings.lineage.parent
+        if settings.lineage.is_dir():
+            raise UsageError(
+                f"the lineage file {str(settings.lineage)!r} is a folder; give a file path."
+            )
+        if not folder.is_dir():
+            raise UsageError(
+                f"the lineage file {str(settings.lineage)!r}: its folder {str(folder)!r} does not "
+                "exist."
+            )
+    return models, base, settings.out
+
+
+def write_lineage(target: Path, out: Path, lineage: Any) -> None:
+    """Write the lineage to ``target``: a copy of ``OUT/lineage.json`` (the full record, with the
+    models, base and settings), or, failing that, ``lineage_to_json(lineage)``."""
+    written = out / LINEAGE_FILE
+    if written.is_file():
+        if target.resolve() != written.resolve():
+            shutil.copyfile(written, target)
+        return
+    data = lineage_to_json(lineage)
+    target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``terge merge``: read the settings, check them, merge, write, summarise."""
+    settings = _settings_from_args(args)
+    if args.recipe is not None:
+        settings = load_recipe(args.recipe).updated(settings)
+    models, base, out = _check(settings)
+    weights = settings.weights
+    if isinstance(weights, dict):
+        weights = {pattern: list(vector) for pattern, vector in weights.items()}
+    elif weights is not None:
+        weights = list(weights)
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, lineage = merge(
+            [os.fspath(model) for model in models],
+            base=base if isinstance(base, int) else os.fspath(base),
+            method="arithmetic" if settings.method is None else settings.method,
+            weights=weights,
+            included=None if settings.include is None else list(settings.include),
+            excluded=None if settings.exclude is None else list(settings.exclude),
+            dtype=settings.dtype or torch.float64,
+            lineage=True,
+            progress=sys.stderr.isatty() and not args.quiet,
+            normalize=True if settings.normalize is None else settings.normalize,
+            seed=settings.seed,
+            out=os.fspath(out),
+            out_dtype=settings.out_dtype,
+            max_shard_size="5GB" if settings.max_shard_size is None else settings.max_shard_size,
+            overwrite=bool(settings.overwrite),
+        )
+    if settings.lineage is not None:
+        write_lineage(settings.lineage, Path(path), lineage)
+    if not args.quiet:
+        for warning in caught:
+            _say(f"warning: {_one_line(warning.message)}")
+        elapsed = time.perf_counter() - start
+        print(
+            f"{PROG}: wrote {path} ({_count(len(lineage), 'tensor')} merged, "
+            f"{len(lineage.skipped)} left as in the base) in {elapsed:.1f}s"
+        )
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "merge": Command(
+        help="merge checkpoints into a sharded safetensors folder",
+        description=MERGE_DESCRIPTION,
+        epilog=MERGE_EPILOG,
+        add_arguments=_merge_arguments,
+        run=run_merge,
+    ),
+}
+"""Every subcommand, by name, in the order ``terge --help`` lists them."""
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+terge: exact, memory-lean merging of PyTorch checkpoints (model soups, task arithmetic, TIES,
+DARE, SLERP, ...), with a lineage record of how every tensor was made.
+"""
+
+EPILOG = f"""\
+examples:
+  terge merge a b c -o soup
+      the uniform average of three checkpoints, into the folder soup/
+  terge merge base math code -o merged --method ties:density=0.3 --weights 1,1,2
+      TIES task vectors of math and code over base (model 0), code weighing double
+  terge merge --recipe soup.toml
+      every setting from a TOML recipe, such as:
+
+{_indent(RECIPE_EXAMPLE, "    ")}
+run 'terge merge --help' for every option, pattern and method.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``terge`` parser with every subcommand of :data:`COMMANDS`."""
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(metavar="COMMAND", title="commands", required=True)
+    for name, command in COMMANDS.items():
+        subparser = subparsers.add_parser(
+            name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(subparser)
+        subparser.set_defaults(run=command.run)
+    return parser
+
+
+def _one_line(message: object) -> str:
+    text = " ".join(str(message).splitlines()).strip()
+    return text
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``terge`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except SystemExit as exit_:  # --help, --version
+        return _exit_code(exit_.code)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPTED
+    except TergeError as error:  # the command line, the recipe or the models are at fault
+        _say(f"error: {_one_line(error) or type(error).__name__}")
+        return EXIT_USAGE
+    except (OSError, ValueError, MemoryError, torch.cuda.OutOfMemoryError) as error:
+        _say(f"error: {_one_line(error) or type(error).__name__}")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""Merge settings as text: the ``terge merge`` command line's values and TOML recipes.
+
+Both read settings into one :class:`Settings`, so a recipe and the command line say the same
+things the same way (command-line values override a recipe's, field by field).
+
+**Patterns** (``--include``, ``--exclude``, a recipe's ``include``/``exclude`` and the ``pattern``
+of its ``[[weights]]`` and ``[[method]]`` tables) are strings read by one rule:
+
+* ``re:REGEX`` is a regular expression that matches a name when ``search`` finds it anywhere in
+  it (``re:mlp`` matches ``layers.0.mlp.up.weight``; anchor with ``^``/``$``);
+* ``layers:SPEC`` selects transformer blocks with :func:`terge.layers.layers`: ``layers:0-5``,
+  ``layers:0-3,8``, and the words ``embeddings`` and ``head`` add those (``layers:0-5,embeddings``,
+  ``layers:head``);
+* ``name:NAME``, or any other string, is an exact tensor name (``name:`` is only needed for a
+  name that itself starts with ``re:``, ``layers:`` or ``name:``).
+
+**Methods** are ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (``ties:density=0.3,scale=0.8`` is
+``terge.methods.ties(density=0.3, scale=0.8)``); a recipe may also give a method as a table,
+``{name = "ties", density = 0.3}``.
+
+**A recipe** is a TOML file; see :data:`RECIPE_EXAMPLE` and :data:`RECIPE_KEYS`. Relative paths in
+it resolve against the recipe's own folder, so a recipe can travel with its models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import regex
+import torch
+
+from .checkpoints import parse_size
+from .errors import TergeError
+from .layers import layers
+from .methods import REGISTRY, Method
+
+__all__ = [
+    "RECIPE_EXAMPLE",
+    "RECIPE_KEYS",
+    "RecipeError",
+    "Settings",
+    "load_recipe",
+    "method_from",
+    "method_settings",
+    "parse_dtype",
+    "parse_method",
+    "parse_pattern",
+    "parse_recipe",
+    "parse_weights",
+]
+
+
+class RecipeError(TergeError, ValueError):
+    """A setting on the command line or in a recipe cannot be read."""
+
+
+RECIPE_EXAMPLE = """\
+models = ["base", "math", "code"]   # paths, relative to this file's folder
+base = 0                            # an index into models, or a path
+out = "merged"                      # the output folder (sharded safetensors)
+out_dtype = "bfloat16"              # default: keep each tensor's dtype
+max_shard_size = "2GB"
+seed = 1
+exclude = ['re:^lm_head\\.']         # 'literal' strings keep backslashes
+lineage = "merged.lineage.json"     # also write the lineage here
+
+[[weights]]                         # first match wins, in file order;
+pattern = "re:mlp"                  # names no pattern matches weigh models equally
+values = [1, 2, 3]                  # one per model
+[[weights]]
+pattern = "re:.*"
+values = [1, 1, 1]
+
+[[method]]                          # first match wins; a merged tensor must match one
+pattern = "re:attn"
+name = "ties"
+density = 0.3                       # the method's settings
+[[method]]
+pattern = "re:.*"
+name = "task_arithmetic"
+"""
+"""A recipe using most keys, as ``terge merge --help`` shows it."""
+
+RECIPE_KEYS: Mapping[str, str] = {
+    "models": "list of model paths (files or Hugging Face-style folders)",
+    "base": "index into models, or a path (default 0)",
+    "out": "output folder",
+    "method": 'method spec ("ties:density=0.3"), table, or [[method]] tables with a pattern',
+    "weights": "list of numbers, one per model, or [[weights]] tables with pattern and values",
+    "include": "pattern or list of patterns: merge only these tensors",
+    "exclude": "pattern or list of patterns: never merge these tensors",
+    "dtype": '"float64" (default) or "float32": the dtype the merge accumulates in',
+    "out_dtype": 'dtype of the written floating tensors, e.g. "bfloat16"',
+    "max_shard_size": 'largest shard, e.g. "2GB" or "500MiB" (default "5GB")',
+    "seed": "int seeding random methods (dare_*)",
+    "lineage": "also write the lineage JSON to this path",
+    "overwrite": "bool: replace out if it exists",
+    "normalize": "bool: divide weights by their sum (default true)",
+}
+"""Every key a recipe may hold, with what it takes."""
+
+_PATTERN_FORMS = (
+    "'re:REGEX' (searched anywhere in the name), 'layers:0-5' (transformer blocks; add "
+    "',embeddings' or ',head'), or an exact tensor name"
+)
+_ACCUMULATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``terge merge`` does; ``None`` means "not given here" (a default or another source's).
+
+    Values are already checked and converted: paths are ``Path``s, patterns are what
+    ``terge.merge`` takes (``str`` or compiled), methods are ``Method``s.
+    """
+
+    models: tuple[Path, ...] | None = None
+    base: int | Path | None = None
+    out: Path | None = None
+    method: Method | dict[Any, Method] | None = None
+    weights: tuple[float, ...] | dict[Any, tuple[float, ...]] | None = None
+    include: tuple[Any, ...] | None = None
+    exclude: tuple[Any, ...] | None = None
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    max_shard_size: int | str | None = None
+    seed: int | None = None
+    lineage: Path | None = None
+    overwrite: bool | None = None
+    normalize: bool | None = None
+
+    def updated(self, other: Settings) -> Settings:
+        """These settings with every value ``other`` gives replacing this one's."""
+        changes = {
+            f.name: getattr(other, f.name)
+            for f in dataclasses.fields(other)
+            if getattr(other, f.name) is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+
+# --- single values --------------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_pattern(text: Any, where: str) -> Any:
+    """A pattern string (see the module's docstring) as ``terge.merge`` takes it."""
+    if not isinstance(text, str):
+        raise RecipeError(
+            f"{where} must be a pattern string, {_PATTERN_FORMS}; got {text!r} "
+            f"({type(text).__name__})."
+        )
+    if text.startswith("re:"):
+        expression = text[3:]
+        if not expression:
+            raise RecipeError(f"{where}: 're:' needs a regular expression after it, e.g. 're:mlp'.")
+        try:
+            return regex.compile(expression)
+        except regex.error as error:
+            raise RecipeError(
+                f"{where}: {expression!r} is not a valid regular expression: {error}."
+            ) from None
+    if text.startswith("layers:"):
+        words = [word.strip() for word in text[7:].split(",")]
+        flags = {"embeddings", "head"}
+        spec = ",".join(word for word in words if word not in flags)
+        try:
+            return layers(
+                *([spec] if spec else []),
+                embeddings="embeddings" in words,
+                head="head" in words,
+            )
+        except TergeError as error:
+            raise RecipeError(f"{where}: {text!r}: {error}") from None
+    if text.startswith("name:"):
+        text = text[5:]
+    if not text:
+        raise RecipeError(f"{where}: a pattern cannot be empty; give {_PATTERN_FORMS}.")
+    return text
+
+
+def _setting_value(text: str) -> Any:
+    """A method setting's value from text: an int, a float, true/false, or the text itself."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text
+
+
+def method_settings(name: str) -> list[str]:
+    return [
+        parameter.name
+        for parameter in inspect.signature(REGISTRY[name].factory).parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
+def method_from(name: Any, settings: Mapping[str, Any], where: str) -> Method:
+    """The registry's method ``name`` configured with ``settings`` (checked by its factory)."""
+    if not isinstance(name, str):
+        raise RecipeError(f"{where}: the method name must be a string; got {name!r}.")
+    if name not in REGISTRY:
+        raise RecipeError(
+            f"{where}: unknown merge method {name!r}{_did_you_mean(name, REGISTRY)}; the valid "
+            f"names are {', '.join(REGISTRY)}."
+        )
+    valid = method_settings(name)
+    for key in settings:
+        if key not in valid:
+            takes = f"its settings are {', '.join(valid)}" if valid else "it takes no settings"
+            raise RecipeError(
+                f"{where}: method {name!r} has no setting {key!r}{_did_you_mean(key, valid)}; "
+                f"{takes}."
+            )
+    try:
+        return REGISTRY[name].factory(**settings)
+    except TergeError as error:
+        raise RecipeError(f"{where}: {error}") from None
+
+
+def parse_method(spec: Any, where: str) -> Method:
+    """``"NAME"`` or ``"NAME:KEY=VALUE,..."`` as a configured method."""
+    if not isinstance(spec, str):
+        raise RecipeError(f"{where} must be a method spec string; got {spec!r}.")
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    settings: dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, equals, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not equals or not key or not value:
+                raise RecipeError(
+                    f"{where}: cannot read {spec!r}: settings are KEY=VALUE pairs separated by "
+                    "commas, e.g. 'ties:density=0.3,scale=0.8'."
+                )
+            if key in settings:
+                raise RecipeError(f"{where}: {spec!r} sets {key!r} twice.")
+            settings[key] = _setting_value(value)
+    return method_from(name, settings, where)
+
+
+def parse_weights(text: str, where: str) -> tuple[float, ...]:
+    """``"1,2,3"`` as weights."""
+    try:
+        values = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(value) for value in values):
+        raise RecipeError(
+            f"{where}: {text!r} is not a comma-separated list of finite numbers, one per model; "
+            "e.g. 1,2,3 (write --weights=-1,1 when the first is negative)."
+        )
+    return values
+
+
+def parse_dtype(text: Any, where: str) -> torch.dtype:
+    """The accumulation dtype: ``"float64"`` or ``"float32"``."""
+    if text not in _ACCUMULATE_DTYPES:
+        raise RecipeError(
+            f"{where} must be one of {', '.join(map(repr, _ACCUMULATE_DTYPES))}; got {text!r}."
+        )
+    return _ACCUMULATE_DTYPES[text]
+
+
+def parse_out_dtype(text: Any, where: str) -> torch.dtype:
+    """A floating dtype name for the written tensors (``"bfloat16"``, ``"float16"``, ...)."""
+    dtype = getattr(torch, text, None) if isinstance(text, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RecipeError(
+            f"{where} must name a floating torch dtype such as 'bfloat16', 'float16' or "
+            f"'float32'; got {text!r}."
+        )
+    return dtype
+
+
+def parse_shard_size(value: Any, where: str) -> int | str:
+    """A size such as ``"2GB"`` (checked by :func:`terge.checkpoints.parse_size`)."""
+    try:
+        parse_size(value)
+    except TergeError as error:
+        raise RecipeError(f"{where}: {error}") from None
+    return value
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+
+def _toml() -> Any:
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib  # Python 3.10
+        except ImportError:
+            raise RecipeError(
+                "reading a TOML recipe needs Python 3.11 or later (for tomllib), or the tomli "
+                "package on Python 3.10: pip install tomli."
+            ) from None
+    return tomllib
+
+
+def load_recipe(path: str | Path) -> Settings:
+    """Read a TOML recipe; relative paths in it resolve against its folder."""
+    toml = _toml()
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = toml.load(file)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} not found.") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {str(path)!r} is a folder; give a TOML file.") from None
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {error.strerror or error}.") from None
+    except toml.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML: {error}.") from None
+    return parse_recipe(data, path.parent, str(path))
+
+
+def _type_error(where: str, expected: str, value: Any) -> RecipeError:
+    return RecipeError(f"{where} must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+def _path(value: Any, folder: Path, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _type_error(where, "a path (a non-empty string)", value)
+    return folder / Path(value).expanduser()
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(where, "true or false", value)
+    return value
+
+
+def _numbers(value: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise _type_error(where, "a non-empty list of numbers, one per model", value)
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise _type_error(where, "a list of numbers, one per model", value)
+        if not math.isfinite(item):
+            raise RecipeError(f"{where} holds {item!r}; weights must be finite numbers.")
+    return tuple(float(item) for item in value)
+
+
+def _tables(value: list, where: str) -> list[Mapping[str, Any]]:
+    for index, table in enumerate(value):
+        if not isinstance(table, Mapping):
+            raise _type_error(f"{where}[{index}]", "a table", table)
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], valid: list[str], where: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise RecipeError(
+                f"{where}: unknown key {key!r}{_did_you_mean(key, valid)}; the valid keys are "
+                f"{', '.join(valid)}."
+            )
+    for key in valid:
+        if key not in table:
+            raise RecipeError(f"{where}: missing key {key!r}.")
+
+
+def _patterned(tables: list[Mapping[str, Any]], where: str) -> list[tuple[str, Any]]:
+    """``(where, pattern)`` for each table, refusing repeated patterns (one would be dead)."""
+    seen: set[str] = set()
+    found = []
+    for index, table in enumerate(tables):
+        text = table.get("pattern")
+        here = f"{where} #{index + 1}"
+        if "pattern" not in table:
+            raise RecipeError(f"{here}: missing key 'pattern'.")
+        pattern = parse_pattern(text, f"{here}: 'pattern'")
+        if text in seen:
+            raise RecipeError(
+                f"{here}: the pattern {text!r} is already used by an earlier table, so this one "
+                "would never match; remove one."
+            )
+        seen.add(text)
+        found.append((f"{here} (pattern {text!r})", pattern))
+    return found
+
+
+def _method_value(value: Any, source: str) -> Method | dict[Any, Method]:
+    where = f"{source}: 'method'"
+    if isinstance(value, str):
+        return parse_method(value, where)
+    if isinstance(value, Mapping):  # [method] or method = {name = ..., ...}
+        if "pattern" in value:
+            raise RecipeError(
+                f"{where}: a single [method] table applies to every tensor and takes no "
+                "'pattern'; write [[method]] tables (double brackets) to choose by pattern."
+            )
+        if "name" not in value:
+            raise RecipeError(f"{where}: missing key 'name' (the method's name).")
+        settings = {k: v for k, v in value.items() if k != "name"}
+        return method_from(value["name"], settings, where)
+    if isinstance(value, list) and value:
+        tables = _tables(value, where)
+        methods: dict[Any, Method] = {}
+        for table, (here, pattern) in zip(tables, _patterned(tables, f"{source}: [[method]]")):
+            if "name" not in table:
+                raise RecipeError(f"{here}: missing key 'name' (the method's name).")
+            settings = {k: v for k, v in table.items() if k not in ("pattern", "name")}
+            methods[pattern] = method_from(table["name"], settings, here)
+        return methods
+    raise _type_error(
+        where, 'a method spec string ("ties:density=0.3"), a table or [[method]] tables', value
+    )
+
+
+def _weights_value(value: Any, source: str) -> tuple[float, ...] | dict[Any, tuple[float, ...]]:
+    where = f"{source}: 'weights'"
+    if isinstance(value, list) and value and any(isinstance(v, Mapping) for v in value):
+        tables = _tables(value, where)
+        weights: dict[Any, tuple[float, ...]] = {}
+        for table, (here, pattern) in zip(tables, _patterned(tables, f"{source}: [[weights]]")):
+            _check_keys(table, ["pattern", "values"], here)
+            weights[pattern] = _numbers(table["values"], f"{here}: 'values'")
+        return weights
+    return _numbers(value, where)
+
+
+def _patterns(value: Any, where: str) -> tuple[Any, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise _type_error(where, "a pattern string or a non-empty list of them", value)
+    return tuple(parse_pattern(item, f"{where}[{i}]") for i, item in enumerate(items))
+
+
+def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") -> Settings:
+    """Settings from a recipe's parsed TOML; ``folder`` anchors its relative paths and ``source``
+    (the file's name) begins every error message."""
+    for key in data:
+        if key not in RECIPE_KEYS:
+            raise RecipeError(
+                f"{source}: unknown key {key!r}{_did_you_mean(key, RECIPE_KEYS)}; the valid keys "
+                f"are {', '.join(RECIPE_KEYS)}."
+            )
+
+    def where(key: str) -> str:
+        return f"{source}: {key!r}"
+
+    found: dict[str, Any] = {}
+    if "models" in data:
+        models = data["models"]
+        if not isinstance(models, list) or not models:
+            raise _type_error(where("models"), "a non-empty list of paths", models)
+        found["models"] = tuple(
+            _path(m, folder, f"{where('models')}[{i}]") for i, m in enumerate(models)
+        )
+    if "base" in data:
+        base = data["base"]
+        if isinstance(base, int) and not isinstance(base, bool):
+            found["base"] = base
+        elif isinstance(base, str):
+            found["base"] = _path(base, folder, where("base"))
+        else:
+            raise _type_error(where("base"), "an index into models or a path", base)
+    for key in ("out", "lineage"):
+        if key in data:
+            found[key] = _path(data[key], folder, where(key))
+    if "method" in data:
+        found["method"] = _method_value(data["method"], source)
+    if "weights" in data:
+        found["weights"] = _weights_value(data["weights"], source)
+    for key in ("include", "exclude"):
+        if key in data:
+            found[key] = _patterns(data[key], where(key))
+    if "dtype" in data:
+        found["dtype"] = parse_dtype(data["dtype"], where("dtype"))
+    if "out_dtype" in data:
+        found["out_dtype"] = parse_out_dtype(data["out_dtype"], where("out_dtype"))
+    if "max_shard_size" in data:
+        found["max_shard_size"] = parse_shard_size(data["max_shard_size"], where("max_shard_size"))
+    if "seed" in data:
+        seed = data["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _type_error(where("seed"), "an integer", seed)
+        found["seed"] = seed
+    for key in ("overwrite", "normalize"):
+        if key in data:
+            found[key] = _bool(data[key], where(key))
+    return Settings(**found)

@@ -1,0 +1,488 @@
+"""The ``terge`` command, run in-process through ``terge.cli.main`` (and once as ``python -m``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+import terge
+from terge import cli
+from terge.checkpoints import load, save
+from terge.lineage import Lineage, LineageEntry
+
+pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def state_dicts() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {
+            "mlp.weight": torch.randn(4, 3, generator=generator),
+            "attn.weight": torch.randn(3, 3, generator=generator),
+            "norm.bias": torch.randn(3, generator=generator),
+            "steps": torch.tensor([i]),
+        }
+        for i in range(3)
+    ]
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Three tiny checkpoint folders a, b, c in tmp_path, which is also the working folder."""
+    monkeypatch.chdir(tmp_path)
+    models = state_dicts()
+    for name, model in zip("abc", models):
+        save(model, tmp_path / name)
+    return models
+
+
+# --- help -----------------------------------------------------------------------------------------
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["merge"]
+
+
+def test_merge_help_documents_every_option_with_an_example(capsys):
+    code, out, err = run(capsys, "merge", "--help")
+    assert (code, err) == (0, "")
+    flat = " ".join(out.split())
+    for action in merge_parser()._actions:
+        if action.help == argparse.SUPPRESS or "-h" in action.option_strings:
+            continue
+        for option in action.option_strings:
+            assert option in out, option
+        assert "e.g." in action.help, action.dest
+    for text in (
+        "re:REGEX",
+        "layers:SPEC",
+        "ties:density=0.3,scale=0.8",
+        "[[weights]]",
+        "[[method]]",
+    ):
+        assert text in flat, text
+    for option in (
+        "--out",
+        "--base",
+        "--method",
+        "--weights",
+        "--include",
+        "--exclude",
+        "--dtype",
+        "--out-dtype",
+        "--max-shard-size",
+        "--seed",
+        "--lineage",
+        "--overwrite",
+        "--no-normalize",
+        "--recipe",
+        "--quiet",
+    ):
+        assert option in out, option
+
+
+def test_top_level_help_shows_examples(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "terge merge a b c -o soup" in out
+    assert "terge merge --recipe soup.toml" in out
+    assert "[[method]]" in out
+    assert "merge" in out
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert (code, out) == (0, f"terge {terge.__version__}\n")
+
+
+def test_subcommands_are_a_registry(capsys, monkeypatch):
+    def add_arguments(parser):
+        parser.add_argument("--name")
+
+    def hello(args):
+        print(f"hello {args.name}")
+        return 0
+
+    commands = {
+        **cli.COMMANDS,
+        "hello": cli.Command("say hello", "Say hello.", add_arguments, hello),
+    }
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+    assert run(capsys, "hello", "--name", "x") == (0, "hello x\n", "")
+
+
+# --- errors: one line, exit 2 ---------------------------------------------------------------------
+
+
+def assert_one_error_line(code: int, out: str, err: str, expected_code: int = 2) -> str:
+    assert code == expected_code
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("terge: error: "), err
+    assert "Traceback" not in err
+    return err[len("terge: error: ") : -1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND (see 'terge --help')"),
+        (["merge"], "no models to merge: give MODEL paths, or a --recipe with 'models'."),
+        (["merge", "a", "b"], "no output folder: give -o/--out OUT, or a --recipe with 'out'."),
+        (
+            ["merge", "a", "missing", "-o", "o"],
+            "model 'missing' does not exist (no such file or folder).",
+        ),
+        (
+            ["merge", "a", "b", "c", "-o", "o", "--weights", "1,x,3"],
+            "--weights: '1,x,3' is not a comma-separated list of finite numbers, one per model; "
+            "e.g. 1,2,3 (write --weights=-1,1 when the first is negative).",
+        ),
+        (
+            ["merge", "a", "b", "c", "-o", "o", "--weights", "1,2"],
+            "--weights gives 2 weights but there are 3 models; give exactly one per model, in order.",
+        ),
+        (
+            ["merge", "a", "b", "c", "-o", "o", "--weights", "-1,1,1"],
+            "argument --weights: expected one argument (see 'terge merge --help')",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--method", "soup"],
+            "--method: unknown merge method 'soup'; the valid names are arithmetic, "
+            "task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, slerp, model_stock.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--method", "ties:density=1.5"],
+            "--method: ties: density must be in (0, 1], got 1.5.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--method", "dare_ties:gamma=0.1"],
+            "--method: method 'dare_ties' has no setting 'gamma'; its settings are density, scale.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--max-shard-size", "2XB"],
+            "--max-shard-size: '2XB' is not a size: give a positive int of bytes, or a string such "
+            "as '500MB', '2GB', '1.5GB' (KB/MB/GB/TB are powers of 1000) or '2GiB', '2000MiB' "
+            "(KiB/MiB/GiB/TiB are powers of 1024); units are case-insensitive and may follow a space.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--dtype", "float16"],
+            "argument --dtype: invalid choice: 'float16' (choose from ...",  # quoting varies
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--out-dtype", "int8"],
+            "--out-dtype must name a floating torch dtype such as 'bfloat16', 'float16' or "
+            "'float32'; got 'int8'.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--seed", "one"],
+            "argument --seed: invalid int value: 'one' (see 'terge merge --help')",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--include", "re:mlp("],
+            "--include: 'mlp(' is not a valid regular expression: missing ) at position 4.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--base", "5"],
+            "the base index 5 is not an index into the 2 models; give -2 to 1, or a path.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--base", "nowhere"],
+            "base model 'nowhere' does not exist (no such file or folder).",
+        ),
+        (
+            ["merge", "a", "b", "-o", "c"],
+            "the output 'c' already exists; pass --overwrite to replace it, or choose another path.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--lineage", "no/such/folder/l.json"],
+            "the lineage file 'no/such/folder/l.json': its folder 'no/such/folder' does not exist.",
+        ),
+        (
+            ["merge", "a", "b", "-o", "o", "--bogus"],
+            "unrecognized arguments: --bogus (see 'terge --help')",
+        ),
+        (["merge", "--recipe", "nope.toml"], "recipe file 'nope.toml' not found."),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, checkpoints, argv, message):
+    got = assert_one_error_line(*run(capsys, *argv))
+    if message.endswith("..."):  # argparse's wording differs between Python versions
+        assert got.startswith(message[:-3]), got
+    else:
+        assert got == message
+
+
+def test_recipe_weights_of_the_wrong_length(capsys, checkpoints):
+    Path("r.toml").write_text(
+        'models = ["a", "b"]\n[[weights]]\npattern = "re:mlp"\nvalues = [1]\n'
+    )
+    assert assert_one_error_line(*run(capsys, "merge", "--recipe", "r.toml", "-o", "o")) == (
+        "the [[weights]] of pattern 're:mlp' gives 1 weights but there are 2 models; give exactly "
+        "one per model, in order."
+    )
+
+
+def test_malformed_recipe(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("r.toml").write_text('models = ["a"\n')
+    message = assert_one_error_line(*run(capsys, "merge", "--recipe", "r.toml"))
+    assert message.startswith("r.toml: not valid TOML: ")
+    Path("r.toml").write_text('models = ["a"]\nseeds = 1\n')
+    message = assert_one_error_line(*run(capsys, "merge", "--recipe", "r.toml"))
+    assert message.startswith("r.toml: unknown key 'seeds' (did you mean 'seed'?); the valid keys")
+
+
+def test_python_dash_m_terge_prints_no_traceback(tmp_path):
+    env = dict(os.environ)
+    src = str(Path(terge.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "terge", "merge", "missing", "other", "-o", "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert (
+        result.stderr == "terge: error: model 'missing' does not exist (no such file or folder).\n"
+    )
+
+
+# --- what reaches terge.merge (a stand-in, so no file is written) ---------------------------------
+
+
+class FakeMerge:
+    """Records merge()'s arguments and returns what merge(out=..., lineage=True) returns."""
+
+    def __init__(self, error: BaseException | None = None, warn: str | None = None) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        self.error = error
+        self.warn = warn
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
+        if self.warn is not None:
+            import warnings
+
+            warnings.warn(self.warn, terge.NoParametersToMergeWarning, stacklevel=2)
+        lineage = Lineage(
+            {"w": LineageEntry("arithmetic", [(0, 0.25), (1, 0.75)])},
+            {"steps": "not floating point"},
+        )
+        return Path(kwargs["out"]), lineage
+
+
+@pytest.fixture
+def fake(monkeypatch, checkpoints) -> FakeMerge:
+    fake = FakeMerge()
+    monkeypatch.setattr(cli, "merge", fake)
+    return fake
+
+
+def test_defaults_reach_merge(capsys, fake):
+    code, out, err = run(capsys, "merge", "a", "b", "c", "-o", "out")
+    assert (code, err) == (0, "")
+    assert out.startswith("terge: wrote out (1 tensor merged, 1 left as in the base) in ")
+    ((args, kwargs),) = fake.calls
+    assert args == (["a", "b", "c"],)
+    assert kwargs == {
+        "base": 0,
+        "method": "arithmetic",
+        "weights": None,
+        "included": None,
+        "excluded": None,
+        "dtype": torch.float64,
+        "lineage": True,
+        "progress": False,  # stderr is not a terminal here
+        "normalize": True,
+        "seed": None,
+        "out": "out",
+        "out_dtype": None,
+        "max_shard_size": "5GB",
+        "overwrite": False,
+    }
+
+
+def test_every_option_reaches_merge(capsys, fake):
+    code, out, _ = run(
+        capsys,
+        *("merge", "a", "b", "c", "-o", "out", "--base", "b", "--method", "ties:density=0.3"),
+        *("--weights", "1,2,3", "--include", "re:weight", "--include", "norm.bias"),
+        *("--exclude", "layers:head", "--dtype", "float32", "--out-dtype", "bfloat16"),
+        *("--max-shard-size", "2GB", "--seed", "4", "--no-normalize", "--overwrite", "-q"),
+    )
+    assert (code, out) == (0, "")
+    ((_, kwargs),) = fake.calls
+    assert kwargs["base"] == 1  # the path of a model is that model
+    assert (kwargs["method"].name, kwargs["method"].settings["density"]) == ("ties", 0.3)
+    assert kwargs["weights"] == [1.0, 2.0, 3.0]
+    assert [getattr(p, "pattern", p) for p in kwargs["included"]] == ["weight", "norm.bias"]
+    assert isinstance(kwargs["excluded"][0], regex.Pattern)
+    assert kwargs["dtype"] is torch.float32
+    assert kwargs["out_dtype"] is torch.bfloat16
+    assert kwargs["max_shard_size"] == "2GB"
+    assert (kwargs["seed"], kwargs["normalize"], kwargs["overwrite"]) == (4, False, True)
+
+
+def test_a_separate_base_path(capsys, fake, tmp_path):
+    save({"w": torch.zeros(1)}, tmp_path / "pretrained")
+    assert run(capsys, "merge", "a", "b", "-o", "out", "--base", "pretrained", "-q")[0] == 0
+    assert fake.calls[0][1]["base"] == "pretrained"
+
+
+def test_command_line_overrides_the_recipe(capsys, fake, tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.toml").write_text(
+        'models = ["../a", "../b"]\nout = "../merged"\nseed = 1\nmethod = "task_arithmetic"\n'
+        "overwrite = true\n"
+        '[[weights]]\npattern = "re:mlp"\nvalues = [1, 3]\n'
+    )
+    assert run(capsys, "merge", "--recipe", "recipes/r.toml", "-q")[0] == 0
+    assert (
+        run(
+            capsys,
+            "merge",
+            "--recipe",
+            "recipes/r.toml",
+            "--seed",
+            "2",
+            "--no-overwrite",
+            "c",
+            "a",
+            "-o",
+            "x",
+            "-q",
+        )[0]
+        == 0
+    )
+    (args1, from_recipe), (args2, overridden) = fake.calls
+    assert args1 == ([os.path.join("recipes", "..", "a"), os.path.join("recipes", "..", "b")],)
+    assert from_recipe["out"] == os.path.join("recipes", "..", "merged")
+    assert (from_recipe["seed"], from_recipe["overwrite"]) == (1, True)
+    assert from_recipe["method"].name == "task_arithmetic"
+    assert [(k.pattern, v) for k, v in from_recipe["weights"].items()] == [("mlp", [1.0, 3.0])]
+    assert args2 == (["c", "a"],)
+    assert (overridden["out"], overridden["seed"], overridden["overwrite"]) == ("x", 2, False)
+    assert overridden["method"].name == "task_arithmetic"  # not overridden: kept
+
+
+def test_lineage_file_and_warnings(capsys, fake, tmp_path):
+    fake.warn = "nothing\nshared"
+    code, out, err = run(capsys, "merge", "a", "b", "-o", "out", "--lineage", "l.json")
+    assert code == 0
+    assert err == "terge: warning: nothing shared\n"
+    assert out.startswith("terge: wrote out ")
+    record = json.loads((tmp_path / "l.json").read_text())
+    assert record["merged"]["w"]["contributions"] == [[0, 0.25], [1, 0.75]]
+    assert record["skipped"] == {"steps": "not floating point"}
+
+
+def test_quiet_prints_nothing(capsys, fake):
+    fake.warn = "nothing shared"
+    assert run(capsys, "merge", "a", "b", "-o", "out", "--quiet") == (0, "", "")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (terge.MergeArgumentError("`weights` is bad."), 2, "`weights` is bad."),
+        (OSError(28, "No space left on device"), 1, "[Errno 28] No space left on device"),
+        (MemoryError(), 1, "MemoryError"),
+        (KeyboardInterrupt(), 130, None),
+    ],
+)
+def test_failures_during_the_merge(capsys, fake, error, code, message):
+    fake.error = error
+    got_code, out, err = run(capsys, "merge", "a", "b", "-o", "out")
+    if message is None:
+        assert (got_code, out, err) == (130, "", "terge: interrupted\n")
+    else:
+        assert assert_one_error_line(got_code, out, err, code) == message
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def assert_same_tensors(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    written = load(folder)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype, name
+        assert torch.equal(written[name], tensor), name
+
+
+def test_end_to_end_matches_merge_in_memory(capsys, checkpoints, tmp_path):
+    code, out, err = run(
+        capsys, "merge", "a", "b", "c", "-o", "out", "--weights", "1,2,3", "--lineage", "l.json"
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("terge: wrote ")
+    assert "(3 tensors merged, 1 left as in the base)" in out
+    expected = terge.merge(checkpoints, weights=[1, 2, 3])
+    assert_same_tensors(tmp_path / "out", expected)
+    assert (tmp_path / "l.json").read_bytes() == (tmp_path / "out" / "lineage.json").read_bytes()
+    record = json.loads((tmp_path / "l.json").read_text())
+    assert record["merged"]["mlp.weight"]["contributions"] == [[0, 1 / 6], [1, 2 / 6], [2, 3 / 6]]
+
+
+def test_recipe_equals_the_command_line(capsys, checkpoints, tmp_path):
+    (tmp_path / "r.toml").write_text(
+        'models = ["a", "b", "c"]\nout = "from_recipe"\nweights = [1, 2, 3]\n'
+        'method = "ties:density=0.5"\ninclude = "re:weight"\nout_dtype = "float16"\nseed = 3\n'
+    )
+    assert run(capsys, "merge", "--recipe", "r.toml", "-q")[0] == 0
+    argv = ["a", "b", "c", "-o", "from_cli", "--weights", "1,2,3", "--method", "ties:density=0.5"]
+    argv += ["--include", "re:weight", "--out-dtype", "float16", "--seed", "3", "-q"]
+    assert run(capsys, "merge", *argv)[0] == 0
+    assert_same_tensors(tmp_path / "from_cli", load(tmp_path / "from_recipe"))
+    assert load(tmp_path / "from_cli")["mlp.weight"].dtype == torch.float16
+
+
+def test_recipe_with_pattern_tables_matches_merge_in_memory(capsys, checkpoints, tmp_path):
+    (tmp_path / "r.toml").write_text(
+        'models = ["a", "b", "c"]\nout = "merged"\nseed = 0\n'
+        '[[weights]]\npattern = "re:mlp"\nvalues = [1, 2, 3]\n'
+        '[[method]]\npattern = "re:attn"\nname = "ties"\ndensity = 0.5\n'
+        '[[method]]\npattern = "re:.*"\nname = "arithmetic"\n'
+    )
+    assert run(capsys, "merge", "--recipe", "r.toml", "-q")[0] == 0
+    expected = terge.merge(
+        checkpoints,
+        weights={regex.compile("mlp"): [1, 2, 3]},
+        method={
+            regex.compile("attn"): terge.methods.ties(density=0.5),
+            regex.compile(".*"): "arithmetic",
+        },
+        seed=0,
+    )
+    assert_same_tensors(tmp_path / "merged", expected)
+
+
+def test_a_method_that_cannot_apply_fails_cleanly(capsys, checkpoints, tmp_path):
+    message = assert_one_error_line(
+        *run(capsys, "merge", "a", "b", "c", "-o", "out", "--method", "slerp")
+    )
+    assert message.startswith("the merge method 'slerp' needs exactly 2 contributing models")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,385 @@
+"""TOML recipes and the setting strings shared with the command line (terge.recipe)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import regex
+import torch
+
+import terge
+from terge.recipe import (
+    RECIPE_EXAMPLE,
+    RECIPE_KEYS,
+    RecipeError,
+    Settings,
+    load_recipe,
+    parse_method,
+    parse_pattern,
+    parse_recipe,
+    parse_weights,
+)
+
+tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def recipe(tmp_path: Path, text: str) -> Settings:
+    return load_recipe(write(tmp_path, text))
+
+
+def error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(RecipeError) as caught:
+        recipe(tmp_path, text)
+    return str(caught.value)
+
+
+# --- patterns, methods, weights -------------------------------------------------------------------
+
+
+def test_pattern_forms():
+    mlp = parse_pattern("re:mlp", "x")
+    assert isinstance(mlp, regex.Pattern)
+    assert mlp.search("model.layers.0.mlp.up.weight")
+    assert parse_pattern("lm_head.weight", "x") == "lm_head.weight"
+    assert parse_pattern("name:re:odd", "x") == "re:odd"
+    blocks = parse_pattern("layers:0-1,embeddings", "x")
+    assert blocks.search("model.layers.1.mlp.weight")
+    assert not blocks.search("model.layers.2.mlp.weight")
+    assert blocks.search("model.embed_tokens.weight")
+    head = parse_pattern("layers:head", "x")
+    assert head.search("lm_head.weight")
+    assert not head.search("model.layers.0.mlp.weight")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("re:(", "--include: '(' is not a valid regular expression: missing ) at position 1."),
+        ("re:", "--include: 're:' needs a regular expression after it, e.g. 're:mlp'."),
+        ("", "--include: a pattern cannot be empty; give 're:REGEX'"),
+        ("layers:5-3", "--include: 'layers:5-3': layers() got the range '5-3'"),
+    ],
+)
+def test_bad_patterns(text, message):
+    with pytest.raises(RecipeError) as caught:
+        parse_pattern(text, "--include")
+    assert str(caught.value).startswith(message)
+
+
+def test_method_specs():
+    method = parse_method("ties:density=0.3,scale=0.8", "--method")
+    assert (method.name, dict(method.settings)) == ("ties", {"density": 0.3, "scale": 0.8})
+    assert parse_method("ties : density = 0.5", "--method").settings["density"] == 0.5
+    assert parse_method("arithmetic", "--method").name == "arithmetic"
+    assert parse_method("task_arithmetic:scale=-1", "--method").settings == {"scale": -1.0}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "tie",
+            "--method: unknown merge method 'tie' (did you mean 'ties'?); the valid names are "
+            "arithmetic, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, slerp, "
+            "model_stock.",
+        ),
+        (
+            "ties:dens=0.3",
+            "--method: method 'ties' has no setting 'dens' (did you mean 'density'?); its "
+            "settings are density, scale.",
+        ),
+        ("slerp:t=0.3", "--method: method 'slerp' has no setting 't'; it takes no settings."),
+        ("ties:density=2", "--method: ties: density must be in (0, 1], got 2."),
+        ("ties:density=x", "--method: ties: density must be a real number, got 'x' (str)."),
+        (
+            "ties:density",
+            "--method: cannot read 'ties:density': settings are KEY=VALUE pairs separated by "
+            "commas, e.g. 'ties:density=0.3,scale=0.8'.",
+        ),
+        (
+            "ties:density=0.3,density=0.4",
+            "--method: 'ties:density=0.3,density=0.4' sets 'density' twice.",
+        ),
+    ],
+)
+def test_bad_method_specs(spec, message):
+    with pytest.raises(RecipeError) as caught:
+        parse_method(spec, "--method")
+    assert str(caught.value) == message
+
+
+def test_weights_strings():
+    assert parse_weights("1,2,3", "--weights") == (1.0, 2.0, 3.0)
+    assert parse_weights("-1, 0.5", "--weights") == (-1.0, 0.5)
+    for bad in ("1,x", "", "1,,2", "1,nan", "inf"):
+        with pytest.raises(RecipeError, match="is not a comma-separated list of finite numbers"):
+            parse_weights(bad, "--weights")
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+
+def test_every_key(tmp_path):
+    settings = recipe(
+        tmp_path,
+        """
+        models = ["a", "sub/b", "/abs/c"]
+        base = "a"
+        out = "merged"
+        method = "ties:density=0.3"
+        weights = [1, 2, 3.5]
+        include = "re:weight"
+        exclude = ["re:^lm_head", "norm.bias"]
+        dtype = "float32"
+        out_dtype = "bfloat16"
+        max_shard_size = "2GB"
+        seed = 7
+        lineage = "out/lineage.json"
+        overwrite = true
+        normalize = false
+        """,
+    )
+    assert settings.models == (tmp_path / "a", tmp_path / "sub/b", Path("/abs/c"))
+    assert settings.base == tmp_path / "a"
+    assert settings.out == tmp_path / "merged"
+    assert settings.lineage == tmp_path / "out/lineage.json"
+    assert settings.method.name == "ties"
+    assert settings.method.settings == {"density": 0.3, "scale": 1.0}
+    assert settings.weights == (1.0, 2.0, 3.5)
+    assert [p.pattern for p in settings.include] == ["weight"]
+    assert settings.exclude[0].pattern == "^lm_head"
+    assert settings.exclude[1] == "norm.bias"
+    assert settings.dtype is torch.float32
+    assert settings.out_dtype is torch.bfloat16
+    assert settings.max_shard_size == "2GB"
+    assert settings.seed == 7
+    assert settings.overwrite is True
+    assert settings.normalize is False
+    assert set(Settings.__dataclass_fields__) == set(RECIPE_KEYS)
+
+
+def test_empty_recipe_gives_nothing(tmp_path):
+    assert recipe(tmp_path, "") == Settings()
+
+
+def test_base_index_and_int_shard_size(tmp_path):
+    settings = recipe(tmp_path, "base = -1\nmax_shard_size = 1000000")
+    assert settings.base == -1
+    assert settings.max_shard_size == 1000000
+
+
+def test_relative_paths_follow_the_recipe_folder(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    write(tmp_path / "recipes", 'models = ["../a", "b"]\nout = "o"', "r.toml")
+    monkeypatch.chdir(tmp_path)
+    settings = load_recipe("recipes/r.toml")
+    assert settings.models == (Path("recipes/../a"), Path("recipes/b"))
+    assert settings.out == Path("recipes/o")
+
+
+def test_the_help_example_parses(tmp_path):
+    settings = recipe(tmp_path, RECIPE_EXAMPLE)
+    assert len(settings.models) == 3
+    assert list(settings.weights.values()) == [(1.0, 2.0, 3.0), (1.0, 1.0, 1.0)]
+    assert [m.name for m in settings.method.values()] == ["ties", "task_arithmetic"]
+    assert settings.exclude[0].search("lm_head.weight")
+
+
+def test_pattern_tables_keep_file_order_and_first_match_wins(tmp_path):
+    settings = recipe(
+        tmp_path,
+        """
+        [[weights]]
+        pattern = "re:mlp"
+        values = [1, 0, 0]
+        [[weights]]
+        pattern = "attn.weight"
+        values = [0, 1, 0]
+        [[weights]]
+        pattern = "re:.*"
+        values = [0, 0, 1]
+
+        [[method]]
+        pattern = "re:attn"
+        name = "ties"
+        density = 0.5
+        scale = 2
+        [[method]]
+        pattern = "re:.*"
+        name = "arithmetic"
+        """,
+    )
+    keys = list(settings.weights)
+    assert [getattr(k, "pattern", k) for k in keys] == ["mlp", "attn.weight", ".*"]
+    ties, arithmetic = settings.method.values()
+    assert ties.settings == {"density": 0.5, "scale": 2.0}
+    assert arithmetic.name == "arithmetic"
+
+    torch.manual_seed(0)
+    models = [
+        {"mlp.weight": torch.randn(3), "attn.weight": torch.randn(3), "norm": torch.randn(3)}
+        for _ in range(3)
+    ]
+    merged, lineage = terge.merge(
+        models, weights=settings.weights, method=settings.method, lineage=True
+    )
+    assert torch.equal(merged["mlp.weight"], models[0]["mlp.weight"])  # re:mlp, weights 1,0,0
+    assert torch.equal(merged["norm"], models[2]["norm"])  # re:.*, weights 0,0,1
+    assert lineage["attn.weight"][0] == "ties"
+    assert lineage["mlp.weight"][0] == "arithmetic"
+
+
+def test_single_method_table_and_inline_table(tmp_path):
+    settings = recipe(tmp_path, '[method]\nname = "dare_linear"\ndensity = 0.9')
+    assert (settings.method.name, settings.method.settings["density"]) == ("dare_linear", 0.9)
+    settings = recipe(tmp_path, 'method = {name = "breadcrumbs", gamma = 0.05}')
+    assert settings.method.settings["gamma"] == 0.05
+
+
+def test_updated_overrides_only_given_values():
+    recipe_ = Settings(models=(Path("a"),), seed=1, overwrite=True)
+    cli = Settings(seed=2, overwrite=False)
+    assert recipe_.updated(cli) == Settings(models=(Path("a"),), seed=2, overwrite=False)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
+    message = error(tmp_path, 'modles = ["a"]')
+    assert message == (
+        f"{tmp_path / 'recipe.toml'}: unknown key 'modles' (did you mean 'models'?); the valid "
+        "keys are models, base, out, method, weights, include, exclude, dtype, out_dtype, "
+        "max_shard_size, seed, lineage, overwrite, normalize."
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models = 3", "'models' must be a non-empty list of paths; got 3 (int)."),
+        ("models = []", "'models' must be a non-empty list of paths; got [] (list)."),
+        ('models = ["a", 1]', "'models'[1] must be a path (a non-empty string); got 1 (int)."),
+        ("base = 1.5", "'base' must be an index into models or a path; got 1.5 (float)."),
+        ("out = true", "'out' must be a path (a non-empty string); got True (bool)."),
+        ('seed = "1"', "'seed' must be an integer; got '1' (str)."),
+        ("seed = true", "'seed' must be an integer; got True (bool)."),
+        ('overwrite = "yes"', "'overwrite' must be true or false; got 'yes' (str)."),
+        (
+            'weights = [1, "2"]',
+            "'weights' must be a list of numbers, one per model; got [1, '2'] (list).",
+        ),
+        (
+            "weights = 1",
+            "'weights' must be a non-empty list of numbers, one per model; got 1 (int).",
+        ),
+        (
+            "include = 3",
+            "'include' must be a pattern string or a non-empty list of them; got 3 (int).",
+        ),
+        (
+            "exclude = [3]",
+            "'exclude'[0] must be a pattern string, 're:REGEX' (searched anywhere in the name), "
+            "'layers:0-5' (transformer blocks; add ',embeddings' or ',head'), or an exact tensor "
+            "name; got 3 (int).",
+        ),
+        ('dtype = "float16"', "'dtype' must be one of 'float64', 'float32'; got 'float16'."),
+        (
+            'out_dtype = "int8"',
+            "'out_dtype' must name a floating torch dtype such as 'bfloat16', 'float16' or "
+            "'float32'; got 'int8'.",
+        ),
+        ('max_shard_size = "big"', "'max_shard_size': 'big' is not a size: give a positive int"),
+        ("method = 3", "'method' must be a method spec string (\"ties:density=0.3\"), a table"),
+        ('method = "nope"', "'method': unknown merge method 'nope'; the valid names are"),
+        ("method = {density = 0.3}", "'method': missing key 'name' (the method's name)."),
+        (
+            '[method]\npattern = "re:x"\nname = "ties"',
+            "'method': a single [method] table applies to every tensor and takes no 'pattern'",
+        ),
+    ],
+)
+def test_wrong_types(tmp_path, text, message):
+    assert error(tmp_path, text).startswith(f"{tmp_path / 'recipe.toml'}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[weights]]\npattern = "re:x"\nvalues = [1]\nvalue = 2',
+            "[[weights]] #1 (pattern 're:x'): unknown key 'value' (did you mean 'values'?); the "
+            "valid keys are pattern, values.",
+        ),
+        ("[[weights]]\nvalues = [1]", "[[weights]] #1: missing key 'pattern'."),
+        ('[[weights]]\npattern = "x"', "[[weights]] #1 (pattern 'x'): missing key 'values'."),
+        (
+            '[[weights]]\npattern = "x"\nvalues = [true]',
+            "[[weights]] #1 (pattern 'x'): 'values' must be a list of numbers, one per model; "
+            "got [True] (list).",
+        ),
+        (
+            '[[weights]]\npattern = "re:x"\nvalues = [1]\n[[weights]]\npattern = "re:x"\nvalues = [2]',
+            "[[weights]] #2: the pattern 're:x' is already used by an earlier table, so this one "
+            "would never match; remove one.",
+        ),
+        (
+            '[[weights]]\npattern = "re:("\nvalues = [1]',
+            "[[weights]] #1: 'pattern': '(' is not a valid regular expression",
+        ),
+        (
+            '[[method]]\npattern = "re:attn"\nname = "ties"\ndensty = 0.3',
+            "[[method]] #1 (pattern 're:attn'): method 'ties' has no setting 'densty' (did you "
+            "mean 'density'?); its settings are density, scale.",
+        ),
+        (
+            '[[method]]\npattern = "re:attn"\nname = "ties"\ndensity = 0',
+            "[[method]] #1 (pattern 're:attn'): ties: density must be in (0, 1], got 0.",
+        ),
+        (
+            '[[method]]\npattern = "re:attn"',
+            "[[method]] #1 (pattern 're:attn'): missing key 'name' (the method's name).",
+        ),
+        ('[[method]]\nname = "ties"', "[[method]] #1: missing key 'pattern'."),
+    ],
+)
+def test_table_errors(tmp_path, text, message):
+    assert error(tmp_path, text).startswith(f"{tmp_path / 'recipe.toml'}: {message}")
+
+
+def test_missing_folder_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "nope.toml")
+    assert str(caught.value) == f"recipe file {str(tmp_path / 'nope.toml')!r} not found."
+    with pytest.raises(RecipeError, match="is a folder; give a TOML file"):
+        load_recipe(tmp_path)
+    message = error(tmp_path, 'models = ["a"\nout = 1')
+    assert message.startswith(f"{tmp_path / 'recipe.toml'}: not valid TOML: ")
+    assert "line" in message
+
+
+def test_without_tomllib_or_tomli(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(RecipeError) as caught:
+        recipe(tmp_path, "seed = 1")
+    assert str(caught.value) == (
+        "reading a TOML recipe needs Python 3.11 or later (for tomllib), or the tomli package on "
+        "Python 3.10: pip install tomli."
+    )
+
+
+def test_parse_recipe_takes_parsed_toml():
+    settings = parse_recipe({"models": ["x"], "seed": 3}, Path("/r"), "r.toml")
+    assert settings == Settings(models=(Path("/r/x"),), seed=3)
+    with pytest.raises(RecipeError, match=r"^r.toml: 'seed' must be an integer"):
+        parse_recipe({"seed": 1.5}, Path("/r"), "r.toml")
