@@ -558,3 +558,14 @@ def test_meta_tensors_that_are_not_merged_are_fine(linears):
         warnings.simplefilter("ignore", NoParametersToMergeWarning)
         merged = terge.merge([ghost, linears[0]], excluded=["weight", "bias"])
     assert merged.weight.is_meta
+
+
+def test_tensors_only_other_models_hold_are_recorded_not_dropped_silently():
+    torch.manual_seed(0)
+    base = {"embed": torch.randn(2), "head": torch.randn(2)}
+    renamed = {"embed": torch.randn(2), "lm_head": torch.randn(2)}
+    extra = {"embed": torch.randn(2), "lm_head": torch.randn(2), "extra": torch.randn(1)}
+    _, lineage = terge.merge([base, renamed, extra], lineage=True)
+    assert lineage.unused == {"lm_head": [1, 2], "extra": [2]}
+    assert lineage.skipped == {"head": "held by one model"}
+    assert "unused={'lm_head': [1, 2]" in repr(lineage)

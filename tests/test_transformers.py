@@ -369,20 +369,19 @@ def test_folders_merged_with_out_load_with_from_pretrained(
         assert [w for _, w in entry["contributions"]] == pytest.approx(shares)
 
 
-def test_modules_and_folders_mixed_with_out(
-    arch, instances, folders, mean_merge, tmp_path, request
-):
+def test_modules_and_folders_mixed_with_out(arch, instances, folders, mean_merge, tmp_path):
     needs_out()
-    if arch.name == "gpt_neox":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="transformers 5 saves GPTNeoXForCausalLM's lm_head.weight as "
-                "embed_out.weight, so the module's head shares no name with the folders' and "
-                "is silently left out of the merge (terge matches tensors by name)",
-            )
-        )
     models = [str(folders[0]), instances[1], folders[2]]
+    if arch.name == "gpt_neox":
+        # transformers 5 saves GPTNeoXForCausalLM's lm_head.weight as embed_out.weight, so the
+        # module's head shares no name with the folders'. terge matches by name and cannot merge
+        # it, but it must say so rather than drop it silently.
+        _, lineage = terge.merge(models, weights=WEIGHTS, out=tmp_path / "m", lineage=True)
+        assert lineage.unused == {"lm_head.weight": [1]}
+        assert [i for i, _ in lineage["embed_out.weight"][1]] == [0, 2]
+        record = json.loads((tmp_path / "m" / "lineage.json").read_text())
+        assert record["unused"] == {"lm_head.weight": [1]}
+        return
     out = terge.merge(models, weights=WEIGHTS, out=tmp_path / "m")
     loaded = getattr(transformers, arch.auto).from_pretrained(out).eval()
     assert torch.equal(logits(loaded), logits(mean_merge[0]))

@@ -65,15 +65,22 @@ class Lineage(dict):
         merged: Mapping[str, LineageEntry] | None = None,
         skipped: Mapping[str, str] | None = None,
         tied: Mapping[str, str] | None = None,
+        unused: Mapping[str, list[int]] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
         """Tensors left as the base has them, with the reason (one of ``REASONS``)."""
         self.tied: dict[str, str] = dict(tied or {})
         """Alias name to the name it was merged under."""
+        self.unused: dict[str, list[int]] = {k: list(v) for k, v in (unused or {}).items()}
+        """Tensors of other models under names the base lacks (so they cannot be merged into
+        it), with the indices of the models holding them: a renamed head shows up here."""
 
     def __repr__(self) -> str:
-        return f"Lineage({dict.__repr__(self)}, skipped={self.skipped!r}, tied={self.tied!r})"
+        return (
+            f"Lineage({dict.__repr__(self)}, skipped={self.skipped!r}, tied={self.tied!r}, "
+            f"unused={self.unused!r})"
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -93,7 +100,8 @@ def lineage_to_json(lineage: Lineage, **extra: Any) -> dict[str, Any]:
     """A lineage as a JSON-ready dict (``schema`` 1), with ``extra`` top-level fields.
 
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
-    "skipped": {name: reason}, "tied": {alias: name}, **extra}``; written sorted by key.
+    "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]}, **extra}``;
+    written sorted by key.
     """
     merged = {
         name: {
@@ -109,5 +117,6 @@ def lineage_to_json(lineage: Lineage, **extra: Any) -> dict[str, Any]:
         "merged": merged,
         "skipped": dict(lineage.skipped),
         "tied": dict(lineage.tied),
+        "unused": dict(getattr(lineage, "unused", {})),
     }
     return _jsonable(record)

@@ -61,10 +61,14 @@ class Plan:
     steps: tuple[Step, ...]
     skipped: Mapping[str, str] = field(default_factory=dict)
     tied: Mapping[str, str] = field(default_factory=dict)
+    unused: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def lineage(self) -> Lineage:
         return Lineage(
-            {step.name: step.lineage_entry() for step in self.steps}, self.skipped, self.tied
+            {step.name: step.lineage_entry() for step in self.steps},
+            self.skipped,
+            self.tied,
+            {name: list(models) for name, models in self.unused.items()},
         )
 
 
@@ -277,7 +281,19 @@ def build_plan(
                 divisor=divisor,
             )
         )
-    return Plan(tuple(steps), skipped, tied)
+    return Plan(tuple(steps), skipped, tied, _unused(sources, base))
+
+
+def _unused(sources: Sequence[Source], base: Source) -> dict[str, tuple[int, ...]]:
+    """Names other models hold that the base lacks: recorded, since they cannot be merged."""
+    known = set(base.entries) | set(base.others)
+    unused: dict[str, list[int]] = {}
+    for index, source in enumerate(sources):
+        if source is not base:
+            for name in source.entries:
+                if name not in known:
+                    unused.setdefault(name, []).append(index)
+    return {name: tuple(models) for name, models in unused.items()}
 
 
 def _method_for(
