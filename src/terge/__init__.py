@@ -1,6 +1,7 @@
 """terge: exact, memory-lean, fast merging of PyTorch models."""
 
 from . import methods
+from .checkpoints import load, open_checkpoint, save
 from .errors import (
     BaseIndexError,
     CheckpointError,
@@ -46,6 +47,9 @@ __all__ = [
     "by_layer",
     "layer_index",
     "layers",
+    "load",
     "merge",
     "methods",
+    "open_checkpoint",
+    "save",
 ]
