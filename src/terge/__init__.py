@@ -5,6 +5,7 @@ from .checkpoints import load, open_checkpoint, save
 from .errors import (
     BaseIndexError,
     CheckpointError,
+    LineageError,
     MergeArgumentError,
     MetaTensorError,
     MethodNotApplicableError,
@@ -20,7 +21,7 @@ from .errors import (
 )
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
-from .lineage import Lineage, LineageEntry
+from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 
 __version__ = "0.2.0.dev0"
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "Lineage",
     "LineageEntry",
+    "LineageError",
     "MergeArgumentError",
     "MetaTensorError",
     "MethodNotApplicableError",
@@ -48,8 +50,10 @@ __all__ = [
     "layer_index",
     "layers",
     "load",
+    "load_lineage",
     "merge",
     "methods",
     "open_checkpoint",
     "save",
+    "save_lineage",
 ]

@@ -13,7 +13,6 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -28,8 +27,9 @@ from typing import Any
 
 import torch
 
+from .audit import diff_lineages, summary, verify_lineage
 from .errors import TergeError
-from .lineage import lineage_to_json
+from .lineage import load_lineage, save_lineage
 from .merge import merge
 from .methods import REGISTRY
 from .output import LINEAGE_FILE
@@ -207,6 +207,12 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "soup.lineage.json (OUT/lineage.json is always written)",
     )
     parser.add_argument(
+        "--digests",
+        action="store_true",
+        help="record in the lineage the SHA-256 of every merged tensor and of the tensors it "
+        "was made from, for 'terge lineage diff' and 'verify', e.g. --digests",
+    )
+    parser.add_argument(
         "--overwrite",
         action=argparse.BooleanOptionalAction,
         help="replace OUT if it exists, e.g. --overwrite (default: refuse)",
@@ -326,14 +332,13 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
 
 def write_lineage(target: Path, out: Path, lineage: Any) -> None:
     """Write the lineage to ``target``: a copy of ``OUT/lineage.json`` (the full record, with the
-    models, base and settings), or, failing that, ``lineage_to_json(lineage)``."""
+    models, base and settings), or, failing that, the lineage itself."""
     written = out / LINEAGE_FILE
     if written.is_file():
         if target.resolve() != written.resolve():
             shutil.copyfile(written, target)
         return
-    data = lineage_to_json(lineage)
-    target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_lineage(lineage, target)
 
 
 def _count(number: int, noun: str) -> str:
@@ -375,6 +380,7 @@ def run_merge(args: argparse.Namespace) -> int:
             out_dtype=settings.out_dtype,
             max_shard_size="5GB" if settings.max_shard_size is None else settings.max_shard_size,
             overwrite=bool(settings.overwrite),
+            **({"digests": True} if args.digests else {}),
         )
     if settings.lineage is not None:
         write_lineage(settings.lineage, Path(path), lineage)
@@ -389,6 +395,142 @@ def run_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- terge lineage ----------------------------------------------------------------------------
+
+LINEAGE_DESCRIPTION = """\
+Audit lineage files: the JSON record of how every tensor of a merge was made, written by
+'terge merge' as OUT/lineage.json (and to --lineage FILE). A FILE may also be a merged folder,
+meaning its lineage.json.
+"""
+
+LINEAGE_EPILOG = """\
+a CI job that fails when a merge drifts:
+  terge merge base math code -o merged --method ties --seed 0 --digests --lineage new.json
+  terge lineage diff golden.json new.json      # exit 1, listing what changed
+  terge lineage verify new.json --merged merged # exit 1, naming tensors that do not match
+
+exit status: 0 agree (diff) or all match (verify); 1 they differ or a tensor does not match;
+2 bad input (a malformed lineage file, a missing checkpoint or tensor).
+"""
+
+
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(
+        dest="lineage_action", metavar="ACTION", title="actions", required=True
+    )
+    show = actions.add_parser(
+        "show",
+        help="summarise a lineage file",
+        description="Summarise a lineage file: models, dtypes, how many tensors each method "
+        "and each weight pattern made, what was left alone and why, and the versions.",
+    )
+    show.add_argument("file", metavar="FILE", help="the lineage file, e.g. merged/lineage.json")
+    diff = actions.add_parser(
+        "diff",
+        help="compare two lineage files (exit 1 when they differ)",
+        description="List what differs between two lineage files: tensors merged or no longer "
+        "merged, methods, settings, contributors and weights, what was left alone and why, "
+        "models, dtypes, and digests where both have them. Exit 0 when they agree, 1 when they "
+        "differ, 2 on bad input.",
+    )
+    diff.add_argument("old", metavar="OLD", help="the reference lineage, e.g. golden.json")
+    diff.add_argument("new", metavar="NEW", help="the lineage to check, e.g. new.json")
+    diff.add_argument(
+        "--atol",
+        type=_tolerance,
+        default=0.0,
+        metavar="X",
+        help="how far a weight may move before it counts as changed, e.g. --atol 1e-12 "
+        "(default 0: exactly)",
+    )
+    verify = actions.add_parser(
+        "verify",
+        help="recompute a merge and check it against its checkpoint (exit 1 on a mismatch)",
+        description="Recompute every merged tensor from the models as the lineage says "
+        "(method, settings, seed, contributors, weights), one tensor at a time, and check it "
+        "against the merged checkpoint bit for bit; with digests recorded, also check that the "
+        "models and the checkpoint hold the very tensors that were merged. The models are read "
+        "from the paths the lineage records (relative to the current folder) unless --models "
+        "gives them. Exit 0 when all match, 1 naming each tensor that does not, 2 on bad input.",
+    )
+    verify.add_argument("file", metavar="FILE", help="the lineage file, e.g. golden.json")
+    verify.add_argument(
+        "--merged",
+        required=True,
+        metavar="OUT",
+        help="the merged checkpoint (folder or file), e.g. --merged merged",
+    )
+    verify.add_argument(
+        "--models",
+        nargs="+",
+        metavar="PATH",
+        help="the models' checkpoints in index order, instead of the recorded paths, e.g. "
+        "--models base math code",
+    )
+    verify.add_argument(
+        "--base",
+        metavar="PATH",
+        help="a separate base's checkpoint, instead of the recorded path, e.g. --base pretrained",
+    )
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def run_lineage(args: argparse.Namespace) -> int:
+    """``terge lineage show|diff|verify``."""
+    return LINEAGE_ACTIONS[args.lineage_action](args)
+
+
+def _lineage_show(args: argparse.Namespace) -> int:
+    print(summary(load_lineage(args.file), args.file), end="")
+    return EXIT_OK
+
+
+def _lineage_diff(args: argparse.Namespace) -> int:
+    old, new = load_lineage(args.old), load_lineage(args.new)
+    found = diff_lineages(old, new, args.atol)
+    for line in found.changes:
+        print(line)
+    for note in found.notes:
+        print(f"note: {note}")
+    if found.changes:
+        print(f"{PROG}: {args.old} and {args.new} differ ({_count(len(found.changes), 'change')})")
+        return EXIT_FAILED
+    print(
+        f"{PROG}: the lineages agree ({_count(len(new), 'tensor')} merged, "
+        f"{len(new.skipped)} left alone)"
+    )
+    return EXIT_OK
+
+
+def _lineage_verify(args: argparse.Namespace) -> int:
+    lineage = load_lineage(args.file)
+    problems = verify_lineage(lineage, args.merged, args.models, args.base, source=args.file)
+    for name, problem in problems:
+        print(f"{name}: {problem}")
+    failed = len({name for name, _ in problems})
+    if problems:
+        print(f"{PROG}: {failed} of {_count(len(lineage), 'merged tensor')} do not match")
+        return EXIT_FAILED
+    print(f"{PROG}: all {_count(len(lineage), 'merged tensor')} match {args.merged}")
+    return EXIT_OK
+
+
+LINEAGE_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "show": _lineage_show,
+    "diff": _lineage_diff,
+    "verify": _lineage_verify,
+}
+
+
 COMMANDS: dict[str, Command] = {
     "merge": Command(
         help="merge checkpoints into a sharded safetensors folder",
@@ -396,6 +538,13 @@ COMMANDS: dict[str, Command] = {
         epilog=MERGE_EPILOG,
         add_arguments=_merge_arguments,
         run=run_merge,
+    ),
+    "lineage": Command(
+        help="show, diff and verify lineage files (for CI)",
+        description=LINEAGE_DESCRIPTION,
+        epilog=LINEAGE_EPILOG,
+        add_arguments=_lineage_arguments,
+        run=run_lineage,
     ),
 }
 """Every subcommand, by name, in the order ``terge --help`` lists them."""

@@ -75,3 +75,12 @@ class TensorNotFoundError(CheckpointError, KeyError):
 
 class SizeFormatError(TergeError, ValueError):
     """A size is neither a positive int of bytes nor a string such as ``"5GB"`` or ``"2GiB"``."""
+
+
+class LineageError(TergeError, ValueError):
+    """A lineage file cannot be read or does not fit what it is checked against; ``path`` is the
+    file at fault (``None`` for a lineage in memory)."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -107,6 +107,15 @@ def _copy_state_dict(
     return result, outputs
 
 
+class StepHook(Protocol):
+    """Told about each step as it runs: ``before`` it reads its inputs (still unchanged when
+    merging in place), ``after`` with the tensor it wrote (e.g. to record digests)."""
+
+    def before(self, step: Step) -> None: ...
+
+    def after(self, step: Step, written: torch.Tensor) -> None: ...
+
+
 def execute(
     steps: Sequence[Step],
     sources: list[Source],
@@ -114,6 +123,7 @@ def execute(
     destination: Callable[[str], torch.Tensor],
     dtype: torch.dtype,
     progress: bool,
+    hook: StepHook | None = None,
 ) -> None:
     """Compute every step into ``destination(step.name)``, one tensor at a time.
 
@@ -127,17 +137,23 @@ def execute(
         bar(total=len(steps), desc="Merging the models' parameters", unit="parameters") as shown,
     ):
         for step in steps:
-            _run_step(step, sources, base, destination(step.name), buffers)
+            if hook is not None:
+                hook.before(step)
+            written = destination(step.name)
+            run_step(step, sources, base, written, buffers)
+            if hook is not None:
+                hook.after(step, written)
             shown.update(1)
 
 
-def _run_step(
+def run_step(
     step: Step,
     sources: list[Source],
     base: Source,
     destination: torch.Tensor,
     buffers: ChunkBuffers,
 ) -> None:
+    """Compute one step into ``destination`` (also how ``terge lineage verify`` recomputes)."""
     inputs = [sources[i].get(step.name) for i in step.contributors]
     if step.method.streaming:
         linear_combine(destination, inputs, step.coefficients, buffers, step.divisor)

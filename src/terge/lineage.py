@@ -2,15 +2,25 @@
 
 ``Lineage`` is a ``dict`` ``{name: (method, [(model_index, weight), ...])}`` that compares equal to
 the plain dict 0.1.1 returned; its entries are tuples with a ``settings`` attribute, and the
-tensors left alone are listed, with their reason, in ``Lineage.skipped``.
+tensors left alone are listed, with their reason, in ``Lineage.skipped``. What an audit needs
+besides (the models, the base, the dtypes, the versions, optional SHA-256 digests) are
+attributes, saved and loaded with :func:`save_lineage` and :func:`load_lineage` as stable JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import LineageError
 
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
@@ -27,21 +37,71 @@ NOT_A_TENSOR = "not a tensor"
 
 REASONS = (EXCLUDED, ONE_MODEL, SHAPE_MISMATCH, NOT_FLOATING, TIED, NOT_A_TENSOR)
 
+SCHEMA = 1
+"""The version of the lineage file format this terge writes and reads."""
+KINDS = ("module", "state_dict", "file")
+"""What a model was: an ``nn.Module``, a state dict, or a checkpoint read from disk."""
+SEPARATE = "separate"
+"""The base's index when it was given apart from ``models``."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Where a model came from: its index in ``models`` (``"separate"`` for a base given apart),
+    its kind (one of ``KINDS``), and its path when it was read from disk."""
+
+    index: int | str
+    kind: str
+    path: str | None = None
+
+    def describe(self) -> str:
+        """``models[1] (file a.safetensors)``: how messages name the model."""
+        where = "base" if self.index == SEPARATE else f"models[{self.index}]"
+        return f"{where} ({self.kind}{'' if self.path is None else ' ' + self.path})"
+
+
+@dataclass(frozen=True)
+class TensorDigests:
+    """SHA-256 (hex) of a merged tensor as written, and of the tensors it was computed from:
+    per model index, and ``base`` for a separate base the method read."""
+
+    output: str
+    models: Mapping[int, str] = field(default_factory=dict)
+    base: str | None = None
+
 
 class LineageEntry(tuple):
-    """``(method, [(model_index, weight), ...])`` with the method's settings in ``.settings``."""
+    """``(method, [(model_index, weight), ...])`` with the method's settings in ``.settings``.
+
+    ``coefficients`` and ``divisor`` are what the streaming kernel used (the weights as given and
+    their sum), recorded so that an audit recomputes the tensor bit for bit; ``custom`` marks a
+    user's own function, which terge cannot recompute.
+    """
 
     settings: dict[str, Any]
+    coefficients: tuple[float, ...] | None
+    divisor: float | None
+    custom: bool
 
     def __new__(
         cls,
         method: str,
         contributions: list[tuple[int, float]],
         settings: Mapping[str, Any] | None = None,
+        *,
+        coefficients: Sequence[float] | None = None,
+        divisor: float | None = None,
+        custom: bool = False,
     ) -> LineageEntry:
         entry = super().__new__(cls, (method, contributions))
         entry.settings = dict(settings or {})
+        entry.coefficients = None if coefficients is None else tuple(coefficients)
+        entry.divisor = divisor
+        entry.custom = custom
         return entry
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle: the rest is in __dict__
+        return (self[0], self[1])
 
     @property
     def method(self) -> str:
@@ -58,7 +118,15 @@ class LineageEntry(tuple):
 
 
 class Lineage(dict):
-    """Merged tensors by name (0.1.1's format); ``skipped`` and ``tied`` say what was left alone."""
+    """Merged tensors by name (0.1.1's format); ``skipped`` and ``tied`` say what was left alone.
+
+    A ``Lineage`` equals a plain dict of its merged entries (as in 0.1.1); two ``Lineage``\\ s are
+    equal only when their whole records are: settings, what was left alone, models, base,
+    dtypes, versions and digests too (all but the kernel's ``coefficients`` and ``divisor``,
+    which equivalent weights such as ``[1, 2]`` and ``[2, 4]`` write differently).
+    """
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -66,6 +134,14 @@ class Lineage(dict):
         skipped: Mapping[str, str] | None = None,
         tied: Mapping[str, str] | None = None,
         unused: Mapping[str, list[int]] | None = None,
+        *,
+        models: Sequence[ModelRecord] = (),
+        base: ModelRecord | None = None,
+        dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
+        terge_version: str | None = None,
+        torch_version: str | None = None,
+        digests: Mapping[str, TensorDigests] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -75,12 +151,36 @@ class Lineage(dict):
         self.unused: dict[str, list[int]] = {k: list(v) for k, v in (unused or {}).items()}
         """Tensors of other models under names the base lacks (so they cannot be merged into
         it), with the indices of the models holding them: a renamed head shows up here."""
+        self.models: tuple[ModelRecord, ...] = tuple(models)
+        """Each model: index, kind and (read from disk) path."""
+        self.base: ModelRecord | None = base
+        """The base: one of ``models``, or a record with index ``"separate"``."""
+        self.dtype = dtype
+        """The dtype the merge accumulated in."""
+        self.out_dtype = out_dtype
+        """The dtype floating tensors were written in; ``None``: each tensor's own."""
+        self.terge_version = terge_version
+        self.torch_version = torch_version
+        self.digests: dict[str, TensorDigests] | None = None if digests is None else dict(digests)
+        """SHA-256 digests per merged tensor (``merge(..., digests=True)``), else ``None``."""
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Lineage):
+            return _comparable(self) == _comparable(other)
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
     def __repr__(self) -> str:
         return (
             f"Lineage({dict.__repr__(self)}, skipped={self.skipped!r}, tied={self.tied!r}, "
             f"unused={self.unused!r})"
         )
+
+
+# --- to JSON ------------------------------------------------------------------------------------
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,31 +192,349 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(item) for item in value]
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     return repr(value)
 
 
-def lineage_to_json(lineage: Lineage, **extra: Any) -> dict[str, Any]:
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` as ``'bfloat16'`` (``None`` stays ``None``)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _entry_json(entry: Any) -> dict[str, Any]:
+    data = {
+        "method": entry[0],
+        "contributions": [[index, weight] for index, weight in entry[1]],
+        "settings": getattr(entry, "settings", {}),
+    }
+    coefficients = getattr(entry, "coefficients", None)
+    if coefficients is not None:
+        data["coefficients"] = list(coefficients)
+        data["divisor"] = getattr(entry, "divisor", None)
+    if getattr(entry, "custom", False):
+        data["custom"] = True
+    return data
+
+
+def _model_json(record: ModelRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"index": record.index, "kind": record.kind, "path": record.path}
+
+
+def _digests_json(digests: TensorDigests) -> dict[str, Any]:
+    return {
+        "output": digests.output,
+        "models": {str(index): digest for index, digest in sorted(digests.models.items())},
+        "base": digests.base,
+    }
+
+
+def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """A lineage as a JSON-ready dict (``schema`` 1), with ``extra`` top-level fields.
 
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
-    "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]}, **extra}``;
-    written sorted by key.
+    "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
+    "models": [{"index", "kind", "path"}], "base", "dtype", "out_dtype", "terge_version",
+    "torch_version", "digests", **extra}``; written sorted by key (see :func:`save_lineage`).
     """
-    merged = {
-        name: {
-            "method": entry[0],
-            "contributions": [[index, weight] for index, weight in entry[1]],
-            "settings": getattr(entry, "settings", {}),
-        }
-        for name, entry in lineage.items()
-    }
+    digests = getattr(lineage, "digests", None)
     record = {
-        **extra,
-        "schema": 1,
-        "merged": merged,
-        "skipped": dict(lineage.skipped),
-        "tied": dict(lineage.tied),
+        "schema": SCHEMA,
+        "merged": {name: _entry_json(entry) for name, entry in lineage.items()},
+        "skipped": dict(getattr(lineage, "skipped", {})),
+        "tied": dict(getattr(lineage, "tied", {})),
         "unused": dict(getattr(lineage, "unused", {})),
+        "models": [_model_json(model) for model in getattr(lineage, "models", ())],
+        "base": _model_json(getattr(lineage, "base", None)),
+        "dtype": getattr(lineage, "dtype", None),
+        "out_dtype": getattr(lineage, "out_dtype", None),
+        "terge_version": getattr(lineage, "terge_version", None),
+        "torch_version": getattr(lineage, "torch_version", None),
+        "digests": None
+        if digests is None
+        else {name: _digests_json(d) for name, d in digests.items()},
+        **extra,
     }
     return _jsonable(record)
+
+
+def _comparable(lineage: Lineage) -> dict[str, Any]:
+    """The record two lineages must share to be equal: all of it but the kernel's coefficients
+    and divisor (weights ``[1, 2]`` and ``[2, 4]`` are the same merge, bit for bit)."""
+    record = lineage_to_json(lineage)
+    for entry in record["merged"].values():
+        entry.pop("coefficients", None)
+        entry.pop("divisor", None)
+    return record
+
+
+def lineage_text(lineage: Mapping[str, Any]) -> str:
+    """The lineage file's text: sorted keys, two-space indents, exact floats (Python's ``repr``),
+    a final newline.
+
+    The same lineage always gives the same text, so files can be stored, diffed and compared.
+    """
+    return _dumps(lineage_to_json(lineage), "") + "\n"
+
+
+def _dumps(value: Any, indent: str) -> str:
+    """JSON with sorted keys, objects one key per line, and lists without objects on one line
+    (``[[0, 0.5], [1, 0.5]]``), so a changed weight is a changed line."""
+    if isinstance(value, dict) and value:
+        inner = indent + "  "
+        items = [f"{inner}{json.dumps(key)}: {_dumps(value[key], inner)}" for key in sorted(value)]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(_has_object(item) for item in value):
+        inner = indent + "  "
+        items = [f"{inner}{_dumps(item, inner)}" for item in value]
+        return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+    return json.dumps(value, sort_keys=True)
+
+
+def _has_object(value: Any) -> bool:
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, list) and any(_has_object(item) for item in value)
+
+
+def save_lineage(lineage: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``lineage`` to ``path`` as stable JSON (see :func:`lineage_text`), atomically.
+
+    ``load_lineage(path)`` gives back an equal ``Lineage``.
+    """
+    target = Path(path).expanduser()
+    text = lineage_text(lineage)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --- from JSON ----------------------------------------------------------------------------------
+
+
+def load_lineage(path: str | os.PathLike[str]) -> Lineage:
+    """Read a lineage file written by :func:`save_lineage` (or ``merge(out=...)``'s
+    ``lineage.json``; a folder means its ``lineage.json``).
+
+    Raises :class:`~terge.LineageError`, naming the file, when it is unreadable, not JSON
+    (truncated), of an unknown schema, or holds a value of the wrong type.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "lineage.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise LineageError(f"cannot read the lineage file {path}: {reason}.", path) from None
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise LineageError(
+            f"the lineage file {path} is not valid JSON ({error}); is it truncated?", path
+        ) from None
+    return lineage_from_json(data, path)
+
+
+def lineage_from_json(data: Any, path: str | os.PathLike[str] | None = None) -> Lineage:
+    """The ``Lineage`` a JSON record (as :func:`lineage_to_json` makes) describes, checked."""
+    return _Reader(path).lineage(data)
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Reader:
+    """Checks a lineage record field by field; every error names the file and the field."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.count: int | None = None
+        """How many models the record names (indices are checked against it), once known."""
+
+    def fail(self, message: str) -> LineageError:
+        where = "lineage" if self.path is None else f"the lineage file {self.path}"
+        return LineageError(f"{where}: {message}", self.path)
+
+    def expect(self, ok: bool, where: str, wanted: str, value: Any) -> None:
+        if not ok:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise self.fail(f"{where} must be {wanted}, got {shown}.")
+
+    def mapping(self, value: Any, where: str) -> dict[str, Any]:
+        self.expect(isinstance(value, dict), where, "an object", value)
+        return value
+
+    def string(self, value: Any, where: str, optional: bool = False) -> str | None:
+        ok = isinstance(value, str) or (optional and value is None)
+        self.expect(ok, where, "a string" + (" or null" if optional else ""), value)
+        return value
+
+    def index(self, value: Any, where: str) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        self.expect(ok, where, "a model index (an int >= 0)", value)
+        if self.count is not None and value >= self.count:
+            raise self.fail(f"{where} is model {value}, but the lineage records {self.count}.")
+        return value
+
+    def number(self, value: Any, where: str) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        self.expect(ok, where, "a number", value)
+        return value
+
+    def dtype(self, value: Any, where: str) -> torch.dtype | None:
+        if value is None:
+            return None
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        ok = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        self.expect(ok, where, 'a floating dtype name such as "float64", or null', value)
+        return dtype
+
+    def lineage(self, data: Any) -> Lineage:
+        if not isinstance(data, dict):
+            raise self.fail(f"expected a JSON object, got {type(data).__name__}.")
+        if "schema" not in data:
+            raise self.fail('no "schema" field; it is not a terge lineage file.')
+        if data["schema"] != SCHEMA:
+            from . import __version__
+
+            raise self.fail(
+                f"schema {json.dumps(data['schema'])} is not one this terge ({__version__}) "
+                f"reads (schema {SCHEMA}); a newer terge may read it."
+            )
+        models = self.models(data.get("models"))
+        self.count = len(models) or None
+        unused = self.mapping(data.get("unused", {}), "unused")
+        lineage = Lineage(
+            {
+                name: self.entry(entry, f"merged[{json.dumps(name)}]")
+                for name, entry in self.mapping(data.get("merged"), "merged").items()
+            },
+            self.names(data.get("skipped", {}), "skipped"),
+            self.names(data.get("tied", {}), "tied"),
+            {
+                name: self.indices(value, f"unused[{json.dumps(name)}]")
+                for name, value in unused.items()
+            },
+            models=models,
+            base=self.base(data.get("base")),
+            dtype=self.dtype(data.get("dtype"), "dtype"),
+            out_dtype=self.dtype(data.get("out_dtype"), "out_dtype"),
+            terge_version=self.string(data.get("terge_version"), "terge_version", True),
+            torch_version=self.string(data.get("torch_version"), "torch_version", True),
+            digests=self.digests(data.get("digests")),
+        )
+        stray = [name for name in lineage.digests or {} if name not in lineage]
+        if stray:
+            raise self.fail(f"digests[{json.dumps(stray[0])}] is for a tensor not merged.")
+        return lineage
+
+    def names(self, value: Any, where: str) -> dict[str, str]:
+        mapping = self.mapping(value, where)
+        for name, text in mapping.items():
+            self.string(text, f"{where}[{json.dumps(name)}]")
+        return dict(mapping)
+
+    def indices(self, value: Any, where: str) -> list[int]:
+        self.expect(isinstance(value, list), where, "a list of model indices", value)
+        return [self.index(item, f"{where}[{i}]") for i, item in enumerate(value)]
+
+    def entry(self, value: Any, where: str) -> LineageEntry:
+        entry = self.mapping(value, where)
+        method = self.string(entry.get("method"), f"{where}.method")
+        pairs = entry.get("contributions")
+        self.expect(isinstance(pairs, list), f"{where}.contributions", "a list", pairs)
+        contributions = [
+            self.pair(pair, f"{where}.contributions[{i}]") for i, pair in enumerate(pairs)
+        ]
+        settings = self.mapping(entry.get("settings", {}), f"{where}.settings")
+        coefficients = entry.get("coefficients")
+        if coefficients is not None:
+            ok = isinstance(coefficients, list) and len(coefficients) == len(contributions)
+            self.expect(ok, f"{where}.coefficients", "one number per contribution", coefficients)
+            for i, number in enumerate(coefficients):
+                self.number(number, f"{where}.coefficients[{i}]")
+        divisor = entry.get("divisor")
+        if divisor is not None:
+            self.number(divisor, f"{where}.divisor")
+        custom = entry.get("custom", False)
+        self.expect(isinstance(custom, bool), f"{where}.custom", "true or false", custom)
+        return LineageEntry(
+            method,  # type: ignore[arg-type]
+            contributions,
+            settings,
+            coefficients=coefficients,
+            divisor=divisor,
+            custom=custom,
+        )
+
+    def pair(self, value: Any, where: str) -> tuple[int, float]:
+        ok = isinstance(value, list) and len(value) == 2
+        self.expect(ok, where, "[model_index, weight]", value)
+        return (self.index(value[0], f"{where}[0]"), self.number(value[1], f"{where}[1]"))
+
+    def model(self, value: Any, where: str, separate: bool = False) -> ModelRecord:
+        record = self.mapping(value, where)
+        index = record.get("index")
+        if not (separate and index == SEPARATE):
+            ok = isinstance(index, int) and not isinstance(index, bool) and index >= 0
+            wanted = 'a model index or "separate"' if separate else "a model index"
+            self.expect(ok, f"{where}.index", wanted, index)
+        kind = record.get("kind")
+        self.expect(kind in KINDS, f"{where}.kind", " or ".join(map(json.dumps, KINDS)), kind)
+        path = self.string(record.get("path"), f"{where}.path", optional=True)
+        return ModelRecord(index, kind, path)  # type: ignore[arg-type]
+
+    def models(self, value: Any) -> tuple[ModelRecord, ...]:
+        if value is None:
+            return ()
+        self.expect(isinstance(value, list), "models", "a list", value)
+        records = tuple(self.model(item, f"models[{i}]") for i, item in enumerate(value))
+        for i, record in enumerate(records):
+            if record.index != i:
+                raise self.fail(f"models[{i}].index is {record.index}; it must be {i}.")
+        return records
+
+    def base(self, value: Any) -> ModelRecord | None:
+        if value is None:
+            return None
+        record = self.model(value, "base", separate=True)
+        if record.index != SEPARATE and self.count is not None and record.index >= self.count:
+            raise self.fail(
+                f"base.index is {record.index}, but the lineage records {self.count} models."
+            )
+        return record
+
+    def digest(self, value: Any, where: str) -> str:
+        ok = isinstance(value, str) and _HEX64.fullmatch(value) is not None
+        self.expect(ok, where, "a SHA-256 digest (64 hex digits)", value)
+        return value
+
+    def digests(self, value: Any) -> dict[str, TensorDigests] | None:
+        if value is None:
+            return None
+        result = {}
+        for name, item in self.mapping(value, "digests").items():
+            where = f"digests[{json.dumps(name)}]"
+            record = self.mapping(item, where)
+            models = {}
+            for key, digest in self.mapping(record.get("models", {}), f"{where}.models").items():
+                ok = key.isdigit()
+                self.expect(ok, f"{where}.models key", "a model index", key)
+                index = self.index(int(key), f"{where}.models key")
+                models[index] = self.digest(digest, f"{where}.models[{json.dumps(key)}]")
+            base = record.get("base")
+            result[name] = TensorDigests(
+                self.digest(record.get("output"), f"{where}.output"),
+                models,
+                None if base is None else self.digest(base, f"{where}.base"),
+            )
+        return result

@@ -12,9 +12,11 @@ from typing import Any, Union
 
 import torch
 
+from .audit import DigestRecorder
 from .checkpoints import parse_size
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning
 from .execute import destinations, execute
+from .lineage import SEPARATE, ModelRecord
 from .output import write_merge
 from .plan import build_plan, check_seed
 from .sources import FileSource, Source, as_source, is_path
@@ -42,6 +44,8 @@ def merge(
     out_dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    digests: bool = False,
+    dry_run: bool = False,
 ) -> Any:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -70,7 +74,8 @@ def merge(
             otherwise ``base`` is copied once and no input is modified.
         dtype: the floating-point dtype the merge accumulates in.
         lineage: also return a ``Lineage``: ``{name: (method, [(model_index, weight), ...])}``,
-            with the tensors left alone and why in ``.skipped``.
+            with the tensors left alone and why in ``.skipped``, and the models, base, dtypes
+            and versions as attributes (``terge.save_lineage`` writes it as JSON).
         progress: show a tqdm progress bar over the parameters actually merged.
         normalize: divide each parameter's weights by their sum (``False`` uses them as given,
             so ``weights=[1, 1, -1]`` writes ``a + b - c``).
@@ -90,12 +95,18 @@ def merge(
             ``config.json``'s ``torch_dtype`` is updated.
         max_shard_size: with ``out``, the most bytes per shard (an int, or ``'2GB'``, ``'2GiB'``).
         overwrite: with ``out``, replace an existing ``out`` (only once the merge succeeded).
+        digests: record in the lineage the SHA-256 of every merged tensor as written and of
+            every tensor it was computed from (``lineage.digests``), for ``terge lineage diff``
+            and ``verify``. Needs ``lineage=True`` or ``out``.
+        dry_run: only plan: return the ``Lineage`` of what the call would do (whatever
+            ``lineage`` says), reading names, shapes and dtypes but no tensor, and writing
+            nothing.
 
     Returns:
         The merged model (the base itself when ``inplace``; a state dict when the base is one,
         or is a path: then the tensors left alone are copy-on-write views of its file), or the
         output folder as a ``pathlib.Path`` when ``out`` is given; ``(result, lineage)`` when
-        ``lineage=True``.
+        ``lineage=True``; the lineage alone with ``dry_run=True``.
 
     Example:
         >>> import torch, terge
@@ -106,6 +117,7 @@ def merge(
     """
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
     seed = check_seed(seed)
+    _check_audit(digests, dry_run, lineage, out)
     with contextlib.ExitStack() as opened:
         sources, base_index, base_source = _sources(models, base, buffers, opened)
         if inplace and isinstance(base_source, FileSource):
@@ -127,6 +139,12 @@ def merge(
             normalize=normalize,
             seed=seed,
         )
+        record = plan.lineage(
+            **_provenance(sources, base_source, base_index, dtype, _out_dtype(out_dtype))
+        )
+        if dry_run:
+            return record
+        hook = DigestRecorder(sources, base_source, base_index) if digests else None
         if target is not None:
             result: Any = write_merge(
                 plan,
@@ -138,15 +156,14 @@ def merge(
                 overwrite=overwrite,
                 dtype=dtype,
                 progress=progress,
-                record={
-                    "models": [source.label for source in sources],
-                    "base": base_source.label if base_index is None else base_index,
-                    "dtype": dtype,
-                },
+                lineage=record,
+                hook=hook,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
-            execute(plan.steps, sources, base_source, outputs.__getitem__, dtype, progress)
+            execute(plan.steps, sources, base_source, outputs.__getitem__, dtype, progress, hook)
+            if hook is not None:
+                record.digests = hook.digests
     if not plan.steps:
         warnings.warn(
             "Of all the models and desired parameters passed to `merge()`, none of them share "
@@ -157,7 +174,50 @@ def merge(
             NoParametersToMergeWarning,
             stacklevel=2,
         )
-    return (result, plan.lineage()) if lineage else result
+    return (result, record) if lineage else result
+
+
+def _check_audit(digests: Any, dry_run: Any, lineage: Any, out: Any) -> None:
+    """``digests`` and ``dry_run`` are flags; digests need a lineage to go into, and tensors."""
+    for name, value in (("digests", digests), ("dry_run", dry_run)):
+        if not isinstance(value, bool):
+            raise MergeArgumentError(f"`{name}` must be True or False; got {value!r}.")
+    if digests and dry_run:
+        raise MergeArgumentError(
+            "digests=True hashes the merged tensors, which a dry run never computes; drop one."
+        )
+    if digests and not lineage and out is None:
+        raise MergeArgumentError(
+            "digests=True records digests in the lineage; pass lineage=True (or out=, whose "
+            "lineage.json holds them)."
+        )
+
+
+def _provenance(
+    sources: Sequence[Source],
+    base: Source,
+    base_index: int | None,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """What a lineage records besides the plan: models, base, dtypes, versions."""
+    from . import __version__
+
+    models = tuple(ModelRecord(i, s.kind, _path_of(s)) for i, s in enumerate(sources))
+    return {
+        "models": models,
+        "base": models[base_index]
+        if base_index is not None
+        else ModelRecord(SEPARATE, base.kind, _path_of(base)),
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+        "terge_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _path_of(source: Source) -> str | None:
+    return os.fspath(source.path) if isinstance(source, FileSource) else None
 
 
 def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:

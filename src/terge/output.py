@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
+from .audit import DigestRecorder
 from .checkpoints import _SAFETENSORS_DTYPES, CheckpointError, ShardedWriter, TensorInfo
 from .errors import MetaTensorError
 from .execute import execute
 from .kernels import ChunkBuffers, store_whole
-from .lineage import lineage_to_json
+from .lineage import Lineage, lineage_text
 from .plan import Plan
 from .sources import Entry, FileSource, ModuleSource, Source, view_key
 
@@ -311,20 +312,21 @@ def write_merge(
     overwrite: bool,
     dtype: torch.dtype,
     progress: bool,
-    record: Mapping[str, Any],
+    lineage: Lineage,
+    hook: DigestRecorder | None = None,
 ) -> Path:
     """Stream the merge described by ``plan`` into a safetensors folder at ``out``.
 
     Every tensor of the base is written once (tied names under the first): merged tensors
     computed in place, the others copied from the base, floats cast to ``out_dtype`` rounded
     once. The base folder's config and tokenizer files are copied (``config.json``'s dtype
-    updated), and the lineage is written as ``lineage.json``. The target and every layout is
+    updated), and ``lineage`` (the plan's, with the tied names written once and, with a ``hook``,
+    the digests of the tensors as written) as ``lineage.json``. The target and every layout is
     checked before the first tensor is computed; on any error nothing is left behind.
     """
     layout, aliases, place, tensor_of = _lay_out(plan, base, out_dtype)
     steps = [step for step in plan.steps if step.name in place]
 
-    lineage = plan.lineage()
     lineage.tied.update(aliases)
     summary = {
         "merged": dict(Counter(entry[0] for entry in lineage.values())),
@@ -354,13 +356,22 @@ def write_merge(
             config = _config_with_dtype(folder, out_dtype)
             if config is not None:
                 writer.write_text("config.json", config)
-        execute(steps, sources, base, lambda name: writer.destination(place[name]), dtype, progress)
+        execute(
+            steps,
+            sources,
+            base,
+            lambda name: writer.destination(place[name]),
+            dtype,
+            progress,
+            hook,
+        )
         computed = set(place.values())
         buffers = ChunkBuffers(dtype)
         with torch.no_grad():
             for name in layout:
                 if name not in computed:  # copied, each float rounded once if cast
                     store_whole(writer.destination(name), tensor_of(name).detach(), buffers)
-        data = lineage_to_json(lineage, **record, out_dtype=out_dtype, terge_version=__version__)
-        writer.write_text(LINEAGE_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if hook is not None:
+            lineage.digests = hook.digests
+        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
     return writer.path

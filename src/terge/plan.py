@@ -7,6 +7,7 @@ modified. The lineage map is the plan, recorded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .errors import (
 from .layers import layer_index
 from .layerwise import ByLayer, count_layers
 from .lineage import Lineage, LineageEntry
-from .methods import Method, resolve
+from .methods import REGISTRY, Method, resolve
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
 from .sources import Source
 
@@ -48,10 +49,19 @@ class Step:
     integer weights exact (``(a + b + c) / 3`` rather than ``a/3 + b/3 + c/3``)."""
 
     def lineage_entry(self) -> LineageEntry:
+        """The step as recorded: enough to recompute it bit for bit (see ``terge.audit``)."""
         settings = dict(self.method.settings)
         if self.method.random:
             settings["seed"] = self.seed
-        return LineageEntry(self.method.name, list(zip(self.contributors, self.weights)), settings)
+        streaming = self.method.streaming
+        return LineageEntry(
+            self.method.name,
+            list(zip(self.contributors, self.weights)),
+            settings,
+            coefficients=self.coefficients if streaming else None,
+            divisor=self.divisor if streaming else None,
+            custom=not is_registered(self.method),
+        )
 
 
 @dataclass(frozen=True)
@@ -63,13 +73,34 @@ class Plan:
     tied: Mapping[str, str] = field(default_factory=dict)
     unused: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def lineage(self) -> Lineage:
+    def lineage(self, **record: Any) -> Lineage:
+        """The plan as a ``Lineage``; ``record`` sets its other attributes (models, dtypes...)."""
         return Lineage(
             {step.name: step.lineage_entry() for step in self.steps},
             self.skipped,
             self.tied,
             {name: list(models) for name, models in self.unused.items()},
+            **record,
         )
+
+
+@functools.cache
+def _registered_function(name: str) -> Any:
+    info = REGISTRY.get(name)
+    return None if info is None else _function_key(info.factory().function)
+
+
+def _function_key(function: Any) -> Any:
+    """What identifies a method's function: a ``partial``'s function and keywords, or itself."""
+    if isinstance(function, functools.partial):
+        return (function.func, tuple(sorted(function.keywords.items())))
+    return function
+
+
+def is_registered(method: Method) -> bool:
+    """Whether ``method`` is the registry's method of its name (else a user's own function)."""
+    key = _registered_function(method.name)
+    return key is not None and key == _function_key(method.function)
 
 
 WeightVector = torch.Tensor | tuple[Any, ...]

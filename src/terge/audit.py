@@ -1,0 +1,547 @@
+"""Lineage audits: digests of what was merged, and reading a lineage back against the models.
+
+``merge(..., digests=True)`` records, through :class:`DigestRecorder`, the SHA-256 of every merged
+tensor as written and of every tensor it was computed from. :func:`diff_lineages` says what
+changed between two lineages, :func:`verify_lineage` recomputes every merged tensor from the
+models (one at a time) and checks it against a merged checkpoint, and :func:`summary` is the
+readable account ``terge lineage show`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import CheckpointReader, open_checkpoint
+from .errors import LineageError, TergeError
+from .execute import run_step
+from .kernels import ChunkBuffers
+from .lineage import SEPARATE, Lineage, ModelRecord, TensorDigests, dtype_name
+from .methods import REGISTRY, Method
+from .plan import Step
+from .sources import FileSource, Source
+
+DIGEST_CHUNK = 1 << 24
+"""Bytes hashed (and, for a tensor on an accelerator, copied to the CPU) at a time."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of a tensor's bytes as stored: its dtype, row-major, little-endian.
+
+    Computed chunk by chunk: a tensor on an accelerator is copied to the CPU 16 MiB at a time,
+    and a non-contiguous one is made contiguous (on its device) first.
+    """
+    flat = tensor.detach().reshape(-1)
+    digest = hashlib.sha256()
+    if flat.numel() == 0:
+        return digest.hexdigest()
+    raw = flat.view(torch.uint8)
+    unit = flat.element_size() // (2 if flat.dtype.is_complex else 1)
+    for start in range(0, raw.numel(), DIGEST_CHUNK):
+        piece = raw[start : start + DIGEST_CHUNK]
+        if piece.device.type != "cpu":
+            piece = piece.cpu()
+        if sys.byteorder == "big" and unit > 1:  # hash the little-endian bytes everywhere
+            piece = piece.view(-1, unit).flip(1).reshape(-1)
+        digest.update(piece.numpy())
+    return digest.hexdigest()
+
+
+class DigestRecorder:
+    """A step hook (see :func:`terge.execute.execute`) that records each step's digests.
+
+    The inputs are hashed before the step runs, so an in-place merge hashes the base as it was.
+    """
+
+    def __init__(self, sources: Sequence[Source], base: Source, base_index: int | None) -> None:
+        self.sources = sources
+        self.base = base
+        self.base_index = base_index
+        self.digests: dict[str, TensorDigests] = {}
+        self._inputs: tuple[dict[int, str], str | None] = ({}, None)
+
+    def before(self, step: Step) -> None:
+        models = {i: tensor_digest(self.sources[i].get(step.name)) for i in step.contributors}
+        base = None
+        if step.uses_base:
+            if self.base_index is None:
+                base = tensor_digest(self.base.get(step.name))
+            elif self.base_index not in models:
+                models[self.base_index] = tensor_digest(self.base.get(step.name))
+        self._inputs = (dict(sorted(models.items())), base)
+
+    def after(self, step: Step, written: torch.Tensor) -> None:
+        models, base = self._inputs
+        self.digests[step.name] = TensorDigests(tensor_digest(written), models, base)
+
+
+# --- diff -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LineageDiff:
+    """What differs between two lineages: ``changes`` (the merge differs) and ``notes``
+    (versions: worth a look, but the merge may be the same)."""
+
+    changes: list[str]
+    notes: list[str]
+
+
+def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
+    """Every difference between ``old`` and ``new``, one readable line each.
+
+    A weight counts as changed when it moved by more than ``atol`` (default 0: exactly);
+    everything else is compared exactly. Digests are compared where both lineages have them.
+    """
+    per_name: dict[str, list[str]] = {}
+    for name in list(old) + [name for name in new if name not in old]:
+        per_name[name] = _entry_changes(name, old, new, atol)
+    for attribute in ("skipped", "tied", "unused"):
+        for name, line in _map_changes(attribute, old, new):
+            per_name.setdefault(name, []).append(line)
+    for name, line in _digest_changes(old, new):
+        per_name.setdefault(name, []).append(line)
+    changes = _record_changes(old, new) + [line for lines in per_name.values() for line in lines]
+    notes = [
+        f"{field} {getattr(old, field)} -> {getattr(new, field)}"
+        for field in ("terge_version", "torch_version")
+        if getattr(old, field) != getattr(new, field)
+    ]
+    if (old.digests is None) != (new.digests is None):
+        which = "the old" if new.digests is None else "the new"
+        notes.append(f"only {which} lineage has digests; they were not compared")
+    return LineageDiff(changes, notes)
+
+
+def _model_text(record: ModelRecord | None) -> str:
+    if record is None:
+        return "not recorded"
+    index = "separate" if record.index == SEPARATE else f"models[{record.index}]"
+    return f"{index}, {record.kind}" + ("" if record.path is None else f" {record.path}")
+
+
+def _record_changes(old: Lineage, new: Lineage) -> list[str]:
+    changes = [
+        f"~ {field}: {dtype_name(getattr(old, field))} -> {dtype_name(getattr(new, field))}"
+        for field in ("dtype", "out_dtype")
+        if getattr(old, field) != getattr(new, field)
+    ]
+    if old.base != new.base:
+        changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
+    for i in range(max(len(old.models), len(new.models))):
+        before = old.models[i] if i < len(old.models) else None
+        after = new.models[i] if i < len(new.models) else None
+        if before is None:
+            changes.append(f"+ models[{i}]: {_model_text(after)}")
+        elif after is None:
+            changes.append(f"- models[{i}]: {_model_text(before)}")
+        elif before != after:
+            changes.append(f"~ models[{i}]: {_model_text(before)} -> {_model_text(after)}")
+    return changes
+
+
+def _how(entry: Any) -> str:
+    """``ties (density=0.3, scale=1.0) of models 0: 0.5, 1: 0.5``."""
+    settings = getattr(entry, "settings", {})
+    shown = f" ({_settings_text(settings)})" if settings else ""
+    weights = ", ".join(f"{index}: {weight!r}" for index, weight in entry[1])
+    return f"{entry[0]}{shown} of models {weights}"
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in settings.items())
+
+
+def _entry_changes(name: str, old: Lineage, new: Lineage, atol: float) -> list[str]:
+    if name not in new:
+        now = f"now {new.skipped[name]}" if name in new.skipped else "not in the new lineage"
+        return [f"- {name}: no longer merged ({now}); was {_how(old[name])}"]
+    if name not in old:
+        was = f"was {old.skipped[name]}" if name in old.skipped else "not in the old lineage"
+        return [f"+ {name}: now merged ({was}): {_how(new[name])}"]
+    before, after = old[name], new[name]
+    changes = []
+    if before[0] != after[0]:
+        changes.append(f"~ {name}: method {before[0]} -> {after[0]}")
+    settings_old = getattr(before, "settings", {})
+    settings_new = getattr(after, "settings", {})
+    for key in list(settings_old) + [k for k in settings_new if k not in settings_old]:
+        was, now = settings_old.get(key, "unset"), settings_new.get(key, "unset")
+        if was != now:
+            changes.append(f"~ {name}: setting {key} {was!r} -> {now!r}")
+    contributors_old = [index for index, _ in before[1]]
+    contributors_new = [index for index, _ in after[1]]
+    if contributors_old != contributors_new:
+        changes.append(f"~ {name}: contributors models {contributors_old} -> {contributors_new}")
+        return changes
+    for (index, was), (_, now) in zip(before[1], after[1]):
+        if not abs(now - was) <= atol:
+            changes.append(f"~ {name}: models[{index}] weight {was!r} -> {now!r}")
+    return changes
+
+
+def _map_changes(attribute: str, old: Lineage, new: Lineage) -> list[tuple[str, str]]:
+    """Changes in ``skipped``, ``tied`` or ``unused``; a tensor that moved between merged and
+    skipped is reported once, by :func:`_entry_changes`."""
+    before, after = getattr(old, attribute), getattr(new, attribute)
+    moved = set(old) ^ set(new)
+    changes = []
+    for name in list(before) + [n for n in after if n not in before]:
+        if attribute == "skipped" and name in moved:
+            continue
+        was, now = before.get(name), after.get(name)
+        if was == now:
+            continue
+        if was is None:
+            changes.append((name, f"+ {name}: {attribute} ({now})"))
+        elif now is None:
+            changes.append((name, f"- {name}: no longer {attribute} (was {was})"))
+        else:
+            changes.append((name, f"~ {name}: {attribute} {was} -> {now}"))
+    return changes
+
+
+def _digest_changes(old: Lineage, new: Lineage) -> list[tuple[str, str]]:
+    if old.digests is None or new.digests is None:
+        return []
+    changes = []
+    for name, before in old.digests.items():
+        after = new.digests.get(name)
+        if after is None:
+            continue
+        if before.output != after.output:
+            changes.append((name, f"~ {name}: the merged tensor changed (output digest differs)"))
+        for index in sorted(set(before.models) & set(after.models)):
+            if before.models[index] != after.models[index]:
+                changes.append(
+                    (name, f"~ {name}: models[{index}]'s tensor changed (digest differs)")
+                )
+        if before.base is not None and after.base is not None and before.base != after.base:
+            changes.append((name, f"~ {name}: the base's tensor changed (digest differs)"))
+    return changes
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+
+def verify_lineage(
+    lineage: Lineage,
+    merged: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    *,
+    source: str | os.PathLike[str] | None = None,
+) -> list[tuple[str, str]]:
+    """Recompute every merged tensor as ``lineage`` says and compare it with ``merged``'s.
+
+    The models are read from the paths the lineage records, or from ``models`` (one per model,
+    in index order) and ``base`` (a separate base); only the models the merge read are opened.
+    Tensors are recomputed one at a time with terge's own methods and kernels, so memory stays
+    at about one tensor. Returns ``(name, problem)`` for each tensor that does not match, bit for
+    bit (and where digests are recorded, for each model whose tensor is not the one merged);
+    empty when all match. Raises :class:`LineageError` (naming ``source``, the lineage file)
+    when the lineage cannot be checked: models not found, tensors the checkpoint or a model lacks.
+    """
+    check = _Checker(lineage, source)
+    paths, base_path = check.model_paths(models, base)
+    with contextlib.ExitStack() as opened:
+        reader = opened.enter_context(open_checkpoint(merged))
+        check.names_in(reader, merged)
+        sources: dict[int, Source] = {}
+        for index, path in paths.items():
+            sources[index] = FileSource(path)
+            opened.callback(sources[index].close)
+        base_source = None
+        if base_path is not None:
+            base_source = FileSource(base_path)
+            opened.callback(base_source.close)
+        elif isinstance(check.base_index, int) and check.base_index in sources:
+            base_source = sources[check.base_index]
+        buffers = ChunkBuffers(lineage.dtype or torch.float64)
+        problems: list[tuple[str, str]] = []
+        for name, entry in lineage.items():
+            found = check.tensor(name, entry, reader, sources, base_source, buffers)
+            problems += [(name, problem) for problem in found]
+        return problems
+
+
+class _Checker:
+    """What ``verify_lineage`` needs to know about the lineage, checked as it is needed."""
+
+    def __init__(self, lineage: Lineage, source: str | os.PathLike[str] | None) -> None:
+        self.lineage = lineage
+        self.source = None if source is None else Path(source)
+        self.base_index = None if lineage.base is None else lineage.base.index
+        self.methods = {name: self.method(name, entry) for name, entry in lineage.items()}
+
+    def fail(self, message: str) -> LineageError:
+        where = "lineage" if self.source is None else f"the lineage file {self.source}"
+        return LineageError(f"{where}: {message}", self.source)
+
+    def method(self, name: str, entry: Any) -> Method | None:
+        """The registry's method as the entry configures it; ``None`` for a custom one."""
+        info = REGISTRY.get(entry[0])
+        if getattr(entry, "custom", False) or info is None:
+            return None
+        settings = dict(getattr(entry, "settings", {}))
+        settings.pop("seed", None)
+        try:
+            method = info.factory(**settings)
+        except (TypeError, TergeError) as error:
+            raise self.fail(
+                f"the settings of {name!r} ({_settings_text(settings)}) do not configure "
+                f"{entry[0]}: {error}"
+            ) from None
+        if method.random and not isinstance(entry.settings.get("seed"), int):
+            raise self.fail(f"{name!r} was merged by {entry[0]}, which is random, but no seed.")
+        return method
+
+    def needed(self) -> set[int | str]:
+        """The models the merge read: contributors, and the base where a method read it."""
+        needed: set[int | str] = set()
+        for name, entry in self.lineage.items():
+            needed.update(index for index, _ in entry[1])
+            method = self.methods[name]
+            if method is not None and (method.task_vectors or method.needs_base):
+                if self.base_index is None:
+                    raise self.fail(f"{name!r} was merged with a base, but no base is recorded.")
+                needed.add(self.base_index)
+        return needed
+
+    def model_paths(
+        self,
+        models: Sequence[str | os.PathLike[str]] | None,
+        base: str | os.PathLike[str] | None,
+    ) -> tuple[dict[int, Path], Path | None]:
+        records = self.lineage.models
+        if models is not None and records and len(models) != len(records):
+            raise self.fail(
+                f"it records {len(records)} models but {len(models)} paths were given; give "
+                "one path per model, in index order."
+            )
+        paths: dict[int, Path] = {}
+        base_path = None
+        for index in sorted(self.needed(), key=str):
+            if index == SEPARATE:
+                base_path = self.path_of(self.lineage.base, base, "--base")
+            elif models is not None:
+                if index >= len(models):
+                    raise self.fail(f"models[{index}] contributed but only {len(models)} given.")
+                paths[index] = Path(models[index]).expanduser()
+            else:
+                record = records[index] if index < len(records) else None
+                paths[index] = self.path_of(record, None, "--models")
+        return paths, base_path
+
+    def path_of(
+        self, record: ModelRecord | None, given: str | os.PathLike[str] | None, option: str
+    ) -> Path:
+        if given is not None:
+            return Path(given).expanduser()
+        if record is None:
+            raise self.fail(f"it does not record where the models were read from; give {option}.")
+        if record.path is None:
+            raise self.fail(
+                f"{record.describe()} was not read from disk, so it cannot be read again; give "
+                f"its checkpoint with {option}."
+            )
+        return Path(record.path)
+
+    def names_in(self, reader: CheckpointReader, merged: str | os.PathLike[str]) -> None:
+        missing = [name for name in self.lineage if name not in reader]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise self.fail(
+                f"it names {len(missing)} merged tensors that the checkpoint {merged} lacks "
+                f"({shown}); is it the right checkpoint?"
+            )
+
+    def tensor(
+        self,
+        name: str,
+        entry: Any,
+        reader: CheckpointReader,
+        sources: Mapping[int, Source],
+        base: Source | None,
+        buffers: ChunkBuffers,
+    ) -> list[str]:
+        """The problems with one merged tensor (none: it is what the lineage says)."""
+        info = reader.info(name)
+        problems = []
+        out_dtype = self.lineage.out_dtype
+        if out_dtype is not None and info.dtype != out_dtype:
+            problems.append(
+                f"the checkpoint holds {dtype_name(info.dtype)}, not {dtype_name(out_dtype)}"
+            )
+        digests = (self.lineage.digests or {}).get(name)
+        written = tensor_digest(reader.view(name))
+        if digests is not None:
+            problems += self.sources_changed(name, digests, sources, base)
+            if written != digests.output:
+                problems.append("the checkpoint's tensor is not the one merged (digest differs)")
+        method = self.methods[name]
+        if method is None:
+            return [*problems, f"made by the custom method {entry[0]!r}; cannot be recomputed"]
+        step = self.step(name, entry, method, info.shape, sources, base)
+        result = torch.empty(info.shape, dtype=info.dtype)
+        with torch.no_grad():
+            run_step(step, sources, base, result, buffers)  # type: ignore[arg-type]
+        recomputed = tensor_digest(result)
+        del result
+        if recomputed != written:
+            problems.append("the checkpoint's tensor differs from the recomputed one")
+        elif digests is not None and recomputed != digests.output:
+            problems.append("recomputing gives another tensor than the one recorded")
+        return problems
+
+    def sources_changed(
+        self, name: str, digests: TensorDigests, sources: Mapping[int, Source], base: Source | None
+    ) -> list[str]:
+        problems = []
+        for index, digest in digests.models.items():
+            if index in sources and tensor_digest(sources[index].get(name)) != digest:
+                problems.append(f"models[{index}]'s tensor is not the one merged (digest differs)")
+        recorded = digests.base
+        if recorded is not None and base is not None and tensor_digest(base.get(name)) != recorded:
+            problems.append("the base's tensor is not the one merged (digest differs)")
+        return problems
+
+    def step(
+        self,
+        name: str,
+        entry: Any,
+        method: Method,
+        shape: torch.Size,
+        sources: Mapping[int, Source],
+        base: Source | None,
+    ) -> Step:
+        contributors = tuple(index for index, _ in entry[1])
+        holders = [(i, sources[i]) for i in contributors]
+        uses_base = method.task_vectors or method.needs_base
+        if uses_base and base is not None:
+            holders.append((self.base_index, base))  # type: ignore[arg-type]
+        for index, source in holders:
+            if not source.holds(name, shape):
+                where = "the base" if index == SEPARATE else f"models[{index}]"
+                has = source.entries.get(name)
+                found = "no such tensor" if has is None else f"shape {tuple(has.shape)}"
+                raise self.fail(
+                    f"{name!r} (shape {tuple(shape)} in the checkpoint) was merged from "
+                    f"{where}, but {getattr(source, 'path', where)} has {found}; are these the "
+                    "models that were merged?"
+                )
+        weights = tuple(float(weight) for _, weight in entry[1])
+        coefficients = getattr(entry, "coefficients", None)
+        return Step(
+            name=name,
+            method=method,
+            contributors=contributors,
+            weights=weights,
+            uses_base=uses_base,
+            seed=entry.settings.get("seed") if method.random else None,
+            coefficients=weights if coefficients is None else tuple(coefficients),
+            divisor=getattr(entry, "divisor", None),
+        )
+
+
+# --- show -----------------------------------------------------------------------------------------
+
+SHOWN_GROUPS = 8
+"""Groups listed per section of :func:`summary` (the most common first)."""
+SHOWN_NAMES = 3
+"""Example names per group."""
+
+
+def summary(lineage: Lineage, title: str = "lineage") -> str:
+    """A readable account of a lineage: models, dtypes, how many tensors each method and each
+    weight pattern made, what was left alone and why, and the versions."""
+    versions = f"terge {lineage.terge_version or '?'}, torch {lineage.torch_version or '?'}"
+    lines = [f"{title}: written by {versions}"]
+    lines += _models_lines(lineage)
+    written = dtype_name(lineage.out_dtype) or "each tensor's own dtype"
+    lines.append(f"accumulated in {dtype_name(lineage.dtype) or '?'}, written in {written}")
+    lines.append(f"merged: {_count(len(lineage), 'tensor')}")
+    by_method = _groups(lineage, lambda entry: _method_text(entry))
+    lines += _group_lines(by_method, "by method")
+    by_weights = _groups(lineage, lambda entry: _weights_text(entry[1]))
+    lines += _group_lines(by_weights, "by weights")
+    lines.append(f"left alone: {_count(len(lineage.skipped), 'tensor')}")
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in lineage.skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines += _group_lines(by_reason, "by reason")
+    if lineage.tied:
+        pairs = [f"{alias} -> {name}" for alias, name in lineage.tied.items()]
+        lines.append(f"tied: {_examples(pairs)}")
+    if lineage.unused:
+        lines.append(
+            f"unused: {_count(len(lineage.unused), 'tensor')} other models hold under names the "
+            f"base lacks, e.g. {_examples(list(lineage.unused))}"
+        )
+    digests = lineage.digests
+    lines.append(
+        "digests: not recorded"
+        if digests is None
+        else f"digests: recorded for {_count(len(digests), 'tensor')}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _models_lines(lineage: Lineage) -> list[str]:
+    if not lineage.models:
+        return ["models: not recorded"]
+    lines = ["models:"]
+    for record in lineage.models:
+        where = "(in memory)" if record.path is None else record.path
+        mark = "  (base)" if record == lineage.base else ""
+        lines.append(f"  {record.index:>3}  {record.kind:<10}  {where}{mark}")
+    if lineage.base is not None and lineage.base.index == SEPARATE:
+        where = "(in memory)" if lineage.base.path is None else lineage.base.path
+        lines.append(f"  base {lineage.base.kind:<10}  {where}  (separate)")
+    return lines
+
+
+def _method_text(entry: Any) -> str:
+    settings = getattr(entry, "settings", {})
+    return f"{entry[0]} ({_settings_text(settings)})" if settings else str(entry[0])
+
+
+def _weights_text(contributions: Sequence[tuple[int, float]]) -> str:
+    return "models " + ", ".join(f"{index}: {weight!r}" for index, weight in contributions)
+
+
+def _groups(lineage: Lineage, key: Any) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name, entry in lineage.items():
+        groups.setdefault(key(entry), []).append(name)
+    return groups
+
+
+def _examples(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown + (f", ... ({len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else "")
+
+
+def _group_lines(groups: Mapping[str, list[str]], heading: str) -> list[str]:
+    if not groups:
+        return []
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))  # stable: first seen first
+    width = len(str(len(ordered[0][1])))
+    lines = [f"  {heading}:"]
+    for text, names in ordered[:SHOWN_GROUPS]:
+        lines.append(f"    {len(names):>{width}}  {text}  e.g. {_examples(names)}")
+    if len(ordered) > SHOWN_GROUPS:
+        lines.append(f"    ... and {len(ordered) - SHOWN_GROUPS} more groups")
+    return lines

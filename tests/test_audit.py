@@ -1,0 +1,471 @@
+"""Lineage audits: digests, diffs, verification against checkpoints, and `terge lineage`."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import terge
+from terge import LineageError, cli, load_lineage, save_lineage
+from terge.audit import diff_lineages, summary, tensor_digest, verify_lineage
+from terge.checkpoints import save
+from terge.lineage import ModelRecord, TensorDigests
+
+
+def states(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "layers.0.weight": torch.randn(4, 3, generator=generator),
+            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
+            "norm.bias": torch.randn(3, generator=generator),
+            "steps": torch.tensor([i]),
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch) -> list[Path]:
+    """Checkpoint folders a, b, c (and a separate base p) in tmp_path, the working folder."""
+    monkeypatch.chdir(tmp_path)
+    for name, state in zip("abcp", states(4)):
+        save(state, tmp_path / name)
+    return [Path(name) for name in "abc"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tamper(folder: Path, name: str) -> None:
+    """Change one element of ``name`` in the folder's single shard."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# --- digests --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(5, 7),
+        torch.randn(5, 7).to(torch.bfloat16),
+        torch.randn(5, 7, dtype=torch.float64).t(),  # not contiguous
+        torch.tensor(2.5, dtype=torch.float16),
+        torch.zeros(0, 3),
+        torch.tensor([True, False]),
+        torch.nn.Parameter(torch.randn(3)),
+    ],
+)
+def test_a_digest_is_the_sha256_of_the_tensors_bytes(tensor):
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert tensor_digest(tensor) == hashlib.sha256(raw).hexdigest()
+
+
+def test_digests_are_hashed_in_chunks(monkeypatch):
+    tensor = torch.randn(1000)
+    whole = tensor_digest(tensor)
+    monkeypatch.setattr(terge.audit, "DIGEST_CHUNK", 24)
+    assert tensor_digest(tensor) == whole
+
+
+# --- diff -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def golden() -> terge.Lineage:
+    _, lineage = terge.merge(
+        states(),
+        method={"norm.bias": terge.methods.dare_linear(density=0.5), re.compile(".*"): "ties"},
+        weights=[1, 2, 3],
+        seed=0,
+        lineage=True,
+        digests=True,
+    )
+    return lineage
+
+
+def changes(old, new, **kwargs) -> list[str]:
+    found = diff_lineages(old, new, **kwargs)
+    return found.changes
+
+
+def test_equal_lineages_have_no_differences(golden):
+    assert diff_lineages(golden, copy.deepcopy(golden)) == terge.audit.LineageDiff([], [])
+
+
+def test_diff_names_each_change(golden):
+    new = copy.deepcopy(golden)
+    new["norm.bias"] = terge.LineageEntry("arithmetic", [(0, 0.25), (1, 0.75)])
+    new["layers.0.weight"].settings["density"] = 0.3
+    del new["layers.1.weight"]
+    new.skipped["layers.1.weight"] = "excluded"
+    new.skipped["steps"] = "excluded"
+    new.tied["x"] = "norm.bias"
+    new.dtype = torch.float32
+    new.models = (*new.models[:2], ModelRecord(2, "file", "c"))
+    new.digests["layers.0.weight"] = TensorDigests("0" * 64, {1: "1" * 64})
+    assert changes(golden, new) == [
+        "~ dtype: float64 -> float32",
+        "~ models[2]: models[2], state_dict -> models[2], file c",
+        "~ layers.0.weight: setting density 0.2 -> 0.3",
+        "~ layers.0.weight: the merged tensor changed (output digest differs)",
+        "~ layers.0.weight: models[1]'s tensor changed (digest differs)",
+        "- layers.1.weight: no longer merged (now excluded); was ties (density=0.2, scale=1.0) "
+        "of models 1: 0.4, 2: 0.6",
+        "~ norm.bias: method dare_linear -> arithmetic",
+        "~ norm.bias: setting density 0.5 -> 'unset'",
+        "~ norm.bias: setting scale 1.0 -> 'unset'",
+        "~ norm.bias: setting seed 0 -> 'unset'",
+        "~ norm.bias: contributors models [1, 2] -> [0, 1]",
+        "~ steps: skipped not floating point -> excluded",
+        "+ x: tied (norm.bias)",
+    ]
+
+
+def test_a_weight_changes_beyond_the_tolerance_only(golden):
+    new = copy.deepcopy(golden)
+    (first, weight), _ = new["norm.bias"][1]
+    new["norm.bias"][1][0] = (first, weight + 1e-9)
+    expected = [f"~ norm.bias: models[1] weight {weight!r} -> {weight + 1e-9!r}"]
+    assert changes(golden, new) == expected
+    assert changes(golden, new, atol=1e-6) == []
+
+
+def test_versions_are_notes_not_changes(golden):
+    new = copy.deepcopy(golden)
+    new.torch_version = "9.9"
+    new.digests = None
+    found = diff_lineages(golden, new)
+    assert found.changes == []
+    assert found.notes == [
+        f"torch_version {golden.torch_version} -> 9.9",
+        "only the old lineage has digests; they were not compared",
+    ]
+
+
+def test_a_newly_merged_tensor(golden):
+    new = copy.deepcopy(golden)
+    new["steps"] = terge.LineageEntry("arithmetic", [(0, 0.5), (1, 0.5)])
+    del new.skipped["steps"]
+    assert changes(golden, new) == [
+        "+ steps: now merged (was not floating point): arithmetic of models 0: 0.5, 1: 0.5"
+    ]
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+METHODS = [
+    "arithmetic",
+    "task_arithmetic",
+    terge.methods.ties(density=0.5),
+    terge.methods.dare_ties(density=0.5),
+    "breadcrumbs",
+    "model_stock",
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("digests", [False, True])
+def test_a_merge_written_to_a_folder_verifies(folders, method, digests):
+    terge.merge(folders, method=method, weights=[1, 2, 4], seed=3, out="m", digests=digests)
+    assert verify_lineage(load_lineage("m"), "m") == []
+
+
+def test_cast_output_slerp_and_a_separate_base_verify(folders):
+    terge.merge(folders[:2], method="slerp", weights=[1, 3], out="m", out_dtype="bfloat16")
+    assert verify_lineage(load_lineage("m"), "m") == []
+    terge.merge(folders[:2], base="p", method="ties", out="t", seed=1, digests=True)
+    lineage = load_lineage("t")
+    assert lineage.base == ModelRecord("separate", "file", "p")
+    assert verify_lineage(lineage, "t") == []
+
+
+def test_float32_accumulation_and_per_layer_settings_verify(folders):
+    method = terge.methods.ties(density=terge.by_layer([0.3, 0.9]))
+    terge.merge(folders, method=method, dtype=torch.float32, weights=[1, 3, 7], out="m", seed=0)
+    lineage = load_lineage("m")
+    assert lineage.dtype == torch.float32
+    assert lineage["layers.0.weight"].settings["density"] == 0.3
+    assert lineage["layers.1.weight"].settings["density"] == 0.9
+    assert verify_lineage(lineage, "m") == []
+
+
+def test_an_in_memory_merge_saved_later_verifies(folders, tmp_path):
+    merged, lineage = terge.merge(folders, weights=[3, 1, 1], lineage=True, digests=True)
+    save(merged, "saved")
+    assert verify_lineage(lineage, "saved") == []
+
+
+def test_a_tampered_checkpoint_is_named(folders):
+    _, lineage = terge.merge(folders, out="m", lineage=True)
+    tamper(Path("m"), "norm.bias")
+    assert verify_lineage(lineage, "m") == [
+        ("norm.bias", "the checkpoint's tensor differs from the recomputed one")
+    ]
+
+
+def test_with_digests_a_changed_model_and_a_tampered_checkpoint_are_told_apart(folders):
+    _, lineage = terge.merge(folders, out="m", lineage=True, digests=True)
+    tamper(Path("b"), "layers.0.weight")
+    tamper(Path("m"), "norm.bias")
+    assert verify_lineage(lineage, "m") == [
+        ("layers.0.weight", "models[1]'s tensor is not the one merged (digest differs)"),
+        ("layers.0.weight", "the checkpoint's tensor differs from the recomputed one"),
+        ("norm.bias", "the checkpoint's tensor is not the one merged (digest differs)"),
+        ("norm.bias", "the checkpoint's tensor differs from the recomputed one"),
+    ]
+
+
+def test_models_can_be_given_instead_of_the_recorded_paths(folders):
+    models = states()
+    merged, lineage = terge.merge(models, weights=[3, 1, 1], lineage=True)  # no paths
+    save(merged, "m")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(lineage, "m", source="l.json")
+    assert str(caught.value) == (
+        "the lineage file l.json: models[0] (state_dict) was not read from disk, so it cannot "
+        "be read again; give its checkpoint with --models."
+    )
+    assert verify_lineage(lineage, "m", models=folders) == []
+    swapped = verify_lineage(lineage, "m", models=[folders[1], folders[0], folders[2]])
+    assert [name for name, _ in swapped] == ["layers.0.weight", "layers.1.weight", "norm.bias"]
+    with pytest.raises(LineageError, match="records 3 models but 2 paths were given"):
+        verify_lineage(lineage, "m", models=folders[:2])
+
+
+def test_a_custom_method_cannot_be_recomputed(folders):
+    def first(tensors, weights, base):
+        return tensors[0]
+
+    _, lineage = terge.merge(folders, method=first, out="m", lineage=True)
+    problems = verify_lineage(lineage, "m")
+    assert problems[0] == (
+        "layers.0.weight",
+        f"made by the custom method {first.__qualname__!r}; cannot be recomputed",
+    )
+
+
+def test_names_the_checkpoint_or_a_model_lacks_are_bad_input(folders):
+    _, lineage = terge.merge(folders, out="m", lineage=True)
+    save({"other": torch.zeros(2)}, "wrong")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(lineage, "wrong", source="l.json")
+    assert str(caught.value) == (
+        "the lineage file l.json: it names 3 merged tensors that the checkpoint wrong lacks "
+        "('layers.0.weight', 'norm.bias', 'layers.1.weight'); is it the right checkpoint?"
+    )
+    state = states()[1]
+    del state["norm.bias"]
+    save(state, "b", overwrite=True)
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(lineage, "m")
+    assert str(caught.value) == (
+        "lineage: 'norm.bias' (shape (3,) in the checkpoint) was merged from models[1], but b "
+        "has no such tensor; are these the models that were merged?"
+    )
+
+
+def test_settings_that_configure_no_method_are_bad_input(folders):
+    _, lineage = terge.merge(folders, method="ties", out="m", lineage=True)
+    lineage["norm.bias"].settings["density"] = 2.0
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(lineage, "m")
+    assert str(caught.value) == (
+        "lineage: the settings of 'norm.bias' (density=2.0, scale=1.0) do not configure ties: "
+        "ties: density must be in (0, 1], got 2.0."
+    )
+
+
+def test_verification_reads_one_tensor_at_a_time(folders, monkeypatch):
+    _, lineage = terge.merge(folders, method="ties", out="m", lineage=True)
+    live: list[int] = []
+    peak = []
+    original = terge.audit.run_step
+
+    def counted(step, sources, base, destination, buffers):
+        live.append(1)
+        peak.append(len(live))
+        original(step, sources, base, destination, buffers)
+        live.pop()
+
+    monkeypatch.setattr(terge.audit, "run_step", counted)
+    assert verify_lineage(lineage, "m") == []
+    assert peak == [1, 1, 1]
+
+
+# --- show -----------------------------------------------------------------------------------------
+
+
+def test_show_summarises_methods_weights_and_what_was_left_alone(golden):
+    text = summary(golden, "golden.json")
+    assert text.splitlines()[0] == (
+        f"golden.json: written by terge {terge.__version__}, torch {torch.__version__}"
+    )
+    for line in (
+        "    0  state_dict  (in memory)  (base)",
+        "accumulated in float64, written in each tensor's own dtype",
+        "merged: 3 tensors",
+        "    2  ties (density=0.2, scale=1.0)  e.g. layers.0.weight, layers.1.weight",
+        "    1  dare_linear (density=0.5, scale=1.0, seed=0)  e.g. norm.bias",
+        "    3  models 1: 0.4, 2: 0.6  e.g. layers.0.weight, layers.1.weight, norm.bias",
+        "left alone: 1 tensor",
+        "    1  not floating point  e.g. steps",
+        "digests: recorded for 3 tensors",
+    ):
+        assert line in text.splitlines(), line
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def test_the_ci_recipe_end_to_end(capsys, folders):
+    merge = ["merge", "a", "b", "c", "-o", "m", "--method", "ties:density=0.5", "--seed", "0"]
+    assert run(capsys, *merge, "--digests", "--lineage", "golden.json")[0] == 0
+    assert run(capsys, *merge, "-o", "m2", "--digests", "--lineage", "new.json")[0] == 0
+    assert Path("golden.json").read_bytes() == Path("new.json").read_bytes()  # same merge
+    code, out, err = run(capsys, "lineage", "diff", "golden.json", "new.json")
+    assert (code, err) == (0, "")
+    assert out == "terge: the lineages agree (3 tensors merged, 1 left alone)\n"
+    assert run(capsys, "lineage", "verify", "golden.json", "--merged", "m") == (
+        0,
+        "terge: all 3 merged tensors match m\n",
+        "",
+    )
+
+    # A weight changes: the diff exits 1 and names it.
+    weights = ["--weights", "1,1,2", "--overwrite", "--digests", "--lineage", "new.json"]
+    assert run(capsys, *merge, "-o", "m2", *weights)[0] == 0
+    code, out, err = run(capsys, "lineage", "diff", "golden.json", "new.json")
+    assert (code, err) == (1, "")
+    assert "~ norm.bias: models[2] weight 0.5 -> 0.6666666666666666\n" in out
+    assert "~ layers.0.weight: the merged tensor changed (output digest differs)\n" in out
+    assert out.endswith("terge: golden.json and new.json differ (8 changes)\n")
+
+    # A tensor of the merged checkpoint is tampered with: verify exits 1 and names it.
+    tamper(Path("m"), "layers.0.weight")
+    code, out, err = run(capsys, "lineage", "verify", "golden.json", "--merged", "m")
+    assert (code, err) == (1, "")
+    assert out == (
+        "layers.0.weight: the checkpoint's tensor is not the one merged (digest differs)\n"
+        "layers.0.weight: the checkpoint's tensor differs from the recomputed one\n"
+        "terge: 1 of 3 merged tensors do not match\n"
+    )
+    code, out, _ = run(capsys, "lineage", "show", "m")  # a folder: its lineage.json
+    assert code == 0 and "digests: recorded for 3 tensors" in out
+
+
+def test_verify_takes_models_and_a_base(capsys, folders):
+    merged, lineage = terge.merge(
+        states()[:2], base=states(4)[3], method="ties", seed=0, lineage=True
+    )
+    save(merged, "m")
+    save_lineage(lineage, "l.json")
+    argv = ["lineage", "verify", "l.json", "--merged", "m"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err == (
+        "terge: error: the lineage file l.json: models[0] (state_dict) was not read from disk, "
+        "so it cannot be read again; give its checkpoint with --models.\n"
+    )
+    code, _, err = run(capsys, *argv, "--models", "a", "b")
+    assert code == 2
+    assert err == (
+        "terge: error: the lineage file l.json: base (state_dict) was not read from disk, so it "
+        "cannot be read again; give its checkpoint with --base.\n"
+    )
+    assert run(capsys, *argv, "--models", "a", "b", "--base", "p")[0] == 0
+    assert run(capsys, *argv, "--models", "a", "b", "--base", "c")[0] == 1
+
+
+def test_diff_tolerance(capsys, folders):
+    terge.merge(folders, out="m", lineage=True)
+    lineage = load_lineage("m")
+    save_lineage(lineage, "old.json")
+    (index, weight), *_ = lineage["norm.bias"][1]
+    lineage["norm.bias"][1][0] = (index, weight + 1e-12)
+    save_lineage(lineage, "new.json")
+    assert run(capsys, "lineage", "diff", "old.json", "new.json")[0] == 1
+    assert run(capsys, "lineage", "diff", "old.json", "new.json", "--atol", "1e-9")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["lineage", "show", "nope.json"],
+            "cannot read the lineage file nope.json: No such file or directory.",
+        ),
+        (
+            ["lineage", "diff", "truncated.json", "good.json"],
+            "the lineage file truncated.json is not valid JSON (Expecting ',' delimiter: line 1 "
+            "column 14 (char 13)); is it truncated?",
+        ),
+        (
+            ["lineage", "diff", "good.json", "future.json"],
+            f"the lineage file future.json: schema 2 is not one this terge "
+            f"({terge.__version__}) reads (schema 1); a newer terge may read it.",
+        ),
+        (
+            ["lineage", "verify", "typed.json", "--merged", "m"],
+            'the lineage file typed.json: merged["w"].contributions must be a list, got "all".',
+        ),
+        (
+            ["lineage", "verify", "good.json", "--merged", "nowhere"],
+            "nowhere does not exist; pass the path of a checkpoint file or folder.",
+        ),
+        (
+            ["lineage", "verify", "good.json", "--merged", "a"],
+            "the lineage file good.json: it names 1 merged tensors that the checkpoint a lacks "
+            "('w'); is it the right checkpoint?",
+        ),
+        (
+            ["lineage", "diff", "good.json", "good.json", "--atol", "-1"],
+            "argument --atol: must be a finite number >= 0, got '-1' (see 'terge lineage diff "
+            "--help')",
+        ),
+        (
+            ["lineage"],
+            "the following arguments are required: ACTION (see 'terge lineage --help')",
+        ),
+        (
+            ["lineage", "verify", "good.json"],
+            "the following arguments are required: --merged (see 'terge lineage verify --help')",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, folders, argv, message):
+    good = {
+        "schema": 1,
+        "merged": {"w": {"method": "arithmetic", "contributions": [[0, 1.0]]}},
+        "models": [{"index": 0, "kind": "file", "path": "a"}],
+    }
+    Path("good.json").write_text(json.dumps(good))
+    Path("truncated.json").write_text('{"schema": 1 "merged"')
+    Path("future.json").write_text(json.dumps({**good, "schema": 2}))
+    typed = {**good, "merged": {"w": {"method": "arithmetic", "contributions": "all"}}}
+    Path("typed.json").write_text(json.dumps(typed))
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == f"terge: error: {message}\n"
+
+
+def test_merge_digests_option_reaches_merge(capsys, folders):
+    assert run(capsys, "merge", "a", "b", "-o", "m", "--digests", "-q")[0] == 0
+    assert load_lineage("m").digests is not None
+    assert run(capsys, "merge", "a", "b", "-o", "n", "-q")[0] == 0
+    assert load_lineage("n").digests is None
