@@ -849,3 +849,17 @@ def test_an_error_in_one_shard_fails_the_whole_open(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors: tensor"):
         load(tmp_path / "out", included="layers.0.weight")
+
+
+def test_written_folders_get_ordinary_permissions_not_mkdtemps_private_ones(tmp_path):
+    import os
+    import stat
+
+    from terge.checkpoints import save
+
+    mask = os.umask(0o022)
+    try:
+        save({"x": torch.zeros(2)}, tmp_path / "out")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -62,6 +62,13 @@ _SIZE_FORMS = (
 )
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def parse_size(size: int | str) -> int:
     """Bytes in ``size``: an int, or a string like ``"2GB"`` (10^9) or ``"2GiB"`` (2^30).
 
@@ -712,6 +719,9 @@ class ShardedWriter:
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
+        # mkdtemp makes the folder private (0700) and the rename keeps that: give the finished
+        # folder the permissions any new folder gets here (0777 less the umask, usually 0755).
+        self._tmp.chmod(0o777 & ~_umask())
         self._state = "open"
         try:
             self._copy_files()
