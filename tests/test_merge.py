@@ -569,3 +569,16 @@ def test_tensors_only_other_models_hold_are_recorded_not_dropped_silently():
     assert lineage.unused == {"lm_head": [1, 2], "extra": [2]}
     assert lineage.skipped == {"head": "held by one model"}
     assert "unused={'lm_head': [1, 2]" in repr(lineage)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_models_on_different_devices_merge_onto_the_destinations_device():
+    torch.manual_seed(0)
+    cpu = {"x": torch.randn(1000), "y": torch.randn(10).bfloat16()}
+    gpu = {k: torch.randn_like(v.float()).to(v.dtype).cuda() for k, v in cpu.items()}
+    for base, expected_device in ((0, "cpu"), (1, "cuda")):
+        merged = terge.merge([cpu, gpu], base=base)
+        for name in cpu:
+            assert merged[name].device.type == expected_device
+            reference = terge.merge([cpu, {k: v.cpu() for k, v in gpu.items()}])[name]
+            assert torch.equal(merged[name].cpu(), reference)
