@@ -602,11 +602,19 @@ def _check_target(target: Path, inputs: Iterable[PathLike], overwrite: bool) -> 
         )
 
 
+def floating_dtype(value: object) -> torch.dtype | None:
+    """``value`` as a floating torch dtype (a name like ``'bfloat16'`` accepted), else ``None``."""
+    resolved = getattr(torch, value, None) if isinstance(value, str) else value
+    if isinstance(resolved, torch.dtype) and resolved.is_floating_point:
+        return resolved
+    return None
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, target: Path) -> torch.dtype | None:
     if dtype is None:
         return None
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    resolved = floating_dtype(dtype)
+    if resolved is None:
         raise CheckpointError(
             f"dtype {dtype!r} is not a floating torch dtype; pass e.g. torch.bfloat16, "
             "torch.float16, 'bfloat16' or 'float32' (it casts floating tensors only).",

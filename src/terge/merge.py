@@ -13,7 +13,7 @@ from typing import Any, Union
 import torch
 
 from .audit import DigestRecorder
-from .checkpoints import parse_size
+from .checkpoints import floating_dtype, parse_size
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning
 from .execute import destinations, execute
 from .lineage import SEPARATE, ModelRecord
@@ -116,6 +116,7 @@ def merge(
         ('arithmetic', [(0, 0.25), (1, 0.25), (2, 0.5)])
     """
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
+    written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
     with contextlib.ExitStack() as opened:
@@ -139,9 +140,7 @@ def merge(
             normalize=normalize,
             seed=seed,
         )
-        record = plan.lineage(
-            **_provenance(sources, base_source, base_index, dtype, _out_dtype(out_dtype))
-        )
+        record = plan.lineage(**_provenance(sources, base_source, base_index, dtype, written_dtype))
         if dry_run:
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
@@ -151,7 +150,7 @@ def merge(
                 sources,
                 base_source,
                 out=target,
-                out_dtype=_out_dtype(out_dtype),
+                out_dtype=written_dtype,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 dtype=dtype,
@@ -224,8 +223,8 @@ def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``out_dtype`` as a floating torch dtype (names like ``'bfloat16'`` accepted), or None."""
     if out_dtype is None:
         return None
-    resolved = getattr(torch, out_dtype, None) if isinstance(out_dtype, str) else out_dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    resolved = floating_dtype(out_dtype)
+    if resolved is None:
         raise MergeArgumentError(
             f"`out_dtype` must be a floating-point torch.dtype or its name (torch.bfloat16, "
             f"'float16', 'float32'); got {out_dtype!r}."
