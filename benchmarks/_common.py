@@ -347,3 +347,25 @@ def fmt_ratio(ratio: float | None, suffix: str = "x") -> str:
 
 def fmt_mib(mib: float | None) -> str:
     return "—" if mib is None else f"{mib:.0f}"
+
+
+def source_revision() -> str:
+    """The checkout's commit, marked when ``src/`` has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted changes in src/" if dirty else "")

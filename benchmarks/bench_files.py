@@ -72,6 +72,7 @@ from _common import (
     fmt_seconds,
     machine_info,
     markdown_table,
+    source_revision,
 )
 
 FILES_DIR = CACHE_DIR / "files"
@@ -537,28 +538,6 @@ def compare(
             "equal_tensors": sum(torch.equal(theirs[n], reference[n]) for n in common),
         }
     return result
-
-
-def source_revision() -> str:
-    """The checkout's commit, marked when ``src/`` has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" + uncommitted changes in src/" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------------

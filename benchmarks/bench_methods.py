@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from _common import (
     GPT2_SMALL,
     GPT2_TINY,
     MIB,
-    REPO_ROOT,
     SRC_DIR,
     build_models,
     command_line,
@@ -50,6 +48,7 @@ from _common import (
     measure,
     num_parameters,
     run_worker,
+    source_revision,
 )
 
 MODELS_FOR = {"slerp": 2}
@@ -107,28 +106,6 @@ def run_as_worker(args: argparse.Namespace) -> int:
         result = {"error": f"{type(error).__name__}: {error}"[:300]}
     emit_result(result)
     return 0
-
-
-def source_revision() -> str:
-    """The checkout's commit, marked when ``src/`` has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" + uncommitted changes in src/" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------------

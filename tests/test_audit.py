@@ -18,18 +18,7 @@ from terge.audit import diff_lineages, summary, tensor_digest, verify_lineage
 from terge.checkpoints import save
 from terge.lineage import ModelRecord, TensorDigests
 
-
-def states(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "layers.0.weight": torch.randn(4, 3, generator=generator),
-            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
-            "norm.bias": torch.randn(3, generator=generator),
-            "steps": torch.tensor([i]),
-        }
-        for i in range(count)
-    ]
+from test_lineage import states
 
 
 @pytest.fixture
