@@ -171,10 +171,11 @@ def test_module_list_of_models_is_accepted(linears):
 
 
 def accumulated(tensors, weights):
-    """The float64 accumulation in model order, as documented: w_0 x_0, then += w_i x_i, / sum."""
+    """The float64 accumulation in model order, as documented: w_0 x_0, then += (w_i x_i), / sum
+    (each product rounded before it is added: never a fused multiply-add)."""
     total = tensors[0].detach().double() * weights[0]
     for tensor, weight in zip(tensors[1:], weights[1:]):
-        total.add_(tensor.detach().double(), alpha=weight)
+        total.add_(tensor.detach().double() * weight)
     return total / torch.tensor(weights, dtype=torch.float64).sum()
 
 

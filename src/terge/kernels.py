@@ -1,15 +1,30 @@
-"""The chunked hot loop: weighted sums accumulated in a wide dtype, rounded once.
+"""The hot loop: weighted sums accumulated in a wide dtype, rounded once.
 
 Linear methods stream through cache-sized chunks: for each chunk, the accumulator (``dtype``,
-float64 by default) takes ``w_0 x_0``, then ``+= w_i x_i`` in model order, and is rounded once into
-the destination's dtype. Nothing N-wide is ever stacked; the only extra memory is the chunk buffers.
+float64 by default) takes ``w_0 x_0``, then ``+= (w_i x_i)`` in model order (the product rounded,
+then the sum: never a fused multiply-add), is divided by the divisor, and is rounded once into the
+destination's dtype. Nothing N-wide is ever stacked; the only extra memory is the chunk buffers.
+
+Two implementations compute exactly that. The plain-torch loop below is the reference and runs
+anywhere (any device, any accumulation dtype). On the CPU with float64 accumulation, the compiled
+loop in ``_fastloop.c`` does the same arithmetic in one fused pass over memory, split between the
+cores, when it was built at install; the tests check the two agree bit for bit. Setting the
+environment variable ``TERGE_KERNELS=torch`` forces the reference.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+try:
+    from . import _fastloop
+except ImportError:  # not compiled (no C compiler at install): the reference loop does the work
+    _fastloop = None  # type: ignore[assignment]
 
 CHUNK_ELEMENTS = 1 << 16
 """Elements per chunk: 512 KiB of float64, small enough to stay in L2 across the N passes."""
@@ -25,8 +40,9 @@ class ChunkBuffers:
         self.chunk = chunk
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
+    def get(self, device: torch.device, dtype: torch.dtype, role: str = "") -> torch.Tensor:
+        """The buffer for ``role`` (buffers of different roles never share memory)."""
+        key = (device, dtype, role)
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = torch.empty(self.chunk, dtype=dtype, device=device)
@@ -59,6 +75,85 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1)
 
 
+_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+"""dtype codes understood by ``_fastloop.combine``."""
+
+_MAX_FUSED_INPUTS = 64
+_PER_THREAD = 1 << 18
+"""Fewest elements worth handing to another thread (smaller tensors run in the caller's)."""
+_ALIGN = 64
+"""Thread ranges start on multiples of this many elements, so no cache line is shared."""
+
+
+def fast_loop_available() -> bool:
+    """Whether the compiled loop is built and not switched off by ``TERGE_KERNELS=torch``."""
+    return _fastloop is not None and os.environ.get("TERGE_KERNELS", "").lower() != "torch"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, torch.get_num_threads()), thread_name_prefix="terge"
+            )
+        return _pool
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype in _CODES
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+        and (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter)
+    )
+
+
+def _fused(
+    target: torch.Tensor,
+    flats: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    divisor: float | None,
+) -> None:
+    """The compiled loop over ``target``, its range split into one piece per thread."""
+    total = target.numel()
+    out_code, out_size = _CODES[target.dtype], target.element_size()
+    codes = [_CODES[f.dtype] for f in flats]
+    sizes = [f.element_size() for f in flats]
+    pointers = [f.data_ptr() for f in flats]
+    weights = [float(c) for c in coefficients]
+    divide = None if divisor is None or divisor == 1 else float(divisor)
+    workers = min(torch.get_num_threads(), max(1, total // _PER_THREAD))
+
+    def part(start: int, stop: int) -> None:
+        _fastloop.combine(
+            target.data_ptr() + start * out_size,
+            out_code,
+            stop - start,
+            [p + start * s for p, s in zip(pointers, sizes)],
+            codes,
+            weights,
+            divide,
+        )
+
+    if workers == 1:
+        part(0, total)
+        return
+    step = -(-total // workers // _ALIGN) * _ALIGN
+    bounds = [(start, min(start + step, total)) for start in range(0, total, step)]
+    pool = _threads()
+    futures = [pool.submit(part, start, stop) for start, stop in bounds[1:]]
+    part(*bounds[0])
+    for future in futures:
+        future.result()
+
+
 def linear_combine(
     destination: torch.Tensor,
     sources: Sequence[torch.Tensor],
@@ -73,6 +168,15 @@ def linear_combine(
     """
     if destination.numel() == 0:
         return
+    if (
+        buffers.dtype == torch.float64
+        and fast_loop_available()
+        and len(sources) <= _MAX_FUSED_INPUTS
+    ):
+        flats = [_flat(s) for s in sources]
+        if _plain(destination) and all(_plain(f) for f in flats):
+            _fused(destination, flats, coefficients, divisor)
+            return
     device = destination.device
     if destination.is_contiguous():
         target = destination.view(-1)
@@ -82,6 +186,11 @@ def linear_combine(
         target = torch.empty(destination.numel(), dtype=destination.dtype, device=device)
     flats = [_flat(s) for s in sources]
     accumulator = buffers.get(device, buffers.dtype)
+    product = (
+        buffers.get(device, buffers.dtype, "product")
+        if any(c != 1 for c in coefficients[1:])
+        else None
+    )
     scratch = buffers.get(device, torch.float32) if destination.dtype in _HALF_TYPES else None
     chunk = buffers.chunk
     first, rest = coefficients[0], list(zip(flats[1:], coefficients[1:]))
@@ -97,7 +206,10 @@ def linear_combine(
             piece = flat[start:stop]
             if piece.device != device:
                 piece = piece.to(device)
-            acc.add_(piece, alpha=coefficient)
+            if coefficient == 1:
+                acc.add_(piece)
+            else:  # the product rounded on its own, as the compiled loop does (never an FMA)
+                acc.add_(product[: stop - start].copy_(piece).mul_(coefficient))
         if scratch is not None:
             if divide:
                 acc.div_(divisor)

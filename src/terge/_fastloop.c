@@ -1,0 +1,323 @@
+/* terge._fastloop: the fused CPU loop for linear merges.
+ *
+ * One pass over memory: every element of every input is read once and every output element is
+ * written once, with the float64 accumulation held in an L1-sized block. The arithmetic is the
+ * reference path's (src/terge/kernels.py), operation for operation, so results are equal bit for
+ * bit:
+ *
+ *     acc = x_0            (widened to float64: exact)
+ *     acc = acc * c_0      (only when c_0 != 1)
+ *     acc = acc + x_i      (c_i == 1)   or   acc = acc + (x_i * c_i)   (two roundings, no FMA)
+ *     out = round(acc / d) (only when a divisor is given), rounded once more into out's dtype
+ *
+ * Rounding into bfloat16/float16 goes through float32 rounded *to odd*, which makes the second
+ * rounding exact (see kernels.store_rounded). The file must be compiled with -ffp-contract=off:
+ * a fused multiply-add would round once where the reference rounds twice.
+ *
+ * The work runs without the GIL, so Python threads can split a tensor between cores.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
+
+#define BLOCK 1024
+#define MAX_INPUTS 64
+
+/* --- half-precision conversions (bit-exact with c10's) ---------------------------------------- */
+
+static inline float bits_to_float(uint32_t w) {
+    float f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t w;
+    memcpy(&w, &f, sizeof w);
+    return w;
+}
+
+static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+static inline uint16_t float_to_bf16(float f) {
+    /* c10::detail::round_to_nearest_even */
+    if (isnan(f)) return UINT16_C(0x7FC0);
+    uint32_t u = float_to_bits(f);
+    uint32_t rounding_bias = ((u >> 16) & 1) + UINT32_C(0x7FFF);
+    return (uint16_t)((u + rounding_bias) >> 16);
+}
+
+static inline float f16_to_float(uint16_t h) {
+    /* c10::detail::fp16_ieee_to_fp32_value */
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & UINT32_C(0x80000000);
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = UINT32_C(0xE0) << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized_value = bits_to_float((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = UINT32_C(126) << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized_value = bits_to_float((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = UINT32_C(1) << 27;
+    const uint32_t result =
+        sign | (two_w < denormalized_cutoff ? float_to_bits(denormalized_value)
+                                            : float_to_bits(normalized_value));
+    return bits_to_float(result);
+}
+
+static inline uint16_t float_to_f16(float f) {
+    /* c10::detail::fp16_ieee_from_fp32_value */
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = float_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & UINT32_C(0x80000000);
+    uint32_t bias = shl1_w & UINT32_C(0xFF000000);
+    if (bias < UINT32_C(0x71000000)) bias = UINT32_C(0x71000000);
+    base = bits_to_float((bias >> 1) + UINT32_C(0x07800000)) + base;
+    const uint32_t bits = float_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & UINT32_C(0x00007C00);
+    const uint32_t mantissa_bits = bits & UINT32_C(0x00000FFF);
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT16_C(0x7E00) : nonsign));
+}
+
+/* float64 -> float32 rounded to odd: exact values stay, inexact ones get an odd last bit. */
+static inline float round_to_odd(double v) {
+    float r = (float)v;
+    if ((double)r != v && !isnan(v) && (float_to_bits(r) & 1) == 0) {
+        r = nextafterf(r, v > (double)r ? INFINITY : -INFINITY);
+    }
+    return r;
+}
+
+/* --- fused loops -------------------------------------------------------------------------------
+ *
+ * Multiplying by a coefficient of 1 and dividing by 1 are exact, so the loops always do both: the
+ * results equal the reference's, which skips them. Inputs of one dtype (the usual case) run fused
+ * loops of up to four inputs at a time, element by element, so the accumulator stays in registers;
+ * inputs of mixed dtypes go through a float64 block buffer one input at a time.
+ */
+
+#define LOAD_F64(p, k) (((const double *)(p))[k])
+#define LOAD_F32(p, k) ((double)((const float *)(p))[k])
+#define LOAD_BF16(p, k) ((double)bf16_to_float(((const uint16_t *)(p))[k]))
+#define LOAD_F16(p, k) ((double)f16_to_float(((const uint16_t *)(p))[k]))
+
+#define STORE_F64(p, k, v) (((double *)(p))[k] = (v))
+#define STORE_F32(p, k, v) (((float *)(p))[k] = (float)(v))
+#define STORE_BF16(p, k, v) (((uint16_t *)(p))[k] = float_to_bf16(round_to_odd(v)))
+#define STORE_F16(p, k, v) (((uint16_t *)(p))[k] = float_to_f16(round_to_odd(v)))
+
+/* The sum of g (1..4) weighted inputs at element k, added to START in order. */
+#define SUM1(L, START) ((START) + L(x0, k) * c0)
+#define SUM2(L, START) (SUM1(L, START) + L(x1, k) * c1)
+#define SUM3(L, START) (SUM2(L, START) + L(x2, k) * c2)
+#define SUM4(L, START) (SUM3(L, START) + L(x3, k) * c3)
+#define FIRST1(L) (L(x0, k) * c0)
+#define FIRST2(L) (FIRST1(L) + L(x1, k) * c1)
+#define FIRST3(L) (FIRST2(L) + L(x2, k) * c2)
+#define FIRST4(L) (FIRST3(L) + L(x3, k) * c3)
+
+#define UNPACK                                                                                     \
+    const char *x0 = xs[0], *x1 = g > 1 ? xs[1] : NULL, *x2 = g > 2 ? xs[2] : NULL,                \
+               *x3 = g > 3 ? xs[3] : NULL;                                                         \
+    const double c0 = cs[0], c1 = g > 1 ? cs[1] : 0, c2 = g > 2 ? cs[2] : 0,                       \
+                 c3 = g > 3 ? cs[3] : 0;                                                           \
+    (void)x1; (void)x2; (void)x3; (void)c1; (void)c2; (void)c3;
+
+/* acc[k] (= or +=) the group's weighted inputs. */
+#define DEFINE_ACCUMULATE(NAME, L)                                                                 \
+    static void NAME(double *acc, int fresh, char *const *xs, const double *cs, int g,             \
+                     Py_ssize_t n) {                                                               \
+        UNPACK                                                                                     \
+        if (fresh) {                                                                               \
+            switch (g) {                                                                           \
+            case 1: for (Py_ssize_t k = 0; k < n; k++) acc[k] = FIRST1(L); break;                  \
+            case 2: for (Py_ssize_t k = 0; k < n; k++) acc[k] = FIRST2(L); break;                  \
+            case 3: for (Py_ssize_t k = 0; k < n; k++) acc[k] = FIRST3(L); break;                  \
+            default: for (Py_ssize_t k = 0; k < n; k++) acc[k] = FIRST4(L); break;                 \
+            }                                                                                      \
+        } else {                                                                                   \
+            switch (g) {                                                                           \
+            case 1: for (Py_ssize_t k = 0; k < n; k++) acc[k] = SUM1(L, acc[k]); break;            \
+            case 2: for (Py_ssize_t k = 0; k < n; k++) acc[k] = SUM2(L, acc[k]); break;            \
+            case 3: for (Py_ssize_t k = 0; k < n; k++) acc[k] = SUM3(L, acc[k]); break;            \
+            default: for (Py_ssize_t k = 0; k < n; k++) acc[k] = SUM4(L, acc[k]); break;           \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+/* out[k] = round((acc[k] + the group's weighted inputs) / d); acc NULL starts from nothing. */
+#define DEFINE_FINISH(NAME, L, S)                                                                  \
+    static void NAME(char *out, const double *acc, char *const *xs, const double *cs, int g,       \
+                     double d, Py_ssize_t n) {                                                     \
+        UNPACK                                                                                     \
+        if (acc == NULL) {                                                                         \
+            switch (g) {                                                                           \
+            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST1(L) / d); break;            \
+            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST2(L) / d); break;            \
+            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST3(L) / d); break;            \
+            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST4(L) / d); break;           \
+            }                                                                                      \
+        } else {                                                                                   \
+            switch (g) {                                                                           \
+            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM1(L, acc[k]) / d); break;      \
+            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM2(L, acc[k]) / d); break;      \
+            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM3(L, acc[k]) / d); break;      \
+            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM4(L, acc[k]) / d); break;     \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+DEFINE_ACCUMULATE(accumulate_f64, LOAD_F64)
+DEFINE_ACCUMULATE(accumulate_f32, LOAD_F32)
+DEFINE_ACCUMULATE(accumulate_bf16, LOAD_BF16)
+DEFINE_ACCUMULATE(accumulate_f16, LOAD_F16)
+
+#define DEFINE_FINISH_ALL(IN, L)                                                                   \
+    DEFINE_FINISH(finish_##IN##_f64, L, STORE_F64)                                                 \
+    DEFINE_FINISH(finish_##IN##_f32, L, STORE_F32)                                                 \
+    DEFINE_FINISH(finish_##IN##_bf16, L, STORE_BF16)                                               \
+    DEFINE_FINISH(finish_##IN##_f16, L, STORE_F16)
+
+DEFINE_FINISH_ALL(f64, LOAD_F64)
+DEFINE_FINISH_ALL(f32, LOAD_F32)
+DEFINE_FINISH_ALL(bf16, LOAD_BF16)
+DEFINE_FINISH_ALL(f16, LOAD_F16)
+
+typedef void (*accumulate_fn)(double *, int, char *const *, const double *, int, Py_ssize_t);
+typedef void (*finish_fn)(char *, const double *, char *const *, const double *, int, double,
+                          Py_ssize_t);
+
+static const accumulate_fn ACCUMULATE[4] = {accumulate_f64, accumulate_f32, accumulate_bf16,
+                                            accumulate_f16};
+static const finish_fn FINISH[4][4] = {
+    {finish_f64_f64, finish_f64_f32, finish_f64_bf16, finish_f64_f16},
+    {finish_f32_f64, finish_f32_f32, finish_f32_bf16, finish_f32_f16},
+    {finish_bf16_f64, finish_bf16_f32, finish_bf16_bf16, finish_bf16_f16},
+    {finish_f16_f64, finish_f16_f32, finish_f16_bf16, finish_f16_f16},
+};
+
+static const size_t ITEMSIZE[] = {8, 4, 2, 2};
+
+/* Inputs of mixed dtypes: one input at a time through the block buffer, then the store. */
+static void combine_mixed(char *out, int out_code, Py_ssize_t m, int count, char *const *inputs,
+                          const int *codes, const double *coefs, double divisor, double *acc,
+                          Py_ssize_t start) {
+    for (int i = 0; i < count; i++) {
+        char *x = inputs[i] + start * ITEMSIZE[codes[i]];
+        ACCUMULATE[codes[i]](acc, i == 0, &x, &coefs[i], 1, m);
+    }
+    /* acc / d stored through a float64 "input" of one element stride: reuse FINISH from acc. */
+    FINISH[F64][out_code](out + start * ITEMSIZE[out_code], NULL, (char *const *)&acc,
+                          (const double[]){1.0}, 1, divisor, m);
+}
+
+static void combine(char *out, int out_code, Py_ssize_t n, int count, char *const *inputs,
+                    const int *codes, const double *coefs, double divisor) {
+    double acc[BLOCK];
+    int same = 1;
+    for (int i = 1; i < count; i++) same &= codes[i] == codes[0];
+    const int in_code = codes[0];
+    const size_t in_size = ITEMSIZE[in_code], out_size = ITEMSIZE[out_code];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        if (!same) {
+            combine_mixed(out, out_code, m, count, inputs, codes, coefs, divisor, acc, start);
+            continue;
+        }
+        char *xs[MAX_INPUTS];
+        for (int i = 0; i < count; i++) xs[i] = inputs[i] + start * in_size;
+        int done = 0;
+        while (count - done > 4) {
+            ACCUMULATE[in_code](acc, done == 0, xs + done, coefs + done, 4, m);
+            done += 4;
+        }
+        FINISH[in_code][out_code](out + start * out_size, done ? acc : NULL, xs + done,
+                                  coefs + done, count - done, divisor, m);
+    }
+}
+
+/* --- Python binding ---------------------------------------------------------------------------- */
+
+static int check_code(int code) {
+    if (code < F64 || code > F16) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(combine_doc,
+             "combine(out, out_code, n, inputs, codes, coefficients, divisor)\n\n"
+             "out = (sum_i coefficients[i] * inputs[i]) / divisor over n elements, in float64.\n"
+             "Addresses are integers (tensor.data_ptr()), codes 0 float64, 1 float32, 2 bfloat16,\n"
+             "3 float16; divisor None divides by nothing. Runs without the GIL.");
+
+static PyObject *py_combine(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out_addr;
+    int out_code;
+    Py_ssize_t n;
+    PyObject *inputs_obj, *codes_obj, *coefs_obj, *divisor_obj;
+    if (!PyArg_ParseTuple(args, "KinOOOO", &out_addr, &out_code, &n, &inputs_obj, &codes_obj,
+                          &coefs_obj, &divisor_obj)) {
+        return NULL;
+    }
+    if (!check_code(out_code)) return NULL;
+    PyObject *inputs = PySequence_Fast(inputs_obj, "inputs must be a sequence");
+    PyObject *codes = inputs ? PySequence_Fast(codes_obj, "codes must be a sequence") : NULL;
+    PyObject *coefs = codes ? PySequence_Fast(coefs_obj, "coefficients must be a sequence") : NULL;
+    PyObject *result = NULL;
+    if (!coefs) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(codes) != count ||
+        PySequence_Fast_GET_SIZE(coefs) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs, codes and coefficients must have the same "
+                                          "length, between 1 and 64");
+        goto done;
+    }
+    char *addresses[MAX_INPUTS];
+    int input_codes[MAX_INPUTS];
+    double coefficients[MAX_INPUTS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        addresses[i] = (char *)(uintptr_t)PyLong_AsUnsignedLongLong(
+            PySequence_Fast_GET_ITEM(inputs, i));
+        input_codes[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(codes, i));
+        coefficients[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(coefs, i));
+        if (PyErr_Occurred() || !check_code(input_codes[i])) goto done;
+    }
+    double divisor = divisor_obj == Py_None ? 1.0 : PyFloat_AsDouble(divisor_obj);
+    if (PyErr_Occurred()) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    combine((char *)(uintptr_t)out_addr, out_code, n, (int)count, addresses, input_codes,
+            coefficients, divisor);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(inputs);
+    Py_XDECREF(codes);
+    Py_XDECREF(coefs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"combine", py_combine, METH_VARARGS, combine_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastloop",
+    "terge's fused CPU loop for linear merges (see kernels.py for the reference path).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fastloop(void) { return PyModule_Create(&module); }

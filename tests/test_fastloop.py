@@ -1,0 +1,142 @@
+"""The compiled loop (``terge._fastloop``) against the plain-torch reference, bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge import kernels
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+needs_loop = pytest.mark.skipif(
+    kernels._fastloop is None, reason="terge._fastloop is not built (pip install -e .)"
+)
+
+
+def test_the_compiled_loop_is_built():
+    """The README's install builds it; only an explicit TERGE_KERNELS=torch run may lack it."""
+    if os.environ.get("TERGE_KERNELS", "").lower() == "torch":
+        pytest.skip("TERGE_KERNELS=torch selects the reference loop")
+    assert kernels._fastloop is not None, (
+        "terge._fastloop is not built: run `pip install -e .` (needs a C compiler)"
+    )
+    assert kernels.fast_loop_available()
+
+
+def combine(destination, sources, coefficients, divisor, *, reference):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch" if reference else "auto")
+        assert kernels.fast_loop_available() is (not reference)
+        kernels.linear_combine(
+            destination, sources, coefficients, kernels.ChunkBuffers(torch.float64), divisor
+        )
+
+
+def awkward(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values of every magnitude, with zeros, infinities, NaNs and subnormals mixed in."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(numel, generator=generator, dtype=torch.float64)
+    values *= torch.exp2(torch.randint(-30, 30, (numel,), generator=generator).double())
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-8])
+    picks = torch.randint(0, numel, (min(numel, 7),), generator=generator)
+    values[picks] = specials[: picks.numel()].double()
+    return values.to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that NaNs need only be NaN in the same places."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(
+        a[~nan].view(torch.uint8), b[~nan].view(torch.uint8)
+    )
+
+
+@needs_loop
+@settings(max_examples=60, deadline=None)
+@given(
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=9),
+    out_dtype=st.sampled_from(DTYPES),
+    numel=st.integers(1, 3000),
+    coefficient_seed=st.integers(0, 2**16),
+    divisor=st.sampled_from([None, 1.0, 3.0, 0.7, -2.5]),
+    same=st.booleans(),
+)
+def test_equals_the_reference_bit_for_bit(
+    dtypes, out_dtype, numel, coefficient_seed, divisor, same
+):
+    if same:  # the fused same-dtype loops (the usual case) as well as the mixed-dtype blocks
+        dtypes = [dtypes[0]] * len(dtypes)
+    sources = [awkward(numel, dtype, coefficient_seed + i) for i, dtype in enumerate(dtypes)]
+    generator = torch.Generator().manual_seed(coefficient_seed)
+    coefficients = [
+        float(c) if i % 3 else 1.0
+        for i, c in enumerate(torch.randn(len(sources), generator=generator))
+    ]
+    fast = torch.empty(numel, dtype=out_dtype)
+    slow = torch.empty(numel, dtype=out_dtype)
+    combine(fast, sources, coefficients, divisor, reference=False)
+    combine(slow, sources, coefficients, divisor, reference=True)
+    assert same_bits(fast, slow)
+
+
+@needs_loop
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_tensors_split_between_threads_in_place(dtype, monkeypatch):
+    """Past the per-thread threshold the range is split; in place, the base is also an input."""
+    numel = 3 * kernels._PER_THREAD + 77
+    sources = [awkward(numel, dtype, seed) for seed in range(3)]
+    expected = sources[0].clone()
+    combine(expected, [expected, *sources[1:]], [1.0, 1.0, 1.0], 3.0, reference=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 3)
+        combine(sources[0], sources, [1.0, 1.0, 1.0], 3.0, reference=False)
+    assert same_bits(sources[0], expected)
+
+
+@needs_loop
+def test_half_way_cases_round_to_even_once(monkeypatch):
+    """(a + b) / 2 landing exactly between two bfloat16 values must round to even, and a value
+    just above half-way must round up (float64 -> float32 -> bfloat16 would round it down)."""
+    a = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    ulp = 2.0**-7  # bfloat16's spacing at 1
+    b = torch.tensor([1.0 + ulp, 1.0 + ulp + 2.0**-40], dtype=torch.float64)
+    out = torch.empty(2, dtype=torch.bfloat16)
+    combine(out, [a, b], [1.0, 1.0], 2.0, reference=False)
+    assert out[0].item() == 1.0  # the tie goes to the even neighbour
+    assert out[1].item() == 1.0 + ulp  # above the tie: up, although float32 would round to it
+
+
+def test_falls_back_where_the_loop_does_not_apply(monkeypatch):
+    """Float32 accumulation, transposed destinations and CUDA-less fallbacks use the reference."""
+    x = torch.randn(64, 32)
+    y = torch.randn(64, 32)
+    destination = torch.empty(32, 64).t()  # not contiguous
+    kernels.linear_combine(destination, [x, y], [1.0, 1.0], kernels.ChunkBuffers(torch.float64), 2)
+    assert torch.equal(destination, ((x.double() + y.double()) / 2).float())
+    low = torch.empty(64, 32)
+    kernels.linear_combine(low, [x, y], [1.0, 1.0], kernels.ChunkBuffers(torch.float32), 2)
+    assert torch.equal(low, (x + y) / 2)
+
+
+@needs_loop
+def test_merge_uses_the_compiled_loop(monkeypatch):
+    """merge() reaches the compiled loop for CPU float64 accumulation (and not otherwise)."""
+    calls = []
+    real = kernels._fastloop.combine
+    monkeypatch.setattr(
+        kernels,
+        "_fastloop",
+        type("Spy", (), {"combine": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}),
+    )
+    models = [torch.nn.Linear(8, 8) for _ in range(3)]
+    terge.merge(models)
+    assert len(calls) == 2  # weight and bias
+    calls.clear()
+    terge.merge(models, dtype=torch.float32)
+    assert calls == []
