@@ -51,10 +51,6 @@ def normalised(raw: list[float]) -> list[float]:
     return [w / sum(raw) for w in raw]
 
 
-def gen(seed: int = 1234) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # --- independent references: plain Python over flattened lists ------------------------------------
 
 
@@ -89,10 +85,14 @@ def ref_combine(vectors, weights, base, scale, consensus):
     return unflat(out, base)
 
 
+def kth_largest(vector, k):
+    return sorted((abs(v) for v in vector), reverse=True)[k - 1]
+
+
 def ref_top(vector, k):
-    ranked = sorted(range(len(vector)), key=lambda j: -abs(vector[j]))
-    kept = set(ranked[:k])
-    return [v if j in kept else 0.0 for j, v in enumerate(vector)]
+    # A threshold: every entry at least as large as the k-th largest magnitude, ties included.
+    threshold = kth_largest(vector, k)
+    return [v if abs(v) >= threshold else 0.0 for v in vector]
 
 
 def ref_ties(thetas, weights, base, density, scale):
@@ -108,20 +108,34 @@ def ref_breadcrumbs(thetas, weights, base, density, gamma, scale):
     top = min(int(gamma * n), n - keep)
     vectors = []
     for tau in ref_task_vectors(thetas, base):
-        ranked = sorted(range(n), key=lambda j: -abs(tau[j]))
-        kept = set(ranked[top : top + keep])
-        vectors.append([v if j in kept else 0.0 for j, v in enumerate(tau)])
+        low = kth_largest(tau, top + keep)
+        high = kth_largest(tau, top) if top else math.inf
+        vectors.append([v if low <= abs(v) < high else 0.0 for v in tau])
     return ref_combine(vectors, weights, base, scale, consensus=False)
 
 
+M64 = 2**64
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def ref_mix(z):
+    # splitmix64's finaliser on Python ints, written out from the specification.
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % M64
+    return z ^ (z >> 31)
+
+
+def ref_uniform(seed, position, j):
+    key = ref_mix((seed + position * GOLDEN) % M64)
+    return (ref_mix((key + (j + 1) * GOLDEN) % M64) >> 11) * 2.0**-53
+
+
 def ref_dare(thetas, weights, base, density, scale, seed, consensus):
-    # The documented draw: a float32 torch.rand per task vector, in model order, kept if < density.
-    generator = gen(seed)
+    # The documented draw: entry j of the i-th task vector survives when u(seed, i, j) < density.
     vectors = []
-    for tau in ref_task_vectors(thetas, base):
-        draw = torch.rand(base.shape, generator=generator, dtype=torch.float32).reshape(-1)
+    for i, tau in enumerate(ref_task_vectors(thetas, base)):
         vectors.append(
-            [v / density if d < density else 0.0 for v, d in zip(tau, draw.tolist(), strict=True)]
+            [v / density if ref_uniform(seed, i, j) < density else 0.0 for j, v in enumerate(tau)]
         )
     return ref_combine(vectors, weights, base, scale, consensus)
 
@@ -201,7 +215,7 @@ def test_dare_formula(factory, consensus, density, scale):
     thetas, base = models(3)
     expected = ref_dare(thetas, WEIGHTS3, base, density, scale, seed=7, consensus=consensus)
     method = factory(density=density, scale=scale)
-    close(method(thetas, WEIGHTS3, base, generator=gen(7)), expected)
+    close(method(thetas, WEIGHTS3, base, seed=7), expected)
 
 
 def test_slerp_formula():
@@ -235,7 +249,7 @@ def test_ties_at_full_density_without_conflicts_is_task_arithmetic():
 def test_scale_zero_gives_the_base(factory):
     thetas, base = models(3)
     method = factory(scale=0.0)
-    result = method(thetas, WEIGHTS3, base, generator=gen())
+    result = method(thetas, WEIGHTS3, base, seed=1234)
     assert torch.equal(result, base)
 
 
@@ -244,7 +258,7 @@ def test_methods_leave_their_inputs_alone(factory):
     thetas, base = models(2)
     copies = [t.clone() for t in thetas], base.clone()
     method = factory()
-    method(thetas, [0.4, 0.6], base, gen())
+    method(thetas, [0.4, 0.6], base, 1234)
     assert all(torch.equal(t, c) for t, c in zip(thetas, copies[0], strict=True))
     assert torch.equal(base, copies[1])
 
@@ -253,7 +267,7 @@ def test_dare_keeps_about_density_and_rescales_exactly():
     n, density = 200_000, 0.3
     base = torch.zeros(n, dtype=torch.float64)
     tau = rand(n, seed=5)
-    result = dare_linear(density=density)([tau], [1.0], base, generator=gen(3))
+    result = dare_linear(density=density)([tau], [1.0], base, seed=3)
     kept = result != 0
     sigma = math.sqrt(density * (1 - density) / n)
     assert abs(kept.double().mean().item() - density) < 6 * sigma
@@ -264,12 +278,12 @@ def test_dare_keeps_about_density_and_rescales_exactly():
 def test_dare_same_seed_same_result(factory):
     thetas, base = models(3)
     method = factory(density=0.4)
-    first = method(thetas, WEIGHTS3, base, generator=gen(11))
-    assert torch.equal(first, method(thetas, WEIGHTS3, base, generator=gen(11)))
-    assert not torch.equal(first, method(thetas, WEIGHTS3, base, generator=gen(12)))
+    first = method(thetas, WEIGHTS3, base, seed=11)
+    assert torch.equal(first, method(thetas, WEIGHTS3, base, seed=11))
+    assert not torch.equal(first, method(thetas, WEIGHTS3, base, seed=12))
 
 
-def test_dare_without_generator_uses_the_global_one():
+def test_dare_without_a_seed_draws_one_from_the_global_generator():
     thetas, base = models(2)
     torch.manual_seed(0)
     first = dare_ties(density=0.5)(thetas, [0.5, 0.5], base)
@@ -281,8 +295,8 @@ def test_dare_without_generator_uses_the_global_one():
 def test_non_contiguous_tensors(factory):
     thetas, base = models(2, shape=(7, 6))
     transposed = [t.t() for t in thetas]
-    expected = factory()([t.t().contiguous() for t in thetas], [0.4, 0.6], base.t(), gen())
-    close(factory()(transposed, [0.4, 0.6], base.t(), gen()), expected)
+    expected = factory()([t.t().contiguous() for t in thetas], [0.4, 0.6], base.t(), 1234)
+    close(factory()(transposed, [0.4, 0.6], base.t(), 1234), expected)
 
 
 def test_ties_trim_keeps_at_least_one_entry():
@@ -290,6 +304,22 @@ def test_ties_trim_keeps_at_least_one_entry():
     theta = torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64)
     result = ties(density=0.1)([theta], [1.0], base)
     assert result.tolist() == [0.0, -3.0, 0.0]
+
+
+def test_ties_keeps_every_entry_tied_at_the_threshold():
+    base = torch.zeros(5, dtype=torch.float64)
+    theta = torch.tensor([3.0, 2.0, -2.0, 2.0, 1.0], dtype=torch.float64)
+    # k = int(0.4 * 5) = 2: the threshold is the 2nd largest magnitude, 2, and all three 2s stay.
+    assert ties(density=0.4)([theta], [1.0], base).tolist() == [3.0, 2.0, -2.0, 2.0, 0.0]
+
+
+def test_breadcrumbs_cuts_are_thresholds_too():
+    base = torch.zeros(8, dtype=torch.float64)
+    theta = torch.tensor([5.0, -5.0, 3.0, 2.0, -2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    # top = int(0.125 * 8) = 1, keep = 4: hi = the 1st largest (5), lo = the 5th (2). Both 5s
+    # go with the outliers; 2 <= |x| < 5 stays.
+    result = breadcrumbs(density=0.5, gamma=0.125)([theta], [1.0], base)
+    assert result.tolist() == [0.0, 0.0, 3.0, 2.0, -2.0, 0.0, 0.0, 0.0]
 
 
 def test_ties_where_no_model_agrees_is_zero():
@@ -486,7 +516,7 @@ def test_task_vector_methods_need_a_base(factory):
     thetas, _ = models(2)
     message = rf"^{factory.__name__}: needs a base model to take task vectors from\.$"
     with pytest.raises(MethodNotApplicableError, match=message):
-        factory()(thetas, [0.5, 0.5], None, generator=gen())
+        factory()(thetas, [0.5, 0.5], None, seed=1234)
 
 
 # --- the registry and the Method contract ---------------------------------------------------------
@@ -530,6 +560,7 @@ def test_method_flags():
         assert method.needs_base
         assert method.random == name.startswith("dare")
         assert not method.streaming
+        assert method.layout_aware  # runs on shards, summing its thresholds over them
     stock = model_stock()
     assert (stock.task_vectors, stock.needs_base, stock.min_models) == (True, True, 2)
     interpolation = slerp()
@@ -537,14 +568,19 @@ def test_method_flags():
     assert not interpolation.task_vectors
     assert not interpolation.needs_base
     assert resolve("arithmetic").streaming
+    assert resolve("arithmetic").elementwise
+    assert interpolation.layout_aware and stock.layout_aware
+    assert not custom(lambda tensors, weights, base: tensors[0]).elementwise
+    assert custom(lambda tensors, weights, base: tensors[0], elementwise=True).elementwise
+    with pytest.raises(MergeArgumentError, match=r"^`elementwise` must be True or False; got 1\.$"):
+        custom(lambda tensors, weights, base: tensors[0], elementwise=1)
 
 
-def test_dare_through_method_call_uses_the_generator():
+def test_dare_through_method_call_uses_the_seed():
     thetas, base = models(2)
     method = resolve("dare_linear")
-    assert torch.equal(
-        method(thetas, [0.5, 0.5], base, gen(5)), method(thetas, [0.5, 0.5], base, gen(5))
-    )
+    assert torch.equal(method(thetas, [0.5, 0.5], base, 5), method(thetas, [0.5, 0.5], base, 5))
+    assert not torch.equal(method(thetas, [0.5, 0.5], base, 5), method(thetas, [0.5, 0.5], base, 6))
 
 
 def test_resolve_unknown_name_lists_the_valid_names():
@@ -599,10 +635,11 @@ def test_all_names_exist():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("factory", [dare_linear, dare_ties])
-def test_dare_draws_on_the_generators_device(factory):
+def test_dare_draws_the_same_on_any_device(factory):
     thetas, base = models(2)
-    on_cpu = factory(density=0.4)(thetas, [0.5, 0.5], base, generator=gen(3))
+    on_cpu = factory(density=0.4)(thetas, [0.5, 0.5], base, seed=3)
     cuda = [t.cuda() for t in thetas]
-    on_cuda = factory(density=0.4)(cuda, [0.5, 0.5], base.cuda(), generator=gen(3))
+    on_cuda = factory(density=0.4)(cuda, [0.5, 0.5], base.cuda(), seed=3)
     assert on_cuda.device.type == "cuda"
+    assert torch.equal((on_cuda.cpu() != base), (on_cpu != base))  # the same entries dropped
     torch.testing.assert_close(on_cuda.cpu(), on_cpu)

@@ -31,6 +31,11 @@ class MergeArgumentError(TergeError, ValueError):
     """An argument of ``merge()`` is malformed (empty models, bad weights, bad dtype, ...)."""
 
 
+class ShardingError(MergeArgumentError):
+    """A sharded parameter (a DTensor) cannot be merged shard by shard as asked: models sharded
+    differently, a DTensor merged with a plain tensor, or a method that needs whole tensors."""
+
+
 class BaseIndexError(TergeError, IndexError):
     """``base`` is an index that does not point into ``models``."""
 

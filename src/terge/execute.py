@@ -10,9 +10,10 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .errors import MethodResultError
+from .errors import MergeArgumentError, MethodResultError
 from .kernels import ChunkBuffers, linear_combine, store_whole
 from .plan import Plan, Step, derive_seed
+from .sharding import Layout, is_dtensor, layout_of, local
 from .sources import FileSource, ModuleSource, Source, StateDictSource
 
 
@@ -20,10 +21,12 @@ def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str
     """The object to return and, for each step, the tensor its result is written into.
 
     In place, that is the base's own tensor. Otherwise the base is copied once, with every tensor
-    that will be merged replaced by a fresh empty one (no copy-then-overwrite), ties kept.
+    that will be merged replaced by a fresh empty one (no copy-then-overwrite), ties kept. A
+    module inside a wrapper (DDP, ``torch.compile``) is returned wrapped in place, and copied
+    without its wrapper.
     """
     if inplace:
-        owner = base.module if isinstance(base, ModuleSource) else base.mapping  # type: ignore[attr-defined]
+        owner = base.wrapper if isinstance(base, ModuleSource) else base.mapping  # type: ignore[attr-defined]
         return owner, {step.name: base.get(step.name) for step in plan.steps}
     if isinstance(base, ModuleSource):
         return _copy_module(base, plan)
@@ -43,10 +46,11 @@ def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], d
     result: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     for name, entry in base.entries.items():
+        raw = base.raw_names[name]  # the result keeps the file's own names
         if name in merged:
-            result[name] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
+            result[raw] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
         else:
-            result[name] = base.get(name)
+            result[raw] = base.get(name)
     return result, outputs
 
 
@@ -76,7 +80,17 @@ def _copy_module(base: ModuleSource, plan: Plan) -> tuple[torch.nn.Module, dict[
                     else fresh.data
                 )
     memo[id(memo)] = [base.get(step.name) for step in plan.steps]  # keep ids stable while copying
-    return copy.deepcopy(base.module, memo), outputs
+    try:
+        return copy.deepcopy(base.module, memo), outputs
+    except (AssertionError, RuntimeError, TypeError) as error:
+        if not any(is_dtensor(t) for t in base.module.parameters()):
+            raise
+        raise MergeArgumentError(
+            f"the base module holds DTensors (FSDP2's fully_shard) and cannot be copied "
+            f"({type(error).__name__}: {error}); merge into it with inplace=True, or pass its "
+            "state dict (model.state_dict(), whose values are DTensors) as the base to get a "
+            "merged state dict back, which model.load_state_dict() takes."
+        ) from error
 
 
 def _copy_state_dict(
@@ -94,7 +108,7 @@ def _copy_state_dict(
         result = {}
     for name, value in base.mapping.items():
         if isinstance(value, torch.Tensor):
-            key = base.entries[name].key
+            key = base.entries[base.canonical[name]].key
             if key not in by_view:
                 by_view[key] = value.detach().clone(memory_format=torch.preserve_format)
             result[name] = by_view[key]
@@ -153,21 +167,30 @@ def run_step(
     destination: torch.Tensor,
     buffers: ChunkBuffers,
 ) -> None:
-    """Compute one step into ``destination`` (also how ``terge lineage verify`` recomputes)."""
+    """Compute one step into ``destination`` (also how ``terge lineage verify`` recomputes).
+
+    A sharded parameter (DTensors, checked alike by the plan) is computed on the local shards,
+    written straight into the destination's own shard; methods sum their whole-tensor statistics
+    over the other shards through the :class:`~terge.sharding.Layout` they are given.
+    """
     inputs = [sources[i].get(step.name) for i in step.contributors]
+    layout = layout_of(destination) if is_dtensor(destination) else None
+    destination = local(destination)
+    inputs = [local(t) for t in inputs]
     if step.method.streaming:
         linear_combine(destination, inputs, step.coefficients, buffers, step.divisor)
         return
     device, dtype = destination.device, buffers.dtype
     tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]
     reference = (
-        base.get(step.name).detach().to(device=device, dtype=dtype) if step.uses_base else None
+        local(base.get(step.name)).detach().to(device=device, dtype=dtype)
+        if step.uses_base
+        else None
     )
-    generator = None
-    if step.method.random:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed(step.seed or 0, step.name))
-    result = step.method(tensors, list(step.weights), reference, generator)
+    seed = derive_seed(step.seed or 0, step.name) if step.method.random else None
+    result = step.method(
+        tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
+    )
     if not isinstance(result, torch.Tensor) or result.shape != destination.shape:
         got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
         raise MethodResultError(

@@ -6,7 +6,7 @@ import contextlib
 import os
 import secrets
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -14,12 +14,23 @@ import torch
 
 from .audit import DigestRecorder
 from .checkpoints import floating_dtype, parse_size
-from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning
+from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .lineage import SEPARATE, ModelRecord
 from .output import write_merge
-from .plan import build_plan, check_seed
-from .sources import FileSource, Source, as_source, is_path
+from .plan import Plan, build_plan, check_seed
+from .sharded_output import write_sharded_merge
+from .sharding import rank
+from .sources import (
+    FileSource,
+    ModuleSource,
+    NameMap,
+    Source,
+    StateDictSource,
+    as_source,
+    is_path,
+    renamer,
+)
 
 Model = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, "os.PathLike[str]"]
 """A model in memory, or the path of a checkpoint file or folder."""
@@ -46,6 +57,7 @@ def merge(
     overwrite: bool = False,
     digests: bool = False,
     dry_run: bool = False,
+    name_map: Callable[[str], str] | None = None,
 ) -> Any:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -101,6 +113,16 @@ def merge(
         dry_run: only plan: return the ``Lineage`` of what the call would do (whatever
             ``lineage`` says), reading names, shapes and dtypes but no tensor, and writing
             nothing.
+        name_map: a function giving each tensor name of every model its canonical name, by
+            which tensors are matched and recorded in the lineage. It is applied after the
+            built-in stripping of wrapper prefixes (DDP's ``module.``, ``torch.compile``'s
+            ``_orig_mod.``), e.g. ``lambda n: n.replace("_checkpoint_wrapped_module.", "")``.
+
+    Sharded models: a parameter that is a DTensor (FSDP2's ``fully_shard``, or
+    ``distribute_tensor``) in every model, on one device mesh with the same placements, is merged
+    shard by shard on every rank, in place, without gathering; call ``merge`` on every rank.
+    Whole-tensor statistics (TIES' threshold, SLERP's angle, Model Stock's cosines) are summed
+    over the mesh. With ``out``, only rank 0 writes files.
 
     Returns:
         The merged model (the base itself when ``inplace``; a state dict when the base is one,
@@ -119,14 +141,16 @@ def merge(
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
+    rename = renamer(name_map)
     with contextlib.ExitStack() as opened:
-        sources, base_index, base_source = _sources(models, base, buffers, opened)
+        sources, base_index, base_source = _sources(models, base, buffers, opened, rename)
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
                 f"checkpoint {base_source.path}, which terge never modifies; pass out='folder' "
                 "to write the merge as a new checkpoint, or inplace=False for a state dict."
             )
+        drawn = seed is None
         seed = secrets.randbits(63) if seed is None else seed
         plan = build_plan(
             sources,
@@ -140,15 +164,31 @@ def merge(
             normalize=normalize,
             seed=seed,
         )
+        if plan.sharded:
+            _check_sharded(plan, drawn, digests)
+            progress = progress and rank() == 0  # one bar, not one per rank
         record = plan.lineage(**_provenance(sources, base_source, base_index, dtype, written_dtype))
         if dry_run:
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
-        if target is not None:
-            result: Any = write_merge(
+        if target is not None and plan.sharded:
+            result = write_sharded_merge(
                 plan,
                 sources,
                 base_source,
+                out=target,
+                out_dtype=written_dtype,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                dtype=dtype,
+                progress=progress,
+                lineage=record,
+            )
+        elif target is not None:
+            result: Any = write_merge(
+                plan,
+                sources,
+                _written_base(base_source, name_map),
                 out=target,
                 out_dtype=written_dtype,
                 max_shard_size=max_shard_size,
@@ -174,6 +214,31 @@ def merge(
             stacklevel=2,
         )
     return (result, record) if lineage else result
+
+
+def _written_base(base: Source, name_map: Any) -> Source:
+    """The base as the writer of ``out=`` sees it: a module's state dict under its mapped names
+    when a ``name_map`` renames them, so that the files name tensors as the lineage does."""
+    if name_map is None or not isinstance(base, ModuleSource):
+        return base
+    state = base.module.state_dict(keep_vars=True)
+    return StateDictSource(state, rename=base.rename, where="base")
+
+
+def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
+    """What a merge of sharded parameters (DTensors) cannot do, refused before anything runs."""
+    random = next((s for s in plan.steps if s.method.random), None)
+    if drawn and random is not None:  # sharded or not: replicated tensors must stay equal too
+        raise ShardingError(
+            f"the parameter '{random.name}' of a sharded merge is merged with the random method "
+            f"{random.method.name!r}, but seed=None would draw a different seed on each rank; "
+            "pass seed=<int>, the same on every rank (it is recorded in the lineage)."
+        )
+    if digests:
+        raise ShardingError(
+            "digests=True hashes whole tensors, which no rank holds for sharded parameters "
+            "(DTensors); drop digests=True, or merge unsharded checkpoints (paths) to audit."
+        )
 
 
 def _check_audit(digests: Any, dry_run: Any, lineage: Any, out: Any) -> None:
@@ -262,7 +327,7 @@ def _check_output(
 
 
 def _sources(
-    models: Any, base: Any, buffers: bool, opened: contextlib.ExitStack
+    models: Any, base: Any, buffers: bool, opened: contextlib.ExitStack, rename: NameMap
 ) -> tuple[list[Source], int | None, Source]:
     """Wrap every model, and find the base among them (an index) or wrap it separately.
 
@@ -306,7 +371,7 @@ def _sources(
         )
     sources = []
     for i, model in enumerate(models):
-        sources.append(as_source(model, buffers, f"models[{i}]"))
+        sources.append(as_source(model, buffers, f"models[{i}]", rename))
         opened.callback(sources[-1].close)
     if isinstance(base, int):
         index = base % len(models)
@@ -314,7 +379,7 @@ def _sources(
     for index, model in enumerate(models):
         if model is base or (is_path(base) and is_path(model) and _same_path(model, base)):
             return sources, index, sources[index]
-    base_source = as_source(base, buffers, "base")
+    base_source = as_source(base, buffers, "base", rename)
     opened.callback(base_source.close)
     return sources, None, base_source
 

@@ -28,6 +28,7 @@ from .layerwise import ByLayer, count_layers
 from .lineage import Lineage, LineageEntry
 from .methods import REGISTRY, Method, resolve
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
+from .sharding import check_sharding
 from .sources import Source
 
 
@@ -47,6 +48,8 @@ class Step:
     divisor: float | None = None
     """Their sum when normalising: the kernel divides once at the end, which keeps equal and
     integer weights exact (``(a + b + c) / 3`` rather than ``a/3 + b/3 + c/3``)."""
+    sharded: bool = False
+    """The tensors are DTensors, merged shard by shard (not recorded: the lineage is the same)."""
 
     def lineage_entry(self) -> LineageEntry:
         """The step as recorded: enough to recompute it bit for bit (see ``terge.audit``)."""
@@ -72,6 +75,11 @@ class Plan:
     skipped: Mapping[str, str] = field(default_factory=dict)
     tied: Mapping[str, str] = field(default_factory=dict)
     unused: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any tensor is merged shard by shard (DTensors)."""
+        return any(step.sharded for step in self.steps)
 
     def lineage(self, **record: Any) -> Lineage:
         """The plan as a ``Lineage``; ``record`` sets its other attributes (models, dtypes...)."""
@@ -281,6 +289,11 @@ def build_plan(
         contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
         _check_applicable(step_method, name, contributors)
         _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
+        sharded = check_sharding(
+            name,
+            [("the base", entry)] + [(f"models[{i}]", sources[i].entries[name]) for i in holders],
+            step_method,
+        )
         vector = weight_of(name)[contributors]
         coefficients = tuple(vector.tolist())
         divisor = None
@@ -310,6 +323,7 @@ def build_plan(
                 seed=seed if step_method.random else None,
                 coefficients=coefficients,
                 divisor=divisor,
+                sharded=sharded,
             )
         )
     return Plan(tuple(steps), skipped, tied, _unused(sources, base))

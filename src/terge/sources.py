@@ -2,12 +2,16 @@
 
 A source lists its tensors' names, shapes and dtypes, and hands out a tensor only when asked.
 Tensors that are the same view of the same storage (tied weights) share an ``Entry.key``.
+
+Names are canonical: the prefixes that wrappers add (DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``) are stripped, then a user's ``name_map`` is applied, so a wrapped model's tensors
+match an unwrapped one's. ``raw_names`` keeps each canonical name's name in the model itself.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,69 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError
+from .sharding import is_dtensor, sharding_of
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Name prefixes of wrappers, stripped (repeatedly) from every name: DDP and DataParallel's
+``module.``, ``torch.compile``'s ``_orig_mod.``."""
+
+NameMap = Callable[[str], str]
+
+
+def strip_wrappers(name: str) -> str:
+    """``name`` without the leading wrapper prefixes (``module.module._orig_mod.x`` -> ``x``)."""
+    while True:
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name = name[len(prefix) :]
+                break
+        else:
+            return name
+
+
+def renamer(name_map: NameMap | None) -> NameMap:
+    """The canonical name of a tensor: wrapper prefixes stripped, then ``name_map`` applied."""
+    if name_map is None:
+        return strip_wrappers
+    if not callable(name_map):
+        raise MergeArgumentError(
+            f"`name_map` must be a function from a tensor's name to its canonical name (str -> "
+            f"str), or None; got {type(name_map).__name__}."
+        )
+
+    def rename(name: str) -> str:
+        stripped = strip_wrappers(name)
+        try:
+            mapped = name_map(stripped)
+        except Exception as error:
+            raise MergeArgumentError(
+                f"`name_map` raised {type(error).__name__}: {error} for the name {stripped!r} "
+                f"(from {name!r}); it must map every tensor name to a str."
+            ) from error
+        if not isinstance(mapped, str) or not mapped:
+            raise MergeArgumentError(
+                f"`name_map` returned {mapped!r} for the name {stripped!r} (from {name!r}); it "
+                "must return a non-empty str."
+            )
+        return mapped
+
+    return rename
+
+
+def canonical_names(raw: Iterable[str], rename: NameMap, where: str) -> dict[str, str]:
+    """Each canonical name -> the raw name it comes from; two raw names of one model that map to
+    one canonical name are an error naming both."""
+    names: dict[str, str] = {}
+    for name in raw:
+        canonical = rename(name)
+        other = names.setdefault(canonical, name)
+        if other != name:
+            raise MergeArgumentError(
+                f"{where} has two tensors, {other!r} and {name!r}, that both map to the name "
+                f"{canonical!r} once wrapper prefixes ('module.', '_orig_mod.') are stripped and "
+                "`name_map` is applied; pass a name_map that keeps them apart, or drop one of them."
+            )
+    return names
 
 
 @dataclass(frozen=True)
@@ -27,6 +94,8 @@ class Entry:
     device: torch.device
     key: Hashable
     """Identity of the underlying view: entries with equal keys are tied (one tensor, two names)."""
+    sharding: Any = None
+    """A DTensor's mesh and placements (``terge.sharding.Sharding``); ``None`` when not sharded."""
 
     @property
     def is_floating(self) -> bool:
@@ -39,6 +108,8 @@ class Entry:
 
 def view_key(tensor: torch.Tensor) -> Hashable:
     """A key equal for two tensors exactly when they are the same view of the same memory."""
+    if is_dtensor(tensor):
+        return ("dtensor", view_key(tensor.to_local()))
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     try:
@@ -56,17 +127,32 @@ def view_key(tensor: torch.Tensor) -> Hashable:
 
 
 class Source:
-    """Named tensors of one model; ``get`` returns the live tensor (never a copy)."""
+    """Named tensors of one model; ``get`` returns the live tensor (never a copy).
+
+    Every name is canonical (see the module's docstring): ``raw_names`` maps it back to the
+    model's own name, ``canonical`` the other way.
+    """
 
     kind = "tensors"
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], others: tuple[str, ...] = ()) -> None:
-        self._tensors = dict(tensors)
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        others: tuple[str, ...] = (),
+        *,
+        rename: NameMap = strip_wrappers,
+        where: str = "a model",
+    ) -> None:
+        self.rename = rename
+        """Gives a name of the model its canonical name (wrapper prefixes, ``name_map``)."""
+        self.raw_names = canonical_names([*tensors, *others], rename, where)
+        self.canonical = {raw: name for name, raw in self.raw_names.items()}
+        self._tensors = {self.canonical[raw]: t for raw, t in tensors.items()}
         self.entries: dict[str, Entry] = {
-            name: Entry(name, t.shape, t.dtype, t.device, view_key(t))
+            name: Entry(name, t.shape, t.dtype, t.device, view_key(t), sharding_of(t))
             for name, t in self._tensors.items()
         }
-        self.others = others
+        self.others = tuple(self.canonical[raw] for raw in others)
         """Names of entries that are not tensors (kept from the base as they are)."""
 
     def get(self, name: str) -> torch.Tensor:
@@ -85,19 +171,45 @@ class Source:
         return entry is not None and entry.shape == shape
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP, DataParallel and ``torch.compile`` wrappers (nested ones too)."""
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        if isinstance(module, parallel):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), torch.nn.Module
+        ):
+            module = module._orig_mod
+        else:
+            return module
+
+
 class ModuleSource(Source):
-    """A module's parameters (with ``buffers=True`` its buffers too), tied names included."""
+    """A module's parameters (with ``buffers=True`` its buffers too), tied names included.
+
+    ``wrapper`` is the module as given; ``module`` the one inside its DDP or ``torch.compile``
+    wrappers, whose tensors are the wrapper's (so merging in place into either is the same).
+    """
 
     kind = "module"
 
-    def __init__(self, module: torch.nn.Module, buffers: bool) -> None:
-        self.module = module
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        buffers: bool,
+        *,
+        rename: NameMap = strip_wrappers,
+        where: str = "a model",
+    ) -> None:
+        self.wrapper = module
+        self.module = module = unwrap(module)
         tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
         if buffers:
             for name, buffer in module.named_buffers(remove_duplicate=False):
                 if buffer is not None:
                     tensors[name] = buffer
-        super().__init__(tensors)
+        super().__init__(tensors, rename=rename, where=where)
 
 
 class StateDictSource(Source):
@@ -105,7 +217,13 @@ class StateDictSource(Source):
 
     kind = "state_dict"
 
-    def __init__(self, mapping: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        mapping: Mapping[str, Any],
+        *,
+        rename: NameMap = strip_wrappers,
+        where: str = "a model",
+    ) -> None:
         self.mapping = mapping
         tensors = {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
         others = tuple(k for k in mapping if k not in tensors)
@@ -115,7 +233,7 @@ class StateDictSource(Source):
                     f"a state dict has the key {key!r} of type {type(key).__name__}; tensor "
                     "names must be str."
                 )
-        super().__init__(tensors, others)
+        super().__init__(tensors, tuple(str(k) for k in others), rename=rename, where=where)
 
 
 class FileSource(Source):
@@ -130,20 +248,31 @@ class FileSource(Source):
 
     kind = "file"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, rename: NameMap = strip_wrappers, where: str = ""
+    ) -> None:
         from .checkpoints import open_checkpoint  # safetensors is imported only when used
 
         self.path = Path(path).expanduser()
+        self.rename = rename
         self.reader = open_checkpoint(self.path)
+        try:
+            self.raw_names = canonical_names(
+                self.reader.names(), rename, where or f"the checkpoint {self.path}"
+            )
+        except BaseException:
+            self.reader.close()
+            raise
+        self.canonical = {raw: name for name, raw in self.raw_names.items()}
         cpu = torch.device("cpu")
         self.entries = {}
-        for name in self.reader.names():
-            info = self.reader.info(name)
-            self.entries[name] = Entry(name, info.shape, info.dtype, cpu, ("file", name))
+        for name, raw in self.raw_names.items():
+            info = self.reader.info(raw)
+            self.entries[name] = Entry(name, info.shape, info.dtype, cpu, ("file", raw))
         self.others = ()
 
     def get(self, name: str) -> torch.Tensor:
-        return self.reader.view(name)
+        return self.reader.view(self.raw_names[name])
 
     @property
     def label(self) -> str:
@@ -158,14 +287,15 @@ def is_path(model: Any) -> bool:
     return isinstance(model, (str, os.PathLike))
 
 
-def as_source(model: Any, buffers: bool, where: str) -> Source:
-    """Wrap a module, a state dict or a checkpoint path; ``where`` names it in errors."""
+def as_source(model: Any, buffers: bool, where: str, rename: NameMap = strip_wrappers) -> Source:
+    """Wrap a module, a state dict or a checkpoint path; ``where`` names it in errors, ``rename``
+    gives each tensor's canonical name."""
     if isinstance(model, torch.nn.Module):
-        return ModuleSource(model, buffers)
+        return ModuleSource(model, buffers, rename=rename, where=where)
     if isinstance(model, Mapping):
-        return StateDictSource(model)
+        return StateDictSource(model, rename=rename, where=where)
     if is_path(model):
-        return FileSource(model)
+        return FileSource(model, rename=rename, where=f"{where} ({model})")
     raise MergeArgumentError(
         f"{where} is a {type(model).__name__}; terge merges torch.nn.Module objects, state "
         "dicts (mappings of names to tensors) and checkpoint paths (str or os.PathLike)."
