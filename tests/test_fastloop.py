@@ -127,6 +127,7 @@ def test_falls_back_where_the_loop_does_not_apply(monkeypatch):
 @needs_loop
 def test_merge_uses_the_compiled_loop(monkeypatch):
     """merge() reaches the compiled loop for CPU float64 accumulation (and not otherwise)."""
+    monkeypatch.setenv("TERGE_KERNELS", "auto")
     calls = []
     real = kernels._fastloop.combine
     monkeypatch.setattr(
