@@ -141,3 +141,35 @@ def test_merge_uses_the_compiled_loop(monkeypatch):
     calls.clear()
     terge.merge(models, dtype=torch.float32)
     assert calls == []
+
+
+@needs_loop
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_merges_with_threads_of_its_own(monkeypatch):
+    """A child forked after a merge (a DataLoader worker, say) inherits the thread pool but none
+    of its threads; its own merge must start new ones rather than wait forever."""
+    import multiprocessing
+
+    monkeypatch.setenv("TERGE_KERNELS", "auto")
+    numel = 4 * kernels._PER_THREAD
+    tensors = [torch.full((numel,), float(i)) for i in range(3)]
+    kernels.linear_combine(
+        torch.empty(numel), tensors, [1.0] * 3, kernels.ChunkBuffers(torch.float64), 3
+    )
+    assert kernels._pool is not None
+
+    def child(queue):
+        out = torch.empty(numel)
+        kernels.linear_combine(out, tensors, [1.0] * 3, kernels.ChunkBuffers(torch.float64), 3)
+        # Only a sample is checked: torch's own parallel ops are not fork-safe (OpenMP).
+        queue.put(out[:: numel // 64].tolist() == [1.0] * 64)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child's merge hung")
+    assert queue.get(timeout=5) is True

@@ -106,16 +106,20 @@ def fast_loop_available() -> bool:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
 _pool_lock = threading.Lock()
 
 
 def _threads() -> ThreadPoolExecutor:
-    global _pool
+    """The worker threads, started on first use and again in a forked child (which inherits the
+    pool object but not its threads: submitting to it would wait forever)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(
                 max_workers=max(1, torch.get_num_threads()), thread_name_prefix="terge"
             )
+            _pool_pid = os.getpid()
         return _pool
 
 
