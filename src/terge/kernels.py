@@ -8,8 +8,10 @@ destination's dtype. Nothing N-wide is ever stacked; the only extra memory is th
 Two implementations compute exactly that. The plain-torch loop below is the reference and runs
 anywhere (any device, any accumulation dtype). On the CPU with float64 accumulation, the compiled
 loop in ``_fastloop.c`` does the same arithmetic in one fused pass over memory, split between the
-cores, when it was built at install; the tests check the two agree bit for bit. Setting the
-environment variable ``TERGE_KERNELS=torch`` forces the reference.
+cores, when it was built at install; on CUDA GPUs, the Triton kernel in ``triton_loop.py`` does,
+when Triton is installed (it comes with PyTorch's CUDA builds). The tests check each agrees with
+the reference bit for bit. Setting the environment variable ``TERGE_KERNELS=torch`` forces the
+reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -100,9 +103,33 @@ _ALIGN = 64
 """Thread ranges start on multiples of this many elements, so no cache line is shared."""
 
 
+def _reference_forced() -> bool:
+    return os.environ.get("TERGE_KERNELS", "").lower() == "torch"
+
+
 def fast_loop_available() -> bool:
     """Whether the compiled loop is built and not switched off by ``TERGE_KERNELS=torch``."""
-    return _fastloop is not None and os.environ.get("TERGE_KERNELS", "").lower() != "torch"
+    return _fastloop is not None and not _reference_forced()
+
+
+_triton_loop: Any = None
+"""``terge.triton_loop`` once imported, ``False`` where Triton is missing or broken."""
+
+
+def gpu_loop() -> Any:
+    """The Triton loop module, imported on first use (a CPU-only merge never pays for it), or
+    ``None`` where Triton is not installed or ``TERGE_KERNELS=torch`` forces the reference."""
+    global _triton_loop
+    if _reference_forced():
+        return None
+    if _triton_loop is None:
+        try:
+            from . import triton_loop
+        except Exception:  # no Triton, or one that does not load: the reference loop works
+            _triton_loop = False
+        else:
+            _triton_loop = triton_loop
+    return _triton_loop or None
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -187,6 +214,12 @@ def linear_combine(
     """
     if destination.numel() == 0:
         return
+    if destination.is_cuda and buffers.dtype == torch.float64:
+        loop = gpu_loop()
+        flats = [_flat(s) for s in sources]
+        if loop is not None and loop.supports(destination, flats):
+            loop.combine(destination.view(-1), flats, coefficients, divisor)
+            return
     if (
         buffers.dtype == torch.float64
         and fast_loop_available()
@@ -215,6 +248,10 @@ def linear_combine(
     first, rest = coefficients[0], list(zip(flats[1:], coefficients[1:]))
     total = target.numel()
     divide = divisor is not None and divisor != 1
+    if divide and device.type != "cpu":
+        # torch divides a GPU tensor by a Python number as a product with its reciprocal, which
+        # is not always the quotient; a divisor on the device is divided by exactly, as on the CPU.
+        divisor = torch.tensor(divisor, dtype=buffers.dtype, device=device)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         acc = accumulator[: stop - start]

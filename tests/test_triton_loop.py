@@ -1,0 +1,175 @@
+"""The Triton loop (``terge.triton_loop``, CUDA GPUs) against the plain-torch reference, bit for bit.
+
+On a machine with a CUDA GPU and Triton every test here runs on the GPU; the GPU results are also
+checked against the CPU's, so a merge gives the same bits wherever it runs. Without a GPU, one
+test runs the kernel in Triton's CPU interpreter when Triton is installed (a smoke test of its
+logic: the interpreter's own bfloat16 rounding is not IEEE's, so bfloat16 outputs are left to
+the GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge import kernels
+from test_fastloop import DTYPES, awkward, same_bits
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and Triton"
+)
+
+
+def combine(destination, sources, coefficients, divisor, *, reference):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch" if reference else "auto")
+        assert (kernels.gpu_loop() is None) is reference
+        kernels.linear_combine(
+            destination, sources, coefficients, kernels.ChunkBuffers(torch.float64), divisor
+        )
+
+
+def coefficients_for(count: int, seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        float(c) if i % 3 else 1.0 for i, c in enumerate(torch.randn(count, generator=generator))
+    ]
+
+
+def check_against_references(dtypes, out_dtype, numel, seed, divisor, inplace=False):
+    """The Triton loop equals the reference on the GPU and on the CPU; ``inplace`` writes into
+    the first source (as a merge into the base model does)."""
+    sources = [awkward(numel, dtype, seed + i).cuda() for i, dtype in enumerate(dtypes)]
+    coefficients = coefficients_for(len(sources), seed)
+    if inplace:
+        sources[0] = sources[0].to(out_dtype)
+    expected = torch.empty(numel, dtype=out_dtype, device="cuda")
+    combine(expected, sources, coefficients, divisor, reference=True)
+    on_cpu = torch.empty(numel, dtype=out_dtype)
+    combine(on_cpu, [s.cpu() for s in sources], coefficients, divisor, reference=True)
+    got = sources[0] if inplace else torch.empty(numel, dtype=out_dtype, device="cuda")
+    combine(got, sources, coefficients, divisor, reference=False)
+    assert same_bits(got, expected), (dtypes, out_dtype, numel, divisor)
+    assert same_bits(got.cpu(), on_cpu), "the GPU and the CPU disagree"
+
+
+@needs_gpu
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_every_dtype_pair_equals_the_reference(in_dtype, out_dtype):
+    check_against_references([in_dtype] * 3, out_dtype, 70_001, seed=1, divisor=3.0)
+
+
+@needs_gpu
+@settings(max_examples=25, deadline=None)
+@given(
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=8),
+    out_dtype=st.sampled_from(DTYPES),
+    numel=st.sampled_from([1, 7, 4095, 4096, 4097, 100_003]),
+    seed=st.integers(0, 2**16),
+    divisor=st.sampled_from([None, 1.0, 0.7, -2.5]),
+    inplace=st.booleans(),
+)
+def test_equals_the_reference_bit_for_bit(dtypes, out_dtype, numel, seed, divisor, inplace):
+    check_against_references(dtypes, out_dtype, numel, seed, divisor, inplace)
+
+
+@needs_gpu
+def test_halfway_cases_round_once_to_nearest_even():
+    """float64 values half-way between two bfloat16/float16 neighbours, nudged by less than
+    float32 can hold: rounding through float32 to nearest would round twice and go wrong."""
+    for dtype in (torch.bfloat16, torch.float16):
+        low = torch.randn(10_000, dtype=torch.float64).to(dtype).double()
+        up = torch.nextafter(low.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
+        halfway = (low + up) / 2
+        for nudge in (2.0**-40, -(2.0**-40)):
+            values = (halfway * (1 + nudge)).cuda()
+            got = torch.empty_like(values, dtype=dtype)
+            combine(got, [values], [1.0], None, reference=False)
+            expected = torch.empty(values.numel(), dtype=dtype)
+            combine(expected, [values.cpu()], [1.0], None, reference=True)
+            assert same_bits(got.cpu(), expected)
+
+
+@needs_gpu
+def test_more_inputs_than_one_launch_takes_use_the_reference():
+    sources = [torch.randn(1000, device="cuda") for _ in range(9)]
+    got = torch.empty(1000, device="cuda")
+    calls = []
+    loop = kernels.gpu_loop()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "combine", lambda *a, **k: calls.append(a))
+        kernels.linear_combine(got, sources, [1.0] * 9, kernels.ChunkBuffers(torch.float64))
+    assert calls == []
+    torch.testing.assert_close(got, torch.stack(sources).double().sum(0).float())
+
+
+@needs_gpu
+def test_merge_of_gpu_models_uses_the_triton_loop_and_equals_the_cpu_merge():
+    torch.manual_seed(0)
+    models = [
+        {"a": torch.randn(300, 77).bfloat16(), "b": torch.randn(5000), "c": torch.randn(3).half()}
+        for _ in range(3)
+    ]
+    on_cpu = terge.merge(models, weights=[0.2, 0.3, 0.5])
+    loop = kernels.gpu_loop()
+    launches = []
+    original = loop.combine
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "combine", lambda *a, **k: launches.append(1) or original(*a, **k))
+        gpu_models = [{k: v.cuda() for k, v in m.items()} for m in models]
+        merged = terge.merge(gpu_models, weights=[0.2, 0.3, 0.5], inplace=True)
+    assert len(launches) == 3
+    assert merged is gpu_models[0]
+    for name, value in on_cpu.items():
+        assert torch.equal(merged[name].cpu(), value), name
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests above run the real kernel")
+def test_kernel_logic_in_the_triton_interpreter():
+    """The kernel's arithmetic (float64 accumulation, no FMA, round to odd into float16) run by
+    Triton's CPU interpreter against the reference, for the outputs whose rounding it models."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from terge import kernels, triton_loop
+        from test_fastloop import awkward, same_bits
+
+        for out_dtype in (torch.float64, torch.float32, torch.float16):
+            for dtypes in ([torch.float32] * 3, [torch.bfloat16, torch.float64, torch.float16]):
+                sources = [awkward(9_000, d, i) for i, d in enumerate(dtypes)]
+                coefficients = [1.0, 0.3, -1.7]
+                got = torch.empty(9_000, dtype=out_dtype)
+                triton_loop.combine(got, sources, coefficients, 0.7)
+                expected = torch.empty(9_000, dtype=out_dtype)
+                kernels.linear_combine(
+                    expected, sources, coefficients, kernels.ChunkBuffers(torch.float64), 0.7
+                )
+                assert same_bits(got, expected), (out_dtype, dtypes)
+        print("ok")
+        """
+    )
+    tests = Path(__file__).parent
+    environment = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "TERGE_KERNELS": "torch",  # the reference for `expected`; triton_loop is called directly
+        "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
