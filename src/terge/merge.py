@@ -167,7 +167,10 @@ def merge(
         if plan.sharded:
             _check_sharded(plan, drawn, digests)
             progress = progress and rank() == 0  # one bar, not one per rank
-        record = plan.lineage(**_provenance(sources, base_source, base_index, dtype, written_dtype))
+        record = None  # built only where it is returned or written: a soup loop never pays
+        if lineage or dry_run or digests or target is not None:
+            provenance = _provenance(sources, base_source, base_index, dtype, written_dtype)
+            record = plan.lineage(**provenance)
         if dry_run:
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None

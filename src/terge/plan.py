@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,15 @@ class _Weights:
             )
         elif weights is not None:
             self.default = _weight_vector(weights, count, dtype, "weights")
+        held = [self.uniform, self.default, *(self.map[key] for key in self.map or ())]
+        self._held = {id(v) for v in held if isinstance(v, torch.Tensor)}
+
+    def key(self, vector: torch.Tensor) -> Hashable:
+        """A key equal for equal vectors: the object for the ones held here (alive throughout
+        the plan), the exact bits for the ones made per layer (so -0.0 is not 0.0)."""
+        if id(vector) in self._held:
+            return id(vector)
+        return vector.numpy().tobytes()
 
     def __call__(self, name: str) -> torch.Tensor:
         vector = self.default
@@ -234,6 +243,31 @@ def _check_dtype(dtype: Any) -> None:
         )
 
 
+_Weighing = tuple[tuple[float, ...], tuple[float, ...], float | None]
+"""A step's weights (normalised if asked), its loop coefficients and divisor."""
+
+
+def _weigh(name: str, vector: torch.Tensor, contributors: list[int], normalize: bool) -> _Weighing:
+    coefficients = tuple(vector.tolist())
+    divisor = None
+    if normalize and len(set(coefficients)) == 1 and coefficients[0] != 0:
+        # Equal weights, however written (1/3 is inexact): sum with 1s, divide by the count.
+        coefficients, divisor = (1.0,) * len(coefficients), float(len(coefficients))
+    if normalize:
+        total = vector.sum()
+        if total == 0:
+            raise ParameterModelWeightsSumToZeroError(
+                f"The model weights for the parameter '{name}' that were passed to `merge()` "
+                f"sum to 0 (models {contributors} have weights {vector.tolist()}), so they "
+                "cannot be normalised. Either ensure that the weights never sum to 0, exclude "
+                "the parameter via the `included` or `excluded` arguments, or pass "
+                "`normalize=False` to use the weights as given."
+            )
+        vector = vector / total
+        divisor = total.item() if divisor is None else divisor
+    return tuple(vector.tolist()), coefficients, divisor
+
+
 def build_plan(
     sources: Sequence[Source],
     base: Source,
@@ -260,6 +294,8 @@ def build_plan(
     tied: dict[str, str] = {}
     first_name_of_view: dict[Any, str] = {}
     step_index: dict[str, int] = {}
+    weighings: dict[tuple[Hashable, tuple[int, ...]], _Weighing] = {}
+    unusual = base.unusual or any(source.unusual for source in sources)
 
     for name in base.others:
         skipped[name] = reasons.NOT_A_TENSOR
@@ -285,40 +321,31 @@ def build_plan(
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING
             continue
-        step_method = _for_layer(step_method, layer_index(name), layers)
+        step_method = _for_layer(step_method, name, layers)
         contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
         _check_applicable(step_method, name, contributors)
-        _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
-        sharded = check_sharding(
-            name,
-            [("the base", entry)] + [(f"models[{i}]", sources[i].entries[name]) for i in holders],
-            step_method,
-        )
-        vector = weight_of(name)[contributors]
-        coefficients = tuple(vector.tolist())
-        divisor = None
-        if normalize and len(set(coefficients)) == 1 and coefficients[0] != 0:
-            # Equal weights, however written (1/3 is inexact): sum with 1s, divide by the count.
-            coefficients, divisor = (1.0,) * len(coefficients), float(len(coefficients))
-        if normalize:
-            total = vector.sum()
-            if total == 0:
-                raise ParameterModelWeightsSumToZeroError(
-                    f"The model weights for the parameter '{name}' that were passed to `merge()` "
-                    f"sum to 0 (models {contributors} have weights {vector.tolist()}), so they "
-                    "cannot be normalised. Either ensure that the weights never sum to 0, exclude "
-                    "the parameter via the `included` or `excluded` arguments, or pass "
-                    "`normalize=False` to use the weights as given."
-                )
-            vector = vector / total
-            divisor = total.item() if divisor is None else divisor
+        sharded = False
+        if unusual:  # some tensor is on the meta device or sharded: check this parameter's
+            _check_not_meta(name, entry, [(i, sources[i].entries[name]) for i in holders])
+            sharded = check_sharding(
+                name,
+                [("the base", entry)]
+                + [(f"models[{i}]", sources[i].entries[name]) for i in holders],
+                step_method,
+            )
+        vector = weight_of(name)
+        key = (weight_of.key(vector), tuple(contributors))
+        weighing = weighings.get(key)
+        if weighing is None:  # the torch arithmetic once per distinct weights (not per tensor)
+            weighing = weighings[key] = _weigh(name, vector[contributors], contributors, normalize)
+        weights_of_step, coefficients, divisor = weighing
         step_index[name] = len(steps)
         steps.append(
             Step(
                 name=name,
                 method=step_method,
                 contributors=tuple(contributors),
-                weights=tuple(vector.tolist()),
+                weights=weights_of_step,
                 uses_base=step_method.task_vectors or step_method.needs_base,
                 seed=seed if step_method.random else None,
                 coefficients=coefficients,
@@ -358,10 +385,11 @@ def _method_for(
     return None
 
 
-def _for_layer(method: Method, layer: int | None, layers: int) -> Method:
+def _for_layer(method: Method, name: str, layers: int) -> Method:
     """The method with any ``by_layer`` settings resolved for this parameter's block."""
     if not any(isinstance(v, ByLayer) for v in method.settings.values()):
         return method
+    layer = layer_index(name)
     settings = {
         key: value.at(layer, layers) if isinstance(value, ByLayer) else value
         for key, value in method.settings.items()

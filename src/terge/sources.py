@@ -10,11 +10,11 @@ match an unwrapped one's. ``raw_names`` keeps each canonical name's name in the 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,6 +30,8 @@ NameMap = Callable[[str], str]
 
 def strip_wrappers(name: str) -> str:
     """``name`` without the leading wrapper prefixes (``module.module._orig_mod.x`` -> ``x``)."""
+    if not name.startswith(WRAPPER_PREFIXES):
+        return name
     while True:
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix) and len(name) > len(prefix):
@@ -84,9 +86,9 @@ def canonical_names(raw: Iterable[str], rename: NameMap, where: str) -> dict[str
     return names
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What a source says about one tensor without reading it."""
+class Entry(NamedTuple):
+    """What a source says about one tensor without reading it (a named tuple: one is made per
+    tensor per model on every call, so it must be cheap to build)."""
 
     name: str
     shape: torch.Size
@@ -106,24 +108,31 @@ class Entry:
         return self.device.type == "meta"
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def view_key(tensor: torch.Tensor) -> Hashable:
-    """A key equal for two tensors exactly when they are the same view of the same memory."""
-    if is_dtensor(tensor):
+    """A key equal for two tensors exactly when they are the same view of the same memory.
+
+    ``data_ptr()`` is the view's first element (storage address plus offset), so with the shape,
+    strides and dtype it tells views apart without building a storage object per tensor.
+    """
+    if type(tensor) not in _PLAIN_TYPES and is_dtensor(tensor):
         return ("dtensor", view_key(tensor.to_local()))
-    if tensor.device.type == "meta" or tensor.numel() == 0:
+    device = tensor.device
+    if device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     try:
-        pointer = tensor.untyped_storage().data_ptr()
+        pointer = tensor.data_ptr()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without plain storage
         return ("object", id(tensor))
-    return (
-        tensor.device,
-        pointer,
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.stride(),
-        tensor.dtype,
-    )
+    return (device, pointer, tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
+def entry_of(name: str, tensor: torch.Tensor) -> Entry:
+    """What the plan needs to know of a tensor, read off it once."""
+    sharding = None if type(tensor) in _PLAIN_TYPES else sharding_of(tensor)
+    return Entry(name, tensor.shape, tensor.dtype, tensor.device, view_key(tensor), sharding)
 
 
 class Source:
@@ -149,14 +158,18 @@ class Source:
         self.canonical = {raw: name for name, raw in self.raw_names.items()}
         self._tensors = {self.canonical[raw]: t for raw, t in tensors.items()}
         self.entries: dict[str, Entry] = {
-            name: Entry(name, t.shape, t.dtype, t.device, view_key(t), sharding_of(t))
-            for name, t in self._tensors.items()
+            name: entry_of(name, t) for name, t in self._tensors.items()
         }
         self.others = tuple(self.canonical[raw] for raw in others)
         """Names of entries that are not tensors (kept from the base as they are)."""
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    @functools.cached_property
+    def unusual(self) -> bool:
+        """Whether any tensor is on the meta device or sharded (the plan checks these names)."""
+        return any(e.sharding is not None or e.is_meta for e in self.entries.values())
 
     @property
     def label(self) -> str:
