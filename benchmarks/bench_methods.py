@@ -17,7 +17,10 @@ base ``models[0]``:
   a pristine copy before every call (outside the timing), so each call merges the same inputs
   (an in-place merge otherwise moves the base towards the others call after call);
 - time is the best of the measured calls; extra peak memory is ``VmHWM`` during the call minus
-  ``VmRSS`` just before it (``_common.measure``), the worst of the measured calls.
+  ``VmRSS`` just before it (``_common.measure``), the worst of the measured calls;
+- the report says whether the compiled CPU loops were built and used (``terge._fastloop`` for
+  the linear methods, ``terge._fastmethods`` for the task-vector ones; ``TERGE_KERNELS=torch``
+  measures the plain-torch reference instead).
 
 The script always exits 0.
 """
@@ -89,9 +92,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         restore()
         runs.append(measure(call))
     peaks = [r.extra_peak_mib for r in runs if r.extra_peak_mib is not None]
+    from terge import fastmethods, kernels
+
     return {
         "method": args.method,
         "models": n_models,
+        "compiled": {
+            "linear": kernels.fast_loop_available(),
+            "task_vectors": fastmethods.available(),
+        },
         "seconds": min(r.seconds for r in runs),
         "all_seconds": [r.seconds for r in runs],
         "extra_peak_mib": max(peaks) if peaks else None,
@@ -174,6 +183,12 @@ def report(data: dict[str, Any]) -> str:
         )
     m = data["machine"]
     model = data["model"]
+    compiled = next((r["compiled"] for r in results.values() if "compiled" in r), None)
+    loops = (
+        "unknown"
+        if compiled is None
+        else ", ".join(f"{kind}: {'yes' if on else 'no'}" for kind, on in compiled.items())
+    )
     lines = [
         f"# terge merge-method benchmark — {m['date']}",
         "",
@@ -185,7 +200,8 @@ def report(data: dict[str, Any]) -> str:
         f"`terge.merge(models, method=NAME, seed=0, inplace=True)` on GPT-2-shaped fp32 models "
         f"({model['parameters'] / 1e6:.1f}M parameters, {model['mib']:.0f} MiB each), base "
         f"models[0]; best of {data['repeat']} after 1 warm-up, each method in a fresh subprocess; "
-        "extra peak memory = VmHWM during the call minus VmRSS before it (worst call).",
+        "extra peak memory = VmHWM during the call minus VmRSS before it (worst call). "
+        f"Compiled CPU loops used: {loops}.",
         "",
         markdown_table(
             ["method", "models", "time (s)", "relative to arithmetic", "extra peak memory (MiB)"],

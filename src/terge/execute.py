@@ -180,6 +180,20 @@ def run_step(
     if step.method.streaming:
         linear_combine(destination, inputs, step.coefficients, buffers, step.divisor)
         return
+    seed = derive_seed(step.seed or 0, step.name) if step.method.random else None
+    if (
+        layout is None
+        and buffers.dtype == torch.float64
+        and step.method.merge_into(
+            destination,
+            [t.detach() for t in inputs],
+            list(step.weights),
+            local(base.get(step.name)).detach() if step.uses_base else None,
+            seed,
+            scratch=buffers,
+        )
+    ):  # computed straight from the inputs as stored (whole CPU tensors, compiled loops)
+        return
     device, dtype = destination.device, buffers.dtype
     tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]
     reference = (
@@ -187,7 +201,6 @@ def run_step(
         if step.uses_base
         else None
     )
-    seed = derive_seed(step.seed or 0, step.name) if step.method.random else None
     result = step.method(
         tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
     )

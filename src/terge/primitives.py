@@ -15,6 +15,7 @@ kernels) can match them exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,10 +38,19 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     """The bit patterns of ``|values|`` as non-negative int64, which order exactly as the
-    magnitudes do (``+0`` lowest, ``inf`` above every finite value, NaN above ``inf``)."""
+    magnitudes do (``+0`` lowest, ``inf`` above every finite value), every NaN as the one pattern
+    just above ``inf``'s: a NaN's payload is no part of the result (torch's kernels give ``x - y``
+    either operand's payload when both are NaN), so it must not move a threshold."""
     width = values.element_size()
     bits = values.view(_INT_OF[width]).to(torch.int64)  # for float64, a view: never in place
-    return bits & ((1 << (8 * width - 1)) - 1)  # the sign bit cleared: |x|, -0 and NaN too
+    bits = bits & ((1 << (8 * width - 1)) - 1)  # the sign bit cleared: |x|, -0 and NaN too
+    return bits.clamp_max_(_infinity_bits(values.dtype) + 1)
+
+
+@functools.cache
+def _infinity_bits(dtype: torch.dtype) -> int:
+    integer = _INT_OF[torch.empty((), dtype=dtype).element_size()]
+    return int(torch.tensor(float("inf"), dtype=dtype).view(integer).item())
 
 
 def _check_float(values: torch.Tensor) -> None:

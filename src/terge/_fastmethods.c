@@ -1,0 +1,826 @@
+/* terge._fastmethods: the task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) on the
+ * CPU, straight from the inputs as stored (no float64 copies of whole tensors).
+ *
+ * The reference is methods._task_vector_merge (plain torch on float64 copies). These loops do its
+ * float64 operations in its order, so the results are equal bit for bit (tests/test_fast_methods):
+ *
+ *     t_i = x_i - b                  (both widened to float64, exactly; then one rounding)
+ *     d_i = t_i where kept, else +0  (kept: magnitude bits in [lo_i, hi_i), the trims'
+ *                                     thresholds; DARE: the draw below density, d_i = t_i / density)
+ *     e   = ((0 + d_0 w_0) + d_1 w_1) + ...         (each product rounded: never an FMA)
+ *     no consensus:  m = e
+ *     sign:          a_i = e >= 0 ? d_i > 0 : d_i < 0
+ *                    p = (0 + (a_i ? d_i : 0) w_i) + ...,  q = (0 + (a_i ? 1 : 0) w_i) + ...
+ *                    m = q != 0 ? p / q : p
+ *     out = b + m * scale, rounded once into out's dtype (as kernels.store_whole does)
+ *
+ * Divisions by powers of two (DARE's density 0.5, TIES' denominators with two equal weights) are
+ * multiplications by the exact inverse: the same real number, rounded the same way.
+ *
+ * The thresholds (each t_i's k-th largest magnitude bits, as primitives.magnitude_bits and
+ * kth_largest_magnitude_bits: the sign cleared, every NaN as inf + 1) come from scan(): one read
+ * of the base and the models counting the magnitudes above a bracket and collecting (or binning)
+ * those inside it; kth_largest() selects among those collected. terge.fastmethods chooses the
+ * brackets (from sample()), splits the work between threads and falls back to narrower passes
+ * where a bracket misses; everything here runs without the GIL.
+ *
+ * Compile with -ffp-contract=off: a fused multiply-add rounds once where the reference rounds
+ * twice. The hot loops are compiled for AVX-512, AVX2 and the baseline and chosen when the module
+ * loads; -DCLONED= (baseline only) and -DTERGE_NO_AVX512 (no compress loop) build the others for
+ * testing.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_convert.h"
+
+#define BLOCK 1024
+#define SCAN_BLOCK 128
+#define AHEAD 4 /* blocks */
+#define MAX_MODELS 64
+#define BINS 65536
+#define TOP (UINT64_C(1) << 63) /* above every magnitude's bit pattern */
+#define INF UINT64_C(0x7FF0000000000000)
+#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+#define MIX1 UINT64_C(0xBF58476D1CE4E5B9)
+#define MIX2 UINT64_C(0x94D049BB133111EB)
+
+enum { NO_SPARSIFY = 0, KEEP_RANGE = 1, KEEP_DRAWN = 2 };
+enum { NO_CONSENSUS = 0, SIGN = 1 };
+
+static const size_t ITEMSIZE[] = {8, 4, 2, 2};
+
+#if defined(_MSC_VER)
+#define RESTRICT __restrict
+#define ALWAYS_INLINE __forceinline
+#else
+#define RESTRICT restrict
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
+/* The hot loops are compiled once per instruction set (AVX-512, AVX2, baseline) and picked at
+ * load time, where the compiler can: wider vectors, the same IEEE operations. */
+#ifndef CLONED
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) &&     \
+    __GNUC__ >= 12
+#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONED
+#endif
+#endif
+
+/* --- element-wise helpers ---------------------------------------------------------------------- */
+
+/* |t|'s bit pattern (the sign bit cleared: -0 as +0), every NaN as INF + 1: as
+ * primitives.magnitude_bits, for which a NaN's payload does not count. */
+static inline uint64_t magnitude(double t) {
+    uint64_t u;
+    memcpy(&u, &t, sizeof u);
+    u &= ~TOP;
+    return u < INF + 1 ? u : INF + 1;
+}
+
+/* v where keep is 1, +0 where it is 0. */
+static inline double masked(double v, uint64_t keep) {
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    u &= -keep;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* a where pick is 1, b where it is 0. */
+static inline double choose(uint64_t pick, double a, double b) {
+    uint64_t u, v;
+    memcpy(&u, &a, sizeof u);
+    memcpy(&v, &b, sizeof v);
+    u = (u & -pick) | (v & (pick - 1));
+    memcpy(&a, &u, sizeof a);
+    return a;
+}
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * MIX1;
+    z = (z ^ (z >> 27)) * MIX2;
+    return z ^ (z >> 31);
+}
+
+/* Ask for the cache lines of m elements ahead of their use (the loops read several streams a
+ * block at a time, which the hardware prefetchers follow poorly). */
+static inline void prefetch(const char *p, int code, Py_ssize_t m) {
+#if defined(__GNUC__)
+    const Py_ssize_t bytes = m * (Py_ssize_t)ITEMSIZE[code];
+    for (Py_ssize_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+#else
+    (void)p, (void)code, (void)m;
+#endif
+}
+
+/* m elements of an input widened to float64: the input itself when it is float64. */
+static inline const double *widen(double *buffer, const char *p, int code, Py_ssize_t m) {
+    switch (code) {
+    case F64: return (const double *)p;
+    case F32:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = ((const float *)p)[k];
+        break;
+    case BF16:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = bf16_to_float(((const uint16_t *)p)[k]);
+        break;
+    default:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = f16_to_float(((const uint16_t *)p)[k]);
+        break;
+    }
+    return buffer;
+}
+
+/* m float64 values rounded once into out's dtype (bfloat16/float16 through float32 to odd). */
+static inline void narrow(char *out, int code, const double *r, Py_ssize_t m) {
+    switch (code) {
+    case F64:
+        for (Py_ssize_t k = 0; k < m; k++) ((double *)out)[k] = r[k];
+        break;
+    case F32:
+        for (Py_ssize_t k = 0; k < m; k++) ((float *)out)[k] = (float)r[k];
+        break;
+    case BF16:
+        for (Py_ssize_t k = 0; k < m; k++)
+            ((uint16_t *)out)[k] = float_to_bf16(round_to_odd(r[k]));
+        break;
+    default:
+        for (Py_ssize_t k = 0; k < m; k++) ((uint16_t *)out)[k] = float_to_f16(round_to_odd(r[k]));
+        break;
+    }
+}
+
+/* --- the thresholds: scan and select ----------------------------------------------------------- */
+
+/* One k-th largest being searched for in one model's task vector. It counts the magnitudes u in
+ * [hi, top) (above), and those in [lo, hi): when collecting (shift < 0), u == lo and u == hi - 1
+ * are only counted (floor, ceiling: a massive tie, such as the zeros of a task vector that is
+ * mostly unchanged, costs nothing) and those strictly between are collected into out (cap + 8
+ * slots; past cap only counted); when binning, all are counted in out[(u - lo) >> shift]. */
+typedef struct {
+    int model;
+    uint64_t lo, hi, top;
+    int shift;
+    uint64_t *out;
+    Py_ssize_t cap;
+    uint64_t from, width, floor_at, ceiling_at; /* kept: u - from < width; the ends (or TOP) */
+    Py_ssize_t above, inside, floor, ceiling;
+} Query;
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(TERGE_NO_AVX512)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+static int have_avx512; /* set when the module loads */
+
+/* count_and_collect()'s collecting case with AVX-512's compress, where the whole block fits
+ * below the cap (each store writes 8 slots: the out buffer has cap + 8). */
+__attribute__((target("avx512f"))) static void collect_avx512(Query *q, const uint64_t *u,
+                                                               Py_ssize_t m) {
+    const __m512i hi = _mm512_set1_epi64((long long)q->hi);
+    const __m512i over = _mm512_set1_epi64((long long)(q->top - q->hi));
+    const __m512i from = _mm512_set1_epi64((long long)q->from);
+    const __m512i width = _mm512_set1_epi64((long long)q->width);
+    const __m512i floor_at = _mm512_set1_epi64((long long)q->floor_at);
+    const __m512i ceiling_at = _mm512_set1_epi64((long long)q->ceiling_at);
+    const __m512i one = _mm512_set1_epi64(1);
+    __m512i above = _mm512_setzero_si512(), floor = above, ceiling = above; /* lane counts */
+    uint64_t *out = q->out + q->inside;
+    Py_ssize_t w = 0;
+    for (Py_ssize_t k = 0; k < m; k += 8) {
+        const __mmask8 valid = m - k >= 8 ? 0xFF : (__mmask8)((1u << (m - k)) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi64(valid, u + k);
+        const __mmask8 in = _mm512_mask_cmplt_epu64_mask(valid, _mm512_sub_epi64(v, from), width);
+        _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi64(in, v));
+        w += __builtin_popcount(in);
+        const __mmask8 a = _mm512_mask_cmplt_epu64_mask(valid, _mm512_sub_epi64(v, hi), over);
+        above = _mm512_mask_add_epi64(above, a, above, one);
+        if (q->floor_at != TOP) {
+            floor = _mm512_mask_add_epi64(
+                floor, _mm512_mask_cmpeq_epu64_mask(valid, v, floor_at), floor, one);
+            ceiling = _mm512_mask_add_epi64(
+                ceiling, _mm512_mask_cmpeq_epu64_mask(valid, v, ceiling_at), ceiling, one);
+        }
+    }
+    q->above += _mm512_reduce_add_epi64(above);
+    q->inside += w;
+    q->floor += _mm512_reduce_add_epi64(floor);
+    q->ceiling += _mm512_reduce_add_epi64(ceiling);
+}
+#endif
+
+/* Count a block's magnitudes u above and inside the query's ranges, and collect (or bin) those
+ * inside. flags (SCAN_BLOCK bytes, zero past m) mark them, so groups of 8 without any are skipped. */
+static inline void count_and_collect(Query *q, const uint64_t *u, uint8_t *flags, Py_ssize_t m) {
+#ifdef HAVE_AVX512
+    if (have_avx512 && q->shift < 0 && q->inside + m <= q->cap) {
+        collect_avx512(q, u, m);
+        return;
+    }
+#endif
+    const uint64_t hi = q->hi, over = q->top - q->hi, from = q->from, width = q->width;
+    const uint64_t floor_at = q->floor_at, ceiling_at = q->ceiling_at;
+    Py_ssize_t above = 0, inside = 0, floor = 0, ceiling = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        above += u[k] - hi < over;
+        flags[k] = u[k] - from < width;
+        inside += flags[k];
+        floor += u[k] == floor_at;
+        ceiling += u[k] == ceiling_at;
+    }
+    q->above += above;
+    q->floor += floor;
+    q->ceiling += ceiling;
+    if (inside == 0) return;
+    const Py_ssize_t had = q->inside;
+    q->inside += inside;
+    if (q->shift < 0 && q->inside > q->cap) return; /* past the cap only the count goes on */
+    uint64_t *out = q->out + (q->shift < 0 ? had : 0);
+    Py_ssize_t w = 0;
+    for (Py_ssize_t g = 0; g < m; g += 8) {
+        uint64_t any;
+        memcpy(&any, flags + g, sizeof any);
+        if (!any) continue;
+        for (Py_ssize_t k = g; k < g + 8; k++) {
+            if (q->shift >= 0) { /* bin 0 takes the + 0 of those outside */
+                out[flags[k] ? (u[k] - from) >> q->shift : 0] += flags[k];
+            } else {
+                out[w] = u[k]; /* within the cap + 8 slots: w <= inside */
+                w += flags[k];
+            }
+        }
+    }
+}
+
+CLONED
+static void scan(const char *base, int base_code, Py_ssize_t n, char *const *models,
+                 const int *codes, Query *queries, int count) {
+    double bbuf[SCAN_BLOCK], xbuf[SCAN_BLOCK];
+    uint64_t u[SCAN_BLOCK] = {0}; /* read past m (and ignored) in the last group of 8 */
+    uint8_t flags[SCAN_BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += SCAN_BLOCK) {
+        const Py_ssize_t m = n - start < SCAN_BLOCK ? n - start : SCAN_BLOCK;
+        const Py_ssize_t ahead = start + AHEAD * SCAN_BLOCK;
+        const Py_ssize_t later = n - ahead < SCAN_BLOCK ? n - ahead : SCAN_BLOCK;
+        if (m < SCAN_BLOCK) memset(flags, 0, sizeof flags);
+        if (later > 0) prefetch(base + ahead * ITEMSIZE[base_code], base_code, later);
+        const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
+        int current = -1;
+        for (int q = 0; q < count; q++) {
+            const int i = queries[q].model;
+            if (i != current) { /* queries come grouped by model */
+                if (later > 0) prefetch(models[i] + ahead * ITEMSIZE[codes[i]], codes[i], later);
+                const double *x = widen(xbuf, models[i] + start * ITEMSIZE[codes[i]], codes[i], m);
+                for (Py_ssize_t k = 0; k < m; k++) u[k] = magnitude(x[k] - b[k]);
+                current = i;
+            }
+            count_and_collect(&queries[q], u, flags, m);
+        }
+    }
+}
+
+/* m samples of each model's magnitudes (m a multiple of RUN, n >= m): runs of RUN adjacent
+ * elements (a cache line or two each), one at a pseudo-random place in each of m / RUN equal
+ * strata, so that no stride of the tensor's layout lines up with them. */
+#define RUN 8
+#define RUNS_AHEAD 16
+
+/* The first element of run r of runs over n elements. */
+static inline Py_ssize_t run_start(Py_ssize_t r, Py_ssize_t runs, Py_ssize_t n) {
+    const Py_ssize_t first = (Py_ssize_t)((double)r * (double)n / (double)runs);
+    const Py_ssize_t last = (Py_ssize_t)((double)(r + 1) * (double)n / (double)runs);
+    const Py_ssize_t room = last - first > RUN ? last - first - RUN + 1 : 1;
+    return first + (Py_ssize_t)(mix64((uint64_t)r + 1) % (uint64_t)room);
+}
+
+static void sample(const char *base, int base_code, Py_ssize_t n, char *const *models,
+                   const int *codes, int count, Py_ssize_t m, uint64_t *out) {
+    const Py_ssize_t runs = m / RUN;
+    double bbuf[RUN], xbuf[RUN];
+    for (Py_ssize_t r = 0; r < runs; r++) {
+        if (r + RUNS_AHEAD < runs) { /* the runs are far apart: many cache misses in flight */
+            const Py_ssize_t ahead = run_start(r + RUNS_AHEAD, runs, n);
+            prefetch(base + ahead * ITEMSIZE[base_code], base_code, RUN);
+            for (int i = 0; i < count; i++) {
+                prefetch(models[i] + ahead * ITEMSIZE[codes[i]], codes[i], RUN);
+            }
+        }
+        const Py_ssize_t j = run_start(r, runs, n);
+        const double *b = widen(bbuf, base + j * ITEMSIZE[base_code], base_code, RUN);
+        for (int i = 0; i < count; i++) {
+            const double *x = widen(xbuf, models[i] + j * ITEMSIZE[codes[i]], codes[i], RUN);
+            for (int k = 0; k < RUN; k++) out[i * m + r * RUN + k] = magnitude(x[k] - b[k]);
+        }
+    }
+}
+
+/* The k-th largest (1 <= k <= n) of a[0..n), all in [lo, hi) (lo < hi), and in *equal how
+ * many of them equal it: radix selection from the top, 11 bits at a time, moving the bin that
+ * holds it to the front (a is permuted, its values unchanged). */
+static uint64_t kth_largest(uint64_t *a, Py_ssize_t n, Py_ssize_t k, uint64_t lo, uint64_t hi,
+                            Py_ssize_t *equal) {
+    Py_ssize_t bins[1 << 11];
+    uint64_t span = hi - lo - 1;
+    for (;;) {
+        if (span == 0) { /* what is left is the one value */
+            *equal = n;
+            return lo;
+        }
+        int bits = 0;
+        while (bits < 64 && span >> bits) bits++;
+        const int shift = bits > 11 ? bits - 11 : 0;
+        const Py_ssize_t used = (Py_ssize_t)(span >> shift) + 1;
+        memset(bins, 0, used * sizeof bins[0]);
+        for (Py_ssize_t i = 0; i < n; i++) bins[(a[i] - lo) >> shift]++;
+        Py_ssize_t bin = used - 1;
+        while (bins[bin] < k) k -= bins[bin--];
+        Py_ssize_t w = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((Py_ssize_t)((a[i] - lo) >> shift) == bin) {
+                uint64_t t = a[i];
+                a[i] = a[w];
+                a[w++] = t;
+            }
+        }
+        n = w;
+        lo += (uint64_t)bin << shift;
+        span = shift ? ((uint64_t)1 << shift) - 1 : 0;
+    }
+}
+
+/* --- the merge ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    int sparsify, consensus, count;
+    int multiply; /* every division is by a power of two: multiply by its exact inverse instead */
+    double scale, density, inverse; /* inverse: 1 / density, exact when multiply */
+    uint64_t below; /* DARE keeps entry j when mix64(key + (j + 1) GOLDEN) >> 11 < below */
+    double weights[MAX_MODELS];
+    uint64_t lo[MAX_MODELS], hi[MAX_MODELS], keys[MAX_MODELS];
+} Spec;
+
+/* 1 / d for d = +-2^e, e in [-1022, 1022], exactly (the exponent negated in its bits), so that
+ * x * (1 / d) is x / d rounded the same way (both round the same real number). */
+static inline double power_of_two_inverse(double d) {
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    u = (u & TOP) | ((UINT64_C(0x7FE) << 52) - (u & ~TOP));
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+static inline double quotient(double num, double den, const int multiply) {
+    return multiply ? num * power_of_two_inverse(den) : num / den;
+}
+
+/* Model i's task vector entry t at global index j, sparsified. */
+static inline double sparsified(double t, const Spec *s, int i, uint64_t j, const int sparsify,
+                                const int multiply) {
+    /* bit masks rather than conditionals, which the compiler could turn into branches */
+    if (sparsify == KEEP_RANGE) return masked(t, magnitude(t) - s->lo[i] < s->hi[i] - s->lo[i]);
+    if (sparsify == KEEP_DRAWN) {
+        const double scaled = multiply ? t * s->inverse : t / s->density;
+        return masked(scaled, mix64(s->keys[i] + (j + 1) * GOLDEN) >> 11 < s->below);
+    }
+    return t;
+}
+
+/* 1 if d agrees with the elected sign (e >= 0: positive), else 0; every comparison evaluated,
+ * no branches, so that the loops vectorise.
+ *
+ * Where d disagrees, the reference adds (0 * w) to the numerator and the denominator: +0 or -0.
+ * The loops add +0 instead (masked(d * w, a), masked(w, a): one product fewer), which is the same:
+ * both sums start at +0 and never become -0 (in round-to-nearest, x + y is -0 only when x and y
+ * both are), and adding +-0 to anything else leaves it unchanged. */
+static inline uint64_t agrees(double e, double d) {
+    uint64_t u; /* positive (e >= 0) ? d > 0 : d < 0, as (positive ? d : -d) > 0 */
+    memcpy(&u, &d, sizeof u);
+    u ^= (uint64_t)!(e >= 0) << 63;
+    memcpy(&d, &u, sizeof d);
+    return d > 0;
+}
+
+/* The merge of one block, each element in registers: for up to FUSED models, the count known
+ * when compiled (the loops over the models unrolled, the loop over the elements vectorised).
+ * Float32 inputs and output (f32) are read and written where they lie; otherwise the inputs
+ * are float64 blocks (widened) and out a float64 block (narrowed after). */
+#define FUSED 4
+#define AT(p, k) (f32 ? (double)((const float *)(p))[k] : ((const double *)(p))[k])
+static ALWAYS_INLINE void fused(
+    void *out, const void *b, const void *const *xs, Py_ssize_t m, const Spec *s, uint64_t first,
+    const int count, const int sparsify, const int consensus, const int multiply, const int f32) {
+    const void *x[FUSED];
+    double w[FUSED];
+    for (int i = 0; i < count; i++) x[i] = xs[i], w[i] = s->weights[i];
+    const double scale = s->scale;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const double bk = AT(b, k);
+        double d[FUSED], dw[FUSED], e = 0.0;
+        for (int i = 0; i < count; i++) {
+            d[i] = sparsified(AT(x[i], k) - bk, s, i, first + (uint64_t)k, sparsify, multiply);
+            dw[i] = d[i] * w[i];
+            e = e + dw[i];
+        }
+        if (consensus == SIGN) {
+            double num = 0.0, den = 0.0;
+            for (int i = 0; i < count; i++) { /* see agrees() */
+                const uint64_t a = agrees(e, d[i]);
+                num = num + masked(dw[i], a);
+                den = den + masked(w[i], a);
+            }
+            e = choose(den != 0, quotient(num, den, multiply), num);
+        }
+        const double r = bk + e * scale;
+        if (f32) {
+            ((float *)out)[k] = (float)r;
+        } else {
+            ((double *)out)[k] = r;
+        }
+    }
+}
+
+typedef void (*fused_fn)(void *, const void *, const void *const *, Py_ssize_t, const Spec *,
+                         uint64_t, int);
+
+#define FUSED_CASE(COUNT, SPARSIFY, CONSENSUS, MULTIPLY)                                           \
+    case SPARSIFY * 4 + CONSENSUS * 2 + MULTIPLY:                                                  \
+        if (f32) {                                                                                 \
+            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, 1);               \
+        } else {                                                                                   \
+            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, 0);               \
+        }                                                                                          \
+        break;
+#define FUSED_CASES(COUNT, SPARSIFY)                                                               \
+    FUSED_CASE(COUNT, SPARSIFY, NO_CONSENSUS, 0)                                                   \
+    FUSED_CASE(COUNT, SPARSIFY, SIGN, 0)                                                           \
+    FUSED_CASE(COUNT, SPARSIFY, SIGN, 1)
+#define DEFINE_FUSED(COUNT)                                                                        \
+    CLONED static void fused_##COUNT(void *out, const void *b, const void *const *xs,             \
+                                     Py_ssize_t m, const Spec *s, uint64_t first, int f32) {       \
+        switch (s->sparsify * 4 + s->consensus * 2 + s->multiply) {                                \
+            FUSED_CASES(COUNT, NO_SPARSIFY)                                                        \
+            FUSED_CASES(COUNT, KEEP_RANGE)                                                         \
+            FUSED_CASES(COUNT, KEEP_DRAWN)                                                         \
+            FUSED_CASE(COUNT, KEEP_DRAWN, NO_CONSENSUS, 1)                                         \
+        }                                                                                          \
+    }
+
+DEFINE_FUSED(1)
+DEFINE_FUSED(2)
+DEFINE_FUSED(3)
+DEFINE_FUSED(4)
+
+static const fused_fn FUSED_FNS[FUSED + 1] = {NULL, fused_1, fused_2, fused_3, fused_4};
+
+/* More models: one model at a time through block buffers (deltas: count rows). */
+CLONED
+static void unfused(double *RESTRICT result, const double *RESTRICT b, const double *const *xs,
+                    Py_ssize_t m, const Spec *s, uint64_t first, double (*deltas)[BLOCK]) {
+    double e[BLOCK], num[BLOCK], den[BLOCK];
+    for (int i = 0; i < s->count; i++) {
+        const double w = s->weights[i], *x = xs[i];
+        double *d = deltas[i];
+        for (Py_ssize_t k = 0; k < m; k++) {
+            d[k] = sparsified(x[k] - b[k], s, i, first + (uint64_t)k, s->sparsify, s->multiply);
+            e[k] = (i ? e[k] : 0.0) + d[k] * w;
+        }
+    }
+    if (s->consensus == SIGN) {
+        for (Py_ssize_t k = 0; k < m; k++) num[k] = den[k] = 0.0;
+        for (int i = 0; i < s->count; i++) {
+            const double w = s->weights[i], *d = deltas[i];
+            for (Py_ssize_t k = 0; k < m; k++) { /* see agrees() */
+                const uint64_t a = agrees(e[k], d[k]);
+                num[k] = num[k] + masked(d[k] * w, a);
+                den[k] = den[k] + masked(w, a);
+            }
+        }
+        for (Py_ssize_t k = 0; k < m; k++) {
+            e[k] = den[k] != 0 ? quotient(num[k], den[k], s->multiply) : num[k];
+        }
+    }
+    for (Py_ssize_t k = 0; k < m; k++) result[k] = b[k] + e[k] * s->scale;
+}
+
+CLONED
+static void merge(char *out, int out_code, const char *base, int base_code, Py_ssize_t n,
+                  uint64_t first, char *const *models, const int *codes, const Spec *s,
+                  double (*buffers)[BLOCK]) {
+    double bbuf[BLOCK], result[BLOCK];
+    const void *xs[MAX_MODELS];
+    double (*deltas)[BLOCK] = buffers + s->count;
+    int f32 = s->count <= FUSED && out_code == F32 && base_code == F32;
+    for (int i = 0; i < s->count; i++) f32 &= codes[i] == F32;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        const uint64_t at = first + (uint64_t)start;
+        if (f32) { /* straight from the inputs into out */
+            for (int i = 0; i < s->count; i++) xs[i] = models[i] + start * sizeof(float);
+            FUSED_FNS[s->count](out + start * sizeof(float), base + start * sizeof(float), xs, m,
+                                s, at, 1);
+            continue;
+        }
+        const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
+        for (int i = 0; i < s->count; i++) {
+            xs[i] = widen(buffers[i], models[i] + start * ITEMSIZE[codes[i]], codes[i], m);
+        }
+        if (s->count <= FUSED) {
+            FUSED_FNS[s->count](result, b, xs, m, s, at, 0);
+        } else {
+            unfused(result, b, (const double *const *)xs, m, s, at, deltas);
+        }
+        narrow(out + start * ITEMSIZE[out_code], out_code, result, m);
+    }
+}
+
+/* --- Python bindings ----------------------------------------------------------------------------- */
+
+static int check_code(int code) {
+    if (code < F64 || code > F16) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
+        return 0;
+    }
+    return 1;
+}
+
+/* Addresses and dtype codes of the models, checked. */
+static int parse_models(PyObject *addresses_obj, PyObject *codes_obj, char **addresses,
+                        int *codes, int *count) {
+    PyObject *addresses_seq = PySequence_Fast(addresses_obj, "models must be a sequence");
+    if (!addresses_seq) return 0;
+    PyObject *codes_seq = PySequence_Fast(codes_obj, "codes must be a sequence");
+    int ok = 0;
+    if (!codes_seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(addresses_seq);
+    if (n < 1 || n > MAX_MODELS || PySequence_Fast_GET_SIZE(codes_seq) != n) {
+        PyErr_SetString(PyExc_ValueError, "models and codes must have the same length, 1 to 64");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        addresses[i] = (char *)(uintptr_t)PyLong_AsUnsignedLongLong(
+            PySequence_Fast_GET_ITEM(addresses_seq, i));
+        codes[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_seq, i));
+        if (PyErr_Occurred() || !check_code(codes[i])) goto done;
+    }
+    *count = (int)n;
+    ok = 1;
+done:
+    Py_DECREF(addresses_seq);
+    Py_XDECREF(codes_seq);
+    return ok;
+}
+
+/* The unsigned 64-bit integers of a sequence of count of them. */
+static int parse_u64s(PyObject *obj, uint64_t *values, int count, const char *what) {
+    PyObject *seq = PySequence_Fast(obj, what);
+    if (!seq) return 0;
+    int ok = PySequence_Fast_GET_SIZE(seq) == count;
+    if (!ok) PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, count);
+    for (int i = 0; ok && i < count; i++) {
+        values[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        ok = !PyErr_Occurred();
+    }
+    Py_DECREF(seq);
+    return ok;
+}
+
+PyDoc_STRVAR(scan_doc,
+             "scan(base, base_code, n, models, codes, queries)\n"
+             "    -> [(above, inside, floor, ceiling), ...]\n\n"
+             "One read of n elements of the base and the models (addresses, dtype codes). Each\n"
+             "query (model, lo, hi, top, shift, out, cap) counts the task vector's magnitude bits\n"
+             "u in [hi, top) (above). With shift < 0 it counts u == lo (floor) and u == hi - 1 > lo\n"
+             "(ceiling) and collects those between into out (cap + 8 uint64 slots; past cap only\n"
+             "counted: inside); else it counts [lo, hi) (inside) in out[(u - lo) >> shift].\n"
+             "Queries of one model must be adjacent.");
+
+static PyObject *py_scan(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long base;
+    int base_code, count;
+    Py_ssize_t n;
+    PyObject *models_obj, *codes_obj, *queries_obj;
+    if (!PyArg_ParseTuple(args, "KinOOO", &base, &base_code, &n, &models_obj, &codes_obj,
+                          &queries_obj)) {
+        return NULL;
+    }
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!check_code(base_code) || !parse_models(models_obj, codes_obj, models, codes, &count)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(queries_obj, "queries must be a sequence");
+    if (!seq) return NULL;
+    const Py_ssize_t nq = PySequence_Fast_GET_SIZE(seq);
+    Query queries[2 * MAX_MODELS];
+    PyObject *result = NULL;
+    if (nq < 1 || nq > 2 * MAX_MODELS) {
+        PyErr_SetString(PyExc_ValueError, "between 1 and 128 queries");
+        goto done;
+    }
+    for (Py_ssize_t q = 0; q < nq; q++) {
+        Query *query = &queries[q];
+        unsigned long long out;
+        int ends;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, q), "iKKKiKnp;a query",
+                              &query->model, &query->lo, &query->hi, &query->top, &query->shift,
+                              &out, &query->cap, &ends)) {
+            goto done;
+        }
+        const int binned = query->shift >= 0;
+        if (query->model < 0 || query->model >= count || query->lo > query->hi ||
+            query->hi > query->top ||
+            (binned && (query->shift > 63 || query->hi == query->lo ||
+                        (query->hi - query->lo - 1) >> query->shift >= BINS))) {
+            PyErr_SetString(PyExc_ValueError, "a query out of range");
+            goto done;
+        }
+        query->out = (uint64_t *)(uintptr_t)out;
+        query->above = query->inside = query->floor = query->ceiling = 0;
+        query->from = query->lo;
+        query->width = query->hi - query->lo;
+        query->floor_at = query->ceiling_at = TOP; /* no magnitude */
+        if (query->shift < 0 && ends) { /* collecting, the ends only counted */
+            const int two = query->width >= 2;
+            query->floor_at = query->lo;
+            query->ceiling_at = two ? query->hi - 1 : TOP;
+            query->from = query->lo + 1;
+            query->width = two ? query->width - 2 : 0;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    scan((const char *)(uintptr_t)base, base_code, n, models, codes, queries, (int)nq);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(nq);
+    for (Py_ssize_t q = 0; result && q < nq; q++) {
+        const Query *query = &queries[q];
+        PyList_SET_ITEM(result, q, Py_BuildValue("(nnnn)", query->above, query->inside,
+                                                 query->floor, query->ceiling));
+    }
+done:
+    Py_DECREF(seq);
+    return result;
+}
+
+PyDoc_STRVAR(sample_doc,
+             "sample(base, base_code, n, models, codes, m, out)\n\n"
+             "out[i * m:(i + 1) * m] = m samples (uint64) of the i-th model's task vector's\n"
+             "magnitude bits, in runs of 8 spread over the n elements (n >= m, m a multiple of 8).");
+
+static PyObject *py_sample(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long base, out_addr;
+    int base_code, count;
+    Py_ssize_t n, m;
+    PyObject *models_obj, *codes_obj;
+    if (!PyArg_ParseTuple(args, "KinOOnK", &base, &base_code, &n, &models_obj, &codes_obj, &m,
+                          &out_addr)) {
+        return NULL;
+    }
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!check_code(base_code) || !parse_models(models_obj, codes_obj, models, codes, &count)) {
+        return NULL;
+    }
+    if (m < RUN || m % RUN || n < m) {
+        PyErr_SetString(PyExc_ValueError, "sample: n >= m, m a multiple of 8");
+        return NULL;
+    }
+    uint64_t *out = (uint64_t *)(uintptr_t)out_addr;
+    Py_BEGIN_ALLOW_THREADS
+    sample((const char *)(uintptr_t)base, base_code, n, models, codes, count, m, out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(kth_largest_doc,
+             "kth_largest(values, segments, k, lo, hi) -> (value, equal)\n\n"
+             "The k-th largest of the uint64 values at address values in the (offset, count)\n"
+             "segments (all in [lo, hi)), which are first moved together (the memory is reused),\n"
+             "and how many of them equal it.");
+
+static PyObject *py_kth_largest(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long values_addr, lo, hi;
+    Py_ssize_t k;
+    PyObject *segments_obj;
+    if (!PyArg_ParseTuple(args, "KOnKK", &values_addr, &segments_obj, &k, &lo, &hi)) return NULL;
+    PyObject *seq = PySequence_Fast(segments_obj, "segments must be a sequence");
+    if (!seq) return NULL;
+    uint64_t *values = (uint64_t *)(uintptr_t)values_addr;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        Py_ssize_t offset, count;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "nn;a segment", &offset, &count)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        memmove(values + total, values + offset, count * sizeof *values);
+        total += count;
+    }
+    Py_DECREF(seq);
+    if (k < 1 || k > total || lo >= hi) {
+        PyErr_Format(PyExc_ValueError, "k = %zd is not between 1 and %zd", k, total);
+        return NULL;
+    }
+    uint64_t result;
+    Py_ssize_t equal;
+    Py_BEGIN_ALLOW_THREADS
+    result = kth_largest(values, total, k, lo, hi, &equal);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(Kn)", (unsigned long long)result, equal);
+}
+
+PyDoc_STRVAR(merge_doc,
+             "merge(out, out_code, base, base_code, n, first, models, codes, weights, sparsify,\n"
+             "      lows, highs, keys, density, below, consensus, scale)\n\n"
+             "n elements of base + scale * combine_i(w_i, sparsify(model_i - base)) into out (see\n"
+             "the file's comment); first is the global index of element 0 (DARE's draw).");
+
+static PyObject *py_merge(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, base, first, below;
+    int out_code, base_code;
+    Py_ssize_t n;
+    PyObject *models_obj, *codes_obj, *weights_obj, *lows_obj, *highs_obj, *keys_obj;
+    Spec *s = PyMem_Calloc(1, sizeof *s);
+    if (!s) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "KiKinKOOOiOOOdKidp", &out, &out_code, &base, &base_code, &n,
+                          &first, &models_obj, &codes_obj, &weights_obj, &s->sparsify,
+                          &lows_obj, &highs_obj, &keys_obj, &s->density, &below, &s->consensus,
+                          &s->scale, &s->multiply)) {
+        goto done;
+    }
+    s->below = below;
+    s->inverse = 1.0 / s->density;
+    /* only divisions matter: the fused loops are compiled for these combinations */
+    s->multiply = s->multiply && (s->sparsify == KEEP_DRAWN || s->consensus == SIGN);
+    if (s->sparsify < NO_SPARSIFY || s->sparsify > KEEP_DRAWN || s->consensus < NO_CONSENSUS ||
+        s->consensus > SIGN) {
+        PyErr_SetString(PyExc_ValueError, "unknown sparsification or consensus");
+        goto done;
+    }
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!check_code(out_code) || !check_code(base_code) ||
+        !parse_models(models_obj, codes_obj, models, codes, &s->count) ||
+        !parse_u64s(lows_obj, s->lo, s->count, "lows") ||
+        !parse_u64s(highs_obj, s->hi, s->count, "highs") ||
+        !parse_u64s(keys_obj, s->keys, s->count, "keys")) {
+        goto done;
+    }
+    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
+    if (!weights) goto done;
+    if (PySequence_Fast_GET_SIZE(weights) != s->count) {
+        PyErr_SetString(PyExc_ValueError, "one weight per model");
+    }
+    for (int i = 0; !PyErr_Occurred() && i < s->count; i++) {
+        s->weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, i));
+    }
+    Py_DECREF(weights);
+    if (PyErr_Occurred()) goto done;
+    double (*buffers)[BLOCK] = PyMem_RawMalloc(2 * s->count * sizeof *buffers);
+    if (!buffers) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    merge((char *)(uintptr_t)out, out_code, (const char *)(uintptr_t)base, base_code, n, first,
+          models, codes, s, buffers);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buffers);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", py_scan, METH_VARARGS, scan_doc},
+    {"sample", py_sample, METH_VARARGS, sample_doc},
+    {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
+    {"merge", py_merge, METH_VARARGS, merge_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastmethods",
+    "terge's CPU loops for the task-vector methods (see methods.py for the reference path).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fastmethods(void) {
+#ifdef HAVE_AVX512
+    __builtin_cpu_init();
+    have_avx512 = __builtin_cpu_supports("avx512f");
+#endif
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,430 @@
+"""The task-vector methods as compiled CPU loops, reading the inputs as stored.
+
+:func:`merge_into` writes what :func:`terge.methods._task_vector_merge` computes, bit for bit,
+without its float64 copies of every input: one read of the base and the models finds the trims'
+thresholds (TIES, breadcrumbs), and a second computes the task vectors, their masks or DARE's
+draws, the elected signs and the merge, rounding the result once into the destination. Both are
+split between threads. It runs for whole CPU tensors with float64 accumulation where
+``terge._fastmethods`` was built, unless ``TERGE_KERNELS=torch`` forces the reference.
+
+The thresholds are exact k-th largest magnitude bit patterns (as
+:func:`terge.primitives.kth_largest_magnitude_bits`). Samples spread over each task vector
+bracket the k-th; the pass counts the magnitudes above the bracket and collects those inside it
+(a few percent), and the k-th is selected among them. Where the bracket misses (or holds too
+many), 65,536-bin histograms narrow the range pass by pass, as
+:func:`terge.primitives.radix_kth_largest_bits` does, until it holds one value or few enough to
+collect: the samples only decide how fast, never what.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from .kernels import _ALIGN, _CODES, _PER_THREAD, _plain, _threads, fast_loop_available
+from .primitives import draw_key
+
+try:
+    from . import _fastmethods
+except ImportError:  # not compiled: methods.py's reference does the work
+    _fastmethods = None  # type: ignore[assignment]
+
+_TOP = 1 << 63
+"""Above every magnitude's bit pattern: no upper bound."""
+_MAX_MODELS = 64
+_SAMPLED = 1 << 16
+"""Task vectors at least this long get a sampled bracket; shorter ones collect every magnitude."""
+_SAMPLES = (1 << 11, 1 << 17)
+"""Fewest and most samples per task vector; in between ``n ** (2/3) / 2``, which balances the
+cost of sampling against that of the values collected, a share of ``1 / sqrt(samples)``."""
+_MARGIN = 5.0
+"""The bracket's half-width, in standard deviations of the sample's count above the k-th."""
+_COLLECT = 1 << 20
+"""Most values collected after a histogram pass; more take another histogram."""
+_BINS = 1 << 16
+_SLACK = 8
+"""Slots past the cap of a collecting buffer, which the compiled loop may write (not count)."""
+
+_SPARSIFY = {None: 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
+_CONSENSUS = {None: 0, "sign": 1}
+
+T = TypeVar("T")
+
+
+def available() -> bool:
+    """Whether the compiled loops are built and not switched off by ``TERGE_KERNELS=torch``."""
+    return _fastmethods is not None and fast_loop_available()
+
+
+def merge_into(
+    destination: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor | None,
+    *,
+    seed: int | None = None,
+    sparsification: str | None,
+    consensus: str | None,
+    scale: float = 1.0,
+    density: float = 1.0,
+    gamma: float = 0.0,
+    scratch: object | None = None,
+    **_: Any,
+) -> bool:
+    """Write the task-vector merge (see :func:`terge.methods._task_vector_merge`) into
+    ``destination``, which may be ``base`` itself; ``False`` (and nothing written) where the
+    compiled loops do not apply: not built, not plain whole CPU tensors, or no seed to draw from.
+    Scratch memory is kept for the calls given the same ``scratch`` object (one merge's buffers)
+    and freed with it."""
+    if base is None or not _applies(destination, tensors, weights, base, seed, sparsification):
+        return False
+    workspace = _Workspace() if scratch is None else _WORKSPACES.setdefault(scratch, _Workspace())
+    lows, highs = _bounds(base, tensors, sparsification, density, gamma, workspace)
+    if sparsification == "random" and density == 1:  # the reference keeps every entry, undivided
+        sparsification = None
+    keys = [draw_key(seed, i) if sparsification == "random" else 0 for i in range(len(tensors))]
+    multiply = (sparsification != "random" or _power_of_two(density)) and (
+        consensus != "sign" or _exact_denominators(tuple(float(w) for w in weights))
+    )
+    settings = (
+        [float(w) for w in weights],
+        _SPARSIFY[sparsification],
+        lows,
+        highs,
+        keys,
+        float(density),
+        math.ceil(density * 2.0**53),  # u = z * 2**-53 < density exactly when z < this
+        _CONSENSUS[consensus],
+        float(scale),
+        multiply,
+    )
+
+    def part(start: int, stop: int) -> None:
+        _fastmethods.merge(
+            destination.data_ptr() + start * destination.element_size(),
+            _CODES[destination.dtype],
+            base.data_ptr() + start * base.element_size(),
+            _CODES[base.dtype],
+            stop - start,
+            start,
+            _addresses(tensors, start),
+            [_CODES[t.dtype] for t in tensors],
+            *settings,
+        )
+
+    _run([lambda start=start, stop=stop: part(start, stop) for start, stop in _ranges(base)])
+    return True
+
+
+def _applies(
+    destination: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor,
+    seed: int | None,
+    sparsification: str | None,
+) -> bool:
+    """Whether the compiled loops can take this merge: built and allowed, whole contiguous CPU
+    tensors of one shape, a seed for a random method, no partial overlaps."""
+    return (
+        available()
+        and 0 < len(tensors) == len(weights) <= _MAX_MODELS
+        and destination.numel() > 0
+        and (seed is not None or sparsification != "random")
+        and _plain(destination)
+        and all(_plain(t) and t.shape == destination.shape for t in (base, *tensors))
+        and not any(_overlap(destination, t) for t in (base, *tensors))
+    )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory other than element for element (the loops read each
+    element of the inputs before writing the same element of the destination, nothing more)."""
+    if a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size():
+        return False
+    a_end = a.data_ptr() + a.numel() * a.element_size()
+    b_end = b.data_ptr() + b.numel() * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
+
+
+def _power_of_two(value: float) -> bool:
+    """Whether ``value`` is +-2**e with ``1 / value`` exact and both normal: dividing by it is
+    multiplying by its inverse, the same real number rounded the same way."""
+    mantissa, exponent = math.frexp(value)
+    return abs(mantissa) == 0.5 and -1021 <= exponent <= 1023
+
+
+_MAX_MODELS_EXACT = 8
+"""Most models whose denominators are checked (2 ** models sums); more always divide."""
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_denominators(weights: tuple[float, ...]) -> bool:
+    """Whether every value TIES' denominator can take is 0 or a power of two: the weights of each
+    subset of the models that agree, summed in model order as the loops sum them."""
+    if len(weights) > _MAX_MODELS_EXACT:
+        return False
+    for pattern in range(1 << len(weights)):
+        total = 0.0
+        for i, weight in enumerate(weights):
+            total = total + (1.0 if pattern >> i & 1 else 0.0) * weight
+        if total != 0 and not _power_of_two(total):
+            return False
+    return True
+
+
+class _Workspace:
+    """int64 scratch tensors by role, kept from tensor to tensor and grown as needed: their pages
+    are mapped once, not faulted in again for every tensor."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[object, torch.Tensor] = {}
+
+    def get(self, role: object, size: int) -> torch.Tensor:
+        tensor = self._tensors.get(role)
+        if tensor is None or tensor.numel() < size:
+            tensor = self._tensors[role] = torch.empty(size, dtype=torch.int64)
+        return tensor[:size]
+
+
+_WORKSPACES: weakref.WeakKeyDictionary[object, _Workspace] = weakref.WeakKeyDictionary()
+
+
+# --- threads --------------------------------------------------------------------------------------
+
+
+def _ranges(tensor: torch.Tensor) -> list[tuple[int, int]]:
+    """One range of the tensor's elements per thread (as ``kernels._fused`` splits them)."""
+    total = tensor.numel()
+    workers = min(torch.get_num_threads(), max(1, total // _PER_THREAD))
+    if workers == 1:
+        return [(0, total)]
+    step = -(-total // workers // _ALIGN) * _ALIGN
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _run(parts: Sequence[Callable[[], T]]) -> list[T]:
+    """Call each of ``parts``, the first in this thread and the others in the worker threads."""
+    if len(parts) <= 1:
+        return [part() for part in parts]
+    futures = [_threads().submit(part) for part in parts[1:]]
+    first = parts[0]()
+    return [first, *(future.result() for future in futures)]
+
+
+# --- thresholds -----------------------------------------------------------------------------------
+
+
+def _bounds(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    sparsification: str | None,
+    density: float,
+    gamma: float,
+    workspace: _Workspace,
+) -> tuple[list[int], list[int]]:
+    """Each task vector's kept magnitude bits ``[low, high)``: methods._keep_largest's and
+    methods._keep_breadcrumbs' thresholds (everything when they keep everything)."""
+    count = len(tensors)
+    lows, highs = [0] * count, [_TOP] * count
+    n = base.numel()
+    keep = max(1, int(density * n))
+    if sparsification not in ("magnitude", "breadcrumbs") or keep >= n:
+        return lows, highs
+    top = min(int(gamma * n), n - keep) if sparsification == "breadcrumbs" else 0
+    low_searches = [_Search(i, top + keep) for i in range(count)]
+    high_searches = [_Search(i, top) for i in range(count)] if top else []
+    _select(base, tensors, low_searches + high_searches, workspace)
+    for search in low_searches:
+        lows[search.model] = search.value  # type: ignore[assignment]
+    for search in high_searches:
+        highs[search.model] = search.value  # type: ignore[assignment]
+    return lows, highs
+
+
+@dataclass
+class _Search:
+    """The ``rank``-th largest magnitude of a model's task vector, narrowed pass by pass: it is
+    always the ``rank``-th largest of the magnitudes in ``[low, high)``."""
+
+    model: int
+    rank: int
+    value: int | None = None
+    low: int = 0
+    high: int = _TOP
+    lo: int = 0
+    hi: int = _TOP
+    """The next pass collects ``[lo, hi)`` (into ``cap`` slots per range) and counts
+    ``[hi, high)``; with ``cap`` 0, it counts ``[low, high)`` in 65,536 bins."""
+    cap: int = 0
+    ends: bool = True
+    """Collecting, count ``lo`` and ``hi - 1`` rather than collect them: where many are tied."""
+
+    @property
+    def shift(self) -> int:
+        """Bits dropped from ``u - low`` to make a bin index."""
+        return max(0, (self.high - self.low - 1).bit_length() - 16)
+
+
+def _select(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    searches: list[_Search],
+    workspace: _Workspace,
+) -> None:
+    """Fill in each search's value, one read of every input per pass."""
+    n = base.numel()
+    if n < _SAMPLED:
+        for search in searches:
+            search.cap = n
+    else:
+        _bracket(base, tensors, searches, workspace)
+    while pending := [s for s in searches if s.value is None]:
+        _pass(base, tensors, sorted(pending, key=lambda s: s.model), workspace)
+
+
+def _addresses(tensors: Sequence[torch.Tensor], start: int) -> list[int]:
+    return [t.data_ptr() + start * t.element_size() for t in tensors]
+
+
+def _bracket(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    searches: list[_Search],
+    workspace: _Workspace,
+) -> None:
+    """A first range for each search from samples spread over its task vector: where the k-th of
+    the whole would fall among them, give or take ``_MARGIN`` standard deviations."""
+    n = base.numel()
+    m = min(max(round(n ** (2 / 3) / 2), _SAMPLES[0]), _SAMPLES[1], n) // 8 * 8
+    sample = workspace.get("sample", len(tensors) * m)
+    _fastmethods.sample(
+        base.data_ptr(),
+        _CODES[base.dtype],
+        n,
+        _addresses(tensors, 0),
+        [_CODES[t.dtype] for t in tensors],
+        m,
+        sample.data_ptr(),
+    )
+    whole = [(0, m)]
+    for search in searches:
+        row = sample.data_ptr() + search.model * m * 8
+        share = search.rank / n
+        spread = _MARGIN * math.sqrt(m * share * (1 - share)) + 1
+        first, last = math.floor(share * m - spread), math.ceil(share * m + spread)
+        top, tied_top = (_TOP - 1, 1) if first < 1 else _kth(row, whole, first)
+        search.lo, tied_low = (0, 1) if last > m else _kth(row, whole, last)
+        search.hi = top + 1
+        search.cap = min(n, 2 * math.ceil((last - first + 1) * n / m) + 4096)
+        search.ends = tied_top > 1 or tied_low > 1  # ties in the sample: many more in the whole
+
+
+def _kth(values: int, segments: list[tuple[int, int]], k: int) -> tuple[int, int]:
+    """The k-th largest magnitude bits among samples, and how many are tied with it."""
+    return _fastmethods.kth_largest(values, segments, k, 0, _TOP)
+
+
+def _pass(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    searches: list[_Search],
+    workspace: _Workspace,
+) -> None:
+    """One read of the inputs for every pending search (grouped by model), split between
+    threads, then each search narrowed (or finished) by what it counted. Each range collects
+    into its own part of a search's buffer (up to ``cap`` values each: pages never written are
+    never mapped) or counts into its own histogram."""
+    ranges = _ranges(base)
+    pieces = len(ranges)
+    buffers = [
+        workspace.get(q, pieces * (s.cap + _SLACK))
+        if s.cap
+        else workspace.get(q, pieces * _BINS).zero_()
+        for q, s in enumerate(searches)
+    ]
+
+    def part(piece: int) -> list[tuple[int, int]]:
+        start, stop = ranges[piece]
+        queries = []
+        for search, buffer in zip(searches, buffers, strict=True):
+            if search.cap:
+                bounds, shift, slots = (search.lo, search.hi, search.high), -1, search.cap + _SLACK
+            else:
+                bounds, shift, slots = (search.low, search.high, search.high), search.shift, _BINS
+            out = buffer.data_ptr() + piece * slots * 8
+            queries.append((search.model, *bounds, shift, out, search.cap, search.ends))
+        return _fastmethods.scan(
+            base.data_ptr() + start * base.element_size(),
+            _CODES[base.dtype],
+            stop - start,
+            _addresses(tensors, start),
+            [_CODES[t.dtype] for t in tensors],
+            queries,
+        )
+
+    counts = _run([lambda piece=piece: part(piece) for piece in range(pieces)])
+    finish = []
+    for q, (search, buffer) in enumerate(zip(searches, buffers, strict=True)):
+        found = [c[q] for c in counts]
+        if search.cap:
+            finish += _collected(search, buffer, found)
+        else:
+            _binned(search, buffer.view(pieces, _BINS).sum(0))
+    _run(finish)
+
+
+def _collected(search: _Search, buffer: torch.Tensor, found: list[tuple[int, ...]]) -> list:
+    """Narrow ``search`` by a collecting pass's (above, inside, floor, ceiling) counts per
+    range; return the selection to run when the k-th was among the values collected."""
+    above, inside, floor, ceiling = (sum(counts) for counts in zip(*found, strict=True))
+    if search.rank <= above:  # the bracket was too low
+        search.low, search.cap = search.hi, 0
+        return []
+    if search.rank > above + ceiling + inside + floor:  # too high
+        search.rank -= above + ceiling + inside + floor
+        search.high, search.cap = search.lo, 0
+        return []
+    search.rank -= above
+    search.low, search.high = search.lo, search.hi
+    if search.rank <= ceiling:
+        search.value = search.high - 1
+        return []
+    if search.rank > ceiling + inside:
+        search.value = search.low
+        return []
+    if any(counts[1] > search.cap for counts in found):  # too many to hold: histograms take over
+        search.cap = 0
+        return []
+    rank, slots = search.rank - ceiling, search.cap + _SLACK
+    segments = [(piece * slots, counts[1]) for piece, counts in enumerate(found)]
+
+    def select() -> None:  # among the values strictly between low and high - 1, or all of them
+        ends = search.ends
+        low, high = (search.low + 1, search.high - 1) if ends else (search.low, search.high)
+        search.value = _fastmethods.kth_largest(buffer.data_ptr(), segments, rank, low, high)[0]
+
+    return [select]
+
+
+def _binned(search: _Search, histogram: torch.Tensor) -> None:
+    """Narrow ``search`` to the bin that holds its k-th: its value when the bin is one wide, else
+    the next pass collects the bin or, if it is too full, bins it again."""
+    from_top = histogram.flip(0).cumsum(0)  # from_top[i]: values in the i + 1 top bins
+    position = int(torch.searchsorted(from_top, search.rank))
+    if position:
+        search.rank -= int(from_top[position - 1])
+    shift, index = search.shift, _BINS - 1 - position
+    search.low += index << shift
+    search.high = min(search.high, search.low + (1 << shift))
+    if shift == 0:
+        search.value = search.low
+        return
+    count = int(histogram[index])
+    search.lo, search.hi, search.cap = search.low, search.high, count if count <= _COLLECT else 0
