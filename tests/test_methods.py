@@ -642,4 +642,26 @@ def test_dare_draws_the_same_on_any_device(factory):
     on_cuda = factory(density=0.4)(cuda, [0.5, 0.5], base.cuda(), seed=3)
     assert on_cuda.device.type == "cuda"
     assert torch.equal((on_cuda.cpu() != base), (on_cpu != base))  # the same entries dropped
-    torch.testing.assert_close(on_cuda.cpu(), on_cpu)
+    assert torch.equal(on_cuda.cpu(), on_cpu)  # and the same bits: the rescale divides exactly
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "name", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"]
+)
+def test_task_vector_merges_give_the_same_bits_on_the_gpu_as_on_the_cpu(name):
+    """A merge of GPU models (the torch reference on the GPU) equals the CPU's (the compiled
+    loops where built) bit for bit, for bf16 and fp32 parameters."""
+    import terge
+
+    torch.manual_seed(0)
+    cpu = [
+        {"w": torch.randn(257, 129), "h": torch.randn(4099).bfloat16(), "b": torch.randn(7)}
+        for _ in range(3)
+    ]
+    gpu = [{k: v.cuda() for k, v in m.items()} for m in cpu]
+    on_cpu = terge.merge(cpu, method=name, weights=[1.0, 0.7, 0.3], seed=5)
+    on_gpu = terge.merge(gpu, method=name, weights=[1.0, 0.7, 0.3], seed=5)
+    for key, value in on_cpu.items():
+        assert on_gpu[key].device.type == "cuda"
+        assert torch.equal(on_gpu[key].cpu(), value), key

@@ -103,7 +103,8 @@ def test_halfway_cases_round_once_to_nearest_even():
 
 
 @needs_gpu
-def test_more_inputs_than_one_launch_takes_use_the_reference():
+def test_more_inputs_than_one_launch_takes_use_the_reference(monkeypatch):
+    monkeypatch.setenv("TERGE_KERNELS", "auto")  # the Triton loop on, even in a reference-only run
     sources = [torch.randn(1000, device="cuda") for _ in range(9)]
     got = torch.empty(1000, device="cuda")
     calls = []
@@ -116,7 +117,8 @@ def test_more_inputs_than_one_launch_takes_use_the_reference():
 
 
 @needs_gpu
-def test_merge_of_gpu_models_uses_the_triton_loop_and_equals_the_cpu_merge():
+def test_merge_of_gpu_models_uses_the_triton_loop_and_equals_the_cpu_merge(monkeypatch):
+    monkeypatch.setenv("TERGE_KERNELS", "auto")  # the Triton loop on, even in a reference-only run
     torch.manual_seed(0)
     models = [
         {"a": torch.randn(300, 77).bfloat16(), "b": torch.randn(5000), "c": torch.randn(3).half()}

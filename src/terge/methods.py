@@ -21,7 +21,9 @@ callable ``f(tensors, weights, base)`` is accepted wherever a method is.
 The task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) share one core,
 :func:`_task_vector_merge`, configured by a *sparsification* (none, magnitude, random, breadcrumbs)
 and a *consensus* (none, or TIES' sign election with its disjoint mean), so a fix to one is a fix
-to all. Their task vectors are ``tau_i = theta_i - base``.
+to all. Their task vectors are ``tau_i = theta_i - base``. That core is the reference: for whole
+CPU tensors with float64 accumulation, :mod:`terge.fastmethods` computes the same bits in
+compiled loops straight from the inputs as stored (a method's ``into``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
+from .fastmethods import merge_into
 from .layerwise import ByLayer
 from .primitives import (
     DRAW_CHUNK,
@@ -100,6 +103,11 @@ class Method:
     elementwise: bool = False
     """Each entry of the result depends only on the same entry of the inputs, so ``function``
     runs on each shard of a sharded parameter as it is."""
+    into: Callable[..., bool] | None = None
+    """Optionally, ``function`` computed straight into the destination from the inputs as stored
+    (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
+    [seed=], scratch=, **settings)`` returns ``False``, having written nothing, where it does not
+    apply."""
 
     def __call__(
         self,
@@ -117,6 +125,25 @@ class Method:
         if self.layout_aware:
             options["layout"] = layout
         return self.function(tensors, weights, base, **options, **self.settings)
+
+    def merge_into(
+        self,
+        destination: torch.Tensor,
+        tensors: list[torch.Tensor],
+        weights: list[float],
+        base: torch.Tensor | None,
+        seed: int | None = None,
+        scratch: object | None = None,
+    ) -> bool:
+        """Merge whole ``tensors`` (as stored) straight into ``destination`` with :attr:`into`,
+        float64 accumulation; ``False`` where it does not apply (then call the method).
+        ``scratch`` identifies one merge's scratch memory, reused from tensor to tensor."""
+        if self.into is None:
+            return False
+        options = {"seed": seed} if self.random else {}
+        return self.into(
+            destination, tensors, weights, base, scratch=scratch, **options, **self.settings
+        )
 
 
 # --- setting checks -------------------------------------------------------------------------------
@@ -252,6 +279,9 @@ def _random_drop(
         stop = min(start + DRAW_CHUNK, flat.numel())
         draw = counter_uniform(key, layout.indices(start, stop, flat.device))
         flat[start:stop].masked_fill_(draw >= density, 0)
+    if tau.device.type != "cpu":  # torch divides a GPU tensor by a Python number as a product
+        # with its reciprocal, not always the quotient; dividing by a tensor is exact, as on the CPU
+        return tau.div_(torch.tensor(density, dtype=tau.dtype, device=tau.device))
     return tau.div_(density)
 
 
@@ -294,31 +324,34 @@ def _task_vector_merge(
             return _keep_breadcrumbs(tau, density, gamma, layout)
         return tau
 
+    # Every product is rounded before it is added (``acc.add_(x.mul_(w))``, never
+    # ``acc.add_(x, alpha=w)``, which torch may compute as a fused multiply-add in its vectorised
+    # loop and not in its tail), so the result is well defined and the compiled loops match it.
     if consensus is None:  # one task vector alive at a time
         merged = torch.zeros_like(base)
         for position, (theta, weight) in enumerate(zip(tensors, weights, strict=True)):
-            merged.add_(sparsified(theta, position), alpha=weight)
-        return base.add(merged, alpha=scale)
+            merged.add_(sparsified(theta, position).mul_(weight))
+        return base + merged.mul_(scale)
 
     # TIES (https://arxiv.org/abs/2306.01708): the sign with the larger weighted mass wins (a tie
     # counts as +), and each entry is the weighted mean of the task vectors that agree with it.
     deltas = [sparsified(theta, position) for position, theta in enumerate(tensors)]
     elected = torch.zeros_like(base)
     for delta, weight in zip(deltas, weights, strict=True):
-        elected.add_(delta, alpha=weight)
+        elected.add_(delta * weight)
     positive = elected >= 0
     del elected
     numerator = torch.zeros_like(base)
     denominator = torch.zeros_like(base)
     for delta, weight in zip(deltas, weights, strict=True):
         agrees = torch.where(positive, delta > 0, delta < 0)
-        numerator.add_(delta.masked_fill(~agrees, 0), alpha=weight)
-        denominator.add_(agrees.to(base.dtype), alpha=weight)
+        numerator.add_(delta.masked_fill(~agrees, 0).mul_(weight))
+        denominator.add_(agrees.to(base.dtype).mul_(weight))
     del deltas
     # Where no model agrees the numerator is 0 too; where agreeing weights cancel (only possible
     # with unnormalised signed weights) the weighted sum stands, as in mergekit.
     merged = torch.where(denominator != 0, numerator / denominator, numerator)
-    return base.add(merged, alpha=scale)
+    return base + merged.mul_(scale)
 
 
 def _task_vector_method(
@@ -331,9 +364,11 @@ def _task_vector_method(
     function = partial(
         _task_vector_merge, name=name, sparsification=sparsification, consensus=consensus
     )
+    into = partial(merge_into, sparsification=sparsification, consensus=consensus)
     return Method(
         name,
         function,
+        into=into,
         settings=settings,
         task_vectors=True,
         needs_base=True,
