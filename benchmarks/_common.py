@@ -91,6 +91,31 @@ class GPT2Like(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
 
 
+class Layer(nn.Module):
+    def __init__(self, hidden: int, mlp: int, kv: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(hidden, hidden, bias=False)
+        self.k = nn.Linear(hidden, kv, bias=False)
+        self.v = nn.Linear(hidden, kv, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+        self.gate = nn.Linear(hidden, mlp, bias=False)
+        self.up = nn.Linear(hidden, mlp, bias=False)
+        self.down = nn.Linear(mlp, hidden, bias=False)
+        self.norm1 = nn.Parameter(torch.ones(hidden))
+        self.norm2 = nn.Parameter(torch.ones(hidden))
+
+
+class LlamaShaped(nn.Module):
+    """A Llama-shaped model (untied head, ``kv`` wide key/value projections), no forward."""
+
+    def __init__(self, layers: int, vocab: int, hidden: int, mlp: int, kv: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(Layer(hidden, mlp, kv) for _ in range(layers))
+        self.norm = nn.Parameter(torch.ones(hidden))
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+
 def num_parameters(config: GPT2Config) -> int:
     """Number of parameters of :func:`build_gpt2` for ``config`` (allocates nothing)."""
     with torch.device("meta"):

@@ -43,38 +43,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import terge
-from _common import command_line, machine_info, markdown_table
+from _common import LlamaShaped, command_line, machine_info, markdown_table
 
 TARGET = 0.60
 """The merge's bandwidth must reach this share of the copy bandwidth."""
 
 
-class Layer(nn.Module):
-    def __init__(self, hidden: int, mlp: int) -> None:
-        super().__init__()
-        self.q = nn.Linear(hidden, hidden, bias=False)
-        self.k = nn.Linear(hidden, hidden, bias=False)
-        self.v = nn.Linear(hidden, hidden, bias=False)
-        self.o = nn.Linear(hidden, hidden, bias=False)
-        self.gate = nn.Linear(hidden, mlp, bias=False)
-        self.up = nn.Linear(hidden, mlp, bias=False)
-        self.down = nn.Linear(mlp, hidden, bias=False)
-        self.norm1 = nn.Parameter(torch.ones(hidden))
-        self.norm2 = nn.Parameter(torch.ones(hidden))
-
-
-class Llama7BShaped(nn.Module):
-    def __init__(self, layers: int = 32, vocab=32000, hidden=4096, mlp=11008) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(Layer(hidden, mlp) for _ in range(layers))
-        self.norm = nn.Parameter(torch.ones(hidden))
-        self.head = nn.Linear(hidden, vocab, bias=False)
-
-
 def build(layers: int, seed: int, device: torch.device) -> nn.Module:
     with torch.device("meta"):
-        model = Llama7BShaped(layers).to(torch.bfloat16)
+        model = LlamaShaped(layers, vocab=32000, hidden=4096, mlp=11008, kv=4096)
+        model = model.to(torch.bfloat16)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

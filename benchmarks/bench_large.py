@@ -22,42 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import terge
-from _common import command_line, machine_info
+from _common import LlamaShaped, command_line, machine_info
 
 TARGET = 1.2
 
 
-class Layer(nn.Module):
-    def __init__(self, hidden: int, mlp: int, kv: int) -> None:
-        super().__init__()
-        self.q = nn.Linear(hidden, hidden, bias=False)
-        self.k = nn.Linear(hidden, kv, bias=False)
-        self.v = nn.Linear(hidden, kv, bias=False)
-        self.o = nn.Linear(hidden, hidden, bias=False)
-        self.gate = nn.Linear(hidden, mlp, bias=False)
-        self.up = nn.Linear(hidden, mlp, bias=False)
-        self.down = nn.Linear(mlp, hidden, bias=False)
-        self.norm1 = nn.Parameter(torch.ones(hidden))
-        self.norm2 = nn.Parameter(torch.ones(hidden))
-
-
-class LlamaShaped(nn.Module):
-    def __init__(self, layers: int, vocab=32000, hidden=2048, mlp=5632, kv=256) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(Layer(hidden, mlp, kv) for _ in range(layers))
-        self.norm = nn.Parameter(torch.ones(hidden))
-        self.head = nn.Linear(hidden, vocab, bias=False)
-
-
 def build(layers: int, seed: int) -> LlamaShaped:
     with torch.device("meta"):
-        model = LlamaShaped(layers)
+        model = LlamaShaped(layers, vocab=32000, hidden=2048, mlp=5632, kv=256)
     model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
