@@ -1,6 +1,6 @@
 """Build the optional compiled CPU loops; everything else is declared in pyproject.toml.
 
-``terge._fastloop`` (the linear merges) and ``terge._fastmethods`` (the task-vector methods) are
+``terge.kernels._fastloop`` (the linear merges) and ``terge.kernels._fastmethods`` (the task-vector methods) are
 compiled where a C compiler is present. Where they cannot be built the install still succeeds
 (``optional=True``) and terge runs the same arithmetic in plain torch ops, equal bit for bit and
 slower. ``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add into one
@@ -16,9 +16,9 @@ flags = ["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-con
 
 def extension(name: str) -> Extension:
     return Extension(
-        f"terge.{name}",
-        sources=[f"src/terge/{name}.c"],
-        depends=["src/terge/_convert.h"],
+        f"terge.kernels.{name}",
+        sources=[f"src/terge/kernels/{name}.c"],
+        depends=["src/terge/kernels/_convert.h"],
         extra_compile_args=flags,
         optional=True,
     )

@@ -96,6 +96,15 @@ def _import_terge(expect_dir: str) -> Any:
     return terge
 
 
+def _compiled_loop(terge: Any) -> bool:
+    """Whether this terge runs its compiled CPU loop (False for versions without one)."""
+    kernels = getattr(terge, "kernels", None)
+    fastloop = getattr(kernels, "fastloop", None)
+    if fastloop is not None:
+        return bool(fastloop.available())
+    return bool(getattr(kernels, "fast_loop_available", bool)())
+
+
 def _terge_info(terge: Any) -> dict[str, Any]:
     version = getattr(terge, "__version__", None)
     if version is None:  # terge 0.1.1 has no __version__, but its dist-info is on PYTHONPATH
@@ -151,9 +160,7 @@ def worker_merge(args: argparse.Namespace) -> dict[str, Any]:
         result = best_of(call, repeat=args.repeat)
     result["model_mib"] = sum(p.numel() * p.element_size() for p in models[0].parameters()) / MIB
     result["import_seconds"] = import_seconds
-    result["fast_loop"] = bool(
-        getattr(getattr(terge, "kernels", None), "fast_loop_available", bool)()
-    )
+    result["fast_loop"] = _compiled_loop(terge)
     result.update(_terge_info(terge))
     return result
 

@@ -82,7 +82,7 @@ def main() -> int:
     print()
     print(
         f"Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB RAM, "
-        f"torch {machine['torch']}; compiled loop: {terge.kernels.fast_loop_available()}. "
+        f"torch {machine['torch']}; compiled loop: {terge.kernels.fastloop.available()}. "
         f"Command: `{command_line()}`"
     )
     print()

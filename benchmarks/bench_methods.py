@@ -18,9 +18,9 @@ base ``models[0]``:
   (an in-place merge otherwise moves the base towards the others call after call);
 - time is the best of the measured calls; extra peak memory is ``VmHWM`` during the call minus
   ``VmRSS`` just before it (``_common.measure``), the worst of the measured calls;
-- the report says whether the compiled CPU loops were built and used (``terge._fastloop`` for
-  the linear methods, ``terge._fastmethods`` for the task-vector ones; ``TERGE_KERNELS=torch``
-  measures the plain-torch reference instead).
+- the report says whether the compiled CPU loops were built and used
+  (``terge.kernels._fastloop`` for the linear methods, ``terge.kernels._fastmethods`` for the
+  task-vector ones; ``TERGE_KERNELS=torch`` measures the plain-torch reference instead).
 
 The script always exits 0.
 """
@@ -92,13 +92,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         restore()
         runs.append(measure(call))
     peaks = [r.extra_peak_mib for r in runs if r.extra_peak_mib is not None]
-    from terge import fastmethods, kernels
+    from terge.kernels import fastloop, fastmethods
 
     return {
         "method": args.method,
         "models": n_models,
         "compiled": {
-            "linear": kernels.fast_loop_available(),
+            "linear": fastloop.available(),
             "task_vectors": fastmethods.available(),
         },
         "seconds": min(r.seconds for r in runs),

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import terge
+import terge.digests
 from terge import LineageError, cli, load_lineage, save_lineage
 from terge.audit import diff_lineages, summary, tensor_digest, verify_lineage
-from terge.checkpoints import save
+from terge.io import save
 from terge.lineage import ModelRecord, TensorDigests
 
 from test_lineage import states
@@ -68,7 +69,7 @@ def test_a_digest_is_the_sha256_of_the_tensors_bytes(tensor):
 def test_digests_are_hashed_in_chunks(monkeypatch):
     tensor = torch.randn(1000)
     whole = tensor_digest(tensor)
-    monkeypatch.setattr(terge.audit, "DIGEST_CHUNK", 24)
+    monkeypatch.setattr(terge.digests, "DIGEST_CHUNK", 24)
     assert tensor_digest(tensor) == whole
 
 

@@ -11,20 +11,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import terge.checkpoints as checkpoints
-from terge.checkpoints import (
+import terge.io.reading as reading
+import terge.io.writing as writing
+from terge.errors import (
     CheckpointError,
+    PatternTypeError,
+    SizeFormatError,
+    TensorNotFoundError,
+    TergeError,
+)
+from terge.io import (
     CheckpointReader,
     ShardedWriter,
-    SizeFormatError,
     TensorInfo,
-    TensorNotFoundError,
     load,
     open_checkpoint,
     parse_size,
     save,
 )
-from terge.errors import PatternTypeError, TergeError
 
 DTYPES = [
     torch.float32,
@@ -292,7 +296,7 @@ def test_an_error_while_committing_cleans_up(tmp_path, monkeypatch):
     def failing_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "save_file", failing_save_file)
+    monkeypatch.setattr(writing, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"), ShardedWriter(tmp_path / "out") as writer:
         writer.add("a", torch.ones(2))
     assert listing(tmp_path) == []
@@ -452,7 +456,7 @@ def get_tensor_calls(monkeypatch) -> list[str]:
     def counting_safe_open(*args, **kwargs):
         return CountingHandle(safe_open(*args, **kwargs), calls)
 
-    monkeypatch.setattr(checkpoints, "safe_open", counting_safe_open)
+    monkeypatch.setattr(reading, "safe_open", counting_safe_open)
     return calls
 
 
@@ -855,7 +859,7 @@ def test_written_folders_get_ordinary_permissions_not_mkdtemps_private_ones(tmp_
     import os
     import stat
 
-    from terge.checkpoints import save
+    from terge.io import save
 
     mask = os.umask(0o022)
     try:

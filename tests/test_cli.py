@@ -14,8 +14,8 @@ import regex
 import torch
 
 import terge
-from terge import cli
-from terge.checkpoints import load, save
+import terge.cli.commands as cli
+from terge.io import load, save
 from terge.lineage import Lineage, LineageEntry
 
 pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")

@@ -132,23 +132,23 @@ def _fsdp2_scenarios(mesh, out: Path, rank: int) -> dict:
         }
 
     # out=: merged shard by shard, gathered tensor by tensor, written by rank 0 only.
-    import terge.sharded_output as sharded_output
+    import terge.output as output
 
     opened = []
 
-    class CountingWriter(sharded_output.ShardedWriter):
+    class CountingWriter(output.StreamingShardWriter):
         def __init__(self, *args, **kwargs):
             opened.append(rank)
             super().__init__(*args, **kwargs)
 
-    sharded_output.ShardedWriter = CountingWriter
+    output.StreamingShardWriter = CountingWriter
     plain = family(tied=True)  # written once, under its first name
     sharded = [_fsdp2(copy.deepcopy(m), mesh) for m in plain]
     options = {"method": "ties", "seed": 3, "out_dtype": "bfloat16", "excluded": "norm.weight"}
     path, lineage = terge.merge(
         sharded[1:], base=sharded[0], out=out / "sharded", lineage=True, **options
     )
-    sharded_output.ShardedWriter = CountingWriter.__mro__[1]
+    output.StreamingShardWriter = CountingWriter.__mro__[1]
     if rank == 0:
         terge.merge(plain[1:], base=plain[0], out=out / "plain", **options)
     results["out"] = {

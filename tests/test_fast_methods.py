@@ -1,4 +1,4 @@
-"""The compiled task-vector methods (``terge._fastmethods``) against the plain-torch reference,
+"""The compiled task-vector methods (``terge.kernels._fastmethods``) against the plain-torch reference,
 bit for bit."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import terge
-from terge import fastmethods, kernels, methods
-from terge.fastmethods import _TOP
+from terge import kernels, methods
+from terge.kernels import cpu, fastmethods
+from terge.kernels.fastmethods import _TOP
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = [1e-9, 0.01, 0.1, 0.2, 0.25, 0.5, 0.7, 0.999, 1.0]
@@ -24,7 +25,8 @@ WEIGHTS = st.lists(
 )
 
 needs_loops = pytest.mark.skipif(
-    fastmethods._fastmethods is None, reason="terge._fastmethods is not built (pip install -e .)"
+    fastmethods._fastmethods is None,
+    reason="terge.kernels._fastmethods is not built (pip install -e .)",
 )
 
 
@@ -166,7 +168,7 @@ def test_split_between_threads_and_sampled(name, models, dtype, seed, kind, dens
     """Ranges split between threads (and thresholds bracketed by samples) give the same bits."""
     numel = 4 * 1024 + 77
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastmethods, "_PER_THREAD", 1000)
+        patch.setattr(cpu, "PER_THREAD", 1000)
         patch.setattr(fastmethods, "_SAMPLED", 1000)
         patch.setattr(torch, "get_num_threads", lambda: 3)
         dtypes = [dtype] * (models + 1)

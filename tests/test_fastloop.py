@@ -1,4 +1,4 @@
-"""The compiled loop (``terge._fastloop``) against the plain-torch reference, bit for bit."""
+"""The compiled loop (``terge.fastloop._fastloop``) against the plain-torch reference, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 import terge
 from terge import kernels
+from terge.kernels import cpu, fastloop
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 needs_loop = pytest.mark.skipif(
-    kernels._fastloop is None, reason="terge._fastloop is not built (pip install -e .)"
+    fastloop._fastloop is None, reason="terge.fastloop._fastloop is not built (pip install -e .)"
 )
 
 
@@ -23,16 +24,16 @@ def test_the_compiled_loop_is_built():
     """The README's install builds it; only an explicit TERGE_KERNELS=torch run may lack it."""
     if os.environ.get("TERGE_KERNELS", "").lower() == "torch":
         pytest.skip("TERGE_KERNELS=torch selects the reference loop")
-    assert kernels._fastloop is not None, (
-        "terge._fastloop is not built: run `pip install -e .` (needs a C compiler)"
+    assert fastloop._fastloop is not None, (
+        "terge.fastloop._fastloop is not built: run `pip install -e .` (needs a C compiler)"
     )
-    assert kernels.fast_loop_available()
+    assert fastloop.available()
 
 
 def combine(destination, sources, coefficients, divisor, *, reference):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TERGE_KERNELS", "torch" if reference else "auto")
-        assert kernels.fast_loop_available() is (not reference)
+        assert fastloop.available() is (not reference)
         kernels.linear_combine(
             destination, sources, coefficients, kernels.ChunkBuffers(torch.float64), divisor
         )
@@ -89,7 +90,7 @@ def test_equals_the_reference_bit_for_bit(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_tensors_split_between_threads_in_place(dtype, monkeypatch):
     """Past the per-thread threshold the range is split; in place, the base is also an input."""
-    numel = 3 * kernels._PER_THREAD + 77
+    numel = 3 * cpu.PER_THREAD + 77
     sources = [awkward(numel, dtype, seed) for seed in range(3)]
     expected = sources[0].clone()
     combine(expected, [expected, *sources[1:]], [1.0, 1.0, 1.0], 3.0, reference=True)
@@ -129,9 +130,9 @@ def test_merge_uses_the_compiled_loop(monkeypatch):
     """merge() reaches the compiled loop for CPU float64 accumulation (and not otherwise)."""
     monkeypatch.setenv("TERGE_KERNELS", "auto")
     calls = []
-    real = kernels._fastloop.combine
+    real = fastloop._fastloop.combine
     monkeypatch.setattr(
-        kernels,
+        fastloop,
         "_fastloop",
         type("Spy", (), {"combine": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}),
     )
@@ -151,12 +152,12 @@ def test_a_forked_child_merges_with_threads_of_its_own(monkeypatch):
     import multiprocessing
 
     monkeypatch.setenv("TERGE_KERNELS", "auto")
-    numel = 4 * kernels._PER_THREAD
+    numel = 4 * cpu.PER_THREAD
     tensors = [torch.full((numel,), float(i)) for i in range(3)]
     kernels.linear_combine(
         torch.empty(numel), tensors, [1.0] * 3, kernels.ChunkBuffers(torch.float64), 3
     )
-    assert kernels._pool is not None
+    assert cpu._pool is not None
 
     def child(queue):
         out = torch.empty(numel)

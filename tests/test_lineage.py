@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import terge
 from terge import Lineage, LineageEntry, LineageError, load_lineage, save_lineage
-from terge.checkpoints import load, save
+from terge.io import load, save
 from terge.lineage import ModelRecord, TensorDigests, lineage_text
 from terge.sources import FileSource
 

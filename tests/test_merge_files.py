@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import terge
 from terge import CheckpointError, MergeArgumentError, SizeFormatError, methods
-from terge.checkpoints import load, open_checkpoint, save
+from terge.io import load, open_checkpoint, save
 from terge.kernels import store_rounded
 from terge.sources import FileSource
 

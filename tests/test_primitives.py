@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from terge import methods
-from terge.primitives import (
+from terge.kernels.primitives import (
     DRAW_CHUNK,
     counter_uniform,
     draw_key,

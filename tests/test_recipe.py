@@ -11,7 +11,7 @@ import regex
 import torch
 
 import terge
-from terge.recipe import (
+from terge.cli.recipe import (
     RECIPE_EXAMPLE,
     RECIPE_KEYS,
     RecipeError,

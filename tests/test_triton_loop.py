@@ -1,4 +1,4 @@
-"""The Triton loop (``terge.triton_loop``, CUDA GPUs) against the plain-torch reference, bit for bit.
+"""The Triton loop (``terge.kernels.triton_loop``, CUDA GPUs) against the plain-torch reference, bit for bit.
 
 On a machine with a CUDA GPU and Triton every test here runs on the GPU; the GPU results are also
 checked against the CPU's, so a merge gives the same bits wherever it runs. Without a GPU, one
@@ -146,7 +146,8 @@ def test_kernel_logic_in_the_triton_interpreter():
     script = textwrap.dedent(
         """
         import torch
-        from terge import kernels, triton_loop
+        from terge import kernels
+        from terge.kernels import triton_loop
         from test_fastloop import awkward, same_bits
 
         for out_dtype in (torch.float64, torch.float32, torch.float16):

@@ -1,7 +1,7 @@
 """terge: exact, memory-lean, fast merging of PyTorch models."""
 
 from . import methods
-from .checkpoints import load, open_checkpoint, save
+from ._version import __version__
 from .errors import (
     BaseIndexError,
     CheckpointError,
@@ -20,12 +20,11 @@ from .errors import (
     TergeError,
     UnknownMergeMethodError,
 )
+from .io import load, open_checkpoint, save
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
-
-__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BaseIndexError",

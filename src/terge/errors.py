@@ -89,3 +89,16 @@ class LineageError(TergeError, ValueError):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
+
+
+class MethodError(TergeError, RuntimeError):
+    """A merge method (usually a user's own) raised while merging a tensor; the original error
+    is chained as ``__cause__``."""
+
+
+class RecipeError(TergeError, ValueError):
+    """A setting on the command line or in a recipe cannot be read."""
+
+
+class UsageError(TergeError, ValueError):
+    """The command line is malformed (argparse's errors, and the CLI's own checks)."""

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .errors import LineageError
+from .io.dtypes import dtype_name, floating_dtype
 
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
@@ -194,11 +196,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return dtype_name(value)
     return repr(value)
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """``torch.bfloat16`` as ``'bfloat16'`` (``None`` stays ``None``)."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _entry_json(entry: Any) -> dict[str, Any]:
@@ -393,9 +390,10 @@ class _Reader:
     def dtype(self, value: Any, where: str) -> torch.dtype | None:
         if value is None:
             return None
-        dtype = getattr(torch, value, None) if isinstance(value, str) else None
-        ok = isinstance(dtype, torch.dtype) and dtype.is_floating_point
-        self.expect(ok, where, 'a floating dtype name such as "float64", or null', value)
+        dtype = floating_dtype(value) if isinstance(value, str) else None
+        self.expect(
+            dtype is not None, where, 'a floating dtype name such as "float64", or null', value
+        )
         return dtype
 
     def lineage(self, data: Any) -> Lineage:
@@ -404,8 +402,6 @@ class _Reader:
         if "schema" not in data:
             raise self.fail('no "schema" field; it is not a terge lineage file.')
         if data["schema"] != SCHEMA:
-            from . import __version__
-
             raise self.fail(
                 f"schema {json.dumps(data['schema'])} is not one this terge ({__version__}) "
                 f"reads (schema {SCHEMA}); a newer terge may read it."

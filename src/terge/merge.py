@@ -12,21 +12,20 @@ from typing import Any, Union
 
 import torch
 
-from .audit import DigestRecorder
-from .checkpoints import floating_dtype, parse_size
+from ._version import __version__
+from .digests import DigestRecorder
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
+from .io import parse_size
+from .io.dtypes import floating_dtype
 from .lineage import SEPARATE, ModelRecord
 from .output import write_merge
 from .plan import Plan, build_plan, check_seed
-from .sharded_output import write_sharded_merge
 from .sharding import rank
 from .sources import (
     FileSource,
-    ModuleSource,
     NameMap,
     Source,
-    StateDictSource,
     as_source,
     is_path,
     renamer,
@@ -174,24 +173,11 @@ def merge(
         if dry_run:
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
-        if target is not None and plan.sharded:
-            result = write_sharded_merge(
-                plan,
-                sources,
-                base_source,
-                out=target,
-                out_dtype=written_dtype,
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-                dtype=dtype,
-                progress=progress,
-                lineage=record,
-            )
-        elif target is not None:
+        if target is not None:
             result: Any = write_merge(
                 plan,
                 sources,
-                _written_base(base_source, name_map),
+                base_source,
                 out=target,
                 out_dtype=written_dtype,
                 max_shard_size=max_shard_size,
@@ -217,15 +203,6 @@ def merge(
             stacklevel=2,
         )
     return (result, record) if lineage else result
-
-
-def _written_base(base: Source, name_map: Any) -> Source:
-    """The base as the writer of ``out=`` sees it: a module's state dict under its mapped names
-    when a ``name_map`` renames them, so that the files name tensors as the lineage does."""
-    if name_map is None or not isinstance(base, ModuleSource):
-        return base
-    state = base.module.state_dict(keep_vars=True)
-    return StateDictSource(state, rename=base.rename, where="base")
 
 
 def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
@@ -268,8 +245,6 @@ def _provenance(
     out_dtype: torch.dtype | None,
 ) -> dict[str, Any]:
     """What a lineage records besides the plan: models, base, dtypes, versions."""
-    from . import __version__
-
     models = tuple(ModelRecord(i, s.kind, _path_of(s)) for i, s in enumerate(sources))
     return {
         "models": models,

@@ -40,15 +40,15 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
-from .fastmethods import merge_into
-from .layerwise import ByLayer
-from .primitives import (
+from .kernels.fastmethods import merge_into
+from .kernels.primitives import (
     DRAW_CHUNK,
     counter_uniform,
     draw_key,
     kth_largest_magnitude_bits,
     zero_below,
 )
+from .layerwise import ByLayer
 from .sharding import Layout
 
 __all__ = [

@@ -264,7 +264,7 @@ class FileSource(Source):
     def __init__(
         self, path: str | os.PathLike[str], *, rename: NameMap = strip_wrappers, where: str = ""
     ) -> None:
-        from .checkpoints import open_checkpoint  # safetensors is imported only when used
+        from .io import open_checkpoint  # safetensors is imported only when used
 
         self.path = Path(path).expanduser()
         self.rename = rename

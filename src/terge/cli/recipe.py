@@ -37,15 +37,14 @@ from typing import Any
 import regex
 import torch
 
-from .checkpoints import parse_size
-from .errors import TergeError
-from .layers import layers
-from .methods import REGISTRY, Method
+from ..errors import RecipeError, TergeError
+from ..io import parse_size
+from ..layers import layers
+from ..methods import REGISTRY, Method
 
 __all__ = [
     "RECIPE_EXAMPLE",
     "RECIPE_KEYS",
-    "RecipeError",
     "Settings",
     "load_recipe",
     "method_from",
@@ -56,10 +55,6 @@ __all__ = [
     "parse_recipe",
     "parse_weights",
 ]
-
-
-class RecipeError(TergeError, ValueError):
-    """A setting on the command line or in a recipe cannot be read."""
 
 
 RECIPE_EXAMPLE = """\
@@ -295,7 +290,7 @@ def parse_out_dtype(text: Any, where: str) -> torch.dtype:
 
 
 def parse_shard_size(value: Any, where: str) -> int | str:
-    """A size such as ``"2GB"`` (checked by :func:`terge.checkpoints.parse_size`)."""
+    """A size such as ``"2GB"`` (checked by :func:`terge.io.parse_size`)."""
     try:
         parse_size(value)
     except TergeError as error:

@@ -8,12 +8,12 @@ split between threads. It runs for whole CPU tensors with float64 accumulation w
 ``terge._fastmethods`` was built, unless ``TERGE_KERNELS=torch`` forces the reference.
 
 The thresholds are exact k-th largest magnitude bit patterns (as
-:func:`terge.primitives.kth_largest_magnitude_bits`). Samples spread over each task vector
+:func:`terge.kernels.primitives.kth_largest_magnitude_bits`). Samples spread over each task vector
 bracket the k-th; the pass counts the magnitudes above the bracket and collects those inside it
 (a few percent), and the k-th is selected among them. Where the bracket misses (or holds too
 many), 65,536-bin histograms narrow the range pass by pass, as
-:func:`terge.primitives.radix_kth_largest_bits` does, until it holds one value or few enough to
-collect: the samples only decide how fast, never what.
+:func:`terge.kernels.primitives.radix_kth_largest_bits` does, until it holds one value or few
+enough to collect: the samples only decide how fast, never what.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from .kernels import _ALIGN, _CODES, _PER_THREAD, _plain, _threads, fast_loop_available
+from . import fastloop
+from .cpu import DTYPE_CODES, plain, ranges, run, split
 from .primitives import draw_key
 
 try:
     from . import _fastmethods
-except ImportError:  # not compiled: methods.py's reference does the work
+except ImportError:  # not compiled: terge.methods' reference does the work
     _fastmethods = None  # type: ignore[assignment]
 
 _TOP = 1 << 63
@@ -54,12 +55,10 @@ _SLACK = 8
 _SPARSIFY = {None: 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 _CONSENSUS = {None: 0, "sign": 1}
 
-T = TypeVar("T")
-
 
 def available() -> bool:
     """Whether the compiled loops are built and not switched off by ``TERGE_KERNELS=torch``."""
-    return _fastmethods is not None and fast_loop_available()
+    return _fastmethods is not None and fastloop.available()
 
 
 def merge_into(
@@ -108,17 +107,17 @@ def merge_into(
     def part(start: int, stop: int) -> None:
         _fastmethods.merge(
             destination.data_ptr() + start * destination.element_size(),
-            _CODES[destination.dtype],
+            DTYPE_CODES[destination.dtype],
             base.data_ptr() + start * base.element_size(),
-            _CODES[base.dtype],
+            DTYPE_CODES[base.dtype],
             stop - start,
             start,
             _addresses(tensors, start),
-            [_CODES[t.dtype] for t in tensors],
+            [DTYPE_CODES[t.dtype] for t in tensors],
             *settings,
         )
 
-    _run([lambda start=start, stop=stop: part(start, stop) for start, stop in _ranges(base)])
+    split(base.numel(), part)
     return True
 
 
@@ -137,8 +136,8 @@ def _applies(
         and 0 < len(tensors) == len(weights) <= _MAX_MODELS
         and destination.numel() > 0
         and (seed is not None or sparsification != "random")
-        and _plain(destination)
-        and all(_plain(t) and t.shape == destination.shape for t in (base, *tensors))
+        and plain(destination)
+        and all(plain(t) and t.shape == destination.shape for t in (base, *tensors))
         and not any(_overlap(destination, t) for t in (base, *tensors))
     )
 
@@ -194,28 +193,6 @@ class _Workspace:
 
 
 _WORKSPACES: weakref.WeakKeyDictionary[object, _Workspace] = weakref.WeakKeyDictionary()
-
-
-# --- threads --------------------------------------------------------------------------------------
-
-
-def _ranges(tensor: torch.Tensor) -> list[tuple[int, int]]:
-    """One range of the tensor's elements per thread (as ``kernels._fused`` splits them)."""
-    total = tensor.numel()
-    workers = min(torch.get_num_threads(), max(1, total // _PER_THREAD))
-    if workers == 1:
-        return [(0, total)]
-    step = -(-total // workers // _ALIGN) * _ALIGN
-    return [(start, min(start + step, total)) for start in range(0, total, step)]
-
-
-def _run(parts: Sequence[Callable[[], T]]) -> list[T]:
-    """Call each of ``parts``, the first in this thread and the others in the worker threads."""
-    if len(parts) <= 1:
-        return [part() for part in parts]
-    futures = [_threads().submit(part) for part in parts[1:]]
-    first = parts[0]()
-    return [first, *(future.result() for future in futures)]
 
 
 # --- thresholds -----------------------------------------------------------------------------------
@@ -306,10 +283,10 @@ def _bracket(
     sample = workspace.get("sample", len(tensors) * m)
     _fastmethods.sample(
         base.data_ptr(),
-        _CODES[base.dtype],
+        DTYPE_CODES[base.dtype],
         n,
         _addresses(tensors, 0),
-        [_CODES[t.dtype] for t in tensors],
+        [DTYPE_CODES[t.dtype] for t in tensors],
         m,
         sample.data_ptr(),
     )
@@ -341,8 +318,8 @@ def _pass(
     threads, then each search narrowed (or finished) by what it counted. Each range collects
     into its own part of a search's buffer (up to ``cap`` values each: pages never written are
     never mapped) or counts into its own histogram."""
-    ranges = _ranges(base)
-    pieces = len(ranges)
+    spans = ranges(base.numel())
+    pieces = len(spans)
     buffers = [
         workspace.get(q, pieces * (s.cap + _SLACK))
         if s.cap
@@ -351,7 +328,7 @@ def _pass(
     ]
 
     def part(piece: int) -> list[tuple[int, int]]:
-        start, stop = ranges[piece]
+        start, stop = spans[piece]
         queries = []
         for search, buffer in zip(searches, buffers, strict=True):
             if search.cap:
@@ -362,14 +339,14 @@ def _pass(
             queries.append((search.model, *bounds, shift, out, search.cap, search.ends))
         return _fastmethods.scan(
             base.data_ptr() + start * base.element_size(),
-            _CODES[base.dtype],
+            DTYPE_CODES[base.dtype],
             stop - start,
             _addresses(tensors, start),
-            [_CODES[t.dtype] for t in tensors],
+            [DTYPE_CODES[t.dtype] for t in tensors],
             queries,
         )
 
-    counts = _run([lambda piece=piece: part(piece) for piece in range(pieces)])
+    counts = run([lambda piece=piece: part(piece) for piece in range(pieces)])
     finish = []
     for q, (search, buffer) in enumerate(zip(searches, buffers, strict=True)):
         found = [c[q] for c in counts]
@@ -377,7 +354,7 @@ def _pass(
             finish += _collected(search, buffer, found)
         else:
             _binned(search, buffer.view(pieces, _BINS).sum(0))
-    _run(finish)
+    run(finish)
 
 
 def _collected(search: _Search, buffer: torch.Tensor, found: list[tuple[int, ...]]) -> list:

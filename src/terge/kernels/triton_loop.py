@@ -1,9 +1,9 @@
 """The fused loop on CUDA GPUs, written in Triton.
 
-The plain-torch loop (:func:`terge.kernels.linear_combine`) makes about ten passes over each
-chunk on a GPU: every input is widened into a float64 buffer, multiplied, added, and the sum is
-narrowed again, each a separate kernel reading and writing global memory. This kernel does the
-same arithmetic in one pass with the float64 accumulator in registers, so a merge moves only the
+The plain-torch loop (:func:`terge.kernels.reference.reference_combine`) makes about ten passes
+over each chunk on a GPU: every input is widened into a float64 buffer, multiplied, added, and the
+sum is narrowed again, each a separate kernel reading and writing global memory. This kernel does
+the same arithmetic in one pass with the float64 accumulator in registers, so a merge moves only the
 bytes it must: each input read once, the output written once.
 
 The arithmetic is the reference's operation for operation: ``acc = x_0 * c_0``, then
@@ -11,7 +11,7 @@ The arithmetic is the reference's operation for operation: ``acc = x_0 * c_0``, 
 compiled with floating-point contraction off, so never a fused multiply-add), then ``acc / d``
 when a divisor is given, rounded once into the destination's dtype; bfloat16 and float16 go
 through float32 rounded *to odd*, which makes the second rounding exact (see
-:func:`terge.kernels.store_rounded`). The GPU tests check the two loops agree bit for bit.
+:func:`terge.kernels.reference.store_rounded`). The GPU tests check the two loops agree bit for bit.
 
 Triton is imported only when a CUDA tensor is merged; without it the reference loop runs.
 """

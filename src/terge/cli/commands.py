@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from .audit import diff_lineages, summary, verify_lineage
-from .errors import TergeError
-from .lineage import load_lineage, save_lineage
-from .merge import merge
-from .methods import REGISTRY
-from .output import LINEAGE_FILE
+from .._version import __version__
+from ..audit import diff_lineages, summary, verify_lineage
+from ..errors import TergeError, UsageError
+from ..lineage import load_lineage, save_lineage
+from ..merge import merge
+from ..methods import REGISTRY
+from ..output import LINEAGE_FILE
 from .recipe import (
     RECIPE_EXAMPLE,
     RECIPE_KEYS,
@@ -50,10 +51,6 @@ __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main"]
 
 PROG = "terge"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(TergeError, ValueError):
-    """The command line is malformed (argparse's errors, and the CLI's own checks)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -573,8 +570,6 @@ run 'terge merge --help' for every option, pattern and method.
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``terge`` parser with every subcommand of :data:`COMMANDS`."""
-    from . import __version__
-
     parser = _Parser(
         prog=PROG,
         description=DESCRIPTION,

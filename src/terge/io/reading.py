@@ -1,0 +1,467 @@
+"""Lazy checkpoint reading.
+
+:func:`open_checkpoint` takes a ``.safetensors`` file, a ``.bin``/``.pt``/``.pth`` file, an
+``*.index.json`` file or a Hugging Face-style folder, checks every header and index up front (so a
+bad download fails before anything is merged or written), and then reads one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError, TensorNotFoundError
+from ..patterns import Patterns, PatternSet, selected
+from .dtypes import SAFETENSORS_DTYPES
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class TensorInfo(NamedTuple):
+    """A tensor's shape and dtype, known from headers without reading its data."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+_MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_TRAINER_STATE_FILES = re.compile(
+    r"(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)"
+)
+"""Files a Hugging Face Trainer leaves beside the weights; they hold no model tensors."""
+
+_CORRUPT_FIX = "the file is truncated or corrupt: download or save it again"
+
+
+def _corrupt(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}; {_CORRUPT_FIX}.", path)
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """Check a safetensors header against the file; its tensors in file order, and where each
+    one's data starts in the file (for zero-copy reads).
+
+    Done by hand (8-byte little-endian length, then JSON) so that a truncated or scribbled file
+    is reported with what is wrong and where, rather than as a generic library error.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"{size} bytes is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise _corrupt(
+                path,
+                f"the safetensors header claims {length} bytes but only {size - 8} follow its "
+                "8-byte length",
+            )
+        if length > _MAX_HEADER_BYTES:
+            raise _corrupt(path, f"the safetensors header claims an implausible {length} bytes")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise _corrupt(path, f"the safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the safetensors header is not a JSON object")
+    data_bytes = size - 8 - length
+    entries: list[tuple[int, str, TensorInfo]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (
+                all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) and begin <= end
+            ):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise _corrupt(
+                path, f"the header entry of tensor {name!r} is malformed ({entry!r})"
+            ) from None
+        dtype = SAFETENSORS_DTYPES.get(dtype_code)
+        if dtype is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has safetensors dtype {dtype_code!r}, which this torch "
+                f"{torch.__version__} cannot represent; upgrade torch or convert the file.",
+                path,
+            )
+        if end > data_bytes:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} lies at data bytes {begin}-{end} but the file holds only "
+                f"{data_bytes} bytes of data",
+            )
+        info = TensorInfo(torch.Size(shape), dtype)
+        if end - begin != info.nbytes:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} of shape {list(shape)} and dtype {dtype_code} needs "
+                f"{info.nbytes} bytes but its data offsets span {end - begin}",
+            )
+        entries.append((begin, name, info))
+    entries.sort(key=lambda entry: entry[0])
+    start = 8 + length
+    return {name: info for _, name, info in entries}, {
+        name: start + begin for begin, name, _ in entries
+    }
+
+
+class _SafetensorsFile:
+    """One safetensors file, its header checked and a handle kept open for lazy reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.infos, self._offsets = _read_safetensors_header(path)
+        self._map: mmap.mmap | None = None
+        try:
+            self._handle: Any = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as error:  # the library checks more than the header (coverage, ...)
+            raise _corrupt(path, f"safetensors cannot open it ({error})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def view(self, name: str) -> torch.Tensor:
+        """``name`` as a view of a private (copy-on-write) memory map of the file, no copy.
+
+        Its pages stay file-backed, so reading a whole model costs page cache, not process
+        memory. A misaligned tensor (or a dtype ``torch.frombuffer`` refuses) is read by copy.
+        """
+        info, offset = self.infos[name], self._offsets[name]
+        if info.numel == 0 or offset % info.dtype.itemsize:
+            return self.get(name)
+        if self._map is None:
+            with open(self.path, "rb") as file:  # the map outlives the descriptor
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            flat = torch.frombuffer(self._map, dtype=info.dtype, count=info.numel, offset=offset)
+        except (TypeError, ValueError, RuntimeError):
+            return self.get(name)
+        return flat.view(info.shape)
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+        # Views still hold the map (torch.frombuffer keeps a reference): closing it here would
+        # leave them dangling, so it is only dropped and unmapped when the last view dies.
+        self._map = None
+
+
+class _TorchFile:
+    """One ``torch.save`` file, memory-mapped so that only the tensors used are paged in."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # mmap needs the zip format of torch >= 1.6; the legacy format is loaded into memory.
+        mmap = zipfile.is_zipfile(path)
+        try:
+            loaded = torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
+        except Exception as error:
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) cannot read it ({type(error).__name__}: "
+                f"{first_line}); the file is truncated or corrupt, or holds pickled objects "
+                "other than tensors: save a state_dict of tensors (or safetensors) instead.",
+                path,
+            ) from None
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(
+                f"{path} holds a {type(loaded).__name__}, not a state_dict mapping names to "
+                "tensors; save model.state_dict() instead.",
+                path,
+            )
+        for name, value in loaded.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"{path} maps {name!r} to a {type(value).__name__}; a checkpoint must map "
+                    "str names to tensors only. Save the state_dict alone (for a training "
+                    "checkpoint, its model state_dict).",
+                    path,
+                )
+        self._tensors: dict[str, torch.Tensor] | None = dict(loaded)
+        self.infos = {name: TensorInfo(t.shape, t.dtype) for name, t in loaded.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        assert self._tensors is not None
+        return self._tensors[name]
+
+    view = get  # already a view of the file's memory map (or, for legacy files, of memory)
+
+    def close(self) -> None:
+        self._tensors = None
+
+
+_File = _SafetensorsFile | _TorchFile
+
+
+def _open_file(path: Path) -> _File:
+    if path.name.endswith(".safetensors"):
+        return _SafetensorsFile(path)
+    if path.suffix in _TORCH_SUFFIXES:
+        return _TorchFile(path)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint file suffix {path.suffix!r}; terge reads .safetensors, "
+        ".bin, .pt and .pth files, *.index.json indexes and folders of them. Rename the file if "
+        "it is one of these.",
+        path,
+    )
+
+
+def _pick_index(folder: Path, indexes: list[Path], preferred: str) -> Path:
+    for index in indexes:
+        if index.name == preferred:
+            return index
+    if len(indexes) == 1:
+        return indexes[0]
+    names = ", ".join(index.name for index in indexes)
+    raise CheckpointError(
+        f"{folder} holds several indexes ({names}) and none is {preferred}; pass the path of "
+        "the index to read.",
+        folder,
+    )
+
+
+def _folder_layout(folder: Path) -> tuple[Path | None, list[Path]]:
+    """The index or unindexed shard files a folder's weights are in (safetensors first)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    safetensors = [p for p in files if p.name.endswith(".safetensors")]
+    torch_files = [
+        p
+        for p in files
+        if p.name.endswith(_TORCH_SUFFIXES) and not _TRAINER_STATE_FILES.fullmatch(p.name)
+    ]
+    for suffix, preferred, single, tensor_files in (
+        (
+            ".safetensors.index.json",
+            "model.safetensors.index.json",
+            "model.safetensors",
+            safetensors,
+        ),
+        (".bin.index.json", "pytorch_model.bin.index.json", "pytorch_model.bin", torch_files),
+    ):
+        indexes = [p for p in files if p.name.endswith(suffix)]
+        if indexes:
+            return _pick_index(folder, indexes, preferred), []
+        for path in tensor_files:  # as transformers does; ignores e.g. adapter_model.safetensors
+            if path.name == single:
+                return None, [path]
+        if tensor_files:
+            return None, tensor_files
+    names = [p.name for p in files]
+    listing = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") or "nothing"
+    raise CheckpointError(
+        f"{folder} holds no tensor files (no *.safetensors, *.bin, *.pt or *.pth, nor an "
+        f"index; it holds {listing}); pass the folder or file that holds the weights.",
+        folder,
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise _corrupt(index, f"the index is not valid JSON ({error})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise _corrupt(index, 'the index has no "weight_map" object mapping names to shard files')
+    return weight_map
+
+
+class CheckpointReader:
+    """A checkpoint opened for lazy reading: names and shapes now, tensor data on :meth:`get`.
+
+    Every header, index and shard is checked when the reader is made, so a broken checkpoint
+    fails before any merging or writing starts. Use it as a context manager (or call
+    :meth:`close`) to release the open files.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.files: list[Path] = []
+        self._opened: list[_File] = []
+        self._where: dict[str, _File] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        path = self.path
+        if not path.exists():
+            raise CheckpointError(
+                f"{path} does not exist; pass the path of a checkpoint file or folder.", path
+            )
+        if path.is_dir():
+            index, shards = _folder_layout(path)
+        elif path.name.endswith(".index.json"):
+            index, shards = path, []
+        else:
+            index, shards = None, [path]
+        if index is not None:
+            self._open_indexed(index)
+            return
+        for shard in shards:
+            opened = self._add_file(shard)
+            for name in opened.infos:
+                other = self._where.get(name)
+                if other is not None:
+                    raise CheckpointError(
+                        f"tensor {name!r} is in both {other.path} and {shard} and no index says "
+                        f"which to use; remove the stray file or read one of them alone.",
+                        shard,
+                    )
+                self._where[name] = opened
+
+    def _add_file(self, path: Path) -> _File:
+        opened = _open_file(path)
+        self._opened.append(opened)
+        self.files.append(path)
+        return opened
+
+    def _open_indexed(self, index: Path) -> None:
+        weight_map = _read_index(index)
+        shard_names = list(dict.fromkeys(weight_map.values()))
+        for shard_name in shard_names:  # all present before any is opened
+            shard = index.parent / shard_name
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{index} names shard {shard_name!r} but {shard} does not exist; download "
+                    "the missing shard (or fix the index).",
+                    index,
+                )
+        shards = {name: self._add_file(index.parent / name) for name in shard_names}
+        for name, shard_name in weight_map.items():
+            opened = shards[shard_name]
+            if name not in opened.infos:
+                raise CheckpointError(
+                    f"{index} puts tensor {name!r} in {shard_name} but that shard holds no such "
+                    "tensor; the index and shards disagree (a partial download or a mix of "
+                    "revisions?): download the checkpoint again.",
+                    index,
+                )
+            self._where[name] = opened
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Tensor names in index order, else shard-then-file order (deterministic)."""
+        return list(self._where)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def _file(self, name: str) -> _File:
+        opened = self._where.get(name)
+        if opened is None:
+            close = difflib.get_close_matches(name, self._where, n=3)
+            hint = f"; close names: {', '.join(map(repr, close))}" if close else ""
+            raise TensorNotFoundError(f"{self.path} holds no tensor {name!r}{hint}.", self.path)
+        return opened
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype of ``name``, from the header: no tensor data is read."""
+        return self._file(name).infos[name]
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read ``name`` alone (and move it to ``device``).
+
+        Do not modify the result in place: a CPU tensor from a torch file is a view of the
+        reader's memory map, shared with later reads of the same (or a tied) name.
+        """
+        return self._open_file_of(name).get(name).to(device)
+
+    def view(self, name: str) -> torch.Tensor:
+        """``name`` without copying it: a CPU view of the file's private memory map.
+
+        Pages are read from disk (and stay reclaimable page cache) only as they are touched, so
+        a merge can stream through checkpoints larger than memory. Writing into the view never
+        changes the file (the map is copy-on-write), but is seen by later views of ``name``.
+        """
+        return self._open_file_of(name).view(name)
+
+    def _open_file_of(self, name: str) -> _File:
+        opened = self._file(name)
+        if not self._opened:
+            raise CheckpointError(f"the reader of {self.path} is closed.", self.path)
+        return opened
+
+    def close(self) -> None:
+        """Release the open shard handles; the reader can no longer :meth:`get`."""
+        opened, self._opened = self._opened, []
+        for file in opened:
+            file.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(self.files)} files)"
+
+
+def open_checkpoint(path: PathLike) -> CheckpointReader:
+    """Open a checkpoint file, index or folder for lazy reading (see :class:`CheckpointReader`).
+
+    A folder is read from its ``*.safetensors.index.json`` (``model.safetensors.index.json``
+    preferred), else its ``model.safetensors``, else all its ``*.safetensors`` files as unindexed
+    shards; failing those, the same with ``*.bin.index.json`` (``pytorch_model.bin.index.json``
+    preferred), ``pytorch_model.bin``, and all its ``*.bin``/``*.pt``/``*.pth`` files except a
+    Trainer's state files (``training_args.bin``, ``optimizer.pt``, ...). Subfolders are not
+    searched.
+    """
+    return CheckpointReader(path)
+
+
+def load(
+    path: PathLike,
+    included: Patterns | None = None,
+    excluded: Patterns | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint that pass ``included``/``excluded``; no other is read.
+
+    Patterns follow terge's rules (a ``str`` is an exact name, a compiled pattern is searched).
+    """
+    include, exclude = PatternSet(included, "included"), PatternSet(excluded, "excluded")
+    with open_checkpoint(path) as reader:
+        return {
+            name: reader.get(name, device)
+            for name in reader.names()
+            if selected(name, include, exclude)
+        }

@@ -1,0 +1,615 @@
+"""Atomic, sharded safetensors writing.
+
+Everything is written into a hidden temporary folder beside the target that is renamed into place
+only when everything succeeded. :class:`ShardedWriter` streams tensors in, buffering up to a shard;
+:class:`StreamingShardWriter` lays every shard out up front and hands out each tensor's region of
+the file to compute into (how ``merge(out=)`` keeps memory flat). :func:`save` is the one-call
+form.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from .dtypes import SAFETENSORS_CODES, floating_dtype
+from .reading import PathLike, TensorInfo
+from .sizes import parse_size
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_NOT_COPIED_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".index.json",
+)
+"""Weights (of any framework) and indexes: copying them beside new weights would contradict them."""
+
+
+def _resolve(path: PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _check_target(target: Path, inputs: Iterable[PathLike], overwrite: bool) -> None:
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise CheckpointError(
+            f"{target} already exists; pass overwrite=True to replace it, or choose another path.",
+            target,
+        )
+    resolved = _resolve(target)
+    for given in inputs:
+        source = _resolve(given)
+        if resolved == source or source in resolved.parents:
+            relation = "is" if resolved == source else "is inside"
+        elif resolved in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise CheckpointError(
+            f"the output {target} {relation} the input {given}; writing there could destroy "
+            "weights still being read: choose an output folder apart from every input.",
+            target,
+        )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, target: Path) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    resolved = floating_dtype(dtype)
+    if resolved is None:
+        raise CheckpointError(
+            f"dtype {dtype!r} is not a floating torch dtype; pass e.g. torch.bfloat16, "
+            "torch.float16, 'bfloat16' or 'float32' (it casts floating tensors only).",
+            target,
+        )
+    return resolved
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` to disk so the final rename never exposes half-written files."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardedWriter:
+    """Streams tensors into a Hugging Face-style safetensors folder, atomically.
+
+    ::
+
+        with ShardedWriter("out", max_shard_size="2GB", copy_files_from="base") as writer:
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+
+    Tensors are buffered until the next would push the shard past ``max_shard_size`` (a tensor
+    larger than that gets a shard of its own), so peak memory is about one shard. Everything is
+    written to a hidden temporary folder beside ``path`` (``.{name}.tmp-XXXX``) that is renamed
+    into place when the ``with`` block ends without error; an exception or KeyboardInterrupt
+    removes it and leaves ``path`` untouched. One shard is written as ``model.safetensors`` with
+    no index, as ``save_pretrained`` does; several as ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``.
+
+    ``inputs`` are the checkpoints being read: an output equal to, inside or around one of them is
+    refused, since replacing it would destroy weights still in use. ``copy_files_from`` copies
+    the top-level non-weight files of a folder (config, tokenizer, generation config, ...) into
+    the output. ``metadata`` goes into every shard's header beside ``{"format": "pt"}``.
+    ``dtype`` casts floating tensors as they are added.
+
+    A tensor that is the very same view of the same memory as one added before (tied weights,
+    such as an input embedding shared with the LM head) is written once under the first name;
+    :attr:`aliases` maps each skipped name to the kept one.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        copy_files_from: PathLike | None = None,
+        inputs: Iterable[PathLike] = (),
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.max_shard_size = parse_size(max_shard_size)
+        self.overwrite = overwrite
+        self.inputs = [Path(p) for p in inputs]
+        self.dtype = _resolve_dtype(dtype, self.path)
+        if metadata is not None and not (
+            isinstance(metadata, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise CheckpointError(
+                f"metadata must map str to str (safetensors headers hold text only); got "
+                f"{metadata!r}. Convert values with str() or json.dumps().",
+                self.path,
+            )
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.copy_files_from = Path(copy_files_from) if copy_files_from is not None else None
+        if self.copy_files_from is not None and not self.copy_files_from.is_dir():
+            raise CheckpointError(
+                f"copy_files_from={str(self.copy_files_from)!r} is not a folder; pass the folder "
+                "holding config.json and the tokenizer files.",
+                self.copy_files_from,
+            )
+        _check_target(self.path, self.inputs, overwrite)
+
+        self.aliases: dict[str, str] = {}
+        """Each name skipped as tied to an earlier tensor -> the name it was written under."""
+        self.files: list[Path] = []
+        """The files written (shards, index, copies), at their final paths once committed."""
+        self.copied: list[str] = []
+        self.written_texts: list[str] = []
+        """Files written with :meth:`write_text` (lineage, an updated config, ...)."""
+        self.total_size = 0
+        """Bytes of tensor data written (tied duplicates counted once), as in the index."""
+        self._tmp: Path | None = None
+        self._state = "new"
+        self._names: set[str] = set()
+        self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._shards: list[tuple[str, list[str]]] = []
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._buffer_storages: set[int] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> ShardedWriter:
+        if self._state != "new":
+            raise CheckpointError("a ShardedWriter can be entered only once.", self.path)
+        _check_target(self.path, self.inputs, self.overwrite)  # again: time may have passed
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
+        # mkdtemp makes the folder private (0700) and the rename keeps that: give the finished
+        # folder the permissions any new folder gets here (0777 less the umask, usually 0755).
+        self._tmp.chmod(0o777 & ~_umask())
+        self._state = "open"
+        try:
+            self._copy_files()
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self._commit()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _copy_files(self) -> None:
+        source = self.copy_files_from
+        if source is None:
+            return
+        assert self._tmp is not None
+        for entry in sorted(source.iterdir()):
+            name = entry.name
+            if name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES) or not entry.is_file():
+                continue
+            shutil.copy2(entry, self._tmp / name)  # follows symlinks (Hub cache snapshots)
+            self.copied.append(name)
+
+    def _discard(self) -> None:
+        self._state = "failed"
+        self._buffer, self._buffer_storages = {}, set()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # -- adding ------------------------------------------------------------------------------
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``name``; a full shard is written to disk first.
+
+        A CPU tensor is kept by reference until its shard is written (no copy): do not modify
+        it in place before the ``with`` block ends.
+        """
+        if self._state != "open":
+            raise CheckpointError(
+                "ShardedWriter.add() needs an open writer: use `with ShardedWriter(...) as "
+                "writer:` and add inside the block.",
+                self.path,
+            )
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"tensor names must be non-empty str; got {name!r}.", self.path)
+        if name in self._names:
+            raise CheckpointError(
+                f"tensor {name!r} was already added to {self.path}; names must be unique.",
+                self.path,
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor; only tensors can "
+                "be saved.",
+                self.path,
+            )
+        if tensor.is_meta or tensor.layout != torch.strided:
+            kind = "on the meta device (it holds no data)" if tensor.is_meta else "not dense"
+            raise CheckpointError(
+                f"tensor {name!r} is {kind}; safetensors stores dense tensors with data: "
+                "materialise it (e.g. .to_dense() or load real weights) first.",
+                self.path,
+            )
+        self._names.add(name)
+        if tensor.numel():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+            seen = self._seen.get(key)
+            # The weak reference proves the first tensor still lives, so the address is not a
+            # freed one reused by an unrelated tensor of the same shape.
+            if seen is not None and seen[0]() is not None:
+                self.aliases[name] = seen[1]
+                return
+            self._seen[key] = (weakref.ref(tensor), name)
+        data = tensor.detach()
+        if self.dtype is not None and data.is_floating_point():
+            data = data.to(self.dtype)
+        data = data.to("cpu").contiguous()
+        if data.numel():
+            storage = data.untyped_storage().data_ptr()
+            if storage in self._buffer_storages:  # safetensors refuses shared memory in a file
+                data = data.clone()
+                storage = data.untyped_storage().data_ptr()
+            self._buffer_storages.add(storage)
+        nbytes = data.numel() * data.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._buffer[name] = data
+        self._buffer_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        assert self._tmp is not None
+        file_name = f"model-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, self._tmp / file_name, metadata=self.metadata)
+        self._shards.append((file_name, list(self._buffer)))
+        self._buffer, self._buffer_bytes, self._buffer_storages = {}, 0, set()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a small text file (``lineage.json``, an edited ``config.json``) into the output.
+
+        It lands in the temporary folder, so it appears with the weights or not at all; a file
+        of that name copied by ``copy_files_from`` is replaced.
+        """
+        if self._state != "open":
+            raise CheckpointError(
+                "ShardedWriter.write_text() needs an open writer: call it inside the `with` block.",
+                self.path,
+            )
+        plain = bool(name) and Path(name).name == name and not name.startswith(".")
+        if not plain or name.endswith(_NOT_COPIED_SUFFIXES):
+            raise CheckpointError(
+                f"write_text() takes a plain file name that is not a weight or index file; "
+                f"got {name!r}.",
+                self.path,
+            )
+        assert self._tmp is not None
+        (self._tmp / name).write_text(text, encoding="utf-8")
+        if name not in self.copied and name not in self.written_texts:
+            self.written_texts.append(name)
+
+    # -- committing --------------------------------------------------------------------------
+
+    def _commit(self) -> None:
+        assert self._tmp is not None
+        tmp = self._tmp
+        if self._buffer or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        written: list[str] = []
+        if count == 1:
+            (tmp / self._shards[0][0]).rename(tmp / "model.safetensors")
+            written.append("model.safetensors")
+        else:
+            weight_map: dict[str, str] = {}
+            for number, (file_name, names) in enumerate(self._shards, start=1):
+                final = f"model-{number:05d}-of-{count:05d}.safetensors"
+                (tmp / file_name).rename(tmp / final)
+                written.append(final)
+                weight_map.update(dict.fromkeys(names, final))
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
+            written.append("model.safetensors.index.json")
+        for name in [*written, *self.written_texts]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        self._install(tmp)
+        self._state = "done"
+        self._tmp = None
+        self.files = [self.path / name for name in [*written, *self.copied, *self.written_texts]]
+
+    def _install(self, tmp: Path) -> None:
+        """Rename ``tmp`` to the target, moving an existing target away first (overwrite)."""
+        target = self.path
+        if not (target.exists() or target.is_symlink()):
+            os.rename(tmp, target)
+            return
+        if not self.overwrite:
+            raise CheckpointError(
+                f"{target} appeared while it was being written; pass overwrite=True to replace "
+                "it, or choose another path.",
+                target,
+            )
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def shard_groups(tensors: Mapping[str, TensorInfo], max_shard_size: int) -> list[list[str]]:
+    """Names per shard, in order; as :class:`ShardedWriter`, a shard is closed when the next
+    tensor would push it past ``max_shard_size`` (a larger tensor gets a shard of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, info in tensors.items():
+        if groups[-1] and size + info.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += info.nbytes
+    return groups
+
+
+def shard_header(
+    names: Sequence[str], tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, int], int]:
+    """A shard's header bytes, each tensor's offset in the file, and the data size.
+
+    Tensors are stored largest element first (stable otherwise, so a one-dtype model keeps its
+    order): with the header padded to 8 bytes, every tensor is then aligned for its dtype and
+    can be mapped in place.
+    """
+    order = sorted(names, key=lambda name: -tensors[name].dtype.itemsize)
+    entries: dict[str, Any] = {}
+    begin = 0
+    for name in order:
+        info = tensors[name]
+        end = begin + info.nbytes
+        entries[name] = {
+            "dtype": SAFETENSORS_CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [begin, end],
+        }
+        begin = end
+    raw = json.dumps({"__metadata__": dict(metadata), **entries}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    offsets = {name: start + entry["data_offsets"][0] for name, entry in entries.items()}
+    return struct.pack("<Q", len(raw)) + raw, offsets, begin
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Give the file its final size with its disk blocks allocated now.
+
+    A full disk then fails here, as an error, before anything is computed: writing through a
+    memory map into a sparse file would instead kill the process (SIGBUS) when space runs out.
+    """
+    os.ftruncate(fd, size)
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the size alone
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"no space left on the disk for {path} ({size:,} bytes); free some space or "
+                "choose an output on another disk.",
+                path,
+            ) from None
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+class StreamingShardWriter(ShardedWriter):
+    """A :class:`ShardedWriter` whose tensors are laid out up front and written in place.
+
+    ::
+
+        layout = {"w": TensorInfo(torch.Size([4, 4]), torch.float32)}
+        with StreamingShardWriter("out", layout, max_shard_size="2GB") as writer:
+            writer.destination("w").copy_(tensor)
+
+    Entering creates every shard at its final size with its header and memory-maps it;
+    :meth:`destination` is a tensor's region of that map, to be filled before the block ends.
+    The atomic commit, ``overwrite``, the refusal of outputs overlapping ``inputs``, and
+    ``copy_files_from`` are :class:`ShardedWriter`'s. ``aliases`` (tied names, not written)
+    are reported in :attr:`aliases`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tensors: Mapping[str, TensorInfo],
+        *,
+        aliases: Mapping[str, str] | None = None,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        copy_files_from: str | Path | None = None,
+        inputs: Iterable[str | Path] = (),
+    ) -> None:
+        super().__init__(
+            path,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            metadata=metadata,
+            copy_files_from=copy_files_from,
+            inputs=inputs,
+        )
+        for name, info in tensors.items():
+            if info.dtype not in SAFETENSORS_CODES:
+                raise CheckpointError(
+                    f"tensor {name!r} has dtype {info.dtype}, which safetensors cannot store; "
+                    "exclude it from the output or convert it first.",
+                    self.path,
+                )
+        self.aliases = dict(aliases or {})
+        self.total_size = sum(info.nbytes for info in tensors.values())
+        self._layout = dict(tensors)
+        self._slots: dict[str, tuple[int, int]] = {}
+        self._maps: list[mmap.mmap] = []
+        self._unwritten: set[str] = set(tensors)
+
+    def __enter__(self) -> StreamingShardWriter:
+        super().__enter__()
+        try:
+            self._allocate()
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def _allocate(self) -> None:
+        assert self._tmp is not None
+        for number, names in enumerate(shard_groups(self._layout, self.max_shard_size), 1):
+            file_name = f"model-{number:05d}.safetensors"
+            header, offsets, data_size = shard_header(names, self._layout, self.metadata)
+            with open(self._tmp / file_name, "wb+") as file:
+                file.write(header)
+                file.flush()
+                _reserve(file.fileno(), len(header) + data_size, self._tmp / file_name)
+                self._maps.append(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE))
+            self._shards.append((file_name, names))
+            shard = len(self._maps) - 1
+            self._slots.update((name, (shard, offset)) for name, offset in offsets.items())
+
+    def destination(self, name: str) -> torch.Tensor:
+        """The region of the shard that ``name`` is stored in, as a tensor to write into."""
+        if self._state != "open":
+            raise CheckpointError(
+                "StreamingShardWriter.destination() needs an open writer: call it inside the "
+                "`with` block.",
+                self.path,
+            )
+        slot = self._slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"{name!r} is not in the output's layout.", self.path)
+        self._unwritten.discard(name)
+        info = self._layout[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        shard, offset = slot
+        flat = torch.frombuffer(
+            self._maps[shard], dtype=info.dtype, count=info.numel, offset=offset
+        )
+        return flat.view(info.shape)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy ``tensor`` into its place (cast to the layout's dtype)."""
+        with torch.no_grad():
+            self.destination(name).copy_(tensor.detach())
+
+    def _commit(self) -> None:
+        if self._unwritten:
+            missing = ", ".join(map(repr, sorted(self._unwritten)[:5]))
+            raise CheckpointError(
+                f"{len(self._unwritten)} tensors of the layout were never written ({missing}); "
+                "the output would hold garbage, so nothing was saved.",
+                self.path,
+            )
+        for mapped in self._maps:
+            mapped.flush()
+        self._release()
+        super()._commit()
+
+    def _discard(self) -> None:
+        self._release()
+        super()._discard()
+
+    def _release(self) -> None:
+        # A map is unmapped when its last view dies (torch.frombuffer holds a reference);
+        # closing it while a view may live would leave that view dangling.
+        self._maps = []
+
+
+def save(
+    state_dict_or_module: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    copy_files_from: PathLike | None = None,
+) -> Path:
+    """Write a module's state_dict (or a mapping of tensors) as sharded safetensors at ``path``.
+
+    The folder is what ``save_pretrained`` writes (tied tensors stored once), written atomically
+    by :class:`ShardedWriter`; ``dtype`` casts floating tensors. Returns ``path``.
+    """
+    if isinstance(state_dict_or_module, torch.nn.Module):
+        tensors: Mapping[Any, Any] = state_dict_or_module.state_dict()
+    elif isinstance(state_dict_or_module, Mapping):
+        tensors = state_dict_or_module
+    else:
+        raise CheckpointError(
+            f"save() takes a torch.nn.Module or a mapping of names to tensors; got "
+            f"{type(state_dict_or_module).__name__}.",
+            path,
+        )
+    for name, value in tensors.items():  # check everything before writing anything
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"save() got {name!r} -> {type(value).__name__}; every entry must map a str to "
+                "a torch.Tensor.",
+                path,
+            )
+    with ShardedWriter(
+        path,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        metadata=metadata,
+        copy_files_from=copy_files_from,
+        dtype=dtype,
+    ) as writer:
+        for name, value in tensors.items():
+            writer.add(name, value)
+    return writer.path
