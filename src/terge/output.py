@@ -30,6 +30,7 @@ from .errors import CheckpointError, MetaTensorError
 from .execute import execute, run_step
 from .io import StreamingShardWriter, TensorInfo
 from .io.dtypes import dtype_name
+from .io.reading import allowed_roots, outside
 from .kernels import ChunkBuffers, store_whole
 from .lineage import Lineage, lineage_text
 from .plan import Plan, Step
@@ -88,8 +89,8 @@ def _base_tensors(base: Source) -> tuple[dict[str, Entry], Callable[[str], torch
 def _config_with_dtype(folder: Path, dtype: torch.dtype) -> str | None:
     """The base's ``config.json`` with its dtype set to ``dtype``, or ``None`` if none is named."""
     path = folder / "config.json"
-    if not path.is_file():
-        return None
+    if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
+        return None  # none, or a link out of the folder: the writer leaves it out, and says so
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -143,6 +144,24 @@ def _writer(
         copy_files_from=folder_of(base) if isinstance(base, FileSource) else None,
         inputs=[folder_of(s) or s.path for s in files],
     )
+
+
+def check_output(
+    plan: Plan,
+    sources: list[Source],
+    base: Source,
+    *,
+    out: Path,
+    out_dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    lineage: Lineage,
+) -> None:
+    """Everything :func:`write_merge` checks before it writes, writing nothing: the layout and
+    the target (an existing ``out``, an ``out`` inside an input), so that a dry run fails where
+    the real call would, with the same error."""
+    layout = _Layout(plan, base, out_dtype)
+    _writer(out, layout, lineage, sources, base, max_shard_size, overwrite)  # never entered
 
 
 def write_merge(
