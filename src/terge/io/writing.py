@@ -98,6 +98,26 @@ def _check_target(target: Path, inputs: Iterable[PathLike], overwrite: bool) -> 
         )
 
 
+def check_file_apart(
+    path: PathLike,
+    inputs: Iterable[PathLike],
+    *,
+    what: str = "the file",
+    error: type[Exception] = CheckpointError,
+) -> None:
+    """Refuse to write the file ``path`` over an input, or into an input's folder (an index's
+    folder included), where it would destroy weights still in use."""
+    met = overlap(path, inputs)
+    if met is None or met[0] == "contains":  # a file cannot hold an input
+        return
+    relation, given = met
+    raise error(
+        f"{what} {path} {relation} the input {given}; writing it there would destroy weights "
+        "being read: choose a path outside every input.",
+        path,
+    )
+
+
 def write_text_atomic(
     path: PathLike,
     text: str,
