@@ -484,3 +484,13 @@ def test_two_runs_racing_for_one_output(tmp_path, monkeypatch, overwrite):
         writer.add("w", torch.ones(2))
     assert leftovers(tmp_path) == []
     assert torch.equal(load_file(target / "model.safetensors")["w"], torch.full((2,), 7.0))
+
+
+@POSIX
+def test_a_lineage_temp_file_of_a_killed_run_is_removed_by_the_next_write(tmp_path):
+    left = tmp_path / f".l.json.tmp-{writing._HOST}-{dead_pid()}-abc123"
+    left.write_text('{"half": ')
+    lineage = terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], dry_run=True)
+    with pytest.warns(UserWarning, match=rf"removed its leftover {left}"):
+        terge.save_lineage(lineage, tmp_path / "l.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json"]

@@ -137,7 +137,8 @@ def write_text_atomic(
         raise error(f"{target} is a folder; give the path of a file to write.", target)
     if not overwrite and (target.exists() or target.is_symlink()):
         raise error(f"{target} already exists; {_REPLACE_HINT}", target)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    clean_leftovers(target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent)
     temporary = Path(name)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
@@ -201,7 +202,7 @@ def _running(pid: int) -> bool:
 def clean_leftovers(parent: Path) -> list[Path]:
     """Remove what earlier writers killed mid-way (SIGKILL, a power cut) left in ``parent``.
 
-    A temporary folder whose process no longer runs on this machine is removed; a previous
+    A temporary folder (or file) whose process no longer runs on this machine is removed; a previous
     output moved aside (``.old-``) is removed when its output was installed, else put back.
     Each is named in a warning. Those of live processes, or of other machines (whose processes
     cannot be seen from here), are left alone. Returns what was removed or put back.
@@ -215,7 +216,7 @@ def clean_leftovers(parent: Path) -> list[Path]:
         found = _LEFTOVER.fullmatch(entry.name)
         if found is None or found["host"] != _HOST or _running(int(found["pid"])):
             continue
-        if not entry.is_dir() or entry.is_symlink():
+        if entry.is_symlink():
             continue
         target = parent / found["name"]
         try:
@@ -223,7 +224,10 @@ def clean_leftovers(parent: Path) -> list[Path]:
                 os.rename(entry, target)
                 what = f"put back {target}, which it had moved to {entry.name} to replace it"
             else:
-                shutil.rmtree(entry)
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:  # a small file written by write_text_atomic
+                    entry.unlink()
                 what = f"removed its leftover {entry}"
         except OSError as error:
             warnings.warn(
