@@ -99,8 +99,9 @@ def merge(
             ``model.safetensors.index.json``, or one ``model.safetensors``) holding every tensor
             of the base (tied ones once), the base folder's config and tokenizer files, and the
             lineage as ``lineage.json``. Merged tensors are computed straight into the shards,
-            so memory stays flat however large the models. Written atomically: on any error no
-            folder is left.
+            so memory stays flat however large the models. Written atomically: on any error,
+            Ctrl-C or SIGTERM no folder is left (what a killed run leaves is removed by the next
+            write beside it); links out of the base folder are not copied.
         out_dtype: with ``out``, the dtype floating tensors are written in (``torch.bfloat16``
             or ``'bfloat16'``); each is rounded once from the ``dtype`` accumulation, and
             ``config.json``'s ``torch_dtype`` is updated.

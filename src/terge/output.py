@@ -265,6 +265,35 @@ def _write_sharded(
             writer, failure = None, error
     _agree(failure, mesh, device, out)
 
+    try:
+        failure = _merge_sharded(layout, sources, base, writer, failure, dtype, progress)
+    except BaseException as error:  # Ctrl-C, SIGTERM: the temporary folder goes too
+        if writer is not None:
+            writer.__exit__(type(error), error, None)
+        raise
+    if writer is not None:
+        try:
+            if failure is None:
+                writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+                writer.__exit__(None, None, None)
+            else:
+                writer.__exit__(type(failure), failure, None)
+        except Exception as error:
+            failure = failure or error
+    _agree(failure, mesh, device, out)
+
+
+def _merge_sharded(
+    layout: _Layout,
+    sources: Sequence[Source],
+    base: Source,
+    writer: StreamingShardWriter | None,
+    failure: BaseException | None,
+    dtype: torch.dtype,
+    progress: bool,
+) -> BaseException | None:
+    """Merge and gather every tensor on every rank, and write it on rank 0; the first write
+    failure is kept (and returned), not raised, so that every rank joins every collective."""
     buffers = ChunkBuffers(dtype)
     names = list(layout.tensors)
     shown = tqdm(names, desc="Merging and writing", unit="tensors") if progress else names
@@ -283,16 +312,7 @@ def _write_sharded(
                     store_whole(writer.destination(name), whole, buffers)
                 except Exception as error:  # keep joining the collectives; fail together below
                     failure = error
-    if writer is not None:
-        try:
-            if failure is None:
-                writer.write_text(LINEAGE_FILE, lineage_text(lineage))
-                writer.__exit__(None, None, None)
-            else:
-                writer.__exit__(type(failure), failure, None)
-        except Exception as error:
-            failure = failure or error
-    _agree(failure, mesh, device, out)
+    return failure
 
 
 def _agree(failure: BaseException | None, mesh: Any, device: torch.device, out: Path) -> None:

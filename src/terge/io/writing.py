@@ -264,10 +264,10 @@ class _SigtermAsExit:
         try:
             if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
                 return
+            self._previous = signal.SIG_DFL  # first: a signal may come as soon as it is set
             signal.signal(signal.SIGTERM, self._handle)
         except (ValueError, OSError):  # no signals here (an embedded interpreter)
-            return
-        self._previous = signal.SIG_DFL
+            self._previous = None
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.holding:
