@@ -37,10 +37,12 @@ def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str
 
 
 def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A state dict of the base checkpoint: fresh tensors to merge into, views of the rest.
+    """A state dict of the base checkpoint: fresh tensors to merge into, copies of the rest.
 
-    The tensors left alone are the file's copy-on-write memory-mapped views: nothing is read
-    until used, and changing them never changes the file.
+    The tensors left alone are read into memory, one at a time: a view of the file's memory map
+    would die (SIGBUS) the moment the file is rewritten, and saving the result over its own
+    input (``torch.save(m, "ckpt.bin")``) rewrites it. To keep memory flat for a large
+    checkpoint, write with ``out=`` instead.
     """
     merged = {step.name for step in plan.steps}
     result: dict[str, torch.Tensor] = {}
@@ -50,7 +52,7 @@ def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], d
         if name in merged:
             result[raw] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
         else:
-            result[raw] = base.get(name)
+            result[raw] = base.get(name).clone(memory_format=torch.contiguous_format)
     return result, outputs
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,22 +294,27 @@ def _has_object(value: Any) -> bool:
     return isinstance(value, list) and any(_has_object(item) for item in value)
 
 
-def save_lineage(lineage: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+def save_lineage(
+    lineage: Mapping[str, Any], path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write ``lineage`` to ``path`` as stable JSON (see :func:`lineage_text`), atomically.
 
+    The file appears whole or not at all, with the permissions any new file gets. An existing
+    ``path`` is refused unless ``overwrite=True``, and so, always, is a path that is one of the
+    models the lineage records or lies inside one's folder (it would destroy its weights):
+    :class:`~terge.LineageError`, raised before anything is written.
     ``load_lineage(path)`` gives back an equal ``Lineage``.
     """
+    from .io.writing import check_file_apart, write_text_atomic
+
+    if not isinstance(overwrite, bool):
+        raise LineageError(f"`overwrite` must be True or False; got {overwrite!r}.", path)
     target = Path(path).expanduser()
+    records = [*getattr(lineage, "models", ()), getattr(lineage, "base", None)]
+    inputs = [r.path for r in records if isinstance(r, ModelRecord) and r.path is not None]
+    check_file_apart(target, inputs, what="the lineage file", error=LineageError)
     text = lineage_text(lineage)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, text, overwrite=overwrite, error=LineageError)
 
 
 # --- from JSON ----------------------------------------------------------------------------------

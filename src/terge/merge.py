@@ -19,7 +19,7 @@ from .execute import destinations, execute
 from .io import parse_size
 from .io.dtypes import floating_dtype
 from .lineage import SEPARATE, ModelRecord
-from .output import write_merge
+from .output import check_output, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
@@ -99,8 +99,9 @@ def merge(
             ``model.safetensors.index.json``, or one ``model.safetensors``) holding every tensor
             of the base (tied ones once), the base folder's config and tokenizer files, and the
             lineage as ``lineage.json``. Merged tensors are computed straight into the shards,
-            so memory stays flat however large the models. Written atomically: on any error no
-            folder is left.
+            so memory stays flat however large the models. Written atomically: on any error,
+            Ctrl-C or SIGTERM no folder is left (what a killed run leaves is removed by the next
+            write beside it); links out of the base folder are not copied.
         out_dtype: with ``out``, the dtype floating tensors are written in (``torch.bfloat16``
             or ``'bfloat16'``); each is rounded once from the ``dtype`` accumulation, and
             ``config.json``'s ``torch_dtype`` is updated.
@@ -111,7 +112,8 @@ def merge(
             and ``verify``. Needs ``lineage=True`` or ``out``.
         dry_run: only plan: return the ``Lineage`` of what the call would do (whatever
             ``lineage`` says), reading names, shapes and dtypes but no tensor, and writing
-            nothing.
+            nothing. It raises what the real call would raise before computing, ``out``'s
+            checks (already there, inside an input) included.
         name_map: a function giving each tensor name of every model its canonical name, by
             which tensors are matched and recorded in the lineage. It is applied after the
             built-in stripping of wrapper prefixes (DDP's ``module.``, ``torch.compile``'s
@@ -125,8 +127,9 @@ def merge(
 
     Returns:
         The merged model (the base itself when ``inplace``; a state dict when the base is one,
-        or is a path: then the tensors left alone are copy-on-write views of its file), or the
-        output folder as a ``pathlib.Path`` when ``out`` is given; ``(result, lineage)`` when
+        or is a path: then every tensor is in memory, none a view of the file, so the result
+        can be saved over its own inputs), or the output folder as a ``pathlib.Path`` when
+        ``out`` is given; ``(result, lineage)`` when
         ``lineage=True``; the lineage alone with ``dry_run=True``.
 
     Example:
@@ -171,6 +174,17 @@ def merge(
             provenance = _provenance(sources, base_source, base_index, dtype, written_dtype)
             record = plan.lineage(**provenance)
         if dry_run:
+            if target is not None:  # fail exactly where the real call would
+                check_output(
+                    plan,
+                    sources,
+                    base_source,
+                    out=target,
+                    out_dtype=written_dtype,
+                    max_shard_size=max_shard_size,
+                    overwrite=overwrite,
+                    lineage=record,
+                )
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
         if target is not None:

@@ -30,6 +30,7 @@ from .errors import CheckpointError, MetaTensorError
 from .execute import execute, run_step
 from .io import StreamingShardWriter, TensorInfo
 from .io.dtypes import dtype_name
+from .io.reading import allowed_roots, outside
 from .kernels import ChunkBuffers, store_whole
 from .lineage import Lineage, lineage_text
 from .plan import Plan, Step
@@ -88,8 +89,8 @@ def _base_tensors(base: Source) -> tuple[dict[str, Entry], Callable[[str], torch
 def _config_with_dtype(folder: Path, dtype: torch.dtype) -> str | None:
     """The base's ``config.json`` with its dtype set to ``dtype``, or ``None`` if none is named."""
     path = folder / "config.json"
-    if not path.is_file():
-        return None
+    if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
+        return None  # none, or a link out of the folder: the writer leaves it out, and says so
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -143,6 +144,24 @@ def _writer(
         copy_files_from=folder_of(base) if isinstance(base, FileSource) else None,
         inputs=[folder_of(s) or s.path for s in files],
     )
+
+
+def check_output(
+    plan: Plan,
+    sources: list[Source],
+    base: Source,
+    *,
+    out: Path,
+    out_dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    lineage: Lineage,
+) -> None:
+    """Everything :func:`write_merge` checks before it writes, writing nothing: the layout and
+    the target (an existing ``out``, an ``out`` inside an input), so that a dry run fails where
+    the real call would, with the same error."""
+    layout = _Layout(plan, base, out_dtype)
+    _writer(out, layout, lineage, sources, base, max_shard_size, overwrite)  # never entered
 
 
 def write_merge(
@@ -246,6 +265,35 @@ def _write_sharded(
             writer, failure = None, error
     _agree(failure, mesh, device, out)
 
+    try:
+        failure = _merge_sharded(layout, sources, base, writer, failure, dtype, progress)
+    except BaseException as error:  # Ctrl-C, SIGTERM: the temporary folder goes too
+        if writer is not None:
+            writer.__exit__(type(error), error, None)
+        raise
+    if writer is not None:
+        try:
+            if failure is None:
+                writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+                writer.__exit__(None, None, None)
+            else:
+                writer.__exit__(type(failure), failure, None)
+        except Exception as error:
+            failure = failure or error
+    _agree(failure, mesh, device, out)
+
+
+def _merge_sharded(
+    layout: _Layout,
+    sources: Sequence[Source],
+    base: Source,
+    writer: StreamingShardWriter | None,
+    failure: BaseException | None,
+    dtype: torch.dtype,
+    progress: bool,
+) -> BaseException | None:
+    """Merge and gather every tensor on every rank, and write it on rank 0; the first write
+    failure is kept (and returned), not raised, so that every rank joins every collective."""
     buffers = ChunkBuffers(dtype)
     names = list(layout.tensors)
     shown = tqdm(names, desc="Merging and writing", unit="tensors") if progress else names
@@ -264,16 +312,7 @@ def _write_sharded(
                     store_whole(writer.destination(name), whole, buffers)
                 except Exception as error:  # keep joining the collectives; fail together below
                     failure = error
-    if writer is not None:
-        try:
-            if failure is None:
-                writer.write_text(LINEAGE_FILE, lineage_text(lineage))
-                writer.__exit__(None, None, None)
-            else:
-                writer.__exit__(type(failure), failure, None)
-        except Exception as error:
-            failure = failure or error
-    _agree(failure, mesh, device, out)
+    return failure
 
 
 def _agree(failure: BaseException | None, mesh: Any, device: torch.device, out: Path) -> None:

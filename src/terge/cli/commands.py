@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 import textwrap
 import time
@@ -29,7 +28,8 @@ import torch
 
 from .._version import __version__
 from ..audit import diff_lineages, summary, verify_lineage
-from ..errors import TergeError, UsageError
+from ..errors import LineageError, TergeError, UsageError
+from ..io.writing import check_file_apart, write_text_atomic
 from ..lineage import load_lineage, save_lineage
 from ..merge import merge
 from ..methods import REGISTRY
@@ -212,7 +212,8 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action=argparse.BooleanOptionalAction,
-        help="replace OUT if it exists, e.g. --overwrite (default: refuse)",
+        help="replace OUT, and the --lineage FILE, if they exist, e.g. --overwrite (default: "
+        "refuse)",
     )
     parser.add_argument(
         "--normalize",
@@ -314,28 +315,48 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
             "choose another path."
         )
     if settings.lineage is not None:
-        folder = settings.lineage.parent
-        if settings.lineage.is_dir():
-            raise UsageError(
-                f"the lineage file {str(settings.lineage)!r} is a folder; give a file path."
-            )
-        if not folder.is_dir():
-            raise UsageError(
-                f"the lineage file {str(settings.lineage)!r}: its folder {str(folder)!r} does not "
-                "exist."
-            )
+        _check_lineage_path(settings, [*models, *([base] if isinstance(base, Path) else [])])
     return models, base, settings.out
 
 
-def write_lineage(target: Path, out: Path, lineage: Any) -> None:
-    """Write the lineage to ``target``: a copy of ``OUT/lineage.json`` (the full record, with the
-    models, base and settings), or, failing that, the lineage itself."""
+def _check_lineage_path(settings: Settings, inputs: list[Path]) -> None:
+    """``--lineage FILE`` (or a recipe's ``lineage``) is refused before anything is merged where
+    it cannot or must not be written: over an input or inside an input's folder, over OUT, or
+    over an existing file without ``--overwrite``."""
+    target = settings.lineage
+    assert target is not None and settings.out is not None
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"the lineage file {str(target)!r} is a folder; give a file path.")
+    if not folder.is_dir():
+        raise UsageError(
+            f"the lineage file {str(target)!r}: its folder {str(folder)!r} does not exist."
+        )
+    check_file_apart(target, inputs, what="the lineage file (--lineage)", error=LineageError)
+    if target.resolve() == settings.out.resolve():
+        raise UsageError(
+            f"the lineage file {str(target)!r} is the output folder; give another file path "
+            f"(OUT/{LINEAGE_FILE} is written anyway)."
+        )
+    is_out_lineage = target.resolve() == (settings.out / LINEAGE_FILE).resolve()
+    exists = target.exists() or target.is_symlink()
+    if exists and not settings.overwrite and not is_out_lineage:
+        raise UsageError(
+            f"the lineage file {str(target)!r} already exists; pass --overwrite to replace it "
+            "(and OUT), or choose another path."
+        )
+
+
+def write_lineage(target: Path, out: Path, lineage: Any, overwrite: bool = False) -> None:
+    """Write the lineage to ``target``, atomically: a copy of ``OUT/lineage.json`` (the full
+    record, with the models, base and settings), or, failing that, the lineage itself."""
     written = out / LINEAGE_FILE
     if written.is_file():
         if target.resolve() != written.resolve():
-            shutil.copyfile(written, target)
+            text = written.read_text(encoding="utf-8")
+            write_text_atomic(target, text, overwrite=overwrite, error=LineageError)
         return
-    save_lineage(lineage, target)
+    save_lineage(lineage, target, overwrite=overwrite)
 
 
 def _count(number: int, noun: str) -> str:
@@ -380,7 +401,7 @@ def run_merge(args: argparse.Namespace) -> int:
             **({"digests": True} if args.digests else {}),
         )
     if settings.lineage is not None:
-        write_lineage(settings.lineage, Path(path), lineage)
+        write_lineage(settings.lineage, Path(path), lineage, bool(settings.overwrite))
     if not args.quiet:
         for warning in caught:
             _say(f"warning: {_one_line(warning.message)}")

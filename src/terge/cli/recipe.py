@@ -96,8 +96,8 @@ RECIPE_KEYS: Mapping[str, str] = {
     "out_dtype": 'dtype of the written floating tensors, e.g. "bfloat16"',
     "max_shard_size": 'largest shard, e.g. "2GB" or "500MiB" (default "5GB")',
     "seed": "int seeding random methods (dare_*)",
-    "lineage": "also write the lineage JSON to this path",
-    "overwrite": "bool: replace out if it exists",
+    "lineage": "also write the lineage JSON to this path (not inside an input)",
+    "overwrite": "bool: replace out, and lineage, if they exist",
     "normalize": "bool: divide weights by their sum (default true)",
 }
 """Every key a recipe may hold, with what it takes."""

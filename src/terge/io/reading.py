@@ -231,6 +231,50 @@ def _open_file(path: Path) -> _File:
     )
 
 
+_HUB_REPO = re.compile(r"(models|datasets|spaces)--.+")
+"""A Hugging Face Hub cache folder of one repository (``models--org--name``)."""
+
+
+def allowed_roots(folder: PathLike) -> tuple[Path, ...]:
+    """Where the files of a checkpoint folder may really lie, links followed: in the folder.
+
+    A Hugging Face Hub cache snapshot (``models--org--name/snapshots/<revision>/``) is a folder
+    of links into its repository's ``blobs/``, so there the repository's cache folder counts too.
+    """
+    real = Path(folder).expanduser().resolve()
+    snapshots = real.parent
+    if snapshots.name == "snapshots" and _HUB_REPO.fullmatch(snapshots.parent.name):
+        return real, snapshots.parent
+    return (real,)
+
+
+def outside(path: Path, roots: tuple[Path, ...]) -> Path | None:
+    """Where ``path`` really lies (links followed) when that is outside every root, else None.
+
+    A path that cannot be resolved (a link loop) counts as outside: it is not known to be in.
+    """
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return path
+    if any(real.is_relative_to(root) for root in roots):
+        return None
+    return real
+
+
+def _check_inside(path: Path, roots: tuple[Path, ...], what: str, source: Path) -> None:
+    """Refuse a file of a checkpoint folder (``what`` says which) that lies outside it."""
+    real = outside(path, roots)
+    if real is not None:
+        raise CheckpointError(
+            f"{source}: {what} resolves to {real}, outside the checkpoint folder {roots[0]}; "
+            "terge reads a folder's files only from inside it (a Hub cache snapshot may also "
+            "point into its repository's blobs/): copy the file into the folder, or pass the "
+            "file's own path.",
+            source,
+        )
+
+
 def _pick_index(folder: Path, indexes: list[Path], preferred: str) -> Path:
     for index in indexes:
         if index.name == preferred:
@@ -246,6 +290,19 @@ def _pick_index(folder: Path, indexes: list[Path], preferred: str) -> Path:
 
 
 def _folder_layout(folder: Path) -> tuple[Path | None, list[Path]]:
+    """The index or unindexed shard files a folder's weights are in (safetensors first).
+
+    The one chosen must lie inside the folder (see :func:`allowed_roots`): a link out of it is
+    refused, not followed.
+    """
+    index, shards = _pick_layout(folder)
+    roots = allowed_roots(folder)
+    for path in [index] if index is not None else shards:
+        _check_inside(path, roots, f"{path.name} is a link that", folder)
+    return index, shards
+
+
+def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
     """The index or unindexed shard files a folder's weights are in (safetensors first)."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
     safetensors = [p for p in files if p.name.endswith(".safetensors")]
@@ -291,6 +348,20 @@ def _read_index(index: Path) -> dict[str, str]:
     ):
         raise _corrupt(index, 'the index has no "weight_map" object mapping names to shard files')
     return weight_map
+
+
+def _check_shard_name(index: Path, shard_name: str, roots: tuple[Path, ...]) -> None:
+    """An index may name only files inside its own folder: never an absolute path, a ``..``
+    step, or a link whose target lies outside (a crafted index could read any file)."""
+    pure = Path(shard_name)
+    if pure.is_absolute() or pure.drive or ".." in pure.parts or "\\" in shard_name:
+        raise CheckpointError(
+            f"{index} names shard {shard_name!r}, which is not a file inside the index's folder "
+            f"{index.parent}; an index may only name its own shards (by file name): fix the "
+            "index, or download the checkpoint again.",
+            index,
+        )
+    _check_inside(index.parent / shard_name, roots, f"shard {shard_name!r} of the index", index)
 
 
 class CheckpointReader:
@@ -348,7 +419,9 @@ class CheckpointReader:
     def _open_indexed(self, index: Path) -> None:
         weight_map = _read_index(index)
         shard_names = list(dict.fromkeys(weight_map.values()))
-        for shard_name in shard_names:  # all present before any is opened
+        roots = allowed_roots(index.parent)
+        for shard_name in shard_names:  # all confined and present before any is opened
+            _check_shard_name(index, shard_name, roots)
             shard = index.parent / shard_name
             if not shard.is_file():
                 raise CheckpointError(

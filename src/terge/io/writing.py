@@ -10,13 +10,19 @@ form.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import shutil
+import signal
+import socket
 import struct
 import tempfile
+import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from .dtypes import SAFETENSORS_CODES, floating_dtype
-from .reading import PathLike, TensorInfo
+from .reading import PathLike, TensorInfo, allowed_roots, outside
 from .sizes import parse_size
 
 
@@ -57,26 +63,227 @@ def _resolve(path: PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def overlap(target: PathLike, inputs: Iterable[PathLike]) -> tuple[str, PathLike] | None:
+    """How ``target`` meets the first input it meets (``"is"``, ``"is inside"`` or
+    ``"contains"``) and that input, or None when it is apart from every one.
+
+    Links are followed: an output reached through a link into an input is inside it. An index
+    (``*.index.json``) stands for its folder, whose shards it reads.
+    """
+    resolved = _resolve(target)
+    for given in inputs:
+        source = _resolve(given)
+        if source.name.endswith(".index.json"):
+            source = source.parent
+        if resolved == source or source in resolved.parents:
+            return ("is" if resolved == source else "is inside"), given
+        if resolved in source.parents:
+            return "contains", given
+    return None
+
+
 def _check_target(target: Path, inputs: Iterable[PathLike], overwrite: bool) -> None:
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise CheckpointError(
             f"{target} already exists; pass overwrite=True to replace it, or choose another path.",
             target,
         )
-    resolved = _resolve(target)
-    for given in inputs:
-        source = _resolve(given)
-        if resolved == source or source in resolved.parents:
-            relation = "is" if resolved == source else "is inside"
-        elif resolved in source.parents:
-            relation = "contains"
-        else:
-            continue
+    met = overlap(target, inputs)
+    if met is not None:
+        relation, given = met
         raise CheckpointError(
             f"the output {target} {relation} the input {given}; writing there could destroy "
             "weights still being read: choose an output folder apart from every input.",
             target,
         )
+
+
+def check_file_apart(
+    path: PathLike,
+    inputs: Iterable[PathLike],
+    *,
+    what: str = "the file",
+    error: type[Exception] = CheckpointError,
+) -> None:
+    """Refuse to write the file ``path`` over an input, or into an input's folder (an index's
+    folder included), where it would destroy weights still in use."""
+    met = overlap(path, inputs)
+    if met is None or met[0] == "contains":  # a file cannot hold an input
+        return
+    relation, given = met
+    raise error(
+        f"{what} {path} {relation} the input {given}; writing it there would destroy weights "
+        "being read: choose a path outside every input.",
+        path,
+    )
+
+
+def write_text_atomic(
+    path: PathLike,
+    text: str,
+    *,
+    overwrite: bool = False,
+    error: type[Exception] = CheckpointError,
+) -> Path:
+    """Write a small text file whole or not at all, never clobbering one unless asked.
+
+    The text goes to a temporary file in the same folder, is flushed to disk, gets the
+    permissions any new file gets (0666 less the umask) and is then renamed over ``path``; a
+    crash leaves the old file or the new one, never half of one. Without ``overwrite`` an
+    existing ``path`` is refused (``error(message, path)``), even one that appears meanwhile.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise error(f"{target} is a folder; give the path of a file to write.", target)
+    if not overwrite and (target.exists() or target.is_symlink()):
+        raise error(f"{target} already exists; {_REPLACE_HINT}", target)
+    clean_leftovers(target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.chmod(0o666 & ~_umask())  # mkstemp's files are private (0600)
+        if overwrite or not _link_new(temporary, target, error):
+            os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync(target.parent)
+    return target
+
+
+_REPLACE_HINT = "pass overwrite=True (--overwrite) to replace it, or choose another path."
+
+
+def _link_new(temporary: Path, target: Path, error: type[Exception]) -> bool:
+    """Give ``temporary`` the name ``target`` only if no such file exists, atomically (a hard
+    link never replaces); False where links are unsupported (then a rename does it)."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        message = f"{target} appeared while it was being written; {_REPLACE_HINT}"
+        raise error(message, target) from None
+    except OSError:  # e.g. FAT or some network file systems: no hard links
+        return False
+    return True
+
+
+# -- the temporary folders of runs that never finished -------------------------------------------
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+"""This machine, in the names of temporary folders (pids mean nothing across machines)."""
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-\w+")
+"""A writer's temporary folder (``.{name}.tmp-{host}-{pid}-XXXX``) or the previous output it
+moves aside while replacing it (``.{name}.old-...``)."""
+
+
+def _owner_tag() -> str:
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (when unsure, it does)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def clean_leftovers(parent: Path) -> list[Path]:
+    """Remove what earlier writers killed mid-way (SIGKILL, a power cut) left in ``parent``.
+
+    A temporary folder (or file) whose process no longer runs on this machine is removed; a previous
+    output moved aside (``.old-``) is removed when its output was installed, else put back.
+    Each is named in a warning. Those of live processes, or of other machines (whose processes
+    cannot be seen from here), are left alone. Returns what was removed or put back.
+    """
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        found = _LEFTOVER.fullmatch(entry.name)
+        if found is None or found["host"] != _HOST or _running(int(found["pid"])):
+            continue
+        if entry.is_symlink():
+            continue
+        target = parent / found["name"]
+        try:
+            if found["kind"] == "old" and not (target.exists() or target.is_symlink()):
+                os.rename(entry, target)
+                what = f"put back {target}, which it had moved to {entry.name} to replace it"
+            else:
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:  # a small file written by write_text_atomic
+                    entry.unlink()
+                what = f"removed its leftover {entry}"
+        except OSError as error:
+            warnings.warn(
+                f"terge: an earlier run (process {found['pid']}, no longer running) left {entry} "
+                f"and it could not be cleaned up ({error.strerror or error}); remove it by hand.",
+                stacklevel=3,
+            )
+            continue
+        warnings.warn(
+            f"terge: an earlier run (process {found['pid']}) was stopped while writing; {what}.",
+            stacklevel=3,
+        )
+        done.append(entry)
+    return done
+
+
+class _SigtermAsExit:
+    """While a writer is open, SIGTERM raises ``SystemExit`` as SIGINT raises
+    KeyboardInterrupt, so its temporary folder is removed rather than left behind.
+
+    Only in the main thread (where signal handlers live), and only over the default handler:
+    an ignored SIGTERM or a program's own handler is left as it is. While the output is being
+    renamed into place, the signal waits until the rename is done.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self.holding = False
+        self._pending: int | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return
+            self._previous = signal.SIG_DFL  # first: a signal may come as soon as it is set
+            signal.signal(signal.SIGTERM, self._handle)
+        except (ValueError, OSError):  # no signals here (an embedded interpreter)
+            self._previous = None
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.holding:
+            self._pending = signum
+            return
+        raise SystemExit(128 + signum)
+
+    def restore(self) -> None:
+        """Put the previous handler back; a SIGTERM held meanwhile exits now."""
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGTERM, self._previous)
+        self._previous = None
+        pending, self._pending, self.holding = self._pending, None, False
+        if pending is not None:
+            raise SystemExit(128 + pending)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, target: Path) -> torch.dtype | None:
@@ -117,17 +324,22 @@ class ShardedWriter:
 
     Tensors are buffered until the next would push the shard past ``max_shard_size`` (a tensor
     larger than that gets a shard of its own), so peak memory is about one shard. Everything is
-    written to a hidden temporary folder beside ``path`` (``.{name}.tmp-XXXX``) that is renamed
-    into place when the ``with`` block ends without error; an exception or KeyboardInterrupt
-    removes it and leaves ``path`` untouched. One shard is written as ``model.safetensors`` with
+    written to a hidden temporary folder beside ``path`` (``.{name}.tmp-{host}-{pid}-XXXX``) that
+    is renamed into place when the ``with`` block ends without error; an exception,
+    KeyboardInterrupt or SIGTERM (raised as ``SystemExit`` while the writer is open, in the main
+    thread, unless the program handles SIGTERM itself) removes it and leaves ``path`` untouched.
+    What a run killed outright (SIGKILL) leaves is removed, with a warning, by the next writer
+    in the same folder once that process is gone. One shard is written as ``model.safetensors`` with
     no index, as ``save_pretrained`` does; several as ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``.
 
     ``inputs`` are the checkpoints being read: an output equal to, inside or around one of them is
     refused, since replacing it would destroy weights still in use. ``copy_files_from`` copies
     the top-level non-weight files of a folder (config, tokenizer, generation config, ...) into
-    the output. ``metadata`` goes into every shard's header beside ``{"format": "pt"}``.
-    ``dtype`` casts floating tensors as they are added.
+    the output; a file that is a link to somewhere outside that folder (or, for a Hugging Face
+    Hub cache snapshot, outside its repository's cache folder) is not copied but named in a
+    warning and in :attr:`left_out`. ``metadata`` goes into every shard's header beside
+    ``{"format": "pt"}``. ``dtype`` casts floating tensors as they are added.
 
     A tensor that is the very same view of the same memory as one added before (tied weights,
     such as an input embedding shared with the LM head) is written once under the first name;
@@ -174,11 +386,15 @@ class ShardedWriter:
         self.files: list[Path] = []
         """The files written (shards, index, copies), at their final paths once committed."""
         self.copied: list[str] = []
+        self.left_out: dict[str, str] = {}
+        """Files of ``copy_files_from`` not copied because they lie outside it -> where they
+        really lie."""
         self.written_texts: list[str] = []
         """Files written with :meth:`write_text` (lineage, an updated config, ...)."""
         self.total_size = 0
         """Bytes of tensor data written (tied duplicates counted once), as in the index."""
         self._tmp: Path | None = None
+        self._sigterm = _SigtermAsExit()
         self._state = "new"
         self._names: set[str] = set()
         self._seen: dict[tuple[Any, ...], tuple[weakref.ref[torch.Tensor], str]] = {}
@@ -195,12 +411,16 @@ class ShardedWriter:
         _check_target(self.path, self.inputs, self.overwrite)  # again: time may have passed
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
-        # mkdtemp makes the folder private (0700) and the rename keeps that: give the finished
-        # folder the permissions any new folder gets here (0777 less the umask, usually 0755).
-        self._tmp.chmod(0o777 & ~_umask())
-        self._state = "open"
+        clean_leftovers(parent)
+        self._sigterm.install()
         try:
+            self._tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{_owner_tag()}-", dir=parent)
+            )
+            # mkdtemp makes the folder private (0700) and the rename keeps that: give the
+            # finished folder the permissions any new folder gets (0777 less the umask).
+            self._tmp.chmod(0o777 & ~_umask())
+            self._state = "open"
             self._copy_files()
         except BaseException:
             self._discard()
@@ -216,25 +436,44 @@ class ShardedWriter:
         except BaseException:
             self._discard()
             raise
+        self._sigterm.restore()
 
     def _copy_files(self) -> None:
         source = self.copy_files_from
         if source is None:
             return
         assert self._tmp is not None
+        roots = allowed_roots(source)
         for entry in sorted(source.iterdir()):
             name = entry.name
             if name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES) or not entry.is_file():
                 continue
-            shutil.copy2(entry, self._tmp / name)  # follows symlinks (Hub cache snapshots)
+            real = outside(entry, roots)
+            if real is not None:  # a link out of the folder: never copy what it points at
+                self.left_out[name] = str(real)
+                continue
+            # Copied from where the link leads (Hub cache snapshots link into ../../blobs).
+            shutil.copy2(entry.resolve(), self._tmp / name)
             self.copied.append(name)
+        if self.left_out:
+            listing = ", ".join(f"{name} -> {real}" for name, real in self.left_out.items())
+            warnings.warn(
+                f"terge: did not copy {len(self.left_out)} file(s) of {source} into {self.path} "
+                f"because they are links to outside that folder ({listing}); copy them by hand "
+                "if you trust them.",
+                stacklevel=3,
+            )
 
     def _discard(self) -> None:
-        self._state = "failed"
-        self._buffer, self._buffer_storages = {}, set()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self._sigterm.holding = True  # a SIGTERM now waits until the folder is gone
+        try:
+            self._state = "failed"
+            self._buffer, self._buffer_storages = {}, set()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+        finally:
+            self._sigterm.restore()
 
     # -- adding ------------------------------------------------------------------------------
 
@@ -360,28 +599,67 @@ class ShardedWriter:
         self.files = [self.path / name for name in [*written, *self.copied, *self.written_texts]]
 
     def _install(self, tmp: Path) -> None:
-        """Rename ``tmp`` to the target, moving an existing target away first (overwrite)."""
+        """Rename ``tmp`` to the target, moving an existing target away first (overwrite).
+
+        Another process may create or replace the target meanwhile (two runs writing one
+        output): that is a CheckpointError, never a raw OSError, and what was moved away is
+        put back or removed, never left behind.
+        """
+        self._sigterm.holding = True  # a SIGTERM waits until the target is whole again
         target = self.path
         if not (target.exists() or target.is_symlink()):
-            os.rename(tmp, target)
+            self._rename_into_place(tmp)
             return
         if not self.overwrite:
-            raise CheckpointError(
-                f"{target} appeared while it was being written; pass overwrite=True to replace "
-                "it, or choose another path.",
-                target,
-            )
-        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-        os.rename(target, old)
+            raise self._appeared()
+        old = target.with_name(f".{target.name}.old-{_owner_tag()}-{secrets.token_hex(4)}")
         try:
-            os.rename(tmp, target)
+            os.rename(target, old)
+        except FileNotFoundError:  # another run moved it away first: nothing of ours to keep
+            self._rename_into_place(tmp)
+            return
+        except OSError as error:
+            raise CheckpointError(
+                f"cannot move the existing {target} aside to replace it "
+                f"({error.strerror or error}); check its permissions, or choose another path.",
+                target,
+            ) from error
+        try:
+            self._rename_into_place(tmp)
         except BaseException:
-            os.rename(old, target)
+            try:
+                os.rename(old, target)  # the previous output back where it was
+            except OSError:  # another run installed its own output there: ours is obsolete
+                _remove(old)
             raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        _remove(old)
+
+    def _rename_into_place(self, tmp: Path) -> None:
+        try:
+            os.rename(tmp, self.path)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise self._appeared() from error
+            raise CheckpointError(
+                f"cannot rename the finished output into place at {self.path} "
+                f"({error.strerror or error}); nothing was written there.",
+                self.path,
+            ) from error
+
+    def _appeared(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} appeared while it was being written (another run writing the same "
+            "output?); pass overwrite=True to replace it, or choose another path.",
+            self.path,
+        )
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree, as far as possible."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def shard_groups(tensors: Mapping[str, TensorInfo], max_shard_size: int) -> list[list[str]]:
