@@ -34,15 +34,15 @@ def _bytes_error(pattern: Any, argument: str) -> PatternTypeError:
     """Bytes (or a pattern compiled from bytes) for a name pattern: names are str."""
     compiled = isinstance(pattern, _COMPILED)
     shown = pattern.pattern if compiled else bytes(pattern)
-    what = "a pattern compiled from bytes" if compiled else "bytes"
+    what = "a pattern compiled from bytes" if compiled else "a pattern of type bytes"
     try:
         text = repr(shown.decode("utf-8"))
         fix = f"pass re.compile({text}) instead" if compiled else f"pass {text} instead"
     except UnicodeDecodeError:
         fix = "decode it to str first"
     return PatternTypeError(
-        f"`{argument}` got {what} ({pattern!r}); tensor names are str, so patterns must be str "
-        f"too (or compiled from a str): {fix}."
+        f"`{argument}` got {what} ({pattern!r}); tensor names are str, so a pattern must be a "
+        f"str or a re.compile(...) of a str: {fix}."
     )
 
 
