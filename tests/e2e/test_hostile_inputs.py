@@ -392,3 +392,14 @@ def test_keyword_to_option_mapping():
     assert cli_message("`out_dtype` and `max_shard_size`, `models`, `inplace`") == (
         "--out-dtype and --max-shard-size, MODEL, `inplace`"
     )
+
+
+def test_a_bad_checkpoint_under_terge_merge_is_one_line_and_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(
+        safetensors_bytes({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}})
+    )
+    save_file({"w": torch.ones(1)}, tmp_path / "good.safetensors")
+    code, out, err = run(capsys, "merge", tmp_path / "good.safetensors", bad, "-o", tmp_path / "m")
+    assert (code, out, err.count("\n")) == (2, "", 1)
+    assert f"terge: error: {bad}: the header entry of tensor 'w' is malformed: its dtype is" in err
