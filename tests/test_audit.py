@@ -233,7 +233,12 @@ def test_models_can_be_given_instead_of_the_recorded_paths(folders):
     )
     assert verify_lineage(lineage, "m", models=folders) == []
     swapped = verify_lineage(lineage, "m", models=[folders[1], folders[0], folders[2]])
-    assert [name for name, _ in swapped] == ["layers.0.weight", "layers.1.weight", "norm.bias"]
+    assert [name for name, _ in swapped] == [  # "steps" is left as in the base, now b's
+        "layers.0.weight",
+        "layers.1.weight",
+        "norm.bias",
+        "steps",
+    ]
     with pytest.raises(LineageError, match="records 3 models but 2 paths were given"):
         verify_lineage(lineage, "m", models=folders[:2])
 

@@ -407,7 +407,7 @@ def test_quiet_prints_nothing(capsys, fake):
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
-        (terge.MergeArgumentError("`weights` is bad."), 2, "`weights` is bad."),
+        (terge.MergeArgumentError("`weights` is bad."), 2, "--weights is bad."),  # as an option
         (OSError(28, "No space left on device"), 1, "[Errno 28] No space left on device"),
         (MemoryError(), 1, "MemoryError"),
         (KeyboardInterrupt(), 130, None),

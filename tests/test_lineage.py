@@ -443,7 +443,11 @@ def test_digest_records_round_trip_with_integer_model_keys(tmp_path):
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=4),
-    st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False) | st.integers(), max_size=3),
+    st.dictionaries(
+        st.text(max_size=8),
+        st.floats(allow_nan=False, allow_infinity=False) | st.integers(),
+        max_size=3,
+    ),
     st.text(min_size=1, max_size=12),
 )
 def test_any_weights_settings_and_names_round_trip_exactly(tmp_path_factory, weights, knobs, name):

@@ -22,10 +22,10 @@ from .errors import LineageError, TergeError
 from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
-from .kernels import ChunkBuffers
-from .lineage import SEPARATE, Lineage, ModelRecord, TensorDigests
+from .kernels import ChunkBuffers, store_whole
+from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
-from .plan import Step
+from .plan import Step, reads_base, step_from_entry
 from .sources import FileSource, Source
 
 # --- diff -----------------------------------------------------------------------------------------
@@ -188,12 +188,17 @@ def verify_lineage(
     """Recompute every merged tensor as ``lineage`` says and compare it with ``merged``'s.
 
     The models are read from the paths the lineage records, or from ``models`` (one per model,
-    in index order) and ``base`` (a separate base); only the models the merge read are opened.
-    Tensors are recomputed one at a time with terge's own methods and kernels, so memory stays
-    at about one tensor. Returns ``(name, problem)`` for each tensor that does not match, bit for
-    bit (and where digests are recorded, for each model whose tensor is not the one merged);
-    empty when all match. Raises :class:`LineageError` (naming ``source``, the lineage file)
-    when the lineage cannot be checked: models not found, tensors the checkpoint or a model lacks.
+    in index order) and ``base`` (a separate base); only the models the merge read, and the base,
+    are opened. Tensors are recomputed one at a time with terge's own methods and kernels, so
+    memory stays at about one tensor. Every field of an entry is checked against the others
+    (weights against the coefficients and divisor the kernel used, digests against the
+    contributors) and against the tensors; the tensors left as in the base are compared with the
+    base's (cast as the merge cast them), and tensors the checkpoint holds that the lineage does
+    not account for are named. Returns ``(name, problem)`` for each tensor that does not match,
+    bit for bit (and where digests are recorded, for each model whose tensor is not the one
+    merged); empty when all match. Raises :class:`LineageError` (naming ``source``, the lineage
+    file) when the lineage cannot be checked: models not found, tensors the checkpoint or a
+    model lacks, settings that configure no method.
     """
     check = _Checker(lineage, source)
     paths, base_path = check.model_paths(models, base)
@@ -215,7 +220,14 @@ def verify_lineage(
         for name, entry in lineage.items():
             found = check.tensor(name, entry, reader, sources, base_source, buffers)
             problems += [(name, problem) for problem in found]
+        problems += check.left_alone(reader, base_source, buffers)
+        problems += check.unaccounted(reader)
         return problems
+
+
+_TOLERANCE_ULPS = 2
+"""How far (in units of the accumulation dtype's epsilon, times the model count) equal weights
+may be from exactly 1/n: the original weights are not recorded, only that they were equal."""
 
 
 class _Checker:
@@ -240,7 +252,7 @@ class _Checker:
         settings.pop("seed", None)
         try:
             method = info.factory(**settings)
-        except (TypeError, TergeError) as error:
+        except (TypeError, ValueError, TergeError) as error:
             raise self.fail(
                 f"the settings of {name!r} ({_settings_text(settings)}) do not configure "
                 f"{entry[0]}: {error}"
@@ -255,7 +267,7 @@ class _Checker:
         for name, entry in self.lineage.items():
             needed.update(index for index, _ in entry[1])
             method = self.methods[name]
-            if method is not None and (method.task_vectors or method.needs_base):
+            if method is not None and reads_base(method):
                 if self.base_index is None:
                     raise self.fail(f"{name!r} was merged with a base, but no base is recorded.")
                 needed.add(self.base_index)
@@ -266,15 +278,24 @@ class _Checker:
         models: Sequence[str | os.PathLike[str]] | None,
         base: str | os.PathLike[str] | None,
     ) -> tuple[dict[int, Path], Path | None]:
+        """Where to read each model the merge read, and the base (also when only the tensors
+        left alone need it, if it can be read: given, or read from disk by the merge)."""
         records = self.lineage.models
         if models is not None and records and len(models) != len(records):
             raise self.fail(
                 f"it records {len(records)} models but {len(models)} paths were given; give "
                 "one path per model, in index order."
             )
+        needed = self.needed()
+        if (
+            self.base_index is not None
+            and self.base_index not in needed
+            and self.base_readable(models, base)
+        ):
+            needed.add(self.base_index)
         paths: dict[int, Path] = {}
         base_path = None
-        for index in sorted(self.needed(), key=str):
+        for index in sorted(needed, key=str):
             if index == SEPARATE:
                 base_path = self.path_of(self.lineage.base, base, "--base")
             elif models is not None:
@@ -285,6 +306,23 @@ class _Checker:
                 record = records[index] if index < len(records) else None
                 paths[index] = self.path_of(record, None, "--models")
         return paths, base_path
+
+    def base_readable(
+        self,
+        models: Sequence[str | os.PathLike[str]] | None,
+        base: str | os.PathLike[str] | None,
+    ) -> bool:
+        """Whether the base can be read: given, or recorded with a path (a model in memory
+        cannot be read again, and is then not compared)."""
+        if self.base_index == SEPARATE:
+            return base is not None or (
+                self.lineage.base is not None and bool(self.lineage.base.path)
+            )
+        if models is not None:
+            return isinstance(self.base_index, int) and self.base_index < len(models)
+        records = self.lineage.models
+        index = self.base_index
+        return isinstance(index, int) and index < len(records) and records[index].path is not None
 
     def path_of(
         self, record: ModelRecord | None, given: str | os.PathLike[str] | None, option: str
@@ -298,7 +336,16 @@ class _Checker:
                 f"{record.describe()} was not read from disk, so it cannot be read again; give "
                 f"its checkpoint with {option}."
             )
-        return Path(record.path)
+        path = Path(record.path)
+        if not path.exists():
+            raise self.fail(
+                f"{record.describe()} was read from {record.path!r}, which does not exist from "
+                f"here ({Path.cwd()}); the paths a lineage records are as the merge was given "
+                f"them, relative to the folder it ran in: run verify from that folder, or give the "
+                f"checkpoints with {option}"
+                + (" (and a separate base with --base)." if option == "--models" else ".")
+            )
+        return path
 
     def names_in(self, reader: CheckpointReader, merged: str | os.PathLike[str]) -> None:
         missing = [name for name in self.lineage if name not in reader]
@@ -320,19 +367,20 @@ class _Checker:
     ) -> list[str]:
         """The problems with one merged tensor (none: it is what the lineage says)."""
         info = reader.info(name)
-        problems = []
-        out_dtype = self.lineage.out_dtype
-        if out_dtype is not None and info.dtype != out_dtype:
+        method = self.methods[name]
+        problems = [] if method is None else self.recorded(entry, method)
+        expected = self.written_dtype(name, base)
+        if expected is not None and info.dtype != expected:
             problems.append(
-                f"the checkpoint holds {dtype_name(info.dtype)}, not {dtype_name(out_dtype)}"
+                f"the checkpoint holds {dtype_name(info.dtype)}, not {dtype_name(expected)}"
             )
         digests = (self.lineage.digests or {}).get(name)
         written = tensor_digest(reader.view(name))
         if digests is not None:
+            problems += self.digests_recorded(entry, method, digests)
             problems += self.sources_changed(name, digests, sources, base)
             if written != digests.output:
                 problems.append("the checkpoint's tensor is not the one merged (digest differs)")
-        method = self.methods[name]
         if method is None:
             return [*problems, f"made by the custom method {entry[0]!r}; cannot be recomputed"]
         step = self.step(name, entry, method, info.shape, sources, base)
@@ -345,6 +393,67 @@ class _Checker:
             problems.append("the checkpoint's tensor differs from the recomputed one")
         elif digests is not None and recomputed != digests.output:
             problems.append("recomputing gives another tensor than the one recorded")
+        return problems
+
+    def written_dtype(self, name: str, base: Source | None) -> torch.dtype | None:
+        """The dtype the merge wrote ``name`` in: ``out_dtype`` for a floating tensor, else the
+        base's (``None`` when neither is known)."""
+        entry = None if base is None else base.entries.get(name)
+        out_dtype = self.lineage.out_dtype
+        if out_dtype is not None and (entry is None or entry.dtype.is_floating_point):
+            return out_dtype
+        return None if entry is None else entry.dtype
+
+    def recorded(self, entry: Any, method: Method) -> list[str]:
+        """Problems among an entry's own fields: each model once, a seed only for a random
+        method, and the weights, coefficients and divisor one consistent weighing."""
+        problems = []
+        indices = [index for index, _ in entry[1]]
+        if len(set(indices)) != len(indices):
+            problems.append(f"its contributions name a model twice ({indices})")
+        settings = getattr(entry, "settings", {})
+        if "seed" in settings and not method.random:
+            problems.append(f"it records a seed, but {entry[0]} is not random")
+        coefficients = getattr(entry, "coefficients", None)
+        divisor = getattr(entry, "divisor", None)
+        if not method.streaming:
+            if coefficients is not None or divisor is not None:
+                problems.append(
+                    f"it records coefficients or a divisor, which {entry[0]} does not use"
+                )
+            return problems
+        if coefficients is None:
+            if divisor is not None:
+                problems.append("it records a divisor but no coefficients")
+            return problems
+        weights = [float(weight) for _, weight in entry[1]]
+        problem = _weighing_problem(
+            weights, [float(c) for c in coefficients], divisor, self.lineage.dtype
+        )
+        return problems + ([problem] if problem else [])
+
+    def digests_recorded(
+        self, entry: Any, method: Method | None, digests: TensorDigests
+    ) -> list[str]:
+        """Whether the digests are recorded for the models the entry says were read."""
+        wanted = {index for index, _ in entry[1]}
+        separate = False
+        if method is not None and reads_base(method):
+            if isinstance(self.base_index, int):
+                wanted.add(self.base_index)
+            separate = self.base_index == SEPARATE
+        problems = []
+        if method is not None and set(digests.models) != wanted:
+            problems.append(
+                f"its digests are of models {sorted(digests.models)}, but the merge read models "
+                f"{sorted(wanted)}"
+            )
+        if method is not None and (digests.base is not None) != separate:
+            problems.append(
+                "its digests record a separate base, which the merge did not read"
+                if digests.base is not None
+                else "its digests lack the separate base the merge read"
+            )
         return problems
 
     def sources_changed(
@@ -368,10 +477,9 @@ class _Checker:
         sources: Mapping[int, Source],
         base: Source | None,
     ) -> Step:
-        contributors = tuple(index for index, _ in entry[1])
-        holders = [(i, sources[i]) for i in contributors]
-        uses_base = method.task_vectors or method.needs_base
-        if uses_base and base is not None:
+        step = step_from_entry(name, entry, method)
+        holders = [(i, sources[i]) for i in step.contributors]
+        if step.uses_base and base is not None:
             holders.append((self.base_index, base))  # type: ignore[arg-type]
         for index, source in holders:
             if not source.holds(name, shape):
@@ -383,18 +491,106 @@ class _Checker:
                     f"{where}, but {getattr(source, 'path', where)} has {found}; are these the "
                     "models that were merged?"
                 )
-        weights = tuple(float(weight) for _, weight in entry[1])
-        coefficients = getattr(entry, "coefficients", None)
-        return Step(
-            name=name,
-            method=method,
-            contributors=contributors,
-            weights=weights,
-            uses_base=uses_base,
-            seed=entry.settings.get("seed") if method.random else None,
-            coefficients=weights if coefficients is None else tuple(coefficients),
-            divisor=getattr(entry, "divisor", None),
-        )
+        return step
+
+    def left_alone(
+        self, reader: CheckpointReader, base: Source | None, buffers: ChunkBuffers
+    ) -> list[tuple[str, str]]:
+        """Problems with the tensors the lineage says were left as in the base: each must be
+        the base's tensor, cast as the merge cast it (not compared when the base cannot be
+        read); a tied name the checkpoint holds must hold what its first name holds."""
+        problems = []
+        for name, reason in self.lineage.skipped.items():
+            if name in self.lineage:
+                problems.append((name, f"the lineage both merged it and left it alone ({reason})"))
+            elif reason == TIED:
+                first = self.lineage.tied.get(name)
+                if first is None:
+                    problems.append((name, "left alone as tied, but tied to no name"))
+                elif name in reader and first in reader and not _same(reader, name, first):
+                    problems.append((name, f"tied to {first!r}, but holds another tensor"))
+            elif reason != NOT_A_TENSOR and base is not None:
+                problem = self.copied(name, reason, reader, base, buffers)
+                if problem is not None:
+                    problems.append((name, problem))
+        return problems
+
+    def copied(
+        self,
+        name: str,
+        reason: str,
+        reader: CheckpointReader,
+        base: Source,
+        buffers: ChunkBuffers,
+    ) -> str | None:
+        """The problem with one tensor left as in the base, if any."""
+        if name not in reader:
+            return f"left as in the base ({reason}), but the checkpoint lacks it"
+        if name not in base.entries:
+            return f"left as in the base ({reason}), but the base has no such tensor"
+        original = base.get(name)
+        info = reader.info(name)
+        if info.shape != original.shape:
+            return (
+                f"left as in the base ({reason}), but the checkpoint's shape "
+                f"{tuple(info.shape)} is not the base's {tuple(original.shape)}"
+            )
+        expected = self.written_dtype(name, base)
+        if info.dtype != expected:
+            return f"the checkpoint holds {dtype_name(info.dtype)}, not {dtype_name(expected)}"
+        if original.dtype != info.dtype:  # cast as the merge cast it: rounded once
+            cast = torch.empty(info.shape, dtype=info.dtype)
+            with torch.no_grad():
+                store_whole(cast, original.detach(), buffers)
+            original = cast
+        if tensor_digest(original) != tensor_digest(reader.view(name)):
+            return f"left as in the base ({reason}), but the checkpoint's tensor is not the base's"
+        return None
+
+    def unaccounted(self, reader: CheckpointReader) -> list[tuple[str, str]]:
+        """Tensors the checkpoint holds that the lineage neither merged nor left alone."""
+        known = set(self.lineage) | set(self.lineage.skipped)
+        return [
+            (name, "the checkpoint holds it, but the lineage neither merged it nor left it alone")
+            for name in reader.names()
+            if name not in known
+        ]
+
+
+def _same(reader: CheckpointReader, name: str, other: str) -> bool:
+    """Whether two names of the checkpoint hold the same bytes."""
+    return tensor_digest(reader.view(name)) == tensor_digest(reader.view(other))
+
+
+def _weighing_problem(
+    weights: list[float],
+    coefficients: list[float],
+    divisor: float | None,
+    dtype: torch.dtype | None,
+) -> str | None:
+    """Whether the recorded weights follow from the coefficients and divisor the kernel used,
+    as :func:`terge.plan` weighs them: as given (no divisor), equal (all coefficients 1, the
+    divisor their count), or the coefficients over their sum in the accumulation dtype."""
+    dtype = dtype or torch.float64
+    shown = f"weights {weights}, coefficients {coefficients} and divisor {divisor!r}"
+    if len(coefficients) != len(weights):
+        return f"its {shown} do not pair up (one coefficient per contribution)"
+    if divisor is None:
+        ok = weights == coefficients
+        why = "without a divisor, the weights are the coefficients"
+    elif all(c == 1.0 for c in coefficients) and divisor == len(coefficients):
+        count = len(coefficients)
+        tolerance = _TOLERANCE_ULPS * count * torch.finfo(dtype).eps
+        ok = len(set(weights)) == 1 and abs(weights[0] * count - 1) <= tolerance
+        why = "equal coefficients mean equal weights that sum to 1"
+    else:
+        vector = torch.tensor(coefficients, dtype=dtype)
+        total = vector.sum()
+        ok = total.item() == divisor and (vector / total).tolist() == weights
+        why = "the divisor is the coefficients' sum and the weights are the coefficients over it"
+    if ok:
+        return None
+    return f"its {shown} disagree ({why}); the lineage was edited"
 
 
 # --- show -----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from ._version import __version__
 from .errors import LineageError
 from .io.dtypes import dtype_name, floating_dtype
+from .io.parsing import ParseProblem, is_float_number, loads_json, read_capped
 
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
@@ -44,6 +45,8 @@ KINDS = ("module", "state_dict", "file")
 """What a model was: an ``nn.Module``, a state dict, or a checkpoint read from disk."""
 SEPARATE = "separate"
 """The base's index when it was given apart from ``models``."""
+MAX_LINEAGE_BYTES = 1 << 30
+"""The largest lineage file :func:`load_lineage` reads (1 GiB: millions of tensors, digests too)."""
 
 
 @dataclass(frozen=True)
@@ -324,23 +327,36 @@ def load_lineage(path: str | os.PathLike[str]) -> Lineage:
     """Read a lineage file written by :func:`save_lineage` (or ``merge(out=...)``'s
     ``lineage.json``; a folder means its ``lineage.json``).
 
-    Raises :class:`~terge.LineageError`, naming the file, when it is unreadable, not JSON
-    (truncated), of an unknown schema, or holds a value of the wrong type.
+    Raises :class:`~terge.LineageError`, naming the file (and the field), when it is unreadable,
+    not a regular file, larger than :data:`MAX_LINEAGE_BYTES`, not UTF-8, not JSON (truncated),
+    nested too deeply, of an unknown schema, or holds a value of the wrong type or a number that
+    is not finite (``NaN``, ``Infinity``, ``1e400``, a 400-digit integer).
     """
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "lineage.json"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raw = read_capped(path, MAX_LINEAGE_BYTES)
+    except OSError as error:
+        reason = error.strerror or error
         raise LineageError(f"cannot read the lineage file {path}: {reason}.", path) from None
-    try:
-        data = json.loads(text)
-    except ValueError as error:
+    except ParseProblem as problem:
         raise LineageError(
-            f"the lineage file {path} is not valid JSON ({error}); is it truncated?", path
+            f"cannot read the lineage file {path}: it {problem}; give a lineage .json file.", path
         ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LineageError(
+            f"cannot read the lineage file {path}: {error}; it is not UTF-8 text, so not a "
+            "lineage file.",
+            path,
+        ) from None
+    try:
+        data = loads_json(text, f"the lineage file {path}")
+    except ParseProblem as problem:
+        truncated = "; is it truncated?" if "not valid JSON" in str(problem) else "."
+        raise LineageError(f"{problem}{truncated}", path) from None
     return lineage_from_json(data, path)
 
 
@@ -350,6 +366,7 @@ def lineage_from_json(data: Any, path: str | os.PathLike[str] | None = None) -> 
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_INDEX_KEY = re.compile(r"[0-9]{1,18}")
 
 
 class _Reader:
@@ -389,6 +406,7 @@ class _Reader:
     def number(self, value: Any, where: str) -> float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         self.expect(ok, where, "a number", value)
+        self.expect(is_float_number(value), where, "a finite number", value)
         return value
 
     def dtype(self, value: Any, where: str) -> torch.dtype | None:
@@ -527,7 +545,7 @@ class _Reader:
             record = self.mapping(item, where)
             models = {}
             for key, digest in self.mapping(record.get("models", {}), f"{where}.models").items():
-                ok = key.isdigit()
+                ok = _INDEX_KEY.fullmatch(key) is not None
                 self.expect(ok, f"{where}.models key", "a model index", key)
                 index = self.index(int(key), f"{where}.models key")
                 models[index] = self.digest(digest, f"{where}.models[{json.dumps(key)}]")

@@ -30,10 +30,35 @@ def is_pattern(value: object) -> bool:
     return isinstance(value, (str, *_COMPILED))
 
 
+def _bytes_error(pattern: Any, argument: str) -> PatternTypeError:
+    """Bytes (or a pattern compiled from bytes) for a name pattern: names are str."""
+    compiled = isinstance(pattern, _COMPILED)
+    shown = pattern.pattern if compiled else bytes(pattern)
+    what = "a pattern compiled from bytes" if compiled else "a pattern of type bytes"
+    try:
+        text = repr(shown.decode("utf-8"))
+        fix = f"pass re.compile({text}) instead" if compiled else f"pass {text} instead"
+    except UnicodeDecodeError:
+        fix = "decode it to str first"
+    return PatternTypeError(
+        f"`{argument}` got {what} ({pattern!r}); tensor names are str, so a pattern must be a "
+        f"str or a re.compile(...) of a str: {fix}."
+    )
+
+
+def _is_bytes(pattern: Any) -> bool:
+    """Whether ``pattern`` is bytes, or a regular expression compiled from bytes."""
+    if isinstance(pattern, _COMPILED):
+        return isinstance(pattern.pattern, bytes)
+    return isinstance(pattern, (bytes, bytearray, memoryview))
+
+
 def compile_pattern(pattern: Any, argument: str) -> Callable[[str], bool]:
     """Turn one pattern into a predicate on names; ``argument`` names it in errors."""
     if isinstance(pattern, str):
         return pattern.__eq__
+    if _is_bytes(pattern):
+        raise _bytes_error(pattern, argument)
     if isinstance(pattern, _COMPILED):
         return lambda name: pattern.search(name) is not None
     raise PatternTypeError(
@@ -58,6 +83,8 @@ class PatternSet:
         if patterns is None:
             self._predicates: tuple[Callable[[str], bool], ...] | None = None
             return
+        if _is_bytes(patterns):  # iterable, but of ints: say what it is
+            raise _bytes_error(patterns, argument)
         if is_pattern(patterns):
             patterns = [patterns]  # type: ignore[list-item]
         elif isinstance(patterns, Mapping) or not isinstance(patterns, Iterable):

@@ -67,6 +67,34 @@ class Step:
         )
 
 
+def reads_base(method: Method) -> bool:
+    """Whether a step of ``method`` reads the base's tensor: one rule for planning a merge and
+    for recomputing it (``terge lineage verify``)."""
+    return method.task_vectors or method.needs_base
+
+
+def step_from_entry(name: str, entry: LineageEntry, method: Method) -> Step:
+    """The step a lineage entry records (the inverse of :meth:`Step.lineage_entry`), given the
+    method its name and settings configure: how ``terge lineage verify`` recomputes a tensor.
+
+    Without recorded coefficients (a lineage written by hand), the weights are the coefficients.
+    """
+    weights = tuple(float(weight) for _, weight in entry[1])
+    coefficients = getattr(entry, "coefficients", None)
+    divisor = getattr(entry, "divisor", None)
+    settings = getattr(entry, "settings", {})
+    return Step(
+        name=name,
+        method=method,
+        contributors=tuple(index for index, _ in entry[1]),
+        weights=weights,
+        uses_base=reads_base(method),
+        seed=settings.get("seed") if method.random else None,
+        coefficients=weights if coefficients is None else tuple(map(float, coefficients)),
+        divisor=None if divisor is None else float(divisor),
+    )
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything ``merge()`` will do, decided before it does any of it."""
@@ -346,7 +374,7 @@ def build_plan(
                 method=step_method,
                 contributors=tuple(contributors),
                 weights=weights_of_step,
-                uses_base=step_method.task_vectors or step_method.needs_base,
+                uses_base=reads_base(step_method),
                 seed=seed if step_method.random else None,
                 coefficients=coefficients,
                 divisor=divisor,

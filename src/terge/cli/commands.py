@@ -367,6 +367,70 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+MERGE_OPTIONS: dict[str, str] = {
+    "models": "MODEL",
+    "base": "--base",
+    "out": "-o/--out",
+    "method": "--method",
+    "weights": "--weights",
+    "included": "--include",
+    "excluded": "--exclude",
+    "dtype": "--dtype",
+    "out_dtype": "--out-dtype",
+    "max_shard_size": "--max-shard-size",
+    "seed": "--seed",
+    "overwrite": "--overwrite",
+    "normalize": "--normalize",
+    "digests": "--digests",
+    "lineage": "--lineage",
+}
+"""Each ``terge.merge()`` keyword that ``terge merge`` sets, and the option (or argument) that sets
+it: library errors name keywords, and the command's errors must name its options instead."""
+
+_SWITCHES = {"normalize=False": "--no-normalize"}
+"""Keyword values an option spells otherwise (``overwrite=True`` is ``--overwrite``)."""
+
+_KEYWORD = re.compile(
+    r"`(?P<quoted>[a-z_]+)(?:\[(?P<key>[^`]*)\])?(?P<value>=(?:True|False))?`"
+    r"|\b(?P<bare>[a-z_]+)=(?P<flag>True|False)\b"
+)
+
+
+def _option_for(match: re.Match[str]) -> str:
+    """The CLI option for one keyword mention (``overwrite=True``, ```weights```, ...)."""
+    name = match["quoted"] or match["bare"]
+    option = MERGE_OPTIONS.get(name)
+    if option is None:
+        return match[0]
+    value = match["value"] or (f"={match['flag']}" if match["bare"] else "")
+    if value:
+        return _SWITCHES.get(f"{name}{value}", option)
+    key = match["key"]
+    return option if key is None else f"{option} (the entry for pattern {key})"
+
+
+def cli_message(message: str) -> str:
+    """A library message as ``terge merge`` says it: keywords (``overwrite=True``, ```weights```,
+    ```merge()```) as the options that set them (``--overwrite``, ``--weights``, 'terge merge')."""
+    return _KEYWORD.sub(_option_for, message.replace("`merge()`", "'terge merge'"))
+
+
+def _merge_error(error: TergeError) -> TergeError:
+    """``error`` with its message in the command's words (see :func:`cli_message`)."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (cli_message(error.args[0]), *error.args[1:])
+    return error
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """``terge merge``, its errors naming options rather than ``merge()``'s keywords."""
+    try:
+        return run_merge(args)
+    except TergeError as error:
+        _merge_error(error)
+        raise
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """``terge merge``: read the settings, check them, merge, write, summarise."""
     settings = _settings_from_args(args)
@@ -555,7 +619,7 @@ COMMANDS: dict[str, Command] = {
         description=MERGE_DESCRIPTION,
         epilog=MERGE_EPILOG,
         add_arguments=_merge_arguments,
-        run=run_merge,
+        run=_run_merge,
     ),
     "lineage": Command(
         help="show, diff and verify lineage files (for CI)",

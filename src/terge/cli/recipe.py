@@ -39,6 +39,7 @@ import torch
 
 from ..errors import RecipeError, TergeError
 from ..io import parse_size
+from ..io.parsing import ParseProblem, check_depth, decode_utf8, read_capped
 from ..layers import layers
 from ..methods import REGISTRY, Method
 
@@ -315,19 +316,36 @@ def _toml() -> Any:
     return tomllib
 
 
+MAX_RECIPE_BYTES = 1 << 24
+"""The largest recipe read (16 MiB; a recipe is a few lines): ``/dev/urandom`` is refused."""
+
+
 def load_recipe(path: str | Path) -> Settings:
-    """Read a TOML recipe; relative paths in it resolve against its folder."""
+    """Read a TOML recipe; relative paths in it resolve against its folder.
+
+    A pipe (``--recipe <(...)``) is read too, up to :data:`MAX_RECIPE_BYTES`; every error names
+    the file.
+    """
     toml = _toml()
     path = Path(path)
     try:
-        with path.open("rb") as file:
-            data = toml.load(file)
+        raw = read_capped(path, MAX_RECIPE_BYTES, regular=False)
     except FileNotFoundError:
         raise RecipeError(f"recipe file {str(path)!r} not found.") from None
     except IsADirectoryError:
         raise RecipeError(f"recipe {str(path)!r} is a folder; give a TOML file.") from None
     except OSError as error:
         raise RecipeError(f"cannot read recipe {str(path)!r}: {error.strerror or error}.") from None
+    except ParseProblem as problem:
+        raise RecipeError(f"recipe {str(path)!r} {problem}; give a TOML file.") from None
+    what = f"recipe {str(path)!r}"
+    try:
+        data = toml.loads(decode_utf8(raw, what))
+        check_depth(data, what)
+    except ParseProblem as problem:
+        raise RecipeError(f"{problem}.") from None
+    except RecursionError:
+        raise RecipeError(f"{what} nests arrays or tables too deeply to read.") from None
     except toml.TOMLDecodeError as error:
         raise RecipeError(f"{path}: not valid TOML: {error}.") from None
     return parse_recipe(data, path.parent, str(path))

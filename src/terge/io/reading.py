@@ -8,11 +8,11 @@ bad download fails before anything is merged or written), and then reads one ten
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import mmap
 import os
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError, TensorNotFoundError
 from ..patterns import Patterns, PatternSet, selected
 from .dtypes import SAFETENSORS_DTYPES
+from .parsing import ParseProblem, decode_utf8, loads_json, read_capped
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -65,6 +66,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     Done by hand (8-byte little-endian length, then JSON) so that a truncated or scribbled file
     is reported with what is wrong and where, rather than as a generic library error.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path} is not a regular file; give a .safetensors file.", path)
     size = path.stat().st_size
     with open(path, "rb") as file:
         head = file.read(8)
@@ -81,9 +84,17 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
             raise _corrupt(path, f"the safetensors header claims an implausible {length} bytes")
         raw = file.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise _corrupt(path, f"the safetensors header is not valid JSON ({error})") from None
+        text = decode_utf8(raw, "the safetensors header")
+    except ParseProblem as problem:  # not a truncation: bytes no safetensors writer writes
+        raise CheckpointError(
+            f"{path}: {problem}, as the safetensors format requires; the file was not written "
+            "by a safetensors writer, or was overwritten since: save or download it again.",
+            path,
+        ) from None
+    try:
+        header = loads_json(text, "the safetensors header")
+    except ParseProblem as problem:
+        raise _corrupt(path, str(problem)) from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the safetensors header is not a JSON object")
     data_bytes = size - 8 - length
@@ -91,16 +102,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype_code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not (
-                all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) and begin <= end
-            ):
-                raise ValueError
-        except (TypeError, KeyError, ValueError):
-            raise _corrupt(
-                path, f"the header entry of tensor {name!r} is malformed ({entry!r})"
-            ) from None
+        dtype_code, shape, begin, end = _header_entry(path, name, entry)
         dtype = SAFETENSORS_DTYPES.get(dtype_code)
         if dtype is None:
             raise CheckpointError(
@@ -114,19 +116,60 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
                 f"tensor {name!r} lies at data bytes {begin}-{end} but the file holds only "
                 f"{data_bytes} bytes of data",
             )
-        info = TensorInfo(torch.Size(shape), dtype)
-        if end - begin != info.nbytes:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
             raise _corrupt(
                 path,
                 f"tensor {name!r} of shape {list(shape)} and dtype {dtype_code} needs "
-                f"{info.nbytes} bytes but its data offsets span {end - begin}",
+                f"{nbytes} bytes but its data offsets span {end - begin}",
             )
+        info = TensorInfo(torch.Size(shape), dtype)
         entries.append((begin, name, info))
     entries.sort(key=lambda entry: entry[0])
     start = 8 + length
     return {name: info for _, name, info in entries}, {
         name: start + begin for begin, name, _ in entries
     }
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a length a one-line message can hold."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _header_entry(path: Path, name: str, entry: Any) -> tuple[str, list[int], int, int]:
+    """A header entry's dtype code, shape and data offsets, each checked for its type; the
+    field at fault is named."""
+
+    def bad(field: str, wanted: str, value: Any) -> CheckpointError:
+        return _corrupt(
+            path,
+            f"the header entry of tensor {_short(name)} is malformed: its {field} is "
+            f"{_short(value)}, not {wanted}",
+        )
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(entry, dict):
+        raise bad("value", "an object with dtype, shape and data_offsets", entry)
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise _corrupt(
+                path, f"the header entry of tensor {_short(name)} is malformed: it has no {field!r}"
+            )
+    dtype_code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_code, str):
+        raise bad("dtype", 'a dtype name such as "F32"', dtype_code)
+    if not (isinstance(shape, list) and all(count(n) for n in shape)):
+        raise bad("shape", "a list of sizes (ints >= 0)", shape)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(count, offsets))):
+        raise bad("data_offsets", "[begin, end] (ints >= 0)", offsets)
+    begin, end = offsets
+    if begin > end:
+        raise bad("data_offsets", "[begin, end] with begin <= end", offsets)
+    return dtype_code, shape, begin, end
 
 
 class _SafetensorsFile:
@@ -136,6 +179,13 @@ class _SafetensorsFile:
         self.path = path
         self.infos, self._offsets = _read_safetensors_header(path)
         self._map: mmap.mmap | None = None
+        if not _utf8_name(path):
+            raise CheckpointError(
+                f"{path}: its name is not valid UTF-8 (it holds bytes no UTF-8 text has), and the "
+                "safetensors library opens only files whose path is UTF-8; rename the file (or "
+                "its folder).",
+                path,
+            )
         try:
             self._handle: Any = safe_open(str(path), framework="pt", device="cpu")
         except Exception as error:  # the library checks more than the header (coverage, ...)
@@ -216,6 +266,15 @@ class _TorchFile:
 
 
 _File = _SafetensorsFile | _TorchFile
+
+
+def _utf8_name(path: Path) -> bool:
+    """Whether ``path`` is UTF-8 text (a name with other bytes decodes to lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _open_file(path: Path) -> _File:
@@ -339,9 +398,23 @@ def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise _corrupt(index, f"the index is not valid JSON ({error})") from None
+        raw = read_capped(index, _MAX_HEADER_BYTES)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot read the index {index}: {error.strerror or error}.", index
+        ) from None
+    except ParseProblem as problem:
+        raise CheckpointError(
+            f"the index {index} {problem}; give a *.index.json file.", index
+        ) from None
+    try:
+        data = loads_json(decode_utf8(raw, "the index"), "the index")
+    except ParseProblem as problem:
+        raise CheckpointError(
+            f"{index}: {problem}; it is not a checkpoint index (or was damaged): download or "
+            "save it again.",
+            index,
+        ) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -1,0 +1,305 @@
+"""`terge lineage verify` checks every field a lineage records, against the others and against
+the tensors: an edit anywhere fails, naming the tensor (issue #13, case 11)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import terge
+from terge import LineageError, cli, load_lineage
+from terge.audit import verify_lineage
+from terge.io import save
+from terge.methods import REGISTRY
+from terge.plan import Step, reads_base, step_from_entry
+
+
+def states(count: int = 3) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {
+            "layers.0.weight": torch.randn(4, 3, generator=generator),
+            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
+            "norm.bias": torch.randn(3, generator=generator),
+            "steps": torch.tensor([i]),
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch) -> list[Path]:
+    """Checkpoint folders a, b, c (and a separate base p) in tmp_path, the working folder."""
+    monkeypatch.chdir(tmp_path)
+    for name, state in zip("abcp", states(4)):
+        save(state, tmp_path / name)
+    return [Path(name) for name in "abc"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def edit(path: str, change) -> None:
+    """Apply ``change`` to the lineage file's JSON."""
+    data = json.loads(Path(path).read_text())
+    change(data)
+    Path(path).write_text(json.dumps(data))
+
+
+def rewrite(folder: str, change) -> None:
+    """Apply ``change`` to the tensors of the folder's single shard."""
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def names(problems: list[tuple[str, str]]) -> list[str]:
+    return sorted({name for name, _ in problems})
+
+
+def test_edited_equal_weights_fail_verify(capsys, folders):
+    terge.merge(folders[:2], out="m")
+
+    def skew(data):
+        for entry in data["merged"].values():
+            entry["contributions"] = [[0, 0.1], [1, 0.9]]
+
+    edit("m/lineage.json", skew)
+    problems = verify_lineage(load_lineage("m"), "m")
+    assert names(problems) == ["layers.0.weight", "layers.1.weight", "norm.bias"]
+    assert problems[0] == (
+        "layers.0.weight",
+        "its weights [0.1, 0.9], coefficients [1.0, 1.0] and divisor 2.0 disagree (equal "
+        "coefficients mean equal weights that sum to 1); the lineage was edited",
+    )
+    code, out, _ = run(capsys, "lineage", "verify", "m/lineage.json", "--merged", "m")
+    assert code == 1
+    assert "norm.bias: its weights [0.1, 0.9]" in out
+
+
+def test_edited_unequal_weights_fail_verify(folders):
+    terge.merge(folders[:2], weights=[1, 3], out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
+    edit(
+        "m/lineage.json",
+        lambda d: d["merged"]["norm.bias"].update(contributions=[[0, 0.75], [1, 0.25]]),
+    )
+    assert verify_lineage(load_lineage("m"), "m") == [
+        (
+            "norm.bias",
+            "its weights [0.75, 0.25], coefficients [1.0, 3.0] and divisor 4.0 disagree (the "
+            "divisor is the coefficients' sum and the weights are the coefficients over it); "
+            "the lineage was edited",
+        )
+    ]
+
+
+def test_an_edited_divisor_or_unnormalised_weight_fails_verify(folders):
+    terge.merge(folders[:2], weights=[1, 3], out="m")
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"].update(divisor=8.0))
+    assert "norm.bias" in names(verify_lineage(load_lineage("m"), "m"))
+    terge.merge(folders[:2], weights=[1, -1], normalize=False, out="n")
+    assert verify_lineage(load_lineage("n"), "n") == []
+    edit(
+        "n/lineage.json", lambda d: d["merged"]["norm.bias"].update(contributions=[[0, 1], [1, 1]])
+    )
+    problems = verify_lineage(load_lineage("n"), "n")
+    assert problems == [
+        (
+            "norm.bias",
+            "its weights [1.0, 1.0], coefficients [1.0, -1.0] and divisor None disagree (without "
+            "a divisor, the weights are the coefficients); the lineage was edited",
+        )
+    ]
+
+
+def test_float32_accumulation_with_unequal_weights_verifies(folders):
+    terge.merge(folders, weights=[1, 3, 7], dtype=torch.float32, out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
+    terge.merge(folders, weights=[0.1, 0.1, 0.1], out="e")  # equal, inexact: 1/3 each
+    assert verify_lineage(load_lineage("e"), "e") == []
+
+
+def test_a_seed_on_a_method_that_is_not_random_and_doubled_models_fail(folders):
+    terge.merge(folders[:2], out="m")
+
+    def change(data):
+        data["merged"]["norm.bias"]["settings"]["seed"] = 4
+        data["merged"]["layers.0.weight"]["contributions"] = [[0, 0.5], [0, 0.5]]
+
+    edit("m/lineage.json", change)
+    problems = verify_lineage(load_lineage("m"), "m")
+    assert ("norm.bias", "it records a seed, but arithmetic is not random") in problems
+    assert ("layers.0.weight", "its contributions name a model twice ([0, 0])") in problems
+
+
+def test_coefficients_on_a_method_that_does_not_use_them_fail(folders):
+    terge.merge(folders, method="ties", seed=0, out="m")
+    edit(
+        "m/lineage.json",
+        lambda d: d["merged"]["norm.bias"].update(coefficients=[1, 1], divisor=2),
+    )
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "it records coefficients or a divisor, which ties does not use")
+    ]
+
+
+def test_digests_must_name_the_models_read(folders):
+    terge.merge(folders, method="task_arithmetic", out="m", digests=True)
+    assert verify_lineage(load_lineage("m"), "m") == []
+    edit("m/lineage.json", lambda d: d["digests"]["norm.bias"]["models"].pop("0"))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "its digests are of models [1, 2], but the merge read models [0, 1, 2]")
+    ]
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e400", "9" * 400])
+def test_a_non_finite_weight_does_not_load(folders, text):
+    terge.merge(folders[:2], out="m")
+    raw = Path("m/lineage.json").read_text()
+    data = json.loads(raw)
+    data["merged"]["norm.bias"]["contributions"][0][1] = "WEIGHT"
+    Path("m/lineage.json").write_text(json.dumps(data).replace('"WEIGHT"', text))
+    with pytest.raises(
+        LineageError, match=r'merged\["norm.bias"\]\.contributions\[0\]\[1\]'
+    ) as caught:
+        load_lineage("m")
+    assert "finite" in str(caught.value)
+    assert caught.value.path == Path("m/lineage.json")
+
+
+# --- tensors left as in the base --------------------------------------------------------------
+
+
+def test_a_tensor_copied_from_the_base_is_verified(capsys, folders):
+    terge.merge(folders, out="m", excluded="norm.bias")
+    assert verify_lineage(load_lineage("m"), "m") == []
+
+    def change(tensors):
+        tensors["steps"] = torch.tensor([5])
+        tensors["norm.bias"] = tensors["norm.bias"] + 1
+
+    rewrite("m", change)
+    assert verify_lineage(load_lineage("m"), "m") == [
+        (
+            "norm.bias",
+            "left as in the base (excluded), but the checkpoint's tensor is not the base's",
+        ),
+        (
+            "steps",
+            "left as in the base (not floating point), but the checkpoint's tensor is not the "
+            "base's",
+        ),
+    ]
+    code, out, _ = run(capsys, "lineage", "verify", "m", "--merged", "m")
+    assert code == 1
+    assert "steps: left as in the base" in out
+
+
+def test_a_copied_tensor_cast_to_out_dtype_is_verified(folders):
+    terge.merge(folders, out="m", excluded="norm.bias", out_dtype="bfloat16")
+    assert verify_lineage(load_lineage("m"), "m") == []
+    rewrite("m", lambda t: t.update({"norm.bias": t["norm.bias"].float()}))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "the checkpoint holds float32, not bfloat16")
+    ]
+
+
+def test_a_separate_base_is_read_for_the_tensors_it_left(folders):
+    terge.merge(folders[:2], base="p", out="m")
+    lineage = load_lineage("m")
+    assert lineage.skipped == {"steps": "not floating point"}
+    assert verify_lineage(lineage, "m") == []
+    rewrite("m", lambda t: t.update({"steps": torch.tensor([0])}))  # a's, not p's
+    assert names(verify_lineage(lineage, "m")) == ["steps"]
+
+
+def test_a_merged_dtype_changed_after_the_merge_fails(folders):
+    terge.merge(folders, out="m")
+    rewrite("m", lambda t: t.update({"norm.bias": t["norm.bias"].to(torch.float64)}))
+    assert ("norm.bias", "the checkpoint holds float64, not float32") in verify_lineage(
+        load_lineage("m"), "m"
+    )
+
+
+def test_tensors_the_lineage_does_not_account_for_are_named(folders):
+    terge.merge(folders, out="m")
+    rewrite("m", lambda t: t.update({"backdoor": torch.ones(2)}))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("backdoor", "the checkpoint holds it, but the lineage neither merged it nor left it alone")
+    ]
+
+
+def test_a_name_both_merged_and_left_alone_fails(folders):
+    terge.merge(folders, out="m")
+    edit("m/lineage.json", lambda d: d["skipped"].update({"norm.bias": "excluded"}))
+    assert ("norm.bias", "the lineage both merged it and left it alone (excluded)") in (
+        verify_lineage(load_lineage("m"), "m")
+    )
+
+
+# --- one Step, built by plan.py -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "coefficients", "divisor", "seed"),
+    [
+        ("arithmetic", (1.0, 3.0), 4.0, None),
+        ("arithmetic", (1.0, -1.0), None, None),
+        ("task_arithmetic", (1.0, 1.0), 2.0, None),
+        ("dare_ties", (0.25, 0.75), None, 7),
+        ("slerp", (0.25, 0.75), None, None),
+    ],
+)
+def test_step_from_entry_inverts_lineage_entry(method, coefficients, divisor, seed):
+    configured = REGISTRY[method].factory()
+    weights = coefficients if divisor is None else tuple(c / divisor for c in coefficients)
+    step = Step(
+        name="w",
+        method=configured,
+        contributors=(1, 2),
+        weights=weights,
+        uses_base=reads_base(configured),
+        seed=seed,
+        coefficients=coefficients if configured.streaming else weights,
+        divisor=divisor if configured.streaming else None,
+    )
+    assert step_from_entry("w", step.lineage_entry(), configured) == step
+
+
+# --- run from another folder ----------------------------------------------------------------------
+
+
+def test_verify_from_another_folder_suggests_models(capsys, folders, tmp_path, monkeypatch):
+    terge.merge(folders, out="m")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(capsys, "lineage", "verify", "../m/lineage.json", "--merged", "../m")
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "models[0] (file a) was read from 'a', which does not exist from here" in err
+    assert "relative to the folder it ran in" in err
+    assert "--models" in err
+    code, out, _ = run(
+        capsys,
+        "lineage",
+        "verify",
+        "../m/lineage.json",
+        "--merged",
+        "../m",
+        "--models",
+        "../a",
+        "../b",
+        "../c",
+    )
+    assert code == 0, out
