@@ -462,3 +462,21 @@ def test_any_weights_settings_and_names_round_trip_exactly(tmp_path_factory, wei
     assert [(i, w) for i, w in loaded[name][1]] == list(enumerate(weights))
     assert all(type(w) is float for _, w in loaded[name][1])
     assert loaded[name].settings == knobs
+
+
+def test_a_non_finite_setting_is_refused_when_written(tmp_path):
+    """What save_lineage writes, load_lineage reads: a custom method's infinite setting is
+    refused at writing time, naming it, instead of a file that no longer loads."""
+
+    def capped(tensors, weights, base, cap):
+        return sum(w * t for w, t in zip(weights, tensors))
+
+    method = terge.methods.Method("capped", capped, settings={"cap": float("inf")})
+    _, lineage = terge.merge(
+        [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], method=method, lineage=True
+    )
+    with pytest.raises(
+        terge.LineageError, match=r"non-finite number in inf; lineage files hold finite"
+    ):
+        terge.save_lineage(lineage, tmp_path / "l.json")
+    assert not (tmp_path / "l.json").exists()

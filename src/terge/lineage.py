@@ -288,7 +288,13 @@ def _dumps(value: Any, indent: str) -> str:
         inner = indent + "  "
         items = [f"{inner}{_dumps(item, inner)}" for item in value]
         return "[\n" + ",\n".join(items) + "\n" + indent + "]"
-    return json.dumps(value, sort_keys=True)
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN or infinity: a file load_lineage would refuse
+        raise LineageError(
+            f"the lineage holds the non-finite number in {value!r}; lineage files hold finite "
+            "numbers only: give the method finite settings."
+        ) from None
 
 
 def _has_object(value: Any) -> bool:
