@@ -14,7 +14,7 @@ import functools
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
@@ -286,7 +286,7 @@ class FileSource(Source):
         self.reader.close()
 
 
-def is_path(model: Any) -> bool:
+def is_path(model: object) -> TypeGuard[str | os.PathLike[str]]:
     """Whether ``model`` names a checkpoint on disk rather than being a model in memory."""
     return isinstance(model, (str, os.PathLike))
 
