@@ -9,11 +9,9 @@ runtime on every supported Python.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, TypeVar, Union
 
-import regex
 import torch
 
 from .layerwise import ByLayer
@@ -46,14 +44,11 @@ Model = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike[str]
 Models = Union[Sequence[Model], torch.nn.ModuleList, torch.nn.Sequential]
 """``merge()``'s ``models``: a list of them (an ``nn.ModuleList`` of models too)."""
 
-PatternMapping = Union[
-    Mapping[str, V],
-    Mapping[re.Pattern[str], V],
-    Mapping[regex.Pattern[str], V],
-    Mapping[Pattern, V],
-]
-"""A map from patterns to values, read first-match-wins (a ``dict`` keyed by names, compiled
-patterns, or both)."""
+PatternMapping = Mapping[Any, V]
+"""A map from :data:`Pattern`\\ s to values, read first-match-wins. Its keys are typed ``Any``:
+a mapping's key type is invariant (a ``dict[str, ...]`` is no ``Mapping[Pattern, ...]``), and a
+union of key types defeats the inference of a dict mixing names and compiled patterns; terge
+checks every key when called."""
 
 CustomMethod = Callable[[list[torch.Tensor], list[float], Optional[torch.Tensor]], torch.Tensor]
 """A user's merge method ``f(tensors, weights, base) -> tensor``: the models' float64 tensors,
