@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 import terge
 import terge.cli.commands as cli
+from terge.cli.recipe import RECIPE_KEYS
 from terge.io import load, save
 from terge.lineage import Lineage, LineageEntry
 
@@ -366,6 +368,23 @@ def test_progress_reaches_merge_only_on_a_terminal(capsys, fake, monkeypatch):
     assert run(capsys, "merge", "a", "b", "-o", "out")[0] == 0
     assert run(capsys, "merge", "a", "b", "-o", "out", "-q")[0] == 0
     assert [kwargs.get("progress") for _, kwargs in fake.calls] == [True, None]
+
+
+def test_help_states_merges_own_defaults():
+    """The defaults live in merge(); the help and the recipe keys only describe them."""
+    defaults = {n: p.default for n, p in inspect.signature(terge.merge).parameters.items()}
+    shown = " ".join(merge_parser().format_help().split())
+    accumulate = str(defaults["dtype"]).removeprefix("torch.")
+    assert f"(default {defaults['base']}, the first;" in shown
+    assert f"(default {defaults['method']})" in shown
+    assert f"(default {accumulate}: exact)" in shown
+    assert f"(default {defaults['max_shard_size']})" in shown
+    assert "(default --normalize)" in shown and defaults["normalize"] is True
+    assert "(default: refuse)" in shown and defaults["overwrite"] is False
+    assert f"(default {defaults['base']})" in RECIPE_KEYS["base"]
+    assert f'"{accumulate}" (default)' in RECIPE_KEYS["dtype"]
+    assert f'(default "{defaults["max_shard_size"]}")' in RECIPE_KEYS["max_shard_size"]
+    assert "(default true)" in RECIPE_KEYS["normalize"]
 
 
 def test_a_separate_base_path(capsys, fake, tmp_path):
