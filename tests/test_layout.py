@@ -9,7 +9,7 @@ floor wings                                    what they are
 ====  =======================================  ==============================================
 0     errors, _version                         the exceptions; the one version string
 1     patterns, layers, sharding, kernels      name patterns; block indices; DTensors; the
-                                               hot loops (no terge import at all)
+                                               hot loops
 2     layerwise, io                            per-layer values; reading and writing
                                                checkpoints
 3     sources, methods, lineage                models as named tensors; the merge methods;
