@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 import terge
 import terge.cli.commands as cli
+from terge.cli.recipe import RECIPE_KEYS
 from terge.io import load, save
 from terge.lineage import Lineage, LineageEntry
 
@@ -302,27 +304,14 @@ def fake(monkeypatch, checkpoints) -> FakeMerge:
 
 
 def test_defaults_reach_merge(capsys, fake):
+    """Only what the command line gives reaches merge(): its own defaults live in merge.py."""
     code, out, err = run(capsys, "merge", "a", "b", "c", "-o", "out")
     assert (code, err) == (0, "")
     assert out.startswith("terge: wrote out (1 tensor merged, 1 left as in the base) in ")
     ((args, kwargs),) = fake.calls
     assert args == (["a", "b", "c"],)
-    assert kwargs == {
-        "base": 0,
-        "method": "arithmetic",
-        "weights": None,
-        "included": None,
-        "excluded": None,
-        "dtype": torch.float64,
-        "lineage": True,
-        "progress": False,  # stderr is not a terminal here
-        "normalize": True,
-        "seed": None,
-        "out": "out",
-        "out_dtype": None,
-        "max_shard_size": "5GB",
-        "overwrite": False,
-    }
+    # lineage=True: the command prints a summary from it; no progress: stderr is no terminal
+    assert kwargs == {"out": "out", "lineage": True}
 
 
 def test_every_option_reaches_merge(capsys, fake):
@@ -332,6 +321,7 @@ def test_every_option_reaches_merge(capsys, fake):
         *("--weights", "1,2,3", "--include", "re:weight", "--include", "norm.bias"),
         *("--exclude", "layers:head", "--dtype", "float32", "--out-dtype", "bfloat16"),
         *("--max-shard-size", "2GB", "--seed", "4", "--no-normalize", "--overwrite", "-q"),
+        "--digests",
     )
     assert (code, out) == (0, "")
     ((_, kwargs),) = fake.calls
@@ -344,6 +334,57 @@ def test_every_option_reaches_merge(capsys, fake):
     assert kwargs["out_dtype"] is torch.bfloat16
     assert kwargs["max_shard_size"] == "2GB"
     assert (kwargs["seed"], kwargs["normalize"], kwargs["overwrite"]) == (4, False, True)
+    assert kwargs["digests"] is True
+    assert set(kwargs) == {
+        *("out", "lineage", "base", "method", "weights", "included", "excluded", "dtype"),
+        *("out_dtype", "max_shard_size", "seed", "normalize", "overwrite", "digests"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "given"),
+    [
+        (["--base", "0"], {"base": 0}),
+        (["--base", "-1"], {"base": -1}),
+        (["--method", "arithmetic"], {"method": "arithmetic"}),
+        (["--dtype", "float64"], {"dtype": torch.float64}),
+        (["--normalize"], {"normalize": True}),
+        (["--no-overwrite"], {"overwrite": False}),
+        (["--max-shard-size", "5GB"], {"max_shard_size": "5GB"}),
+        (["--seed", "0"], {"seed": 0}),
+    ],
+)
+def test_an_option_given_reaches_merge_even_as_the_default(capsys, fake, options, given):
+    assert run(capsys, "merge", "a", "b", "-o", "out", "-q", *options)[0] == 0
+    ((_, kwargs),) = fake.calls
+    kwargs.pop("out"), kwargs.pop("lineage")
+    if "method" in kwargs:
+        kwargs["method"] = kwargs["method"].name
+    assert kwargs == given
+
+
+def test_progress_reaches_merge_only_on_a_terminal(capsys, fake, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert run(capsys, "merge", "a", "b", "-o", "out")[0] == 0
+    assert run(capsys, "merge", "a", "b", "-o", "out", "-q")[0] == 0
+    assert [kwargs.get("progress") for _, kwargs in fake.calls] == [True, None]
+
+
+def test_help_states_merges_own_defaults():
+    """The defaults live in merge(); the help and the recipe keys only describe them."""
+    defaults = {n: p.default for n, p in inspect.signature(terge.merge).parameters.items()}
+    shown = " ".join(merge_parser().format_help().split())
+    accumulate = str(defaults["dtype"]).removeprefix("torch.")
+    assert f"(default {defaults['base']}, the first;" in shown
+    assert f"(default {defaults['method']})" in shown
+    assert f"(default {accumulate}: exact)" in shown
+    assert f"(default {defaults['max_shard_size']})" in shown
+    assert "(default --normalize)" in shown and defaults["normalize"] is True
+    assert "(default: refuse)" in shown and defaults["overwrite"] is False
+    assert f"(default {defaults['base']})" in RECIPE_KEYS["base"]
+    assert f'"{accumulate}" (default)' in RECIPE_KEYS["dtype"]
+    assert f'(default "{defaults["max_shard_size"]}")' in RECIPE_KEYS["max_shard_size"]
+    assert "(default true)" in RECIPE_KEYS["normalize"]
 
 
 def test_a_separate_base_path(capsys, fake, tmp_path):

@@ -23,7 +23,7 @@ from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
 from .kernels import ChunkBuffers, store_whole
-from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelRecord, TensorDigests
+from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
 from .plan import Step, reads_base, step_from_entry
 from .sources import FileSource, Source
@@ -209,7 +209,7 @@ def verify_lineage(
         for index, path in paths.items():
             sources[index] = FileSource(path)
             opened.callback(sources[index].close)
-        base_source = None
+        base_source: Source | None = None
         if base_path is not None:
             base_source = FileSource(base_path)
             opened.callback(base_source.close)
@@ -261,9 +261,9 @@ class _Checker:
             raise self.fail(f"{name!r} was merged by {entry[0]}, which is random, but no seed.")
         return method
 
-    def needed(self) -> set[int | str]:
+    def needed(self) -> set[ModelIndex]:
         """The models the merge read: contributors, and the base where a method read it."""
-        needed: set[int | str] = set()
+        needed: set[ModelIndex] = set()
         for name, entry in self.lineage.items():
             needed.update(index for index, _ in entry[1])
             method = self.methods[name]
@@ -478,9 +478,9 @@ class _Checker:
         base: Source | None,
     ) -> Step:
         step = step_from_entry(name, entry, method)
-        holders = [(i, sources[i]) for i in step.contributors]
-        if step.uses_base and base is not None:
-            holders.append((self.base_index, base))  # type: ignore[arg-type]
+        holders: list[tuple[ModelIndex, Source]] = [(i, sources[i]) for i in step.contributors]
+        if step.uses_base and base is not None and self.base_index is not None:
+            holders.append((self.base_index, base))
         for index, source in holders:
             if not source.holds(name, shape):
                 where = "the base" if index == SEPARATE else f"models[{index}]"

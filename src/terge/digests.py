@@ -39,7 +39,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
             piece = piece.cpu()
         if sys.byteorder == "big" and unit > 1:  # hash the little-endian bytes everywhere
             piece = piece.view(-1, unit).flip(1).reshape(-1)
-        digest.update(piece.numpy())
+        digest.update(piece.numpy().data)
     return digest.hexdigest()
 
 

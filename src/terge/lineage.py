@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal, Union
 
 import torch
 
@@ -43,10 +43,12 @@ SCHEMA = 1
 """The version of the lineage file format this terge writes and reads."""
 KINDS = ("module", "state_dict", "file")
 """What a model was: an ``nn.Module``, a state dict, or a checkpoint read from disk."""
-SEPARATE = "separate"
+SEPARATE: Final = "separate"
 """The base's index when it was given apart from ``models``."""
 MAX_LINEAGE_BYTES = 1 << 30
 """The largest lineage file :func:`load_lineage` reads (1 GiB: millions of tensors, digests too)."""
+ModelIndex = Union[int, Literal["separate"]]  # noqa: UP007 (a runtime alias on Python 3.10)
+"""A model's index in ``models``, or ``SEPARATE`` for a base given apart."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class ModelRecord:
     """Where a model came from: its index in ``models`` (``"separate"`` for a base given apart),
     its kind (one of ``KINDS``), and its path when it was read from disk."""
 
-    index: int | str
+    index: ModelIndex
     kind: str
     path: str | None = None
 
@@ -130,7 +132,7 @@ class Lineage(dict):
     which equivalent weights such as ``[1, 2]`` and ``[2, 4]`` write differently).
     """
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def __init__(
         self,
@@ -474,7 +476,7 @@ class _Reader:
     def entry(self, value: Any, where: str) -> LineageEntry:
         entry = self.mapping(value, where)
         method = self.string(entry.get("method"), f"{where}.method")
-        pairs = entry.get("contributions")
+        pairs: Any = entry.get("contributions")  # checked on the next line
         self.expect(isinstance(pairs, list), f"{where}.contributions", "a list", pairs)
         contributions = [
             self.pair(pair, f"{where}.contributions[{i}]") for i, pair in enumerate(pairs)

@@ -8,7 +8,7 @@ import secrets
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, overload
 
 import torch
 
@@ -18,7 +18,7 @@ from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarni
 from .execute import destinations, execute
 from .io import parse_size
 from .io.dtypes import floating_dtype
-from .lineage import SEPARATE, ModelRecord
+from .lineage import SEPARATE, Lineage, ModelRecord
 from .output import check_output, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
@@ -30,18 +30,138 @@ from .sources import (
     is_path,
     renamer,
 )
+from .types import Merged, Methods, Model, Models, Patterns, Weights
 
-Model = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, "os.PathLike[str]"]
-"""A model in memory, or the path of a checkpoint file or folder."""
+
+@overload
+def merge(
+    models: Models,
+    base: Model | int = ...,
+    method: Methods = ...,
+    weights: Weights | None = ...,
+    included: Patterns | None = ...,
+    excluded: Patterns | None = ...,
+    inplace: bool = ...,
+    dtype: torch.dtype = ...,
+    lineage: bool = ...,
+    progress: bool = ...,
+    *,
+    normalize: bool = ...,
+    buffers: bool = ...,
+    seed: int | None = ...,
+    out: str | os.PathLike[str] | None = ...,
+    out_dtype: torch.dtype | str | None = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    digests: bool = ...,
+    dry_run: Literal[True],
+    name_map: Callable[[str], str] | None = ...,
+) -> Lineage: ...
+@overload
+def merge(
+    models: Models,
+    base: Model | int,
+    method: Methods,
+    weights: Weights | None,
+    included: Patterns | None,
+    excluded: Patterns | None,
+    inplace: bool,
+    dtype: torch.dtype,
+    lineage: Literal[True],
+    progress: bool = ...,
+    *,
+    normalize: bool = ...,
+    buffers: bool = ...,
+    seed: int | None = ...,
+    out: str | os.PathLike[str] | None = ...,
+    out_dtype: torch.dtype | str | None = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    digests: bool = ...,
+    dry_run: Literal[False] = ...,
+    name_map: Callable[[str], str] | None = ...,
+) -> tuple[Merged, Lineage]: ...
+@overload
+def merge(
+    models: Models,
+    base: Model | int = ...,
+    method: Methods = ...,
+    weights: Weights | None = ...,
+    included: Patterns | None = ...,
+    excluded: Patterns | None = ...,
+    inplace: bool = ...,
+    dtype: torch.dtype = ...,
+    *,
+    lineage: Literal[True],
+    progress: bool = ...,
+    normalize: bool = ...,
+    buffers: bool = ...,
+    seed: int | None = ...,
+    out: str | os.PathLike[str] | None = ...,
+    out_dtype: torch.dtype | str | None = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    digests: bool = ...,
+    dry_run: Literal[False] = ...,
+    name_map: Callable[[str], str] | None = ...,
+) -> tuple[Merged, Lineage]: ...
+@overload
+def merge(
+    models: Models,
+    base: Model | int = ...,
+    method: Methods = ...,
+    weights: Weights | None = ...,
+    included: Patterns | None = ...,
+    excluded: Patterns | None = ...,
+    inplace: bool = ...,
+    dtype: torch.dtype = ...,
+    lineage: Literal[False] = ...,
+    progress: bool = ...,
+    *,
+    normalize: bool = ...,
+    buffers: bool = ...,
+    seed: int | None = ...,
+    out: str | os.PathLike[str] | None = ...,
+    out_dtype: torch.dtype | str | None = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    digests: bool = ...,
+    dry_run: Literal[False] = ...,
+    name_map: Callable[[str], str] | None = ...,
+) -> Merged: ...
+@overload
+def merge(
+    models: Models,
+    base: Model | int = ...,
+    method: Methods = ...,
+    weights: Weights | None = ...,
+    included: Patterns | None = ...,
+    excluded: Patterns | None = ...,
+    inplace: bool = ...,
+    dtype: torch.dtype = ...,
+    lineage: bool = ...,
+    progress: bool = ...,
+    *,
+    normalize: bool = ...,
+    buffers: bool = ...,
+    seed: int | None = ...,
+    out: str | os.PathLike[str] | None = ...,
+    out_dtype: torch.dtype | str | None = ...,
+    max_shard_size: int | str = ...,
+    overwrite: bool = ...,
+    digests: bool = ...,
+    dry_run: bool = ...,
+    name_map: Callable[[str], str] | None = ...,
+) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
 def merge(
-    models: Sequence[Model],
+    models: Models,
     base: Model | int = 0,
-    method: Any = "arithmetic",
-    weights: Any = None,
-    included: Any = None,
-    excluded: Any = None,
+    method: Methods = "arithmetic",
+    weights: Weights | None = None,
+    included: Patterns | None = None,
+    excluded: Patterns | None = None,
     inplace: bool = False,
     dtype: torch.dtype = torch.float64,
     lineage: bool = False,
@@ -57,7 +177,7 @@ def merge(
     digests: bool = False,
     dry_run: bool = False,
     name_map: Callable[[str], str] | None = None,
-) -> Any:
+) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
     Every tensor of ``base`` that at least two of ``models`` hold with the same name and shape is
@@ -171,9 +291,9 @@ def merge(
             progress = progress and rank() == 0  # one bar, not one per rank
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
-            provenance = _provenance(sources, base_source, base_index, dtype, written_dtype)
-            record = plan.lineage(**provenance)
+            record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype)
         if dry_run:
+            assert record is not None  # a dry run returns its lineage
             if target is not None:  # fail exactly where the real call would
                 check_output(
                     plan,
@@ -188,7 +308,8 @@ def merge(
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
         if target is not None:
-            result: Any = write_merge(
+            assert record is not None  # every out= writes its lineage.json
+            result: Merged = write_merge(
                 plan,
                 sources,
                 base_source,
@@ -204,19 +325,24 @@ def merge(
         else:
             result, outputs = destinations(base_source, plan, inplace)
             execute(plan.steps, sources, base_source, outputs.__getitem__, dtype, progress, hook)
-            if hook is not None:
+            if hook is not None and record is not None:  # digests need a lineage (checked)
                 record.digests = hook.digests
     if not plan.steps:
-        warnings.warn(
-            "Of all the models and desired parameters passed to `merge()`, none of them share "
-            "any mergeable parameters with the same name and shape. This means that the models "
-            "are either of totally different architectures, are of different sizes, have only "
-            "unnamed parameters, or that whatever parameters they share were not included in "
-            "your desired merge parameters. Returning the base model as it is.",
-            NoParametersToMergeWarning,
-            stacklevel=2,
-        )
+        _warn_nothing_merged()
     return (result, record) if lineage else result
+
+
+def _warn_nothing_merged() -> None:
+    """Tell the caller of ``merge()`` (two frames up) that its result is the base unchanged."""
+    warnings.warn(
+        "Of all the models and desired parameters passed to `merge()`, none of them share "
+        "any mergeable parameters with the same name and shape. This means that the models "
+        "are either of totally different architectures, are of different sizes, have only "
+        "unnamed parameters, or that whatever parameters they share were not included in "
+        "your desired merge parameters. Returning the base model as it is.",
+        NoParametersToMergeWarning,
+        stacklevel=3,
+    )
 
 
 def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
@@ -251,25 +377,27 @@ def _check_audit(digests: Any, dry_run: Any, lineage: Any, out: Any) -> None:
         )
 
 
-def _provenance(
+def _lineage(
+    plan: Plan,
     sources: Sequence[Source],
     base: Source,
     base_index: int | None,
     dtype: torch.dtype,
     out_dtype: torch.dtype | None,
-) -> dict[str, Any]:
-    """What a lineage records besides the plan: models, base, dtypes, versions."""
+) -> Lineage:
+    """The plan's lineage, with what it records besides the plan: models, base, dtypes,
+    versions."""
     models = tuple(ModelRecord(i, s.kind, _path_of(s)) for i, s in enumerate(sources))
-    return {
-        "models": models,
-        "base": models[base_index]
+    return plan.lineage(
+        models=models,
+        base=models[base_index]
         if base_index is not None
         else ModelRecord(SEPARATE, base.kind, _path_of(base)),
-        "dtype": dtype,
-        "out_dtype": out_dtype,
-        "terge_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
+        dtype=dtype,
+        out_dtype=out_dtype,
+        terge_version=__version__,
+        torch_version=str(torch.__version__),
+    )
 
 
 def _path_of(source: Source) -> str | None:

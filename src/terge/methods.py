@@ -197,7 +197,9 @@ _check_gamma = _per_layer(_check_gamma)  # type: ignore[assignment]
 # --- arithmetic -----------------------------------------------------------------------------------
 
 
-def _arithmetic(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None):
+def _arithmetic(
+    tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None
+) -> torch.Tensor:
     """The weighted sum of the tensors (a weighted mean when the weights are normalised)."""
     result = tensors[0] * weights[0]
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
@@ -482,7 +484,7 @@ def _slerp(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
-):
+) -> torch.Tensor:
     if len(tensors) != 2:
         raise MethodNotApplicableError(
             f"slerp: interpolates exactly two models, got {len(tensors)}."
@@ -532,7 +534,7 @@ def _model_stock(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
-):
+) -> torch.Tensor:
     if base is None:
         raise MethodNotApplicableError("model_stock: needs a base model to take task vectors from.")
     n = len(tensors)

@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeGuard, TypeVar, Union
 
 import regex
 
 from .errors import PatternTypeError
 
-Pattern = str | re.Pattern | regex.Pattern
+# Union[...] rather than ``|``: these aliases are evaluated at runtime on Python 3.10 too.
+Pattern = Union[str, re.Pattern[str], regex.Pattern[str]]  # noqa: UP007
 """A parameter-name pattern: an exact name, or a compiled regular expression."""
 
-Patterns = Union[Pattern, Iterable[Pattern]]  # noqa: UP007 (a runtime alias on Python 3.10)
+Patterns = Union[Pattern, Iterable[Pattern]]  # noqa: UP007
+"""One pattern, or several (a name matches when any of them matches)."""
 
 V = TypeVar("V")
 
 _COMPILED = (re.Pattern, regex.Pattern)
 
 
-def is_pattern(value: object) -> bool:
+def is_pattern(value: object) -> TypeGuard[Pattern]:
     """Whether ``value`` is a single pattern (not a list of them)."""
     return isinstance(value, (str, *_COMPILED))
 
@@ -86,7 +88,7 @@ class PatternSet:
         if _is_bytes(patterns):  # iterable, but of ints: say what it is
             raise _bytes_error(patterns, argument)
         if is_pattern(patterns):
-            patterns = [patterns]  # type: ignore[list-item]
+            patterns = [patterns]
         elif isinstance(patterns, Mapping) or not isinstance(patterns, Iterable):
             raise PatternTypeError(
                 f"`{argument}` must be a str, a compiled pattern or a list of them; got "

@@ -200,7 +200,7 @@ class _Weights:
             )
         elif weights is not None:
             self.default = _weight_vector(weights, count, dtype, "weights")
-        held = [self.uniform, self.default, *(self.map[key] for key in self.map or ())]
+        held = [self.uniform, self.default, *(self.map.values() if self.map else ())]
         self._held = {id(v) for v in held if isinstance(v, torch.Tensor)}
 
     def key(self, vector: torch.Tensor) -> Hashable:

@@ -14,7 +14,7 @@ import functools
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
@@ -171,11 +171,6 @@ class Source:
         """Whether any tensor is on the meta device or sharded (the plan checks these names)."""
         return any(e.sharding is not None or e.is_meta for e in self.entries.values())
 
-    @property
-    def label(self) -> str:
-        """How the lineage names this model: its kind, or a file's path."""
-        return self.kind
-
     def close(self) -> None:
         """Release what the source holds open (files); nothing for in-memory models."""
 
@@ -188,12 +183,12 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP, DataParallel and ``torch.compile`` wrappers (nested ones too)."""
     parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     while True:
+        compiled = type(module).__name__ == "OptimizedModule"
+        inner = getattr(module, "_orig_mod", None) if compiled else None
         if isinstance(module, parallel):
             module = module.module
-        elif type(module).__name__ == "OptimizedModule" and isinstance(
-            getattr(module, "_orig_mod", None), torch.nn.Module
-        ):
-            module = module._orig_mod
+        elif isinstance(inner, torch.nn.Module):
+            module = inner
         else:
             return module
 
@@ -287,15 +282,11 @@ class FileSource(Source):
     def get(self, name: str) -> torch.Tensor:
         return self.reader.view(self.raw_names[name])
 
-    @property
-    def label(self) -> str:
-        return str(self.path)
-
     def close(self) -> None:
         self.reader.close()
 
 
-def is_path(model: Any) -> bool:
+def is_path(model: object) -> TypeGuard[str | os.PathLike[str]]:
     """Whether ``model`` names a checkpoint on disk rather than being a model in memory."""
     return isinstance(model, (str, os.PathLike))
 

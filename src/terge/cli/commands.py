@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -56,7 +56,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are raised (one line from ``main``), not printed + exited."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -431,38 +431,48 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise
 
 
+def _merge_options(
+    settings: Settings, base: int | Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The keyword arguments of ``merge()`` that the command line or the recipe gave (``base``
+    as checked); ``merge()``'s own defaults stand for the rest, so they live in one place."""
+    weights: Any = settings.weights
+    if isinstance(weights, dict):
+        weights = {pattern: list(vector) for pattern, vector in weights.items()}
+    elif weights is not None:
+        weights = list(weights)
+    given = {
+        "base": None if settings.base is None else base,
+        "method": settings.method,
+        "weights": weights,
+        "included": None if settings.include is None else list(settings.include),
+        "excluded": None if settings.exclude is None else list(settings.exclude),
+        "dtype": settings.dtype,
+        "progress": True if sys.stderr.isatty() and not args.quiet else None,
+        "normalize": settings.normalize,
+        "seed": settings.seed,
+        "out_dtype": settings.out_dtype,
+        "max_shard_size": settings.max_shard_size,
+        "overwrite": settings.overwrite,
+        "digests": True if args.digests else None,
+    }
+    if isinstance(given["base"], Path):
+        given["base"] = os.fspath(given["base"])
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """``terge merge``: read the settings, check them, merge, write, summarise."""
     settings = _settings_from_args(args)
     if args.recipe is not None:
         settings = load_recipe(args.recipe).updated(settings)
     models, base, out = _check(settings)
-    weights = settings.weights
-    if isinstance(weights, dict):
-        weights = {pattern: list(vector) for pattern, vector in weights.items()}
-    elif weights is not None:
-        weights = list(weights)
-
+    options = _merge_options(settings, base, args)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path, lineage = merge(
-            [os.fspath(model) for model in models],
-            base=base if isinstance(base, int) else os.fspath(base),
-            method="arithmetic" if settings.method is None else settings.method,
-            weights=weights,
-            included=None if settings.include is None else list(settings.include),
-            excluded=None if settings.exclude is None else list(settings.exclude),
-            dtype=settings.dtype or torch.float64,
-            lineage=True,
-            progress=sys.stderr.isatty() and not args.quiet,
-            normalize=True if settings.normalize is None else settings.normalize,
-            seed=settings.seed,
-            out=os.fspath(out),
-            out_dtype=settings.out_dtype,
-            max_shard_size="5GB" if settings.max_shard_size is None else settings.max_shard_size,
-            overwrite=bool(settings.overwrite),
-            **({"digests": True} if args.digests else {}),
+            [os.fspath(model) for model in models], out=os.fspath(out), lineage=True, **options
         )
     if settings.lineage is not None:
         write_lineage(settings.lineage, Path(path), lineage, bool(settings.overwrite))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 import math
 import numbers
@@ -303,17 +304,15 @@ def parse_shard_size(value: Any, where: str) -> int | str:
 
 
 def _toml() -> Any:
-    try:
-        import tomllib
-    except ImportError:
+    for name in ("tomllib", "tomli"):  # tomli: Python 3.10
         try:
-            import tomli as tomllib  # Python 3.10
+            return importlib.import_module(name)
         except ImportError:
-            raise RecipeError(
-                "reading a TOML recipe needs Python 3.11 or later (for tomllib), or the tomli "
-                "package on Python 3.10: pip install tomli."
-            ) from None
-    return tomllib
+            pass
+    raise RecipeError(
+        "reading a TOML recipe needs Python 3.11 or later (for tomllib), or the tomli "
+        "package on Python 3.10: pip install tomli."
+    )
 
 
 MAX_RECIPE_BYTES = 1 << 24
@@ -402,10 +401,10 @@ def _patterned(tables: list[Mapping[str, Any]], where: str) -> list[tuple[str, A
     seen: set[str] = set()
     found = []
     for index, table in enumerate(tables):
-        text = table.get("pattern")
         here = f"{where} #{index + 1}"
         if "pattern" not in table:
             raise RecipeError(f"{here}: missing key 'pattern'.")
+        text = table["pattern"]
         pattern = parse_pattern(text, f"{here}: 'pattern'")
         if text in seen:
             raise RecipeError(

@@ -96,9 +96,10 @@ def loads_json(text: str, what: str = "its JSON") -> Any:
     check_depth(value, what)
     marker = _first_marker(value) if found else None
     if found:
-        where, text = marker if marker is not None else ("a value", found[0])
+        where, mark = marker if marker is not None else ("a value", found[0])
+        shown = mark.text
         raise ParseProblem(
-            f"{what}: {where} is {text.text}, which is not a finite number (JSON numbers must "
+            f"{what}: {where} is {shown}, which is not a finite number (JSON numbers must "
             "be finite)"
         )
     return value

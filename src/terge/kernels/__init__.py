@@ -40,7 +40,7 @@ def gpu_loop() -> ModuleType | None:
             _triton_loop = False
         else:
             _triton_loop = triton_loop
-    return _triton_loop or None
+    return _triton_loop if isinstance(_triton_loop, ModuleType) else None
 
 
 def linear_combine(

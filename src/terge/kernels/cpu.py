@@ -8,6 +8,7 @@ thread, each starting on a cache-line boundary; the first range runs in the call
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -81,4 +82,4 @@ def run(parts: Sequence[Callable[[], T]]) -> list[T]:
 
 def split(total: int, part: Callable[[int, int], object]) -> None:
     """Call ``part(start, stop)`` for each thread's range of ``total`` elements."""
-    run([lambda start=start, stop=stop: part(start, stop) for start, stop in ranges(total)])
+    run([functools.partial(part, start, stop) for start, stop in ranges(total)])

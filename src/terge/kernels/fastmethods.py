@@ -87,7 +87,9 @@ def merge_into(
     lows, highs = _bounds(base, tensors, sparsification, density, gamma, workspace)
     if sparsification == "random" and density == 1:  # the reference keeps every entry, undivided
         sparsification = None
-    keys = [draw_key(seed, i) if sparsification == "random" else 0 for i in range(len(tensors))]
+    keys = [0] * len(tensors)
+    if sparsification == "random" and seed is not None:  # _applies saw to the seed
+        keys = [draw_key(seed, i) for i in range(len(tensors))]
     multiply = (sparsification != "random" or _power_of_two(density)) and (
         consensus != "sign" or _exact_denominators(tuple(float(w) for w in weights))
     )
@@ -327,7 +329,7 @@ def _pass(
         for q, s in enumerate(searches)
     ]
 
-    def part(piece: int) -> list[tuple[int, int]]:
+    def part(piece: int) -> list[tuple[int, int, int, int]]:
         start, stop = spans[piece]
         queries = []
         for search, buffer in zip(searches, buffers, strict=True):
@@ -346,7 +348,7 @@ def _pass(
             queries,
         )
 
-    counts = run([lambda piece=piece: part(piece) for piece in range(pieces)])
+    counts = run([functools.partial(part, piece) for piece in range(pieces)])
     finish = []
     for q, (search, buffer) in enumerate(zip(searches, buffers, strict=True)):
         found = [c[q] for c in counts]
@@ -357,7 +359,9 @@ def _pass(
     run(finish)
 
 
-def _collected(search: _Search, buffer: torch.Tensor, found: list[tuple[int, ...]]) -> list:
+def _collected(
+    search: _Search, buffer: torch.Tensor, found: Sequence[tuple[int, int, int, int]]
+) -> list:
     """Narrow ``search`` by a collecting pass's (above, inside, floor, ceiling) counts per
     range; return the selection to run when the k-th was among the values collected."""
     above, inside, floor, ceiling = (sum(counts) for counts in zip(*found, strict=True))

@@ -110,10 +110,11 @@ def reference_combine(
     first, rest = coefficients[0], list(zip(flats[1:], coefficients[1:]))
     total = target.numel()
     divide = divisor is not None and divisor != 1
+    by: float | torch.Tensor = 1.0 if divisor is None else divisor
     if divide and device.type != "cpu":
         # torch divides a GPU tensor by a Python number as a product with its reciprocal, which
         # is not always the quotient; a divisor on the device is divided by exactly, as on the CPU.
-        divisor = torch.tensor(divisor, dtype=buffers.dtype, device=device)
+        by = torch.tensor(by, dtype=buffers.dtype, device=device)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         acc = accumulator[: stop - start]
@@ -127,13 +128,14 @@ def reference_combine(
             if coefficient == 1:
                 acc.add_(piece)
             else:  # the product rounded on its own, as the compiled loop does (never an FMA)
+                assert product is not None  # allocated above for coefficients other than 1
                 acc.add_(product[: stop - start].copy_(piece).mul_(coefficient))
         if scratch is not None:
             if divide:
-                acc.div_(divisor)
+                acc.div_(by)
             store_rounded(target[start:stop], acc, scratch)
         elif divide:  # divides in the accumulator's dtype and rounds once on the way out
-            torch.div(acc, divisor, out=target[start:stop])
+            torch.div(acc, by, out=target[start:stop])
         else:
             target[start:stop].copy_(acc)
     if write_back is not None:

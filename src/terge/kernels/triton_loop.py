@@ -153,7 +153,7 @@ def combine(
             n,
             *pointers,
             *weights,
-            float(divisor) if divide else 1.0,
+            float(divisor) if divide and divisor is not None else 1.0,
             INPUTS=len(sources),
             ONES=sum(1 << i for i, w in enumerate(weights) if w == 1),
             DIVIDE=divide,

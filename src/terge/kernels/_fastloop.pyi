@@ -1,0 +1,14 @@
+"""Types of the compiled linear loop (``_fastloop.c``); addresses are ``tensor.data_ptr()``s."""
+
+from collections.abc import Sequence
+
+def combine(
+    out: int,
+    out_code: int,
+    n: int,
+    inputs: Sequence[int],
+    codes: Sequence[int],
+    coefficients: Sequence[float],
+    divisor: float | None,
+    /,
+) -> None: ...

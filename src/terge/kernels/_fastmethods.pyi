@@ -1,0 +1,51 @@
+"""Types of the compiled task-vector loops (``_fastmethods.c``); addresses are
+``tensor.data_ptr()``s, codes the dtype codes of ``terge.kernels.cpu.DTYPE_CODES``."""
+
+from collections.abc import Sequence
+
+Query = tuple[int, int, int, int, int, int, int, bool]
+"""(model, lo, hi, top, shift, out, cap, ends)"""
+
+def scan(
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    queries: Sequence[Query],
+    /,
+) -> list[tuple[int, int, int, int]]: ...
+def sample(
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    m: int,
+    out: int,
+    /,
+) -> None: ...
+def kth_largest(
+    values: int, segments: Sequence[tuple[int, int]], k: int, lo: int, hi: int, /
+) -> tuple[int, int]: ...
+def merge(
+    out: int,
+    out_code: int,
+    base: int,
+    base_code: int,
+    n: int,
+    first: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    weights: Sequence[float],
+    sparsify: int,
+    lows: Sequence[int],
+    highs: Sequence[int],
+    keys: Sequence[int],
+    density: float,
+    below: int,
+    consensus: int,
+    scale: float,
+    multiply: bool,
+    /,
+) -> None: ...
