@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 import terge
 from terge import kernels
-from test_fastloop import DTYPES, awkward, same_bits
+
+from helpers import FLOAT_DTYPES as DTYPES
+from helpers import awkward, same_bits
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_gpu = pytest.mark.skipif(
@@ -148,7 +150,7 @@ def test_kernel_logic_in_the_triton_interpreter():
         import torch
         from terge import kernels
         from terge.kernels import triton_loop
-        from test_fastloop import awkward, same_bits
+        from helpers import awkward, same_bits
 
         for out_dtype in (torch.float64, torch.float32, torch.float16):
             for dtypes in ([torch.float32] * 3, [torch.bfloat16, torch.float64, torch.float16]):
@@ -164,7 +166,7 @@ def test_kernel_logic_in_the_triton_interpreter():
         print("ok")
         """
     )
-    tests = Path(__file__).parent
+    tests = Path(__file__).resolve().parents[1]  # tests/, where helpers.py is
     environment = {
         **os.environ,
         "TRITON_INTERPRET": "1",

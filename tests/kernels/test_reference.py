@@ -5,17 +5,7 @@ import torch
 
 from terge.kernels import ChunkBuffers, linear_combine, store_rounded, store_whole
 
-
-def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
-    """The correctly rounded (ties to even) ``dtype`` value of an exact rational, by search."""
-    guess = torch.tensor(float(value), dtype=torch.float64).to(dtype)
-    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
-    candidates = [(guess.view(bits) + d).view(dtype) for d in (-2, -1, 0, 1, 2)]
-
-    def key(c: torch.Tensor):
-        return (abs(Fraction(c.item()) - value), int(c.view(bits).item()) & 1)
-
-    return min(candidates, key=key)
+from helpers import nearest
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

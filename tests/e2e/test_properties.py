@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 import terge
 
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])

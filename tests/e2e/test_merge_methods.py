@@ -10,7 +10,7 @@ import torch
 import terge
 from terge import MethodNotApplicableError, MethodResultError, methods
 
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 
 
 def states(count: int, seed: int = 0, width: int = 64) -> list[dict[str, torch.Tensor]]:
