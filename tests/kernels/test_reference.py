@@ -1,3 +1,5 @@
+"""The reference loops (``terge.kernels``): one rounding into half types, chunking, empty tensors."""
+
 from fractions import Fraction
 
 import pytest
@@ -74,9 +76,28 @@ def test_linear_combine_accepts_mixed_source_dtypes_and_destination_among_source
     assert torch.equal(destination, expected)
 
 
-def test_linear_combine_ignores_empty_tensors():
+class CountingBuffers(ChunkBuffers):
+    """ChunkBuffers that record every scratch buffer asked for."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__(dtype)
+        self.asked: list[tuple[torch.device, torch.dtype, str]] = []
+
+    def get(self, device: torch.device, dtype: torch.dtype, role: str = "") -> torch.Tensor:
+        self.asked.append((device, dtype, role))
+        return super().get(device, dtype, role)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_linear_combine_ignores_empty_tensors(monkeypatch, kernels):
+    """An empty tensor is done before anything is allocated or read, in every loop."""
+    monkeypatch.setenv("TERGE_KERNELS", kernels)
     destination = torch.empty(0, 3)
-    linear_combine(destination, [torch.empty(0, 3)], [1.0], ChunkBuffers(torch.float64))
+    sources = [torch.empty(0, 3, dtype=torch.float16), torch.empty(0, 3, dtype=torch.float64)]
+    buffers = CountingBuffers(torch.float64)
+    assert linear_combine(destination, sources, [1.0, 2.0], buffers, 3.0) is None
+    assert buffers.asked == []
+    assert destination.shape == (0, 3) and destination.dtype == torch.float32
 
 
 def test_store_whole_rounds_once_into_half_types():
