@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import Tied, assert_unchanged, snapshot
 
-class Tied(torch.nn.Module):
-    """An embedding tied to its output head, plus BatchNorm buffers, like a tiny LM."""
-
-    def __init__(self, vocab: int = 11, width: int = 4) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, width)
-        self.norm = torch.nn.BatchNorm1d(width)
-        self.head = torch.nn.Linear(width, vocab, bias=False)
-        self.head.weight = self.embed.weight
+# Re-exported for tests written before tests/helpers.py; new tests import from helpers.
+__all__ = ["Tied", "assert_unchanged", "snapshot"]
 
 
 @pytest.fixture
@@ -32,16 +26,3 @@ def tied_models() -> list[Tied]:
         model.norm.running_var.uniform_(0.5, 2)
         model.norm.num_batches_tracked += 7
     return models
-
-
-def snapshot(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
-    """A deep copy of every tensor, to prove later that nothing was modified."""
-    items = model.state_dict(keep_vars=True) if isinstance(model, torch.nn.Module) else model
-    return {k: v.detach().clone() for k, v in items.items()}
-
-
-def assert_unchanged(model: torch.nn.Module | dict, before: dict[str, torch.Tensor]) -> None:
-    after = snapshot(model)
-    assert after.keys() == before.keys()
-    for name in before:
-        assert torch.equal(after[name], before[name]), name

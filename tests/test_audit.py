@@ -19,7 +19,7 @@ from terge.audit import diff_lineages, summary, tensor_digest, verify_lineage
 from terge.io import save
 from terge.lineage import ModelRecord, TensorDigests
 
-from test_lineage import states
+from helpers import states
 
 
 @pytest.fixture

@@ -20,20 +20,7 @@ from terge.io import load, save
 from terge.lineage import ModelRecord, TensorDigests, lineage_text
 from terge.sources import FileSource
 
-from conftest import snapshot
-
-
-def states(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "layers.0.weight": torch.randn(4, 3, generator=generator),
-            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
-            "norm.bias": torch.randn(3, generator=generator),
-            "steps": torch.tensor([i]),
-        }
-        for i in range(count)
-    ]
+from helpers import snapshot, states
 
 
 def saved(tmp_path: Path, models: list[dict]) -> list[Path]:

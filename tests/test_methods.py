@@ -173,6 +173,8 @@ def ref_model_stock(thetas, base):
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float64 rounding: the references below compute in Python floats, in their own
+    order of operations (and with math.sin, math.acos...), so the last bits may differ."""
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -410,7 +412,9 @@ def test_ties_without_conflicts_is_task_arithmetic(magnitudes, signs, raw_weight
     thetas = [base + sign * torch.tensor(m, dtype=torch.float64) for m in magnitudes]
     weights = normalised(raw_weights[: len(thetas)])
     expected = task_arithmetic()(thetas, weights, base)
-    torch.testing.assert_close(ties(density=1.0)(thetas, weights, base), expected)
+    # TIES divides by the agreeing weights' sum (1 up to rounding) where task arithmetic does
+    # not: equal up to float64 rounding, not bit for bit.
+    close(ties(density=1.0)(thetas, weights, base), expected)
 
 
 @settings(max_examples=40, deadline=None)
@@ -426,7 +430,8 @@ def test_ties_is_invariant_to_model_order(seed, n, density, data):
     order = data.draw(st.permutations(range(n)))
     method = ties(density=density)
     permuted = method([thetas[i] for i in order], [weights[i] for i in order], base)
-    torch.testing.assert_close(permuted, method(thetas, weights, base))
+    # Another order of the models sums the same products in another order: float64 rounding.
+    close(permuted, method(thetas, weights, base))
 
 
 # --- bad settings ---------------------------------------------------------------------------------

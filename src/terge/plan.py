@@ -343,8 +343,8 @@ def build_plan(
         holders = [i for i, source in enumerate(sources) if source.holds(name, entry.shape)]
         step_method = _method_for(name, holders, base_index, method_of)
         if step_method is None:
-            named_elsewhere = any(name in s.entries for s in sources if s is not base)
-            skipped[name] = reasons.SHAPE_MISMATCH if named_elsewhere else reasons.ONE_MODEL
+            resized = any(name in s.entries and not s.holds(name, entry.shape) for s in sources)
+            skipped[name] = reasons.SHAPE_MISMATCH if resized else reasons.ONE_MODEL
             continue
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import terge
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 
 def test_method_table_in_readme_is_generated_from_the_registry():
@@ -17,6 +17,6 @@ def test_readme_names_both_commands():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text(encoding="utf-8")
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text(encoding="utf-8")
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert command in README and command in ci

@@ -13,7 +13,8 @@ import terge
 from terge import kernels
 from terge.kernels import cpu, fastloop
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+from helpers import FLOAT_DTYPES as DTYPES
+from helpers import awkward, same_bits
 
 needs_loop = pytest.mark.skipif(
     fastloop._fastloop is None, reason="terge.fastloop._fastloop is not built (pip install -e .)"
@@ -37,25 +38,6 @@ def combine(destination, sources, coefficients, divisor, *, reference):
         kernels.linear_combine(
             destination, sources, coefficients, kernels.ChunkBuffers(torch.float64), divisor
         )
-
-
-def awkward(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random values of every magnitude, with zeros, infinities, NaNs and subnormals mixed in."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(numel, generator=generator, dtype=torch.float64)
-    values *= torch.exp2(torch.randint(-30, 30, (numel,), generator=generator).double())
-    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-8])
-    picks = torch.randint(0, numel, (min(numel, 7),), generator=generator)
-    values[picks] = specials[: picks.numel()].double()
-    return values.to(dtype)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit, except that NaNs need only be NaN in the same places."""
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(
-        a[~nan].view(torch.uint8), b[~nan].view(torch.uint8)
-    )
 
 
 @needs_loop

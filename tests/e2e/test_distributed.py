@@ -85,7 +85,7 @@ def _mismatches(sharded: dict, plain: dict, exact: bool = True) -> list[str]:
         expected = plain[name]
         if exact:
             same = torch.equal(whole, expected)
-        else:
+        else:  # slerp, model_stock: dot products summed shard by shard, float64 rounding apart
             same = torch.allclose(whole, expected, rtol=1e-12, atol=1e-15)
         if not same:
             bad.append(name)

@@ -16,6 +16,8 @@ from terge import kernels, methods
 from terge.kernels import cpu, fastmethods
 from terge.kernels.fastmethods import _TOP
 
+from helpers import same_bits
+
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = [1e-9, 0.01, 0.1, 0.2, 0.25, 0.5, 0.7, 0.999, 1.0]
 WEIGHTS = st.lists(
@@ -79,14 +81,6 @@ def inputs(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[
         keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
         tensors.append(torch.where(keep, base + delta, base).to(dtype))
     return tensors
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit, except that NaNs need only be NaN in the same places."""
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(
-        a[~nan].view(torch.uint8), b[~nan].view(torch.uint8)
-    )
 
 
 def reference(method, destination_dtype, base, tensors, weights, seed) -> torch.Tensor:

@@ -9,7 +9,6 @@ loads with ``from_pretrained`` and matches the in-memory merge; and layer-wise w
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Callable
@@ -20,7 +19,12 @@ from typing import Any
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+# The floor of the [test] extra (pyproject.toml): older versions skip, naming the version found.
+transformers = pytest.importorskip(
+    "transformers",
+    minversion="4.40",
+    reason="transformers is not installed (pip install -e '.[test]')",
+)
 
 import terge  # noqa: E402
 
@@ -175,14 +179,6 @@ def only(*names: str) -> pytest.MarkDecorator:
     )
 
 
-HAS_OUT = "out" in inspect.signature(terge.merge).parameters
-
-
-def needs_out() -> None:
-    if not HAS_OUT:
-        pytest.skip("merge(out=) not available")
-
-
 def build(arch: Arch, seed: int) -> torch.nn.Module:
     """A tiny model whose every parameter (norms and biases too) differs from seed to seed."""
     torch.manual_seed(seed)
@@ -274,21 +270,21 @@ def test_merged_model_runs_and_matches_the_independent_weighted_mean(arch, insta
     merged, lineage = mean_merge
     assert type(merged) is type(instances[0])
     expected = weighted_mean([model.state_dict() for model in instances], WEIGHTS)
-    for name, tensor in merged.state_dict().items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7, msg=name)
-    torch.testing.assert_close(logits(merged), logits(fresh(arch, expected)), rtol=1e-6, atol=1e-6)
+    for name, tensor in merged.state_dict().items():  # the same float64 sums, rounded once
+        assert torch.equal(tensor, expected[name]), name
+    assert torch.equal(logits(merged), logits(fresh(arch, expected)))
     shares = [w / sum(WEIGHTS) for w in WEIGHTS]
     for name, _ in merged.named_parameters():
         method, contributions = lineage[name]
         assert method == "arithmetic"
         assert [i for i, _ in contributions] == [0, 1, 2]
-        assert [w for _, w in contributions] == pytest.approx(shares)
+        assert [w for _, w in contributions] == shares  # eighths: exact
 
 
 def test_equal_weights_by_default(arch, instances):
     merged = terge.merge(instances)
     expected = weighted_mean([model.state_dict() for model in instances], [1, 1, 1])
-    torch.testing.assert_close(logits(merged), logits(fresh(arch, expected)), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits(merged), logits(fresh(arch, expected)))
 
 
 @pytest.mark.parametrize("chosen", [0, 1])
@@ -338,7 +334,6 @@ def test_inputs_are_left_untouched(arch, instances):
 def test_folders_merged_with_out_load_with_from_pretrained(
     arch, instances, folders, mean_merge, tmp_path
 ):
-    needs_out()
     out = terge.merge([str(folder) for folder in folders], weights=WEIGHTS, out=tmp_path / "m")
     assert out == tmp_path / "m"
     loaded = getattr(transformers, arch.auto).from_pretrained(out).eval()
@@ -366,11 +361,10 @@ def test_folders_merged_with_out_load_with_from_pretrained(
     shares = [w / sum(WEIGHTS) for w in WEIGHTS]
     for entry in record["merged"].values():
         assert [i for i, _ in entry["contributions"]] == [0, 1, 2]
-        assert [w for _, w in entry["contributions"]] == pytest.approx(shares)
+        assert [w for _, w in entry["contributions"]] == shares  # eighths: exact
 
 
 def test_modules_and_folders_mixed_with_out(arch, instances, folders, mean_merge, tmp_path):
-    needs_out()
     models = [str(folders[0]), instances[1], folders[2]]
     if arch.name == "gpt_neox":
         # transformers 5 saves GPTNeoXForCausalLM's lm_head.weight as embed_out.weight, so the
@@ -391,7 +385,6 @@ def test_modules_and_folders_mixed_with_out(arch, instances, folders, mean_merge
 def test_modules_merged_with_out_load_once_the_config_is_saved(
     arch, instances, mean_merge, tmp_path
 ):
-    needs_out()
     out = terge.merge(instances, weights=WEIGHTS, out=tmp_path / "m")
     instances[0].config.save_pretrained(out)
     loaded = getattr(transformers, arch.auto).from_pretrained(out).eval()
@@ -401,7 +394,6 @@ def test_modules_merged_with_out_load_once_the_config_is_saved(
 
 @only("llama", "gpt2")
 def test_sharded_folders_in_and_out(arch, instances, mean_merge, tmp_path):
-    needs_out()
     folders = []
     for i, model in enumerate(instances):
         model.save_pretrained(tmp_path / f"m{i}", max_shard_size="20KB")
@@ -417,7 +409,6 @@ def test_sharded_folders_in_and_out(arch, instances, mean_merge, tmp_path):
 
 @only("llama")
 def test_out_dtype_writes_a_bfloat16_checkpoint_rounded_once(arch, instances, folders, tmp_path):
-    needs_out()
     out = terge.merge(folders, weights=WEIGHTS, out=tmp_path / "m", out_dtype=torch.bfloat16)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = getattr(transformers, arch.auto).from_pretrained(out, dtype="auto")
@@ -463,10 +454,13 @@ def test_a_gradient_interpolates_block_by_block(arch, instances):
         share = 0.5 if block is None else block / (LAYERS - 1)  # outside: the layers' mean
         shares[block] = share
         assert [i for i, _ in lineage[name][1]] == [0, 1]
-        assert [w for _, w in lineage[name][1]] == pytest.approx([1 - share, share]), name
+        # by_layer interpolates thirds in its own order of operations (and the merge divides
+        # by the weights' sum, 1 up to rounding): equal to block / 3 up to float64 rounding,
+        # which may move a float32 entry by an ulp.
+        assert [w for _, w in lineage[name][1]] == pytest.approx([1 - share, share], rel=1e-15)
         expected = (1 - share) * sa[name].double() + share * sb[name].double()
         torch.testing.assert_close(sm[name], expected.float(), rtol=1e-6, atol=1e-7, msg=name)
-    assert shares == pytest.approx({None: 0.5, 0: 0.0, 1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    assert shares == {None: 0.5, 0: 0.0, 1: 1 / 3, 2: 2 / 3, 3: 1.0}
     assert_tied_like(merged, a)
     logits(merged)
 
@@ -498,7 +492,6 @@ def test_a_block_merge_takes_blocks_from_the_second_model(arch, instances):
 
 @only("llama", "gpt2")
 def test_layer_wise_merges_through_folders_match_memory(arch, instances, folders, tmp_path):
-    needs_out()
     for i, weights in enumerate(
         [
             [terge.by_layer([1, 0]), terge.by_layer([0, 1])],

@@ -22,7 +22,7 @@ from terge.io import load, open_checkpoint, save
 from terge.kernels import store_rounded
 from terge.sources import FileSource
 
-from conftest import Tied
+from helpers import Tied
 
 SRC = Path(terge.__file__).resolve().parent.parent
 

@@ -1,3 +1,5 @@
+"""The reference loops (``terge.kernels``): one rounding into half types, chunking, empty tensors."""
+
 from fractions import Fraction
 
 import pytest
@@ -5,17 +7,7 @@ import torch
 
 from terge.kernels import ChunkBuffers, linear_combine, store_rounded, store_whole
 
-
-def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
-    """The correctly rounded (ties to even) ``dtype`` value of an exact rational, by search."""
-    guess = torch.tensor(float(value), dtype=torch.float64).to(dtype)
-    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
-    candidates = [(guess.view(bits) + d).view(dtype) for d in (-2, -1, 0, 1, 2)]
-
-    def key(c: torch.Tensor):
-        return (abs(Fraction(c.item()) - value), int(c.view(bits).item()) & 1)
-
-    return min(candidates, key=key)
+from helpers import nearest
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -84,9 +76,28 @@ def test_linear_combine_accepts_mixed_source_dtypes_and_destination_among_source
     assert torch.equal(destination, expected)
 
 
-def test_linear_combine_ignores_empty_tensors():
+class CountingBuffers(ChunkBuffers):
+    """ChunkBuffers that record every scratch buffer asked for."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__(dtype)
+        self.asked: list[tuple[torch.device, torch.dtype, str]] = []
+
+    def get(self, device: torch.device, dtype: torch.dtype, role: str = "") -> torch.Tensor:
+        self.asked.append((device, dtype, role))
+        return super().get(device, dtype, role)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_linear_combine_ignores_empty_tensors(monkeypatch, kernels):
+    """An empty tensor is done before anything is allocated or read, in every loop."""
+    monkeypatch.setenv("TERGE_KERNELS", kernels)
     destination = torch.empty(0, 3)
-    linear_combine(destination, [torch.empty(0, 3)], [1.0], ChunkBuffers(torch.float64))
+    sources = [torch.empty(0, 3, dtype=torch.float16), torch.empty(0, 3, dtype=torch.float64)]
+    buffers = CountingBuffers(torch.float64)
+    assert linear_combine(destination, sources, [1.0, 2.0], buffers, 3.0) is None
+    assert buffers.asked == []
+    assert destination.shape == (0, 3) and destination.dtype == torch.float32
 
 
 def test_store_whole_rounds_once_into_half_types():

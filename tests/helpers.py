@@ -1,0 +1,138 @@
+"""Helpers shared by several test modules (importable as ``helpers``: pyproject puts tests/ on
+the path), so that no test module imports another."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Models and state dicts
+# --------------------------------------------------------------------------------------------
+
+
+class Tied(torch.nn.Module):
+    """An embedding tied to its output head, plus BatchNorm buffers, like a tiny LM."""
+
+    def __init__(self, vocab: int = 11, width: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def states(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Small state dicts with a float32, a bfloat16 and an integer tensor, like a lineage's."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "layers.0.weight": torch.randn(4, 3, generator=generator),
+            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
+            "norm.bias": torch.randn(3, generator=generator),
+            "steps": torch.tensor([i]),
+        }
+        for i in range(count)
+    ]
+
+
+def snapshot(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    """A deep copy of every tensor, to prove later that nothing was modified."""
+    items = model.state_dict(keep_vars=True) if isinstance(model, torch.nn.Module) else model
+    return {k: v.detach().clone() for k, v in items.items()}
+
+
+def assert_unchanged(model: torch.nn.Module | dict, before: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``model`` still equals its ``snapshot``."""
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint tensors
+# --------------------------------------------------------------------------------------------
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+
+
+def make(dtype: torch.dtype, shape: tuple[int, ...] = (3, 4), seed: int = 0) -> torch.Tensor:
+    """A reproducible random tensor of any dtype a checkpoint holds."""
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return torch.randint(0, 100, shape, generator=generator, dtype=torch.int64).to(dtype)
+
+
+def tensors(count: int = 4, numel: int = 256) -> dict[str, torch.Tensor]:
+    """``count`` float32 tensors of ``numel * 4`` bytes each."""
+    return {f"layers.{i}.weight": make(torch.float32, (numel,), seed=i) for i in range(count)}
+
+
+def assert_same(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], ordered: bool = False
+) -> None:
+    """Same names (in the same order when ``ordered``), dtypes and values."""
+    assert (list(actual) if ordered else sorted(actual)) == (
+        list(expected) if ordered else sorted(expected)
+    )
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype
+        assert torch.equal(actual[name], tensor), name
+
+
+def listing(folder) -> list[str]:
+    """The names in a folder, sorted."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Bits and rounding
+# --------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def awkward(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values of every magnitude, with zeros, infinities, NaNs and subnormals mixed in."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(numel, generator=generator, dtype=torch.float64)
+    values *= torch.exp2(torch.randint(-30, 30, (numel,), generator=generator).double())
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-8])
+    picks = torch.randint(0, numel, (min(numel, 7),), generator=generator)
+    values[picks] = specials[: picks.numel()].double()
+    return values.to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that NaNs need only be NaN in the same places."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(
+        a[~nan].view(torch.uint8), b[~nan].view(torch.uint8)
+    )
+
+
+def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
+    """The correctly rounded (ties to even) ``dtype`` value of an exact rational, by search."""
+    guess = torch.tensor(float(value), dtype=torch.float64).to(dtype)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    candidates = [(guess.view(bits) + d).view(dtype) for d in (-2, -1, 0, 1, 2)]
+
+    def key(c: torch.Tensor):
+        return (abs(Fraction(c.item()) - value), int(c.view(bits).item()) & 1)
+
+    return min(candidates, key=key)

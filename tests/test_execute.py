@@ -1,0 +1,270 @@
+"""execute.py: where results are written (destinations), the walk over the plan, and run_step."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from terge import methods
+from terge.errors import MethodResultError
+from terge.execute import destinations, execute, run_step
+from terge.io import save
+from terge.kernels import ChunkBuffers
+from terge.plan import Plan, Step, build_plan, derive_seed
+from terge.sources import FileSource, ModuleSource, Source, StateDictSource
+
+from helpers import Tied
+
+
+def plan_for(sources: list[Source], **options) -> Plan:
+    """The default plan (equal-weighted mean, base 0) over ``sources``."""
+    settings = {
+        "method": "arithmetic",
+        "weights": None,
+        "included": None,
+        "excluded": None,
+        "dtype": torch.float64,
+        "normalize": True,
+        "seed": 0,
+        **options,
+    }
+    return build_plan(sources, sources[0], 0, **settings)
+
+
+def tied_sources(buffers: bool = False) -> tuple[list[Tied], list[ModuleSource]]:
+    """Three tied models and their sources."""
+    torch.manual_seed(0)
+    models = [Tied() for _ in range(3)]
+    return models, [ModuleSource(m, buffers) for m in models]
+
+
+def every_tensor(obj) -> list[torch.Tensor]:
+    """Every tensor of a module (buffers too) or a state dict."""
+    if isinstance(obj, torch.nn.Module):
+        return list(obj.state_dict(keep_vars=True).values())
+    return [v for v in obj.values() if isinstance(v, torch.Tensor)]
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors live in the same storage (so writing one changes the other)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
+# destinations
+# --------------------------------------------------------------------------------------------
+
+
+def test_in_place_a_module_is_returned_itself_with_its_own_tensors_as_destinations():
+    models, sources = tied_sources()
+    plan = plan_for(sources)
+    result, outputs = destinations(sources[0], plan, inplace=True)
+    assert result is models[0]
+    assert sorted(outputs) == ["embed.weight", "norm.bias", "norm.weight"]  # head: an alias
+    own = dict(models[0].named_parameters())
+    assert all(outputs[name] is own[name] for name in outputs)
+
+
+def test_in_place_a_state_dict_is_returned_itself():
+    states = [OrderedDict(w=torch.zeros(2), n=torch.tensor([1])) for _ in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    result, outputs = destinations(sources[0], plan_for(sources), inplace=True)
+    assert result is states[0]
+    assert outputs["w"] is states[0]["w"]
+
+
+def test_a_copied_module_shares_no_memory_with_any_input_and_keeps_its_ties():
+    models, sources = tied_sources(buffers=False)
+    plan = plan_for(sources)
+    result, outputs = destinations(sources[0], plan, inplace=False)
+    assert isinstance(result, Tied) and result is not models[0]
+    for mine in every_tensor(result):
+        for model in models:
+            for theirs in every_tensor(model):
+                assert not shares_memory(mine, theirs)
+    assert result.head.weight is result.embed.weight  # still one tensor under two names
+    assert outputs["embed.weight"] is result.embed.weight
+    assert isinstance(result.embed.weight, torch.nn.Parameter)
+    # what is not merged (the BatchNorm buffers here) is copied with its values
+    for name, buffer in models[0].named_buffers():
+        assert torch.equal(result.get_buffer(name), buffer)
+
+
+def test_a_copied_state_dict_keeps_its_type_metadata_ties_and_other_values():
+    shared = torch.ones(2)
+    states = []
+    for i in range(2):
+        state = OrderedDict(w=shared if i == 0 else torch.zeros(2), n=torch.tensor([i]))
+        state["alias"] = state["w"]
+        state["note"] = {"list": [i]}
+        state._metadata = {"": {"version": 1}}
+        states.append(state)
+    sources = [StateDictSource(s) for s in states]
+    result, outputs = destinations(sources[0], plan_for(sources), inplace=False)
+    assert type(result) is OrderedDict
+    assert list(result) == ["w", "n", "alias", "note"]
+    assert result["alias"] is result["w"] is outputs["w"]
+    assert not shares_memory(result["w"], shared)
+    assert torch.equal(result["n"], states[0]["n"]) and result["n"] is not states[0]["n"]
+    assert result["note"] == {"list": [0]} and result["note"] is not states[0]["note"]
+    assert result._metadata == {"": {"version": 1}}
+    assert result._metadata is not states[0]._metadata
+
+
+def test_a_checkpoint_base_gives_fresh_tensors_to_merge_and_views_of_the_rest(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"m{i}")
+        save(
+            {"w": torch.full((2,), float(i)), "solo" if i == 0 else "other": torch.ones(1)},
+            paths[-1],
+        )
+    sources = [FileSource(p) for p in paths]
+    plan = plan_for(sources)
+    result, outputs = destinations(sources[0], plan, inplace=False)
+    assert sorted(result) == ["solo", "w"]
+    assert result["w"] is outputs["w"] and list(outputs) == ["w"]
+    assert torch.equal(result["solo"], torch.ones(1))
+    result["solo"].fill_(5)  # a private copy-on-write map: the file keeps its value
+    assert torch.equal(FileSource(paths[0]).get("solo"), torch.ones(1))
+    for source in sources:
+        source.close()
+
+
+# --------------------------------------------------------------------------------------------
+# execute and run_step
+# --------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A StepHook that records the order of events."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def before(self, step: Step) -> None:
+        self.events.append(("before", step.name))
+
+    def after(self, step: Step, written: torch.Tensor) -> None:
+        self.events.append(("after", step.name, written.tolist()))
+
+
+def test_execute_asks_for_each_destination_only_when_its_step_runs():
+    states = [{"a": torch.full((2,), float(i)), "b": torch.full((1,), 2.0 * i)} for i in range(3)]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+    events: list = []
+    made: dict[str, torch.Tensor] = {}
+
+    def destination(name: str) -> torch.Tensor:
+        events.append(("destination", name))
+        made[name] = torch.empty(states[0][name].shape)
+        return made[name]
+
+    execute(plan.steps, sources, sources[0], destination, torch.float64, False, Recorder(events))
+    assert events == [
+        ("before", "a"),
+        ("destination", "a"),
+        ("after", "a", [1.0, 1.0]),
+        ("before", "b"),
+        ("destination", "b"),
+        ("after", "b", [2.0]),
+    ]
+    assert all(torch.equal(s["a"], torch.full((2,), float(i))) for i, s in enumerate(states))
+
+
+def one_step(method, weights, contributors=(0, 1, 2), *, uses_base=False, seed=None, **extra):
+    """A step for the tensor "w", built by hand."""
+    return Step(
+        name="w",
+        method=method,
+        contributors=contributors,
+        weights=weights,
+        uses_base=uses_base,
+        seed=seed,
+        **extra,
+    )
+
+
+def sources_of(*values: float, dtype=torch.float32) -> list[Source]:
+    """One state dict per value, each holding "w": four copies of it."""
+    return [StateDictSource({"w": torch.full((4,), v, dtype=dtype)}) for v in values]
+
+
+def test_run_step_streams_the_weighted_sum_and_divides_once():
+    sources = sources_of(1.0, 2.0, 4.0)
+    step = one_step(
+        methods.arithmetic(), (1 / 6, 2 / 6, 3 / 6), coefficients=(1.0, 2.0, 3.0), divisor=6.0
+    )
+    out = torch.empty(4)
+    run_step(step, sources, sources[0], out, ChunkBuffers(torch.float64))
+    # (1 + 4 + 12) / 6 = 17/6, rounded once to float32
+    assert torch.equal(out, torch.full((4,), 17 / 6, dtype=torch.float64).float())
+
+
+def test_run_step_rounds_once_into_a_half_precision_destination():
+    """1 + 2^-8 + 2^-40, the mean of two float64 tensors, rounds up to 1 + 2^-7 in bfloat16
+    (through float32 it would land on the half-way point and round down to 1)."""
+    sources = sources_of(1 + 2**-8, 1 + 2**-8 + 2**-39, dtype=torch.float64)
+    step = one_step(methods.arithmetic(), (0.5, 0.5), (0, 1), coefficients=(1.0, 1.0), divisor=2.0)
+    out = torch.empty(4, dtype=torch.bfloat16)
+    run_step(step, sources, sources[0], out, ChunkBuffers(torch.float64))
+    assert out.tolist() == [1 + 2**-7] * 4
+
+
+def test_run_step_computes_task_vectors_from_the_base():
+    sources = sources_of(1.0, 3.0, 5.0)
+    step = one_step(methods.task_arithmetic(), (0.25, 0.75), (1, 2), uses_base=True)
+    for dtype in (torch.float64, torch.float32):  # the compiled path and the reference path
+        out = torch.empty(4)
+        run_step(step, sources, sources[0], out, ChunkBuffers(dtype))
+        assert out.tolist() == [1 + 0.25 * 2 + 0.75 * 4] * 4  # 4.5, exact
+
+
+def test_run_step_gives_a_random_method_the_parameters_own_seed():
+    seen: list = []
+
+    def spy(tensors, weights, base, seed):
+        seen.append(seed)
+        return tensors[0]
+
+    method = methods.Method("spy", spy, random=True)
+    sources = sources_of(1.0, 2.0)
+    out = torch.empty(4)
+    run_step(
+        one_step(method, (0.5, 0.5), (0, 1), seed=3),
+        sources,
+        sources[0],
+        out,
+        ChunkBuffers(torch.float64),
+    )
+    assert seen == [derive_seed(3, "w")]
+    assert out.tolist() == [1.0] * 4
+
+
+def test_run_step_refuses_a_result_of_the_wrong_shape_naming_method_and_parameter():
+    method = methods.custom(lambda tensors, weights, base: tensors[0][:2], name="halve")
+    sources = sources_of(1.0, 2.0)
+    out = torch.zeros(4)
+    with pytest.raises(
+        MethodResultError,
+        match=r"'halve' returned \(2,\) for the parameter 'w', which has shape \(4,\)",
+    ):
+        run_step(
+            one_step(method, (0.5, 0.5), (0, 1)),
+            sources,
+            sources[0],
+            out,
+            ChunkBuffers(torch.float64),
+        )
+    with pytest.raises(MethodResultError, match=r"'none' returned NoneType"):
+        run_step(
+            one_step(methods.custom(lambda t, w, b: None, name="none"), (0.5, 0.5), (0, 1)),
+            sources,
+            sources[0],
+            out,
+            ChunkBuffers(torch.float64),
+        )
+    assert out.tolist() == [0.0] * 4  # nothing written
