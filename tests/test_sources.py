@@ -125,7 +125,7 @@ def test_a_file_source_reads_names_shapes_and_dtypes_from_the_header_only(tmp_pa
             "b": ((2,), torch.bfloat16),
         }
         assert source.entries["a"].key != source.entries["b"].key  # files hold no ties
-        assert source.label == str(tmp_path / "m")
+        assert source.path == tmp_path / "m"
         assert torch.equal(source.get("b"), torch.ones(2, dtype=torch.bfloat16))
     finally:
         source.close()
