@@ -75,6 +75,9 @@ class Plan:
     skipped: Mapping[str, str] = field(default_factory=dict)
     tied: Mapping[str, str] = field(default_factory=dict)
     unused: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    dropped: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    """Tensors that some model holds (same name and shape) but does not contribute to, by model
+    index, with the reason (its tensor is not floating point, say)."""
 
     @property
     def sharded(self) -> bool:
@@ -83,13 +86,15 @@ class Plan:
 
     def lineage(self, **record: Any) -> Lineage:
         """The plan as a ``Lineage``; ``record`` sets its other attributes (models, dtypes...)."""
-        return Lineage(
+        lineage = Lineage(
             {step.name: step.lineage_entry() for step in self.steps},
             self.skipped,
             self.tied,
             {name: list(models) for name, models in self.unused.items()},
             **record,
         )
+        lineage.dropped = {name: dict(models) for name, models in self.dropped.items()}  # type: ignore[attr-defined]
+        return lineage
 
 
 @functools.cache
@@ -263,7 +268,17 @@ def _weigh(name: str, vector: torch.Tensor, contributors: list[int], normalize: 
                 "the parameter via the `included` or `excluded` arguments, or pass "
                 "`normalize=False` to use the weights as given."
             )
-        vector = vector / total
+        normalised = vector / total
+        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(normalised).all())):
+            raise MergeArgumentError(
+                f"The model weights for the parameter '{name}' that were passed to `merge()` "
+                f"(models {contributors} have weights {vector.tolist()}) sum to "
+                f"{total.item()!r} in {vector.dtype}, so they normalise to "
+                f"{normalised.tolist()}; the sum and the normalised weights must be finite in "
+                "the accumulation dtype. Scale the weights down (only their ratios matter when "
+                "normalising), or pass a wider `dtype`."
+            )
+        vector = normalised
         divisor = total.item() if divisor is None else divisor
     return tuple(vector.tolist()), coefficients, divisor
 
@@ -280,8 +295,14 @@ def build_plan(
     dtype: torch.dtype,
     normalize: bool,
     seed: int | None,
+    inplace: bool = False,
 ) -> Plan:
-    """Decide every tensor's fate, raising before anything is touched if the call is bad."""
+    """Decide every tensor's fate, raising before anything is touched if the call is bad.
+
+    Every tensor accepted is one the kernels can read (each contributor) and write (the base's):
+    a dtype they compute in exactly, dense memory, and, ``inplace``, memory of its own (no
+    expanded or partly overlapping views), so that no built-in step can fail once writing began.
+    """
     _check_dtype(dtype)
     included_set = PatternSet(included, "included")
     excluded_set = PatternSet(excluded, "excluded")
@@ -296,6 +317,10 @@ def build_plan(
     step_index: dict[str, int] = {}
     weighings: dict[tuple[Hashable, tuple[int, ...]], _Weighing] = {}
     unusual = base.unusual or any(source.unusual for source in sources)
+    odd_of = [_odd_entries(source) for source in sources]  # names the kernels cannot take
+    base_odd = odd_of[base_index] if base_index is not None else _odd_entries(base)
+    odd_models = [i for i, odd in enumerate(odd_of) if odd]
+    dropped: dict[str, dict[int, str]] = {}
 
     for name in base.others:
         skipped[name] = reasons.NOT_A_TENSOR
@@ -321,6 +346,18 @@ def build_plan(
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING
             continue
+        if base_odd and name in base_odd:  # float8, sparse: no kernel writes it exactly
+            skipped[name] = base_odd[name]
+            continue
+        if odd_models:  # a model whose tensor the kernels cannot read does not contribute
+            drops = {i: odd_of[i][name] for i in odd_models if i in holders and name in odd_of[i]}
+            if drops:
+                dropped[name] = drops
+                holders = [i for i in holders if i not in drops]
+                step_method = _method_for(name, holders, base_index, method_of)
+                if step_method is None:
+                    skipped[name] = OTHERS_NOT_MERGEABLE
+                    continue
         step_method = _for_layer(step_method, name, layers)
         contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
         _check_applicable(step_method, name, contributors)
@@ -353,7 +390,82 @@ def build_plan(
                 sharded=sharded,
             )
         )
-    return Plan(tuple(steps), skipped, tied, _unused(sources, base))
+    if inplace:
+        _check_own_memory(base, step_index)
+    return Plan(tuple(steps), skipped, tied, _unused(sources, base), dropped)
+
+
+KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
+"""The floating dtypes every kernel reads and writes exactly (rounding once)."""
+UNSUPPORTED_DTYPE = "unsupported floating dtype"
+"""A floating dtype no kernel computes in exactly (float8, float4): the base's is kept, and a
+model holding one does not contribute."""
+NOT_DENSE = "not a dense tensor"
+"""A sparse (or otherwise not strided) tensor: the base's is kept, and another model's does not
+contribute."""
+OTHERS_NOT_MERGEABLE = "other models' tensors not mergeable"
+"""Other models hold the name and shape, but too few of their tensors can contribute (not
+floating point, say); ``Lineage.dropped`` says which and why."""
+
+
+def _odd_entries(source: Source) -> dict[str, str]:
+    """The names of ``source``'s tensors that the kernels cannot take, with the reason.
+
+    One pass over the entries' dtypes and keys; only a tensor whose key is its identity (no
+    plain storage: sparse, meta, empty or a subclass) is looked at itself.
+    """
+    odd: dict[str, str] = {}
+    for name, entry in source.entries.items():
+        if entry.dtype in KERNEL_DTYPES and entry.key[0] != "object":
+            continue
+        if not entry.dtype.is_floating_point:
+            odd[name] = reasons.NOT_FLOATING
+        elif entry.dtype not in KERNEL_DTYPES:
+            odd[name] = UNSUPPORTED_DTYPE
+        elif not entry.is_meta and source.get(name).layout != torch.strided:
+            odd[name] = NOT_DENSE
+    return odd
+
+
+def _check_own_memory(base: Source, merged: Mapping[str, int]) -> None:
+    """In place, every merged tensor of the base must own its memory: an expanded view (two
+    elements at one address) cannot hold the merge, and two different views that partly overlap
+    would each be merged from the other's merged values (or change a tensor left alone).
+    Tied names (one view, two names) share a key and are fine."""
+    by_device: dict[Any, list[tuple[int, int, Hashable, str]]] = {}
+    for name, entry in base.entries.items():
+        key = entry.key
+        if len(key) != 5:  # no plain storage (meta, empty, sharded, a file): nothing to overlap
+            continue
+        device, start, shape, stride, dtype = key
+        covered = 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements spanned
+        if name in merged and covered < entry.shape.numel():
+            raise MergeArgumentError(
+                f"inplace=True cannot write the merge into the base's tensor '{name}': it is an "
+                f"expanded view (strides {stride} for shape {tuple(shape)}), whose elements share "
+                "memory; pass inplace=False, give the tensor its own memory (.clone()), or "
+                "exclude it."
+            )
+        by_device.setdefault(device, []).append(
+            (start, start + covered * dtype.itemsize, key, name)
+        )
+    for extents in by_device.values():
+        extents.sort(key=lambda extent: extent[0])
+        active: list[tuple[int, int, Hashable, str]] = []
+        for extent in extents:
+            start, _, key, name = extent
+            active = [other for other in active if other[1] > start]
+            for other in active:
+                if other[2] != key and (name in merged or other[3] in merged):
+                    first, second = sorted((other[3], name))
+                    raise MergeArgumentError(
+                        f"inplace=True cannot merge into the base's tensors '{first}' and "
+                        f"'{second}': they are different views of overlapping memory, so "
+                        "writing one changes the other; pass inplace=False, give each its own "
+                        "memory (.clone()), or exclude them (tied weights, one view under two "
+                        "names, are fine)."
+                    )
+            active.append(extent)
 
 
 def _unused(sources: Sequence[Source], base: Source) -> dict[str, tuple[int, ...]]:

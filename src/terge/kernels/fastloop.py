@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cpu import DTYPE_CODES, plain, reference_forced, split
+from .cpu import DTYPE_CODES, plain, reference_forced, split, written
 
 try:
     from . import _fastloop
@@ -63,3 +63,4 @@ def combine(
         )
 
     split(target.numel(), part)
+    written(target)
