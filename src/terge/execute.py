@@ -112,7 +112,7 @@ def _copy_state_dict(
         if isinstance(value, torch.Tensor):
             key = base.entries[base.canonical[name]].key
             if key not in by_view:
-                by_view[key] = value.detach().clone(memory_format=torch.preserve_format)
+                by_view[key] = _clone(value)
             result[name] = by_view[key]
         else:
             result[name] = copy.deepcopy(value)
@@ -121,6 +121,16 @@ def _copy_state_dict(
         with contextlib.suppress(AttributeError):  # plain dicts take no attributes
             result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
     return result, outputs
+
+
+def _clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor left alone, strides kept (a sparse one, which has none, as it is)."""
+    try:
+        return tensor.detach().clone(memory_format=torch.preserve_format)
+    except RuntimeError:
+        if tensor.layout == torch.strided:
+            raise
+        return tensor.detach().clone()
 
 
 class StepHook(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -245,7 +246,8 @@ def check_flag(name: str, value: Any) -> bool:
     (``normalize="no"`` would normalise)."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    numpy = sys.modules.get("numpy")  # never imported for this: a NumPy bool implies NumPy
+    if numpy is not None and isinstance(value, numpy.bool_):
         return bool(value)
     raise MergeArgumentError(f"`{name}` must be True or False; got {value!r}.")
 
