@@ -169,18 +169,36 @@ def execute(
     with torch.no_grad():
         ready = _computed_ahead(steps, sources, base, destination, buffers) if atomic else {}
         with _interrupts_held() if atomic else contextlib.nullcontext(), bar(**shown_as) as shown:
-            for step in steps:
-                if hook is not None:
-                    hook.before(step)
-                written = destination(step.name)
-                result = ready.pop(step.name, None)
-                if result is None:
-                    run_step(step, sources, base, written, buffers)
-                else:
-                    local(written).copy_(local(result))
-                if hook is not None:
-                    hook.after(step, written)
-                shown.update(1)
+            try:
+                for step in steps:
+                    if hook is not None:
+                        hook.before(step)
+                    written = destination(step.name)
+                    result = ready.pop(step.name, None)
+                    if result is None:
+                        run_step(step, sources, base, written, buffers)
+                    else:
+                        local(written).copy_(local(result))
+                    if hook is not None:
+                        hook.after(step, written)
+                    shown.update(1)
+            finally:
+                if atomic:  # the caller's tensors: tell autograd they changed
+                    _bump_versions([destination(step.name) for step in steps], steps)
+
+
+def _bump_versions(tensors: list[torch.Tensor], steps: Sequence[Step]) -> None:
+    """Tell autograd that the tensors were changed in place, as ``copy_`` does: the compiled
+    and Triton loops write through raw pointers and bump no version counter, so a graph that
+    saved a tensor would silently use its merged values in ``backward()`` instead of raising.
+    One call for all of them (bumping a tensor ``copy_`` already bumped is harmless)."""
+    if any(step.sharded for step in steps):
+        tensors += [local(t) for t in tensors if is_dtensor(t)]
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except (AttributeError, TypeError):  # an older torch: one tensor at a time
+        for tensor in tensors:
+            torch._C._increment_version(tensor)
 
 
 def _computed_ahead(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -429,43 +430,73 @@ def _odd_entries(source: Source) -> dict[str, str]:
 
 def _check_own_memory(base: Source, merged: Mapping[str, int]) -> None:
     """In place, every merged tensor of the base must own its memory: an expanded view (two
-    elements at one address) cannot hold the merge, and two different views that partly overlap
+    elements at one address) cannot hold the merge, and two different views that share memory
     would each be merged from the other's merged values (or change a tensor left alone).
-    Tied names (one view, two names) share a key and are fine."""
-    by_device: dict[Any, list[tuple[int, int, Hashable, str]]] = {}
-    for name, entry in base.entries.items():
-        key = entry.key
-        if len(key) != 5:  # no plain storage (meta, empty, sharded, a file): nothing to overlap
-            continue
-        device, start, shape, stride, dtype = key
-        covered = 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements spanned
-        if name in merged and covered < entry.shape.numel():
+    Tied names (one view, two names) share a key and are fine. Read off the entries' keys (no
+    tensor is touched): one sweep over the tensors' address ranges, sorted."""
+    extents = sorted(
+        (key[1], name, key) for name, entry in base.entries.items() if len(key := entry.key) == 5
+    )  # plain storage only (not meta, empty, sharded or a file's); names are unique
+    reach = -1
+    active: list[tuple[int, str, Hashable, int]] = []
+    for start, name, key in extents:
+        _, _, shape, stride, dtype = key
+        covered = 1  # elements from the first to the last
+        for size, step in zip(shape, stride):
+            covered += (size - 1) * step
+        if name in merged and covered < math.prod(shape):
             raise MergeArgumentError(
                 f"inplace=True cannot write the merge into the base's tensor '{name}': it is an "
                 f"expanded view (strides {stride} for shape {tuple(shape)}), whose elements share "
                 "memory; pass inplace=False, give the tensor its own memory (.clone()), or "
                 "exclude it."
             )
-        by_device.setdefault(device, []).append(
-            (start, start + covered * dtype.itemsize, key, name)
-        )
-    for extents in by_device.values():
-        extents.sort(key=lambda extent: extent[0])
-        active: list[tuple[int, int, Hashable, str]] = []
-        for extent in extents:
-            start, _, key, name = extent
-            active = [other for other in active if other[1] > start]
-            for other in active:
-                if other[2] != key and (name in merged or other[3] in merged):
-                    first, second = sorted((other[3], name))
-                    raise MergeArgumentError(
-                        f"inplace=True cannot merge into the base's tensors '{first}' and "
-                        f"'{second}': they are different views of overlapping memory, so "
-                        "writing one changes the other; pass inplace=False, give each its own "
-                        "memory (.clone()), or exclude them (tied weights, one view under two "
-                        "names, are fine)."
-                    )
-            active.append(extent)
+        end = start + covered * dtype.itemsize
+        if start >= reach:  # past every range so far: the usual case, nothing overlaps
+            active, reach = [(end, name, key, start)], end
+            continue
+        active = [other for other in active if other[0] > start]
+        for _, other, other_key, _ in active:
+            if (name in merged or other in merged) and _share_memory(key, other_key):
+                first, second = sorted((other, name))
+                raise MergeArgumentError(
+                    f"inplace=True cannot merge into the base's tensors '{first}' and "
+                    f"'{second}': they are different views of the same memory, so writing one "
+                    "changes the other; pass inplace=False, give each its own memory "
+                    "(.clone()), or exclude them (tied weights, one view under two names, are "
+                    "fine)."
+                )
+        active.append((end, name, key, start))
+        reach = max(reach, end)
+
+
+_EXACT_CHECK = 1 << 24
+"""Most elements two interleaved views may span for their shared elements to be listed (more
+are taken to share memory)."""
+
+
+def _share_memory(a: Any, b: Any) -> bool:
+    """Whether two different views whose address ranges overlap share an element (views that
+    interleave, such as a matrix's even and odd columns, do not)."""
+    if a[0] != b[0] or a == b:  # another device, or the same view (tied)
+        return False
+    size = a[4].itemsize
+    if b[4].itemsize != size or (a[1] - b[1]) % size:
+        return True
+    first = min(a[1], b[1])
+    extent = max(a[1] + _span(a) * size, b[1] + _span(b) * size)
+    count = (extent - first) // size
+    if count > _EXACT_CHECK:
+        return True
+    grid = torch.arange(count)
+    elements = [
+        grid.as_strided(key[2], key[3], (key[1] - first) // size).reshape(-1) for key in (a, b)
+    ]
+    return bool(torch.isin(elements[0], elements[1]).any())
+
+
+def _span(key: Any) -> int:
+    return 1 + sum((size - 1) * step for size, step in zip(key[2], key[3]))
 
 
 def _unused(sources: Sequence[Source], base: Source) -> dict[str, tuple[int, ...]]:

@@ -31,21 +31,6 @@ _pool_pid: int | None = None
 _pool_lock = threading.Lock()
 
 
-try:
-    from torch.autograd.graph import increment_version as _increment_version
-except ImportError:  # torch without the public helper
-
-    def _increment_version(tensor: torch.Tensor) -> None:
-        torch._C._increment_version(tensor)
-
-
-def written(tensor: torch.Tensor) -> None:
-    """Tell autograd that ``tensor`` was changed in place, as ``copy_`` does: a loop that writes
-    through a raw pointer bumps no version counter, and a graph that saved the tensor would
-    silently use its new values in ``backward()`` instead of raising."""
-    _increment_version(tensor)
-
-
 def reference_forced() -> bool:
     """Whether ``TERGE_KERNELS=torch`` asks for the plain-torch reference everywhere."""
     return os.environ.get("TERGE_KERNELS", "").lower() == "torch"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cpu import DTYPE_CODES, plain, reference_forced, split, written
+from .cpu import DTYPE_CODES, plain, reference_forced, split
 
 try:
     from . import _fastloop
@@ -63,4 +63,3 @@ def combine(
         )
 
     split(target.numel(), part)
-    written(target)

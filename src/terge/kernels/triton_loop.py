@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .cpu import written
-
 MAX_INPUTS = 8
 """Most inputs one launch takes (a merge of more models runs the reference loop)."""
 
@@ -164,4 +162,3 @@ def combine(
             num_warps=_WARPS,
             enable_fp_fusion=False,
         )
-    written(destination)
