@@ -212,7 +212,7 @@ def _computed_ahead(
     wrong shape), each in a fresh tensor like its destination, before anything is written."""
     ready: dict[str, torch.Tensor] = {}
     for step in steps:
-        if not step.method.streaming and not is_registered(step.method):
+        if not step.method.streaming and not (step.method.builtin and is_registered(step.method)):
             target = destination(step.name)
             fresh = torch.empty_like(target, memory_format=torch.preserve_format)
             run_step(step, sources, base, fresh, buffers)
@@ -300,7 +300,7 @@ def run_step(
             tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
         )
     except Exception as error:
-        if is_registered(step.method):
+        if step.method.builtin:
             raise
         raise MethodError(
             f"the merge method {step.method.name!r} raised {type(error).__name__}: {error} while "

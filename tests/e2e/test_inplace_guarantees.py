@@ -402,3 +402,37 @@ def test_weights_whose_normalised_values_overflow_are_refused():
     models = [{"w": torch.ones(2)}] * 3
     with pytest.raises(MergeArgumentError, match=r"normalise to \[inf, -inf, 1\.0\]"):
         terge.merge(models, weights=[1e300, -1e300, 1e-300])
+
+
+def test_interleaved_views_share_no_element_and_merge_in_place():
+    storage = torch.zeros(4, 4)
+    base = {"even": storage[:, 0::2], "odd": storage[:, 1::2]}
+    others = [{"even": torch.ones(4, 2), "odd": torch.full((4, 2), 3.0)}]
+    merged = terge.merge([base, *others], inplace=True)
+    assert merged["even"]._base is storage and merged["odd"]._base is storage
+    assert torch.equal(storage[:, 0::2], torch.full((4, 2), 0.5))
+    assert torch.equal(storage[:, 1::2], torch.full((4, 2), 1.5))
+
+
+def test_digests_of_an_atomic_merge_with_a_users_method():
+    models = _models()
+    copies = _models()
+
+    def mean(tensors, weights, base):
+        return sum(w * t for w, t in zip(weights, tensors))
+
+    _, in_place = terge.merge(models, method=mean, inplace=True, lineage=True, digests=True)
+    _, copied = terge.merge(copies, method=mean, lineage=True, digests=True)
+    assert in_place.digests == copied.digests and len(in_place.digests) == TENSORS
+
+
+def test_a_method_built_by_hand_is_a_users_method():
+    def broken(tensors, weights, base):
+        raise KeyError("missing")
+
+    models = _models()
+    before = _record(models[0])
+    method = terge.methods.Method("mine", broken)
+    with pytest.raises(MethodError, match=r"'mine' raised KeyError: 'missing' while merging"):
+        terge.merge(models, method=method, inplace=True)
+    _assert_unchanged(models[0], before)
