@@ -49,7 +49,7 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
     per_name: dict[str, list[str]] = {}
     for name in list(old) + [name for name in new if name not in old]:
         per_name[name] = _entry_changes(name, old, new, atol)
-    for attribute in ("skipped", "tied", "unused"):
+    for attribute in ("skipped", "tied", "unused", "dropped"):
         for name, line in _map_changes(attribute, old, new):
             per_name.setdefault(name, []).append(line)
     for name, line in _digest_changes(old, new):
@@ -134,8 +134,8 @@ def _entry_changes(name: str, old: Lineage, new: Lineage, atol: float) -> list[s
 
 
 def _map_changes(attribute: str, old: Lineage, new: Lineage) -> list[tuple[str, str]]:
-    """Changes in ``skipped``, ``tied`` or ``unused``; a tensor that moved between merged and
-    skipped is reported once, by :func:`_entry_changes`."""
+    """Changes in ``skipped``, ``tied``, ``unused`` or ``dropped``; a tensor that moved between
+    merged and skipped is reported once, by :func:`_entry_changes`."""
     before, after = getattr(old, attribute), getattr(new, attribute)
     moved = set(old) ^ set(new)
     changes = []

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, MutableMapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import MergeArgumentError, MethodResultError
+from .errors import MergeArgumentError, MethodError, MethodResultError
 from .kernels import ChunkBuffers, linear_combine, store_whole
-from .plan import Plan, Step, derive_seed
+from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
 from .sources import FileSource, ModuleSource, Source, StateDictSource
 
@@ -112,7 +114,7 @@ def _copy_state_dict(
         if isinstance(value, torch.Tensor):
             key = base.entries[base.canonical[name]].key
             if key not in by_view:
-                by_view[key] = value.detach().clone(memory_format=torch.preserve_format)
+                by_view[key] = _clone(value)
             result[name] = by_view[key]
         else:
             result[name] = copy.deepcopy(value)
@@ -121,6 +123,16 @@ def _copy_state_dict(
         with contextlib.suppress(AttributeError):  # plain dicts take no attributes
             result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
     return result, outputs
+
+
+def _clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor left alone, strides kept (a sparse one, which has none, as it is)."""
+    try:
+        return tensor.detach().clone(memory_format=torch.preserve_format)
+    except RuntimeError:
+        if tensor.layout == torch.strided:
+            raise
+        return tensor.detach().clone()
 
 
 class StepHook(Protocol):
@@ -140,26 +152,108 @@ def execute(
     dtype: torch.dtype,
     progress: bool,
     hook: StepHook | None = None,
+    *,
+    atomic: bool = False,
 ) -> None:
     """Compute every step into ``destination(step.name)``, one tensor at a time.
 
     The destination is asked for only when its step runs, so a file writer can hand out a view
     of its shard's memory map and nothing needs to be held for long.
+
+    ``atomic`` (merging in place, into tensors the caller keeps): a failure leaves every
+    destination as it was. The steps that can fail at run time, a user's methods, are computed
+    first into temporaries; then everything is written, with SIGINT held until the writes end
+    (the built-in kernels cannot fail there: the plan refused what they cannot take).
     """
     buffers = ChunkBuffers(dtype)
     bar: Callable[..., Any] = tqdm if progress else _no_bar
-    with (
-        torch.no_grad(),
-        bar(total=len(steps), desc="Merging the models' parameters", unit="parameters") as shown,
-    ):
-        for step in steps:
-            if hook is not None:
-                hook.before(step)
-            written = destination(step.name)
-            run_step(step, sources, base, written, buffers)
-            if hook is not None:
-                hook.after(step, written)
-            shown.update(1)
+    shown_as = {"total": len(steps), "desc": "Merging the models' parameters", "unit": "parameters"}
+    with torch.no_grad():
+        ready = _computed_ahead(steps, sources, base, destination, buffers) if atomic else {}
+        with _interrupts_held() if atomic else contextlib.nullcontext(), bar(**shown_as) as shown:
+            try:
+                for step in steps:
+                    if hook is not None:
+                        hook.before(step)
+                    written = destination(step.name)
+                    result = ready.pop(step.name, None)
+                    if result is None:
+                        run_step(step, sources, base, written, buffers)
+                    else:
+                        local(written).copy_(local(result))
+                    if hook is not None:
+                        hook.after(step, written)
+                    shown.update(1)
+            finally:
+                if atomic:  # the caller's tensors: tell autograd they changed
+                    _bump_versions([destination(step.name) for step in steps], steps)
+
+
+def _bump_versions(tensors: list[torch.Tensor], steps: Sequence[Step]) -> None:
+    """Tell autograd that the tensors were changed in place, as ``copy_`` does: the compiled
+    and Triton loops write through raw pointers and bump no version counter, so a graph that
+    saved a tensor would silently use its merged values in ``backward()`` instead of raising.
+    One call for all of them (bumping a tensor ``copy_`` already bumped is harmless)."""
+    if any(step.sharded for step in steps):
+        tensors += [local(t) for t in tensors if is_dtensor(t)]
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except (AttributeError, TypeError):  # an older torch: one tensor at a time
+        for tensor in tensors:
+            torch._C._increment_version(tensor)
+
+
+def _computed_ahead(
+    steps: Sequence[Step],
+    sources: list[Source],
+    base: Source,
+    destination: Callable[[str], torch.Tensor],
+    buffers: ChunkBuffers,
+) -> dict[str, torch.Tensor]:
+    """The results of the steps whose method is a user's own (which may raise, or return the
+    wrong shape), each in a fresh tensor like its destination, before anything is written."""
+    ready: dict[str, torch.Tensor] = {}
+    for step in steps:
+        if not step.method.streaming and not (step.method.builtin and is_registered(step.method)):
+            target = destination(step.name)
+            fresh = torch.empty_like(target, memory_format=torch.preserve_format)
+            run_step(step, sources, base, fresh, buffers)
+            ready[step.name] = fresh
+    return ready
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) while the base is written in place, then deliver it.
+
+    A signal that arrives meanwhile is recorded; once the block ends the previous handler is
+    restored and called with it (Python's raises ``KeyboardInterrupt``), so the interrupt still
+    surfaces, after the last write. Only the main thread receives signals; elsewhere, or where
+    Python does not own the handler, nothing is held.
+    """
+    previous = signal.getsignal(signal.SIGINT) if _main_thread() else None
+    if previous is None:
+        yield
+        return
+    received: list[Any] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def run_step(
@@ -203,15 +297,30 @@ def run_step(
         if step.uses_base
         else None
     )
-    result = step.method(
-        tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
-    )
+    try:
+        result = step.method(
+            tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
+        )
+    except Exception as error:
+        if step.method.builtin:
+            raise
+        raise MethodError(
+            f"the merge method {step.method.name!r} raised {type(error).__name__}: {error} while "
+            f"merging the parameter '{step.name}' of models {list(step.contributors)}"
+            f"{' with the base' if step.uses_base else ''} (the original error is chained as "
+            "its cause)."
+        ) from error
     if not isinstance(result, torch.Tensor) or result.shape != destination.shape:
         got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
         raise MethodResultError(
             f"the merge method {step.method.name!r} returned {got} for the parameter "
             f"'{step.name}', which has shape {tuple(destination.shape)}; a method must return a "
             "tensor of the same shape as its inputs."
+        )
+    if result.is_complex():
+        raise MethodResultError(
+            f"the merge method {step.method.name!r} returned a {result.dtype} tensor for the "
+            f"parameter '{step.name}'; a method must return real numbers."
         )
     store_whole(destination, result.to(dtype), buffers)
 

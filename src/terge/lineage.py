@@ -37,7 +37,27 @@ TIED = "tied"
 NOT_A_TENSOR = "not a tensor"
 """A state-dict value that is not a tensor, kept from the base."""
 
-REASONS = (EXCLUDED, ONE_MODEL, SHAPE_MISMATCH, NOT_FLOATING, TIED, NOT_A_TENSOR)
+UNSUPPORTED_DTYPE = "unsupported floating dtype"
+"""A floating dtype no kernel computes in exactly (float8, float4): the base's is kept, and a
+model holding one does not contribute."""
+NOT_DENSE = "not a dense tensor"
+"""A sparse (or otherwise not strided) tensor: the base's is kept, and another model's does not
+contribute."""
+OTHERS_NOT_MERGEABLE = "other models' tensors not mergeable"
+"""Other models hold the name and shape, but too few of their tensors can contribute (not
+floating point, say); ``Lineage.dropped`` says which and why."""
+
+REASONS = (
+    EXCLUDED,
+    ONE_MODEL,
+    SHAPE_MISMATCH,
+    NOT_FLOATING,
+    TIED,
+    NOT_A_TENSOR,
+    UNSUPPORTED_DTYPE,
+    NOT_DENSE,
+    OTHERS_NOT_MERGEABLE,
+)
 
 SCHEMA = 1
 """The version of the lineage file format this terge writes and reads."""
@@ -148,6 +168,7 @@ class Lineage(dict):
         terge_version: str | None = None,
         torch_version: str | None = None,
         digests: Mapping[str, TensorDigests] | None = None,
+        dropped: Mapping[str, Mapping[int, str]] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -169,6 +190,11 @@ class Lineage(dict):
         self.torch_version = torch_version
         self.digests: dict[str, TensorDigests] | None = None if digests is None else dict(digests)
         """SHA-256 digests per merged tensor (``merge(..., digests=True)``), else ``None``."""
+        self.dropped: dict[str, dict[int, str]] = {
+            name: dict(models) for name, models in (dropped or {}).items()
+        }
+        """Per tensor, the models that hold it but did not contribute, with the reason (their
+        tensor is not floating point, is float8, is sparse, ...): ``{name: {model: reason}}``."""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Lineage):
@@ -236,6 +262,7 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
 
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
+    "dropped": {name: [[model, reason], ...]},
     "models": [{"index", "kind", "path"}], "base", "dtype", "out_dtype", "terge_version",
     "torch_version", "digests", **extra}``; written sorted by key (see :func:`save_lineage`).
     """
@@ -246,6 +273,10 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         "skipped": dict(getattr(lineage, "skipped", {})),
         "tied": dict(getattr(lineage, "tied", {})),
         "unused": dict(getattr(lineage, "unused", {})),
+        "dropped": {
+            name: [[index, reason] for index, reason in sorted(models.items())]
+            for name, models in getattr(lineage, "dropped", {}).items()
+        },
         "models": [_model_json(model) for model in getattr(lineage, "models", ())],
         "base": _model_json(getattr(lineage, "base", None)),
         "dtype": getattr(lineage, "dtype", None),
@@ -457,6 +488,10 @@ class _Reader:
             terge_version=self.string(data.get("terge_version"), "terge_version", True),
             torch_version=self.string(data.get("torch_version"), "torch_version", True),
             digests=self.digests(data.get("digests")),
+            dropped={
+                name: self.drops(value, f"dropped[{json.dumps(name)}]")
+                for name, value in self.mapping(data.get("dropped", {}), "dropped").items()
+            },
         )
         stray = [name for name in lineage.digests or {} if name not in lineage]
         if stray:
@@ -468,6 +503,18 @@ class _Reader:
         for name, text in mapping.items():
             self.string(text, f"{where}[{json.dumps(name)}]")
         return dict(mapping)
+
+    def drops(self, value: Any, where: str) -> dict[int, str]:
+        self.expect(isinstance(value, list), where, "a list of [model, reason] pairs", value)
+        drops: dict[int, str] = {}
+        for i, pair in enumerate(value):
+            ok = isinstance(pair, list) and len(pair) == 2
+            self.expect(ok, f"{where}[{i}]", "a [model, reason] pair", pair)
+            index = self.index(pair[0], f"{where}[{i}][0]")
+            reason = self.string(pair[1], f"{where}[{i}][1]")
+            self.expect(index not in drops, f"{where}[{i}][0]", "a model listed once", pair[0])
+            drops[index] = reason or ""
+        return drops
 
     def indices(self, value: Any, where: str) -> list[int]:
         self.expect(isinstance(value, list), where, "a list of model indices", value)

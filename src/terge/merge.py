@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -259,6 +260,15 @@ def merge(
         >>> lineage['bias']
         ('arithmetic', [(0, 0.25), (1, 0.25), (2, 0.5)])
     """
+    inplace, lineage, progress, normalize, buffers, digests, dry_run = (
+        check_flag("inplace", inplace),
+        check_flag("lineage", lineage),
+        check_flag("progress", progress),
+        check_flag("normalize", normalize),
+        check_flag("buffers", buffers),
+        check_flag("digests", digests),
+        check_flag("dry_run", dry_run),
+    )
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
@@ -285,6 +295,7 @@ def merge(
             dtype=dtype,
             normalize=normalize,
             seed=seed,
+            inplace=inplace,
         )
         if plan.sharded:
             _check_sharded(plan, drawn, digests)
@@ -324,7 +335,16 @@ def merge(
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
-            execute(plan.steps, sources, base_source, outputs.__getitem__, dtype, progress, hook)
+            execute(
+                plan.steps,
+                sources,
+                base_source,
+                outputs.__getitem__,
+                dtype,
+                progress,
+                hook,
+                atomic=inplace,
+            )
             if hook is not None and record is not None:  # digests need a lineage (checked)
                 record.digests = hook.digests
     if not plan.steps:
@@ -361,11 +381,19 @@ def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
         )
 
 
-def _check_audit(digests: Any, dry_run: Any, lineage: Any, out: Any) -> None:
-    """``digests`` and ``dry_run`` are flags; digests need a lineage to go into, and tensors."""
-    for name, value in (("digests", digests), ("dry_run", dry_run)):
-        if not isinstance(value, bool):
-            raise MergeArgumentError(f"`{name}` must be True or False; got {value!r}.")
+def check_flag(name: str, value: Any) -> bool:
+    """A flag as a ``bool``: ``True``/``False`` or a NumPy bool, never a truthy string or number
+    (``normalize="no"`` would normalise)."""
+    if isinstance(value, bool):
+        return value
+    numpy = sys.modules.get("numpy")  # never imported for this: a NumPy bool implies NumPy
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    raise MergeArgumentError(f"`{name}` must be True or False; got {value!r}.")
+
+
+def _check_audit(digests: bool, dry_run: bool, lineage: bool, out: Any) -> None:
+    """Digests need a lineage to go into, and tensors to hash."""
     if digests and dry_run:
         raise MergeArgumentError(
             "digests=True hashes the merged tensors, which a dry run never computes; drop one."
@@ -439,8 +467,7 @@ def _check_output(
             "inplace=True writes into the base model and out= writes a new checkpoint; pass "
             "only one of them."
         )
-    if not isinstance(overwrite, bool):
-        raise MergeArgumentError(f"`overwrite` must be True or False; got {overwrite!r}.")
+    check_flag("overwrite", overwrite)
     _out_dtype(out_dtype)
     parse_size(max_shard_size)
     return Path(out).expanduser()

@@ -108,6 +108,9 @@ class Method:
     (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
     [seed=], scratch=, **settings)`` returns ``False``, having written nothing, where it does not
     apply."""
+    builtin: bool = field(default=False, compare=False)
+    """Made by one of terge's factories (a user's own method may raise anything, which terge
+    re-raises as :class:`~terge.errors.MethodError`)."""
 
     def __call__(
         self,
@@ -219,6 +222,7 @@ def arithmetic() -> Method:
         min_models=1,
         paper=_MODEL_SOUPS,
         elementwise=True,
+        builtin=True,
     )
 
 
@@ -378,6 +382,7 @@ def _task_vector_method(
         random=sparsification == "random",
         paper=paper,
         layout_aware=True,
+        builtin=True,
     )
 
 
@@ -522,7 +527,15 @@ def slerp() -> Method:
     A sharded parameter's angle comes from float64 dot products summed over the shards: the
     same as the whole tensor's up to rounding.
     """
-    return Method("slerp", _slerp, min_models=2, max_models=2, paper=_SLERP, layout_aware=True)
+    return Method(
+        "slerp",
+        _slerp,
+        min_models=2,
+        max_models=2,
+        paper=_SLERP,
+        layout_aware=True,
+        builtin=True,
+    )
 
 
 # --- model stock ----------------------------------------------------------------------------------
@@ -584,6 +597,7 @@ def model_stock() -> Method:
         min_models=2,
         paper=_MODEL_STOCK,
         layout_aware=True,
+        builtin=True,
     )
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -29,7 +30,7 @@ from .lineage import Lineage, LineageEntry
 from .methods import REGISTRY, Method, resolve
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
 from .sharding import check_sharding
-from .sources import Source
+from .sources import Entry, Source
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class Plan:
     skipped: Mapping[str, str] = field(default_factory=dict)
     tied: Mapping[str, str] = field(default_factory=dict)
     unused: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    dropped: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    """Tensors that some model holds (same name and shape) but does not contribute to, by model
+    index, with the reason (its tensor is not floating point, say)."""
 
     @property
     def sharded(self) -> bool:
@@ -111,13 +115,15 @@ class Plan:
 
     def lineage(self, **record: Any) -> Lineage:
         """The plan as a ``Lineage``; ``record`` sets its other attributes (models, dtypes...)."""
-        return Lineage(
+        lineage = Lineage(
             {step.name: step.lineage_entry() for step in self.steps},
             self.skipped,
             self.tied,
             {name: list(models) for name, models in self.unused.items()},
             **record,
         )
+        lineage.dropped = {name: dict(models) for name, models in self.dropped.items()}
+        return lineage
 
 
 @functools.cache
@@ -291,7 +297,17 @@ def _weigh(name: str, vector: torch.Tensor, contributors: list[int], normalize: 
                 "the parameter via the `included` or `excluded` arguments, or pass "
                 "`normalize=False` to use the weights as given."
             )
-        vector = vector / total
+        normalised = vector / total
+        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(normalised).all())):
+            raise MergeArgumentError(
+                f"The model weights for the parameter '{name}' that were passed to `merge()` "
+                f"(models {contributors} have weights {vector.tolist()}) sum to "
+                f"{total.item()!r} in {vector.dtype}, so they normalise to "
+                f"{normalised.tolist()}; the sum and the normalised weights must be finite in "
+                "the accumulation dtype. Scale the weights down (only their ratios matter when "
+                "normalising), or pass a wider `dtype`."
+            )
+        vector = normalised
         divisor = total.item() if divisor is None else divisor
     return tuple(vector.tolist()), coefficients, divisor
 
@@ -308,8 +324,14 @@ def build_plan(
     dtype: torch.dtype,
     normalize: bool,
     seed: int | None,
+    inplace: bool = False,
 ) -> Plan:
-    """Decide every tensor's fate, raising before anything is touched if the call is bad."""
+    """Decide every tensor's fate, raising before anything is touched if the call is bad.
+
+    Every tensor accepted is one the kernels can read (each contributor) and write (the base's):
+    a dtype they compute in exactly, dense memory, and, ``inplace``, memory of its own (no
+    expanded or partly overlapping views), so that no built-in step can fail once writing began.
+    """
     _check_dtype(dtype)
     included_set = PatternSet(included, "included")
     excluded_set = PatternSet(excluded, "excluded")
@@ -324,6 +346,10 @@ def build_plan(
     step_index: dict[str, int] = {}
     weighings: dict[tuple[Hashable, tuple[int, ...]], _Weighing] = {}
     unusual = base.unusual or any(source.unusual for source in sources)
+    odd_of = [_odd_entries(source) for source in sources]  # names the kernels cannot take
+    base_odd = odd_of[base_index] if base_index is not None else _odd_entries(base)
+    odd_models = [i for i, odd in enumerate(odd_of) if odd]
+    dropped: dict[str, dict[int, str]] = {}
 
     for name in base.others:
         skipped[name] = reasons.NOT_A_TENSOR
@@ -349,6 +375,18 @@ def build_plan(
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING
             continue
+        if base_odd and name in base_odd:  # float8, sparse: no kernel writes it exactly
+            skipped[name] = base_odd[name]
+            continue
+        if odd_models:  # a model whose tensor the kernels cannot read does not contribute
+            drops = {i: odd_of[i][name] for i in odd_models if i in holders and name in odd_of[i]}
+            if drops:
+                dropped[name] = drops
+                holders = [i for i in holders if i not in drops]
+                step_method = _method_for(name, holders, base_index, method_of)
+                if step_method is None:
+                    skipped[name] = reasons.OTHERS_NOT_MERGEABLE
+                    continue
         step_method = _for_layer(step_method, name, layers)
         contributors = [i for i in holders if not (step_method.task_vectors and i == base_index)]
         _check_applicable(step_method, name, contributors)
@@ -381,7 +419,109 @@ def build_plan(
                 sharded=sharded,
             )
         )
-    return Plan(tuple(steps), skipped, tied, _unused(sources, base))
+    if inplace:
+        _check_own_memory(base, step_index)
+    return Plan(tuple(steps), skipped, tied, _unused(sources, base), dropped)
+
+
+KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
+"""The floating dtypes every kernel reads and writes exactly (rounding once)."""
+
+
+def _key(entry: Entry) -> tuple[Any, ...]:
+    """An entry's key as :func:`terge.sources.view_key` builds it: ``(device, address, shape,
+    strides, dtype)`` for plain storage, ``("object", id)`` or ``("file", name)`` otherwise."""
+    return cast("tuple[Any, ...]", entry.key)
+
+
+def _odd_entries(source: Source) -> dict[str, str]:
+    """The names of ``source``'s tensors that the kernels cannot take, with the reason.
+
+    One pass over the entries' dtypes and keys; only a tensor whose key is its identity (no
+    plain storage: sparse, meta, empty or a subclass) is looked at itself.
+    """
+    odd: dict[str, str] = {}
+    for name, entry in source.entries.items():
+        if entry.dtype in KERNEL_DTYPES and _key(entry)[0] != "object":
+            continue
+        if not entry.dtype.is_floating_point:
+            odd[name] = reasons.NOT_FLOATING
+        elif entry.dtype not in KERNEL_DTYPES:
+            odd[name] = reasons.UNSUPPORTED_DTYPE
+        elif not entry.is_meta and source.get(name).layout != torch.strided:
+            odd[name] = reasons.NOT_DENSE
+    return odd
+
+
+def _check_own_memory(base: Source, merged: Mapping[str, int]) -> None:
+    """In place, every merged tensor of the base must own its memory: an expanded view (two
+    elements at one address) cannot hold the merge, and two different views that share memory
+    would each be merged from the other's merged values (or change a tensor left alone).
+    Tied names (one view, two names) share a key and are fine. Read off the entries' keys (no
+    tensor is touched): one sweep over the tensors' address ranges, sorted."""
+    extents = sorted(
+        (key[1], name, key) for name, entry in base.entries.items() if len(key := _key(entry)) == 5
+    )  # plain storage only (not meta, empty, sharded or a file's); names are unique
+    reach = -1
+    active: list[tuple[int, str, tuple[Any, ...], int]] = []
+    for start, name, key in extents:
+        _, _, shape, stride, dtype = key
+        covered = 1  # elements from the first to the last
+        for size, step in zip(shape, stride):
+            covered += (size - 1) * step
+        if name in merged and covered < math.prod(shape):
+            raise MergeArgumentError(
+                f"inplace=True cannot write the merge into the base's tensor '{name}': it is an "
+                f"expanded view (strides {stride} for shape {tuple(shape)}), whose elements share "
+                "memory; pass inplace=False, give the tensor its own memory (.clone()), or "
+                "exclude it."
+            )
+        end = start + covered * dtype.itemsize
+        if start >= reach:  # past every range so far: the usual case, nothing overlaps
+            active, reach = [(end, name, key, start)], end
+            continue
+        active = [other for other in active if other[0] > start]
+        for _, other, other_key, _ in active:
+            if (name in merged or other in merged) and _share_memory(key, other_key):
+                first, second = sorted((other, name))
+                raise MergeArgumentError(
+                    f"inplace=True cannot merge into the base's tensors '{first}' and "
+                    f"'{second}': they are different views of the same memory, so writing one "
+                    "changes the other; pass inplace=False, give each its own memory "
+                    "(.clone()), or exclude them (tied weights, one view under two names, are "
+                    "fine)."
+                )
+        active.append((end, name, key, start))
+        reach = max(reach, end)
+
+
+_EXACT_CHECK = 1 << 24
+"""Most elements two interleaved views may span for their shared elements to be listed (more
+are taken to share memory)."""
+
+
+def _share_memory(a: Any, b: Any) -> bool:
+    """Whether two different views whose address ranges overlap share an element (views that
+    interleave, such as a matrix's even and odd columns, do not)."""
+    if a[0] != b[0] or a == b:  # another device, or the same view (tied)
+        return False
+    size = a[4].itemsize
+    if b[4].itemsize != size or (a[1] - b[1]) % size:
+        return True
+    first = min(a[1], b[1])
+    extent = max(a[1] + _span(a) * size, b[1] + _span(b) * size)
+    count = (extent - first) // size
+    if count > _EXACT_CHECK:
+        return True
+    grid = torch.arange(count)
+    elements = [
+        grid.as_strided(key[2], key[3], (key[1] - first) // size).reshape(-1) for key in (a, b)
+    ]
+    return bool(torch.isin(elements[0], elements[1]).any())
+
+
+def _span(key: Any) -> int:
+    return 1 + sum((size - 1) * step for size, step in zip(key[2], key[3]))
 
 
 def _unused(sources: Sequence[Source], base: Source) -> dict[str, tuple[int, ...]]:
