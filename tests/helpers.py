@@ -136,3 +136,20 @@ def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
         return (abs(Fraction(c.item()) - value), int(c.view(bits).item()) & 1)
 
     return min(candidates, key=key)
+
+
+def plan_for(sources: list, **options):
+    """The default plan (equal-weighted mean, base 0) over ``sources``; ``options`` override."""
+    from terge.plan import build_plan
+
+    settings = {
+        "method": "arithmetic",
+        "weights": None,
+        "included": None,
+        "excluded": None,
+        "dtype": torch.float64,
+        "normalize": True,
+        "seed": 0,
+        **options,
+    }
+    return build_plan(sources, sources[0], 0, **settings)

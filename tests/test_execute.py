@@ -12,25 +12,10 @@ from terge.errors import MethodResultError
 from terge.execute import destinations, execute, run_step
 from terge.io import save
 from terge.kernels import ChunkBuffers
-from terge.plan import Plan, Step, build_plan, derive_seed
+from terge.plan import Step, derive_seed
 from terge.sources import FileSource, ModuleSource, Source, StateDictSource
 
-from helpers import Tied
-
-
-def plan_for(sources: list[Source], **options) -> Plan:
-    """The default plan (equal-weighted mean, base 0) over ``sources``."""
-    settings = {
-        "method": "arithmetic",
-        "weights": None,
-        "included": None,
-        "excluded": None,
-        "dtype": torch.float64,
-        "normalize": True,
-        "seed": 0,
-        **options,
-    }
-    return build_plan(sources, sources[0], 0, **settings)
+from helpers import Tied, plan_for
 
 
 def tied_sources(buffers: bool = False) -> tuple[list[Tied], list[ModuleSource]]:

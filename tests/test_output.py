@@ -13,29 +13,14 @@ from terge.errors import CheckpointError, MetaTensorError
 from terge.io import load, save
 from terge.lineage import lineage_text
 from terge.output import LINEAGE_FILE, write_merge
-from terge.plan import Plan, Step, build_plan
+from terge.plan import Plan, Step
 from terge.sources import FileSource, ModuleSource, Source, StateDictSource
 
-from helpers import Tied, listing
+from helpers import Tied, listing, plan_for
 
 ABOVE_HALF_WAY = 1 + 2**-8 + 2**-40
 """Just above bfloat16's half-way point between 1 and 1 + 2^-7: rounded once it goes up; through
 float32 (which drops the 2^-40) it lands on the half-way point and goes down to 1."""
-
-
-def plan_for(sources: list[Source], **options) -> Plan:
-    """The default plan (equal-weighted mean, base 0) over ``sources``."""
-    settings = {
-        "method": "arithmetic",
-        "weights": None,
-        "included": None,
-        "excluded": None,
-        "dtype": torch.float64,
-        "normalize": True,
-        "seed": 0,
-        **options,
-    }
-    return build_plan(sources, sources[0], 0, **settings)
 
 
 def write(plan: Plan, sources: list[Source], out: Path, hook=None, **options) -> Path:

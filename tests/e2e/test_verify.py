@@ -17,18 +17,7 @@ from terge.io import save
 from terge.methods import REGISTRY
 from terge.plan import Step, reads_base, step_from_entry
 
-
-def states(count: int = 3) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    return [
-        {
-            "layers.0.weight": torch.randn(4, 3, generator=generator),
-            "layers.1.weight": torch.randn(3, 3, generator=generator).to(torch.bfloat16),
-            "norm.bias": torch.randn(3, generator=generator),
-            "steps": torch.tensor([i]),
-        }
-        for i in range(count)
-    ]
+from helpers import states
 
 
 @pytest.fixture
