@@ -136,3 +136,16 @@ def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
         return (abs(Fraction(c.item()) - value), int(c.view(bits).item()) & 1)
 
     return min(candidates, key=key)
+
+
+def lineage_validator():
+    """A jsonschema validator of the shipped lineage schema, or ``None`` without jsonschema."""
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    from terge.lineage import lineage_schema
+
+    schema = lineage_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

@@ -181,7 +181,9 @@ def test_cast_output_slerp_and_a_separate_base_verify(folders):
     assert verify_lineage(load_lineage("m"), "m") == []
     terge.merge(folders[:2], base="p", method="ties", out="t", seed=1, digests=True)
     lineage = load_lineage("t")
-    assert lineage.base == ModelRecord("separate", "file", "p")
+    assert lineage.base == ModelRecord("separate", "file", "p", lineage.base.files)
+    assert lineage.base.files is not None
+    assert list(lineage.base.files) == ["model.safetensors"]  # digests=True pins the files too
     assert verify_lineage(lineage, "t") == []
 
 
