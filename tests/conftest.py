@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import terge.lineage
+
 from helpers import Tied, assert_unchanged, lineage_validator, snapshot
 
 # Re-exported for tests written before tests/helpers.py; new tests import from helpers.

@@ -297,8 +297,9 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
     "dropped": {name: [[model, reason], ...]},
-    "models": [{"index", "kind", "path", "files"?, "revision"?}], "base", "dtype", "out_dtype", "terge_version",
-    "torch_version", "digests", **extra}``; written sorted by key (see :func:`save_lineage`).
+    "models": [{"index", "kind", "path", "files"?, "revision"?}], "base", "dtype", "out_dtype",
+    "terge_version", "torch_version", "digests", **extra}``; written sorted by key (see
+    :func:`save_lineage`).
     """
     digests = getattr(lineage, "digests", None)
     record = {

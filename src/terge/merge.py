@@ -303,9 +303,7 @@ def merge(
             progress = progress and rank() == 0  # one bar, not one per rank
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
-            record = _lineage(
-                plan, sources, base_source, base_index, dtype, written_dtype, digests
-            )
+            record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype, digests)
         if dry_run:
             assert record is not None  # a dry run returns its lineage
             if target is not None:  # fail exactly where the real call would
