@@ -13,6 +13,7 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -208,8 +209,9 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--digests",
         action="store_true",
-        help="record in the lineage the SHA-256 of every merged tensor and of the tensors it "
-        "was made from, for 'terge lineage diff' and 'verify', e.g. --digests",
+        help="record in the lineage the SHA-256 of every merged tensor, of the tensors it "
+        "was made from, and of every input file, for 'terge lineage diff', 'verify' and "
+        "'check --pinned', e.g. --digests",
     )
     parser.add_argument(
         "--overwrite",
@@ -794,6 +796,101 @@ LINEAGE_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# --- terge inspect --------------------------------------------------------------------------------
+
+INSPECT_DESCRIPTION = """\
+Measure the task vectors (model - base) of checkpoints before merging them, one tensor at a time:
+per block and per tensor kind (attention q/k/v/o, mlp, norm, embed, head), each model's
+task-vector norm, the cosine similarity and the rate of sign conflicts of every pair, and the
+share of entries TIES would keep at --density (kept by the trim and agreeing with the elected
+sign; DARE keeps --density of them on average, rescaled by 1/density).
+"""
+
+INSPECT_EPILOG = """\
+examples:
+  terge inspect math code --base pretrained
+  terge inspect base math code --density 0.3 --format json > inspect.json
+  terge inspect math code --base pretrained --plot cosines.png   (pip install 'terge[plot]')
+"""
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models", nargs="+", metavar="MODEL", help="checkpoints: .safetensors/.bin or folders"
+    )
+    parser.add_argument(
+        "--base",
+        metavar="INDEX_OR_PATH",
+        default="0",
+        help="the base: an index into the models (default 0, the first, which is then not "
+        "measured) or a separate checkpoint, e.g. --base pretrained",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        default=0.2,
+        metavar="D",
+        help="the density TIES and DARE are judged at, in (0, 1], e.g. --density 0.3 (default 0.2)",
+    )
+    parser.add_argument(
+        "--include", action="append", metavar="PATTERN", help="measure only matching tensors"
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="never measure matching tensors"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="a table for the terminal (default) or JSON",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw a heatmap per block and model pair (needs pip install 'terge[plot]'), "
+        "e.g. --plot cosines.png",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("cosine", "conflicts"),
+        default="cosine",
+        help="what --plot draws: cosine similarity (default) or sign-conflict rate",
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``terge inspect``: measure, print, and draw when asked."""
+    from ..inspection import inspect
+
+    models = [Path(model).expanduser() for model in args.models]
+    for path in models:
+        if not path.exists():
+            raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
+    base = _base_value(args.base)
+    if isinstance(base, Path) and not base.exists():
+        raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
+
+    def patterns(texts: list[str] | None, option: str) -> list[Any] | None:
+        return None if texts is None else [parse_pattern(text, option) for text in texts]
+
+    report = inspect(
+        [os.fspath(model) for model in models],
+        base if isinstance(base, int) else os.fspath(base),
+        density=args.density,
+        included=patterns(args.include, "--include"),
+        excluded=patterns(args.exclude, "--exclude"),
+    )
+    if args.plot is not None:
+        from ..plots import heatmap  # matplotlib only here
+
+        heatmap(report, args.plot, args.metric)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True, allow_nan=False))
+    else:
+        print(report.table(), end="")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Command] = {
     "merge": Command(
         help="merge checkpoints into a sharded safetensors folder",
@@ -808,6 +905,13 @@ COMMANDS: dict[str, Command] = {
         epilog=LINEAGE_EPILOG,
         add_arguments=_lineage_arguments,
         run=run_lineage,
+    ),
+    "inspect": Command(
+        help="measure task vectors before merging: norms, cosines, sign conflicts",
+        description=INSPECT_DESCRIPTION,
+        epilog=INSPECT_EPILOG,
+        add_arguments=_inspect_arguments,
+        run=run_inspect,
     ),
 }
 """Every subcommand, by name, in the order ``terge --help`` lists them."""
