@@ -379,7 +379,9 @@ def measure(base: torch.Tensor, models: Sequence[torch.Tensor], density: float) 
     """The sums of one tensor's task vectors: squares, dots, sign conflicts, TIES' kept."""
     count = len(models)
     sums = Sums(count, numel=base.numel(), tensors=1)
-    thresholds = torch.tensor([ties_threshold(m, base, density) for m in models])
+    thresholds = torch.tensor(
+        [ties_threshold(m, base, density) for m in models], dtype=torch.float64
+    )
     squares = torch.zeros(count, dtype=torch.float64)
     dots = torch.zeros(count, count, dtype=torch.float64)
     conflicts = torch.zeros(count, count, dtype=torch.int64)
