@@ -161,3 +161,16 @@ def test_bad_policies_are_refused(rules_, message):
     with pytest.raises(TergeError, match=message):
         Policy(**rules_)
     assert issubclass(PolicyError, ValueError)
+
+
+def test_forbidden_reasons_cover_models_dropped_from_a_merged_tensor():
+    lineage = terge.Lineage(
+        {"w": terge.LineageEntry("arithmetic", [(0, 0.5), (2, 0.5)])},
+        dropped={"w": {1: NOT_FLOATING}},
+    )
+    found = check_lineage(lineage, Policy(forbid_skipped=(NOT_FLOATING,)))
+    assert [str(v) for v in found] == [
+        "w: models[1]'s tensor did not contribute (not floating point), which the policy forbids"
+    ]
+    found = check_lineage(lineage, Policy(require_merged=("w",), forbid_skipped=(SHAPE_MISMATCH,)))
+    assert found == []
