@@ -543,3 +543,13 @@ def test_the_schema_accepts_what_is_written_and_rejects_typos(tied_models):
     del record["dropped"]
     record["merged"][next(iter(record["merged"]))]["metod"] = "x"
     assert list(validator.iter_errors(record))
+
+
+def test_every_lineage_the_tests_write_goes_through_the_schema():
+    if lineage_validator() is None:
+        pytest.skip("jsonschema is not installed (pip install 'terge[test]')")
+    assert terge.lineage.lineage_to_json.__name__ == "checked"  # conftest's session hook
+    lineage = terge.Lineage({"w": terge.LineageEntry("arithmetic", [(0, 1.0)])})
+    lineage.models = (ModelRecord(0, "file", "a", {"f": "not a digest"}),)  # the reader refuses
+    with pytest.raises(Exception, match="does not match"):  # jsonschema.ValidationError
+        lineage_text(lineage)
