@@ -5,10 +5,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import Tied, assert_unchanged, snapshot
+import terge.lineage
+
+from helpers import Tied, assert_unchanged, lineage_validator, snapshot
 
 # Re-exported for tests written before tests/helpers.py; new tests import from helpers.
 __all__ = ["Tied", "assert_unchanged", "snapshot"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _lineages_follow_the_schema():
+    """Every lineage any test writes or compares is validated against the shipped JSON schema
+    (where jsonschema is installed): ``lineage_to_json`` is what every writer goes through."""
+    validator = lineage_validator()
+    if validator is None:
+        yield
+        return
+    original = terge.lineage.lineage_to_json
+
+    def checked(lineage, **extra):
+        record = original(lineage, **extra)
+        validator.validate(record)
+        return record
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(terge.lineage, "lineage_to_json", checked)
+        yield
 
 
 @pytest.fixture

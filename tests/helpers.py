@@ -153,3 +153,16 @@ def plan_for(sources: list, **options):
         **options,
     }
     return build_plan(sources, sources[0], 0, **settings)
+
+
+def lineage_validator():
+    """A jsonschema validator of the shipped lineage schema, or ``None`` without jsonschema."""
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    from terge.lineage import lineage_schema
+
+    schema = lineage_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

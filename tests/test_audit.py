@@ -181,7 +181,9 @@ def test_cast_output_slerp_and_a_separate_base_verify(folders):
     assert verify_lineage(load_lineage("m"), "m") == []
     terge.merge(folders[:2], base="p", method="ties", out="t", seed=1, digests=True)
     lineage = load_lineage("t")
-    assert lineage.base == ModelRecord("separate", "file", "p")
+    assert lineage.base == ModelRecord("separate", "file", "p", lineage.base.files)
+    assert lineage.base.files is not None
+    assert list(lineage.base.files) == ["model.safetensors"]  # digests=True pins the files too
     assert verify_lineage(lineage, "t") == []
 
 
@@ -464,3 +466,79 @@ def test_merge_digests_option_reaches_merge(capsys, folders):
     assert load_lineage("m").digests is not None
     assert run(capsys, "merge", "a", "b", "-o", "n", "-q")[0] == 0
     assert load_lineage("n").digests is None
+
+
+# --- file digests, revisions and tolerances -------------------------------------------------------
+
+
+def test_diff_says_which_input_file_changed(folders):
+    terge.merge(folders, out="m1", digests=True)
+    old = load_lineage("m1")
+    assert [sorted(record.files) for record in old.models] == [["model.safetensors"]] * 3
+    tamper(folders[1], "layers.0.weight")
+    terge.merge(folders, out="m2", digests=True)
+    new = load_lineage("m2")
+    found = diff_lineages(old, new)
+    before, after = (
+        old.models[1].files["model.safetensors"],
+        new.models[1].files["model.safetensors"],
+    )
+    assert (
+        f"~ models[1]: file model.safetensors changed (digest {before[:12]} -> {after[:12]})"
+        in found.changes
+    )
+    assert not any(line.startswith("~ models[0]") for line in found.changes)
+    assert "~ layers.0.weight: models[1]'s tensor changed (digest differs)" in found.changes
+
+
+def test_diff_compares_revisions_and_notes_what_one_side_lacks(folders):
+    terge.merge(folders, out="m", digests=True)
+    old = load_lineage("m")
+    new = copy.deepcopy(old)
+    old.models = (ModelRecord(0, "file", "a", old.models[0].files, "r1"), *old.models[1:])
+    new.models = (ModelRecord(0, "file", "a", new.models[0].files, "r2"), *new.models[1:])
+    assert diff_lineages(old, new).changes == ["~ models[0]: revision r1 -> r2"]
+    new.models = (ModelRecord(0, "file", "a"), *new.models[1:])
+    found = diff_lineages(old, new)
+    assert found.changes == []
+    assert "only the old lineage has models[0]'s file digests; not compared" in found.notes
+    assert "only the old lineage has models[0]'s revision; not compared" in found.notes
+
+
+def nudge(folder: Path, name: str, by: float) -> None:
+    """Move every element of ``name`` in the folder's shard by ``by`` (relative)."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name] = tensors[name] * (1 + by)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_verify_within_a_tolerance(folders):
+    terge.merge(folders, method="ties", out="m", seed=0)
+    lineage = load_lineage("m")
+    name = next(iter(lineage))
+    nudge(Path("m"), name, 1e-6)  # as another platform's rounding might
+    assert [n for n, _ in verify_lineage(lineage, "m")] == [name]  # bit for bit: differs
+    assert verify_lineage(lineage, "m", rtol=1e-5) == []
+    assert verify_lineage(lineage, "m", atol=1e-3) == []
+    (problem,) = verify_lineage(lineage, "m", rtol=1e-8)
+    assert re.fullmatch(
+        rf"{re.escape(name)}: \d+ of \d+ values differ from the recomputed ones by more than "
+        r"atol=0.0 \+ rtol=1e-08 x \|value\| \(largest difference .*\)",
+        f"{problem[0]}: {problem[1]}",
+    )
+    with pytest.raises(LineageError, match=r"`rtol` must be a finite number >= 0; got -1"):
+        verify_lineage(lineage, "m", rtol=-1)
+
+
+def test_verify_tolerance_on_the_command_line(capsys, folders):
+    terge.merge(folders, out="m")
+    lineage = load_lineage("m")
+    name = next(iter(lineage))
+    nudge(Path("m"), name, 1e-6)
+    code, out, _ = run(capsys, "lineage", "verify", "m", "--merged", "m")
+    assert code == 1 and out.startswith(f"{name}: the checkpoint's tensor differs")
+    code, out, _ = run(capsys, "lineage", "verify", "m", "--merged", "m", "--rtol", "1e-5")
+    assert code == 0, out
+    code, _, err = run(capsys, "lineage", "verify", "m", "--merged", "m", "--atol", "-1")
+    assert code == 2 and "--atol: must be a finite number >= 0" in err

@@ -74,3 +74,51 @@ def test_a_task_vector_merge_records_the_base_it_read():
     recorder, _ = run(states, base=separate, method="task_arithmetic")
     assert recorder.digests["w"].models == {i: sha(states[i]["w"]) for i in range(3)}
     assert recorder.digests["w"].base == sha(separate["w"])
+
+
+def test_a_file_digest_is_the_sha256_of_the_whole_file_read_in_chunks(tmp_path, monkeypatch):
+    import terge.digests
+
+    path = tmp_path / "f.bin"
+    data = bytes(range(256)) * 1000 + b"tail"
+    path.write_bytes(data)
+    reads = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, file):
+            self.file = file
+
+        def read(self, size):
+            reads.append(size)
+            return self.file.read(size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(
+        terge.digests, "open", lambda p, mode: Spy(real_open(p, mode)), raising=False
+    )
+    assert terge.digests.file_digest(path, chunk=1000) == hashlib.sha256(data).hexdigest()
+    assert set(reads) == {1000} and len(reads) == len(data) // 1000 + 2  # streamed, then EOF
+
+
+def test_source_files_names_each_shard_relative_to_the_folder(tmp_path):
+    from terge.digests import source_files
+    from terge.io import save
+    from terge.sources import FileSource
+
+    states = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
+    save(states, tmp_path / "m", max_shard_size=600)
+    source = FileSource(tmp_path / "m")
+    try:
+        files = source_files(source)
+    finally:
+        source.close()
+    assert files is not None and len(files) >= 2
+    for name, digest in files.items():
+        assert digest == hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
+    assert source_files(StateDictSource(states)) is None

@@ -18,8 +18,12 @@ floor wings                                    what they are
                                                happens to every tensor)
 5     execute, digests                         running a plan in memory; hashing what ran
 6     output                                   running a plan into a checkpoint folder
-7     merge, audit                             merge(); recomputing and checking a lineage
-8     cli                                      the ``terge`` command and its recipes
+7     merge, audit, policy, inspection         merge(); recomputing and checking a lineage;
+                                               the rules CI holds a lineage to; measuring
+                                               task vectors before a merge
+8     report, plots                            audit results as text, JSON and JUnit; the
+                                               pictures (matplotlib, optional)
+9     cli                                      the ``terge`` command and its recipes
 ====  =======================================  ==============================================
 
 A module imports only from its own wing or from wings on lower floors: never up, and never
@@ -52,7 +56,8 @@ FLOORS: list[set[str]] = [
     {"types", "plan"},
     {"execute", "digests"},
     {"output"},
-    {"merge", "audit"},
+    {"merge", "audit", "policy", "inspection"},
+    {"report", "plots"},
     {"cli"},
 ]
 FLOOR = {wing: level for level, wings in enumerate(FLOORS) for wing in wings}

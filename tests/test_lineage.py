@@ -20,7 +20,7 @@ from terge.io import load, save
 from terge.lineage import ModelRecord, TensorDigests, lineage_text
 from terge.sources import FileSource
 
-from helpers import snapshot, states
+from helpers import lineage_validator, snapshot, states
 
 
 def saved(tmp_path: Path, models: list[dict]) -> list[Path]:
@@ -467,3 +467,89 @@ def test_a_non_finite_setting_is_refused_when_written(tmp_path):
     ):
         terge.save_lineage(lineage, tmp_path / "l.json")
     assert not (tmp_path / "l.json").exists()
+
+
+# --- pins and the schema --------------------------------------------------------------------------
+
+
+def test_file_digests_and_revisions_round_trip(tmp_path):
+    files = {
+        "model-00001-of-00002.safetensors": "a" * 64,
+        "model-00002-of-00002.safetensors": "b" * 64,
+    }
+    lineage = terge.Lineage(
+        {"w": terge.LineageEntry("arithmetic", [(0, 0.5), (1, 0.5)])},
+        models=(ModelRecord(0, "file", "m0", files), ModelRecord(1, "file", "m1", revision="abc")),
+    )
+    lineage.base = lineage.models[0]
+    path = terge.save_lineage(lineage, tmp_path / "l.json")
+    loaded = terge.load_lineage(path)
+    assert loaded == lineage
+    assert loaded.models[0].files == files and loaded.models[0].pinned
+    assert loaded.models[1].revision == "abc" and loaded.models[1].pinned
+    assert not ModelRecord(2, "file", "m2").pinned
+    record = json.loads(path.read_text())
+    assert "files" not in record["models"][1] and "revision" not in record["models"][0]
+
+
+def test_a_record_without_pins_is_written_as_before():
+    text = terge.lineage.lineage_text(terge.Lineage(models=(ModelRecord(0, "module"),)))
+    assert '"files"' not in text and '"revision"' not in text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("files", {"a": "xyz"}, r'models\[0\].files\["a"\] must be a SHA-256 digest'),
+        ("files", ["a"], r"models\[0\].files must be an object"),
+        ("revision", 7, r"models\[0\].revision must be a string or null"),
+    ],
+)
+def test_bad_pins_are_named(field, value, message):
+    record = terge.lineage.lineage_to_json(terge.Lineage(models=(ModelRecord(0, "file", "a"),)))
+    record["models"][0][field] = value
+    with pytest.raises(terge.LineageError, match=message):
+        terge.lineage.lineage_from_json(record)
+
+
+def test_the_schema_ships_in_the_package_and_describes_every_field():
+    from importlib.resources import files
+
+    text = (files("terge") / "lineage.schema.json").read_text(encoding="utf-8")
+    assert terge.lineage.lineage_schema_text() == text
+    schema = terge.lineage.lineage_schema()
+    assert schema["properties"]["schema"] == {"const": terge.lineage.SCHEMA}
+    written = terge.lineage.lineage_to_json(terge.Lineage())
+    assert set(written) <= set(schema["properties"])  # every field the writer writes
+    model = terge.lineage.lineage_to_json(
+        terge.Lineage(models=(ModelRecord(0, "file", "a", {"f": "0" * 64}, "r"),))
+    )["models"][0]
+    assert set(model) == set(schema["$defs"]["model"]["properties"])
+
+
+def test_the_schema_accepts_what_is_written_and_rejects_typos(tied_models):
+    validator = lineage_validator()
+    if validator is None:
+        pytest.skip("jsonschema is not installed (pip install 'terge[test]')")
+    _, lineage = terge.merge(tied_models, lineage=True, digests=True)
+    lineage.dropped = {"norm.weight": {1: "not floating point"}}
+    record = terge.lineage.lineage_to_json(lineage)
+    validator.validate(record)
+    record["skiped"] = {}
+    assert [e.validator for e in validator.iter_errors(record)] == ["additionalProperties"]
+    del record["skiped"]
+    record["dropped"]["norm.weight"] = [[1]]
+    assert list(validator.iter_errors(record))
+    del record["dropped"]
+    record["merged"][next(iter(record["merged"]))]["metod"] = "x"
+    assert list(validator.iter_errors(record))
+
+
+def test_every_lineage_the_tests_write_goes_through_the_schema():
+    if lineage_validator() is None:
+        pytest.skip("jsonschema is not installed (pip install 'terge[test]')")
+    assert terge.lineage.lineage_to_json.__name__ == "checked"  # conftest's session hook
+    lineage = terge.Lineage({"w": terge.LineageEntry("arithmetic", [(0, 1.0)])})
+    lineage.models = (ModelRecord(0, "file", "a", {"f": "not a digest"}),)  # the reader refuses
+    with pytest.raises(Exception, match="does not match"):  # jsonschema.ValidationError
+        lineage_text(lineage)

@@ -11,26 +11,31 @@ from .errors import (
     MethodError,
     MethodNotApplicableError,
     MethodResultError,
+    MissingDependencyError,
     NoMergeMethodFoundForParameterError,
     NoParametersToMergeWarning,
     ParameterModelWeightsSumToZeroError,
     PatternTypeError,
+    PolicyError,
     ShardingError,
     SizeFormatError,
     TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
 )
+from .inspection import Inspection, inspect
 from .io import load, open_checkpoint, save
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
+from .policy import Policy, Violation, check_lineage
 
 __all__ = [
     "BaseIndexError",
     "ByLayer",
     "CheckpointError",
+    "Inspection",
     "Lineage",
     "LineageEntry",
     "LineageError",
@@ -39,17 +44,23 @@ __all__ = [
     "MethodError",
     "MethodNotApplicableError",
     "MethodResultError",
+    "MissingDependencyError",
     "NoMergeMethodFoundForParameterError",
     "NoParametersToMergeWarning",
     "ParameterModelWeightsSumToZeroError",
     "PatternTypeError",
+    "Policy",
+    "PolicyError",
     "ShardingError",
     "SizeFormatError",
     "TensorNotFoundError",
     "TergeError",
     "UnknownMergeMethodError",
+    "Violation",
     "__version__",
     "by_layer",
+    "check_lineage",
+    "inspect",
     "layer_index",
     "layers",
     "load",

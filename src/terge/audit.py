@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ class LineageDiff:
 
     changes: list[str]
     notes: list[str]
+    per_tensor: Mapping[str, list[str]] = field(default_factory=dict, compare=False)
+    """The changes by tensor name (every name either lineage merged or left alone, changed or
+    not): what ``--format junit`` shows as one test case each."""
+    record: list[str] = field(default_factory=list, compare=False)
+    """The changes to the record as a whole: models, base, dtypes."""
 
 
 def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
@@ -54,7 +59,10 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
             per_name.setdefault(name, []).append(line)
     for name, line in _digest_changes(old, new):
         per_name.setdefault(name, []).append(line)
-    changes = _record_changes(old, new) + [line for lines in per_name.values() for line in lines]
+    record = _record_changes(old, new)
+    changes = record + [line for lines in per_name.values() for line in lines]
+    for name in [*old.skipped, *new.skipped]:
+        per_name.setdefault(name, [])
     notes = [
         f"{field} {getattr(old, field)} -> {getattr(new, field)}"
         for field in ("terge_version", "torch_version")
@@ -63,7 +71,22 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
     if (old.digests is None) != (new.digests is None):
         which = "the old" if new.digests is None else "the new"
         notes.append(f"only {which} lineage has digests; they were not compared")
-    return LineageDiff(changes, notes)
+    for label, before, after in _pairs(old, new):
+        if (before.files is None) != (after.files is None):
+            which = "the old" if after.files is None else "the new"
+            notes.append(f"only {which} lineage has {label}'s file digests; not compared")
+        if (before.revision is None) != (after.revision is None):
+            which = "the old" if after.revision is None else "the new"
+            notes.append(f"only {which} lineage has {label}'s revision; not compared")
+    return LineageDiff(changes, notes, per_name, record)
+
+
+def _pairs(old: Lineage, new: Lineage) -> list[tuple[str, ModelRecord, ModelRecord]]:
+    """The model records both lineages hold, by label (``models[0]``, ``base``)."""
+    pairs = [(f"models[{i}]", a, b) for i, (a, b) in enumerate(zip(old.models, new.models))]
+    if old.base is not None and new.base is not None and old.base.index == SEPARATE:
+        pairs.append(("base", old.base, new.base))
+    return pairs
 
 
 def _model_text(record: ModelRecord | None) -> str:
@@ -79,8 +102,10 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
         for field in ("dtype", "out_dtype")
         if getattr(old, field) != getattr(new, field)
     ]
-    if old.base != new.base:
+    if _where(old.base) != _where(new.base):
         changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
+    if old.base is not None and new.base is not None and old.base.index == SEPARATE:
+        changes += _pin_changes("base", old.base, new.base)
     for i in range(max(len(old.models), len(new.models))):
         before = old.models[i] if i < len(old.models) else None
         after = new.models[i] if i < len(new.models) else None
@@ -88,8 +113,35 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
             changes.append(f"+ models[{i}]: {_model_text(after)}")
         elif after is None:
             changes.append(f"- models[{i}]: {_model_text(before)}")
-        elif before != after:
-            changes.append(f"~ models[{i}]: {_model_text(before)} -> {_model_text(after)}")
+        else:
+            if _where(before) != _where(after):
+                changes.append(f"~ models[{i}]: {_model_text(before)} -> {_model_text(after)}")
+            changes += _pin_changes(f"models[{i}]", before, after)
+    return changes
+
+
+def _where(record: ModelRecord | None) -> tuple[Any, ...] | None:
+    """What a model record says of where the model came from (not its pins)."""
+    return None if record is None else (record.index, record.kind, record.path)
+
+
+def _pin_changes(label: str, old: ModelRecord, new: ModelRecord) -> list[str]:
+    """Which input files changed (by digest, where both lineages have them) and the revision."""
+    changes = []
+    if old.revision != new.revision and old.revision is not None and new.revision is not None:
+        changes.append(f"~ {label}: revision {old.revision} -> {new.revision}")
+    if old.files is None or new.files is None:
+        return changes
+    for name in list(old.files) + [name for name in new.files if name not in old.files]:
+        was, now = old.files.get(name), new.files.get(name)
+        if was == now:
+            continue
+        if was is None:
+            changes.append(f"+ {label}: file {name} added")
+        elif now is None:
+            changes.append(f"- {label}: file {name} gone")
+        else:
+            changes.append(f"~ {label}: file {name} changed (digest {was[:12]} -> {now[:12]})")
     return changes
 
 
@@ -184,6 +236,8 @@ def verify_lineage(
     base: str | os.PathLike[str] | None = None,
     *,
     source: str | os.PathLike[str] | None = None,
+    rtol: float = 0.0,
+    atol: float = 0.0,
 ) -> list[tuple[str, str]]:
     """Recompute every merged tensor as ``lineage`` says and compare it with ``merged``'s.
 
@@ -199,8 +253,16 @@ def verify_lineage(
     merged); empty when all match. Raises :class:`LineageError` (naming ``source``, the lineage
     file) when the lineage cannot be checked: models not found, tensors the checkpoint or a
     model lacks, settings that configure no method.
+
+    ``rtol`` and ``atol`` (default 0: bit for bit) let a recomputed tensor differ from the
+    checkpoint's by ``|written - recomputed| <= atol + rtol * |recomputed|`` elementwise (NaNs
+    where both have them): for a checkpoint merged on another platform or by other kernels. The
+    recorded digests and the tensors left as in the base are still compared exactly.
     """
-    check = _Checker(lineage, source)
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e308:
+            raise LineageError(f"`{label}` must be a finite number >= 0; got {value!r}.")
+    check = _Checker(lineage, source, float(rtol), float(atol))
     paths, base_path = check.model_paths(models, base)
     with contextlib.ExitStack() as opened:
         reader = opened.enter_context(open_checkpoint(merged))
@@ -225,6 +287,9 @@ def verify_lineage(
         return problems
 
 
+_CLOSE_CHUNK = 1 << 22
+"""Values compared at a time by ``verify_lineage``'s tolerances (32 MiB of float64 each)."""
+
 _TOLERANCE_ULPS = 2
 """How far (in units of the accumulation dtype's epsilon, times the model count) equal weights
 may be from exactly 1/n: the original weights are not recorded, only that they were equal."""
@@ -233,8 +298,15 @@ may be from exactly 1/n: the original weights are not recorded, only that they w
 class _Checker:
     """What ``verify_lineage`` needs to know about the lineage, checked as it is needed."""
 
-    def __init__(self, lineage: Lineage, source: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        lineage: Lineage,
+        source: str | os.PathLike[str] | None,
+        rtol: float = 0.0,
+        atol: float = 0.0,
+    ) -> None:
         self.lineage = lineage
+        self.rtol, self.atol = rtol, atol
         self.source = None if source is None else Path(source)
         self.base_index = None if lineage.base is None else lineage.base.index
         self.methods = {name: self.method(name, entry) for name, entry in lineage.items()}
@@ -387,6 +459,9 @@ class _Checker:
         result = torch.empty(info.shape, dtype=info.dtype)
         with torch.no_grad():
             run_step(step, sources, base, result, buffers)  # type: ignore[arg-type]
+        if self.rtol or self.atol:
+            problem = self.close(reader.view(name), result)
+            return problems + ([] if problem is None else [problem])
         recomputed = tensor_digest(result)
         del result
         if recomputed != written:
@@ -394,6 +469,27 @@ class _Checker:
         elif digests is not None and recomputed != digests.output:
             problems.append("recomputing gives another tensor than the one recorded")
         return problems
+
+    def close(self, written: torch.Tensor, recomputed: torch.Tensor) -> str | None:
+        """Whether ``written`` is within ``rtol``/``atol`` of ``recomputed`` (compared in
+        float64, a chunk at a time); the problem when it is not."""
+        flat_w, flat_r = written.reshape(-1), recomputed.reshape(-1)
+        worst, count = 0.0, 0
+        for start in range(0, flat_r.numel(), _CLOSE_CHUNK):
+            a = flat_w[start : start + _CLOSE_CHUNK].to(torch.float64)
+            b = flat_r[start : start + _CLOSE_CHUNK].to(torch.float64)
+            near = torch.isclose(a, b, rtol=self.rtol, atol=self.atol, equal_nan=True)
+            if not bool(near.all()):
+                far = ~near
+                count += int(far.sum())
+                gap = (a[far] - b[far]).abs().nan_to_num(nan=float("inf"))
+                worst = max(worst, float(gap.max()))
+        if count == 0:
+            return None
+        return (
+            f"{count} of {flat_r.numel()} values differ from the recomputed ones by more than "
+            f"atol={self.atol!r} + rtol={self.rtol!r} x |value| (largest difference {worst:.3g})"
+        )
 
     def written_dtype(self, name: str, base: Source | None) -> torch.dtype | None:
         """The dtype the merge wrote ``name`` in: ``out_dtype`` for a floating tensor, else the

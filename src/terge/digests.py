@@ -8,14 +8,16 @@ tensor as written and of every tensor it was computed from; ``terge lineage diff
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from .lineage import TensorDigests
 from .plan import Step
-from .sources import Source
+from .sources import FileSource, Source
 
 DIGEST_CHUNK = 1 << 24
 """Bytes hashed (and, for a tensor on an accelerator, copied to the CPU) at a time."""
@@ -41,6 +43,31 @@ def tensor_digest(tensor: torch.Tensor) -> str:
             piece = piece.view(-1, unit).flip(1).reshape(-1)
         digest.update(piece.numpy().data)
     return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], chunk: int = DIGEST_CHUNK) -> str:
+    """SHA-256 (hex) of a whole file, read ``chunk`` bytes at a time (memory stays flat)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_files(source: Source) -> dict[str, str] | None:
+    """SHA-256 of every file a checkpoint on disk is read from, by its name relative to the
+    checkpoint's folder (a single file: its name); ``None`` for a model in memory."""
+    if not isinstance(source, FileSource):
+        return None
+    root = source.path if source.path.is_dir() else source.path.parent
+    files = {}
+    for path in source.reader.files:
+        try:
+            name = Path(path).relative_to(root).as_posix()
+        except ValueError:  # an index naming a shard elsewhere (allowed roots): its full path
+            name = Path(path).as_posix()
+        files[name] = file_digest(path)
+    return dict(sorted(files.items()))
 
 
 class DigestRecorder:

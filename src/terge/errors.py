@@ -102,3 +102,11 @@ class RecipeError(TergeError, ValueError):
 
 class UsageError(TergeError, ValueError):
     """The command line is malformed (argparse's errors, and the CLI's own checks)."""
+
+
+class PolicyError(TergeError, ValueError):
+    """A lineage policy (``terge lineage check``) cannot be read: an unknown rule, a bad range."""
+
+
+class MissingDependencyError(TergeError, ImportError):
+    """An optional library a feature needs is not installed (the message says what to install)."""

@@ -74,11 +74,23 @@ ModelIndex = Union[int, Literal["separate"]]  # noqa: UP007 (a runtime alias on 
 @dataclass(frozen=True)
 class ModelRecord:
     """Where a model came from: its index in ``models`` (``"separate"`` for a base given apart),
-    its kind (one of ``KINDS``), and its path when it was read from disk."""
+    its kind (one of ``KINDS``), and its path when it was read from disk.
+
+    ``files`` pins a model read from disk: the SHA-256 of each file it was read from, by its
+    name relative to ``path`` (``merge(..., digests=True)`` records them); ``revision`` is the
+    Hub revision (a commit hash) it was resolved to, when known.
+    """
 
     index: ModelIndex
     kind: str
     path: str | None = None
+    files: Mapping[str, str] | None = field(default=None, hash=False)
+    revision: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the record says exactly which weights these were: file digests or a revision."""
+        return bool(self.files) or self.revision is not None
 
     def describe(self) -> str:
         """``models[1] (file a.safetensors)``: how messages name the model."""
@@ -212,6 +224,23 @@ class Lineage(dict):
         )
 
 
+SCHEMA_FILE = "lineage.schema.json"
+"""The JSON Schema of lineage files, shipped in the package (``terge lineage schema`` prints it)."""
+
+
+def lineage_schema_text() -> str:
+    """The JSON Schema (draft 2020-12) every lineage file this terge writes follows, as text."""
+    from importlib.resources import files
+
+    return (files(__package__) / SCHEMA_FILE).read_text(encoding="utf-8")
+
+
+def lineage_schema() -> dict[str, Any]:
+    """The lineage files' JSON Schema as a dict, for ``jsonschema.validate(record, schema)``."""
+    schema: dict[str, Any] = json.loads(lineage_schema_text())
+    return schema
+
+
 # --- to JSON ------------------------------------------------------------------------------------
 
 
@@ -246,7 +275,12 @@ def _entry_json(entry: Any) -> dict[str, Any]:
 def _model_json(record: ModelRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
-    return {"index": record.index, "kind": record.kind, "path": record.path}
+    data: dict[str, Any] = {"index": record.index, "kind": record.kind, "path": record.path}
+    if record.files is not None:  # optional fields: a lineage without them reads as before
+        data["files"] = dict(sorted(record.files.items()))
+    if record.revision is not None:
+        data["revision"] = record.revision
+    return data
 
 
 def _digests_json(digests: TensorDigests) -> dict[str, Any]:
@@ -263,8 +297,9 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
     "dropped": {name: [[model, reason], ...]},
-    "models": [{"index", "kind", "path"}], "base", "dtype", "out_dtype", "terge_version",
-    "torch_version", "digests", **extra}``; written sorted by key (see :func:`save_lineage`).
+    "models": [{"index", "kind", "path", "files"?, "revision"?}], "base", "dtype", "out_dtype",
+    "terge_version", "torch_version", "digests", **extra}``; written sorted by key (see
+    :func:`save_lineage`).
     """
     digests = getattr(lineage, "digests", None)
     record = {
@@ -564,7 +599,14 @@ class _Reader:
         kind = record.get("kind")
         self.expect(kind in KINDS, f"{where}.kind", " or ".join(map(json.dumps, KINDS)), kind)
         path = self.string(record.get("path"), f"{where}.path", optional=True)
-        return ModelRecord(index, kind, path)  # type: ignore[arg-type]
+        files = None
+        if record.get("files") is not None:
+            files = {
+                name: self.digest(digest, f"{where}.files[{json.dumps(name)}]")
+                for name, digest in self.mapping(record["files"], f"{where}.files").items()
+            }
+        revision = self.string(record.get("revision"), f"{where}.revision", optional=True)
+        return ModelRecord(index, kind, path, files, revision)  # type: ignore[arg-type]
 
     def models(self, value: Any) -> tuple[ModelRecord, ...]:
         if value is None:

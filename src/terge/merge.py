@@ -14,12 +14,12 @@ from typing import Any, Literal, overload
 import torch
 
 from ._version import __version__
-from .digests import DigestRecorder
+from .digests import DigestRecorder, source_files
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .io import parse_size
 from .io.dtypes import floating_dtype
-from .lineage import SEPARATE, Lineage, ModelRecord
+from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
 from .output import check_output, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
@@ -229,8 +229,9 @@ def merge(
         max_shard_size: with ``out``, the most bytes per shard (an int, or ``'2GB'``, ``'2GiB'``).
         overwrite: with ``out``, replace an existing ``out`` (only once the merge succeeded).
         digests: record in the lineage the SHA-256 of every merged tensor as written and of
-            every tensor it was computed from (``lineage.digests``), for ``terge lineage diff``
-            and ``verify``. Needs ``lineage=True`` or ``out``.
+            every tensor it was computed from (``lineage.digests``), and of every whole input
+            file (``lineage.models[i].files``, read in 16 MiB chunks), for ``terge lineage
+            diff``, ``verify`` and ``check``. Needs ``lineage=True`` or ``out``.
         dry_run: only plan: return the ``Lineage`` of what the call would do (whatever
             ``lineage`` says), reading names, shapes and dtypes but no tensor, and writing
             nothing. It raises what the real call would raise before computing, ``out``'s
@@ -302,7 +303,7 @@ def merge(
             progress = progress and rank() == 0  # one bar, not one per rank
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
-            record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype)
+            record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype, digests)
         if dry_run:
             assert record is not None  # a dry run returns its lineage
             if target is not None:  # fail exactly where the real call would
@@ -412,15 +413,19 @@ def _lineage(
     base_index: int | None,
     dtype: torch.dtype,
     out_dtype: torch.dtype | None,
+    digests: bool = False,
 ) -> Lineage:
     """The plan's lineage, with what it records besides the plan: models, base, dtypes,
-    versions."""
-    models = tuple(ModelRecord(i, s.kind, _path_of(s)) for i, s in enumerate(sources))
+    versions; with ``digests``, the SHA-256 of every input file too."""
+
+    def record(index: ModelIndex, source: Source) -> ModelRecord:
+        files = source_files(source) if digests else None
+        return ModelRecord(index, source.kind, _path_of(source), files)
+
+    models = tuple(record(i, s) for i, s in enumerate(sources))
     return plan.lineage(
         models=models,
-        base=models[base_index]
-        if base_index is not None
-        else ModelRecord(SEPARATE, base.kind, _path_of(base)),
+        base=models[base_index] if base_index is not None else record(SEPARATE, base),
         dtype=dtype,
         out_dtype=out_dtype,
         terge_version=__version__,

@@ -527,3 +527,162 @@ def test_a_method_that_cannot_apply_fails_cleanly(capsys, checkpoints, tmp_path)
     )
     assert message.startswith("the merge method 'slerp' needs exactly 2 contributing models")
     assert not (tmp_path / "out").exists()
+
+
+# --- terge lineage check, schema, --format, show --plot; terge inspect ----------------------------
+
+
+def test_check_exits_1_naming_each_violation(capsys, checkpoints):
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    code, out, _ = run(
+        capsys, "lineage", "check", "m", "--pinned", "--forbid-skipped", "not floating point"
+    )
+    assert code == 1
+    lines = out.splitlines()
+    assert (
+        lines[0]
+        == "steps: left as in the base (not floating point), which the policy forbids [skipped]"
+    )
+    assert lines[1:4] == [
+        f"models[{i}] (file, read from {name}) is not pinned: no file digests and no revision; "
+        "merge from files with digests=True (--digests) [pinned]"
+        for i, name in enumerate("abc")
+    ]
+    assert lines[-1] == "terge: the lineage breaks the policy (4 violations)"
+
+
+def test_check_passes_a_merge_that_keeps_the_policy(capsys, checkpoints, tmp_path):
+    assert (
+        run(
+            capsys,
+            "merge",
+            "a",
+            "b",
+            "c",
+            "-o",
+            "m",
+            "-q",
+            "--digests",
+            "--method",
+            "ties",
+            "--seed",
+            "0",
+        )[0]
+        == 0
+    )
+    (tmp_path / "policy.toml").write_text(
+        'require_merged = ["re:weight$", "norm.bias"]\n'
+        'forbid_skipped = ["shape mismatch"]\n'
+        "merged_is_base_floating = true\nsame_dtypes = true\npinned = true\n"
+        "[ranges]\nweight = [0.0, 1.0]\ndensity = [0.1, 0.5]\n"
+    )
+    code, out, _ = run(capsys, "lineage", "check", "m", "--policy", "policy.toml", "--merged", "m")
+    assert code == 0, out
+    assert out == "terge: the lineage keeps the policy (3 tensors merged, 1 left alone)\n"
+    code, out, _ = run(
+        capsys, "lineage", "check", "m", "--policy", "policy.toml", "--range", "density=0.3:1"
+    )
+    assert code == 1 and out.count("[range]") == 3  # an option adds to (here: overrides) the file
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "missing.toml"], "the policy 'missing.toml' not found"),
+        (["--policy", "bad.toml"], "unknown key 'pinnned'"),
+        ([], "no rules to check"),
+        (["--range", "weight"], "must be KEY=LOW:HIGH"),
+        (["--range", "densty=0:1"], "'densty' is neither 'weight' nor a setting"),
+        (["--tied", "a.weight"], "must be NAME=NAME"),
+        (["--require-merged", "re:("], "is not a valid regular expression"),
+        (["--forbid-skipped", "odd"], "invalid choice: 'odd'"),
+    ],
+)
+def test_check_bad_input_is_one_line_and_exit_2(capsys, checkpoints, tmp_path, argv, message):
+    assert run(capsys, "merge", "a", "b", "-o", "m", "-q")[0] == 0
+    (tmp_path / "bad.toml").write_text("pinnned = true\n")
+    code, out, err = run(capsys, "lineage", "check", "m", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("terge: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("action", ["show", "diff", "verify", "check"])
+def test_every_lineage_action_writes_junit_and_json(capsys, checkpoints, action):
+    import xml.etree.ElementTree as ET
+
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    given = {
+        "show": ["m"],
+        "diff": ["m", "m"],
+        "verify": ["m", "--merged", "m"],
+        "check": ["m", "--pinned"],
+    }[action]
+    code, out, _ = run(capsys, "lineage", action, *given, "--format", "junit")
+    assert code == (1 if action == "check" else 0)
+    suite = ET.fromstring(out)[0]
+    assert suite.get("name") == f"terge.lineage.{action}"
+    names = [case.get("name") for case in suite]
+    assert names == ["(lineage)", "attn.weight", "mlp.weight", "norm.bias", "steps"]
+    code, out, _ = run(capsys, "lineage", action, *given, "--format", "json")
+    assert isinstance(json.loads(out), dict)
+
+
+def test_schema_prints_the_packaged_schema(capsys):
+    code, out, _ = run(capsys, "lineage", "schema")
+    assert code == 0
+    assert json.loads(out) == terge.lineage.lineage_schema()
+
+
+def test_show_plot_draws_the_contributions(capsys, checkpoints, tmp_path):
+    image = pytest.importorskip("matplotlib.image", reason="the plot extra is not installed")
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    code, out, _ = run(capsys, "lineage", "show", "m", "--plot", "p.png")
+    assert code == 0 and out.startswith("m: written by")
+    assert image.imread(tmp_path / "p.png").ndim == 3
+
+
+def test_a_missing_plot_extra_is_one_line(capsys, checkpoints, monkeypatch):
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    code, _, err = run(capsys, "lineage", "show", "m", "--plot", "p.png")
+    assert code == 2
+    assert (
+        err
+        == "terge: error: drawing a picture needs matplotlib, an optional extra of terge: pip install 'terge[plot]'\n"
+    )
+
+
+def test_inspect_prints_a_table_json_and_a_heatmap(capsys, checkpoints, tmp_path):
+    code, out, _ = run(capsys, "inspect", "a", "b", "c")
+    assert code == 0
+    assert out.splitlines()[0] == "models: 0: b, 1: c"
+    assert "cos01" in out and "left out: 1 tensors not shared by all models" in out
+    code, out, _ = run(
+        capsys, "inspect", "b", "c", "--base", "a", "--density", "0.5", "--format", "json"
+    )
+    record = json.loads(out)
+    direct = terge.inspect(checkpoints[1:], base=checkpoints[0], density=0.5).to_json()
+    assert record["total"]["norms"] == pytest.approx(direct["total"]["norms"], rel=1e-12)
+    assert record["total"]["sign_conflicts"] == direct["total"]["sign_conflicts"]
+    assert record["total"]["ties_kept"] == direct["total"]["ties_kept"]
+    assert record["models"] == ["b", "c"] and record["density"] == 0.5
+    if pytest.importorskip("matplotlib.image", reason="the plot extra is not installed"):
+        code, _, _ = run(
+            capsys, "inspect", "a", "b", "c", "--plot", "h.png", "--metric", "conflicts"
+        )
+        assert code == 0 and (tmp_path / "h.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a", "nope"], "model 'nope' does not exist"),
+        (["a", "b", "--base", "nope"], "base model 'nope' does not exist"),
+        (["a", "b", "--density", "0"], "`density` must be a number in (0, 1]"),
+        (["a", "b", "--base", "7"], "`base` is 7"),
+    ],
+)
+def test_inspect_bad_input_is_exit_2(capsys, checkpoints, argv, message):
+    code, _, err = run(capsys, "inspect", *argv)
+    assert code == 2 and message in err

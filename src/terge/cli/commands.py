@@ -13,6 +13,7 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -27,13 +28,15 @@ from typing import Any, NoReturn
 import torch
 
 from .._version import __version__
-from ..audit import diff_lineages, summary, verify_lineage
+from ..audit import diff_lineages, verify_lineage
 from ..errors import LineageError, TergeError, UsageError
 from ..io.writing import check_file_apart, write_text_atomic
-from ..lineage import load_lineage, save_lineage
+from ..lineage import REASONS, lineage_schema_text, load_lineage, save_lineage
 from ..merge import merge
 from ..methods import REGISTRY
 from ..output import LINEAGE_FILE
+from ..report import FORMATS, render_check, render_diff, render_show, render_verify
+from .policyfile import load_policy, make_policy, parse_range, pattern
 from .recipe import (
     RECIPE_EXAMPLE,
     RECIPE_KEYS,
@@ -206,8 +209,9 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--digests",
         action="store_true",
-        help="record in the lineage the SHA-256 of every merged tensor and of the tensors it "
-        "was made from, for 'terge lineage diff' and 'verify', e.g. --digests",
+        help="record in the lineage the SHA-256 of every merged tensor, of the tensors it "
+        "was made from, and of every input file, for 'terge lineage diff', 'verify' and "
+        "'check --pinned', e.g. --digests",
     )
     parser.add_argument(
         "--overwrite",
@@ -500,10 +504,23 @@ a CI job that fails when a merge drifts:
   terge merge base math code -o merged --method ties --seed 0 --digests --lineage new.json
   terge lineage diff golden.json new.json      # exit 1, listing what changed
   terge lineage verify new.json --merged merged # exit 1, naming tensors that do not match
+  terge lineage check new.json --policy policy.toml --format junit > check.xml
+                                                # exit 1, naming each violation
 
-exit status: 0 agree (diff) or all match (verify); 1 they differ or a tensor does not match;
-2 bad input (a malformed lineage file, a missing checkpoint or tensor).
+exit status: 0 agree (diff), all match (verify) or the policy is kept (check); 1 they differ,
+a tensor does not match or a rule is broken; 2 bad input (a malformed lineage file or policy,
+a missing checkpoint or tensor).
 """
+
+
+def _format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text for people (default), json for scripts, junit for CI systems (every tensor "
+        "a test case), e.g. --format junit > report.xml",
+    )
 
 
 def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -517,6 +534,13 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
         "and each weight pattern made, what was left alone and why, and the versions.",
     )
     show.add_argument("file", metavar="FILE", help="the lineage file, e.g. merged/lineage.json")
+    _format_argument(show)
+    show.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw which model contributed what, block by block, as a picture (needs "
+        "pip install 'terge[plot]'), e.g. --plot lineage.png",
+    )
     diff = actions.add_parser(
         "diff",
         help="compare two lineage files (exit 1 when they differ)",
@@ -535,6 +559,7 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
         help="how far a weight may move before it counts as changed, e.g. --atol 1e-12 "
         "(default 0: exactly)",
     )
+    _format_argument(diff)
     verify = actions.add_parser(
         "verify",
         help="recompute a merge and check it against its checkpoint (exit 1 on a mismatch)",
@@ -564,6 +589,118 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a separate base's checkpoint, instead of the recorded path, e.g. --base pretrained",
     )
+    verify.add_argument(
+        "--rtol",
+        type=_tolerance,
+        default=0.0,
+        metavar="X",
+        help="relative tolerance per value, for a checkpoint merged on another platform, e.g. "
+        "--rtol 1e-6 (default 0: bit for bit)",
+    )
+    verify.add_argument(
+        "--atol",
+        type=_tolerance,
+        default=0.0,
+        metavar="X",
+        help="absolute tolerance per value: |written - recomputed| <= atol + rtol x "
+        "|recomputed|, e.g. --atol 1e-8 (default 0: bit for bit)",
+    )
+    _format_argument(verify)
+    _check_arguments(actions)
+    actions.add_parser(
+        "schema",
+        help="print the JSON schema of lineage files",
+        description="Print the JSON Schema (draft 2020-12) that every lineage file this terge "
+        "writes follows, e.g. terge lineage schema > lineage.schema.json",
+    )
+
+
+def _check_arguments(actions: Any) -> None:
+    check = actions.add_parser(
+        "check",
+        help="check a lineage against a policy (exit 1 naming each violation)",
+        description="Check a lineage against rules: tensors that must be merged, reasons for "
+        "which nothing may be left alone, the merged set equal to the base's floating tensors, "
+        "dtypes kept, tensors kept tied, every model pinned (file digests or a revision), "
+        "weights and settings within ranges. Rules come from --policy FILE (TOML) and the "
+        "options below, which add to it. Exit 0 when every rule holds, 1 naming each "
+        "violation, 2 on bad input.",
+        epilog=_POLICY_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("file", metavar="FILE", help="the lineage file, e.g. merged/lineage.json")
+    check.add_argument("--policy", metavar="TOML", help="the rules, e.g. --policy policy.toml")
+    check.add_argument(
+        "--require-merged",
+        action="append",
+        metavar="PATTERN",
+        help="tensors matching PATTERN must be merged (repeatable), e.g. --require-merged "
+        "'re:\\.mlp\\.' --require-merged layers:0-5",
+    )
+    check.add_argument(
+        "--forbid-skipped",
+        action="append",
+        metavar="REASON",
+        choices=REASONS,
+        help=f"no tensor may be left alone for REASON (repeatable), one of: {', '.join(REASONS)}",
+    )
+    check.add_argument(
+        "--merged-is-base-floating",
+        action="store_true",
+        help="the merged tensors must be exactly the base's floating tensors",
+    )
+    check.add_argument(
+        "--same-dtypes",
+        action="store_true",
+        help="every tensor must be written in the base's dtype (with --merged: as the "
+        "checkpoint holds it)",
+    )
+    check.add_argument(
+        "--tied",
+        action="append",
+        metavar="NAME=NAME",
+        help="the two names must stay one tensor (repeatable), e.g. --tied "
+        "lm_head.weight=model.embed_tokens.weight",
+    )
+    check.add_argument(
+        "--pinned",
+        action="store_true",
+        help="every model must be pinned: file digests (merge with --digests) or a revision",
+    )
+    check.add_argument(
+        "--range",
+        action="append",
+        metavar="KEY=LOW:HIGH",
+        help="weights (KEY weight) or a method's setting must lie in [LOW, HIGH] (repeatable), "
+        "e.g. --range weight=0:1 --range density=0.2:0.8",
+    )
+    check.add_argument(
+        "--base",
+        metavar="PATH",
+        help="the base's checkpoint, for --merged-is-base-floating and --same-dtypes (default: "
+        "the recorded path), e.g. --base pretrained",
+    )
+    check.add_argument(
+        "--merged",
+        metavar="OUT",
+        help="the merged checkpoint, whose dtypes --same-dtypes checks, e.g. --merged merged",
+    )
+    _format_argument(check)
+
+
+_POLICY_EXAMPLE = """\
+a policy file (every key optional):
+  require_merged = ["re:\\\\.mlp\\\\.", "layers:0-1"]
+  forbid_skipped = ["shape mismatch", "held by one model"]
+  merged_is_base_floating = true
+  same_dtypes = true
+  tied = [["lm_head.weight", "model.embed_tokens.weight"]]
+  pinned = true
+
+  [ranges]
+  weight = [0.0, 1.0]
+  density = [0.2, 0.8]
+"""
 
 
 def _tolerance(text: str) -> float:
@@ -582,37 +719,71 @@ def run_lineage(args: argparse.Namespace) -> int:
 
 
 def _lineage_show(args: argparse.Namespace) -> int:
-    print(summary(load_lineage(args.file), args.file), end="")
+    lineage = load_lineage(args.file)
+    if args.plot is not None:
+        from ..plots import plot_lineage  # matplotlib only here
+
+        plot_lineage(lineage, args.plot)
+    print(render_show(lineage, args.file, args.format), end="")
     return EXIT_OK
 
 
 def _lineage_diff(args: argparse.Namespace) -> int:
     old, new = load_lineage(args.old), load_lineage(args.new)
     found = diff_lineages(old, new, args.atol)
-    for line in found.changes:
-        print(line)
-    for note in found.notes:
-        print(f"note: {note}")
-    if found.changes:
-        print(f"{PROG}: {args.old} and {args.new} differ ({_count(len(found.changes), 'change')})")
-        return EXIT_FAILED
-    print(
-        f"{PROG}: the lineages agree ({_count(len(new), 'tensor')} merged, "
-        f"{len(new.skipped)} left alone)"
-    )
-    return EXIT_OK
+    print(render_diff(found, args.old, args.new, new, args.format), end="")
+    return EXIT_FAILED if found.changes else EXIT_OK
 
 
 def _lineage_verify(args: argparse.Namespace) -> int:
     lineage = load_lineage(args.file)
-    problems = verify_lineage(lineage, args.merged, args.models, args.base, source=args.file)
-    for name, problem in problems:
-        print(f"{name}: {problem}")
-    failed = len({name for name, _ in problems})
-    if problems:
-        print(f"{PROG}: {failed} of {_count(len(lineage), 'merged tensor')} do not match")
-        return EXIT_FAILED
-    print(f"{PROG}: all {_count(len(lineage), 'merged tensor')} match {args.merged}")
+    problems = verify_lineage(
+        lineage,
+        args.merged,
+        args.models,
+        args.base,
+        source=args.file,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    print(render_verify(problems, lineage, args.merged, args.format), end="")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _lineage_check(args: argparse.Namespace) -> int:
+    from ..policy import check_lineage
+
+    rules = {} if args.policy is None else load_policy(args.policy)
+    if args.require_merged:
+        texts = [pattern(text, "--require-merged") for text in args.require_merged]
+        rules["require_merged"] = (*rules.get("require_merged", ()), *texts)
+    if args.forbid_skipped:
+        rules["forbid_skipped"] = (*rules.get("forbid_skipped", ()), *args.forbid_skipped)
+    for flag in ("merged_is_base_floating", "same_dtypes", "pinned"):
+        if getattr(args, flag):
+            rules[flag] = True
+    for text in args.tied or ():
+        first, equals, second = text.partition("=")
+        if not (equals and first and second):
+            raise UsageError(f"--tied {text!r} must be NAME=NAME, e.g. --tied a.weight=b.weight.")
+        rules["tied"] = (*rules.get("tied", ()), (first, second))
+    for text in args.range or ():
+        key, bounds = parse_range(text)
+        rules["ranges"] = {**rules.get("ranges", {}), key: bounds}
+    policy = make_policy(rules)
+    if policy.empty:
+        raise UsageError(
+            "no rules to check: give --policy FILE or rule options (--require-merged, "
+            "--pinned, ...; see 'terge lineage check --help')."
+        )
+    lineage = load_lineage(args.file)
+    violations = check_lineage(lineage, policy, base=args.base, merged=args.merged)
+    print(render_check(violations, lineage, args.format), end="")
+    return EXIT_FAILED if violations else EXIT_OK
+
+
+def _lineage_schema(args: argparse.Namespace) -> int:
+    print(lineage_schema_text(), end="")
     return EXIT_OK
 
 
@@ -620,7 +791,104 @@ LINEAGE_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
     "show": _lineage_show,
     "diff": _lineage_diff,
     "verify": _lineage_verify,
+    "check": _lineage_check,
+    "schema": _lineage_schema,
 }
+
+
+# --- terge inspect --------------------------------------------------------------------------------
+
+INSPECT_DESCRIPTION = """\
+Measure the task vectors (model - base) of checkpoints before merging them, one tensor at a time:
+per block and per tensor kind (attention q/k/v/o, mlp, norm, embed, head), each model's
+task-vector norm, the cosine similarity and the rate of sign conflicts of every pair, and the
+share of entries TIES would keep at --density (kept by the trim and agreeing with the elected
+sign; DARE keeps --density of them on average, rescaled by 1/density).
+"""
+
+INSPECT_EPILOG = """\
+examples:
+  terge inspect math code --base pretrained
+  terge inspect base math code --density 0.3 --format json > inspect.json
+  terge inspect math code --base pretrained --plot cosines.png   (pip install 'terge[plot]')
+"""
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models", nargs="+", metavar="MODEL", help="checkpoints: .safetensors/.bin or folders"
+    )
+    parser.add_argument(
+        "--base",
+        metavar="INDEX_OR_PATH",
+        default="0",
+        help="the base: an index into the models (default 0, the first, which is then not "
+        "measured) or a separate checkpoint, e.g. --base pretrained",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        default=0.2,
+        metavar="D",
+        help="the density TIES and DARE are judged at, in (0, 1], e.g. --density 0.3 (default 0.2)",
+    )
+    parser.add_argument(
+        "--include", action="append", metavar="PATTERN", help="measure only matching tensors"
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="never measure matching tensors"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="a table for the terminal (default) or JSON",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw a heatmap per block and model pair (needs pip install 'terge[plot]'), "
+        "e.g. --plot cosines.png",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("cosine", "conflicts"),
+        default="cosine",
+        help="what --plot draws: cosine similarity (default) or sign-conflict rate",
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``terge inspect``: measure, print, and draw when asked."""
+    from ..inspection import inspect
+
+    models = [Path(model).expanduser() for model in args.models]
+    for path in models:
+        if not path.exists():
+            raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
+    base = _base_value(args.base)
+    if isinstance(base, Path) and not base.exists():
+        raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
+
+    def patterns(texts: list[str] | None, option: str) -> list[Any] | None:
+        return None if texts is None else [parse_pattern(text, option) for text in texts]
+
+    report = inspect(
+        [os.fspath(model) for model in models],
+        base if isinstance(base, int) else os.fspath(base),
+        density=args.density,
+        included=patterns(args.include, "--include"),
+        excluded=patterns(args.exclude, "--exclude"),
+    )
+    if args.plot is not None:
+        from ..plots import heatmap  # matplotlib only here
+
+        heatmap(report, args.plot, args.metric)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True, allow_nan=False))
+    else:
+        print(report.table(), end="")
+    return EXIT_OK
 
 
 COMMANDS: dict[str, Command] = {
@@ -632,11 +900,18 @@ COMMANDS: dict[str, Command] = {
         run=_run_merge,
     ),
     "lineage": Command(
-        help="show, diff and verify lineage files (for CI)",
+        help="show, diff, verify and check lineage files (for CI)",
         description=LINEAGE_DESCRIPTION,
         epilog=LINEAGE_EPILOG,
         add_arguments=_lineage_arguments,
         run=run_lineage,
+    ),
+    "inspect": Command(
+        help="measure task vectors before merging: norms, cosines, sign conflicts",
+        description=INSPECT_DESCRIPTION,
+        epilog=INSPECT_EPILOG,
+        add_arguments=_inspect_arguments,
+        run=run_inspect,
     ),
 }
 """Every subcommand, by name, in the order ``terge --help`` lists them."""

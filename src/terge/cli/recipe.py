@@ -304,13 +304,18 @@ def parse_shard_size(value: Any, where: str) -> int | str:
 
 
 def _toml() -> Any:
+    return toml_module(RecipeError, "recipe")
+
+
+def toml_module(error: type[TergeError], what: str) -> Any:
+    """``tomllib`` (Python 3.11+) or ``tomli``; ``error`` says how to get one, reading ``what``."""
     for name in ("tomllib", "tomli"):  # tomli: Python 3.10
         try:
             return importlib.import_module(name)
         except ImportError:
             pass
-    raise RecipeError(
-        "reading a TOML recipe needs Python 3.11 or later (for tomllib), or the tomli "
+    raise error(
+        f"reading a TOML {what} needs Python 3.11 or later (for tomllib), or the tomli "
         "package on Python 3.10: pip install tomli."
     )
 

@@ -1,0 +1,68 @@
+"""Policy files and options as `terge lineage check` reads them."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import regex
+
+from terge.cli.policyfile import bounds, load_policy, make_policy, parse_policy, parse_range
+from terge.errors import PolicyError
+
+pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+
+def test_a_full_policy_file(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(
+        'require_merged = ["re:\\\\.mlp\\\\.", "layers:0-1", "lm_head.weight"]\n'
+        'forbid_skipped = ["shape mismatch"]\n'
+        "merged_is_base_floating = true\nsame_dtypes = false\n"
+        'tied = [["lm_head.weight", "model.embed_tokens.weight"]]\npinned = true\n'
+        "[ranges]\nweight = [0, 1]\ndensity = [0.2, 0.8]\n"
+    )
+    rules = load_policy(path)
+    mlp, blocks, head = rules["require_merged"]
+    assert isinstance(mlp, regex.Pattern) and mlp.pattern == "\\.mlp\\."
+    assert blocks.search("model.layers.1.x") and not blocks.search("model.layers.2.x")
+    assert head == "lm_head.weight"
+    assert rules["tied"] == (("lm_head.weight", "model.embed_tokens.weight"),)
+    assert rules["ranges"] == {"weight": (0.0, 1.0), "density": (0.2, 0.8)}
+    policy = make_policy(rules)
+    assert policy.pinned and not policy.same_dtypes and not policy.empty
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"pinnned": True}, "unknown key 'pinnned'; a policy holds require_merged"),
+        ({"pinned": "yes"}, "pinned must be true or false"),
+        ({"require_merged": "mlp"}, "require_merged must be a list of strings"),
+        ({"require_merged": ["re:"]}, "'re:' needs a regular expression"),
+        ({"tied": [["a"]]}, "tied must be a list of name pairs"),
+        ({"ranges": [1, 2]}, "ranges must be a table"),
+        ({"ranges": {"weight": [2, 1]}}, r"ranges.weight must be \[low, high\]"),
+        ({"ranges": {"weight": [0, float("nan")]}}, r"ranges.weight must be \[low, high\]"),
+    ],
+)
+def test_bad_policies_name_the_key(data, message):
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(data, "the policy 'p.toml'")
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "p.toml").write_text("pinned = \n")
+    with pytest.raises(PolicyError, match="is not valid TOML"):
+        load_policy(tmp_path / "p.toml")
+    with pytest.raises(PolicyError, match="is a folder"):
+        load_policy(tmp_path)
+
+
+def test_ranges_on_the_command_line():
+    assert parse_range("density=0.2:0.8") == ("density", (0.2, 0.8))
+    assert parse_range(" weight = -1:1") == ("weight", (-1.0, 1.0))
+    for text in ("density", "density=0.2", "=0:1", "density=a:b", "density=1:0"):
+        with pytest.raises(PolicyError, match="--range"):
+            parse_range(text)
+    assert bounds([1, 1], "x") == (1.0, 1.0)

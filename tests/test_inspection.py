@@ -1,0 +1,192 @@
+"""terge.inspect: task-vector statistics against values computed directly, in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import terge
+from terge import inspection
+from terge.errors import MergeArgumentError
+from terge.inspection import OTHER, block_of, inspect, tensor_kind
+
+
+def _models(seed: int = 0, count: int = 3):
+    """A base and ``count`` models with two blocks, an embedding, a norm and an int tensor."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def model():
+        return {
+            "model.embed_tokens.weight": torch.randn(10, 4, generator=generator),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=generator),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=generator),
+            "model.layers.1.self_attn.q_proj.weight": torch.randn(4, 4, generator=generator),
+            "model.layers.1.input_layernorm.weight": torch.randn(4, generator=generator),
+            "model.norm.weight": torch.randn(4, generator=generator),
+            "steps": torch.tensor([1, 2]),
+        }
+
+    return model(), [model() for _ in range(count)]
+
+
+def _direct(base, models, names, density):
+    """Norms, cosines, sign-conflict rates and TIES' kept shares computed the plain way."""
+    taus = [
+        torch.cat([(m[n].double() - base[n].double()).reshape(-1) for n in names]) for m in models
+    ]
+    per_tensor = [[(m[n].double() - base[n].double()).reshape(-1) for n in names] for m in models]
+    numel = taus[0].numel()
+    norms = [float(t.norm()) for t in taus]
+    cos = {}
+    conflicts = {}
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            cos[i, j] = float(taus[i] @ taus[j]) / (norms[i] * norms[j])
+            conflicts[i, j] = (
+                float(((taus[i] > 0) & (taus[j] < 0) | (taus[i] < 0) & (taus[j] > 0)).sum()) / numel
+            )
+    kept = [0] * len(models)
+    for k, _ in enumerate(names):  # TIES per tensor: trim, elect, agree
+        trimmed = []
+        for i in range(len(models)):
+            tau = per_tensor[i][k]
+            keep = max(1, int(density * tau.numel()))
+            threshold = (
+                tau.abs().sort(descending=True).values[keep - 1] if keep < tau.numel() else 0
+            )
+            trimmed.append(torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau)))
+        elected = torch.sign(sum(trimmed))
+        for i, t in enumerate(trimmed):
+            kept[i] += int(((torch.sign(t) == elected) & (t != 0)).sum())
+    return norms, cos, conflicts, [k / numel for k in kept]
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_statistics_match_values_computed_directly(density):
+    base, models = _models()
+    report = inspect(models, base=base, density=density)
+    floating = [n for n in base if n != "steps"]
+    assert list(report.tensors) == floating
+    assert report.left_out == {"steps": "not floating point"}
+    for group, names in [("all", floating), (0, [n for n in floating if ".layers.0." in n])]:
+        sums = report.total() if group == "all" else report.groups("block")[group]
+        norms, cos, conflicts, kept = _direct(base, models, names, density)
+        assert sums.norms() == pytest.approx(norms, rel=1e-12)
+        for (i, j), value in cos.items():
+            assert sums.cosine(i, j) == pytest.approx(value, rel=1e-12)
+            assert sums.conflict_rate(i, j) == conflicts[i, j]
+        assert [sums.ties_share(i) for i in range(3)] == pytest.approx(kept, abs=0)
+
+
+def test_closed_form_on_hand_made_task_vectors():
+    base = {"layers.0.mlp.weight": torch.zeros(4)}
+    a = {"layers.0.mlp.weight": torch.tensor([1.0, 2.0, -3.0, 0.0])}
+    b = {"layers.0.mlp.weight": torch.tensor([-1.0, 2.0, 3.0, 4.0])}
+    report = inspect([a, b], base=base, density=0.5)
+    sums = report.total()
+    assert sums.norms() == [math.sqrt(14), math.sqrt(30)]
+    assert sums.cosine(0, 1) == (-1 + 4 - 9) / math.sqrt(14 * 30)
+    assert sums.conflict_rate(0, 1) == 2 / 4  # entries 0 and 2 disagree; entry 3 is a zero
+    # density 0.5 keeps 2 per model: a keeps {2, -3}, b keeps {3, 4}; the elected signs
+    # (sum of kept) are [0, +, 0, +]: a's 2 agrees, b's 4 agrees
+    assert [sums.ties_share(i) for i in range(2)] == [1 / 4, 1 / 4]
+    record = report.to_json()
+    assert record["total"]["dare_kept"] == 0.5
+    assert record["total"]["dare_rescale"] == 2.0
+    assert record["pairs"] == ["0-1"]
+
+
+def test_a_zero_task_vector_has_no_cosine():
+    base = {"w": torch.ones(3)}
+    report = inspect([{"w": torch.ones(3)}, {"w": torch.zeros(3)}], base=base)
+    assert report.total().cosine(0, 1) is None
+    assert report.to_json()["total"]["cosine"] == {"0-1": None}
+
+
+def test_chunks_do_not_change_the_numbers(monkeypatch):
+    base, models = _models(seed=3)
+    whole = inspect(models, base=base, density=0.3).to_json()
+    monkeypatch.setattr(inspection, "CHUNK", 5)  # many chunks per tensor, ragged last one
+    chunked = inspect(models, base=base, density=0.3).to_json()
+    assert chunked["blocks"].keys() == whole["blocks"].keys()
+    for block, stats in whole["blocks"].items():
+        assert chunked["blocks"][block]["norms"] == pytest.approx(stats["norms"], rel=1e-12)
+        assert chunked["blocks"][block]["sign_conflicts"] == stats["sign_conflicts"]
+        assert chunked["blocks"][block]["ties_kept"] == stats["ties_kept"]
+
+
+def test_one_tensor_at_a_time_from_files(tmp_path, monkeypatch):
+    base, models = _models(seed=1)
+    paths = []
+    for i, state in enumerate([base, *models]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, paths[-1])
+    in_memory = inspect(models, base=base).to_json()
+    measured = []
+    original = inspection.measure
+
+    def spy(base_tensor, tensors, density):
+        measured.append(base_tensor.numel())
+        return original(base_tensor, tensors, density)
+
+    monkeypatch.setattr(inspection, "measure", spy)
+    from_files = terge.inspect([str(p) for p in paths], base=0)  # base by index: not measured
+    assert from_files.models == [str(p) for p in paths[1:]]
+    assert len(measured) == 6  # one call per tensor, each handed one tensor per model
+    assert from_files.to_json()["blocks"] == in_memory["blocks"]
+
+
+def test_groups_by_block_and_kind():
+    base, models = _models()
+    report = inspect(models, base=base)
+    assert list(report.groups("block")) == [0, 1, OTHER]
+    assert list(report.groups("kind")) == ["attn.q", "embed", "mlp", "norm"]
+    assert report.groups("block")[1].tensors == 2
+    labels, rows = report.matrix("cosine")
+    assert labels == [0, 1, OTHER] and [len(r) for r in rows] == [3, 3, 3]
+    table = report.table()
+    assert "cos01" in table and "conf12" in table and "ties2" in table
+    with pytest.raises(MergeArgumentError, match="`by` must be 'block' or 'kind'"):
+        report.groups("layer")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("model.layers.3.self_attn.q_proj.weight", "attn.q"),
+        ("model.layers.3.self_attn.k_proj.bias", "attn.k"),
+        ("model.layers.3.self_attn.v_proj.weight", "attn.v"),
+        ("model.layers.3.self_attn.o_proj.weight", "attn.o"),
+        ("transformer.h.0.attn.c_attn.weight", "attn.qkv"),
+        ("bert.encoder.layer.0.attention.output.dense.weight", "attn.o"),
+        ("bert.encoder.layer.0.intermediate.dense.weight", "other"),
+        ("model.layers.3.mlp.gate_proj.weight", "mlp"),
+        ("transformer.h.0.mlp.c_proj.weight", "mlp"),
+        ("model.layers.3.post_attention_layernorm.weight", "norm"),
+        ("transformer.h.0.ln_1.bias", "norm"),
+        ("model.embed_tokens.weight", "embed"),
+        ("lm_head.weight", "head"),
+    ],
+)
+def test_tensor_kinds(name, kind):
+    assert tensor_kind(name) == kind
+
+
+def test_blocks():
+    assert block_of("model.layers.12.mlp.up_proj.weight") == 12
+    assert block_of("lm_head.weight") == OTHER
+
+
+def test_bad_arguments():
+    base, models = _models()
+    with pytest.raises(MergeArgumentError, match=r"`density` must be a number in \(0, 1\]"):
+        inspect(models, base=base, density=0)
+    with pytest.raises(MergeArgumentError, match="at least one model besides the base"):
+        inspect([base], base=0)
+    with pytest.raises(MergeArgumentError, match="`base` is 5"):
+        inspect(models, base=5)
+    with pytest.raises(MergeArgumentError, match="non-empty list"):
+        inspect(base)

@@ -1,0 +1,176 @@
+"""Lineage policies: each rule catches what it names, and passes a merge that keeps it."""
+
+from __future__ import annotations
+
+import pytest
+import regex
+import torch
+from safetensors.torch import save_file
+
+import terge
+from terge.errors import PolicyError, TergeError
+from terge.lineage import NOT_FLOATING, SHAPE_MISMATCH, ModelRecord
+from terge.policy import Policy, Violation, check_lineage
+
+
+def _state(seed: int, head: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(5, 2, generator=generator),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(3, 2, generator=generator),
+        "model.layers.1.mlp.up_proj.weight": torch.randn(3, 2, generator=generator),
+        "lm_head.weight": torch.randn(head, 2, generator=generator),
+        "steps": torch.tensor([1]),
+    }
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, head in enumerate([5, 5, 7]):  # model 2's head has another shape
+        save_file(_state(i, head), f"m{i}.safetensors")
+    return [f"m{i}.safetensors" for i in range(3)]
+
+
+def _merged(files, **options):
+    terge.merge(files, out="out", overwrite=True, **options)
+    return terge.load_lineage("out")
+
+
+def rules(found: list[Violation]) -> list[tuple[str, str | None]]:
+    return [(v.rule, v.name) for v in found]
+
+
+def test_an_empty_policy_passes_anything(files):
+    lineage = _merged(files)
+    assert Policy().empty
+    assert check_lineage(lineage, Policy()) == []
+
+
+def test_required_tensors_left_alone_name_their_reason(files):
+    lineage = _merged(files[:2], excluded=["lm_head.weight"])
+    found = check_lineage(lineage, Policy(require_merged=(regex.compile("head|mlp"),)))
+    assert rules(found) == [("merged", "lm_head.weight")]
+    assert "left as in the base (excluded)" in found[0].message
+    assert check_lineage(lineage, Policy(require_merged=(regex.compile("mlp"),))) == []
+
+
+def test_a_required_pattern_that_matches_nothing_fails(files):
+    found = check_lineage(_merged(files), Policy(require_merged=("lm_haed.weight",)))
+    assert rules(found) == [("merged", None)]
+    assert "matches no tensor" in found[0].message
+
+
+def test_forbidden_reasons_fail(files):
+    lineage = _merged(files)  # model 2's head has another shape: merged from 0 and 1 only
+    assert lineage.skipped == {"steps": NOT_FLOATING}
+    assert check_lineage(lineage, Policy(forbid_skipped=(SHAPE_MISMATCH,))) == []
+    found = check_lineage(lineage, Policy(forbid_skipped=(NOT_FLOATING,)))
+    assert rules(found) == [("skipped", "steps")]
+    only_two_agree = _merged([files[0], files[2]])
+    found = check_lineage(only_two_agree, Policy(forbid_skipped=(SHAPE_MISMATCH,)))
+    assert rules(found) == [("skipped", "lm_head.weight")]
+    assert "(shape mismatch)" in found[0].message
+
+
+def test_the_merged_set_against_the_base_floating_tensors(files):
+    policy = Policy(merged_is_base_floating=True)
+    assert check_lineage(_merged(files), policy) == []
+    lineage = _merged(files, excluded=[regex.compile("layers.1")])
+    found = check_lineage(lineage, policy)  # the base's headers, read from the recorded path
+    assert rules(found) == [("base", "model.layers.1.mlp.up_proj.weight")]
+    assert "(excluded)" in found[0].message
+    lineage.base = ModelRecord(0, "state_dict")  # no path: judged by the lineage's record
+    assert rules(check_lineage(lineage, policy)) == rules(found)
+
+
+def test_dtype_changes(files):
+    policy = Policy(same_dtypes=True)
+    assert check_lineage(_merged(files), policy) == []
+    lineage = _merged(files, out_dtype="bfloat16")
+    found = check_lineage(lineage, policy)
+    assert {name for _, name in rules(found)} == {
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "lm_head.weight",
+    }
+    assert "written as bfloat16, but the base holds float32" in found[0].message
+    assert rules(check_lineage(lineage, policy, merged="out")) == rules(found)
+    lineage.base = ModelRecord(0, "state_dict")
+    found = check_lineage(lineage, policy)
+    assert rules(found) == [("dtypes", None)]
+    assert "give --base" in found[0].message
+    given = check_lineage(lineage, policy, base=files[0])  # --base: named per tensor again
+    assert len(given) == 4 and all(v.name is not None for v in given)
+
+
+def test_tied_tensors_must_stay_tied(tied_models):
+    _, lineage = terge.merge(tied_models, lineage=True)
+    alias, first = next(iter(lineage.tied.items()))
+    assert check_lineage(lineage, Policy(tied=((alias, first),))) == []
+    assert check_lineage(lineage, Policy(tied=((first, alias),))) == []
+    other = next(name for name in lineage if name != first)
+    found = check_lineage(lineage, Policy(tied=((first, other),)))
+    assert rules(found) == [("tied", first)]
+    assert "two tensors" in found[0].message
+
+
+def test_models_must_be_pinned(files):
+    policy = Policy(pinned=True)
+    found = check_lineage(_merged(files), policy)
+    assert rules(found) == [("pinned", None)] * 3
+    assert "models[0] (file, read from m0.safetensors) is not pinned" in found[0].message
+    pinned = _merged(files, digests=True)
+    assert all(record.files for record in pinned.models)
+    assert check_lineage(pinned, policy) == []
+    unpinned = _merged(files)
+    unpinned.models = (
+        ModelRecord(0, "file", files[0], revision="0123abc"),
+        *pinned.models[1:],
+    )
+    assert check_lineage(unpinned, policy) == []  # a revision pins too
+    _, in_memory = terge.merge([_state(0), _state(1)], lineage=True)
+    assert "read from memory" in check_lineage(in_memory, policy)[0].message
+
+
+def test_weights_and_settings_within_ranges(files):
+    lineage = _merged(files[:2], weights=[1, 3])
+    assert check_lineage(lineage, Policy(ranges={"weight": (0.0, 1.0)})) == []
+    found = check_lineage(lineage, Policy(ranges={"weight": (0.3, 1.0)}))
+    assert {v.message for v in found} == {"models[0]'s weight is 0.25, outside [0.3, 1.0]"}
+    assert len(found) == 4  # every merged tensor
+    lineage = _merged(files[:3], method="ties", seed=0)
+    found = check_lineage(lineage, Policy(ranges={"density": (0.3, 0.9)}))
+    assert "the setting density is 0.2, outside [0.3, 0.9]" in found[0].message
+    assert check_lineage(lineage, Policy(ranges={"density": (0.1, 0.2)})) == []
+
+
+@pytest.mark.parametrize(
+    ("rules_", "message"),
+    [
+        ({"forbid_skipped": ("shape mismatches",)}, "'shape mismatches' is not a reason"),
+        ({"ranges": {"densty": (0, 1)}}, "'densty' is neither 'weight' nor a setting"),
+        ({"ranges": {"weight": (1, 0)}}, r"two finite numbers with low <= high"),
+        ({"ranges": {"weight": (0, float("inf"))}}, r"two finite numbers"),
+        ({"tied": (("a",),)}, "must be a pair of tensor names"),
+        ({"require_merged": (b"mlp",)}, "bytes"),
+    ],
+)
+def test_bad_policies_are_refused(rules_, message):
+    with pytest.raises(TergeError, match=message):
+        Policy(**rules_)
+    assert issubclass(PolicyError, ValueError)
+
+
+def test_forbidden_reasons_cover_models_dropped_from_a_merged_tensor():
+    lineage = terge.Lineage(
+        {"w": terge.LineageEntry("arithmetic", [(0, 0.5), (2, 0.5)])},
+        dropped={"w": {1: NOT_FLOATING}},
+    )
+    found = check_lineage(lineage, Policy(forbid_skipped=(NOT_FLOATING,)))
+    assert [str(v) for v in found] == [
+        "w: models[1]'s tensor did not contribute (not floating point), which the policy forbids"
+    ]
+    found = check_lineage(lineage, Policy(require_merged=("w",), forbid_skipped=(SHAPE_MISMATCH,)))
+    assert found == []
