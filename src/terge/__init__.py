@@ -22,6 +22,7 @@ from .errors import (
     UnknownMergeMethodError,
 )
 from .io import load, open_checkpoint, save
+from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
@@ -31,6 +32,7 @@ __all__ = [
     "BaseIndexError",
     "ByLayer",
     "CheckpointError",
+    "CheckpointSpec",
     "Lineage",
     "LineageEntry",
     "LineageError",
@@ -50,6 +52,7 @@ __all__ = [
     "UnknownMergeMethodError",
     "__version__",
     "by_layer",
+    "checkpoint",
     "layer_index",
     "layers",
     "load",

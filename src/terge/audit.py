@@ -22,6 +22,7 @@ from .errors import LineageError, TergeError
 from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
+from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
 from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
@@ -277,7 +278,7 @@ class _Checker:
         self,
         models: Sequence[str | os.PathLike[str]] | None,
         base: str | os.PathLike[str] | None,
-    ) -> tuple[dict[int, Path], Path | None]:
+    ) -> tuple[dict[int, CheckpointSpec], CheckpointSpec | None]:
         """Where to read each model the merge read, and the base (also when only the tensors
         left alone need it, if it can be read: given, or read from disk by the merge)."""
         records = self.lineage.models
@@ -293,7 +294,7 @@ class _Checker:
             and self.base_readable(models, base)
         ):
             needed.add(self.base_index)
-        paths: dict[int, Path] = {}
+        paths: dict[int, CheckpointSpec] = {}
         base_path = None
         for index in sorted(needed, key=str):
             if index == SEPARATE:
@@ -326,9 +327,11 @@ class _Checker:
 
     def path_of(
         self, record: ModelRecord | None, given: str | os.PathLike[str] | None, option: str
-    ) -> Path:
+    ) -> CheckpointSpec:
+        """The checkpoint a model was read from (a training checkpoint's entry and prefix
+        too: ``ckpt.pt::entry=model,prefix=``), as given or as recorded."""
         if given is not None:
-            return Path(given).expanduser()
+            return as_spec(given)
         if record is None:
             raise self.fail(f"it does not record where the models were read from; give {option}.")
         if record.path is None:
@@ -336,8 +339,8 @@ class _Checker:
                 f"{record.describe()} was not read from disk, so it cannot be read again; give "
                 f"its checkpoint with {option}."
             )
-        path = Path(record.path)
-        if not path.exists():
+        path = as_spec(record.path)
+        if not path.path.exists():
             raise self.fail(
                 f"{record.describe()} was read from {record.path!r}, which does not exist from "
                 f"here ({Path.cwd()}); the paths a lineage records are as the merge was given "

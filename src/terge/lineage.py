@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import LineageError
 from .io.dtypes import dtype_name, floating_dtype
 from .io.parsing import ParseProblem, is_float_number, loads_json, read_capped
+from .io.training import as_spec
 
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
@@ -353,7 +354,9 @@ def save_lineage(
         raise LineageError(f"`overwrite` must be True or False; got {overwrite!r}.", path)
     target = Path(path).expanduser()
     records = [*getattr(lineage, "models", ()), getattr(lineage, "base", None)]
-    inputs = [r.path for r in records if isinstance(r, ModelRecord) and r.path is not None]
+    inputs = [
+        as_spec(r.path).path for r in records if isinstance(r, ModelRecord) and r.path is not None
+    ]
     check_file_apart(target, inputs, what="the lineage file", error=LineageError)
     text = lineage_text(lineage)
     return write_text_atomic(target, text, overwrite=overwrite, error=LineageError)

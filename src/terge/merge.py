@@ -19,6 +19,7 @@ from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarni
 from .execute import destinations, execute
 from .io import parse_size
 from .io.dtypes import floating_dtype
+from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelRecord
 from .output import check_output, write_merge
 from .plan import Plan, build_plan, check_seed
@@ -28,7 +29,7 @@ from .sources import (
     NameMap,
     Source,
     as_source,
-    is_path,
+    on_disk,
     renamer,
 )
 from .types import Merged, Methods, Model, Models, Patterns, Weights
@@ -429,7 +430,7 @@ def _lineage(
 
 
 def _path_of(source: Source) -> str | None:
-    return os.fspath(source.path) if isinstance(source, FileSource) else None
+    return source.spec if isinstance(source, FileSource) else None
 
 
 def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -480,10 +481,10 @@ def _sources(
 
     Checkpoint files are opened (and their headers checked) here; ``opened`` closes them.
     """
-    if isinstance(models, (torch.nn.Module, Mapping, str, os.PathLike)) and not isinstance(
+    if (on_disk(models) or isinstance(models, (torch.nn.Module, Mapping))) and not isinstance(
         models, (torch.nn.ModuleList, torch.nn.Sequential)
     ):
-        kind = "path" if is_path(models) else type(models).__name__
+        kind = "path" if on_disk(models) else type(models).__name__
         raise MergeArgumentError(
             f"`models` must be a list of models; got a single {kind}. "
             "Wrap it in a list: merge([model_a, model_b])."
@@ -498,14 +499,14 @@ def _sources(
     models = list(models)
     if not models:
         raise MergeArgumentError("`models` is empty; pass at least one model to merge.")
-    if isinstance(base, bool) or not isinstance(
-        base, (int, torch.nn.Module, Mapping, str, os.PathLike)
+    if isinstance(base, bool) or not (
+        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping))
     ):
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}."
         )
-    if is_path(base) and not Path(base).expanduser().exists():
+    if on_disk(base) and not as_spec(base).path.exists():
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}, which is no existing file or folder (an index "
@@ -524,13 +525,19 @@ def _sources(
         index = base % len(models)
         return sources, index, sources[index]
     for index, model in enumerate(models):
-        if model is base or (is_path(base) and is_path(model) and _same_path(model, base)):
+        if model is base or (on_disk(base) and on_disk(model) and _same_path(model, base)):
             return sources, index, sources[index]
     base_source = as_source(base, buffers, "base", rename)
     opened.callback(base_source.close)
     return sources, None, base_source
 
 
-def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name the same checkpoint (so a path ``base`` is that model)."""
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+def _same_path(a: CheckpointLike, b: CheckpointLike) -> bool:
+    """Whether two paths (or specs) name the same checkpoint (so a path ``base`` is that
+    model): the same file, and the same entry and prefix asked for."""
+    first, second = as_spec(a), as_spec(b)
+    return (first.path.resolve(), first.entry, first.prefix) == (
+        second.path.resolve(),
+        second.entry,
+        second.prefix,
+    )
