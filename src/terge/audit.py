@@ -302,7 +302,7 @@ class _Checker:
             elif models is not None:
                 if index >= len(models):
                     raise self.fail(f"models[{index}] contributed but only {len(models)} given.")
-                paths[index] = Path(models[index]).expanduser()
+                paths[index] = as_spec(models[index])
             else:
                 record = records[index] if index < len(records) else None
                 paths[index] = self.path_of(record, None, "--models")
