@@ -22,6 +22,7 @@ from .errors import (
     UnknownMergeMethodError,
 )
 from .io import load, open_checkpoint, save
+from .io.choose import Chosen, choose
 from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
@@ -33,6 +34,7 @@ __all__ = [
     "ByLayer",
     "CheckpointError",
     "CheckpointSpec",
+    "Chosen",
     "Lineage",
     "LineageEntry",
     "LineageError",
@@ -53,6 +55,7 @@ __all__ = [
     "__version__",
     "by_layer",
     "checkpoint",
+    "choose",
     "layer_index",
     "layers",
     "load",

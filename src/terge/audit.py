@@ -82,6 +82,8 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
     ]
     if old.base != new.base:
         changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
+    if old.chosen != new.chosen:
+        changes.append(f"~ chosen: {_chosen_text(old.chosen)} -> {_chosen_text(new.chosen)}")
     for i in range(max(len(old.models), len(new.models))):
         before = old.models[i] if i < len(old.models) else None
         after = new.models[i] if i < len(new.models) else None
@@ -92,6 +94,13 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
         elif before != after:
             changes.append(f"~ models[{i}]: {_model_text(before)} -> {_model_text(after)}")
     return changes
+
+
+def _chosen_text(chosen: Mapping[str, Any] | None) -> str:
+    """``last 2 by global_step of runs/checkpoint-*: a, b``, or ``not chosen from a run``."""
+    if chosen is None:
+        return "not chosen from a run"
+    return f"{chosen['rule']} of {chosen['from']}: {', '.join(chosen['chosen'])}"
 
 
 def _how(entry: Any) -> str:
@@ -610,6 +619,12 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
     versions = f"terge {lineage.terge_version or '?'}, torch {lineage.torch_version or '?'}"
     lines = [f"{title}: written by {versions}"]
     lines += _models_lines(lineage)
+    if lineage.chosen is not None:
+        ranked = len(lineage.chosen["candidates"])
+        lines.append(
+            f"chosen: {lineage.chosen['rule']}, of {_count(ranked, 'candidate')} in "
+            f"{lineage.chosen['from']}"
+        )
     written = dtype_name(lineage.out_dtype) or "each tensor's own dtype"
     lines.append(f"accumulated in {dtype_name(lineage.dtype) or '?'}, written in {written}")
     lines.append(f"merged: {_count(len(lineage), 'tensor')}")

@@ -170,6 +170,7 @@ class Lineage(dict):
         torch_version: str | None = None,
         digests: Mapping[str, TensorDigests] | None = None,
         dropped: Mapping[str, Mapping[int, str]] | None = None,
+        chosen: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -196,6 +197,10 @@ class Lineage(dict):
         }
         """Per tensor, the models that hold it but did not contribute, with the reason (their
         tensor is not floating point, is float8, is sparse, ...): ``{name: {model: reason}}``."""
+        self.chosen: dict[str, Any] | None = None if chosen is None else dict(chosen)
+        """How the models were chosen from a run (``merge(terge.choose(...))``), else ``None``:
+        ``{"rule": "last 5 by global_step", "from": "runs/checkpoint-*", "candidates":
+        [{"path", "value"}, ...] (ranked by the rule), "chosen": [path, ...]}``."""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Lineage):
@@ -265,9 +270,13 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
     "dropped": {name: [[model, reason], ...]},
     "models": [{"index", "kind", "path"}], "base", "dtype", "out_dtype", "terge_version",
-    "torch_version", "digests", **extra}``; written sorted by key (see :func:`save_lineage`).
+    "torch_version", "digests", **extra}``, and ``"chosen"`` where the models were chosen from a
+    run; written sorted by key (see :func:`save_lineage`).
     """
     digests = getattr(lineage, "digests", None)
+    chosen = getattr(lineage, "chosen", None)
+    if chosen is not None:  # only where there is one: other lineages keep their bytes
+        extra = {"chosen": chosen, **extra}
     record = {
         "schema": SCHEMA,
         "merged": {name: _entry_json(entry) for name, entry in lineage.items()},
@@ -495,11 +504,37 @@ class _Reader:
                 name: self.drops(value, f"dropped[{json.dumps(name)}]")
                 for name, value in self.mapping(data.get("dropped", {}), "dropped").items()
             },
+            chosen=self.chosen(data.get("chosen")),
         )
         stray = [name for name in lineage.digests or {} if name not in lineage]
         if stray:
             raise self.fail(f"digests[{json.dumps(stray[0])}] is for a tensor not merged.")
         return lineage
+
+    def chosen(self, value: Any) -> dict[str, Any] | None:
+        """``chosen``: the rule, the source, the ranked candidates and the chosen paths."""
+        if value is None:
+            return None
+        record = self.mapping(value, "chosen")
+        for key in ("rule", "from"):
+            self.string(record.get(key), f"chosen.{key}")
+        candidates: Any = record.get("candidates")  # checked on the next line
+        self.expect(isinstance(candidates, list), "chosen.candidates", "a list", candidates)
+        for i, item in enumerate(candidates):
+            candidate = self.mapping(item, f"chosen.candidates[{i}]")
+            self.string(candidate.get("path"), f"chosen.candidates[{i}].path")
+            if candidate.get("value") is not None:
+                self.number(candidate["value"], f"chosen.candidates[{i}].value")
+        paths: Any = record.get("chosen")
+        self.expect(isinstance(paths, list), "chosen.chosen", "a list of paths", paths)
+        for i, path in enumerate(paths):
+            self.string(path, f"chosen.chosen[{i}]")
+        return {
+            "rule": record["rule"],
+            "from": record["from"],
+            "candidates": [{"path": c["path"], "value": c.get("value")} for c in candidates],
+            "chosen": list(paths),
+        }
 
     def names(self, value: Any, where: str) -> dict[str, str]:
         mapping = self.mapping(value, where)

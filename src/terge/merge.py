@@ -18,6 +18,7 @@ from .digests import DigestRecorder
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .io import parse_size
+from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelRecord
@@ -304,6 +305,7 @@ def merge(
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
             record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype)
+            record.chosen = models.record() if isinstance(models, Chosen) else None
         if dry_run:
             assert record is not None  # a dry run returns its lineage
             if target is not None:  # fail exactly where the real call would

@@ -27,6 +27,7 @@ from ..patterns import Patterns, PatternSet, selected
 from .dtypes import SAFETENSORS_DTYPES
 from .parsing import ParseProblem, decode_utf8, loads_json, read_capped
 from .training import (
+    STATE_FILES,
     CheckpointLike,
     CheckpointSpec,
     Selection,
@@ -56,14 +57,6 @@ class TensorInfo(NamedTuple):
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_TRAINER_STATE_FILES = re.compile(
-    r"training_args\.bin|(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin)|rng_state.*\.pth"
-    r"|(sampler|dl_state_dict)(_\d+)?\.bin"
-)
-"""Files a Hugging Face Trainer (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
-``training_args.bin``, ...) or accelerate's ``save_state`` (``optimizer.bin``,
-``scheduler_1.bin``, ``sampler.bin``, ...) leaves beside the weights; they hold no model tensors."""
-
 _FOLDER_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 """The torch files a folder's weights may be in; ``.ckpt`` files are whole training checkpoints
 (Lightning's), one per file: a folder of them is a run to choose from, not one model."""
@@ -380,7 +373,7 @@ def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
     torch_files = [
         p
         for p in files
-        if p.name.endswith(_FOLDER_TORCH_SUFFIXES) and not _TRAINER_STATE_FILES.fullmatch(p.name)
+        if p.name.endswith(_FOLDER_TORCH_SUFFIXES) and not STATE_FILES.fullmatch(p.name)
     ]
     for suffix, preferred, single, tensor_files in (
         (

@@ -38,6 +38,13 @@ from ..errors import CheckpointError
 SEPARATOR = "::"
 """Between a checkpoint's path and its options in the text form: ``ckpt.pt::entry=model``."""
 _OPTIONS = ("entry", "prefix")
+STATE_FILES = re.compile(
+    r"training_args\.bin|(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin)|rng_state.*\.pth"
+    r"|(sampler|dl_state_dict)(_\d+)?\.bin"
+)
+"""Files a Hugging Face Trainer (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
+``training_args.bin``, ...) or accelerate's ``save_state`` (``optimizer.bin``,
+``scheduler_1.bin``, ``sampler.bin``, ...) leaves beside the weights; they hold no model tensors."""
 LIGHTNING_VERSION = "pytorch-lightning_version"
 """The key every checkpoint Lightning writes holds (``lightning`` and ``pytorch_lightning``)."""
 
