@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import terge
 from terge.errors import CheckpointError
@@ -188,7 +189,7 @@ def test_generic_checkpoints_keep_their_names(tmp_path):
 
 
 def test_entry_and_prefix_need_a_torch_file(tmp_path):
-    terge.save(tensors(), tmp_path / "m.safetensors")
+    save_file(tensors(), tmp_path / "m.safetensors")
     with pytest.raises(
         CheckpointError,
         match=r"m.safetensors::entry=model: entry= and prefix= choose the state dict inside one "
@@ -372,3 +373,27 @@ def test_state_dicts_still_read_as_before(tmp_path):
     with open_checkpoint(tmp_path / "plain.bin") as reader:
         assert reader.selection is None
     assert_same(read(tmp_path / "plain.bin"), state)
+
+
+# --- accelerate's save_state, written by accelerate -----------------------------------------------
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_accelerate_save_state_folder(tmp_path, safe):
+    """A save_state folder reads as its (first) model; optimizer.bin, the RNG and sampler states
+    are left alone."""
+    accelerate = pytest.importorskip("accelerate", reason="save_state folders are accelerate's")
+    torch.manual_seed(0)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, other = torch.nn.Linear(4, 2), torch.nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model, other, optimizer = accelerator.prepare(model, other, optimizer)
+    accelerator.save_state(tmp_path / "state", safe_serialization=safe)
+    names = {p.name for p in (tmp_path / "state").iterdir()}
+    assert "optimizer.bin" in names and any(n.startswith("random_states") for n in names)
+    with open_checkpoint(tmp_path / "state") as reader:
+        weights = "model.safetensors" if safe else "pytorch_model.bin"
+        assert [p.name for p in reader.files] == [weights]
+    found, expected = read(tmp_path / "state"), model.state_dict()
+    assert sorted(found) == sorted(expected)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
