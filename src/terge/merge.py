@@ -189,9 +189,15 @@ def merge(
 
     Args:
         models: the models to merge, ``nn.Module``s, state dicts and checkpoint paths mixed
-            freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin`` or
-            ``.pt`` file or a Hugging Face-style folder of (sharded) weights; it is read lazily,
-            only the tensors the merge uses, through a memory map.
+            freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin``,
+            ``.pt``, ``.pth`` or ``.ckpt`` file or a Hugging Face-style folder of (sharded)
+            weights (a Trainer's ``checkpoint-N/`` and accelerate's ``save_state`` folders
+            too); it is read lazily, only the tensors the merge uses, through a memory map. A
+            training checkpoint (Lightning's ``.ckpt``, ``{"model": ..., "optimizer": ...}``)
+            reads as the model state dict inside it; ``terge.checkpoint(path, entry=...,
+            prefix=...)`` (or ``"path::entry=KEY"``) says which where it holds several. A
+            ``terge.choose(...)`` result (the last or best N of a run) is recorded in
+            ``lineage.chosen``.
         base: the model whose tensors are the defaults and, with ``inplace=True``, are written
             into: an index into ``models`` (default ``0``) or a separate module, state dict or
             path.
