@@ -640,3 +640,21 @@ def test_entry_syntax_on_the_command_line(tmp_path, capsys, monkeypatch):
     code, _out, err = run(capsys, "merge", "nope.pth::state_dict", "e2.pth", "-o", "y")
     assert code == 2
     assert "model 'nope.pth::state_dict' does not exist" in err
+
+
+def test_the_lineage_file_may_not_overwrite_a_training_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    training_run(tmp_path / "run", steps=(1, 2))
+    code, _out, err = run(
+        capsys,
+        "merge",
+        "run/ckpt_1.pt::model",
+        "run/ckpt_2.pt",
+        "-o",
+        "x",
+        "--lineage",
+        "run/ckpt_1.pt",
+        "--overwrite",
+    )
+    assert code == 2
+    assert "the lineage file (--lineage) run/ckpt_1.pt is the input run/ckpt_1.pt" in err

@@ -385,7 +385,8 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
             "choose another path."
         )
     if settings.lineage is not None:
-        _check_lineage_path(settings, [*models, *([base] if isinstance(base, Path) else [])])
+        inputs = [*models, *([base] if isinstance(base, Path) else [])]
+        _check_lineage_path(settings, [as_spec(path).path for path in inputs])
     return models, base, settings.out
 
 
