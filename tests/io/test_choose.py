@@ -265,3 +265,15 @@ def test_best_needs_a_metric(tmp_path):
         r"val_loss=VALUE, nor its top-level numbers: none\)",
     ):
         choose(tmp_path, best=1, metric="val_loss")
+
+
+def test_a_runs_folder_as_a_model_says_to_choose(tmp_path):
+    for step in (1, 2):
+        torch.save({"model": small(step), "step": step}, tmp_path / f"epoch={step}.ckpt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds no tensor files .* it holds epoch=1.ckpt, epoch=2.ckpt\); it is a run's "
+        r"folder of checkpoints: merge some of them with terge.choose\(folder, last=N\)",
+    ):
+        terge.open_checkpoint(tmp_path)
+    assert len(choose(tmp_path, last=2)) == 2

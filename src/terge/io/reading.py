@@ -394,9 +394,18 @@ def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
             return None, tensor_files
     names = [p.name for p in files]
     listing = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") or "nothing"
+    run = any(name.endswith(".ckpt") for name in names) or any(
+        p.is_dir() and p.name.startswith("checkpoint-") for p in folder.iterdir()
+    )
+    hint = (
+        "; it is a run's folder of checkpoints: merge some of them with "
+        "terge.choose(folder, last=N) (terge merge FOLDER --last N), or pass their paths"
+        if run
+        else "; pass the folder or file that holds the weights"
+    )
     raise CheckpointError(
         f"{folder} holds no tensor files (no *.safetensors, *.bin, *.pt or *.pth, nor an "
-        f"index; it holds {listing}); pass the folder or file that holds the weights.",
+        f"index; it holds {listing}){hint}.",
         folder,
     )
 
