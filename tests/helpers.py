@@ -143,11 +143,13 @@ def nearest(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def lightning_run(folder, epochs: int = 4, top_k: int = -1, save_last: bool = False, **hparams):
+def lightning_run(
+    folder, epochs: int = 4, top_k: int = -1, save_last: bool = False, callbacks=(), **hparams
+):
     """Train a tiny LightningModule (its network as ``self.model``, so every name starts with
     ``model.``) for ``epochs`` one-batch epochs on the CPU, with a ``ModelCheckpoint`` watching
     ``val_loss`` (mode min, ``save_top_k=top_k``) writing ``epoch=E-step=S-val_loss=V.ckpt``
-    into ``folder``. Returns the LightningModule's network."""
+    into ``folder``; ``callbacks`` are added. Returns the LightningModule's network."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -188,7 +190,7 @@ def lightning_run(folder, epochs: int = 4, top_k: int = -1, save_last: bool = Fa
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *callbacks],
     )
     module = Lit(**hparams)
     trainer.fit(module, loader, loader)

@@ -397,3 +397,24 @@ def test_accelerate_save_state_folder(tmp_path, safe):
     found, expected = read(tmp_path / "state"), model.state_dict()
     assert sorted(found) == sorted(expected)
     assert all(torch.equal(found[name], expected[name]) for name in expected)
+
+
+def test_lightning_weight_averaging_reads_the_average(tmp_path):
+    """Lightning's WeightAveraging saves the average as state_dict and the training weights as
+    current_model_state: by Lightning's definition the model is state_dict (what
+    load_from_checkpoint loads); the training weights are one entry= away."""
+    pytest.importorskip("lightning", reason="Lightning checkpoints are written by Lightning")
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    network = lightning_run(tmp_path, epochs=2, callbacks=[WeightAveraging()])
+    last = sorted(tmp_path.glob("epoch=1*.ckpt"))[-1]
+    saved = torch.load(last, weights_only=True)
+    assert {"state_dict", "current_model_state"} <= set(saved)
+    with open_checkpoint(last) as reader:
+        assert (reader.selection.entry, reader.selection.prefix) == (("state_dict",), "model.")
+        average = {name: reader.get(name) for name in reader.names()}
+    assert torch.equal(average["0.weight"], saved["state_dict"]["model.0.weight"])
+    assert not torch.equal(average["0.weight"], saved["current_model_state"]["model.0.weight"])
+    current = read(checkpoint(last, entry="current_model_state", prefix="model."))
+    assert torch.equal(current["0.weight"], saved["current_model_state"]["model.0.weight"])
+    assert set(network.state_dict()) == set(average)
