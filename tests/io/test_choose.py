@@ -277,3 +277,13 @@ def test_a_runs_folder_as_a_model_says_to_choose(tmp_path):
     ):
         terge.open_checkpoint(tmp_path)
     assert len(choose(tmp_path, last=2)) == 2
+
+
+def test_a_plain_state_dict_has_no_record(tmp_path):
+    """A state dict's own scalar tensors (a parameter named `step`) are no trainer record: the
+    names order it."""
+    for step, name in ((5, "m_2.pt"), (1, "m_10.pt")):
+        torch.save({"w": torch.ones(2), "step": torch.tensor(step)}, tmp_path / name)
+    chosen = choose(tmp_path, last=1)
+    assert chosen.rule == "last 1 by name (natural order)"
+    assert os.path.basename(chosen[0]) == "m_10.pt"

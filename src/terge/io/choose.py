@@ -39,7 +39,13 @@ import torch
 
 from ..errors import CheckpointError
 from .parsing import ParseProblem, decode_utf8, read_capped
-from .training import LIGHTNING_VERSION, STATE_FILES, refused_error, refused_globals
+from .training import (
+    LIGHTNING_VERSION,
+    STATE_FILES,
+    is_state_dict,
+    refused_error,
+    refused_globals,
+)
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
@@ -159,7 +165,7 @@ class _Record:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         value = value.item()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
@@ -230,7 +236,7 @@ def _record(path: Path) -> _Record:
     if path.name.endswith(".safetensors"):
         return _Record(path, {}, [], {})
     loaded = _loaded(path)
-    if not isinstance(loaded, Mapping):
+    if not isinstance(loaded, Mapping) or is_state_dict(loaded):  # a model's tensors, no record
         return _Record(path, {}, [], {})
     numbers = _numbers(loaded)
     history = loaded.get("optimizer_history")
@@ -246,7 +252,7 @@ def _record(path: Path) -> _Record:
 
 
 def _numbers(mapping: Mapping[Any, Any]) -> dict[str, float]:
-    """The entries of ``mapping`` that are numbers (or one-element tensors), by name."""
+    """The entries of ``mapping`` that are numbers (or scalar tensors), by name."""
     found = {}
     for key, value in mapping.items():
         number = _number(value)
