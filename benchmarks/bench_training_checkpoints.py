@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{params / 1e6:.0f}M fp32 parameters ({model_mib:.0f} MiB of model per checkpoint; a "
         f".ckpt with Adam's state is {ckpt_mib:.0f} MiB). Machine: {info.get('cpu')}, "
-        f"{info.get('nproc', '?')} CPUs, torch {torch.__version__}. Best time and worst peak of "
+        f"{info.get('nproc', '?')} CPUs (load average {info.get('load_average')}), torch "
+        f"{torch.__version__}. Best time and worst peak of "
         f"{args.repeat} runs, each a fresh process reading from disk (inputs evicted). Shared "
         "machine: compare ratios within this run.\n"
     )
