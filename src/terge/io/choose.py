@@ -5,6 +5,11 @@ paths), orders them by what the trainer recorded, and returns the chosen paths a
 :class:`Chosen`: a tuple of paths, newest (or best) first, that ``terge.merge`` takes as its
 ``models`` and whose rule, candidates and choice go into the lineage (``lineage.chosen``).
 
+**Candidates.** A glob's matches, a list's paths, or a run's folder: its Trainer
+``checkpoint-N/`` folders if it has any, else its checkpoint files (``.ckpt``, ``.pt``,
+``.pth``, ``.bin``, ``.safetensors``; not a trainer's ``optimizer.pt`` and such). Lightning's
+``last.ckpt`` (a copy of the newest) is left out, and a file reached twice counts once.
+
 **Last N.** Ordered by the trainer's own record where every candidate has one: the
 ``global_step`` of a Hugging Face ``trainer_state.json`` or of a Lightning ``.ckpt``; else the
 first of ``step``, ``num_updates``, ``epoch`` that every torch checkpoint holds at its top level
