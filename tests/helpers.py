@@ -166,3 +166,100 @@ def lineage_validator():
     schema = lineage_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs written by the real libraries (imported here only, tests importorskip first)
+# --------------------------------------------------------------------------------------------
+
+
+def lightning_run(
+    folder, epochs: int = 4, top_k: int = -1, save_last: bool = False, callbacks=(), **hparams
+):
+    """Train a tiny LightningModule (its network as ``self.model``, so every name starts with
+    ``model.``) for ``epochs`` one-batch epochs on the CPU, with a ``ModelCheckpoint`` watching
+    ``val_loss`` (mode min, ``save_top_k=top_k``) writing ``epoch=E-step=S-val_loss=V.ckpt``
+    into ``folder``; ``callbacks`` are added. Returns the LightningModule's network."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Lit(L.LightningModule):
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+            if kwargs:
+                self.save_hyperparameters()
+            self.model = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)
+            )
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.model(x), y)
+
+        def validation_step(self, batch, index):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.model(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    checkpoints = ModelCheckpoint(
+        dirpath=folder,
+        filename="{epoch}-{step}-{val_loss:.4f}",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=top_k,
+        save_last=save_last,
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[checkpoints, *callbacks],
+    )
+    module = Lit(**hparams)
+    trainer.fit(module, loader, loader)
+    return module.model
+
+
+def trainer_run(folder, steps: int = 6, save_steps: int = 2):
+    """Train a tiny GPT-2 (built from a config) with the Hugging Face ``Trainer`` for ``steps``
+    steps, evaluating and saving every ``save_steps`` into ``folder/checkpoint-N/``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index):
+            ids = (torch.arange(8) + index) % 16
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+    arguments = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
+        save_steps=save_steps,
+        eval_strategy="steps",
+        eval_steps=save_steps,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config),
+        args=arguments,
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(),
+    )
+    trainer.train()
+    return trainer.model

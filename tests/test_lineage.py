@@ -303,6 +303,26 @@ def merged_with(**fields) -> str:
 
 
 HEX = "0" * 64
+CHOSEN = {
+    "rule": "last 2 by global_step",
+    "from": "runs/checkpoint-*",
+    "candidates": [{"path": "a", "value": 1}, {"path": "b", "value": None}],
+    "chosen": ["b", "a"],
+}
+
+
+def test_chosen_round_trips_and_is_written_only_where_there_is_one(tmp_path, linears):
+    _, lineage = terge.merge(linears, lineage=True)
+    assert lineage.chosen is None
+    terge.save_lineage(lineage, tmp_path / "plain.json")
+    assert '"chosen"' not in (tmp_path / "plain.json").read_text()  # other files keep their bytes
+    assert load_lineage(tmp_path / "plain.json").chosen is None
+    lineage.chosen = CHOSEN
+    terge.save_lineage(lineage, tmp_path / "chosen.json")
+    loaded = load_lineage(tmp_path / "chosen.json")
+    assert loaded.chosen == CHOSEN and loaded == lineage
+    loaded.chosen = {**CHOSEN, "chosen": ["a"]}
+    assert loaded != lineage
 
 
 @pytest.mark.parametrize(
@@ -387,6 +407,25 @@ HEX = "0" * 64
             ': digests["v"] is for a tensor not merged.',
         ),
         (with_(terge_version=1), ": terge_version must be a string or null, got 1."),
+        (with_(chosen=[]), ": chosen must be an object, got []."),
+        (with_(chosen={**CHOSEN, "rule": 5}), ": chosen.rule must be a string, got 5."),
+        (with_(chosen={**CHOSEN, "from": None}), ": chosen.from must be a string, got null."),
+        (
+            with_(chosen={**CHOSEN, "candidates": {}}),
+            ": chosen.candidates must be a list, got {}.",
+        ),
+        (
+            with_(chosen={**CHOSEN, "candidates": [{"path": "a", "value": "x"}]}),
+            ': chosen.candidates[0].value must be a number, got "x".',
+        ),
+        (
+            with_(chosen={**CHOSEN, "candidates": [{"value": 1}]}),
+            ": chosen.candidates[0].path must be a string, got null.",
+        ),
+        (
+            with_(chosen={**CHOSEN, "chosen": ["a", 2]}),
+            ": chosen.chosen[1] must be a string, got 2.",
+        ),
     ],
 )
 def test_a_bad_lineage_file_is_a_clear_error_naming_the_file(tmp_path, text, message):

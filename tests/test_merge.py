@@ -581,3 +581,24 @@ def test_models_on_different_devices_merge_onto_the_destinations_device():
             assert merged[name].device.type == expected_device
             reference = terge.merge([cpu, {k: v.cpu() for k, v in gpu.items()}])[name]
             assert torch.equal(merged[name].cpu(), reference)
+
+
+def test_a_spec_base_is_the_model_with_the_same_file_entry_and_prefix(tmp_path):
+    """A spec base names one of the models when file, entry and prefix agree; another entry of
+    the same file is a separate base."""
+    raw, ema = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    torch.save({"state_dict": raw, "state_dict_ema": ema}, tmp_path / "a.pth")
+    torch.save({"state_dict": raw, "state_dict_ema": ema}, tmp_path / "b.pth")
+    ema_a = terge.checkpoint(tmp_path / "a.pth", entry="state_dict_ema")
+    ema_b = f"{tmp_path}/b.pth::state_dict_ema"
+    _, lineage = terge.merge([ema_a, ema_b], base=ema_b, lineage=True)
+    assert lineage.base.index == 1
+    _, lineage = terge.merge(
+        [ema_a, ema_b], base=terge.checkpoint(tmp_path / "b.pth", entry="state_dict"), lineage=True
+    )
+    assert lineage.base.index == "separate"
+    assert lineage.base.path == f"{tmp_path / 'b.pth'}::entry=state_dict,prefix="
+    with pytest.raises(MergeArgumentError, match=r"which is no existing file or folder"):
+        terge.merge([ema_a, ema_b], base=terge.checkpoint(tmp_path / "c.pth", entry="x"))
+    with pytest.raises(MergeArgumentError, match=r"got a single path"):
+        terge.merge(ema_a)  # type: ignore[arg-type]

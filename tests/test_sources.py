@@ -7,6 +7,7 @@ import torch
 
 from terge.errors import MergeArgumentError
 from terge.io import save
+from terge.io.training import checkpoint
 from terge.sources import (
     FileSource,
     ModuleSource,
@@ -145,3 +146,20 @@ def test_as_source_refuses_anything_else_naming_where_it_was(model):
         MergeArgumentError, match=rf"models\[1\] is a {type(model).__name__}; terge"
     ):
         as_source(model, False, "models[1]")
+
+
+def test_a_file_source_records_the_entry_and_prefix_it_read(tmp_path):
+    """A training checkpoint's source names the entry and prefix it read (what the lineage
+    records, so that reading it back reads the same tensors); a plain state dict, its path."""
+    model = {"w": torch.ones(2)}
+    torch.save({"model": model, "epoch": 1}, tmp_path / "t.pt")
+    torch.save(model, tmp_path / "p.pt")
+    training, plain = FileSource(tmp_path / "t.pt"), FileSource(f"{tmp_path}/t.pt::prefix=")
+    assert training.spec == f"{tmp_path / 't.pt'}::entry=model,prefix="
+    assert plain.spec == training.spec and training.path == tmp_path / "t.pt"
+    assert FileSource(tmp_path / "p.pt").spec == str(tmp_path / "p.pt")
+    assert as_source(checkpoint(tmp_path / "t.pt", entry="model"), False, "m").entries.keys() == {
+        "w"
+    }
+    for source in (training, plain):
+        source.close()

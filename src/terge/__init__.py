@@ -25,6 +25,8 @@ from .errors import (
 )
 from .inspection import Inspection, inspect
 from .io import load, open_checkpoint, save
+from .io.choose import Chosen, choose
+from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
@@ -35,6 +37,8 @@ __all__ = [
     "BaseIndexError",
     "ByLayer",
     "CheckpointError",
+    "CheckpointSpec",
+    "Chosen",
     "Inspection",
     "Lineage",
     "LineageEntry",
@@ -60,6 +64,8 @@ __all__ = [
     "__version__",
     "by_layer",
     "check_lineage",
+    "checkpoint",
+    "choose",
     "inspect",
     "layer_index",
     "layers",

@@ -22,6 +22,7 @@ from .errors import LineageError, TergeError
 from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
+from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
 from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
@@ -106,6 +107,8 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
         changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
     if old.base is not None and new.base is not None and old.base.index == SEPARATE:
         changes += _pin_changes("base", old.base, new.base)
+    if old.chosen != new.chosen:
+        changes.append(f"~ chosen: {_chosen_text(old.chosen)} -> {_chosen_text(new.chosen)}")
     for i in range(max(len(old.models), len(new.models))):
         before = old.models[i] if i < len(old.models) else None
         after = new.models[i] if i < len(new.models) else None
@@ -143,6 +146,13 @@ def _pin_changes(label: str, old: ModelRecord, new: ModelRecord) -> list[str]:
         else:
             changes.append(f"~ {label}: file {name} changed (digest {was[:12]} -> {now[:12]})")
     return changes
+
+
+def _chosen_text(chosen: Mapping[str, Any] | None) -> str:
+    """``last 2 by global_step of runs/checkpoint-*: a, b``, or ``not chosen from a run``."""
+    if chosen is None:
+        return "not chosen from a run"
+    return f"{chosen['rule']} of {chosen['from']}: {', '.join(chosen['chosen'])}"
 
 
 def _how(entry: Any) -> str:
@@ -349,7 +359,7 @@ class _Checker:
         self,
         models: Sequence[str | os.PathLike[str]] | None,
         base: str | os.PathLike[str] | None,
-    ) -> tuple[dict[int, Path], Path | None]:
+    ) -> tuple[dict[int, CheckpointSpec], CheckpointSpec | None]:
         """Where to read each model the merge read, and the base (also when only the tensors
         left alone need it, if it can be read: given, or read from disk by the merge)."""
         records = self.lineage.models
@@ -365,7 +375,7 @@ class _Checker:
             and self.base_readable(models, base)
         ):
             needed.add(self.base_index)
-        paths: dict[int, Path] = {}
+        paths: dict[int, CheckpointSpec] = {}
         base_path = None
         for index in sorted(needed, key=str):
             if index == SEPARATE:
@@ -373,7 +383,7 @@ class _Checker:
             elif models is not None:
                 if index >= len(models):
                     raise self.fail(f"models[{index}] contributed but only {len(models)} given.")
-                paths[index] = Path(models[index]).expanduser()
+                paths[index] = as_spec(models[index])
             else:
                 record = records[index] if index < len(records) else None
                 paths[index] = self.path_of(record, None, "--models")
@@ -398,9 +408,11 @@ class _Checker:
 
     def path_of(
         self, record: ModelRecord | None, given: str | os.PathLike[str] | None, option: str
-    ) -> Path:
+    ) -> CheckpointSpec:
+        """The checkpoint a model was read from (a training checkpoint's entry and prefix
+        too: ``ckpt.pt::entry=model,prefix=``), as given or as recorded."""
         if given is not None:
-            return Path(given).expanduser()
+            return as_spec(given)
         if record is None:
             raise self.fail(f"it does not record where the models were read from; give {option}.")
         if record.path is None:
@@ -408,8 +420,8 @@ class _Checker:
                 f"{record.describe()} was not read from disk, so it cannot be read again; give "
                 f"its checkpoint with {option}."
             )
-        path = Path(record.path)
-        if not path.exists():
+        path = as_spec(record.path)
+        if not path.path.exists():
             raise self.fail(
                 f"{record.describe()} was read from {record.path!r}, which does not exist from "
                 f"here ({Path.cwd()}); the paths a lineage records are as the merge was given "
@@ -703,6 +715,12 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
     versions = f"terge {lineage.terge_version or '?'}, torch {lineage.torch_version or '?'}"
     lines = [f"{title}: written by {versions}"]
     lines += _models_lines(lineage)
+    if lineage.chosen is not None:
+        ranked = len(lineage.chosen["candidates"])
+        lines.append(
+            f"chosen: {lineage.chosen['rule']}, of {_count(ranked, 'candidate')} in "
+            f"{lineage.chosen['from']}"
+        )
     written = dtype_name(lineage.out_dtype) or "each tensor's own dtype"
     lines.append(f"accumulated in {dtype_name(lineage.dtype) or '?'}, written in {written}")
     lines.append(f"merged: {_count(len(lineage), 'tensor')}")

@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import LineageError
 from .io.dtypes import dtype_name, floating_dtype
 from .io.parsing import ParseProblem, is_float_number, loads_json, read_capped
+from .io.training import as_spec
 
 EXCLUDED = "excluded"
 """Not selected by ``included`` or selected by ``excluded``."""
@@ -181,6 +182,7 @@ class Lineage(dict):
         torch_version: str | None = None,
         digests: Mapping[str, TensorDigests] | None = None,
         dropped: Mapping[str, Mapping[int, str]] | None = None,
+        chosen: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -207,6 +209,10 @@ class Lineage(dict):
         }
         """Per tensor, the models that hold it but did not contribute, with the reason (their
         tensor is not floating point, is float8, is sparse, ...): ``{name: {model: reason}}``."""
+        self.chosen: dict[str, Any] | None = None if chosen is None else dict(chosen)
+        """How the models were chosen from a run (``merge(terge.choose(...))``), else ``None``:
+        ``{"rule": "last 5 by global_step", "from": "runs/checkpoint-*", "candidates":
+        [{"path", "value"}, ...] (ranked by the rule), "chosen": [path, ...]}``."""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Lineage):
@@ -298,10 +304,13 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
     "dropped": {name: [[model, reason], ...]},
     "models": [{"index", "kind", "path", "files"?, "revision"?}], "base", "dtype", "out_dtype",
-    "terge_version", "torch_version", "digests", **extra}``; written sorted by key (see
-    :func:`save_lineage`).
+    "terge_version", "torch_version", "digests", **extra}``, and ``"chosen"`` where the models
+    were chosen from a run; written sorted by key (see :func:`save_lineage`).
     """
     digests = getattr(lineage, "digests", None)
+    chosen = getattr(lineage, "chosen", None)
+    if chosen is not None:  # only where there is one: other lineages keep their bytes
+        extra = {"chosen": chosen, **extra}
     record = {
         "schema": SCHEMA,
         "merged": {name: _entry_json(entry) for name, entry in lineage.items()},
@@ -388,7 +397,9 @@ def save_lineage(
         raise LineageError(f"`overwrite` must be True or False; got {overwrite!r}.", path)
     target = Path(path).expanduser()
     records = [*getattr(lineage, "models", ()), getattr(lineage, "base", None)]
-    inputs = [r.path for r in records if isinstance(r, ModelRecord) and r.path is not None]
+    inputs = [
+        as_spec(r.path).path for r in records if isinstance(r, ModelRecord) and r.path is not None
+    ]
     check_file_apart(target, inputs, what="the lineage file", error=LineageError)
     text = lineage_text(lineage)
     return write_text_atomic(target, text, overwrite=overwrite, error=LineageError)
@@ -527,11 +538,37 @@ class _Reader:
                 name: self.drops(value, f"dropped[{json.dumps(name)}]")
                 for name, value in self.mapping(data.get("dropped", {}), "dropped").items()
             },
+            chosen=self.chosen(data.get("chosen")),
         )
         stray = [name for name in lineage.digests or {} if name not in lineage]
         if stray:
             raise self.fail(f"digests[{json.dumps(stray[0])}] is for a tensor not merged.")
         return lineage
+
+    def chosen(self, value: Any) -> dict[str, Any] | None:
+        """``chosen``: the rule, the source, the ranked candidates and the chosen paths."""
+        if value is None:
+            return None
+        record = self.mapping(value, "chosen")
+        for key in ("rule", "from"):
+            self.string(record.get(key), f"chosen.{key}")
+        candidates: Any = record.get("candidates")  # checked on the next line
+        self.expect(isinstance(candidates, list), "chosen.candidates", "a list", candidates)
+        for i, item in enumerate(candidates):
+            candidate = self.mapping(item, f"chosen.candidates[{i}]")
+            self.string(candidate.get("path"), f"chosen.candidates[{i}].path")
+            if candidate.get("value") is not None:
+                self.number(candidate["value"], f"chosen.candidates[{i}].value")
+        paths: Any = record.get("chosen")
+        self.expect(isinstance(paths, list), "chosen.chosen", "a list of paths", paths)
+        for i, path in enumerate(paths):
+            self.string(path, f"chosen.chosen[{i}]")
+        return {
+            "rule": record["rule"],
+            "from": record["from"],
+            "candidates": [{"path": c["path"], "value": c.get("value")} for c in candidates],
+            "chosen": list(paths),
+        }
 
     def names(self, value: Any, where: str) -> dict[str, str]:
         mapping = self.mapping(value, where)

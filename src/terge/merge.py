@@ -18,7 +18,9 @@ from .digests import DigestRecorder, source_files
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .io import parse_size
+from .io.choose import Chosen
 from .io.dtypes import floating_dtype
+from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
 from .output import check_output, write_merge
 from .plan import Plan, build_plan, check_seed
@@ -28,7 +30,7 @@ from .sources import (
     NameMap,
     Source,
     as_source,
-    is_path,
+    on_disk,
     renamer,
 )
 from .types import Merged, Methods, Model, Models, Patterns, Weights
@@ -187,9 +189,15 @@ def merge(
 
     Args:
         models: the models to merge, ``nn.Module``s, state dicts and checkpoint paths mixed
-            freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin`` or
-            ``.pt`` file or a Hugging Face-style folder of (sharded) weights; it is read lazily,
-            only the tensors the merge uses, through a memory map.
+            freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin``,
+            ``.pt``, ``.pth`` or ``.ckpt`` file or a Hugging Face-style folder of (sharded)
+            weights (a Trainer's ``checkpoint-N/`` and accelerate's ``save_state`` folders
+            too); it is read lazily, only the tensors the merge uses, through a memory map. A
+            training checkpoint (Lightning's ``.ckpt``, ``{"model": ..., "optimizer": ...}``)
+            reads as the model state dict inside it; ``terge.checkpoint(path, entry=...,
+            prefix=...)`` (or ``"path::entry=KEY"``) says which where it holds several. A
+            ``terge.choose(...)`` result (the last or best N of a run) is recorded in
+            ``lineage.chosen``.
         base: the model whose tensors are the defaults and, with ``inplace=True``, are written
             into: an index into ``models`` (default ``0``) or a separate module, state dict or
             path.
@@ -304,6 +312,7 @@ def merge(
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
             record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype, digests)
+            record.chosen = models.record() if isinstance(models, Chosen) else None
         if dry_run:
             assert record is not None  # a dry run returns its lineage
             if target is not None:  # fail exactly where the real call would
@@ -434,7 +443,7 @@ def _lineage(
 
 
 def _path_of(source: Source) -> str | None:
-    return os.fspath(source.path) if isinstance(source, FileSource) else None
+    return source.spec if isinstance(source, FileSource) else None
 
 
 def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -485,10 +494,10 @@ def _sources(
 
     Checkpoint files are opened (and their headers checked) here; ``opened`` closes them.
     """
-    if isinstance(models, (torch.nn.Module, Mapping, str, os.PathLike)) and not isinstance(
+    if (on_disk(models) or isinstance(models, (torch.nn.Module, Mapping))) and not isinstance(
         models, (torch.nn.ModuleList, torch.nn.Sequential)
     ):
-        kind = "path" if is_path(models) else type(models).__name__
+        kind = "path" if on_disk(models) else type(models).__name__
         raise MergeArgumentError(
             f"`models` must be a list of models; got a single {kind}. "
             "Wrap it in a list: merge([model_a, model_b])."
@@ -503,14 +512,14 @@ def _sources(
     models = list(models)
     if not models:
         raise MergeArgumentError("`models` is empty; pass at least one model to merge.")
-    if isinstance(base, bool) or not isinstance(
-        base, (int, torch.nn.Module, Mapping, str, os.PathLike)
+    if isinstance(base, bool) or not (
+        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping))
     ):
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}."
         )
-    if is_path(base) and not Path(base).expanduser().exists():
+    if on_disk(base) and not as_spec(base).path.exists():
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}, which is no existing file or folder (an index "
@@ -529,13 +538,19 @@ def _sources(
         index = base % len(models)
         return sources, index, sources[index]
     for index, model in enumerate(models):
-        if model is base or (is_path(base) and is_path(model) and _same_path(model, base)):
+        if model is base or (on_disk(base) and on_disk(model) and _same_path(model, base)):
             return sources, index, sources[index]
     base_source = as_source(base, buffers, "base", rename)
     opened.callback(base_source.close)
     return sources, None, base_source
 
 
-def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name the same checkpoint (so a path ``base`` is that model)."""
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+def _same_path(a: CheckpointLike, b: CheckpointLike) -> bool:
+    """Whether two paths (or specs) name the same checkpoint (so a path ``base`` is that
+    model): the same file, and the same entry and prefix asked for."""
+    first, second = as_spec(a), as_spec(b)
+    return (first.path.resolve(), first.entry, first.prefix) == (
+        second.path.resolve(),
+        second.entry,
+        second.prefix,
+    )

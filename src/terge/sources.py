@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
 from .errors import MergeArgumentError
+from .io.training import CheckpointLike, CheckpointSpec, resolved
 from .sharding import is_dtensor, sharding_of
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -257,13 +257,17 @@ class FileSource(Source):
     kind = "file"
 
     def __init__(
-        self, path: str | os.PathLike[str], *, rename: NameMap = strip_wrappers, where: str = ""
+        self, path: CheckpointLike, *, rename: NameMap = strip_wrappers, where: str = ""
     ) -> None:
         from .io import open_checkpoint  # safetensors is imported only when used
 
-        self.path = Path(path).expanduser()
         self.rename = rename
-        self.reader = open_checkpoint(self.path)
+        self.reader = open_checkpoint(path)
+        self.path = self.reader.path
+        """The file or folder (a training checkpoint's file, its entry aside)."""
+        self.spec = resolved(self.path, self.reader.selection)
+        """What the lineage records: the path, and the entry and prefix read from a training
+        checkpoint (``ckpt.pt::entry=model,prefix=``)."""
         try:
             self.raw_names = canonical_names(
                 self.reader.names(), rename, where or f"the checkpoint {self.path}"
@@ -287,8 +291,13 @@ class FileSource(Source):
 
 
 def is_path(model: object) -> TypeGuard[str | os.PathLike[str]]:
-    """Whether ``model`` names a checkpoint on disk rather than being a model in memory."""
+    """Whether ``model`` is a path (``str`` or ``os.PathLike``) rather than a model in memory."""
     return isinstance(model, (str, os.PathLike))
+
+
+def on_disk(model: object) -> TypeGuard[CheckpointLike]:
+    """Whether ``model`` names a checkpoint on disk: a path, or a ``terge.checkpoint`` spec."""
+    return isinstance(model, (str, os.PathLike, CheckpointSpec))
 
 
 def as_source(model: Any, buffers: bool, where: str, rename: NameMap = strip_wrappers) -> Source:
@@ -298,9 +307,10 @@ def as_source(model: Any, buffers: bool, where: str, rename: NameMap = strip_wra
         return ModuleSource(model, buffers, rename=rename, where=where)
     if isinstance(model, Mapping):
         return StateDictSource(model, rename=rename, where=where)
-    if is_path(model):
+    if on_disk(model):
         return FileSource(model, rename=rename, where=f"{where} ({model})")
     raise MergeArgumentError(
         f"{where} is a {type(model).__name__}; terge merges torch.nn.Module objects, state "
-        "dicts (mappings of names to tensors) and checkpoint paths (str or os.PathLike)."
+        "dicts (mappings of names to tensors) and checkpoints (paths, str or os.PathLike, or "
+        "terge.checkpoint(...))."
     )

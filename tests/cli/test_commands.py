@@ -585,6 +585,77 @@ def test_check_passes_a_merge_that_keeps_the_policy(capsys, checkpoints, tmp_pat
     assert code == 1 and out.count("[range]") == 3  # an option adds to (here: overrides) the file
 
 
+# --- training checkpoints and choosing ------------------------------------------------------------
+
+
+def training_run(folder: Path, steps=(100, 200, 300, 400)) -> list[dict[str, torch.Tensor]]:
+    """fairseq-style training checkpoints ckpt_<step>.pt with a val_loss in extra_state."""
+    folder.mkdir()
+    models = []
+    for step in steps:
+        model = {"w": torch.full((2, 2), float(step)), "b": torch.full((2,), float(step))}
+        state = {
+            "model": model,
+            "optimizer": {"state": {}, "param_groups": []},
+            "num_updates": step,
+            "extra_state": {"val_loss": abs(250 - step) / 100},
+        }
+        torch.save(state, folder / f"ckpt_{step}.pt")
+        models.append(model)
+    return models
+
+
+def test_merge_the_last_n(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    training_run(tmp_path / "run")
+    code, _out, err = run(capsys, "merge", "run/ckpt_*.pt", "--last", "2", "-o", "avg")
+    assert code == 0, err
+    assert (
+        "terge: chose 2 checkpoints, last 2 by num_updates: run/ckpt_400.pt, run/ckpt_300.pt" in err
+    )
+    assert torch.equal(load("avg")["w"], torch.full((2, 2), 350.0))
+    lineage = terge.load_lineage("avg")
+    assert lineage.chosen["rule"] == "last 2 by num_updates"
+    assert lineage.chosen["from"] == "run/ckpt_*.pt"
+    assert lineage.chosen["chosen"] == ["run/ckpt_400.pt", "run/ckpt_300.pt"]
+    assert [c["value"] for c in lineage.chosen["candidates"]] == [100, 200, 300, 400]
+    assert [m.path for m in lineage.models] == [
+        "run/ckpt_400.pt::entry=model,prefix=",
+        "run/ckpt_300.pt::entry=model,prefix=",
+    ]
+    code, out, err = run(capsys, "lineage", "show", "avg")
+    assert "chosen: last 2 by num_updates, of 4 candidates in run/ckpt_*.pt" in out
+    code, out, err = run(capsys, "lineage", "verify", "avg/lineage.json", "--merged", "avg")
+    assert code == 0, out + err
+
+
+def test_merge_the_best_n(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    training_run(tmp_path / "run")
+    code, _out, err = run(
+        capsys, "merge", "run", "--best", "2", "--metric", "val_loss", "-o", "soup", "-q"
+    )
+    assert code == 0, err
+    assert err == ""
+    assert torch.equal(load("soup")["w"], torch.full((2, 2), 250.0))  # steps 200 and 300
+    assert terge.load_lineage("soup").chosen["rule"] == "best 2 by val_loss (min, from checkpoint)"
+    code, _out, err = run(
+        capsys,
+        "merge",
+        "run",
+        "--best",
+        "1",
+        "--metric",
+        "val_loss",
+        "--mode",
+        "max",
+        "-o",
+        "worst",
+    )
+    assert code == 0, err
+    assert torch.equal(load("worst")["w"], torch.full((2, 2), 100.0))
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -686,3 +757,63 @@ def test_inspect_prints_a_table_json_and_a_heatmap(capsys, checkpoints, tmp_path
 def test_inspect_bad_input_is_exit_2(capsys, checkpoints, argv, message):
     code, _, err = run(capsys, "inspect", *argv)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--last", "0"], r"argument --last: must be a number of checkpoints >= 1, got '0'"),
+        (["--metric", "val_loss"], r"--metric and --mode rank the checkpoints that --best N"),
+        (["--last", "2", "--best", "2"], r"choose\(\) takes one of last=N and best=N"),
+        (["--best", "2", "--metric", "bleu"], r"records no value of 'bleu'"),
+        (["--best", "2", "--metric", "val_loss", "--weights", "1,2,3"], r"--weights gives 3"),
+    ],
+)
+def test_choosing_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    training_run(tmp_path / "run")
+    code, _out, err = run(capsys, "merge", "run", "-o", "x", *argv)
+    assert code == 2
+    assert regex.search(message, err), err
+
+
+def test_entry_syntax_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """timm-style checkpoints hold two state dicts: PATH::ENTRY picks one; without it, the
+    error lists them."""
+    monkeypatch.chdir(tmp_path)
+    for i in (1, 2):
+        model = {"w": torch.full((2,), float(i))}
+        torch.save(
+            {"state_dict": model, "state_dict_ema": {"w": model["w"] * 10}, "epoch": i},
+            tmp_path / f"e{i}.pth",
+        )
+    code, _out, err = run(capsys, "merge", "e1.pth", "e2.pth", "-o", "x")
+    assert code == 2
+    assert "e1.pth holds 2 model state dicts, 'state_dict' (" in err
+    assert "or the path 'e1.pth::state_dict' (command line, recipes)" in err
+    code, _out, err = run(
+        capsys, "merge", "e1.pth::state_dict_ema", "e2.pth::entry=state_dict_ema", "-o", "ema"
+    )
+    assert code == 0, err
+    assert torch.equal(load("ema")["w"], torch.full((2,), 15.0))
+    code, _out, err = run(capsys, "merge", "nope.pth::state_dict", "e2.pth", "-o", "y")
+    assert code == 2
+    assert "model 'nope.pth::state_dict' does not exist" in err
+
+
+def test_the_lineage_file_may_not_overwrite_a_training_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    training_run(tmp_path / "run", steps=(1, 2))
+    code, _out, err = run(
+        capsys,
+        "merge",
+        "run/ckpt_1.pt::model",
+        "run/ckpt_2.pt",
+        "-o",
+        "x",
+        "--lineage",
+        "run/ckpt_1.pt",
+        "--overwrite",
+    )
+    assert code == 2
+    assert "the lineage file (--lineage) run/ckpt_1.pt is the input run/ckpt_1.pt" in err

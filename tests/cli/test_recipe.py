@@ -259,7 +259,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
     assert message == (
         f"{tmp_path / 'recipe.toml'}: unknown key 'modles' (did you mean 'models'?); the valid "
         "keys are models, base, out, method, weights, include, exclude, dtype, out_dtype, "
-        "max_shard_size, seed, lineage, overwrite, normalize."
+        "max_shard_size, seed, lineage, overwrite, normalize, last, best, metric, mode."
     )
 
 
@@ -383,3 +383,37 @@ def test_parse_recipe_takes_parsed_toml():
     assert settings == Settings(models=(Path("/r/x"),), seed=3)
     with pytest.raises(RecipeError, match=r"^r.toml: 'seed' must be an integer"):
         parse_recipe({"seed": 1.5}, Path("/r"), "r.toml")
+
+
+def test_choosing_keys(tmp_path):
+    settings = recipe(
+        tmp_path,
+        """
+        models = ["runs/checkpoint-*"]
+        best = 3
+        metric = "eval_loss"
+        mode = "min"
+        """,
+    )
+    assert settings.models == (tmp_path / "runs/checkpoint-*",)
+    assert (settings.best, settings.metric, settings.mode, settings.last) == (
+        3,
+        "eval_loss",
+        "min",
+        None,
+    )
+    assert recipe(tmp_path, "last = 5").last == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("last = 0", r"'last' must be a number of checkpoints \(an int >= 1\); got 0"),
+        ("best = true", r"'best' must be a number of checkpoints"),
+        ('mode = "up"', r"'mode' must be 'min' or 'max'; got 'up'"),
+        ("metric = 3", r"'metric' must be a metric's name such as \"val_loss\"; got 3"),
+    ],
+)
+def test_bad_choosing_keys(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe(tmp_path, text)

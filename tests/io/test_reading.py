@@ -457,9 +457,12 @@ def test_torch_file_that_is_not_a_state_dict(tmp_path):
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match=r"list.pt holds a list, not a state_dict"):
         open_checkpoint(tmp_path / "list.pt")
-    torch.save({"model": {"w": torch.ones(1)}, "step": 3}, tmp_path / "train.pt")
-    with pytest.raises(CheckpointError, match=r"train.pt maps 'model' to a dict; a checkpoint"):
-        open_checkpoint(tmp_path / "train.pt")
+    torch.save({"w": torch.ones(1), "step": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"mixed.pt holds no model state dict: .* \(it holds 'w' \(tensor\[1\]\), 'step' \(int\)\)",
+    ):
+        open_checkpoint(tmp_path / "mixed.pt")
 
 
 def test_an_error_in_one_shard_fails_the_whole_open(tmp_path):

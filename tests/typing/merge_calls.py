@@ -43,6 +43,10 @@ terge.merge(models, weights=names)
 method: Methods = "arithmetic"
 weights: Weights = [1, 1]
 patterns: Patterns = ["a", re.compile("b")]
+terge.merge(
+    [terge.checkpoint("a.ckpt", entry="state_dict"), "b.ckpt"], base=terge.checkpoint("c.pt")
+)
+terge.merge(terge.choose("runs/checkpoint-*", last=5), out="avg")
 
 # --- what they refuse ---
 terge.merge(models, method=3)  # type: ignore[call-overload]

@@ -13,6 +13,7 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,8 @@ import torch
 from .._version import __version__
 from ..audit import diff_lineages, verify_lineage
 from ..errors import LineageError, TergeError, UsageError
+from ..io.choose import Chosen, choose
+from ..io.training import as_spec
 from ..io.writing import check_file_apart, write_text_atomic
 from ..lineage import REASONS, lineage_schema_text, load_lineage, save_lineage
 from ..merge import merge
@@ -91,9 +94,13 @@ def _methods_list() -> str:
 
 MERGE_DESCRIPTION = """\
 Merge checkpoints that share tensors by name and shape, and write the result as a folder of
-sharded safetensors (atomically, with lineage.json beside it). A MODEL is a .safetensors or .bin
-file or a Hugging Face-style folder. By default the tensors are averaged with equal weights; the
-base (the first model unless --base says otherwise) provides every tensor that is not merged.
+sharded safetensors (atomically, with lineage.json beside it). A MODEL is a .safetensors, .bin,
+.pt, .pth or .ckpt file or a Hugging Face-style folder (a Trainer's checkpoint-N/ too); a
+training checkpoint (Lightning's .ckpt, {"model": ..., "optimizer": ...}) is read as the model
+state dict inside it, and PATH::ENTRY (or PATH::entry=KEY,prefix=PREFIX) says which where it
+holds several. With --last N or --best N, the MODELs are a glob or folder of a run's
+checkpoints to choose from. By default the tensors are averaged with equal weights; the base
+(the first model unless --base says otherwise) provides every tensor that is not merged.
 Patterns, method specs and recipes are explained after the options.
 """
 
@@ -123,6 +130,9 @@ examples:
   terge merge base.safetensors math code -o merged --method ties:density=0.3 --seed 0
   terge merge a b -o merged --weights 3,1 --exclude 're:^lm_head\\.' --out-dtype bfloat16
   terge merge --recipe recipe.toml --out other --overwrite
+  terge merge 'runs/checkpoint-*' --last 5 -o avg
+  terge merge lightning_logs/ckpts --best 3 --metric val_loss -o soup
+  terge merge 'a.pth::state_dict_ema' 'b.pth::state_dict_ema' -o ema-soup
 
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
@@ -226,6 +236,34 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. --no-normalize --weights=1,1,-1 writes a + b - c (default --normalize)",
     )
     parser.add_argument(
+        "--last",
+        type=_positive,
+        metavar="N",
+        help="merge the last N checkpoints of the MODELs (a glob or a run's folder), by the "
+        "trainer's step (trainer_state.json, a .ckpt's global_step) or else the names in "
+        "natural order, e.g. 'runs/checkpoint-*' --last 5",
+    )
+    parser.add_argument(
+        "--best",
+        type=_positive,
+        metavar="N",
+        help="merge the best N checkpoints of the MODELs by --metric, as the trainer recorded "
+        "it (Lightning's ModelCheckpoint, trainer_state.json) or the names hold it "
+        "(val_loss=0.31), e.g. --best 3 --metric val_loss",
+    )
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="with --best, the metric to rank by, e.g. --metric eval_loss (default: the one a "
+        "Lightning ModelCheckpoint monitors)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        help="with --best, whether a lower or a higher metric is better, e.g. --mode max "
+        "(default: the ModelCheckpoint's mode, else min for a metric named ...loss)",
+    )
+    parser.add_argument(
         "--recipe",
         metavar="FILE",
         help="read settings from a TOML recipe (see below); options given here override it, "
@@ -238,6 +276,12 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print nothing but errors: no progress bar, warnings or summary, e.g. -q",
     )
+
+
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of checkpoints >= 1, got {text!r}")
+    return int(text)
 
 
 def _base_value(text: str) -> int | Path:
@@ -273,12 +317,38 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         lineage=None if args.lineage is None else Path(args.lineage).expanduser(),
         overwrite=args.overwrite,
         normalize=args.normalize,
+        last=args.last,
+        best=args.best,
+        metric=args.metric,
+        mode=args.mode,
     )
 
 
 def _text(pattern: Any) -> str:
     """A pattern as it would be written: ``re:REGEX`` or the exact name."""
     return pattern if isinstance(pattern, str) else f"re:{pattern.pattern}"
+
+
+def _choose(settings: Settings) -> tuple[Settings, Chosen | None]:
+    """With --last/--best, the checkpoints chosen from the MODELs (a glob, a run's folder, or
+    paths), which become the models; the choice goes into the lineage."""
+    if settings.last is None and settings.best is None:
+        if settings.metric is not None or settings.mode is not None:
+            raise UsageError(
+                "--metric and --mode rank the checkpoints that --best N chooses; add --best N."
+            )
+        return settings, None
+    if not settings.models:
+        raise UsageError("no checkpoints to choose from: give a glob or a run's folder as MODEL.")
+    sources = settings.models
+    chosen = choose(
+        os.fspath(sources[0]) if len(sources) == 1 else [os.fspath(p) for p in sources],
+        last=settings.last,
+        best=settings.best,
+        metric=settings.metric,
+        mode=settings.mode,
+    )
+    return dataclasses.replace(settings, models=tuple(Path(p) for p in chosen)), chosen
 
 
 def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
@@ -289,7 +359,7 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
         raise UsageError("no output folder: give -o/--out OUT, or a --recipe with 'out'.")
     models = list(settings.models)
     for path in models:
-        if not path.exists():
+        if not as_spec(path).path.exists():
             raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
     base: int | Path = 0 if settings.base is None else settings.base
     if isinstance(base, int):
@@ -298,7 +368,7 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
                 f"the base index {base} is not an index into the {len(models)} models; give "
                 f"{-len(models)} to {len(models) - 1}, or a path."
             )
-    elif not base.exists():
+    elif not as_spec(base).path.exists():
         raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
     else:  # a path that is one of the models is that model
         resolved = [path.resolve() for path in models]
@@ -319,7 +389,8 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
             "choose another path."
         )
     if settings.lineage is not None:
-        _check_lineage_path(settings, [*models, *([base] if isinstance(base, Path) else [])])
+        inputs = [*models, *([base] if isinstance(base, Path) else [])]
+        _check_lineage_path(settings, [as_spec(path).path for path in inputs])
     return models, base, settings.out
 
 
@@ -387,6 +458,10 @@ MERGE_OPTIONS: dict[str, str] = {
     "normalize": "--normalize",
     "digests": "--digests",
     "lineage": "--lineage",
+    "last": "--last",
+    "best": "--best",
+    "metric": "--metric",
+    "mode": "--mode",
 }
 """Each ``terge.merge()`` keyword that ``terge merge`` sets, and the option (or argument) that sets
 it: library errors name keywords, and the command's errors must name its options instead."""
@@ -470,13 +545,19 @@ def run_merge(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     if args.recipe is not None:
         settings = load_recipe(args.recipe).updated(settings)
+    settings, chosen = _choose(settings)
     models, base, out = _check(settings)
     options = _merge_options(settings, base, args)
+    if chosen is not None and not args.quiet:
+        _say(f"chose {_count(len(chosen), 'checkpoint')}, {chosen.rule}: {', '.join(chosen)}")
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path, lineage = merge(
-            [os.fspath(model) for model in models], out=os.fspath(out), lineage=True, **options
+            chosen if chosen is not None else [os.fspath(model) for model in models],
+            out=os.fspath(out),
+            lineage=True,
+            **options,
         )
     if settings.lineage is not None:
         write_lineage(settings.lineage, Path(path), lineage, bool(settings.overwrite))

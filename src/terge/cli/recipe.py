@@ -51,8 +51,10 @@ __all__ = [
     "load_recipe",
     "method_from",
     "method_settings",
+    "parse_count",
     "parse_dtype",
     "parse_method",
+    "parse_mode",
     "parse_pattern",
     "parse_recipe",
     "parse_weights",
@@ -87,7 +89,8 @@ name = "task_arithmetic"
 """A recipe using most keys, as ``terge merge --help`` shows it."""
 
 RECIPE_KEYS: Mapping[str, str] = {
-    "models": "list of model paths (files or Hugging Face-style folders)",
+    "models": "list of model paths (files or Hugging Face-style folders; a training "
+    "checkpoint's entry as PATH::ENTRY), or with last/best a glob or folder to choose from",
     "base": "index into models, or a path (default 0)",
     "out": "output folder",
     "method": 'method spec ("ties:density=0.3"), table, or [[method]] tables with a pattern',
@@ -101,6 +104,11 @@ RECIPE_KEYS: Mapping[str, str] = {
     "lineage": "also write the lineage JSON to this path (not inside an input)",
     "overwrite": "bool: replace out, and lineage, if they exist",
     "normalize": "bool: divide weights by their sum (default true)",
+    "last": "int: merge the last N of the models' checkpoints (by the trainer's step, or name)",
+    "best": "int: merge the best N of the models' checkpoints by metric",
+    "metric": 'with best: the metric to rank by, e.g. "val_loss" or "eval_loss"',
+    "mode": '"min" or "max": with best, whether lower or higher metric is better (default: '
+    'the trainer\'s record, else "min" for a loss)',
 }
 """Every key a recipe may hold, with what it takes."""
 
@@ -136,6 +144,10 @@ class Settings:
     lineage: Path | None = None
     overwrite: bool | None = None
     normalize: bool | None = None
+    last: int | None = None
+    best: int | None = None
+    metric: str | None = None
+    mode: str | None = None
 
     def updated(self, other: Settings) -> Settings:
         """These settings with every value ``other`` gives replacing this one's."""
@@ -521,4 +533,30 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
     for key in ("overwrite", "normalize"):
         if key in data:
             found[key] = _bool(data[key], where(key))
+    for key in ("last", "best"):
+        if key in data:
+            found[key] = parse_count(data[key], where(key))
+    if "metric" in data:
+        metric = data["metric"]
+        if not isinstance(metric, str) or not metric:
+            raise _type_error(where("metric"), 'a metric\'s name such as "val_loss"', metric)
+        found["metric"] = metric
+    if "mode" in data:
+        found["mode"] = parse_mode(data["mode"], where("mode"))
     return Settings(**found)
+
+
+def parse_count(value: Any, where: str) -> int:
+    """How many checkpoints ``last``/``best`` choose: an int >= 1."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{where} must be a number of checkpoints (an int >= 1); got {value!r}.")
+    return value
+
+
+def parse_mode(value: Any, where: str) -> str:
+    """``"min"`` or ``"max"``: whether a lower or a higher metric is better."""
+    if value not in ("min", "max"):
+        raise RecipeError(f"{where} must be 'min' or 'max'; got {value!r}.")
+    return value

@@ -15,7 +15,7 @@ import re
 import stat
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -26,6 +26,16 @@ from ..errors import CheckpointError, TensorNotFoundError
 from ..patterns import Patterns, PatternSet, selected
 from .dtypes import SAFETENSORS_DTYPES
 from .parsing import ParseProblem, decode_utf8, loads_json, read_capped
+from .training import (
+    STATE_FILES,
+    CheckpointLike,
+    CheckpointSpec,
+    Selection,
+    as_spec,
+    refused_error,
+    refused_globals,
+    select,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -46,11 +56,10 @@ class TensorInfo(NamedTuple):
 
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
-_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
-_TRAINER_STATE_FILES = re.compile(
-    r"(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)"
-)
-"""Files a Hugging Face Trainer leaves beside the weights; they hold no model tensors."""
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_FOLDER_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+"""The torch files a folder's weights may be in; ``.ckpt`` files are whole training checkpoints
+(Lightning's), one per file: a folder of them is a run to choose from, not one model."""
 
 _CORRUPT_FIX = "the file is truncated or corrupt: download or save it again"
 
@@ -222,15 +231,23 @@ class _SafetensorsFile:
 
 
 class _TorchFile:
-    """One ``torch.save`` file, memory-mapped so that only the tensors used are paged in."""
+    """One ``torch.save`` file, memory-mapped so that only the tensors used are paged in.
 
-    def __init__(self, path: Path) -> None:
+    A training checkpoint's model state dict is found in it (see :mod:`terge.io.training`);
+    ``selection`` says which entry and prefix that was (``None``: a plain state dict). The other
+    entries' tensors (the optimizer's) are views of the map too, never touched, so never read.
+    """
+
+    def __init__(self, path: Path, spec: CheckpointSpec | None = None) -> None:
         self.path = path
         # mmap needs the zip format of torch >= 1.6; the legacy format is loaded into memory.
         mmap = zipfile.is_zipfile(path)
         try:
             loaded = torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
         except Exception as error:
+            refused = refused_globals(path, error)
+            if refused:
+                raise refused_error(path, refused) from None
             first_line = next(iter(str(error).strip().splitlines()), "")
             raise CheckpointError(
                 f"{path}: torch.load(weights_only=True) cannot read it ({type(error).__name__}: "
@@ -238,22 +255,10 @@ class _TorchFile:
                 "other than tensors: save a state_dict of tensors (or safetensors) instead.",
                 path,
             ) from None
-        if not isinstance(loaded, Mapping):
-            raise CheckpointError(
-                f"{path} holds a {type(loaded).__name__}, not a state_dict mapping names to "
-                "tensors; save model.state_dict() instead.",
-                path,
-            )
-        for name, value in loaded.items():
-            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-                raise CheckpointError(
-                    f"{path} maps {name!r} to a {type(value).__name__}; a checkpoint must map "
-                    "str names to tensors only. Save the state_dict alone (for a training "
-                    "checkpoint, its model state_dict).",
-                    path,
-                )
-        self._tensors: dict[str, torch.Tensor] | None = dict(loaded)
-        self.infos = {name: TensorInfo(t.shape, t.dtype) for name, t in loaded.items()}
+        entry, prefix = (None, None) if spec is None else (spec.entry, spec.prefix)
+        tensors, self.selection = select(loaded, path, entry, prefix)
+        self._tensors: dict[str, torch.Tensor] | None = tensors
+        self.infos = {name: TensorInfo(t.shape, t.dtype) for name, t in tensors.items()}
 
     def get(self, name: str) -> torch.Tensor:
         assert self._tensors is not None
@@ -277,15 +282,15 @@ def _utf8_name(path: Path) -> bool:
     return True
 
 
-def _open_file(path: Path) -> _File:
+def _open_file(path: Path, spec: CheckpointSpec | None = None) -> _File:
     if path.name.endswith(".safetensors"):
         return _SafetensorsFile(path)
     if path.suffix in _TORCH_SUFFIXES:
-        return _TorchFile(path)
+        return _TorchFile(path, spec)
     raise CheckpointError(
         f"{path}: unknown checkpoint file suffix {path.suffix!r}; terge reads .safetensors, "
-        ".bin, .pt and .pth files, *.index.json indexes and folders of them. Rename the file if "
-        "it is one of these.",
+        ".bin, .pt, .pth and .ckpt files, *.index.json indexes and folders of them. Rename the "
+        "file if it is one of these.",
         path,
     )
 
@@ -368,7 +373,7 @@ def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
     torch_files = [
         p
         for p in files
-        if p.name.endswith(_TORCH_SUFFIXES) and not _TRAINER_STATE_FILES.fullmatch(p.name)
+        if p.name.endswith(_FOLDER_TORCH_SUFFIXES) and not STATE_FILES.fullmatch(p.name)
     ]
     for suffix, preferred, single, tensor_files in (
         (
@@ -389,9 +394,18 @@ def _pick_layout(folder: Path) -> tuple[Path | None, list[Path]]:
             return None, tensor_files
     names = [p.name for p in files]
     listing = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") or "nothing"
+    run = any(name.endswith(".ckpt") for name in names) or any(
+        p.is_dir() and p.name.startswith("checkpoint-") for p in folder.iterdir()
+    )
+    hint = (
+        "; it is a run's folder of checkpoints: merge some of them with "
+        "terge.choose(folder, last=N) (terge merge FOLDER --last N), or pass their paths"
+        if run
+        else "; pass the folder or file that holds the weights"
+    )
     raise CheckpointError(
         f"{folder} holds no tensor files (no *.safetensors, *.bin, *.pt or *.pth, nor an "
-        f"index; it holds {listing}); pass the folder or file that holds the weights.",
+        f"index; it holds {listing}){hint}.",
         folder,
     )
 
@@ -445,8 +459,12 @@ class CheckpointReader:
     :meth:`close`) to release the open files.
     """
 
-    def __init__(self, path: PathLike) -> None:
-        self.path = Path(path).expanduser()
+    def __init__(self, path: CheckpointLike) -> None:
+        self.spec = as_spec(path)
+        """The file and, for a training checkpoint, the entry and prefix asked for."""
+        self.path = self.spec.path
+        self.selection: Selection | None = None
+        """For a training checkpoint, the entry and prefix read (see :mod:`terge.io.training`)."""
         self.files: list[Path] = []
         self._opened: list[_File] = []
         self._where: dict[str, _File] = {}
@@ -468,11 +486,23 @@ class CheckpointReader:
             index, shards = path, []
         else:
             index, shards = None, [path]
+        chooses = self.spec.entry is not None or self.spec.prefix is not None
+        if chooses and (
+            index is not None or shards != [path] or path.suffix not in _TORCH_SUFFIXES
+        ):
+            raise CheckpointError(
+                f"{self.spec}: entry= and prefix= choose the state dict inside one torch file "
+                "(.pt, .pth, .bin, .ckpt); give that file's path, or drop them for a "
+                "folder or an index.",
+                path,
+            )
         if index is not None:
             self._open_indexed(index)
             return
         for shard in shards:
-            opened = self._add_file(shard)
+            opened = self._add_file(shard, self.spec)
+            if isinstance(opened, _TorchFile):
+                self.selection = opened.selection
             for name in opened.infos:
                 other = self._where.get(name)
                 if other is not None:
@@ -483,8 +513,8 @@ class CheckpointReader:
                     )
                 self._where[name] = opened
 
-    def _add_file(self, path: Path) -> _File:
-        opened = _open_file(path)
+    def _add_file(self, path: Path, spec: CheckpointSpec | None = None) -> _File:
+        opened = _open_file(path, spec)
         self._opened.append(opened)
         self.files.append(path)
         return opened
@@ -580,21 +610,26 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(self.files)} files)"
 
 
-def open_checkpoint(path: PathLike) -> CheckpointReader:
+def open_checkpoint(path: CheckpointLike) -> CheckpointReader:
     """Open a checkpoint file, index or folder for lazy reading (see :class:`CheckpointReader`).
 
     A folder is read from its ``*.safetensors.index.json`` (``model.safetensors.index.json``
     preferred), else its ``model.safetensors``, else all its ``*.safetensors`` files as unindexed
     shards; failing those, the same with ``*.bin.index.json`` (``pytorch_model.bin.index.json``
     preferred), ``pytorch_model.bin``, and all its ``*.bin``/``*.pt``/``*.pth`` files except a
-    Trainer's state files (``training_args.bin``, ``optimizer.pt``, ...). Subfolders are not
-    searched.
+    Trainer's or accelerate's state files (``training_args.bin``, ``optimizer.pt``,
+    ``optimizer.bin``, ...), so a Trainer's ``checkpoint-N/`` folder or a ``save_state`` folder
+    reads as its model. Subfolders are not searched.
+
+    A torch file that is a training checkpoint (``.ckpt``, ``{"model": ..., "optimizer": ...}``)
+    reads as the model state dict inside it; ``path`` may be a ``terge.checkpoint(...)`` spec, or
+    ``PATH::entry=KEY,prefix=PREFIX`` text, saying which (see :mod:`terge.io.training`).
     """
     return CheckpointReader(path)
 
 
 def load(
-    path: PathLike,
+    path: CheckpointLike,
     included: Patterns | None = None,
     excluded: Patterns | None = None,
     *,
