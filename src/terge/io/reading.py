@@ -17,7 +17,7 @@ import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from safetensors import safe_open
@@ -26,6 +26,9 @@ from ..errors import CheckpointError, TensorNotFoundError
 from ..patterns import Patterns, PatternSet, selected
 from .dtypes import SAFETENSORS_DTYPES
 from .parsing import ParseProblem, decode_utf8, loads_json, read_capped
+
+if TYPE_CHECKING:
+    from .distributed import DistributedCheckpoint
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -265,7 +268,7 @@ class _TorchFile:
         self._tensors = None
 
 
-_File = _SafetensorsFile | _TorchFile
+_File = Union[_SafetensorsFile, _TorchFile, "DistributedCheckpoint"]
 
 
 def _utf8_name(path: Path) -> bool:
@@ -445,8 +448,11 @@ class CheckpointReader:
     :meth:`close`) to release the open files.
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(
+        self, path: PathLike, *, entry: str | None = None, prefix: str | None = None
+    ) -> None:
         self.path = Path(path).expanduser()
+        self.entry, self.prefix = entry, prefix
         self.files: list[Path] = []
         self._opened: list[_File] = []
         self._where: dict[str, _File] = {}
@@ -461,6 +467,21 @@ class CheckpointReader:
         if not path.exists():
             raise CheckpointError(
                 f"{path} does not exist; pass the path of a checkpoint file or folder.", path
+            )
+        from .distributed import DistributedCheckpoint, is_distributed_checkpoint
+
+        if is_distributed_checkpoint(path):  # torch.distributed.checkpoint's folder
+            distributed = DistributedCheckpoint(path, entry=self.entry, prefix=self.prefix)
+            self._opened.append(distributed)
+            self.files.extend(distributed.files)
+            self._where = dict.fromkeys(distributed.infos, distributed)
+            self.entry = distributed.entry
+            return
+        if self.entry is not None or self.prefix is not None:
+            raise CheckpointError(
+                f"entry= and prefix= choose the model inside a distributed checkpoint (a folder "
+                f"with a .metadata file); {path} is not one: drop them.",
+                path,
             )
         if path.is_dir():
             index, shards = _folder_layout(path)
@@ -580,8 +601,15 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(self.files)} files)"
 
 
-def open_checkpoint(path: PathLike) -> CheckpointReader:
+def open_checkpoint(
+    path: PathLike, *, entry: str | None = None, prefix: str | None = None
+) -> CheckpointReader:
     """Open a checkpoint file, index or folder for lazy reading (see :class:`CheckpointReader`).
+
+    A folder with a ``.metadata`` file is a distributed checkpoint (``torch.distributed.
+    checkpoint``; see :class:`terge.io.distributed.DistributedCheckpoint`): ``entry`` names the
+    part of it that holds the model (``None``: the only candidate), ``prefix`` a name prefix to
+    keep and strip.
 
     A folder is read from its ``*.safetensors.index.json`` (``model.safetensors.index.json``
     preferred), else its ``model.safetensors``, else all its ``*.safetensors`` files as unindexed
@@ -590,7 +618,7 @@ def open_checkpoint(path: PathLike) -> CheckpointReader:
     Trainer's state files (``training_args.bin``, ``optimizer.pt``, ...). Subfolders are not
     searched.
     """
-    return CheckpointReader(path)
+    return CheckpointReader(path, entry=entry, prefix=prefix)
 
 
 def load(
