@@ -259,7 +259,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
     assert message == (
         f"{tmp_path / 'recipe.toml'}: unknown key 'modles' (did you mean 'models'?); the valid "
         "keys are models, base, out, method, weights, include, exclude, dtype, out_dtype, "
-        "max_shard_size, seed, lineage, overwrite, normalize."
+        "max_shard_size, out_format, seed, lineage, overwrite, normalize."
     )
 
 

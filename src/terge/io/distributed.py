@@ -109,8 +109,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
-            return getattr(torch, name)
+        value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(value, (torch.dtype, torch.layout)):  # how dtypes and layouts pickle
+            return value
         raise pickle.UnpicklingError(
             f"it names {module}.{name}, which is not one of torch's checkpoint metadata classes"
         )
@@ -159,7 +160,7 @@ def _entry_paths(metadata: Any) -> dict[str, tuple[str, ...]]:
     mapping = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     paths = {}
     for key in metadata.state_dict_metadata:
-        path = mapping.get(key)
+        path: Any = mapping.get(key)
         valid = isinstance(path, tuple) and path and ".".join(map(str, path)) == key
         paths[key] = tuple(map(str, path)) if valid else (key,)
     return paths
@@ -349,9 +350,10 @@ def _checked_tensor(folder: Path, metadata: Any, key: str, files: dict[str, int]
         ):
             raise bad(f"has chunk {number} at {offsets!r} of size {sizes!r}, outside its shape")
         where = storage.get(MetadataIndex(key, offsets))
-        file = getattr(where, "relative_path", None)
-        begin, length = getattr(where, "offset", None), getattr(where, "length", None)
-        transforms = getattr(where, "transform_descriptors", None) or ()
+        file: Any = getattr(where, "relative_path", None)
+        begin: Any = getattr(where, "offset", None)
+        length: Any = getattr(where, "length", None)
+        transforms: Any = getattr(where, "transform_descriptors", None) or ()
         if not (isinstance(file, str) and _count(begin) and _count(length)):
             raise bad(f"has chunk {number} stored nowhere (its storage entry is {where!r})")
         if not (isinstance(transforms, Sequence) and all(isinstance(t, str) for t in transforms)):
@@ -582,7 +584,9 @@ class DistributedCheckpointWriter(ShardedWriter):
         with DistributedCheckpointWriter("out", layout, entry="model") as writer:
             writer.add("w", tensor)
 
-    Each tensor is written whole, as one chunk, the moment it is added (a ``torch.save`` record
+    A tied name (``aliases``: alias -> name) gets its own key, stored in its tensor's record:
+    the bytes are written once and ``dcp.load`` fills both parameters. Each tensor is written
+    whole, as one chunk, the moment it is added (a ``torch.save`` record
     appended to ``__0_<n>.distcp``, a new file once ``max_shard_size`` is passed), so memory
     holds one tensor at most; ``.metadata`` is written last, as ``dcp.save`` writes it, with
     every tensor's key ``entry.name`` (``name`` alone for ``entry=""``): load it with
@@ -596,13 +600,28 @@ class DistributedCheckpointWriter(ShardedWriter):
         path: PathLike,
         tensors: Mapping[str, TensorInfo],
         *,
+        aliases: Mapping[str, str] | None = None,
         entry: str = "",
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
         inputs: Iterable[PathLike] = (),
     ) -> None:
         super().__init__(path, max_shard_size=max_shard_size, overwrite=overwrite, inputs=inputs)
+        if not isinstance(entry, str) or entry.startswith(".") or entry.endswith("."):
+            raise CheckpointError(
+                f"entry must be a str naming where the tensors go ('model', or '' for the top "
+                f"level), without a leading or trailing dot; got {entry!r}.",
+                self.path,
+            )
         self.entry = entry
+        self.aliases = dict(aliases or {})
+        for alias, name in self.aliases.items():
+            if name not in tensors or alias in tensors:
+                raise CheckpointError(
+                    f"the tied name {alias!r} must stand for a tensor of the layout ({name!r} is "
+                    "not one) and must not be one itself.",
+                    self.path,
+                )
         self._layout = dict(tensors)
         self.total_size = sum(info.nbytes for info in tensors.values())
         self._records: dict[str, tuple[str, int, int]] = {}
@@ -684,7 +703,8 @@ class DistributedCheckpointWriter(ShardedWriter):
         tensors: dict[str, Any] = {}
         storage: dict[Any, Any] = {}
         planner: dict[str, tuple[str, ...]] = {}
-        for name, info in self._layout.items():
+        for name in [*self._layout, *self.aliases]:
+            info = self._layout[self.aliases.get(name, name)]
             key = self.key(name)
             origin = torch.Size([0] * len(info.shape))
             tensors[key] = dcp.TensorStorageMetadata(
@@ -692,7 +712,8 @@ class DistributedCheckpointWriter(ShardedWriter):
                 size=torch.Size(info.shape),
                 chunks=[dcp.ChunkStorageMetadata(offsets=origin, sizes=torch.Size(info.shape))],
             )
-            storage[dcp.MetadataIndex(key, origin)] = _StorageInfo(*self._records[name])
+            record = self._records[self.aliases.get(name, name)]
+            storage[dcp.MetadataIndex(key, origin)] = _StorageInfo(*record)
             planner[key] = (*self.entry.split("."), name) if self.entry else (name,)
         return dcp.Metadata(
             state_dict_metadata=tensors,
