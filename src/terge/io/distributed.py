@@ -586,9 +586,9 @@ class DistributedCheckpointWriter(ShardedWriter):
 
     A tied name (``aliases``: alias -> name) gets its own key, stored in its tensor's record:
     the bytes are written once and ``dcp.load`` fills both parameters. Each tensor is written
-    whole, as one chunk, the moment it is added (a ``torch.save`` record
-    appended to ``__0_<n>.distcp``, a new file once ``max_shard_size`` is passed), so memory
-    holds one tensor at most; ``.metadata`` is written last, as ``dcp.save`` writes it, with
+    whole, as one chunk, the moment it is added (a ``torch.save`` record appended to
+    ``__0_<n>.distcp``, a new file where it would pass ``max_shard_size``), so memory holds one
+    tensor at most; ``.metadata`` is written last, as ``dcp.save`` writes it, with
     every tensor's key ``entry.name`` (``name`` alone for ``entry=""``): load it with
     ``dcp.load({"model": model.state_dict()}, ...)`` for ``entry="model"``. The temporary
     folder, ``overwrite``, the refusal of outputs overlapping ``inputs`` and the atomic rename
@@ -656,15 +656,17 @@ class DistributedCheckpointWriter(ShardedWriter):
         data = data.to("cpu").contiguous()
         if data.untyped_storage().nbytes() != data.nbytes:  # torch.save writes whole storages
             data = data.clone()
-        stream = self._stream()
+        stream = self._stream(data.nbytes)
         begin = stream.tell()
         torch.save(data, stream)
         self._records[name] = (self._data_name, begin, stream.tell() - begin)
 
-    def _stream(self) -> IO[bytes]:
-        """The data file to append to: a new one once the current has ``max_shard_size``."""
+    def _stream(self, nbytes: int = 0) -> IO[bytes]:
+        """The data file to append ``nbytes`` of tensor data to: a new one when they would push
+        the current one past ``max_shard_size`` (as safetensors shards are cut)."""
         assert self._tmp is not None
-        if self._data is not None and self._data.tell() >= self.max_shard_size:
+        current = self._data
+        if current is not None and current.tell() and current.tell() + nbytes > self.max_shard_size:
             self._close_data()
         if self._data is None:
             self._data_name = f"__0_{len(self._data_files)}{DATA_SUFFIX}"
@@ -713,7 +715,7 @@ class DistributedCheckpointWriter(ShardedWriter):
                 chunks=[dcp.ChunkStorageMetadata(offsets=origin, sizes=torch.Size(info.shape))],
             )
             record = self._records[self.aliases.get(name, name)]
-            storage[dcp.MetadataIndex(key, origin)] = _StorageInfo(*record)
+            storage[dcp.MetadataIndex(key, origin, index=0)] = _StorageInfo(*record)
             planner[key] = (*self.entry.split("."), name) if self.entry else (name,)
         return dcp.Metadata(
             state_dict_metadata=tensors,
