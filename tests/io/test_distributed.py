@@ -214,13 +214,19 @@ def test_model_entries_lists_the_candidates(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_chunks_of_several_ranks_are_stitched(tmp_path):
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [((0, 0), (6, 3)), ((0, 3), (6, 3)), ((6, 0), (5, 6)), ((11, 0), (0, 6))],
+        [((6, 0), (5, 6)), ((0, 0), (6, 6)), ((11, 0), (0, 6))],  # FSDP's, in any order
+    ],
+)
+def test_chunks_of_several_ranks_are_stitched(tmp_path, pieces):
     tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
-    pieces = [((0, 0), (6, 3)), ((0, 3), (6, 3)), ((6, 0), (5, 6)), ((11, 0), (0, 6))]
     chunked(tmp_path / "c", tensor, pieces)
     with open_checkpoint(tmp_path / "c") as reader:
         assert torch.equal(reader.get("w"), tensor)
-        assert reader._opened[0].chunk_reads == 3  # the empty chunk is not read
+        assert reader._opened[0].chunk_reads == len(pieces) - 1  # the empty chunk is not read
 
 
 def test_opening_reads_no_chunk_and_get_reads_only_its_own(tmp_path):
@@ -348,6 +354,10 @@ def test_a_record_of_another_tensor_is_an_error(saved):
         ([((0, 0), (6, 6)), ((6, 0), (7, 6))], "outside its shape"),
         ([((0, 0), (6, 6)), ((5, 0), (6, 6))], "overlap or leave part of the tensor out"),
         ([((0, 0), (6, 6))], "overlap or leave part of the tensor out"),
+        (  # split along both dimensions: checked pair by pair
+            [((0, 0), (6, 4)), ((0, 2), (6, 2)), ((6, 0), (6, 6))],
+            "overlap or leave part of the tensor out",
+        ),
     ],
 )
 def test_chunks_that_do_not_tile_the_tensor_are_refused(tmp_path, pieces, problem):
@@ -382,6 +392,9 @@ def test_a_metadata_of_another_type_or_damaged_is_refused(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"holds a dict, not torch\.distributed\.checkpoint's"
     ):
+        open_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(md.Metadata({3: None})))
+    with pytest.raises(CheckpointError, match=r"not torch\.distributed\.checkpoint's Metadata nam"):
         open_checkpoint(tmp_path / "c")
     (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(md.Metadata({}))[:-9])
     with pytest.raises(CheckpointError, match="metadata cannot be read"):

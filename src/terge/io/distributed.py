@@ -17,6 +17,7 @@ record at a time (peak memory: one tensor), atomically as every terge writer.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import pathlib
@@ -141,10 +142,14 @@ def _read_metadata(folder: Path) -> Any:
             f"{_CORRUPT_FIX}: save it again with torch.distributed.checkpoint.save.",
             path,
         ) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+    if (
+        not isinstance(metadata, Metadata)
+        or not isinstance(metadata.state_dict_metadata, dict)
+        or not all(isinstance(key, str) and key for key in metadata.state_dict_metadata)
+    ):
         raise CheckpointError(
             f"{path} holds a {type(metadata).__name__}, not torch.distributed.checkpoint's "
-            f"Metadata; {_CORRUPT_FIX}.",
+            f"Metadata naming each entry by a str; {_CORRUPT_FIX}.",
             path,
         )
     return metadata
@@ -373,19 +378,32 @@ def _checked_tensor(folder: Path, metadata: Any, key: str, files: dict[str, int]
 
 
 def _covers(size: tuple[int, ...], chunks: Sequence[_Chunk]) -> bool:
-    """Whether the chunks tile the tensor: their volumes add up to it and no two overlap."""
+    """Whether the chunks tile the tensor: their volumes add up to it and no two overlap.
+
+    Chunks that split one dimension alone (FSDP's sharding) are checked by sorting them; others
+    pair by pair, a block of pairs at a time (so thousands of chunks need little memory).
+    """
     if sum(math.prod(c.sizes) for c in chunks) != math.prod(size):
         return False
     boxes = [c for c in chunks if math.prod(c.sizes)]
     if len(boxes) < 2:
         return True
+    split = [d for d in range(len(size)) if any(c.sizes[d] != size[d] for c in boxes)]
+    if len(split) == 1:  # whole along every other dimension: no gaps and no overlaps in order
+        d = split[0]
+        spans = sorted((c.offsets[d], c.offsets[d] + c.sizes[d]) for c in boxes)
+        return all(end <= begin for (_, end), (begin, _) in itertools.pairwise(spans))
     starts = torch.tensor([c.offsets for c in boxes], dtype=torch.int64)
     ends = starts + torch.tensor([c.sizes for c in boxes], dtype=torch.int64)
-    low = torch.maximum(starts[:, None, :], starts[None, :, :])
-    high = torch.minimum(ends[:, None, :], ends[None, :, :])
-    overlap = (low < high).all(dim=-1)
-    overlap.fill_diagonal_(False)
-    return not bool(overlap.any())
+    for first in range(0, len(boxes), 256):
+        low = torch.maximum(starts[first : first + 256, None, :], starts[None, :, :])
+        high = torch.minimum(ends[first : first + 256, None, :], ends[None, :, :])
+        overlap = (low < high).all(dim=-1)
+        rows = torch.arange(overlap.shape[0])
+        overlap[rows, rows + first] = False  # a chunk meets itself
+        if bool(overlap.any()):
+            return False
+    return True
 
 
 def _data_file_size(folder: Path, name: str, key: str) -> int:
