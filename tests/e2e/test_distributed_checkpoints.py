@@ -161,9 +161,9 @@ def _count_reads(monkeypatch) -> list[tuple[str, str, tuple[int, ...]]]:
     reads: list[tuple[str, str, tuple[int, ...]]] = []
     read = DistributedCheckpoint._read_chunk
 
-    def counted(self, tensor, chunk):
+    def counted(self, tensor, chunk, *args):
         reads.append((self.path.name, tensor.key, chunk.offsets))
-        return read(self, tensor, chunk)
+        return read(self, tensor, chunk, *args)
 
     monkeypatch.setattr(DistributedCheckpoint, "_read_chunk", counted)
     return reads

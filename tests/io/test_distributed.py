@@ -64,9 +64,9 @@ def dcp_load(state: dict, folder) -> None:
         dcp.load(state, checkpoint_id=str(folder), no_dist=True)
 
 
-def chunked(folder, tensor: torch.Tensor, pieces, key: str = "w") -> None:
+def chunked(folder, tensor: torch.Tensor, pieces, key: str = "w", saved=torch.clone) -> None:
     """A checkpoint of one tensor saved as ``pieces`` (offsets, sizes), as ranks would save it:
-    each piece a torch.save record in the file of the rank that holds it."""
+    each piece a torch.save record (of ``saved(piece)``) in the file of the rank that holds it."""
     folder.mkdir()
     storage, chunks = {}, []
     files: dict[str, io.BytesIO] = {}
@@ -75,7 +75,7 @@ def chunked(folder, tensor: torch.Tensor, pieces, key: str = "w") -> None:
         name = f"__{rank % 2}_0.distcp"
         stream = files.setdefault(name, io.BytesIO())
         begin = stream.tell()
-        torch.save(tensor[region].clone(), stream)
+        torch.save(saved(tensor[region]), stream)
         offsets = torch.Size(offsets)
         storage[md.MetadataIndex(key, offsets)] = _StorageInfo(name, begin, stream.tell() - begin)
         chunks.append(md.ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(sizes)))
@@ -227,6 +227,26 @@ def test_chunks_of_several_ranks_are_stitched(tmp_path, pieces):
     with open_checkpoint(tmp_path / "c") as reader:
         assert torch.equal(reader.get("w"), tensor)
         assert reader._opened[0].chunk_reads == len(pieces) - 1  # the empty chunk is not read
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        lambda piece: piece.t().contiguous().t(),  # strides kept by torch.save
+        lambda piece: piece.flatten().repeat(2)[: piece.numel()].view(piece.shape),  # a view
+        lambda piece: piece.to(torch.bfloat16),  # not what the metadata says: refused
+    ],
+    ids=["transposed", "view", "other dtype"],
+)
+def test_records_that_are_not_plain_are_loaded_by_torch(tmp_path, saved):
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=saved)
+    with open_checkpoint(tmp_path / "c") as reader:
+        if saved(tensor).dtype != tensor.dtype:
+            with pytest.raises(CheckpointError, match=r"holds a torch.bfloat16 tensor of shape"):
+                reader.get("w")
+        else:
+            assert torch.equal(reader.get("w"), tensor)
 
 
 def test_opening_reads_no_chunk_and_get_reads_only_its_own(tmp_path):

@@ -16,6 +16,7 @@ record at a time (peak memory: one tensor), atomically as every terge writer.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import math
@@ -23,7 +24,9 @@ import os
 import pathlib
 import pickle
 import stat
+import sys
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -517,36 +520,48 @@ class DistributedCheckpoint:
             return self._last[1]
         self._last = None  # let the previous tensor go before the next is read
         tensor = self._tensors[name]
-        chunks = tensor.chunks
-        if len(chunks) == 1 and chunks[0].sizes == tuple(tensor.info.shape):
-            whole = self._read_chunk(tensor, chunks[0])
-        else:
-            whole = torch.empty(tensor.info.shape, dtype=tensor.info.dtype)
-            for chunk in chunks:
-                if math.prod(chunk.sizes) == 0:
-                    continue
-                piece = self._read_chunk(tensor, chunk)
+        whole = torch.empty(tensor.info.shape, dtype=tensor.info.dtype)
+        for chunk in tensor.chunks:
+            if math.prod(chunk.sizes):
                 region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
-                whole[region] = piece
+                self._read_chunk(tensor, chunk, whole[region])
         self._last = (name, whole)
         return whole
 
     view = get
 
-    def _read_chunk(self, tensor: _Tensor, chunk: _Chunk) -> torch.Tensor:
-        """One chunk's ``torch.save`` record, loaded with ``weights_only=True`` and checked
-        against the metadata's shape and dtype."""
+    def _read_chunk(self, tensor: _Tensor, chunk: _Chunk, into: torch.Tensor) -> None:
+        """Read one chunk's ``torch.save`` record into ``into`` (its region of the tensor).
+
+        The record's pickle is loaded first with ``weights_only=True`` onto the meta device,
+        which reads no tensor data and checks its shape and dtype against the metadata; a plain
+        record (contiguous, this machine's byte order, no stream transforms) is then read from
+        the file straight into place. Anything else is loaded whole by ``torch.load`` and copied.
+        """
         where = f"chunk {chunk.offsets} of tensor {tensor.key!r} (bytes {chunk.begin}-"
         where += f"{chunk.begin + chunk.length} of {chunk.file})"
         handle = self._handles.get(chunk.file)
         if handle is None:
             handle = self._handles[chunk.file] = open(self.path / chunk.file, "rb")  # noqa: SIM115
-        stream: IO[bytes] = io.BufferedReader(_Window(handle, chunk.begin, chunk.length))
         self.chunk_reads += 1
+        if not chunk.transforms:
+            meta = self._load(handle, tensor, chunk, where, "meta")
+            start = _plain_record(meta, handle, chunk)
+            if start is not None:
+                _read_exactly(handle, chunk.begin + start, into, self.path, where)
+                return
+        into.copy_(self._load(handle, tensor, chunk, where, "cpu"))
+
+    def _load(
+        self, handle: IO[bytes], tensor: _Tensor, chunk: _Chunk, where: str, device: str
+    ) -> torch.Tensor:
+        """The chunk's record through ``torch.load(weights_only=True)`` onto ``device``,
+        checked against the metadata's shape and dtype."""
+        stream: IO[bytes] = io.BufferedReader(_Window(handle, chunk.begin, chunk.length))
         try:
             if chunk.transforms:
                 stream = _untransformed(stream, chunk.transforms)
-            loaded = torch.load(stream, map_location="cpu", weights_only=True)
+            loaded = torch.load(stream, map_location=device, weights_only=True)
         except Exception as error:
             first = next(iter(str(error).strip().splitlines()), "")
             raise CheckpointError(
@@ -576,6 +591,56 @@ class DistributedCheckpoint:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             handle.close()
+
+
+def _plain_record(meta: torch.Tensor, handle: IO[bytes], chunk: _Chunk) -> int | None:
+    """Where a record's tensor bytes start in it, when they can be read as they are: one
+    contiguous storage holding exactly the tensor, in this machine's byte order, inside the
+    record. ``None`` otherwise (``torch.load`` then reads it)."""
+    storage = meta.untyped_storage()
+    start = getattr(storage, "_checkpoint_offset", None)  # set by torch.load onto "meta"
+    if not (
+        isinstance(start, int)
+        and meta.is_contiguous()
+        and meta.storage_offset() == 0
+        and storage.nbytes() == meta.numel() * meta.element_size()
+        and 0 <= start <= chunk.length - storage.nbytes()
+    ):
+        return None
+    try:
+        with zipfile.ZipFile(io.BufferedReader(_Window(handle, chunk.begin, chunk.length))) as z:
+            orders = [n for n in z.namelist() if n == "byteorder" or n.endswith("/byteorder")]
+            order = z.read(orders[0]).decode() if orders else "little"
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError):
+        return None
+    return start if order == sys.byteorder or meta.element_size() == 1 else None
+
+
+def _read_exactly(
+    handle: IO[bytes], position: int, into: torch.Tensor, folder: Path, where: str
+) -> None:
+    """Fill ``into`` (contiguous or not) with the bytes at ``position`` of the file."""
+    target = (
+        into
+        if into.is_contiguous()
+        else torch.empty_like(into, memory_format=torch.contiguous_format)
+    )
+    if target.numel():
+        buffer = (ctypes.c_char * target.nbytes).from_address(target.data_ptr())
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            handle.seek(position + done)
+            got = handle.readinto(view[done:])  # type: ignore[attr-defined]
+            if not got:
+                raise CheckpointError(
+                    f"{folder}: {where} ends before its tensor's bytes do (the file is "
+                    f"truncated); {_CORRUPT_FIX}.",
+                    folder,
+                )
+            done += got
+    if target is not into:
+        into.copy_(target)
 
 
 def _untransformed(stream: IO[bytes], descriptors: Sequence[str]) -> IO[bytes]:
