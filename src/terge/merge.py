@@ -195,7 +195,11 @@ def merge(
         models: the models to merge, ``nn.Module``s, state dicts and checkpoint paths mixed
             freely. A path (``str`` or ``os.PathLike``) names a ``.safetensors``, ``.bin`` or
             ``.pt`` file or a Hugging Face-style folder of (sharded) weights; it is read lazily,
-            only the tensors the merge uses, through a memory map.
+            only the tensors the merge uses, through a memory map. A folder with a ``.metadata``
+            file is a distributed checkpoint (``torch.distributed.checkpoint``, as FSDP2 and
+            torchtitan save them): its model is read without a process group, one whole tensor
+            at a time, the chunks of every rank stitched, optimizer state and the rest left
+            unread.
         base: the model whose tensors are the defaults and, with ``inplace=True``, are written
             into: an index into ``models`` (default ``0``) or a separate module, state dict or
             path.
