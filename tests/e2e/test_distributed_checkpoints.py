@@ -133,9 +133,15 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD,))
         root = Path(folder)
-        for step, (model, layout) in enumerate(zip(family(), LAYOUTS)):
-            state = _training_state(_fsdp2(model, mesh), layout, step)
+        sharded = [_fsdp2(model, mesh) for model in family()]
+        for step, (model, layout) in enumerate(zip(sharded, LAYOUTS)):
+            state = _training_state(model, layout, step)
             dcp.save(state, checkpoint_id=str(root / f"step-{step}"))
+        try:  # sharded models in memory: refused on every rank alike, before anything is written
+            terge.merge(sharded, out=root / "never", out_format="dcp")
+            refusal = ""
+        except terge.ShardingError as error:
+            refusal = str(error)
         torch.distributed.barrier()
         if rank == 0:
             (root / "saved").touch()
@@ -151,7 +157,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         full = get_model_state_dict(
             resumed, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        torch.save({"logits": logits, "full": full}, root / f"rank{rank}.pt")
+        torch.save({"logits": logits, "full": full, "refusal": refusal}, root / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -275,3 +281,14 @@ def test_the_soup_keeps_the_bases_entry_and_its_lineage(job):
         assert reader.entry == "model"  # the base (step-0) saved its model under "model"
     lineage = terge.load_lineage(soup)
     assert [record.path for record in lineage.models] == [os.fspath(p) for p in _paths(folder)]
+
+
+def test_sharded_models_in_memory_are_refused_naming_the_way(job):
+    folder, _, results = job
+    for rank in range(WORLD):
+        assert results[rank]["refusal"].startswith(
+            "out_format='dcp' writes a merge computed on one process, but these models are "
+            "sharded (DTensors): merge them in place (inplace=True) on every rank and save the "
+            "model with torch.distributed.checkpoint.save"
+        )
+    assert not (folder / "never").exists()
