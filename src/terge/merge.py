@@ -22,7 +22,7 @@ from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
-from .output import check_output, write_merge
+from .output import check_out_format, check_output, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
@@ -56,6 +56,7 @@ def merge(
     out_dtype: torch.dtype | str | None = ...,
     max_shard_size: int | str = ...,
     overwrite: bool = ...,
+    out_format: str = ...,
     digests: bool = ...,
     dry_run: Literal[True],
     name_map: Callable[[str], str] | None = ...,
@@ -80,6 +81,7 @@ def merge(
     out_dtype: torch.dtype | str | None = ...,
     max_shard_size: int | str = ...,
     overwrite: bool = ...,
+    out_format: str = ...,
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
@@ -104,6 +106,7 @@ def merge(
     out_dtype: torch.dtype | str | None = ...,
     max_shard_size: int | str = ...,
     overwrite: bool = ...,
+    out_format: str = ...,
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
@@ -128,6 +131,7 @@ def merge(
     out_dtype: torch.dtype | str | None = ...,
     max_shard_size: int | str = ...,
     overwrite: bool = ...,
+    out_format: str = ...,
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
@@ -152,6 +156,7 @@ def merge(
     out_dtype: torch.dtype | str | None = ...,
     max_shard_size: int | str = ...,
     overwrite: bool = ...,
+    out_format: str = ...,
     digests: bool = ...,
     dry_run: bool = ...,
     name_map: Callable[[str], str] | None = ...,
@@ -177,6 +182,7 @@ def merge(
     out_dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    out_format: str = "safetensors",
     digests: bool = False,
     dry_run: bool = False,
     name_map: Callable[[str], str] | None = None,
@@ -198,6 +204,10 @@ def merge(
             prefix=...)`` (or ``"path::entry=KEY"``) says which where it holds several. A
             ``terge.choose(...)`` result (the last or best N of a run) is recorded in
             ``lineage.chosen``.
+            A folder with a ``.metadata`` file is a distributed checkpoint
+            (``torch.distributed.checkpoint``, as FSDP2 and torchtitan save them): its model is
+            read without a process group, one whole tensor at a time, the chunks of every rank
+            stitched, optimizer state and the rest left unread.
         base: the model whose tensors are the defaults and, with ``inplace=True``, are written
             into: an index into ``models`` (default ``0``) or a separate module, state dict or
             path.
@@ -236,6 +246,12 @@ def merge(
             ``config.json``'s ``torch_dtype`` is updated.
         max_shard_size: with ``out``, the most bytes per shard (an int, or ``'2GB'``, ``'2GiB'``).
         overwrite: with ``out``, replace an existing ``out`` (only once the merge succeeded).
+        out_format: with ``out``, what is written: ``"safetensors"`` (the default, as above) or
+            ``"dcp"``, a distributed checkpoint (``torch.distributed.checkpoint``) that
+            ``dcp.load`` loads into a plain or FSDP2-sharded model, so a run can resume from its
+            own soup. Its tensors are keyed as the base's were when the base is a distributed
+            checkpoint (``model.`` for ``dcp.save({"model": ...})``), else by their names; each
+            is computed into memory and appended at once, so memory holds one tensor at a time.
         digests: record in the lineage the SHA-256 of every merged tensor as written and of
             every tensor it was computed from (``lineage.digests``), and of every whole input
             file (``lineage.models[i].files``, read in 16 MiB chunks), for ``terge lineage
@@ -278,7 +294,7 @@ def merge(
         check_flag("digests", digests),
         check_flag("dry_run", dry_run),
     )
-    target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
+    target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace, out_format)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
@@ -325,6 +341,7 @@ def merge(
                     max_shard_size=max_shard_size,
                     overwrite=overwrite,
                     lineage=record,
+                    out_format=out_format,
                 )
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
@@ -342,6 +359,7 @@ def merge(
                 progress=progress,
                 lineage=record,
                 hook=hook,
+                out_format=out_format,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
@@ -460,11 +478,17 @@ def _out_dtype(out_dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _check_output(
-    out: Any, out_dtype: Any, max_shard_size: Any, overwrite: Any, inplace: bool
+    out: Any, out_dtype: Any, max_shard_size: Any, overwrite: Any, inplace: bool, out_format: Any
 ) -> Path | None:
     """The output folder, with its options checked; the target itself is checked once the plan
     is built (by the writer, before anything is computed)."""
+    check_out_format(out_format)
     if out is None:
+        if out_format != "safetensors":
+            raise MergeArgumentError(
+                f"`out_format` says how `out` is written; pass out='folder' too, or drop "
+                f"out_format={out_format!r}."
+            )
         if out_dtype is not None:
             raise MergeArgumentError(
                 "`out_dtype` sets the dtype of the tensors written to `out`; pass out='folder' "

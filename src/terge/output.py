@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .digests import DigestRecorder
-from .errors import CheckpointError, MetaTensorError
+from .errors import CheckpointError, MergeArgumentError, MetaTensorError, ShardingError
 from .execute import execute, run_step
 from .io import StreamingShardWriter, TensorInfo
+from .io.distributed import DistributedCheckpointWriter
 from .io.dtypes import dtype_name
 from .io.reading import allowed_roots, outside
 from .kernels import ChunkBuffers, store_whole
@@ -38,6 +39,10 @@ from .sharding import is_dtensor, local, mesh_all_ok, rank
 from .sources import Entry, FileSource, ModuleSource, Source, entry_of
 
 LINEAGE_FILE = "lineage.json"
+
+OUT_FORMATS = ("safetensors", "dcp")
+"""What ``merge(out=..., out_format=...)`` writes: a Hugging Face-style safetensors folder, or a
+distributed checkpoint (``torch.distributed.checkpoint``) that ``dcp.load`` loads."""
 
 
 class _Layout:
@@ -156,11 +161,15 @@ def check_output(
     max_shard_size: int | str,
     overwrite: bool,
     lineage: Lineage,
+    out_format: str = "safetensors",
 ) -> None:
     """Everything :func:`write_merge` checks before it writes, writing nothing: the layout and
     the target (an existing ``out``, an ``out`` inside an input), so that a dry run fails where
     the real call would, with the same error."""
     layout = _Layout(plan, base, out_dtype)
+    if out_format == "dcp":
+        _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
+        return
     _writer(out, layout, lineage, sources, base, max_shard_size, overwrite)  # never entered
 
 
@@ -177,6 +186,7 @@ def write_merge(
     progress: bool,
     lineage: Lineage,
     hook: DigestRecorder | None = None,
+    out_format: str = "safetensors",
 ) -> Path:
     """Stream the merge described by ``plan`` into a safetensors folder at ``out``.
 
@@ -190,6 +200,10 @@ def write_merge(
     """
     layout = _Layout(plan, base, out_dtype)
     lineage.tied.update(layout.aliases)
+    if out_format == "dcp":
+        into = _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
+        _write_distributed(into, layout, sources, base, dtype, progress, lineage, hook)
+        return into.path
     args = (out, layout, lineage, sources, base, max_shard_size, overwrite)
     if plan.sharded:
         _write_sharded(*args, dtype=dtype, progress=progress)
@@ -221,6 +235,89 @@ def write_merge(
             lineage.digests = hook.digests
         writer.write_text(LINEAGE_FILE, lineage_text(lineage))
     return writer.path
+
+
+def check_out_format(out_format: Any) -> str:
+    """``out_format`` checked: one of :data:`OUT_FORMATS`."""
+    if out_format not in OUT_FORMATS:
+        raise MergeArgumentError(
+            f"`out_format` must be one of {', '.join(map(repr, OUT_FORMATS))} (a safetensors "
+            f"folder, or a torch.distributed.checkpoint folder); got {out_format!r}."
+        )
+    return str(out_format)
+
+
+def _distributed_writer(
+    plan: Plan,
+    out: Path,
+    layout: _Layout,
+    sources: Sequence[Source],
+    base: Source,
+    max_shard_size: int | str,
+    overwrite: bool,
+) -> DistributedCheckpointWriter:
+    """The writer of a distributed checkpoint: the base's tensors under the entry the base was
+    read from when it is a distributed checkpoint itself (``model.`` for ``dcp.save({"model":
+    ...})``), so the run that wrote it loads the soup as it loads its own checkpoints."""
+    if plan.sharded:
+        raise ShardingError(
+            "out_format='dcp' writes a merge computed on one process, but these models are "
+            "sharded (DTensors): merge them in place (inplace=True) on every rank and save the "
+            "model with torch.distributed.checkpoint.save, or merge their distributed "
+            "checkpoints by path."
+        )
+    files = [s for s in sources if isinstance(s, FileSource)]
+    if isinstance(base, FileSource) and all(base is not s for s in files):
+        files.append(base)
+    entry = base.reader.entry if isinstance(base, FileSource) else None
+    return DistributedCheckpointWriter(
+        out,
+        layout.tensors,
+        aliases=layout.aliases,
+        entry=entry or "",
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[folder_of(s) or s.path for s in files],
+    )
+
+
+def _write_distributed(
+    writer: DistributedCheckpointWriter,
+    layout: _Layout,
+    sources: list[Source],
+    base: Source,
+    dtype: torch.dtype,
+    progress: bool,
+    lineage: Lineage,
+    hook: DigestRecorder | None,
+) -> None:
+    """Compute each tensor into a fresh one and append it to the checkpoint at once, so memory
+    holds one output tensor (and its inputs) at a time; tied names share one record."""
+    buffers = ChunkBuffers(dtype)
+    names = list(layout.tensors)
+    shown = tqdm(names, desc="Merging and writing", unit="tensors") if progress else names
+    with writer, torch.no_grad():
+        for name in shown:
+            info = layout.tensors[name]
+            step = layout.steps.get(name)
+            if step is not None:
+                value = torch.empty(info.shape, dtype=info.dtype)
+                if hook is not None:
+                    hook.before(step)
+                run_step(step, sources, base, value, buffers)
+                if hook is not None:
+                    hook.after(step, value)
+            else:  # copied, each float rounded once if cast
+                value = layout.tensor_of(name).detach()
+                if value.dtype != info.dtype:
+                    cast = torch.empty(info.shape, dtype=info.dtype)
+                    store_whole(cast, value, buffers)
+                    value = cast
+            writer.add(name, value)
+            del value
+        if hook is not None:
+            lineage.digests = hook.digests
+        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
 
 
 def _fresh(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -250,8 +250,10 @@ class FileSource(Source):
     Opening checks every header and index, so a broken file fails before anything is merged.
     ``get`` is a zero-copy view of the file's private memory map (see
     ``CheckpointReader.view``): a tensor's pages are read only when the merge touches them, and
-    stay reclaimable page cache rather than process memory. Each name is its own tensor: files
-    hold no ties (``save_pretrained`` writes tied tensors once).
+    stay reclaimable page cache rather than process memory. A distributed checkpoint
+    (``torch.distributed.checkpoint``) is the exception: its tensors are ``torch.save`` records,
+    so ``get`` reads one whole tensor into memory, its ranks' chunks stitched. Each name is its own
+    tensor: files hold no ties (``save_pretrained`` writes tied tensors once).
     """
 
     kind = "file"

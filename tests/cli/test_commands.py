@@ -221,6 +221,11 @@ def assert_one_error_line(code: int, out: str, err: str, expected_code: int = 2)
             "unrecognized arguments: --bogus (see 'terge --help')",
         ),
         (["merge", "--recipe", "nope.toml"], "recipe file 'nope.toml' not found."),
+        (
+            ["merge", "a", "b", "-o", "o", "--out-format", "dpc"],
+            "--out-format must be one of 'safetensors', 'dcp' (a safetensors folder, or a "
+            "torch.distributed.checkpoint folder); got 'dpc' (did you mean 'dcp'?).",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, checkpoints, argv, message):
@@ -321,7 +326,7 @@ def test_every_option_reaches_merge(capsys, fake):
         *("--weights", "1,2,3", "--include", "re:weight", "--include", "norm.bias"),
         *("--exclude", "layers:head", "--dtype", "float32", "--out-dtype", "bfloat16"),
         *("--max-shard-size", "2GB", "--seed", "4", "--no-normalize", "--overwrite", "-q"),
-        "--digests",
+        *("--digests", "--out-format", "dcp"),
     )
     assert (code, out) == (0, "")
     ((_, kwargs),) = fake.calls
@@ -335,9 +340,11 @@ def test_every_option_reaches_merge(capsys, fake):
     assert kwargs["max_shard_size"] == "2GB"
     assert (kwargs["seed"], kwargs["normalize"], kwargs["overwrite"]) == (4, False, True)
     assert kwargs["digests"] is True
+    assert kwargs["out_format"] == "dcp"
     assert set(kwargs) == {
         *("out", "lineage", "base", "method", "weights", "included", "excluded", "dtype"),
         *("out_dtype", "max_shard_size", "seed", "normalize", "overwrite", "digests"),
+        "out_format",
     }
 
 
@@ -486,6 +493,20 @@ def test_end_to_end_matches_merge_in_memory(capsys, checkpoints, tmp_path):
     assert (tmp_path / "l.json").read_bytes() == (tmp_path / "out" / "lineage.json").read_bytes()
     record = json.loads((tmp_path / "l.json").read_text())
     assert record["merged"]["mlp.weight"]["contributions"] == [[0, 1 / 6], [1, 2 / 6], [2, 3 / 6]]
+
+
+def test_out_format_dcp_writes_a_distributed_checkpoint(capsys, checkpoints, tmp_path):
+    pytest.importorskip("torch.distributed.checkpoint", reason="needs torch.distributed")
+    from terge.io.distributed import is_distributed_checkpoint
+
+    code, out, err = run(capsys, "merge", "a", "b", "c", "-o", "soup", "--out-format", "dcp")
+    assert (code, err) == (0, "")
+    assert out.startswith("terge: wrote ")
+    assert is_distributed_checkpoint(tmp_path / "soup")
+    assert_same_tensors(tmp_path / "soup", terge.merge(checkpoints))
+    Path("r.toml").write_text('models = ["soup", "a"]\nout = "again"\nout_format = "dcp"\n')
+    assert run(capsys, "merge", "--recipe", "r.toml", "-q")[:2] == (0, "")
+    assert is_distributed_checkpoint(tmp_path / "again")
 
 
 def test_recipe_equals_the_command_line(capsys, checkpoints, tmp_path):

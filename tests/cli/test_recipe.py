@@ -142,6 +142,7 @@ def test_every_key(tmp_path):
         dtype = "float32"
         out_dtype = "bfloat16"
         max_shard_size = "2GB"
+        out_format = "dcp"
         seed = 7
         lineage = "out/lineage.json"
         overwrite = true
@@ -161,6 +162,7 @@ def test_every_key(tmp_path):
     assert settings.dtype is torch.float32
     assert settings.out_dtype is torch.bfloat16
     assert settings.max_shard_size == "2GB"
+    assert settings.out_format == "dcp"
     assert settings.seed == 7
     assert settings.overwrite is True
     assert settings.normalize is False
@@ -259,7 +261,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
     assert message == (
         f"{tmp_path / 'recipe.toml'}: unknown key 'modles' (did you mean 'models'?); the valid "
         "keys are models, base, out, method, weights, include, exclude, dtype, out_dtype, "
-        "max_shard_size, seed, lineage, overwrite, normalize, last, best, metric, mode."
+        "max_shard_size, out_format, seed, lineage, overwrite, normalize, last, best, metric, mode."
     )
 
 
@@ -299,6 +301,10 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
             "'float32'; got 'int8'.",
         ),
         ('max_shard_size = "big"', "'max_shard_size': 'big' is not a size: give a positive int"),
+        (
+            "out_format = 1",
+            "'out_format' must be one of 'safetensors', 'dcp' (a safetensors folder",
+        ),
         ("method = 3", "'method' must be a method spec string (\"ties:density=0.3\"), a table"),
         ('method = "nope"', "'method': unknown merge method 'nope'; the valid names are"),
         ("method = {density = 0.3}", "'method': missing key 'name' (the method's name)."),

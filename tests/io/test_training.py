@@ -222,7 +222,6 @@ def test_spec_text_round_trip(tmp_path):
         ("a.pt::layer=3", r"cannot read the options 'layer=3'"),
         ("a.pt::x,y", r"cannot read the options 'x,y'"),
         ("::model", r"no path before '::'"),
-        ("a.pt::entry=", r"`entry` must name an entry of the checkpoint"),
         ("a.pt::entry=a//b", r"`entry` must name an entry"),
     ],
 )
@@ -418,3 +417,13 @@ def test_lightning_weight_averaging_reads_the_average(tmp_path):
     current = read(checkpoint(last, entry="current_model_state", prefix="model."))
     assert torch.equal(current["0.weight"], saved["current_model_state"]["model.0.weight"])
     assert set(network.state_dict()) == set(average)
+
+
+def test_an_empty_entry_is_the_top_level(tmp_path):
+    """entry="" names the top level (as torchtitan's distributed checkpoints keep the model): a
+    plain state dict read with it is itself."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pt")
+    assert terge.checkpoint(tmp_path / "a.pt", entry="").entry == ()
+    assert torch.equal(
+        terge.load(terge.checkpoint(tmp_path / "a.pt", entry=""))["w"], torch.ones(2)
+    )

@@ -48,6 +48,7 @@ from .recipe import (
     method_settings,
     parse_method,
     parse_out_dtype,
+    parse_out_format,
     parse_pattern,
     parse_shard_size,
     parse_weights,
@@ -133,6 +134,7 @@ examples:
   terge merge 'runs/checkpoint-*' --last 5 -o avg
   terge merge lightning_logs/ckpts --best 3 --metric val_loss -o soup
   terge merge 'a.pth::state_dict_ema' 'b.pth::state_dict_ema' -o ema-soup
+  terge merge runs/step-1000 runs/step-2000 runs/step-3000 -o soup --out-format dcp
 
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
@@ -144,7 +146,8 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "models",
         nargs="*",
         metavar="MODEL",
-        help="checkpoints to merge: .safetensors/.bin files or Hugging Face-style folders, e.g. "
+        help="checkpoints to merge: .safetensors/.bin files, Hugging Face-style folders or "
+        "torch.distributed.checkpoint folders, e.g. "
         "'terge merge a.safetensors b.safetensors c -o soup' (may come from --recipe instead)",
     )
     parser.add_argument(
@@ -202,6 +205,12 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size",
         metavar="SIZE",
         help="the largest shard file, e.g. --max-shard-size 2GB or 500MiB (default 5GB)",
+    )
+    parser.add_argument(
+        "--out-format",
+        metavar="FORMAT",
+        help="write OUT as safetensors (default) or as a torch.distributed.checkpoint folder "
+        "that dcp.load loads into an FSDP2 model, e.g. --out-format dcp",
     )
     parser.add_argument(
         "--seed",
@@ -313,6 +322,9 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
             if args.max_shard_size is None
             else parse_shard_size(args.max_shard_size, "--max-shard-size")
         ),
+        out_format=None
+        if args.out_format is None
+        else parse_out_format(args.out_format, "--out-format"),
         seed=args.seed,
         lineage=None if args.lineage is None else Path(args.lineage).expanduser(),
         overwrite=args.overwrite,
@@ -453,6 +465,7 @@ MERGE_OPTIONS: dict[str, str] = {
     "dtype": "--dtype",
     "out_dtype": "--out-dtype",
     "max_shard_size": "--max-shard-size",
+    "out_format": "--out-format",
     "seed": "--seed",
     "overwrite": "--overwrite",
     "normalize": "--normalize",
@@ -532,6 +545,7 @@ def _merge_options(
         "seed": settings.seed,
         "out_dtype": settings.out_dtype,
         "max_shard_size": settings.max_shard_size,
+        "out_format": settings.out_format,
         "overwrite": settings.overwrite,
         "digests": True if args.digests else None,
     }

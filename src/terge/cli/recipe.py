@@ -43,6 +43,7 @@ from ..io import parse_size
 from ..io.parsing import ParseProblem, check_depth, decode_utf8, read_capped
 from ..layers import layers
 from ..methods import REGISTRY, Method
+from ..output import OUT_FORMATS
 
 __all__ = [
     "RECIPE_EXAMPLE",
@@ -55,6 +56,7 @@ __all__ = [
     "parse_dtype",
     "parse_method",
     "parse_mode",
+    "parse_out_format",
     "parse_pattern",
     "parse_recipe",
     "parse_weights",
@@ -100,6 +102,7 @@ RECIPE_KEYS: Mapping[str, str] = {
     "dtype": '"float64" (default) or "float32": the dtype the merge accumulates in',
     "out_dtype": 'dtype of the written floating tensors, e.g. "bfloat16"',
     "max_shard_size": 'largest shard, e.g. "2GB" or "500MiB" (default "5GB")',
+    "out_format": '"safetensors" (default) or "dcp": a torch.distributed.checkpoint folder',
     "seed": "int seeding random methods (dare_*)",
     "lineage": "also write the lineage JSON to this path (not inside an input)",
     "overwrite": "bool: replace out, and lineage, if they exist",
@@ -140,6 +143,7 @@ class Settings:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     max_shard_size: int | str | None = None
+    out_format: str | None = None
     seed: int | None = None
     lineage: Path | None = None
     overwrite: bool | None = None
@@ -310,6 +314,17 @@ def parse_shard_size(value: Any, where: str) -> int | str:
     except TergeError as error:
         raise RecipeError(f"{where}: {error}") from None
     return value
+
+
+def parse_out_format(value: Any, where: str) -> str:
+    """What the output is written as: ``"safetensors"`` or ``"dcp"``."""
+    if value not in OUT_FORMATS:
+        raise RecipeError(
+            f"{where} must be one of {', '.join(map(repr, OUT_FORMATS))} (a safetensors folder, "
+            f"or a torch.distributed.checkpoint folder); got {value!r}"
+            f"{_did_you_mean(value, OUT_FORMATS) if isinstance(value, str) else ''}."
+        )
+    return str(value)
 
 
 # --- recipes --------------------------------------------------------------------------------------
@@ -525,6 +540,8 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
         found["out_dtype"] = parse_out_dtype(data["out_dtype"], where("out_dtype"))
     if "max_shard_size" in data:
         found["max_shard_size"] = parse_shard_size(data["max_shard_size"], where("max_shard_size"))
+    if "out_format" in data:
+        found["out_format"] = parse_out_format(data["out_format"], where("out_format"))
     if "seed" in data:
         seed = data["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -17,7 +17,7 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from safetensors import safe_open
@@ -32,10 +32,14 @@ from .training import (
     CheckpointSpec,
     Selection,
     as_spec,
+    checkpoint,
     refused_error,
     refused_globals,
     select,
 )
+
+if TYPE_CHECKING:
+    from .distributed import DistributedCheckpoint
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -270,7 +274,7 @@ class _TorchFile:
         self._tensors = None
 
 
-_File = _SafetensorsFile | _TorchFile
+_File = Union[_SafetensorsFile, _TorchFile, "DistributedCheckpoint"]
 
 
 def _utf8_name(path: Path) -> bool:
@@ -459,10 +463,17 @@ class CheckpointReader:
     :meth:`close`) to release the open files.
     """
 
-    def __init__(self, path: CheckpointLike) -> None:
+    def __init__(
+        self, path: CheckpointLike, *, entry: str | None = None, prefix: str | None = None
+    ) -> None:
         self.spec = as_spec(path)
-        """The file and, for a training checkpoint, the entry and prefix asked for."""
+        if entry is not None or prefix is not None:
+            self.spec = checkpoint(self.spec.path, entry=entry, prefix=prefix)
+        """The file and, for a training or distributed checkpoint, the entry and prefix asked
+        for."""
         self.path = self.spec.path
+        self.entry: str | None = None
+        """For a distributed checkpoint, the entry (a dotted path) its model was read from."""
         self.selection: Selection | None = None
         """For a training checkpoint, the entry and prefix read (see :mod:`terge.io.training`)."""
         self.files: list[Path] = []
@@ -480,6 +491,16 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{path} does not exist; pass the path of a checkpoint file or folder.", path
             )
+        from .distributed import DistributedCheckpoint, is_distributed_checkpoint
+
+        if is_distributed_checkpoint(path):  # torch.distributed.checkpoint's folder
+            entry = None if self.spec.entry is None else ".".join(self.spec.entry)
+            distributed = DistributedCheckpoint(path, entry=entry, prefix=self.spec.prefix)
+            self._opened.append(distributed)
+            self.files.extend(distributed.files)
+            self._where = dict.fromkeys(distributed.infos, distributed)
+            self.entry = distributed.entry
+            return
         if path.is_dir():
             index, shards = _folder_layout(path)
         elif path.name.endswith(".index.json"):
@@ -610,8 +631,15 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(self.files)} files)"
 
 
-def open_checkpoint(path: CheckpointLike) -> CheckpointReader:
+def open_checkpoint(
+    path: CheckpointLike, *, entry: str | None = None, prefix: str | None = None
+) -> CheckpointReader:
     """Open a checkpoint file, index or folder for lazy reading (see :class:`CheckpointReader`).
+
+    A folder with a ``.metadata`` file is a distributed checkpoint (``torch.distributed.
+    checkpoint``; see :class:`terge.io.distributed.DistributedCheckpoint`): ``entry`` names the
+    part of it that holds the model (``None``: the only candidate), ``prefix`` a name prefix to
+    keep and strip.
 
     A folder is read from its ``*.safetensors.index.json`` (``model.safetensors.index.json``
     preferred), else its ``model.safetensors``, else all its ``*.safetensors`` files as unindexed
@@ -625,7 +653,7 @@ def open_checkpoint(path: CheckpointLike) -> CheckpointReader:
     reads as the model state dict inside it; ``path`` may be a ``terge.checkpoint(...)`` spec, or
     ``PATH::entry=KEY,prefix=PREFIX`` text, saying which (see :mod:`terge.io.training`).
     """
-    return CheckpointReader(path)
+    return CheckpointReader(path, entry=entry, prefix=prefix)
 
 
 def load(

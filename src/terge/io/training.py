@@ -99,12 +99,12 @@ def checkpoint(
     if entry is None:
         keys = None
     elif isinstance(entry, str):
-        keys = tuple(entry.split("/"))
+        keys = tuple(entry.split("/")) if entry else ()  # "": the top level
     elif isinstance(entry, Sequence) and all(isinstance(key, str) for key in entry):
         keys = tuple(entry)
     else:
-        keys = ()
-    if keys is not None and (not keys or not all(keys)):
+        keys = ("",)  # refused below
+    if keys is not None and not all(keys):
         raise CheckpointError(
             f"`entry` must name an entry of the checkpoint: a key such as 'state_dict_ema', keys "
             f"separated by '/' ('ema/model'), or a list of keys; got {entry!r}.",

@@ -571,6 +571,19 @@ class ShardedWriter:
     def _commit(self) -> None:
         assert self._tmp is not None
         tmp = self._tmp
+        written = self._finish_weights(tmp)
+        for name in [*written, *self.written_texts]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        self._install(tmp)
+        self._state = "done"
+        self._tmp = None
+        self.files = [self.path / name for name in [*written, *self.copied, *self.written_texts]]
+
+    def _finish_weights(self, tmp: Path) -> list[str]:
+        """Write what is still buffered and give the weight files their final names (and an
+        index); the names, for the commit to flush and install. A writer of another format
+        overrides this alone, and keeps the atomic commit."""
         if self._buffer or not self._shards:
             self._flush()
         count = len(self._shards)
@@ -590,13 +603,7 @@ class ShardedWriter:
                 json.dumps(index, indent=2) + "\n", encoding="utf-8"
             )
             written.append("model.safetensors.index.json")
-        for name in [*written, *self.written_texts]:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        self._install(tmp)
-        self._state = "done"
-        self._tmp = None
-        self.files = [self.path / name for name in [*written, *self.copied, *self.written_texts]]
+        return written
 
     def _install(self, tmp: Path) -> None:
         """Rename ``tmp`` to the target, moving an existing target away first (overwrite).

@@ -1,0 +1,542 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) read and written without a process group:
+which entry is the model, chunks stitched, laziness, hostile metadata, and the writer.
+
+Checkpoints here are written in this one process (``dcp.save(..., no_dist=True)``, or chunk by
+chunk by hand where several ranks' chunks are needed); tests/e2e/test_distributed_checkpoints.py
+writes and loads them with FSDP2 on 2 gloo processes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+
+import terge
+from terge.errors import CheckpointError, MergeArgumentError
+from terge.io import TensorInfo, open_checkpoint, save
+from terge.io.distributed import (
+    DistributedCheckpoint,
+    DistributedCheckpointWriter,
+    is_distributed_checkpoint,
+    model_entries,
+)
+
+dcp = pytest.importorskip("torch.distributed.checkpoint", reason="needs torch.distributed")
+from torch.distributed.checkpoint import metadata as md  # noqa: E402
+from torch.distributed.checkpoint.filesystem import _StorageInfo  # noqa: E402
+
+
+def model_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(11, 4, generator=generator),
+        "layers.0.weight": torch.randn(4, 4, generator=generator).to(torch.bfloat16),
+        "layers.0.bias": torch.randn(4, generator=generator),
+        "head.weight": torch.randn(11, 4, generator=generator),
+    }
+
+
+def optimizer_state(model: dict[str, torch.Tensor]) -> dict:
+    """An AdamW state_dict over ``model``'s tensors (integer keys, as optimizer.state_dict())."""
+    parameters = [torch.nn.Parameter(t.float().clone()) for t in model.values()]
+    optimizer = torch.optim.AdamW(parameters)
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def dcp_save(state: dict, folder) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is unavailable ... single process"
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+
+
+def dcp_load(state: dict, folder) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+
+
+def chunked(folder, tensor: torch.Tensor, pieces, key: str = "w", saved=torch.clone) -> None:
+    """A checkpoint of one tensor saved as ``pieces`` (offsets, sizes), as ranks would save it:
+    each piece a torch.save record (of ``saved(piece)``) in the file of the rank that holds it."""
+    folder.mkdir()
+    storage, chunks = {}, []
+    files: dict[str, io.BytesIO] = {}
+    for rank, (offsets, sizes) in enumerate(pieces):
+        region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+        name = f"__{rank % 2}_0.distcp"
+        stream = files.setdefault(name, io.BytesIO())
+        begin = stream.tell()
+        torch.save(saved(tensor[region]), stream)
+        offsets = torch.Size(offsets)
+        storage[md.MetadataIndex(key, offsets)] = _StorageInfo(name, begin, stream.tell() - begin)
+        chunks.append(md.ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(sizes)))
+    for name, stream in files.items():
+        (folder / name).write_bytes(stream.getvalue())
+    properties = md.TensorProperties(dtype=tensor.dtype)
+    metadata = md.Metadata(
+        state_dict_metadata={key: md.TensorStorageMetadata(properties, tensor.shape, chunks)},
+        storage_data=storage,
+    )
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def tamper(folder, change) -> None:
+    """Rewrite the folder's metadata with ``change(metadata)`` applied."""
+    path = folder / ".metadata"
+    metadata = pickle.loads(path.read_bytes())
+    change(metadata)
+    path.write_bytes(pickle.dumps(metadata))
+
+
+def storage_of(metadata, key: str):
+    return next(index for index in metadata.storage_data if index.fqn == key)
+
+
+# --------------------------------------------------------------------------------------------
+# Which entry is the model
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_fsdp2_tutorial_layout_gives_the_model_entry(tmp_path):
+    model = model_state()
+    dcp_save({"model": model, "optimizer": optimizer_state(model), "step": 3}, tmp_path / "c")
+    assert is_distributed_checkpoint(tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert reader.entry == "model"
+        assert reader.names() == list(model)
+        for name, tensor in model.items():
+            assert reader.info(name) == TensorInfo(tensor.shape, tensor.dtype)
+            assert torch.equal(reader.get(name), tensor)
+
+
+def test_torchtitans_layout_gives_the_top_level(tmp_path):
+    """torchtitan saves the model's tensors at the top level beside the training state."""
+    model = model_state()
+    state = {
+        **model,
+        "optimizer": {
+            "state": {"embed.weight": {"exp_avg": torch.ones(11, 4)}},
+            "param_groups": [{"lr": 0.1}],
+        },
+        "lr_scheduler": {"last_epoch": 3},
+        "dataloader": {"dp_rank_0": b"\x00"},
+        "train_state": {"step": 3},
+    }
+    dcp_save(state, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("", list(model))
+
+
+def test_a_nested_app_state_gives_its_model_entry(tmp_path):
+    """The DCP recipe's ``{"app": AppState}`` whose state_dict is {"model": ..., "optim": ...}."""
+    model = model_state()
+    dcp_save({"app": {"model": model, "optim": optimizer_state(model)}}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("app.model", list(model))
+
+
+def test_a_flat_model_with_a_model_submodule_keeps_its_names(tmp_path):
+    """A Hugging Face model's own ``model.`` prefix is no entry: lm_head sits beside it."""
+    state = {"model.layers.0.weight": torch.ones(2, 2), "lm_head.weight": torch.ones(3, 2)}
+    dcp_save(state, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("", list(state))
+
+
+def test_a_step_counter_beside_the_model_is_no_candidate(tmp_path):
+    dcp_save({"model": model_state(), "step": torch.tensor(7)}, tmp_path / "c")
+    assert open_checkpoint(tmp_path / "c").entry == "model"
+
+
+def test_two_models_are_an_error_listing_both_and_entry_chooses(tmp_path):
+    model, ema = model_state(0), model_state(1)
+    dcp_save({"model": model, "ema": ema, "optimizer": optimizer_state(model)}, tmp_path / "c")
+    message = (
+        f"{tmp_path / 'c'} is a distributed checkpoint with several candidates for the model "
+        "('model' (4 tensors), 'ema' (4 tensors)); choose the entry that holds the model with "
+        f"terge.checkpoint('{tmp_path / 'c'}', entry='...') or the path '{tmp_path / 'c'}::entry=...'"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        open_checkpoint(tmp_path / "c")
+    with open_checkpoint(tmp_path / "c", entry="ema") as reader:
+        assert torch.equal(reader.get("head.weight"), ema["head.weight"])
+
+
+def test_no_model_or_a_missing_entry_lists_what_there_is(tmp_path):
+    dcp_save({"optimizer": optimizer_state(model_state()), "step": 3}, tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"no model tensors \('optimizer', 'step'\)"):
+        open_checkpoint(tmp_path / "c")
+    dcp_save({"model": model_state()}, tmp_path / "d")
+    with pytest.raises(
+        CheckpointError, match=r"no model tensors under the entry 'modle'; its cand"
+    ):
+        open_checkpoint(tmp_path / "d", entry="modle")
+
+
+def test_prefix_keeps_and_strips(tmp_path):
+    dcp_save({"state_dict": {"model.a": torch.ones(2), "model.b": torch.zeros(2)}}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c", prefix="model.") as reader:
+        assert (reader.entry, reader.names()) == ("state_dict", ["a", "b"])
+    with pytest.raises(CheckpointError, match=r"starts with the prefix 'net\.'"):
+        open_checkpoint(tmp_path / "c", prefix="net.")
+
+
+def test_entry_is_refused_for_other_checkpoints(tmp_path):
+    """entry= chooses inside a distributed checkpoint or one torch file, not a safetensors folder."""
+    save({"w": torch.ones(2)}, tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="choose the state dict inside one torch file"):
+        open_checkpoint(tmp_path / "plain", entry="model")
+
+
+def test_the_metadata_file_itself_names_its_folder(tmp_path):
+    dcp_save({"model": model_state()}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c" / ".metadata") as reader:
+        assert reader.names() == list(model_state())
+
+
+def test_model_entries_lists_the_candidates(tmp_path):
+    dcp_save({"model": model_state(), "ema": model_state(1), "step": 3}, tmp_path / "c")
+    metadata = pickle.loads((tmp_path / "c" / ".metadata").read_bytes())
+    entries = model_entries(metadata)
+    assert {entry: len(keys) for entry, keys in entries.items()} == {"model": 4, "ema": 4}
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks, laziness, merging
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [((0, 0), (6, 3)), ((0, 3), (6, 3)), ((6, 0), (5, 6)), ((11, 0), (0, 6))],
+        [((6, 0), (5, 6)), ((0, 0), (6, 6)), ((11, 0), (0, 6))],  # FSDP's, in any order
+    ],
+)
+def test_chunks_of_several_ranks_are_stitched(tmp_path, pieces):
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, pieces)
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert torch.equal(reader.get("w"), tensor)
+        assert reader._opened[0].chunk_reads == len(pieces) - 1  # the empty chunk is not read
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        lambda piece: piece.t().contiguous().t(),  # strides kept by torch.save
+        lambda piece: piece.flatten().repeat(2)[: piece.numel()].view(piece.shape),  # a view
+        lambda piece: piece.to(torch.bfloat16),  # not what the metadata says: refused
+    ],
+    ids=["transposed", "view", "other dtype"],
+)
+def test_records_that_are_not_plain_are_loaded_by_torch(tmp_path, saved):
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=saved)
+    with open_checkpoint(tmp_path / "c") as reader:
+        if saved(tensor).dtype != tensor.dtype:
+            with pytest.raises(CheckpointError, match=r"holds a torch.bfloat16 tensor of shape"):
+                reader.get("w")
+        else:
+            assert torch.equal(reader.get("w"), tensor)
+
+
+def test_opening_reads_no_chunk_and_get_reads_only_its_own(tmp_path):
+    model = model_state()
+    dcp_save({"model": model, "optimizer": optimizer_state(model)}, tmp_path / "c")
+    checkpoint = DistributedCheckpoint(tmp_path / "c")
+    assert checkpoint.chunk_reads == 0
+    assert torch.equal(checkpoint.get("head.weight"), model["head.weight"])
+    checkpoint.get("head.weight")  # the last tensor is kept: asking again reads nothing
+    assert checkpoint.chunk_reads == 1
+    checkpoint.close()
+    with pytest.raises(CheckpointError, match="is closed"):
+        checkpoint.get("head.weight")
+
+
+def test_merging_checkpoints_equals_merging_their_state_dicts(tmp_path):
+    models = [model_state(i) for i in range(3)]
+    for i, model in enumerate(models):
+        dcp_save(
+            {"model": model, "optimizer": optimizer_state(model), "step": i}, tmp_path / f"{i}"
+        )
+    paths = [tmp_path / f"{i}" for i in range(3)]
+    for method in ("arithmetic", "ties"):
+        merged = terge.merge(paths, method=method, seed=0)
+        expected = terge.merge(models, method=method, seed=0)
+        assert merged.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(merged[name], expected[name]), (method, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile and damaged folders
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = model_state()
+    dcp_save({"model": model}, tmp_path / "c")
+    return tmp_path / "c", model
+
+
+def test_a_chunk_outside_the_folder_is_refused(saved, tmp_path):
+    folder, _ = saved
+    (tmp_path / "outside.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    for name in ("../outside.distcp", str(tmp_path / "outside.distcp"), "sub/__0_0.distcp"):
+
+        def change(metadata, name=name):
+            storage_of(metadata, "model.head.weight")
+            for index, info in metadata.storage_data.items():
+                if index.fqn == "model.head.weight":
+                    info.relative_path = name
+
+        tamper(folder, change)
+        with pytest.raises(CheckpointError, match="which is not a file inside the checkpoint"):
+            open_checkpoint(folder)
+
+
+def test_a_link_out_of_the_folder_is_refused(saved, tmp_path):
+    folder, _ = saved
+    (tmp_path / "elsewhere.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    (folder / "__0_0.distcp").unlink()
+    os.symlink(tmp_path / "elsewhere.distcp", folder / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"resolves to .*outside the checkpoint folder"):
+        open_checkpoint(folder)
+
+
+def test_a_missing_rank_file_is_named(saved):
+    folder, _ = saved
+    (folder / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=r"in __0_0.distcp, which does not exist"):
+        open_checkpoint(folder)
+
+
+def test_a_chunk_past_the_end_of_its_file_is_refused_on_opening(saved):
+    folder, _ = saved
+    size = (folder / "__0_0.distcp").stat().st_size
+
+    def change(metadata):
+        metadata.storage_data[storage_of(metadata, "model.head.weight")].length = size
+
+    tamper(folder, change)
+    with pytest.raises(CheckpointError, match=f"which holds only {size} bytes"):
+        open_checkpoint(folder)
+
+
+def test_a_wrong_offset_is_an_error_naming_the_chunk(saved):
+    folder, _ = saved
+
+    def change(metadata):
+        where = metadata.storage_data[storage_of(metadata, "model.head.weight")]
+        where.offset, where.length = where.offset + 1, where.length - 1
+
+    tamper(folder, change)
+    with open_checkpoint(folder) as reader:  # the metadata is plausible: found when read
+        assert torch.equal(reader.get("embed.weight"), model_state()["embed.weight"])
+        with pytest.raises(
+            CheckpointError,
+            match=r"chunk \(0, 0\) of tensor 'model.head.weight' \(bytes \d+-\d+ of "
+            r"__0_0.distcp\) is not a tensor torch.load can read",
+        ):
+            reader.get("head.weight")
+
+
+def test_a_record_of_another_tensor_is_an_error(saved):
+    folder, _ = saved
+
+    def change(metadata):  # head.weight's bytes are the bf16 layers.0.weight's record
+        bias = metadata.storage_data[storage_of(metadata, "model.layers.0.weight")]
+        head = metadata.storage_data[storage_of(metadata, "model.head.weight")]
+        head.offset, head.length = bias.offset, bias.length
+
+    tamper(folder, change)
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a torch.bfloat16 tensor of shape \[4, 4\], but the metadata says "
+        r"torch.float32 of shape \[11, 4\]",
+    ):
+        open_checkpoint(folder).get("head.weight")
+
+
+@pytest.mark.parametrize(
+    ("pieces", "problem"),
+    [
+        ([((0, 0), (6, 6)), ((6, 0), (7, 6))], "outside its shape"),
+        ([((0, 0), (6, 6)), ((5, 0), (6, 6))], "overlap or leave part of the tensor out"),
+        ([((0, 0), (6, 6))], "overlap or leave part of the tensor out"),
+        (  # split along both dimensions: checked pair by pair
+            [((0, 0), (6, 4)), ((0, 2), (6, 2)), ((6, 0), (6, 6))],
+            "overlap or leave part of the tensor out",
+        ),
+    ],
+)
+def test_chunks_that_do_not_tile_the_tensor_are_refused(tmp_path, pieces, problem):
+    chunked(tmp_path / "c", torch.zeros(13, 6), pieces)
+    tamper(
+        tmp_path / "c", lambda m: setattr(m.state_dict_metadata["w"], "size", torch.Size([12, 6]))
+    )
+    with pytest.raises(CheckpointError, match=re.escape(problem)):
+        open_checkpoint(tmp_path / "c")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_metadata_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(
+        CheckpointError,
+        match=r"metadata cannot be read \(it names posix.system, which is not one of torch's",
+    ):
+        open_checkpoint(tmp_path / "c")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_metadata_of_another_type_or_damaged_is_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(
+        CheckpointError, match=r"holds a dict, not torch\.distributed\.checkpoint's"
+    ):
+        open_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(md.Metadata({3: None})))
+    with pytest.raises(CheckpointError, match=r"not torch\.distributed\.checkpoint's Metadata nam"):
+        open_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(md.Metadata({}))[:-9])
+    with pytest.raises(CheckpointError, match="metadata cannot be read"):
+        open_checkpoint(tmp_path / "c")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_writer_writes_what_dcp_save_writes(tmp_path):
+    """Byte for byte: the same data file, and the same metadata but for the save's own id."""
+    state = model_state()
+    dcp_save({"model": state}, tmp_path / "dcp")
+    layout = {name: TensorInfo(t.shape, t.dtype) for name, t in state.items()}
+    with DistributedCheckpointWriter(tmp_path / "ours", layout, entry="model") as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+    theirs, ours = (tmp_path / "dcp", tmp_path / "ours")
+    assert (ours / "__0_0.distcp").read_bytes() == (theirs / "__0_0.distcp").read_bytes()
+    a, b = (pickle.loads((folder / ".metadata").read_bytes()) for folder in (theirs, ours))
+    assert a.state_dict_metadata == b.state_dict_metadata
+    assert (a.planner_data, a.storage_data, a.version) == (
+        b.planner_data,
+        b.storage_data,
+        b.version,
+    )
+
+
+def test_out_format_dcp_keeps_the_bases_entry_and_loads_back(tmp_path):
+    models = [model_state(i) for i in range(3)]
+    for i, model in enumerate(models):
+        dcp_save({"model": model, "optimizer": optimizer_state(model)}, tmp_path / f"{i}")
+    paths = [tmp_path / f"{i}" for i in range(3)]
+    out, lineage = terge.merge(
+        paths, out=tmp_path / "soup", out_format="dcp", lineage=True, digests=True
+    )
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "lineage.json"]
+    assert terge.load_lineage(out) == lineage
+    expected = terge.merge(models)
+    loaded = {"model": {name: torch.empty_like(t) for name, t in expected.items()}}
+    dcp_load(loaded, out)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded["model"][name], tensor), name
+    assert open_checkpoint(out).entry == "model"
+
+
+def test_out_format_dcp_from_memory_is_keyed_by_name_tied_names_included(tmp_path):
+    from helpers import Tied
+
+    torch.manual_seed(0)
+    models = [Tied(), Tied()]
+    out = terge.merge(models, out=tmp_path / "soup", out_format="dcp", out_dtype="bfloat16")
+    fresh = Tied().to(torch.bfloat16)
+    state = fresh.state_dict()
+    dcp_load(state, out)  # every key, the tied head's too, is in the checkpoint
+    expected = terge.merge(models)
+    assert torch.equal(fresh.head.weight, expected.embed.weight.to(torch.bfloat16))
+    assert fresh.head.weight.data_ptr() == fresh.embed.weight.data_ptr()
+    metadata = pickle.loads((out / ".metadata").read_bytes())
+    records = {k.fqn: v for k, v in metadata.storage_data.items()}
+    assert records["head.weight"] == records["embed.weight"]  # stored once
+
+
+def test_max_shard_size_splits_the_data_files(tmp_path):
+    state = {f"w{i}": torch.randn(64, 64) for i in range(4)}  # 16 KiB each
+    out = terge.merge(
+        [state, state], out=tmp_path / "soup", out_format="dcp", max_shard_size="20KB"
+    )
+    assert sorted(p.name for p in out.glob("*.distcp")) == [f"__0_{i}.distcp" for i in range(4)]
+    loaded = {name: torch.empty(64, 64) for name in state}
+    dcp_load(loaded, out)
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    state = {f"w{i}": torch.randn(4) for i in range(3)}
+
+    def failing(tensors, weights, base):
+        raise RuntimeError("no")
+
+    with pytest.raises(terge.MethodError):
+        terge.merge(
+            [state, state],
+            method={"w2": failing, re.compile(".*"): "arithmetic"},
+            out=tmp_path / "soup",
+            out_format="dcp",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_format_is_checked_before_anything(tmp_path):
+    state = {"w": torch.ones(2)}
+    with pytest.raises(
+        MergeArgumentError, match=r"`out_format` must be one of 'safetensors', 'dcp'"
+    ):
+        terge.merge([state, state], out=tmp_path / "o", out_format="torch")
+    with pytest.raises(MergeArgumentError, match="`out_format` says how `out` is written"):
+        terge.merge([state, state], out_format="dcp")
+    (tmp_path / "o").mkdir()
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        terge.merge([state, state], out=tmp_path / "o", out_format="dcp", dry_run=True)
+    out = terge.merge([state, state], out=tmp_path / "o", out_format="dcp", overwrite=True)
+    assert is_distributed_checkpoint(out)
+
+
+def test_an_output_inside_an_input_checkpoint_is_refused(saved):
+    folder, model = saved
+    with pytest.raises(CheckpointError, match="is inside the input"):
+        terge.merge([folder, model], out=folder / "soup", out_format="dcp")
+
+
+def test_the_writer_refuses_what_its_layout_does_not_say(tmp_path):
+    layout = {"w": TensorInfo(torch.Size([2]), torch.float32)}
+    never = pytest.raises(CheckpointError, match="1 tensors of the layout were never written")
+    with never, DistributedCheckpointWriter(tmp_path / "a", layout):
+        pass
+    wrong = pytest.raises(CheckpointError, match=r"is torch.float64 of shape \[2\], but the layout")
+    with wrong, DistributedCheckpointWriter(tmp_path / "b", layout) as writer:
+        writer.add("w", torch.ones(2, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="without a leading or trailing dot"):
+        DistributedCheckpointWriter(tmp_path / "c", layout, entry="model.")
+    assert list(tmp_path.iterdir()) == []
