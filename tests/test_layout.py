@@ -17,8 +17,10 @@ floor wings                                    what they are
 4     types, plan                              merge()'s argument types; the plan (what
                                                happens to every tensor)
 5     execute, digests                         running a plan in memory; hashing what ran
-6     output                                   running a plan into a checkpoint folder
-7     merge, audit                             merge(); recomputing and checking a lineage
+6     output, averaging                        running a plan into a checkpoint folder; a
+                                               running average in the training loop
+7     merge, audit, integrations               merge(); recomputing and checking a lineage;
+                                               the Lightning and transformers callbacks
 8     cli                                      the ``terge`` command and its recipes
 ====  =======================================  ==============================================
 
@@ -51,8 +53,8 @@ FLOORS: list[set[str]] = [
     {"sources", "methods", "lineage"},
     {"types", "plan"},
     {"execute", "digests"},
-    {"output"},
-    {"merge", "audit"},
+    {"output", "averaging"},
+    {"merge", "audit", "integrations"},
     {"cli"},
 ]
 FLOOR = {wing: level for level, wings in enumerate(FLOORS) for wing in wings}

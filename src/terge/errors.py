@@ -102,3 +102,9 @@ class RecipeError(TergeError, ValueError):
 
 class UsageError(TergeError, ValueError):
     """The command line is malformed (argparse's errors, and the CLI's own checks)."""
+
+
+class AveragingError(TergeError, ValueError):
+    """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
+    a bad setting, a model whose tensors no longer match the average, or a state dict of another
+    average."""
