@@ -2,7 +2,9 @@
 
 from . import methods
 from ._version import __version__
+from .averaging import Average
 from .errors import (
+    AveragingError,
     BaseIndexError,
     CheckpointError,
     LineageError,
@@ -28,6 +30,8 @@ from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 
 __all__ = [
+    "Average",
+    "AveragingError",
     "BaseIndexError",
     "ByLayer",
     "CheckpointError",

@@ -88,6 +88,8 @@ class _Plan:
     copied: list[_Entry] = field(default_factory=list)
     """Copied from the model (integer buffers, buffers in ``copy`` mode)."""
     batched_entries: list[_Entry] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
+    """Where the batched entries' tensors live, to read their addresses quickly."""
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Slot, torch.Tensor, bool]]:
@@ -332,9 +334,9 @@ class Average:
         plan = self._plan
         if plan is not None:
             try:
-                pointers = [self._tensor(e).data_ptr() for e in plan.batched_entries]
-            except (RuntimeError, NotImplementedError):  # e.g. a DTensor now: plan again
-                pointers = None
+                pointers = [owner[key].data_ptr() for owner, key in plan.slots]
+            except (AttributeError, KeyError, RuntimeError, NotImplementedError):
+                pointers = None  # a tensor removed or now a DTensor: plan again (and say why)
             if pointers == plan.pointers:
                 return plan
         plan = self._plan = self._make_plan()
@@ -370,7 +372,8 @@ class Average:
             outs = [entry.shadow.data_ptr() for entry, _ in members]
             batched.append((first, len(batched_entries), out_code, in_code, outs, lengths))
             parts.append(fastloop_module.partition(lengths))
-        return _Plan(pointers, batched, parts, single, copied, batched_entries)
+        slots = [entry.slot for entry in batched_entries if entry.slot is not None]
+        return _Plan(pointers, batched, parts, single, copied, batched_entries, slots)
 
     def _run(
         self, plan: _Plan, coefficients: list[float], divisor: float | None, with_shadow: bool
