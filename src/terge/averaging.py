@@ -34,8 +34,8 @@ import torch
 
 from .errors import AveragingError
 from .kernels import ChunkBuffers, linear_combine
+from .kernels import cpu as kernel_cpu
 from .kernels import fastloop as fastloop_module
-from .kernels.cpu import DTYPE_CODES, PER_THREAD, plain
 from .sharding import Sharding, local, sharding_of
 from .sources import unwrap, view_key
 
@@ -354,12 +354,13 @@ class Average:
             elif (
                 batchable
                 and entry.sharding is None
-                and data.numel() < PER_THREAD
+                and data.numel() < kernel_cpu.PER_THREAD
                 and data.numel() > 0
-                and plain(data)
-                and plain(entry.shadow)
+                and kernel_cpu.plain(data)
+                and kernel_cpu.plain(entry.shadow)
             ):
-                key = (DTYPE_CODES[entry.shadow.dtype], DTYPE_CODES[data.dtype])
+                codes = kernel_cpu.DTYPE_CODES
+                key = (codes[entry.shadow.dtype], codes[data.dtype])
                 groups.setdefault(key, []).append((entry, data))
             else:
                 single.append(entry)

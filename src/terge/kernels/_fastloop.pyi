@@ -12,7 +12,6 @@ def combine(
     divisor: float | None,
     /,
 ) -> None: ...
-
 def combine_many(
     out_code: int,
     outs: Sequence[int],
