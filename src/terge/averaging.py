@@ -364,7 +364,10 @@ class Average:
                 groups.setdefault(key, []).append((entry, data))
             else:
                 single.append(entry)
-        batched, parts, batched_entries, pointers = [], [], [], []
+        batched: list[tuple[int, int, int, int, list[int], list[int]]] = []
+        parts: list[list[tuple[int, int]]] = []
+        batched_entries: list[_Entry] = []
+        pointers: list[int] = []
         for (out_code, in_code), members in groups.items():
             first = len(batched_entries)
             batched_entries += [entry for entry, _ in members]
@@ -460,7 +463,7 @@ class Average:
         from torch.optim.swa_utils import update_bn
 
         with self.swapped_into(model):
-            update_bn(loader, model, device)
+            update_bn(loader, model, torch.device(device) if device is not None else None)
             for entry in self._entries:
                 if not entry.parameter:
                     self._write(entry.shadow, local(self._tensor(entry).detach()))

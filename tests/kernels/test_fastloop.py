@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -220,7 +221,7 @@ def test_combine_many_in_place_and_its_partition():
         patch.setattr(torch, "get_num_threads", lambda: 4)
         parts = fastloop.partition([5, 50, 5, 5, 40, 1, 1])
     assert parts[0][0] == 0 and parts[-1][1] == 7
-    assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+    assert all(p[1] == q[0] for p, q in itertools.pairwise(parts))
     assert len(parts) > 1
     with pytest.raises(ValueError, match="same length"):
         fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3], [1], [], [1.0], None)

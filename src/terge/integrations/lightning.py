@@ -12,7 +12,7 @@ The average folds the module in after each optimizer step (gradient accumulation
 validation runs with the averaged weights swapped in; the average is saved in the checkpoint's
 callback state and restored from it; at the end of ``fit`` the averaged weights are copied into
 the module (``copy_at_end=False`` leaves the trained weights). Importing this module imports
-Lightning (``lightning`` or, failing that, ``pytorch_lightning``).
+``lightning``.
 """
 
 from __future__ import annotations
@@ -21,18 +21,14 @@ import contextlib
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..averaging import Average
-
-try:
-    from lightning.pytorch import Callback, LightningModule, Trainer
-except ImportError:  # the older package name
-    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
 
 __all__ = ["AverageCallback"]
 
 
-class AverageCallback(Callback):  # type: ignore[misc]
+class AverageCallback(Callback):
     """Keeps ``self.average``, a :class:`terge.Average` of the module being fitted.
 
     ``kind`` and ``settings`` go to :class:`terge.Average` (``decay``, ``warmup``, ``start_at``

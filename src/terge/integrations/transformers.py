@@ -39,7 +39,7 @@ _CHECKPOINT_PREFIX = "checkpoint"
 """transformers' ``PREFIX_CHECKPOINT_DIR``: checkpoints are ``<output_dir>/checkpoint-<step>``."""
 
 
-class AverageCallback(TrainerCallback):  # type: ignore[misc]
+class AverageCallback(TrainerCallback):
     """Keeps ``self.average``, a :class:`terge.Average` of the model being trained.
 
     ``kind`` and ``settings`` go to :class:`terge.Average` (``decay``, ``warmup``, ``start_at``
@@ -66,7 +66,7 @@ class AverageCallback(TrainerCallback):  # type: ignore[misc]
             raise AveragingError("the Trainer passed no model to AverageCallback.on_train_begin.")
         self.average = Average(model, self.kind, **self.settings)
         if state.global_step > 0:
-            folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+            folder = Path(args.output_dir or ".") / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
             path = folder / FILENAME
             if path.is_file():
                 self.average.load_state_dict(torch.load(path, weights_only=True))
@@ -96,7 +96,7 @@ class AverageCallback(TrainerCallback):  # type: ignore[misc]
         """Write the average's state into the checkpoint folder just saved."""
         if self.average is None or not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+        folder = Path(args.output_dir or ".") / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".{FILENAME}.{os.getpid()}"
         torch.save(self.average.state_dict(), temporary)

@@ -73,7 +73,8 @@ def partition(lengths: Sequence[int]) -> list[tuple[int, int]]:
     workers = min(torch.get_num_threads(), max(1, total // PER_THREAD), max(1, len(lengths)))
     if workers == 1:
         return [(0, len(lengths))]
-    parts, start, seen = [], 0, 0
+    parts: list[tuple[int, int]] = []
+    start = seen = 0
     for index, length in enumerate(lengths):
         seen += length
         if seen * workers >= total * (len(parts) + 1) and len(parts) < workers - 1:
