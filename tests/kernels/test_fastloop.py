@@ -227,3 +227,26 @@ def test_combine_many_in_place_and_its_partition():
         fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3], [1], [], [1.0], None)
     with pytest.raises(ValueError, match="expected 1 entries"):
         fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3, 4], [1], [[1]], [1.0], None)
+
+
+@needs_loop
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounding_every_kind_of_float64_once(dtype):
+    """Random float64 bit patterns (every exponent, subnormals, infinities, NaNs, values that
+    overflow or underflow the target) stored by the compiled loop (its branch-free rounding to
+    odd, its vector clones) as the reference stores them."""
+    generator = torch.Generator().manual_seed(15)
+    bits = torch.randint(-(2**63), 2**63 - 1, (1 << 16,), generator=generator, dtype=torch.int64)
+    values = bits.view(torch.float64)
+    near = torch.randn(1 << 14, generator=generator, dtype=torch.float64)  # near the targets'
+    low = near.abs().to(dtype)
+    integer = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    high = (low.view(integer[dtype]) + 1).view(dtype)  # the next value up
+    halfway = (low.double() + high.double()) / 2  # ties, and just off them both ways
+    off = halfway * 2.0**-40
+    sources = torch.cat([values, near, halfway, halfway + off, halfway - off, near * 1e-41])
+    fast = torch.empty(sources.numel(), dtype=dtype)
+    slow = torch.empty(sources.numel(), dtype=dtype)
+    combine(fast, [sources], [1.0], None, reference=False)
+    combine(slow, [sources], [1.0], None, reference=True)
+    assert same_bits(fast, slow)

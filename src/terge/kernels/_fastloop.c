@@ -26,12 +26,20 @@
 #include "_convert.h"
 
 #define BLOCK 1024
+
+/* The element loops are compiled for AVX-512 and AVX2 too, picked at load time on x86-64 (GCC,
+ * clang): the same IEEE operations in wider vectors, so the same bits (fp-contract stays off). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(TERGE_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
 #define MAX_INPUTS 64
 
 /* --- fused loops -------------------------------------------------------------------------------
  *
- * Multiplying by a coefficient of 1 and dividing by 1 are exact, so the loops always do both: the
- * results equal the reference's, which skips them. Inputs of one dtype (the usual case) run fused
+ * Multiplying by a coefficient of 1 is exact, so the loops always do it: the results equal the
+ * reference's, which skips it. Inputs of one dtype (the usual case) run fused
  * loops of up to four inputs at a time, element by element, so the accumulator stays in registers;
  * inputs of mixed dtypes go through a float64 block buffer one input at a time.
  */
@@ -65,7 +73,7 @@
 
 /* acc[k] (= or +=) the group's weighted inputs. */
 #define DEFINE_ACCUMULATE(NAME, L)                                                                 \
-    static void NAME(double *acc, int fresh, char *const *xs, const double *cs, int g,             \
+    VECTOR_CLONES static void NAME(double *acc, int fresh, char *const *xs, const double *cs, int g,             \
                      Py_ssize_t n) {                                                               \
         UNPACK                                                                                     \
         if (fresh) {                                                                               \
@@ -85,25 +93,35 @@
         }                                                                                          \
     }
 
-/* out[k] = round((acc[k] + the group's weighted inputs) / d); acc NULL starts from nothing. */
+/* out[k] = round((acc[k] + the group's weighted inputs) / d); acc NULL starts from nothing.
+ * Dividing by 1 is exact, so d == 1 skips the division (a divide per element would bound the
+ * loop: an EMA update has no divisor). */
+#define DIVIDE_BY_D(v) ((v) / d)
+#define AS_IS(v) (v)
+#define FINISH_LOOPS(L, S, DIV)                                                                    \
+    if (acc == NULL) {                                                                             \
+        switch (g) {                                                                               \
+        case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST1(L))); break;               \
+        case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST2(L))); break;               \
+        case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST3(L))); break;               \
+        default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST4(L))); break;              \
+        }                                                                                          \
+    } else {                                                                                       \
+        switch (g) {                                                                               \
+        case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM1(L, acc[k]))); break;         \
+        case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM2(L, acc[k]))); break;         \
+        case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM3(L, acc[k]))); break;         \
+        default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM4(L, acc[k]))); break;        \
+        }                                                                                          \
+    }
 #define DEFINE_FINISH(NAME, L, S)                                                                  \
-    static void NAME(char *out, const double *acc, char *const *xs, const double *cs, int g,       \
+    VECTOR_CLONES static void NAME(char *out, const double *acc, char *const *xs, const double *cs, int g,       \
                      double d, Py_ssize_t n) {                                                     \
         UNPACK                                                                                     \
-        if (acc == NULL) {                                                                         \
-            switch (g) {                                                                           \
-            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST1(L) / d); break;            \
-            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST2(L) / d); break;            \
-            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST3(L) / d); break;            \
-            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST4(L) / d); break;           \
-            }                                                                                      \
+        if (d == 1.0) {                                                                            \
+            FINISH_LOOPS(L, S, AS_IS)                                                              \
         } else {                                                                                   \
-            switch (g) {                                                                           \
-            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM1(L, acc[k]) / d); break;      \
-            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM2(L, acc[k]) / d); break;      \
-            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM3(L, acc[k]) / d); break;      \
-            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM4(L, acc[k]) / d); break;     \
-            }                                                                                      \
+            FINISH_LOOPS(L, S, DIVIDE_BY_D)                                                        \
         }                                                                                          \
     }
 
