@@ -401,18 +401,17 @@ class Average:
 
     @staticmethod
     def _copy(destinations: list[torch.Tensor], tensors: Iterable[torch.Tensor]) -> None:
-        """Copy each tensor (its local shard) into its destination, in one call where they share
-        a device and dtype."""
-        sources = [local(t.detach()) for t in tensors]
-        pairs = list(zip(destinations, sources))
-        same = [(d, s) for d, s in pairs if d.device == s.device and d.dtype == s.dtype]
-        if same and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_([d for d, _ in same], [s for _, s in same])
-        else:
-            same = []
-        for d, s in pairs:
-            if not any(d is done for done, _ in same):
-                d.copy_(s)
+        """Copy each tensor (its local shard) into its destination, in one call for those that
+        share a device and dtype with theirs."""
+        together: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for destination, tensor in zip(destinations, tensors):
+            source = local(tensor.detach())
+            if destination.device == source.device and destination.dtype == source.dtype:
+                together.append((destination, source))
+            else:
+                destination.copy_(source)
+        if together:
+            torch._foreach_copy_([d for d, _ in together], [s for _, s in together])
 
     def _write(self, destination: torch.Tensor, value: torch.Tensor) -> None:
         """``destination = value`` rounded once (float64 to bfloat16 included)."""
