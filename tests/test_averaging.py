@@ -513,6 +513,22 @@ def _fsdp2_worker(rank: int, port: int, folder: str) -> None:
         }
         with averages[1].swapped_into(sharded):
             result["swapped"] = {n: p.full_tensor() for n, p in sharded.named_parameters()}
+        # resume: each rank saves its own state (DTensors) and loads it into a new Average
+        torch.save(averages[1].state_dict(), Path(folder) / f"average{rank}.pt")
+        resumed = terge.Average(sharded, decay=0.5)
+        resumed.load_state_dict(torch.load(Path(folder) / f"average{rank}.pt", weights_only=True))
+        with torch.no_grad():
+            for p in sharded.parameters():
+                p.mul_(0.5)
+        for average in (averages[1], resumed):
+            average.update(sharded)
+        result["resumed"] = all(
+            torch.equal(a.to_local(), b.to_local())
+            for a, b in zip(
+                averages[1].state_dict()["shadow"].values(),
+                resumed.state_dict()["shadow"].values(),
+            )
+        )
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -524,7 +540,8 @@ def _fsdp2_worker(rank: int, port: int, folder: str) -> None:
 )
 def test_an_fsdp2_model_is_averaged_shard_by_shard_as_its_whole_copy(tmp_path):
     """Two gloo processes: each keeps only its shards of the average (DTensors like the
-    model's), and the gathered average equals the unsharded model's average bit for bit."""
+    model's), and the gathered average equals the unsharded model's average bit for bit; each
+    rank's saved state (torch.save, weights_only=True) resumes it exactly."""
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:
@@ -542,6 +559,7 @@ def test_an_fsdp2_model_is_averaged_shard_by_shard_as_its_whole_copy(tmp_path):
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert result["dtensors"]
+        assert result["resumed"]
         assert result["local_shapes"]["0.weight"] == (8, 8)  # half of (16, 8) on each rank
         for name, whole in result["whole"].items():
             assert same_bits(result["gathered"][name], whole), name
