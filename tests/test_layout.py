@@ -17,10 +17,12 @@ floor wings                                    what they are
 4     types, plan                              merge()'s argument types; the plan (what
                                                happens to every tensor)
 5     execute, digests                         running a plan in memory; hashing what ran
-6     output                                   running a plan into a checkpoint folder
-7     merge, audit, policy, inspection         merge(); recomputing and checking a lineage;
-                                               the rules CI holds a lineage to; measuring
-                                               task vectors before a merge
+6     output, averaging                        running a plan into a checkpoint folder; a
+                                               running average in the training loop
+7     merge, audit, policy, inspection,        merge(); recomputing and checking a lineage;
+      integrations                             the rules CI holds a lineage to; measuring
+                                               task vectors before a merge; the Lightning and
+                                               transformers callbacks
 8     report, plots                            audit results as text, JSON and JUnit; the
                                                pictures (matplotlib, optional)
 9     cli                                      the ``terge`` command and its recipes
@@ -55,8 +57,8 @@ FLOORS: list[set[str]] = [
     {"sources", "methods", "lineage"},
     {"types", "plan"},
     {"execute", "digests"},
-    {"output"},
-    {"merge", "audit", "policy", "inspection"},
+    {"output", "averaging"},
+    {"merge", "audit", "policy", "inspection", "integrations"},
     {"report", "plots"},
     {"cli"},
 ]

@@ -2,7 +2,9 @@
 
 from . import methods
 from ._version import __version__
+from .averaging import Average
 from .errors import (
+    AveragingError,
     BaseIndexError,
     CheckpointError,
     LineageError,
@@ -34,6 +36,8 @@ from .merge import merge
 from .policy import Policy, Violation, check_lineage
 
 __all__ = [
+    "Average",
+    "AveragingError",
     "BaseIndexError",
     "ByLayer",
     "CheckpointError",

@@ -110,3 +110,9 @@ class PolicyError(TergeError, ValueError):
 
 class MissingDependencyError(TergeError, ImportError):
     """An optional library a feature needs is not installed (the message says what to install)."""
+
+
+class AveragingError(TergeError, ValueError):
+    """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
+    a bad setting, a model whose tensors no longer match the average, or a state dict of another
+    average."""

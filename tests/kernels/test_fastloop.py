@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -156,3 +157,96 @@ def test_a_forked_child_merges_with_threads_of_its_own(monkeypatch):
         process.kill()
         pytest.fail("the forked child's merge hung")
     assert queue.get(timeout=5) is True
+
+
+@needs_loop
+@settings(max_examples=40, deadline=None)
+@given(
+    in_dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=3),
+    out_dtype=st.sampled_from(DTYPES),
+    numels=st.lists(st.integers(1, 1500), min_size=1, max_size=12),
+    seed=st.integers(0, 2**16),
+    divisor=st.sampled_from([None, 1.0, 3.0, -2.5]),
+    threads=st.sampled_from([1, 3]),
+)
+def test_combine_many_equals_one_combine_per_tensor(
+    in_dtypes, out_dtype, numels, seed, divisor, threads
+):
+    """combine_many (the running average's batched small tensors) computes each tensor exactly
+    as the reference does, however the tensors are split between threads."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastloop, "PER_THREAD", 64)  # small batches split between threads too
+        patch.setattr(torch, "get_num_threads", lambda: threads)
+        parts = fastloop.partition(numels)
+    generator = torch.Generator().manual_seed(seed)
+    coefficients = [float(c) for c in torch.randn(len(in_dtypes), generator=generator)]
+    inputs = [
+        [awkward(n, dtype, seed + 17 * i + j) for j, n in enumerate(numels)]
+        for i, dtype in enumerate(in_dtypes)
+    ]
+    outs = [torch.empty(n, dtype=out_dtype) for n in numels]
+    fastloop.combine_many(
+        cpu.DTYPE_CODES[out_dtype],
+        [o.data_ptr() for o in outs],
+        numels,
+        [cpu.DTYPE_CODES[d] for d in in_dtypes],
+        [[t.data_ptr() for t in tensors] for tensors in inputs],
+        coefficients,
+        divisor,
+        parts,
+    )
+    for j, out in enumerate(outs):
+        expected = torch.empty_like(out)
+        combine(expected, [tensors[j] for tensors in inputs], coefficients, divisor, reference=True)
+        assert same_bits(out, expected), j
+
+
+@needs_loop
+def test_combine_many_in_place_and_its_partition():
+    """The output may be an input (an EMA's shadow); the partition covers every tensor once."""
+    a = [torch.full((n,), 2.0) for n in (3, 1000, 5)]
+    b = [torch.full((n,), 4.0) for n in (3, 1000, 5)]
+    fastloop.combine_many(
+        1,
+        [t.data_ptr() for t in a],
+        [3, 1000, 5],
+        [1, 1],
+        [[t.data_ptr() for t in a], [t.data_ptr() for t in b]],
+        [0.75, 0.25],
+        None,
+    )
+    assert all(torch.equal(t, torch.full_like(t, 2.5)) for t in a)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastloop, "PER_THREAD", 10)
+        patch.setattr(torch, "get_num_threads", lambda: 4)
+        parts = fastloop.partition([5, 50, 5, 5, 40, 1, 1])
+    assert parts[0][0] == 0 and parts[-1][1] == 7
+    assert all(p[1] == q[0] for p, q in itertools.pairwise(parts))
+    assert len(parts) > 1
+    with pytest.raises(ValueError, match="same length"):
+        fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3], [1], [], [1.0], None)
+    with pytest.raises(ValueError, match="expected 1 entries"):
+        fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3, 4], [1], [[1]], [1.0], None)
+
+
+@needs_loop
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounding_every_kind_of_float64_once(dtype):
+    """Random float64 bit patterns (every exponent, subnormals, infinities, NaNs, values that
+    overflow or underflow the target) stored by the compiled loop (its branch-free rounding to
+    odd, its vector clones) as the reference stores them."""
+    generator = torch.Generator().manual_seed(15)
+    bits = torch.randint(-(2**63), 2**63 - 1, (1 << 16,), generator=generator, dtype=torch.int64)
+    values = bits.view(torch.float64)
+    near = torch.randn(1 << 14, generator=generator, dtype=torch.float64)  # near the targets'
+    low = near.abs().to(dtype)
+    integer = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    high = (low.view(integer[dtype]) + 1).view(dtype)  # the next value up
+    halfway = (low.double() + high.double()) / 2  # ties, and just off them both ways
+    off = halfway * 2.0**-40
+    sources = torch.cat([values, near, halfway, halfway + off, halfway - off, near * 1e-41])
+    fast = torch.empty(sources.numel(), dtype=dtype)
+    slow = torch.empty(sources.numel(), dtype=dtype)
+    combine(fast, [sources], [1.0], None, reference=False)
+    combine(slow, [sources], [1.0], None, reference=True)
+    assert same_bits(fast, slow)

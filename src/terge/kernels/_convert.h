@@ -70,13 +70,17 @@ static inline uint16_t float_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT16_C(0x7E00) : nonsign));
 }
 
-/* float64 -> float32 rounded to odd: exact values stay, inexact ones get an odd last bit. */
+/* float64 -> float32 rounded to odd: exact values stay, inexact ones get an odd last bit. That is
+ * the value truncated toward zero with its last bit set: one ulp less in magnitude when rounding
+ * to nearest went away from zero (the float's bits are sign and magnitude), then the bit set.
+ * Without branches, so the loops vectorise; NaN passes through unchanged. */
 static inline float round_to_odd(double v) {
-    float r = (float)v;
-    if ((double)r != v && !isnan(v) && (float_to_bits(r) & 1) == 0) {
-        r = nextafterf(r, v > (double)r ? INFINITY : -INFINITY);
-    }
-    return r;
+    const float r = (float)v;
+    const double back = (double)r;
+    const uint32_t u = float_to_bits(r);
+    const uint32_t inexact = (uint32_t)(back != v && v == v);
+    const uint32_t away = (uint32_t)(fabs(back) > fabs(v));
+    return bits_to_float(inexact ? ((u - away) | 1u) : u);
 }
 
 #endif

@@ -26,12 +26,20 @@
 #include "_convert.h"
 
 #define BLOCK 1024
+
+/* The element loops are compiled for AVX-512 and AVX2 too, picked at load time on x86-64 (GCC,
+ * clang): the same IEEE operations in wider vectors, so the same bits (fp-contract stays off). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(TERGE_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
 #define MAX_INPUTS 64
 
 /* --- fused loops -------------------------------------------------------------------------------
  *
- * Multiplying by a coefficient of 1 and dividing by 1 are exact, so the loops always do both: the
- * results equal the reference's, which skips them. Inputs of one dtype (the usual case) run fused
+ * Multiplying by a coefficient of 1 is exact, so the loops always do it: the results equal the
+ * reference's, which skips it. Inputs of one dtype (the usual case) run fused
  * loops of up to four inputs at a time, element by element, so the accumulator stays in registers;
  * inputs of mixed dtypes go through a float64 block buffer one input at a time.
  */
@@ -65,7 +73,7 @@
 
 /* acc[k] (= or +=) the group's weighted inputs. */
 #define DEFINE_ACCUMULATE(NAME, L)                                                                 \
-    static void NAME(double *acc, int fresh, char *const *xs, const double *cs, int g,             \
+    VECTOR_CLONES static void NAME(double *acc, int fresh, char *const *xs, const double *cs, int g,             \
                      Py_ssize_t n) {                                                               \
         UNPACK                                                                                     \
         if (fresh) {                                                                               \
@@ -85,25 +93,35 @@
         }                                                                                          \
     }
 
-/* out[k] = round((acc[k] + the group's weighted inputs) / d); acc NULL starts from nothing. */
+/* out[k] = round((acc[k] + the group's weighted inputs) / d); acc NULL starts from nothing.
+ * Dividing by 1 is exact, so d == 1 skips the division (a divide per element would bound the
+ * loop: an EMA update has no divisor). */
+#define DIVIDE_BY_D(v) ((v) / d)
+#define AS_IS(v) (v)
+#define FINISH_LOOPS(L, S, DIV)                                                                    \
+    if (acc == NULL) {                                                                             \
+        switch (g) {                                                                               \
+        case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST1(L))); break;               \
+        case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST2(L))); break;               \
+        case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST3(L))); break;               \
+        default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(FIRST4(L))); break;              \
+        }                                                                                          \
+    } else {                                                                                       \
+        switch (g) {                                                                               \
+        case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM1(L, acc[k]))); break;         \
+        case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM2(L, acc[k]))); break;         \
+        case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM3(L, acc[k]))); break;         \
+        default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, DIV(SUM4(L, acc[k]))); break;        \
+        }                                                                                          \
+    }
 #define DEFINE_FINISH(NAME, L, S)                                                                  \
-    static void NAME(char *out, const double *acc, char *const *xs, const double *cs, int g,       \
+    VECTOR_CLONES static void NAME(char *out, const double *acc, char *const *xs, const double *cs, int g,       \
                      double d, Py_ssize_t n) {                                                     \
         UNPACK                                                                                     \
-        if (acc == NULL) {                                                                         \
-            switch (g) {                                                                           \
-            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST1(L) / d); break;            \
-            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST2(L) / d); break;            \
-            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST3(L) / d); break;            \
-            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, FIRST4(L) / d); break;           \
-            }                                                                                      \
+        if (d == 1.0) {                                                                            \
+            FINISH_LOOPS(L, S, AS_IS)                                                              \
         } else {                                                                                   \
-            switch (g) {                                                                           \
-            case 1: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM1(L, acc[k]) / d); break;      \
-            case 2: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM2(L, acc[k]) / d); break;      \
-            case 3: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM3(L, acc[k]) / d); break;      \
-            default: for (Py_ssize_t k = 0; k < n; k++) S(out, k, SUM4(L, acc[k]) / d); break;     \
-            }                                                                                      \
+            FINISH_LOOPS(L, S, DIVIDE_BY_D)                                                        \
         }                                                                                          \
     }
 
@@ -240,8 +258,103 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(combine_many_doc,
+             "combine_many(out_code, outs, ns, codes, inputs, coefficients, divisor)\n\n"
+             "combine() over many small tensors in one call: for each j, outs[j] (ns[j] elements)\n"
+             "= (sum_i coefficients[i] * inputs[i][j]) / divisor. Every output has out_code,\n"
+             "every inputs[i][j] has codes[i]; inputs is one sequence of addresses per input.\n"
+             "Runs without the GIL, each tensor exactly as combine() would.");
+
+/* Reads a sequence of n addresses (or lengths) into a fresh array; NULL with an error set. */
+static unsigned long long *read_integers(PyObject *sequence, Py_ssize_t n, const char *what) {
+    PyObject *fast = PySequence_Fast(sequence, what);
+    if (!fast) return NULL;
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd entries, got %zd", what, n,
+                     PySequence_Fast_GET_SIZE(fast));
+        Py_DECREF(fast);
+        return NULL;
+    }
+    unsigned long long *values = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *values);
+    if (!values) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t j = 0; j < n; j++) values[j] = PyLong_AsUnsignedLongLong(items[j]);
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) {
+        PyMem_Free(values);
+        return NULL;
+    }
+    return values;
+}
+
+static PyObject *py_combine_many(PyObject *self, PyObject *args) {
+    (void)self;
+    int out_code;
+    PyObject *outs_obj, *ns_obj, *codes_obj, *inputs_obj, *coefs_obj, *divisor_obj;
+    if (!PyArg_ParseTuple(args, "iOOOOOO", &out_code, &outs_obj, &ns_obj, &codes_obj,
+                          &inputs_obj, &coefs_obj, &divisor_obj)) {
+        return NULL;
+    }
+    if (!check_code(out_code)) return NULL;
+    PyObject *result = NULL;
+    unsigned long long *outs = NULL, *ns = NULL, *inputs[MAX_INPUTS] = {NULL};
+    PyObject *codes = PySequence_Fast(codes_obj, "codes must be a sequence");
+    PyObject *coefs = codes ? PySequence_Fast(coefs_obj, "coefficients must be a sequence") : NULL;
+    PyObject *per_input = coefs ? PySequence_Fast(inputs_obj, "inputs must be a sequence") : NULL;
+    if (!per_input) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(codes);
+    if (count < 1 || count > MAX_INPUTS || PySequence_Fast_GET_SIZE(coefs) != count ||
+        PySequence_Fast_GET_SIZE(per_input) != count) {
+        PyErr_SetString(PyExc_ValueError, "inputs, codes and coefficients must have the same "
+                                          "length, between 1 and 64");
+        goto done;
+    }
+    int input_codes[MAX_INPUTS];
+    double coefficients[MAX_INPUTS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        input_codes[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(codes, i));
+        coefficients[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(coefs, i));
+        if (PyErr_Occurred() || !check_code(input_codes[i])) goto done;
+    }
+    double divisor = divisor_obj == Py_None ? 1.0 : PyFloat_AsDouble(divisor_obj);
+    if (PyErr_Occurred()) goto done;
+    Py_ssize_t tensors = PySequence_Length(outs_obj);
+    if (tensors < 0) goto done;
+    outs = read_integers(outs_obj, tensors, "outs must be a sequence of addresses");
+    ns = outs ? read_integers(ns_obj, tensors, "ns must be a sequence of lengths") : NULL;
+    if (!ns) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        inputs[i] = read_integers(PySequence_Fast_GET_ITEM(per_input, i), tensors,
+                                  "inputs[i] must be a sequence of addresses");
+        if (!inputs[i]) goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < tensors; j++) {
+        char *addresses[MAX_INPUTS];
+        for (Py_ssize_t i = 0; i < count; i++) addresses[i] = (char *)(uintptr_t)inputs[i][j];
+        combine((char *)(uintptr_t)outs[j], out_code, (Py_ssize_t)ns[j], (int)count, addresses,
+                input_codes, coefficients, divisor);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (Py_ssize_t i = 0; i < MAX_INPUTS; i++) PyMem_Free(inputs[i]);
+    PyMem_Free(outs);
+    PyMem_Free(ns);
+    Py_XDECREF(codes);
+    Py_XDECREF(coefs);
+    Py_XDECREF(per_input);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"combine", py_combine, METH_VARARGS, combine_doc},
+    {"combine_many", py_combine_many, METH_VARARGS, combine_many_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,3 +12,13 @@ def combine(
     divisor: float | None,
     /,
 ) -> None: ...
+def combine_many(
+    out_code: int,
+    outs: Sequence[int],
+    ns: Sequence[int],
+    codes: Sequence[int],
+    inputs: Sequence[Sequence[int]],
+    coefficients: Sequence[float],
+    divisor: float | None,
+    /,
+) -> None: ...

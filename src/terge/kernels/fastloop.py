@@ -7,11 +7,12 @@ memory. Built at install where a C compiler is present; otherwise the reference 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from .cpu import DTYPE_CODES, plain, reference_forced, split
+from .cpu import DTYPE_CODES, PER_THREAD, plain, reference_forced, run, split
 
 try:
     from . import _fastloop
@@ -63,3 +64,60 @@ def combine(
         )
 
     split(target.numel(), part)
+
+
+def partition(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Ranges of tensor indices with about equal elements, one per thread (a single range when
+    the tensors together are too small to be worth another thread)."""
+    total = sum(lengths)
+    workers = min(torch.get_num_threads(), max(1, total // PER_THREAD), max(1, len(lengths)))
+    if workers == 1:
+        return [(0, len(lengths))]
+    parts: list[tuple[int, int]] = []
+    start = seen = 0
+    for index, length in enumerate(lengths):
+        seen += length
+        if seen * workers >= total * (len(parts) + 1) and len(parts) < workers - 1:
+            parts.append((start, index + 1))
+            start = index + 1
+    parts.append((start, len(lengths)))
+    return [part for part in parts if part[0] < part[1]]
+
+
+def combine_many(
+    out_code: int,
+    outs: Sequence[int],
+    lengths: Sequence[int],
+    codes: Sequence[int],
+    inputs: Sequence[Sequence[int]],
+    coefficients: Sequence[float],
+    divisor: float | None,
+    parts: Sequence[tuple[int, int]] | None = None,
+) -> None:
+    """The compiled loop over many tensors at once, given as addresses (``data_ptr()``) and
+    lengths: ``outs[j] = (sum_i coefficients[i] * inputs[i][j]) / divisor``, each tensor exactly
+    as :func:`combine` computes it, without a Python call per tensor.
+
+    ``parts`` (from :func:`partition`) splits the tensors between threads; the caller checks
+    that every address is a plain CPU tensor of its code (:func:`terge.kernels.cpu.plain`).
+    """
+    weights = [float(c) for c in coefficients]
+    divide = None if divisor is None or divisor == 1 else float(divisor)
+    if parts is None:
+        parts = partition(lengths)
+
+    def part(start: int, stop: int) -> None:
+        _fastloop.combine_many(
+            out_code,
+            outs[start:stop],
+            lengths[start:stop],
+            codes,
+            [addresses[start:stop] for addresses in inputs],
+            weights,
+            divide,
+        )
+
+    if len(parts) == 1 and parts[0] == (0, len(outs)):
+        _fastloop.combine_many(out_code, outs, lengths, codes, inputs, weights, divide)
+        return
+    run([functools.partial(part, start, stop) for start, stop in parts])
