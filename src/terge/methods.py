@@ -6,7 +6,8 @@ A method is a small pure function over float64 tensors:
 
 ``tensors`` are the contributing models' tensors (float64, same shape, on the destination's
 device), ``weights`` their weights (normalised to sum to 1 unless ``normalize=False``), ``base`` the
-reference tensor in float64 (or ``None`` when the method uses none). A random method gets
+reference tensor in float64 (``None`` for a built-in method that uses none; a user's own method
+always receives it). A random method gets
 ``seed``, the parameter's own seed (see ``terge.plan.derive_seed``), and draws with
 :func:`terge.primitives.counter_uniform`; a method marked ``layout_aware`` gets ``layout``, a
 :class:`terge.sharding.Layout` saying where its tensors lie in the whole parameter: when the
@@ -716,6 +717,9 @@ def custom(
     function: Callable[..., torch.Tensor], name: str | None = None, *, elementwise: bool = False
 ) -> Method:
     """Wrap a user's ``f(tensors, weights, base) -> tensor`` as a method named after it.
+
+    ``base`` is the base's float64 tensor (the separate ``base=`` model's, or ``models[base]``'s,
+    which is then also among ``tensors``), so a task-vector method of one's own can be written.
 
     ``elementwise=True`` declares that each entry of the result depends only on the same entry
     of the inputs (a median, a clamp), so the function may run on each shard of a sharded

@@ -70,8 +70,9 @@ class Step:
 
 def reads_base(method: Method) -> bool:
     """Whether a step of ``method`` reads the base's tensor: one rule for planning a merge and
-    for recomputing it (``terge lineage verify``)."""
-    return method.task_vectors or method.needs_base
+    for recomputing it (``terge lineage verify``). A user's own method always receives it (a
+    task-vector method of one's own needs it); a built-in one only where it declares so."""
+    return method.task_vectors or method.needs_base or not method.builtin
 
 
 def step_from_entry(name: str, entry: LineageEntry, method: Method) -> Step:
