@@ -109,6 +109,10 @@ class Method:
     (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
     [seed=], scratch=, **settings)`` returns ``False``, having written nothing, where it does not
     apply."""
+    ratios: bool = False
+    """Only the ratios of the weights matter (weights scaled by a positive number give the same
+    result): the method is given the weights as given, not normalised to inexact values, so
+    ``(a + b + c) / 3`` is not computed as ``a/3 + b/3 + c/3``."""
     builtin: bool = field(default=False, compare=False)
     """Made by one of terge's factories (a user's own method may raise anything, which terge
     re-raises as :class:`~terge.errors.MethodError`)."""
@@ -198,6 +202,66 @@ _check_density = _per_layer(_check_density)  # type: ignore[assignment]
 _check_gamma = _per_layer(_check_gamma)  # type: ignore[assignment]
 
 
+def _per_model(check: Callable[[str, Any], Any], setting: str) -> Callable[[str, Any], Any]:
+    """Let a setting be a list with one value per contributing model (the base excluded), as
+    mergekit's per-model ``parameters``; each value passes the same check. Kept as a list, as a
+    lineage file holds it."""
+
+    def checked(method: str, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise MergeArgumentError(
+                    f"{method}: {setting} is a list of per-model values, one per contributing "
+                    "model; got an empty list."
+                )
+            if any(isinstance(v, ByLayer) for v in value):
+                raise MergeArgumentError(
+                    f"{method}: {setting} is either per model (a list of numbers) or per layer "
+                    "(by_layer), not both."
+                )
+            return [check(method, v) for v in value]
+        return check(method, value)
+
+    return checked
+
+
+_density_setting = _per_model(_check_density, "density")
+_gamma_setting = _per_model(_check_gamma, "gamma")
+
+_RESCALES = ("density", "l1", "l2", "linf", "none")
+"""How a sparsified task vector is rescaled: by ``1 / density`` (DARE's expectation), to its
+L1, L2 or L-infinity norm before sparsifying (mergekit's ``rescale: true`` is ``l1``), or not."""
+_TRIMS = ("threshold", "exact")
+_ELECTIONS = ("task_vector", "weighted")
+
+
+def _choice(method: str, setting: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise MergeArgumentError(
+            f"{method}: {setting} must be one of {', '.join(map(repr, choices))}; got {value!r}."
+        )
+    return value
+
+
+def _flag(method: str, setting: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MergeArgumentError(f"{method}: {setting} must be True or False; got {value!r}.")
+    return value
+
+
+def _options(method: str, defaults: Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """The mergekit-compatible options that differ from terge's defaults, checked: only those
+    go into the settings (and the lineage), so a default merge records what 0.1.1 did."""
+    checks: dict[str, Callable[[Any], Any]] = {
+        "trim": lambda v: _choice(method, "trim", v, _TRIMS),
+        "rescale": lambda v: _choice(method, "rescale", v, _RESCALES),
+        "elect": lambda v: _choice(method, "elect", v, _ELECTIONS),
+        "disjoint_mean": lambda v: _flag(method, "disjoint_mean", v),
+    }
+    checked = {key: checks[key](value) for key, value in given.items()}
+    return {key: value for key, value in checked.items() if value != defaults[key]}
+
+
 # --- arithmetic -----------------------------------------------------------------------------------
 
 
@@ -270,7 +334,12 @@ def _keep_breadcrumbs(
 
 
 def _random_drop(
-    tau: torch.Tensor, density: float, seed: int, position: int, layout: Layout
+    tau: torch.Tensor,
+    density: float,
+    seed: int,
+    position: int,
+    layout: Layout,
+    divide: bool = True,
 ) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, divide the survivors by ``density``
     so the task vector's expectation is unchanged. Entry ``j`` (its row-major index in the whole
@@ -286,10 +355,99 @@ def _random_drop(
         stop = min(start + DRAW_CHUNK, flat.numel())
         draw = counter_uniform(key, layout.indices(start, stop, flat.device))
         flat[start:stop].masked_fill_(draw >= density, 0)
+    return _divide(tau, density) if divide else tau
+
+
+def _divide(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``tau / density`` in place, the quotient correctly rounded on any device."""
     if tau.device.type != "cpu":  # torch divides a GPU tensor by a Python number as a product
         # with its reciprocal, not always the quotient; dividing by a tensor is exact, as on the CPU
         return tau.div_(torch.tensor(density, dtype=tau.dtype, device=tau.device))
     return tau.div_(density)
+
+
+def _whole_only(name: str, option: str, layout: Layout) -> None:
+    """Refuse an option that ranks the whole tensor on a sharded parameter."""
+    if layout.sharded:
+        raise MethodNotApplicableError(
+            f"{name}: {option} ranks the entries of the whole tensor, which a sharded parameter "
+            "(DTensor) does not hold; use the default (thresholds summed over the shards) or "
+            "merge whole tensors."
+        )
+
+
+def _keep_exactly(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim as mergekit ranks: exactly ``k = max(1, int(density * numel))`` entries, the
+    largest magnitudes, ties at the threshold broken by position (the first kept)."""
+    n = tau.numel()
+    k = max(1, int(density * n))
+    if density >= 1 or k >= n:
+        return tau
+    flat = tau.view(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    flat[order[k:]] = 0
+    return tau
+
+
+def _keep_breadcrumbs_exactly(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs as mergekit ranks (``magnitude_outliers``): in ascending order of magnitude
+    (ties by position), drop the ``n - keep - top`` smallest (none when ``density + gamma > 1``)
+    and keep the next ``keep = int(density * numel)`` (no floor of one), ``top = int(gamma *
+    numel)``."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    flat = tau.view(-1)
+    order = torch.sort(flat.abs(), stable=True).indices
+    kept = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    kept[order[bottom : bottom + keep]] = True
+    return tau.masked_fill_(~kept.view(tau.shape), 0)
+
+
+_RESCALE_EPS = 1e-7
+"""mergekit's: where either norm is below it, the masked task vector is left unscaled."""
+
+
+def _norm(tau: torch.Tensor, norm: str, layout: Layout) -> float:
+    """The L1, L2 or L-infinity norm of a task vector, over every shard."""
+    flat = tau.reshape(-1)
+    if norm == "l1":
+        local_value = flat.abs().sum()
+    elif norm == "l2":
+        local_value = torch.dot(flat, flat)
+    else:
+        local_value = flat.abs().max() if flat.numel() else flat.new_zeros(())
+    if layout.sharded:
+        if norm == "linf":
+            _whole_only("rescale='linf'", "the largest magnitude", layout)
+        local_value = layout.sum(local_value.reshape(1).to(torch.float64))[0]
+    value = float(local_value)
+    return math.sqrt(value) if norm == "l2" else value
+
+
+def _rescaled(tau: torch.Tensor, before: float, norm: str, layout: Layout) -> torch.Tensor:
+    """Scale a masked task vector back to its norm ``before`` masking (mergekit's
+    ``rescaled_masked_tensor``)."""
+    after = _norm(tau, norm, layout)
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return tau
+    return tau.mul_(before / after)
+
+
+def _per(value: Any, position: int) -> float:
+    """A setting's value for the ``position``-th contributor (a per-model list, or one value)."""
+    return value[position] if isinstance(value, (list, tuple)) else value
+
+
+def _check_per_model(name: str, settings: Mapping[str, Any], count: int) -> None:
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)) and len(value) != count:
+            raise MethodNotApplicableError(
+                f"{name}: {key} has {len(value)} per-model values, but {count} models contribute "
+                "to this parameter (the base excluded); give one per contributing model."
+            )
 
 
 def _task_vector_merge(
@@ -303,8 +461,12 @@ def _task_vector_merge(
     sparsification: str | None,
     consensus: str | None,
     scale: float = 1.0,
-    density: float = 1.0,
-    gamma: float = 0.0,
+    density: float | list[float] = 1.0,
+    gamma: float | list[float] = 0.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
 ) -> torch.Tensor:
     """``base + scale * combine_i(w_i, sparsify(tau_i))``: the core of every task-vector method.
 
@@ -313,22 +475,51 @@ def _task_vector_merge(
     (TIES' elected sign and disjoint mean). Everything but the trims' thresholds is element-wise,
     and those are summed over the shards of a sharded parameter, so a sharded merge gives
     exactly the whole one's entries.
+
+    The options that reproduce mergekit's definitions: ``density`` and ``gamma`` may be lists,
+    one value per contributor; ``trim="exact"`` keeps exactly the counts mergekit keeps (ties
+    broken by position) rather than every tie at a threshold; ``rescale`` (``None``: the
+    method's own, ``1 / density`` for DARE and nothing otherwise) rescales each sparsified task
+    vector to its ``"l1"``, ``"l2"`` or ``"linf"`` norm before, by ``"density"``, or not
+    (``"none"``); ``elect="weighted"`` counts a model as agreeing where ``w_i tau_i`` (not
+    ``tau_i``) has the elected sign; ``disjoint_mean=False`` sums the agreeing weighted task
+    vectors without dividing by their weights (mergekit's ``normalize: false``).
     """
     if base is None:
         raise MethodNotApplicableError(f"{name}: needs a base model to take task vectors from.")
     if layout is None:
         layout = Layout.whole(base.shape)
+    _check_per_model(name, {"density": density, "gamma": gamma}, len(tensors))
+    if trim == "exact" and sparsification in ("magnitude", "breadcrumbs"):
+        _whole_only(name, "trim='exact'", layout)
+    if rescale is None:
+        rescale = "density" if sparsification == "random" else "none"
     if sparsification == "random" and seed is None:
         seed = int(torch.randint(0, (1 << 63) - 1, ()).item())  # torch's global generator
 
     def sparsified(theta: torch.Tensor, position: int) -> torch.Tensor:
         tau = (theta - base).contiguous()
+        if sparsification is None:
+            return tau
+        share = _per(density, position)
+        if share >= 1 and sparsification != "breadcrumbs":
+            return tau
+        before = _norm(tau, rescale, layout) if rescale in ("l1", "l2", "linf") else 0.0
         if sparsification == "magnitude":
-            return _keep_largest(tau, density, layout)
-        if sparsification == "random":
-            return _random_drop(tau, density, seed, position, layout)  # type: ignore[arg-type]
-        if sparsification == "breadcrumbs":
-            return _keep_breadcrumbs(tau, density, gamma, layout)
+            if trim == "exact":
+                tau = _keep_exactly(tau, share)
+            else:
+                tau = _keep_largest(tau, share, layout)
+        elif sparsification == "random":
+            tau = _random_drop(tau, share, seed, position, layout, rescale == "density")  # type: ignore[arg-type]
+        elif trim == "exact":
+            tau = _keep_breadcrumbs_exactly(tau, share, _per(gamma, position))
+        else:
+            tau = _keep_breadcrumbs(tau, share, _per(gamma, position), layout)
+        if rescale in ("l1", "l2", "linf"):
+            return _rescaled(tau, before, rescale, layout)
+        if rescale == "density" and sparsification != "random" and share != 1:
+            return _divide(tau, share)
         return tau
 
     # Every product is rounded before it is added (``acc.add_(x.mul_(w))``, never
@@ -349,12 +540,18 @@ def _task_vector_merge(
     positive = elected >= 0
     del elected
     numerator = torch.zeros_like(base)
-    denominator = torch.zeros_like(base)
+    denominator = torch.zeros_like(base) if disjoint_mean else None
     for delta, weight in zip(deltas, weights, strict=True):
-        agrees = torch.where(positive, delta > 0, delta < 0)
+        if elect == "weighted" and weight < 0:  # w_i tau_i has the opposite sign of tau_i
+            agrees = torch.where(positive, delta < 0, delta > 0)
+        else:
+            agrees = torch.where(positive, delta > 0, delta < 0)
         numerator.add_(delta.masked_fill(~agrees, 0).mul_(weight))
-        denominator.add_(agrees.to(base.dtype).mul_(weight))
+        if denominator is not None:
+            denominator.add_(agrees.to(base.dtype).mul_(weight))
     del deltas
+    if denominator is None:  # the sum of the agreeing weighted task vectors
+        return base + numerator.mul_(scale)
     # Where no model agrees the numerator is 0 too; where agreeing weights cancel (only possible
     # with unnormalised signed weights) the weighted sum stands, as in mergekit.
     merged = torch.where(denominator != 0, numerator / denominator, numerator)
@@ -383,6 +580,7 @@ def _task_vector_method(
         random=sparsification == "random",
         paper=paper,
         layout_aware=True,
+        ratios=consensus == "sign" and bool(settings.get("disjoint_mean", True)),
         builtin=True,
     )
 
@@ -397,7 +595,37 @@ def task_arithmetic(*, scale: float = 1.0) -> Method:
     return _task_vector_method("task_arithmetic", None, None, settings, _TASK_ARITHMETIC)
 
 
-def ties(*, density: float = 0.2, scale: float = 1.0) -> Method:
+_MERGEKIT_OPTIONS = """
+
+    mergekit's definitions (see the README's "From mergekit"): ``density`` (and ``gamma``) may
+    be a list, one value per contributing model (the base excluded); ``trim="exact"`` keeps
+    exactly the count mergekit keeps, ties broken by position, rather than every entry tied at
+    the threshold; ``rescale`` rescales each sparsified task vector to its ``"l1"`` (mergekit's
+    ``rescale: true``), ``"l2"`` or ``"linf"`` norm before sparsifying, by ``"density"``
+    (``1 / density``) or ``"none"`` (``None``: the method's own); ``elect="weighted"`` counts a
+    model as agreeing where ``w_i tau_i`` has the elected sign (mergekit) rather than ``tau_i``
+    (they differ for negative weights); ``disjoint_mean=False`` sums the agreeing weighted task
+    vectors (mergekit's ``normalize: false``). Options left at their defaults are not recorded.
+    """
+
+_DEFAULTS = {"trim": "threshold", "rescale": "none", "elect": "task_vector", "disjoint_mean": True}
+_DARE_DEFAULTS = {**_DEFAULTS, "rescale": "density"}
+
+
+def _own(rescale: Any, default: str) -> Any:
+    """``rescale=None`` is the method's own rescale (recorded only where it differs)."""
+    return default if rescale is None else rescale
+
+
+def ties(
+    *,
+    density: float | list[float] = 0.2,
+    scale: float = 1.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """TIES-merging: trim, elect sign, disjoint merge (https://arxiv.org/abs/2306.01708).
 
     Each task vector keeps its entries at least as large in magnitude as its ``k``-th largest,
@@ -407,13 +635,23 @@ def ties(*, density: float = 0.2, scale: float = 1.0) -> Method:
     default ``density=0.2`` is the top-20% the paper uses throughout.
     """
     settings = {
-        "density": _check_density("ties", density),
+        "density": _density_setting("ties", density),
         "scale": _check_scale("ties", scale),
+        **_options(
+            "ties",
+            _DEFAULTS,
+            trim=trim,
+            rescale=_own(rescale, "none"),
+            elect=elect,
+            disjoint_mean=disjoint_mean,
+        ),
     }
     return _task_vector_method("ties", "magnitude", "sign", settings, _TIES)
 
 
-def dare_linear(*, density: float = 0.5, scale: float = 1.0) -> Method:
+def dare_linear(
+    *, density: float | list[float] = 0.5, scale: float = 1.0, rescale: str | None = None
+) -> Method:
     """DARE then task arithmetic (https://arxiv.org/abs/2311.03099).
 
     Dropping a random ``1 - density`` of each task vector and rescaling the rest by
@@ -425,24 +663,46 @@ def dare_linear(*, density: float = 0.5, scale: float = 1.0) -> Method:
     sharding of the tensor.
     """
     settings = {
-        "density": _check_density("dare_linear", density),
+        "density": _density_setting("dare_linear", density),
         "scale": _check_scale("dare_linear", scale),
+        **_options("dare_linear", _DARE_DEFAULTS, rescale=_own(rescale, "density")),
     }
     return _task_vector_method("dare_linear", "random", None, settings, _DARE)
 
 
-def dare_ties(*, density: float = 0.5, scale: float = 1.0) -> Method:
+def dare_ties(
+    *,
+    density: float | list[float] = 0.5,
+    scale: float = 1.0,
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean
     (https://arxiv.org/abs/2311.03099, https://arxiv.org/abs/2306.01708). Defaults as
     :func:`dare_linear`."""
     settings = {
-        "density": _check_density("dare_ties", density),
+        "density": _density_setting("dare_ties", density),
         "scale": _check_scale("dare_ties", scale),
+        **_options(
+            "dare_ties",
+            _DARE_DEFAULTS,
+            rescale=_own(rescale, "density"),
+            elect=elect,
+            disjoint_mean=disjoint_mean,
+        ),
     }
     return _task_vector_method("dare_ties", "random", "sign", settings, _DARE)
 
 
-def breadcrumbs(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0) -> Method:
+def breadcrumbs(
+    *,
+    density: float | list[float] = 0.2,
+    gamma: float | list[float] = 0.01,
+    scale: float = 1.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+) -> Method:
     """Model Breadcrumbs (https://arxiv.org/abs/2312.06795): task arithmetic over task vectors
     with both tails masked, the ``gamma`` largest magnitudes (outliers that overwrite the other
     tasks) and the smallest (noise), keeping ``density`` of the entries. Both cuts are
@@ -450,22 +710,37 @@ def breadcrumbs(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0
     tied with the bottom cut stay.
 
     Defaults: ``gamma=0.01`` (the top 1%, as the paper's and mergekit's) and ``density=0.2``
-    (the same share as :func:`ties`, close to the paper's 85%-bottom masks).
+    (the same share as :func:`ties`, close to the paper's 85%-bottom masks). With
+    ``trim="exact"`` (mergekit's ``magnitude_outliers``), exactly ``int(density * numel)``
+    entries are kept (no floor of one), ranked by position among ties, and ``density + gamma``
+    may exceed 1: then fewer outliers go.
     """
-    density_ = _check_density("breadcrumbs", density)
-    gamma_ = _check_gamma("breadcrumbs", gamma)
+    density_ = _density_setting("breadcrumbs", density)
+    gamma_ = _gamma_setting("breadcrumbs", gamma)
+    options = _options("breadcrumbs", _DEFAULTS, trim=trim, rescale=_own(rescale, "none"))
     largest = _largest(density_) + _largest(gamma_)  # per-layer values: the worst case
-    if largest > 1 + 1e-12:  # tolerate float sums such as 0.7 + 0.3
+    if largest > 1 + 1e-12 and options.get("trim") != "exact":  # tolerate sums such as 0.7 + 0.3
         raise MergeArgumentError(
             "breadcrumbs: density + gamma must be at most 1 (density of the entries are kept "
             f"after the gamma largest are removed), got density={density!r} + gamma={gamma!r} "
-            f"= {largest!r}."
+            f"= {largest!r}; trim='exact' (mergekit's ranking) removes fewer outliers instead."
         )
-    settings = {"density": density_, "gamma": gamma_, "scale": _check_scale("breadcrumbs", scale)}
+    settings = {
+        "density": density_,
+        "gamma": gamma_,
+        "scale": _check_scale("breadcrumbs", scale),
+        **options,
+    }
     return _task_vector_method("breadcrumbs", "breadcrumbs", None, settings, _BREADCRUMBS)
 
 
+for _factory in (ties, dare_linear, dare_ties, breadcrumbs):
+    _factory.__doc__ = (_factory.__doc__ or "") + _MERGEKIT_OPTIONS
+
+
 def _largest(value: Any) -> float:
+    if isinstance(value, (list, tuple)):
+        return max(value)
     if isinstance(value, ByLayer):
         return max((*value.values, *(() if value.other is None else (value.other,))))
     return value
@@ -476,6 +751,10 @@ def _largest(value: Any) -> float:
 _PARALLEL = 1e-4
 """SLERP interpolates linearly when ``|cos| > 1 - _PARALLEL``: the angle is too small (or too
 close to π) for ``sin`` to divide by."""
+_THRESHOLD = 1 - _PARALLEL
+_ZEROS = ("linear", "unnormalised")
+_NORM_EPS = 1e-8
+"""mergekit's: a norm at most this is taken as 1 (the tensor is not normalised)."""
 
 
 def _sums_over_shards(layout: Layout, values: list[torch.Tensor]) -> list[float]:
@@ -490,6 +769,9 @@ def _slerp(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
+    threshold: float = _THRESHOLD,
+    zero: str = "linear",
+    rows: bool = False,
 ) -> torch.Tensor:
     if len(tensors) != 2:
         raise MethodNotApplicableError(
@@ -497,6 +779,10 @@ def _slerp(
         )
     v0, v1 = tensors
     t = float(weights[1])
+    if rows:
+        if layout is not None and layout.sharded:
+            _whole_only("slerp", "rows=True", layout)
+        return _slerp_rows(v0, v1, t, threshold, zero)
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
     if layout is not None and layout.sharded:  # the angle from dot products summed over shards
         square0, square1, dot = _sums_over_shards(
@@ -507,10 +793,13 @@ def _slerp(
         norm0 = torch.linalg.vector_norm(flat0).item()
         norm1 = torch.linalg.vector_norm(flat1).item()
         dot = torch.dot(flat0, flat1).item()
-    if norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
+    if zero == "unnormalised":  # mergekit: a (near-)zero tensor is not normalised
+        norm0 = norm0 if norm0 > _NORM_EPS else 1.0
+        norm1 = norm1 if norm1 > _NORM_EPS else 1.0
+    elif norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
         return torch.lerp(v0, v1, t)
     cos = dot / (norm0 * norm1)
-    if not abs(cos) <= 1 - _PARALLEL:  # (anti)parallel; also NaN, which lerp propagates
+    if not abs(cos) <= threshold:  # (anti)parallel; also NaN, which lerp propagates
         return torch.lerp(v0, v1, t)
     omega = math.acos(cos)
     sin_omega = math.sin(omega)
@@ -518,7 +807,32 @@ def _slerp(
     return result.add_(v1, alpha=math.sin(t * omega) / sin_omega)
 
 
-def slerp() -> Method:
+def _slerp_rows(
+    v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float, zero: str
+) -> torch.Tensor:
+    """SLERP of each row (the first dimension) on its own angle, as mergekit's ``slerp`` (its
+    arithmetic too: ``(1 - t) a + t b`` where linear); a 1-D tensor's rows are its entries."""
+    a = v0.reshape(v0.shape[0], -1) if v0.dim() else v0.reshape(1, 1)
+    b = v1.reshape(a.shape)
+    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    flat = (norm_a == 0) | (norm_b == 0)
+    if zero == "unnormalised":
+        flat = torch.zeros_like(flat)
+        norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
+        norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
+    else:
+        norm_a, norm_b = norm_a.masked_fill(flat, 1), norm_b.masked_fill(flat, 1)
+    cos = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = flat | ~(cos.abs() <= threshold)
+    theta = torch.acos(torch.where(linear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear", rows: bool = False) -> Method:
     """Spherical linear interpolation of two models (Shoemake 1985,
     https://dl.acm.org/doi/10.1145/325165.325242).
 
@@ -527,10 +841,27 @@ def slerp() -> Method:
     weights ``[1 - t, t]``); (anti)parallel or zero tensors fall back to linear interpolation.
     A sharded parameter's angle comes from float64 dot products summed over the shards: the
     same as the whole tensor's up to rounding.
+
+    mergekit's definition: ``threshold`` is the ``|cos|`` above which the tensors count as
+    parallel (terge ``1 - 1e-4``, mergekit ``0.9995``); ``zero="unnormalised"`` takes a norm of
+    at most ``1e-8`` as 1 (mergekit) rather than interpolating a zero tensor linearly, so a zero
+    tensor makes a right angle; ``rows=True`` gives each row (first dimension) its own angle, as
+    mergekit 0.1.5 does (a 1-D tensor's entries each their own). Options left at their defaults
+    are not recorded.
     """
+    value = _real("slerp", "threshold", threshold)
+    if not 0 < value <= 1:
+        raise MergeArgumentError(f"slerp: threshold must be in (0, 1], got {threshold!r}.")
+    given = {
+        "threshold": value,
+        "zero": _choice("slerp", "zero", zero, _ZEROS),
+        "rows": _flag("slerp", "rows", rows),
+    }
+    defaults = {"threshold": _THRESHOLD, "zero": "linear", "rows": False}
     return Method(
         "slerp",
         _slerp,
+        settings={key: v for key, v in given.items() if v != defaults[key]},
         min_models=2,
         max_models=2,
         paper=_SLERP,
@@ -541,6 +872,18 @@ def slerp() -> Method:
 
 # --- model stock ----------------------------------------------------------------------------------
 
+_NORM_PRODUCT_FLOOR = 1e-6
+"""mergekit's floor under a pair's norm product, and its bound on ``|1 + (N - 1) cos|`` below
+which a row keeps the base (``t = 0``)."""
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The plain mean, summed then divided once (``1 / N`` is inexact)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total.div_(len(tensors))
+
 
 def _model_stock(
     tensors: list[torch.Tensor],
@@ -548,6 +891,8 @@ def _model_stock(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
+    clamp: bool = True,
+    filter_wise: bool = False,
 ) -> torch.Tensor:
     if base is None:
         raise MethodNotApplicableError("model_stock: needs a base model to take task vectors from.")
@@ -556,6 +901,13 @@ def _model_stock(
         raise MethodNotApplicableError(
             f"model_stock: needs at least two models besides the base, got {n}."
         )
+    sharded = layout is not None and layout.sharded
+    if filter_wise:
+        if sharded:
+            _whole_only("model_stock", "filter_wise=True", layout)  # type: ignore[arg-type]
+        return _model_stock_rows(tensors, base, clamp, base.shape[-1] if base.dim() else 1)
+    if not clamp and not sharded:  # mergekit's arithmetic, the whole tensor one row
+        return _model_stock_rows(tensors, base, clamp, base.numel())
     taus = [(theta - base).reshape(-1) for theta in tensors]
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     if layout is not None and layout.sharded:  # norms and dot products summed over the shards
@@ -568,18 +920,60 @@ def _model_stock(
     else:
         norms = [torch.linalg.vector_norm(tau).item() for tau in taus]
         dots = {(i, j): torch.dot(taus[i], taus[j]).item() for i, j in pairs}
+    del taus
     total = 0.0
     for i, j in pairs:
-        if norms[i] > 0 and norms[j] > 0:  # a zero task vector has no angle: cos = 0
-            total += dots[i, j] / (norms[i] * norms[j])
+        if clamp:
+            if norms[i] > 0 and norms[j] > 0:  # a zero task vector has no angle: cos = 0
+                total += dots[i, j] / (norms[i] * norms[j])
+        else:  # mergekit's: the norm product floored, each cosine clamped to [-1, 1]
+            pair = dots[i, j] / max(norms[i] * norms[j], _NORM_PRODUCT_FLOOR)
+            total += min(max(pair, -1.0), 1.0)
+    cos = total / len(pairs)
+    if clamp:
+        cos = min(max(cos, 0.0), 1.0)
+        t = n * cos / (1 + (n - 1) * cos)
+    else:
+        denominator = 1 + (n - 1) * cos
+        t = 0.0 if abs(denominator) < _NORM_PRODUCT_FLOOR else n * cos / denominator
+    return _mean(tensors).mul_(t).add_(base, alpha=1 - t)
+
+
+def _model_stock_rows(
+    tensors: list[torch.Tensor], base: torch.Tensor, clamp: bool, width: int
+) -> torch.Tensor:
+    """Model Stock with one ``t`` per row of ``width`` entries (``filter_wise``: the vectors
+    along the last dimension, a 1-D tensor one row), in mergekit's arithmetic."""
+    n = len(tensors)
+    width = max(width, 1)
+    w0 = base.reshape(-1, width)
+    taus = [theta.reshape(-1, width) - w0 for theta in tensors]
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in taus]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (taus[i] * taus[j]).sum(dim=-1)
+            product = norms[i] * norms[j]
+            if clamp:
+                cosines.append(
+                    torch.where(product > 0, dot / product.masked_fill(product == 0, 1), 0)
+                )
+            else:
+                cosines.append((dot / product.clamp(min=_NORM_PRODUCT_FLOOR)).clamp(-1, 1))
     del taus
-    cos = min(max(total / (n * (n - 1) / 2), 0.0), 1.0)
-    t = n * cos / (1 + (n - 1) * cos)
-    mean = _arithmetic(tensors, [1 / n] * n, None)
-    return mean.mul_(t).add_(base, alpha=1 - t)
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    if clamp:
+        cos = cos.clamp(0, 1)
+        t = n * cos / (1 + (n - 1) * cos)
+    else:
+        denominator = 1 + (n - 1) * cos
+        singular = denominator.abs() < _NORM_PRODUCT_FLOOR
+        t = torch.where(singular, 0, n * cos / denominator.masked_fill(singular, 1))
+    mean = _mean([theta.reshape(-1, width) for theta in tensors])
+    return (t * mean + (1 - t) * w0).reshape(base.shape)
 
 
-def model_stock() -> Method:
+def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
     """Model Stock (https://arxiv.org/abs/2403.19522): ``t * mean_i theta_i + (1 - t) * base``
     with ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of the task vectors.
 
@@ -589,10 +983,21 @@ def model_stock() -> Method:
     formula would move away from the models, and at ``cos = -1/(N-1)`` divide by zero. A
     sharded parameter's cosines come from float64 dot products summed over the shards: the
     same as the whole tensor's up to rounding.
+
+    mergekit's definition: ``clamp=False`` leaves ``cos`` unclamped (each pair's in [-1, 1],
+    its norm product floored at ``1e-6``; ``t = 0`` where ``|1 + (N - 1) cos| < 1e-6``);
+    ``filter_wise=True`` gives each row (vector along the last dimension) its own ``cos`` and
+    ``t``. Options left at their defaults are not recorded.
     """
+    given = {
+        "clamp": _flag("model_stock", "clamp", clamp),
+        "filter_wise": _flag("model_stock", "filter_wise", filter_wise),
+    }
+    defaults = {"clamp": True, "filter_wise": False}
     return Method(
         "model_stock",
         _model_stock,
+        settings={key: v for key, v in given.items() if v != defaults[key]},
         task_vectors=True,
         needs_base=True,
         min_models=2,
