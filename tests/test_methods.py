@@ -756,10 +756,9 @@ def test_mergekit_options_are_checked_and_only_non_defaults_recorded():
     }
     assert dare_ties(rescale="density").settings == {"density": 0.5, "scale": 1.0}
     assert slerp().settings == {} and model_stock().settings == {}
-    assert slerp(threshold=0.9995, zero="unnormalised", rows=True).settings == {
+    assert slerp(threshold=0.9995, zero="unnormalised").settings == {
         "threshold": 0.9995,
         "zero": "unnormalised",
-        "rows": True,
     }
     for call, message in [
         (lambda: ties(trim="all"), "ties: trim must be one of 'threshold', 'exact'; got 'all'"),
@@ -785,15 +784,6 @@ def test_slerp_threshold_and_the_zero_rule():
     assert torch.equal(slerp()([zero, v1], [0.5, 0.5], None), v1 * 0.5)
     right_angle = slerp(zero="unnormalised")([zero, v1], [0.5, 0.5], None)
     assert torch.allclose(right_angle, v1 * math.sin(math.pi / 4))  # cos 0: a right angle
-
-
-def test_slerp_rows_gives_each_row_its_own_angle():
-    v0 = torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
-    v1 = torch.tensor([[0.0, 1.0], [4.0, 0.0]], dtype=torch.float64)
-    merged = slerp(rows=True)([v0, v1], [0.5, 0.5], None)
-    half = math.sqrt(0.5)
-    assert torch.allclose(merged[0], torch.tensor([half, half]).double())
-    assert torch.equal(merged[1], torch.tensor([3.0, 0.0]).double())  # parallel: linear
 
 
 def test_model_stock_unclamped_and_filter_wise():

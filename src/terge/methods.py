@@ -771,7 +771,6 @@ def _slerp(
     layout: Layout | None = None,
     threshold: float = _THRESHOLD,
     zero: str = "linear",
-    rows: bool = False,
 ) -> torch.Tensor:
     if len(tensors) != 2:
         raise MethodNotApplicableError(
@@ -779,10 +778,10 @@ def _slerp(
         )
     v0, v1 = tensors
     t = float(weights[1])
-    if rows:
+    if zero == "unnormalised":
         if layout is not None and layout.sharded:
-            _whole_only("slerp", "rows=True", layout)
-        return _slerp_rows(v0, v1, t, threshold, zero)
+            _whole_only("slerp", "zero='unnormalised' (mergekit's arithmetic)", layout)
+        return _slerp_mergekit(v0, v1, t, threshold)
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
     if layout is not None and layout.sharded:  # the angle from dot products summed over shards
         square0, square1, dot = _sums_over_shards(
@@ -793,10 +792,7 @@ def _slerp(
         norm0 = torch.linalg.vector_norm(flat0).item()
         norm1 = torch.linalg.vector_norm(flat1).item()
         dot = torch.dot(flat0, flat1).item()
-    if zero == "unnormalised":  # mergekit: a (near-)zero tensor is not normalised
-        norm0 = norm0 if norm0 > _NORM_EPS else 1.0
-        norm1 = norm1 if norm1 > _NORM_EPS else 1.0
-    elif norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
+    if norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
         return torch.lerp(v0, v1, t)
     cos = dot / (norm0 * norm1)
     if not abs(cos) <= threshold:  # (anti)parallel; also NaN, which lerp propagates
@@ -807,32 +803,51 @@ def _slerp(
     return result.add_(v1, alpha=math.sin(t * omega) / sin_omega)
 
 
-def _slerp_rows(
-    v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float, zero: str
-) -> torch.Tensor:
-    """SLERP of each row (the first dimension) on its own angle, as mergekit's ``slerp`` (its
-    arithmetic too: ``(1 - t) a + t b`` where linear); a 1-D tensor's rows are its entries."""
-    a = v0.reshape(v0.shape[0], -1) if v0.dim() else v0.reshape(1, 1)
-    b = v1.reshape(a.shape)
-    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    flat = (norm_a == 0) | (norm_b == 0)
-    if zero == "unnormalised":
-        flat = torch.zeros_like(flat)
-        norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
-        norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
-    else:
-        norm_a, norm_b = norm_a.masked_fill(flat, 1), norm_b.masked_fill(flat, 1)
-    cos = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    linear = flat | ~(cos.abs() <= threshold)
+_MERGEKIT_CHUNK = 1024 * 1024
+"""mergekit's slerp sums its norms and dot product over chunks of this many entries."""
+
+
+def _slerp_mergekit(v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float) -> torch.Tensor:
+    """SLERP in mergekit's arithmetic, operation for operation (``mergekit.merge_methods.slerp``
+    on one tensor): chunked norms, a norm of at most ``1e-8`` taken as 1, the cosine of the
+    normalised vectors clamped to [-1, 1], ``(1 - t) a + t b`` where linear."""
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    if not a.shape[1]:
+        return v0.clone()
+    step = _MERGEKIT_CHUNK
+    starts = range(0, a.shape[1], step)
+    norm_a = torch.linalg.vector_norm(
+        torch.stack(
+            [torch.linalg.vector_norm(a[:, i : i + step], dim=1, keepdim=True) for i in starts]
+        ),
+        dim=0,
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack(
+            [torch.linalg.vector_norm(b[:, i : i + step], dim=1, keepdim=True) for i in starts]
+        ),
+        dim=0,
+    )
+    norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
+    parts = [
+        ((a[:, i : i + step] / norm_a) * (b[:, i : i + step] / norm_b)).sum(dim=1, keepdim=True)
+        for i in starts
+    ]
+    cos = torch.stack(parts).sum(dim=0).clamp(-1, 1)
+    linear = cos.abs() > threshold
     theta = torch.acos(torch.where(linear, 0, cos))
     sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape)
+    weight = torch.tensor([[t]], dtype=a.dtype, device=a.device)
+    coef_a = torch.where(linear, 1 - weight, torch.sin((1 - weight) * theta) / sin_theta)
+    coef_b = torch.where(linear, weight, torch.sin(weight * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for i in starts:
+        result[:, i : i + step] = coef_a * a[:, i : i + step] + coef_b * b[:, i : i + step]
+    return result.reshape(v0.shape)
 
 
-def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear", rows: bool = False) -> Method:
+def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear") -> Method:
     """Spherical linear interpolation of two models (Shoemake 1985,
     https://dl.acm.org/doi/10.1145/325165.325242).
 
@@ -845,19 +860,14 @@ def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear", rows: bool = F
     mergekit's definition: ``threshold`` is the ``|cos|`` above which the tensors count as
     parallel (terge ``1 - 1e-4``, mergekit ``0.9995``); ``zero="unnormalised"`` takes a norm of
     at most ``1e-8`` as 1 (mergekit) rather than interpolating a zero tensor linearly, so a zero
-    tensor makes a right angle; ``rows=True`` gives each row (first dimension) its own angle, as
-    mergekit 0.1.5 does (a 1-D tensor's entries each their own). Options left at their defaults
-    are not recorded.
+    tensor makes a right angle with the other, and computes as mergekit does operation for
+    operation (whole tensors only). Options left at their defaults are not recorded.
     """
     value = _real("slerp", "threshold", threshold)
     if not 0 < value <= 1:
         raise MergeArgumentError(f"slerp: threshold must be in (0, 1], got {threshold!r}.")
-    given = {
-        "threshold": value,
-        "zero": _choice("slerp", "zero", zero, _ZEROS),
-        "rows": _flag("slerp", "rows", rows),
-    }
-    defaults = {"threshold": _THRESHOLD, "zero": "linear", "rows": False}
+    given = {"threshold": value, "zero": _choice("slerp", "zero", zero, _ZEROS)}
+    defaults = {"threshold": _THRESHOLD, "zero": "linear"}
     return Method(
         "slerp",
         _slerp,

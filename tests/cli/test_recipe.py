@@ -103,7 +103,7 @@ def test_method_specs():
         ),
         (
             "slerp:t=0.3",
-            "--method: method 'slerp' has no setting 't'; its settings are threshold, zero, rows.",
+            "--method: method 'slerp' has no setting 't'; its settings are threshold, zero.",
         ),
         ("ties:density=2", "--method: ties: density must be in (0, 1], got 2."),
         ("ties:density=x", "--method: ties: density must be a real number, got 'x' (str)."),

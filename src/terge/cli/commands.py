@@ -120,6 +120,7 @@ examples:
   terge merge base.safetensors math code -o merged --method ties:density=0.3 --seed 0
   terge merge a b -o merged --weights 3,1 --exclude 're:^lm_head\\.' --out-dtype bfloat16
   terge merge --recipe recipe.toml --out other --overwrite
+  terge merge --mergekit config.yml -o merged     # a mergekit YAML config, as mergekit merges
 
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
@@ -227,6 +228,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="read settings from a TOML recipe (see below); options given here override it, "
         "e.g. "
         "--recipe soup.toml",
+    )
+    parser.add_argument(
+        "--mergekit",
+        metavar="FILE",
+        help="merge as a mergekit YAML config says (models, base_model, merge_method, "
+        "parameters, dtype, out_dtype), writing what mergekit writes; instead of MODEL, "
+        "--recipe and the merge settings, e.g. --mergekit config.yml",
     )
     parser.add_argument(
         "-q",
@@ -461,13 +469,68 @@ def _merge_options(
     return {name: value for name, value in given.items() if value is not None}
 
 
+_NOT_WITH_MERGEKIT = {
+    "models": "MODEL",
+    "recipe": "--recipe",
+    "base": "--base",
+    "method": "--method",
+    "weights": "--weights",
+    "include": "--include",
+    "exclude": "--exclude",
+    "dtype": "--dtype",
+    "out_dtype": "--out-dtype",
+    "normalize": "--normalize",
+}
+"""What a mergekit config decides: giving it besides --mergekit is refused."""
+
+
+def _mergekit_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
+    """The settings of ``--mergekit FILE`` (models, base, method, weights...) and the merge()
+    keywords that carry them."""
+    from .mergekit import from_mergekit
+
+    for key, option in _NOT_WITH_MERGEKIT.items():
+        if getattr(args, key, None) not in (None, []):
+            raise UsageError(
+                f"{option} cannot be given with --mergekit: the mergekit config decides it."
+            )
+    options = from_mergekit(Path(args.mergekit).expanduser())
+    given = _settings_from_args(args)
+    settings = Settings(
+        models=tuple(Path(m) for m in options.pop("models")),
+        base=options["base"] if isinstance(options["base"], int) else Path(options["base"]),
+        out=given.out,
+        max_shard_size=given.max_shard_size,
+        seed=given.seed,
+        lineage=given.lineage,
+        overwrite=given.overwrite,
+    )
+    return settings, options
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """``terge merge``: read the settings, check them, merge, write, summarise."""
+    if args.mergekit is not None:
+        settings, mergekit_options = _mergekit_settings(args)
+        models, base, out = _check(settings)
+        options = {**_merge_options(settings, base, args), **mergekit_options}
+        return _run(args, settings, models, out, options)
     settings = _settings_from_args(args)
     if args.recipe is not None:
         settings = load_recipe(args.recipe).updated(settings)
     models, base, out = _check(settings)
     options = _merge_options(settings, base, args)
+    return _run(args, settings, models, out, options)
+
+
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    models: list[Path],
+    out: Path,
+    options: dict[str, Any],
+) -> int:
+    """Merge with ``options``, write the lineage where asked, and summarise."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
