@@ -1,5 +1,7 @@
 """terge: exact, memory-lean, fast merging of PyTorch models."""
 
+from typing import Any as _Any
+
 from . import methods
 from ._version import __version__
 from .errors import (
@@ -27,6 +29,16 @@ from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 
+
+def __getattr__(name: str) -> _Any:
+    """``terge.from_mergekit``, imported on first use (it brings the command line's modules)."""
+    if name == "from_mergekit":
+        from .cli.mergekit import from_mergekit
+
+        return from_mergekit
+    raise AttributeError(f"module 'terge' has no attribute {name!r}")
+
+
 __all__ = [
     "BaseIndexError",
     "ByLayer",
@@ -50,6 +62,7 @@ __all__ = [
     "UnknownMergeMethodError",
     "__version__",
     "by_layer",
+    "from_mergekit",
     "layer_index",
     "layers",
     "load",

@@ -277,17 +277,20 @@ def _check_keys(config: Mapping[str, Any], method: str) -> None:
 
 
 def _check_parameters(scope: Any, where: str, method: str) -> Mapping[str, Any] | None:
-    """A ``parameters`` mapping, every key one the method takes."""
+    """A ``parameters`` mapping whose keys are settings of some method: one the method does not
+    take is ignored, as mergekit ignores it (a config may serve several methods); a name no
+    method takes (a typo) is refused."""
     if scope is None:
         return None
     if not isinstance(scope, Mapping):
         raise _fail(where, f"must be a mapping of settings, got {scope!r}")
-    known = {**_SHARED.get(method, {}), **_PER_MODEL.get(method, {})}
+    known = {key for table in (_SHARED, _PER_MODEL) for keys in table.values() for key in keys}
     for key in scope:
         if key not in known:
+            own = {**_SHARED.get(method, {}), **_PER_MODEL.get(method, {})}
             raise _fail(
                 f"{where}.{key}",
-                f"is not a setting of {method} (its settings: {', '.join(known) or 'none'})",
+                f"is no setting terge translates (those of {method}: {', '.join(own) or 'none'})",
             )
     return scope
 
