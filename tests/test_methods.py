@@ -828,3 +828,109 @@ def test_model_stock_mean_is_summed_then_divided():
     result = model_stock(filter_wise=True)(models, [1 / 3] * 3, base)
     assert torch.equal(result.reshape(-1), mean)  # not a/3 + b/3 + c/3
     assert torch.equal(result.reshape(-1).float(), mean.float())
+
+
+# --- slerp and model_stock streamed: two passes over the inputs as stored ------------------------
+
+
+def streamed(method: Method, destination_dtype, tensors, weights, base, inplace=False):
+    """What run_step writes through the method's ``into`` (the streamed passes)."""
+    from terge.kernels import ChunkBuffers
+
+    if inplace:
+        destination = base if base is not None else tensors[0]
+    else:
+        destination = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    assert method.merge_into(
+        destination, tensors, weights, base, scratch=ChunkBuffers(torch.float64)
+    )
+    return destination
+
+
+def whole(method: Method, destination_dtype, tensors, weights, base):
+    """What run_step writes through the whole-tensor float64 reference."""
+    from terge.kernels import ChunkBuffers, store_whole
+
+    result = method([t.double() for t in tensors], weights, None if base is None else base.double())
+    out = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    store_whole(out, result, ChunkBuffers(torch.float64))
+    return out
+
+
+SIZES = [1, 7, (1 << 16) - 1, (1 << 16) + 3, 2 * (1 << 16) + 11]
+"""Around the statistics' chunks (65,536 entries)."""
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_slerp_streamed_equals_the_reference_bit_for_bit(numel, dtype):
+    v0, v1 = rand(numel, seed=1).to(dtype), rand(numel, seed=2).to(dtype)
+    for method in (slerp(), slerp(threshold=0.5)):
+        for t in (0.3, 0.5):
+            expected = whole(method, dtype, [v0, v1], [1 - t, t], None)
+            got = streamed(method, dtype, [v0, v1], [1 - t, t], None)
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    parallel = streamed(slerp(), dtype, [v0, v0 * 2], [0.7, 0.3], None)
+    assert torch.equal(parallel, whole(slerp(), dtype, [v0, v0 * 2], [0.7, 0.3], None))
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("models", [2, 4])
+def test_model_stock_streamed_equals_the_reference_bit_for_bit(numel, dtype, models):
+    base = rand(numel, seed=0).to(dtype)
+    tensors = [(base.double() + rand(numel, seed=i) * 0.1).to(dtype) for i in range(1, models + 1)]
+    weights = [1 / models] * models
+    expected = whole(model_stock(), dtype, tensors, weights, base)
+    got = streamed(model_stock(), dtype, tensors, weights, base)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    in_place = streamed(model_stock(), dtype, tensors, weights, base.clone(), inplace=True)
+    assert torch.equal(in_place, expected)
+
+
+def test_the_streamed_options_decline_what_they_do_not_compute():
+    from terge.kernels import ChunkBuffers
+
+    x = rand(8, seed=1)
+    buffers = ChunkBuffers(torch.float64)
+    for method, base in [
+        (slerp(zero="unnormalised"), None),
+        (model_stock(clamp=False), x),
+        (model_stock(filter_wise=True), x),
+    ]:
+        destination = torch.full((8,), 7.0, dtype=torch.float64)
+        assert not method.merge_into(destination, [x, x * 2], [0.5, 0.5], base, scratch=buffers)
+        assert torch.equal(destination, torch.full((8,), 7.0, dtype=torch.float64))
+
+
+def test_streamed_angles_match_the_float64_closed_form():
+    """The chunked sums differ from a whole-tensor dot product only by float64 rounding."""
+    numel = 3 * (1 << 16) + 5
+    v0, v1 = rand(numel, seed=3), rand(numel, seed=4) * 0.5 + rand(numel, seed=3) * 0.5
+    cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
+    omega, t = math.acos(cos), 0.3
+    closed = (math.sin((1 - t) * omega) * v0 + math.sin(t * omega) * v1) / math.sin(omega)
+    got = slerp()([v0, v1], [1 - t, t], None)
+    assert torch.allclose(got, closed, rtol=1e-12, atol=1e-15)
+    base = rand(numel, seed=5)
+    tensors = [base + rand(numel, seed=6 + i) * 0.1 + 0.05 for i in range(3)]
+    taus = [t_ - base for t_ in tensors]
+    c = (
+        sum(
+            float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()))
+            for i, j in [(0, 1), (0, 2), (1, 2)]
+        )
+        / 3
+    )
+    k = 3 * c / (1 + 2 * c)
+    closed = k * (tensors[0] + tensors[1] + tensors[2]) / 3 + (1 - k) * base
+    assert torch.allclose(model_stock()(tensors, [1 / 3] * 3, base), closed, rtol=1e-12, atol=1e-15)
+
+
+def test_model_stock_whole_mean_is_exact_at_half_way_points():
+    (a, b, c), mean = halfway_trio()
+    # one-entry tensors: every cosine is exactly 1, so t = 1 and the result is the mean itself
+    for i in range(0, mean.numel(), 97):
+        pick = [t[i : i + 1].double() for t in (a, b, c)]
+        result = model_stock()(pick, [1 / 3] * 3, torch.zeros(1, dtype=torch.float64))
+        assert torch.equal(result, mean[i : i + 1])

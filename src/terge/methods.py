@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
+from .kernels import ChunkBuffers, linear_combine
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -757,6 +758,58 @@ _NORM_EPS = 1e-8
 """mergekit's: a norm at most this is taken as 1 (the tensor is not normalised)."""
 
 
+STATISTICS_CHUNK = 1 << 16
+"""Entries per chunk of the streamed dot products (SLERP's and Model Stock's angles): the sums
+are of the chunks' ``torch.dot``, in order, so the whole-tensor reference and the streamed pass
+over the inputs as stored give the same bits."""
+
+
+def _dot_products(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    pairs: list[tuple[int, int]],
+    device: torch.device,
+    buffers: list[torch.Tensor] | None = None,
+) -> list[float]:
+    """``sum over chunks of dot(x_i, x_j)`` for each pair, in float64, where ``x_i`` is
+    ``tensors[i] - base`` (or ``tensors[i]`` without a base): one read of every input, chunk by
+    chunk, each chunk copied into a float64 buffer (so the reference, given float64 tensors, and
+    the streamed pass, given the inputs as stored, compute the very same sums)."""
+    flats = [t.reshape(-1) for t in tensors]
+    reference = None if base is None else base.reshape(-1)
+    count = len(flats) + (reference is not None)
+    if buffers is None:
+        buffers = [
+            torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device) for _ in range(count)
+        ]
+    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+    total = flats[0].numel()
+    for start in range(0, total, STATISTICS_CHUNK):
+        stop = min(start + STATISTICS_CHUNK, total)
+        pieces = [b[: stop - start].copy_(f[start:stop]) for b, f in zip(buffers, flats)]
+        if reference is not None:
+            origin = buffers[-1][: stop - start].copy_(reference[start:stop])
+            for piece in pieces:
+                piece.sub_(origin)
+        sums.add_(torch.stack([torch.dot(pieces[i], pieces[j]) for i, j in pairs]))
+    return sums.tolist()
+
+
+def _combine_whole(
+    tensors: list[torch.Tensor], coefficients: list[float], divisor: float | None = None
+) -> torch.Tensor:
+    """``(sum_i c_i x_i) / divisor`` in the linear kernels' arithmetic (each product rounded,
+    summed in order, divided once), so the streamed pass writes the same bits."""
+    result = tensors[0].clone()
+    if coefficients[0] != 1:
+        result.mul_(coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
+        result.add_(tensor if coefficient == 1 else tensor * coefficient)
+    if divisor is not None and divisor != 1:
+        result = _divide(result, divisor)
+    return result
+
+
 def _sums_over_shards(layout: Layout, values: list[torch.Tensor]) -> list[float]:
     """Float64 partial sums (0-d tensors) of the local shards, summed over every shard in one
     ``all_reduce``."""
@@ -782,25 +835,74 @@ def _slerp(
         if layout is not None and layout.sharded:
             _whole_only("slerp", "zero='unnormalised' (mergekit's arithmetic)", layout)
         return _slerp_mergekit(v0, v1, t, threshold)
-    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
     if layout is not None and layout.sharded:  # the angle from dot products summed over shards
-        square0, square1, dot = _sums_over_shards(
+        flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+        sums = _sums_over_shards(
             layout, [torch.dot(flat0, flat0), torch.dot(flat1, flat1), torch.dot(flat0, flat1)]
         )
-        norm0, norm1 = math.sqrt(square0), math.sqrt(square1)
     else:
-        norm0 = torch.linalg.vector_norm(flat0).item()
-        norm1 = torch.linalg.vector_norm(flat1).item()
-        dot = torch.dot(flat0, flat1).item()
-    if norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
-        return torch.lerp(v0, v1, t)
+        sums = _dot_products([v0, v1], None, _SLERP_PAIRS, v0.device)
+    return _combine_whole([v0, v1], _slerp_coefficients(sums, t, threshold))
+
+
+_SLERP_PAIRS = [(0, 0), (1, 1), (0, 1)]
+
+
+def _slerp_coefficients(sums: list[float], t: float, threshold: float) -> list[float]:
+    """SLERP's two coefficients from ``|v0|^2, |v1|^2, v0 . v1``: ``1 - t, t`` where the line is
+    all there is (a zero tensor, (anti)parallel ones, or NaN, which the products propagate)."""
+    square0, square1, dot = sums
+    norm0, norm1 = math.sqrt(square0), math.sqrt(square1)
+    if norm0 == 0 or norm1 == 0:  # no direction to rotate
+        return [1 - t, t]
     cos = dot / (norm0 * norm1)
-    if not abs(cos) <= threshold:  # (anti)parallel; also NaN, which lerp propagates
-        return torch.lerp(v0, v1, t)
+    if not abs(cos) <= threshold:
+        return [1 - t, t]
     omega = math.acos(cos)
     sin_omega = math.sin(omega)
-    result = v0 * (math.sin((1 - t) * omega) / sin_omega)
-    return result.add_(v1, alpha=math.sin(t * omega) / sin_omega)
+    return [math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega]
+
+
+def _slerp_into(
+    destination: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    *,
+    scratch: Any = None,
+    threshold: float = _THRESHOLD,
+    zero: str = "linear",
+) -> bool:
+    """SLERP streamed from the inputs as stored: one pass for the dot products, one (the linear
+    kernel) for the combination; the same bits as :func:`_slerp`."""
+    if zero != "linear" or len(tensors) != 2 or not isinstance(scratch, ChunkBuffers):
+        return False
+    device = destination.device
+    sums = _dot_products(
+        list(tensors), None, _SLERP_PAIRS, device, _statistics_buffers(scratch, device, 2)
+    )
+    linear_combine(
+        destination, list(tensors), _slerp_coefficients(sums, float(weights[1]), threshold), scratch
+    )
+    return True
+
+
+def _statistics_buffers(
+    buffers: ChunkBuffers, device: torch.device, count: int
+) -> list[torch.Tensor]:
+    """The float64 chunk buffers of the streamed dot products, kept for the whole merge."""
+    return [_statistics_buffer(buffers, device, i) for i in range(count)]
+
+
+def _statistics_buffer(buffers: ChunkBuffers, device: torch.device, index: int) -> torch.Tensor:
+    held = getattr(buffers, "_statistics", None)
+    if held is None:
+        held = {}
+        buffers._statistics = held  # type: ignore[attr-defined]
+    key = (device, index)
+    if key not in held:
+        held[key] = torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
+    return held[key]
 
 
 _MERGEKIT_CHUNK = 1024 * 1024
@@ -871,6 +973,7 @@ def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear") -> Method:
     return Method(
         "slerp",
         _slerp,
+        into=_slerp_into,
         settings={key: v for key, v in given.items() if v != defaults[key]},
         min_models=2,
         max_models=2,
@@ -918,19 +1021,28 @@ def _model_stock(
         return _model_stock_rows(tensors, base, clamp, base.shape[-1] if base.dim() else 1)
     if not clamp and not sharded:  # mergekit's arithmetic, the whole tensor one row
         return _model_stock_rows(tensors, base, clamp, base.numel())
-    taus = [(theta - base).reshape(-1) for theta in tensors]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if layout is not None and layout.sharded:  # norms and dot products summed over the shards
-        sums = _sums_over_shards(
-            layout,
-            [torch.dot(tau, tau) for tau in taus] + [torch.dot(taus[i], taus[j]) for i, j in pairs],
-        )
-        norms = [math.sqrt(square) for square in sums[:n]]
-        dots = dict(zip(pairs, sums[n:], strict=True))
+    if sharded:  # norms and dot products summed over the shards
+        taus = [(theta - base).reshape(-1) for theta in tensors]
+        sums = _sums_over_shards(layout, [torch.dot(taus[i], taus[j]) for i, j in _gram_pairs(n)])  # type: ignore[arg-type]
+        del taus
     else:
-        norms = [torch.linalg.vector_norm(tau).item() for tau in taus]
-        dots = {(i, j): torch.dot(taus[i], taus[j]).item() for i, j in pairs}
-    del taus
+        sums = _dot_products(tensors, base, _gram_pairs(n), base.device)
+    coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
+    return _combine_whole([*tensors, base], coefficients, divisor)
+
+
+def _gram_pairs(n: int) -> list[tuple[int, int]]:
+    """Each task vector with itself (its squared norm), then each pair ``i < j``."""
+    return [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def _model_stock_coefficients(sums: list[float], n: int, clamp: bool) -> tuple[list[float], float]:
+    """``t * mean_i theta_i + (1 - t) * base`` as the linear kernel's coefficients over
+    ``[theta_1, ..., theta_N, base]`` and divisor ``N``: ``(t sum_i theta_i + N (1 - t) base) /
+    N``, which is the mean exactly where ``t = 1`` and the base where ``t = 0``."""
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    norms = [math.sqrt(square) for square in sums[:n]]
+    dots = dict(zip(pairs, sums[n:], strict=True))
     total = 0.0
     for i, j in pairs:
         if clamp:
@@ -946,7 +1058,33 @@ def _model_stock(
     else:
         denominator = 1 + (n - 1) * cos
         t = 0.0 if abs(denominator) < _NORM_PRODUCT_FLOOR else n * cos / denominator
-    return _mean(tensors).mul_(t).add_(base, alpha=1 - t)
+    if t == 0:
+        return [0.0] * n + [1.0], 1.0
+    return [t] * n + [n * (1 - t)], float(n)
+
+
+def _model_stock_into(
+    destination: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    *,
+    scratch: Any = None,
+    clamp: bool = True,
+    filter_wise: bool = False,
+) -> bool:
+    """Model Stock streamed from the inputs as stored: one pass for the task vectors' dot
+    products, one (the linear kernel) for the combination; the same bits as
+    :func:`_model_stock`."""
+    n = len(tensors)
+    if filter_wise or not clamp or base is None or n < 2 or not isinstance(scratch, ChunkBuffers):
+        return False
+    device = destination.device
+    buffers = _statistics_buffers(scratch, device, n + 1)
+    sums = _dot_products(list(tensors), base, _gram_pairs(n), device, buffers)
+    coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
+    linear_combine(destination, [*tensors, base], coefficients, scratch, divisor)
+    return True
 
 
 def _model_stock_rows(
@@ -1007,6 +1145,7 @@ def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
     return Method(
         "model_stock",
         _model_stock,
+        into=_model_stock_into,
         settings={key: v for key, v in given.items() if v != defaults[key]},
         task_vectors=True,
         needs_base=True,
