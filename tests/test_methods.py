@@ -857,8 +857,8 @@ def whole(method: Method, destination_dtype, tensors, weights, base):
     return out
 
 
-SIZES = [1, 7, (1 << 16) - 1, (1 << 16) + 3, 2 * (1 << 16) + 11]
-"""Around the statistics' chunks (65,536 entries)."""
+SIZES = [1, 7, (1 << 15) - 1, (1 << 15) + 3, 2 * (1 << 15) + 11]
+"""Around the statistics' chunks (32,768 entries)."""
 
 
 @pytest.mark.parametrize("numel", SIZES)

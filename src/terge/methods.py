@@ -758,8 +758,9 @@ _NORM_EPS = 1e-8
 """mergekit's: a norm at most this is taken as 1 (the tensor is not normalised)."""
 
 
-STATISTICS_CHUNK = 1 << 16
-"""Entries per chunk of the streamed dot products (SLERP's and Model Stock's angles): the sums
+STATISTICS_CHUNK = 1 << 15
+"""Entries per chunk of the streamed dot products (SLERP's and Model Stock's angles; 256 KiB of
+float64 per input, cache-sized): the sums
 are of the chunks' ``torch.dot``, in order, so the whole-tensor reference and the streamed pass
 over the inputs as stored give the same bits."""
 
