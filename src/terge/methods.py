@@ -42,6 +42,7 @@ import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .kernels import ChunkBuffers, linear_combine
+from .kernels.cpu import ranges, run
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -770,30 +771,56 @@ def _dot_products(
     base: torch.Tensor | None,
     pairs: list[tuple[int, int]],
     device: torch.device,
-    buffers: list[torch.Tensor] | None = None,
+    buffers: ChunkBuffers | None = None,
 ) -> list[float]:
     """``sum over chunks of dot(x_i, x_j)`` for each pair, in float64, where ``x_i`` is
     ``tensors[i] - base`` (or ``tensors[i]`` without a base): one read of every input, chunk by
-    chunk, each chunk copied into a float64 buffer (so the reference, given float64 tensors, and
-    the streamed pass, given the inputs as stored, compute the very same sums)."""
+    chunk, each chunk copied into a float64 buffer, each chunk's dot products summed in chunk
+    order. So the reference, given float64 tensors, and the streamed pass, given the inputs as
+    stored, compute the very same sums, however many threads share the chunks (on the CPU)."""
     flats = [t.reshape(-1) for t in tensors]
     reference = None if base is None else base.reshape(-1)
-    count = len(flats) + (reference is not None)
-    if buffers is None:
-        buffers = [
-            torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device) for _ in range(count)
-        ]
-    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     total = flats[0].numel()
-    for start in range(0, total, STATISTICS_CHUNK):
-        stop = min(start + STATISTICS_CHUNK, total)
-        pieces = [b[: stop - start].copy_(f[start:stop]) for b, f in zip(buffers, flats)]
-        if reference is not None:
-            origin = buffers[-1][: stop - start].copy_(reference[start:stop])
-            for piece in pieces:
-                piece.sub_(origin)
-        sums.add_(torch.stack([torch.dot(pieces[i], pieces[j]) for i, j in pairs]))
+    starts = list(range(0, total, STATISTICS_CHUNK))
+    rows = torch.empty(len(starts), len(pairs), dtype=torch.float64, device=device)
+    groups = len(ranges(total)) if device.type == "cpu" else 1  # the linear loop's threads
+    step = -(-len(starts) // groups) if starts else 1
+
+    def part(group: int) -> None:  # the chunks from group * step on, into their rows
+        count = len(flats) + (reference is not None)
+        held = [_statistics_buffer(buffers, device, group, i) for i in range(count)]
+        for k in range(group * step, min((group + 1) * step, len(starts))):
+            start = starts[k]
+            stop = min(start + STATISTICS_CHUNK, total)
+            pieces = [b[: stop - start].copy_(f[start:stop]) for b, f in zip(held, flats)]
+            if reference is not None:
+                origin = held[-1][: stop - start].copy_(reference[start:stop])
+                for piece in pieces:
+                    piece.sub_(origin)
+            torch.stack([torch.dot(pieces[i], pieces[j]) for i, j in pairs], out=rows[k])
+
+    run([partial(part, group) for group in range(groups)])
+    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+    for row in rows:  # in chunk order, whatever the threads
+        sums.add_(row)
     return sums.tolist()
+
+
+def _statistics_buffer(
+    buffers: ChunkBuffers | None, device: torch.device, group: int, index: int
+) -> torch.Tensor:
+    """A float64 chunk buffer of the streamed dot products, one per thread and input, kept with
+    the merge's buffers (fresh without them)."""
+    if buffers is None:
+        return torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
+    held = getattr(buffers, "_statistics", None)
+    if held is None:
+        held = {}
+        buffers._statistics = held  # type: ignore[attr-defined]
+    key = (device, group, index)
+    if key not in held:
+        held[key] = torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
+    return held[key]
 
 
 def _combine_whole(
@@ -879,31 +906,11 @@ def _slerp_into(
     if zero != "linear" or len(tensors) != 2 or not isinstance(scratch, ChunkBuffers):
         return False
     device = destination.device
-    sums = _dot_products(
-        list(tensors), None, _SLERP_PAIRS, device, _statistics_buffers(scratch, device, 2)
-    )
+    sums = _dot_products(list(tensors), None, _SLERP_PAIRS, device, scratch)
     linear_combine(
         destination, list(tensors), _slerp_coefficients(sums, float(weights[1]), threshold), scratch
     )
     return True
-
-
-def _statistics_buffers(
-    buffers: ChunkBuffers, device: torch.device, count: int
-) -> list[torch.Tensor]:
-    """The float64 chunk buffers of the streamed dot products, kept for the whole merge."""
-    return [_statistics_buffer(buffers, device, i) for i in range(count)]
-
-
-def _statistics_buffer(buffers: ChunkBuffers, device: torch.device, index: int) -> torch.Tensor:
-    held = getattr(buffers, "_statistics", None)
-    if held is None:
-        held = {}
-        buffers._statistics = held  # type: ignore[attr-defined]
-    key = (device, index)
-    if key not in held:
-        held[key] = torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
-    return held[key]
 
 
 _MERGEKIT_CHUNK = 1024 * 1024
@@ -1081,8 +1088,7 @@ def _model_stock_into(
     if filter_wise or not clamp or base is None or n < 2 or not isinstance(scratch, ChunkBuffers):
         return False
     device = destination.device
-    buffers = _statistics_buffers(scratch, device, n + 1)
-    sums = _dot_products(list(tensors), base, _gram_pairs(n), device, buffers)
+    sums = _dot_products(list(tensors), base, _gram_pairs(n), device, scratch)
     coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
     linear_combine(destination, [*tensors, base], coefficients, scratch, divisor)
     return True
