@@ -154,6 +154,35 @@ def test_a_separate_base_supplies_defaults_and_is_not_a_contributor(linears):
     assert torch.equal(base.weight, torch.zeros(3, 5))
 
 
+def test_a_custom_method_receives_the_separate_base_which_is_not_among_the_tensors(linears):
+    base = torch.nn.Linear(5, 3)
+    seen = []
+
+    def task_sum(tensors, weights, base_tensor):  # a user's own task-vector method
+        seen.append((len(tensors), base_tensor))
+        return base_tensor + sum(t - base_tensor for t in tensors)
+
+    merged = terge.merge(linears, base=base, method=task_sum)
+    assert [count for count, _ in seen] == [3, 3]  # the three models, not the base
+    expected = base.weight.double() + sum(m.weight.double() - base.weight.double() for m in linears)
+    assert torch.equal(merged.weight, expected.float())
+    assert torch.equal(seen[0][1], base.weight.double())
+
+
+def test_a_custom_method_receives_models_base_as_the_base_and_among_the_tensors(linears):
+    seen = []
+
+    def record(tensors, weights, base_tensor):
+        seen.append((tensors, base_tensor))
+        return tensors[0]
+
+    terge.merge(linears, base=1, method=record)
+    tensors, base_tensor = seen[0]
+    assert len(tensors) == 3  # models[1] contributes as the model it is, once
+    assert torch.equal(base_tensor, linears[1].weight.double())
+    assert torch.equal(tensors[1], base_tensor)
+
+
 def test_base_index_picks_the_defaults_and_negative_indices_work():
     models = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]
     with pytest.warns(NoParametersToMergeWarning):

@@ -17,6 +17,7 @@ from terge.errors import (
     TergeError,
     UnknownMergeMethodError,
 )
+from terge.layerwise import ByLayer
 from terge.methods import (
     REGISTRY,
     Method,
@@ -670,3 +671,266 @@ def test_task_vector_merges_give_the_same_bits_on_the_gpu_as_on_the_cpu(name):
     for key, value in on_cpu.items():
         assert on_gpu[key].device.type == "cuda"
         assert torch.equal(on_gpu[key].cpu(), value), key
+
+
+# --- mergekit's definitions, as options (closed forms written here) ------------------------------
+
+
+def test_trim_exact_keeps_exactly_k_entries_ties_broken_by_position():
+    base = torch.zeros(6, dtype=torch.float64)
+    tau = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, -2.0], dtype=torch.float64)
+    exact = ties(density=0.5, trim="exact")([tau], [1.0], base)  # k = 3: 3, then the first 2s
+    assert exact.tolist() == [0.0, 3.0, 2.0, 2.0, 0.0, 0.0]
+    threshold = ties(density=0.5)([tau], [1.0], base)  # every tie at the threshold
+    assert threshold.tolist() == [0.0, 3.0, 2.0, 2.0, 2.0, -2.0]
+
+
+def test_disjoint_mean_false_sums_the_agreeing_weighted_task_vectors():
+    base = torch.zeros(3, dtype=torch.float64)
+    taus = [torch.tensor([1.0, 2.0, -1.0]), torch.tensor([3.0, -1.0, -1.0])]
+    taus = [t.double() for t in taus]
+    summed = ties(density=1.0, disjoint_mean=False)(taus, [0.5, 2.0], base)
+    # elected: + (6.5), + (-1: 1 - 2 = -1 < 0 so -), - ; agreeing sums of w_i tau_i
+    assert summed.tolist() == [0.5 + 6.0, -2.0, -0.5 - 2.0]
+    mean = ties(density=1.0)(taus, [0.5, 2.0], base)
+    assert mean.tolist() == [6.5 / 2.5, -1.0, -1.0]
+
+
+def test_elect_weighted_counts_agreement_of_the_weighted_task_vector():
+    base = torch.zeros(1, dtype=torch.float64)
+    taus = [torch.tensor([1.0]).double(), torch.tensor([-1.0]).double()]
+    weights = [1.0, -0.5]  # w_i tau_i = 1, 0.5: both +; tau_i themselves disagree
+    weighted = ties(density=1.0, elect="weighted", disjoint_mean=False)(taus, weights, base)
+    assert weighted.tolist() == [1.5]
+    plain = ties(density=1.0, disjoint_mean=False)(taus, weights, base)
+    assert plain.tolist() == [1.0]
+
+
+def test_per_model_densities_apply_in_contributor_order():
+    base = torch.zeros(4, dtype=torch.float64)
+    tau = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    merged = breadcrumbs(density=[0.25, 1.0], gamma=0.0)([tau, tau], [1.0, 1.0], base)
+    assert merged.tolist() == [8.0, 3.0, 2.0, 1.0]
+    with pytest.raises(MethodNotApplicableError, match="density has 2 per-model values, but 3"):
+        breadcrumbs(density=[0.25, 1.0], gamma=0.0)([tau] * 3, [1.0] * 3, base)
+    with pytest.raises(MergeArgumentError, match="ties: density must be in"):
+        ties(density=[0.5, 1.5])
+    with pytest.raises(MergeArgumentError, match="not both"):
+        ties(density=[ByLayer([0.1, 0.2])])
+
+
+def test_rescale_to_the_norm_before_sparsifying():
+    base = torch.zeros(4, dtype=torch.float64)
+    tau = torch.tensor([4.0, -3.0, 2.0, 1.0], dtype=torch.float64)
+    l1 = ties(density=0.5, rescale="l1")([tau], [1.0], base)
+    assert l1.tolist() == [4.0 * 10 / 7, -3.0 * 10 / 7, 0.0, 0.0]
+    l2 = ties(density=0.5, rescale="l2")([tau], [1.0], base)
+    assert torch.allclose(l2, torch.tensor([4.0, -3.0, 0, 0]).double() * math.sqrt(30) / 5)
+    linf = ties(density=0.5, rescale="linf")([tau], [1.0], base)
+    assert linf.tolist() == [4.0, -3.0, 0.0, 0.0]
+    density = ties(density=0.5, rescale="density")([tau], [1.0], base)
+    assert density.tolist() == [8.0, -6.0, 0.0, 0.0]
+    dare = dare_linear(density=0.5, rescale="none")([tau], [1.0], base, seed=3)
+    assert set(dare.tolist()) <= {0.0, *tau.tolist()}  # kept entries undivided
+
+
+def test_breadcrumbs_exact_allows_density_plus_gamma_above_one_and_no_floor():
+    base = torch.zeros(5, dtype=torch.float64)
+    tau = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    # keep 4, top 2: the bottom cut is max(0, 5 - 4 - 2) = 0, so the 4 smallest stay
+    merged = breadcrumbs(density=0.8, gamma=0.4, trim="exact")([tau], [1.0], base)
+    assert merged.tolist() == [0.0, 4.0, 3.0, 2.0, 1.0]
+    none = breadcrumbs(density=0.1, gamma=0.0, trim="exact")([tau], [1.0], base)
+    assert none.tolist() == [0.0] * 5  # int(0.5) = 0 kept: no floor of one
+    with pytest.raises(MergeArgumentError, match="trim='exact'"):
+        breadcrumbs(density=0.8, gamma=0.4)
+
+
+def test_mergekit_options_are_checked_and_only_non_defaults_recorded():
+    assert ties().settings == {"density": 0.2, "scale": 1.0}
+    assert ties(trim="exact", disjoint_mean=False).settings == {
+        "density": 0.2,
+        "scale": 1.0,
+        "trim": "exact",
+        "disjoint_mean": False,
+    }
+    assert dare_ties(rescale="density").settings == {"density": 0.5, "scale": 1.0}
+    assert slerp().settings == {} and model_stock().settings == {}
+    assert slerp(threshold=0.9995, zero="unnormalised").settings == {
+        "threshold": 0.9995,
+        "zero": "unnormalised",
+    }
+    for call, message in [
+        (lambda: ties(trim="all"), "ties: trim must be one of 'threshold', 'exact'; got 'all'"),
+        (lambda: dare_linear(rescale="l3"), "dare_linear: rescale must be one of"),
+        (lambda: ties(disjoint_mean=1), "ties: disjoint_mean must be True or False; got 1"),
+        (lambda: slerp(threshold=0), re.escape("slerp: threshold must be in (0, 1]")),
+        (lambda: slerp(zero="x"), "slerp: zero must be one of 'linear', 'unnormalised'"),
+        (lambda: model_stock(clamp="no"), "model_stock: clamp must be True or False"),
+    ]:
+        with pytest.raises(MergeArgumentError, match=message):
+            call()
+
+
+def test_slerp_threshold_and_the_zero_rule():
+    v0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    v1 = torch.tensor([math.cos(0.02), math.sin(0.02)], dtype=torch.float64)  # cos 0.9998
+    linear = torch.lerp(v0, v1, 0.5)
+    assert torch.equal(slerp(threshold=0.9995)([v0, v1], [0.5, 0.5], None), linear)  # mergekit
+    spherical = slerp()([v0, v1], [0.5, 0.5], None)  # terge's 0.9999: on the arc
+    assert torch.allclose(spherical, torch.tensor([math.cos(0.01), math.sin(0.01)]).double())
+    assert not torch.allclose(spherical, linear, rtol=0, atol=1e-6)
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(slerp()([zero, v1], [0.5, 0.5], None), v1 * 0.5)
+    right_angle = slerp(zero="unnormalised")([zero, v1], [0.5, 0.5], None)
+    assert torch.allclose(right_angle, v1 * math.sin(math.pi / 4))  # cos 0: a right angle
+
+
+def test_model_stock_unclamped_and_filter_wise():
+    base = torch.zeros(2, 2, dtype=torch.float64)
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    c = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    # row 0: cosines -1, 0, 0 -> mean -1/3 -> 1 + 2 cos = 1/3, t = -1/(1/3) = -3
+    rows = model_stock(clamp=False, filter_wise=True)([a, b, c], [1 / 3] * 3, base)
+    assert torch.allclose(rows[0], -3 * (a[0] + b[0] + c[0]) / 3)
+    assert torch.equal(rows[1], torch.tensor([1.0, 0.0]).double())  # cos 1, t 1: the mean
+    clamped = model_stock(filter_wise=True)([a, b, c], [1 / 3] * 3, base)
+    assert torch.equal(clamped[0], torch.zeros(2).double())  # cos clamped to 0: t = 0
+    # whole tensors: cos(a, b) = 0, cos(a, c) = 1/2, cos(b, c) = -1/2 + ... computed here
+    flat = [t.reshape(-1) for t in (a, b, c)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    cos = sum(float(flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())) for i, j in pairs) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    whole = model_stock(clamp=False)([a, b, c], [1 / 3] * 3, base)
+    assert torch.allclose(whole, t * (a + b + c) / 3, rtol=0, atol=1e-15)
+
+
+# --- ratios formed from the weights as given: exact half-way points -------------------------------
+
+
+def halfway_trio(count: int = 4096, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Float32 ``a, b, c`` whose mean is exactly a float32 half-way point ``x + ulp(x) / 2``:
+    ``b = x``, ``c = 2 x``, ``a = 1.5 ulp(x)``; and that mean, in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (1 + torch.rand(count, generator=generator, dtype=torch.float64)).float()  # in [1, 2)
+    ulp = 2.0**-23
+    a = torch.full_like(x, 1.5 * ulp)
+    mean = (a.double() + x.double() + 2 * x.double()) / 3
+    assert torch.equal(mean, x.double() + ulp / 2)  # exact, a half-way point
+    return [a, x, 2 * x], mean
+
+
+def test_model_stock_mean_is_summed_then_divided():
+    (a, b, c), mean = halfway_trio()
+    base = torch.zeros(mean.numel(), 1, dtype=torch.float64)
+    models = [t.double().reshape(-1, 1) for t in (a, b, c)]  # one-entry rows: cos 1, t = 1
+    result = model_stock(filter_wise=True)(models, [1 / 3] * 3, base)
+    assert torch.equal(result.reshape(-1), mean)  # not a/3 + b/3 + c/3
+    assert torch.equal(result.reshape(-1).float(), mean.float())
+
+
+# --- slerp and model_stock streamed: two passes over the inputs as stored ------------------------
+
+
+def streamed(method: Method, destination_dtype, tensors, weights, base, inplace=False):
+    """What run_step writes through the method's ``into`` (the streamed passes)."""
+    from terge.kernels import ChunkBuffers
+
+    if inplace:
+        destination = base if base is not None else tensors[0]
+    else:
+        destination = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    assert method.merge_into(
+        destination, tensors, weights, base, scratch=ChunkBuffers(torch.float64)
+    )
+    return destination
+
+
+def whole(method: Method, destination_dtype, tensors, weights, base):
+    """What run_step writes through the whole-tensor float64 reference."""
+    from terge.kernels import ChunkBuffers, store_whole
+
+    result = method([t.double() for t in tensors], weights, None if base is None else base.double())
+    out = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    store_whole(out, result, ChunkBuffers(torch.float64))
+    return out
+
+
+SIZES = [1, 7, (1 << 15) - 1, (1 << 15) + 3, 2 * (1 << 15) + 11]
+"""Around the statistics' chunks (32,768 entries)."""
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_slerp_streamed_equals_the_reference_bit_for_bit(numel, dtype):
+    v0, v1 = rand(numel, seed=1).to(dtype), rand(numel, seed=2).to(dtype)
+    for method in (slerp(), slerp(threshold=0.5)):
+        for t in (0.3, 0.5):
+            expected = whole(method, dtype, [v0, v1], [1 - t, t], None)
+            got = streamed(method, dtype, [v0, v1], [1 - t, t], None)
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    parallel = streamed(slerp(), dtype, [v0, v0 * 2], [0.7, 0.3], None)
+    assert torch.equal(parallel, whole(slerp(), dtype, [v0, v0 * 2], [0.7, 0.3], None))
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("models", [2, 4])
+def test_model_stock_streamed_equals_the_reference_bit_for_bit(numel, dtype, models):
+    base = rand(numel, seed=0).to(dtype)
+    tensors = [(base.double() + rand(numel, seed=i) * 0.1).to(dtype) for i in range(1, models + 1)]
+    weights = [1 / models] * models
+    expected = whole(model_stock(), dtype, tensors, weights, base)
+    got = streamed(model_stock(), dtype, tensors, weights, base)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    in_place = streamed(model_stock(), dtype, tensors, weights, base.clone(), inplace=True)
+    assert torch.equal(in_place, expected)
+
+
+def test_the_streamed_options_decline_what_they_do_not_compute():
+    from terge.kernels import ChunkBuffers
+
+    x = rand(8, seed=1)
+    buffers = ChunkBuffers(torch.float64)
+    for method, base in [
+        (slerp(zero="unnormalised"), None),
+        (model_stock(clamp=False), x),
+        (model_stock(filter_wise=True), x),
+    ]:
+        destination = torch.full((8,), 7.0, dtype=torch.float64)
+        assert not method.merge_into(destination, [x, x * 2], [0.5, 0.5], base, scratch=buffers)
+        assert torch.equal(destination, torch.full((8,), 7.0, dtype=torch.float64))
+
+
+def test_streamed_angles_match_the_float64_closed_form():
+    """The chunked sums differ from a whole-tensor dot product only by float64 rounding."""
+    numel = 3 * (1 << 16) + 5
+    v0, v1 = rand(numel, seed=3), rand(numel, seed=4) * 0.5 + rand(numel, seed=3) * 0.5
+    cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
+    omega, t = math.acos(cos), 0.3
+    closed = (math.sin((1 - t) * omega) * v0 + math.sin(t * omega) * v1) / math.sin(omega)
+    got = slerp()([v0, v1], [1 - t, t], None)
+    assert torch.allclose(got, closed, rtol=1e-12, atol=1e-15)
+    base = rand(numel, seed=5)
+    tensors = [base + rand(numel, seed=6 + i) * 0.1 + 0.05 for i in range(3)]
+    taus = [t_ - base for t_ in tensors]
+    c = (
+        sum(
+            float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()))
+            for i, j in [(0, 1), (0, 2), (1, 2)]
+        )
+        / 3
+    )
+    k = 3 * c / (1 + 2 * c)
+    closed = k * (tensors[0] + tensors[1] + tensors[2]) / 3 + (1 - k) * base
+    assert torch.allclose(model_stock()(tensors, [1 / 3] * 3, base), closed, rtol=1e-12, atol=1e-15)
+
+
+def test_model_stock_whole_mean_is_exact_at_half_way_points():
+    (a, b, c), mean = halfway_trio()
+    # one-entry tensors: every cosine is exactly 1, so t = 1 and the result is the mean itself
+    for i in range(0, mean.numel(), 97):
+        pick = [t[i : i + 1].double() for t in (a, b, c)]
+        result = model_stock()(pick, [1 / 3] * 3, torch.zeros(1, dtype=torch.float64))
+        assert torch.equal(result, mean[i : i + 1])

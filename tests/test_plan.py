@@ -224,7 +224,9 @@ def test_the_lineage_is_the_plan_recorded():
     assert lineage["w"].divisor == 4.0
     assert lineage.skipped == {"steps": reasons.ONE_MODEL}
     ties = plan_of(trio(), method="ties").lineage()["w"]
-    assert ties.coefficients is None and ties.divisor is None  # not a streaming method
+    assert ties.coefficients == (1.0, 1.0) and ties.divisor == 2.0  # its weights as given
+    other = plan_of(trio(), method="task_arithmetic").lineage()["w"]
+    assert other.coefficients is None and other.divisor is None  # given the normalised weights
 
 
 def test_registered_methods_are_told_apart_from_custom_ones():

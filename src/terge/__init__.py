@@ -1,5 +1,7 @@
 """terge: exact, memory-lean, fast merging of PyTorch models."""
 
+from typing import Any as _Any
+
 from . import methods
 from ._version import __version__
 from .averaging import Average
@@ -34,6 +36,16 @@ from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
+
+
+def __getattr__(name: str) -> _Any:
+    """``terge.from_mergekit``, imported on first use (it brings the command line's modules)."""
+    if name == "from_mergekit":
+        from .cli.mergekit import from_mergekit
+
+        return from_mergekit
+    raise AttributeError(f"module 'terge' has no attribute {name!r}")
+
 
 __all__ = [
     "Average",
@@ -70,6 +82,7 @@ __all__ = [
     "check_lineage",
     "checkpoint",
     "choose",
+    "from_mergekit",
     "inspect",
     "layer_index",
     "layers",

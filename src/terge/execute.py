@@ -283,7 +283,7 @@ def run_step(
         and step.method.merge_into(
             destination,
             [t.detach() for t in inputs],
-            list(step.weights),
+            list(step.method_weights),
             local(base.get(step.name)).detach() if step.uses_base else None,
             seed,
             scratch=buffers,
@@ -299,7 +299,11 @@ def run_step(
     )
     try:
         result = step.method(
-            tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
+            tensors,
+            list(step.method_weights),
+            reference,
+            seed,
+            layout or Layout.whole(destination.shape),
         )
     except Exception as error:
         if step.method.builtin:

@@ -6,7 +6,8 @@ A method is a small pure function over float64 tensors:
 
 ``tensors`` are the contributing models' tensors (float64, same shape, on the destination's
 device), ``weights`` their weights (normalised to sum to 1 unless ``normalize=False``), ``base`` the
-reference tensor in float64 (or ``None`` when the method uses none). A random method gets
+reference tensor in float64 (``None`` for a built-in method that uses none; a user's own method
+always receives it). A random method gets
 ``seed``, the parameter's own seed (see ``terge.plan.derive_seed``), and draws with
 :func:`terge.primitives.counter_uniform`; a method marked ``layout_aware`` gets ``layout``, a
 :class:`terge.sharding.Layout` saying where its tensors lie in the whole parameter: when the
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
+from .kernels import ChunkBuffers, linear_combine
+from .kernels.cpu import ranges, run
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -108,6 +111,10 @@ class Method:
     (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
     [seed=], scratch=, **settings)`` returns ``False``, having written nothing, where it does not
     apply."""
+    ratios: bool = False
+    """Only the ratios of the weights matter (weights scaled by a positive number give the same
+    result): the method is given the weights as given, not normalised to inexact values, so
+    ``(a + b + c) / 3`` is not computed as ``a/3 + b/3 + c/3``."""
     builtin: bool = field(default=False, compare=False)
     """Made by one of terge's factories (a user's own method may raise anything, which terge
     re-raises as :class:`~terge.errors.MethodError`)."""
@@ -197,6 +204,66 @@ _check_density = _per_layer(_check_density)  # type: ignore[assignment]
 _check_gamma = _per_layer(_check_gamma)  # type: ignore[assignment]
 
 
+def _per_model(check: Callable[[str, Any], Any], setting: str) -> Callable[[str, Any], Any]:
+    """Let a setting be a list with one value per contributing model (the base excluded), as
+    mergekit's per-model ``parameters``; each value passes the same check. Kept as a list, as a
+    lineage file holds it."""
+
+    def checked(method: str, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise MergeArgumentError(
+                    f"{method}: {setting} is a list of per-model values, one per contributing "
+                    "model; got an empty list."
+                )
+            if any(isinstance(v, ByLayer) for v in value):
+                raise MergeArgumentError(
+                    f"{method}: {setting} is either per model (a list of numbers) or per layer "
+                    "(by_layer), not both."
+                )
+            return [check(method, v) for v in value]
+        return check(method, value)
+
+    return checked
+
+
+_density_setting = _per_model(_check_density, "density")
+_gamma_setting = _per_model(_check_gamma, "gamma")
+
+_RESCALES = ("density", "l1", "l2", "linf", "none")
+"""How a sparsified task vector is rescaled: by ``1 / density`` (DARE's expectation), to its
+L1, L2 or L-infinity norm before sparsifying (mergekit's ``rescale: true`` is ``l1``), or not."""
+_TRIMS = ("threshold", "exact")
+_ELECTIONS = ("task_vector", "weighted")
+
+
+def _choice(method: str, setting: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise MergeArgumentError(
+            f"{method}: {setting} must be one of {', '.join(map(repr, choices))}; got {value!r}."
+        )
+    return value
+
+
+def _flag(method: str, setting: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise MergeArgumentError(f"{method}: {setting} must be True or False; got {value!r}.")
+    return value
+
+
+def _options(method: str, defaults: Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """The mergekit-compatible options that differ from terge's defaults, checked: only those
+    go into the settings (and the lineage), so a default merge records what 0.1.1 did."""
+    checks: dict[str, Callable[[Any], Any]] = {
+        "trim": lambda v: _choice(method, "trim", v, _TRIMS),
+        "rescale": lambda v: _choice(method, "rescale", v, _RESCALES),
+        "elect": lambda v: _choice(method, "elect", v, _ELECTIONS),
+        "disjoint_mean": lambda v: _flag(method, "disjoint_mean", v),
+    }
+    checked = {key: checks[key](value) for key, value in given.items()}
+    return {key: value for key, value in checked.items() if value != defaults[key]}
+
+
 # --- arithmetic -----------------------------------------------------------------------------------
 
 
@@ -269,7 +336,12 @@ def _keep_breadcrumbs(
 
 
 def _random_drop(
-    tau: torch.Tensor, density: float, seed: int, position: int, layout: Layout
+    tau: torch.Tensor,
+    density: float,
+    seed: int,
+    position: int,
+    layout: Layout,
+    divide: bool = True,
 ) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, divide the survivors by ``density``
     so the task vector's expectation is unchanged. Entry ``j`` (its row-major index in the whole
@@ -285,10 +357,99 @@ def _random_drop(
         stop = min(start + DRAW_CHUNK, flat.numel())
         draw = counter_uniform(key, layout.indices(start, stop, flat.device))
         flat[start:stop].masked_fill_(draw >= density, 0)
+    return _divide(tau, density) if divide else tau
+
+
+def _divide(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``tau / density`` in place, the quotient correctly rounded on any device."""
     if tau.device.type != "cpu":  # torch divides a GPU tensor by a Python number as a product
         # with its reciprocal, not always the quotient; dividing by a tensor is exact, as on the CPU
         return tau.div_(torch.tensor(density, dtype=tau.dtype, device=tau.device))
     return tau.div_(density)
+
+
+def _whole_only(name: str, option: str, layout: Layout) -> None:
+    """Refuse an option that ranks the whole tensor on a sharded parameter."""
+    if layout.sharded:
+        raise MethodNotApplicableError(
+            f"{name}: {option} ranks the entries of the whole tensor, which a sharded parameter "
+            "(DTensor) does not hold; use the default (thresholds summed over the shards) or "
+            "merge whole tensors."
+        )
+
+
+def _keep_exactly(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim as mergekit ranks: exactly ``k = max(1, int(density * numel))`` entries, the
+    largest magnitudes, ties at the threshold broken by position (the first kept)."""
+    n = tau.numel()
+    k = max(1, int(density * n))
+    if density >= 1 or k >= n:
+        return tau
+    flat = tau.view(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    flat[order[k:]] = 0
+    return tau
+
+
+def _keep_breadcrumbs_exactly(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs as mergekit ranks (``magnitude_outliers``): in ascending order of magnitude
+    (ties by position), drop the ``n - keep - top`` smallest (none when ``density + gamma > 1``)
+    and keep the next ``keep = int(density * numel)`` (no floor of one), ``top = int(gamma *
+    numel)``."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    flat = tau.view(-1)
+    order = torch.sort(flat.abs(), stable=True).indices
+    kept = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    kept[order[bottom : bottom + keep]] = True
+    return tau.masked_fill_(~kept.view(tau.shape), 0)
+
+
+_RESCALE_EPS = 1e-7
+"""mergekit's: where either norm is below it, the masked task vector is left unscaled."""
+
+
+def _norm(tau: torch.Tensor, norm: str, layout: Layout) -> float:
+    """The L1, L2 or L-infinity norm of a task vector, over every shard."""
+    flat = tau.reshape(-1)
+    if norm == "l1":
+        local_value = flat.abs().sum()
+    elif norm == "l2":
+        local_value = torch.dot(flat, flat)
+    else:
+        local_value = flat.abs().max() if flat.numel() else flat.new_zeros(())
+    if layout.sharded:
+        if norm == "linf":
+            _whole_only("rescale='linf'", "the largest magnitude", layout)
+        local_value = layout.sum(local_value.reshape(1).to(torch.float64))[0]
+    value = float(local_value)
+    return math.sqrt(value) if norm == "l2" else value
+
+
+def _rescaled(tau: torch.Tensor, before: float, norm: str, layout: Layout) -> torch.Tensor:
+    """Scale a masked task vector back to its norm ``before`` masking (mergekit's
+    ``rescaled_masked_tensor``)."""
+    after = _norm(tau, norm, layout)
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return tau
+    return tau.mul_(before / after)
+
+
+def _per(value: Any, position: int) -> float:
+    """A setting's value for the ``position``-th contributor (a per-model list, or one value)."""
+    return value[position] if isinstance(value, (list, tuple)) else value
+
+
+def _check_per_model(name: str, settings: Mapping[str, Any], count: int) -> None:
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)) and len(value) != count:
+            raise MethodNotApplicableError(
+                f"{name}: {key} has {len(value)} per-model values, but {count} models contribute "
+                "to this parameter (the base excluded); give one per contributing model."
+            )
 
 
 def _task_vector_merge(
@@ -302,8 +463,12 @@ def _task_vector_merge(
     sparsification: str | None,
     consensus: str | None,
     scale: float = 1.0,
-    density: float = 1.0,
-    gamma: float = 0.0,
+    density: float | list[float] = 1.0,
+    gamma: float | list[float] = 0.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
 ) -> torch.Tensor:
     """``base + scale * combine_i(w_i, sparsify(tau_i))``: the core of every task-vector method.
 
@@ -312,22 +477,51 @@ def _task_vector_merge(
     (TIES' elected sign and disjoint mean). Everything but the trims' thresholds is element-wise,
     and those are summed over the shards of a sharded parameter, so a sharded merge gives
     exactly the whole one's entries.
+
+    The options that reproduce mergekit's definitions: ``density`` and ``gamma`` may be lists,
+    one value per contributor; ``trim="exact"`` keeps exactly the counts mergekit keeps (ties
+    broken by position) rather than every tie at a threshold; ``rescale`` (``None``: the
+    method's own, ``1 / density`` for DARE and nothing otherwise) rescales each sparsified task
+    vector to its ``"l1"``, ``"l2"`` or ``"linf"`` norm before, by ``"density"``, or not
+    (``"none"``); ``elect="weighted"`` counts a model as agreeing where ``w_i tau_i`` (not
+    ``tau_i``) has the elected sign; ``disjoint_mean=False`` sums the agreeing weighted task
+    vectors without dividing by their weights (mergekit's ``normalize: false``).
     """
     if base is None:
         raise MethodNotApplicableError(f"{name}: needs a base model to take task vectors from.")
     if layout is None:
         layout = Layout.whole(base.shape)
+    _check_per_model(name, {"density": density, "gamma": gamma}, len(tensors))
+    if trim == "exact" and sparsification in ("magnitude", "breadcrumbs"):
+        _whole_only(name, "trim='exact'", layout)
+    if rescale is None:
+        rescale = "density" if sparsification == "random" else "none"
     if sparsification == "random" and seed is None:
         seed = int(torch.randint(0, (1 << 63) - 1, ()).item())  # torch's global generator
 
     def sparsified(theta: torch.Tensor, position: int) -> torch.Tensor:
         tau = (theta - base).contiguous()
+        if sparsification is None:
+            return tau
+        share = _per(density, position)
+        if share >= 1 and sparsification != "breadcrumbs":
+            return tau
+        before = _norm(tau, rescale, layout) if rescale in ("l1", "l2", "linf") else 0.0
         if sparsification == "magnitude":
-            return _keep_largest(tau, density, layout)
-        if sparsification == "random":
-            return _random_drop(tau, density, seed, position, layout)  # type: ignore[arg-type]
-        if sparsification == "breadcrumbs":
-            return _keep_breadcrumbs(tau, density, gamma, layout)
+            if trim == "exact":
+                tau = _keep_exactly(tau, share)
+            else:
+                tau = _keep_largest(tau, share, layout)
+        elif sparsification == "random":
+            tau = _random_drop(tau, share, seed, position, layout, rescale == "density")  # type: ignore[arg-type]
+        elif trim == "exact":
+            tau = _keep_breadcrumbs_exactly(tau, share, _per(gamma, position))
+        else:
+            tau = _keep_breadcrumbs(tau, share, _per(gamma, position), layout)
+        if rescale in ("l1", "l2", "linf"):
+            return _rescaled(tau, before, rescale, layout)
+        if rescale == "density" and sparsification != "random" and share != 1:
+            return _divide(tau, share)
         return tau
 
     # Every product is rounded before it is added (``acc.add_(x.mul_(w))``, never
@@ -348,12 +542,18 @@ def _task_vector_merge(
     positive = elected >= 0
     del elected
     numerator = torch.zeros_like(base)
-    denominator = torch.zeros_like(base)
+    denominator = torch.zeros_like(base) if disjoint_mean else None
     for delta, weight in zip(deltas, weights, strict=True):
-        agrees = torch.where(positive, delta > 0, delta < 0)
+        if elect == "weighted" and weight < 0:  # w_i tau_i has the opposite sign of tau_i
+            agrees = torch.where(positive, delta < 0, delta > 0)
+        else:
+            agrees = torch.where(positive, delta > 0, delta < 0)
         numerator.add_(delta.masked_fill(~agrees, 0).mul_(weight))
-        denominator.add_(agrees.to(base.dtype).mul_(weight))
+        if denominator is not None:
+            denominator.add_(agrees.to(base.dtype).mul_(weight))
     del deltas
+    if denominator is None:  # the sum of the agreeing weighted task vectors
+        return base + numerator.mul_(scale)
     # Where no model agrees the numerator is 0 too; where agreeing weights cancel (only possible
     # with unnormalised signed weights) the weighted sum stands, as in mergekit.
     merged = torch.where(denominator != 0, numerator / denominator, numerator)
@@ -382,6 +582,7 @@ def _task_vector_method(
         random=sparsification == "random",
         paper=paper,
         layout_aware=True,
+        ratios=consensus == "sign" and bool(settings.get("disjoint_mean", True)),
         builtin=True,
     )
 
@@ -396,7 +597,37 @@ def task_arithmetic(*, scale: float = 1.0) -> Method:
     return _task_vector_method("task_arithmetic", None, None, settings, _TASK_ARITHMETIC)
 
 
-def ties(*, density: float = 0.2, scale: float = 1.0) -> Method:
+_MERGEKIT_OPTIONS = """
+
+    mergekit's definitions (see the README's "From mergekit"): ``density`` (and ``gamma``) may
+    be a list, one value per contributing model (the base excluded); ``trim="exact"`` keeps
+    exactly the count mergekit keeps, ties broken by position, rather than every entry tied at
+    the threshold; ``rescale`` rescales each sparsified task vector to its ``"l1"`` (mergekit's
+    ``rescale: true``), ``"l2"`` or ``"linf"`` norm before sparsifying, by ``"density"``
+    (``1 / density``) or ``"none"`` (``None``: the method's own); ``elect="weighted"`` counts a
+    model as agreeing where ``w_i tau_i`` has the elected sign (mergekit) rather than ``tau_i``
+    (they differ for negative weights); ``disjoint_mean=False`` sums the agreeing weighted task
+    vectors (mergekit's ``normalize: false``). Options left at their defaults are not recorded.
+    """
+
+_DEFAULTS = {"trim": "threshold", "rescale": "none", "elect": "task_vector", "disjoint_mean": True}
+_DARE_DEFAULTS = {**_DEFAULTS, "rescale": "density"}
+
+
+def _own(rescale: Any, default: str) -> Any:
+    """``rescale=None`` is the method's own rescale (recorded only where it differs)."""
+    return default if rescale is None else rescale
+
+
+def ties(
+    *,
+    density: float | list[float] = 0.2,
+    scale: float = 1.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """TIES-merging: trim, elect sign, disjoint merge (https://arxiv.org/abs/2306.01708).
 
     Each task vector keeps its entries at least as large in magnitude as its ``k``-th largest,
@@ -406,13 +637,23 @@ def ties(*, density: float = 0.2, scale: float = 1.0) -> Method:
     default ``density=0.2`` is the top-20% the paper uses throughout.
     """
     settings = {
-        "density": _check_density("ties", density),
+        "density": _density_setting("ties", density),
         "scale": _check_scale("ties", scale),
+        **_options(
+            "ties",
+            _DEFAULTS,
+            trim=trim,
+            rescale=_own(rescale, "none"),
+            elect=elect,
+            disjoint_mean=disjoint_mean,
+        ),
     }
     return _task_vector_method("ties", "magnitude", "sign", settings, _TIES)
 
 
-def dare_linear(*, density: float = 0.5, scale: float = 1.0) -> Method:
+def dare_linear(
+    *, density: float | list[float] = 0.5, scale: float = 1.0, rescale: str | None = None
+) -> Method:
     """DARE then task arithmetic (https://arxiv.org/abs/2311.03099).
 
     Dropping a random ``1 - density`` of each task vector and rescaling the rest by
@@ -424,24 +665,46 @@ def dare_linear(*, density: float = 0.5, scale: float = 1.0) -> Method:
     sharding of the tensor.
     """
     settings = {
-        "density": _check_density("dare_linear", density),
+        "density": _density_setting("dare_linear", density),
         "scale": _check_scale("dare_linear", scale),
+        **_options("dare_linear", _DARE_DEFAULTS, rescale=_own(rescale, "density")),
     }
     return _task_vector_method("dare_linear", "random", None, settings, _DARE)
 
 
-def dare_ties(*, density: float = 0.5, scale: float = 1.0) -> Method:
+def dare_ties(
+    *,
+    density: float | list[float] = 0.5,
+    scale: float = 1.0,
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean
     (https://arxiv.org/abs/2311.03099, https://arxiv.org/abs/2306.01708). Defaults as
     :func:`dare_linear`."""
     settings = {
-        "density": _check_density("dare_ties", density),
+        "density": _density_setting("dare_ties", density),
         "scale": _check_scale("dare_ties", scale),
+        **_options(
+            "dare_ties",
+            _DARE_DEFAULTS,
+            rescale=_own(rescale, "density"),
+            elect=elect,
+            disjoint_mean=disjoint_mean,
+        ),
     }
     return _task_vector_method("dare_ties", "random", "sign", settings, _DARE)
 
 
-def breadcrumbs(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0) -> Method:
+def breadcrumbs(
+    *,
+    density: float | list[float] = 0.2,
+    gamma: float | list[float] = 0.01,
+    scale: float = 1.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+) -> Method:
     """Model Breadcrumbs (https://arxiv.org/abs/2312.06795): task arithmetic over task vectors
     with both tails masked, the ``gamma`` largest magnitudes (outliers that overwrite the other
     tasks) and the smallest (noise), keeping ``density`` of the entries. Both cuts are
@@ -449,22 +712,37 @@ def breadcrumbs(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0
     tied with the bottom cut stay.
 
     Defaults: ``gamma=0.01`` (the top 1%, as the paper's and mergekit's) and ``density=0.2``
-    (the same share as :func:`ties`, close to the paper's 85%-bottom masks).
+    (the same share as :func:`ties`, close to the paper's 85%-bottom masks). With
+    ``trim="exact"`` (mergekit's ``magnitude_outliers``), exactly ``int(density * numel)``
+    entries are kept (no floor of one), ranked by position among ties, and ``density + gamma``
+    may exceed 1: then fewer outliers go.
     """
-    density_ = _check_density("breadcrumbs", density)
-    gamma_ = _check_gamma("breadcrumbs", gamma)
+    density_ = _density_setting("breadcrumbs", density)
+    gamma_ = _gamma_setting("breadcrumbs", gamma)
+    options = _options("breadcrumbs", _DEFAULTS, trim=trim, rescale=_own(rescale, "none"))
     largest = _largest(density_) + _largest(gamma_)  # per-layer values: the worst case
-    if largest > 1 + 1e-12:  # tolerate float sums such as 0.7 + 0.3
+    if largest > 1 + 1e-12 and options.get("trim") != "exact":  # tolerate sums such as 0.7 + 0.3
         raise MergeArgumentError(
             "breadcrumbs: density + gamma must be at most 1 (density of the entries are kept "
             f"after the gamma largest are removed), got density={density!r} + gamma={gamma!r} "
-            f"= {largest!r}."
+            f"= {largest!r}; trim='exact' (mergekit's ranking) removes fewer outliers instead."
         )
-    settings = {"density": density_, "gamma": gamma_, "scale": _check_scale("breadcrumbs", scale)}
+    settings = {
+        "density": density_,
+        "gamma": gamma_,
+        "scale": _check_scale("breadcrumbs", scale),
+        **options,
+    }
     return _task_vector_method("breadcrumbs", "breadcrumbs", None, settings, _BREADCRUMBS)
 
 
+for _factory in (ties, dare_linear, dare_ties, breadcrumbs):
+    _factory.__doc__ = (_factory.__doc__ or "") + _MERGEKIT_OPTIONS
+
+
 def _largest(value: Any) -> float:
+    if isinstance(value, (list, tuple)):
+        return max(value)
     if isinstance(value, ByLayer):
         return max((*value.values, *(() if value.other is None else (value.other,))))
     return value
@@ -475,6 +753,89 @@ def _largest(value: Any) -> float:
 _PARALLEL = 1e-4
 """SLERP interpolates linearly when ``|cos| > 1 - _PARALLEL``: the angle is too small (or too
 close to π) for ``sin`` to divide by."""
+_THRESHOLD = 1 - _PARALLEL
+_ZEROS = ("linear", "unnormalised")
+_NORM_EPS = 1e-8
+"""mergekit's: a norm at most this is taken as 1 (the tensor is not normalised)."""
+
+
+STATISTICS_CHUNK = 1 << 15
+"""Entries per chunk of the streamed dot products (SLERP's and Model Stock's angles; 256 KiB of
+float64 per input, cache-sized): the sums
+are of the chunks' ``torch.dot``, in order, so the whole-tensor reference and the streamed pass
+over the inputs as stored give the same bits."""
+
+
+def _dot_products(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    pairs: list[tuple[int, int]],
+    device: torch.device,
+    buffers: ChunkBuffers | None = None,
+) -> list[float]:
+    """``sum over chunks of dot(x_i, x_j)`` for each pair, in float64, where ``x_i`` is
+    ``tensors[i] - base`` (or ``tensors[i]`` without a base): one read of every input, chunk by
+    chunk, each chunk copied into a float64 buffer, each chunk's dot products summed in chunk
+    order. So the reference, given float64 tensors, and the streamed pass, given the inputs as
+    stored, compute the very same sums, however many threads share the chunks (on the CPU)."""
+    flats = [t.reshape(-1) for t in tensors]
+    reference = None if base is None else base.reshape(-1)
+    total = flats[0].numel()
+    starts = list(range(0, total, STATISTICS_CHUNK))
+    rows = torch.empty(len(starts), len(pairs), dtype=torch.float64, device=device)
+    groups = len(ranges(total)) if device.type == "cpu" else 1  # the linear loop's threads
+    step = -(-len(starts) // groups) if starts else 1
+
+    def part(group: int) -> None:  # the chunks from group * step on, into their rows
+        count = len(flats) + (reference is not None)
+        held = [_statistics_buffer(buffers, device, group, i) for i in range(count)]
+        for k in range(group * step, min((group + 1) * step, len(starts))):
+            start = starts[k]
+            stop = min(start + STATISTICS_CHUNK, total)
+            pieces = [b[: stop - start].copy_(f[start:stop]) for b, f in zip(held, flats)]
+            if reference is not None:
+                origin = held[-1][: stop - start].copy_(reference[start:stop])
+                for piece in pieces:
+                    piece.sub_(origin)
+            torch.stack([torch.dot(pieces[i], pieces[j]) for i, j in pairs], out=rows[k])
+
+    run([partial(part, group) for group in range(groups)])
+    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+    for row in rows:  # in chunk order, whatever the threads
+        sums.add_(row)
+    return sums.tolist()
+
+
+def _statistics_buffer(
+    buffers: ChunkBuffers | None, device: torch.device, group: int, index: int
+) -> torch.Tensor:
+    """A float64 chunk buffer of the streamed dot products, one per thread and input, kept with
+    the merge's buffers (fresh without them)."""
+    if buffers is None:
+        return torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
+    held = getattr(buffers, "_statistics", None)
+    if held is None:
+        held = {}
+        buffers._statistics = held  # type: ignore[attr-defined]
+    key = (device, group, index)
+    if key not in held:
+        held[key] = torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
+    return held[key]
+
+
+def _combine_whole(
+    tensors: list[torch.Tensor], coefficients: list[float], divisor: float | None = None
+) -> torch.Tensor:
+    """``(sum_i c_i x_i) / divisor`` in the linear kernels' arithmetic (each product rounded,
+    summed in order, divided once), so the streamed pass writes the same bits."""
+    result = tensors[0].clone()
+    if coefficients[0] != 1:
+        result.mul_(coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
+        result.add_(tensor if coefficient == 1 else tensor * coefficient)
+    if divisor is not None and divisor != 1:
+        result = _divide(result, divisor)
+    return result
 
 
 def _sums_over_shards(layout: Layout, values: list[torch.Tensor]) -> list[float]:
@@ -489,6 +850,8 @@ def _slerp(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
+    threshold: float = _THRESHOLD,
+    zero: str = "linear",
 ) -> torch.Tensor:
     if len(tensors) != 2:
         raise MethodNotApplicableError(
@@ -496,28 +859,105 @@ def _slerp(
         )
     v0, v1 = tensors
     t = float(weights[1])
-    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+    if zero == "unnormalised":
+        if layout is not None and layout.sharded:
+            _whole_only("slerp", "zero='unnormalised' (mergekit's arithmetic)", layout)
+        return _slerp_mergekit(v0, v1, t, threshold)
     if layout is not None and layout.sharded:  # the angle from dot products summed over shards
-        square0, square1, dot = _sums_over_shards(
+        flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
+        sums = _sums_over_shards(
             layout, [torch.dot(flat0, flat0), torch.dot(flat1, flat1), torch.dot(flat0, flat1)]
         )
-        norm0, norm1 = math.sqrt(square0), math.sqrt(square1)
     else:
-        norm0 = torch.linalg.vector_norm(flat0).item()
-        norm1 = torch.linalg.vector_norm(flat1).item()
-        dot = torch.dot(flat0, flat1).item()
-    if norm0 == 0 or norm1 == 0:  # no direction to rotate: the line is all there is
-        return torch.lerp(v0, v1, t)
+        sums = _dot_products([v0, v1], None, _SLERP_PAIRS, v0.device)
+    return _combine_whole([v0, v1], _slerp_coefficients(sums, t, threshold))
+
+
+_SLERP_PAIRS = [(0, 0), (1, 1), (0, 1)]
+
+
+def _slerp_coefficients(sums: list[float], t: float, threshold: float) -> list[float]:
+    """SLERP's two coefficients from ``|v0|^2, |v1|^2, v0 . v1``: ``1 - t, t`` where the line is
+    all there is (a zero tensor, (anti)parallel ones, or NaN, which the products propagate)."""
+    square0, square1, dot = sums
+    norm0, norm1 = math.sqrt(square0), math.sqrt(square1)
+    if norm0 == 0 or norm1 == 0:  # no direction to rotate
+        return [1 - t, t]
     cos = dot / (norm0 * norm1)
-    if not abs(cos) <= 1 - _PARALLEL:  # (anti)parallel; also NaN, which lerp propagates
-        return torch.lerp(v0, v1, t)
+    if not abs(cos) <= threshold:
+        return [1 - t, t]
     omega = math.acos(cos)
     sin_omega = math.sin(omega)
-    result = v0 * (math.sin((1 - t) * omega) / sin_omega)
-    return result.add_(v1, alpha=math.sin(t * omega) / sin_omega)
+    return [math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega]
 
 
-def slerp() -> Method:
+def _slerp_into(
+    destination: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    *,
+    scratch: Any = None,
+    threshold: float = _THRESHOLD,
+    zero: str = "linear",
+) -> bool:
+    """SLERP streamed from the inputs as stored: one pass for the dot products, one (the linear
+    kernel) for the combination; the same bits as :func:`_slerp`."""
+    if zero != "linear" or len(tensors) != 2 or not isinstance(scratch, ChunkBuffers):
+        return False
+    device = destination.device
+    sums = _dot_products(list(tensors), None, _SLERP_PAIRS, device, scratch)
+    linear_combine(
+        destination, list(tensors), _slerp_coefficients(sums, float(weights[1]), threshold), scratch
+    )
+    return True
+
+
+_MERGEKIT_CHUNK = 1024 * 1024
+"""mergekit's slerp sums its norms and dot product over chunks of this many entries."""
+
+
+def _slerp_mergekit(v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float) -> torch.Tensor:
+    """SLERP in mergekit's arithmetic, operation for operation (``mergekit.merge_methods.slerp``
+    on one tensor): chunked norms, a norm of at most ``1e-8`` taken as 1, the cosine of the
+    normalised vectors clamped to [-1, 1], ``(1 - t) a + t b`` where linear."""
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    if not a.shape[1]:
+        return v0.clone()
+    step = _MERGEKIT_CHUNK
+    starts = range(0, a.shape[1], step)
+    norm_a = torch.linalg.vector_norm(
+        torch.stack(
+            [torch.linalg.vector_norm(a[:, i : i + step], dim=1, keepdim=True) for i in starts]
+        ),
+        dim=0,
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack(
+            [torch.linalg.vector_norm(b[:, i : i + step], dim=1, keepdim=True) for i in starts]
+        ),
+        dim=0,
+    )
+    norm_a = torch.where(norm_a > _NORM_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > _NORM_EPS, norm_b, 1)
+    parts = [
+        ((a[:, i : i + step] / norm_a) * (b[:, i : i + step] / norm_b)).sum(dim=1, keepdim=True)
+        for i in starts
+    ]
+    cos = torch.stack(parts).sum(dim=0).clamp(-1, 1)
+    linear = cos.abs() > threshold
+    theta = torch.acos(torch.where(linear, 0, cos))
+    sin_theta = torch.sin(theta)
+    weight = torch.tensor([[t]], dtype=a.dtype, device=a.device)
+    coef_a = torch.where(linear, 1 - weight, torch.sin((1 - weight) * theta) / sin_theta)
+    coef_b = torch.where(linear, weight, torch.sin(weight * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for i in starts:
+        result[:, i : i + step] = coef_a * a[:, i : i + step] + coef_b * b[:, i : i + step]
+    return result.reshape(v0.shape)
+
+
+def slerp(*, threshold: float = _THRESHOLD, zero: str = "linear") -> Method:
     """Spherical linear interpolation of two models (Shoemake 1985,
     https://dl.acm.org/doi/10.1145/325165.325242).
 
@@ -526,10 +966,23 @@ def slerp() -> Method:
     weights ``[1 - t, t]``); (anti)parallel or zero tensors fall back to linear interpolation.
     A sharded parameter's angle comes from float64 dot products summed over the shards: the
     same as the whole tensor's up to rounding.
+
+    mergekit's definition: ``threshold`` is the ``|cos|`` above which the tensors count as
+    parallel (terge ``1 - 1e-4``, mergekit ``0.9995``); ``zero="unnormalised"`` takes a norm of
+    at most ``1e-8`` as 1 (mergekit) rather than interpolating a zero tensor linearly, so a zero
+    tensor makes a right angle with the other, and computes as mergekit does operation for
+    operation (whole tensors only). Options left at their defaults are not recorded.
     """
+    value = _real("slerp", "threshold", threshold)
+    if not 0 < value <= 1:
+        raise MergeArgumentError(f"slerp: threshold must be in (0, 1], got {threshold!r}.")
+    given = {"threshold": value, "zero": _choice("slerp", "zero", zero, _ZEROS)}
+    defaults = {"threshold": _THRESHOLD, "zero": "linear"}
     return Method(
         "slerp",
         _slerp,
+        into=_slerp_into,
+        settings={key: v for key, v in given.items() if v != defaults[key]},
         min_models=2,
         max_models=2,
         paper=_SLERP,
@@ -540,6 +993,18 @@ def slerp() -> Method:
 
 # --- model stock ----------------------------------------------------------------------------------
 
+_NORM_PRODUCT_FLOOR = 1e-6
+"""mergekit's floor under a pair's norm product, and its bound on ``|1 + (N - 1) cos|`` below
+which a row keeps the base (``t = 0``)."""
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The plain mean, summed then divided once (``1 / N`` is inexact)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total.div_(len(tensors))
+
 
 def _model_stock(
     tensors: list[torch.Tensor],
@@ -547,6 +1012,8 @@ def _model_stock(
     base: torch.Tensor | None,
     *,
     layout: Layout | None = None,
+    clamp: bool = True,
+    filter_wise: bool = False,
 ) -> torch.Tensor:
     if base is None:
         raise MethodNotApplicableError("model_stock: needs a base model to take task vectors from.")
@@ -555,30 +1022,113 @@ def _model_stock(
         raise MethodNotApplicableError(
             f"model_stock: needs at least two models besides the base, got {n}."
         )
-    taus = [(theta - base).reshape(-1) for theta in tensors]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if layout is not None and layout.sharded:  # norms and dot products summed over the shards
-        sums = _sums_over_shards(
-            layout,
-            [torch.dot(tau, tau) for tau in taus] + [torch.dot(taus[i], taus[j]) for i, j in pairs],
-        )
-        norms = [math.sqrt(square) for square in sums[:n]]
-        dots = dict(zip(pairs, sums[n:], strict=True))
+    sharded = layout is not None and layout.sharded
+    if filter_wise:
+        if sharded:
+            _whole_only("model_stock", "filter_wise=True", layout)  # type: ignore[arg-type]
+        return _model_stock_rows(tensors, base, clamp, base.shape[-1] if base.dim() else 1)
+    if not clamp and not sharded:  # mergekit's arithmetic, the whole tensor one row
+        return _model_stock_rows(tensors, base, clamp, base.numel())
+    if sharded:  # norms and dot products summed over the shards
+        taus = [(theta - base).reshape(-1) for theta in tensors]
+        sums = _sums_over_shards(layout, [torch.dot(taus[i], taus[j]) for i, j in _gram_pairs(n)])  # type: ignore[arg-type]
+        del taus
     else:
-        norms = [torch.linalg.vector_norm(tau).item() for tau in taus]
-        dots = {(i, j): torch.dot(taus[i], taus[j]).item() for i, j in pairs}
+        sums = _dot_products(tensors, base, _gram_pairs(n), base.device)
+    coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
+    return _combine_whole([*tensors, base], coefficients, divisor)
+
+
+def _gram_pairs(n: int) -> list[tuple[int, int]]:
+    """Each task vector with itself (its squared norm), then each pair ``i < j``."""
+    return [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def _model_stock_coefficients(sums: list[float], n: int, clamp: bool) -> tuple[list[float], float]:
+    """``t * mean_i theta_i + (1 - t) * base`` as the linear kernel's coefficients over
+    ``[theta_1, ..., theta_N, base]`` and divisor ``N``: ``(t sum_i theta_i + N (1 - t) base) /
+    N``, which is the mean exactly where ``t = 1`` and the base where ``t = 0``."""
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    norms = [math.sqrt(square) for square in sums[:n]]
+    dots = dict(zip(pairs, sums[n:], strict=True))
     total = 0.0
     for i, j in pairs:
-        if norms[i] > 0 and norms[j] > 0:  # a zero task vector has no angle: cos = 0
-            total += dots[i, j] / (norms[i] * norms[j])
+        if clamp:
+            if norms[i] > 0 and norms[j] > 0:  # a zero task vector has no angle: cos = 0
+                total += dots[i, j] / (norms[i] * norms[j])
+        else:  # mergekit's: the norm product floored, each cosine clamped to [-1, 1]
+            pair = dots[i, j] / max(norms[i] * norms[j], _NORM_PRODUCT_FLOOR)
+            total += min(max(pair, -1.0), 1.0)
+    cos = total / len(pairs)
+    if clamp:
+        cos = min(max(cos, 0.0), 1.0)
+        t = n * cos / (1 + (n - 1) * cos)
+    else:
+        denominator = 1 + (n - 1) * cos
+        t = 0.0 if abs(denominator) < _NORM_PRODUCT_FLOOR else n * cos / denominator
+    if t == 0:
+        return [0.0] * n + [1.0], 1.0
+    return [t] * n + [n * (1 - t)], float(n)
+
+
+def _model_stock_into(
+    destination: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    *,
+    scratch: Any = None,
+    clamp: bool = True,
+    filter_wise: bool = False,
+) -> bool:
+    """Model Stock streamed from the inputs as stored: one pass for the task vectors' dot
+    products, one (the linear kernel) for the combination; the same bits as
+    :func:`_model_stock`."""
+    n = len(tensors)
+    if filter_wise or not clamp or base is None or n < 2 or not isinstance(scratch, ChunkBuffers):
+        return False
+    device = destination.device
+    sums = _dot_products(list(tensors), base, _gram_pairs(n), device, scratch)
+    coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
+    linear_combine(destination, [*tensors, base], coefficients, scratch, divisor)
+    return True
+
+
+def _model_stock_rows(
+    tensors: list[torch.Tensor], base: torch.Tensor, clamp: bool, width: int
+) -> torch.Tensor:
+    """Model Stock with one ``t`` per row of ``width`` entries (``filter_wise``: the vectors
+    along the last dimension, a 1-D tensor one row), in mergekit's arithmetic."""
+    n = len(tensors)
+    width = max(width, 1)
+    w0 = base.reshape(-1, width)
+    taus = [theta.reshape(-1, width) - w0 for theta in tensors]
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in taus]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (taus[i] * taus[j]).sum(dim=-1)
+            product = norms[i] * norms[j]
+            if clamp:
+                cosines.append(
+                    torch.where(product > 0, dot / product.masked_fill(product == 0, 1), 0)
+                )
+            else:
+                cosines.append((dot / product.clamp(min=_NORM_PRODUCT_FLOOR)).clamp(-1, 1))
     del taus
-    cos = min(max(total / (n * (n - 1) / 2), 0.0), 1.0)
-    t = n * cos / (1 + (n - 1) * cos)
-    mean = _arithmetic(tensors, [1 / n] * n, None)
-    return mean.mul_(t).add_(base, alpha=1 - t)
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    if clamp:
+        cos = cos.clamp(0, 1)
+        t = n * cos / (1 + (n - 1) * cos)
+    else:
+        denominator = 1 + (n - 1) * cos
+        singular = denominator.abs() < _NORM_PRODUCT_FLOOR
+        t = torch.where(singular, 0, n * cos / denominator.masked_fill(singular, 1))
+    mean = _mean([theta.reshape(-1, width) for theta in tensors])
+    return (t * mean + (1 - t) * w0).reshape(base.shape)
 
 
-def model_stock() -> Method:
+def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
     """Model Stock (https://arxiv.org/abs/2403.19522): ``t * mean_i theta_i + (1 - t) * base``
     with ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of the task vectors.
 
@@ -588,10 +1138,22 @@ def model_stock() -> Method:
     formula would move away from the models, and at ``cos = -1/(N-1)`` divide by zero. A
     sharded parameter's cosines come from float64 dot products summed over the shards: the
     same as the whole tensor's up to rounding.
+
+    mergekit's definition: ``clamp=False`` leaves ``cos`` unclamped (each pair's in [-1, 1],
+    its norm product floored at ``1e-6``; ``t = 0`` where ``|1 + (N - 1) cos| < 1e-6``);
+    ``filter_wise=True`` gives each row (vector along the last dimension) its own ``cos`` and
+    ``t``. Options left at their defaults are not recorded.
     """
+    given = {
+        "clamp": _flag("model_stock", "clamp", clamp),
+        "filter_wise": _flag("model_stock", "filter_wise", filter_wise),
+    }
+    defaults = {"clamp": True, "filter_wise": False}
     return Method(
         "model_stock",
         _model_stock,
+        into=_model_stock_into,
+        settings={key: v for key, v in given.items() if v != defaults[key]},
         task_vectors=True,
         needs_base=True,
         min_models=2,
@@ -716,6 +1278,9 @@ def custom(
     function: Callable[..., torch.Tensor], name: str | None = None, *, elementwise: bool = False
 ) -> Method:
     """Wrap a user's ``f(tensors, weights, base) -> tensor`` as a method named after it.
+
+    ``base`` is the base's float64 tensor (the separate ``base=`` model's, or ``models[base]``'s,
+    which is then also among ``tensors``), so a task-vector method of one's own can be written.
 
     ``elementwise=True`` declares that each entry of the result depends only on the same entry
     of the inputs (a median, a clamp), so the function may run on each shard of a sharded

@@ -49,6 +49,15 @@ class Step:
     divisor: float | None = None
     """Their sum when normalising: the kernel divides once at the end, which keeps equal and
     integer weights exact (``(a + b + c) / 3`` rather than ``a/3 + b/3 + c/3``)."""
+
+    @property
+    def method_weights(self) -> tuple[float, ...]:
+        """The weights the method is given: as given (the coefficients) to a method where only
+        their ratios matter, when normalising by a positive sum; else the normalised ones."""
+        if self.method.ratios and self.divisor is not None and self.divisor > 0:
+            return self.coefficients
+        return self.weights
+
     sharded: bool = False
     """The tensors are DTensors, merged shard by shard (not recorded: the lineage is the same)."""
 
@@ -57,21 +66,22 @@ class Step:
         settings = dict(self.method.settings)
         if self.method.random:
             settings["seed"] = self.seed
-        streaming = self.method.streaming
+        given = self.method.streaming or self.method.ratios  # computed from the weights as given
         return LineageEntry(
             self.method.name,
             list(zip(self.contributors, self.weights)),
             settings,
-            coefficients=self.coefficients if streaming else None,
-            divisor=self.divisor if streaming else None,
+            coefficients=self.coefficients if given else None,
+            divisor=self.divisor if given else None,
             custom=not is_registered(self.method),
         )
 
 
 def reads_base(method: Method) -> bool:
     """Whether a step of ``method`` reads the base's tensor: one rule for planning a merge and
-    for recomputing it (``terge lineage verify``)."""
-    return method.task_vectors or method.needs_base
+    for recomputing it (``terge lineage verify``). A user's own method always receives it (a
+    task-vector method of one's own needs it); a built-in one only where it declares so."""
+    return method.task_vectors or method.needs_base or not method.builtin
 
 
 def step_from_entry(name: str, entry: LineageEntry, method: Method) -> Step:

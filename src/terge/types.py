@@ -53,8 +53,10 @@ union of key types defeats the inference of a dict mixing names and compiled pat
 checks every key when called."""
 
 CustomMethod = Callable[[list[torch.Tensor], list[float], Optional[torch.Tensor]], torch.Tensor]
-"""A user's merge method ``f(tensors, weights, base) -> tensor``: the models' float64 tensors,
-their weights, and ``None`` for the base (a custom method takes no base)."""
+"""A user's merge method ``f(tensors, weights, base) -> tensor``: the contributing models' float64
+tensors, their weights, and the base's float64 tensor (the separate ``base=`` model's, or
+``models[base]``'s, which is then also among ``tensors`` as the model it is). terge 0.1.1 passed
+``None`` for the base."""
 
 MethodLike = Union[str, Method, CustomMethod]
 """One merge method: a registered name (``'ties'``), a configured method from

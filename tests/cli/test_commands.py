@@ -175,7 +175,7 @@ def assert_one_error_line(code: int, out: str, err: str, expected_code: int = 2)
         ),
         (
             ["merge", "a", "b", "-o", "o", "--method", "dare_ties:gamma=0.1"],
-            "--method: method 'dare_ties' has no setting 'gamma'; its settings are density, scale.",
+            "--method: method 'dare_ties' has no setting 'gamma'; its settings are density, scale, rescale, elect, disjoint_mean.",
         ),
         (
             ["merge", "a", "b", "-o", "o", "--max-shard-size", "2XB"],

@@ -95,9 +95,16 @@ def test_method_specs():
         (
             "ties:dens=0.3",
             "--method: method 'ties' has no setting 'dens' (did you mean 'density'?); its "
-            "settings are density, scale.",
+            "settings are density, scale, trim, rescale, elect, disjoint_mean.",
         ),
-        ("slerp:t=0.3", "--method: method 'slerp' has no setting 't'; it takes no settings."),
+        (
+            "arithmetic:t=0.3",
+            "--method: method 'arithmetic' has no setting 't'; it takes no settings.",
+        ),
+        (
+            "slerp:t=0.3",
+            "--method: method 'slerp' has no setting 't'; its settings are threshold, zero.",
+        ),
         ("ties:density=2", "--method: ties: density must be in (0, 1], got 2."),
         ("ties:density=x", "--method: ties: density must be a real number, got 'x' (str)."),
         (
@@ -345,7 +352,8 @@ def test_wrong_types(tmp_path, text, message):
         (
             '[[method]]\npattern = "re:attn"\nname = "ties"\ndensty = 0.3',
             "[[method]] #1 (pattern 're:attn'): method 'ties' has no setting 'densty' (did you "
-            "mean 'density'?); its settings are density, scale.",
+            "mean 'density'?); its settings are density, scale, trim, rescale, elect, "
+            "disjoint_mean.",
         ),
         (
             '[[method]]\npattern = "re:attn"\nname = "ties"\ndensity = 0',

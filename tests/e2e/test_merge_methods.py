@@ -150,12 +150,15 @@ def test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage():
     def elementwise_max(tensors, weights, base):
         seen["dtypes"] = {t.dtype for t in tensors}
         seen["weights"] = weights
-        seen["base"] = base
+        seen.setdefault("bases", []).append(base)
         return torch.stack(tensors).amax(0)
 
     models = states(3)
     merged, lineage = terge.merge(models, method=elementwise_max, weights=[1, 1, 2], lineage=True)
-    assert seen == {"dtypes": {torch.float64}, "weights": [0.25, 0.25, 0.5], "base": None}
+    bases = seen.pop("bases")
+    assert seen == {"dtypes": {torch.float64}, "weights": [0.25, 0.25, 0.5]}
+    assert len(bases) == len(lineage)  # models[base]'s tensors (0.1.1 passed None)
+    assert all(torch.equal(b, models[0][n].double()) for b, n in zip(bases, lineage))
     assert (
         lineage["w"][0]
         == "test_a_custom_function_gets_float64_tensors_and_is_named_in_the_lineage.<locals>.elementwise_max"
@@ -185,3 +188,22 @@ def test_a_custom_function_returning_the_wrong_shape_is_reported():
 def test_a_custom_function_with_the_wrong_signature_is_refused_up_front():
     with pytest.raises(terge.MergeArgumentError, match=r"must accept \(tensors, weights, base\)"):
         terge.merge(states(2), method=lambda tensors: tensors[0])
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_ties_disjoint_mean_of_equal_weights_rounds_half_way_points_right(
+    method, kernels, monkeypatch
+):
+    """(a + b + c) / 3 at exact float32 half-way points rounds once, to even: the disjoint mean
+    is formed from the weights as given (1, 1, 1), not from 1/3 (which was 111 entries off)."""
+    monkeypatch.setenv("TERGE_KERNELS", kernels)
+    generator = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(4096, generator=generator, dtype=torch.float64)).float()
+    a = torch.full_like(x, 1.5 * 2.0**-23)
+    exact = (a.double() + x.double() + 2 * x.double()) / 3
+    assert torch.equal(exact, x.double() + 2.0**-24)  # every entry a half-way point
+    models = [{"w": torch.zeros_like(x)}, {"w": a}, {"w": x}, {"w": 2 * x}]
+    configured = getattr(methods, method)(density=1.0)
+    merged = terge.merge(models, method=configured, seed=0)
+    assert torch.equal(merged["w"], exact.float())

@@ -307,3 +307,50 @@ def test_falls_back_where_the_loops_do_not_apply():
     assert not methods.dare_ties().merge_into(torch.empty(8, 8), tensors, [0.5, 0.5], base, None)
     overlapping = torch.randn(65)
     assert not method.merge_into(overlapping[1:], [overlapping[:64]], [1.0], torch.randn(64))
+
+
+# --- mergekit's options: the loops decline them, the reference computes them ---------------------
+
+
+@needs_loops
+@pytest.mark.parametrize(
+    "method",
+    [
+        methods.ties(trim="exact"),
+        methods.ties(rescale="l1"),
+        methods.ties(elect="weighted"),
+        methods.ties(disjoint_mean=False),
+        methods.ties(density=[0.2, 0.5]),
+        methods.dare_ties(rescale="none"),
+        methods.dare_linear(rescale="l2"),
+        methods.breadcrumbs(density=0.9, gamma=0.2, trim="exact"),
+        methods.breadcrumbs(gamma=[0.01, 0.02]),
+    ],
+    ids=repr,
+)
+def test_the_loops_decline_mergekit_options_and_write_nothing(method):
+    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    destination = torch.full(base.shape, 7.0)
+    assert not method.merge_into(destination, tensors, [0.5, 0.5], base, 1)
+    assert torch.equal(destination, torch.full(base.shape, 7.0))
+
+
+@needs_loops
+def test_an_option_the_loops_do_not_know_is_declined_not_ignored():
+    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    destination = torch.empty(base.shape)
+    args = (destination, tensors, [0.5, 0.5], base)
+    assert not fastmethods.merge_into(*args, sparsification=None, consensus=None, novel=1)
+
+
+@needs_loops
+@pytest.mark.parametrize(
+    "method",
+    [methods.ties(rescale="none", elect="task_vector"), methods.dare_ties(rescale="density")],
+    ids=repr,
+)
+def test_options_at_their_defaults_keep_the_loops(method):
+    assert not {"rescale", "elect", "trim"} & set(method.settings)  # not recorded either
+    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    destination = torch.empty(base.shape)
+    assert method.merge_into(destination, tensors, [0.5, 0.5], base, 1)

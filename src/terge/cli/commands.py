@@ -135,6 +135,7 @@ examples:
   terge merge lightning_logs/ckpts --best 3 --metric val_loss -o soup
   terge merge 'a.pth::state_dict_ema' 'b.pth::state_dict_ema' -o ema-soup
   terge merge runs/step-1000 runs/step-2000 runs/step-3000 -o soup --out-format dcp
+  terge merge --mergekit config.yml -o merged     # a mergekit YAML config, as mergekit merges
 
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
@@ -278,6 +279,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="read settings from a TOML recipe (see below); options given here override it, "
         "e.g. "
         "--recipe soup.toml",
+    )
+    parser.add_argument(
+        "--mergekit",
+        metavar="FILE",
+        help="merge as a mergekit YAML config says (models, base_model, merge_method, "
+        "parameters, dtype, out_dtype), writing what mergekit writes; instead of MODEL, "
+        "--recipe and the merge settings, e.g. --mergekit config.yml",
     )
     parser.add_argument(
         "-q",
@@ -554,8 +562,52 @@ def _merge_options(
     return {name: value for name, value in given.items() if value is not None}
 
 
+_NOT_WITH_MERGEKIT = {
+    "models": "MODEL",
+    "recipe": "--recipe",
+    "base": "--base",
+    "method": "--method",
+    "weights": "--weights",
+    "include": "--include",
+    "exclude": "--exclude",
+    "dtype": "--dtype",
+    "out_dtype": "--out-dtype",
+    "normalize": "--normalize",
+}
+"""What a mergekit config decides: giving it besides --mergekit is refused."""
+
+
+def _mergekit_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
+    """The settings of ``--mergekit FILE`` (models, base, method, weights...) and the merge()
+    keywords that carry them."""
+    from .mergekit import from_mergekit
+
+    for key, option in _NOT_WITH_MERGEKIT.items():
+        if getattr(args, key, None) not in (None, []):
+            raise UsageError(
+                f"{option} cannot be given with --mergekit: the mergekit config decides it."
+            )
+    options = from_mergekit(Path(args.mergekit).expanduser())
+    given = _settings_from_args(args)
+    settings = Settings(
+        models=tuple(Path(m) for m in options.pop("models")),
+        base=options["base"] if isinstance(options["base"], int) else Path(options["base"]),
+        out=given.out,
+        max_shard_size=given.max_shard_size,
+        seed=given.seed,
+        lineage=given.lineage,
+        overwrite=given.overwrite,
+    )
+    return settings, options
+
+
 def run_merge(args: argparse.Namespace) -> int:
     """``terge merge``: read the settings, check them, merge, write, summarise."""
+    if args.mergekit is not None:
+        settings, mergekit_options = _mergekit_settings(args)
+        models, base, out = _check(settings)
+        options = {**_merge_options(settings, base, args), **mergekit_options}
+        return _run(args, settings, [os.fspath(model) for model in models], out, options)
     settings = _settings_from_args(args)
     if args.recipe is not None:
         settings = load_recipe(args.recipe).updated(settings)
@@ -564,11 +616,22 @@ def run_merge(args: argparse.Namespace) -> int:
     options = _merge_options(settings, base, args)
     if chosen is not None and not args.quiet:
         _say(f"chose {_count(len(chosen), 'checkpoint')}, {chosen.rule}: {', '.join(chosen)}")
+    return _run(args, settings, chosen or [os.fspath(model) for model in models], out, options)
+
+
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    models: Sequence[str] | Chosen,
+    out: Path,
+    options: dict[str, Any],
+) -> int:
+    """Merge ``models`` with ``options``, write the lineage where asked, and summarise."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path, lineage = merge(
-            chosen if chosen is not None else [os.fspath(model) for model in models],
+            models,
             out=os.fspath(out),
             lineage=True,
             **options,

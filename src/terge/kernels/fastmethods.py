@@ -74,14 +74,19 @@ def merge_into(
     density: float = 1.0,
     gamma: float = 0.0,
     scratch: object | None = None,
-    **_: Any,
+    **options: Any,
 ) -> bool:
     """Write the task-vector merge (see :func:`terge.methods._task_vector_merge`) into
     ``destination``, which may be ``base`` itself; ``False`` (and nothing written) where the
-    compiled loops do not apply: not built, not plain whole CPU tensors, or no seed to draw from.
+    compiled loops do not apply: not built, not plain whole CPU tensors, no seed to draw from,
+    or a mergekit option (:data:`OPTIONS`) other than the default, which the reference computes.
     Scratch memory is kept for the calls given the same ``scratch`` object (one merge's buffers)
     and freed with it."""
-    if base is None or not _applies(destination, tensors, weights, base, seed, sparsification):
+    if (
+        base is None
+        or not _defaults(density, gamma, options)
+        or not _applies(destination, tensors, weights, base, seed, sparsification)
+    ):
         return False
     workspace = _Workspace() if scratch is None else _WORKSPACES.setdefault(scratch, _Workspace())
     lows, highs = _bounds(base, tensors, sparsification, density, gamma, workspace)
@@ -121,6 +126,19 @@ def merge_into(
 
     split(base.numel(), part)
     return True
+
+
+OPTIONS = {"trim": "threshold", "elect": "task_vector", "disjoint_mean": True}
+"""The reference's options the loops compute, at these values only; any other value (or an
+option unknown here) is declined, so a new option can never be silently ignored."""
+
+
+def _defaults(density: Any, gamma: Any, options: dict[str, Any]) -> bool:
+    """Whether the settings are the ones the loops compute: one density and gamma for every
+    model, and every option at its default."""
+    if isinstance(density, (list, tuple)) or isinstance(gamma, (list, tuple)):
+        return False
+    return all(key in OPTIONS and value == OPTIONS[key] for key, value in options.items())
 
 
 def _applies(

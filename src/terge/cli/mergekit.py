@@ -1,0 +1,476 @@
+"""mergekit's YAML merge configurations, read as ``terge.merge()`` keyword arguments.
+
+``from_mergekit(config)`` takes a mergekit configuration (a path to its YAML file, or the mapping
+it holds) and returns the keyword arguments with which :func:`terge.merge` writes what mergekit
+writes: ``terge.merge(**from_mergekit("config.yml"), out="merged")``, or
+``terge merge --mergekit config.yml -o merged``.
+
+Every tensor's settings are resolved here as mergekit resolves them (:func:`evaluate`): a model's
+own ``parameters`` before the global ones, the first matching ``filter`` of a conditional list, a
+gradient (a list of numbers) interpolated at ``t = layer / (layers - 1)`` inside the transformer
+blocks and at ``t = 0`` outside them (the first value), mergekit's defaults where a setting is
+absent (``density`` 1, ``gamma`` 0.01, ``lambda`` 1, ``normalize`` and ``rescale`` per method).
+Each is then translated to terge's setting that reproduces mergekit's definition (:data:`TABLE`),
+per tensor, so the lineage records what each tensor was merged with. Keys terge cannot honour yet
+(``slices``, ``modules``, ``tokenizer_source``, ``tokenizer``, ``chat_template``) are refused by
+name, as are unknown ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import MergeArgumentError
+from ..io import open_checkpoint
+from ..layers import layer_index
+from ..layerwise import count_layers
+from ..methods import (
+    Method,
+    arithmetic,
+    breadcrumbs,
+    dare_linear,
+    dare_ties,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from ..sources import strip_wrappers
+
+__all__ = ["TABLE", "evaluate", "from_mergekit"]
+
+KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype"}
+"""The top-level keys read."""
+NOT_YET = {
+    "slices": "layer stacking (slices) is not supported yet; list whole models under 'models'",
+    "modules": "per-module configurations are not supported yet; list whole models under 'models'",
+    "tokenizer_source": "vocabulary merging is not supported yet; remove tokenizer_source (the "
+    "base's tokenizer files are copied)",
+    "tokenizer": "vocabulary merging is not supported yet; remove tokenizer",
+    "chat_template": "chat templates are not written; remove chat_template",
+}
+_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+TABLE: Mapping[str, str] = {
+    "linear": "arithmetic; weight -> weights; normalize (default true) -> normalize",
+    "task_arithmetic": "task_arithmetic(scale=lambda); weight -> weights; normalize (default "
+    "false) -> normalize",
+    "ties": "ties(density, scale=lambda, trim='exact', elect='weighted', disjoint_mean="
+    "normalize (default true), rescale='l1' if rescale else 'none'); weights as given",
+    "dare_ties": "dare_ties(density, scale=lambda, elect='weighted', disjoint_mean=normalize "
+    "(default false), rescale='l1' if rescale (default true) else 'none'); weights as given",
+    "dare_linear": "dare_linear(density, scale=lambda, rescale='l1' if rescale (default true) "
+    "else 'none'); normalize (default false) -> normalize",
+    "breadcrumbs": "breadcrumbs(density, gamma (default 0.01), scale=lambda, trim='exact', "
+    "rescale='l1' if rescale else 'none'); normalize (default false) -> normalize",
+    "slerp": "slerp(threshold=0.9995, zero='unnormalised'); t -> weights [1 - t, t] "
+    "of [base_model, the other model], as given",
+    "model_stock": "model_stock(clamp=False, filter_wise=filter_wise)",
+}
+"""mergekit's ``merge_method`` -> terge's method and settings."""
+
+_TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"}
+_CONSENSUS = {"ties", "dare_ties"}
+_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs"}
+_NORMALIZE = {"linear": True, "ties": True}  # mergekit's default_normalize; False elsewhere
+_RESCALE = {"dare_ties": True, "dare_linear": True}  # mergekit's default_rescale
+_SHARED: dict[str, dict[str, type]] = {
+    "linear": {"normalize": bool},
+    "task_arithmetic": {"normalize": bool, "lambda": float, "int8_mask": bool},
+    "slerp": {"t": float},
+    "model_stock": {"filter_wise": bool},
+}
+"""Each method's settings that hold for the whole merge (read from the global parameters)."""
+_PER_MODEL: dict[str, dict[str, type]] = {"linear": {"weight": float}}
+"""Each method's settings per model (a model's own parameters, then the global ones)."""
+for _name in _SPARSIFYING:
+    _SHARED[_name] = {**_SHARED["task_arithmetic"], "rescale": bool}
+for _name in _TASK_VECTOR:
+    _PER_MODEL[_name] = {"weight": float}
+for _name in _SPARSIFYING:
+    _PER_MODEL[_name] = {"weight": float, "density": float}
+_PER_MODEL["breadcrumbs"] = {**_PER_MODEL["breadcrumbs"], "gamma": float}
+_DEFAULTS: dict[str, Any] = {
+    "lambda": 1.0,
+    "int8_mask": False,
+    "density": 1.0,
+    "gamma": 0.01,
+    "filter_wise": False,
+}
+_REQUIRED = {"weight", "t"}
+
+
+def _fail(where: str, problem: str) -> MergeArgumentError:
+    return MergeArgumentError(f"mergekit config {where}: {problem}")
+
+
+# --- mergekit's settings: filters and gradients ---------------------------------------------------
+
+
+def _validated(value: Any, kind: type, where: str) -> Any:
+    """A scalar as mergekit's parameter validation reads it: numbers (or numeric strings such as
+    YAML's ``1e-3``) for a number, ``true``/``false`` for a flag."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _fail(where, f"must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _fail(where, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _fail(where, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise _fail(where, f"must be a finite number, got {value!r}")
+    return number
+
+
+def evaluate(name: str, setting: Any, t: float, kind: type = float, where: str = "") -> Any:
+    """One setting for the tensor ``name`` at block position ``t`` (0 outside the blocks), as
+    mergekit's ``evaluate_setting``: a scalar; a gradient (numbers interpolated linearly at
+    ``t``; other values picked); or conditional ``{filter, value}`` entries, the first whose
+    ``filter`` is absent, ``*``, or a substring of ``name``. ``None`` where no entry matches."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return _validated(setting, kind, where)
+    if not isinstance(setting, list):
+        raise _fail(where, f"must be a value, a list or filtered values, got {setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        values = [_validated(e, kind, where) for e in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        fraction = scaled - i0
+        return _validated((1 - fraction) * values[i0] + fraction * values[i1], kind, where)
+    for condition in setting:
+        if not isinstance(condition, Mapping) or "value" not in condition:
+            raise _fail(where, f"a list mixing values and {{filter, value}} entries: {setting!r}")
+        unknown = set(condition) - {"filter", "value"}
+        if unknown:
+            raise _fail(where, f"a filtered value has the unknown key {sorted(unknown)[0]!r}")
+        pattern = condition.get("filter")
+        if pattern is None or pattern == "*" or (name and str(pattern) in name):
+            return evaluate(name, condition["value"], t, kind, where)
+    return None
+
+
+def _resolve(
+    key: str,
+    kind: type,
+    scopes: Sequence[tuple[str, Mapping[str, Any] | None]],
+    name: str,
+    t: float,
+    default: Any,
+) -> Any:
+    """A setting from the first scope that sets it for this tensor, else its default."""
+    for where, scope in scopes:
+        if scope is not None and key in scope:
+            value = evaluate(name, scope[key], t, kind, f"{where}.{key}")
+            if value is not None:
+                return value
+    if key in _REQUIRED:
+        raise _fail(scopes[0][0], f"the required parameter {key!r} is not set for '{name}'")
+    return default
+
+
+# --- the configuration ----------------------------------------------------------------------------
+
+
+def _load(config: Any) -> tuple[dict[str, Any], Path]:
+    """The configuration as a mapping, and the folder its relative model paths start from."""
+    if isinstance(config, Mapping):
+        return dict(config), Path.cwd()
+    if not isinstance(config, (str, os.PathLike)):
+        raise MergeArgumentError(
+            f"from_mergekit() takes the path of a mergekit YAML config or its mapping; got "
+            f"{type(config).__name__}."
+        )
+    path = Path(config).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise MergeArgumentError(
+            f"cannot read the mergekit config {str(path)!r}: {error.strerror or error}."
+        ) from None
+    try:
+        import yaml  # type: ignore[import-untyped]  # only for mergekit configs (PyYAML)
+    except ImportError:
+        raise MergeArgumentError(
+            "reading a mergekit YAML config needs PyYAML: pip install 'terge[mergekit]' (or "
+            "pass the config as a mapping)."
+        ) from None
+
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise MergeArgumentError(
+            f"the mergekit config {str(path)!r} is not valid YAML: {_one_line(error)}"
+        ) from None
+    if not isinstance(loaded, Mapping):
+        raise MergeArgumentError(
+            f"the mergekit config {str(path)!r} must be a mapping (models, merge_method, ...)."
+        )
+    return dict(loaded), Path.cwd()
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _path(reference: Any, where: str, root: Path) -> str:
+    """A model reference as a local path (hub names and LoRA ``+`` references are refused)."""
+    if isinstance(reference, Mapping) and set(reference) <= {"model", "lora"}:
+        if reference.get("lora") is not None:
+            raise _fail(
+                where, "LoRA references (model+lora) are not supported; merge the LoRA first"
+            )
+        reference = reference.get("model")
+        if isinstance(reference, Mapping):
+            reference = reference.get("path")
+    if not isinstance(reference, (str, os.PathLike)):
+        raise _fail(where, f"must be the path of a local checkpoint, got {reference!r}")
+    text = os.fspath(reference)
+    if "+" in text and not (root / text).expanduser().exists():
+        raise _fail(where, f"LoRA references (model+lora) are not supported: {text!r}")
+    path = (root / text).expanduser()
+    if not path.exists():
+        raise _fail(
+            where,
+            f"{text!r} is no local file or folder (terge reads local checkpoints only; download "
+            "hub models first)",
+        )
+    return os.fspath(path)
+
+
+def _dtype(config: Mapping[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    text = str(value).removeprefix("torch.")
+    if text not in _DTYPES:
+        raise _fail(key, f"must be one of {', '.join(_DTYPES)}, got {value!r}")
+    return text
+
+
+def _check_keys(config: Mapping[str, Any], method: str) -> None:
+    for key in config:
+        if key in NOT_YET:
+            raise _fail(key, NOT_YET[key] + ".")
+        if key not in KEYS:
+            raise _fail(
+                key, f"is not a mergekit key terge reads (it reads {', '.join(sorted(KEYS))})"
+            )
+    if method not in TABLE:
+        raise _fail(
+            "merge_method",
+            f"{method!r} has no terge translation yet; supported: {', '.join(TABLE)}",
+        )
+
+
+def _check_parameters(scope: Any, where: str, method: str) -> Mapping[str, Any] | None:
+    """A ``parameters`` mapping whose keys are settings of some method: one the method does not
+    take is ignored, as mergekit ignores it (a config may serve several methods); a name no
+    method takes (a typo) is refused."""
+    if scope is None:
+        return None
+    if not isinstance(scope, Mapping):
+        raise _fail(where, f"must be a mapping of settings, got {scope!r}")
+    known = {key for table in (_SHARED, _PER_MODEL) for keys in table.values() for key in keys}
+    for key in scope:
+        if key not in known:
+            own = {**_SHARED.get(method, {}), **_PER_MODEL.get(method, {})}
+            raise _fail(
+                f"{where}.{key}",
+                f"is no setting terge translates (those of {method}: {', '.join(own) or 'none'})",
+            )
+    return scope
+
+
+def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """The ``terge.merge()`` keyword arguments that reproduce a mergekit configuration.
+
+    ``config`` is the path of mergekit's YAML file or its mapping (model paths relative to the
+    current folder). The result holds ``models``, ``base``, ``method`` and ``weights`` (maps of
+    every tensor name of the base checkpoint to its method and weights, resolved as mergekit
+    resolves them), ``normalize``, and ``out_dtype`` (mergekit's ``out_dtype``, else its
+    ``dtype``); add ``out=`` (and ``seed=`` for DARE: its draws are terge's, not mergekit's).
+    terge accumulates in float64 whatever mergekit's ``dtype``, so where mergekit computes in
+    float32 the results agree to float32 rounding, and where it computes in float64 the
+    deterministic methods agree bit for bit. See :data:`TABLE` for each method's translation.
+    """
+    loaded, root = _load(config)
+    method_name = loaded.get("merge_method")
+    if not isinstance(method_name, str):
+        raise _fail("merge_method", f"must name a merge method, got {method_name!r}")
+    _check_keys(loaded, method_name)
+    entries = loaded.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise _fail("models", "must be a non-empty list of {model: PATH, parameters: {...}}")
+    globals_ = _check_parameters(loaded.get("parameters"), "parameters", method_name)
+    paths: list[str] = []
+    own: list[Mapping[str, Any] | None] = []
+    for i, entry in enumerate(entries):
+        where = f"models[{i}]"
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise _fail(where, "must be {model: PATH, parameters: {...}}")
+        unknown = set(entry) - {"model", "parameters"}
+        if unknown:
+            raise _fail(f"{where}.{sorted(unknown)[0]}", "is not a key of a model entry")
+        paths.append(_path(entry["model"], f"{where}.model", root))
+        own.append(_check_parameters(entry.get("parameters"), f"{where}.parameters", method_name))
+
+    base_path = None
+    if loaded.get("base_model") is not None:
+        base_path = _path(loaded["base_model"], "base_model", root)
+    needs_base = method_name in _TASK_VECTOR or method_name in ("slerp", "model_stock")
+    if needs_base and base_path is None:
+        raise _fail("base_model", f"{method_name} needs a base_model")
+
+    resolved = [Path(p).resolve() for p in paths]
+    base_at = (
+        None
+        if base_path is None
+        else next((i for i, p in enumerate(resolved) if p == Path(base_path).resolve()), None)
+    )
+    if needs_base:  # the base first, then the other models: mergekit's non-base inputs
+        others = [i for i in range(len(paths)) if i != base_at]
+        order = others
+        models = [str(base_path), *(paths[i] for i in others)]
+        base: Any = 0
+    else:
+        order = list(range(len(paths)))
+        models = list(paths)
+        base = 0 if base_path is None else (base_at if base_at is not None else base_path)
+    if method_name == "slerp" and len(order) != 1:
+        raise _fail("models", f"slerp takes base_model and one other model, got {len(order) + 1}")
+    if method_name == "model_stock" and len(order) < 2:
+        raise _fail("models", "model_stock needs at least two models besides base_model")
+
+    names = _tensor_names(models[base] if isinstance(base, int) else str(base))
+    layers = count_layers(names)
+    normalize_default = _NORMALIZE.get(method_name, False)
+    methods: dict[str, Method] = {}
+    weights: dict[str, list[float]] = {}
+    made: dict[tuple[Any, ...], Method] = {}
+    merge_normalize: bool | None = None
+    global_scope = [("parameters", globals_)]
+    for name in names:
+        index = layer_index(name)
+        t = 0.0 if index is None else (index / (layers - 1) if layers > 1 else 1.0)
+
+        def shared(key: str, kind: type, default: Any, name: str = name, t: float = t) -> Any:
+            return _resolve(key, kind, global_scope, name, t, default)
+
+        def per_model(key: str, kind: type, default: Any, name: str = name, t: float = t) -> list:
+            return [
+                _resolve(
+                    key,
+                    kind,
+                    [(f"models[{i}].parameters", own[i]), *global_scope],
+                    name,
+                    t,
+                    default,
+                )
+                for i in order
+            ]
+
+        method, vector, normalize = _translate(method_name, shared, per_model, normalize_default)
+        key = (method.name, tuple(sorted((k, repr(v)) for k, v in method.settings.items())))
+        methods[name] = made.setdefault(key, method)
+        if method_name in _TASK_VECTOR:
+            vector = [0.0, *vector]  # the base's own weight is unused: it contributes no vector
+        if vector:  # (model_stock sets its own)
+            weights[name] = vector
+        if normalize is not None:
+            if merge_normalize is None:
+                merge_normalize = normalize
+            elif merge_normalize != normalize:
+                raise _fail(
+                    "parameters.normalize",
+                    "differs from tensor to tensor, which terge cannot apply (normalize is one "
+                    "setting for the whole merge)",
+                )
+    result: dict[str, Any] = {
+        "models": models,
+        "base": base,
+        "method": methods,
+        "weights": weights,
+        "normalize": True if merge_normalize is None else merge_normalize,
+    }
+    out_dtype = _dtype(loaded, "out_dtype") or _dtype(loaded, "dtype")
+    if out_dtype is not None:
+        result["out_dtype"] = out_dtype
+    return result
+
+
+def _tensor_names(path: str) -> list[str]:
+    """The canonical tensor names of the checkpoint that supplies the merge's defaults."""
+    with open_checkpoint(path) as reader:
+        return [strip_wrappers(name) for name in reader.names()]
+
+
+Resolver = Callable[[str, type, Any], Any]
+
+
+def _rescale(shared: Resolver, method: str) -> str:
+    return "l1" if shared("rescale", bool, _RESCALE.get(method, False)) else "none"
+
+
+def _one(values: list[float]) -> float | list[float]:
+    """Per-model values, or one value where every model has the same."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _translate(
+    method: str, shared: Resolver, per_model: Resolver, normalize_default: bool
+) -> tuple[Method, list[float], bool | None]:
+    """One tensor's method, its models' weights (the base excluded), and the ``normalize`` of
+    the merge it needs (``None``: any)."""
+    if method == "slerp":
+        t = shared("t", float, None)
+        return slerp(threshold=0.9995, zero="unnormalised"), [1 - t, t], False
+    if method == "model_stock":
+        return model_stock(clamp=False, filter_wise=shared("filter_wise", bool, False)), [], None
+    weight = per_model("weight", float, None)
+    normalize = shared("normalize", bool, normalize_default)
+    if method == "linear":
+        return arithmetic(), weight, normalize
+    scale = shared("lambda", float, 1.0)
+    shared("int8_mask", bool, False)  # the mask's dtype: no effect on the values
+    if method == "task_arithmetic":
+        return task_arithmetic(scale=scale), weight, normalize
+    density = _one(per_model("density", float, 1.0))
+    rescale = _rescale(shared, method)
+    if method == "ties":
+        configured = ties(
+            density=density,
+            scale=scale,
+            trim="exact",
+            elect="weighted",
+            disjoint_mean=normalize,
+            rescale=rescale,
+        )
+        return configured, weight, False
+    if method == "dare_ties":
+        configured = dare_ties(
+            density=density, scale=scale, elect="weighted", disjoint_mean=normalize, rescale=rescale
+        )
+        return configured, weight, False
+    if method == "dare_linear":
+        return dare_linear(density=density, scale=scale, rescale=rescale), weight, normalize
+    gamma = _one(per_model("gamma", float, 0.01))
+    configured = breadcrumbs(
+        density=density, gamma=gamma, scale=scale, trim="exact", rescale=rescale
+    )
+    return configured, weight, normalize

@@ -1,0 +1,406 @@
+"""mergekit configs read as merge() arguments (terge.cli.mergekit), and ``terge merge --mergekit``;
+against mergekit itself where it is importable."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import terge
+from terge import MergeArgumentError
+from terge.cli import main
+from terge.cli.mergekit import TABLE, evaluate, from_mergekit
+
+NAMES = [
+    "model.embed_tokens.weight",
+    *(
+        f"model.layers.{i}.{part}.weight"
+        for i in range(3)
+        for part in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")
+    ),
+    "model.norm.weight",
+    "lm_head.weight",
+]
+
+
+def shape_of(name: str) -> tuple[int, ...]:
+    return (4,) if "norm" in name else (4, 6)
+
+
+def checkpoint(folder, seed: int, dtype=torch.float32) -> str:
+    """A tiny Llama-named checkpoint folder: the base (seed 0) and models near it."""
+    generator = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(shape_of(n), generator=generator, dtype=torch.float64) for n in NAMES}
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        n: (
+            t
+            + (0.1 * torch.randn(t.shape, generator=generator, dtype=torch.float64) if seed else 0)
+        )
+        for n, t in base.items()
+    }
+    folder.mkdir()
+    save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, folder / "model.safetensors")
+    return str(folder)
+
+
+@pytest.fixture
+def trio(tmp_path, monkeypatch):
+    """base, m0, m1, m2 in the current folder (mergekit paths are relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    for seed, name in enumerate(["base", "m0", "m1", "m2"]):
+        checkpoint(tmp_path / name, seed)
+    return tmp_path
+
+
+def config(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(textwrap.dedent(text))
+
+
+# --- settings: filters and gradients, as mergekit's evaluate_setting ----------------------------
+
+
+def test_a_gradient_is_interpolated_as_mergekit_interpolates():
+    for t in (0.0, 0.25, 0.5, 1 / 3, 2 / 3, 1.0):
+        scaled = t * 3
+        i0 = int(scaled)
+        i1 = min(3, i0 + 1)
+        values = [0.1, 0.7, 0.2, 0.9]
+        expected = (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
+        assert evaluate("x", values, t) == expected  # the same operations, the same bits
+    assert evaluate("x", [True, False], 0.6, bool) is True  # not numbers: picked, not blended
+    assert evaluate("x", [True, False], 1.0, bool) is False
+    assert evaluate("x", "1e-3", 0.0) == 0.001  # YAML's string numbers are numbers
+    assert evaluate("x", [], 0.0) is None
+
+
+def test_filters_take_the_first_match_by_substring():
+    setting = [{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": [0, 1]}]
+    assert evaluate("model.layers.1.self_attn.q_proj.weight", setting, 0.5) == 0.5
+    assert evaluate("model.layers.1.mlp.up_proj.weight", setting, 0.5) == 0.5
+    assert evaluate("model.norm.weight", setting, 0.0) is None
+    assert evaluate("model.norm.weight", [*setting, {"value": 2}], 0.0) == 2.0
+    assert evaluate("anything", {"filter": "*", "value": 3}, 0.0) == 3.0
+
+
+# --- the translation --------------------------------------------------------------------------------
+
+
+def test_ties_translates_to_mergekits_definition_per_tensor(trio):
+    options = from_mergekit(
+        config("""
+        models:
+          - model: base
+          - model: m0
+            parameters: {weight: 1.0, density: [0.2, 0.8]}
+          - model: m1
+            parameters: {weight: 0.5}
+        merge_method: ties
+        base_model: base
+        parameters: {density: 0.5, lambda: 0.9}
+        dtype: bfloat16
+        """)
+    )
+    assert options["models"] == [str(trio / n) for n in ("base", "m0", "m1")]
+    assert options["base"] == 0 and options["normalize"] is False  # weights as given
+    assert options["out_dtype"] == "bfloat16"
+    first = options["method"]["model.layers.0.mlp.up_proj.weight"]
+    assert first.name == "ties"
+    assert first.settings == {
+        "density": [0.2, 0.5],
+        "scale": 0.9,
+        "trim": "exact",
+        "elect": "weighted",
+    }
+    middle = options["method"]["model.layers.1.mlp.up_proj.weight"]
+    assert middle.settings["density"] == 0.5  # both 0.5: one value
+    outside = options["method"]["lm_head.weight"]
+    assert outside.settings["density"] == [0.2, 0.5]  # outside the blocks: the first value
+    assert options["weights"]["lm_head.weight"] == [0.0, 1.0, 0.5]
+
+
+def test_mergekits_defaults_per_method(trio):
+    def settings(method: str, extra: str = "") -> tuple[dict, dict]:
+        options = from_mergekit(
+            config(f"""
+            models:
+              - model: m0
+                parameters: {{weight: 1.0}}
+              - model: m1
+                parameters: {{weight: 1.0}}
+            merge_method: {method}
+            base_model: base
+            {extra}
+            """)
+        )
+        return dict(options["method"]["model.norm.weight"].settings), options
+
+    dare, options = settings("dare_ties")  # normalize false, rescale true: L1
+    assert dare == {
+        "density": 1.0,
+        "scale": 1.0,
+        "rescale": "l1",
+        "elect": "weighted",
+        "disjoint_mean": False,
+    }
+    assert "out_dtype" not in options
+    crumbs, options = settings("breadcrumbs")
+    assert crumbs == {"density": 1.0, "gamma": 0.01, "scale": 1.0, "trim": "exact"}
+    assert options["normalize"] is False
+    _, options = settings("task_arithmetic", "parameters: {normalize: true}")
+    assert options["normalize"] is True
+    linear, options = settings("linear")
+    assert linear == {} and options["base"] == str(trio / "base") and options["normalize"]
+    stock, options = settings("model_stock", "parameters: {filter_wise: true}")
+    assert stock == {"clamp": False, "filter_wise": True} and options["weights"] == {}
+
+
+def test_slerp_takes_t_per_tensor_and_the_base_first(trio):
+    options = from_mergekit(
+        config("""
+        models: [{model: m0}, {model: base}]
+        merge_method: slerp
+        base_model: base
+        parameters:
+          t: [{filter: mlp, value: [0, 1]}, {value: 0.25}]
+        """)
+    )
+    assert options["models"] == [str(trio / "base"), str(trio / "m0")]
+    assert options["normalize"] is False
+    assert options["weights"]["model.layers.1.mlp.up_proj.weight"] == [0.5, 0.5]
+    assert options["weights"]["model.layers.2.mlp.up_proj.weight"] == [0.0, 1.0]
+    assert options["weights"]["lm_head.weight"] == [0.75, 0.25]
+    assert options["method"]["lm_head.weight"].settings == {
+        "threshold": 0.9995,
+        "zero": "unnormalised",
+    }
+
+
+def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
+    options = from_mergekit(
+        config("""
+        models:
+          - model: m0
+            parameters: {weight: 1.0}
+          - model: m1
+            parameters: {weight: -0.5}
+        merge_method: ties
+        base_model: base
+        parameters: {normalize: false}
+        """)
+    )
+    merged = terge.merge(**options)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    base, a, b = (
+        load_file(trio / m / "model.safetensors")[name].double() for m in ("base", "m0", "m1")
+    )
+    deltas = torch.stack([(a - base) * 1.0, (b - base) * -0.5])  # mergekit: w_i tau_i
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    expected = base + (deltas * (deltas.sign() == majority)).sum(0)
+    assert torch.equal(merged[name], expected.float())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("slices: []\nmerge_method: linear", "config slices: layer stacking"),
+        ("models: [m0, m1]\nmerge_method: linear\ntokenizer_source: base", "tokenizer_source"),
+        ("models: [m0, m1]\nmerge_method: linear\nfoo: 1", "config foo: is not a mergekit key"),
+        ("models: [m0, m1]\nmerge_method: sce", "merge_method: 'sce' has no terge translation"),
+        ("models: [m0, m1]\nmerge_method: linear", "the required parameter 'weight' is not set"),
+        ("models: [hub/model]\nmerge_method: linear", "'hub/model' is no local file or folder"),
+        (
+            "models: [{model: m0, parameters: {weight: 1, densty: 0.5}}]\nmerge_method: linear",
+            r"models\[0\].parameters.densty: is no setting terge translates \(those of linear: "
+            r"normalize, weight\)",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\ndtype: float8",
+            "config dtype: must be one of float64",
+        ),
+        ("models: [m0, m1]\nmerge_method: ties", "config base_model: ties needs a base_model"),
+        (
+            "models: [{model: m0, parameters: {weight: x}}]\nmerge_method: linear",
+            r"models\[0\].parameters.weight: must be a number, got 'x'",
+        ),
+    ],
+)
+def test_what_terge_cannot_honour_is_refused_naming_the_key(trio, text, message):
+    with pytest.raises(MergeArgumentError, match=message):
+        from_mergekit(config(text))
+
+
+def test_a_yaml_file_is_read_and_bad_yaml_refused(trio):
+    (trio / "c.yml").write_text("models: [m0, m1]\nmerge_method: linear\nparameters: {weight: 1}")
+    assert from_mergekit(trio / "c.yml")["models"] == [str(trio / "m0"), str(trio / "m1")]
+    (trio / "bad.yml").write_text("models: [m0\n")
+    with pytest.raises(MergeArgumentError, match="is not valid YAML"):
+        from_mergekit(trio / "bad.yml")
+    assert terge.from_mergekit is from_mergekit
+
+
+def test_every_translated_method_is_in_the_table():
+    assert set(TABLE) == {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "slerp",
+        "model_stock",
+    }
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def test_terge_merge_mergekit_writes_the_merge_with_its_lineage(trio, capsys):
+    (trio / "c.yml").write_text(
+        "models:\n  - model: m0\n    parameters: {weight: 1.0, density: 0.5}\n"
+        "  - model: m1\n    parameters: {weight: 0.5, density: 0.5}\n"
+        "merge_method: ties\nbase_model: base\ndtype: float64\n"
+    )
+    assert main(["merge", "--mergekit", "c.yml", "-o", "out", "-q"]) == 0
+    written = load_file(trio / "out" / "model.safetensors")
+    options = from_mergekit(trio / "c.yml")
+    assert options.pop("out_dtype") == "float64"
+    expected = terge.merge(**options)
+    assert all(written[n].dtype == torch.float64 for n in NAMES)  # mergekit's dtype
+    assert all(torch.equal(written[n].float(), expected[n]) for n in NAMES)  # rounded once
+    lineage = json.loads((trio / "out" / "lineage.json").read_text())
+    assert lineage["merged"]["lm_head.weight"]["settings"]["trim"] == "exact"
+    assert main(["merge", "--mergekit", "c.yml", "-o", "again", "m0"]) == 2
+    assert "MODEL cannot be given with --mergekit" in capsys.readouterr().err
+
+
+# --- against mergekit itself (opt-in: where mergekit is importable) ---------------------------------
+
+ORACLE_CONFIGS = {
+    "ties": """
+        models:
+          - model: base
+          - model: m0
+            parameters: {weight: 1.0, density: [0.3, 0.7]}
+          - model: m1
+            parameters: {weight: [0.5, 1.0], density: 0.5}
+          - model: m2
+            parameters:
+              weight: [{filter: self_attn, value: -0.5}, {value: 0.25}]
+              density: 0.6
+        merge_method: ties
+        base_model: base
+        """,
+    "linear": """
+        models:
+          - {model: m0, parameters: {weight: 1.0}}
+          - {model: m1, parameters: {weight: [1.0, 3.0]}}
+          - {model: m2, parameters: {weight: 0.5}}
+        merge_method: linear
+        """,
+    "task_arithmetic": """
+        models:
+          - {model: m0, parameters: {weight: 0.7}}
+          - {model: m1, parameters: {weight: [0.2, 0.9]}}
+        merge_method: task_arithmetic
+        base_model: base
+        parameters: {lambda: 0.8}
+        """,
+    "breadcrumbs": """
+        models:
+          - {model: m0, parameters: {weight: 1.0, density: 0.9, gamma: 0.2}}
+          - {model: m1, parameters: {weight: 0.5, density: [0.3, 0.6]}}
+        merge_method: breadcrumbs
+        base_model: base
+        parameters: {rescale: true}
+        """,
+    "slerp": """
+        models: [{model: base}, {model: m0}]
+        merge_method: slerp
+        base_model: base
+        parameters:
+          t: [{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, {value: 0.5}]
+        """,
+    "model_stock": """
+        models: [{model: m0}, {model: m1}, {model: m2}]
+        merge_method: model_stock
+        base_model: base
+        """,
+    "model_stock_filter_wise": """
+        models: [{model: m0}, {model: m1}, {model: m2}]
+        merge_method: model_stock
+        base_model: base
+        parameters: {filter_wise: true}
+        """,
+}
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A tiny Llama (3 blocks) and three fine-tunes, as Hugging Face folders mergekit reads."""
+    pytest.importorskip("mergekit", reason="the mergekit oracle is not installed")
+    transformers = pytest.importorskip("transformers", reason="builds the Llama checkpoints")
+    folder = tmp_path_factory.mktemp("llamas")
+    config_ = transformers.LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config_)
+    base.save_pretrained(folder / "base")
+    for k in range(3):
+        model = transformers.LlamaForCausalLM(config_)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+        model.save_pretrained(folder / f"m{k}")
+    return folder
+
+
+def run_mergekit(configuration: dict, out) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, lazy_unpickle=False)
+    run_merge(MergeConfiguration.model_validate(configuration), str(out), options=options)
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", list(ORACLE_CONFIGS))
+def test_float64_merges_equal_mergekits_bit_for_bit(llamas, method, monkeypatch):
+    monkeypatch.chdir(llamas)
+    configuration = {**config(ORACLE_CONFIGS[method]), "dtype": "float64"}
+    expected = run_mergekit(configuration, llamas / f"mk-{method}")
+    merged = terge.merge(**from_mergekit(configuration), out=f"terge-{method}")
+    got = load_file(merged / "model.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) for n in expected), method
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp", "model_stock_filter_wise"])
+def test_float32_merges_are_mergekits_float64_results_rounded_once(llamas, method, monkeypatch):
+    """Where mergekit computes in float32, terge writes mergekit's float64 result rounded once
+    (mergekit's own float32 result is further off: it rounds every operation)."""
+    monkeypatch.chdir(llamas)
+    configuration = config(ORACLE_CONFIGS[method])
+    exact = run_mergekit({**configuration, "dtype": "float64"}, llamas / f"mk64-{method}")
+    merged = terge.merge(
+        **from_mergekit({**configuration, "dtype": "float32"}), out=f"t32-{method}"
+    )
+    got = load_file(merged / "model.safetensors")
+    assert all(torch.equal(got[n], exact[n].float()) for n in exact), method
+    assert os.path.isdir(merged)
