@@ -20,7 +20,7 @@ from .execute import destinations, execute
 from .io import parse_size
 from .io.dtypes import floating_dtype
 from .lineage import SEPARATE, Lineage, ModelRecord
-from .output import check_output, write_merge
+from .output import Ranks, check_output, file_ranks, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
@@ -57,6 +57,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[True],
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Lineage: ...
 @overload
 def merge(
@@ -81,6 +82,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -105,6 +107,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -129,6 +132,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Merged: ...
 @overload
 def merge(
@@ -153,6 +157,7 @@ def merge(
     digests: bool = ...,
     dry_run: bool = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
@@ -178,6 +183,7 @@ def merge(
     digests: bool = False,
     dry_run: bool = False,
     name_map: Callable[[str], str] | None = None,
+    distributed: bool = False,
 ) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -239,6 +245,13 @@ def merge(
             which tensors are matched and recorded in the lineage. It is applied after the
             built-in stripping of wrapper prefixes (DDP's ``module.``, ``torch.compile``'s
             ``_orig_mod.``), e.g. ``lambda n: n.replace("_checkpoint_wrapped_module.", "")``.
+        distributed: with ``out`` and checkpoint paths, on every process of an initialised
+            ``torch.distributed`` job (``torchrun``, any number of nodes sharing one filesystem):
+            split the output's shards between the processes. Each rank reads only what its
+            shards need and writes its own shard files; rank 0 writes the index, config and
+            lineage, and the folder appears only when every rank succeeded (a failure on any
+            rank fails all, leaving nothing). The files are those one process would write, byte
+            for byte. A drawn seed is rank 0's. Every rank must call it; every rank returns.
 
     Sharded models: a parameter that is a DTensor (FSDP2's ``fully_shard``, or
     ``distribute_tensor``) in every model, on one device mesh with the same placements, is merged
@@ -260,7 +273,7 @@ def merge(
         >>> lineage['bias']
         ('arithmetic', [(0, 0.25), (1, 0.25), (2, 0.5)])
     """
-    inplace, lineage, progress, normalize, buffers, digests, dry_run = (
+    inplace, lineage, progress, normalize, buffers, digests, dry_run, distributed = (
         check_flag("inplace", inplace),
         check_flag("lineage", lineage),
         check_flag("progress", progress),
@@ -268,14 +281,17 @@ def merge(
         check_flag("buffers", buffers),
         check_flag("digests", digests),
         check_flag("dry_run", dry_run),
+        check_flag("distributed", distributed),
     )
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
+    _check_distributed(distributed, target)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
     rename = renamer(name_map)
     with contextlib.ExitStack() as opened:
         sources, base_index, base_source = _sources(models, base, buffers, opened, rename)
+        ranks = _ranks(distributed, sources, base_source, opened)
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
@@ -283,7 +299,7 @@ def merge(
                 "to write the merge as a new checkpoint, or inplace=False for a state dict."
             )
         drawn = seed is None
-        seed = secrets.randbits(63) if seed is None else seed
+        seed = _drawn_seed(ranks) if seed is None else seed
         plan = build_plan(
             sources,
             base_source,
@@ -297,8 +313,9 @@ def merge(
             seed=seed,
             inplace=inplace,
         )
-        if plan.sharded:
-            _check_sharded(plan, drawn, digests)
+        if plan.sharded or ranks is not None:
+            if plan.sharded:
+                _check_sharded(plan, drawn, digests)
             progress = progress and rank() == 0  # one bar, not one per rank
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
@@ -332,6 +349,7 @@ def merge(
                 progress=progress,
                 lineage=record,
                 hook=hook,
+                ranks=ranks,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
@@ -379,6 +397,45 @@ def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
             "digests=True hashes whole tensors, which no rank holds for sharded parameters "
             "(DTensors); drop digests=True, or merge unsharded checkpoints (paths) to audit."
         )
+
+
+def _check_distributed(distributed: bool, target: Path | None) -> None:
+    """What ``distributed=True`` needs, refused the same way on every rank before any talk."""
+    if not distributed:
+        return
+    if target is None:
+        raise MergeArgumentError(
+            "distributed=True splits the shards of the output folder between the processes; "
+            "pass out='folder' too (an in-memory merge is not split)."
+        )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MergeArgumentError(
+            "distributed=True needs torch.distributed initialised on every process: launch "
+            "with torchrun and call torch.distributed.init_process_group('gloo') first ('terge "
+            "merge' under torchrun does it itself), or drop distributed=True."
+        )
+
+
+def _ranks(
+    distributed: bool, sources: Sequence[Source], base: Source, opened: contextlib.ExitStack
+) -> Ranks | None:
+    """The processes that share a distributed file merge (None when not distributed)."""
+    if not distributed:
+        return None
+    for where, source in [*((f"models[{i}]", s) for i, s in enumerate(sources)), ("base", base)]:
+        if not isinstance(source, FileSource):
+            raise MergeArgumentError(
+                f"distributed=True merges checkpoint files that every rank reads from a shared "
+                f"filesystem, but {where} is a {source.kind} in this process's memory; save it "
+                "first (terge.save) and pass its path, or drop distributed=True."
+            )
+    return opened.enter_context(file_ranks())
+
+
+def _drawn_seed(ranks: Ranks | None) -> int:
+    """A fresh seed: rank 0's on every rank of a distributed merge, so all compute alike."""
+    seed = secrets.randbits(63)
+    return seed if ranks is None else int(ranks.broadcast(seed))
 
 
 def check_flag(name: str, value: Any) -> bool:

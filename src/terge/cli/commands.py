@@ -13,13 +13,14 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -469,11 +470,15 @@ def run_merge(args: argparse.Namespace) -> int:
     models, base, out = _check(settings)
     options = _merge_options(settings, base, args)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _torchrun() as rank:
         warnings.simplefilter("always")
+        if rank is not None:
+            options["distributed"] = True
         path, lineage = merge(
             [os.fspath(model) for model in models], out=os.fspath(out), lineage=True, **options
         )
+    if rank:  # another process of a torchrun job: rank 0 writes and tells
+        return EXIT_OK
     if settings.lineage is not None:
         write_lineage(settings.lineage, Path(path), lineage, bool(settings.overwrite))
     if not args.quiet:
@@ -485,6 +490,26 @@ def run_merge(args: argparse.Namespace) -> int:
             f"{len(lineage.skipped)} left as in the base) in {elapsed:.1f}s"
         )
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _torchrun() -> Iterator[int | None]:
+    """This process's rank when ``terge merge`` runs under ``torchrun`` with several processes
+    (``WORLD_SIZE`` > 1), joining them in a gloo group for the merge; None otherwise. Every
+    process then writes the output shards it owns (``merge(..., distributed=True)``)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not torch.distributed.is_available():
+        yield None
+        return
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 # --- terge lineage ----------------------------------------------------------------------------
