@@ -24,7 +24,8 @@ from terge import (
     UnknownMergeMethodError,
 )
 
-from helpers import Tied, assert_unchanged, nearest, snapshot
+from helpers import Tied, assert_unchanged, nearest, snapshot, states
+
 
 THIRD = 0.3333333333333333
 
@@ -581,3 +582,34 @@ def test_models_on_different_devices_merge_onto_the_destinations_device():
             assert merged[name].device.type == expected_device
             reference = terge.merge([cpu, {k: v.cpu() for k, v in gpu.items()}])[name]
             assert torch.equal(merged[name].cpu(), reference)
+
+
+# --- distributed=True (the distributed runs are in tests/e2e/test_distributed_files.py) -------
+
+
+def test_distributed_needs_out(linears):
+    with pytest.raises(MergeArgumentError, match=r"distributed=True splits the shards .* out="):
+        terge.merge(linears, distributed=True)
+
+
+def test_distributed_needs_an_initialised_process_group(tmp_path):
+    paths = []
+    for i, state in enumerate(states()):
+        terge.save(state, tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    with pytest.raises(MergeArgumentError, match=r"needs torch.distributed initialised .*torchrun"):
+        terge.merge(paths, out=tmp_path / "out", distributed=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distributed_merges_files_only(linears, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    terge.save(linears[0], tmp_path / "m0")
+    with pytest.raises(MergeArgumentError, match=r"but models\[1\] is a module in this process"):
+        terge.merge([tmp_path / "m0", *linears[1:]], out=tmp_path / "out", distributed=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distributed_must_be_a_bool(linears, tmp_path):
+    with pytest.raises(MergeArgumentError, match=r"`distributed` must be True or False"):
+        terge.merge(linears, out=tmp_path / "out", distributed="yes")
