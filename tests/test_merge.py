@@ -26,7 +26,6 @@ from terge import (
 
 from helpers import Tied, assert_unchanged, nearest, snapshot, states
 
-
 THIRD = 0.3333333333333333
 
 
