@@ -418,10 +418,12 @@ def _commit(
         return failure
     try:
         writer.write_text(LINEAGE_FILE, lineage_text(lineage))
-        writer.__exit__(None, None, None)
     except Exception as error:
-        if writer._state == "open":
-            writer.__exit__(type(error), error, None)
+        writer.__exit__(type(error), error, None)
+        return error
+    try:
+        writer.__exit__(None, None, None)  # a failed commit removes the folder itself
+    except Exception as error:
         return error
     return None
 

@@ -122,6 +122,12 @@ examples:
   terge merge a b -o merged --weights 3,1 --exclude 're:^lm_head\\.' --out-dtype bfloat16
   terge merge --recipe recipe.toml --out other --overwrite
 
+several processes, on one node or many sharing one filesystem (torchrun): each writes its share
+of the output's shards, and the folder appears only when all succeeded, the same bytes as one
+process writes:
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+    -m terge merge a b c -o /shared/soup --max-shard-size 2GB
+
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
 """
