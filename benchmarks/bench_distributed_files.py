@@ -19,7 +19,8 @@ and writes ``W_r`` (its shards). Where every rank has its own disk bandwidth (se
 parallel filesystem), a merge takes ``max_r (R_r / B_read + W_r / B_write)`` plus start-up;
 where the ranks share one disk (this machine), ``sum_r R_r / B_read + sum_r W_r / B_write``: more
 processes cannot beat one disk. ``B_read`` and ``B_write`` are measured in the same run (``cat``
-of the inputs, ``cp`` of one model and ``sync``); start-up is ``terge merge --help``'s time.
+of the inputs, ``cp`` of one model and ``sync``); start-up is ``terge merge --help``'s time, and
+N processes on C < N cores start in N / C times that (each imports torch).
 """
 
 from __future__ import annotations
