@@ -21,7 +21,9 @@ import torch
 import terge
 from terge.audit import verify_lineage
 from terge.cli.commands import main
+from terge.io.writing import shard_owners
 from terge.lineage import lineage_text
+from terge.sources import FileSource
 
 TIMEOUT = 300  # seconds for a whole job; a hang (a missed collective) fails rather than blocks
 SHARD = "3KiB"  # several shards per rank: 12 tensors of 1 to 3 KiB
@@ -87,7 +89,14 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
     torch.set_num_threads(1)  # several processes on two cores
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     root = Path(folder)
-    results: dict = {}
+    results: dict = {"read": set()}
+    get = FileSource.get
+
+    def recorded(source, name):  # which tensors this rank reads
+        results["read"].add(name)
+        return get(source, name)
+
+    FileSource.get = recorded
     try:
         for name, options in SCENARIOS.items():
             out, lineage = terge.merge(
@@ -99,6 +108,9 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
                 **({"seed": 0} | options),
             )
             results[name] = {"out": str(out), "lineage": lineage_text(lineage)}
+            if name == "arithmetic":
+                results["read"], read = set(), results["read"]
+                results[name]["read"] = read
         _, drawn = terge.merge(
             models,
             method="dare_linear",
@@ -185,6 +197,23 @@ def test_every_file_is_one_process_s_byte_for_byte(job, name, tmp_path):
     assert {r[name]["out"] for r in results} == {str(folder / f"dist-{name}")}
     assert len({r[name]["lineage"] for r in results}) == 1  # every rank returns the same lineage
     assert results[0][name]["lineage"] == (folder / f"dist-{name}" / "lineage.json").read_text()
+
+
+@needs_gloo
+def test_each_rank_reads_only_the_tensors_of_its_own_shards(job):
+    results, world, folder = job.results, job.world, job.folder
+    out = folder / "dist-arithmetic"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(index.values()))
+    groups = [[name for name in index if index[name] == file] for file in files]
+    with terge.open_checkpoint(out) as reader:
+        layout = {name: reader.info(name) for name in index}
+    owners = shard_owners(groups, layout, world)
+    for rank in range(world):
+        mine = {name for group, owner in zip(groups, owners, strict=True) if owner == rank
+                for name in group}  # fmt: skip
+        assert results[rank]["arithmetic"]["read"] == mine
+        assert mine
 
 
 @needs_gloo
