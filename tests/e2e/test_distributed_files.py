@@ -85,7 +85,9 @@ def _said(call) -> str:
 
 
 def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank)
+    )
     torch.set_num_threads(1)  # several processes on two cores
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     root = Path(folder)

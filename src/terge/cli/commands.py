@@ -498,12 +498,18 @@ def run_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What ``torchrun`` sets for every process, and ``init_process_group`` reads."""
+
+
 @contextlib.contextmanager
 def _torchrun() -> Iterator[int | None]:
     """This process's rank when ``terge merge`` runs under ``torchrun`` with several processes
-    (``WORLD_SIZE`` > 1), joining them in a gloo group for the merge; None otherwise. Every
-    process then writes the output shards it owns (``merge(..., distributed=True)``)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not torch.distributed.is_available():
+    (``WORLD_SIZE`` > 1 and the rest of ``init_process_group``'s environment set), joining them
+    in a gloo group for the merge; None otherwise. Every process then writes the output shards
+    it owns (``merge(..., distributed=True)``)."""
+    launched = all(os.environ.get(key) for key in _TORCHRUN_ENVIRONMENT)
+    if not launched or int(os.environ["WORLD_SIZE"]) <= 1 or not torch.distributed.is_available():
         yield None
         return
     import torch.distributed as dist
