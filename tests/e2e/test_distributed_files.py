@@ -122,6 +122,7 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
             distributed=True,
         )
         results["drawn_seed"] = next(iter(drawn.values())).settings["seed"]
+        terge.merge(models, out=root / "dist-one-shard", seed=0, distributed=True)
         last = world - 1
         results["failure"] = _said(
             lambda: terge.merge(
@@ -239,6 +240,15 @@ def test_a_drawn_seed_is_rank_0_s_on_every_rank(job, tmp_path):
         seed=seeds.pop(),
     )
     assert _files(folder / "dist-drawn") == _files(single)
+
+
+@needs_gloo
+def test_ranks_without_a_shard_wait_for_the_one_that_writes_it(job, tmp_path):
+    folder, models = job.folder, job.models
+    single = terge.merge(models, out=tmp_path / "single", seed=0)
+    written = _files(folder / "dist-one-shard")
+    assert "model.safetensors" in written
+    assert written == _files(single)
 
 
 @needs_gloo
