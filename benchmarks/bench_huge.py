@@ -3,7 +3,7 @@ machine), merged from disk by every method, against the disk floor, with peak an
 
 Run from the repository root::
 
-    python benchmarks/bench_huge.py --size 0.2          # seconds: the same cases, small inputs
+    python benchmarks/bench_huge.py --size 0.2 --methods arithmetic ties   # seconds
     python benchmarks/bench_huge.py                     # 3 x 9 GB: ~27 GB of inputs + 9 GB output
     python benchmarks/bench_huge.py --methods arithmetic ties --clean
 
