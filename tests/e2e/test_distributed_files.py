@@ -123,16 +123,16 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
         )
         results["drawn_seed"] = next(iter(drawn.values())).settings["seed"]
         terge.merge(models, out=root / "dist-one-shard", seed=0, distributed=True)
-        last = world - 1
-        results["failure"] = _said(
-            lambda: terge.merge(
-                models,
-                method=_failing(last),
-                out=root / "dist-failed",
-                max_shard_size=SHARD,
-                distributed=True,
+        for failing in (world - 1, 0):  # a rank that only writes, and the one that commits
+            results[f"failure{failing}"] = _said(
+                lambda failing=failing: terge.merge(
+                    models,
+                    method=_failing(failing),
+                    out=root / "dist-failed",
+                    max_shard_size=SHARD,
+                    distributed=True,
+                )
             )
-        )
         results["exists"] = _said(
             lambda: terge.merge(
                 models, out=root / "dist-arithmetic", max_shard_size=SHARD, distributed=True
@@ -252,16 +252,17 @@ def test_ranks_without_a_shard_wait_for_the_one_that_writes_it(job, tmp_path):
 
 
 @needs_gloo
-def test_a_failure_on_one_rank_fails_every_rank_and_leaves_nothing(job):
+@pytest.mark.parametrize("failing", ["last", "first"])
+def test_a_failure_on_one_rank_fails_every_rank_and_leaves_nothing(job, failing):
     results, world, folder = job.results, job.world, job.folder
-    last = world - 1
-    assert results[last]["failure"].startswith("MethodError:")
-    assert f"injected failure on rank {last}" in results[last]["failure"]
-    for rank in range(last):
-        said = results[rank]["failure"]
-        assert said.startswith("CheckpointError:"), said
-        assert f"rank {last} of {world} failed (MethodError:" in said
-        assert "nothing was written" in said
+    failed = world - 1 if failing == "last" else 0
+    said = [r[f"failure{failed}"] for r in results]
+    assert said[failed].startswith("MethodError:")
+    assert f"injected failure on rank {failed}" in said[failed]
+    for rank in set(range(world)) - {failed}:
+        assert said[rank].startswith("CheckpointError:"), said[rank]
+        assert f"rank {failed} of {world} failed (MethodError:" in said[rank]
+        assert "nothing was written" in said[rank]
     assert not (folder / "dist-failed").exists()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
 
