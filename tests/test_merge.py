@@ -601,10 +601,9 @@ def test_distributed_needs_an_initialised_process_group(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_distributed_merges_files_only(linears, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+def test_distributed_merges_files_only(linears, tmp_path):
     terge.save(linears[0], tmp_path / "m0")
-    with pytest.raises(MergeArgumentError, match=r"but models\[1\] is a module in this process"):
+    with pytest.raises(MergeArgumentError, match=r"but models\[1\] is a Linear in this process"):
         terge.merge([tmp_path / "m0", *linears[1:]], out=tmp_path / "out", distributed=True)
     assert not (tmp_path / "out").exists()
 

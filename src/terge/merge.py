@@ -284,14 +284,16 @@ def merge(
         check_flag("distributed", distributed),
     )
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace)
-    _check_distributed(distributed, target)
+    _check_distributed(distributed, target, models, base)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
     rename = renamer(name_map)
     with contextlib.ExitStack() as opened:
-        sources, base_index, base_source = _sources(models, base, buffers, opened, rename)
-        ranks = _ranks(distributed, sources, base_source, opened)
+        ranks = opened.enter_context(file_ranks()) if distributed else None
+        sources, base_index, base_source = _agreed(
+            ranks, lambda: _sources(models, base, buffers, opened, rename)
+        )
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
@@ -399,8 +401,10 @@ def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
         )
 
 
-def _check_distributed(distributed: bool, target: Path | None) -> None:
-    """What ``distributed=True`` needs, refused the same way on every rank before any talk."""
+def _check_distributed(distributed: bool, target: Path | None, models: Any, base: Any) -> None:
+    """What ``distributed=True`` needs, refused the same way on every rank before any talk:
+    checkpoint files that every rank reads (no rank holds the others' modules), an ``out``, a
+    process group."""
     if not distributed:
         return
     if target is None:
@@ -408,6 +412,14 @@ def _check_distributed(distributed: bool, target: Path | None) -> None:
             "distributed=True splits the shards of the output folder between the processes; "
             "pass out='folder' too (an in-memory merge is not split)."
         )
+    given = list(enumerate(models)) if isinstance(models, (list, tuple)) else []
+    for where, model in [(f"models[{i}]", m) for i, m in given] + [("base", base)]:
+        if not (is_path(model) or (where == "base" and isinstance(model, int))):
+            raise MergeArgumentError(
+                f"distributed=True merges checkpoint files that every rank reads from a shared "
+                f"filesystem, but {where} is a {type(model).__name__} in this process's memory; "
+                "save it first (terge.save) and pass its path, or drop distributed=True."
+            )
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise MergeArgumentError(
             "distributed=True needs torch.distributed initialised on every process: launch "
@@ -416,20 +428,10 @@ def _check_distributed(distributed: bool, target: Path | None) -> None:
         )
 
 
-def _ranks(
-    distributed: bool, sources: Sequence[Source], base: Source, opened: contextlib.ExitStack
-) -> Ranks | None:
-    """The processes that share a distributed file merge (None when not distributed)."""
-    if not distributed:
-        return None
-    for where, source in [*((f"models[{i}]", s) for i, s in enumerate(sources)), ("base", base)]:
-        if not isinstance(source, FileSource):
-            raise MergeArgumentError(
-                f"distributed=True merges checkpoint files that every rank reads from a shared "
-                f"filesystem, but {where} is a {source.kind} in this process's memory; save it "
-                "first (terge.save) and pass its path, or drop distributed=True."
-            )
-    return opened.enter_context(file_ranks())
+def _agreed(ranks: Ranks | None, call: Callable[[], Any]) -> Any:
+    """``call()``, agreed between the ranks of a distributed merge: checkpoints that one node
+    cannot open fail every rank, rather than leave the others waiting."""
+    return call() if ranks is None else ranks.agree(call)
 
 
 def _drawn_seed(ranks: Ranks | None) -> int:

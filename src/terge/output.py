@@ -28,7 +28,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,8 @@ from .sharding import is_dtensor, local, mesh_all_ok, rank
 from .sources import Entry, FileSource, ModuleSource, Source, entry_of
 
 LINEAGE_FILE = "lineage.json"
+
+T = TypeVar("T")
 
 
 class _Layout:
@@ -280,6 +282,19 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def agree(self, call: Callable[[], T]) -> T:
+        """``call()``'s result once it succeeded on every rank; where it failed on any, every
+        rank raises (that one its own error) rather than wait for it in a later collective."""
+        try:
+            result = call()
+        except Exception as error:
+            self.gather(_said(error))
+            raise
+        failed = [(who, said) for who, said in enumerate(self.gather(None)) if said is not None]
+        if failed:
+            raise _failed_elsewhere(self, *failed[0], None)
+        return result
+
 
 AGREE_TIMEOUT = timedelta(hours=24)
 """How long a rank waits for the others at the end: the slowest rank's shards may take hours
@@ -357,12 +372,15 @@ def _write_distributed(
     if failure is not None:
         raise failure
     if failed or committed is not None:
-        who, said = failed[0] if failed else (0, committed)
-        raise CheckpointError(
-            f"rank {who} of {ranks.world} failed ({said}); every rank stopped and nothing was "
-            f"written to {out}.",
-            out,
-        )
+        raise _failed_elsewhere(ranks, *(failed[0] if failed else (0, committed)), out)
+
+
+def _failed_elsewhere(ranks: Ranks, who: int, said: str, out: Path | None) -> CheckpointError:
+    """The error of the ranks that did not fail themselves."""
+    where = f"nothing was written to {out}" if out is not None else "nothing was written"
+    return CheckpointError(
+        f"rank {who} of {ranks.world} failed ({said}); every rank stopped and {where}.", out
+    )
 
 
 def _write_own(

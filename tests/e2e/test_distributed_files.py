@@ -133,6 +133,10 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
                     distributed=True,
                 )
             )
+        unseen = [*models[:2], str(root / "not-on-this-node")] if rank == world - 1 else models
+        results["unseen"] = _said(
+            lambda: terge.merge(unseen, out=root / "dist-unseen", distributed=True)
+        )
         results["exists"] = _said(
             lambda: terge.merge(
                 models, out=root / "dist-arithmetic", max_shard_size=SHARD, distributed=True
@@ -265,6 +269,16 @@ def test_a_failure_on_one_rank_fails_every_rank_and_leaves_nothing(job, failing)
         assert "nothing was written" in said[rank]
     assert not (folder / "dist-failed").exists()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+@needs_gloo
+def test_an_input_one_rank_cannot_open_stops_every_rank_before_anything_is_written(job):
+    results, world, folder = job.results, job.world, job.folder
+    said = [r["unseen"] for r in results]
+    assert "not-on-this-node" in said[-1]
+    for rank in range(world - 1):
+        assert said[rank].startswith(f"CheckpointError: rank {world - 1} of {world} failed ("), said
+    assert not (folder / "dist-unseen").exists()
 
 
 @needs_gloo
