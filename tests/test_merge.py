@@ -24,7 +24,7 @@ from terge import (
     UnknownMergeMethodError,
 )
 
-from helpers import Tied, assert_unchanged, nearest, snapshot
+from helpers import Tied, assert_unchanged, nearest, snapshot, states
 
 THIRD = 0.3333333333333333
 
@@ -631,3 +631,44 @@ def test_a_spec_base_is_the_model_with_the_same_file_entry_and_prefix(tmp_path):
         terge.merge([ema_a, ema_b], base=terge.checkpoint(tmp_path / "c.pth", entry="x"))
     with pytest.raises(MergeArgumentError, match=r"got a single path"):
         terge.merge(ema_a)  # type: ignore[arg-type]
+
+
+# --- distributed=True (the distributed runs are in tests/e2e/test_distributed_files.py) -------
+
+
+def test_distributed_needs_out(linears):
+    with pytest.raises(MergeArgumentError, match=r"distributed=True splits the shards .* out="):
+        terge.merge(linears, distributed=True)
+
+
+def test_distributed_needs_an_initialised_process_group(tmp_path):
+    paths = []
+    for i, state in enumerate(states()):
+        terge.save(state, tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    with pytest.raises(MergeArgumentError, match=r"needs torch.distributed initialised .*torchrun"):
+        terge.merge(paths, out=tmp_path / "out", distributed=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distributed_merges_files_only(linears, tmp_path):
+    terge.save(linears[0], tmp_path / "m0")
+    with pytest.raises(MergeArgumentError, match=r"but models\[1\] is a Linear in this process"):
+        terge.merge([tmp_path / "m0", *linears[1:]], out=tmp_path / "out", distributed=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distributed_must_be_a_bool(linears, tmp_path):
+    with pytest.raises(MergeArgumentError, match=r"`distributed` must be True or False"):
+        terge.merge(linears, out=tmp_path / "out", distributed="yes")
+
+
+def test_distributed_writes_safetensors_only(tmp_path):
+    """A distributed file merge splits safetensors shards; a distributed checkpoint is written by
+    one process, so the two together are refused before any rank talks to another."""
+    terge.save({"w": torch.ones(2)}, tmp_path / "a")
+    terge.save({"w": torch.zeros(2)}, tmp_path / "b")
+    with pytest.raises(MergeArgumentError, match=r"distributed=True splits safetensors shards"):
+        terge.merge(
+            [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o", out_format="dcp", distributed=True
+        )

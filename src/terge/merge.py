@@ -22,7 +22,7 @@ from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
-from .output import check_out_format, check_output, write_merge
+from .output import Ranks, check_out_format, check_output, file_ranks, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
@@ -60,6 +60,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[True],
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Lineage: ...
 @overload
 def merge(
@@ -85,6 +86,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -110,6 +112,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -135,6 +138,7 @@ def merge(
     digests: bool = ...,
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Merged: ...
 @overload
 def merge(
@@ -160,6 +164,7 @@ def merge(
     digests: bool = ...,
     dry_run: bool = ...,
     name_map: Callable[[str], str] | None = ...,
+    distributed: bool = ...,
 ) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
@@ -186,6 +191,7 @@ def merge(
     digests: bool = False,
     dry_run: bool = False,
     name_map: Callable[[str], str] | None = None,
+    distributed: bool = False,
 ) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -264,6 +270,13 @@ def merge(
             which tensors are matched and recorded in the lineage. It is applied after the
             built-in stripping of wrapper prefixes (DDP's ``module.``, ``torch.compile``'s
             ``_orig_mod.``), e.g. ``lambda n: n.replace("_checkpoint_wrapped_module.", "")``.
+        distributed: with ``out`` and checkpoint paths, on every process of an initialised
+            ``torch.distributed`` job (``torchrun``, any number of nodes sharing one filesystem):
+            split the output's shards between the processes. Each rank reads only what its
+            shards need and writes its own shard files; rank 0 writes the index, config and
+            lineage, and the folder appears only when every rank succeeded (a failure on any
+            rank fails all, leaving nothing). The files are those one process would write, byte
+            for byte. A drawn seed is rank 0's. Every rank must call it; every rank returns.
 
     Sharded models: a parameter that is a DTensor (FSDP2's ``fully_shard``, or
     ``distribute_tensor``) in every model, on one device mesh with the same placements, is merged
@@ -285,7 +298,7 @@ def merge(
         >>> lineage['bias']
         ('arithmetic', [(0, 0.25), (1, 0.25), (2, 0.5)])
     """
-    inplace, lineage, progress, normalize, buffers, digests, dry_run = (
+    inplace, lineage, progress, normalize, buffers, digests, dry_run, distributed = (
         check_flag("inplace", inplace),
         check_flag("lineage", lineage),
         check_flag("progress", progress),
@@ -293,14 +306,19 @@ def merge(
         check_flag("buffers", buffers),
         check_flag("digests", digests),
         check_flag("dry_run", dry_run),
+        check_flag("distributed", distributed),
     )
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace, out_format)
+    _check_distributed(distributed, target, models, base, out_format)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
     rename = renamer(name_map)
     with contextlib.ExitStack() as opened:
-        sources, base_index, base_source = _sources(models, base, buffers, opened, rename)
+        ranks = opened.enter_context(file_ranks()) if distributed else None
+        sources, base_index, base_source = _agreed(
+            ranks, lambda: _sources(models, base, buffers, opened, rename)
+        )
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
@@ -308,7 +326,7 @@ def merge(
                 "to write the merge as a new checkpoint, or inplace=False for a state dict."
             )
         drawn = seed is None
-        seed = secrets.randbits(63) if seed is None else seed
+        seed = _drawn_seed(ranks) if seed is None else seed
         plan = build_plan(
             sources,
             base_source,
@@ -322,8 +340,9 @@ def merge(
             seed=seed,
             inplace=inplace,
         )
-        if plan.sharded:
-            _check_sharded(plan, drawn, digests)
+        if plan.sharded or ranks is not None:
+            if plan.sharded:
+                _check_sharded(plan, drawn, digests)
             progress = progress and rank() == 0  # one bar, not one per rank
         record = None  # built only where it is returned or written: a soup loop never pays
         if lineage or dry_run or digests or target is not None:
@@ -360,6 +379,7 @@ def merge(
                 lineage=record,
                 hook=hook,
                 out_format=out_format,
+                ranks=ranks,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
@@ -407,6 +427,53 @@ def _check_sharded(plan: Plan, drawn: bool, digests: bool) -> None:
             "digests=True hashes whole tensors, which no rank holds for sharded parameters "
             "(DTensors); drop digests=True, or merge unsharded checkpoints (paths) to audit."
         )
+
+
+def _check_distributed(
+    distributed: bool, target: Path | None, models: Any, base: Any, out_format: str
+) -> None:
+    """What ``distributed=True`` needs, refused the same way on every rank before any talk:
+    checkpoint files that every rank reads (no rank holds the others' modules), an ``out`` in
+    safetensors shards, a process group."""
+    if not distributed:
+        return
+    if target is None:
+        raise MergeArgumentError(
+            "distributed=True splits the shards of the output folder between the processes; "
+            "pass out='folder' too (an in-memory merge is not split)."
+        )
+    if out_format != "safetensors":
+        raise MergeArgumentError(
+            f"distributed=True splits safetensors shards between the processes, but "
+            f"out_format={out_format!r}; merge on one process for a distributed checkpoint "
+            "(drop distributed=True), or write safetensors."
+        )
+    given = list(enumerate(models)) if isinstance(models, (list, tuple)) else []
+    for where, model in [(f"models[{i}]", m) for i, m in given] + [("base", base)]:
+        if not (on_disk(model) or (where == "base" and isinstance(model, int))):
+            raise MergeArgumentError(
+                f"distributed=True merges checkpoint files that every rank reads from a shared "
+                f"filesystem, but {where} is a {type(model).__name__} in this process's memory; "
+                "save it first (terge.save) and pass its path, or drop distributed=True."
+            )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MergeArgumentError(
+            "distributed=True needs torch.distributed initialised on every process: launch "
+            "with torchrun and call torch.distributed.init_process_group('gloo') first ('terge "
+            "merge' under torchrun does it itself), or drop distributed=True."
+        )
+
+
+def _agreed(ranks: Ranks | None, call: Callable[[], Any]) -> Any:
+    """``call()``, agreed between the ranks of a distributed merge: checkpoints that one node
+    cannot open fail every rank, rather than leave the others waiting."""
+    return call() if ranks is None else ranks.agree(call)
+
+
+def _drawn_seed(ranks: Ranks | None) -> int:
+    """A fresh seed: rank 0's on every rank of a distributed merge, so all compute alike."""
+    seed = secrets.randbits(63)
+    return seed if ranks is None else int(ranks.broadcast(seed))
 
 
 def check_flag(name: str, value: Any) -> bool:

@@ -11,15 +11,24 @@ gathered one tensor at a time (``full_tensor()``, a collective every rank joins)
 rank 0 alone. A failure on rank 0 (a full disk, an existing folder) is shared with the other
 ranks through a flag reduced over the mesh, so every rank raises rather than waiting for a
 collective that never comes.
+
+A distributed file merge (``merge(paths, out=..., distributed=True)`` on every process of a
+``torchrun`` job) splits the output's shards between the ranks: every rank computes the same
+layout from the plan, creates and fills the shards it owns (:func:`terge.io.writing.shard_owners`)
+in the temporary folder rank 0's writer made, reading only what those shards need; rank 0 commits
+(index, config, lineage, rename) once every rank has said it succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -28,10 +37,11 @@ from ._version import __version__
 from .digests import DigestRecorder
 from .errors import CheckpointError, MergeArgumentError, MetaTensorError, ShardingError
 from .execute import execute, run_step
-from .io import StreamingShardWriter, TensorInfo
+from .io import StreamingShardWriter, TensorInfo, parse_size
 from .io.distributed import DistributedCheckpointWriter
 from .io.dtypes import dtype_name
 from .io.reading import allowed_roots, outside
+from .io.writing import ShardFiles, shard_groups, shard_owners
 from .kernels import ChunkBuffers, store_whole
 from .lineage import Lineage, lineage_text
 from .plan import Plan, Step
@@ -43,6 +53,8 @@ LINEAGE_FILE = "lineage.json"
 OUT_FORMATS = ("safetensors", "dcp")
 """What ``merge(out=..., out_format=...)`` writes: a Hugging Face-style safetensors folder, or a
 distributed checkpoint (``torch.distributed.checkpoint``) that ``dcp.load`` loads."""
+
+T = TypeVar("T")
 
 
 class _Layout:
@@ -125,10 +137,11 @@ def _writer(
     base: Source,
     max_shard_size: int | str,
     overwrite: bool,
+    owned: Iterable[int] | None = None,
 ) -> StreamingShardWriter:
     """The output folder's writer: the layout, a summary of the lineage in every shard's header,
-    the base folder's config and tokenizer files, and every input that the output must not touch.
-    """
+    the base folder's config and tokenizer files, and every input that the output must not touch;
+    ``owned``, the shards it fills itself (the others are other ranks')."""
     summary = {
         "merged": dict(Counter(entry[0] for entry in lineage.values())),
         "skipped": dict(Counter(lineage.skipped.values())),
@@ -148,6 +161,7 @@ def _writer(
         },
         copy_files_from=folder_of(base) if isinstance(base, FileSource) else None,
         inputs=[folder_of(s) or s.path for s in files],
+        owned=owned,
     )
 
 
@@ -187,6 +201,7 @@ def write_merge(
     lineage: Lineage,
     hook: DigestRecorder | None = None,
     out_format: str = "safetensors",
+    ranks: Ranks | None = None,
 ) -> Path:
     """Stream the merge described by ``plan`` into a safetensors folder at ``out``.
 
@@ -196,45 +211,258 @@ def write_merge(
     updated), and ``lineage`` (the plan's, with the tied names written once and, with a ``hook``,
     the digests of the tensors as written) as ``lineage.json``. The target and the layout are
     checked before the first tensor is computed; on any error nothing is left behind. With
-    sharded parameters every rank must call it, and every rank returns the folder's path.
+    sharded parameters every rank must call it, and every rank returns the folder's path; so
+    too with ``ranks`` (a distributed file merge), where each rank writes the shards it owns.
     """
     layout = _Layout(plan, base, out_dtype)
     lineage.tied.update(layout.aliases)
     if out_format == "dcp":
         into = _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
-        _write_distributed(into, layout, sources, base, dtype, progress, lineage, hook)
+        _write_dcp(into, layout, sources, base, dtype, progress, lineage, hook)
         return into.path
     args = (out, layout, lineage, sources, base, max_shard_size, overwrite)
     if plan.sharded:
         _write_sharded(*args, dtype=dtype, progress=progress)
         return out
+    if ranks is not None and ranks.world > 1:
+        _write_distributed(*args, ranks, out_dtype, dtype, progress, hook)
+        return out
     with _writer(*args) as writer:
-        folder = folder_of(base) if isinstance(base, FileSource) else None
-        if folder is not None and out_dtype is not None:
-            config = _config_with_dtype(folder, out_dtype)
-            if config is not None:
-                writer.write_text("config.json", config)
-        steps = list(layout.steps.values())
-        place = {step.name: name for name, step in layout.steps.items()}
-        execute(
-            steps,
-            sources,
-            base,
-            lambda name: writer.destination(place[name]),
-            dtype,
-            progress,
-            hook,
-        )
-        buffers = ChunkBuffers(dtype)
-        with torch.no_grad():
-            for name in layout.tensors:
-                if name not in layout.steps:  # copied, each float rounded once if cast
-                    tensor = layout.tensor_of(name).detach()
-                    store_whole(writer.destination(name), tensor, buffers)
+        _write_config(writer, base, out_dtype)
+        _fill(layout, None, sources, base, writer.destination, dtype, progress, hook)
         if hook is not None:
             lineage.digests = hook.digests
         writer.write_text(LINEAGE_FILE, lineage_text(lineage))
     return writer.path
+
+
+def _write_config(
+    writer: StreamingShardWriter, base: Source, out_dtype: torch.dtype | None
+) -> None:
+    """The base folder's ``config.json`` with its dtype set to ``out_dtype`` (when one is named)."""
+    folder = folder_of(base) if isinstance(base, FileSource) else None
+    if folder is not None and out_dtype is not None:
+        config = _config_with_dtype(folder, out_dtype)
+        if config is not None:
+            writer.write_text("config.json", config)
+
+
+def _fill(
+    layout: _Layout,
+    names: Container[str] | None,
+    sources: list[Source],
+    base: Source,
+    destination: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    progress: bool,
+    hook: DigestRecorder | None,
+) -> None:
+    """Compute every merged tensor among ``names`` (all with None) into its place, then copy the
+    base's other tensors there, each float rounded once if cast."""
+    steps = [step for name, step in layout.steps.items() if names is None or name in names]
+    place = {step.name: name for name, step in layout.steps.items()}
+    execute(steps, sources, base, lambda name: destination(place[name]), dtype, progress, hook)
+    buffers = ChunkBuffers(dtype)
+    with torch.no_grad():
+        for name in layout.tensors:
+            if name not in layout.steps and (names is None or name in names):
+                store_whole(destination(name), layout.tensor_of(name).detach(), buffers)
+
+
+# --- a distributed file merge: each rank writes its own shards ----------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of a distributed file merge, and the gloo group they agree through."""
+
+    rank: int
+    world: int
+    group: Any
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, on every rank (in rank order)."""
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def agree(self, call: Callable[[], T]) -> T:
+        """``call()``'s result once it succeeded on every rank; where it failed on any, every
+        rank raises (that one its own error) rather than wait for it in a later collective."""
+        try:
+            result = call()
+        except Exception as error:
+            self.gather(_said(error))
+            raise
+        failed = [(who, said) for who, said in enumerate(self.gather(None)) if said is not None]
+        if failed:
+            raise _failed_elsewhere(self, *failed[0], None)
+        return result
+
+
+AGREE_TIMEOUT = timedelta(hours=24)
+"""How long a rank waits for the others at the end: the slowest rank's shards may take hours
+for a very large merge (``torchrun`` stops every rank as soon as one dies)."""
+
+
+@contextlib.contextmanager
+def file_ranks() -> Iterator[Ranks]:
+    """Every process of the default group, with a gloo group of their own: small Python objects
+    travel on the CPU whatever the default backend (NCCL included), with a timeout that waits
+    for the slowest rank. Every rank must enter it."""
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=AGREE_TIMEOUT)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _write_distributed(
+    out: Path,
+    layout: _Layout,
+    lineage: Lineage,
+    sources: list[Source],
+    base: Source,
+    max_shard_size: int | str,
+    overwrite: bool,
+    ranks: Ranks,
+    out_dtype: torch.dtype | None,
+    dtype: torch.dtype,
+    progress: bool,
+    hook: DigestRecorder | None,
+) -> None:
+    """Each rank computes the shards it owns into rank 0's temporary folder; rank 0 renames the
+    folder into place once every rank succeeded, and removes it when any failed."""
+    groups = shard_groups(layout.tensors, parse_size(max_shard_size))
+    owners = shard_owners(groups, layout.tensors, ranks.world)
+    owned = [number for number, owner in enumerate(owners) if owner == ranks.rank]
+    names = {name for number in owned for name in groups[number]}
+    writer: StreamingShardWriter | None = None
+    failure: Exception | None = None
+    if ranks.rank == 0:
+        try:
+            writer = _writer(out, layout, lineage, sources, base, max_shard_size, overwrite, owned)
+            writer.__enter__()
+            _write_config(writer, base, out_dtype)
+        except Exception as error:
+            if writer is not None:
+                writer.__exit__(type(error), error, None)
+            writer, failure = None, error
+    said = _said(failure)
+    started = (str(writer.temporary), dict(writer.metadata)) if writer is not None else said
+    started = ranks.broadcast(started)
+    if not isinstance(started, tuple):
+        raise failure or CheckpointError(
+            f"rank 0 could not start writing {out} ({started}); nothing was written.", out
+        )
+    if writer is not None:
+        failure = _write_own(writer, layout, names, sources, base, dtype, progress, hook)
+    else:
+        try:  # a full disk fails here, before anything is computed
+            files = ShardFiles(Path(started[0]), layout.tensors, groups, owned, started[1])
+        except Exception as error:
+            failure = error  # what was created goes with rank 0's folder
+        else:
+            failure = _write_own(files, layout, names, sources, base, dtype, progress, hook, out)
+    results = ranks.gather((_said(failure), hook.digests if hook is not None else None))
+    failed = [(rank, said) for rank, (said, _) in enumerate(results) if said is not None]
+    if not failed and hook is not None:
+        lineage.digests = {k: v for _, part in results for k, v in (part or {}).items()}
+    if writer is not None:
+        failure = _commit(writer, lineage, failure, failed)
+    committed = ranks.broadcast(_said(failure) if writer is not None else None)
+    if failure is not None:
+        raise failure
+    if failed or committed is not None:
+        raise _failed_elsewhere(ranks, *(failed[0] if failed else (0, committed)), out)
+
+
+def _failed_elsewhere(ranks: Ranks, who: int, said: str, out: Path | None) -> CheckpointError:
+    """The error of the ranks that did not fail themselves."""
+    where = f"nothing was written to {out}" if out is not None else "nothing was written"
+    return CheckpointError(
+        f"rank {who} of {ranks.world} failed ({said}); every rank stopped and {where}.", out
+    )
+
+
+def _write_own(
+    writer: StreamingShardWriter | ShardFiles,
+    layout: _Layout,
+    names: set[str],
+    sources: list[Source],
+    base: Source,
+    dtype: torch.dtype,
+    progress: bool,
+    hook: DigestRecorder | None,
+    out: Path | None = None,
+) -> Exception | None:
+    """Compute this rank's shards (flushed to disk when they are another rank's files to
+    rename); an error is returned, not raised, so that every rank reaches the agreement."""
+    try:
+        _fill(layout, names, sources, base, _placer(writer), dtype, progress, hook)
+        if isinstance(writer, ShardFiles):
+            assert out is not None
+            writer.finish(out)
+    except Exception as error:
+        return error
+    except BaseException as error:  # Ctrl-C, SIGTERM: nothing of this rank's is left
+        if isinstance(writer, ShardFiles):
+            writer.remove()
+        else:
+            writer.__exit__(type(error), error, None)
+        raise
+    return None
+
+
+def _placer(writer: StreamingShardWriter | ShardFiles) -> Callable[[str], torch.Tensor]:
+    """Where each of this rank's tensors goes in its shard files."""
+    if isinstance(writer, StreamingShardWriter):
+        return writer.destination
+
+    def destination(name: str) -> torch.Tensor:
+        found = writer.destination(name)
+        assert found is not None  # _fill asks only for names of this rank's shards
+        return found
+
+    return destination
+
+
+def _commit(
+    writer: StreamingShardWriter, lineage: Lineage, failure: Exception | None, failed: list[Any]
+) -> Exception | None:
+    """On rank 0: rename the folder into place when every rank succeeded (the lineage written
+    first), else remove it; the error that stops the merge, if any."""
+    if failure is not None or failed:
+        error = failure or CheckpointError("another rank failed", writer.path)
+        writer.__exit__(type(error), error, None)
+        return failure
+    try:
+        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+    except Exception as error:
+        writer.__exit__(type(error), error, None)
+        return error
+    try:
+        writer.__exit__(None, None, None)  # a failed commit removes the folder itself
+    except Exception as error:
+        return error
+    return None
+
+
+def _said(error: BaseException | None) -> str | None:
+    """An error as the other ranks are told it (None: no error)."""
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def check_out_format(out_format: Any) -> str:
@@ -281,7 +509,7 @@ def _distributed_writer(
     )
 
 
-def _write_distributed(
+def _write_dcp(
     writer: DistributedCheckpointWriter,
     layout: _Layout,
     sources: list[Source],

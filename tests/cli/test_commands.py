@@ -838,3 +838,17 @@ def test_the_lineage_file_may_not_overwrite_a_training_checkpoint(tmp_path, caps
     )
     assert code == 2
     assert "the lineage file (--lineage) run/ckpt_1.pt is the input run/ckpt_1.pt" in err
+
+
+def test_a_world_size_without_the_rest_of_torchrun_s_environment_merges_alone(
+    tmp_path, monkeypatch
+):
+    for i in range(2):
+        save({"w": torch.full((4,), float(i))}, tmp_path / f"m{i}")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # set by some other launcher: no process group to join
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    argv = ["merge", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", str(tmp_path / "out")]
+    assert cli.main([*argv, "-q"]) == 0
+    assert torch.equal(load(tmp_path / "out")["w"], torch.full((4,), 0.5))
+    assert not torch.distributed.is_initialized()

@@ -345,3 +345,65 @@ def test_written_folders_get_ordinary_permissions_not_mkdtemps_private_ones(tmp_
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+# --------------------------------------------------------------------------------------------
+# Shards written by several processes (a distributed merge)
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(sizes: list[int]) -> dict[str, writing.TensorInfo]:
+    return {
+        f"t{i}": writing.TensorInfo(torch.Size([n]), torch.float32) for i, n in enumerate(sizes)
+    }
+
+
+def test_shard_owners_balance_bytes_the_same_way_on_every_rank():
+    layout = _layout([100, 100, 100, 300, 50, 50])
+    groups = [[name] for name in layout]
+    assert writing.shard_owners(groups, layout, 1) == [0] * 6
+    # largest first to the least loaded rank, the lowest on a tie: 1400 bytes each
+    assert writing.shard_owners(groups, layout, 2) == [1, 1, 1, 0, 0, 1]
+    assert writing.shard_owners(groups, layout, 3) == [1, 2, 1, 0, 2, 2]
+    assert writing.shard_owners(groups[:2], layout, 4) == [0, 1]  # more ranks than shards
+
+
+def test_shards_filled_by_two_writers_are_one_writer_s_byte_for_byte(tmp_path):
+    layout = _layout([64, 32, 64, 16, 48])
+    values = {name: torch.randn(info.shape) for name, info in layout.items()}
+    with writing.StreamingShardWriter(tmp_path / "one", layout, max_shard_size=300) as one:
+        for name, value in values.items():
+            one.destination(name).copy_(value)
+    groups = writing.shard_groups(layout, 300)
+    assert len(groups) == 4
+    with writing.StreamingShardWriter(
+        tmp_path / "two", layout, max_shard_size=300, owned=[0, 2]
+    ) as two:
+        other = writing.ShardFiles(two.temporary, layout, groups, [1, 3], two.metadata)
+        for name, value in values.items():
+            (other.destination(name) if name in other else two.destination(name)).copy_(value)
+        other.finish(tmp_path / "two")
+    assert listing(tmp_path / "two") == listing(tmp_path / "one")
+    for path in (tmp_path / "one").iterdir():
+        assert (tmp_path / "two" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_writer_refuses_a_tensor_of_another_process_s_shards(tmp_path):
+    layout = _layout([64, 64])
+    with (
+        pytest.raises(CheckpointError, match="'t1' is not in this writer's shards"),
+        writing.StreamingShardWriter(tmp_path / "out", layout, max_shard_size=256, owned=[0]) as w,
+    ):
+        w.destination("t1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_files_left_unwritten_are_refused_and_removed_on_failure(tmp_path):
+    layout = _layout([64, 64])
+    groups = writing.shard_groups(layout, 256)
+    files = writing.ShardFiles(tmp_path, layout, groups, [1], {"format": "pt"})
+    assert [p.name for p in files.paths] == ["model-00002.safetensors"]
+    with pytest.raises(CheckpointError, match=r"1 tensors of the layout were never written \('t1'"):
+        files.finish(tmp_path / "out")
+    files.remove()
+    assert list(tmp_path.iterdir()) == []

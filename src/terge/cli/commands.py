@@ -13,6 +13,7 @@ interrupted. Errors are one line on stderr, ``terge: error: ...``, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -136,6 +137,12 @@ examples:
   terge merge 'a.pth::state_dict_ema' 'b.pth::state_dict_ema' -o ema-soup
   terge merge runs/step-1000 runs/step-2000 runs/step-3000 -o soup --out-format dcp
   terge merge --mergekit config.yml -o merged     # a mergekit YAML config, as mergekit merges
+
+several processes, on one node or many sharing one filesystem (torchrun): each writes its share
+of the output's shards, and the folder appears only when all succeeded, the same bytes as one
+process writes:
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+    -m terge merge a b c -o /shared/soup --max-shard-size 2GB
 
 exit status: 0 merged; 1 the merge failed (reading or writing files, out of memory); 2 bad
 command line, recipe or input models; 130 interrupted.
@@ -628,14 +635,18 @@ def _run(
 ) -> int:
     """Merge ``models`` with ``options``, write the lineage where asked, and summarise."""
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _torchrun() as rank:
         warnings.simplefilter("always")
+        if rank is not None:
+            options["distributed"] = True
         path, lineage = merge(
             models,
             out=os.fspath(out),
             lineage=True,
             **options,
         )
+    if rank:  # another process of a torchrun job: rank 0 writes and tells
+        return EXIT_OK
     if settings.lineage is not None:
         write_lineage(settings.lineage, Path(path), lineage, bool(settings.overwrite))
     if not args.quiet:
@@ -647,6 +658,32 @@ def _run(
             f"{len(lineage.skipped)} left as in the base) in {elapsed:.1f}s"
         )
     return EXIT_OK
+
+
+_TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What ``torchrun`` sets for every process, and ``init_process_group`` reads."""
+
+
+@contextlib.contextmanager
+def _torchrun() -> Iterator[int | None]:
+    """This process's rank when ``terge merge`` runs under ``torchrun`` with several processes
+    (``WORLD_SIZE`` > 1 and the rest of ``init_process_group``'s environment set), joining them
+    in a gloo group for the merge; None otherwise. Every process then writes the output shards
+    it owns (``merge(..., distributed=True)``)."""
+    launched = all(os.environ.get(key) for key in _TORCHRUN_ENVIRONMENT)
+    if not launched or int(os.environ["WORLD_SIZE"]) <= 1 or not torch.distributed.is_available():
+        yield None
+        return
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 # --- terge lineage ----------------------------------------------------------------------------

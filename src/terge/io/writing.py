@@ -733,6 +733,108 @@ def _reserve(fd: int, size: int, path: Path) -> None:
             raise
 
 
+def shard_owners(
+    groups: Sequence[Sequence[str]], tensors: Mapping[str, TensorInfo], world: int
+) -> list[int]:
+    """The rank that creates and fills each shard of a distributed write: the largest shard
+    first, each to the rank with the fewest bytes so far (the lowest on a tie). A function of
+    the layout alone, so every rank computes the same owners without talking to the others."""
+    sizes = [sum(tensors[name].nbytes for name in group) for group in groups]
+    owners = [0] * len(groups)
+    load = [0] * max(world, 1)
+    for number in sorted(range(len(groups)), key=lambda n: (-sizes[n], n)):
+        owner = min(range(len(load)), key=lambda r: (load[r], r))
+        owners[number] = owner
+        load[owner] += sizes[number]
+    return owners
+
+
+class ShardFiles:
+    """Some shard files of an output folder, each created at its final size with its header
+    and memory-mapped, for their tensors to be computed into.
+
+    :class:`StreamingShardWriter` holds one for all its shards; in a distributed write each
+    rank holds one for the shards it owns (:func:`shard_owners`), in the temporary folder that
+    rank 0's writer created, and the files are independent, so each rank fills its own.
+    ``numbers`` are indices into ``groups``; shard ``i`` is the file ``model-{i+1:05d}``, renamed
+    by the writer when it commits.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Mapping[str, TensorInfo],
+        groups: Sequence[Sequence[str]],
+        numbers: Iterable[int],
+        metadata: Mapping[str, str],
+    ) -> None:
+        self.folder = folder
+        self.paths: list[Path] = []
+        self._layout = tensors
+        self._slots: dict[str, tuple[mmap.mmap, int]] = {}
+        self.unwritten: set[str] = set()
+        for number in numbers:
+            path = folder / shard_file(number)
+            header, offsets, data_size = shard_header(groups[number], tensors, metadata)
+            with open(path, "wb+") as file:
+                self.paths.append(path)
+                file.write(header)
+                file.flush()
+                _reserve(file.fileno(), len(header) + data_size, path)
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE)
+            self._slots.update((name, (mapped, offset)) for name, offset in offsets.items())
+            self.unwritten.update(groups[number])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slots
+
+    def destination(self, name: str) -> torch.Tensor | None:
+        """The region of its shard that ``name`` is stored in, or None if not in these shards."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return None
+        self.unwritten.discard(name)
+        info = self._layout[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        mapped, offset = slot
+        return torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=offset).view(
+            info.shape
+        )
+
+    def finish(self, target: Path) -> None:
+        """Flush every map and the files to disk (before another process renames them), and
+        release the maps; refuse if a tensor was never written."""
+        if self.unwritten:
+            missing = ", ".join(map(repr, sorted(self.unwritten)[:5]))
+            raise CheckpointError(
+                f"{len(self.unwritten)} tensors of the layout were never written ({missing}); "
+                "the output would hold garbage, so nothing was saved.",
+                target,
+            )
+        for mapped in {id(m): m for m, _ in self._slots.values()}.values():
+            mapped.flush()
+        self.release()
+        for path in self.paths:
+            _fsync(path)
+
+    def release(self) -> None:
+        """Drop the maps (each is unmapped when its last view dies: closing it while a view may
+        live would leave that view dangling)."""
+        self._slots = {}
+
+    def remove(self) -> None:
+        """Delete these files (a failed rank's part of a distributed write)."""
+        self.release()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+def shard_file(number: int) -> str:
+    """The temporary name of shard ``number`` (0-based) until the writer commits."""
+    return f"model-{number + 1:05d}.safetensors"
+
+
 class StreamingShardWriter(ShardedWriter):
     """A :class:`ShardedWriter` whose tensors are laid out up front and written in place.
 
@@ -747,6 +849,10 @@ class StreamingShardWriter(ShardedWriter):
     The atomic commit, ``overwrite``, the refusal of outputs overlapping ``inputs``, and
     ``copy_files_from`` are :class:`ShardedWriter`'s. ``aliases`` (tied names, not written)
     are reported in :attr:`aliases`.
+
+    ``owned`` (a distributed write): the shards this writer creates and fills itself; the others
+    are created and filled in :attr:`temporary` by other processes (:class:`ShardFiles`), which
+    must have finished, flushed, before the block ends, when all of them are renamed into place.
     """
 
     def __init__(
@@ -760,6 +866,7 @@ class StreamingShardWriter(ShardedWriter):
         metadata: Mapping[str, str] | None = None,
         copy_files_from: str | Path | None = None,
         inputs: Iterable[str | Path] = (),
+        owned: Iterable[int] | None = None,
     ) -> None:
         super().__init__(
             path,
@@ -779,9 +886,17 @@ class StreamingShardWriter(ShardedWriter):
         self.aliases = dict(aliases or {})
         self.total_size = sum(info.nbytes for info in tensors.values())
         self._layout = dict(tensors)
-        self._slots: dict[str, tuple[int, int]] = {}
-        self._maps: list[mmap.mmap] = []
-        self._unwritten: set[str] = set(tensors)
+        self.groups = shard_groups(self._layout, self.max_shard_size)
+        """The names in each shard, in order (as every rank of a distributed write computes)."""
+        self._owned = list(range(len(self.groups))) if owned is None else sorted(set(owned))
+        self._files: ShardFiles | None = None
+
+    @property
+    def temporary(self) -> Path:
+        """The hidden folder the output is written into until it is renamed into place."""
+        if self._tmp is None:
+            raise CheckpointError("the writer is not open: enter it first.", self.path)
+        return self._tmp
 
     def __enter__(self) -> StreamingShardWriter:
         super().__enter__()
@@ -794,38 +909,22 @@ class StreamingShardWriter(ShardedWriter):
 
     def _allocate(self) -> None:
         assert self._tmp is not None
-        for number, names in enumerate(shard_groups(self._layout, self.max_shard_size), 1):
-            file_name = f"model-{number:05d}.safetensors"
-            header, offsets, data_size = shard_header(names, self._layout, self.metadata)
-            with open(self._tmp / file_name, "wb+") as file:
-                file.write(header)
-                file.flush()
-                _reserve(file.fileno(), len(header) + data_size, self._tmp / file_name)
-                self._maps.append(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE))
-            self._shards.append((file_name, names))
-            shard = len(self._maps) - 1
-            self._slots.update((name, (shard, offset)) for name, offset in offsets.items())
+        self._files = ShardFiles(self._tmp, self._layout, self.groups, self._owned, self.metadata)
+        self._shards = [(shard_file(n), names) for n, names in enumerate(self.groups)]
 
     def destination(self, name: str) -> torch.Tensor:
         """The region of the shard that ``name`` is stored in, as a tensor to write into."""
-        if self._state != "open":
+        if self._state != "open" or self._files is None:
             raise CheckpointError(
                 "StreamingShardWriter.destination() needs an open writer: call it inside the "
                 "`with` block.",
                 self.path,
             )
-        slot = self._slots.get(name)
-        if slot is None:
-            raise CheckpointError(f"{name!r} is not in the output's layout.", self.path)
-        self._unwritten.discard(name)
-        info = self._layout[name]
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        shard, offset = slot
-        flat = torch.frombuffer(
-            self._maps[shard], dtype=info.dtype, count=info.numel, offset=offset
-        )
-        return flat.view(info.shape)
+        found = self._files.destination(name)
+        if found is None:
+            where = "the output's layout" if name not in self._layout else "this writer's shards"
+            raise CheckpointError(f"{name!r} is not in {where}.", self.path)
+        return found
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Copy ``tensor`` into its place (cast to the layout's dtype)."""
@@ -833,26 +932,14 @@ class StreamingShardWriter(ShardedWriter):
             self.destination(name).copy_(tensor.detach())
 
     def _commit(self) -> None:
-        if self._unwritten:
-            missing = ", ".join(map(repr, sorted(self._unwritten)[:5]))
-            raise CheckpointError(
-                f"{len(self._unwritten)} tensors of the layout were never written ({missing}); "
-                "the output would hold garbage, so nothing was saved.",
-                self.path,
-            )
-        for mapped in self._maps:
-            mapped.flush()
-        self._release()
+        assert self._files is not None
+        self._files.finish(self.path)
         super()._commit()
 
     def _discard(self) -> None:
-        self._release()
+        if self._files is not None:
+            self._files.release()
         super()._discard()
-
-    def _release(self) -> None:
-        # A map is unmapped when its last view dies (torch.frombuffer holds a reference);
-        # closing it while a view may live would leave that view dangling.
-        self._maps = []
 
 
 def save(
