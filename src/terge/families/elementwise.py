@@ -134,7 +134,7 @@ def della_merge(
         layout = Layout.whole(tensors[0].shape)
     if seed is None:
         seed = int(torch.randint(0, (1 << 63) - 1, ()).item())  # torch's global generator
-    deltas = _task_vectors("della", tensors, base)
+    deltas = _task_vectors("della" if consensus else "della_linear", tensors, base)
     for position, tau in enumerate(deltas):
         _della_sparsify(tau, density, epsilon, draw_key(seed, position), layout)
     merged = sign_consensus(deltas, weights) if consensus else _weighted_sum(deltas, weights)
@@ -160,10 +160,11 @@ def sce_merge(
 ) -> torch.Tensor:
     """SCE (https://arxiv.org/abs/2408.07990): *select* the entries whose task vectors vary most
     across the models (population variance; the ``k = int(select_topk * nonzero)`` largest,
-    every tie at the threshold kept), *calculate* each model's weight as its task vector's mean
-    square over the sum of them (equal weights when all are 0), *erase* the entries whose sign
-    disagrees with the sign of ``sum_i tau_i``, and take the weighted mean of the rest:
-    ``base + scale * sum_i c_i a_i tau_i / sum_i c_i a_i``. The merge weights are not used."""
+    every tie at the threshold kept), *calculate* each model's weight ``c_i`` as its task
+    vector's mean square over the sum of them (equal weights when all are 0), *erase* the entries
+    whose sign disagrees with the sign of ``sum_i tau_i``, and take the weighted mean of the rest:
+    ``base + scale * sum_i c_i a_i tau_i / sum_i c_i a_i``, computed with the sums of squares
+    themselves (the normalisation cancels). The merge weights are not used."""
     if layout is None:
         layout = Layout.whole(tensors[0].shape)
     deltas = _task_vectors("sce", tensors, base)
@@ -185,9 +186,10 @@ def sce_merge(
         for delta in deltas:
             delta.masked_fill_(drop, 0)
         del variance, drop
+    # The weights' common factor 1 / sum_j |tau_j|^2 cancels in the mean: left out, so that
+    # exact inputs give exact results.
     squares = _total(layout, [torch.dot(d.reshape(-1), d.reshape(-1)) for d in deltas])
-    total = sum(squares)
-    coefficients = [s / total for s in squares] if total > 0 else [1.0 / n] * n
+    coefficients = squares if sum(squares) > 0 else [1.0] * n
     positive = _weighted_sum(deltas, [1.0] * n) >= 0
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
