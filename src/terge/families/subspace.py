@@ -55,7 +55,7 @@ def tsv_merge(
     triplets (``r = min(m, n)``, ``T`` tasks), gather them as ``U = [U_1k ... U_Tk]``, ``S``,
     ``V``, orthogonalise ``U`` and ``V`` (:func:`polar`), and add ``scale * polar(U) diag(S)
     polar(V)^T`` to the base. The merge weights are not used."""
-    deltas = _prepare("tsv", tensors, base)
+    deltas = _prepare("tsv_m", tensors, base)
     if deltas[0].dim() != 2:
         return base + _fallback(deltas, fallback).mul_(scale)  # type: ignore[operator]
     k = max(1, int(min(deltas[0].shape) / len(deltas)))
