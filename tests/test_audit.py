@@ -464,3 +464,33 @@ def test_merge_digests_option_reaches_merge(capsys, folders):
     assert load_lineage("m").digests is not None
     assert run(capsys, "merge", "a", "b", "-o", "n", "-q")[0] == 0
     assert load_lineage("n").digests is None
+
+
+NEWER = [
+    "della",
+    "della_linear",
+    "sce",
+    "breadcrumbs_ties",
+    "magmax",
+    "consensus",
+    "pcb",
+    "multislerp",
+    "karcher",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    terge.methods.nuslerp(flatten=False, task_vectors=True),
+]
+
+
+@pytest.mark.parametrize("method", NEWER)
+def test_the_newer_methods_verify(folders, method):
+    # Their settings (strings and flags too) recompute every tensor bit for bit.
+    count = 2 if not isinstance(method, str) else 3
+    terge.merge(folders[:count], base="p", method=method, seed=5, out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
+
+
+def test_nearswap_verifies(folders):
+    terge.merge(folders[:1], base="p", method=terge.methods.nearswap(t=0.5), out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
