@@ -299,7 +299,13 @@ def run_step(
     )
     try:
         result = step.method(
-            tensors, list(step.weights), reference, seed, layout or Layout.whole(destination.shape)
+            tensors,
+            list(step.weights),
+            reference,
+            seed,
+            layout or Layout.whole(destination.shape),
+            name=step.name,
+            contributors=step.contributors,
         )
     except Exception as error:
         if step.method.builtin:

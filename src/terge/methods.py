@@ -32,7 +32,7 @@ import dataclasses
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
-from .families import elementwise, spherical, subspace
+from .families import elementwise, spherical, statistics, subspace
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -67,6 +67,9 @@ __all__ = [
     "dare_ties",
     "della",
     "della_linear",
+    "fisher",
+    "fisher_diagonals",
+    "gram_matrices",
     "iso_c",
     "iso_cts",
     "karcher",
@@ -77,6 +80,7 @@ __all__ = [
     "nuslerp",
     "pcb",
     "readme_table",
+    "regmean",
     "resolve",
     "sce",
     "slerp",
@@ -124,6 +128,9 @@ class Method:
     (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
     [seed=], scratch=, **settings)`` returns ``False``, having written nothing, where it does not
     apply."""
+    named: bool = False
+    """``function`` takes ``name=``, the parameter's name, and ``contributors=``, the indices
+    (into ``models``) of the models its tensors come from: for statistics kept per parameter."""
     builtin: bool = field(default=False, compare=False)
     """Made by one of terge's factories (a user's own method may raise anything, which terge
     re-raises as :class:`~terge.errors.MethodError`)."""
@@ -135,14 +142,20 @@ class Method:
         base: torch.Tensor | None,
         seed: int | None = None,
         layout: Layout | None = None,
+        name: str | None = None,
+        contributors: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Merge ``tensors``; ``seed`` seeds a random method (``None``: drawn from torch's global
-        generator), ``layout`` tells a layout-aware one where the tensors lie (``None``: whole)."""
+        generator), ``layout`` tells a layout-aware one where the tensors lie (``None``: whole),
+        ``name`` and ``contributors`` tell a named one which parameter of which models."""
         options: dict[str, Any] = {}
         if self.random:
             options["seed"] = seed
         if self.layout_aware:
             options["layout"] = layout
+        if self.named:
+            options["name"] = name
+            options["contributors"] = contributors
         return self.function(tensors, weights, base, **options, **self.settings)
 
     def merge_into(
@@ -952,6 +965,76 @@ def iso_cts(*, common_fraction: float = 0.8, scale: float = 1.0, fallback: str =
     return _subspace("iso_cts", subspace.iso_cts_merge, settings, _ISO)
 
 
+_FISHER = "https://arxiv.org/abs/2111.09832"
+_REGMEAN = "https://arxiv.org/abs/2212.09849"
+
+
+def _statistics(method: str, setting: str, value: Any) -> tuple[Mapping[str, torch.Tensor], ...]:
+    """Per-model statistics: a list with one mapping of parameter names to tensors per model."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise MergeArgumentError(
+            f"{method}: {setting} must be a list with one mapping (parameter name to tensor) per "
+            f"model, in the order of `models`; got {type(value).__name__}."
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise MergeArgumentError(
+                f"{method}: {setting}[{index}] must be a mapping of parameter names to tensors; "
+                f"got {type(item).__name__}."
+            )
+        for key, tensor in item.items():
+            if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+                raise MergeArgumentError(
+                    f"{method}: {setting}[{index}] must map parameter names (str) to tensors; "
+                    f"got {key!r}: {type(tensor).__name__}."
+                )
+    return tuple(value)
+
+
+def _with_statistics(
+    name: str, function: MethodFunction, settings: dict[str, Any], paper: str
+) -> Method:
+    return Method(name, function, settings=settings, paper=paper, named=True, builtin=True)
+
+
+def fisher(fishers: Sequence[Mapping[str, torch.Tensor]], *, epsilon: float = 1e-6) -> Method:
+    """Fisher merging (https://arxiv.org/abs/2111.09832): each entry the models' entries
+    weighted by their Fisher information, ``sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i +
+    epsilon)``, so each model decides the parameters it is sure of.
+
+    ``fishers`` has one mapping per model (in the order of ``models``) from parameter names to
+    Fisher diagonals of the parameter's shape, as :func:`fisher_diagonals` computes them; a
+    parameter none of them covers takes the weighted mean, and one only some cover is an error.
+    ``epsilon`` (default 1e-6, FusionBench's ``minimal_fisher_weight``) keeps an entry no model
+    is informed about at the weighted mean. The statistics are not in the lineage, so such a
+    merge is recorded as one that cannot be recomputed.
+    """
+    settings = {"epsilon": _ranged("fisher", "epsilon", epsilon, 0, math.inf, "[)")}
+    function = partial(statistics.fisher_merge, fishers=_statistics("fisher", "fishers", fishers))
+    return _with_statistics("fisher", function, settings, _FISHER)
+
+
+def regmean(grams: Sequence[Mapping[str, torch.Tensor]], *, alpha: float = 0.9) -> Method:
+    """RegMean (https://arxiv.org/abs/2212.09849): each linear layer's weight solved in closed
+    form to reproduce every model's outputs on its own inputs, ``W^T = (sum_i w_i G_i)^-1 sum_i
+    w_i G_i W_i^T`` with ``G_i`` the Gram matrix of model ``i``'s inputs to the layer.
+
+    ``grams`` has one mapping per model from a linear layer's weight name to its ``in x in``
+    Gram matrix, as :func:`gram_matrices` computes them; ``alpha`` scales their off-diagonal
+    entries (the paper's regularisation; 0.9 is its usual choice, 1 the plain least squares).
+    Parameters without Gram matrices (biases, norms, embeddings) take the weighted mean. The
+    statistics are not in the lineage, so such a merge is recorded as one that cannot be
+    recomputed.
+    """
+    settings = {"alpha": _ranged("regmean", "alpha", alpha, 0, 1, "[]")}
+    function = partial(statistics.regmean_merge, grams=_statistics("regmean", "grams", grams))
+    return _with_statistics("regmean", function, settings, _REGMEAN)
+
+
+fisher_diagonals = statistics.fisher_diagonals
+gram_matrices = statistics.gram_matrices
+
+
 # --- the registry ---------------------------------------------------------------------------------
 
 
@@ -1095,6 +1178,19 @@ REGISTRY: Mapping[str, MethodInfo] = MappingProxyType(
             "c + T s = r; base + scale * mean(S) polar(U) polar(V)^T; else the fallback",
             _ISO,
         ),
+        "fisher": MethodInfo(
+            fisher,
+            "sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i + epsilon), F_i model i's Fisher "
+            "diagonal (given per model); without one, sum_i w_i theta_i",
+            _FISHER,
+        ),
+        "regmean": MethodInfo(
+            regmean,
+            "linear weights: W^T = (sum_i w_i G_i)^-1 sum_i w_i G_i W_i^T, G_i model i's Gram "
+            "matrix X_i^T X_i (given per model) with off-diagonals times alpha; others: "
+            "sum_i w_i theta_i",
+            _REGMEAN,
+        ),
     }
 )
 """Every named method, in the order the README's table lists them."""
@@ -1112,6 +1208,28 @@ def _paper_link(url: str | None) -> str:
     return f"[{label}]({url})"
 
 
+def _required(factory: Callable[..., Method]) -> list[str]:
+    """The arguments a factory cannot do without (the per-model statistics)."""
+    return [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _settings_shown(factory: Callable[..., Method]) -> list[str]:
+    required = _required(factory)
+    if not required:
+        return [f"`{k}={v!r}`" for k, v in factory().settings.items()]
+    optional = [
+        f"`{p.name}={p.default!r}`"
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    ]
+    return [f"`{name}` (required)" for name in required] + optional
+
+
 def readme_table() -> str:
     """The README's table of methods, rendered from :data:`REGISTRY` so the two cannot drift."""
     rows = [
@@ -1119,7 +1237,7 @@ def readme_table() -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, info in REGISTRY.items():
-        settings = ", ".join(f"`{k}={v!r}`" for k, v in info.factory().settings.items()) or "—"
+        settings = ", ".join(_settings_shown(info.factory)) or "—"
         formula = info.formula.replace("|", "\\|")
         rows.append(f"| `{name}` | {settings} | {formula} | {_paper_link(info.paper)} |")
     return "\n".join(rows) + "\n"
@@ -1136,6 +1254,13 @@ def resolve(method: Any, argument: str = "method") -> Method:
                 f"`{argument}` names an unknown merge method {method!r}; the valid names are "
                 f"{', '.join(repr(n) for n in REGISTRY)}, or pass a callable "
                 "f(tensors, weights, base) -> tensor."
+            )
+        required = _required(info.factory)
+        if required:
+            raise MergeArgumentError(
+                f"`{argument}` names the merge method {method!r}, which needs "
+                f"{', '.join(required)} (per-model statistics); pass "
+                f"terge.methods.{method}({required[0]}=[...]) instead of its name."
             )
         return info.factory()
     if callable(method):
