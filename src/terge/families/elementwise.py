@@ -23,6 +23,7 @@ __all__ = [
     "consensus_merge",
     "della_merge",
     "della_probabilities",
+    "divide",
     "magmax_merge",
     "nearswap_merge",
     "pcb_merge",
@@ -62,6 +63,12 @@ def sign_consensus(deltas: list[torch.Tensor], weights: list[float]) -> torch.Te
         numerator.add_(delta.masked_fill(~agrees, 0).mul_(weight))
         denominator.add_(agrees.to(delta.dtype).mul_(weight))
     return torch.where(denominator != 0, numerator / denominator, numerator)
+
+
+def divide(tensor: torch.Tensor, number: float) -> torch.Tensor:
+    """``tensor / number`` in place, correctly rounded on every device (a GPU divides by a Python
+    number as a product with its reciprocal; by a tensor it divides)."""
+    return tensor.div_(torch.tensor(number, dtype=tensor.dtype, device=tensor.device))
 
 
 def _finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
@@ -170,11 +177,11 @@ def sce_merge(
     deltas = _task_vectors("sce", tensors, base)
     n = len(deltas)
     if select_topk < 1:
-        mean = _weighted_sum(deltas, [1.0] * n).div_(n)
+        mean = divide(_weighted_sum(deltas, [1.0] * n), n)
         variance = torch.zeros_like(mean)
         for delta in deltas:
             variance.add_((delta - mean).square_())
-        variance.div_(n)
+        divide(variance, n)
         del mean
         (nonzero,) = _total(layout, [torch.count_nonzero(variance).to(torch.float64)])
         k = int(select_topk * int(nonzero))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MethodNotApplicableError
+from .elementwise import divide
 
 __all__ = ["iso_c_merge", "iso_cts_merge", "polar", "tsv_merge"]
 
@@ -35,7 +36,7 @@ def _fallback(deltas: list[torch.Tensor], fallback: str) -> torch.Tensor:
     total = torch.zeros_like(deltas[0])
     for delta in deltas:
         total.add_(delta)
-    return total.div_(len(deltas)) if fallback == "mean" else total
+    return divide(total, len(deltas)) if fallback == "mean" else total
 
 
 def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
