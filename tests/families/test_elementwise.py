@@ -479,3 +479,13 @@ def test_the_same_bits_on_the_gpu_as_on_the_cpu(name):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-15)
     else:
         assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_inputs_are_left_alone(name):
+    thetas, base = family(1 if name == "nearswap" else 3)
+    copies = [x.clone() for x in (*thetas, base)]
+    method = resolve(name)
+    weights = [1 / len(thetas)] * len(thetas)
+    method(thetas, weights, base, seed=1) if method.random else method(thetas, weights, base)
+    assert all(torch.equal(x, y) for x, y in zip((*thetas, base), copies, strict=True))

@@ -227,3 +227,13 @@ def test_on_the_gpu_as_on_the_cpu(name):
     cpu = method(tensors, weights, None)
     gpu = method([x.cuda() for x in tensors], weights, None)
     close(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("task_vectors", [False, True])
+@pytest.mark.parametrize("factory", [multislerp, nuslerp, karcher])
+def test_inputs_are_left_alone(factory, task_vectors):
+    tensors = [rand(3, 4, seed=i) for i in range(2)]
+    base = rand(3, 4, seed=7)
+    copies = [x.clone() for x in (*tensors, base)]
+    factory(task_vectors=task_vectors)(tensors, [0.5, 0.5], base)
+    assert all(torch.equal(x, y) for x, y in zip((*tensors, base), copies, strict=True))

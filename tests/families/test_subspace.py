@@ -200,3 +200,11 @@ def test_on_the_gpu_as_on_the_cpu(factory):
     cpu = factory()(thetas, [1 / 3] * 3, base)
     gpu = factory()([x.cuda() for x in thetas], [1 / 3] * 3, base.cuda())
     close(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_inputs_are_left_alone(factory):
+    thetas, base = family(2)
+    copies = [x.clone() for x in (*thetas, base)]
+    factory()(thetas, [0.5, 0.5], base)
+    assert all(torch.equal(x, y) for x, y in zip((*thetas, base), copies, strict=True))
