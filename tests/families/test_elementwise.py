@@ -184,9 +184,9 @@ def ref_sce(thetas, base, select_topk, scale=1.0):
     n, d = len(taus), len(b)
     if select_topk < 1:
         variance = []
-        for j in range(d):
-            mean = sum(tau[j] for tau in taus) / n
-            variance.append(sum((tau[j] - mean) ** 2 for tau in taus) / n)
+        for j in range(d):  # n^2 times the variance, exact for these integer task vectors
+            pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+            variance.append(sum((taus[a][j] - taus[b][j]) ** 2 for a, b in pairs))
         k = int(select_topk * sum(v != 0 for v in variance))
         threshold = sorted(variance, reverse=True)[k - 1] if k else math.inf
         taus = [[v if variance[j] >= threshold else 0.0 for j, v in enumerate(tau)] for tau in taus]

@@ -166,7 +166,8 @@ def sce_merge(
     scale: float,
 ) -> torch.Tensor:
     """SCE (https://arxiv.org/abs/2408.07990): *select* the entries whose task vectors vary most
-    across the models (population variance; the ``k = int(select_topk * nonzero)`` largest,
+    across the models (population variance, computed as ``sum_{i<j} (tau_i - tau_j)^2 / n^2``;
+    the ``k = int(select_topk * nonzero)`` largest,
     every tie at the threshold kept), *calculate* each model's weight ``c_i`` as its task
     vector's mean square over the sum of them (equal weights when all are 0), *erase* the entries
     whose sign disagrees with the sign of ``sum_i tau_i``, and take the weighted mean of the rest:
@@ -177,12 +178,12 @@ def sce_merge(
     deltas = _task_vectors("sce", tensors, base)
     n = len(deltas)
     if select_topk < 1:
-        mean = divide(_weighted_sum(deltas, [1.0] * n), n)
-        variance = torch.zeros_like(mean)
-        for delta in deltas:
-            variance.add_((delta - mean).square_())
-        divide(variance, n)
-        del mean
+        # n^2 times the population variance, as the sum of squared pairwise differences: 0
+        # exactly where every model agrees, and independent of the models' order when exact
+        variance = torch.zeros_like(deltas[0])
+        for i in range(n):
+            for j in range(i + 1, n):
+                variance.add_((deltas[i] - deltas[j]).square_())
         (nonzero,) = _total(layout, [torch.count_nonzero(variance).to(torch.float64)])
         k = int(select_topk * int(nonzero))
         if k == 0:
