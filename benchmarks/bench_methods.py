@@ -12,7 +12,8 @@ built by ``_common.build_models``) with ``terge.merge(models, method=NAME, seed=
 base ``models[0]``:
 
 - three models for every method (so the task-vector methods and ``model_stock`` get two task
-  vectors), except ``slerp``, which takes exactly two models;
+  vectors), except ``slerp`` and ``nuslerp``, which take exactly two models, and ``nearswap``,
+  one model and the base;
 - one untimed warm-up call, then ``--repeat`` measured calls; the base's weights are restored from
   a pristine copy before every call (outside the timing), so each call merges the same inputs
   (an in-place merge otherwise moves the base towards the others call after call);
@@ -54,8 +55,9 @@ from _common import (
     source_revision,
 )
 
-MODELS_FOR = {"slerp": 2}
-"""Number of models per method when not the default three (slerp merges exactly two)."""
+MODELS_FOR = {"slerp": 2, "nuslerp": 2, "nearswap": 2}
+"""Number of models per method when not the default three (slerp and nuslerp merge exactly two,
+nearswap one model into the base)."""
 DEFAULT_MODELS = 3
 WORKER_TIMEOUT_S = 3600
 
@@ -175,7 +177,7 @@ def report(data: dict[str, Any]) -> str:
         rows.append(
             [
                 f"`{name}`",
-                str(result["models"]) + (" (exactly 2)" if name in MODELS_FOR else ""),
+                str(result["models"]) + (f" (exactly {MODELS_FOR[name]})" if name in MODELS_FOR else ""),
                 fmt_seconds(result["seconds"]),
                 fmt_ratio(relative),
                 fmt_mib(result.get("extra_peak_mib")),

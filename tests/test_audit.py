@@ -542,3 +542,33 @@ def test_verify_tolerance_on_the_command_line(capsys, folders):
     assert code == 0, out
     code, _, err = run(capsys, "lineage", "verify", "m", "--merged", "m", "--atol", "-1")
     assert code == 2 and "--atol: must be a finite number >= 0" in err
+
+
+NEWER = [
+    "della",
+    "della_linear",
+    "sce",
+    "breadcrumbs_ties",
+    "magmax",
+    "consensus",
+    "pcb",
+    "multislerp",
+    "karcher",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    terge.methods.nuslerp(flatten=False, task_vectors=True),
+]
+
+
+@pytest.mark.parametrize("method", NEWER)
+def test_the_newer_methods_verify(folders, method):
+    # Their settings (strings and flags too) recompute every tensor bit for bit.
+    count = 2 if not isinstance(method, str) else 3
+    terge.merge(folders[:count], base="p", method=method, seed=5, out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
+
+
+def test_nearswap_verifies(folders):
+    terge.merge(folders[:1], base="p", method=terge.methods.nearswap(t=0.5), out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []

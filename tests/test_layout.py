@@ -10,8 +10,9 @@ floor wings                                    what they are
 0     errors, _version                         the exceptions; the one version string
 1     patterns, layers, sharding, kernels      name patterns; block indices; DTensors; the
                                                hot loops
-2     layerwise, io                            per-layer values; reading and writing
-                                               checkpoints
+2     layerwise, io, families                  per-layer values; reading and writing
+                                               checkpoints; the newer methods' arithmetic
+                                               (pure tensor functions, below the registry)
 3     sources, methods, lineage                models as named tensors; the merge methods;
                                                the lineage record
 4     types, plan                              merge()'s argument types; the plan (what
@@ -53,7 +54,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "terge"
 FLOORS: list[set[str]] = [
     {"errors", "_version"},
     {"patterns", "layers", "sharding", "kernels"},
-    {"layerwise", "io"},
+    {"layerwise", "io", "families"},
     {"sources", "methods", "lineage"},
     {"types", "plan"},
     {"execute", "digests"},

@@ -550,7 +550,7 @@ def test_resolve_gives_the_defaults(name):
 
 
 def test_registry_lists_every_method():
-    assert list(REGISTRY) == list(DEFAULTS)
+    assert list(REGISTRY)[: len(DEFAULTS)] == list(DEFAULTS)  # the newer: tests/families
 
 
 def test_settings_record_the_given_values_as_floats():

@@ -304,6 +304,8 @@ def run_step(
             reference,
             seed,
             layout or Layout.whole(destination.shape),
+            name=step.name,
+            contributors=step.contributors,
         )
     except Exception as error:
         if step.method.builtin:

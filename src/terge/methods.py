@@ -29,10 +29,11 @@ compiled loops straight from the inputs as stored (a method's ``into``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
+from .families import elementwise, spherical, statistics, subspace
 from .kernels import ChunkBuffers, linear_combine
 from .kernels.cpu import ranges, run
 from .kernels.fastmethods import merge_into
@@ -61,15 +63,33 @@ __all__ = [
     "MethodInfo",
     "arithmetic",
     "breadcrumbs",
+    "breadcrumbs_ties",
+    "consensus",
     "custom",
     "dare_linear",
     "dare_ties",
+    "della",
+    "della_linear",
+    "fisher",
+    "fisher_diagonals",
+    "gram_matrices",
+    "iso_c",
+    "iso_cts",
+    "karcher",
+    "magmax",
     "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "pcb",
     "readme_table",
+    "regmean",
     "resolve",
+    "sce",
     "slerp",
     "task_arithmetic",
     "ties",
+    "tsv_m",
 ]
 
 MethodFunction = Callable[..., torch.Tensor]
@@ -115,6 +135,9 @@ class Method:
     """Only the ratios of the weights matter (weights scaled by a positive number give the same
     result): the method is given the weights as given, not normalised to inexact values, so
     ``(a + b + c) / 3`` is not computed as ``a/3 + b/3 + c/3``."""
+    named: bool = False
+    """``function`` takes ``name=``, the parameter's name, and ``contributors=``, the indices
+    (into ``models``) of the models its tensors come from: for statistics kept per parameter."""
     builtin: bool = field(default=False, compare=False)
     """Made by one of terge's factories (a user's own method may raise anything, which terge
     re-raises as :class:`~terge.errors.MethodError`)."""
@@ -126,14 +149,20 @@ class Method:
         base: torch.Tensor | None,
         seed: int | None = None,
         layout: Layout | None = None,
+        name: str | None = None,
+        contributors: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Merge ``tensors``; ``seed`` seeds a random method (``None``: drawn from torch's global
-        generator), ``layout`` tells a layout-aware one where the tensors lie (``None``: whole)."""
+        generator), ``layout`` tells a layout-aware one where the tensors lie (``None``: whole),
+        ``name`` and ``contributors`` tell a named one which parameter of which models."""
         options: dict[str, Any] = {}
         if self.random:
             options["seed"] = seed
         if self.layout_aware:
             options["layout"] = layout
+        if self.named:
+            options["name"] = name
+            options["contributors"] = contributors
         return self.function(tensors, weights, base, **options, **self.settings)
 
     def merge_into(
@@ -1163,6 +1192,397 @@ def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
     )
 
 
+# --- the newer methods (their arithmetic lives in terge.families) ---------------------------------
+
+_DELLA = "https://arxiv.org/abs/2406.11617"
+_SCE = "https://arxiv.org/abs/2408.07990"
+_MAGMAX = "https://arxiv.org/abs/2407.06322"
+_TALL = "https://arxiv.org/abs/2405.07813"
+_PCB = "https://arxiv.org/abs/2410.02396"
+_NEARSWAP = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
+_MULTISLERP = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
+_KARCHER = "https://en.wikipedia.org/wiki/Karcher_mean"
+_TSV = "https://arxiv.org/abs/2412.00081"
+_ISO = "https://arxiv.org/abs/2502.04959"
+_FALLBACKS = ("mean", "sum")
+
+
+def _each(value: Any) -> tuple[float, ...]:
+    """Every value a (possibly per-layer) setting can take."""
+    if isinstance(value, ByLayer):
+        return (*value.values, *(() if value.other is None else (value.other,)))
+    return (value,)
+
+
+def _check_in(
+    method: str, setting: str, value: Any, low: float, high: float, interval: str
+) -> float:
+    number = _real(method, setting, value)
+    inside = {
+        "(]": low < number <= high,
+        "[]": low <= number <= high,
+        "()": low < number < high,
+        "[)": low <= number < high,
+    }[interval]
+    if not inside:
+        shown = f"{interval[0]}{low:g}, {high:g}{interval[1]}".replace("inf", "∞")
+        raise MergeArgumentError(f"{method}: {setting} must be in {shown}, got {value!r}.")
+    return number
+
+
+def _ranged(method: str, setting: str, value: Any, low: float, high: float, interval: str) -> Any:
+    """A real setting in an interval, or a ``by_layer`` value all of whose values are."""
+    if isinstance(value, ByLayer):
+        return value.checked(lambda v: _check_in(method, setting, v, low, high, interval))
+    return _check_in(method, setting, value, low, high, interval)
+
+
+def _count(method: str, setting: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise MergeArgumentError(
+            f"{method}: {setting} must be an integer of at least {low}, got {value!r}."
+        )
+    return int(value)
+
+
+def _della(name: str, density: Any, epsilon: Any, scale: Any, consensus: bool) -> Method:
+    density_ = _ranged(name, "density", density, 0, 1, "(]")
+    epsilon_ = _ranged(name, "epsilon", epsilon, 0, 1, "[)")
+    for d in _each(density_):
+        for e in _each(epsilon_):
+            if not (d - e > 0 and d + e <= 1):
+                raise MergeArgumentError(
+                    f"{name}: density - epsilon must be above 0 and density + epsilon at most 1 "
+                    f"(they bound the keep probabilities), got density={d!r}, epsilon={e!r}."
+                )
+    settings = {"density": density_, "epsilon": epsilon_, "scale": _check_scale(name, scale)}
+    return Method(
+        name,
+        partial(elementwise.della_merge, consensus=consensus),
+        settings=settings,
+        task_vectors=True,
+        needs_base=True,
+        random=True,
+        paper=_DELLA,
+        builtin=True,
+    )
+
+
+def della(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1.0) -> Method:
+    """DELLA-merging (https://arxiv.org/abs/2406.11617): MagPrune, then TIES' sign election and
+    disjoint mean, then ``scale`` (λ).
+
+    MagPrune keeps each task vector entry with a probability that grows with its magnitude rank
+    within its row, from ``density - epsilon`` (the smallest) to ``density + epsilon`` (the
+    largest), and divides a kept entry by its probability, so the expectation is unchanged. The
+    draw is counter-based like DARE's, reproducible from the recorded seed. Whole rows are
+    ranked, so a sharded parameter (DTensor) is refused.
+    """
+    return _della("della", density, epsilon, scale, True)
+
+
+def della_linear(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1.0) -> Method:
+    """DELLA's MagPrune then task arithmetic, without sign election
+    (https://arxiv.org/abs/2406.11617); settings as :func:`della`."""
+    return _della("della_linear", density, epsilon, scale, False)
+
+
+def sce(*, select_topk: float = 1.0, scale: float = 1.0) -> Method:
+    """SCE (https://arxiv.org/abs/2408.07990): select, calculate, erase, as mergekit's ``sce``.
+
+    Keeps the ``select_topk`` share of entries (of those that vary at all) whose task vectors
+    vary most across the models, weights each model by its task vector's mean square, erases the
+    entries whose sign disagrees with the summed task vectors' and averages the rest. The merge
+    weights are not used. Differences from mergekit: entries tied at the selection threshold are
+    all kept, and the weights fall back to equal only when every task vector is 0 (mergekit:
+    when their sum is below 1e-6), and the disjoint mean divides wherever the agreeing weight is
+    not 0 (mergekit clamps it to 1e-6). A sharded parameter's selection and weights come from
+    histograms and sums over the shards, so it merges exactly as the whole.
+    """
+    settings = {
+        "select_topk": _ranged("sce", "select_topk", select_topk, 0, 1, "(]"),
+        "scale": _check_scale("sce", scale),
+    }
+    return Method(
+        "sce",
+        elementwise.sce_merge,
+        settings=settings,
+        task_vectors=True,
+        needs_base=True,
+        paper=_SCE,
+        layout_aware=True,
+        builtin=True,
+    )
+
+
+def breadcrumbs_ties(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0) -> Method:
+    """Model Breadcrumbs' mask, then TIES' sign election and disjoint mean (mergekit's
+    ``breadcrumbs_ties``; https://arxiv.org/abs/2312.06795, https://arxiv.org/abs/2306.01708).
+    Settings as :func:`breadcrumbs`; runs in the same compiled loops and on sharded parameters
+    as TIES does."""
+    method = breadcrumbs(density=density, gamma=gamma, scale=scale)
+    return _task_vector_method(
+        "breadcrumbs_ties", "breadcrumbs", "sign", dict(method.settings), _BREADCRUMBS
+    )
+
+
+def _elementwise_task_vectors(
+    name: str, function: MethodFunction, settings: dict[str, Any], paper: str
+) -> Method:
+    return Method(
+        name,
+        function,
+        settings=settings,
+        task_vectors=True,
+        needs_base=True,
+        paper=paper,
+        elementwise=True,
+        builtin=True,
+    )
+
+
+def magmax(*, scale: float = 1.0) -> Method:
+    """MagMax (https://arxiv.org/abs/2407.06322): every entry takes the task vector entry of the
+    largest magnitude across the models (the first model's among equals), times ``scale``.
+    The merge weights are not used. Element-wise, so it runs on sharded parameters as is."""
+    settings = {"scale": _check_scale("magmax", scale)}
+    return _elementwise_task_vectors("magmax", elementwise.magmax_merge, settings, _MAGMAX)
+
+
+def consensus(*, k: int = 2, mask_lambda: float = 0.6, scale: float = 1.0) -> Method:
+    """Consensus merging with TALL masks (https://arxiv.org/abs/2405.07813).
+
+    Task ``t``'s TALL mask keeps the entries where its task vector is at least ``mask_lambda``
+    times the rest of the summed task vectors (``|tau_t| >= mask_lambda |sum_i tau_i - tau_t|``);
+    entries kept by fewer than ``k`` masks (selfish or catastrophic weights) are removed from the
+    task arithmetic merge ``base + scale * sum_i w_i tau_i``. ``k=2`` and ``mask_lambda=0.6``
+    are the paper's and FusionBench's defaults (the paper tunes λ per task on validation data).
+    """
+    settings = {
+        "k": _count("consensus", "k", k, 0),
+        "mask_lambda": _ranged("consensus", "mask_lambda", mask_lambda, 0, math.inf, "[)"),
+        "scale": _check_scale("consensus", scale),
+    }
+    return _elementwise_task_vectors("consensus", elementwise.consensus_merge, settings, _TALL)
+
+
+def pcb(*, ratio: float = 0.1, scale: float = 1.0) -> Method:
+    """PCB-merging, parameter competition balancing (https://arxiv.org/abs/2410.02396).
+
+    Scores each task vector entry by *intra-balancing* (its magnitude within its own task
+    vector, ``exp(n * normalised^2)``) times *inter-balancing* (``tanh`` of its product with the
+    summed task vectors: agreement with the others), keeps about the top ``ratio`` of each
+    task's scores, and averages the (clipped) task vectors weighted by the normalised scores.
+    The authors' code scores the whole model as one vector; terge scores each tensor (a
+    parameter's own scale then matters, not the model's). The merge weights are not used;
+    a sharded parameter is refused (the scores' quantiles need the whole tensor).
+    """
+    settings = {
+        "ratio": _ranged("pcb", "ratio", ratio, 0, 1, "(]"),
+        "scale": _check_scale("pcb", scale),
+    }
+    return Method(
+        "pcb",
+        elementwise.pcb_merge,
+        settings=settings,
+        task_vectors=True,
+        needs_base=True,
+        paper=_PCB,
+        builtin=True,
+    )
+
+
+def nearswap(*, t: float = 0.001) -> Method:
+    """NearSwap (mergekit's ``nearswap``): one model merged into the base, taking the model's
+    value where the two are within ``t`` of each other and leaning towards the base the further
+    they are apart: ``w = min(1, t / |theta - base|)``, ``w theta + (1 - w) base``. Exactly one
+    model besides the base; its weight is not used."""
+    settings = {"t": _ranged("nearswap", "t", t, 0, math.inf, "()")}
+    method = _elementwise_task_vectors("nearswap", elementwise.nearswap_merge, settings, _NEARSWAP)
+    return dataclasses.replace(method, min_models=1, max_models=1)
+
+
+def _spherical(
+    name: str, function: MethodFunction, settings: dict[str, Any], paper: str, **flags: Any
+) -> Method:
+    task_vectors = settings["task_vectors"]
+    return Method(
+        name,
+        function,
+        settings=settings,
+        task_vectors=task_vectors,
+        needs_base=task_vectors,
+        paper=paper,
+        builtin=True,
+        **{"layout_aware": True, **flags},
+    )
+
+
+def multislerp(*, task_vectors: bool = False) -> Method:
+    """Multi-SLERP (mergekit's ``multislerp``): the weighted mean of any number of models on
+    the sphere, ``(sum_i w_i |x_i|) m / |m|`` with ``m = sum_i w_i x_i / |x_i|``, over the
+    flattened tensors (``task_vectors=True``: over ``theta_i - base``, the base added back).
+    A sharded parameter's norms are float64 sums over the shards."""
+    settings = {"task_vectors": _flag("multislerp", "task_vectors", task_vectors)}
+    return _spherical("multislerp", spherical.multislerp_merge, settings, _MULTISLERP)
+
+
+def nuslerp(*, flatten: bool = True, row_wise: bool = False, task_vectors: bool = False) -> Method:
+    """NuSLERP (mergekit's ``nuslerp``): SLERP of two models by ``t = w_2 / (w_1 + w_2)``,
+    over the flattened tensors (``flatten=True``, the default) or vector by vector along the
+    last dimension (``flatten=False``), or the first (``row_wise=True``, mergekit's
+    ``nuslerp_row_wise``); ``task_vectors=True`` interpolates ``theta_i - base``. Zero or
+    (anti)parallel vectors are interpolated linearly (mergekit slerps a zero vector as if at
+    a right angle). Flattened, it runs on sharded parameters; vector by vector it is refused."""
+    settings = {
+        "flatten": _flag("nuslerp", "flatten", flatten),
+        "row_wise": _flag("nuslerp", "row_wise", row_wise),
+        "task_vectors": _flag("nuslerp", "task_vectors", task_vectors),
+    }
+    return _spherical(
+        "nuslerp",
+        spherical.nuslerp_merge,
+        settings,
+        _MULTISLERP,
+        min_models=2,
+        max_models=2,
+        layout_aware=settings["flatten"],
+    )
+
+
+def karcher(*, max_iter: int = 10, tol: float = 1e-5, task_vectors: bool = False) -> Method:
+    """The Karcher mean (mergekit's ``karcher``; https://en.wikipedia.org/wiki/Karcher_mean):
+    the weighted Riemannian mean of the models' directions on the sphere, by up to ``max_iter``
+    gradient steps until the step is below ``tol``, scaled to their weighted mean norm. With
+    equal weights it is mergekit's definition (which ignores weights); ``task_vectors=True``
+    averages ``theta_i - base``. A sharded parameter's dot products are summed over the shards.
+    """
+    settings = {
+        "max_iter": _count("karcher", "max_iter", max_iter, 1),
+        "tol": _ranged("karcher", "tol", tol, 0, math.inf, "()"),
+        "task_vectors": _flag("karcher", "task_vectors", task_vectors),
+    }
+    return _spherical("karcher", spherical.karcher_merge, settings, _KARCHER)
+
+
+def _subspace(name: str, function: MethodFunction, settings: dict[str, Any], paper: str) -> Method:
+    settings["scale"] = _check_scale(name, settings["scale"])
+    settings["fallback"] = _choice(name, "fallback", settings["fallback"], _FALLBACKS)
+    return Method(
+        name,
+        function,
+        settings=settings,
+        task_vectors=True,
+        needs_base=True,
+        paper=paper,
+        builtin=True,
+    )
+
+
+def tsv_m(*, scale: float = 1.0, fallback: str = "mean") -> Method:
+    """TSV-M, task singular vectors merging (https://arxiv.org/abs/2412.00081): each 2-D task
+    vector keeps its top ``1/T`` singular triplets; the gathered singular vectors are
+    orthogonalised and recombined with their singular values, in float64 with
+    ``torch.linalg.svd``. Tensors that are not 2-D take ``fallback``: ``"mean"`` of the task
+    vectors (the paper's code) or their ``"sum"``, recorded in the lineage with the settings.
+    The merge weights are not used; a sharded parameter is refused."""
+    settings: dict[str, Any] = {"scale": scale, "fallback": fallback}
+    return _subspace("tsv_m", subspace.tsv_merge, settings, _TSV)
+
+
+def iso_c(*, scale: float = 1.0, fallback: str = "mean") -> Method:
+    """Iso-C (https://arxiv.org/abs/2502.04959): the 2-D sum of the task vectors with its
+    singular values all set to their mean (an isotropic spectrum), in float64 with
+    ``torch.linalg.svd``. Other tensors take ``fallback`` as in :func:`tsv_m`. The paper tunes
+    ``scale``; the merge weights are not used; a sharded parameter is refused."""
+    settings: dict[str, Any] = {"scale": scale, "fallback": fallback}
+    return _subspace("iso_c", subspace.iso_c_merge, settings, _ISO)
+
+
+def iso_cts(*, common_fraction: float = 0.8, scale: float = 1.0, fallback: str = "mean") -> Method:
+    """Iso-CTS (https://arxiv.org/abs/2502.04959): Iso-C over a common subspace (the top
+    ``common_fraction`` of the summed task vectors' directions) plus each task's own top
+    directions outside it, orthogonalised, with an isotropic spectrum. Other tensors take
+    ``fallback`` as in :func:`tsv_m`; the merge weights are not used; a sharded parameter is
+    refused."""
+    settings: dict[str, Any] = {
+        "common_fraction": _ranged("iso_cts", "common_fraction", common_fraction, 0, 1, "[]"),
+        "scale": scale,
+        "fallback": fallback,
+    }
+    return _subspace("iso_cts", subspace.iso_cts_merge, settings, _ISO)
+
+
+_FISHER = "https://arxiv.org/abs/2111.09832"
+_REGMEAN = "https://arxiv.org/abs/2212.09849"
+
+
+def _statistics(method: str, setting: str, value: Any) -> tuple[Mapping[str, torch.Tensor], ...]:
+    """Per-model statistics: a list with one mapping of parameter names to tensors per model."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise MergeArgumentError(
+            f"{method}: {setting} must be a list with one mapping (parameter name to tensor) per "
+            f"model, in the order of `models`; got {type(value).__name__}."
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise MergeArgumentError(
+                f"{method}: {setting}[{index}] must be a mapping of parameter names to tensors; "
+                f"got {type(item).__name__}."
+            )
+        for key, tensor in item.items():
+            if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+                raise MergeArgumentError(
+                    f"{method}: {setting}[{index}] must map parameter names (str) to tensors; "
+                    f"got {key!r}: {type(tensor).__name__}."
+                )
+    return tuple(value)
+
+
+def _with_statistics(
+    name: str, function: MethodFunction, settings: dict[str, Any], paper: str
+) -> Method:
+    return Method(name, function, settings=settings, paper=paper, named=True, builtin=True)
+
+
+def fisher(fishers: Sequence[Mapping[str, torch.Tensor]], *, epsilon: float = 1e-6) -> Method:
+    """Fisher merging (https://arxiv.org/abs/2111.09832): each entry the models' entries
+    weighted by their Fisher information, ``sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i +
+    epsilon)``, so each model decides the parameters it is sure of.
+
+    ``fishers`` has one mapping per model (in the order of ``models``) from parameter names to
+    Fisher diagonals of the parameter's shape, as :func:`fisher_diagonals` computes them; a
+    parameter none of them covers takes the weighted mean, and one only some cover is an error.
+    ``epsilon`` (default 1e-6, FusionBench's ``minimal_fisher_weight``) keeps an entry no model
+    is informed about at the weighted mean. The statistics are not in the lineage, so such a
+    merge is recorded as one that cannot be recomputed.
+    """
+    settings = {"epsilon": _ranged("fisher", "epsilon", epsilon, 0, math.inf, "[)")}
+    function = partial(statistics.fisher_merge, fishers=_statistics("fisher", "fishers", fishers))
+    return _with_statistics("fisher", function, settings, _FISHER)
+
+
+def regmean(grams: Sequence[Mapping[str, torch.Tensor]], *, alpha: float = 0.9) -> Method:
+    """RegMean (https://arxiv.org/abs/2212.09849): each linear layer's weight solved in closed
+    form to reproduce every model's outputs on its own inputs, ``W^T = (sum_i w_i G_i)^-1 sum_i
+    w_i G_i W_i^T`` with ``G_i`` the Gram matrix of model ``i``'s inputs to the layer.
+
+    ``grams`` has one mapping per model from a linear layer's weight name to its ``in x in``
+    Gram matrix, as :func:`gram_matrices` computes them; ``alpha`` scales their off-diagonal
+    entries (the paper's regularisation; 0.9 is its usual choice, 1 the plain least squares).
+    Parameters without Gram matrices (biases, norms, embeddings) take the weighted mean. The
+    statistics are not in the lineage, so such a merge is recorded as one that cannot be
+    recomputed.
+    """
+    settings = {"alpha": _ranged("regmean", "alpha", alpha, 0, 1, "[]")}
+    function = partial(statistics.regmean_merge, grams=_statistics("regmean", "grams", grams))
+    return _with_statistics("regmean", function, settings, _REGMEAN)
+
+
+fisher_diagonals = statistics.fisher_diagonals
+gram_matrices = statistics.gram_matrices
+
+
 # --- the registry ---------------------------------------------------------------------------------
 
 
@@ -1222,6 +1642,103 @@ REGISTRY: Mapping[str, MethodInfo] = MappingProxyType(
             "t * mean_i theta_i + (1 - t) * base",
             _MODEL_STOCK,
         ),
+        "della": MethodInfo(
+            della,
+            "p_ij = density - epsilon + 2 epsilon r_ij / (n - 1), r_ij the rank of |tau_ij| in its "
+            "row of n (ascending, ties by position); d_i = tau_i * [u_ij < p_ij] / p_ij, u_ij "
+            "uniform from (seed, i, j); then ties' sign election and disjoint mean of the d_i, "
+            "times scale",
+            _DELLA,
+        ),
+        "della_linear": MethodInfo(
+            della_linear,
+            "d_i as della's; base + scale * sum_i w_i d_i",
+            _DELLA,
+        ),
+        "sce": MethodInfo(
+            sce,
+            "keep entries whose variance across the tau_i is at least its k-th largest, k = "
+            "int(select_topk * nonzero); c_i = mean(tau_i^2) / sum_j mean(tau_j^2); a_i = "
+            "[sign(tau_i) = sign(sum_j tau_j)]; base + scale * sum_i c_i a_i tau_i / sum_i c_i a_i",
+            _SCE,
+        ),
+        "breadcrumbs_ties": MethodInfo(
+            breadcrumbs_ties,
+            "b_i as breadcrumbs'; then ties' sign election and disjoint mean of the b_i",
+            _BREADCRUMBS,
+        ),
+        "magmax": MethodInfo(
+            magmax,
+            "base + scale * tau_m, m = argmax_i |tau_i| per entry (the first among equals)",
+            _MAGMAX,
+        ),
+        "consensus": MethodInfo(
+            consensus,
+            "m_t = [|tau_t| >= mask_lambda |sum_i tau_i - tau_t|]; base + scale * "
+            "[sum_t m_t >= k] * sum_i w_i tau_i",
+            _TALL,
+        ),
+        "pcb": MethodInfo(
+            pcb,
+            "c_i = tau_i with |tau_i| clipped to its 1e-4 quantiles; b_i = exp(n norm(|c_i|)^2) "
+            "tanh(tau_i sum_j tau_j); s_i = norm(max(b_i, its int(d (1 - ratio))-th smallest)); "
+            "base + scale * sum_i s_i c_i / sum_i s_i (norm: min-max to [0, 1])",
+            _PCB,
+        ),
+        "nearswap": MethodInfo(
+            nearswap,
+            "w = min(1, t / |theta - base|); w theta + (1 - w) base (one model)",
+            _NEARSWAP,
+        ),
+        "multislerp": MethodInfo(
+            multislerp,
+            "m = sum_i w_i x_i / |x_i|; (sum_i w_i |x_i|) m / |m| (x_i = theta_i, or tau_i with "
+            "the base added back)",
+            _MULTISLERP,
+        ),
+        "nuslerp": MethodInfo(
+            nuslerp,
+            "t = w_2 / (w_1 + w_2); slerp(x_1, x_2, t) over the flattened tensors, or per vector "
+            "along the last (row_wise: first) dimension",
+            _MULTISLERP,
+        ),
+        "karcher": MethodInfo(
+            karcher,
+            "m <- exp_m(sum_i a_i W_i / sin W_i (u_i - cos W_i m)) up to max_iter times until the "
+            "step < tol, u_i = x_i / |x_i|; (sum_i w_i |x_i|) m",
+            _KARCHER,
+        ),
+        "tsv_m": MethodInfo(
+            tsv_m,
+            "2-D: tau_i = U_i S_i V_i^T, top k = max(1, int(r / T)) of each gathered; "
+            "base + scale * polar(U) diag(S) polar(V)^T; else the fallback (mean or sum of the "
+            "tau_i)",
+            _TSV,
+        ),
+        "iso_c": MethodInfo(
+            iso_c,
+            "2-D: sum_i tau_i = U S V^T; base + scale * mean(S) U V^T; else the fallback",
+            _ISO,
+        ),
+        "iso_cts": MethodInfo(
+            iso_cts,
+            "2-D: the top c directions of sum_i tau_i and the top s of each tau_i's residual, "
+            "c + T s = r; base + scale * mean(S) polar(U) polar(V)^T; else the fallback",
+            _ISO,
+        ),
+        "fisher": MethodInfo(
+            fisher,
+            "sum_i w_i (F_i + epsilon) theta_i / sum_i w_i (F_i + epsilon), F_i model i's Fisher "
+            "diagonal (given per model); without one, sum_i w_i theta_i",
+            _FISHER,
+        ),
+        "regmean": MethodInfo(
+            regmean,
+            "linear weights: W^T = (sum_i w_i G_i)^-1 sum_i w_i G_i W_i^T, G_i model i's Gram "
+            "matrix X_i^T X_i (given per model) with off-diagonals times alpha; others: "
+            "sum_i w_i theta_i",
+            _REGMEAN,
+        ),
     }
 )
 """Every named method, in the order the README's table lists them."""
@@ -1239,6 +1756,28 @@ def _paper_link(url: str | None) -> str:
     return f"[{label}]({url})"
 
 
+def _required(factory: Callable[..., Method]) -> list[str]:
+    """The arguments a factory cannot do without (the per-model statistics)."""
+    return [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _settings_shown(factory: Callable[..., Method]) -> list[str]:
+    required = _required(factory)
+    if not required:
+        return [f"`{k}={v!r}`" for k, v in factory().settings.items()]
+    optional = [
+        f"`{p.name}={p.default!r}`"
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    ]
+    return [f"`{name}` (required)" for name in required] + optional
+
+
 def readme_table() -> str:
     """The README's table of methods, rendered from :data:`REGISTRY` so the two cannot drift."""
     rows = [
@@ -1246,7 +1785,7 @@ def readme_table() -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, info in REGISTRY.items():
-        settings = ", ".join(f"`{k}={v!r}`" for k, v in info.factory().settings.items()) or "—"
+        settings = ", ".join(_settings_shown(info.factory)) or "—"
         formula = info.formula.replace("|", "\\|")
         rows.append(f"| `{name}` | {settings} | {formula} | {_paper_link(info.paper)} |")
     return "\n".join(rows) + "\n"
@@ -1263,6 +1802,13 @@ def resolve(method: Any, argument: str = "method") -> Method:
                 f"`{argument}` names an unknown merge method {method!r}; the valid names are "
                 f"{', '.join(repr(n) for n in REGISTRY)}, or pass a callable "
                 "f(tensors, weights, base) -> tensor."
+            )
+        required = _required(info.factory)
+        if required:
+            raise MergeArgumentError(
+                f"`{argument}` names the merge method {method!r}, which needs "
+                f"{', '.join(required)} (per-model statistics); pass "
+                f"terge.methods.{method}({required[0]}=[...]) instead of its name."
             )
         return info.factory()
     if callable(method):

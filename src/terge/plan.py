@@ -139,7 +139,12 @@ class Plan:
 @functools.cache
 def _registered_function(name: str) -> Any:
     info = REGISTRY.get(name)
-    return None if info is None else _function_key(info.factory().function)
+    if info is None:
+        return None
+    try:
+        return _function_key(info.factory().function)
+    except TypeError:  # a factory that needs per-model statistics: a run that cannot be redone
+        return None
 
 
 def _function_key(function: Any) -> Any:

@@ -167,7 +167,9 @@ def assert_one_error_line(code: int, out: str, err: str, expected_code: int = 2)
         (
             ["merge", "a", "b", "-o", "o", "--method", "soup"],
             "--method: unknown merge method 'soup'; the valid names are arithmetic, "
-            "task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, slerp, model_stock.",
+            "task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, slerp, model_stock, "
+            "della, della_linear, sce, breadcrumbs_ties, magmax, consensus, pcb, nearswap, "
+            "multislerp, nuslerp, karcher, tsv_m, iso_c, iso_cts, fisher, regmean.",
         ),
         (
             ["merge", "a", "b", "-o", "o", "--method", "ties:density=1.5"],

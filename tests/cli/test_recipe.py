@@ -90,7 +90,18 @@ def test_method_specs():
             "tie",
             "--method: unknown merge method 'tie' (did you mean 'ties'?); the valid names are "
             "arithmetic, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, slerp, "
-            "model_stock.",
+            "model_stock, della, della_linear, sce, breadcrumbs_ties, magmax, consensus, pcb, "
+            "nearswap, multislerp, nuslerp, karcher, tsv_m, iso_c, iso_cts, fisher, regmean.",
+        ),
+        (
+            "fisher",
+            "--method: method 'fisher' needs fishers (per-model statistics, tensors), which a "
+            "command line or recipe cannot give; merge in Python with "
+            "terge.methods.fisher(fishers=[...]).",
+        ),
+        (
+            "nuslerp:flatten=false,row_wise=true",
+            None,
         ),
         (
             "ties:dens=0.3",
@@ -119,6 +130,13 @@ def test_method_specs():
     ],
 )
 def test_bad_method_specs(spec, message):
+    if message is None:  # the newer methods' string and flag settings parse
+        assert parse_method(spec, "--method").settings == {
+            "flatten": False,
+            "row_wise": True,
+            "task_vectors": False,
+        }
+        return
     with pytest.raises(RecipeError) as caught:
         parse_method(spec, "--method")
     assert str(caught.value) == message

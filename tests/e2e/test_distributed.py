@@ -231,6 +231,31 @@ def _dtensor_scenarios(mesh) -> dict:
     merged = terge.merge([sharded(t) for t in thetas[:2]], method="slerp", weights=[0.3, 0.7])
     results["slerp"] = _mismatches(merged, expected, exact=False)
 
+    newer = {  # the newer methods: element-wise ones exactly, statistics to rounding
+        "breadcrumbs_ties": (terge.methods.breadcrumbs_ties(density=0.5, gamma=0.2), True),
+        "magmax": ("magmax", True),
+        "consensus": ("consensus", True),
+        "sce": (terge.methods.sce(select_topk=0.5), False),
+        "multislerp": (terge.methods.multislerp(task_vectors=True), False),
+        "karcher": (terge.methods.karcher(task_vectors=True), False),
+    }
+    for label, (method, exact) in newer.items():
+        expected = terge.merge(thetas, base=base, method=method)
+        merged = terge.merge([sharded(t) for t in thetas], base=sharded(base), method=method)
+        results[label] = _mismatches(merged, expected, exact)
+    expected = terge.merge(thetas[:1], base=base, method="nearswap")
+    merged = terge.merge([sharded(thetas[0])], base=sharded(base), method="nearswap")
+    results["nearswap"] = _mismatches(merged, expected)
+    expected = terge.merge(thetas[:2], method="nuslerp", weights=[0.3, 0.7])
+    merged = terge.merge([sharded(t) for t in thetas[:2]], method="nuslerp", weights=[0.3, 0.7])
+    results["nuslerp"] = _mismatches(merged, expected, exact=False)
+    for name in ("della", "pcb", "tsv_m"):
+        results[f"refused_{name}"] = _error(
+            lambda name=name: terge.merge(
+                [sharded(t) for t in thetas], base=sharded(base), method=name, seed=1
+            )
+        )
+
     def median(tensors, weights, base):
         return torch.stack(tensors).median(dim=0).values
 
@@ -395,6 +420,30 @@ def test_angles_and_cosines_over_shards_match_to_rounding(job, method):
     # Dot products summed over shards: the whole tensor's up to float64 rounding (rtol 1e-12).
     for results in job[0]:
         assert results["dtensor"][method] == []
+
+
+@needs_gloo
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "magmax", "consensus", "nearswap"])
+def test_the_newer_element_wise_methods_merge_shards_exactly(job, method):
+    for results in job[0]:
+        assert results["dtensor"][method] == []
+
+
+@needs_gloo
+@pytest.mark.parametrize("method", ["sce", "multislerp", "karcher", "nuslerp"])
+def test_the_newer_methods_statistics_over_shards_match_to_rounding(job, method):
+    for results in job[0]:
+        assert results["dtensor"][method] == []
+
+
+@needs_gloo
+@pytest.mark.parametrize("method", ["della", "pcb", "tsv_m"])
+def test_methods_that_need_whole_rows_or_matrices_refuse_shards(job, method):
+    message = job[0][0]["dtensor"][f"refused_{method}"]
+    assert message.startswith(
+        f"ShardingError: the merge method {method!r} cannot be applied to the sharded parameter"
+    )
+    assert "gather the DTensors" in message
 
 
 @needs_gloo

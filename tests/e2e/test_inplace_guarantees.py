@@ -465,3 +465,16 @@ def test_a_malformed_dropped_record_is_named(tmp_path):
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(terge.LineageError, match=r'dropped\["w"\]\[0\]\[1\]'):
         terge.load_lineage(tmp_path / "bad.json")
+
+
+def test_a_statistics_method_failing_at_a_later_tensor_leaves_the_base_whole():
+    """fisher and regmean check their statistics per tensor while merging; in place they are
+    computed before the first write, so a missing statistic at the last tensor changes nothing."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)) for _ in range(2)]
+    before = {k: v.clone() for k, v in models[0].state_dict().items()}
+    full = {"0.weight": torch.ones(3, 3), "0.bias": torch.ones(3), "1.weight": torch.ones(3, 3)}
+    partial = {"0.weight": torch.ones(3, 3), "0.bias": torch.ones(3)}
+    with pytest.raises(terge.MethodNotApplicableError, match=r"'1\.weight' has Fisher diagonals"):
+        terge.merge(models, method=terge.methods.fisher(fishers=[full, partial]), inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in models[0].state_dict().items())

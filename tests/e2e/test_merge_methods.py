@@ -139,8 +139,11 @@ def test_model_stock_needs_two_task_vectors():
 
 def test_half_precision_parameters_keep_their_dtype_under_every_method():
     models = [{k: v.bfloat16() for k, v in m.items()} for m in states(3)]
-    for name in methods.REGISTRY:
-        merged = terge.merge(models, method=name if name != "slerp" else "arithmetic", seed=0)
+    for name, info in methods.REGISTRY.items():
+        # per-model statistics (none here: the mean); slerp, nuslerp and nearswap take two
+        method = info.factory([{}] * 3) if name in ("fisher", "regmean") else name
+        count = 2 if name in ("slerp", "nuslerp", "nearswap") else 3
+        merged = terge.merge(models[:count], method=method, seed=0)
         assert merged["w"].dtype == torch.bfloat16, name
 
 

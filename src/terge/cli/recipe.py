@@ -237,6 +237,17 @@ def method_from(name: Any, settings: Mapping[str, Any], where: str) -> Method:
             f"{where}: unknown merge method {name!r}{_did_you_mean(name, REGISTRY)}; the valid "
             f"names are {', '.join(REGISTRY)}."
         )
+    needed = [
+        parameter.name
+        for parameter in inspect.signature(REGISTRY[name].factory).parameters.values()
+        if parameter.default is inspect.Parameter.empty
+    ]
+    if needed:
+        raise RecipeError(
+            f"{where}: method {name!r} needs {', '.join(needed)} (per-model statistics, tensors), "
+            f"which a command line or recipe cannot give; merge in Python with "
+            f"terge.methods.{name}({needed[0]}=[...])."
+        )
     valid = method_settings(name)
     for key in settings:
         if key not in valid:

@@ -1,0 +1,239 @@
+"""Multi-SLERP, NuSLERP and the Karcher mean against closed forms and mergekit's algorithms
+written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge.errors import MergeArgumentError, MethodNotApplicableError
+from terge.methods import REGISTRY, karcher, multislerp, nuslerp, resolve, slerp
+
+T = torch.float64
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=T)
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=T)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+# --- Multi-SLERP ----------------------------------------------------------------------------------
+
+
+def mergekit_multislerp(tensors, weights):
+    """mergekit's algorithm, tangent step included (without its eps terms)."""
+    flat = torch.stack([x.reshape(-1) for x in tensors])
+    w = torch.tensor(weights, dtype=T)
+    norms = flat.norm(dim=1, keepdim=True)
+    units = flat / norms
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    step = tangent.norm()
+    result = mean * torch.cos(step) + (tangent * torch.sin(step) / step if step > 0 else 0)
+    return (result * (norms[:, 0] * w).sum()).reshape(tensors[0].shape)
+
+
+def test_multislerp_of_orthogonal_unit_vectors():
+    merged = multislerp()([t(1, 0), t(0, 3)], [0.5, 0.5], None)
+    close(merged, t(2 / math.sqrt(2), 2 / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_multislerp_is_mergekit_s_algorithm(n):
+    tensors = [rand(4, 5, seed=i) for i in range(n)]
+    weights = [(i + 1) / (n * (n + 1) / 2) for i in range(n)]
+    close(multislerp()(tensors, weights, None), mergekit_multislerp(tensors, weights))
+
+
+def test_multislerp_on_task_vectors_adds_the_base_back():
+    base = rand(3, 4, seed=9)
+    thetas = [base + rand(3, 4, seed=i) for i in range(3)]
+    expected = base + mergekit_multislerp([x - base for x in thetas], [0.2, 0.3, 0.5])
+    close(multislerp(task_vectors=True)(thetas, [0.2, 0.3, 0.5], base), expected)
+    method = multislerp(task_vectors=True)
+    assert method.task_vectors and method.needs_base
+    with pytest.raises(MethodNotApplicableError, match=r"^multislerp: needs a base model"):
+        method(thetas, [0.2, 0.3, 0.5], None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 1000), st.integers(1, 4), st.data())
+def test_multislerp_of_one_model_is_the_model_and_order_does_not_matter(seed, n, data):
+    tensors = [rand(3, 3, seed=seed + i) for i in range(n)]
+    assert torch.equal(multislerp()(tensors[:1], [1.0], None), tensors[0])
+    weights = [1 / n] * n
+    order = data.draw(st.permutations(range(n)))
+    close(
+        multislerp()([tensors[i] for i in order], weights, None),
+        multislerp()(tensors, weights, None),
+    )
+
+
+def test_multislerp_without_a_mean_direction_is_linear_and_ignores_zero_tensors():
+    a = t(1, 2, 3)
+    assert torch.equal(multislerp()([a, -a], [0.5, 0.5], None), torch.zeros(3, dtype=T))
+    close(multislerp()([a, torch.zeros(3, dtype=T)], [0.5, 0.5], None), a * 0.5)
+
+
+# --- NuSLERP --------------------------------------------------------------------------------------
+
+
+def closed_slerp(t_, a, b):
+    cos = torch.dot(a, b) / (a.norm() * b.norm())
+    w = torch.acos(cos)
+    return (torch.sin((1 - t_) * w) * a + torch.sin(t_ * w) * b) / torch.sin(w)
+
+
+def test_nuslerp_flattened_is_slerp():
+    a, b = rand(4, 5, seed=1), rand(4, 5, seed=2)
+    merged = nuslerp()([a, b], [0.25, 0.75], None)
+    close(merged, closed_slerp(0.75, a.reshape(-1), b.reshape(-1)).reshape(4, 5))
+    close(merged, slerp()([a, b], [0.25, 0.75], None))
+    close(nuslerp()([a, b], [1.0, 3.0], None), merged)  # t = w_2 / (w_1 + w_2)
+
+
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_nuslerp_vector_by_vector(row_wise):
+    a, b = rand(4, 5, seed=3), rand(4, 5, seed=4)
+    b[1] = 2 * a[1]  # a parallel row: linear there
+    merged = nuslerp(flatten=False, row_wise=row_wise)([a, b], [0.6, 0.4], None)
+    if row_wise:  # along the first dimension: each column
+        expected = torch.stack([closed_slerp(0.4, a[:, j], b[:, j]) for j in range(5)], dim=1)
+    else:
+        rows = [closed_slerp(0.4, a[i], b[i]) for i in range(4)]
+        rows[1] = 0.6 * a[1] + 0.4 * b[1]
+        expected = torch.stack(rows)
+    close(merged, expected)
+
+
+def test_nuslerp_zero_vectors_are_interpolated_linearly():
+    a, b = t(0, 0, 0), t(1, 2, 3)
+    close(nuslerp()([a, b], [0.5, 0.5], None), b * 0.5)
+
+
+def test_nuslerp_takes_exactly_two_models_and_flattened_runs_on_shards():
+    method = nuslerp()
+    assert (method.min_models, method.max_models) == (2, 2) and method.layout_aware
+    assert not nuslerp(flatten=False).layout_aware
+    with pytest.raises(MethodNotApplicableError, match=r"^nuslerp: interpolates exactly two"):
+        method([t(1.0)] * 3, [1 / 3] * 3, None)
+
+
+def test_nuslerp_on_task_vectors():
+    base = rand(6, seed=0)
+    a, b = base + rand(6, seed=1), base + rand(6, seed=2)
+    merged = nuslerp(task_vectors=True)([a, b], [0.5, 0.5], base)
+    close(merged, base + closed_slerp(0.5, a - base, b - base))
+
+
+# --- Karcher --------------------------------------------------------------------------------------
+
+
+def test_karcher_of_two_is_the_geodesic_midpoint():
+    a, b = rand(10, seed=1), rand(10, seed=2)
+    merged = karcher(max_iter=50, tol=1e-12)([a, b], [0.5, 0.5], None)
+    ua, ub = a / a.norm(), b / b.norm()
+    close(merged, (ua + ub) / (ua + ub).norm() * (a.norm() + b.norm()) / 2)
+
+
+def test_karcher_of_orthonormal_vectors_by_symmetry():
+    e = torch.eye(3, dtype=T)
+    merged = karcher()(list(e), [1 / 3] * 3, None)
+    close(merged, torch.ones(3, dtype=T) / math.sqrt(3))
+
+
+def test_karcher_weighted_converges_to_the_weighted_geodesic_point():
+    # On a great circle the weighted Karcher mean of two points is at the weighted angle.
+    a, b = t(1, 0), t(0, 2)
+    merged = karcher(max_iter=100, tol=1e-14)([a, b], [0.75, 0.25], None)
+    angle = 0.25 * math.pi / 2
+    close(merged, t(math.cos(angle), math.sin(angle)) * (0.75 * 1 + 0.25 * 2))
+
+
+def test_karcher_one_model_zero_tensors_and_max_iter():
+    a = rand(5, seed=3)
+    assert torch.equal(karcher()([a], [1.0], None), a)
+    zero = torch.zeros(5, dtype=T)
+    assert torch.equal(karcher()([zero, zero], [0.5, 0.5], None), zero)
+    close(karcher()([a, zero], [0.5, 0.5], None), a * 0.5)  # direction a, half its norm
+    many = [rand(5, seed=i) for i in range(3)]
+    one = karcher(max_iter=1)(many, [1 / 3] * 3, None)
+    assert not torch.equal(one, karcher(max_iter=30, tol=1e-15)(many, [1 / 3] * 3, None))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_iter": 0}, r"max_iter must be an integer of at least 1, got 0\."),
+        ({"max_iter": 2.5}, r"max_iter must be an integer of at least 1, got 2\.5\."),
+        ({"tol": 0}, r"tol must be in \(0, ∞\), got 0\."),
+        ({"tol": math.nan}, r"tol must be in \(0, ∞\), got nan\."),
+        ({"task_vectors": 1}, r"task_vectors must be True or False; got 1\."),
+    ],
+)
+def test_karcher_settings_are_checked(options, message):
+    with pytest.raises(MergeArgumentError, match=f"^karcher: {message}$"):
+        karcher(**options)
+
+
+@pytest.mark.parametrize("factory", [multislerp, nuslerp])
+def test_flags_must_be_booleans(factory):
+    with pytest.raises(MergeArgumentError, match=r"task_vectors must be True or False; got 'no'"):
+        factory(task_vectors="no")
+
+
+# --- all of them ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["multislerp", "nuslerp", "karcher"])
+def test_through_merge_with_and_without_a_base(name):
+    assert REGISTRY[name].paper
+    models = [
+        {"w": rand(4, 6, seed=i).float(), "b": rand(6, seed=10 + i).float()} for i in range(3)
+    ]
+    contributors = models[:2] if name == "nuslerp" else models
+    merged, lineage = terge.merge(contributors, method=name, lineage=True)
+    method = resolve(name)
+    n = len(contributors)
+    for key in ("w", "b"):
+        expected = method([m[key].double() for m in contributors], [1 / n] * n, None)
+        assert torch.equal(merged[key], expected.float())
+        assert lineage[key].settings == dict(method.settings)
+    on_tasks = getattr(terge.methods, name)(task_vectors=True)
+    merged = terge.merge(models[1:], base=models[0], method=on_tasks)
+    expected = on_tasks([m["w"].double() for m in models[1:]], [0.5, 0.5], models[0]["w"].double())
+    assert torch.equal(merged["w"], expected.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["multislerp", "nuslerp", "karcher"])
+def test_on_the_gpu_as_on_the_cpu(name):
+    tensors = [rand(16, 12, seed=i) for i in range(2 if name == "nuslerp" else 3)]
+    weights = [1 / len(tensors)] * len(tensors)
+    method = resolve(name)
+    cpu = method(tensors, weights, None)
+    gpu = method([x.cuda() for x in tensors], weights, None)
+    close(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("task_vectors", [False, True])
+@pytest.mark.parametrize("factory", [multislerp, nuslerp, karcher])
+def test_inputs_are_left_alone(factory, task_vectors):
+    tensors = [rand(3, 4, seed=i) for i in range(2)]
+    base = rand(3, 4, seed=7)
+    copies = [x.clone() for x in (*tensors, base)]
+    factory(task_vectors=task_vectors)(tensors, [0.5, 0.5], base)
+    assert all(torch.equal(x, y) for x, y in zip((*tensors, base), copies, strict=True))
