@@ -347,14 +347,18 @@ class Average:
         groups: dict[tuple[int, int], list[tuple[_Entry, torch.Tensor]]] = {}
         single: list[_Entry] = []
         copied: list[_Entry] = []
-        for entry in self._entries:
-            data = self._check_tensor(entry, self._tensor(entry))
+        checked = [(e, self._check_tensor(e, self._tensor(e))) for e in self._entries]
+        # Batched tensors are shared out between the threads whole, one call for all: a tensor
+        # is batched unless it is large enough to unbalance the threads (then it is split).
+        total = sum(data.numel() for entry, data in checked if entry.averaged)
+        largest = max(kernel_cpu.PER_THREAD, total // (4 * max(1, torch.get_num_threads())))
+        for entry, data in checked:
             if not entry.averaged:
                 copied.append(entry)
             elif (
                 batchable
                 and entry.sharding is None
-                and data.numel() < kernel_cpu.PER_THREAD
+                and data.numel() < largest
                 and data.numel() > 0
                 and kernel_cpu.plain(data)
                 and kernel_cpu.plain(entry.shadow)
