@@ -225,7 +225,9 @@ def test_the_lineage_is_the_plan_recorded():
     assert lineage.skipped == {"steps": reasons.ONE_MODEL}
     ties = plan_of(trio(), method="ties").lineage()["w"]
     assert ties.coefficients == (1.0, 1.0) and ties.divisor == 2.0  # its weights as given
-    other = plan_of(trio(), method="task_arithmetic").lineage()["w"]
+    summed = plan_of(trio(), method="task_arithmetic").lineage()["w"]
+    assert summed.coefficients == (1.0, 1.0) and summed.divisor == 2.0  # divides its sum once
+    other = plan_of(trio(), method="magmax").lineage()["w"]
     assert other.coefficients is None and other.divisor is None  # given the normalised weights
 
 

@@ -524,7 +524,7 @@ class _Checker:
             problems.append(f"it records a seed, but {entry[0]} is not random")
         coefficients = getattr(entry, "coefficients", None)
         divisor = getattr(entry, "divisor", None)
-        if not (method.streaming or method.ratios):  # the methods given the weights as given
+        if not (method.streaming or method.ratios or method.divides):  # given as given
             if coefficients is not None or divisor is not None:
                 problems.append(
                     f"it records coefficients or a divisor, which {entry[0]} does not use"

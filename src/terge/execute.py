@@ -287,6 +287,7 @@ def run_step(
             local(base.get(step.name)).detach() if step.uses_base else None,
             seed,
             scratch=buffers,
+            divisor=step.method_divisor,
         )
     ):  # computed straight from the inputs as stored (whole CPU tensors, compiled loops)
         return
@@ -306,6 +307,7 @@ def run_step(
             layout or Layout.whole(destination.shape),
             name=step.name,
             contributors=step.contributors,
+            divisor=step.method_divisor,
         )
     except Exception as error:
         if step.method.builtin:

@@ -135,6 +135,11 @@ class Method:
     """Only the ratios of the weights matter (weights scaled by a positive number give the same
     result): the method is given the weights as given, not normalised to inexact values, so
     ``(a + b + c) / 3`` is not computed as ``a/3 + b/3 + c/3``."""
+    divides: bool = False
+    """The result is a weighted sum (task arithmetic's ``sum_i w_i tau_i``): when normalising by
+    a positive sum, the method is given the weights as given and ``divisor=``, their sum, and
+    divides the weighted sum once, so ``(a + b + c) / 3`` is not computed as
+    ``a/3 + b/3 + c/3`` (whose rounding error can land a half-way case on the wrong side)."""
     named: bool = False
     """``function`` takes ``name=``, the parameter's name, and ``contributors=``, the indices
     (into ``models``) of the models its tensors come from: for statistics kept per parameter."""
@@ -151,13 +156,17 @@ class Method:
         layout: Layout | None = None,
         name: str | None = None,
         contributors: Sequence[int] | None = None,
+        divisor: float | None = None,
     ) -> torch.Tensor:
         """Merge ``tensors``; ``seed`` seeds a random method (``None``: drawn from torch's global
         generator), ``layout`` tells a layout-aware one where the tensors lie (``None``: whole),
-        ``name`` and ``contributors`` tell a named one which parameter of which models."""
+        ``name`` and ``contributors`` tell a named one which parameter of which models, and
+        ``divisor`` one that :attr:`divides` what to divide its weighted sum by."""
         options: dict[str, Any] = {}
         if self.random:
             options["seed"] = seed
+        if self.divides:
+            options["divisor"] = divisor
         if self.layout_aware:
             options["layout"] = layout
         if self.named:
@@ -173,13 +182,16 @@ class Method:
         base: torch.Tensor | None,
         seed: int | None = None,
         scratch: object | None = None,
+        divisor: float | None = None,
     ) -> bool:
         """Merge whole ``tensors`` (as stored) straight into ``destination`` with :attr:`into`,
         float64 accumulation; ``False`` where it does not apply (then call the method).
         ``scratch`` identifies one merge's scratch memory, reused from tensor to tensor."""
         if self.into is None:
             return False
-        options = {"seed": seed} if self.random else {}
+        options: dict[str, Any] = {"seed": seed} if self.random else {}
+        if self.divides:
+            options["divisor"] = divisor
         return self.into(
             destination, tensors, weights, base, scratch=scratch, **options, **self.settings
         )
@@ -397,6 +409,11 @@ def _divide(tau: torch.Tensor, density: float) -> torch.Tensor:
     return tau.div_(density)
 
 
+def _divided(total: torch.Tensor, divisor: float | None) -> torch.Tensor:
+    """A weighted sum divided once by its weights' sum (``None``: weights already as wanted)."""
+    return total if divisor is None or divisor == 1 else _divide(total, divisor)
+
+
 def _whole_only(name: str, option: str, layout: Layout) -> None:
     """Refuse an option that ranks the whole tensor on a sharded parameter."""
     if layout.sharded:
@@ -498,6 +515,7 @@ def _task_vector_merge(
     rescale: str | None = None,
     elect: str = "task_vector",
     disjoint_mean: bool = True,
+    divisor: float | None = None,
 ) -> torch.Tensor:
     """``base + scale * combine_i(w_i, sparsify(tau_i))``: the core of every task-vector method.
 
@@ -515,6 +533,10 @@ def _task_vector_merge(
     (``"none"``); ``elect="weighted"`` counts a model as agreeing where ``w_i tau_i`` (not
     ``tau_i``) has the elected sign; ``disjoint_mean=False`` sums the agreeing weighted task
     vectors without dividing by their weights (mergekit's ``normalize: false``).
+
+    ``divisor`` (where the combination is a weighted sum: no sign consensus, or one without the
+    disjoint mean) divides the weighted sum once: the weights are then as given, not
+    normalised to inexact values (see :attr:`Method.divides`).
     """
     if base is None:
         raise MethodNotApplicableError(f"{name}: needs a base model to take task vectors from.")
@@ -560,7 +582,7 @@ def _task_vector_merge(
         merged = torch.zeros_like(base)
         for position, (theta, weight) in enumerate(zip(tensors, weights, strict=True)):
             merged.add_(sparsified(theta, position).mul_(weight))
-        return base + merged.mul_(scale)
+        return base + _divided(merged, divisor).mul_(scale)
 
     # TIES (https://arxiv.org/abs/2306.01708): the sign with the larger weighted mass wins (a tie
     # counts as +), and each entry is the weighted mean of the task vectors that agree with it.
@@ -582,7 +604,7 @@ def _task_vector_merge(
             denominator.add_(agrees.to(base.dtype).mul_(weight))
     del deltas
     if denominator is None:  # the sum of the agreeing weighted task vectors
-        return base + numerator.mul_(scale)
+        return base + _divided(numerator, divisor).mul_(scale)
     # Where no model agrees the numerator is 0 too; where agreeing weights cancel (only possible
     # with unnormalised signed weights) the weighted sum stands, as in mergekit.
     merged = torch.where(denominator != 0, numerator / denominator, numerator)
@@ -612,6 +634,7 @@ def _task_vector_method(
         paper=paper,
         layout_aware=True,
         ratios=consensus == "sign" and bool(settings.get("disjoint_mean", True)),
+        divides=consensus is None or not settings.get("disjoint_mean", True),
         builtin=True,
     )
 

@@ -54,9 +54,22 @@ class Step:
     def method_weights(self) -> tuple[float, ...]:
         """The weights the method is given: as given (the coefficients) to a method where only
         their ratios matter, when normalising by a positive sum; else the normalised ones."""
-        if self.method.ratios and self.divisor is not None and self.divisor > 0:
+        if self.method_divides or (
+            self.method.ratios and self.divisor is not None and self.divisor > 0
+        ):
             return self.coefficients
         return self.weights
+
+    @property
+    def method_divides(self) -> bool:
+        """Whether the method divides its weighted sum by :attr:`divisor` itself (see
+        ``Method.divides``): normalising by a positive sum."""
+        return self.method.divides and self.divisor is not None and self.divisor > 0
+
+    @property
+    def method_divisor(self) -> float | None:
+        """The ``divisor=`` a method that divides is given (``None``: weights as given)."""
+        return self.divisor if self.method_divides else None
 
     sharded: bool = False
     """The tensors are DTensors, merged shard by shard (not recorded: the lineage is the same)."""
@@ -66,7 +79,8 @@ class Step:
         settings = dict(self.method.settings)
         if self.method.random:
             settings["seed"] = self.seed
-        given = self.method.streaming or self.method.ratios  # computed from the weights as given
+        # computed from the weights as given
+        given = self.method.streaming or self.method.ratios or self.method.divides
         return LineageEntry(
             self.method.name,
             list(zip(self.contributors, self.weights)),

@@ -210,3 +210,41 @@ def test_ties_disjoint_mean_of_equal_weights_rounds_half_way_points_right(
     configured = getattr(methods, method)(density=1.0)
     merged = terge.merge(models, method=configured, seed=0)
     assert torch.equal(merged["w"], exact.float())
+
+
+SUM_METHODS = {
+    "task_arithmetic": lambda: methods.task_arithmetic(),
+    "dare_linear": lambda: methods.dare_linear(density=1.0),
+    "breadcrumbs": lambda: methods.breadcrumbs(density=1.0, gamma=0.0),
+    "ties without the disjoint mean": lambda: methods.ties(density=1.0, disjoint_mean=False),
+}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("method", sorted(SUM_METHODS))
+@pytest.mark.parametrize("weights", [None, [1, 2, 3]], ids=["equal", "unequal"])
+def test_weighted_sums_divide_once_at_half_way_points(method, weights, kernels, monkeypatch):
+    """The task-vector methods whose combination is a weighted sum are given the weights as
+    given and divide the sum once by their total (issue #17): at exact float32 half-way points,
+    sum_i (w_i / W) tau_i with w_i / W rounded (1/3, 1/6) lands on the wrong side in a third
+    or more of the entries; (sum_i w_i tau_i) / W rounds once, to even."""
+    monkeypatch.setenv("TERGE_KERNELS", kernels)
+    generator = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(4096, generator=generator, dtype=torch.float64)).float()
+    if weights is None:  # (a + x + 2x) / 3 = x + 2**-24
+        a = torch.full_like(x, 1.5 * 2.0**-23)
+        thetas = [a, x, 2 * x]
+        exact = (a.double() + 3 * x.double()) / 3
+    else:  # (a + 2x + 3x) / 6 = x + 2**-24 with a = x + 3 * 2**-23
+        a = x + 3 * 2.0**-23
+        thetas = [a, x, x]
+        exact = (a.double() + 5 * x.double()) / 6
+    assert torch.equal(exact, x.double() + 2.0**-24)  # every entry a half-way point
+    models = [{"w": torch.zeros_like(x)}, *({"w": theta} for theta in thetas)]
+    given = None if weights is None else [0, *weights]  # the base contributes nothing
+    merged, lineage = terge.merge(
+        models, method=SUM_METHODS[method](), weights=given, seed=0, lineage=True
+    )
+    assert torch.equal(merged["w"], exact.float())
+    recorded = lineage.entries["w"] if hasattr(lineage, "entries") else lineage["w"]
+    assert recorded.divisor == (3.0 if weights is None else 6.0)

@@ -131,13 +131,13 @@ def test_a_seed_on_a_method_that_is_not_random_and_doubled_models_fail(folders):
 
 
 def test_coefficients_on_a_method_that_does_not_use_them_fail(folders):
-    terge.merge(folders, method="task_arithmetic", seed=0, out="m")
+    terge.merge(folders, method="magmax", seed=0, out="m")
     edit(
         "m/lineage.json",
         lambda d: d["merged"]["norm.bias"].update(coefficients=[1, 1], divisor=2),
     )
     assert verify_lineage(load_lineage("m"), "m") == [
-        ("norm.bias", "it records coefficients or a divisor, which task_arithmetic does not use")
+        ("norm.bias", "it records coefficients or a divisor, which magmax does not use")
     ]
 
 

@@ -83,31 +83,45 @@ def inputs(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[
     return tensors
 
 
-def reference(method, destination_dtype, base, tensors, weights, seed) -> torch.Tensor:
+def reference(method, destination_dtype, base, tensors, weights, seed, divisor=None):
     """What execute.run_step computes without the compiled loops."""
-    result = method([t.double() for t in tensors], weights, base.double(), seed)
+    result = method([t.double() for t in tensors], weights, base.double(), seed, divisor=divisor)
     out = torch.empty(base.shape, dtype=destination_dtype)
     kernels.store_whole(out, result, kernels.ChunkBuffers(torch.float64))
     return out
 
 
-def fast(method, destination_dtype, base, tensors, weights, seed, inplace) -> torch.Tensor:
+def fast(method, destination_dtype, base, tensors, weights, seed, inplace, divisor=None):
     if inplace:
         destination = base = base.clone()
     else:
         destination = torch.empty(base.shape, dtype=destination_dtype)
-    assert method.merge_into(destination, tensors, weights, base, seed)
+    assert method.merge_into(destination, tensors, weights, base, seed, divisor=divisor)
     return destination
 
 
-def check(name, numel, dtypes, out_dtype, seed, kind, density, gamma, scale, weights, inplace):
+def check(
+    name,
+    numel,
+    dtypes,
+    out_dtype,
+    seed,
+    kind,
+    density,
+    gamma,
+    scale,
+    weights,
+    inplace,
+    divisor=None,
+):
     method = method_of(name, density, gamma, scale)
     base, *tensors = inputs(numel, dtypes, seed, kind)
     if inplace:
         out_dtype = base.dtype
     weights = weights[: len(tensors)]
-    expected = reference(method, out_dtype, base, tensors, weights, seed)
-    got = fast(method, out_dtype, base, tensors, weights, seed, inplace)
+    divisor = divisor if method.divides else None  # the sign consensus takes ratios instead
+    expected = reference(method, out_dtype, base, tensors, weights, seed, divisor)
+    got = fast(method, out_dtype, base, tensors, weights, seed, inplace, divisor)
     assert same_bits(got, expected)
 
 
@@ -134,17 +148,35 @@ BOUNDARIES = [127, 128, 129, 1023, 1024, 1025, 2047, 2048, 2049]
     equal=st.booleans(),
     inplace=st.booleans(),
     same=st.booleans(),
+    divisor=st.sampled_from([None, 3.0, 4.0, 0.1, 2.0**-1030, 6.5e307]),
 )
 def test_equals_the_reference_bit_for_bit(
-    name, numel, dtypes, out_dtype, seed, kind, density, gamma, scale, weights, equal, inplace, same
+    name,
+    numel,
+    dtypes,
+    out_dtype,
+    seed,
+    kind,
+    density,
+    gamma,
+    scale,
+    weights,
+    equal,
+    inplace,
+    same,
+    divisor,
 ):
-    """Every dtype mix, 1 to 5 models, awkward values, into a fresh tensor or the base itself."""
+    """Every dtype mix, 1 to 5 models, awkward values, into a fresh tensor or the base itself;
+    the weighted sums divided once by a divisor (by a power of two, a subnormal one too, as a
+    product with its exact inverse) or not."""
     if same:  # one dtype for all: float32 runs the loops straight from the inputs
         dtypes = [dtypes[0]] * len(dtypes)
         out_dtype = dtypes[0]
     if equal:  # normalised equal weights: with two models, TIES divides by powers of two
         weights = [1 / (len(dtypes) - 1)] * 5
-    check(name, numel, dtypes, out_dtype, seed, kind, density, gamma, scale, weights, inplace)
+    check(
+        name, numel, dtypes, out_dtype, seed, kind, density, gamma, scale, weights, inplace, divisor
+    )
 
 
 @needs_loops
@@ -241,6 +273,22 @@ def test_equal_power_of_two_weights_multiply_and_others_divide():
     assert fastmethods._exact_denominators((1.0, -2.0))  # 0, 1, -2, -1
     assert not fastmethods._exact_denominators((1 / 3,) * 3)
     assert not fastmethods._exact_denominators((0.5,) * 9)  # too many to check: divide
+
+
+@needs_loops
+def test_the_sign_consensus_takes_no_divisor():
+    """A divisor with TIES' disjoint mean would be silently ignored by the loops: refused."""
+    base, *tensors = inputs(64, [torch.float32] * 3, 0, 1)
+    with pytest.raises(ValueError, match="the sign consensus takes no divisor"):
+        fastmethods.merge_into(
+            base.clone(),
+            tensors,
+            [1.0, 1.0],
+            base,
+            sparsification=None,
+            consensus="sign",
+            divisor=2.0,
+        )
 
 
 @needs_loops

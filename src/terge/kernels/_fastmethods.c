@@ -8,7 +8,7 @@
  *     d_i = t_i where kept, else +0  (kept: magnitude bits in [lo_i, hi_i), the trims'
  *                                     thresholds; DARE: the draw below density, d_i = t_i / density)
  *     e   = ((0 + d_0 w_0) + d_1 w_1) + ...         (each product rounded: never an FMA)
- *     no consensus:  m = e
+ *     no consensus:  m = e, or e / D once with D the weights' sum when they are given as given
  *     sign:          a_i = e >= 0 ? d_i > 0 : d_i < 0
  *                    p = (0 + (a_i ? d_i : 0) w_i) + ...,  q = (0 + (a_i ? 1 : 0) w_i) + ...
  *                    m = q != 0 ? p / q : p
@@ -360,6 +360,8 @@ typedef struct {
     int sparsify, consensus, count;
     int multiply; /* every division is by a power of two: multiply by its exact inverse instead */
     double scale, density, inverse; /* inverse: 1 / density, exact when multiply */
+    int divide; /* the weighted sum is divided once: 0 not, DIVIDE by divisor, BY_INVERSE */
+    double divisor, reciprocal; /* reciprocal: 1 / divisor, exact (a power of two) for BY_INVERSE */
     uint64_t below; /* DARE keeps entry j when mix64(key + (j + 1) GOLDEN) >> 11 < below */
     double weights[MAX_MODELS];
     uint64_t lo[MAX_MODELS], hi[MAX_MODELS], keys[MAX_MODELS];
@@ -377,6 +379,15 @@ static inline double power_of_two_inverse(double d) {
 
 static inline double quotient(double num, double den, const int multiply) {
     return multiply ? num * power_of_two_inverse(den) : num / den;
+}
+
+/* The weighted sum divided once by the weights' sum, as the reference's _divided(): by a power
+ * of two as a product with its exact inverse (the same real number, so the same rounding). */
+enum { NO_DIVIDE = 0, DIVIDE = 1, BY_INVERSE = 2 };
+static inline double divided(double e, const Spec *s, const int divide) {
+    if (divide == DIVIDE) return e / s->divisor;
+    if (divide == BY_INVERSE) return e * s->reciprocal;
+    return e;
 }
 
 /* Model i's task vector entry t at global index j, sparsified. */
@@ -414,7 +425,8 @@ static inline uint64_t agrees(double e, double d) {
 #define AT(p, k) (f32 ? (double)((const float *)(p))[k] : ((const double *)(p))[k])
 static ALWAYS_INLINE void fused(
     void *out, const void *b, const void *const *xs, Py_ssize_t m, const Spec *s, uint64_t first,
-    const int count, const int sparsify, const int consensus, const int multiply, const int f32) {
+    const int count, const int sparsify, const int consensus, const int multiply, const int divide,
+    const int f32) {
     const void *x[FUSED];
     double w[FUSED];
     for (int i = 0; i < count; i++) x[i] = xs[i], w[i] = s->weights[i];
@@ -436,6 +448,7 @@ static ALWAYS_INLINE void fused(
             }
             e = choose(den != 0, quotient(num, den, multiply), num);
         }
+        e = divided(e, s, divide);
         const double r = bk + e * scale;
         if (f32) {
             ((float *)out)[k] = (float)r;
@@ -448,26 +461,33 @@ static ALWAYS_INLINE void fused(
 typedef void (*fused_fn)(void *, const void *, const void *const *, Py_ssize_t, const Spec *,
                          uint64_t, int);
 
-#define FUSED_CASE(COUNT, SPARSIFY, CONSENSUS, MULTIPLY)                                           \
-    case SPARSIFY * 4 + CONSENSUS * 2 + MULTIPLY:                                                  \
+#define FUSED_KEY(SPARSIFY, CONSENSUS, MULTIPLY, DIVIDE)                                           \
+    (((SPARSIFY) * 4 + (CONSENSUS) * 2 + (MULTIPLY)) * 3 + (DIVIDE))
+#define FUSED_CASE(COUNT, SPARSIFY, CONSENSUS, MULTIPLY, DIVIDE)                                   \
+    case FUSED_KEY(SPARSIFY, CONSENSUS, MULTIPLY, DIVIDE):                                         \
         if (f32) {                                                                                 \
-            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, 1);               \
+            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, DIVIDE, 1);       \
         } else {                                                                                   \
-            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, 0);               \
+            fused(out, b, xs, m, s, first, COUNT, SPARSIFY, CONSENSUS, MULTIPLY, DIVIDE, 0);       \
         }                                                                                          \
         break;
+#define SUM_CASES(COUNT, SPARSIFY, MULTIPLY)                                                       \
+    FUSED_CASE(COUNT, SPARSIFY, NO_CONSENSUS, MULTIPLY, NO_DIVIDE)                                 \
+    FUSED_CASE(COUNT, SPARSIFY, NO_CONSENSUS, MULTIPLY, DIVIDE)                                    \
+    FUSED_CASE(COUNT, SPARSIFY, NO_CONSENSUS, MULTIPLY, BY_INVERSE)
 #define FUSED_CASES(COUNT, SPARSIFY)                                                               \
-    FUSED_CASE(COUNT, SPARSIFY, NO_CONSENSUS, 0)                                                   \
-    FUSED_CASE(COUNT, SPARSIFY, SIGN, 0)                                                           \
-    FUSED_CASE(COUNT, SPARSIFY, SIGN, 1)
+    SUM_CASES(COUNT, SPARSIFY, 0)                                                                  \
+    FUSED_CASE(COUNT, SPARSIFY, SIGN, 0, NO_DIVIDE)                                                \
+    FUSED_CASE(COUNT, SPARSIFY, SIGN, 1, NO_DIVIDE)
+/* py_merge refuses a divisor with the sign consensus, so every Spec has its case here */
 #define DEFINE_FUSED(COUNT)                                                                        \
     CLONED static void fused_##COUNT(void *out, const void *b, const void *const *xs,             \
                                      Py_ssize_t m, const Spec *s, uint64_t first, int f32) {       \
-        switch (s->sparsify * 4 + s->consensus * 2 + s->multiply) {                                \
+        switch (FUSED_KEY(s->sparsify, s->consensus, s->multiply, s->divide)) {                    \
             FUSED_CASES(COUNT, NO_SPARSIFY)                                                        \
             FUSED_CASES(COUNT, KEEP_RANGE)                                                         \
             FUSED_CASES(COUNT, KEEP_DRAWN)                                                         \
-            FUSED_CASE(COUNT, KEEP_DRAWN, NO_CONSENSUS, 1)                                         \
+            SUM_CASES(COUNT, KEEP_DRAWN, 1)                                                        \
         }                                                                                          \
     }
 
@@ -504,6 +524,11 @@ static void unfused(double *RESTRICT result, const double *RESTRICT b, const dou
         for (Py_ssize_t k = 0; k < m; k++) {
             e[k] = den[k] != 0 ? quotient(num[k], den[k], s->multiply) : num[k];
         }
+    }
+    if (s->divide == DIVIDE) {
+        for (Py_ssize_t k = 0; k < m; k++) e[k] = divided(e[k], s, DIVIDE);
+    } else if (s->divide == BY_INVERSE) {
+        for (Py_ssize_t k = 0; k < m; k++) e[k] = divided(e[k], s, BY_INVERSE);
     }
     for (Py_ssize_t k = 0; k < m; k++) result[k] = b[k] + e[k] * s->scale;
 }
@@ -739,7 +764,7 @@ static PyObject *py_kth_largest(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(merge_doc,
              "merge(out, out_code, base, base_code, n, first, models, codes, weights, sparsify,\n"
-             "      lows, highs, keys, density, below, consensus, scale)\n\n"
+             "      lows, highs, keys, density, below, consensus, scale, multiply, divisor)\n\n"
              "n elements of base + scale * combine_i(w_i, sparsify(model_i - base)) into out (see\n"
              "the file's comment); first is the global index of element 0 (DARE's draw).");
 
@@ -752,10 +777,27 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     Spec *s = PyMem_Calloc(1, sizeof *s);
     if (!s) return PyErr_NoMemory();
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "KiKinKOOOiOOOdKidp", &out, &out_code, &base, &base_code, &n,
+    if (!PyArg_ParseTuple(args, "KiKinKOOOiOOOdKidpd", &out, &out_code, &base, &base_code, &n,
                           &first, &models_obj, &codes_obj, &weights_obj, &s->sparsify,
                           &lows_obj, &highs_obj, &keys_obj, &s->density, &below, &s->consensus,
-                          &s->scale, &s->multiply)) {
+                          &s->scale, &s->multiply, &s->divisor)) {
+        goto done;
+    }
+    /* divisor 0: weights as given; a power of two: a product with its exact inverse */
+    s->divide = s->divisor == 0 || s->divisor == 1 ? NO_DIVIDE : DIVIDE;
+    if (s->divide && fabs(s->divisor) >= 0x1p-1022 && fabs(s->divisor) <= 0x1p1022) {
+        int exponent;
+        if (fabs(frexp(s->divisor, &exponent)) == 0.5) {
+            s->divide = BY_INVERSE;
+            s->reciprocal = power_of_two_inverse(s->divisor);
+        }
+    }
+    if (s->divide && s->consensus == SIGN) {
+        PyErr_SetString(PyExc_ValueError, "the sign consensus takes no divisor (its weights' ratios)");
+        goto done;
+    }
+    if (s->divide && !isfinite(s->divisor)) {
+        PyErr_SetString(PyExc_ValueError, "the divisor must be finite");
         goto done;
     }
     s->below = below;

@@ -47,5 +47,6 @@ def merge(
     consensus: int,
     scale: float,
     multiply: bool,
+    divisor: float,
     /,
 ) -> None: ...

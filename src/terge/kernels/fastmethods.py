@@ -74,12 +74,15 @@ def merge_into(
     density: float = 1.0,
     gamma: float = 0.0,
     scratch: object | None = None,
+    divisor: float | None = None,
     **options: Any,
 ) -> bool:
     """Write the task-vector merge (see :func:`terge.methods._task_vector_merge`) into
     ``destination``, which may be ``base`` itself; ``False`` (and nothing written) where the
     compiled loops do not apply: not built, not plain whole CPU tensors, no seed to draw from,
     or a mergekit option (:data:`OPTIONS`) other than the default, which the reference computes.
+    ``divisor`` divides the weighted sum of a method without sign consensus once (see
+    ``Method.divides``).
     Scratch memory is kept for the calls given the same ``scratch`` object (one merge's buffers)
     and freed with it."""
     if (
@@ -109,6 +112,7 @@ def merge_into(
         _CONSENSUS[consensus],
         float(scale),
         multiply,
+        0.0 if divisor is None else float(divisor),  # the weighted sum divided once (0: not)
     )
 
     def part(start: int, stop: int) -> None:
