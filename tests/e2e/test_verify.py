@@ -14,6 +14,7 @@ import terge
 from terge import LineageError, cli, load_lineage
 from terge.audit import verify_lineage
 from terge.io import save
+from terge.lineage import LineageEntry
 from terge.methods import REGISTRY
 from terge.plan import Step, reads_base, step_from_entry
 
@@ -262,6 +263,17 @@ def test_step_from_entry_inverts_lineage_entry(method, coefficients, divisor, se
         divisor=divisor if configured.streaming else None,
     )
     assert step_from_entry("w", step.lineage_entry(), configured) == step
+
+
+def test_an_entry_written_before_methods_divided_recomputes_as_it_was_computed():
+    """Task arithmetic's lineages from before it divided its sum once record no coefficients:
+    they recompute with the recorded (normalised) weights, as they were written."""
+    configured = REGISTRY["task_arithmetic"].factory()
+    entry = LineageEntry("task_arithmetic", [(0, 1 / 3), (1, 2 / 3)], {"scale": 1.0})
+    step = step_from_entry("w", entry, configured)
+    assert step.method_divisor is None and step.method_weights == (1 / 3, 2 / 3)
+    recorded = step.lineage_entry()
+    assert recorded.coefficients == (1 / 3, 2 / 3) and recorded.divisor is None
 
 
 # --- run from another folder ----------------------------------------------------------------------
