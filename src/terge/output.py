@@ -141,7 +141,7 @@ def library_of(base: Source) -> str | None:
 
 
 def _write_records(
-    writer: Any, lineage: Lineage, base: Source, card: bool | str, out: Path
+    writer: Any, lineage: Lineage, base: Source, card: bool | str, out: Path, dcp: bool = False
 ) -> None:
     """``lineage.json`` and, unless ``card`` is False, the ``README.md`` model card made from it
     (replacing a README copied from the base folder, which describes the base, not the merge);
@@ -149,7 +149,8 @@ def _write_records(
     writer.write_text(LINEAGE_FILE, lineage_text(lineage))
     if card is not False:
         command = card if isinstance(card, str) else None
-        text = model_card(lineage, command=command, library_name=library_of(base), title=out.name)
+        library = None if dcp else library_of(base)  # transformers cannot load a dcp folder
+        text = model_card(lineage, command=command, library_name=library, title=out.name)
         writer.write_text(CARD_FILE, text)
 
 
@@ -588,7 +589,7 @@ def _write_dcp(
             del value
         if hook is not None:
             lineage.digests = hook.digests
-        _write_records(writer, lineage, base, card, writer.path)
+        _write_records(writer, lineage, base, card, writer.path, dcp=True)
 
 
 def _fresh(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

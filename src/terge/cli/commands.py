@@ -221,7 +221,7 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="write OUT/README.md, a Hugging Face model card (base_model, tags, method, "
         "models, this command, a recipe, the lineage's SHA-256) replacing a README copied from "
-        "the base; --no-model-card leaves it out (default --model-card)",
+        "the base; --no-model-card leaves it out, e.g. --no-model-card (default --model-card)",
     )
     parser.add_argument(
         "--out-format",
