@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import terge
 from terge.cli import commands as cli
-from terge.cli.recipe import parse_recipe
+from terge.cli.recipe import load_recipe, toml_module
+from terge.errors import RecipeError
 from terge.modelcard import lineage_digest, model_card, recipe_from_lineage
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
+tomllib = toml_module(RecipeError, "a recipe")  # tomllib, or tomli on Python 3.10
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
 
@@ -70,11 +71,15 @@ def test_the_card_follows_the_hubs_format(models, tmp_path):
 def test_hub_models_are_the_base_model(tmp_path):
     lineage = terge.Lineage(
         models=[
-            terge.lineage.ModelRecord(0, "file", "org/a@" + "1" * 40, None, "1" * 40, "org/a", "v1"),
+            terge.lineage.ModelRecord(
+                0, "file", "org/a@" + "1" * 40, None, "1" * 40, "org/a", "v1"
+            ),
             terge.lineage.ModelRecord(1, "file", "local", None),
             terge.lineage.ModelRecord(2, "file", "org/b@" + "2" * 40, None, "2" * 40, "org/b"),
         ],
-        base=terge.lineage.ModelRecord("separate", "file", "org/c@" + "3" * 40, None, "3" * 40, "org/c"),
+        base=terge.lineage.ModelRecord(
+            "separate", "file", "org/c@" + "3" * 40, None, "3" * 40, "org/c"
+        ),
     )
     text = model_card(lineage, library_name="transformers")
     data = huggingface_hub.ModelCard(text).data.to_dict()
@@ -136,8 +141,10 @@ def test_the_cards_recipe_redoes_the_merge(models, tmp_path, capsys):
     assert complete
     assert recipe in (out / "README.md").read_text()
     path = tmp_path / "again.toml"
-    path.write_text(recipe.replace('out = "merged"', f"out = {json.dumps(str(tmp_path / 'again'))}"))
-    parse_recipe(tomllib.loads(path.read_text()), tmp_path, str(path))  # a valid recipe
+    path.write_text(
+        recipe.replace('out = "merged"', f"out = {json.dumps(str(tmp_path / 'again'))}")
+    )
+    assert load_recipe(path).seed == 7  # a valid recipe, its seed the merge's
     assert cli.main(["merge", "--recipe", str(path), "-q"]) == 0, capsys.readouterr()
     first = load_file(out / "model.safetensors")
     second = load_file(tmp_path / "again" / "model.safetensors")
@@ -148,9 +155,7 @@ def test_the_cards_recipe_redoes_the_merge(models, tmp_path, capsys):
 
 def test_what_a_recipe_cannot_say_is_said(tmp_path):
     models = [torch.nn.Linear(2, 2) for _ in range(2)]
-    _, lineage = terge.merge(
-        models, method={"weight": "arithmetic", "bias": "slerp"}, lineage=True
-    )
+    _, lineage = terge.merge(models, method={"weight": "arithmetic", "bias": "slerp"}, lineage=True)
     recipe, complete = recipe_from_lineage(lineage)
     assert not complete
     assert '"<models[0]: in memory>"' in recipe

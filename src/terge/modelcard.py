@@ -97,9 +97,11 @@ def model_card(
 
 def _yaml(text: str) -> str:
     """A YAML scalar: plain where that is unambiguous, else a JSON (double-quoted) string."""
-    plain = text and all(c.isalnum() or c in "-_./@" for c in text) and not text[0] in "-.@"
-    return text if plain and text.lower() not in {"true", "false", "null", "yes", "no"} else (
-        json.dumps(text)
+    plain = text and all(c.isalnum() or c in "-_./@" for c in text) and text[0] not in "-.@"
+    return (
+        text
+        if plain and text.lower() not in {"true", "false", "null", "yes", "no"}
+        else (json.dumps(text))
     )
 
 

@@ -244,11 +244,12 @@ def write_merge(
     computed in place, the others copied from the base, floats cast to ``out_dtype`` rounded
     once. The base folder's config and tokenizer files are copied (``config.json``'s dtype
     updated), and ``lineage`` (the plan's, with the tied names written once and, with a ``hook``,
-    the digests of the tensors as written) as ``lineage.json``, with the ``README.md`` model card
-    made from it unless ``card`` is False (see :func:`_write_records`). The target and the layout are
-    checked before the first tensor is computed; on any error nothing is left behind. With
-    sharded parameters every rank must call it, and every rank returns the folder's path; so
-    too with ``ranks`` (a distributed file merge), where each rank writes the shards it owns.
+    the digests of the tensors as written) as ``lineage.json``, with the ``README.md`` model
+    card made from it unless ``card`` is False (see :func:`_write_records`). The target and the
+    layout are checked before the first tensor is computed; on any error nothing is left
+    behind. With sharded parameters every rank must call it, and every rank returns the folder's
+    path; so too with ``ranks`` (a distributed file merge), where each rank writes the shards
+    it owns.
     """
     layout = _Layout(plan, base, out_dtype)
     lineage.tied.update(layout.aliases)

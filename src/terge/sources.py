@@ -271,9 +271,7 @@ class FileSource(Source):
         self.hub = self.reader.hub
         """The Hub snapshot (repository, revision asked for, commit) of a Hub model, else None."""
         self.spec = (
-            self.hub.pinned
-            if self.hub is not None
-            else resolved(self.path, self.reader.selection)
+            self.hub.pinned if self.hub is not None else resolved(self.path, self.reader.selection)
         )
         """What the lineage records: the path, and the entry and prefix read from a training
         checkpoint (``ckpt.pt::entry=model,prefix=``); for a Hub model ``org/name@<commit>``,

@@ -265,7 +265,11 @@ def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
 def test_max_shard_size_accepts_sizes_like_2kb(tmp_path):
     paths = saved(tmp_path, [{"w": torch.zeros(400)}, {"w": torch.ones(400)}])
     out = terge.merge(paths, out=tmp_path / "out", max_shard_size="1KB")
-    assert listing(out) == ["README.md", "lineage.json", "model.safetensors"]  # one tensor: one shard
+    assert listing(out) == [
+        "README.md",
+        "lineage.json",
+        "model.safetensors",
+    ]  # one tensor: one shard
     assert torch.equal(load(out)["w"], torch.full((400,), 0.5))
 
 

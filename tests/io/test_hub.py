@@ -141,7 +141,9 @@ def test_resolves_a_branch_a_tag_or_a_commit_from_the_cache(cache, asked, commit
 
 
 def test_a_revision_not_in_the_cache_lists_what_is(cache):
-    with pytest.raises(HubError, match=r"revision 'v9' of the Hub model 'org/a' is not in") as error:
+    with pytest.raises(
+        HubError, match=r"revision 'v9' of the Hub model 'org/a' is not in"
+    ) as error:
         resolve_hub("org/a@v9")
     message = str(error.value)
     assert f"main, v1, {COMMIT_A1}, {COMMIT_A2}" in message

@@ -121,9 +121,7 @@ def _valid_name(repo_id: str, revision: str | None = None) -> bool:
     or empty part in a revision (it names a file under the cache's ``refs/``)."""
     parts = [] if revision is None else revision.split("/")
     return (
-        "--" not in repo_id
-        and ".." not in repo_id
-        and all(part and part != ".." for part in parts)
+        "--" not in repo_id and ".." not in repo_id and all(part and part != ".." for part in parts)
     )
 
 
@@ -178,7 +176,7 @@ def _import_hub() -> Any:
     try:
         import huggingface_hub
         import huggingface_hub.constants
-        import huggingface_hub.errors  # noqa: F401 (both bound as attributes of the package)
+        import huggingface_hub.errors  # both bound as attributes of the package
     except ImportError as error:
         raise MissingDependencyError(
             f"reading models from the Hugging Face Hub needs huggingface_hub: {_INSTALL}."
