@@ -278,3 +278,99 @@ def test_a_recipe_names_hub_models(cache, tmp_path, capsys):
     assert cli.main(["merge", "--recipe", str(recipe), "-q"]) == 0, capsys.readouterr()
     lineage = terge.load_lineage(tmp_path / "out" / "lineage.json")
     assert [m.repo for m in lineage.models] == ["org/a", "org/b"]
+
+
+# --- online, with the Hub's answers faked -------------------------------------------------------
+
+
+@pytest.fixture
+def online(cache, monkeypatch):
+    """The cache above, online: ``list_repo_files`` answers as given, ``snapshot_download`` is
+    recorded and then run offline against the cache (no network here)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    calls: list[dict] = []
+    real = huggingface_hub.snapshot_download
+
+    def download(repo_id, **options):
+        calls.append({"repo_id": repo_id, **options})
+        return real(repo_id, **{**options, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    return calls
+
+
+def refusal(kind: type) -> Exception:
+    """One of huggingface_hub's HTTP errors without an HTTP response (only the type matters)."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, "404 Client Error")
+    return error
+
+
+def test_online_only_the_top_level_files_of_one_kind_of_weights_are_fetched(online, monkeypatch):
+    listed = [
+        "README.md",
+        "config.json",
+        "tokenizer.json",
+        "merges.txt",
+        "model.safetensors",
+        "pytorch_model.bin",  # the same weights again: not fetched
+        "onnx/model.onnx",
+        "unet/diffusion_pytorch_model.safetensors",  # a subfolder: never read
+    ]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: listed)
+    snapshot = resolve_hub("org/a@v1")
+    assert snapshot.commit == COMMIT_A1
+    (call,) = online
+    assert call["allow_patterns"] == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert (call["revision"], call["local_files_only"]) == ("v1", False)
+
+
+def test_online_bin_weights_when_there_are_no_safetensors(online, monkeypatch):
+    listed = ["config.json", "pytorch_model.bin.index.json", "pytorch_model-1.bin", "x.pt"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: listed)
+    resolve_hub("org/a")
+    assert online[0]["allow_patterns"] == [
+        "config.json",
+        "pytorch_model-1.bin",
+        "pytorch_model.bin.index.json",
+    ]
+
+
+def test_online_a_repository_without_weights_is_refused(online, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: ["a.gguf"])
+    with pytest.raises(HubError, match=r"org/a holds no weights terge reads .* it holds a.gguf"):
+        resolve_hub("org/a")
+    assert online == []  # nothing downloaded
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("RepositoryNotFoundError", r"'org/a' does not exist, or is private or gated"),
+        ("RevisionNotFoundError", r"'org/a' has no revision 'v1'"),
+    ],
+)
+def test_online_unknown_repositories_and_revisions(online, monkeypatch, kind, message):
+    error = refusal(getattr(huggingface_hub.utils, kind))
+
+    def refuse(repo, revision):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", refuse)
+    with pytest.raises(HubError, match=message):
+        resolve_hub("org/a@v1")
+
+
+def test_online_without_a_connection_the_cache_is_used(online, monkeypatch):
+    def unreachable(repo, revision):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    assert resolve_hub("org/b").commit == COMMIT_B
+    assert online[0]["allow_patterns"] is None

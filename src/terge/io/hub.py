@@ -146,11 +146,11 @@ def resolve_hub(reference: str | HubReference) -> HubSnapshot:
             allow_patterns=patterns,
             local_files_only=offline,
         )
-    except hub.errors.LocalEntryNotFoundError as error:
+    except hub.utils.LocalEntryNotFoundError as error:
         raise _not_cached(hub, reference, offline) from error
-    except (hub.errors.RepositoryNotFoundError, hub.errors.RevisionNotFoundError) as error:
+    except (hub.utils.RepositoryNotFoundError, hub.utils.RevisionNotFoundError) as error:
         raise _not_found(reference, error) from error
-    except hub.errors.HfHubHTTPError as error:
+    except hub.utils.HfHubHTTPError as error:
         raise HubError(f"the Hub refused {reference}: {error}") from error
     folder = Path(folder)
     commit = folder.name
@@ -176,7 +176,7 @@ def _import_hub() -> Any:
     try:
         import huggingface_hub
         import huggingface_hub.constants
-        import huggingface_hub.errors  # both bound as attributes of the package
+        import huggingface_hub.utils  # both bound as attributes of the package (errors: 0.23+)
     except ImportError as error:
         raise MissingDependencyError(
             f"reading models from the Hugging Face Hub needs huggingface_hub: {_INSTALL}."
@@ -196,7 +196,7 @@ def _files_to_fetch(hub: Any, reference: HubReference) -> list[str] | None:
     find the cache, or say why not) when the repository cannot be listed."""
     try:
         files = hub.list_repo_files(reference.repo_id, revision=reference.revision)
-    except (hub.errors.RepositoryNotFoundError, hub.errors.RevisionNotFoundError) as error:
+    except (hub.utils.RepositoryNotFoundError, hub.utils.RevisionNotFoundError) as error:
         raise _not_found(reference, error) from error
     except Exception:  # no connection: snapshot_download falls back to the cache, or says why
         return None
