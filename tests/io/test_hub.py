@@ -374,3 +374,10 @@ def test_online_without_a_connection_the_cache_is_used(online, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
     assert resolve_hub("org/b").commit == COMMIT_B
     assert online[0]["allow_patterns"] is None
+
+
+def test_inspect_takes_hub_models(cache, capsys):
+    code = cli.main(["inspect", "org/a@v1", "org/b", "--base", "org/a", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)

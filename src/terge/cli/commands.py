@@ -1076,10 +1076,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     models = [Path(model).expanduser() for model in args.models]
     for path in models:
-        if not path.exists():
+        if hub_reference(path) is None and not path.exists():
             raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
     base = _base_value(args.base)
-    if isinstance(base, Path) and not base.exists():
+    if isinstance(base, Path) and hub_reference(base) is None and not base.exists():
         raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
 
     def patterns(texts: list[str] | None, option: str) -> list[Any] | None:
