@@ -352,7 +352,11 @@ def test_online_a_repository_without_weights_is_refused(online, monkeypatch):
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("RepositoryNotFoundError", r"'org/a' does not exist, or is private or gated"),
+        (
+            "RepositoryNotFoundError",
+            r"'org/a' does not exist, or is private or gated .*, and no local file or folder is "
+            r"named 'org/a@v1'",
+        ),
         ("RevisionNotFoundError", r"'org/a' has no revision 'v1'"),
     ],
 )

@@ -263,6 +263,7 @@ def _not_found(reference: HubReference, error: Exception) -> HubError:
         else "does not exist, or is private or gated (log in with `hf auth login`)"
     )
     return HubError(
-        f"the Hub model {reference.repo_id!r} {what}; check the name (org/name) and revision "
-        f"(a branch, tag or commit hash), or pass a local path."
+        f"the Hub model {reference.repo_id!r} {what}, and no local file or folder is named "
+        f"{str(reference)!r}; check the name (org/name) and revision (a branch, tag or commit "
+        "hash), or pass the path of a local checkpoint."
     )
