@@ -141,16 +141,17 @@ def library_of(base: Source) -> str | None:
 
 
 def _write_records(
-    writer: Any, lineage: Lineage, base: Source, card: bool | str, out: Path, dcp: bool = False
+    writer: Any, lineage: Lineage, base: Source, card: bool | str, dcp: bool = False
 ) -> None:
     """``lineage.json`` and, unless ``card`` is False, the ``README.md`` model card made from it
     (replacing a README copied from the base folder, which describes the base, not the merge);
-    ``card`` as a str is the command that made the merge."""
+    ``card`` as a str is the command that made the merge. The card does not name the folder, so
+    the same merge writes the same bytes wherever it goes (and whichever rank writes it)."""
     writer.write_text(LINEAGE_FILE, lineage_text(lineage))
     if card is not False:
         command = card if isinstance(card, str) else None
         library = None if dcp else library_of(base)  # transformers cannot load a dcp folder
-        text = model_card(lineage, command=command, library_name=library, title=out.name)
+        text = model_card(lineage, command=command, library_name=library)
         writer.write_text(CARD_FILE, text)
 
 
@@ -269,7 +270,7 @@ def write_merge(
         _fill(layout, None, sources, base, writer.destination, dtype, progress, hook)
         if hook is not None:
             lineage.digests = hook.digests
-        _write_records(writer, lineage, base, card, out)
+        _write_records(writer, lineage, base, card)
     return writer.path
 
 
@@ -419,7 +420,7 @@ def _write_distributed(
     if not failed and hook is not None:
         lineage.digests = {k: v for _, part in results for k, v in (part or {}).items()}
     if writer is not None:
-        failure = _commit(writer, lineage, failure, failed, base, card, out)
+        failure = _commit(writer, lineage, failure, failed, base, card)
     committed = ranks.broadcast(_said(failure) if writer is not None else None)
     if failure is not None:
         raise failure
@@ -484,7 +485,6 @@ def _commit(
     failed: list[Any],
     base: Source,
     card: bool | str,
-    out: Path,
 ) -> Exception | None:
     """On rank 0: rename the folder into place when every rank succeeded (the lineage written
     first), else remove it; the error that stops the merge, if any."""
@@ -493,7 +493,7 @@ def _commit(
         writer.__exit__(type(error), error, None)
         return failure
     try:
-        _write_records(writer, lineage, base, card, out)
+        _write_records(writer, lineage, base, card)
     except Exception as error:
         writer.__exit__(type(error), error, None)
         return error
@@ -590,7 +590,7 @@ def _write_dcp(
             del value
         if hook is not None:
             lineage.digests = hook.digests
-        _write_records(writer, lineage, base, card, writer.path, dcp=True)
+        _write_records(writer, lineage, base, card, dcp=True)
 
 
 def _fresh(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -645,7 +645,7 @@ def _write_sharded(
     if writer is not None:
         try:
             if failure is None:
-                _write_records(writer, lineage, base, card, out)
+                _write_records(writer, lineage, base, card)
                 writer.__exit__(None, None, None)
             else:
                 writer.__exit__(type(failure), failure, None)
