@@ -187,3 +187,26 @@ def test_a_distributed_checkpoint_gets_a_card_too(models, tmp_path):
     data, _ = card_of(out)
     assert data["tags"] == ["merge", "terge", "arithmetic"]
     assert "library_name" not in data  # transformers cannot load a dcp folder
+
+
+@pytest.mark.parametrize(
+    ("options", "lines"),
+    [
+        (
+            {"weights": [1, 1, -1], "normalize": False},
+            ["normalize = false", "weights = [1.0, 1.0, -1.0]"],
+        ),
+        ({"weights": [0.2, 0.3, 0.5]}, ["weights = [0.2, 0.3, 0.5]"]),
+        ({"weights": [2, 2, 2]}, ["weights = [1.0, 1.0, 1.0]"]),  # equal: only ratios matter
+    ],
+)
+def test_the_recipe_says_the_weights_and_normalisation(models, tmp_path, capsys, options, lines):
+    out = terge.merge([str(m) for m in models], out=tmp_path / "soup", **options)
+    recipe, complete = recipe_from_lineage(terge.load_lineage(out / "lineage.json"))
+    assert complete and all(line in recipe.splitlines() for line in lines), recipe
+    path = tmp_path / "again.toml"
+    path.write_text(recipe.replace('"merged"', json.dumps(str(tmp_path / "again"))))
+    assert cli.main(["merge", "--recipe", str(path), "-q"]) == 0, capsys.readouterr()
+    first = load_file(out / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)

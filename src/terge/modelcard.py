@@ -175,27 +175,31 @@ def _settings_of(lineage: Lineage, method: str) -> dict[str, Any]:
 
 
 def _weights(lineage: Lineage) -> tuple[dict[int, float] | None, bool | None]:
-    """Each model's weight as given, when one per model holds for every merged tensor, and
-    whether weights were normalised; ``(None, None)`` when they vary or were not recorded."""
+    """Each model's weight, when one per model holds for every merged tensor, and whether the
+    weights were normalised (``None``: the lineage does not say); ``(None, None)`` when they vary.
+
+    Where the kernel recorded them, the weights are its coefficients (the weights as given; equal
+    ones as 1s) and a divisor means normalised; a method given normalised weights records those.
+    """
     given: dict[int, float] = {}
     normalize: bool | None = None
     for entry in lineage.values():
-        coefficients = getattr(entry, "coefficients", None)
-        divisor = getattr(entry, "divisor", None)
-        if coefficients is None or divisor is None or getattr(entry, "custom", False):
+        if getattr(entry, "custom", False):
             return None, None
-        for (index, _), weight in zip(entry[1], coefficients):
+        coefficients = getattr(entry, "coefficients", None)
+        if coefficients is None:
+            pairs = [(index, weight) for index, weight in entry[1]]
+            said = None
+        else:
+            pairs = [(index, weight) for (index, _), weight in zip(entry[1], coefficients)]
+            said = getattr(entry, "divisor", None) is not None
+        for index, weight in pairs:
             if given.setdefault(index, weight) != weight:
                 return None, None
-        summed = math.fsum(coefficients)
-        said = math.isclose(divisor, summed, rel_tol=1e-12) and not (
-            divisor == 1.0 and summed != 1.0
-        )
-        if divisor == 1.0 and summed == 1.0:
-            continue  # normalised or not, the same: says nothing
-        if normalize is not None and normalize != said:
-            return None, None
-        normalize = said
+        if said is not None:
+            if normalize is not None and normalize != said:
+                return None, None
+            normalize = said
     return given, normalize
 
 
