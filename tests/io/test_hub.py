@@ -385,3 +385,15 @@ def test_inspect_takes_hub_models(cache, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)
+
+
+def test_lineage_show_names_the_hub_models(cache, tmp_path, capsys):
+    out = terge.merge(["org/a@v1", "org/b"], out=tmp_path / "soup")
+    code = cli.main(["lineage", "show", str(out / "lineage.json"), "--format", "json"])
+    shown, err = capsys.readouterr()
+    assert code == 0, err
+    models = json.loads(shown)["models"]
+    assert [(m["repo"], m["requested_revision"], m["revision"], m["pinned"]) for m in models] == [
+        ("org/a", "v1", COMMIT_A1, True),
+        ("org/b", None, COMMIT_B, True),
+    ]
