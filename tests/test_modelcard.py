@@ -210,3 +210,14 @@ def test_the_recipe_says_the_weights_and_normalisation(models, tmp_path, capsys,
     first = load_file(out / "model.safetensors")
     second = load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_config_linking_out_of_the_base_folder_is_not_read(tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps(CONFIG))
+    bases = [folder(tmp_path / f"m{i}", i, config=None) for i in range(2)]
+    (bases[0] / "config.json").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"did not copy 1 file"):
+        out = terge.merge([str(m) for m in bases], out=tmp_path / "soup")
+    data, _ = card_of(out)
+    assert "library_name" not in data
