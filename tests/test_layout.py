@@ -15,8 +15,9 @@ floor wings                                    what they are
                                                (pure tensor functions, below the registry)
 3     sources, methods, lineage                models as named tensors; the merge methods;
                                                the lineage record
-4     types, plan                              merge()'s argument types; the plan (what
-                                               happens to every tensor)
+4     types, plan, modelcard                   merge()'s argument types; the plan (what
+                                               happens to every tensor); a merge's README.md
+                                               model card, written from its lineage
 5     execute, digests                         running a plan in memory; hashing what ran
 6     output, averaging                        running a plan into a checkpoint folder; a
                                                running average in the training loop
@@ -56,7 +57,7 @@ FLOORS: list[set[str]] = [
     {"patterns", "layers", "sharding", "kernels"},
     {"layerwise", "io", "families"},
     {"sources", "methods", "lineage"},
-    {"types", "plan"},
+    {"types", "plan", "modelcard"},
     {"execute", "digests"},
     {"output", "averaging"},
     {"merge", "audit", "policy", "inspection", "integrations"},

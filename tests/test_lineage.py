@@ -561,7 +561,7 @@ def test_the_schema_ships_in_the_package_and_describes_every_field():
     written = terge.lineage.lineage_to_json(terge.Lineage())
     assert set(written) <= set(schema["properties"])  # every field the writer writes
     model = terge.lineage.lineage_to_json(
-        terge.Lineage(models=(ModelRecord(0, "file", "a", {"f": "0" * 64}, "r"),))
+        terge.Lineage(models=(ModelRecord(0, "file", "a", {"f": "0" * 64}, "r", "o/a", "v1"),))
     )["models"][0]
     assert set(model) == set(schema["$defs"]["model"]["properties"])
 

@@ -53,7 +53,7 @@ def test_tied_names_are_written_once_under_the_first_and_recorded(tmp_path):
     lineage = plan.lineage()
     path = write(plan, sources, tmp_path / "out", lineage=lineage)
     assert path == tmp_path / "out"
-    assert listing(path) == [LINEAGE_FILE, "model.safetensors"]
+    assert listing(path) == ["README.md", LINEAGE_FILE, "model.safetensors"]
     # the module's whole state dict (its buffers too, as save_pretrained writes), head once
     assert names_in(path) == [
         "embed.weight",
@@ -122,6 +122,7 @@ def test_out_dtype_updates_the_configs_dtype_and_copies_the_rest(tmp_path):
     sources = [FileSource(f) for f in checkpoint_folders(tmp_path, config)]
     path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.bfloat16)
     assert listing(path) == [
+        "README.md",
         "config.json",
         LINEAGE_FILE,
         "model.safetensors",

@@ -22,6 +22,7 @@ from .errors import LineageError, TergeError
 from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
+from .io.hub import locate
 from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
 from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
@@ -420,7 +421,8 @@ class _Checker:
                 f"{record.describe()} was not read from disk, so it cannot be read again; give "
                 f"its checkpoint with {option}."
             )
-        path = as_spec(record.path)
+        # a Hub model (org/name@<commit>) is read from the Hub's cache, fetched if need be
+        path = as_spec(locate(record.path)[0] if record.repo is not None else record.path)
         if not path.path.exists():
             raise self.fail(
                 f"{record.describe()} was read from {record.path!r}, which does not exist from "

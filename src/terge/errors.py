@@ -116,3 +116,9 @@ class AveragingError(TergeError, ValueError):
     """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
     a bad setting, a model whose tensors no longer match the average, or a state dict of another
     average."""
+
+
+class HubError(CheckpointError):
+    """A Hugging Face Hub reference (``org/name@revision``) cannot be resolved: an unknown
+    repository or revision, or one not in the local cache while offline (the message says
+    which revisions are cached and how to fetch the one asked for)."""

@@ -80,6 +80,11 @@ class ModelRecord:
     ``files`` pins a model read from disk: the SHA-256 of each file it was read from, by its
     name relative to ``path`` (``merge(..., digests=True)`` records them); ``revision`` is the
     Hub revision (a commit hash) it was resolved to, when known.
+
+    A model read from the Hugging Face Hub records its repository (``repo``, ``org/name``), the
+    revision asked for (``requested_revision``; ``None``: the default branch) and the commit it
+    resolved to (``revision``); its ``path`` is then ``org/name@<commit>``, which reads the same
+    weights on any machine (the cache folder it was read from is this machine's alone).
     """
 
     index: ModelIndex
@@ -87,6 +92,8 @@ class ModelRecord:
     path: str | None = None
     files: Mapping[str, str] | None = field(default=None, hash=False)
     revision: str | None = None
+    repo: str | None = None
+    requested_revision: str | None = None
 
     @property
     def pinned(self) -> bool:
@@ -286,6 +293,9 @@ def _model_json(record: ModelRecord | None) -> dict[str, Any] | None:
         data["files"] = dict(sorted(record.files.items()))
     if record.revision is not None:
         data["revision"] = record.revision
+    if record.repo is not None:  # a Hub model: where it came from, and what was asked for
+        data["repo"] = record.repo
+        data["requested_revision"] = record.requested_revision
     return data
 
 
@@ -303,7 +313,8 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     ``{"schema": 1, "merged": {name: {"method", "contributions": [[i, w], ...], "settings"}},
     "skipped": {name: reason}, "tied": {alias: name}, "unused": {name: [model, ...]},
     "dropped": {name: [[model, reason], ...]},
-    "models": [{"index", "kind", "path", "files"?, "revision"?}], "base", "dtype", "out_dtype",
+    "models": [{"index", "kind", "path", "files"?, "revision"?, "repo"?,
+    "requested_revision"?}], "base", "dtype", "out_dtype",
     "terge_version", "torch_version", "digests", **extra}``, and ``"chosen"`` where the models
     were chosen from a run; written sorted by key (see :func:`save_lineage`).
     """
@@ -643,7 +654,19 @@ class _Reader:
                 for name, digest in self.mapping(record["files"], f"{where}.files").items()
             }
         revision = self.string(record.get("revision"), f"{where}.revision", optional=True)
-        return ModelRecord(index, kind, path, files, revision)  # type: ignore[arg-type]
+        repo = self.string(record.get("repo"), f"{where}.repo", optional=True)
+        requested = self.string(
+            record.get("requested_revision"), f"{where}.requested_revision", optional=True
+        )
+        return ModelRecord(
+            index,  # type: ignore[arg-type]
+            kind,  # type: ignore[arg-type]
+            path,
+            files,
+            revision,
+            repo,
+            requested,
+        )
 
     def models(self, value: Any) -> tuple[ModelRecord, ...]:
         if value is None:

@@ -20,6 +20,7 @@ from .execute import destinations, execute
 from .io import parse_size
 from .io.choose import Chosen
 from .io.dtypes import floating_dtype
+from .io.hub import hub_reference
 from .io.training import CheckpointLike, as_spec
 from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
 from .output import Ranks, check_out_format, check_output, file_ranks, write_merge
@@ -61,6 +62,7 @@ def merge(
     dry_run: Literal[True],
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
+    model_card: bool | str = ...,
 ) -> Lineage: ...
 @overload
 def merge(
@@ -87,6 +89,7 @@ def merge(
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
+    model_card: bool | str = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -113,6 +116,7 @@ def merge(
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
+    model_card: bool | str = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -139,6 +143,7 @@ def merge(
     dry_run: Literal[False] = ...,
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
+    model_card: bool | str = ...,
 ) -> Merged: ...
 @overload
 def merge(
@@ -165,6 +170,7 @@ def merge(
     dry_run: bool = ...,
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
+    model_card: bool | str = ...,
 ) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
@@ -192,6 +198,7 @@ def merge(
     dry_run: bool = False,
     name_map: Callable[[str], str] | None = None,
     distributed: bool = False,
+    model_card: bool | str = True,
 ) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -277,6 +284,20 @@ def merge(
             lineage, and the folder appears only when every rank succeeded (a failure on any
             rank fails all, leaving nothing). The files are those one process would write, byte
             for byte. A drawn seed is rank 0's. Every rank must call it; every rank returns.
+        model_card: with ``out``, write a ``README.md`` model card into the folder, in the Hugging
+            Face Hub's format (``terge.modelcard.model_card``): ``base_model`` (the Hub models),
+            ``base_model_relation: merge``, ``library_name``, ``tags``, the method and its
+            paper, the models with their revisions and weights, a recipe that redoes the merge
+            and the SHA-256 of ``lineage.json``. It replaces a ``README.md`` copied from the
+            base folder (that one describes the base). ``False`` leaves it out (a base's
+            README is then copied as before); a ``str`` is shown in the card as the command
+            that made the merge (``terge merge`` passes its command line).
+
+    Hub models: wherever a path goes, ``org/name`` or ``org/name@revision`` (a branch, tag or
+    commit hash) names a model on the Hugging Face Hub, fetched into (or, with
+    ``HF_HUB_OFFLINE=1``, read from) the Hub's local cache; a local file or folder of that name
+    wins, and ``hf://org/name`` forces the Hub. The lineage records each one's repository, the
+    revision asked for and the commit it resolved to (see :mod:`terge.io.hub`).
 
     Sharded models: a parameter that is a DTensor (FSDP2's ``fully_shard``, or
     ``distribute_tensor``) in every model, on one device mesh with the same placements, is merged
@@ -314,6 +335,7 @@ def merge(
     seed = check_seed(seed)
     _check_audit(digests, dry_run, lineage, out)
     rename = renamer(name_map)
+    card = _check_model_card(model_card)
     with contextlib.ExitStack() as opened:
         ranks = opened.enter_context(file_ranks()) if distributed else None
         sources, base_index, base_source = _agreed(
@@ -380,6 +402,7 @@ def merge(
                 hook=hook,
                 out_format=out_format,
                 ranks=ranks,
+                card=card,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
@@ -487,6 +510,24 @@ def check_flag(name: str, value: Any) -> bool:
     raise MergeArgumentError(f"`{name}` must be True or False; got {value!r}.")
 
 
+def _check_model_card(model_card: Any) -> bool | str:
+    """``model_card``: a flag, or the (non-empty, one-screen) command that made the merge."""
+    if isinstance(model_card, str):
+        if not model_card.strip() or len(model_card) > 100_000:
+            raise MergeArgumentError(
+                "`model_card` as a str is the command that made the merge, shown in the card; "
+                f"got {'an empty one' if not model_card.strip() else 'over 100000 characters'}. "
+                "Pass True (a card with a generated recipe) or False (no card)."
+            )
+        return model_card
+    if isinstance(model_card, bool):
+        return model_card
+    raise MergeArgumentError(
+        f"`model_card` must be True (write README.md), False (leave it out) or the command that "
+        f"made the merge (a str); got {type(model_card).__name__}."
+    )
+
+
 def _check_audit(digests: bool, dry_run: bool, lineage: bool, out: Any) -> None:
     """Digests need a lineage to go into, and tensors to hash."""
     if digests and dry_run:
@@ -514,7 +555,18 @@ def _lineage(
 
     def record(index: ModelIndex, source: Source) -> ModelRecord:
         files = source_files(source) if digests else None
-        return ModelRecord(index, source.kind, _path_of(source), files)
+        hub = source.hub if isinstance(source, FileSource) else None
+        if hub is None:
+            return ModelRecord(index, source.kind, _path_of(source), files)
+        return ModelRecord(
+            index,
+            source.kind,
+            _path_of(source),
+            files,
+            revision=hub.commit,
+            repo=hub.repo_id,
+            requested_revision=hub.revision,
+        )
 
     models = tuple(record(i, s) for i, s in enumerate(sources))
     return plan.lineage(
@@ -610,7 +662,7 @@ def _sources(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}."
         )
-    if on_disk(base) and not as_spec(base).path.exists():
+    if on_disk(base) and hub_reference(base) is None and not as_spec(base).path.exists():
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
             f"checkpoint path); got {base!r}, which is no existing file or folder (an index "

@@ -44,6 +44,7 @@ from .io.reading import allowed_roots, outside
 from .io.writing import ShardFiles, shard_groups, shard_owners
 from .kernels import ChunkBuffers, store_whole
 from .lineage import Lineage, lineage_text
+from .modelcard import CARD_FILE, model_card
 from .plan import Plan, Step
 from .sharding import is_dtensor, local, mesh_all_ok, rank
 from .sources import Entry, FileSource, ModuleSource, Source, entry_of
@@ -118,6 +119,40 @@ def _config_with_dtype(folder: Path, dtype: torch.dtype) -> str | None:
     for key in keys:
         config[key] = dtype_name(dtype)
     return json.dumps(config, indent=2) + "\n" if keys else None
+
+
+def library_of(base: Source) -> str | None:
+    """``"transformers"`` when the base folder's ``config.json`` names a model type or an
+    architecture (transformers' ``from_pretrained`` loads the output), else ``None``."""
+    folder = folder_of(base) if isinstance(base, FileSource) else None
+    if folder is None:
+        return None
+    path = folder / "config.json"
+    if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    known = isinstance(config, dict) and (
+        isinstance(config.get("model_type"), str) or isinstance(config.get("architectures"), list)
+    )
+    return "transformers" if known else None
+
+
+def _write_records(
+    writer: Any, lineage: Lineage, base: Source, card: bool | str, dcp: bool = False
+) -> None:
+    """``lineage.json`` and, unless ``card`` is False, the ``README.md`` model card made from it
+    (replacing a README copied from the base folder, which describes the base, not the merge);
+    ``card`` as a str is the command that made the merge. The card does not name the folder, so
+    the same merge writes the same bytes wherever it goes (and whichever rank writes it)."""
+    writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+    if card is not False:
+        command = card if isinstance(card, str) else None
+        library = None if dcp else library_of(base)  # transformers cannot load a dcp folder
+        text = model_card(lineage, command=command, library_name=library)
+        writer.write_text(CARD_FILE, text)
 
 
 def folder_of(source: FileSource) -> Path | None:
@@ -202,6 +237,7 @@ def write_merge(
     hook: DigestRecorder | None = None,
     out_format: str = "safetensors",
     ranks: Ranks | None = None,
+    card: bool | str = True,
 ) -> Path:
     """Stream the merge described by ``plan`` into a safetensors folder at ``out``.
 
@@ -209,30 +245,32 @@ def write_merge(
     computed in place, the others copied from the base, floats cast to ``out_dtype`` rounded
     once. The base folder's config and tokenizer files are copied (``config.json``'s dtype
     updated), and ``lineage`` (the plan's, with the tied names written once and, with a ``hook``,
-    the digests of the tensors as written) as ``lineage.json``. The target and the layout are
-    checked before the first tensor is computed; on any error nothing is left behind. With
-    sharded parameters every rank must call it, and every rank returns the folder's path; so
-    too with ``ranks`` (a distributed file merge), where each rank writes the shards it owns.
+    the digests of the tensors as written) as ``lineage.json``, with the ``README.md`` model
+    card made from it unless ``card`` is False (see :func:`_write_records`). The target and the
+    layout are checked before the first tensor is computed; on any error nothing is left
+    behind. With sharded parameters every rank must call it, and every rank returns the folder's
+    path; so too with ``ranks`` (a distributed file merge), where each rank writes the shards
+    it owns.
     """
     layout = _Layout(plan, base, out_dtype)
     lineage.tied.update(layout.aliases)
     if out_format == "dcp":
         into = _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
-        _write_dcp(into, layout, sources, base, dtype, progress, lineage, hook)
+        _write_dcp(into, layout, sources, base, dtype, progress, lineage, hook, card)
         return into.path
     args = (out, layout, lineage, sources, base, max_shard_size, overwrite)
     if plan.sharded:
-        _write_sharded(*args, dtype=dtype, progress=progress)
+        _write_sharded(*args, dtype=dtype, progress=progress, card=card)
         return out
     if ranks is not None and ranks.world > 1:
-        _write_distributed(*args, ranks, out_dtype, dtype, progress, hook)
+        _write_distributed(*args, ranks, out_dtype, dtype, progress, hook, card)
         return out
     with _writer(*args) as writer:
         _write_config(writer, base, out_dtype)
         _fill(layout, None, sources, base, writer.destination, dtype, progress, hook)
         if hook is not None:
             lineage.digests = hook.digests
-        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+        _write_records(writer, lineage, base, card)
     return writer.path
 
 
@@ -342,6 +380,7 @@ def _write_distributed(
     dtype: torch.dtype,
     progress: bool,
     hook: DigestRecorder | None,
+    card: bool | str = True,
 ) -> None:
     """Each rank computes the shards it owns into rank 0's temporary folder; rank 0 renames the
     folder into place once every rank succeeded, and removes it when any failed."""
@@ -381,7 +420,7 @@ def _write_distributed(
     if not failed and hook is not None:
         lineage.digests = {k: v for _, part in results for k, v in (part or {}).items()}
     if writer is not None:
-        failure = _commit(writer, lineage, failure, failed)
+        failure = _commit(writer, lineage, failure, failed, base, card)
     committed = ranks.broadcast(_said(failure) if writer is not None else None)
     if failure is not None:
         raise failure
@@ -440,7 +479,12 @@ def _placer(writer: StreamingShardWriter | ShardFiles) -> Callable[[str], torch.
 
 
 def _commit(
-    writer: StreamingShardWriter, lineage: Lineage, failure: Exception | None, failed: list[Any]
+    writer: StreamingShardWriter,
+    lineage: Lineage,
+    failure: Exception | None,
+    failed: list[Any],
+    base: Source,
+    card: bool | str,
 ) -> Exception | None:
     """On rank 0: rename the folder into place when every rank succeeded (the lineage written
     first), else remove it; the error that stops the merge, if any."""
@@ -449,7 +493,7 @@ def _commit(
         writer.__exit__(type(error), error, None)
         return failure
     try:
-        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+        _write_records(writer, lineage, base, card)
     except Exception as error:
         writer.__exit__(type(error), error, None)
         return error
@@ -518,6 +562,7 @@ def _write_dcp(
     progress: bool,
     lineage: Lineage,
     hook: DigestRecorder | None,
+    card: bool | str = True,
 ) -> None:
     """Compute each tensor into a fresh one and append it to the checkpoint at once, so memory
     holds one output tensor (and its inputs) at a time; tied names share one record."""
@@ -545,7 +590,7 @@ def _write_dcp(
             del value
         if hook is not None:
             lineage.digests = hook.digests
-        writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+        _write_records(writer, lineage, base, card, dcp=True)
 
 
 def _fresh(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -576,6 +621,7 @@ def _write_sharded(
     *,
     dtype: torch.dtype,
     progress: bool,
+    card: bool | str = True,
 ) -> None:
     """Merge sharded parameters shard by shard, gather each tensor, and write it on rank 0."""
     sharded = next(t for n in layout.tensors if is_dtensor(t := layout.tensor_of(n)))
@@ -599,7 +645,7 @@ def _write_sharded(
     if writer is not None:
         try:
             if failure is None:
-                writer.write_text(LINEAGE_FILE, lineage_text(lineage))
+                _write_records(writer, lineage, base, card)
                 writer.__exit__(None, None, None)
             else:
                 writer.__exit__(type(failure), failure, None)

@@ -118,6 +118,8 @@ def _model_json(record: ModelRecord) -> dict[str, Any]:
         "pinned": record.pinned,
         "files": None if record.files is None else dict(record.files),
         "revision": record.revision,
+        "repo": record.repo,
+        "requested_revision": record.requested_revision,
     }
 
 

@@ -266,10 +266,16 @@ class FileSource(Source):
         self.rename = rename
         self.reader = open_checkpoint(path)
         self.path = self.reader.path
-        """The file or folder (a training checkpoint's file, its entry aside)."""
-        self.spec = resolved(self.path, self.reader.selection)
+        """The file or folder (a training checkpoint's file, its entry aside; a Hub model's
+        snapshot folder in the local cache)."""
+        self.hub = self.reader.hub
+        """The Hub snapshot (repository, revision asked for, commit) of a Hub model, else None."""
+        self.spec = (
+            self.hub.pinned if self.hub is not None else resolved(self.path, self.reader.selection)
+        )
         """What the lineage records: the path, and the entry and prefix read from a training
-        checkpoint (``ckpt.pt::entry=model,prefix=``)."""
+        checkpoint (``ckpt.pt::entry=model,prefix=``); for a Hub model ``org/name@<commit>``,
+        the same weights on any machine (the cache folder is this machine's)."""
         try:
             self.raw_names = canonical_names(
                 self.reader.names(), rename, where or f"the checkpoint {self.path}"

@@ -317,8 +317,9 @@ def test_defaults_reach_merge(capsys, fake):
     assert out.startswith("terge: wrote out (1 tensor merged, 1 left as in the base) in ")
     ((args, kwargs),) = fake.calls
     assert args == (["a", "b", "c"],)
-    # lineage=True: the command prints a summary from it; no progress: stderr is no terminal
-    assert kwargs == {"out": "out", "lineage": True}
+    # lineage=True: the command prints a summary from it; no progress: stderr is no terminal;
+    # model_card: the command as typed, for OUT/README.md
+    assert kwargs == {"out": "out", "lineage": True, "model_card": "terge merge a b c -o out"}
 
 
 def test_every_option_reaches_merge(capsys, fake):
@@ -346,7 +347,7 @@ def test_every_option_reaches_merge(capsys, fake):
     assert set(kwargs) == {
         *("out", "lineage", "base", "method", "weights", "included", "excluded", "dtype"),
         *("out_dtype", "max_shard_size", "seed", "normalize", "overwrite", "digests"),
-        "out_format",
+        *("out_format", "model_card"),
     }
 
 
@@ -367,6 +368,7 @@ def test_an_option_given_reaches_merge_even_as_the_default(capsys, fake, options
     assert run(capsys, "merge", "a", "b", "-o", "out", "-q", *options)[0] == 0
     ((_, kwargs),) = fake.calls
     kwargs.pop("out"), kwargs.pop("lineage")
+    assert kwargs.pop("model_card") == "terge merge a b -o out -q " + " ".join(options)
     if "method" in kwargs:
         kwargs["method"] = kwargs["method"].name
     assert kwargs == given

@@ -154,6 +154,7 @@ def test_weights_strings():
 
 
 def test_every_key(tmp_path):
+    (tmp_path / "sub" / "b").mkdir(parents=True)  # a local folder: not the Hub model sub/b
     settings = recipe(
         tmp_path,
         """
@@ -449,3 +450,30 @@ def test_choosing_keys(tmp_path):
 def test_bad_choosing_keys(tmp_path, text, message):
     with pytest.raises(RecipeError, match=message):
         recipe(tmp_path, text)
+
+
+def test_hub_models_in_a_recipe(tmp_path):
+    """``org/name`` is a Hub model unless a file or folder of that name lies beside the recipe;
+    ``hf://`` is the Hub always (read back by terge.io.hub from the Path's ``hf:/``)."""
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    settings = recipe(
+        tmp_path,
+        """
+        models = ["org/local", "org/remote@v1", "hf://org/local", "plain"]
+        base = "hf://org/base@main"
+        out = "merged"
+        """,
+    )
+    assert settings.models == (
+        tmp_path / "org/local",
+        Path("hf://org/remote@v1"),
+        Path("hf://org/local"),
+        tmp_path / "plain",
+    )
+    assert settings.base == Path("hf://org/base@main")
+    from terge.io.hub import HubReference, hub_reference
+
+    assert [hub_reference(p) for p in settings.models[1:3]] == [
+        HubReference("org/remote", "v1"),
+        HubReference("org/local"),
+    ]

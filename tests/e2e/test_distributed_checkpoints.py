@@ -276,7 +276,12 @@ def test_the_resumed_fsdp2_model_runs_as_the_unsharded_soup(job):
 def test_the_soup_keeps_the_bases_entry_and_its_lineage(job):
     folder, _, _ = job
     soup = folder / "soup"
-    assert sorted(p.name for p in soup.iterdir()) == [".metadata", "__0_0.distcp", "lineage.json"]
+    assert sorted(p.name for p in soup.iterdir()) == [
+        ".metadata",
+        "README.md",
+        "__0_0.distcp",
+        "lineage.json",
+    ]
     with terge.io.open_checkpoint(soup) as reader:
         assert reader.entry == "model"  # the base (step-0) saved its model under "model"
     lineage = terge.load_lineage(soup)

@@ -248,6 +248,7 @@ def test_links_out_of_the_base_folder_are_not_copied(tmp_path):
     with pytest.warns(UserWarning, match=r"did not copy 2 file\(s\) of .*tokenizer\.json ->"):
         out = terge.merge([a, b], out=tmp_path / "s")
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "lineage.json",
         "model.safetensors",

@@ -227,7 +227,7 @@ def test_out_writes_shards_of_the_requested_size_with_an_index(tmp_path):
     paths = saved(tmp_path, models)
     out = terge.merge(paths, out=tmp_path / "out", max_shard_size=100)
     shards = [f"model-0000{i}-of-00003.safetensors" for i in range(1, 4)]
-    assert listing(out) == ["lineage.json", *shards, "model.safetensors.index.json"]
+    assert listing(out) == ["README.md", "lineage.json", *shards, "model.safetensors.index.json"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     # 176 bytes (alone: larger than a shard), then 48 + 12, then 60 + 10 + 8, in the base's order
     assert index["weight_map"] == {
@@ -251,7 +251,7 @@ def test_out_writes_shards_of_the_requested_size_with_an_index(tmp_path):
 def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
     paths = saved(tmp_path, state_dicts())
     out = terge.merge(paths, out=str(tmp_path / "out"))
-    assert listing(out) == ["lineage.json", "model.safetensors"]
+    assert listing(out) == ["README.md", "lineage.json", "model.safetensors"]
     with safe_open(str(out / "model.safetensors"), "pt") as file:
         metadata = file.metadata()
     assert metadata["format"] == "pt"
@@ -265,7 +265,11 @@ def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
 def test_max_shard_size_accepts_sizes_like_2kb(tmp_path):
     paths = saved(tmp_path, [{"w": torch.zeros(400)}, {"w": torch.ones(400)}])
     out = terge.merge(paths, out=tmp_path / "out", max_shard_size="1KB")
-    assert listing(out) == ["lineage.json", "model.safetensors"]  # one tensor: one shard
+    assert listing(out) == [
+        "README.md",
+        "lineage.json",
+        "model.safetensors",
+    ]  # one tensor: one shard
     assert torch.equal(load(out)["w"], torch.full((400,), 0.5))
 
 
@@ -305,6 +309,7 @@ def test_out_dtype_by_name_and_config_files_copied_with_the_dtype_updated(tmp_pa
 
     out = terge.merge(paths, out=tmp_path / "out", out_dtype="bfloat16")
     assert listing(out) == [
+        "README.md",
         "config.json",
         "generation_config.json",
         "lineage.json",
@@ -408,7 +413,7 @@ def test_an_existing_target_is_refused_before_anything_is_read(tmp_path, reads):
     assert listing(tmp_path / "out") == ["keep.txt"]
 
     out = terge.merge(paths, out=tmp_path / "out", overwrite=True)
-    assert listing(out) == ["lineage.json", "model.safetensors"]
+    assert listing(out) == ["README.md", "lineage.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("inside", ["model1/merged", "model2"])

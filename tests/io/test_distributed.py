@@ -454,7 +454,12 @@ def test_out_format_dcp_keeps_the_bases_entry_and_loads_back(tmp_path):
     out, lineage = terge.merge(
         paths, out=tmp_path / "soup", out_format="dcp", lineage=True, digests=True
     )
-    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "lineage.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".metadata",
+        "README.md",
+        "__0_0.distcp",
+        "lineage.json",
+    ]
     assert terge.load_lineage(out) == lineage
     expected = terge.merge(models)
     loaded = {"model": {name: torch.empty_like(t) for name, t in expected.items()}}

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -33,6 +34,7 @@ from .._version import __version__
 from ..audit import diff_lineages, verify_lineage
 from ..errors import LineageError, TergeError, UsageError
 from ..io.choose import Chosen, choose
+from ..io.hub import hub_reference
 from ..io.training import as_spec
 from ..io.writing import check_file_apart, write_text_atomic
 from ..lineage import REASONS, lineage_schema_text, load_lineage, save_lineage
@@ -215,6 +217,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="the largest shard file, e.g. --max-shard-size 2GB or 500MiB (default 5GB)",
     )
     parser.add_argument(
+        "--model-card",
+        action=argparse.BooleanOptionalAction,
+        help="write OUT/README.md, a Hugging Face model card (base_model, tags, method, "
+        "models, this command, a recipe, the lineage's SHA-256) replacing a README copied from "
+        "the base; --no-model-card leaves it out, e.g. --no-model-card (default --model-card)",
+    )
+    parser.add_argument(
         "--out-format",
         metavar="FORMAT",
         help="write OUT as safetensors (default) or as a torch.distributed.checkpoint folder "
@@ -386,7 +395,7 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
         raise UsageError("no output folder: give -o/--out OUT, or a --recipe with 'out'.")
     models = list(settings.models)
     for path in models:
-        if not as_spec(path).path.exists():
+        if hub_reference(path) is None and not as_spec(path).path.exists():
             raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
     base: int | Path = 0 if settings.base is None else settings.base
     if isinstance(base, int):
@@ -395,7 +404,7 @@ def _check(settings: Settings) -> tuple[list[Path], int | Path, Path]:
                 f"the base index {base} is not an index into the {len(models)} models; give "
                 f"{-len(models)} to {len(models) - 1}, or a path."
             )
-    elif not as_spec(base).path.exists():
+    elif hub_reference(base) is None and not as_spec(base).path.exists():
         raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
     else:  # a path that is one of the models is that model
         resolved = [path.resolve() for path in models]
@@ -485,6 +494,7 @@ MERGE_OPTIONS: dict[str, str] = {
     "overwrite": "--overwrite",
     "normalize": "--normalize",
     "digests": "--digests",
+    "model_card": "--model-card",
     "lineage": "--lineage",
     "last": "--last",
     "best": "--best",
@@ -494,7 +504,7 @@ MERGE_OPTIONS: dict[str, str] = {
 """Each ``terge.merge()`` keyword that ``terge merge`` sets, and the option (or argument) that sets
 it: library errors name keywords, and the command's errors must name its options instead."""
 
-_SWITCHES = {"normalize=False": "--no-normalize"}
+_SWITCHES = {"normalize=False": "--no-normalize", "model_card=False": "--no-model-card"}
 """Keyword values an option spells otherwise (``overwrite=True`` is ``--overwrite``)."""
 
 _KEYWORD = re.compile(
@@ -563,10 +573,17 @@ def _merge_options(
         "out_format": settings.out_format,
         "overwrite": settings.overwrite,
         "digests": True if args.digests else None,
+        "model_card": False if args.model_card is False else _command_line(args),
     }
     if isinstance(given["base"], Path):
         given["base"] = os.fspath(given["base"])
     return {name: value for name, value in given.items() if value is not None}
+
+
+def _command_line(args: argparse.Namespace) -> str | None:
+    """``terge merge ...`` as it was typed (quoted for a POSIX shell), for the model card."""
+    argv = getattr(args, "argv", None)
+    return None if argv is None else shlex.join([PROG, *argv])
 
 
 _NOT_WITH_MERGEKIT = {
@@ -1059,10 +1076,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     models = [Path(model).expanduser() for model in args.models]
     for path in models:
-        if not path.exists():
+        if hub_reference(path) is None and not path.exists():
             raise UsageError(f"model {str(path)!r} does not exist (no such file or folder).")
     base = _base_value(args.base)
-    if isinstance(base, Path) and not base.exists():
+    if isinstance(base, Path) and hub_reference(base) is None and not base.exists():
         raise UsageError(f"base model {str(base)!r} does not exist (no such file or folder).")
 
     def patterns(texts: list[str] | None, option: str) -> list[Any] | None:
@@ -1170,7 +1187,9 @@ def _exit_code(code: object) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``terge`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the model card shows the command that made a merge
         return args.run(args)
     except SystemExit as exit_:  # --help, --version
         return _exit_code(exit_.code)

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import RecipeError, TergeError
 from ..io import parse_size
+from ..io.hub import PREFIX, hub_shaped
 from ..io.parsing import ParseProblem, check_depth, decode_utf8, read_capped
 from ..layers import layers
 from ..methods import REGISTRY, Method
@@ -397,10 +398,15 @@ def _type_error(where: str, expected: str, value: Any) -> RecipeError:
     return RecipeError(f"{where} must be {expected}; got {value!r} ({type(value).__name__}).")
 
 
-def _path(value: Any, folder: Path, where: str) -> Path:
+def _path(value: Any, folder: Path, where: str, hub: bool = False) -> Path:
+    """A path relative to the recipe's folder; with ``hub``, a Hub model (``org/name@rev``) that
+    no file beside the recipe shadows stays a Hub reference (``hf://``: the Hub, always)."""
     if not isinstance(value, str) or not value:
         raise _type_error(where, "a path (a non-empty string)", value)
-    return folder / Path(value).expanduser()
+    local = folder / Path(value).expanduser()
+    if hub and hub_shaped(value) and (value.startswith(PREFIX) or not local.exists()):
+        return Path(PREFIX + value.removeprefix(PREFIX))  # read back by terge.io.hub
+    return local
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -525,14 +531,14 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
         if not isinstance(models, list) or not models:
             raise _type_error(where("models"), "a non-empty list of paths", models)
         found["models"] = tuple(
-            _path(m, folder, f"{where('models')}[{i}]") for i, m in enumerate(models)
+            _path(m, folder, f"{where('models')}[{i}]", hub=True) for i, m in enumerate(models)
         )
     if "base" in data:
         base = data["base"]
         if isinstance(base, int) and not isinstance(base, bool):
             found["base"] = base
         elif isinstance(base, str):
-            found["base"] = _path(base, folder, where("base"))
+            found["base"] = _path(base, folder, where("base"), hub=True)
         else:
             raise _type_error(where("base"), "an index into models or a path", base)
     for key in ("out", "lineage"):

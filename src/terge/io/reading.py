@@ -25,6 +25,7 @@ from safetensors import safe_open
 from ..errors import CheckpointError, TensorNotFoundError
 from ..patterns import Patterns, PatternSet, selected
 from .dtypes import SAFETENSORS_DTYPES
+from .hub import locate
 from .parsing import ParseProblem, decode_utf8, loads_json, read_capped
 from .training import (
     STATE_FILES,
@@ -466,7 +467,9 @@ class CheckpointReader:
     def __init__(
         self, path: CheckpointLike, *, entry: str | None = None, prefix: str | None = None
     ) -> None:
-        self.spec = as_spec(path)
+        located, self.hub = locate(path)
+        """The Hub snapshot a Hub reference (``org/name@revision``) resolved to, else ``None``."""
+        self.spec = as_spec(located)
         if entry is not None or prefix is not None:
             self.spec = checkpoint(self.spec.path, entry=entry, prefix=prefix)
         """The file and, for a training or distributed checkpoint, the entry and prefix asked
@@ -652,6 +655,11 @@ def open_checkpoint(
     A torch file that is a training checkpoint (``.ckpt``, ``{"model": ..., "optimizer": ...}``)
     reads as the model state dict inside it; ``path`` may be a ``terge.checkpoint(...)`` spec, or
     ``PATH::entry=KEY,prefix=PREFIX`` text, saying which (see :mod:`terge.io.training`).
+
+    ``path`` may name a Hugging Face Hub model, ``org/name`` or ``org/name@revision`` (a local
+    file or folder of that name wins; ``hf://org/name`` forces the Hub): its files are fetched
+    into, or offline found in, the Hub's cache (see :mod:`terge.io.hub`); ``reader.hub`` says
+    which commit was read.
     """
     return CheckpointReader(path, entry=entry, prefix=prefix)
 

@@ -1,0 +1,351 @@
+"""Model cards: the ``README.md`` a merged folder carries, in the Hugging Face Hub's format.
+
+:func:`model_card` turns a lineage into a card: YAML front matter the Hub reads (``base_model``,
+``base_model_relation: merge``, ``library_name``, ``tags``), then what a reader needs: the method
+and its paper, the models with their revisions and weights, how to reproduce the merge (the
+command that made it, and a recipe generated from the lineage), and the SHA-256 of the
+``lineage.json`` written beside it. Everything comes from the lineage, so the same merge gives
+the same card, byte for byte, on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ._version import __version__
+from .lineage import EXCLUDED, SEPARATE, Lineage, ModelRecord, lineage_text
+from .methods import REGISTRY
+
+CARD_FILE = "README.md"
+TERGE_URL = "https://pypi.org/project/terge/"
+HUB_URL = "https://huggingface.co"
+
+
+def lineage_digest(lineage: Lineage) -> str:
+    """SHA-256 (hex) of the lineage's file text (``lineage.json`` as terge writes it)."""
+    return hashlib.sha256(lineage_text(lineage).encode("utf-8")).hexdigest()
+
+
+def model_card(
+    lineage: Lineage,
+    *,
+    command: str | None = None,
+    library_name: str | None = None,
+    title: str | None = None,
+) -> str:
+    """The ``README.md`` model card of a merge, from its lineage.
+
+    ``base_model`` lists the models read from the Hub (``org/name``), base first; models from
+    local files or memory are named in the card's table only, since the Hub accepts only Hub ids
+    there (without any, ``base_model`` and ``base_model_relation`` are left out). ``command`` is
+    how the merge was made (``terge merge ...``), shown as given; a recipe for ``terge merge
+    --recipe`` is generated from the lineage, pinned to the commits the Hub models resolved to.
+    ``library_name`` (``"transformers"`` when the base folder's ``config.json`` names an
+    architecture) goes into the front matter when given.
+
+    Example:
+        >>> import torch, terge
+        >>> from terge.modelcard import model_card
+        >>> _, lineage = terge.merge([torch.nn.Linear(2, 2)] * 2, lineage=True)
+        >>> model_card(lineage).splitlines()[1:5]
+        ['tags:', '- merge', '- terge', '- arithmetic']
+    """
+    methods = _methods(lineage)
+    hub_ids = _hub_ids(lineage)
+    lines = ["---"]
+    if hub_ids:  # the Hub refuses a card whose base_model is not a Hub id
+        lines += ["base_model:", *(f"- {_yaml(repo)}" for repo in hub_ids)]
+        lines.append("base_model_relation: merge")
+    if library_name is not None:
+        lines.append(f"library_name: {_yaml(library_name)}")
+    tags = ["merge", "terge", *sorted(methods)]
+    lines += ["tags:", *(f"- {_yaml(tag)}" for tag in dict.fromkeys(tags))]
+    lines += ["---", ""]
+    lines.append(f"# {_plain(title) or 'A merge of ' + _count(len(lineage.models), 'model')}")
+    lines += [
+        "",
+        f"Merged with [terge]({TERGE_URL}) {lineage.terge_version or __version__} "
+        f"(PyTorch {lineage.torch_version or 'unknown'}), accumulating in "
+        f"{_dtype(lineage.dtype)}"
+        + ("" if lineage.out_dtype is None else f", written in {_dtype(lineage.out_dtype)}")
+        + ".",
+        "",
+        "## Method",
+        "",
+        *_method_lines(methods, lineage),
+        "",
+        "## Models",
+        "",
+        *_model_table(lineage),
+        "",
+        "## Reproduce",
+        "",
+        *_reproduce(lineage, command),
+        "## Lineage",
+        "",
+        f"`lineage.json` beside this card records every tensor's method, models and weights; its "
+        f"SHA-256 is `{lineage_digest(lineage)}`. Check the weights against it with "
+        "`terge lineage verify lineage.json --merged .` (run where the models' paths lead).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _yaml(text: str) -> str:
+    """A YAML scalar: plain where that is unambiguous, else a JSON (double-quoted) string."""
+    plain = text and all(c.isalnum() or c in "-_./@" for c in text) and text[0] not in "-.@"
+    return (
+        text
+        if plain and text.lower() not in {"true", "false", "null", "yes", "no"}
+        else (json.dumps(text))
+    )
+
+
+def _plain(text: str | None) -> str:
+    """Text safe on one Markdown line: control characters (a newline in a folder's name)
+    become spaces."""
+    return "" if text is None else "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in text)
+
+
+def _code(text: str) -> str:
+    """Inline code that a table cell holds whole: backticks and pipes cannot end it early."""
+    return "`" + _plain(text).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _dtype(dtype: Any) -> str:
+    return "an unknown dtype" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _methods(lineage: Lineage) -> dict[str, int]:
+    """Each method's name -> how many tensors it merged, most first."""
+    counts: dict[str, int] = {}
+    for entry in lineage.values():
+        counts[entry[0]] = counts.get(entry[0], 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _hub_ids(lineage: Lineage) -> list[str]:
+    """The Hub repositories of the models, the base first, each once."""
+    records = [lineage.base, *lineage.models]
+    return list(dict.fromkeys(r.repo for r in records if r is not None and r.repo is not None))
+
+
+def _method_lines(methods: Mapping[str, int], lineage: Lineage) -> list[str]:
+    if not methods:
+        return ["No tensor was merged: the folder holds the base's tensors unchanged."]
+    lines = []
+    for name, count in methods.items():
+        info = REGISTRY.get(name)
+        paper = f" ([paper]({info.paper}))" if info is not None and info.paper else ""
+        settings = _settings_of(lineage, name)
+        shown = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        custom = any(e[0] == name and getattr(e, "custom", False) for e in lineage.values())
+        kind = " (a user's own function)" if custom else ""
+        lines.append(
+            f"- `{name}`{kind}{paper}: {_count(count, 'tensor')}"
+            + (f", with {shown}" if shown else "")
+        )
+    skipped = len(lineage.skipped)
+    if skipped:
+        lines.append(f"- {_count(skipped, 'tensor')} kept as the base has them (see the lineage).")
+    return lines
+
+
+def _settings_of(lineage: Lineage, method: str) -> dict[str, Any]:
+    """The settings every tensor merged with ``method`` shares (one that varies is left out)."""
+    shared: dict[str, Any] | None = None
+    for entry in lineage.values():
+        if entry[0] != method:
+            continue
+        settings = dict(getattr(entry, "settings", {}))
+        shared = (
+            settings
+            if shared is None
+            else {k: v for k, v in shared.items() if settings.get(k, object()) == v}
+        )
+    return shared or {}
+
+
+def _weights(lineage: Lineage) -> tuple[dict[int, float] | None, bool | None]:
+    """Each model's weight, when one per model holds for every merged tensor, and whether the
+    weights were normalised (``None``: the lineage does not say); ``(None, None)`` when they vary.
+
+    Where the kernel recorded them, the weights are its coefficients (the weights as given; equal
+    ones as 1s) and a divisor means normalised; a method given normalised weights records those.
+    """
+    given: dict[int, float] = {}
+    normalize: bool | None = None
+    for entry in lineage.values():
+        if getattr(entry, "custom", False):
+            return None, None
+        coefficients = getattr(entry, "coefficients", None)
+        if coefficients is None:
+            pairs = [(index, weight) for index, weight in entry[1]]
+            said = None
+        else:
+            pairs = [(index, weight) for (index, _), weight in zip(entry[1], coefficients)]
+            said = getattr(entry, "divisor", None) is not None
+        for index, weight in pairs:
+            if given.setdefault(index, weight) != weight:
+                return None, None
+        if said is not None:
+            if normalize is not None and normalize != said:
+                return None, None
+            normalize = said
+    return given, normalize
+
+
+def _label(record: ModelRecord | None) -> str:
+    """How the card names a model: its Hub repository linked, its path, or ``(in memory)``."""
+    if record is None:
+        return "(unknown)"
+    if record.repo is not None:
+        return f"[{record.repo}]({HUB_URL}/{record.repo})"
+    return _code(record.path) if record.path is not None else f"(in memory, a {record.kind})"
+
+
+def _revision(record: ModelRecord | None) -> str:
+    if record is None or record.revision is None:
+        return ""
+    asked = record.requested_revision
+    return f"`{record.revision[:12]}`" + ("" if asked is None else f" (asked: `{asked}`)")
+
+
+def _model_table(lineage: Lineage) -> list[str]:
+    weights, _ = _weights(lineage)
+    base = lineage.base
+    rows = ["| | model | revision | weight |", "|---|---|---|---|"]
+    for record in lineage.models:
+        is_base = base is not None and base.index == record.index
+        role = f"{record.index}" + (" (base)" if is_base else "")
+        weight = "" if weights is None else _number(weights.get(int(record.index)))
+        rows.append(f"| {role} | {_label(record)} | {_revision(record)} | {weight} |")
+    if base is not None and base.index == SEPARATE:
+        rows.append(f"| base | {_label(base)} | {_revision(base)} | |")
+    if weights is None and lineage:
+        rows += ["", "The weights differ between tensors; the lineage records each tensor's."]
+    return rows
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _reproduce(lineage: Lineage, command: str | None) -> list[str]:
+    lines = []
+    if command is not None:
+        lines += ["Made with:", "", "```sh", command, "```", ""]
+    recipe, complete = recipe_from_lineage(lineage)
+    pinned = any(r.repo is not None for r in [lineage.base, *lineage.models] if r is not None)
+    lead = (
+        "As a recipe (`terge merge --recipe recipe.toml`)"
+        + (", the Hub models pinned to the commits they resolved to" if pinned else "")
+        if complete
+        else "A recipe from the lineage (incomplete: see its comments)"
+    )
+    return [*lines, lead + ":", "", "```toml", recipe.rstrip("\n"), "```", ""]
+
+
+def recipe_from_lineage(lineage: Lineage) -> tuple[str, bool]:
+    """A ``terge merge --recipe`` TOML recipe that redoes the merge a lineage records, and
+    whether it is complete (models in memory, a user's own function, or methods and weights
+    that differ between tensors cannot be written as one recipe: comments say so).
+
+    Hub models are named ``hf://org/name@<commit>``; local paths as the merge was given them.
+    """
+    complete = True
+    lines = []
+    models = []
+    for record in lineage.models:
+        if record.path is None:
+            complete = False
+            models.append(json.dumps(f"<models[{record.index}]: in memory>"))
+        else:
+            models.append(json.dumps(_recipe_path(record)))
+    lines.append(f"models = [{', '.join(models)}]")
+    base = lineage.base
+    if base is not None and base.index == SEPARATE:
+        if base.path is None:
+            complete = False
+            lines.append('base = "<base: in memory>"')
+        else:
+            lines.append(f"base = {json.dumps(_recipe_path(base))}")
+    elif base is not None:
+        lines.append(f"base = {base.index}")
+    lines.append('out = "merged"')
+    if lineage.dtype is not None:
+        lines.append(f'dtype = "{_dtype(lineage.dtype)}"')
+    if lineage.out_dtype is not None:
+        lines.append(f'out_dtype = "{_dtype(lineage.out_dtype)}"')
+    methods = {(e[0], _frozen(getattr(e, "settings", {}))) for e in lineage.values()}
+    seeds = {dict(s).get("seed") for _, s in methods} - {None}
+    if len(seeds) == 1:
+        lines.append(f"seed = {seeds.pop()}")
+    weights, normalize = _weights(lineage)
+    if normalize is False:
+        lines.append("normalize = false")
+    excluded = sorted(name for name, why in lineage.skipped.items() if why == EXCLUDED)
+    if excluded:
+        lines.append(f"exclude = [{', '.join(json.dumps(name) for name in excluded)}]")
+    if weights is not None and lineage.models:
+        values = [weights.get(i, 1.0) for i in range(len(lineage.models))]
+        lines.append(f"weights = [{', '.join(_toml_number(v) for v in values)}]")
+    elif lineage:
+        complete = False
+        lines.append("# the weights differ between tensors: see lineage.json")
+    custom = any(getattr(e, "custom", False) for e in lineage.values())
+    if custom:
+        complete = False
+        lines.append("# a user's own method function cannot be written in a recipe")
+    elif len(methods) == 1:
+        name, settings = methods.pop()
+        table = [f"name = {json.dumps(name)}"] + [
+            f"{key} = {_toml_value(value)}" for key, value in settings if key != "seed"
+        ]
+        lines.append(f"method = {{{', '.join(table)}}}")
+    elif methods:
+        complete = False
+        lines.append("# the methods differ between tensors: see lineage.json")
+    return "\n".join(lines) + "\n", complete
+
+
+def _recipe_path(record: ModelRecord) -> str:
+    if record.repo is not None and record.revision is not None:
+        return f"hf://{record.repo}@{record.revision}"
+    return str(record.path)
+
+
+def _frozen(settings: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _toml_number(value: float) -> str:
+    if isinstance(value, bool) or not math.isfinite(value):
+        return json.dumps(str(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return _toml_number(value)
+    if isinstance(value, tuple):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    return json.dumps(str(value))

@@ -1,0 +1,223 @@
+"""The README.md model card of a merged folder: read back with huggingface_hub's own parser, and
+its recipe run again to the same weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import terge
+from terge.cli import commands as cli
+from terge.cli.recipe import load_recipe, toml_module
+from terge.errors import RecipeError
+from terge.modelcard import lineage_digest, model_card, recipe_from_lineage
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+tomllib = toml_module(RecipeError, "a recipe")  # tomllib, or tomli on Python 3.10
+
+CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
+
+
+def folder(path: Path, seed: int, config: dict | None = CONFIG, readme: str | None = None) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True)
+    tensors = {
+        "embed.weight": torch.randn(6, 4, generator=generator),
+        "layers.0.mlp.weight": torch.randn(4, 4, generator=generator),
+        "layers.0.norm.weight": torch.randn(4, generator=generator),
+    }
+    save_file(tensors, path / "model.safetensors")
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    if readme is not None:
+        (path / "README.md").write_text(readme)
+    return path
+
+
+@pytest.fixture
+def models(tmp_path) -> list[Path]:
+    return [folder(tmp_path / f"m{i}", i, readme="# the base's own card\n") for i in range(3)]
+
+
+def card_of(out: Path) -> tuple[dict, str]:
+    """The card's front matter (as the Hub reads it) and its body."""
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    return card.data.to_dict(), card.text
+
+
+def test_the_card_follows_the_hubs_format(models, tmp_path):
+    out = terge.merge(
+        [str(m) for m in models],
+        method=terge.methods.ties(density=0.5),
+        weights=[1, 2, 3],
+        out=tmp_path / "soup",
+    )
+    data, body = card_of(out)
+    assert data["library_name"] == "transformers"
+    assert data["tags"] == ["merge", "terge", "ties"]
+    assert "base_model" not in data  # local folders are no Hub ids: named in the body instead
+    assert "[paper](https://arxiv.org/abs/2306.01708)" in body
+    assert "density=0.5" in body
+    for model in models:
+        assert f"`{model}`" in body
+    assert "# the base's own card" not in body  # replaced: it described the base
+
+
+def test_hub_models_are_the_base_model(tmp_path):
+    lineage = terge.Lineage(
+        models=[
+            terge.lineage.ModelRecord(
+                0, "file", "org/a@" + "1" * 40, None, "1" * 40, "org/a", "v1"
+            ),
+            terge.lineage.ModelRecord(1, "file", "local", None),
+            terge.lineage.ModelRecord(2, "file", "org/b@" + "2" * 40, None, "2" * 40, "org/b"),
+        ],
+        base=terge.lineage.ModelRecord(
+            "separate", "file", "org/c@" + "3" * 40, None, "3" * 40, "org/c"
+        ),
+    )
+    text = model_card(lineage, library_name="transformers")
+    data = huggingface_hub.ModelCard(text).data.to_dict()
+    assert data["base_model"] == ["org/c", "org/a", "org/b"]
+    assert data["base_model_relation"] == "merge"
+    assert "| 0 | [org/a](https://huggingface.co/org/a) | `111111111111` (asked: `v1`) |" in text
+    recipe = tomllib.loads(recipe_from_lineage(lineage)[0])
+    assert recipe["models"] == ["hf://org/a@" + "1" * 40, "local", "hf://org/b@" + "2" * 40]
+    assert recipe["base"] == "hf://org/c@" + "3" * 40
+
+
+def test_the_card_names_the_lineage_by_its_digest(models, tmp_path):
+    out = terge.merge([str(m) for m in models], out=tmp_path / "soup", digests=True)
+    digest = hashlib.sha256((out / "lineage.json").read_bytes()).hexdigest()
+    assert f"its SHA-256 is `{digest}`" in (out / "README.md").read_text()
+    assert lineage_digest(terge.load_lineage(out / "lineage.json")) == digest
+
+
+def test_model_card_false_leaves_it_out(models, tmp_path):
+    out = terge.merge([str(m) for m in models], out=tmp_path / "soup", model_card=False)
+    assert (out / "README.md").read_text() == "# the base's own card\n"  # copied, as before
+    bare = [folder(tmp_path / f"bare{i}", i, readme=None) for i in range(2)]
+    out = terge.merge([str(m) for m in bare], out=tmp_path / "bare-soup", model_card=False)
+    assert not (out / "README.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1, r"`model_card` must be True \(write README.md\), False .* got int"),
+        ("  ", r"`model_card` as a str is the command .* got an empty one"),
+    ],
+)
+def test_bad_model_card_values_are_refused_before_writing(models, tmp_path, value, message):
+    with pytest.raises(terge.MergeArgumentError, match=message):
+        terge.merge([str(m) for m in models], out=tmp_path / "soup", model_card=value)
+    assert not (tmp_path / "soup").exists()
+
+
+def test_a_command_is_shown_as_given(models, tmp_path):
+    out = terge.merge(
+        [str(m) for m in models], out=tmp_path / "soup", model_card="terge merge a b -o soup"
+    )
+    assert "```sh\nterge merge a b -o soup\n```" in (out / "README.md").read_text()
+
+
+def test_the_cards_recipe_redoes_the_merge(models, tmp_path, capsys):
+    out = terge.merge(
+        [str(m) for m in models],
+        method=terge.methods.dare_ties(density=0.5),
+        weights=[1, 2, 3],
+        excluded="layers.0.norm.weight",
+        out_dtype="bfloat16",
+        seed=7,
+        out=tmp_path / "soup",
+    )
+    lineage = terge.load_lineage(out / "lineage.json")
+    recipe, complete = recipe_from_lineage(lineage)
+    assert complete
+    assert recipe in (out / "README.md").read_text()
+    path = tmp_path / "again.toml"
+    path.write_text(
+        recipe.replace('out = "merged"', f"out = {json.dumps(str(tmp_path / 'again'))}")
+    )
+    assert load_recipe(path).seed == 7  # a valid recipe, its seed the merge's
+    assert cli.main(["merge", "--recipe", str(path), "-q"]) == 0, capsys.readouterr()
+    first = load_file(out / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert terge.load_lineage(tmp_path / "again" / "lineage.json") == lineage
+
+
+def test_what_a_recipe_cannot_say_is_said(tmp_path):
+    models = [torch.nn.Linear(2, 2) for _ in range(2)]
+    _, lineage = terge.merge(models, method={"weight": "arithmetic", "bias": "slerp"}, lineage=True)
+    recipe, complete = recipe_from_lineage(lineage)
+    assert not complete
+    assert '"<models[0]: in memory>"' in recipe
+    assert "# the methods differ between tensors: see lineage.json" in recipe
+    assert "A recipe from the lineage (incomplete: see its comments)" in model_card(lineage)
+
+
+def test_the_card_is_deterministic_and_safe_in_markdown(tmp_path):
+    lineage = terge.Lineage(
+        models=[terge.lineage.ModelRecord(0, "file", "we|ird`name\nx", None)],
+    )
+    text = model_card(lineage, title="two\nlines")
+    assert text == model_card(lineage, title="two\nlines")
+    assert "# two lines\n" in text
+    assert "| `we\\|ird'name x` |" in text
+
+
+def test_the_command_line_writes_the_card_unless_told_not_to(models, tmp_path, capsys):
+    argv = ["merge", *map(str, models), "-o", str(tmp_path / "a"), "-q"]
+    assert cli.main(argv) == 0, capsys.readouterr()
+    assert "```sh\nterge " + " ".join(argv) + "\n```" in (tmp_path / "a" / "README.md").read_text()
+    argv = ["merge", *map(str, models), "-o", str(tmp_path / "b"), "-q", "--no-model-card"]
+    assert cli.main(argv) == 0, capsys.readouterr()
+    assert (tmp_path / "b" / "README.md").read_text() == "# the base's own card\n"
+
+
+def test_a_distributed_checkpoint_gets_a_card_too(models, tmp_path):
+    out = terge.merge([str(m) for m in models], out=tmp_path / "soup", out_format="dcp")
+    data, _ = card_of(out)
+    assert data["tags"] == ["merge", "terge", "arithmetic"]
+    assert "library_name" not in data  # transformers cannot load a dcp folder
+
+
+@pytest.mark.parametrize(
+    ("options", "lines"),
+    [
+        (
+            {"weights": [1, 1, -1], "normalize": False},
+            ["normalize = false", "weights = [1.0, 1.0, -1.0]"],
+        ),
+        ({"weights": [0.2, 0.3, 0.5]}, ["weights = [0.2, 0.3, 0.5]"]),
+        ({"weights": [2, 2, 2]}, ["weights = [1.0, 1.0, 1.0]"]),  # equal: only ratios matter
+    ],
+)
+def test_the_recipe_says_the_weights_and_normalisation(models, tmp_path, capsys, options, lines):
+    out = terge.merge([str(m) for m in models], out=tmp_path / "soup", **options)
+    recipe, complete = recipe_from_lineage(terge.load_lineage(out / "lineage.json"))
+    assert complete and all(line in recipe.splitlines() for line in lines), recipe
+    path = tmp_path / "again.toml"
+    path.write_text(recipe.replace('"merged"', json.dumps(str(tmp_path / "again"))))
+    assert cli.main(["merge", "--recipe", str(path), "-q"]) == 0, capsys.readouterr()
+    first = load_file(out / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_config_linking_out_of_the_base_folder_is_not_read(tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps(CONFIG))
+    bases = [folder(tmp_path / f"m{i}", i, config=None) for i in range(2)]
+    (bases[0] / "config.json").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"did not copy 1 file"):
+        out = terge.merge([str(m) for m in bases], out=tmp_path / "soup")
+    data, _ = card_of(out)
+    assert "library_name" not in data
