@@ -62,8 +62,11 @@ REASONS = (
 
 SCHEMA = 1
 """The version of the lineage file format this terge writes and reads."""
-KINDS = ("module", "state_dict", "file")
-"""What a model was: an ``nn.Module``, a state dict, or a checkpoint read from disk."""
+KINDS = ("module", "state_dict", "file", "adapter")
+"""What a model was: an ``nn.Module``, a state dict, a checkpoint read from disk, or a PEFT LoRA
+adapter (its folder the path) over a base (``ModelRecord.adapter``)."""
+ADAPTER_FLAGS = ("use_rslora", "use_dora")
+ADAPTER_COUNTS = ("modules", "whole")
 SEPARATE: Final = "separate"
 """The base's index when it was given apart from ``models``."""
 MAX_LINEAGE_BYTES = 1 << 30
@@ -87,6 +90,10 @@ class ModelRecord:
     path: str | None = None
     files: Mapping[str, str] | None = field(default=None, hash=False)
     revision: str | None = None
+    adapter: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
+    """For an adapter: its base (``{"kind", "path"}``), the ranks ``r`` and ``lora_alpha``
+    values of its modules, ``use_rslora``, ``use_dora``, and how many ``modules`` it adapts and
+    ``whole`` tensors it replaces."""
 
     @property
     def pinned(self) -> bool:
@@ -286,6 +293,8 @@ def _model_json(record: ModelRecord | None) -> dict[str, Any] | None:
         data["files"] = dict(sorted(record.files.items()))
     if record.revision is not None:
         data["revision"] = record.revision
+    if record.adapter is not None:
+        data["adapter"] = dict(record.adapter)
     return data
 
 
@@ -643,7 +652,32 @@ class _Reader:
                 for name, digest in self.mapping(record["files"], f"{where}.files").items()
             }
         revision = self.string(record.get("revision"), f"{where}.revision", optional=True)
-        return ModelRecord(index, kind, path, files, revision)  # type: ignore[arg-type]
+        adapter = None
+        if record.get("adapter") is not None:
+            adapter = self.adapter(record["adapter"], f"{where}.adapter")
+        return ModelRecord(index, kind, path, files, revision, adapter)  # type: ignore[arg-type]
+
+    def adapter(self, value: Any, where: str) -> dict[str, Any]:
+        data = self.mapping(value, where)
+        base = self.mapping(data.get("base"), f"{where}.base")
+        self.expect(base.get("kind") in KINDS[:3], f"{where}.base.kind", "a model kind", base)
+        self.string(base.get("path"), f"{where}.base.path", optional=True)
+        ranks = data.get("r")
+        ok = isinstance(ranks, list) and all(
+            isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks
+        )
+        self.expect(ok, f"{where}.r", "a list of positive ints", ranks)
+        alphas = data.get("lora_alpha")
+        self.expect(isinstance(alphas, list), f"{where}.lora_alpha", "a list", alphas)
+        for i, alpha in enumerate(alphas):
+            self.number(alpha, f"{where}.lora_alpha[{i}]")
+        for flag in ADAPTER_FLAGS:
+            self.expect(isinstance(data.get(flag), bool), f"{where}.{flag}", "a bool", data.get(flag))
+        for count in ADAPTER_COUNTS:
+            self.index(data.get(count), f"{where}.{count}")
+        return {"base": {"kind": base["kind"], "path": base.get("path")}} | {
+            key: data[key] for key in ("r", "lora_alpha", *ADAPTER_FLAGS, *ADAPTER_COUNTS)
+        }
 
     def models(self, value: Any) -> tuple[ModelRecord, ...]:
         if value is None:

@@ -25,7 +25,9 @@ from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
 from .output import Ranks, check_out_format, check_output, file_ranks, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
+from .io.adapters import AdapterSpec
 from .sources import (
+    AdapterSource,
     FileSource,
     NameMap,
     Source,
@@ -319,6 +321,13 @@ def merge(
         sources, base_index, base_source = _agreed(
             ranks, lambda: _sources(models, base, buffers, opened, rename)
         )
+        if inplace and isinstance(base_source, AdapterSource):
+            raise MergeArgumentError(
+                f"inplace=True writes into the base's own tensors, but the base is the adapter "
+                f"{base_source.folder} (base + delta), which terge never modifies; pass the "
+                "adapter's base model as `base` to merge into it in place, out='folder' to "
+                "write a checkpoint, or inplace=False for a state dict."
+            )
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
@@ -514,7 +523,14 @@ def _lineage(
 
     def record(index: ModelIndex, source: Source) -> ModelRecord:
         files = source_files(source) if digests else None
-        return ModelRecord(index, source.kind, _path_of(source), files)
+        adapter = None
+        if isinstance(source, AdapterSource):
+            summary = source.adapter.summary()
+            inner = source.base
+            adapter = {"base": {"kind": inner.kind, "path": _path_of(inner)}} | {
+                k: v for k, v in summary.items() if k != "folder"
+            }
+        return ModelRecord(index, source.kind, _path_of(source), files, adapter=adapter)
 
     models = tuple(record(i, s) for i, s in enumerate(sources))
     return plan.lineage(
@@ -528,6 +544,8 @@ def _lineage(
 
 
 def _path_of(source: Source) -> str | None:
+    if isinstance(source, AdapterSource):
+        return str(source.folder)
     return source.spec if isinstance(source, FileSource) else None
 
 
@@ -604,7 +622,7 @@ def _sources(
     if not models:
         raise MergeArgumentError("`models` is empty; pass at least one model to merge.")
     if isinstance(base, bool) or not (
-        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping))
+        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping, AdapterSpec))
     ):
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "
