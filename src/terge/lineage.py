@@ -672,7 +672,8 @@ class _Reader:
         for i, alpha in enumerate(alphas):
             self.number(alpha, f"{where}.lora_alpha[{i}]")
         for flag in ADAPTER_FLAGS:
-            self.expect(isinstance(data.get(flag), bool), f"{where}.{flag}", "a bool", data.get(flag))
+            value = data.get(flag)
+            self.expect(isinstance(value, bool), f"{where}.{flag}", "a bool", value)
         for count in ADAPTER_COUNTS:
             self.index(data.get(count), f"{where}.{count}")
         return {"base": {"kind": base["kind"], "path": base.get("path")}} | {

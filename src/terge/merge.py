@@ -18,6 +18,7 @@ from .digests import DigestRecorder, source_files
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .io import parse_size
+from .io.adapters import AdapterSpec
 from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.training import CheckpointLike, as_spec
@@ -25,7 +26,6 @@ from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
 from .output import Ranks, check_out_format, check_output, file_ranks, write_merge
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
-from .io.adapters import AdapterSpec
 from .sources import (
     AdapterSource,
     FileSource,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
 import torch

@@ -282,9 +282,7 @@ class Adapter:
     ) -> None:
         self.folder = Path(folder).expanduser()
         if not is_adapter_folder(self.folder):
-            raise AdapterError(
-                f"{self.folder} is no PEFT adapter folder: it has no {CONFIG_NAME}."
-            )
+            raise AdapterError(f"{self.folder} is no PEFT adapter folder: it has no {CONFIG_NAME}.")
         self.config = read_config(self.folder)
         weights = [self.folder / n for n in WEIGHT_NAMES if (self.folder / n).is_file()]
         if not weights:
@@ -296,16 +294,16 @@ class Adapter:
         try:
             self.reader: CheckpointReader = open_checkpoint(self.file)
         except CheckpointError as error:
-            raise AdapterError(f"the adapter's weights {self.file} cannot be read: {error}") from error
+            raise AdapterError(
+                f"the adapter's weights {self.file} cannot be read: {error}"
+            ) from error
         try:
             self.modules, self.whole = self._parse(rename)
         except BaseException:
             self.reader.close()
             raise
 
-    def _parse(
-        self, rename: Callable[[str], str]
-    ) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    def _parse(self, rename: Callable[[str], str]) -> tuple[dict[str, LoraModule], dict[str, str]]:
         """Each adapted tensor's name in the base -> its module; each whole tensor's name in
         the base -> its key in the file. Every key is understood, or the adapter is refused."""
         parts: dict[str, dict[str, str]] = {}
@@ -484,9 +482,9 @@ class Adapter:
     def adapted(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The base tensor ``name`` (``base``) as the adapter makes it, in float64: replaced
         whole, plus its delta (or DoRA's rescaled sum), plus a LoRA bias."""
-        value = (
-            self.reader.get(self.whole[name]) if name in self.whole else base
-        ).to(torch.float64, copy=True)
+        value = (self.reader.get(self.whole[name]) if name in self.whole else base).to(
+            torch.float64, copy=True
+        )
         m = self.modules.get(name)
         if m is not None:
             value += self.delta(name).to(value.device)
