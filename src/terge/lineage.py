@@ -675,7 +675,9 @@ class _Reader:
             value = data.get(flag)
             self.expect(isinstance(value, bool), f"{where}.{flag}", "a bool", value)
         for count in ADAPTER_COUNTS:
-            self.index(data.get(count), f"{where}.{count}")
+            value = data.get(count)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            self.expect(ok, f"{where}.{count}", "an int >= 0", value)
         return {"base": {"kind": base["kind"], "path": base.get("path")}} | {
             key: data[key] for key in ("r", "lora_alpha", *ADAPTER_FLAGS, *ADAPTER_COUNTS)
         }

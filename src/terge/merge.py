@@ -404,8 +404,8 @@ def merge(
             )
             if hook is not None and record is not None:  # digests need a lineage (checked)
                 record.digests = hook.digests
-    if not plan.steps:
-        _warn_nothing_merged()
+    if not plan.steps and not isinstance(base_source, AdapterSource):
+        _warn_nothing_merged()  # an adapter alone is merged into its base: not nothing
     return (result, record) if lineage else result
 
 
