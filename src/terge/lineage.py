@@ -667,7 +667,7 @@ class _Reader:
             isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks
         )
         self.expect(ok, f"{where}.r", "a list of positive ints", ranks)
-        alphas = data.get("lora_alpha")
+        alphas: Any = data.get("lora_alpha")
         self.expect(isinstance(alphas, list), f"{where}.lora_alpha", "a list", alphas)
         for i, alpha in enumerate(alphas):
             self.number(alpha, f"{where}.lora_alpha[{i}]")

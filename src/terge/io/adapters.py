@@ -66,7 +66,7 @@ def is_adapter_folder(path: str | os.PathLike[str]) -> bool:
     return folder.is_dir() and (folder / CONFIG_NAME).is_file()
 
 
-def resolve_base_path(named: str | None, folder: Path) -> Path:
+def resolve_base_path(named: Any, folder: Path) -> Path:
     """The base an adapter's config names (``base_model_name_or_path``) as a local path.
 
     The one place this is decided: an absolute path, or one relative to the current directory
@@ -108,7 +108,7 @@ class AdapterConfig:
     bias: str = "none"
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    base_model_name_or_path: str | None = None
+    base_model_name_or_path: Any = None
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """The module's ``r`` and ``lora_alpha``, patterns matched as PEFT matches them."""
@@ -194,7 +194,7 @@ def read_config(folder: Path) -> AdapterConfig:
         bias=bias,
         rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        base_model_name_or_path=base if isinstance(base, str) else None,
+        base_model_name_or_path=base,  # checked only where it is used (resolve_base_path)
         **flags,
     )
 
