@@ -327,7 +327,9 @@ def test_the_lineage_of_an_adapter_merge_passes_the_schema(work):
 
 def test_an_adapter_as_the_base_cannot_be_merged_into_in_place(work):
     first = case(work, "inplace-a", llama, seed=13, **LLAMA_LORA)
-    with pytest.raises(terge.MergeArgumentError, match=r"the base is the adapter .* never modifies"):
+    with pytest.raises(
+        terge.MergeArgumentError, match=r"the base is the adapter .* never modifies"
+    ):
         terge.merge([str(first), llama()], inplace=True)
 
 
