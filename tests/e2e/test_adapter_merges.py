@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[tes
 peft = pytest.importorskip("peft", minversion="0.10", reason="pip install -e '.[test]'")
 
 import terge  # noqa: E402
+import terge.audit  # noqa: E402
 from terge.sources import AdapterSource  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -343,3 +344,23 @@ def test_gpt2_tied_embeddings_move_together_under_an_embedding_adapter(work):
     assert torch.equal(merged["lm_head.weight"], merged["transformer.wte.weight"])
     assert merged["lm_head.weight"] is merged["transformer.wte.weight"]  # still one tensor
     assert not math.isnan(float(merged["lm_head.weight"].sum()))
+
+
+def test_an_adapter_merge_verifies_against_its_lineage(work, tmp_path):
+    first = case(work, "verify-a", llama, seed=15, **LLAMA_LORA)
+    second = case(work, "verify-b", llama, seed=16, **LLAMA_LORA)
+    out = tmp_path / "merged"
+    method = terge.methods.task_arithmetic(scale=0.7)
+    terge.merge([str(first), str(second)], base=str(work / "llama-base"), method=method, out=out)
+    lineage = terge.load_lineage(out / "lineage.json")
+    assert terge.audit.verify_lineage(lineage, out) == []
+    # a changed adapter is found: the recomputed tensors no longer match
+    from safetensors.torch import load_file, save_file
+
+    weights = first / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, weights)
+    problems = terge.audit.verify_lineage(lineage, out)
+    assert [name for name, _ in problems] == ["model.layers.0.self_attn.q_proj.weight"]

@@ -129,8 +129,8 @@ def test_the_source_computes_each_tensor_only_when_asked(tmp_path, monkeypatch):
     folder = write(tmp_path / "a")
     source = AdapterSource(terge.adapter(folder, base=base_state()), buffers=False)
     calls: list[str] = []
-    original = Adapter.delta
-    monkeypatch.setattr(Adapter, "delta", lambda self, n: calls.append(n) or original(self, n))
+    original = Adapter._factors
+    monkeypatch.setattr(Adapter, "_factors", lambda self, n: calls.append(n) or original(self, n))
     assert source.entries["lin.weight"].dtype == torch.float32  # the base's, for the output
     assert calls == []
     assert source.get("lin.weight").dtype == torch.float64  # rounded once, by the merge
@@ -246,7 +246,7 @@ def test_weights_that_do_not_fit_are_refused_before_anything_is_computed(
     tmp_path, tensors, message, monkeypatch
 ):
     folder = write(tmp_path / "a", tensors)
-    monkeypatch.setattr(Adapter, "delta", lambda *a: pytest.fail("computed before checking"))
+    monkeypatch.setattr(Adapter, "_factors", lambda *a: pytest.fail("computed before checking"))
     with pytest.raises(terge.AdapterError, match=message):
         merged(folder)
 

@@ -464,15 +464,21 @@ class Adapter:
                     f"{dtypes[name]}; a saved tensor must keep its kind."
                 )
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``scaling * B @ A`` for the tensor ``name``, float64, in the base tensor's layout."""
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(x, y, scaling)`` with ``delta = scaling * x @ y`` in the base tensor's layout:
+        ``B @ A``, or ``A^T @ B^T`` where the layout is transposed (embeddings,
+        ``fan_in_fan_out``), which BLAS reads without copying."""
         m = self.modules[name]
         a = self.reader.get(m.a).to(torch.float64)
         b = self.reader.get(m.b).to(torch.float64)
-        product = b @ a
         if m.embedding or self.config.fan_in_fan_out:
-            product = product.T
-        return product.mul_(m.scaling).contiguous()
+            return a.T, b.T, m.scaling
+        return b, a, m.scaling
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` for the tensor ``name``, float64, in the base tensor's layout."""
+        x, y, scaling = self._factors(name)
+        return torch.mm(x, y).mul_(scaling)
 
     @property
     def changed(self) -> frozenset[str]:
@@ -486,8 +492,9 @@ class Adapter:
             torch.float64, copy=True
         )
         m = self.modules.get(name)
-        if m is not None:
-            value += self.delta(name).to(value.device)
+        if m is not None:  # one fused pass: value += scaling * x @ y, no delta tensor
+            x, y, scaling = self._factors(name)
+            value.addmm_(x.to(value.device), y.to(value.device), alpha=scaling)
             if m.magnitude is not None:  # DoRA: each output row rescaled to its magnitude
                 magnitude = self.reader.get(m.magnitude).to(torch.float64)
                 rows = value.T if self.config.fan_in_fan_out else value
