@@ -313,3 +313,27 @@ def test_a_file_merge_of_an_adapter_refuses_to_write_into_the_adapter_folder(tmp
     save_file(base_state(), base_file)
     with pytest.raises(terge.CheckpointError, match=r"inside"):
         terge.merge([terge.adapter(folder, base=str(base_file))], out=folder / "out")
+
+
+def test_an_adapter_saved_as_bin_reads_like_safetensors(tmp_path):
+    folder = write(tmp_path / "a")
+    expected = merged(folder)["lin.weight"]
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(factors(), folder / "adapter_model.bin")
+    assert torch.equal(merged(folder)["lin.weight"], expected)
+
+
+def test_a_dry_run_of_an_adapter_merge_computes_nothing(tmp_path, monkeypatch):
+    folder = write(tmp_path / "a")
+    monkeypatch.setattr(Adapter, "_factors", lambda *a: pytest.fail("a dry run computed"))
+    record = terge.merge([terge.adapter(folder, base=base_state())] * 2, dry_run=True)
+    assert record.models[0].kind == "adapter"
+    assert record.models[0].adapter == {
+        "base": {"kind": "state_dict", "path": None},
+        "r": [2],
+        "lora_alpha": [4.0],
+        "use_rslora": False,
+        "use_dora": False,
+        "modules": 1,
+        "whole": 0,
+    }
