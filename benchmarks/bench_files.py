@@ -623,7 +623,11 @@ def compare(
 
 
 def run_adapter_case(
-    inputs: Sequence[Path], base: Path, out: Path, args: argparse.Namespace
+    inputs: Sequence[Path],
+    base: Path,
+    out: Path,
+    args: argparse.Namespace,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``terge.merge([adapter, adapter, model], out=...)`` in a fresh process, memory sampled;
     then the written file compared bit for bit with the same merge in memory."""
@@ -631,8 +635,8 @@ def run_adapter_case(
         f"import terge; terge.merge({[rel(p) for p in inputs]!r}, out={rel(out)!r}, overwrite=True)"
     )
     cmd = [sys.executable, "-c", code]
-    evicted = [base, *(p for p in inputs if p.name.startswith(("quick-gpt2", "gpt2")))]
-    result = run_case("terge adapters", cmd, terge_env(), evicted, out, args)
+    evicted = [base, *(p for p in inputs if not (p / "adapter_config.json").exists())]
+    result = run_case("terge adapters", cmd, {**terge_env(), **(env or {})}, evicted, out, args)
     if "error" in result:
         return result
     print("  checking the adapter merge ...", file=sys.stderr, flush=True)
@@ -730,7 +734,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     adapters = [
-        adapter_folder(small, models["small"][0], s, FILES_DIR / f"{prefix}lora-{s}")
+        adapter_folder(small, models["small"][0], s, FILES_DIR / f"{prefix}gpt2-small-lora-{s}")
         for s in range(2)
     ]
     results["adapters"] = run_adapter_case(
@@ -767,23 +771,47 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's allocator raises its mmap threshold after freeing a large block, then serves blocks
+of that size from its heaps, which keep what they held; a fixed threshold maps and unmaps every
+large block, so the peak shows the memory actually live."""
+
+
 def run_adapter_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """``--only adapter``: the plain terge case and the adapter case, GPT-2 small only."""
-    small = SMALL_QUICK if args.quick else SMALL
+    """``--only adapter``: the plain terge case and the adapter case, for both model sizes;
+    the adapter case again with glibc's mmap threshold fixed (see :data:`FIXED_MMAP`)."""
     prefix = "quick-" if args.quick else ""
-    models = [checkpoint(small, s, FILES_DIR / f"{prefix}gpt2-small-{s}") for s in range(3)]
-    adapters = [
-        adapter_folder(small, models[0], s, FILES_DIR / f"{prefix}lora-{s}") for s in range(2)
-    ]
-    out = {key: FILES_DIR / f"{prefix}out-{key}" for key in ("terge", "adapters")}
+    sizes = (
+        (("small", SMALL_QUICK, "gpt2-small"), ("large", LARGE_QUICK, "gpt2-2x"))
+        if args.quick
+        else (("small", SMALL, "gpt2-small"), ("large", LARGE, "gpt2-2x"))
+    )
     results: dict[str, Any] = {}
-    cmd, mode = terge_command(models, out["terge"])
-    if cmd is not None:
-        results["terge"] = run_case("terge", cmd, terge_env(), models, out["terge"], args)
-    results["adapters"] = run_adapter_case([*adapters, models[1]], models[0], out["adapters"], args)
-    for folder in out.values():
-        shutil.rmtree(folder, ignore_errors=True)
-    label = {"label": small.label, "parameters": small.parameters}
+    described: dict[str, Any] = {}
+    mode = "—"
+    for size, config, stem in sizes:
+        models = [checkpoint(config, s, FILES_DIR / f"{prefix}{stem}-{s}") for s in range(3)]
+        adapters = [
+            adapter_folder(config, models[0], s, FILES_DIR / f"{prefix}{stem}-lora-{s}")
+            for s in range(2)
+        ]
+        out = FILES_DIR / f"{prefix}out-adapter-bench"
+        cmd, mode = terge_command(models, out)
+        if cmd is not None:
+            results[f"{size}:terge"] = run_case("terge", cmd, terge_env(), models, out, args)
+        inputs = [*adapters, models[1]]
+        results[f"{size}:adapters"] = run_adapter_case(inputs, models[0], out, args)
+        results[f"{size}:adapters-fixed"] = run_adapter_case(
+            inputs, models[0], out, args, FIXED_MMAP
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        described[size] = {
+            "label": config.label,
+            "parameters": config.parameters,
+            "mib": folder_bytes(models[0]) / MIB,
+            "adapter_mib": folder_bytes(adapters[0]) / MIB,
+            "largest_adapted_mib": 4 * config.n_embd * config.n_embd * 8 / MIB,
+        }
     return {
         "machine": machine_info(),
         "command": command_line(),
@@ -791,8 +819,8 @@ def run_adapter_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat,
         "cache": "warm" if args.warm else "cold inputs",
         "terge_mode": mode,
-        "models": {"small": {**label, "mib": folder_bytes(models[0]) / MIB}},
-        "adapter": {"rank": ADAPTER_RANK, "mib": folder_bytes(adapters[0]) / MIB},
+        "models": described,
+        "rank": ADAPTER_RANK,
         "results": results,
         "notes": [],
         "exactness": {},
@@ -802,39 +830,43 @@ def run_adapter_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def adapter_report(data: dict[str, Any]) -> str:
     results = data["results"]
-    small = data["models"]["small"]
     lines = [
-        f"## Adapter merge, {small['label']} ({small['parameters'] / 1e6:.0f}M parameters, "
-        f"{small['mib']:.0f} MiB per checkpoint; two rank-{data['adapter']['rank']} adapters of "
-        f"{data['adapter']['mib']:.1f} MiB each)",
+        f"## Adapter merges: two rank-{data['rank']} adapters on every linear layer of A, "
+        "merged with checkpoint B",
         "",
-        f"{data['command']} — {data['cache']}, best of {data['repeat']}",
+        f"{data['command']} — {data['cache']}, best of {data['repeat']}; "
+        f"{data['machine']['cpu']}, {data['machine']['nproc']} CPUs, {data['machine']['date']}",
         "",
     ]
     rows = []
-    for key, label in (
-        ("terge", "terge: three checkpoints (A, B, C)"),
-        ("adapters", "terge: adapter 1 over A, adapter 2 over A, checkpoint B"),
-    ):
-        result = results.get(key, {})
-        if "seconds" in result:
-            exact = result.get("exact")
-            rows.append(
-                [
-                    label,
-                    fmt_seconds(result["seconds"]),
-                    fmt_mib(result["anon_peak_mib"]),
-                    fmt_mib(result["hwm_mib"]),
-                    "—" if exact is None else "bit-exact" if exact else "NOT EXACT",
-                ]
-            )
-        elif result:
-            rows.append([label, "error", result["error"][:200], "", ""])
-    lines.append(
-        markdown_table(
-            ["case", "wall time", "peak RssAnon", "VmHWM", "vs in-memory float64 merge"], rows
+    for size, model in data["models"].items():
+        name = (
+            f"{model['label']} ({model['parameters'] / 1e6:.0f}M, {model['mib']:.0f} MiB; "
+            f"adapters {model['adapter_mib']:.1f} MiB; largest adapted tensor in float64 "
+            f"{model['largest_adapted_mib']:.0f} MiB)"
         )
-    )
+        for key, label in (
+            ("terge", "three checkpoints A, B, C"),
+            ("adapters", "adapter 1 over A, adapter 2 over A, B"),
+            ("adapters-fixed", "the same, glibc mmap threshold fixed"),
+        ):
+            result = results.get(f"{size}:{key}", {})
+            if "seconds" in result:
+                exact = result.get("exact")
+                rows.append(
+                    [
+                        name,
+                        label,
+                        fmt_seconds(result["seconds"]),
+                        fmt_mib(result["anon_peak_mib"]),
+                        fmt_mib(result["hwm_mib"]),
+                        "—" if exact is None else "bit-exact" if exact else "NOT EXACT",
+                    ]
+                )
+            elif result:
+                rows.append([name, label, "error", result["error"][:200], "", ""])
+    headers = ["model", "case", "wall s", "peak RssAnon MiB", "VmHWM MiB", "vs in-memory merge"]
+    lines.append(markdown_table(headers, rows))
     return "\n".join(lines)
 
 
