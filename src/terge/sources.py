@@ -309,6 +309,13 @@ class AdapterSource(Source):
     Ties of the base are kept: a delta on one name of a tied group changes them all (as PEFT's
     ``merge_and_unload`` does); a tensor the adapter replaces whole (``modules_to_save``) gets
     a key of its own. Everything is checked against the base when the source is made.
+
+    An adapted tensor of a CPU base that is not float64 itself is computed into one float64
+    buffer the source keeps, sized for its largest adapted tensor: a merge allocates it once
+    rather than once per tensor (freeing a large block per tensor makes glibc's heaps grow, see
+    ``benchmarks/bench_files.py --only adapter``). Such a tensor is valid until the next ``get``
+    of another name from this source; every consumer (a step, a copy) uses one name at a time,
+    and reads or converts it (float64 into the base's dtype) before the next.
     """
 
     kind = "adapter"
@@ -363,6 +370,8 @@ class AdapterSource(Source):
         for name, entry in base.entries.items():
             tied.setdefault(entry.key, []).append(name)
         self.entries = dict(base.entries)
+        self.scratch: torch.Tensor | None = None
+        """The float64 buffer adapted tensors are computed into (made on the first ``get``)."""
         self.origin: dict[str, str] = {}
         """Each changed name -> the adapted name whose value it shows (itself, or the name of
         its tied group that the adapter changes)."""
@@ -386,7 +395,15 @@ class AdapterSource(Source):
         origin = self.origin.get(name)
         if origin is None:
             return self.base.get(name)
-        return self.adapter.adapted(origin, self.base.get(origin).detach())
+        base = self.base.get(origin).detach()
+        entry = self.entries[origin]
+        if base.device.type != "cpu" or entry.dtype == torch.float64:
+            return self.adapter.adapted(origin, base)  # a fresh tensor: never a shared buffer
+        if self.scratch is None:
+            largest = max(self.entries[n].shape.numel() for n in self.origin)
+            self.scratch = torch.empty(largest, dtype=torch.float64)
+        out = self.scratch[: entry.shape.numel()].view(entry.shape)
+        return self.adapter.adapted(origin, base, out)
 
     def delta(self, name: str, base: Source) -> torch.Tensor | None:
         origin = self.origin.get(name)
@@ -399,6 +416,7 @@ class AdapterSource(Source):
         return False
 
     def close(self) -> None:
+        self.scratch = None
         self.adapter.close()
         self.base.close()
 

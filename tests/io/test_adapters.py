@@ -337,3 +337,25 @@ def test_a_dry_run_of_an_adapter_merge_computes_nothing(tmp_path, monkeypatch):
         "modules": 1,
         "whole": 0,
     }
+
+
+def test_adapted_tensors_reuse_one_float64_buffer_unless_the_base_is_float64(tmp_path):
+    tensors = {
+        **factors(),
+        f"{P}head.lora_A.weight": torch.randn(2, 3),
+        f"{P}head.lora_B.weight": torch.randn(2, 2),
+    }
+    folder = write(tmp_path / "a", tensors)
+    source = AdapterSource(terge.adapter(folder, base=base_state()), buffers=False)
+    first = source.get("lin.weight").clone()
+    head = source.get("head.weight")
+    assert source.scratch is not None and source.scratch.numel() == 12  # the largest, 4 x 3
+    assert head.data_ptr() == source.scratch.data_ptr()  # allocated once, reused
+    assert torch.equal(source.get("lin.weight"), first)  # recomputed, same values
+    source.close()
+    wide = {k: v.double() for k, v in base_state().items()}
+    source = AdapterSource(terge.adapter(folder, base=wide), buffers=False)
+    one, two = source.get("lin.weight"), source.get("head.weight")
+    assert source.scratch is None and one.data_ptr() != two.data_ptr()  # fresh: the base's dtype
+    assert torch.equal(one, first)  # a float32 base widened exactly: the same sums
+    source.close()

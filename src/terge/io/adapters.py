@@ -485,12 +485,14 @@ class Adapter:
         """The names of the base tensors the adapter changes."""
         return frozenset(self.modules) | frozenset(self.biases()) | frozenset(self.whole)
 
-    def adapted(self, name: str, base: torch.Tensor) -> torch.Tensor:
+    def adapted(
+        self, name: str, base: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The base tensor ``name`` (``base``) as the adapter makes it, in float64: replaced
-        whole, plus its delta (or DoRA's rescaled sum), plus a LoRA bias."""
-        value = (self.reader.get(self.whole[name]) if name in self.whole else base).to(
-            torch.float64, copy=True
-        )
+        whole, plus its delta (or DoRA's rescaled sum), plus a LoRA bias; computed into ``out``
+        (float64, the tensor's shape) when given, else into a fresh tensor."""
+        start = self.reader.get(self.whole[name]) if name in self.whole else base
+        value = start.to(torch.float64, copy=True) if out is None else out.copy_(start)
         m = self.modules.get(name)
         if m is not None:  # one fused pass: value += scaling * x @ y, no delta tensor
             x, y, scaling = self._factors(name)
