@@ -33,6 +33,13 @@ command's process tree: the peak of ``RssAnon`` (resident memory not backed by a
 memory-mapped checkpoints do not count) and, for reference, ``VmHWM`` (all resident memory,
 largest process).
 
+Adapters (issue #16): ``terge.merge([adapter_a, adapter_b, model_1], out=...)``, where the two
+adapters are PEFT-format LoRA folders (``adapter_config.json`` + ``adapter_model.safetensors``,
+rank 16 on every linear layer, ``Conv1D`` so ``fan_in_fan_out``) over model 0: each adapted
+tensor is ``base + delta`` computed in float64 one tensor at a time, so the peak ``RssAnon``
+should stay flat, as for three plain checkpoints. ``--only adapter`` runs just that case and
+the plain terge case beside it (GPT-2 small, no mergekit, no disk floor).
+
 Exactness: terge's output is compared tensor by tensor with the in-memory float64 merge of the
 same three state dicts (``terge.merge([sd_a, sd_b, sd_c])``), which must be bit-for-bit equal;
 mergekit's output is compared with both (max absolute difference).
@@ -223,6 +230,47 @@ def checkpoint(config: HFGPT2, seed: int, folder: Path) -> Path:
     os.sync()
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    return folder
+
+
+ADAPTER_RANK = 16
+
+
+def adapter_folder(config: HFGPT2, base: Path, seed: int, folder: Path) -> Path:
+    """A PEFT-format LoRA adapter (rank 16, every linear layer) over ``base``, made once."""
+    from safetensors.torch import save_file
+
+    spec = {**asdict(config), "seed": seed, "rank": ADAPTER_RANK, "base": str(base), "format": 1}
+    marker = folder / "bench_spec.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    tensors = {}
+    e, r = config.n_embd, ADAPTER_RANK
+    for i in range(config.n_layer):
+        for module, (inputs, outputs) in {
+            "attn.c_attn": (e, 3 * e),
+            "attn.c_proj": (e, e),
+            "mlp.c_fc": (e, 4 * e),
+            "mlp.c_proj": (4 * e, e),
+        }.items():
+            name = f"base_model.model.transformer.h.{i}.{module}"
+            a = torch.empty(r, inputs).normal_(0.0, 0.02, generator=generator)
+            b = torch.empty(outputs, r).normal_(0.0, 0.02, generator=generator)
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
+    save_file(tensors, folder / "adapter_model.safetensors")
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "fan_in_fan_out": True,
+        "target_modules": ["c_attn", "c_proj", "c_fc"],
+        "base_model_name_or_path": rel(base),
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    marker.write_text(json.dumps(spec) + "\n")
     return folder
 
 
@@ -574,7 +622,41 @@ def compare(
 # --------------------------------------------------------------------------------------------------
 
 
+def run_adapter_case(
+    inputs: Sequence[Path],
+    base: Path,
+    out: Path,
+    args: argparse.Namespace,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """``terge.merge([adapter, adapter, model], out=...)`` in a fresh process, memory sampled;
+    then the written file compared bit for bit with the same merge in memory."""
+    code = (
+        f"import terge; terge.merge({[rel(p) for p in inputs]!r}, out={rel(out)!r}, overwrite=True)"
+    )
+    cmd = [sys.executable, "-c", code]
+    evicted = [base, *(p for p in inputs if not (p / "adapter_config.json").exists())]
+    result = run_case("terge adapters", cmd, {**terge_env(), **(env or {})}, evicted, out, args)
+    if "error" in result:
+        return result
+    print("  checking the adapter merge ...", file=sys.stderr, flush=True)
+    sys.path.insert(0, str(SRC_DIR))
+    try:
+        import terge
+
+        expected = terge.merge([str(p) for p in inputs])
+    finally:
+        sys.path.remove(str(SRC_DIR))
+    written = load_folder(out)
+    result["exact"] = all(torch.equal(written[n], expected[n]) for n in written) and set(
+        written
+    ) == set(expected)
+    return result
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.only == "adapter":
+        return run_adapter_benchmark(args)
     machine = machine_info()
     small, large = (SMALL_QUICK, LARGE_QUICK) if args.quick else (SMALL, LARGE)
     prefix = "quick-" if args.quick else ""
@@ -584,7 +666,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = {
         key: FILES_DIR / f"{prefix}out-{key}"
-        for key in ("terge", "mergekit", "floor", "terge-2x", "floor-2x", "api", "api-2x", "none")
+        for key in (
+            "terge",
+            "mergekit",
+            "floor",
+            "terge-2x",
+            "floor-2x",
+            "api",
+            "api-2x",
+            "none",
+            "adapters",
+        )
     }
     data: dict[str, Any] = {
         "machine": machine,
@@ -641,6 +733,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "disk floor" + suffix, cmd, dict(os.environ), inputs, out["floor" + suffix], args
         )
 
+    adapters = [
+        adapter_folder(small, models["small"][0], s, FILES_DIR / f"{prefix}gpt2-small-lora-{s}")
+        for s in range(2)
+    ]
+    results["adapters"] = run_adapter_case(
+        [*adapters, models["small"][1]], models["small"][0], out["adapters"], args
+    )
+
     # Start-up alone (imports, argument parsing), for reading the gaps above.
     if data["terge_mode"] == "CLI":
         cmd = [sys.executable, "-m", "terge", "merge", "--help"]
@@ -671,6 +771,105 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's allocator raises its mmap threshold after freeing a large block, then serves blocks
+of that size from its heaps, which keep what they held; a fixed threshold maps and unmaps every
+large block, so the peak shows the memory actually live."""
+
+
+def run_adapter_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """``--only adapter``: the plain terge case and the adapter case, for both model sizes;
+    the adapter case again with glibc's mmap threshold fixed (see :data:`FIXED_MMAP`)."""
+    prefix = "quick-" if args.quick else ""
+    sizes = (
+        (("small", SMALL_QUICK, "gpt2-small"), ("large", LARGE_QUICK, "gpt2-2x"))
+        if args.quick
+        else (("small", SMALL, "gpt2-small"), ("large", LARGE, "gpt2-2x"))
+    )
+    results: dict[str, Any] = {}
+    described: dict[str, Any] = {}
+    mode = "—"
+    for size, config, stem in sizes:
+        models = [checkpoint(config, s, FILES_DIR / f"{prefix}{stem}-{s}") for s in range(3)]
+        adapters = [
+            adapter_folder(config, models[0], s, FILES_DIR / f"{prefix}{stem}-lora-{s}")
+            for s in range(2)
+        ]
+        out = FILES_DIR / f"{prefix}out-adapter-bench"
+        cmd, mode = terge_command(models, out)
+        if cmd is not None:
+            results[f"{size}:terge"] = run_case("terge", cmd, terge_env(), models, out, args)
+        inputs = [*adapters, models[1]]
+        results[f"{size}:adapters"] = run_adapter_case(inputs, models[0], out, args)
+        results[f"{size}:adapters-fixed"] = run_adapter_case(
+            inputs, models[0], out, args, FIXED_MMAP
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        described[size] = {
+            "label": config.label,
+            "parameters": config.parameters,
+            "mib": folder_bytes(models[0]) / MIB,
+            "adapter_mib": folder_bytes(adapters[0]) / MIB,
+            "largest_adapted_mib": 4 * config.n_embd * config.n_embd * 8 / MIB,
+        }
+    return {
+        "machine": machine_info(),
+        "command": command_line(),
+        "revision": source_revision(),
+        "repeat": args.repeat,
+        "cache": "warm" if args.warm else "cold inputs",
+        "terge_mode": mode,
+        "models": described,
+        "rank": ADAPTER_RANK,
+        "results": results,
+        "notes": [],
+        "exactness": {},
+        "only": "adapter",
+    }
+
+
+def adapter_report(data: dict[str, Any]) -> str:
+    results = data["results"]
+    lines = [
+        f"## Adapter merges: two rank-{data['rank']} adapters on every linear layer of A, "
+        "merged with checkpoint B",
+        "",
+        f"{data['command']} — {data['cache']}, best of {data['repeat']}; "
+        f"{data['machine']['cpu']}, {data['machine']['nproc']} CPUs, {data['machine']['date']}",
+        "",
+    ]
+    rows = []
+    for size, model in data["models"].items():
+        name = (
+            f"{model['label']} ({model['parameters'] / 1e6:.0f}M, {model['mib']:.0f} MiB; "
+            f"adapters {model['adapter_mib']:.1f} MiB; largest adapted tensor in float64 "
+            f"{model['largest_adapted_mib']:.0f} MiB)"
+        )
+        for key, label in (
+            ("terge", "three checkpoints A, B, C"),
+            ("adapters", "adapter 1 over A, adapter 2 over A, B"),
+            ("adapters-fixed", "the same, glibc mmap threshold fixed"),
+        ):
+            result = results.get(f"{size}:{key}", {})
+            if "seconds" in result:
+                exact = result.get("exact")
+                rows.append(
+                    [
+                        name,
+                        label,
+                        fmt_seconds(result["seconds"]),
+                        fmt_mib(result["anon_peak_mib"]),
+                        fmt_mib(result["hwm_mib"]),
+                        "—" if exact is None else "bit-exact" if exact else "NOT EXACT",
+                    ]
+                )
+            elif result:
+                rows.append([name, label, "error", result["error"][:200], "", ""])
+    headers = ["model", "case", "wall s", "peak RssAnon MiB", "VmHWM MiB", "vs in-memory merge"]
+    lines.append(markdown_table(headers, rows))
+    return "\n".join(lines)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
@@ -687,6 +886,7 @@ def report(data: dict[str, Any]) -> str:
         ("mergekit", f"{small['label']}: mergekit", "floor"),
         ("floor", f"{small['label']}: disk floor", "floor"),
         ("api", f"{small['label']}: terge.merge(out=) in Python, start-up excluded", "floor"),
+        ("adapters", f"{small['label']}: terge, 2 rank-16 adapters over A + checkpoint B", "floor"),
         ("terge-2x", f"{large['label']}: terge", "floor-2x"),
         ("api-2x", f"{large['label']}: terge.merge(out=) in Python, start-up excluded", "floor-2x"),
         ("floor-2x", f"{large['label']}: disk floor", "floor-2x"),
@@ -808,6 +1008,18 @@ def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
             None if peak is None else peak <= limit_mib,
             "—" if peak is None else f"{peak:.0f} MiB",
         )
+    peak = results.get("adapters", {}).get("anon_peak_mib")
+    add(
+        f"{data['models']['small']['label']}: terge with adapters, peak anonymous memory ≤ 400 MB",
+        None if peak is None else peak <= limit_mib,
+        "—" if peak is None else f"{peak:.0f} MiB",
+    )
+    exact = results.get("adapters", {}).get("exact")
+    add(
+        "adapter merge written bit-for-bit equal to the in-memory merge",
+        exact,
+        "—" if exact is None else "exact" if exact else "not exact",
+    )
     vs_mk = _ratio(
         results.get("terge", {}).get("seconds"), results.get("mergekit", {}).get("seconds")
     )
@@ -856,6 +1068,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warm", action="store_true", help="leave the inputs in the page cache between runs"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--only",
+        choices=("all", "adapter"),
+        default="all",
+        help="'adapter': only the adapter case and the plain terge case beside it",
+    )
     args = parser.parse_args(argv)
     args.repeat = max(args.repeat, 1)
     return args
@@ -864,8 +1082,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = run_benchmark(args)
-    data["checks"] = checks(data)
-    print(report(data))
+    if data.get("only") == "adapter":
+        print(adapter_report(data))
+    else:
+        data["checks"] = checks(data)
+        print(report(data))
     if args.json:
         with contextlib.suppress(OSError):
             args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -380,7 +380,7 @@ def test_chosen_round_trips_and_is_written_only_where_there_is_one(tmp_path, lin
         ),
         (
             with_(models=[{"index": 0, "kind": "disk", "path": "a"}]),
-            ': models[0].kind must be "module" or "state_dict" or "file", got "disk".',
+            ': models[0].kind must be "module" or "state_dict" or "file" or "adapter", got "disk".',
         ),
         (
             with_(models=[{"index": 1, "kind": "file", "path": "a"}]),
@@ -560,8 +560,12 @@ def test_the_schema_ships_in_the_package_and_describes_every_field():
     assert schema["properties"]["schema"] == {"const": terge.lineage.SCHEMA}
     written = terge.lineage.lineage_to_json(terge.Lineage())
     assert set(written) <= set(schema["properties"])  # every field the writer writes
+    adapter = {"base": {"kind": "file", "path": "b"}, "r": [4], "lora_alpha": [8.0]}
+    adapter |= {"use_rslora": False, "use_dora": False, "modules": 2, "whole": 0}
     model = terge.lineage.lineage_to_json(
-        terge.Lineage(models=(ModelRecord(0, "file", "a", {"f": "0" * 64}, "r", "o/a", "v1"),))
+        terge.Lineage(
+            models=(ModelRecord(0, "adapter", "a", {"f": "0" * 64}, "r", "o/a", "v1", adapter),)
+        )
     )["models"][0]
     assert set(model) == set(schema["$defs"]["model"]["properties"])
 

@@ -6,6 +6,7 @@ from . import methods
 from ._version import __version__
 from .averaging import Average
 from .errors import (
+    AdapterError,
     AveragingError,
     BaseIndexError,
     CheckpointError,
@@ -30,6 +31,7 @@ from .errors import (
 )
 from .inspection import Inspection, inspect
 from .io import load, open_checkpoint, save
+from .io.adapters import AdapterSpec, adapter
 from .io.choose import Chosen, choose
 from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
@@ -49,6 +51,8 @@ def __getattr__(name: str) -> _Any:
 
 
 __all__ = [
+    "AdapterError",
+    "AdapterSpec",
     "Average",
     "AveragingError",
     "BaseIndexError",
@@ -80,6 +84,7 @@ __all__ = [
     "UnknownMergeMethodError",
     "Violation",
     "__version__",
+    "adapter",
     "by_layer",
     "check_lineage",
     "checkpoint",

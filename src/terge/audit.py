@@ -21,6 +21,7 @@ from .digests import tensor_digest
 from .errors import LineageError, TergeError
 from .execute import run_step
 from .io import CheckpointReader, open_checkpoint
+from .io.adapters import AdapterSpec, is_adapter_folder
 from .io.dtypes import dtype_name
 from .io.hub import locate
 from .io.training import CheckpointSpec, as_spec
@@ -28,7 +29,7 @@ from .kernels import ChunkBuffers, store_whole
 from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
 from .plan import Step, reads_base, step_from_entry
-from .sources import FileSource, Source
+from .sources import AdapterSource, FileSource, Source
 
 # --- diff -----------------------------------------------------------------------------------------
 
@@ -279,12 +280,13 @@ def verify_lineage(
         reader = opened.enter_context(open_checkpoint(merged))
         check.names_in(reader, merged)
         sources: dict[int, Source] = {}
+        records = lineage.models
         for index, path in paths.items():
-            sources[index] = FileSource(path)
+            sources[index] = reopened(path, records[index] if index < len(records) else None)
             opened.callback(sources[index].close)
         base_source: Source | None = None
         if base_path is not None:
-            base_source = FileSource(base_path)
+            base_source = reopened(base_path, lineage.base)
             opened.callback(base_source.close)
         elif isinstance(check.base_index, int) and check.base_index in sources:
             base_source = sources[check.base_index]
@@ -304,6 +306,16 @@ _CLOSE_CHUNK = 1 << 22
 _TOLERANCE_ULPS = 2
 """How far (in units of the accumulation dtype's epsilon, times the model count) equal weights
 may be from exactly 1/n: the original weights are not recorded, only that they were equal."""
+
+
+def reopened(path: CheckpointSpec, record: ModelRecord | None) -> Source:
+    """A model read again from disk: a checkpoint, or an adapter folder over the base its
+    record names (else the base its own config names)."""
+    if not is_adapter_folder(path.path):
+        return FileSource(path)
+    summary = record.adapter if record is not None else None
+    base = summary["base"].get("path") if summary else None
+    return AdapterSource(AdapterSpec(path.path, base), buffers=False)
 
 
 class _Checker:

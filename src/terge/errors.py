@@ -71,6 +71,11 @@ class CheckpointError(TergeError, ValueError):
         self.path = Path(path) if path is not None else None
 
 
+class AdapterError(TergeError, ValueError):
+    """A PEFT adapter cannot be merged as given: its config or weights are broken or use a variant
+    terge does not merge, or they do not fit the base they are said to adapt."""
+
+
 class TensorNotFoundError(CheckpointError, KeyError):
     """A tensor name is not in the checkpoint (a ``KeyError`` too, as for a missing dict key)."""
 

@@ -16,7 +16,7 @@ from .errors import MergeArgumentError, MethodError, MethodResultError
 from .kernels import ChunkBuffers, linear_combine, store_whole
 from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
-from .sources import FileSource, ModuleSource, Source, StateDictSource
+from .sources import AdapterSource, FileSource, ModuleSource, Source, StateDictSource
 
 
 def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -32,14 +32,17 @@ def destinations(base: Source, plan: Plan, inplace: bool) -> tuple[Any, dict[str
         return owner, {step.name: base.get(step.name) for step in plan.steps}
     if isinstance(base, ModuleSource):
         return _copy_module(base, plan)
-    if isinstance(base, FileSource):
+    if isinstance(base, (FileSource, AdapterSource)):
         return _load_file(base, plan)
     assert isinstance(base, StateDictSource)
     return _copy_state_dict(base, plan)
 
 
-def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A state dict of the base checkpoint: fresh tensors to merge into, copies of the rest.
+def _load_file(
+    base: FileSource | AdapterSource, plan: Plan
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state dict of the base checkpoint (or adapter, ``base + delta`` rounded once into the
+    base's dtypes): fresh tensors to merge into, copies of the rest; tied names share one.
 
     The tensors left alone are read into memory, one at a time: a view of the file's memory map
     would die (SIGBUS) the moment the file is rewritten, and saving the result over its own
@@ -49,12 +52,20 @@ def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], d
     merged = {step.name for step in plan.steps}
     result: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
+    by_key: dict[Any, torch.Tensor] = {}
     for name, entry in base.entries.items():
         raw = base.raw_names[name]  # the result keeps the file's own names
-        if name in merged:
+        if entry.key in by_key:  # a tied name (a module's, under an adapter): one tensor
+            result[raw] = by_key[entry.key]
+        elif name in merged:
             result[raw] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
         else:
-            result[raw] = base.get(name).clone(memory_format=torch.contiguous_format)
+            value = base.get(name).detach()
+            if value.dtype != entry.dtype:  # an adapter's float64 base + delta: round once
+                result[raw] = value.to(entry.dtype)
+            else:
+                result[raw] = value.clone(memory_format=torch.contiguous_format)
+        by_key[entry.key] = result[raw]
     return result, outputs
 
 
@@ -269,6 +280,11 @@ def run_step(
     written straight into the destination's own shard; methods sum their whole-tensor statistics
     over the other shards through the :class:`~terge.sharding.Layout` they are given.
     """
+    if step.method.task_vectors and step.uses_base and not step.sharded:
+        deltas = [sources[i].delta(step.name, base) for i in step.contributors]
+        if any(delta is not None for delta in deltas):
+            _run_on_deltas(step, deltas, sources, base, destination, buffers)
+            return
     inputs = [sources[i].get(step.name) for i in step.contributors]
     layout = layout_of(destination) if is_dtensor(destination) else None
     destination = local(destination)
@@ -298,13 +314,53 @@ def run_step(
         if step.uses_base
         else None
     )
+    result = _called(step, tensors, reference, seed, layout or Layout.whole(destination.shape))
+    _check_result(step, result, destination)
+    store_whole(destination, result.to(dtype), buffers)
+
+
+def _run_on_deltas(
+    step: Step,
+    deltas: list[torch.Tensor | None],
+    sources: list[Source],
+    base: Source,
+    destination: torch.Tensor,
+    buffers: ChunkBuffers,
+) -> None:
+    """A task-vector step where some contributors are adapters over this very base: their
+    deltas are the task vectors themselves (no ``(base + delta) - base``), the others' are
+    subtracted; the method runs on the task vectors over a zero base, and the base is added
+    once at the end (every task-vector method is ``base + f(task vectors)``)."""
+    device, dtype = destination.device, buffers.dtype
+    reference = base.get(step.name).detach().to(device=device, dtype=dtype)
+    taus = [
+        delta.to(device=device, dtype=dtype)
+        if delta is not None
+        else sources[i].get(step.name).detach().to(device=device, dtype=dtype) - reference
+        for i, delta in zip(step.contributors, deltas)
+    ]
+    seed = derive_seed(step.seed or 0, step.name) if step.method.random else None
+    zero = torch.zeros_like(reference)
+    result = _called(step, taus, zero, seed, Layout.whole(destination.shape))
+    _check_result(step, result, destination)
+    store_whole(destination, result.to(dtype).add_(reference), buffers)
+
+
+def _called(
+    step: Step,
+    tensors: list[torch.Tensor],
+    reference: torch.Tensor | None,
+    seed: int | None,
+    layout: Layout,
+) -> Any:
+    """The step's method called on whole tensors; a user's method's error wrapped in context."""
     try:
-        result = step.method(
+        return step.method(
             tensors,
             list(step.method_weights),
             reference,
             seed,
-            layout or Layout.whole(destination.shape),
+            layout,
             name=step.name,
             contributors=step.contributors,
             divisor=step.method_divisor,
@@ -318,6 +374,10 @@ def run_step(
             f"{' with the base' if step.uses_base else ''} (the original error is chained as "
             "its cause)."
         ) from error
+
+
+def _check_result(step: Step, result: Any, destination: torch.Tensor) -> None:
+    """A method's result must be a real tensor of the destination's shape."""
     if not isinstance(result, torch.Tensor) or result.shape != destination.shape:
         got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
         raise MethodResultError(
@@ -330,7 +390,6 @@ def run_step(
             f"the merge method {step.method.name!r} returned a {result.dtype} tensor for the "
             f"parameter '{step.name}'; a method must return real numbers."
         )
-    store_whole(destination, result.to(dtype), buffers)
 
 
 class _no_bar:

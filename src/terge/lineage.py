@@ -62,8 +62,11 @@ REASONS = (
 
 SCHEMA = 1
 """The version of the lineage file format this terge writes and reads."""
-KINDS = ("module", "state_dict", "file")
-"""What a model was: an ``nn.Module``, a state dict, or a checkpoint read from disk."""
+KINDS = ("module", "state_dict", "file", "adapter")
+"""What a model was: an ``nn.Module``, a state dict, a checkpoint read from disk, or a PEFT LoRA
+adapter (its folder the path) over a base (``ModelRecord.adapter``)."""
+ADAPTER_FLAGS = ("use_rslora", "use_dora")
+ADAPTER_COUNTS = ("modules", "whole")
 SEPARATE: Final = "separate"
 """The base's index when it was given apart from ``models``."""
 MAX_LINEAGE_BYTES = 1 << 30
@@ -94,6 +97,10 @@ class ModelRecord:
     revision: str | None = None
     repo: str | None = None
     requested_revision: str | None = None
+    adapter: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
+    """For an adapter: its base (``{"kind", "path"}``), the ranks ``r`` and ``lora_alpha``
+    values of its modules, ``use_rslora``, ``use_dora``, and how many ``modules`` it adapts and
+    ``whole`` tensors it replaces."""
 
     @property
     def pinned(self) -> bool:
@@ -296,6 +303,8 @@ def _model_json(record: ModelRecord | None) -> dict[str, Any] | None:
     if record.repo is not None:  # a Hub model: where it came from, and what was asked for
         data["repo"] = record.repo
         data["requested_revision"] = record.requested_revision
+    if record.adapter is not None:
+        data["adapter"] = dict(record.adapter)
     return data
 
 
@@ -658,6 +667,9 @@ class _Reader:
         requested = self.string(
             record.get("requested_revision"), f"{where}.requested_revision", optional=True
         )
+        adapter = None
+        if record.get("adapter") is not None:
+            adapter = self.adapter(record["adapter"], f"{where}.adapter")
         return ModelRecord(
             index,  # type: ignore[arg-type]
             kind,  # type: ignore[arg-type]
@@ -666,7 +678,33 @@ class _Reader:
             revision,
             repo,
             requested,
+            adapter,
         )
+
+    def adapter(self, value: Any, where: str) -> dict[str, Any]:
+        data = self.mapping(value, where)
+        base = self.mapping(data.get("base"), f"{where}.base")
+        self.expect(base.get("kind") in KINDS[:3], f"{where}.base.kind", "a model kind", base)
+        self.string(base.get("path"), f"{where}.base.path", optional=True)
+        ranks = data.get("r")
+        ok = isinstance(ranks, list) and all(
+            isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks
+        )
+        self.expect(ok, f"{where}.r", "a list of positive ints", ranks)
+        alphas: Any = data.get("lora_alpha")
+        self.expect(isinstance(alphas, list), f"{where}.lora_alpha", "a list", alphas)
+        for i, alpha in enumerate(alphas):
+            self.number(alpha, f"{where}.lora_alpha[{i}]")
+        for flag in ADAPTER_FLAGS:
+            value = data.get(flag)
+            self.expect(isinstance(value, bool), f"{where}.{flag}", "a bool", value)
+        for count in ADAPTER_COUNTS:
+            value = data.get(count)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            self.expect(ok, f"{where}.{count}", "an int >= 0", value)
+        return {"base": {"kind": base["kind"], "path": base.get("path")}} | {
+            key: data[key] for key in ("r", "lora_alpha", *ADAPTER_FLAGS, *ADAPTER_COUNTS)
+        }
 
     def models(self, value: Any) -> tuple[ModelRecord, ...]:
         if value is None:

@@ -18,6 +18,7 @@ from .digests import DigestRecorder, source_files
 from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
 from .execute import destinations, execute
 from .io import parse_size
+from .io.adapters import AdapterSpec
 from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.hub import hub_reference
@@ -27,6 +28,7 @@ from .output import Ranks, check_out_format, check_output, file_ranks, write_mer
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
+    AdapterSource,
     FileSource,
     NameMap,
     Source,
@@ -341,6 +343,13 @@ def merge(
         sources, base_index, base_source = _agreed(
             ranks, lambda: _sources(models, base, buffers, opened, rename)
         )
+        if inplace and isinstance(base_source, AdapterSource):
+            raise MergeArgumentError(
+                f"inplace=True writes into the base's own tensors, but the base is the adapter "
+                f"{base_source.folder} (base + delta), which terge never modifies; pass the "
+                "adapter's base model as `base` to merge into it in place, out='folder' to "
+                "write a checkpoint, or inplace=False for a state dict."
+            )
         if inplace and isinstance(base_source, FileSource):
             raise MergeArgumentError(
                 f"inplace=True writes into the base's own tensors, but the base is the "
@@ -418,8 +427,8 @@ def merge(
             )
             if hook is not None and record is not None:  # digests need a lineage (checked)
                 record.digests = hook.digests
-    if not plan.steps:
-        _warn_nothing_merged()
+    if not plan.steps and not isinstance(base_source, AdapterSource):
+        _warn_nothing_merged()  # an adapter alone is merged into its base: not nothing
     return (result, record) if lineage else result
 
 
@@ -556,16 +565,22 @@ def _lineage(
     def record(index: ModelIndex, source: Source) -> ModelRecord:
         files = source_files(source) if digests else None
         hub = source.hub if isinstance(source, FileSource) else None
-        if hub is None:
-            return ModelRecord(index, source.kind, _path_of(source), files)
+        adapter = None
+        if isinstance(source, AdapterSource):
+            summary = source.adapter.summary()
+            inner = source.base
+            adapter = {"base": {"kind": inner.kind, "path": _path_of(inner)}} | {
+                k: v for k, v in summary.items() if k != "folder"
+            }
         return ModelRecord(
             index,
             source.kind,
             _path_of(source),
             files,
-            revision=hub.commit,
-            repo=hub.repo_id,
-            requested_revision=hub.revision,
+            revision=None if hub is None else hub.commit,
+            repo=None if hub is None else hub.repo_id,
+            requested_revision=None if hub is None else hub.revision,
+            adapter=adapter,
         )
 
     models = tuple(record(i, s) for i, s in enumerate(sources))
@@ -580,6 +595,8 @@ def _lineage(
 
 
 def _path_of(source: Source) -> str | None:
+    if isinstance(source, AdapterSource):
+        return str(source.folder)
     return source.spec if isinstance(source, FileSource) else None
 
 
@@ -656,7 +673,7 @@ def _sources(
     if not models:
         raise MergeArgumentError("`models` is empty; pass at least one model to merge.")
     if isinstance(base, bool) or not (
-        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping))
+        on_disk(base) or isinstance(base, (int, torch.nn.Module, Mapping, AdapterSpec))
     ):
         raise MergeArgumentError(
             f"`base` must be an index into `models` or a model (nn.Module, state dict or "

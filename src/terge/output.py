@@ -47,7 +47,15 @@ from .lineage import Lineage, lineage_text
 from .modelcard import CARD_FILE, model_card
 from .plan import Plan, Step
 from .sharding import is_dtensor, local, mesh_all_ok, rank
-from .sources import Entry, FileSource, ModuleSource, Source, entry_of
+from .sources import (
+    Entry,
+    FileSource,
+    ModuleSource,
+    Source,
+    checkpoint_of,
+    entry_of,
+    folders_read,
+)
 
 LINEAGE_FILE = "lineage.json"
 
@@ -164,6 +172,17 @@ def folder_of(source: FileSource) -> Path | None:
     return None
 
 
+def inputs_of(sources: Sequence[Source], base: Source) -> list[Path]:
+    """Every checkpoint and adapter folder the merge reads: the output must not be inside one."""
+    paths: list[Path] = []
+    for source in [*sources, base]:
+        checkpoint = checkpoint_of(source)
+        if checkpoint is not None:
+            paths.append(folder_of(checkpoint) or checkpoint.path)
+        paths += folders_read(source)
+    return list(dict.fromkeys(paths))
+
+
 def _writer(
     out: Path,
     layout: _Layout,
@@ -181,9 +200,7 @@ def _writer(
         "merged": dict(Counter(entry[0] for entry in lineage.values())),
         "skipped": dict(Counter(lineage.skipped.values())),
     }
-    files = [s for s in sources if isinstance(s, FileSource)]
-    if isinstance(base, FileSource) and all(base is not s for s in files):
-        files.append(base)
+    checkpoint = checkpoint_of(base)
     return StreamingShardWriter(
         out,
         layout.tensors,
@@ -194,8 +211,8 @@ def _writer(
             "terge_version": __version__,
             "terge_lineage": json.dumps(summary, sort_keys=True),
         },
-        copy_files_from=folder_of(base) if isinstance(base, FileSource) else None,
-        inputs=[folder_of(s) or s.path for s in files],
+        copy_files_from=folder_of(checkpoint) if checkpoint is not None else None,
+        inputs=inputs_of(sources, base),
         owned=owned,
     )
 
@@ -278,7 +295,8 @@ def _write_config(
     writer: StreamingShardWriter, base: Source, out_dtype: torch.dtype | None
 ) -> None:
     """The base folder's ``config.json`` with its dtype set to ``out_dtype`` (when one is named)."""
-    folder = folder_of(base) if isinstance(base, FileSource) else None
+    checkpoint = checkpoint_of(base)
+    folder = folder_of(checkpoint) if checkpoint is not None else None
     if folder is not None and out_dtype is not None:
         config = _config_with_dtype(folder, out_dtype)
         if config is not None:
@@ -538,9 +556,6 @@ def _distributed_writer(
             "model with torch.distributed.checkpoint.save, or merge their distributed "
             "checkpoints by path."
         )
-    files = [s for s in sources if isinstance(s, FileSource)]
-    if isinstance(base, FileSource) and all(base is not s for s in files):
-        files.append(base)
     entry = base.reader.entry if isinstance(base, FileSource) else None
     return DistributedCheckpointWriter(
         out,
@@ -549,7 +564,7 @@ def _distributed_writer(
         entry=entry or "",
         max_shard_size=max_shard_size,
         overwrite=overwrite,
-        inputs=[folder_of(s) or s.path for s in files],
+        inputs=inputs_of(sources, base),
     )
 
 

@@ -1,4 +1,5 @@
-"""A uniform view over the things terge merges: modules, state dicts and checkpoint files.
+"""A uniform view over the things terge merges: modules, state dicts, checkpoint files and PEFT
+LoRA adapters (each with its base).
 
 A source lists its tensors' names, shapes and dtypes, and hands out a tensor only when asked.
 Tensors that are the same view of the same storage (tied weights) share an ``Entry.key``.
@@ -13,11 +14,13 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
-from .errors import MergeArgumentError
+from .errors import AdapterError, MergeArgumentError
+from .io.adapters import Adapter, AdapterSpec, is_adapter_folder, resolve_base_path
 from .io.training import CheckpointLike, CheckpointSpec, resolved
 from .sharding import is_dtensor, sharding_of
 
@@ -178,6 +181,11 @@ class Source:
         entry = self.entries.get(name)
         return entry is not None and entry.shape == shape
 
+    def delta(self, name: str, base: Source) -> torch.Tensor | None:
+        """The tensor minus ``base``'s, known exactly without subtracting (an adapter over that
+        very base), in float64; ``None`` where it is not known (then subtract)."""
+        return None
+
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP, DataParallel and ``torch.compile`` wrappers (nested ones too)."""
@@ -298,6 +306,154 @@ class FileSource(Source):
         self.reader.close()
 
 
+class AdapterSource(Source):
+    """A PEFT LoRA adapter over its base: the base's names, shapes and dtypes; ``get`` returns
+    ``base + delta`` for the tensors the adapter changes, computed in float64 one tensor at a
+    time and returned in float64 (so a merge rounds once, into the base's dtype), and the base's
+    own tensor for the rest.
+
+    Ties of the base are kept: a delta on one name of a tied group changes them all (as PEFT's
+    ``merge_and_unload`` does); a tensor the adapter replaces whole (``modules_to_save``) gets
+    a key of its own. Everything is checked against the base when the source is made.
+
+    An adapted tensor of a CPU base that is not float64 itself is computed into one float64
+    buffer the source keeps, sized for its largest adapted tensor: a merge allocates it once
+    rather than once per tensor (freeing a large block per tensor makes glibc's heaps grow, see
+    ``benchmarks/bench_files.py --only adapter``). Such a tensor is valid until the next ``get``
+    of another name from this source; every consumer (a step, a copy) uses one name at a time,
+    and reads or converts it (float64 into the base's dtype) before the next.
+    """
+
+    kind = "adapter"
+
+    def __init__(
+        self,
+        spec: AdapterSpec | str | os.PathLike[str],
+        buffers: bool,
+        *,
+        rename: NameMap = strip_wrappers,
+        where: str = "a model",
+    ) -> None:
+        if not isinstance(spec, AdapterSpec):
+            spec = AdapterSpec(Path(spec).expanduser())
+        self.rename = rename
+        self.adapter = Adapter(spec.folder, rename)
+        self.folder = self.adapter.folder
+        try:
+            given = spec.base
+            if given is None:
+                given = resolve_base_path(self.adapter.config.base_model_name_or_path, self.folder)
+            if isinstance(given, AdapterSpec) or (is_path(given) and is_adapter_folder(given)):
+                raise AdapterError(
+                    f"{where}: the base of the adapter {self.folder} is itself an adapter "
+                    f"({given}); merge that one into its base first (terge.merge([...], out=...)) "
+                    "and pass the result as the base."
+                )
+            self.base = as_source(given, buffers, f"the base of {where}", rename)
+        except BaseException:
+            self.adapter.close()
+            raise
+        try:
+            self._take_base_view()
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_base_view(self) -> None:
+        base = self.base
+        if base.unusual:
+            raise AdapterError(
+                f"the base of the adapter {self.folder} holds sharded (DTensor) or meta tensors; "
+                "pass an unsharded base with real weights (a checkpoint path, or a state dict "
+                "gathered on one rank)."
+            )
+        self.raw_names, self.canonical, self.others = base.raw_names, base.canonical, base.others
+        self.adapter.check(
+            {n: e.shape for n, e in base.entries.items()},
+            {n: e.dtype for n, e in base.entries.items()},
+        )
+        tied: dict[Hashable, list[str]] = {}
+        for name, entry in base.entries.items():
+            tied.setdefault(entry.key, []).append(name)
+        self.entries = dict(base.entries)
+        self.scratch: torch.Tensor | None = None
+        """The float64 buffer adapted tensors are computed into (made on the first ``get``)."""
+        self.origin: dict[str, str] = {}
+        """Each changed name -> the adapted name whose value it shows (itself, or the name of
+        its tied group that the adapter changes)."""
+        for name in sorted(self.adapter.changed):
+            entry = base.entries[name]
+            if name in self.adapter.whole:
+                self.entries[name] = entry._replace(key=("adapter", self.folder, name))
+                self.origin[name] = name
+                continue
+            for other in tied[entry.key]:
+                if other in self.adapter.whole:
+                    continue
+                known = self.origin.setdefault(other, name)
+                if known != name:
+                    raise AdapterError(
+                        f"the adapter {self.folder} changes both {known!r} and {name!r}, which "
+                        "are one tied tensor in the base; untie them or adapt only one."
+                    )
+
+    def get(self, name: str) -> torch.Tensor:
+        origin = self.origin.get(name)
+        if origin is None:
+            return self.base.get(name)
+        base = self.base.get(origin).detach()
+        entry = self.entries[origin]
+        if base.device.type != "cpu" or entry.dtype == torch.float64:
+            return self.adapter.adapted(origin, base)  # a fresh tensor: never a shared buffer
+        if self.scratch is None:
+            largest = max(self.entries[n].shape.numel() for n in self.origin)
+            self.scratch = torch.empty(largest, dtype=torch.float64)
+        out = self.scratch[: entry.shape.numel()].view(entry.shape)
+        return self.adapter.adapted(origin, base, out)
+
+    def delta(self, name: str, base: Source) -> torch.Tensor | None:
+        origin = self.origin.get(name)
+        if origin is None or not same_model(self.base, base):
+            return None
+        return self.adapter.pure_delta(origin)
+
+    @functools.cached_property
+    def unusual(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.scratch = None
+        self.adapter.close()
+        self.base.close()
+
+
+def same_model(a: Source, b: Source) -> bool:
+    """Whether two sources read the very same model (one object, one mapping or one file)."""
+    if a is b:
+        return True
+    if isinstance(a, ModuleSource) and isinstance(b, ModuleSource):
+        return a.module is b.module
+    if isinstance(a, StateDictSource) and isinstance(b, StateDictSource):
+        return a.mapping is b.mapping
+    if isinstance(a, FileSource) and isinstance(b, FileSource):
+        return bool(
+            a.path.resolve() == b.path.resolve() and a.reader.selection == b.reader.selection
+        )
+    return False
+
+
+def checkpoint_of(source: Source) -> FileSource | None:
+    """The checkpoint on disk a source's tensors come from: itself, or an adapter's base."""
+    if isinstance(source, AdapterSource):
+        return checkpoint_of(source.base)
+    return source if isinstance(source, FileSource) else None
+
+
+def folders_read(source: Source) -> list[Path]:
+    """The adapter folders a source reads besides its checkpoint (an output must not be there)."""
+    return [source.folder] if isinstance(source, AdapterSource) else []
+
+
 def is_path(model: object) -> TypeGuard[str | os.PathLike[str]]:
     """Whether ``model`` is a path (``str`` or ``os.PathLike``) rather than a model in memory."""
     return isinstance(model, (str, os.PathLike))
@@ -315,10 +471,12 @@ def as_source(model: Any, buffers: bool, where: str, rename: NameMap = strip_wra
         return ModuleSource(model, buffers, rename=rename, where=where)
     if isinstance(model, Mapping):
         return StateDictSource(model, rename=rename, where=where)
+    if isinstance(model, AdapterSpec) or (is_path(model) and is_adapter_folder(model)):
+        return AdapterSource(model, buffers, rename=rename, where=f"{where} ({model})")
     if on_disk(model):
         return FileSource(model, rename=rename, where=f"{where} ({model})")
     raise MergeArgumentError(
         f"{where} is a {type(model).__name__}; terge merges torch.nn.Module objects, state "
-        "dicts (mappings of names to tensors) and checkpoints (paths, str or os.PathLike, or "
-        "terge.checkpoint(...))."
+        "dicts (mappings of names to tensors), checkpoints (paths, str or os.PathLike, or "
+        "terge.checkpoint(...)) and PEFT adapters (their folders, or terge.adapter(...))."
     )
