@@ -10,6 +10,7 @@ from .errors import (
     BaseIndexError,
     CheckpointError,
     LineageError,
+    LoraLeftOutWarning,
     MergeArgumentError,
     MetaTensorError,
     MethodError,
@@ -34,6 +35,7 @@ from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
+from .lora import LoraAdapter, extract_lora
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
 
@@ -59,6 +61,8 @@ __all__ = [
     "Lineage",
     "LineageEntry",
     "LineageError",
+    "LoraAdapter",
+    "LoraLeftOutWarning",
     "MergeArgumentError",
     "MetaTensorError",
     "MethodError",
@@ -82,6 +86,7 @@ __all__ = [
     "check_lineage",
     "checkpoint",
     "choose",
+    "extract_lora",
     "from_mergekit",
     "inspect",
     "layer_index",

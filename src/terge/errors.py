@@ -116,3 +116,8 @@ class AveragingError(TergeError, ValueError):
     """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
     a bad setting, a model whose tensors no longer match the average, or a state dict of another
     average."""
+
+
+class LoraLeftOutWarning(UserWarning):
+    """A difference between two models that an extracted LoRA adapter does not hold (listed in
+    the adapter's ``lora.json`` under ``left_out``, with the reason)."""
