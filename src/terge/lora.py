@@ -681,6 +681,15 @@ def check_merge_adapter(plan: Plan, settings: LoraSettings, base: Source) -> dic
     )
 
 
+def check_adapter_target(
+    out: Path, sources: list[Source], base: Source, overwrite: bool
+) -> None:
+    """Refuse ``out`` as :class:`AdapterWriter` would (it exists, or lies in an input), writing
+    nothing: a dry run fails where the real call would."""
+    inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]
+    AdapterWriter(out, overwrite=overwrite, inputs=inputs)  # checked, never entered
+
+
 def write_merge_adapter(
     plan: Plan,
     sources: list[Source],
@@ -701,7 +710,10 @@ def write_merge_adapter(
     base_path = base.spec if isinstance(base, FileSource) else None
     with AdapterWriter(out, overwrite=overwrite, inputs=inputs, metadata=_metadata()) as writer:
         for step in plan.steps:
-            merged = torch.empty(base.entries[step.name].shape, dtype=torch.float64)
+            # the merged tensor as a safetensors output would hold it: rounded once into the
+            # base tensor's dtype (the kernels write into a destination of the inputs' dtype)
+            entry = base.entries[step.name]
+            merged = torch.empty(entry.shape, dtype=entry.dtype)
             execute([step], sources, base, lambda _, m=merged: m, dtype, False)  # type: ignore[misc]
             with torch.no_grad():
                 delta = merged - base.get(step.name).detach().to("cpu", torch.float64)
