@@ -681,9 +681,7 @@ def check_merge_adapter(plan: Plan, settings: LoraSettings, base: Source) -> dic
     )
 
 
-def check_adapter_target(
-    out: Path, sources: list[Source], base: Source, overwrite: bool
-) -> None:
+def check_adapter_target(out: Path, sources: list[Source], base: Source, overwrite: bool) -> None:
     """Refuse ``out`` as :class:`AdapterWriter` would (it exists, or lies in an input), writing
     nothing: a dry run fails where the real call would."""
     inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]

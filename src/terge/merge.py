@@ -483,14 +483,14 @@ def _lora_settings(
         ]
         if given:
             raise MergeArgumentError(
-                f"`{given[0]}` sets how a merge is written as a LoRA adapter; pass "
-                f"out_format='lora' (and out='folder') too, or drop {given[0]}."
+                f"`{given[0]}` sets how a merge is written as a LoRA adapter; set `out_format` "
+                f"to 'lora' (with `out`) too, or drop `{given[0]}`."
             )
         return None
     if rank is None and energy is None:
         raise MergeArgumentError(
-            "out_format='lora' needs lora_rank= (an int, or a map of patterns to ints) or "
-            "lora_energy= (a share in (0, 1] of the squared singular values to keep)."
+            "`out_format` 'lora' needs `lora_rank` (an int, or a map of patterns to ints) or "
+            "`lora_energy` (a share in (0, 1] of the squared singular values to keep)."
         )
     return lora_settings(rank, energy, embeddings, None, out_dtype)
 
