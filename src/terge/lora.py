@@ -603,7 +603,7 @@ def extract_lora(
             collector.record.left_out[name] = "only in the base (not in the fine-tuned model)"
         base_path = base_source.spec if isinstance(base_source, FileSource) else None
         inputs = [s.path for s in (tuned, base_source) if isinstance(s, FileSource)]
-        with AdapterWriter(out, overwrite=overwrite, inputs=inputs, metadata=_metadata()) as writer:
+        with AdapterWriter(out, overwrite=overwrite, inputs=inputs) as writer:
             for name in shared:
                 if not base_source.entries[name].is_floating:
                     if not torch.equal(tuned.get(name), base_source.get(name)):
@@ -628,10 +628,6 @@ def extract_lora(
         record.settings["base"] = _described(base_source)
     _warn_left_out(record)
     return record
-
-
-def _metadata() -> dict[str, str]:
-    return {"terge_version": __version__}
 
 
 def _described(source: Source) -> str:
@@ -706,7 +702,7 @@ def write_merge_adapter(
     collector = _Collector(targets, settings, base)
     inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]
     base_path = base.spec if isinstance(base, FileSource) else None
-    with AdapterWriter(out, overwrite=overwrite, inputs=inputs, metadata=_metadata()) as writer:
+    with AdapterWriter(out, overwrite=overwrite, inputs=inputs) as writer:
         for step in plan.steps:
             # the merged tensor as a safetensors output would hold it: rounded once into the
             # base tensor's dtype (the kernels write into a destination of the inputs' dtype)

@@ -17,6 +17,9 @@ import torch
 
 from .errors import MergeArgumentError
 
+ENERGY_TOLERANCE = 1e-12
+"""A cumulative share this close below the threshold counts as reaching it (float64 sums)."""
+
 
 class Factors(NamedTuple):
     """``B @ A`` is the rank-``rank`` truncation of the difference, in float64."""
@@ -67,9 +70,10 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     if total == 0.0:
         return 1
     kept = torch.cumsum(squares, 0) / total
-    # the first index whose cumulative share reaches energy; rounding may leave the last share
-    # a hair below 1, so the answer is clamped to the number of singular values
-    short = int((kept < energy).sum())
+    # the first index whose cumulative share reaches energy, within rounding (a share that is
+    # exactly the threshold may be summed a hair below it); clamped, as the last share may be
+    # a hair below 1
+    short = int((kept < energy - ENERGY_TOLERANCE).sum())
     return min(short + 1, squares.numel())
 
 
