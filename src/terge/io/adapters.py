@@ -112,6 +112,10 @@ class AdapterWriter(ShardedWriter):
             path, max_shard_size=2**62, overwrite=overwrite, metadata=metadata, inputs=inputs
         )
 
+    def __enter__(self) -> AdapterWriter:
+        super().__enter__()
+        return self
+
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Write ``adapter_config.json`` into the output (it appears with the weights)."""
         self.write_text(ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
