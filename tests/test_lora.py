@@ -355,6 +355,22 @@ def test_what_the_adapter_cannot_hold_is_reported(tmp_path):
     assert record["unchanged"] == adapter.unchanged == 2  # the embedding and the head
 
 
+def test_changed_buffers_of_a_module_are_saved_whole(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.BatchNorm1d(6))
+
+    base, tuned = make().eval(), make().eval()
+    with torch.no_grad():
+        tuned[0].weight += torch.outer(torch.ones(6), torch.arange(4.0))
+        tuned[1].running_mean += 0.5
+    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert adapter.modules_to_save == {"1": ["1.running_mean"]}
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(load_peft(make, base, tmp_path / "a")(x), tuned(x))
+
+
 def test_a_changed_bias_where_lora_bias_cannot_hold_it_is_reported(tmp_path):
     base = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 6))
     tuned = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 6))

@@ -584,9 +584,9 @@ def extract_lora(
     chosen_in, chosen_out = PatternSet(included, "included"), PatternSet(excluded, "excluded")
     rename = renamer(name_map)
     with contextlib.ExitStack() as opened:
-        tuned = as_source(finetuned, False, "finetuned", rename)
+        tuned = _source(finetuned, "finetuned", rename)
         opened.callback(tuned.close)
-        base_source = as_source(base, False, "base", rename)
+        base_source = _source(base, "base", rename)
         opened.callback(base_source.close)
         shared = _shared_names(tuned, base_source)
         targets = plan_targets(
@@ -628,6 +628,17 @@ def extract_lora(
         record.settings["base"] = _described(base_source)
     _warn_left_out(record)
     return record
+
+
+def _source(model: Any, where: str, rename: NameMap) -> Source:
+    """A model as a source of what its checkpoint would hold: a module's state dict, buffers
+    included (changed BatchNorm statistics are a difference like any other), non-persistent
+    buffers (rotary tables) not, so a module and its saved file compare alike."""
+    source = as_source(model, True, where, rename)
+    if isinstance(source, ModuleSource):
+        kept = {source.canonical[raw] for raw in source.module.state_dict(keep_vars=True)}
+        source.entries = {name: e for name, e in source.entries.items() if name in kept}
+    return source
 
 
 def _described(source: Source) -> str:
