@@ -160,6 +160,26 @@ def test_a_conv1d_file_read_as_linear_is_not_exact(tmp_path):
         load_peft(gpt2, base, tmp_path / "a")
 
 
+@pytest.mark.parametrize("config", ["[1, 2]", "{not json", '{"model_type": 7}', "fifo", "link"])
+def test_a_strange_config_json_is_ignored(tmp_path, config):
+    """The layout falls back to nn.Linear's; a pipe is never opened, a link out never read."""
+    import os
+
+    base = {"h.0.fc.weight": torch.zeros(3, 4)}
+    terge.save(base, tmp_path / "base")
+    terge.save({"h.0.fc.weight": torch.ones(3, 4)}, tmp_path / "tuned")
+    target = tmp_path / "base" / "config.json"
+    if config == "fifo":
+        os.mkfifo(target)
+    elif config == "link":
+        (tmp_path / "elsewhere.json").write_text('{"model_type": "gpt2"}')
+        target.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        target.write_text(config)
+    adapter = terge.extract_lora(tmp_path / "tuned", tmp_path / "base", tmp_path / "a", rank=1)
+    assert adapter.modules["h.0.fc"].layout == "linear"
+
+
 def test_embeddings_are_factored_when_asked_and_saved_whole_otherwise(tmp_path):
     base = llama()
     tuned = tuned_copy(base, llama, rank=2, embeddings=True)

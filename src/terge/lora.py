@@ -40,6 +40,7 @@ from .io.adapters import (
     saved_name,
 )
 from .io.dtypes import dtype_name, floating_dtype
+from .io.reading import allowed_roots, outside
 from .lowrank import check_energy, check_rank, factor
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
 from .plan import Plan
@@ -51,6 +52,9 @@ out and why."""
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 """``config.json`` model types whose projections are ``Conv1D`` (weights stored ``in x out``)."""
+
+CONFIG_LIMIT = 1 << 20
+"""The largest ``config.json`` read for its ``model_type`` (bytes); a larger one is ignored."""
 
 EMBEDDING_NAMES = frozenset(
     {
@@ -275,7 +279,12 @@ def _config_model_type(source: Source) -> str | None:
         return None
     folder = source.path if source.path.is_dir() else source.path.parent
     path = folder / "config.json"
+    # a file terge did not write: a plain file inside the folder, of a config's size, or ignored
+    if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
+        return None
     try:
+        if path.stat().st_size > CONFIG_LIMIT:
+            return None
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
