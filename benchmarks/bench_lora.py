@@ -16,8 +16,8 @@ every ~5 ms from ``/proc/<pid>/status``:
 
 - ``extract_lora``: ``terge.extract_lora(tuned, base, out, rank=R)`` (files read lazily, every
   changed weight factored by a float64 SVD, the adapter written atomically);
-- ``SVDs alone``: the same 48 differences read from the same files and ``torch.linalg.svd``'d in
-  float64, nothing written (the arithmetic floor);
+- ``SVDs alone``: the same 48 differences read from the same files and factored by
+  ``terge.lowrank.factor`` (the float64 thin SVD), nothing written (the arithmetic floor);
 - ``plain copy``: ``terge.load`` of the fine-tuned checkpoint and ``terge.save`` of it (reading
   and writing every tensor once, in memory).
 
@@ -57,11 +57,11 @@ terge.extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=int(sys.argv[4]),
 
 SVDS = """
 import sys, torch, terge
+from terge.lowrank import factor
 tuned, base = terge.open_checkpoint(sys.argv[1]), terge.open_checkpoint(sys.argv[2])
 for name in base.names():
-    if base.info(name).shape.__len__() == 2 and ".h." in "." + name:
-        delta = tuned.view(name).double() - base.view(name).double()
-        torch.linalg.svd(delta, full_matrices=False)
+    if len(base.info(name).shape) == 2 and name.startswith("h."):
+        factor(tuned.view(name).double() - base.view(name).double(), rank=int(sys.argv[4]))
 """
 
 COPY = """

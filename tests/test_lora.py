@@ -375,6 +375,14 @@ def test_what_the_adapter_cannot_hold_is_reported(tmp_path):
     assert record["unchanged"] == adapter.unchanged == 2  # the embedding and the head
 
 
+def test_a_changed_integer_tensor_is_reported(tmp_path):
+    base = {"fc.weight": torch.zeros(3, 4), "fc.steps": torch.tensor([1, 2])}
+    tuned = {"fc.weight": torch.ones(3, 4), "fc.steps": torch.tensor([1, 3])}
+    with pytest.warns(LoraLeftOutWarning, match="fc.steps: changed, but not floating point"):
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert list(adapter.left_out) == ["fc.steps"] and adapter.modules["fc"].error < 1e-12
+
+
 def test_changed_buffers_of_a_module_are_saved_whole(tmp_path):
     def make():
         torch.manual_seed(0)

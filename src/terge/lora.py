@@ -614,20 +614,21 @@ def extract_lora(
         inputs = [s.path for s in (tuned, base_source) if isinstance(s, FileSource)]
         with AdapterWriter(out, overwrite=overwrite, inputs=inputs) as writer:
             for name in shared:
+                new, old = tuned.get(name), base_source.get(name)
+                if new.dtype == old.dtype and torch.equal(new.detach(), old.detach()):
+                    collector.record.unchanged += 1  # compared as stored: no float64 copy
+                    continue
                 if not base_source.entries[name].is_floating:
-                    if not torch.equal(tuned.get(name), base_source.get(name)):
-                        collector.record.left_out[name] = "not floating point (no difference)"
-                    else:
-                        collector.record.unchanged += 1
+                    collector.record.left_out[name] = (
+                        "changed, but not floating point (an adapter holds float differences)"
+                    )
+                    continue
+                if not selected(name, chosen_in, chosen_out):
+                    collector.record.left_out[name] = "changed, but excluded by the patterns"
                     continue
                 with torch.no_grad():
-                    delta = _delta(tuned.get(name), base_source.get(name))
-                if not selected(name, chosen_in, chosen_out):
-                    if bool(delta.any()):
-                        collector.record.left_out[name] = "changed, but excluded by the patterns"
-                    else:
-                        collector.record.unchanged += 1
-                    continue
+                    delta = _delta(new, old)
+                del new, old
                 collector.add(name, delta, lambda n=name: tuned.get(n))  # type: ignore[misc]
                 del delta
             collector.finish()
@@ -655,8 +656,10 @@ def _described(source: Source) -> str:
 
 
 def _delta(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new - old`` in float64 on the CPU (one tensor's worth of memory)."""
-    return new.detach().to("cpu", torch.float64) - old.detach().to("cpu", torch.float64)
+    """``new - old`` in float64 on the CPU, in one float64 tensor (the subtraction promotes
+    ``old`` element by element rather than copying it)."""
+    delta = new.detach().to("cpu", torch.float64, copy=True)
+    return delta.sub_(old.detach().to("cpu"))
 
 
 def _shared_names(tuned: Source, base: Source) -> list[str]:
@@ -730,7 +733,7 @@ def write_merge_adapter(
             merged = torch.empty(entry.shape, dtype=entry.dtype)
             execute([step], sources, base, lambda _, m=merged: m, dtype, False)  # type: ignore[misc]
             with torch.no_grad():
-                delta = merged - base.get(step.name).detach().to("cpu", torch.float64)
+                delta = _delta(merged, base.get(step.name))
             collector.add(step.name, delta, lambda m=merged: m)  # type: ignore[misc]
             del merged, delta
         collector.finish()

@@ -88,7 +88,13 @@ def factor(delta: torch.Tensor, rank: int | None = None, energy: float | None = 
     if delta.dim() != 2:
         raise MergeArgumentError(f"factor() takes a 2-D tensor; got shape {tuple(delta.shape)}.")
     work = delta.detach().to(torch.float64)
-    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    if work.shape[0] < work.shape[1]:
+        # LAPACK's thin SVD of a wide matrix is several times slower than of its (tall)
+        # transpose: D^T = U S V^T gives D = V S U^T, the same factors swapped
+        V, S, Uh = torch.linalg.svd(work.T.contiguous(), full_matrices=False)
+        U, Vh = Uh.T, V.T
+    else:
+        U, S, Vh = torch.linalg.svd(work.contiguous(), full_matrices=False)
     if energy is not None:
         rank = rank_for_energy(S, energy)
     assert rank is not None
