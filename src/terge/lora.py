@@ -373,7 +373,6 @@ class _Collector:
         """The adapter's tensors, by PEFT name."""
         self.changed: dict[str, torch.Tensor] = {}
         """Changed tensors that are not factored: their new values, until placed."""
-        self.changed_bias: dict[str, torch.Tensor] = {}
 
     def dtype(self, name: str) -> torch.dtype:
         return self.settings.out_dtype or self.base.entries[name].dtype
