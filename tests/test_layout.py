@@ -8,8 +8,9 @@ wings stand on floors, lowest first:
 floor wings                                    what they are
 ====  =======================================  ==============================================
 0     errors, _version                         the exceptions; the one version string
-1     patterns, layers, sharding, kernels      name patterns; block indices; DTensors; the
-                                               hot loops
+1     patterns, layers, sharding, kernels,     name patterns; block indices; DTensors; the
+      lowrank                                  hot loops; truncated SVD into LoRA factors
+                                               (pure float64 arithmetic)
 2     layerwise, io, families                  per-layer values; reading and writing
                                                checkpoints; the newer methods' arithmetic
                                                (pure tensor functions, below the registry)
@@ -19,8 +20,10 @@ floor wings                                    what they are
                                                happens to every tensor); a merge's README.md
                                                model card, written from its lineage
 5     execute, digests                         running a plan in memory; hashing what ran
-6     output, averaging                        running a plan into a checkpoint folder; a
-                                               running average in the training loop
+6     output, averaging, lora                  running a plan into a checkpoint folder; a
+                                               running average in the training loop; two
+                                               models' difference (or a plan run one tensor at
+                                               a time) written as a PEFT LoRA adapter
 7     merge, audit, policy, inspection,        merge(); recomputing and checking a lineage;
       integrations                             the rules CI holds a lineage to; measuring
                                                task vectors before a merge; the Lightning and
@@ -54,12 +57,12 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "terge"
 
 FLOORS: list[set[str]] = [
     {"errors", "_version"},
-    {"patterns", "layers", "sharding", "kernels"},
+    {"patterns", "layers", "sharding", "kernels", "lowrank"},
     {"layerwise", "io", "families"},
     {"sources", "methods", "lineage"},
     {"types", "plan", "modelcard"},
     {"execute", "digests"},
-    {"output", "averaging"},
+    {"output", "averaging", "lora"},
     {"merge", "audit", "policy", "inspection", "integrations"},
     {"report", "plots"},
     {"cli"},

@@ -12,6 +12,7 @@ from .errors import (
     CheckpointError,
     HubError,
     LineageError,
+    LoraLeftOutWarning,
     MergeArgumentError,
     MetaTensorError,
     MethodError,
@@ -37,6 +38,7 @@ from .io.training import CheckpointSpec, checkpoint
 from .layers import layer_index, layers
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
+from .lora import LoraAdapter, extract_lora
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
 
@@ -65,6 +67,8 @@ __all__ = [
     "Lineage",
     "LineageEntry",
     "LineageError",
+    "LoraAdapter",
+    "LoraLeftOutWarning",
     "MergeArgumentError",
     "MetaTensorError",
     "MethodError",
@@ -89,6 +93,7 @@ __all__ = [
     "check_lineage",
     "checkpoint",
     "choose",
+    "extract_lora",
     "from_mergekit",
     "inspect",
     "layer_index",

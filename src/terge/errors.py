@@ -127,3 +127,8 @@ class HubError(CheckpointError):
     """A Hugging Face Hub reference (``org/name@revision``) cannot be resolved: an unknown
     repository or revision, or one not in the local cache while offline (the message says
     which revisions are cached and how to fetch the one asked for)."""
+
+
+class LoraLeftOutWarning(UserWarning):
+    """A difference between two models that an extracted LoRA adapter does not hold (listed in
+    the adapter's ``lora.json`` under ``left_out``, with the reason)."""

@@ -23,8 +23,22 @@ from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.hub import hub_reference
 from .io.training import CheckpointLike, as_spec
-from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord
-from .output import Ranks, check_out_format, check_output, file_ranks, write_merge
+from .lineage import SEPARATE, Lineage, ModelIndex, ModelRecord, lineage_text
+from .lora import (
+    LoraSettings,
+    check_adapter_target,
+    check_merge_adapter,
+    lora_settings,
+    write_merge_adapter,
+)
+from .output import (
+    LINEAGE_FILE,
+    Ranks,
+    check_out_format,
+    check_output,
+    file_ranks,
+    write_merge,
+)
 from .plan import Plan, build_plan, check_seed
 from .sharding import rank
 from .sources import (
@@ -65,6 +79,9 @@ def merge(
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
     model_card: bool | str = ...,
+    lora_rank: int | Mapping[Any, int] | None = ...,
+    lora_energy: float | None = ...,
+    lora_embeddings: bool = ...,
 ) -> Lineage: ...
 @overload
 def merge(
@@ -92,6 +109,9 @@ def merge(
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
     model_card: bool | str = ...,
+    lora_rank: int | Mapping[Any, int] | None = ...,
+    lora_energy: float | None = ...,
+    lora_embeddings: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -119,6 +139,9 @@ def merge(
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
     model_card: bool | str = ...,
+    lora_rank: int | Mapping[Any, int] | None = ...,
+    lora_energy: float | None = ...,
+    lora_embeddings: bool = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -146,6 +169,9 @@ def merge(
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
     model_card: bool | str = ...,
+    lora_rank: int | Mapping[Any, int] | None = ...,
+    lora_energy: float | None = ...,
+    lora_embeddings: bool = ...,
 ) -> Merged: ...
 @overload
 def merge(
@@ -173,6 +199,9 @@ def merge(
     name_map: Callable[[str], str] | None = ...,
     distributed: bool = ...,
     model_card: bool | str = ...,
+    lora_rank: int | Mapping[Any, int] | None = ...,
+    lora_energy: float | None = ...,
+    lora_embeddings: bool = ...,
 ) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
@@ -201,6 +230,9 @@ def merge(
     name_map: Callable[[str], str] | None = None,
     distributed: bool = False,
     model_card: bool | str = True,
+    lora_rank: int | Mapping[Any, int] | None = None,
+    lora_energy: float | None = None,
+    lora_embeddings: bool = False,
 ) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -267,6 +299,13 @@ def merge(
             own soup. Its tensors are keyed as the base's were when the base is a distributed
             checkpoint (``model.`` for ``dcp.save({"model": ...})``), else by their names; each
             is computed into memory and appended at once, so memory holds one tensor at a time.
+            Or ``"lora"``: the merge written as a PEFT LoRA adapter over the base
+            (``adapter_model.safetensors``, ``adapter_config.json``, ``lora.json`` with every
+            module's rank and relative truncation error, and ``lineage.json``) that
+            ``PeftModel.from_pretrained(base_model, out)`` loads: each merged tensor is computed
+            in turn and its difference from the base factored at once by truncated SVD in
+            float64 (see :func:`terge.extract_lora`), so memory holds one merged tensor at a
+            time. Needs ``lora_rank`` or ``lora_energy``.
         digests: record in the lineage the SHA-256 of every merged tensor as written and of
             every tensor it was computed from (``lineage.digests``), and of every whole input
             file (``lineage.models[i].files``, read in 16 MiB chunks), for ``terge lineage
@@ -300,6 +339,12 @@ def merge(
     ``HF_HUB_OFFLINE=1``, read from) the Hub's local cache; a local file or folder of that name
     wins, and ``hf://org/name`` forces the Hub. The lineage records each one's repository, the
     revision asked for and the commit it resolved to (see :mod:`terge.io.hub`).
+        lora_rank: with ``out_format="lora"``, the rank of every factored module, or a map of
+            patterns to ranks (first match wins), as ``terge.extract_lora``'s ``rank``.
+        lora_energy: with ``out_format="lora"``, instead of a rank, the smallest rank keeping
+            this share (in (0, 1]) of each difference's squared singular values.
+        lora_embeddings: with ``out_format="lora"``, factor embeddings too (otherwise a changed
+            embedding is saved whole in ``modules_to_save``).
 
     Sharded models: a parameter that is a DTensor (FSDP2's ``fully_shard``, or
     ``distribute_tensor``) in every model, on one device mesh with the same placements, is merged
@@ -332,6 +377,7 @@ def merge(
         check_flag("distributed", distributed),
     )
     target = _check_output(out, out_dtype, max_shard_size, overwrite, inplace, out_format)
+    adapter = _lora_settings(out_format, lora_rank, lora_energy, lora_embeddings, out_dtype)
     _check_distributed(distributed, target, models, base, out_format)
     written_dtype = _out_dtype(out_dtype)
     seed = check_seed(seed)
@@ -379,9 +425,17 @@ def merge(
         if lineage or dry_run or digests or target is not None:
             record = _lineage(plan, sources, base_source, base_index, dtype, written_dtype, digests)
             record.chosen = models.record() if isinstance(models, Chosen) else None
+        if adapter is not None and digests:
+            raise MergeArgumentError(
+                "digests=True hashes the merged tensors as written, but out_format='lora' writes "
+                "their factors; drop digests=True, or write safetensors."
+            )
         if dry_run:
             assert record is not None  # a dry run returns its lineage
-            if target is not None:  # fail exactly where the real call would
+            if adapter is not None and target is not None:
+                check_merge_adapter(plan, adapter, base_source)
+                check_adapter_target(target, sources, base_source, overwrite)
+            elif target is not None:  # fail exactly where the real call would
                 check_output(
                     plan,
                     sources,
@@ -395,9 +449,22 @@ def merge(
                 )
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
-        if target is not None:
+        if adapter is not None and target is not None:
             assert record is not None  # every out= writes its lineage.json
-            result: Merged = write_merge(
+            result: Merged = write_merge_adapter(
+                plan,
+                sources,
+                base_source,
+                out=target,
+                settings=adapter,
+                overwrite=overwrite,
+                dtype=dtype,
+                lineage_text=lineage_text(record),
+                lineage_file=LINEAGE_FILE,
+            ).path
+        elif target is not None:
+            assert record is not None  # every out= writes its lineage.json
+            result = write_merge(
                 plan,
                 sources,
                 base_source,
@@ -430,6 +497,34 @@ def merge(
     if not plan.steps and not isinstance(base_source, AdapterSource):
         _warn_nothing_merged()  # an adapter alone is merged into its base: not nothing
     return (result, record) if lineage else result
+
+
+def _lora_settings(
+    out_format: str, rank: Any, energy: Any, embeddings: Any, out_dtype: Any
+) -> LoraSettings | None:
+    """The settings of ``out_format="lora"``; the ``lora_*`` knobs are refused without it."""
+    if out_format != "lora":
+        given = [
+            name
+            for name, value, default in (
+                ("lora_rank", rank, None),
+                ("lora_energy", energy, None),
+                ("lora_embeddings", embeddings, False),
+            )
+            if value is not default
+        ]
+        if given:
+            raise MergeArgumentError(
+                f"`{given[0]}` sets how a merge is written as a LoRA adapter; set `out_format` "
+                f"to 'lora' (with `out`) too, or drop `{given[0]}`."
+            )
+        return None
+    if rank is None and energy is None:
+        raise MergeArgumentError(
+            "`out_format` 'lora' needs `lora_rank` (an int, or a map of patterns to ints) or "
+            "`lora_energy` (a share in (0, 1] of the squared singular values to keep)."
+        )
+    return lora_settings(rank, energy, embeddings, None, out_dtype)
 
 
 def _warn_nothing_merged() -> None:

@@ -59,9 +59,10 @@ from .sources import (
 
 LINEAGE_FILE = "lineage.json"
 
-OUT_FORMATS = ("safetensors", "dcp")
-"""What ``merge(out=..., out_format=...)`` writes: a Hugging Face-style safetensors folder, or a
-distributed checkpoint (``torch.distributed.checkpoint``) that ``dcp.load`` loads."""
+OUT_FORMATS = ("safetensors", "dcp", "lora")
+"""What ``merge(out=..., out_format=...)`` writes: a Hugging Face-style safetensors folder, a
+distributed checkpoint (``torch.distributed.checkpoint``) that ``dcp.load`` loads, or a PEFT
+LoRA adapter over the base (:mod:`terge.lora`)."""
 
 T = TypeVar("T")
 
@@ -532,7 +533,8 @@ def check_out_format(out_format: Any) -> str:
     if out_format not in OUT_FORMATS:
         raise MergeArgumentError(
             f"`out_format` must be one of {', '.join(map(repr, OUT_FORMATS))} (a safetensors "
-            f"folder, or a torch.distributed.checkpoint folder); got {out_format!r}."
+            f"folder, a torch.distributed.checkpoint folder, or a PEFT LoRA adapter over the "
+            f"base); got {out_format!r}."
         )
     return str(out_format)
 

@@ -225,8 +225,9 @@ def assert_one_error_line(code: int, out: str, err: str, expected_code: int = 2)
         (["merge", "--recipe", "nope.toml"], "recipe file 'nope.toml' not found."),
         (
             ["merge", "a", "b", "-o", "o", "--out-format", "dpc"],
-            "--out-format must be one of 'safetensors', 'dcp' (a safetensors folder, or a "
-            "torch.distributed.checkpoint folder); got 'dpc' (did you mean 'dcp'?).",
+            "--out-format must be one of 'safetensors', 'dcp', 'lora' (a safetensors folder, a "
+            "torch.distributed.checkpoint folder, or a LoRA adapter over the base); got 'dpc' "
+            "(did you mean 'dcp'?).",
         ),
     ],
 )

@@ -329,7 +329,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
         ('max_shard_size = "big"', "'max_shard_size': 'big' is not a size: give a positive int"),
         (
             "out_format = 1",
-            "'out_format' must be one of 'safetensors', 'dcp' (a safetensors folder",
+            "'out_format' must be one of 'safetensors', 'dcp', 'lora' (a safetensors folder",
         ),
         ("method = 3", "'method' must be a method spec string (\"ties:density=0.3\"), a table"),
         ('method = "nope"', "'method': unknown merge method 'nope'; the valid names are"),

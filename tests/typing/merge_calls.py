@@ -57,3 +57,12 @@ terge.merge(models, out=3)  # type: ignore[call-overload]
 terge.merge(models, nonsense=True)  # type: ignore[call-overload]
 terge.merge(models, 0, "ties", None, None, None, False, torch.float64, True, False, True)  # type: ignore[call-overload]
 terge.merge(models[0])  # type: ignore[arg-type]
+
+# --- LoRA out ---
+assert_type(terge.merge(models, out="o", out_format="lora", lora_rank=8), Any)
+assert_type(terge.merge(models, out="o", out_format="lora", lora_rank={re.compile("."): 8}), Any)
+assert_type(terge.merge(models, out="o", out_format="lora", lora_energy=0.9), Any)
+assert_type(terge.extract_lora(models[0], models[1], "o", rank=8), terge.LoraAdapter)
+assert_type(terge.extract_lora("a", "b", Path("o"), energy=0.9).max_error, float)
+terge.merge(models, out="o", out_format="lora", lora_rank="8")  # type: ignore[call-overload]
+terge.extract_lora("a", "b", "o", rank="8")  # type: ignore[arg-type]

@@ -226,8 +226,28 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out-format",
         metavar="FORMAT",
-        help="write OUT as safetensors (default) or as a torch.distributed.checkpoint folder "
-        "that dcp.load loads into an FSDP2 model, e.g. --out-format dcp",
+        help="write OUT as safetensors (default), as a torch.distributed.checkpoint folder "
+        "that dcp.load loads into an FSDP2 model (--out-format dcp), or as a PEFT LoRA adapter "
+        "over the base (--out-format lora --lora-rank 16)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="with --out-format lora: the rank of every factored module, e.g. --lora-rank 16",
+    )
+    parser.add_argument(
+        "--lora-energy",
+        type=float,
+        metavar="E",
+        help="with --out-format lora, instead of a rank: keep the smallest rank holding this "
+        "share of each difference's squared singular values, e.g. --lora-energy 0.9",
+    )
+    parser.add_argument(
+        "--lora-embeddings",
+        action="store_true",
+        default=None,
+        help="with --out-format lora: factor embeddings too (else a changed one is saved whole)",
     )
     parser.add_argument(
         "--seed",
@@ -490,6 +510,9 @@ MERGE_OPTIONS: dict[str, str] = {
     "out_dtype": "--out-dtype",
     "max_shard_size": "--max-shard-size",
     "out_format": "--out-format",
+    "lora_rank": "--lora-rank",
+    "lora_energy": "--lora-energy",
+    "lora_embeddings": "--lora-embeddings",
     "seed": "--seed",
     "overwrite": "--overwrite",
     "normalize": "--normalize",
@@ -574,6 +597,9 @@ def _merge_options(
         "overwrite": settings.overwrite,
         "digests": True if args.digests else None,
         "model_card": False if args.model_card is False else _command_line(args),
+        "lora_rank": getattr(args, "lora_rank", None),
+        "lora_energy": getattr(args, "lora_energy", None),
+        "lora_embeddings": getattr(args, "lora_embeddings", None),
     }
     if isinstance(given["base"], Path):
         given["base"] = os.fspath(given["base"])
@@ -1008,6 +1034,131 @@ LINEAGE_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# --- terge extract-lora -------------------------------------------------------------------------
+
+EXTRACT_DESCRIPTION = """\
+Write the difference of a fine-tuned checkpoint and its base as a PEFT LoRA adapter folder
+(adapter_model.safetensors, adapter_config.json, and lora.json with every module's rank and
+relative truncation error), which PeftModel.from_pretrained(base_model, ADAPTER) loads. Each
+changed weight is factored by truncated SVD in float64, one tensor at a time; changed biases of
+factored modules go into lora_B's bias, other changed modules (norms) are saved whole, and
+anything else is listed under left_out in lora.json and warned about.
+"""
+
+EXTRACT_EPILOG = """\
+examples:
+  terge extract-lora finetuned --base pretrained -o adapter --rank 16
+  terge extract-lora finetuned --base pretrained -o adapter --energy 0.9
+  terge extract-lora finetuned --base pretrained -o adapter --rank 8 --rank-pattern re:mlp=32
+"""
+
+
+def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("finetuned", metavar="FINETUNED", help="the fine-tuned checkpoint")
+    parser.add_argument(
+        "--base", required=True, metavar="BASE", help="the checkpoint the adapter goes over"
+    )
+    parser.add_argument(
+        "-o", "--out", required=True, metavar="ADAPTER", help="the adapter folder to write"
+    )
+    parser.add_argument("--rank", type=int, metavar="R", help="the rank of every module")
+    parser.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help="instead of --rank: the smallest rank keeping this share of the squared singular "
+        "values, in (0, 1], e.g. --energy 0.9 (with --rank-pattern: for the names it misses)",
+    )
+    parser.add_argument(
+        "--rank-pattern",
+        action="append",
+        metavar="PATTERN=R",
+        help="the rank of the weights a pattern matches (first match wins), e.g. "
+        "--rank-pattern re:mlp=32; repeat it for several",
+    )
+    parser.add_argument(
+        "--embeddings", action="store_true", help="factor embeddings too (else saved whole)"
+    )
+    parser.add_argument(
+        "--include", action="append", metavar="PATTERN", help="consider only matching tensors"
+    )
+    parser.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="never consider matching tensors"
+    )
+    parser.add_argument(
+        "--fan-in-fan-out",
+        action="store_true",
+        default=None,
+        help="the 2-D weights are stored in x out (GPT-2's Conv1D; default: read config.json)",
+    )
+    parser.add_argument("--out-dtype", metavar="DTYPE", help="the dtype of the factors")
+    parser.add_argument("--task-type", metavar="TYPE", help="PEFT's task_type, e.g. CAUSAL_LM")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing ADAPTER")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+def _rank_patterns(texts: list[str] | None, energy: float | None, rank: int | None) -> Any:
+    """``--rank``/``--rank-pattern`` as ``extract_lora``'s ``rank``."""
+    if not texts:
+        return rank
+    ranks: dict[Any, int] = {}
+    for text in texts:
+        pattern_text, separator, value = text.rpartition("=")
+        if not separator or not pattern_text or not value.strip().isdigit():
+            raise UsageError(
+                f"--rank-pattern takes PATTERN=R with R a positive int, e.g. re:mlp=32; got "
+                f"{text!r}."
+            )
+        ranks[parse_pattern(pattern_text, "--rank-pattern")] = int(value)
+    if rank is not None:  # --rank is the rank of the rest
+        ranks[re.compile(".")] = rank
+    return ranks
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """``terge extract-lora``: factor, write, summarise."""
+    from ..lora import extract_lora
+
+    for what, given in (("FINETUNED", args.finetuned), ("--base", args.base)):
+        if not as_spec(given).path.exists():
+            raise UsageError(f"{what} {given!r} does not exist (no such file or folder).")
+
+    def patterns(texts: list[str] | None, option: str) -> list[Any] | None:
+        return None if texts is None else [parse_pattern(text, option) for text in texts]
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = extract_lora(
+            args.finetuned,
+            args.base,
+            Path(args.out).expanduser(),
+            rank=_rank_patterns(args.rank_pattern, args.energy, args.rank),
+            energy=args.energy,
+            embeddings=args.embeddings,
+            included=patterns(args.include, "--include"),
+            excluded=patterns(args.exclude, "--exclude"),
+            fan_in_fan_out=args.fan_in_fan_out,
+            out_dtype=None
+            if args.out_dtype is None
+            else parse_out_dtype(args.out_dtype, "--out-dtype"),
+            task_type=args.task_type,
+            overwrite=args.overwrite,
+        )
+    if not args.quiet:
+        for warning in caught:
+            _say(f"warning: {_one_line(warning.message)}")
+        ranks = sorted({module.rank for module in adapter.modules.values()})
+        shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        print(
+            f"{PROG}: wrote {adapter.path} ({_count(len(adapter.modules), 'module')} at rank "
+            f"{shown if ranks else '-'}, largest relative truncation error "
+            f"{adapter.max_error:.3g}; {len(adapter.modules_to_save)} saved whole, "
+            f"{len(adapter.left_out)} left out) in {time.perf_counter() - start:.1f}s"
+        )
+    return EXIT_OK
+
+
 # --- terge inspect --------------------------------------------------------------------------------
 
 INSPECT_DESCRIPTION = """\
@@ -1124,6 +1275,13 @@ COMMANDS: dict[str, Command] = {
         epilog=INSPECT_EPILOG,
         add_arguments=_inspect_arguments,
         run=run_inspect,
+    ),
+    "extract-lora": Command(
+        help="write a fine-tuned checkpoint's difference from its base as a PEFT LoRA adapter",
+        description=EXTRACT_DESCRIPTION,
+        epilog=EXTRACT_EPILOG,
+        add_arguments=_extract_arguments,
+        run=run_extract,
     ),
 }
 """Every subcommand, by name, in the order ``terge --help`` lists them."""

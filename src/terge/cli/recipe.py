@@ -329,11 +329,12 @@ def parse_shard_size(value: Any, where: str) -> int | str:
 
 
 def parse_out_format(value: Any, where: str) -> str:
-    """What the output is written as: ``"safetensors"`` or ``"dcp"``."""
+    """What the output is written as: ``"safetensors"``, ``"dcp"`` or ``"lora"``."""
     if value not in OUT_FORMATS:
         raise RecipeError(
             f"{where} must be one of {', '.join(map(repr, OUT_FORMATS))} (a safetensors folder, "
-            f"or a torch.distributed.checkpoint folder); got {value!r}"
+            f"a torch.distributed.checkpoint folder, or a LoRA adapter over the base); got "
+            f"{value!r}"
             f"{_did_you_mean(value, OUT_FORMATS) if isinstance(value, str) else ''}."
         )
     return str(value)
