@@ -13,8 +13,9 @@ floor wings                                    what they are
 2     layerwise, io, families                  per-layer values; reading and writing
                                                checkpoints; the newer methods' arithmetic
                                                (pure tensor functions, below the registry)
-3     sources, methods, lineage                models as named tensors; the merge methods;
-                                               the lineage record
+3     sources, methods, lineage, vocabulary    models as named tensors; the merge methods;
+                                               the lineage record; tokenizers read and
+                                               vocabularies aligned by token
 4     types, plan                              merge()'s argument types; the plan (what
                                                happens to every tensor)
 5     execute, digests                         running a plan in memory; hashing what ran
@@ -55,7 +56,7 @@ FLOORS: list[set[str]] = [
     {"errors", "_version"},
     {"patterns", "layers", "sharding", "kernels"},
     {"layerwise", "io", "families"},
-    {"sources", "methods", "lineage"},
+    {"sources", "methods", "lineage", "vocabulary"},
     {"types", "plan"},
     {"execute", "digests"},
     {"output", "averaging"},

@@ -26,6 +26,8 @@ from .errors import (
     TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
+    VocabularyError,
+    VocabularyMismatchWarning,
 )
 from .inspection import Inspection, inspect
 from .io import load, open_checkpoint, save
@@ -77,6 +79,8 @@ __all__ = [
     "TergeError",
     "UnknownMergeMethodError",
     "Violation",
+    "VocabularyError",
+    "VocabularyMismatchWarning",
     "__version__",
     "by_layer",
     "check_lineage",

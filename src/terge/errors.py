@@ -116,3 +116,14 @@ class AveragingError(TergeError, ValueError):
     """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
     a bad setting, a model whose tensors no longer match the average, or a state dict of another
     average."""
+
+
+class VocabularyError(MergeArgumentError):
+    """Vocabularies cannot be aligned as asked (``merge(..., vocabulary=...)``): a tokenizer that
+    cannot be found or read, a tensor whose rows cannot be matched to tokens, a method that needs
+    the base's row for a token the base lacks."""
+
+
+class VocabularyMismatchWarning(UserWarning):
+    """Tensors whose rows differ between the models (embeddings of vocabularies that differ) were
+    left as the base has them; ``vocabulary=`` aligns them by token."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import threading
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -46,20 +47,32 @@ def _load_file(base: FileSource, plan: Plan) -> tuple[dict[str, torch.Tensor], d
     input (``torch.save(m, "ckpt.bin")``) rewrites it. To keep memory flat for a large
     checkpoint, write with ``out=`` instead.
     """
-    merged = {step.name for step in plan.steps}
+    merged = {step.name: step for step in plan.steps}
     result: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     for name, entry in base.entries.items():
         raw = base.raw_names[name]  # the result keeps the file's own names
         if name in merged:
-            result[raw] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
+            shape = output_shape(merged[name], entry.shape)
+            result[raw] = outputs[name] = torch.empty(shape, dtype=entry.dtype)
         else:
             result[raw] = base.get(name).clone(memory_format=torch.contiguous_format)
     return result, outputs
 
 
-def _fresh_like(original: torch.Tensor) -> torch.Tensor:
-    fresh = torch.empty_like(original.detach(), memory_format=torch.preserve_format)
+def output_shape(step: Step, shape: torch.Size) -> torch.Size:
+    """A merged tensor's shape: the base's, but for a vocabulary tensor one row per token of
+    the output vocabulary."""
+    if step.rows is None:
+        return shape
+    return torch.Size((step.rows.rows, *shape[1:]))
+
+
+def _fresh_like(original: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+    if step is not None and step.rows is not None and step.rows.rows != original.shape[0]:
+        fresh = torch.empty(output_shape(step, original.shape), dtype=original.dtype)
+    else:
+        fresh = torch.empty_like(original.detach(), memory_format=torch.preserve_format)
     if isinstance(original, torch.nn.Parameter):
         return torch.nn.Parameter(fresh, requires_grad=original.requires_grad)
     return fresh
@@ -103,7 +116,7 @@ def _copy_state_dict(
     outputs: dict[str, torch.Tensor] = {}
     by_view: dict[Any, torch.Tensor] = {}
     for step in plan.steps:
-        fresh = _fresh_like(base.get(step.name))
+        fresh = _fresh_like(base.get(step.name), step)
         outputs[step.name] = fresh
         by_view[base.entries[step.name].key] = fresh
     try:
@@ -269,6 +282,9 @@ def run_step(
     written straight into the destination's own shard; methods sum their whole-tensor statistics
     over the other shards through the :class:`~terge.sharding.Layout` they are given.
     """
+    if step.rows is not None:
+        _run_rows(step, sources, base, destination, buffers)
+        return
     inputs = [sources[i].get(step.name) for i in step.contributors]
     layout = layout_of(destination) if is_dtensor(destination) else None
     destination = local(destination)
@@ -329,6 +345,55 @@ def run_step(
             f"parameter '{step.name}'; a method must return real numbers."
         )
     store_whole(destination, result.to(dtype), buffers)
+
+
+ROW_CHUNK_ELEMENTS = 1 << 20
+"""Elements of one chunk of rows that a linear method merges at a time (8 MiB in float64)."""
+
+
+def _run_rows(
+    step: Step,
+    sources: list[Source],
+    base: Source,
+    destination: torch.Tensor,
+    buffers: ChunkBuffers,
+) -> None:
+    """Compute a vocabulary tensor group by group: each group's rows gathered from the models
+    holding them, merged (a linear method chunk by chunk, others over the whole group) and
+    scattered into the output rows; a row one model holds is copied, rounded once."""
+    assert step.rows is not None
+    name = step.name
+    width = max(1, destination[0].numel()) if destination.shape[0] else 1
+    for group in step.rows.groups:
+        linear = group.copied or step.method.streaming
+        size = max(1, ROW_CHUNK_ELEMENTS // width) if linear else group.out_rows.numel()
+        for start in range(0, group.out_rows.numel(), size):
+            out_rows = group.out_rows[start : start + size]
+            picked = [rows[start : start + size] for rows in group.rows]
+            if group.copied:
+                rows = sources[group.models[0]].get(name).index_select(0, picked[0])
+                destination.index_copy_(0, out_rows, rows.to(destination.dtype))
+                continue
+            views: list[Source] = list(sources)
+            for model, rows in zip(group.models, picked):
+                views[model] = Source({name: sources[model].get(name).index_select(0, rows)})
+            reference = base
+            if group.base_rows is not None:
+                base_rows = group.base_rows[start : start + size]
+                reference = Source({name: base.get(name).index_select(0, base_rows)})
+            part = dataclasses.replace(
+                step,
+                contributors=group.models,
+                weights=group.weights,
+                coefficients=group.coefficients,
+                divisor=group.divisor,
+                rows=None,
+            )
+            merged = torch.empty(
+                (out_rows.numel(), *destination.shape[1:]), dtype=destination.dtype
+            )
+            run_step(part, views, reference, merged, buffers)
+            destination.index_copy_(0, out_rows, merged)
 
 
 class _no_bar:
