@@ -294,16 +294,26 @@ def _read_text(folder: Path | None, name: str) -> str | None:
 
 
 def _union(output: OutputVocabulary, vocabularies: Sequence[Vocabulary]) -> Any:
-    """The base's tokenizer with every added token: another model's added tokens are added
-    tokens (their flags kept: special, lstrip, ...), its other tokens join the vocabulary of the
-    tokenizer's model, so the base's text still encodes as before. Built as ``tokenizer.json``
-    and read back with ``tokenizers``; every id is checked."""
+    """The base's tokenizer with every other model's tokens at their union ids: another
+    model's added tokens stay added tokens (their flags kept: special, lstrip, ...), its other
+    tokens join the vocabulary of the tokenizer's model (which no merge produces, so the base's
+    text encodes as before). Built as ``tokenizer.json`` and read back with ``tokenizers``;
+    every id is checked.
+
+    ``tokenizers`` numbers an added token missing from the model's vocabulary after that
+    vocabulary, whatever id the file gives it; so where the model's vocabulary is a map, every
+    added token is entered in it at its id too, which pins every id.
+    """
     tokenizers = _tokenizers_module()
     base = vocabularies[output.owner]
     data = json.loads(base.tokenizer.to_str())
     model = data.get("model", {})
-    added_of = [v.added for v in vocabularies]
+    editable = model.get("type") in _EDITABLE_MODELS and isinstance(model.get("vocab"), dict)
     entries = data.setdefault("added_tokens", [])
+    if editable:
+        for entry in entries:
+            model["vocab"].setdefault(entry["content"], entry["id"])
+    added_of = [v.added for v in vocabularies]
     for index, token in output.added:
         new_id = output.tokens[token]
         flags = added_of[index].get(token)
@@ -319,15 +329,15 @@ def _union(output: OutputVocabulary, vocabularies: Sequence[Vocabulary]) -> Any:
                     "special": flags.special,
                 }
             )
-        elif model.get("type") in _EDITABLE_MODELS and isinstance(model.get("vocab"), dict):
-            model["vocab"][token] = new_id
-        else:
+        elif not editable:
             raise VocabularyError(
                 f"vocabulary='union' would add models[{index}]'s token {token!r} to the base's "
                 f"tokenizer, whose model is {model.get('type')!r}; a union extends only BPE, "
                 "WordLevel and WordPiece vocabularies (and any tokenizer's added tokens). Use "
                 "vocabulary='base' or a model's index."
             )
+        if editable:
+            model["vocab"][token] = new_id
     union = tokenizers.Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
     wrong = [t for t, i in output.tokens.items() if union.token_to_id(t) != i]
     if wrong:
