@@ -198,7 +198,7 @@ def test_a_named_models_vocabulary(two_llamas, tmp_path):
 
 
 def test_in_memory_models_with_tokenizers_given(two_llamas):
-    a, b, states, vocabs, root = two_llamas
+    a, b, states, vocabs, _root = two_llamas
     given = [tokenizers.Tokenizer.from_file(f"{a}/tokenizer.json"), Path(b)]
     merged = terge.merge(list(states), vocabulary="base", tokenizers=given)
     check_rows(merged, vocabs[0], states, vocabs)
@@ -209,10 +209,8 @@ def test_normalize_false_uses_the_weights_as_given_and_copies_lone_rows(two_llam
     merged = terge.merge([a, b], weights=[2, -1], normalize=False, vocabulary="base")
     for token, row in vocabs[0].items():
         ea = states[0][EMBED][vocabs[0][token]].double()
-        if token in vocabs[1]:
-            want = 2 * ea - states[1][EMBED][vocabs[1][token]].double()
-        else:
-            want = ea  # a token one model has takes its row
+        held = token in vocabs[1]  # a token one model has takes its row
+        want = 2 * ea - states[1][EMBED][vocabs[1][token]].double() if held else ea
         torch.testing.assert_close(merged[EMBED][row], want.float(), rtol=0, atol=0)
 
 
@@ -367,7 +365,7 @@ def test_a_separate_base_is_refused(two_llamas):
 
 
 def test_a_module_base_cannot_be_resized_in_memory(two_llamas):
-    _, _, states, vocabs, root = two_llamas
+    _, _, _states, vocabs, root = two_llamas
     ma, mb = llama(len(vocabs[0]), 0), llama(len(vocabs[1]), 1)
     with pytest.raises(VocabularyError, match=r"a module cannot be resized here; pass out="):
         terge.merge([ma, mb], vocabulary=1, tokenizers=[f"{root}/a", f"{root}/b"])

@@ -124,7 +124,7 @@ def _config_with_dtype(
     if dtype is None:
         keys = []
     for key in keys:
-        config[key] = dtype_name(dtype)  # type: ignore[arg-type]
+        config[key] = dtype_name(dtype)
     if vocab_size is not None and isinstance(config.get("vocab_size"), int):
         keys.append("vocab_size")
         config["vocab_size"] = vocab_size

@@ -53,7 +53,7 @@ _EDITABLE_MODELS = ("BPE", "WordLevel", "WordPiece")
 def check_choice(vocabulary: Any, count: int) -> str | int | None:
     """``vocabulary`` checked: ``None``, ``"base"``, ``"union"`` or a model index (normalised)."""
     if vocabulary is None or vocabulary in CHOICES:
-        return vocabulary  # type: ignore[no-any-return]
+        return vocabulary
     if isinstance(vocabulary, int) and not isinstance(vocabulary, bool):
         if -count <= vocabulary < count:
             return vocabulary % count
@@ -217,13 +217,13 @@ def output_vocabulary(
     rows = kept.rows
     if source == "union":
         next_id = kept.size  # a resized base's padding rows are not tokens: new ones go here
-        for index, vocabulary in enumerate(vocabularies):
-            if index == owner:
+        for number, vocabulary in enumerate(vocabularies):
+            if number == owner:
                 continue
             for token, _ in sorted(vocabulary.tokens.items(), key=lambda item: item[1]):
                 if token not in tokens:
                     tokens[token] = next_id
-                    added.append((index, token))
+                    added.append((number, token))
                     next_id += 1
         rows = next_id if added else kept.rows
     out_ids = torch.tensor(list(tokens.values()), dtype=torch.int64)
