@@ -434,3 +434,22 @@ def test_lineage_vocabulary_is_checked_on_load(two_llamas, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(saved))
     with pytest.raises(terge.LineageError, match=r"vocabulary.tensors.*rows"):
         terge.load_lineage(tmp_path / "bad.json")
+
+
+def test_the_command_line_and_a_recipe(two_llamas, tmp_path, capsys):
+    from terge import cli
+
+    a, b, states, vocabs, _ = two_llamas
+    code = cli.main(["merge", a, b, "-o", str(tmp_path / "cli"), "--vocabulary", "union", "-q"])
+    assert code == 0
+    direct = terge.merge([a, b], vocabulary="union", out=tmp_path / "direct")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (direct / name).read_bytes()
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'models = ["{a}", "{b}"]\nout = "from_recipe"\nvocabulary = 1\n')
+    assert cli.main(["merge", "--recipe", str(recipe), "-q"]) == 0
+    got = json.loads((tmp_path / "from_recipe" / "lineage.json").read_text())
+    assert got["vocabulary"]["source"] == 1
+    capsys.readouterr()
+    assert cli.main(["merge", a, b, "-o", str(tmp_path / "x"), "--vocabulary", "unoin"]) == 2
+    assert "--vocabulary must be 'base', 'union' or a model index" in capsys.readouterr().err
