@@ -439,7 +439,7 @@ def test_lineage_vocabulary_is_checked_on_load(two_llamas, tmp_path):
 def test_the_command_line_and_a_recipe(two_llamas, tmp_path, capsys):
     from terge import cli
 
-    a, b, states, vocabs, _ = two_llamas
+    a, b, *_ = two_llamas
     code = cli.main(["merge", a, b, "-o", str(tmp_path / "cli"), "--vocabulary", "union", "-q"])
     assert code == 0
     direct = terge.merge([a, b], vocabulary="union", out=tmp_path / "direct")
