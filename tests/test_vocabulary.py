@@ -453,3 +453,14 @@ def test_the_command_line_and_a_recipe(two_llamas, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["merge", a, b, "-o", str(tmp_path / "x"), "--vocabulary", "unoin"]) == 2
     assert "--vocabulary must be 'base', 'union' or a model index" in capsys.readouterr().err
+
+
+def test_lineage_show_and_diff_name_the_vocabulary(two_llamas, tmp_path):
+    from terge.audit import diff_lineages, summary
+
+    a, b, *_ = two_llamas
+    _, union = terge.merge([a, b], vocabulary=1, lineage=True)
+    _, base = terge.merge([a, b], vocabulary="base", lineage=True)
+    assert "vocabulary: models[1]'s, 7 rows; aligned by token: lm_head.weight" in summary(union)
+    changes = "\n".join(diff_lineages(base, union).changes)
+    assert "~ vocabulary: base, 5 rows" in changes and "-> models[1]'s, 7 rows" in changes

@@ -107,6 +107,13 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
         changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
     if old.base is not None and new.base is not None and old.base.index == SEPARATE:
         changes += _pin_changes("base", old.base, new.base)
+    if old.vocabulary != new.vocabulary:
+        changes.append(
+            "~ vocabulary: "
+            + (_vocabulary_text(old.vocabulary) if old.vocabulary else "not aligned")
+            + " -> "
+            + (_vocabulary_text(new.vocabulary) if new.vocabulary else "not aligned")
+        )
     if old.chosen != new.chosen:
         changes.append(f"~ chosen: {_chosen_text(old.chosen)} -> {_chosen_text(new.chosen)}")
     for i in range(max(len(old.models), len(new.models))):
@@ -730,6 +737,8 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
     lines += _group_lines(by_method, "by method")
     by_weights = _groups(lineage, lambda entry: _weights_text(entry[1]))
     lines += _group_lines(by_weights, "by weights")
+    if lineage.vocabulary is not None:
+        lines.append("vocabulary: " + _vocabulary_text(lineage.vocabulary))
     lines.append(f"left alone: {_count(len(lineage.skipped), 'tensor')}")
     by_reason: dict[str, list[str]] = {}
     for name, reason in lineage.skipped.items():
@@ -750,6 +759,19 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
         else f"digests: recorded for {_count(len(digests), 'tensor')}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _vocabulary_text(vocabulary: Mapping[str, Any]) -> str:
+    """``union, 50417 rows (models[1] added 64 tokens); aligned by token: ...``."""
+    source = vocabulary["source"]
+    source = source if isinstance(source, str) else f"models[{source}]'s"
+    added = [f"models[{i}] added {n}" for i, n in sorted(vocabulary.get("added", {}).items())]
+    aligned = list(vocabulary.get("tensors", {}))
+    return (
+        f"{source}, {vocabulary['rows']} rows"
+        + (f" ({', '.join(added)} tokens)" if added else "")
+        + (f"; aligned by token: {_examples(aligned)}" if aligned else "")
+    )
 
 
 def _count(number: int, noun: str) -> str:

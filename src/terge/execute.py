@@ -347,8 +347,9 @@ def run_step(
     store_whole(destination, result.to(dtype), buffers)
 
 
-ROW_CHUNK_ELEMENTS = 1 << 20
-"""Elements of one chunk of rows that a linear method merges at a time (8 MiB in float64)."""
+ROW_CHUNK_ELEMENTS = 1 << 18
+"""Elements of one chunk of rows that a linear method merges at a time (2 MiB in float64):
+each model's rows are gathered into memory of their own, so the chunk bounds that memory."""
 
 
 def _run_rows(

@@ -45,7 +45,6 @@ from .sources import (
 from .types import Merged, Methods, Model, Models, Patterns, Weights
 from .vocabulary import (
     OutputVocabulary,
-    Vocabulary,
     check_choice,
     output_vocabulary,
     read_vocabulary,
@@ -462,9 +461,10 @@ def _vocabulary(
     target: Path | None,
     out_format: str,
     distributed: bool,
-) -> tuple[OutputVocabulary, list[Vocabulary]] | None:
-    """The output vocabulary and every model's, read from their tokenizers, when asked for;
-    what cannot be aligned is refused here, before anything is read or written."""
+) -> tuple[OutputVocabulary, dict[str, str] | None] | None:
+    """The output vocabulary, from every model's tokenizer, and with ``out`` the tokenizer
+    files of the output folder (``None``: the base's are copied), when a vocabulary is asked
+    for; what cannot be aligned is refused here, before anything is read or written."""
     choice = check_choice(choice, len(sources))
     if choice is None:
         if given is not None or patterns is not None:
@@ -495,6 +495,7 @@ def _vocabulary(
             f"{given!r:.80}."
         )
     vocabularies = []
+    owner = choice if isinstance(choice, int) else base_index
     for index, source in enumerate(sources):
         folder = folder_of(source) if isinstance(source, FileSource) else None
         vocabularies.append(
@@ -503,10 +504,15 @@ def _vocabulary(
                 folder,
                 _config_rows(source, folder),
                 f"models[{index}]",
+                keep=index == owner,
             )
         )
     assert base_index is not None
-    return output_vocabulary(vocabularies, base_index, choice), vocabularies
+    output = output_vocabulary(vocabularies, base_index, choice)
+    # The output folder's tokenizer files are made now, so that the models' tokenizers (tens
+    # of MiB for large vocabularies) are freed before any tensor is merged.
+    files = tokenizer_files(output, vocabularies) if target is not None else None
+    return output, files
 
 
 def _config_rows(source: Source, folder: Path | None) -> int | None:
@@ -526,7 +532,7 @@ def _config_rows(source: Source, folder: Path | None) -> int | None:
 
 def _vocabulary_output(
     plan: Plan,
-    aligned: tuple[OutputVocabulary, list[Vocabulary]] | None,
+    aligned: tuple[OutputVocabulary, dict[str, str] | None] | None,
     base: Source,
     target: Path | None,
 ) -> dict[str, str] | None:
@@ -534,7 +540,7 @@ def _vocabulary_output(
     tokenizer the caller holds describes (a union), or that a module cannot take, is refused."""
     if aligned is None or plan.vocabulary is None:
         return None
-    output, vocabularies = aligned
+    output, files = aligned
     if target is None:
         if output.source == "union":
             raise VocabularyError(
@@ -553,7 +559,7 @@ def _vocabulary_output(
                 "out='folder', or a state dict as the base."
             )
         return None
-    return tokenizer_files(output, vocabularies)
+    return files
 
 
 def _warn_rows_differ(names: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,22 +87,22 @@ class Vocabulary:
     size: int
     rows: int
     tokenizer: Any
+    """The ``tokenizers.Tokenizer``, kept only where asked (the output's owner): a large
+    vocabulary's takes tens of MiB, freed before any tensor is merged."""
     origin: str | None
     """The ``tokenizer.json`` read, or ``None`` for a ``tokenizers.Tokenizer`` given."""
     folder: Path | None = None
     """The folder whose tokenizer files go with it (its ``tokenizer_config.json``)."""
-
-    @property
-    def added(self) -> dict[str, Any]:
-        """The added tokens (``tokenizers.AddedToken``) by content."""
-        return {t.content: t for t in self.tokenizer.get_added_tokens_decoder().values()}
+    added: Mapping[str, Any] = field(default_factory=dict)
+    """The added tokens (``tokenizers.AddedToken``: special, lstrip, ...) by content."""
 
 
 def read_vocabulary(
-    given: Any, folder: Path | None, config_rows: int | None, where: str
+    given: Any, folder: Path | None, config_rows: int | None, where: str, keep: bool = True
 ) -> Vocabulary:
     """A model's vocabulary: from ``given`` (a ``tokenizers.Tokenizer``, a ``tokenizer.json``
-    path or a folder holding one) or else from ``folder``, the model's checkpoint folder."""
+    path or a folder holding one) or else from ``folder``, the model's checkpoint folder;
+    ``keep``: keep the tokenizer itself (else only its tokens)."""
     tokenizers = _tokenizers_module()
     origin: str | None = None
     if isinstance(given, tokenizers.Tokenizer):
@@ -135,7 +135,8 @@ def read_vocabulary(
     rows = size if config_rows is None else config_rows
     if rows < 1:
         raise VocabularyError(f"{where}'s vocabulary is empty ({rows} rows); is it a tokenizer?")
-    return Vocabulary(tokens, size, rows, tokenizer, origin, folder)
+    added = {t.content: t for t in tokenizer.get_added_tokens_decoder().values()}
+    return Vocabulary(tokens, size, rows, tokenizer if keep else None, origin, folder, added)
 
 
 def _load(path: Path, folder: Path, where: str) -> Any:
