@@ -464,3 +464,14 @@ def test_lineage_show_and_diff_name_the_vocabulary(two_llamas, tmp_path):
     assert "vocabulary: models[1]'s, 7 rows; aligned by token: lm_head.weight" in summary(union)
     changes = "\n".join(diff_lineages(base, union).changes)
     assert "~ vocabulary: base, 5 rows" in changes and "-> models[1]'s, 7 rows" in changes
+
+
+def test_a_module_base_with_its_own_vocabulary_in_memory(two_llamas):
+    """The base's vocabulary keeps the base module's shapes: a copy of it comes back."""
+    a, b, states, vocabs, root = two_llamas
+    ma = transformers.LlamaForCausalLM.from_pretrained(a)
+    mb = transformers.LlamaForCausalLM.from_pretrained(b)
+    merged = terge.merge([ma, mb], vocabulary="base", tokenizers=[Path(a), Path(b)])
+    assert isinstance(merged, transformers.LlamaForCausalLM) and merged is not ma
+    check_rows(merged.state_dict(), vocabs[0], states, vocabs)
+    torch.testing.assert_close(ma.state_dict(), states[0], rtol=0, atol=0)  # input untouched
