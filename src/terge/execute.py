@@ -361,7 +361,9 @@ def _run_rows(
 ) -> None:
     """Compute a vocabulary tensor group by group: each group's rows gathered from the models
     holding them, merged (a linear method chunk by chunk, others over the whole group) and
-    scattered into the output rows; a row one model holds is copied, rounded once."""
+    scattered into the output rows; a row one model holds is copied, rounded once. Rows that
+    lie in one run (the usual case: the tokens every model has, at the same ids) are read and
+    written as views, with no gathering."""
     assert step.rows is not None
     name = step.name
     width = max(1, destination[0].numel()) if destination.shape[0] else 1
@@ -371,17 +373,21 @@ def _run_rows(
         for start in range(0, group.out_rows.numel(), size):
             out_rows = group.out_rows[start : start + size]
             picked = [rows[start : start + size] for rows in group.rows]
+            into = _rows_of(destination, out_rows, gather=False)
             if group.copied:
-                rows = sources[group.models[0]].get(name).index_select(0, picked[0])
-                destination.index_copy_(0, out_rows, rows.to(destination.dtype))
+                rows = _rows_of(sources[group.models[0]].get(name), picked[0])
+                if into is None:
+                    destination.index_copy_(0, out_rows, rows.to(destination.dtype))
+                else:
+                    into.copy_(rows)
                 continue
             views: list[Source] = list(sources)
             for model, rows in zip(group.models, picked):
-                views[model] = Source({name: sources[model].get(name).index_select(0, rows)})
+                views[model] = Source({name: _rows_of(sources[model].get(name), rows)})
             reference = base
             if group.base_rows is not None:
                 base_rows = group.base_rows[start : start + size]
-                reference = Source({name: base.get(name).index_select(0, base_rows)})
+                reference = Source({name: _rows_of(base.get(name), base_rows)})
             part = dataclasses.replace(
                 step,
                 contributors=group.models,
@@ -390,11 +396,24 @@ def _run_rows(
                 divisor=group.divisor,
                 rows=None,
             )
+            if into is not None:
+                run_step(part, views, reference, into, buffers)
+                continue
             merged = torch.empty(
                 (out_rows.numel(), *destination.shape[1:]), dtype=destination.dtype
             )
             run_step(part, views, reference, merged, buffers)
             destination.index_copy_(0, out_rows, merged)
+
+
+def _rows_of(tensor: torch.Tensor, rows: torch.Tensor, gather: bool = True) -> Any:
+    """``tensor``'s ``rows``: a view where they are one ascending run, else (``gather``) a
+    gathered copy, or ``None``."""
+    count = rows.numel()
+    first = int(rows[0]) if count else 0
+    if count and int(rows[-1]) - first + 1 == count and bool((rows.diff() == 1).all()):
+        return tensor.narrow(0, first, count)
+    return tensor.index_select(0, rows) if gather else None
 
 
 class _no_bar:

@@ -227,7 +227,7 @@ def output_vocabulary(
                     added.append((number, token))
                     next_id += 1
         rows = next_id if added else kept.rows
-    out_ids = torch.tensor(list(tokens.values()), dtype=torch.int64)
+    out_ids = torch.tensor(list(tokens.values()), dtype=torch.int64)  # one pass, as ints
     if bool((out_ids >= rows).any()):
         raise VocabularyError(
             f"models[{owner}]'s tokenizer has {kept.size} ids but its vocabulary tensors have "
@@ -238,10 +238,14 @@ def output_vocabulary(
     for number, vocabulary in enumerate(vocabularies):
         table = torch.full((rows,), -1, dtype=torch.int64)
         own = vocabulary.tokens
-        pairs = [(out, own[t]) for t, out in tokens.items() if t in own]
-        if pairs:
-            where = torch.tensor(pairs, dtype=torch.int64)
-            table[where[:, 0]] = where[:, 1]
+        outs, theirs = [], []
+        for token, out in tokens.items():
+            their = own.get(token)
+            if their is not None:
+                outs.append(out)
+                theirs.append(their)
+        if outs:
+            table[torch.tensor(outs, dtype=torch.int64)] = torch.tensor(theirs, dtype=torch.int64)
         if number == owner:  # rows without a token (padding) are the owner's own
             holes = torch.ones(rows, dtype=torch.bool)
             holes[out_ids] = False
