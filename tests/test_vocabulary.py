@@ -468,10 +468,30 @@ def test_lineage_show_and_diff_name_the_vocabulary(two_llamas, tmp_path):
 
 def test_a_module_base_with_its_own_vocabulary_in_memory(two_llamas):
     """The base's vocabulary keeps the base module's shapes: a copy of it comes back."""
-    a, b, states, vocabs, root = two_llamas
+    a, b, states, vocabs, _ = two_llamas
     ma = transformers.LlamaForCausalLM.from_pretrained(a)
     mb = transformers.LlamaForCausalLM.from_pretrained(b)
     merged = terge.merge([ma, mb], vocabulary="base", tokenizers=[Path(a), Path(b)])
     assert isinstance(merged, transformers.LlamaForCausalLM) and merged is not ma
     check_rows(merged.state_dict(), vocabs[0], states, vocabs)
     torch.testing.assert_close(ma.state_dict(), states[0], rtol=0, atol=0)  # input untouched
+
+
+def test_a_whole_tensor_method_runs_over_each_row_group(two_llamas):
+    """TIES (a threshold over the whole tensor) sees each group's rows as one tensor: the same
+    as merging those rows, gathered, by hand."""
+    a, b, states, vocabs, _ = two_llamas
+    method = terge.methods.ties(density=0.5)
+    merged, lineage = terge.merge([a, b], method=method, vocabulary="base", lineage=True)
+    shared = [t for t in vocabs[0] if t in vocabs[1]]
+    rows = [vocabs[0][t] for t in shared]
+    gathered = [
+        {EMBED: states[0][EMBED][rows]},
+        {EMBED: states[1][EMBED][[vocabs[1][t] for t in shared]]},
+    ]
+    want = terge.merge(gathered, method=method)[EMBED]
+    torch.testing.assert_close(merged[EMBED][rows], want, rtol=0, atol=0)
+    alone = [vocabs[0][t] for t in vocabs[0] if t not in vocabs[1]]
+    torch.testing.assert_close(merged[EMBED][alone], states[0][EMBED][alone], rtol=0, atol=0)
+    groups = lineage.vocabulary["tensors"][EMBED]
+    assert {tuple(g["models"]) for g in groups} == {(0,), (1,)}  # ties: the base reads, 1 adds
