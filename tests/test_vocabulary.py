@@ -495,3 +495,19 @@ def test_a_whole_tensor_method_runs_over_each_row_group(two_llamas):
     torch.testing.assert_close(merged[EMBED][alone], states[0][EMBED][alone], rtol=0, atol=0)
     groups = lineage.vocabulary["tensors"][EMBED]
     assert {tuple(g["models"]) for g in groups} == {(0,), (1,)}  # ties: the base reads, 1 adds
+
+
+def test_absurd_sizes_are_refused_before_tables_are_made(two_llamas, tmp_path):
+    a, b, *_ = two_llamas
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    for name in os.listdir(a):
+        (hostile / name).write_bytes((Path(a) / name).read_bytes())
+    config = json.loads((hostile / "config.json").read_text())
+    (hostile / "config.json").write_text(json.dumps({**config, "vocab_size": 10**12}))
+    with pytest.raises(VocabularyError, match=r"vocab_size 1000000000000, but none of its tensors"):
+        terge.merge([str(hostile), b], vocabulary="base")
+    (hostile / "config.json").write_text(json.dumps(config))
+    sparse = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 4_000_000_000}, "a"))
+    with pytest.raises(VocabularyError, match=r"ids up to 4000000000 to only 2 tokens"):
+        terge.merge([str(hostile), b], vocabulary="base", tokenizers=[sparse, None])

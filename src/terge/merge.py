@@ -502,7 +502,7 @@ def _vocabulary(
             read_vocabulary(
                 given[index] if given is not None else None,
                 folder,
-                _config_rows(source, folder),
+                _checked_rows(source, _config_rows(source, folder), f"models[{index}]"),
                 f"models[{index}]",
                 keep=index == owner,
             )
@@ -528,6 +528,17 @@ def _config_rows(source: Source, folder: Path | None) -> int | None:
         return None
     size = config.get("vocab_size") if isinstance(config, dict) else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _checked_rows(source: Source, rows: int | None, where: str) -> int | None:
+    """A model's ``vocab_size``, which some tensor of it must have as its row count (tables of
+    that many rows are made: a config cannot ask for absurd ones)."""
+    if rows is None or any(e.shape and e.shape[0] == rows for e in source.entries.values()):
+        return rows
+    raise VocabularyError(
+        f"{where}'s config says vocab_size {rows}, but none of its tensors has {rows} rows; "
+        "fix config.json, or pass vocabulary_tensors=[...] and a matching vocab_size."
+    )
 
 
 def _vocabulary_output(

@@ -132,6 +132,11 @@ def read_vocabulary(
         folder = given_folder
     tokens = dict(tokenizer.get_vocab(with_added_tokens=True))
     size = max(tokens.values(), default=-1) + 1
+    if size > 2 * len(tokens) + 1024:  # tables of `size` rows are made: no absurd ids
+        raise VocabularyError(
+            f"{where}'s tokenizer gives ids up to {size - 1} to only {len(tokens)} tokens; its "
+            "ids are not a vocabulary's (is the tokenizer.json damaged?)."
+        )
     rows = size if config_rows is None else config_rows
     if rows < 1:
         raise VocabularyError(f"{where}'s vocabulary is empty ({rows} rows); is it a tokenizer?")
