@@ -335,7 +335,7 @@ def parse_vocabulary(value: Any, where: str) -> str | int:
     if isinstance(value, str) and value.isdigit():
         return int(value)
     if value in ("base", "union") or (isinstance(value, int) and not isinstance(value, bool)):
-        return value  # type: ignore[no-any-return]
+        return value
     hint = _did_you_mean(value, ("base", "union")) if isinstance(value, str) else ""
     raise RecipeError(
         f"{where} must be 'base', 'union' or a model index (aligning embedding rows by "
