@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -626,97 +626,118 @@ class _Aligned:
         seed: int | None,
         layers: int,
     ) -> Step:
-        """The row step of a vocabulary tensor: rows grouped by the models holding them, each
-        group merged over them with weights renormalised, a row one model holds copied."""
-        vocabulary = self.vocabulary
-        assert vocabulary is not None
-        if not entry.is_floating:
+        """The row step of a vocabulary tensor (see :func:`aligned_step`)."""
+        assert self.vocabulary is not None
+        return aligned_step(
+            name,
+            entry,
+            sources,
+            base_index,
+            self.vocabulary,
+            lambda: _for_layer(method_of(name), name, layers),
+            weight_of(name),
+            normalize,
+            seed,
+        )
+
+
+def aligned_step(
+    name: str,
+    entry: Entry,
+    sources: Sequence[Source],
+    base_index: int,
+    vocabulary: OutputVocabulary,
+    method_for: Callable[[], Method],
+    vector: torch.Tensor,
+    normalize: bool,
+    seed: int | None,
+) -> Step:
+    """The row step of a vocabulary tensor: rows grouped by the models holding them, each
+    group merged over them with weights (``vector``, one per model) renormalised, a row one
+    model holds copied. ``method_for`` gives the method where two models or more hold it
+    (also how ``terge lineage verify`` rebuilds the step)."""
+    if not entry.is_floating:
+        raise VocabularyError(
+            f"the vocabulary tensor '{name}' is {entry.dtype}, not floating point; exclude "
+            "it with vocabulary_tensors=[...] patterns that do not select it."
+        )
+    holders = [
+        i
+        for i, source in enumerate(sources)
+        if (other := source.entries.get(name)) is not None
+        and other.is_floating
+        and len(other.shape) == len(entry.shape)
+        and other.shape[1:] == entry.shape[1:]
+        and other.shape[0] == vocabulary.model_rows[i]
+    ]
+    method = method_for() if len(holders) >= 2 else None
+    task = method is not None and method.task_vectors
+    everyone = [i for i in holders if not (task and i == base_index)]
+    tables = {}
+    for i in holders:
+        table = vocabulary.index[i]
+        tables[i] = torch.where(table < sources[i].entries[name].shape[0], table, -1)
+    code = torch.zeros(vocabulary.rows, dtype=torch.int64)
+    for bit, i in enumerate(holders):
+        code |= (tables[i] >= 0).to(torch.int64) << bit
+    values, inverse = torch.unique(code, return_inverse=True)
+    groups = []
+    for number, value in enumerate(values.tolist()):
+        out_rows = torch.nonzero(inverse == number).flatten()
+        held = [i for bit, i in enumerate(holders) if value >> bit & 1]
+        if not held:
             raise VocabularyError(
-                f"the vocabulary tensor '{name}' is {entry.dtype}, not floating point; exclude "
-                "it with vocabulary_tensors=[...] patterns that do not select it."
+                f"{out_rows.numel()} rows of the output's '{name}' (first: row "
+                f"{out_rows[0].item()}) are tokens that no model holding '{name}' has: the "
+                "models that have those tokens lack that tensor (an untied LM head?). Use "
+                "vocabulary='base', or give those models the tensor."
             )
-        holders = [
-            i
-            for i, source in enumerate(sources)
-            if (other := source.entries.get(name)) is not None
-            and other.is_floating
-            and len(other.shape) == len(entry.shape)
-            and other.shape[1:] == entry.shape[1:]
-            and other.shape[0] == vocabulary.model_rows[i]
-        ]
-        method = _for_layer(method_of(name), name, layers) if len(holders) >= 2 else None
-        task = method is not None and method.task_vectors
-        everyone = [i for i in holders if not (task and i == base_index)]
-        tables = {}
-        for i in holders:
-            table = vocabulary.index[i]
-            tables[i] = torch.where(table < sources[i].entries[name].shape[0], table, -1)
-        code = torch.zeros(vocabulary.rows, dtype=torch.int64)
-        for bit, i in enumerate(holders):
-            code |= (tables[i] >= 0).to(torch.int64) << bit
-        values, inverse = torch.unique(code, return_inverse=True)
-        groups = []
-        vector = weight_of(name)
-        for number, value in enumerate(values.tolist()):
-            out_rows = torch.nonzero(inverse == number).flatten()
-            held = [i for bit, i in enumerate(holders) if value >> bit & 1]
-            if not held:
-                raise VocabularyError(
-                    f"{out_rows.numel()} rows of the output's '{name}' (first: row "
-                    f"{out_rows[0].item()}) are tokens that no model holding '{name}' has: the "
-                    "models that have those tokens lack that tensor (an untied LM head?). Use "
-                    "vocabulary='base', or give those models the tensor."
-                )
-            if len(held) == 1 or method is None:
-                only = held[0]
-                groups.append(
-                    RowGroup(
-                        (only,),
-                        out_rows,
-                        (tables[only][out_rows],),
-                        None,
-                        (1.0,),
-                        (1.0,),
-                        None,
-                        True,
-                    )
-                )
-                continue
-            contributors = [i for i in held if i in everyone]
-            base_rows = None
-            if reads_base(method):
-                if base_index not in held:
-                    raise VocabularyError(
-                        f"the method {method.name!r} reads the base's row of every token, but "
-                        f"{out_rows.numel()} rows of '{name}' (first: row {out_rows[0].item()}) "
-                        "are tokens the base lacks; give the vocabulary tensors "
-                        "method='arithmetic' with a method map, or use vocabulary='base'."
-                    )
-                base_rows = tables[base_index][out_rows]
-            _check_applicable(method, name, contributors)
-            weights, coefficients, divisor = _weigh(
-                name, vector[contributors], contributors, normalize
-            )
-            rows = tuple(tables[i][out_rows] for i in contributors)
+        if len(held) == 1 or method is None:
+            only = held[0]
             groups.append(
                 RowGroup(
-                    tuple(contributors), out_rows, rows, base_rows, weights, coefficients, divisor
+                    (only,),
+                    out_rows,
+                    (tables[only][out_rows],),
+                    None,
+                    (1.0,),
+                    (1.0,),
+                    None,
+                    True,
                 )
             )
-        if method is None:  # held by the base alone: its rows, moved where the vocabulary says
-            method = resolve("arithmetic")
-        weights, coefficients, divisor = _weigh(name, vector[everyone], everyone, normalize)
-        return Step(
-            name=name,
-            method=method,
-            contributors=tuple(everyone),
-            weights=weights,
-            uses_base=reads_base(method),
-            seed=seed if method.random else None,
-            coefficients=coefficients,
-            divisor=divisor,
-            rows=RowTable(vocabulary.rows, tuple(groups)),
+            continue
+        contributors = [i for i in held if i in everyone]
+        base_rows = None
+        if reads_base(method):
+            if base_index not in held:
+                raise VocabularyError(
+                    f"the method {method.name!r} reads the base's row of every token, but "
+                    f"{out_rows.numel()} rows of '{name}' (first: row {out_rows[0].item()}) "
+                    "are tokens the base lacks; give the vocabulary tensors "
+                    "method='arithmetic' with a method map, or use vocabulary='base'."
+                )
+            base_rows = tables[base_index][out_rows]
+        _check_applicable(method, name, contributors)
+        weights, coefficients, divisor = _weigh(name, vector[contributors], contributors, normalize)
+        rows = tuple(tables[i][out_rows] for i in contributors)
+        groups.append(
+            RowGroup(tuple(contributors), out_rows, rows, base_rows, weights, coefficients, divisor)
         )
+    if method is None:  # held by the base alone: its rows, moved where the vocabulary says
+        method = resolve("arithmetic")
+    weights, coefficients, divisor = _weigh(name, vector[everyone], everyone, normalize)
+    return Step(
+        name=name,
+        method=method,
+        contributors=tuple(everyone),
+        weights=weights,
+        uses_base=reads_base(method),
+        seed=seed if method.random else None,
+        coefficients=coefficients,
+        divisor=divisor,
+        rows=RowTable(vocabulary.rows, tuple(groups)),
+    )
 
 
 KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
