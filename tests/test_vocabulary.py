@@ -511,3 +511,57 @@ def test_absurd_sizes_are_refused_before_tables_are_made(two_llamas, tmp_path):
     sparse = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 4_000_000_000}, "a"))
     with pytest.raises(VocabularyError, match=r"ids up to 4000000000 to only 2 tokens"):
         terge.merge([str(hostile), b], vocabulary="base", tokenizers=[sparse, None])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"vocabulary": "union", "weights": [1, 3]},
+        {"vocabulary": 1, "normalize": False, "weights": [2, -1]},
+        {"vocabulary": "base", "method": "ties"},
+    ],
+)
+def test_verify_recomputes_aligned_tensors(two_llamas, tmp_path, options):
+    from terge.audit import verify_lineage
+
+    a, b, *_ = two_llamas
+    out = terge.merge([a, b], out=tmp_path / "out", seed=0, **options)
+    lineage = terge.load_lineage(out / "lineage.json")
+    assert lineage.vocabulary["tensors"]
+    assert verify_lineage(lineage, out) == []
+
+
+def test_verify_finds_a_changed_row_and_a_changed_tokenizer(two_llamas, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from terge.audit import verify_lineage
+
+    a, b, *_ = two_llamas
+    copy = tmp_path / "b"
+    copy.mkdir()
+    for name in os.listdir(b):
+        (copy / name).write_bytes((Path(b) / name).read_bytes())
+    out = terge.merge([a, str(copy)], vocabulary="union", out=tmp_path / "out")
+    lineage = terge.load_lineage(out / "lineage.json")
+    tensors = load_file(out / "model.safetensors")
+    tensors[EMBED][6] += 1
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    assert verify_lineage(lineage, out) == [
+        (EMBED, "the checkpoint's tensor differs from the recomputed one")
+    ]
+    other = word_level("red green green yellow pink grey")  # as many tokens, one other
+    other.add_special_tokens(["<|im_start|>"])
+    other.save(str(copy / "tokenizer.json"))
+    assert HEAD in dict(verify_lineage(lineage, out))  # its rows are now other tokens'
+    word_level("red green yellow pink grey blue white").save(str(copy / "tokenizer.json"))
+    problems = dict(verify_lineage(lineage, out))
+    assert problems[HEAD] == (
+        "aligned by token (vocabulary=...): the models' tokenizers now make 9 rows, not the 8 "
+        "recorded"
+    )
+    (Path(a) / "tokenizer.json").rename(tmp_path / "moved.json")
+    try:
+        problems = dict(verify_lineage(lineage, out))
+    finally:
+        (tmp_path / "moved.json").rename(Path(a) / "tokenizer.json")
+    assert "its vocabulary cannot be rebuilt (models[0]: no tokenizer.json" in problems[HEAD]

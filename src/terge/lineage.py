@@ -592,7 +592,15 @@ class _Reader:
                         and 0 <= span[0] < span[1] <= rows
                     )
                     self.expect(ok, f"{where}[{i}].rows", "[start, stop) row ranges", span)
-        return {"source": source, "rows": rows, "added": dict(added), "tensors": dict(tensors)}
+        normalize = record.get("normalize", True)
+        self.expect(isinstance(normalize, bool), "vocabulary.normalize", "true or false", normalize)
+        return {
+            "source": source,
+            "rows": rows,
+            "normalize": normalize,
+            "added": dict(added),
+            "tensors": dict(tensors),
+        }
 
     def chosen(self, value: Any) -> dict[str, Any] | None:
         """``chosen``: the rule, the source, the ranked candidates and the chosen paths."""

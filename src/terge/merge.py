@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
@@ -46,6 +45,8 @@ from .types import Merged, Methods, Model, Models, Patterns, Weights
 from .vocabulary import (
     OutputVocabulary,
     check_choice,
+    checked_rows,
+    config_rows,
     output_vocabulary,
     read_vocabulary,
     tokenizer_files,
@@ -502,7 +503,7 @@ def _vocabulary(
             read_vocabulary(
                 given[index] if given is not None else None,
                 folder,
-                _checked_rows(source, _config_rows(source, folder), f"models[{index}]"),
+                checked_rows(source.entries, _config_rows(source, folder), f"models[{index}]"),
                 f"models[{index}]",
                 keep=index == owner,
             )
@@ -516,29 +517,11 @@ def _vocabulary(
 
 
 def _config_rows(source: Source, folder: Path | None) -> int | None:
-    """A model's ``vocab_size`` from its ``config.json`` (a module's ``.config``), if any."""
+    """A model's ``vocab_size``: a module's ``.config``, else its folder's ``config.json``."""
     if isinstance(source, ModuleSource):
         size = getattr(getattr(source.module, "config", None), "vocab_size", None)
         return size if isinstance(size, int) and not isinstance(size, bool) else None
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    size = config.get("vocab_size") if isinstance(config, dict) else None
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-
-
-def _checked_rows(source: Source, rows: int | None, where: str) -> int | None:
-    """A model's ``vocab_size``, which some tensor of it must have as its row count (tables of
-    that many rows are made: a config cannot ask for absurd ones)."""
-    if rows is None or any(e.shape and e.shape[0] == rows for e in source.entries.values()):
-        return rows
-    raise VocabularyError(
-        f"{where}'s config says vocab_size {rows}, but none of its tensors has {rows} rows; "
-        "fix config.json, or pass vocabulary_tensors=[...] and a matching vocab_size."
-    )
+    return config_rows(folder)
 
 
 def _vocabulary_output(

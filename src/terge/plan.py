@@ -162,6 +162,9 @@ class Plan:
     index, with the reason (its tensor is not floating point, say)."""
     vocabulary: OutputVocabulary | None = None
     """The output vocabulary tensors were aligned to (``merge(..., vocabulary=...)``)."""
+    normalize: bool = True
+    """Whether weights were normalised (a vocabulary record says so: its row groups'
+    renormalised weights depend on it)."""
     rows_differ: tuple[str, ...] = ()
     """Tensors skipped as a shape mismatch whose shapes differ only in their rows (embeddings
     of vocabularies that differ), with no ``vocabulary`` asked: ``merge()`` warns."""
@@ -197,6 +200,7 @@ class Plan:
         return {
             "source": vocabulary.source,
             "rows": vocabulary.rows,
+            "normalize": self.normalize,
             "added": added,
             "tensors": {
                 step.name: [group.record() for group in step.rows.groups]
@@ -535,6 +539,7 @@ def build_plan(
         _unused(sources, base),
         dropped,
         vocabulary if aligned.active else None,
+        normalize,
         tuple(rows_differ),
     )
 

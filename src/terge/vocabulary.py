@@ -144,6 +144,29 @@ def read_vocabulary(
     return Vocabulary(tokens, size, rows, tokenizer if keep else None, origin, folder, added)
 
 
+def config_rows(folder: Path | None) -> int | None:
+    """``vocab_size`` from a checkpoint folder's ``config.json``, if it names a positive one."""
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def checked_rows(entries: Mapping[str, Any], rows: int | None, where: str) -> int | None:
+    """A model's ``vocab_size``, which one of its tensors (``entries``) must have as its row
+    count: tables of that many rows are made, so a config cannot ask for absurd ones."""
+    if rows is None or any(e.shape and e.shape[0] == rows for e in entries.values()):
+        return rows
+    raise VocabularyError(
+        f"{where}'s config says vocab_size {rows}, but none of its tensors has {rows} rows; "
+        "fix config.json, or pass vocabulary_tensors=[...] and a matching vocab_size."
+    )
+
+
 def _load(path: Path, folder: Path, where: str) -> Any:
     """``tokenizer.json`` read with ``tokenizers``, after checking it is there and inside its
     folder; a folder of only ``vocab.json``/``merges.txt`` or ``tokenizer.model`` is named."""
