@@ -177,8 +177,7 @@ def report(data: dict[str, Any]) -> str:
         rows.append(
             [
                 f"`{name}`",
-                str(result["models"])
-                + (f" (exactly {MODELS_FOR[name]})" if name in MODELS_FOR else ""),
+                str(result["models"]) + (f" (exactly {MODELS_FOR[name]})" if name in MODELS_FOR else ""),
                 fmt_seconds(result["seconds"]),
                 fmt_ratio(relative),
                 fmt_mib(result.get("extra_peak_mib")),

@@ -565,3 +565,10 @@ def test_verify_finds_a_changed_row_and_a_changed_tokenizer(two_llamas, tmp_path
     finally:
         (tmp_path / "moved.json").rename(Path(a) / "tokenizer.json")
     assert "its vocabulary cannot be rebuilt (models[0]: no tokenizer.json" in problems[HEAD]
+
+
+def test_the_bases_index_names_the_base_vocabulary(two_llamas, tmp_path):
+    a, b, *_ = two_llamas
+    out = terge.merge([a, b], vocabulary=0, out=tmp_path / "out")
+    assert (out / "tokenizer.json").read_bytes() == (Path(a) / "tokenizer.json").read_bytes()
+    assert json.loads((out / "lineage.json").read_text())["vocabulary"]["source"] == "base"

@@ -495,6 +495,8 @@ def _vocabulary(
             "tokenizers.Tokenizer, a tokenizer.json path, a folder, or None; got "
             f"{given!r:.80}."
         )
+    if choice == base_index:  # the base's own vocabulary, named by its index
+        choice = "base"
     vocabularies = []
     owner = choice if isinstance(choice, int) else base_index
     for index, source in enumerate(sources):
