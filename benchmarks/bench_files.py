@@ -44,6 +44,13 @@ Exactness: terge's output is compared tensor by tensor with the in-memory float6
 same three state dicts (``terge.merge([sd_a, sd_b, sd_c])``), which must be bit-for-bit equal;
 mergekit's output is compared with both (max absolute difference).
 
+Vocabulary union (issue #16, part 3): three GPT-2 small checkpoints whose vocabularies differ
+(the first has GPT-2's 50257 rows; the second and third have 64 and 128 added tokens, 32 of them
+shared, so ``vocab_size`` 50321 and 50385), each with a ``tokenizer.json`` (a WordLevel stand-in
+for GPT-2's vocabulary, made here: the same 50257 strings in all three, then the added tokens),
+merged with ``terge merge A B C -o OUT --vocabulary union`` (50417 output rows); its peak
+``RssAnon`` is set beside the plain merge's. ``--only vocabulary`` runs just these two cases.
+
 The script prints a markdown report with PASS/FAIL lines for the targets and always exits 0.
 """
 
@@ -272,6 +279,35 @@ def adapter_folder(config: HFGPT2, base: Path, seed: int, folder: Path) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     marker.write_text(json.dumps(spec) + "\n")
     return folder
+
+
+VOCAB_ADDED = ((), tuple(range(64)), tuple(range(32, 160)))
+"""The added tokens (``<extra_K>``) of the vocabulary-union case's three checkpoints."""
+
+
+def vocabulary_checkpoints(config: HFGPT2, prefix: str) -> list[Path]:
+    """Three checkpoints whose vocabularies differ (see the module's docstring), each with a
+    ``tokenizer.json`` whose ids match its rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folders = []
+    for seed, added in enumerate(VOCAB_ADDED):
+        sized = HFGPT2(
+            config.label,
+            config.vocab_size + len(added),
+            config.n_positions,
+            config.n_embd,
+            config.n_layer,
+            config.n_head,
+        )
+        folder = checkpoint(sized, seed, FILES_DIR / f"{prefix}gpt2-vocab-{seed}")
+        vocab = {f"tok{i}": i for i in range(config.vocab_size)}
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="tok0"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.add_tokens([f"<extra_{k}>" for k in added])
+        tokenizer.save(str(folder / "tokenizer.json"))
+        folders.append(folder)
+    return folders
 
 
 def rel(path: Path) -> str:
@@ -660,6 +696,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     small, large = (SMALL_QUICK, LARGE_QUICK) if args.quick else (SMALL, LARGE)
     prefix = "quick-" if args.quick else ""
+    if args.only == "vocabulary":
+        return run_vocabulary(args, small, prefix)
     models = {
         "small": [checkpoint(small, s, FILES_DIR / f"{prefix}gpt2-small-{s}") for s in range(3)],
         "large": [checkpoint(large, s, FILES_DIR / f"{prefix}gpt2-2x-{s}") for s in range(3)],
@@ -752,6 +790,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["mergekit-startup"] = run_case(
             "mergekit start-up", cmd, mergekit_env(), [], out["none"], args
         )
+
+    data["vocabulary"] = vocabulary_cases(args, small, prefix, models["small"])
 
     data["exactness"] = {}
     for size, key in (("small", "terge"), ("large", "terge-2x")):
@@ -870,6 +910,74 @@ def adapter_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_vocabulary(args: argparse.Namespace, small: HFGPT2, prefix: str) -> dict[str, Any]:
+    """``--only vocabulary``: the plain merge and the union merge, nothing else."""
+    plain = [checkpoint(small, s, FILES_DIR / f"{prefix}gpt2-small-{s}") for s in range(3)]
+    return {
+        "machine": machine_info(),
+        "command": command_line(),
+        "revision": source_revision(),
+        "repeat": args.repeat,
+        "cache": "warm" if args.warm else "cold inputs",
+        "vocabulary": vocabulary_cases(args, small, prefix, plain),
+    }
+
+
+def vocabulary_cases(
+    args: argparse.Namespace, small: HFGPT2, prefix: str, plain: list[Path]
+) -> dict[str, Any]:
+    """Peak memory of the plain merge and of the union-vocabulary merge, and the union's rows
+    checked against the models' (a token's row is the mean over the models that have it)."""
+    inputs = vocabulary_checkpoints(small, prefix)
+    results: dict[str, Any] = {"rows_in": [small.vocab_size + len(a) for a in VOCAB_ADDED]}
+    for key, folders, extra in (("plain", plain, []), ("union", inputs, ["--vocabulary", "union"])):
+        out = FILES_DIR / f"{prefix}out-vocabulary-{key}"
+        cmd = [sys.executable, "-m", "terge", "merge", *map(rel, folders), "-o", rel(out)]
+        cmd += ["--overwrite", "--quiet", *extra]
+        results[key] = run_case(f"terge ({key} vocabulary)", cmd, terge_env(), folders, out, args)
+        if key == "union" and "error" not in results[key]:
+            results[key]["check"] = check_union(inputs, out, small.vocab_size)
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def check_union(inputs: Sequence[Path], out: Path, shared: int) -> dict[str, Any]:
+    """The union's rows: shared tokens the mean of three, ``<extra_K>`` the mean of the models
+    that have it; and ``config.json``'s ``vocab_size``."""
+    from safetensors import safe_open
+
+    def wte(folder: Path) -> torch.Tensor:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shard = folder / index["weight_map"]["transformer.wte.weight"]
+        with safe_open(shard, "pt") as f:
+            return f.get_tensor("transformer.wte.weight").double()
+
+    rows = [wte(folder) for folder in inputs]
+    files = sorted(out.glob("*.safetensors"))
+    merged = None
+    for file in files:
+        from safetensors import safe_open as open_
+
+        with open_(file, "pt") as f:
+            if "transformer.wte.weight" in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                merged = f.get_tensor("transformer.wte.weight").double()
+    assert merged is not None
+    want = torch.empty_like(merged)
+    want[:shared] = (rows[0][:shared] + rows[1][:shared] + rows[2][:shared]) / 3
+    token = shared
+    for k in range(max(max(a, default=0) for a in VOCAB_ADDED) + 1):
+        held = [r[shared + a.index(k)] for r, a in zip(rows, VOCAB_ADDED) if k in a]
+        want[token] = sum(held) / len(held)
+        token += 1
+    want = want.float().double()
+    config = json.loads((out / "config.json").read_text())
+    return {
+        "rows": merged.shape[0],
+        "vocab_size": config["vocab_size"],
+        "max_abs_vs_mean_by_hand": (merged - want).abs().max().item(),
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
@@ -985,10 +1093,56 @@ def report(data: dict[str, Any]) -> str:
                 f"{k['equal_tensors']}/{k['common']} tensors bit-for-bit equal"
             )
 
+    lines += vocabulary_report(data)
     lines += ["", "Targets:"]
     for check in checks(data):
         lines.append(f"- {check['status']}: {check['target']} (measured: {check['measured']})")
     return "\n".join(lines)
+
+
+def vocabulary_report(data: dict[str, Any]) -> list[str]:
+    """The vocabulary-union section: peak memory beside the plain merge's, and the check."""
+    cases = data.get("vocabulary")
+    if not cases:
+        return []
+    rows = []
+    for key, label in (("plain", "plain merge (same vocabulary)"), ("union", "--vocabulary union")):
+        result = cases.get(key, {})
+        if "error" in result:
+            rows.append([label, "error: " + result["error"][:200], "—", "—"])
+            continue
+        rows.append(
+            [
+                label,
+                fmt_seconds(result.get("seconds")),
+                fmt_mib(result.get("anon_peak_mib")),
+                fmt_mib(result.get("hwm_mib")),
+            ]
+        )
+    lines = [
+        "",
+        "Vocabulary union (3 checkpoints, "
+        + " / ".join(str(n) for n in cases.get("rows_in", ()))
+        + f" rows -> {cases.get('union', {}).get('check', {}).get('rows', '?')}):",
+        "",
+        markdown_table(
+            ["case", "wall time (s)", "peak anonymous memory (MiB)", "VmHWM (MiB)"], rows
+        ),
+        "",
+        *[
+            f"- {key}: `{r['command']}`"
+            for key, r in cases.items()
+            if isinstance(r, dict) and "command" in r
+        ],
+    ]
+    check = cases.get("union", {}).get("check")
+    if check:
+        lines.append(
+            f"- union output: {check['rows']} rows, config.json vocab_size "
+            f"{check['vocab_size']}, max abs difference from the per-row mean by hand "
+            f"{check['max_abs_vs_mean_by_hand']:.3g}"
+        )
+    return lines
 
 
 def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1070,9 +1224,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument(
         "--only",
-        choices=("all", "adapter"),
+        choices=("all", "adapter", "vocabulary"),
         default="all",
-        help="'adapter': only the adapter case and the plain terge case beside it",
+        help="'adapter': only the adapter case and the plain terge case beside it; "
+        "'vocabulary': only the vocabulary-union case and the plain merge beside it",
     )
     args = parser.parse_args(argv)
     args.repeat = max(args.repeat, 1)
@@ -1084,6 +1239,8 @@ def main(argv: list[str] | None = None) -> int:
     data = run_benchmark(args)
     if data.get("only") == "adapter":
         print(adapter_report(data))
+    elif args.only == "vocabulary":
+        print("\n".join(vocabulary_report(data)))
     else:
         data["checks"] = checks(data)
         print(report(data))

@@ -14,8 +14,9 @@ floor wings                                    what they are
 2     layerwise, io, families                  per-layer values; reading and writing
                                                checkpoints; the newer methods' arithmetic
                                                (pure tensor functions, below the registry)
-3     sources, methods, lineage                models as named tensors; the merge methods;
-                                               the lineage record
+3     sources, methods, lineage, vocabulary    models as named tensors; the merge methods;
+                                               the lineage record; tokenizers read and
+                                               vocabularies aligned by token
 4     types, plan, modelcard                   merge()'s argument types; the plan (what
                                                happens to every tensor); a merge's README.md
                                                model card, written from its lineage
@@ -59,7 +60,7 @@ FLOORS: list[set[str]] = [
     {"errors", "_version"},
     {"patterns", "layers", "sharding", "kernels", "lowrank"},
     {"layerwise", "io", "families"},
-    {"sources", "methods", "lineage"},
+    {"sources", "methods", "lineage", "vocabulary"},
     {"types", "plan", "modelcard"},
     {"execute", "digests"},
     {"output", "averaging", "lora"},

@@ -29,6 +29,8 @@ from .errors import (
     TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
+    VocabularyError,
+    VocabularyMismatchWarning,
 )
 from .inspection import Inspection, inspect
 from .io import load, open_checkpoint, save
@@ -87,6 +89,8 @@ __all__ = [
     "TergeError",
     "UnknownMergeMethodError",
     "Violation",
+    "VocabularyError",
+    "VocabularyMismatchWarning",
     "__version__",
     "adapter",
     "by_layer",

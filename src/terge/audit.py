@@ -9,6 +9,7 @@ readable account ``terge lineage show`` prints.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,16 @@ from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
 from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
 from .methods import REGISTRY, Method
-from .plan import Step, reads_base, step_from_entry
+from .output import folder_of
+from .plan import Step, aligned_step, reads_base, step_from_entry
 from .sources import AdapterSource, FileSource, Source
+from .vocabulary import (
+    OutputVocabulary,
+    checked_rows,
+    config_rows,
+    output_vocabulary,
+    read_vocabulary,
+)
 
 # --- diff -----------------------------------------------------------------------------------------
 
@@ -109,6 +118,13 @@ def _record_changes(old: Lineage, new: Lineage) -> list[str]:
         changes.append(f"~ base: {_model_text(old.base)} -> {_model_text(new.base)}")
     if old.base is not None and new.base is not None and old.base.index == SEPARATE:
         changes += _pin_changes("base", old.base, new.base)
+    if old.vocabulary != new.vocabulary:
+        changes.append(
+            "~ vocabulary: "
+            + (_vocabulary_text(old.vocabulary) if old.vocabulary else "not aligned")
+            + " -> "
+            + (_vocabulary_text(new.vocabulary) if new.vocabulary else "not aligned")
+        )
     if old.chosen != new.chosen:
         changes.append(f"~ chosen: {_chosen_text(old.chosen)} -> {_chosen_text(new.chosen)}")
     for i in range(max(len(old.models), len(new.models))):
@@ -291,6 +307,7 @@ def verify_lineage(
         elif isinstance(check.base_index, int) and check.base_index in sources:
             base_source = sources[check.base_index]
         buffers = ChunkBuffers(lineage.dtype or torch.float64)
+        check.align(sources)
         problems: list[tuple[str, str]] = []
         for name, entry in lineage.items():
             found = check.tensor(name, entry, reader, sources, base_source, buffers)
@@ -333,6 +350,11 @@ class _Checker:
         self.source = None if source is None else Path(source)
         self.base_index = None if lineage.base is None else lineage.base.index
         self.methods = {name: self.method(name, entry) for name, entry in lineage.items()}
+        vocabulary = lineage.vocabulary or {}
+        self.aligned: Mapping[str, Any] = vocabulary.get("tensors", {})
+        """The tensors aligned by token, with their recorded row groups."""
+        self.vocabulary: OutputVocabulary | str | None = None
+        """The output vocabulary rebuilt from the models' tokenizers, or why it could not be."""
 
     def fail(self, message: str) -> LineageError:
         where = "lineage" if self.source is None else f"the lineage file {self.source}"
@@ -355,6 +377,75 @@ class _Checker:
         if method.random and not isinstance(entry.settings.get("seed"), int):
             raise self.fail(f"{name!r} was merged by {entry[0]}, which is random, but no seed.")
         return method
+
+    def align(self, sources: Mapping[int, Source]) -> None:
+        """Rebuild the output vocabulary from every model's tokenizer (read again from its
+        folder), where the lineage aligned tensors by token."""
+        if not self.aligned:
+            return
+        record = self.lineage.vocabulary or {}
+        try:
+            vocabularies = []
+            for index in range(len(self.lineage.models)):
+                source = sources[index]
+                folder = folder_of(source) if isinstance(source, FileSource) else None
+                where = f"models[{index}]"
+                rows = checked_rows(source.entries, config_rows(folder), where)
+                vocabularies.append(read_vocabulary(None, folder, rows, where, keep=False))
+            if not isinstance(self.base_index, int):
+                raise TergeError("the base was given apart from the models")
+            output = output_vocabulary(vocabularies, self.base_index, record["source"])
+        except (TergeError, KeyError) as error:
+            self.vocabulary = f"its vocabulary cannot be rebuilt ({error})"
+            return
+        if output.rows != record.get("rows"):
+            self.vocabulary = (
+                f"the models' tokenizers now make {output.rows} rows, not the "
+                f"{record.get('rows')} recorded"
+            )
+            return
+        self.vocabulary = output
+
+    def aligned_step(
+        self,
+        name: str,
+        entry: Any,
+        method: Method,
+        sources: Mapping[int, Source],
+        base: Source | None,
+    ) -> Step | str:
+        """The row step of an aligned tensor, rebuilt, or why it cannot be."""
+        output = self.vocabulary
+        if not isinstance(output, OutputVocabulary):
+            return output or "its vocabulary was not rebuilt"
+        if base is None or not isinstance(self.base_index, int) or name not in base.entries:
+            return "the base cannot be read, so its rows cannot be aligned again"
+        count = len(self.lineage.models)
+        given = getattr(entry, "coefficients", None)
+        values = list(given) if given is not None else [w for _, w in entry[1]]
+        vector = torch.zeros(count, dtype=self.lineage.dtype or torch.float64)
+        for (index, _), value in zip(entry[1], values):
+            vector[index] = value
+        settings = getattr(entry, "settings", {})
+        try:
+            step = aligned_step(
+                name,
+                base.entries[name],
+                [sources[i] for i in range(count)],
+                self.base_index,
+                output,
+                lambda: method,
+                vector,
+                bool((self.lineage.vocabulary or {}).get("normalize", True)),
+                settings.get("seed") if method.random else None,
+            )
+        except TergeError as error:
+            return f"its rows cannot be aligned again ({error})"
+        assert step.rows is not None
+        recorded = json.loads(json.dumps([group.record() for group in step.rows.groups]))
+        if recorded != self.aligned[name]:
+            return "its row groups, rebuilt from the tokenizers, differ from the recorded ones"
+        return step
 
     def needed(self) -> set[ModelIndex]:
         """The models the merge read: contributors, and the base where a method read it."""
@@ -382,6 +473,8 @@ class _Checker:
                 "one path per model, in index order."
             )
         needed = self.needed()
+        if self.aligned:  # every model's vocabulary makes the output's
+            needed.update(range(len(records)))
         if (
             self.base_index is not None
             and self.base_index not in needed
@@ -481,7 +574,13 @@ class _Checker:
                 problems.append("the checkpoint's tensor is not the one merged (digest differs)")
         if method is None:
             return [*problems, f"made by the custom method {entry[0]!r}; cannot be recomputed"]
-        step = self.step(name, entry, method, info.shape, sources, base)
+        if name in self.aligned:
+            rebuilt = self.aligned_step(name, entry, method, sources, base)
+            if isinstance(rebuilt, str):
+                return [*problems, f"aligned by token (vocabulary=...): {rebuilt}"]
+            step = rebuilt
+        else:
+            step = self.step(name, entry, method, info.shape, sources, base)
         result = torch.empty(info.shape, dtype=info.dtype)
         with torch.no_grad():
             run_step(step, sources, base, result, buffers)  # type: ignore[arg-type]
@@ -742,6 +841,8 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
     lines += _group_lines(by_method, "by method")
     by_weights = _groups(lineage, lambda entry: _weights_text(entry[1]))
     lines += _group_lines(by_weights, "by weights")
+    if lineage.vocabulary is not None:
+        lines.append("vocabulary: " + _vocabulary_text(lineage.vocabulary))
     lines.append(f"left alone: {_count(len(lineage.skipped), 'tensor')}")
     by_reason: dict[str, list[str]] = {}
     for name, reason in lineage.skipped.items():
@@ -762,6 +863,19 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
         else f"digests: recorded for {_count(len(digests), 'tensor')}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _vocabulary_text(vocabulary: Mapping[str, Any]) -> str:
+    """``union, 50417 rows (models[1] added 64 tokens); aligned by token: ...``."""
+    source = vocabulary["source"]
+    source = source if isinstance(source, str) else f"models[{source}]'s"
+    added = [f"models[{i}] added {n}" for i, n in sorted(vocabulary.get("added", {}).items())]
+    aligned = list(vocabulary.get("tensors", {}))
+    return (
+        f"{source}, {vocabulary['rows']} rows"
+        + (f" ({', '.join(added)} tokens)" if added else "")
+        + (f"; aligned by token: {_examples(aligned)}" if aligned else "")
+    )
 
 
 def _count(number: int, noun: str) -> str:

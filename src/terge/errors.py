@@ -132,3 +132,14 @@ class HubError(CheckpointError):
 class LoraLeftOutWarning(UserWarning):
     """A difference between two models that an extracted LoRA adapter does not hold (listed in
     the adapter's ``lora.json`` under ``left_out``, with the reason)."""
+
+
+class VocabularyError(MergeArgumentError):
+    """Vocabularies cannot be aligned as asked (``merge(..., vocabulary=...)``): a tokenizer that
+    cannot be found or read, a tensor whose rows cannot be matched to tokens, a method that needs
+    the base's row for a token the base lacks."""
+
+
+class VocabularyMismatchWarning(UserWarning):
+    """Tensors whose rows differ between the models (embeddings of vocabularies that differ) were
+    left as the base has them; ``vocabulary=`` aligns them by token."""

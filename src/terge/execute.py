@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import threading
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -49,7 +50,7 @@ def _load_file(
     input (``torch.save(m, "ckpt.bin")``) rewrites it. To keep memory flat for a large
     checkpoint, write with ``out=`` instead.
     """
-    merged = {step.name for step in plan.steps}
+    merged = {step.name: step for step in plan.steps}
     result: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     by_key: dict[Any, torch.Tensor] = {}
@@ -58,7 +59,8 @@ def _load_file(
         if entry.key in by_key:  # a tied name (a module's, under an adapter): one tensor
             result[raw] = by_key[entry.key]
         elif name in merged:
-            result[raw] = outputs[name] = torch.empty(entry.shape, dtype=entry.dtype)
+            shape = output_shape(merged[name], entry.shape)
+            result[raw] = outputs[name] = torch.empty(shape, dtype=entry.dtype)
         else:
             value = base.get(name).detach()
             if value.dtype != entry.dtype:  # an adapter's float64 base + delta: round once
@@ -69,8 +71,19 @@ def _load_file(
     return result, outputs
 
 
-def _fresh_like(original: torch.Tensor) -> torch.Tensor:
-    fresh = torch.empty_like(original.detach(), memory_format=torch.preserve_format)
+def output_shape(step: Step, shape: torch.Size) -> torch.Size:
+    """A merged tensor's shape: the base's, but for a vocabulary tensor one row per token of
+    the output vocabulary."""
+    if step.rows is None:
+        return shape
+    return torch.Size((step.rows.rows, *shape[1:]))
+
+
+def _fresh_like(original: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+    if step is not None and step.rows is not None and step.rows.rows != original.shape[0]:
+        fresh = torch.empty(output_shape(step, original.shape), dtype=original.dtype)
+    else:
+        fresh = torch.empty_like(original.detach(), memory_format=torch.preserve_format)
     if isinstance(original, torch.nn.Parameter):
         return torch.nn.Parameter(fresh, requires_grad=original.requires_grad)
     return fresh
@@ -114,7 +127,7 @@ def _copy_state_dict(
     outputs: dict[str, torch.Tensor] = {}
     by_view: dict[Any, torch.Tensor] = {}
     for step in plan.steps:
-        fresh = _fresh_like(base.get(step.name))
+        fresh = _fresh_like(base.get(step.name), step)
         outputs[step.name] = fresh
         by_view[base.entries[step.name].key] = fresh
     try:
@@ -280,6 +293,9 @@ def run_step(
     written straight into the destination's own shard; methods sum their whole-tensor statistics
     over the other shards through the :class:`~terge.sharding.Layout` they are given.
     """
+    if step.rows is not None:
+        _run_rows(step, sources, base, destination, buffers)
+        return
     if step.method.task_vectors and step.uses_base and not step.sharded:
         deltas = [sources[i].delta(step.name, base) for i in step.contributors]
         if any(delta is not None for delta in deltas):
@@ -390,6 +406,75 @@ def _check_result(step: Step, result: Any, destination: torch.Tensor) -> None:
             f"the merge method {step.method.name!r} returned a {result.dtype} tensor for the "
             f"parameter '{step.name}'; a method must return real numbers."
         )
+
+
+ROW_CHUNK_ELEMENTS = 1 << 18
+"""Elements of one chunk of rows that a linear method merges at a time (2 MiB in float64):
+each model's rows are gathered into memory of their own, so the chunk bounds that memory."""
+
+
+def _run_rows(
+    step: Step,
+    sources: list[Source],
+    base: Source,
+    destination: torch.Tensor,
+    buffers: ChunkBuffers,
+) -> None:
+    """Compute a vocabulary tensor group by group: each group's rows gathered from the models
+    holding them, merged (a linear method chunk by chunk, others over the whole group) and
+    scattered into the output rows; a row one model holds is copied, rounded once. Rows that
+    lie in one run (the usual case: the tokens every model has, at the same ids) are read and
+    written as views, with no gathering."""
+    assert step.rows is not None
+    name = step.name
+    width = max(1, destination[0].numel()) if destination.shape[0] else 1
+    for group in step.rows.groups:
+        linear = group.copied or step.method.streaming
+        size = max(1, ROW_CHUNK_ELEMENTS // width) if linear else group.out_rows.numel()
+        for start in range(0, group.out_rows.numel(), size):
+            out_rows = group.out_rows[start : start + size]
+            picked = [rows[start : start + size] for rows in group.rows]
+            into = _rows_of(destination, out_rows, gather=False)
+            if group.copied:
+                rows = _rows_of(sources[group.models[0]].get(name), picked[0])
+                if into is None:
+                    destination.index_copy_(0, out_rows, rows.to(destination.dtype))
+                else:
+                    into.copy_(rows)
+                continue
+            views: list[Source] = list(sources)
+            for model, rows in zip(group.models, picked):
+                views[model] = Source({name: _rows_of(sources[model].get(name), rows)})
+            reference = base
+            if group.base_rows is not None:
+                base_rows = group.base_rows[start : start + size]
+                reference = Source({name: _rows_of(base.get(name), base_rows)})
+            part = dataclasses.replace(
+                step,
+                contributors=group.models,
+                weights=group.weights,
+                coefficients=group.coefficients,
+                divisor=group.divisor,
+                rows=None,
+            )
+            if into is not None:
+                run_step(part, views, reference, into, buffers)
+                continue
+            merged = torch.empty(
+                (out_rows.numel(), *destination.shape[1:]), dtype=destination.dtype
+            )
+            run_step(part, views, reference, merged, buffers)
+            destination.index_copy_(0, out_rows, merged)
+
+
+def _rows_of(tensor: torch.Tensor, rows: torch.Tensor, gather: bool = True) -> Any:
+    """``tensor``'s ``rows``: a view where they are one ascending run, else (``gather``) a
+    gathered copy, or ``None``."""
+    count = rows.numel()
+    first = int(rows[0]) if count else 0
+    if count and int(rows[-1]) - first + 1 == count and bool((rows.diff() == 1).all()):
+        return tensor.narrow(0, first, count)
+    return tensor.index_select(0, rows) if gather else None
 
 
 class _no_bar:

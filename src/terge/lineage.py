@@ -197,6 +197,7 @@ class Lineage(dict):
         digests: Mapping[str, TensorDigests] | None = None,
         dropped: Mapping[str, Mapping[int, str]] | None = None,
         chosen: Mapping[str, Any] | None = None,
+        vocabulary: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -227,6 +228,12 @@ class Lineage(dict):
         """How the models were chosen from a run (``merge(terge.choose(...))``), else ``None``:
         ``{"rule": "last 5 by global_step", "from": "runs/checkpoint-*", "candidates":
         [{"path", "value"}, ...] (ranked by the rule), "chosen": [path, ...]}``."""
+        self.vocabulary: dict[str, Any] | None = None if vocabulary is None else dict(vocabulary)
+        """How vocabulary tensors were aligned by token (``merge(..., vocabulary=...)``), else
+        ``None``: ``{"source": "base" | "union" | model index, "rows": output row count,
+        "added": {model: tokens a union took from it}, "tensors": {name: [{"models": [...],
+        "weights": [...], "rows": [[start, stop], ...], "copied"?: true}, ...]}}``: per tensor,
+        the groups of output rows held by the same models."""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Lineage):
@@ -331,6 +338,9 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     chosen = getattr(lineage, "chosen", None)
     if chosen is not None:  # only where there is one: other lineages keep their bytes
         extra = {"chosen": chosen, **extra}
+    vocabulary = getattr(lineage, "vocabulary", None)
+    if vocabulary is not None:
+        extra = {"vocabulary": vocabulary, **extra}
     record = {
         "schema": SCHEMA,
         "merged": {name: _entry_json(entry) for name, entry in lineage.items()},
@@ -559,11 +569,58 @@ class _Reader:
                 for name, value in self.mapping(data.get("dropped", {}), "dropped").items()
             },
             chosen=self.chosen(data.get("chosen")),
+            vocabulary=self.vocabulary(data.get("vocabulary")),
         )
         stray = [name for name in lineage.digests or {} if name not in lineage]
         if stray:
             raise self.fail(f"digests[{json.dumps(stray[0])}] is for a tensor not merged.")
         return lineage
+
+    def vocabulary(self, value: Any) -> dict[str, Any] | None:
+        """``vocabulary``: its source, row count, added tokens and per tensor its row groups."""
+        if value is None:
+            return None
+        record = self.mapping(value, "vocabulary")
+        source = record.get("source")
+        ok = source in ("base", "union") or (isinstance(source, int) and source >= 0)
+        self.expect(ok, "vocabulary.source", "'base', 'union' or a model index", source)
+        rows = record.get("rows")
+        ok = isinstance(rows, int) and not isinstance(rows, bool) and rows > 0
+        self.expect(ok, "vocabulary.rows", "a positive row count", rows)
+        added = self.mapping(record.get("added", {}), "vocabulary.added")
+        for key, count in added.items():
+            self.expect(key.isdigit(), "vocabulary.added", "model indices as keys", key)
+            self.expect(isinstance(count, int), f"vocabulary.added[{key}]", "a count", count)
+        tensors = self.mapping(record.get("tensors", {}), "vocabulary.tensors")
+        for name, groups in tensors.items():
+            where = f"vocabulary.tensors[{json.dumps(name)}]"
+            self.expect(isinstance(groups, list), where, "a list of row groups", groups)
+            for i, group in enumerate(groups):
+                group = self.mapping(group, f"{where}[{i}]")
+                self.indices(group.get("models"), f"{where}[{i}].models")
+                weights: Any = group.get("weights")
+                self.expect(isinstance(weights, list), f"{where}[{i}].weights", "a list", weights)
+                for weight in weights:
+                    self.number(weight, f"{where}[{i}].weights")
+                spans: Any = group.get("rows")
+                self.expect(isinstance(spans, list), f"{where}[{i}].rows", "a list", spans)
+                for span in spans:
+                    ok = (
+                        isinstance(span, list)
+                        and len(span) == 2
+                        and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                        and 0 <= span[0] < span[1] <= rows
+                    )
+                    self.expect(ok, f"{where}[{i}].rows", "[start, stop) row ranges", span)
+        normalize = record.get("normalize", True)
+        self.expect(isinstance(normalize, bool), "vocabulary.normalize", "true or false", normalize)
+        return {
+            "source": source,
+            "rows": rows,
+            "normalize": normalize,
+            "added": dict(added),
+            "tensors": dict(tensors),
+        }
 
     def chosen(self, value: Any) -> dict[str, Any] | None:
         """``chosen``: the rule, the source, the ranked candidates and the chosen paths."""

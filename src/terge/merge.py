@@ -15,7 +15,14 @@ import torch
 
 from ._version import __version__
 from .digests import DigestRecorder, source_files
-from .errors import BaseIndexError, MergeArgumentError, NoParametersToMergeWarning, ShardingError
+from .errors import (
+    BaseIndexError,
+    MergeArgumentError,
+    NoParametersToMergeWarning,
+    ShardingError,
+    VocabularyError,
+    VocabularyMismatchWarning,
+)
 from .execute import destinations, execute
 from .io import parse_size
 from .io.adapters import AdapterSpec
@@ -37,6 +44,7 @@ from .output import (
     check_out_format,
     check_output,
     file_ranks,
+    folder_of,
     write_merge,
 )
 from .plan import Plan, build_plan, check_seed
@@ -44,6 +52,7 @@ from .sharding import rank
 from .sources import (
     AdapterSource,
     FileSource,
+    ModuleSource,
     NameMap,
     Source,
     as_source,
@@ -51,6 +60,15 @@ from .sources import (
     renamer,
 )
 from .types import Merged, Methods, Model, Models, Patterns, Weights
+from .vocabulary import (
+    OutputVocabulary,
+    check_choice,
+    checked_rows,
+    config_rows,
+    output_vocabulary,
+    read_vocabulary,
+    tokenizer_files,
+)
 
 
 @overload
@@ -82,6 +100,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = ...,
     lora_energy: float | None = ...,
     lora_embeddings: bool = ...,
+    vocabulary: str | int | None = ...,
+    tokenizers: Sequence[Any] | None = ...,
+    vocabulary_tensors: Patterns | None = ...,
 ) -> Lineage: ...
 @overload
 def merge(
@@ -112,6 +133,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = ...,
     lora_energy: float | None = ...,
     lora_embeddings: bool = ...,
+    vocabulary: str | int | None = ...,
+    tokenizers: Sequence[Any] | None = ...,
+    vocabulary_tensors: Patterns | None = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -142,6 +166,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = ...,
     lora_energy: float | None = ...,
     lora_embeddings: bool = ...,
+    vocabulary: str | int | None = ...,
+    tokenizers: Sequence[Any] | None = ...,
+    vocabulary_tensors: Patterns | None = ...,
 ) -> tuple[Merged, Lineage]: ...
 @overload
 def merge(
@@ -172,6 +199,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = ...,
     lora_energy: float | None = ...,
     lora_embeddings: bool = ...,
+    vocabulary: str | int | None = ...,
+    tokenizers: Sequence[Any] | None = ...,
+    vocabulary_tensors: Patterns | None = ...,
 ) -> Merged: ...
 @overload
 def merge(
@@ -202,6 +232,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = ...,
     lora_energy: float | None = ...,
     lora_embeddings: bool = ...,
+    vocabulary: str | int | None = ...,
+    tokenizers: Sequence[Any] | None = ...,
+    vocabulary_tensors: Patterns | None = ...,
 ) -> Merged | tuple[Merged, Lineage] | Lineage: ...
 
 
@@ -233,6 +266,9 @@ def merge(
     lora_rank: int | Mapping[Any, int] | None = None,
     lora_energy: float | None = None,
     lora_embeddings: bool = False,
+    vocabulary: str | int | None = None,
+    tokenizers: Sequence[Any] | None = None,
+    vocabulary_tensors: Patterns | None = None,
 ) -> Merged | tuple[Merged, Lineage] | Lineage:
     """Merge PyTorch models (modules or state dicts) that share parameters by name and shape.
 
@@ -402,6 +438,17 @@ def merge(
                 f"checkpoint {base_source.path}, which terge never modifies; pass out='folder' "
                 "to write the merge as a new checkpoint, or inplace=False for a state dict."
             )
+        aligned = _vocabulary(
+            vocabulary,
+            tokenizers,
+            vocabulary_tensors,
+            sources,
+            base_index,
+            inplace,
+            target,
+            out_format,
+            distributed,
+        )
         drawn = seed is None
         seed = _drawn_seed(ranks) if seed is None else seed
         plan = build_plan(
@@ -416,7 +463,12 @@ def merge(
             normalize=normalize,
             seed=seed,
             inplace=inplace,
+            vocabulary=aligned[0] if aligned is not None else None,
+            vocabulary_tensors=vocabulary_tensors,
         )
+        if plan.rows_differ:
+            _warn_rows_differ(plan.rows_differ)
+        files = _vocabulary_output(plan, aligned, base_source, target)
         if plan.sharded or ranks is not None:
             if plan.sharded:
                 _check_sharded(plan, drawn, digests)
@@ -479,6 +531,7 @@ def merge(
                 out_format=out_format,
                 ranks=ranks,
                 card=card,
+                tokenizer_files=files,
             )
         else:
             result, outputs = destinations(base_source, plan, inplace)
@@ -525,6 +578,123 @@ def _lora_settings(
             "`lora_energy` (a share in (0, 1] of the squared singular values to keep)."
         )
     return lora_settings(rank, energy, embeddings, None, out_dtype)
+
+
+def _vocabulary(
+    choice: Any,
+    given: Any,
+    patterns: Any,
+    sources: Sequence[Source],
+    base_index: int | None,
+    inplace: bool,
+    target: Path | None,
+    out_format: str,
+    distributed: bool,
+) -> tuple[OutputVocabulary, dict[str, str] | None] | None:
+    """The output vocabulary, from every model's tokenizer, and with ``out`` the tokenizer
+    files of the output folder (``None``: the base's are copied), when a vocabulary is asked
+    for; what cannot be aligned is refused here, before anything is read or written."""
+    choice = check_choice(choice, len(sources))
+    if choice is None:
+        if given is not None or patterns is not None:
+            raise VocabularyError(
+                "`tokenizers` and `vocabulary_tensors` say how to align vocabularies, which "
+                "happens only with vocabulary='base', 'union' or a model index; pass one."
+            )
+        return None
+    for flag, what in (
+        (
+            base_index is None,
+            "a base given apart from `models` (pass it in `models` and base=<its index>)",
+        ),
+        (inplace, "inplace=True (pass inplace=False, or out=)"),
+        (distributed, "distributed=True"),
+        (target is not None and out_format != "safetensors", f"out_format={out_format!r}"),
+    ):
+        if flag:
+            raise VocabularyError(f"vocabulary={choice!r} cannot be used with {what}.")
+    if given is not None and (
+        isinstance(given, (str, bytes))
+        or not isinstance(given, Sequence)
+        or len(given) != len(sources)
+    ):
+        raise VocabularyError(
+            f"`tokenizers` must be a list with one entry per model ({len(sources)}): a "
+            "tokenizers.Tokenizer, a tokenizer.json path, a folder, or None; got "
+            f"{given!r:.80}."
+        )
+    if choice == base_index:  # the base's own vocabulary, named by its index
+        choice = "base"
+    vocabularies = []
+    owner = choice if isinstance(choice, int) else base_index
+    for index, source in enumerate(sources):
+        folder = folder_of(source) if isinstance(source, FileSource) else None
+        vocabularies.append(
+            read_vocabulary(
+                given[index] if given is not None else None,
+                folder,
+                checked_rows(source.entries, _config_rows(source, folder), f"models[{index}]"),
+                f"models[{index}]",
+                keep=index == owner,
+            )
+        )
+    assert base_index is not None
+    output = output_vocabulary(vocabularies, base_index, choice)
+    # The output folder's tokenizer files are made now, so that the models' tokenizers (tens
+    # of MiB for large vocabularies) are freed before any tensor is merged.
+    files = tokenizer_files(output, vocabularies) if target is not None else None
+    return output, files
+
+
+def _config_rows(source: Source, folder: Path | None) -> int | None:
+    """A model's ``vocab_size``: a module's ``.config``, else its folder's ``config.json``."""
+    if isinstance(source, ModuleSource):
+        size = getattr(getattr(source.module, "config", None), "vocab_size", None)
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+    return config_rows(folder)
+
+
+def _vocabulary_output(
+    plan: Plan,
+    aligned: tuple[OutputVocabulary, dict[str, str] | None] | None,
+    base: Source,
+    target: Path | None,
+) -> dict[str, str] | None:
+    """The tokenizer files an aligned output folder gets; an in-memory result whose rows no
+    tokenizer the caller holds describes (a union), or that a module cannot take, is refused."""
+    if aligned is None or plan.vocabulary is None:
+        return None
+    output, files = aligned
+    if target is None:
+        if output.source == "union":
+            raise VocabularyError(
+                "vocabulary='union' makes a tokenizer that only an output folder holds; pass "
+                "out='folder' (its tokenizer.json matches the merged rows)."
+            )
+        resized = [
+            s.name
+            for s in plan.steps
+            if s.rows is not None and s.rows.rows != base.entries[s.name].shape[0]
+        ]
+        if resized and isinstance(base, ModuleSource):
+            raise VocabularyError(
+                f"vocabulary={output.source!r} gives '{resized[0]}' {output.rows} rows, but the "
+                "base module's has another count and a module cannot be resized here; pass "
+                "out='folder', or a state dict as the base."
+            )
+        return None
+    return files
+
+
+def _warn_rows_differ(names: Sequence[str]) -> None:
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    warnings.warn(
+        f"terge: {len(names)} tensor(s) ({shown}) have rows that differ between the models (the "
+        "vocabularies differ?) and were left as the base has them; pass vocabulary='base', "
+        "'union' or a model index to align them by token.",
+        VocabularyMismatchWarning,
+        stacklevel=4,
+    )
 
 
 def _warn_nothing_merged() -> None:

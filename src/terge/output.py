@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .digests import DigestRecorder
 from .errors import CheckpointError, MergeArgumentError, MetaTensorError, ShardingError
-from .execute import execute, run_step
+from .execute import execute, output_shape, run_step
 from .io import StreamingShardWriter, TensorInfo, parse_size
 from .io.distributed import DistributedCheckpointWriter
 from .io.dtypes import dtype_name
@@ -56,6 +56,7 @@ from .sources import (
     entry_of,
     folders_read,
 )
+from .vocabulary import TOKENIZER_FILES
 
 LINEAGE_FILE = "lineage.json"
 
@@ -73,6 +74,7 @@ class _Layout:
 
     def __init__(self, plan: Plan, base: Source, out_dtype: torch.dtype | None) -> None:
         entries, self.tensor_of = _base_tensors(base)
+        aligned = {base.entries[s.name].key: s for s in plan.steps if s.rows is not None}
         written: dict[Any, str] = {}
         self.aliases: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -87,7 +89,8 @@ class _Layout:
                     "cannot be written; load real weights into it or drop it from the base."
                 )
             cast = out_dtype if out_dtype is not None and entry.dtype.is_floating_point else None
-            self.tensors[name] = TensorInfo(entry.shape, cast or entry.dtype)
+            shape = output_shape(aligned[entry.key], entry.shape) if entry.key in aligned else None
+            self.tensors[name] = TensorInfo(shape or entry.shape, cast or entry.dtype)
         self.steps: dict[str, Step] = {
             written[key]: step
             for step in plan.steps
@@ -113,8 +116,11 @@ def _base_tensors(base: Source) -> tuple[dict[str, Entry], Callable[[str], torch
     return entries, tensors.__getitem__
 
 
-def _config_with_dtype(folder: Path, dtype: torch.dtype) -> str | None:
-    """The base's ``config.json`` with its dtype set to ``dtype``, or ``None`` if none is named."""
+def _config_with_dtype(
+    folder: Path, dtype: torch.dtype | None, vocab_size: int | None = None
+) -> str | None:
+    """The base's ``config.json`` with its dtype set to ``dtype`` and its ``vocab_size`` to
+    ``vocab_size`` (where given), or ``None`` if it names neither."""
     path = folder / "config.json"
     if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
         return None  # none, or a link out of the folder: the writer leaves it out, and says so
@@ -125,8 +131,13 @@ def _config_with_dtype(folder: Path, dtype: torch.dtype) -> str | None:
     if not isinstance(config, dict):
         return None
     keys = [key for key in ("torch_dtype", "dtype") if isinstance(config.get(key), str)]
+    if dtype is None:
+        keys = []
     for key in keys:
         config[key] = dtype_name(dtype)
+    if vocab_size is not None and isinstance(config.get("vocab_size"), int):
+        keys.append("vocab_size")
+        config["vocab_size"] = vocab_size
     return json.dumps(config, indent=2) + "\n" if keys else None
 
 
@@ -193,6 +204,7 @@ def _writer(
     max_shard_size: int | str,
     overwrite: bool,
     owned: Iterable[int] | None = None,
+    not_copied: Iterable[str] = (),
 ) -> StreamingShardWriter:
     """The output folder's writer: the layout, a summary of the lineage in every shard's header,
     the base folder's config and tokenizer files, and every input that the output must not touch;
@@ -215,6 +227,7 @@ def _writer(
         copy_files_from=folder_of(checkpoint) if checkpoint is not None else None,
         inputs=inputs_of(sources, base),
         owned=owned,
+        not_copied=not_copied,
     )
 
 
@@ -256,6 +269,7 @@ def write_merge(
     out_format: str = "safetensors",
     ranks: Ranks | None = None,
     card: bool | str = True,
+    tokenizer_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Stream the merge described by ``plan`` into a safetensors folder at ``out``.
 
@@ -283,8 +297,12 @@ def write_merge(
     if ranks is not None and ranks.world > 1:
         _write_distributed(*args, ranks, out_dtype, dtype, progress, hook, card)
         return out
-    with _writer(*args) as writer:
-        _write_config(writer, base, out_dtype)
+    replaced = TOKENIZER_FILES if tokenizer_files is not None else ()
+    with _writer(*args, not_copied=replaced) as writer:
+        rows = plan.vocabulary.rows if plan.vocabulary is not None else None
+        _write_config(writer, base, out_dtype, rows)
+        for name, text in (tokenizer_files or {}).items():
+            writer.write_text(name, text)
         _fill(layout, None, sources, base, writer.destination, dtype, progress, hook)
         if hook is not None:
             lineage.digests = hook.digests
@@ -293,13 +311,17 @@ def write_merge(
 
 
 def _write_config(
-    writer: StreamingShardWriter, base: Source, out_dtype: torch.dtype | None
+    writer: StreamingShardWriter,
+    base: Source,
+    out_dtype: torch.dtype | None,
+    vocab_size: int | None = None,
 ) -> None:
-    """The base folder's ``config.json`` with its dtype set to ``out_dtype`` (when one is named)."""
+    """The base folder's ``config.json`` with its dtype set to ``out_dtype`` (when one is named)
+    and its ``vocab_size`` to the output vocabulary's (when aligned)."""
     checkpoint = checkpoint_of(base)
     folder = folder_of(checkpoint) if checkpoint is not None else None
-    if folder is not None and out_dtype is not None:
-        config = _config_with_dtype(folder, out_dtype)
+    if folder is not None and (out_dtype is not None or vocab_size is not None):
+        config = _config_with_dtype(folder, out_dtype, vocab_size)
         if config is not None:
             writer.write_text("config.json", config)
 

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -23,6 +23,7 @@ from .errors import (
     MethodNotApplicableError,
     NoMergeMethodFoundForParameterError,
     ParameterModelWeightsSumToZeroError,
+    VocabularyError,
 )
 from .layers import layer_index
 from .layerwise import ByLayer, count_layers
@@ -31,6 +32,44 @@ from .methods import REGISTRY, Method, resolve
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
 from .sharding import check_sharding
 from .sources import Entry, Source
+from .vocabulary import OutputVocabulary, row_ranges
+
+
+@dataclass(frozen=True, eq=False)
+class RowGroup:
+    """Rows of a vocabulary tensor held by the same models: merged together, or copied from the
+    one model holding them (``copied``)."""
+
+    models: tuple[int, ...]
+    out_rows: torch.Tensor
+    """The output rows (int64), ascending."""
+    rows: tuple[torch.Tensor, ...]
+    """Per model of ``models``, its row for each output row."""
+    base_rows: torch.Tensor | None
+    """The base's row for each output row, for a method that reads the base."""
+    weights: tuple[float, ...]
+    coefficients: tuple[float, ...]
+    divisor: float | None
+    copied: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The group as the lineage records it: who, with which weights, which rows."""
+        data: dict[str, Any] = {
+            "models": list(self.models),
+            "weights": list(self.weights),
+            "rows": row_ranges(self.out_rows),
+        }
+        if self.copied:
+            data["copied"] = True
+        return data
+
+
+@dataclass(frozen=True, eq=False)
+class RowTable:
+    """How a vocabulary tensor's output rows are made: its row count and its row groups."""
+
+    rows: int
+    groups: tuple[RowGroup, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +112,10 @@ class Step:
 
     sharded: bool = False
     """The tensors are DTensors, merged shard by shard (not recorded: the lineage is the same)."""
+
+    rows: RowTable | None = None
+    """A vocabulary tensor aligned by token: its row groups (recorded in
+    ``Lineage.vocabulary``); ``None`` for every other tensor."""
 
     def lineage_entry(self) -> LineageEntry:
         """The step as recorded: enough to recompute it bit for bit (see ``terge.audit``)."""
@@ -131,6 +174,14 @@ class Plan:
     dropped: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     """Tensors that some model holds (same name and shape) but does not contribute to, by model
     index, with the reason (its tensor is not floating point, say)."""
+    vocabulary: OutputVocabulary | None = None
+    """The output vocabulary tensors were aligned to (``merge(..., vocabulary=...)``)."""
+    normalize: bool = True
+    """Whether weights were normalised (a vocabulary record says so: its row groups'
+    renormalised weights depend on it)."""
+    rows_differ: tuple[str, ...] = ()
+    """Tensors skipped as a shape mismatch whose shapes differ only in their rows (embeddings
+    of vocabularies that differ), with no ``vocabulary`` asked: ``merge()`` warns."""
 
     @property
     def sharded(self) -> bool:
@@ -147,7 +198,30 @@ class Plan:
             **record,
         )
         lineage.dropped = {name: dict(models) for name, models in self.dropped.items()}
+        if self.vocabulary is not None:
+            lineage.vocabulary = self.vocabulary_record()
         return lineage
+
+    def vocabulary_record(self) -> dict[str, Any] | None:
+        """What the lineage records of the vocabulary: its source, row count, the tokens a
+        union added (by model), and per aligned tensor its row groups."""
+        vocabulary = self.vocabulary
+        if vocabulary is None:
+            return None
+        added: dict[str, int] = {}
+        for index, _ in vocabulary.added:
+            added[str(index)] = added.get(str(index), 0) + 1
+        return {
+            "source": vocabulary.source,
+            "rows": vocabulary.rows,
+            "normalize": self.normalize,
+            "added": added,
+            "tensors": {
+                step.name: [group.record() for group in step.rows.groups]
+                for step in self.steps
+                if step.rows is not None
+            },
+        }
 
 
 @functools.cache
@@ -354,6 +428,8 @@ def build_plan(
     normalize: bool,
     seed: int | None,
     inplace: bool = False,
+    vocabulary: OutputVocabulary | None = None,
+    vocabulary_tensors: Any = None,
 ) -> Plan:
     """Decide every tensor's fate, raising before anything is touched if the call is bad.
 
@@ -379,6 +455,8 @@ def build_plan(
     base_odd = odd_of[base_index] if base_index is not None else _odd_entries(base)
     odd_models = [i for i, odd in enumerate(odd_of) if odd]
     dropped: dict[str, dict[int, str]] = {}
+    rows_differ: list[str] = []
+    aligned = _Aligned(vocabulary, vocabulary_tensors, base_index, unusual)
 
     for name in base.others:
         skipped[name] = reasons.NOT_A_TENSOR
@@ -392,6 +470,22 @@ def build_plan(
                 i = step_index[canonical]
                 steps[i] = _with_alias(steps[i], name)
             continue
+        if aligned.holds(name, entry):
+            if not selected(name, included_set, excluded_set):
+                aligned.check_excluded(name, entry)
+                skipped[name] = reasons.EXCLUDED
+                continue
+            assert base_index is not None  # merge() refuses a separate base with a vocabulary
+            step_index[name] = len(steps)
+            steps.append(
+                aligned.step(
+                    name, entry, sources, base_index, method_of, weight_of, normalize, seed, layers
+                )
+            )
+            if _kept_as_is(steps[-1], base_index):
+                del steps[-1], step_index[name]
+                skipped[name] = reasons.ONE_MODEL
+            continue
         if not selected(name, included_set, excluded_set):
             skipped[name] = reasons.EXCLUDED
             continue
@@ -400,6 +494,8 @@ def build_plan(
         if step_method is None:
             resized = any(name in s.entries and not s.holds(name, entry.shape) for s in sources)
             skipped[name] = reasons.SHAPE_MISMATCH if resized else reasons.ONE_MODEL
+            if resized and vocabulary is None and _rows_differ(name, entry, sources):
+                rows_differ.append(name)
             continue
         if not entry.is_floating:
             skipped[name] = reasons.NOT_FLOATING
@@ -450,7 +546,217 @@ def build_plan(
         )
     if inplace:
         _check_own_memory(base, step_index)
-    return Plan(tuple(steps), skipped, tied, _unused(sources, base), dropped)
+    return Plan(
+        tuple(steps),
+        skipped,
+        tied,
+        _unused(sources, base),
+        dropped,
+        vocabulary if aligned.active else None,
+        normalize,
+        tuple(rows_differ),
+    )
+
+
+def _kept_as_is(step: Step, base_index: int) -> bool:
+    """Whether a row step only copies the base's rows where they are (nobody else holds it)."""
+    assert step.rows is not None
+    return (
+        all(
+            group.copied
+            and group.models == (base_index,)
+            and torch.equal(group.rows[0], group.out_rows)
+            for group in step.rows.groups
+        )
+        and sum(group.out_rows.numel() for group in step.rows.groups) == step.rows.rows
+    )
+
+
+def _rows_differ(name: str, entry: Entry, sources: Sequence[Source]) -> bool:
+    """Whether the other models' tensors of ``name`` differ from the base's only in their rows:
+    a matrix whose rows are tokens, of vocabularies that differ."""
+    shapes = [s.entries[name].shape for s in sources if name in s.entries]
+    return len(entry.shape) == 2 and all(
+        len(shape) == 2 and shape[1:] == entry.shape[1:] for shape in shapes
+    )
+
+
+class _Aligned:
+    """Which tensors are vocabulary tensors, aligned by token, and their row steps."""
+
+    def __init__(
+        self,
+        vocabulary: OutputVocabulary | None,
+        patterns: Any,
+        base_index: int | None,
+        unusual: bool,
+    ) -> None:
+        self.vocabulary = vocabulary
+        self.active = vocabulary is not None and not vocabulary.identity
+        self.patterns = PatternSet(patterns, "vocabulary_tensors") if patterns is not None else None
+        if self.active and unusual:
+            raise VocabularyError(
+                "vocabulary= aligns whole tensors in memory or on disk, but some tensor is "
+                "sharded (DTensor) or on the meta device; merge unsharded checkpoints (paths)."
+            )
+        self.base_rows = (
+            vocabulary.model_rows[base_index]
+            if vocabulary is not None and base_index is not None
+            else 0
+        )
+
+    def holds(self, name: str, entry: Entry) -> bool:
+        """Whether ``name`` is a vocabulary tensor: matched by ``vocabulary_tensors``, or by
+        default a matrix with one row per token of the base (``vocab_size`` rows)."""
+        if not self.active:
+            return False
+        if self.patterns is None:
+            return len(entry.shape) == 2 and entry.shape[0] == self.base_rows
+        if not selected(name, self.patterns, PatternSet(None, "excluded")):
+            return False
+        if len(entry.shape) < 1 or entry.shape[0] != self.base_rows:
+            raise VocabularyError(
+                f"`vocabulary_tensors` selects the base's tensor '{name}', of shape "
+                f"{tuple(entry.shape)}, but the base's vocabulary tensors have {self.base_rows} "
+                "rows (config.json's vocab_size, else its tokenizer's size); select only "
+                "tensors with one row per token."
+            )
+        return True
+
+    def check_excluded(self, name: str, entry: Entry) -> None:
+        """An excluded vocabulary tensor is kept as the base has it: only while its rows stay."""
+        assert self.vocabulary is not None
+        if entry.shape[0] != self.vocabulary.rows:
+            raise VocabularyError(
+                f"the vocabulary tensor '{name}' is excluded, so it would be kept as the base has "
+                f"it ({entry.shape[0]} rows), but the output vocabulary has "
+                f"{self.vocabulary.rows} rows; include it, or use vocabulary='base'."
+            )
+
+    def step(
+        self,
+        name: str,
+        entry: Entry,
+        sources: Sequence[Source],
+        base_index: int,
+        method_of: _Methods,
+        weight_of: _Weights,
+        normalize: bool,
+        seed: int | None,
+        layers: int,
+    ) -> Step:
+        """The row step of a vocabulary tensor (see :func:`aligned_step`)."""
+        assert self.vocabulary is not None
+        return aligned_step(
+            name,
+            entry,
+            sources,
+            base_index,
+            self.vocabulary,
+            lambda: _for_layer(method_of(name), name, layers),
+            weight_of(name),
+            normalize,
+            seed,
+        )
+
+
+def aligned_step(
+    name: str,
+    entry: Entry,
+    sources: Sequence[Source],
+    base_index: int,
+    vocabulary: OutputVocabulary,
+    method_for: Callable[[], Method],
+    vector: torch.Tensor,
+    normalize: bool,
+    seed: int | None,
+) -> Step:
+    """The row step of a vocabulary tensor: rows grouped by the models holding them, each
+    group merged over them with weights (``vector``, one per model) renormalised, a row one
+    model holds copied. ``method_for`` gives the method where two models or more hold it
+    (also how ``terge lineage verify`` rebuilds the step)."""
+    if not entry.is_floating:
+        raise VocabularyError(
+            f"the vocabulary tensor '{name}' is {entry.dtype}, not floating point; exclude "
+            "it with vocabulary_tensors=[...] patterns that do not select it."
+        )
+    holders = [
+        i
+        for i, source in enumerate(sources)
+        if (other := source.entries.get(name)) is not None
+        and other.is_floating
+        and len(other.shape) == len(entry.shape)
+        and other.shape[1:] == entry.shape[1:]
+        and other.shape[0] == vocabulary.model_rows[i]
+    ]
+    method = method_for() if len(holders) >= 2 else None
+    task = method is not None and method.task_vectors
+    everyone = [i for i in holders if not (task and i == base_index)]
+    tables = {}
+    for i in holders:
+        table = vocabulary.index[i]
+        tables[i] = torch.where(table < sources[i].entries[name].shape[0], table, -1)
+    code = torch.zeros(vocabulary.rows, dtype=torch.int64)
+    for bit, i in enumerate(holders):
+        code |= (tables[i] >= 0).to(torch.int64) << bit
+    values, inverse = torch.unique(code, return_inverse=True)
+    groups = []
+    for number, value in enumerate(values.tolist()):
+        out_rows = torch.nonzero(inverse == number).flatten()
+        held = [i for bit, i in enumerate(holders) if value >> bit & 1]
+        if not held:
+            raise VocabularyError(
+                f"{out_rows.numel()} rows of the output's '{name}' (first: row "
+                f"{out_rows[0].item()}) are tokens that no model holding '{name}' has: the "
+                "models that have those tokens lack that tensor (an untied LM head?). Use "
+                "vocabulary='base', or give those models the tensor."
+            )
+        if len(held) == 1 or method is None:
+            only = held[0]
+            groups.append(
+                RowGroup(
+                    (only,),
+                    out_rows,
+                    (tables[only][out_rows],),
+                    None,
+                    (1.0,),
+                    (1.0,),
+                    None,
+                    True,
+                )
+            )
+            continue
+        contributors = [i for i in held if i in everyone]
+        base_rows = None
+        if reads_base(method):
+            if base_index not in held:
+                raise VocabularyError(
+                    f"the method {method.name!r} reads the base's row of every token, but "
+                    f"{out_rows.numel()} rows of '{name}' (first: row {out_rows[0].item()}) "
+                    "are tokens the base lacks; give the vocabulary tensors "
+                    "method='arithmetic' with a method map, or use vocabulary='base'."
+                )
+            base_rows = tables[base_index][out_rows]
+        _check_applicable(method, name, contributors)
+        weights, coefficients, divisor = _weigh(name, vector[contributors], contributors, normalize)
+        rows = tuple(tables[i][out_rows] for i in contributors)
+        groups.append(
+            RowGroup(tuple(contributors), out_rows, rows, base_rows, weights, coefficients, divisor)
+        )
+    if method is None:  # held by the base alone: its rows, moved where the vocabulary says
+        method = resolve("arithmetic")
+    weights, coefficients, divisor = _weigh(name, vector[everyone], everyone, normalize)
+    return Step(
+        name=name,
+        method=method,
+        contributors=tuple(everyone),
+        weights=weights,
+        uses_base=reads_base(method),
+        seed=seed if method.random else None,
+        coefficients=coefficients,
+        divisor=divisor,
+        rows=RowTable(vocabulary.rows, tuple(groups)),
+    )
 
 
 KERNEL_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))

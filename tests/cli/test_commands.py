@@ -363,6 +363,8 @@ def test_every_option_reaches_merge(capsys, fake):
         (["--no-overwrite"], {"overwrite": False}),
         (["--max-shard-size", "5GB"], {"max_shard_size": "5GB"}),
         (["--seed", "0"], {"seed": 0}),
+        (["--vocabulary", "union"], {"vocabulary": "union"}),
+        (["--vocabulary", "1"], {"vocabulary": 1}),
     ],
 )
 def test_an_option_given_reaches_merge_even_as_the_default(capsys, fake, options, given):

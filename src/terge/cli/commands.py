@@ -54,6 +54,7 @@ from .recipe import (
     parse_out_format,
     parse_pattern,
     parse_shard_size,
+    parse_vocabulary,
     parse_weights,
 )
 
@@ -250,6 +251,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --out-format lora: factor embeddings too (else a changed one is saved whole)",
     )
     parser.add_argument(
+        "--vocabulary",
+        metavar="VOCAB",
+        help="align embedding and LM-head rows by token when the models' tokenizers differ: "
+        "base, union or a model index, e.g. --vocabulary union (read from each folder's "
+        "tokenizer.json; default: no alignment)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         metavar="N",
@@ -370,6 +378,9 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         if args.out_format is None
         else parse_out_format(args.out_format, "--out-format"),
         seed=args.seed,
+        vocabulary=None
+        if args.vocabulary is None
+        else parse_vocabulary(args.vocabulary, "--vocabulary"),
         lineage=None if args.lineage is None else Path(args.lineage).expanduser(),
         overwrite=args.overwrite,
         normalize=args.normalize,
@@ -514,6 +525,7 @@ MERGE_OPTIONS: dict[str, str] = {
     "lora_energy": "--lora-energy",
     "lora_embeddings": "--lora-embeddings",
     "seed": "--seed",
+    "vocabulary": "--vocabulary",
     "overwrite": "--overwrite",
     "normalize": "--normalize",
     "digests": "--digests",
@@ -591,6 +603,7 @@ def _merge_options(
         "progress": True if sys.stderr.isatty() and not args.quiet else None,
         "normalize": settings.normalize,
         "seed": settings.seed,
+        "vocabulary": settings.vocabulary,
         "out_dtype": settings.out_dtype,
         "max_shard_size": settings.max_shard_size,
         "out_format": settings.out_format,

@@ -60,6 +60,7 @@ __all__ = [
     "parse_out_format",
     "parse_pattern",
     "parse_recipe",
+    "parse_vocabulary",
     "parse_weights",
 ]
 
@@ -105,6 +106,7 @@ RECIPE_KEYS: Mapping[str, str] = {
     "max_shard_size": 'largest shard, e.g. "2GB" or "500MiB" (default "5GB")',
     "out_format": '"safetensors" (default) or "dcp": a torch.distributed.checkpoint folder',
     "seed": "int seeding random methods (dare_*)",
+    "vocabulary": '"base", "union" or a model index: align embedding rows by token',
     "lineage": "also write the lineage JSON to this path (not inside an input)",
     "overwrite": "bool: replace out, and lineage, if they exist",
     "normalize": "bool: divide weights by their sum (default true)",
@@ -146,6 +148,7 @@ class Settings:
     max_shard_size: int | str | None = None
     out_format: str | None = None
     seed: int | None = None
+    vocabulary: str | int | None = None
     lineage: Path | None = None
     overwrite: bool | None = None
     normalize: bool | None = None
@@ -326,6 +329,19 @@ def parse_shard_size(value: Any, where: str) -> int | str:
     except TergeError as error:
         raise RecipeError(f"{where}: {error}") from None
     return value
+
+
+def parse_vocabulary(value: Any, where: str) -> str | int:
+    """The output vocabulary: ``"base"``, ``"union"`` or a model index (a digit string too)."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if value in ("base", "union") or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    hint = _did_you_mean(value, ("base", "union")) if isinstance(value, str) else ""
+    raise RecipeError(
+        f"{where} must be 'base', 'union' or a model index (aligning embedding rows by "
+        f"token); got {value!r}{hint}."
+    )
 
 
 def parse_out_format(value: Any, where: str) -> str:
@@ -560,6 +576,8 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
         found["max_shard_size"] = parse_shard_size(data["max_shard_size"], where("max_shard_size"))
     if "out_format" in data:
         found["out_format"] = parse_out_format(data["out_format"], where("out_format"))
+    if "vocabulary" in data:
+        found["vocabulary"] = parse_vocabulary(data["vocabulary"], where("vocabulary"))
     if "seed" in data:
         seed = data["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -356,8 +356,11 @@ class ShardedWriter:
         copy_files_from: PathLike | None = None,
         inputs: Iterable[PathLike] = (),
         dtype: torch.dtype | str | None = None,
+        not_copied: Iterable[str] = (),
     ) -> None:
         self.path = Path(path).expanduser()
+        self.not_copied = frozenset(not_copied)
+        """Names of ``copy_files_from`` left out (files the caller writes a new set of)."""
         self.max_shard_size = parse_size(max_shard_size)
         self.overwrite = overwrite
         self.inputs = [Path(p) for p in inputs]
@@ -447,6 +450,8 @@ class ShardedWriter:
         for entry in sorted(source.iterdir()):
             name = entry.name
             if name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES) or not entry.is_file():
+                continue
+            if name in self.not_copied:
                 continue
             real = outside(entry, roots)
             if real is not None:  # a link out of the folder: never copy what it points at
@@ -867,6 +872,7 @@ class StreamingShardWriter(ShardedWriter):
         copy_files_from: str | Path | None = None,
         inputs: Iterable[str | Path] = (),
         owned: Iterable[int] | None = None,
+        not_copied: Iterable[str] = (),
     ) -> None:
         super().__init__(
             path,
@@ -875,6 +881,7 @@ class StreamingShardWriter(ShardedWriter):
             metadata=metadata,
             copy_files_from=copy_files_from,
             inputs=inputs,
+            not_copied=not_copied,
         )
         for name, info in tensors.items():
             if info.dtype not in SAFETENSORS_CODES:
