@@ -36,6 +36,7 @@ from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
+from .stacking import Blocks, StackError, blocks, stack
 
 
 def __getattr__(name: str) -> _Any:
@@ -51,6 +52,7 @@ __all__ = [
     "Average",
     "AveragingError",
     "BaseIndexError",
+    "Blocks",
     "ByLayer",
     "CheckpointError",
     "CheckpointSpec",
@@ -73,11 +75,13 @@ __all__ = [
     "PolicyError",
     "ShardingError",
     "SizeFormatError",
+    "StackError",
     "TensorNotFoundError",
     "TergeError",
     "UnknownMergeMethodError",
     "Violation",
     "__version__",
+    "blocks",
     "by_layer",
     "check_lineage",
     "checkpoint",
@@ -93,4 +97,5 @@ __all__ = [
     "open_checkpoint",
     "save",
     "save_lineage",
+    "stack",
 ]

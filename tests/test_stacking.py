@@ -1,0 +1,346 @@
+"""terge.stack(): frankenmerges and depth up-scaling, checked against models assembled by hand.
+
+Tiny Hugging Face models are saved to folders, stacked into new folders, loaded back with
+``from_pretrained``, and their logits compared with a fresh model of the new depth whose blocks
+were copied (or merged in float64) by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import terge
+from terge.lineage import lineage_to_json, load_lineage
+
+from .helpers import lineage_validator
+
+transformers = pytest.importorskip("transformers", reason="the from_pretrained oracle")
+
+TOKENS = torch.tensor([[1, 5, 2, 7, 3, 9, 4]])
+
+
+def llama_config(layers: int = 4, hidden: int = 8) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=16,
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=16,
+    )
+
+
+def gpt2_config(layers: int = 4) -> transformers.GPT2Config:
+    return transformers.GPT2Config(
+        n_layer=layers,
+        n_embd=8,
+        n_head=2,
+        vocab_size=16,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def qwen2_config(layers: int = 4) -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+
+
+def saved(folder, cls, config, seed):
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamas")
+    a = saved(root / "a", transformers.LlamaForCausalLM, llama_config(), 0)
+    b = saved(root / "b", transformers.LlamaForCausalLM, llama_config(), 1)
+    return root, a, b
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def by_hand(cls, config, base, blocks_of, prefix):
+    """A fresh model of the new depth: the base's other tensors, block i = blocks_of[i]."""
+    model = cls(config).eval()
+    state = {k: v for k, v in base.state_dict().items() if f"{prefix}." not in k}
+    model.load_state_dict(state, strict=False)
+    stack = model.get_submodule(prefix)
+    for i, block in enumerate(blocks_of):
+        stack[i].load_state_dict(block)
+    return model
+
+
+def test_depth_up_scaling_4_to_6_blocks_loads_and_equals_the_model_built_by_hand(llamas, tmp_path):
+    root, a, _ = llamas
+    out = terge.stack(
+        [terge.blocks(root / "a", 0, 3), terge.blocks(root / "a", 1, 4)], out=tmp_path / "dus"
+    )
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.num_hidden_layers == 6
+    layers = a.model.layers
+    order = [0, 1, 2, 1, 2, 3]
+    expected = by_hand(
+        transformers.LlamaForCausalLM,
+        llama_config(6),
+        a,
+        [layers[i].state_dict() for i in order],
+        "model.layers",
+    )
+    assert torch.equal(logits(loaded), logits(expected))
+    assert not torch.equal(logits(loaded), logits(a))  # the depth changed something
+    record = load_lineage(out)
+    assert [block["sources"] for block in record.stack["blocks"]] == [[[0, i, 1.0]] for i in order]
+    assert record.stack["tensors"]["model.layers.3.mlp.up_proj.weight"] == [
+        [0, "model.layers.1.mlp.up_proj.weight"]
+    ]
+    assert record.stack["tensors"]["lm_head.weight"] == [[0, "lm_head.weight"]]
+    assert dict(record) == {}  # nothing computed: every block is a copy
+
+
+def test_frankenmerge_of_two_models_takes_each_block_from_its_model(llamas, tmp_path):
+    root, a, b = llamas
+    out = terge.stack([(root / "a", 0, 2), (root / "b", 1, 4)], out=tmp_path / "franken")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    blocks = [
+        a.model.layers[0],
+        a.model.layers[1],
+        b.model.layers[1],
+        b.model.layers[2],
+        b.model.layers[3],
+    ]
+    expected = by_hand(
+        transformers.LlamaForCausalLM,
+        llama_config(5),
+        a,
+        [x.state_dict() for x in blocks],
+        "model.layers",
+    )
+    assert torch.equal(logits(loaded), logits(expected))
+    record = load_lineage(out)
+    assert [m.path for m in record.models] == [str(root / "a"), str(root / "b")]
+    assert record.stack["blocks"][2] == {"method": "passthrough", "sources": [[1, 1, 1.0]]}
+
+
+def test_head_comes_from_the_head_model_when_given(llamas):
+    root, a, b = llamas
+    result = terge.stack([(root / "a", 0, 2), (root / "b", 2, 4)], head=root / "b")
+    assert torch.equal(result["lm_head.weight"], b.lm_head.weight)
+    assert torch.equal(result["model.norm.weight"], b.model.norm.weight)
+    assert torch.equal(result["model.embed_tokens.weight"], a.model.embed_tokens.weight)
+
+
+def test_merged_slice_with_layer_wise_weights_is_the_float64_mean_rounded_once(llamas, tmp_path):
+    root, a, b = llamas
+    gradient = [0.0, 0.25, 1.0]  # a's weight over the slice's 3 blocks; b's is 1 - that
+    out = terge.stack(
+        [
+            terge.blocks(root / "a", 0, 1),
+            [
+                terge.blocks(root / "a", 1, 4, weight=gradient),
+                terge.blocks(root / "b", 0, 3, weight=[1 - g for g in gradient]),
+            ],
+        ],
+        out=tmp_path / "blend",
+    )
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    blocks = [a.model.layers[0].state_dict()]
+    for k, g in enumerate(gradient):
+        x, y = a.model.layers[1 + k].state_dict(), b.model.layers[k].state_dict()
+        blocks.append({n: ((g * x[n].double() + (1 - g) * y[n].double()) / 1.0).float() for n in x})
+    expected = by_hand(transformers.LlamaForCausalLM, llama_config(4), a, blocks, "model.layers")
+    assert torch.equal(logits(loaded), logits(expected))
+    record = load_lineage(out)
+    name = "model.layers.2.self_attn.q_proj.weight"  # the slice's second block: a.2 and b.1
+    assert record[name] == ("arithmetic", [(0, 0.25), (1, 0.75)])
+    assert record.stack["tensors"][name] == [
+        [0, "model.layers.2.self_attn.q_proj.weight"],
+        [1, "model.layers.1.self_attn.q_proj.weight"],
+    ]
+    assert record.stack["blocks"][2] == {
+        "method": "arithmetic",
+        "sources": [[0, 2, 0.25], [1, 1, 0.75]],
+    }
+    assert "model.layers.0.self_attn.q_proj.weight" not in record  # a copy
+
+
+def test_gpt2_frankenmerge_updates_n_layer_and_keeps_the_tied_head(tmp_path):
+    a = saved(tmp_path / "a", transformers.GPT2LMHeadModel, gpt2_config(), 0)
+    b = saved(tmp_path / "b", transformers.GPT2LMHeadModel, gpt2_config(), 1)
+    out = terge.stack([(tmp_path / "a", 0, 3), (tmp_path / "b", 1, 4)], out=tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_layer"] == 6
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    blocks = [a.transformer.h[i] for i in range(3)] + [b.transformer.h[i] for i in range(1, 4)]
+    expected = by_hand(
+        transformers.GPT2LMHeadModel,
+        gpt2_config(6),
+        a,
+        [x.state_dict() for x in blocks],
+        "transformer.h",
+    )
+    expected.tie_weights()
+    assert torch.equal(logits(loaded), logits(expected))
+
+
+def test_per_layer_config_lists_are_resliced_with_the_blocks(tmp_path):
+    model = saved(tmp_path / "q", transformers.Qwen2ForCausalLM, qwen2_config(), 0)
+    assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    out = terge.stack([(tmp_path / "q", 0, 3), (tmp_path / "q", 1, 4)], out=tmp_path / "out")
+    loaded = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()
+    order = [0, 1, 2, 1, 2, 3]
+    types = [model.config.layer_types[i] for i in order]
+    assert loaded.config.num_hidden_layers == 6
+    assert loaded.config.layer_types == types
+    config = qwen2_config(6)
+    config.layer_types = types
+    expected = by_hand(
+        transformers.Qwen2ForCausalLM,
+        config,
+        model,
+        [model.model.layers[i].state_dict() for i in order],
+        "model.layers",
+    )
+    assert torch.equal(logits(loaded), logits(expected))
+
+
+def test_in_memory_result_equals_the_folder_and_modules_are_accepted(llamas, tmp_path):
+    root, a, _ = llamas
+    slices = [terge.blocks(a, 2, 4), terge.blocks(a, 0, 2)]
+    state, record = terge.stack(slices, lineage=True)
+    out = terge.stack([(root / "a", 2, 4), (root / "a", 0, 2)], out=tmp_path / "o")
+    written = terge.load(out)
+    assert written.keys() == state.keys() - {"model.rotary_emb.inv_freq"}
+    assert all(torch.equal(written[n], state[n]) for n in written)
+    assert record.models[0].kind == "module"
+    assert record == terge.stack(slices, dry_run=True)
+
+
+def test_lineage_is_deterministic_and_valid_against_the_schema(llamas, tmp_path):
+    root, _, _ = llamas
+    slices = [
+        [terge.blocks(root / "a", 0, 2, weight=0.3), terge.blocks(root / "b", 2, 4, weight=0.7)]
+    ]
+    first = terge.stack(slices, out=tmp_path / "1", seed=1)
+    second = terge.stack(slices, out=tmp_path / "2", seed=1)
+    assert (first / "lineage.json").read_text() == (second / "lineage.json").read_text()
+    validator = lineage_validator()
+    if validator is not None:
+        validator.validate(lineage_to_json(load_lineage(first)))
+    text = json.loads((first / "lineage.json").read_text())
+    assert text["stack"]["blocks"][1] == {
+        "method": "arithmetic",
+        "sources": [[0, 1, 0.3], [1, 3, 0.7]],
+    }
+
+
+def test_dry_run_reads_and_writes_nothing_but_fails_like_the_real_call(llamas, tmp_path):
+    root, _, _ = llamas
+    (tmp_path / "taken").mkdir()
+    record = terge.stack([(root / "a", 0, 4)], dry_run=True, out=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert len(record.stack["blocks"]) == 4
+    with pytest.raises(terge.CheckpointError, match="already exists"):
+        terge.stack([(root / "a", 0, 4)], dry_run=True, out=tmp_path / "taken")
+
+
+# --- errors, all raised before anything is written --------------------------------------------
+
+
+def small(layers: int = 4, width: int = 2, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+    state = {f"{prefix}.{i}.w": torch.full((width,), float(i)) for i in range(layers)}
+    state["model.embed_tokens.weight"] = torch.zeros(3, width)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("slices", "match"),
+    [
+        (lambda m: [terge.blocks(m, 2, 6)], r"asks for blocks 2 to 5 .* which has 4 blocks"),
+        (lambda m: [(m, 3, 3)], r"slices\[0\]: blocks\(3, 3\) is empty"),
+        (lambda m: [(m, -1, 2)], r"blocks\(-1, 2\) is empty or negative"),
+        (lambda m: [(m, 0, 1.5)], r"needs an int `stop`; got 1.5"),
+        (lambda m: [], "got no slices"),
+        (lambda m: terge.blocks(m, 0, 2), "takes a list of slices"),
+        (lambda m: [[]], r"slices\[0\] is an empty list"),
+        (lambda m: ["model"], r"slices\[0\] is str; a slice is terge.blocks"),
+        (lambda m: [[(m, 0, 2), (m, 0, 3)]], "merges ranges of different lengths"),
+        (lambda m: [[(m, 0, 2), (small(width=3), 0, 2)]], r"different shapes: 'model.layers.0.w'"),
+        (
+            lambda m: [[(m, 0, 2), ({**small(), "model.layers.1.b": torch.ones(2)}, 0, 2)]],
+            r"different structure: 'model.layers.1.b'",
+        ),
+        (
+            lambda m: [(m, 0, 2), (small(width=3), 0, 2)],
+            r"of shape \(3,\), but the base's blocks hold it as \(2,\)",
+        ),
+        (lambda m: [(m, 0, 2), (small(prefix="transformer.h"), 0, 2)], "under different names"),
+        (
+            lambda m: [({**m, "encoder.block.0.w": torch.ones(1)}, 0, 1)],
+            "more than one stack of blocks",
+        ),
+        (lambda m: [(m, 0, 2, float("nan"))], "must be finite"),
+        (lambda m: [(m, 0, 2, "heavy")], "must be a number"),
+    ],
+)
+def test_bad_slices_are_refused_with_what_to_do(slices, match, tmp_path):
+    with pytest.raises(terge.StackError, match=match):
+        terge.stack(slices(small()), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_are_refused(tmp_path):
+    m = small()
+    with pytest.raises(terge.StackError, match="`out_dtype` sets the dtype written to `out`"):
+        terge.stack([(m, 0, 2)], out_dtype="bfloat16")
+    with pytest.raises(terge.StackError, match="`out_dtype` must be a floating-point"):
+        terge.stack([(m, 0, 2)], out=tmp_path / "o", out_dtype="int8")
+    with pytest.raises(terge.StackError, match="`lineage` must be True or False"):
+        terge.stack([(m, 0, 2)], lineage="yes")
+    with pytest.raises(terge.UnknownMergeMethodError, match="unknown merge method 'no-such"):
+        terge.stack([(m, 0, 2)], method="no-such-method")  # checked with no merged slice too
+
+
+def test_out_inside_an_input_or_existing_is_refused_before_writing(llamas):
+    root, _, _ = llamas
+    with pytest.raises(terge.CheckpointError, match="is inside the input"):
+        terge.stack([(root / "a", 0, 2)], out=root / "a" / "sub")
+    with pytest.raises(terge.CheckpointError, match="already exists"):
+        terge.stack([(root / "a", 0, 2)], out=root / "b")
+
+
+def test_out_dtype_casts_once_and_updates_the_config(llamas, tmp_path):
+    root, a, _ = llamas
+    out = terge.stack([(root / "a", 0, 2)], out=tmp_path / "o", out_dtype=torch.bfloat16)
+    written = terge.load(out)
+    assert written["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(
+        written["model.layers.1.mlp.up_proj.weight"],
+        a.model.layers[1].mlp.up_proj.weight.detach().to(torch.bfloat16),
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
