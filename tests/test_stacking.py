@@ -8,6 +8,7 @@ were copied (or merged in float64) by hand.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -344,3 +345,223 @@ def test_out_dtype_casts_once_and_updates_the_config(llamas, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_lineage_verify_refuses_a_stack_rather_than_checking_the_wrong_tensors(llamas, tmp_path):
+    root, _, _ = llamas
+    out = terge.stack([[(root / "a", 0, 2), (root / "b", 2, 4)]], out=tmp_path / "o")
+    from terge.audit import verify_lineage
+
+    with pytest.raises(terge.LineageError, match=r"records a stacked model \(terge.stack\)"):
+        verify_lineage(load_lineage(out), out)
+
+
+# --- the command line, recipes and mergekit configs ------------------------------------------
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Two 4-block checkpoints with a config.json, as Hugging Face folders."""
+    for k, name in enumerate("ab"):
+        state = {n: t + 10 * k for n, t in small().items()}
+        state["lm_head.weight"] = torch.full((3, 2), float(k))
+        terge.save(state, tmp_path / name)
+        config = {
+            "num_hidden_layers": 4,
+            "layer_types": ["x0", "x1", "x2", "x3"],
+            "dtype": "float32",
+        }
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def blocks_of(folder) -> list[float]:
+    state = terge.load(folder)
+    count = sum(1 for n in state if n.startswith("model.layers."))
+    return [state[f"model.layers.{i}.w"][0].item() for i in range(count)]
+
+
+def test_terge_stack_command_depth_up_scales_and_merges(folders, capsys):
+    from terge.cli.commands import main
+
+    a, b = folders / "a", folders / "b"
+    assert main(["stack", f"{a}:0:3", f"{a}:1:4", "-o", str(folders / "dus")]) == 0
+    assert blocks_of(folders / "dus") == [0, 1, 2, 1, 2, 3]
+    config = json.loads((folders / "dus" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert config["layer_types"] == ["x0", "x1", "x2", "x1", "x2", "x3"]
+    assert "6 blocks, 0 merged" in capsys.readouterr().out
+    code = main(["stack", f"{a}:0:2@1+{b}:2:4@3", "-o", str(folders / "mix"), "--head", str(b)])
+    assert code == 0
+    assert blocks_of(folders / "mix") == [(0 + 3 * 12) / 4, (1 + 3 * 13) / 4]
+    assert torch.equal(terge.load(folders / "mix")["lm_head.weight"], torch.ones(3, 2))
+
+
+@pytest.mark.parametrize(
+    ("slice_", "match"),
+    [
+        ("a:0", "cannot read the slice"),
+        ("a:x:3", "cannot read the slice"),
+        ("a:2:9", "asks for blocks 2 to 8"),
+        ("a:3:1", r"blocks\(3, 1\) is empty"),
+    ],
+)
+def test_terge_stack_command_refuses_bad_slices(folders, slice_, match, capsys, monkeypatch):
+    from terge.cli.commands import main
+
+    monkeypatch.chdir(folders)
+    assert main(["stack", slice_, "-o", "out"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (folders / "out").exists()
+
+
+def test_recipe_slices_run_through_terge_merge(folders):
+    from terge.cli.commands import main
+
+    (folders / "dus.toml").write_text(
+        """
+out = "dus"
+head = "b"
+[[slices]]
+model = "a"
+layer_range = [0, 3]
+[[slices]]
+sources = [{model = "a", layer_range = [1, 3], weight = [1, 0]}, {model = "b", layer_range = [2, 4], weight = [0, 1]}]
+"""
+    )
+    assert main(["merge", "--recipe", str(folders / "dus.toml"), "--quiet"]) == 0
+    assert blocks_of(folders / "dus") == [0, 1, 2, 1, 13]
+    record = load_lineage(folders / "dus")
+    assert record.stack["head"] == 1
+    assert record.stack["blocks"][4] == {
+        "method": "arithmetic",
+        "sources": [[0, 2, 0.0], [1, 3, 1.0]],
+    }
+
+
+@pytest.mark.parametrize(
+    ("recipe", "match"),
+    [
+        ('[[slices]]\nmodel = "a"\n', "has no 'layer_range'"),
+        ('[[slices]]\nmodel = "a"\nlayer_range = [0]\n', r"layer_range must be \[START, STOP\]"),
+        ('[[slices]]\nmodel = "a"\nlayer_range = [0, 2]\nrange = 1\n', "unknown key 'range'"),
+        (
+            'models = ["a"]\n[[slices]]\nmodel = "a"\nlayer_range = [0, 2]\n',
+            "'models' cannot be given with slices",
+        ),
+        ("slices = []\n", "non-empty list of tables"),
+    ],
+)
+def test_bad_recipe_slices_are_refused(folders, recipe, match, capsys):
+    from terge.cli.commands import main
+
+    (folders / "r.toml").write_text('out = "o"\n' + recipe)
+    assert main(["merge", "--recipe", str(folders / "r.toml")]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_mergekit_passthrough_slices_convert_to_a_stack(folders, monkeypatch):
+    from terge.cli.commands import main
+    from terge.cli.mergekit import from_mergekit
+
+    monkeypatch.chdir(folders)
+    config = {
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "b", "layer_range": [1, 4]}]},
+        ],
+    }
+    options = from_mergekit(config)
+    assert options["slices"] == [
+        terge.blocks(str(folders / "a"), 0, 3),
+        terge.blocks(str(folders / "b"), 1, 4),
+    ]
+    assert (options["base"], options["head"]) == (str(folders / "a"), str(folders / "b"))
+    out = terge.stack(**options, out="franken")
+    assert blocks_of(out) == [0, 1, 2, 11, 12, 13]
+    assert torch.equal(terge.load(out)["lm_head.weight"], torch.ones(3, 2, dtype=torch.bfloat16))
+    assert torch.equal(
+        terge.load(out)["model.embed_tokens.weight"], torch.zeros(3, 2, dtype=torch.bfloat16)
+    )
+    yaml = pytest.importorskip("yaml", reason="reads the YAML form")
+    (folders / "dus.yml").write_text(yaml.safe_dump({**config, "dtype": "float32"}))
+    assert main(["merge", "--mergekit", "dus.yml", "-o", "cli", "--quiet"]) == 0
+    assert blocks_of(folders / "cli") == [0, 1, 2, 11, 12, 13]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"merge_method": "slerp"}, "'slerp' over slices has no terge translation"),
+        ({"parameters": {"scale": 0.5}}, "parameters.scale: is no setting"),
+        (
+            {
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 2]},
+                            {"model": "b", "layer_range": [0, 2]},
+                        ]
+                    }
+                ]
+            },
+            "passthrough takes one source per slice",
+        ),
+        ({"slices": [{"sources": [{"model": "a"}]}]}, r"layer_range: must be \[START, STOP\]"),
+        (
+            {"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}], "extra": 1}]},
+            "is not a key of a slice",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 2]},
+                            {"model": "b", "layer_range": [0, 2]},
+                        ]
+                    }
+                ],
+            },
+            "first or last slice",
+        ),
+    ],
+)
+def test_mergekit_slices_that_do_not_convert_are_refused(folders, monkeypatch, change, match):
+    from terge.cli.mergekit import from_mergekit
+
+    monkeypatch.chdir(folders)
+    config = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}],
+    }
+    with pytest.raises(terge.MergeArgumentError, match=match):
+        from_mergekit({**config, **change})
+
+
+def test_mergekit_linear_middle_slice_takes_weights_and_gradients(folders, monkeypatch):
+    from terge.cli.mergekit import from_mergekit
+
+    monkeypatch.chdir(folders)
+    one = lambda m, r: {"sources": [{"model": m, "layer_range": r}]}  # noqa: E731
+    options = from_mergekit(
+        {
+            "merge_method": "linear",
+            "parameters": {"weight": 1.0},
+            "slices": [
+                one("a", [0, 1]),
+                {
+                    "sources": [
+                        {"model": "a", "layer_range": [1, 3], "parameters": {"weight": [1, 0]}},
+                        {"model": "b", "layer_range": [1, 3]},
+                    ],
+                },
+                one("b", [3, 4]),
+            ],
+        }
+    )
+    out = terge.stack(**options, out="linear")
+    assert blocks_of(out) == [0, (1 + 11) / 2, (0 + 12) / 1, 13]

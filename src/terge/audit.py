@@ -272,6 +272,15 @@ def verify_lineage(
     for label, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e308:
             raise LineageError(f"`{label}` must be a finite number >= 0; got {value!r}.")
+    if getattr(lineage, "stack", None) is not None:
+        where = "lineage" if source is None else f"the lineage file {source}"
+        raise LineageError(
+            f"{where} records a stacked model (terge.stack), whose tensors come from renamed "
+            "blocks; verify does not recompute stacks yet: re-run terge.stack with the slices "
+            "that lineage.stack records and compare the folders (terge lineage diff compares "
+            "the lineages).",
+            source,
+        )
     check = _Checker(lineage, source, float(rtol), float(atol))
     paths, base_path = check.model_paths(models, base)
     with contextlib.ExitStack() as opened:

@@ -653,14 +653,15 @@ def _compute(
     pieces: dict[int, _Slice] = {id(piece): piece for piece, _ in layout.computed.values()}
     for piece in pieces.values():
         assert piece.plan is not None  # only merged slices compute
-        execute(
-            piece.plan.steps,
-            list(piece.views),
-            piece.views[0],
-            lambda local, piece=piece: destination(piece.out_name(local)),
-            dtype,
-            False,
-        )
+        views: list[Source] = list(piece.views)
+        execute(piece.plan.steps, views, piece.views[0], _placed(piece, destination), dtype, False)
+
+
+def _placed(
+    piece: _Slice, destination: Callable[[str], torch.Tensor]
+) -> Callable[[str], torch.Tensor]:
+    """Where a merged slice's step (named within the slice) is written: its output name."""
+    return lambda local: destination(piece.out_name(local))
 
 
 def _writer(
