@@ -565,3 +565,43 @@ def test_mergekit_linear_middle_slice_takes_weights_and_gradients(folders, monke
     )
     out = terge.stack(**options, out="linear")
     assert blocks_of(out) == [0, (1 + 11) / 2, (0 + 12) / 1, 13]
+
+
+def test_head_model_must_hold_the_bases_head_with_its_shapes():
+    base = {**small(), "lm_head.weight": torch.zeros(3, 2)}
+    with pytest.raises(terge.StackError, match="which the head model dict lacks"):
+        terge.stack([(base, 0, 2)], head=small())
+    wider = {**small(), "lm_head.weight": torch.zeros(5, 2)}
+    with pytest.raises(terge.StackError, match=r"is \(5, 2\) in the head model but \(3, 2\)"):
+        terge.stack([(base, 0, 2)], head=wider)
+
+
+def test_a_model_without_blocks_is_refused():
+    with pytest.raises(terge.StackError, match="has no transformer blocks"):
+        terge.stack([({"fc.weight": torch.ones(2)}, 0, 1)])
+
+
+def test_per_layer_lists_come_from_each_blocks_own_model(folders):
+    deep = {**small(8), "lm_head.weight": torch.ones(3, 2)}
+    terge.save(deep, folders / "deep")
+    types = [f"d{i}" for i in range(8)]
+    (folders / "deep" / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 8, "layer_types": types})
+    )
+    out = terge.stack([(folders / "a", 0, 2), (folders / "deep", 6, 8)], out=folders / "o")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["x0", "x1", "d6", "d7"]
+    (folders / "deep" / "config.json").unlink()
+    with pytest.raises(terge.StackError, match="'layer_types' has no entry for block 6"):
+        terge.stack([(folders / "a", 0, 2), (folders / "deep", 6, 8)], out=folders / "p")
+    assert not (folders / "p").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff"])
+def test_an_unreadable_base_config_fails_before_writing(folders, text):
+    (folders / "a" / "config.json").write_text(text, encoding="latin-1")
+    with pytest.raises(terge.StackError, match=r"config\.json"):
+        terge.stack([(folders / "a", 0, 2)], out=folders / "o", dry_run=True)
+    with pytest.raises(terge.StackError, match="fix or remove it"):
+        terge.stack([(folders / "a", 0, 2)], out=folders / "o")
+    assert not (folders / "o").exists()

@@ -249,6 +249,12 @@ def _plan_slices(
             at = f"{where}[{i}]" if len(parts) > 1 else where
             index = models.index(part.model, f"{at} (model {_shown(part.model)})")
             count = models.layers[index]
+            if count == 0:
+                raise StackError(
+                    f"{at}: {_shown(part.model)} has no transformer blocks (no tensor named "
+                    "like 'model.layers.N.', 'transformer.h.N.', 'blocks.N.'); stack models "
+                    "made of blocks."
+                )
             if part.stop > count:
                 raise StackError(
                     f"{at} asks for blocks {part.start} to {part.stop - 1} of {_shown(part.model)}"
@@ -324,8 +330,9 @@ class _Layout:
     aliases: dict[str, str]
     block_sources: list[list[tuple[int, int, float]]]
     block_methods: list[str]
-    from_blocks: list[int]
-    """Per output block, the input block whose per-layer config values it takes."""
+    from_blocks: list[tuple[int, int]]
+    """Per output block, the (model, input block) whose per-layer config values it takes: a
+    merged slice's first source's."""
 
 
 def _layout(
@@ -351,6 +358,8 @@ def _layout(
                 continue
             copies[name] = (model, name)
             entries[name] = entry
+    if head != base:
+        _check_head(models, base, head, is_head)
     prefixes = {models.prefixes[i] for s in planned for i, _ in s.sources}
     prefixes.add(models.prefixes[base])
     prefixes.discard(None)
@@ -362,7 +371,7 @@ def _layout(
         )
     block_sources: list[list[tuple[int, int, float]]] = []
     block_methods: list[str] = []
-    from_blocks: list[int] = []
+    from_blocks: list[tuple[int, int]] = []
     for piece in planned:
         view = piece.views[0]
         model, part = piece.sources[0]
@@ -382,9 +391,31 @@ def _layout(
                 ]
             )
             block_methods.append(PASSTHROUGH if piece.plan is None else method_name)
-            from_blocks.append(part.start + offset)
+            from_blocks.append((model, part.start + offset))
     _check_shapes(entries, models, base, planned)
     return _Layout(copies, computed, entries, aliases, block_sources, block_methods, from_blocks)
+
+
+def _check_head(models: _Models, base: int, head: int, is_head: Any) -> None:
+    """The head model replaces every head tensor of the base, with the same shapes."""
+    mine = models.sources[base].entries
+    theirs = models.sources[head].entries
+    for name, entry in mine.items():
+        if layer_index(name) is not None or not is_head.match(name):
+            continue
+        other = theirs.get(name)
+        if other is None:
+            raise StackError(
+                f"the base holds the head tensor {name!r}, which the head model "
+                f"{_shown(models.models[head])} lacks; give a head model of the base's "
+                "architecture, or drop head=."
+            )
+        if other.shape != entry.shape:
+            raise StackError(
+                f"the head tensor {name!r} is {tuple(other.shape)} in the head model but "
+                f"{tuple(entry.shape)} in the base; the embeddings and head must agree "
+                "(a vocabulary of another size): drop head=, or give a matching model."
+            )
 
 
 def _weight_at(weight: float | ByLayer, offset: int, length: int) -> float:
@@ -419,28 +450,83 @@ def _check_shapes(
                 )
 
 
-def _config(folder: Path, old: int, new: int, from_blocks: list[int], out_dtype: Any) -> str | None:
-    """The base's ``config.json`` for the output's depth: layer counts set to ``new``, every
-    per-layer list (of ``old`` entries) re-sliced as the blocks were, the dtype updated."""
+def _read_config(source: Source) -> dict[str, Any] | None:
+    """A model folder's ``config.json`` as a dict; ``None`` where there is none (or it is a
+    link out of the folder, which the writer never copies). A file that is there but cannot
+    be read is an error: its layer counts would be left wrong."""
+    folder = folder_of(source) if isinstance(source, FileSource) else None
+    if folder is None:
+        return None
     path = folder / "config.json"
     if not path.is_file() or outside(path, allowed_roots(folder)) is not None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise StackError(
+            f"cannot read {path} ({type(error).__name__}: {error}), whose layer counts the stack "
+            "must update; fix or remove it."
+        ) from None
     if not isinstance(config, dict):
+        raise StackError(f"{path} is not a JSON object; fix or remove it.")
+    return config
+
+
+def _depth(config: Mapping[str, Any], blocks: int) -> int:
+    """How many blocks a config describes (its layer count), else the tensors' count."""
+    for key in LAYER_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return blocks
+
+
+def _config(
+    models: _Models, base: int, layout: _Layout, out_dtype: torch.dtype | None
+) -> str | None:
+    """The base's ``config.json`` for the output's depth: layer counts set to the output's,
+    every per-layer list (one entry per block, such as ``layer_types``) rebuilt block by block
+    from the config of the model each block comes from (the base's where that model has none),
+    the dtype updated."""
+    config = _read_config(models.sources[base])
+    if config is None:
         return None
+    configs = {base: dict(config)}  # as read: the loop below rewrites config's values
+    old = _depth(config, models.layers[base])
+    new = len(layout.from_blocks)
     for key, value in list(config.items()):
         if key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
             config[key] = new
         elif isinstance(value, list) and len(value) == old and old > 0:
-            config[key] = [value[i] for i in from_blocks]
+            config[key] = [
+                _per_layer(key, model, block, models, configs, base)
+                for model, block in layout.from_blocks
+            ]
     if out_dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if isinstance(config.get(key), str):
                 config[key] = dtype_name(out_dtype)
     return json.dumps(config, indent=2) + "\n"
+
+
+def _per_layer(
+    key: str, model: int, block: int, models: _Models, configs: dict[int, Any], base: int
+) -> Any:
+    """Block ``block`` of ``model``'s entry in the per-layer list ``key``."""
+    if model not in configs:
+        configs[model] = _read_config(models.sources[model])
+    own = configs[model]
+    for config in (own, configs[base]) if own is not None else (configs[base],):
+        values = config.get(key)
+        depth = _depth(config, models.layers[model if config is own else base])
+        if isinstance(values, list) and len(values) == depth and block < depth:
+            return values[block]
+    raise StackError(
+        f"config.json's per-layer list {key!r} has no entry for block {block} of "
+        f"{_shown(models.models[model])}: that model's folder has no config.json with "
+        f"{key!r} and the base's list is shorter; give base= the deeper model, or add its "
+        "config.json."
+    )
 
 
 # --- stack() ------------------------------------------------------------------------------------
@@ -520,6 +606,7 @@ def stack(
         method_name = _method_name(planned, method)
         layout = _layout(planned, models, base_index, head_index, method_name)
         record = _lineage(layout, planned, models, base_index, head_index, dtype, written_dtype)
+        config = None if target is None else _config(models, base_index, layout, written_dtype)
         if dry_run:
             if target is not None:
                 _writer(
@@ -538,6 +625,7 @@ def stack(
                 overwrite,
                 dtype,
                 record,
+                config,
             )
         else:
             result = _in_memory(layout, models, dtype)
@@ -701,16 +789,10 @@ def _write(
     overwrite: bool,
     dtype: torch.dtype,
     record: Lineage,
+    config: str | None,
 ) -> Path:
     """Stream the stack into ``target``: copies one tensor at a time, merged slices computed
     into their shard regions, the base's config re-sliced, the lineage beside them."""
-    source = models.sources[base]
-    folder = folder_of(source) if isinstance(source, FileSource) else None
-    config = None
-    if folder is not None:
-        config = _config(
-            folder, models.layers[base], len(layout.block_sources), layout.from_blocks, out_dtype
-        )
     read = _reader(layout, models)
     buffers = ChunkBuffers(dtype)
     with _writer(target, layout, models, base, out_dtype, max_shard_size, overwrite) as writer:
