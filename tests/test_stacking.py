@@ -319,6 +319,13 @@ def test_bad_options_are_refused(tmp_path):
         terge.stack([(m, 0, 2)], out_dtype="bfloat16")
     with pytest.raises(terge.StackError, match="`out_dtype` must be a floating-point"):
         terge.stack([(m, 0, 2)], out=tmp_path / "o", out_dtype="int8")
+    with pytest.raises(terge.StackError, match="`dtype` must be a floating-point"):
+        terge.stack([(m, 0, 2)], dtype=torch.int32)
+    meta = {**m, "model.layers.1.w": torch.empty(2, device="meta")}
+    with pytest.raises(
+        terge.StackError, match=r"'model\.layers\.0\.w' would come from a tensor on the meta"
+    ):
+        terge.stack([(meta, 1, 2)])
     with pytest.raises(terge.StackError, match="`lineage` must be True or False"):
         terge.stack([(m, 0, 2)], lineage="yes")
     with pytest.raises(terge.UnknownMergeMethodError, match="unknown merge method 'no-such"):

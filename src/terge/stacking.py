@@ -210,8 +210,6 @@ class _Slice:
     first: int
     views: list[_BlockView]
     plan: Plan | None
-    base: int = 0
-    """Which of ``sources`` gives the tensors the plan leaves alone (the first)."""
 
     @property
     def length(self) -> int:
@@ -393,6 +391,13 @@ def _layout(
             block_methods.append(PASSTHROUGH if piece.plan is None else method_name)
             from_blocks.append((model, part.start + offset))
     _check_shapes(entries, models, base, planned)
+    for name, entry in entries.items():
+        if entry.is_meta or entry.sharding is not None:
+            what = "on the meta device" if entry.is_meta else "a sharded DTensor"
+            raise StackError(
+                f"the output's tensor {name!r} would come from a tensor {what}, which stack() "
+                "cannot copy; load real weights, or save the model (terge.save) and stack paths."
+            )
     return _Layout(copies, computed, entries, aliases, block_sources, block_methods, from_blocks)
 
 
@@ -588,7 +593,12 @@ def stack(
             raise StackError(f"`{label}` must be True or False; got {flag!r}.")
     target = _target(out, out_dtype, max_shard_size)
     written_dtype = None if out_dtype is None else floating_dtype(out_dtype)
-    resolve(method)  # a bad method fails even where no slice is merged
+    resolve(method)  # a bad method or dtype fails even where no slice is merged
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise StackError(
+            f"`dtype` must be a floating-point torch.dtype to accumulate in (torch.float64 by "
+            f"default, or torch.float32); got {dtype!r}."
+        )
     seed = check_seed(seed)
     if seed is None:
         import secrets
