@@ -612,3 +612,30 @@ def test_an_unreadable_base_config_fails_before_writing(folders, text):
     with pytest.raises(terge.StackError, match="fix or remove it"):
         terge.stack([(folders / "a", 0, 2)], out=folders / "o")
     assert not (folders / "o").exists()
+
+
+def test_lineage_show_and_diff_speak_of_the_stack(folders, capsys):
+    from terge.cli.commands import main
+
+    a, b = folders / "a", folders / "b"
+    one = terge.stack([(a, 0, 3), (a, 1, 4)], out=folders / "one")
+    two = terge.stack([(a, 0, 3), [(a, 1, 4), (b, 1, 4)]], out=folders / "two")
+    assert main(["lineage", "show", str(one)]) == 0
+    shown = capsys.readouterr().out
+    assert "stacked: 6 blocks (0 merged), embeddings from models[0], head from models[0]" in shown
+    assert "  blocks 0-2: models[0] blocks 0-2\n  blocks 3-5: models[0] blocks 1-3\n" in shown
+    assert main(["lineage", "diff", str(one), str(one)]) == 0
+    capsys.readouterr()
+    assert main(["lineage", "diff", str(one), str(two)]) == 1
+    changes = capsys.readouterr().out
+    assert (
+        "~ stack block 3: models[0] block 1 -> arithmetic of models[0] block 1 (1.0) + "
+        "models[1] block 1 (1.0)" in changes
+    )
+    assert (
+        "~ model.layers.3.w: from [[0, 'model.layers.1.w']] -> [[0, 'model.layers.1.w'], [1, 'model.layers.1.w']]"
+        in changes
+    )
+    three = terge.stack([(a, 0, 3), (a, 0, 3)], out=folders / "three")  # no merged tensor at all
+    assert main(["lineage", "diff", str(one), str(three)]) == 1
+    assert "~ stack block 3: models[0] block 1 -> models[0] block 0" in capsys.readouterr().out

@@ -60,7 +60,9 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
             per_name.setdefault(name, []).append(line)
     for name, line in _digest_changes(old, new):
         per_name.setdefault(name, []).append(line)
-    record = _record_changes(old, new)
+    record = _record_changes(old, new) + _stack_changes(old, new)
+    for name, line in _stack_tensor_changes(old, new):
+        per_name.setdefault(name, []).append(line)
     changes = record + [line for lines in per_name.values() for line in lines]
     for name in [*old.skipped, *new.skipped]:
         per_name.setdefault(name, [])
@@ -80,6 +82,54 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
             which = "the old" if after.revision is None else "the new"
             notes.append(f"only {which} lineage has {label}'s revision; not compared")
     return LineageDiff(changes, notes, per_name, record)
+
+
+def _block_text(block: Mapping[str, Any] | None) -> str:
+    """``passthrough models[0] block 3`` or ``arithmetic models[0] block 4 (0.5) + ...``."""
+    if block is None:
+        return "none"
+    sources = block["sources"]
+    if len(sources) == 1 and block["method"] == "passthrough":
+        return f"models[{sources[0][0]}] block {sources[0][1]}"
+    parts = " + ".join(f"models[{m}] block {b} ({w!r})" for m, b, w in sources)
+    return f"{block['method']} of {parts}"
+
+
+def _stack_changes(old: Lineage, new: Lineage) -> list[str]:
+    """What differs between two stacks' ``lineage.stack``: being one, base, head, blocks."""
+    before, after = old.stack, new.stack
+    if before is None and after is None:
+        return []
+    if before is None or after is None:
+        which = "new" if before is None else "old"
+        return [f"~ stack: only the {which} lineage is a stacked model (terge.stack)"]
+    changes = [
+        f"~ stack {key}: models[{before.get(key)}] -> models[{after.get(key)}]"
+        for key in ("base", "head")
+        if before.get(key) != after.get(key)
+    ]
+    old_blocks, new_blocks = before["blocks"], after["blocks"]
+    for i in range(max(len(old_blocks), len(new_blocks))):
+        a = old_blocks[i] if i < len(old_blocks) else None
+        b = new_blocks[i] if i < len(new_blocks) else None
+        if a != b:
+            sign = "+" if a is None else "-" if b is None else "~"
+            changes.append(f"{sign} stack block {i}: {_block_text(a)} -> {_block_text(b)}")
+    return changes
+
+
+def _stack_tensor_changes(old: Lineage, new: Lineage) -> list[tuple[str, str]]:
+    """Output tensors of two stacks whose sources (model, input name) differ."""
+    if old.stack is None or new.stack is None:
+        return []
+    before, after = old.stack["tensors"], new.stack["tensors"]
+    found = []
+    for name in [*before, *(n for n in after if n not in before)]:
+        a, b = before.get(name), after.get(name)
+        if a != b:
+            sign = "+" if a is None else "-" if b is None else "~"
+            found.append((name, f"{sign} {name}: from {a} -> {b}"))
+    return found
 
 
 def _pairs(old: Lineage, new: Lineage) -> list[tuple[str, ModelRecord, ModelRecord]]:
@@ -750,6 +800,8 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
             f"unused: {_count(len(lineage.unused), 'tensor')} other models hold under names the "
             f"base lacks, e.g. {_examples(list(lineage.unused))}"
         )
+    if lineage.stack is not None:
+        lines += _stack_lines(lineage.stack)
     digests = lineage.digests
     lines.append(
         "digests: not recorded"
@@ -761,6 +813,35 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _stack_lines(stack: Mapping[str, Any]) -> list[str]:
+    """A stack's blocks, runs of consecutive copied blocks of one model on one line."""
+    blocks = stack["blocks"]
+    merged = sum(block["method"] != "passthrough" for block in blocks)
+    lines = [
+        f"stacked: {_count(len(blocks), 'block')} ({merged} merged), embeddings from "
+        f"models[{stack['base']}], head from models[{stack.get('head', stack['base'])}]"
+    ]
+    i = 0
+    while i < len(blocks):
+        block = blocks[i]
+        j = i + 1
+        if block["method"] == "passthrough":
+            model, first = block["sources"][0][0], block["sources"][0][1]
+            while (
+                j < len(blocks)
+                and blocks[j]["method"] == "passthrough"
+                and blocks[j]["sources"][0][:2] == [model, first + j - i]
+            ):
+                j += 1
+            span = f"{i}" if j == i + 1 else f"{i}-{j - 1}"
+            source = f"{first}" if j == i + 1 else f"{first}-{first + j - i - 1}"
+            lines.append(f"  blocks {span}: models[{model}] blocks {source}")
+        else:
+            lines.append(f"  block {i}: {_block_text(block)}")
+        i = j
+    return lines
 
 
 def _models_lines(lineage: Lineage) -> list[str]:
