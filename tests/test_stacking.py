@@ -354,13 +354,34 @@ def test_out_dtype_casts_once_and_updates_the_config(llamas, tmp_path):
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-def test_lineage_verify_refuses_a_stack_rather_than_checking_the_wrong_tensors(llamas, tmp_path):
-    root, _, _ = llamas
-    out = terge.stack([[(root / "a", 0, 2), (root / "b", 2, 4)]], out=tmp_path / "o")
+def test_lineage_verify_recomputes_every_tensor_of_a_stack(llamas, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     from terge.audit import verify_lineage
 
-    with pytest.raises(terge.LineageError, match=r"records a stacked model \(terge.stack\)"):
-        verify_lineage(load_lineage(out), out)
+    root, _, _ = llamas
+    slices = [
+        (root / "a", 0, 2),
+        [(root / "a", 1, 3, [0.2, 0.6]), (root / "b", 0, 2, 0.5), (root / "a", 2, 4)],
+    ]
+    out = terge.stack(slices, out=tmp_path / "o", head=root / "b", out_dtype="bfloat16")
+    record = load_lineage(out)
+    assert verify_lineage(record, out) == []
+    name = "model.layers.3.mlp.up_proj.weight"  # merged from a.2, b.1 and a.3
+    assert [m for m, _ in record[name][1]] == [0, 1, 0]  # a contributes twice
+    state = load_file(out / "model.safetensors")
+    state[name] = state[name].clone()
+    state[name][0, 0] += 1
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].clone()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    found = dict(verify_lineage(record, out))
+    assert found == {
+        name: "the checkpoint's tensor differs from the recomputed one",
+        "model.layers.0.mlp.up_proj.weight": "copied (copied), but the checkpoint's tensor is not "
+        "the base's",
+    }
+    with pytest.raises(terge.LineageError, match="records 2 models but 1 paths were given"):
+        verify_lineage(record, out, models=[root / "a"])
 
 
 # --- the command line, recipes and mergekit configs ------------------------------------------

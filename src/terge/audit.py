@@ -24,7 +24,16 @@ from .io import CheckpointReader, open_checkpoint
 from .io.dtypes import dtype_name
 from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
-from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
+from .lineage import (
+    NOT_A_TENSOR,
+    SEPARATE,
+    TIED,
+    Lineage,
+    LineageEntry,
+    ModelIndex,
+    ModelRecord,
+    TensorDigests,
+)
 from .methods import REGISTRY, Method
 from .plan import Step, reads_base, step_from_entry
 from .sources import FileSource, Source
@@ -323,14 +332,7 @@ def verify_lineage(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e308:
             raise LineageError(f"`{label}` must be a finite number >= 0; got {value!r}.")
     if getattr(lineage, "stack", None) is not None:
-        where = "lineage" if source is None else f"the lineage file {source}"
-        raise LineageError(
-            f"{where} records a stacked model (terge.stack), whose tensors come from renamed "
-            "blocks; verify does not recompute stacks yet: re-run terge.stack with the slices "
-            "that lineage.stack records and compare the folders (terge lineage diff compares "
-            "the lineages).",
-            source,
-        )
+        return _verify_stack(lineage, merged, models, source, float(rtol), float(atol))
     check = _Checker(lineage, source, float(rtol), float(atol))
     paths, base_path = check.model_paths(models, base)
     with contextlib.ExitStack() as opened:
@@ -354,6 +356,96 @@ def verify_lineage(
         problems += check.left_alone(reader, base_source, buffers)
         problems += check.unaccounted(reader)
         return problems
+
+
+def _verify_stack(
+    lineage: Lineage,
+    merged: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None,
+    source: str | os.PathLike[str] | None,
+    rtol: float,
+    atol: float,
+) -> list[tuple[str, str]]:
+    """``verify_lineage`` for a stacked model (``lineage.stack``): every output tensor is
+    recomputed from the input tensors it records (``stack.tensors``): a copy is its source cast
+    as written, a merged one is recomputed as its ``merged`` entry says, over its sources in
+    order (so one model may contribute two blocks to one tensor)."""
+    assert lineage.stack is not None  # the caller checked
+    check = _Checker(lineage, source, rtol, atol)
+    tensors: Mapping[str, list[list[Any]]] = lineage.stack["tensors"]
+    needed = sorted({model for pairs in tensors.values() for model, _ in pairs})
+    records = lineage.models
+    if models is not None and len(models) != len(records):
+        raise check.fail(
+            f"it records {len(records)} models but {len(models)} paths were given; give one "
+            "path per model, in index order."
+        )
+    problems: list[tuple[str, str]] = []
+    with contextlib.ExitStack() as opened:
+        reader = opened.enter_context(open_checkpoint(merged))
+        check.names_in(reader, merged)
+        sources: dict[int, Source] = {}
+        for index in needed:
+            given = None if models is None else models[index]
+            record = records[index] if index < len(records) else None
+            sources[index] = FileSource(check.path_of(record, given, "--models"))
+            opened.callback(sources[index].close)
+        buffers = ChunkBuffers(lineage.dtype or torch.float64)
+        for name, pairs in tensors.items():
+            if name not in reader:
+                problems.append((name, "the stack wrote it, but the checkpoint lacks it"))
+                continue
+            for model, inner in pairs:
+                if inner not in sources[model].entries:
+                    raise check.fail(
+                        f"{name!r} comes from {inner!r} of models[{model}], which "
+                        f"{sources[model].path} lacks; are these the models that were stacked?"
+                    )
+            views: dict[int, Source] = {
+                k: _Renamed(sources[model], name, inner) for k, (model, inner) in enumerate(pairs)
+            }
+            entry = lineage.get(name)
+            if entry is None:
+                problem = check.copied(name, "copied", reader, views[0], buffers)
+                if problem is not None:
+                    problems.append((name, problem.replace("left as in the base", "copied")))
+                continue
+            if [index for index, _ in entry[1]] != [model for model, _ in pairs]:
+                problems.append((name, "its merged entry and stack.tensors name other models"))
+                continue
+            local = LineageEntry(
+                entry[0],
+                [(k, weight) for k, (_, weight) in enumerate(entry[1])],
+                getattr(entry, "settings", {}),
+                coefficients=getattr(entry, "coefficients", None),
+                divisor=getattr(entry, "divisor", None),
+                custom=getattr(entry, "custom", False),
+            )
+            check.base_index = 0  # a merged slice's base is its first source
+            problems += [
+                (name, p) for p in check.tensor(name, local, reader, views, views[0], buffers)
+            ]
+        known = set(tensors) | set(lineage.tied)
+        problems += [
+            (name, "the checkpoint holds it, but the stack's lineage does not account for it")
+            for name in reader.names()
+            if name not in known
+        ]
+    return problems
+
+
+class _Renamed(Source):
+    """One tensor of a source under another name: an output tensor's input, for recomputing."""
+
+    def __init__(self, source: Source, name: str, inner: str) -> None:
+        self.source, self.inner = source, inner
+        found = source.entries.get(inner)
+        self.entries = {} if found is None else {name: found._replace(name=name)}
+        self.others = ()
+        self.path = getattr(source, "path", None)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.inner)
 
 
 _CLOSE_CHUNK = 1 << 22
