@@ -384,7 +384,7 @@ def _verify_stack(
     with contextlib.ExitStack() as opened:
         reader = opened.enter_context(open_checkpoint(merged))
         check.names_in(reader, merged)
-        sources: dict[int, Source] = {}
+        sources: dict[int, FileSource] = {}
         for index in needed:
             given = None if models is None else models[index]
             record = records[index] if index < len(records) else None
