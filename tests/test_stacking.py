@@ -12,6 +12,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import terge
 from terge.lineage import lineage_to_json, load_lineage
@@ -660,3 +662,69 @@ def test_lineage_show_and_diff_speak_of_the_stack(folders, capsys):
     three = terge.stack([(a, 0, 3), (a, 0, 3)], out=folders / "three")  # no merged tensor at all
     assert main(["lineage", "diff", str(one), str(three)]) == 1
     assert "~ stack block 3: models[0] block 1 -> models[0] block 0" in capsys.readouterr().out
+
+
+# --- invariants and hostile lineages ---------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ranges=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(1, 6)).filter(lambda r: r[0] < r[1]),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_output_block_i_is_the_input_block_the_slices_put_there(ranges):
+    model = small(6)
+    result, record = terge.stack([(model, a, b) for a, b in ranges], lineage=True)
+    order = [i for a, b in ranges for i in range(a, b)]
+    assert [result[f"model.layers.{i}.w"][0].item() for i in range(len(order))] == order
+    assert sum(n.startswith("model.layers.") for n in result) == len(order)
+    assert torch.equal(result["model.embed_tokens.weight"], model["model.embed_tokens.weight"])
+    assert [block["sources"][0][1] for block in record.stack["blocks"]] == order
+
+
+def test_the_whole_model_as_one_slice_is_the_model(llamas):
+    root, a, _ = llamas
+    state = terge.stack([(root / "a", 0, 4)])
+    assert state.keys() == {k for k in a.state_dict() if "rotary" not in k}
+    assert all(torch.equal(state[k], a.state_dict()[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.update(stack=[]), "stack must be an object"),
+        (lambda s: s["stack"]["blocks"][0]["sources"][0].__setitem__(0, 7), "is model 7, but"),
+        (lambda s: s["stack"]["blocks"][0]["sources"][0].__setitem__(2, "x"), "must be a number"),
+        (lambda s: s["stack"]["blocks"][0]["sources"][0].__setitem__(1, -1), "a block index"),
+        (lambda s: s["stack"]["blocks"][0].__setitem__("sources", []), "a non-empty list"),
+        (lambda s: s["stack"].__setitem__("tensors", {"w": [[0]]}), r"\[model, input_name\]"),
+        (lambda s: s["stack"].pop("blocks"), "stack.blocks must be a list"),
+    ],
+)
+def test_a_tampered_stack_lineage_is_refused_naming_the_field(tmp_path, change, match):
+    out = terge.stack([(small(), 0, 2)], lineage=True)[1]
+    record = lineage_to_json(out)
+    change(record)
+    path = tmp_path / "lineage.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(terge.LineageError, match=match):
+        load_lineage(path)
+
+
+def test_lineages_without_a_stack_load_and_write_as_before(tmp_path):
+    _, record = terge.merge([small(), small()], lineage=True)
+    assert record.stack is None
+    assert "stack" not in lineage_to_json(record)
+    terge.save_lineage(record, tmp_path / "l.json")
+    assert load_lineage(tmp_path / "l.json") == record
+
+
+def test_terge_stack_dry_run_writes_nothing(folders, capsys):
+    from terge.cli.commands import main
+
+    assert main(["stack", f"{folders / 'a'}:0:3", "-o", str(folders / "o"), "--dry-run"]) == 0
+    assert "would write" in capsys.readouterr().out
+    assert not (folders / "o").exists()
