@@ -728,3 +728,20 @@ def test_terge_stack_dry_run_writes_nothing(folders, capsys):
     assert main(["stack", f"{folders / 'a'}:0:3", "-o", str(folders / "o"), "--dry-run"]) == 0
     assert "would write" in capsys.readouterr().out
     assert not (folders / "o").exists()
+
+
+def test_a_failure_while_writing_leaves_no_folder(folders):
+    calls = []
+
+    def failing(tensors, weights, base):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return tensors[0]
+
+    slices = [(folders / "a", 0, 1), [(folders / "a", 1, 4), (folders / "b", 1, 4)]]
+    with pytest.raises(Exception, match="disk on fire"):
+        terge.stack(slices, method=failing, out=folders / "o")
+    assert len(calls) == 2  # the first merged tensor was written before the failure
+    assert not (folders / "o").exists()
+    assert [p.name for p in folders.iterdir() if p.name.startswith(".o")] == []
