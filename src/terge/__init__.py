@@ -23,6 +23,7 @@ from .errors import (
     PolicyError,
     ShardingError,
     SizeFormatError,
+    StackError,
     TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
@@ -36,7 +37,7 @@ from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
-from .stacking import Blocks, StackError, blocks, stack
+from .stacking import Blocks, blocks, stack
 
 
 def __getattr__(name: str) -> _Any:

@@ -116,3 +116,9 @@ class AveragingError(TergeError, ValueError):
     """A running average (:class:`terge.Average`) cannot be made, updated or restored as asked:
     a bad setting, a model whose tensors no longer match the average, or a state dict of another
     average."""
+
+
+class StackError(TergeError, ValueError):
+    """A ``terge.stack()`` call that cannot be done: a bad slice or range, merged blocks of
+    different structure or shape, a head or config that does not fit; raised before anything is
+    written."""

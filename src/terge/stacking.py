@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .errors import CheckpointError, MergeArgumentError, TergeError
+from .errors import CheckpointError, MergeArgumentError, StackError
 from .execute import execute
 from .io import StreamingShardWriter, TensorInfo, parse_size
 from .io.dtypes import dtype_name, floating_dtype
@@ -46,10 +46,6 @@ PASSTHROUGH = "passthrough"
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 """``config.json`` keys holding the number of blocks (Llama and most: the first; GPT-2: the
 second), updated to the output's depth when they hold the base's."""
-
-
-class StackError(TergeError, ValueError):
-    """A ``stack()`` call that cannot be done: bad slices, ranges, models or options."""
 
 
 @dataclass(frozen=True)
