@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from bench_files import (
     SMALL,
     SMALL_QUICK,
     checkpoint,
+    evict,
     folder_bytes,
     load_folder,
     rel,
@@ -57,6 +61,38 @@ from bench_files import (
 )
 
 OUT_DIR = FILES_DIR / "stack-out"
+_API_SCRIPT = """
+import json, sys, time
+import terge
+from terge.cli.stacking import parse_slice
+*slices, out = sys.argv[1:]
+started = time.perf_counter()
+terge.stack([parse_slice(s) for s in slices], out=out, overwrite=True)
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
+
+def run_api(slices: list[str], inputs: list[Path], out: Path, args: argparse.Namespace) -> float:
+    """``terge.stack(out=...)`` timed inside a Python that has imported terge: start-up excluded,
+    inputs cold as for the command."""
+    times = []
+    for _ in range(args.repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+        if not args.warm:
+            evict([f for folder in inputs for f in shard_files(folder)])
+        done = subprocess.run(
+            [sys.executable, "-c", _API_SCRIPT, *slices, rel(out)],
+            env=terge_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        times.append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+        print(f"    in Python: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    return min(times)
+
+
 QUICK = dataclasses.replace(SMALL_QUICK, n_layer=4)
 
 
@@ -101,6 +137,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"terge ({name})", [*cmd, "--overwrite", "--quiet"], terge_env(), inputs, out, args
         )
         size = folder_bytes(out) if "error" not in terge else 0
+        if "error" not in terge:
+            terge["api_seconds"] = run_api(slices, inputs, out, args)
         exact = None
         if "error" not in terge and name.startswith("depth"):
             exact = check_dus(a, out, n - skip, skip, n)
@@ -141,13 +179,14 @@ def report(data: dict[str, Any]) -> str:
     for name, result in data["results"].items():
         terge, floor = result["terge"], result["floor"]
         if "error" in terge:
-            rows.append([name, terge["error"], "", "", "", ""])
+            rows.append([name, terge["error"], "", "", "", "", ""])
             continue
         rows.append(
             [
                 name,
                 f"{result['bytes'] / MIB:.0f} MiB",
                 fmt_seconds(terge["seconds"]),
+                fmt_seconds(terge.get("api_seconds")),
                 fmt_seconds(floor.get("seconds")),
                 fmt_ratio(terge["seconds"] / floor["seconds"] if floor.get("seconds") else None),
                 fmt_mib(terge["anon_peak_mib"]),
@@ -158,7 +197,15 @@ def report(data: dict[str, Any]) -> str:
         f"{data['input_bytes'] / MIB:.0f} MiB per input)",
         "",
         markdown_table(
-            ["case", "written", "terge", "copy floor", "terge / floor", "terge RssAnon peak"],
+            [
+                "case",
+                "written",
+                "terge stack (s)",
+                "terge.stack() in Python (s)",
+                "copy floor (s)",
+                "command / floor",
+                "RssAnon peak (MiB)",
+            ],
             rows,
         ),
         "",
