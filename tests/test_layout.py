@@ -26,9 +26,11 @@ floor wings                                    what they are
                                                models' difference (or a plan run one tensor at
                                                a time) written as a PEFT LoRA adapter
 7     merge, audit, policy, inspection,        merge(); recomputing and checking a lineage;
-      integrations                             the rules CI holds a lineage to; measuring
+      integrations, stacking                   the rules CI holds a lineage to; measuring
                                                task vectors before a merge; the Lightning and
-                                               transformers callbacks
+                                               transformers callbacks; stack(), a model built
+                                               from slices of others' blocks (plans its merged
+                                               slices, writes like output)
 8     report, plots                            audit results as text, JSON and JUnit; the
                                                pictures (matplotlib, optional)
 9     cli                                      the ``terge`` command and its recipes
@@ -64,7 +66,7 @@ FLOORS: list[set[str]] = [
     {"types", "plan", "modelcard"},
     {"execute", "digests"},
     {"output", "averaging", "lora"},
-    {"merge", "audit", "policy", "inspection", "integrations"},
+    {"merge", "audit", "policy", "inspection", "integrations", "stacking"},
     {"report", "plots"},
     {"cli"},
 ]

@@ -26,6 +26,7 @@ from .errors import (
     PolicyError,
     ShardingError,
     SizeFormatError,
+    StackError,
     TensorNotFoundError,
     TergeError,
     UnknownMergeMethodError,
@@ -43,6 +44,7 @@ from .lineage import Lineage, LineageEntry, load_lineage, save_lineage
 from .lora import LoraAdapter, extract_lora
 from .merge import merge
 from .policy import Policy, Violation, check_lineage
+from .stacking import Blocks, blocks, stack
 
 
 def __getattr__(name: str) -> _Any:
@@ -60,6 +62,7 @@ __all__ = [
     "Average",
     "AveragingError",
     "BaseIndexError",
+    "Blocks",
     "ByLayer",
     "CheckpointError",
     "CheckpointSpec",
@@ -85,6 +88,7 @@ __all__ = [
     "PolicyError",
     "ShardingError",
     "SizeFormatError",
+    "StackError",
     "TensorNotFoundError",
     "TergeError",
     "UnknownMergeMethodError",
@@ -93,6 +97,7 @@ __all__ = [
     "VocabularyMismatchWarning",
     "__version__",
     "adapter",
+    "blocks",
     "by_layer",
     "check_lineage",
     "checkpoint",
@@ -109,4 +114,5 @@ __all__ = [
     "open_checkpoint",
     "save",
     "save_lineage",
+    "stack",
 ]

@@ -27,7 +27,16 @@ from .io.dtypes import dtype_name
 from .io.hub import locate
 from .io.training import CheckpointSpec, as_spec
 from .kernels import ChunkBuffers, store_whole
-from .lineage import NOT_A_TENSOR, SEPARATE, TIED, Lineage, ModelIndex, ModelRecord, TensorDigests
+from .lineage import (
+    NOT_A_TENSOR,
+    SEPARATE,
+    TIED,
+    Lineage,
+    LineageEntry,
+    ModelIndex,
+    ModelRecord,
+    TensorDigests,
+)
 from .methods import REGISTRY, Method
 from .output import folder_of
 from .plan import Step, aligned_step, reads_base, step_from_entry
@@ -71,7 +80,9 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
             per_name.setdefault(name, []).append(line)
     for name, line in _digest_changes(old, new):
         per_name.setdefault(name, []).append(line)
-    record = _record_changes(old, new)
+    record = _record_changes(old, new) + _stack_changes(old, new)
+    for name, line in _stack_tensor_changes(old, new):
+        per_name.setdefault(name, []).append(line)
     changes = record + [line for lines in per_name.values() for line in lines]
     for name in [*old.skipped, *new.skipped]:
         per_name.setdefault(name, [])
@@ -91,6 +102,54 @@ def diff_lineages(old: Lineage, new: Lineage, atol: float = 0.0) -> LineageDiff:
             which = "the old" if after.revision is None else "the new"
             notes.append(f"only {which} lineage has {label}'s revision; not compared")
     return LineageDiff(changes, notes, per_name, record)
+
+
+def _block_text(block: Mapping[str, Any] | None) -> str:
+    """``passthrough models[0] block 3`` or ``arithmetic models[0] block 4 (0.5) + ...``."""
+    if block is None:
+        return "none"
+    sources = block["sources"]
+    if len(sources) == 1 and block["method"] == "passthrough":
+        return f"models[{sources[0][0]}] block {sources[0][1]}"
+    parts = " + ".join(f"models[{m}] block {b} ({w!r})" for m, b, w in sources)
+    return f"{block['method']} of {parts}"
+
+
+def _stack_changes(old: Lineage, new: Lineage) -> list[str]:
+    """What differs between two stacks' ``lineage.stack``: being one, base, head, blocks."""
+    before, after = old.stack, new.stack
+    if before is None and after is None:
+        return []
+    if before is None or after is None:
+        which = "new" if before is None else "old"
+        return [f"~ stack: only the {which} lineage is a stacked model (terge.stack)"]
+    changes = [
+        f"~ stack {key}: models[{before.get(key)}] -> models[{after.get(key)}]"
+        for key in ("base", "head")
+        if before.get(key) != after.get(key)
+    ]
+    old_blocks, new_blocks = before["blocks"], after["blocks"]
+    for i in range(max(len(old_blocks), len(new_blocks))):
+        a = old_blocks[i] if i < len(old_blocks) else None
+        b = new_blocks[i] if i < len(new_blocks) else None
+        if a != b:
+            sign = "+" if a is None else "-" if b is None else "~"
+            changes.append(f"{sign} stack block {i}: {_block_text(a)} -> {_block_text(b)}")
+    return changes
+
+
+def _stack_tensor_changes(old: Lineage, new: Lineage) -> list[tuple[str, str]]:
+    """Output tensors of two stacks whose sources (model, input name) differ."""
+    if old.stack is None or new.stack is None:
+        return []
+    before, after = old.stack["tensors"], new.stack["tensors"]
+    found = []
+    for name in [*before, *(n for n in after if n not in before)]:
+        a, b = before.get(name), after.get(name)
+        if a != b:
+            sign = "+" if a is None else "-" if b is None else "~"
+            found.append((name, f"{sign} {name}: from {a} -> {b}"))
+    return found
 
 
 def _pairs(old: Lineage, new: Lineage) -> list[tuple[str, ModelRecord, ModelRecord]]:
@@ -290,6 +349,8 @@ def verify_lineage(
     for label, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e308:
             raise LineageError(f"`{label}` must be a finite number >= 0; got {value!r}.")
+    if getattr(lineage, "stack", None) is not None:
+        return _verify_stack(lineage, merged, models, source, float(rtol), float(atol))
     check = _Checker(lineage, source, float(rtol), float(atol))
     paths, base_path = check.model_paths(models, base)
     with contextlib.ExitStack() as opened:
@@ -315,6 +376,96 @@ def verify_lineage(
         problems += check.left_alone(reader, base_source, buffers)
         problems += check.unaccounted(reader)
         return problems
+
+
+def _verify_stack(
+    lineage: Lineage,
+    merged: str | os.PathLike[str],
+    models: Sequence[str | os.PathLike[str]] | None,
+    source: str | os.PathLike[str] | None,
+    rtol: float,
+    atol: float,
+) -> list[tuple[str, str]]:
+    """``verify_lineage`` for a stacked model (``lineage.stack``): every output tensor is
+    recomputed from the input tensors it records (``stack.tensors``): a copy is its source cast
+    as written, a merged one is recomputed as its ``merged`` entry says, over its sources in
+    order (so one model may contribute two blocks to one tensor)."""
+    assert lineage.stack is not None  # the caller checked
+    check = _Checker(lineage, source, rtol, atol)
+    tensors: Mapping[str, list[list[Any]]] = lineage.stack["tensors"]
+    needed = sorted({model for pairs in tensors.values() for model, _ in pairs})
+    records = lineage.models
+    if models is not None and len(models) != len(records):
+        raise check.fail(
+            f"it records {len(records)} models but {len(models)} paths were given; give one "
+            "path per model, in index order."
+        )
+    problems: list[tuple[str, str]] = []
+    with contextlib.ExitStack() as opened:
+        reader = opened.enter_context(open_checkpoint(merged))
+        check.names_in(reader, merged)
+        sources: dict[int, FileSource] = {}
+        for index in needed:
+            given = None if models is None else models[index]
+            record = records[index] if index < len(records) else None
+            sources[index] = FileSource(check.path_of(record, given, "--models"))
+            opened.callback(sources[index].close)
+        buffers = ChunkBuffers(lineage.dtype or torch.float64)
+        for name, pairs in tensors.items():
+            if name not in reader:
+                problems.append((name, "the stack wrote it, but the checkpoint lacks it"))
+                continue
+            for model, inner in pairs:
+                if inner not in sources[model].entries:
+                    raise check.fail(
+                        f"{name!r} comes from {inner!r} of models[{model}], which "
+                        f"{sources[model].path} lacks; are these the models that were stacked?"
+                    )
+            views: dict[int, Source] = {
+                k: _Renamed(sources[model], name, inner) for k, (model, inner) in enumerate(pairs)
+            }
+            entry = lineage.get(name)
+            if entry is None:
+                problem = check.copied(name, "copied", reader, views[0], buffers)
+                if problem is not None:
+                    problems.append((name, problem.replace("left as in the base", "copied")))
+                continue
+            if [index for index, _ in entry[1]] != [model for model, _ in pairs]:
+                problems.append((name, "its merged entry and stack.tensors name other models"))
+                continue
+            local = LineageEntry(
+                entry[0],
+                [(k, weight) for k, (_, weight) in enumerate(entry[1])],
+                getattr(entry, "settings", {}),
+                coefficients=getattr(entry, "coefficients", None),
+                divisor=getattr(entry, "divisor", None),
+                custom=getattr(entry, "custom", False),
+            )
+            check.base_index = 0  # a merged slice's base is its first source
+            problems += [
+                (name, p) for p in check.tensor(name, local, reader, views, views[0], buffers)
+            ]
+        known = set(tensors) | set(lineage.tied)
+        problems += [
+            (name, "the checkpoint holds it, but the stack's lineage does not account for it")
+            for name in reader.names()
+            if name not in known
+        ]
+    return problems
+
+
+class _Renamed(Source):
+    """One tensor of a source under another name: an output tensor's input, for recomputing."""
+
+    def __init__(self, source: Source, name: str, inner: str) -> None:
+        self.source, self.inner = source, inner
+        found = source.entries.get(inner)
+        self.entries = {} if found is None else {name: found._replace(name=name)}
+        self.others = ()
+        self.path = getattr(source, "path", None)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.inner)
 
 
 _CLOSE_CHUNK = 1 << 22
@@ -856,6 +1007,8 @@ def summary(lineage: Lineage, title: str = "lineage") -> str:
             f"unused: {_count(len(lineage.unused), 'tensor')} other models hold under names the "
             f"base lacks, e.g. {_examples(list(lineage.unused))}"
         )
+    if lineage.stack is not None:
+        lines += _stack_lines(lineage.stack)
     digests = lineage.digests
     lines.append(
         "digests: not recorded"
@@ -880,6 +1033,35 @@ def _vocabulary_text(vocabulary: Mapping[str, Any]) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _stack_lines(stack: Mapping[str, Any]) -> list[str]:
+    """A stack's blocks, runs of consecutive copied blocks of one model on one line."""
+    blocks = stack["blocks"]
+    merged = sum(block["method"] != "passthrough" for block in blocks)
+    lines = [
+        f"stacked: {_count(len(blocks), 'block')} ({merged} merged), embeddings from "
+        f"models[{stack['base']}], head from models[{stack.get('head', stack['base'])}]"
+    ]
+    i = 0
+    while i < len(blocks):
+        block = blocks[i]
+        j = i + 1
+        if block["method"] == "passthrough":
+            model, first = block["sources"][0][0], block["sources"][0][1]
+            while (
+                j < len(blocks)
+                and blocks[j]["method"] == "passthrough"
+                and blocks[j]["sources"][0][:2] == [model, first + j - i]
+            ):
+                j += 1
+            span = f"{i}" if j == i + 1 else f"{i}-{j - 1}"
+            source = f"{first}" if j == i + 1 else f"{first}-{first + j - i - 1}"
+            lines.append(f"  blocks {span}: models[{model}] blocks {source}")
+        else:
+            lines.append(f"  block {i}: {_block_text(block)}")
+        i = j
+    return lines
 
 
 def _models_lines(lineage: Lineage) -> list[str]:

@@ -143,3 +143,9 @@ class VocabularyError(MergeArgumentError):
 class VocabularyMismatchWarning(UserWarning):
     """Tensors whose rows differ between the models (embeddings of vocabularies that differ) were
     left as the base has them; ``vocabulary=`` aligns them by token."""
+
+
+class StackError(TergeError, ValueError):
+    """A ``terge.stack()`` call that cannot be done: a bad slice or range, merged blocks of
+    different structure or shape, a head or config that does not fit; raised before anything is
+    written."""

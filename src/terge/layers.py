@@ -186,3 +186,36 @@ def layers(
     if head:
         branches.append(rf"{_alternation(HEAD_SEGMENTS)}(?:\.|$)")
     return regex.compile(rf"{_PREFIX}(?:{'|'.join(branches)})")
+
+
+def _block_segment(name: str) -> int | None:
+    """The position (in ``name.split(".")``) of the digits of ``name``'s first block segment."""
+    parts = name.split(".")
+    for position in range(len(parts) - 2):  # a block segment is followed by more of the name
+        if parts[position] in BLOCK_KEYS and parts[position + 1].isdigit():
+            return position + 1
+    return None
+
+
+def block_prefix(name: str) -> str | None:
+    """The name of the block stack ``name`` belongs to, or ``None`` outside blocks.
+
+    ``block_prefix("model.layers.3.mlp.up_proj.weight") == "model.layers"``; an
+    encoder-decoder model has two stacks (``encoder.block`` and ``decoder.block``).
+    """
+    position = _block_segment(name)
+    return None if position is None else ".".join(name.split(".")[:position])
+
+
+def renumbered(name: str, index: int) -> str:
+    """``name`` moved to block ``index`` (its first block segment's digits replaced).
+
+    ``renumbered("model.layers.3.mlp.up_proj.weight", 7) == "model.layers.7.mlp.up_proj.weight"``;
+    a name outside the blocks is returned as it is.
+    """
+    position = _block_segment(name)
+    if position is None:
+        return name
+    parts = name.split(".")
+    parts[position] = str(index)
+    return ".".join(parts)

@@ -198,6 +198,7 @@ class Lineage(dict):
         dropped: Mapping[str, Mapping[int, str]] | None = None,
         chosen: Mapping[str, Any] | None = None,
         vocabulary: Mapping[str, Any] | None = None,
+        stack: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(merged or {})
         self.skipped: dict[str, str] = dict(skipped or {})
@@ -234,6 +235,10 @@ class Lineage(dict):
         "added": {model: tokens a union took from it}, "tensors": {name: [{"models": [...],
         "weights": [...], "rows": [[start, stop], ...], "copied"?: true}, ...]}}``: per tensor,
         the groups of output rows held by the same models."""
+        self.stack: dict[str, Any] | None = None if stack is None else dict(stack)
+        """A stacked model's (``terge.stack``) sources, else ``None``: ``{"base": model,
+        "head": model, "blocks": [{"method", "sources": [[model, input_block, weight], ...]}]
+        (one per output block), "tensors": {output_name: [[model, input_name], ...]}}``."""
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Lineage):
@@ -341,6 +346,9 @@ def lineage_to_json(lineage: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     vocabulary = getattr(lineage, "vocabulary", None)
     if vocabulary is not None:
         extra = {"vocabulary": vocabulary, **extra}
+    stack = getattr(lineage, "stack", None)
+    if stack is not None:  # likewise
+        extra = {"stack": stack, **extra}
     record = {
         "schema": SCHEMA,
         "merged": {name: _entry_json(entry) for name, entry in lineage.items()},
@@ -570,6 +578,7 @@ class _Reader:
             },
             chosen=self.chosen(data.get("chosen")),
             vocabulary=self.vocabulary(data.get("vocabulary")),
+            stack=self.stack(data.get("stack")),
         )
         stray = [name for name in lineage.digests or {} if name not in lineage]
         if stray:
@@ -646,6 +655,56 @@ class _Reader:
             "candidates": [{"path": c["path"], "value": c.get("value")} for c in candidates],
             "chosen": list(paths),
         }
+
+    def stack(self, value: Any) -> dict[str, Any] | None:
+        """``stack``: a stacked model's base, head, blocks and tensors, with valid indices."""
+        if value is None:
+            return None
+        record = self.mapping(value, "stack")
+        base = self.index(record.get("base"), "stack.base")
+        head = self.index(record.get("head", base), "stack.head")
+        blocks: Any = record.get("blocks")  # checked on the next line
+        self.expect(isinstance(blocks, list), "stack.blocks", "a list", blocks)
+        read_blocks = []
+        for i, item in enumerate(blocks):
+            block = self.mapping(item, f"stack.blocks[{i}]")
+            method = self.string(block.get("method"), f"stack.blocks[{i}].method")
+            sources: Any = block.get("sources")
+            where = f"stack.blocks[{i}].sources"
+            ok = isinstance(sources, list) and bool(sources)
+            self.expect(ok, where, "a non-empty list of [model, block, weight]", sources)
+            read = []
+            for j, source in enumerate(sources):
+                ok = isinstance(source, list) and len(source) == 3
+                self.expect(ok, f"{where}[{j}]", "[model, block, weight]", source)
+                block_index = source[1]
+                ok = isinstance(block_index, int) and not isinstance(block_index, bool)
+                self.expect(ok and block_index >= 0, f"{where}[{j}][1]", "a block index", source[1])
+                read.append(
+                    [
+                        self.index(source[0], f"{where}[{j}][0]"),
+                        block_index,
+                        self.number(source[2], f"{where}[{j}][2]"),
+                    ]
+                )
+            read_blocks.append({"method": method, "sources": read})
+        tensors = {}
+        for name, item in self.mapping(record.get("tensors", {}), "stack.tensors").items():
+            where = f"stack.tensors[{json.dumps(name)}]"
+            ok = isinstance(item, list) and bool(item)
+            self.expect(ok, where, "a non-empty list of [model, input_name]", item)
+            pairs = []
+            for j, pair in enumerate(item):
+                ok = isinstance(pair, list) and len(pair) == 2
+                self.expect(ok, f"{where}[{j}]", "[model, input_name]", pair)
+                pairs.append(
+                    [
+                        self.index(pair[0], f"{where}[{j}][0]"),
+                        self.string(pair[1], f"{where}[{j}][1]"),
+                    ]
+                )
+            tensors[name] = pairs
+        return {"base": base, "head": head, "blocks": read_blocks, "tensors": tensors}
 
     def names(self, value: Any, where: str) -> dict[str, str]:
         mapping = self.mapping(value, where)

@@ -147,6 +147,7 @@ def summary_record(lineage: Lineage) -> dict[str, Any]:
         "digests": None if lineage.digests is None else len(lineage.digests),
         "terge_version": lineage.terge_version,
         "torch_version": lineage.torch_version,
+        **({} if lineage.stack is None else {"stacked_blocks": len(lineage.stack["blocks"])}),
     }
 
 

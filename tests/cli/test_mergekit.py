@@ -210,7 +210,7 @@ def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("slices: []\nmerge_method: linear", "config slices: layer stacking"),
+        ("slices: []\nmerge_method: linear", "config slices: must be a non-empty list"),
         ("models: [m0, m1]\nmerge_method: linear\ntokenizer_source: base", "tokenizer_source"),
         ("models: [m0, m1]\nmerge_method: linear\nfoo: 1", "config foo: is not a mergekit key"),
         ("models: [m0, m1]\nmerge_method: sce", "merge_method: 'sce' has no terge translation"),

@@ -57,6 +57,8 @@ from .recipe import (
     parse_vocabulary,
     parse_weights,
 )
+from .stacking import STACK_DESCRIPTION, STACK_EPILOG, add_stack_arguments, run_stack
+from .stacking import run_stack_settings as _stack_as
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main"]
 
@@ -652,6 +654,14 @@ def _mergekit_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, An
             )
     options = from_mergekit(Path(args.mergekit).expanduser())
     given = _settings_from_args(args)
+    if "slices" in options:  # a stack: the slices, base and head are in the options
+        settings = Settings(
+            out=given.out,
+            max_shard_size=given.max_shard_size,
+            seed=given.seed,
+            overwrite=given.overwrite,
+        )
+        return settings, options
     settings = Settings(
         models=tuple(Path(m) for m in options.pop("models")),
         base=options["base"] if isinstance(options["base"], int) else Path(options["base"]),
@@ -668,12 +678,16 @@ def run_merge(args: argparse.Namespace) -> int:
     """``terge merge``: read the settings, check them, merge, write, summarise."""
     if args.mergekit is not None:
         settings, mergekit_options = _mergekit_settings(args)
+        if "slices" in mergekit_options:
+            return _stack_as(settings, quiet=args.quiet, options=mergekit_options)
         models, base, out = _check(settings)
         options = {**_merge_options(settings, base, args), **mergekit_options}
         return _run(args, settings, [os.fspath(model) for model in models], out, options)
     settings = _settings_from_args(args)
     if args.recipe is not None:
         settings = load_recipe(args.recipe).updated(settings)
+    if settings.slices is not None:  # a recipe's [[slices]]: terge.stack
+        return _stack_as(settings, quiet=args.quiet)
     settings, chosen = _choose(settings)
     models, base, out = _check(settings)
     options = _merge_options(settings, base, args)
@@ -1281,6 +1295,13 @@ COMMANDS: dict[str, Command] = {
         epilog=LINEAGE_EPILOG,
         add_arguments=_lineage_arguments,
         run=run_lineage,
+    ),
+    "stack": Command(
+        help="build a model from slices of models' blocks (depth up-scaling, frankenmerges)",
+        description=STACK_DESCRIPTION,
+        epilog=STACK_EPILOG,
+        add_arguments=add_stack_arguments,
+        run=run_stack,
     ),
     "inspect": Command(
         help="measure task vectors before merging: norms, cosines, sign conflicts",

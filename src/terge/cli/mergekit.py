@@ -12,8 +12,15 @@ blocks and at ``t = 0`` outside them (the first value), mergekit's defaults wher
 absent (``density`` 1, ``gamma`` 0.01, ``lambda`` 1, ``normalize`` and ``rescale`` per method).
 Each is then translated to terge's setting that reproduces mergekit's definition (:data:`TABLE`),
 per tensor, so the lineage records what each tensor was merged with. Keys terge cannot honour yet
-(``slices``, ``modules``, ``tokenizer_source``, ``tokenizer``, ``chat_template``) are refused by
-name, as are unknown ones.
+(``modules``, ``tokenizer_source``, ``tokenizer``, ``chat_template``) are refused by name, as are
+unknown ones.
+
+A ``slices:`` configuration (frankenmerges, depth up-scaling) converts to :func:`terge.stack`'s
+keyword arguments instead (the result holds ``slices``): ``passthrough`` slices are copied blocks,
+``linear`` slices of several sources are merged block by block with each source's ``weight`` (a
+number, or a gradient over the slice's blocks). As mergekit does, the tensors before the blocks
+(embeddings) come from the first slice's model and those after (final norm, head) from the last
+slice's: ``terge.stack(**from_mergekit("dus.yml"), out="dus")``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ __all__ = ["TABLE", "evaluate", "from_mergekit"]
 KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype"}
 """The top-level keys read."""
 NOT_YET = {
-    "slices": "layer stacking (slices) is not supported yet; list whole models under 'models'",
     "modules": "per-module configurations are not supported yet; list whole models under 'models'",
     "tokenizer_source": "vocabulary merging is not supported yet; remove tokenizer_source (the "
     "base's tokenizer files are copied)",
@@ -311,6 +317,8 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     method_name = loaded.get("merge_method")
     if not isinstance(method_name, str):
         raise _fail("merge_method", f"must name a merge method, got {method_name!r}")
+    if "slices" in loaded:
+        return _from_slices(loaded, method_name, root)
     _check_keys(loaded, method_name)
     entries = loaded.get("models")
     if not isinstance(entries, list) or not entries:
@@ -474,3 +482,137 @@ def _translate(
         density=density, gamma=gamma, scale=scale, trim="exact", rescale=rescale
     )
     return configured, weight, normalize
+
+
+# --- slices: terge.stack --------------------------------------------------------------------------
+
+SLICE_KEYS = {"slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype"}
+"""The top-level keys of a ``slices:`` configuration terge reads."""
+SLICE_METHODS = ("passthrough", "linear")
+
+
+def _from_slices(loaded: Mapping[str, Any], method_name: str, root: Path) -> dict[str, Any]:
+    """``terge.stack()`` keyword arguments for a mergekit ``slices:`` configuration."""
+    from ..stacking import StackError, blocks
+
+    for key in loaded:
+        if key in NOT_YET:
+            raise _fail(key, NOT_YET[key] + ".")
+        if key not in SLICE_KEYS:
+            raise _fail(
+                key,
+                f"is not a key of a slices config terge reads ({', '.join(sorted(SLICE_KEYS))})",
+            )
+    if method_name not in SLICE_METHODS:
+        raise _fail(
+            "merge_method",
+            f"{method_name!r} over slices has no terge translation yet; slices convert with "
+            f"{' or '.join(SLICE_METHODS)}",
+        )
+    entries = loaded.get("slices")
+    if not isinstance(entries, list) or not entries:
+        raise _fail("slices", "must be a non-empty list of {sources: [{model, layer_range}]}")
+    globals_ = _slice_parameters(loaded.get("parameters"), "parameters", method_name)
+    slices: list[Any] = []
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("sources"), list):
+            raise _fail(where, "must be {sources: [{model: PATH, layer_range: [START, STOP]}]}")
+        unknown = set(entry) - {"sources", "parameters"}
+        if unknown:
+            raise _fail(f"{where}.{sorted(unknown)[0]}", "is not a key of a slice")
+        own = _slice_parameters(entry.get("parameters"), f"{where}.parameters", method_name)
+        sources = entry["sources"]
+        if not sources:
+            raise _fail(f"{where}.sources", "is empty")
+        if method_name == "passthrough" and len(sources) != 1:
+            raise _fail(
+                f"{where}.sources", f"passthrough takes one source per slice, got {len(sources)}"
+            )
+        parts = []
+        for j, source in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(source, Mapping) or "model" not in source:
+                raise _fail(at, "must be {model: PATH, layer_range: [START, STOP]}")
+            unknown = set(source) - {"model", "layer_range", "parameters"}
+            if unknown:
+                raise _fail(f"{at}.{sorted(unknown)[0]}", "is not a key of a slice source")
+            span: Any = source.get("layer_range")
+            ok = isinstance(span, list) and len(span) == 2
+            if not ok or any(isinstance(x, bool) or not isinstance(x, int) for x in span):
+                raise _fail(f"{at}.layer_range", f"must be [START, STOP], two ints, got {span!r}")
+            scopes = [
+                (
+                    f"{at}.parameters",
+                    _slice_parameters(source.get("parameters"), f"{at}.parameters", method_name),
+                ),
+                (f"{where}.parameters", own),
+                ("parameters", globals_),
+            ]
+            weight = _slice_weight(scopes)
+            try:
+                parts.append(
+                    blocks(_path(source["model"], f"{at}.model", root), *span, weight=weight)
+                )
+            except StackError as error:
+                raise _fail(at, str(error)) from None
+        if len(parts) > 1 and i in (0, len(entries) - 1):
+            raise _fail(
+                where,
+                "merges several sources in the first or last slice, where mergekit also merges "
+                "the embeddings or the head; terge.stack takes those from one model: make the "
+                "first and last slices single-source (passthrough-like)",
+            )
+        slices.append(parts if len(parts) > 1 else parts[0])
+    first, last = slices[0], slices[-1]
+    result: dict[str, Any] = {
+        "slices": slices,
+        "base": first.model,
+        "head": last.model,
+        "method": "arithmetic",
+    }
+    out_dtype = _dtype(loaded, "out_dtype") or _dtype(loaded, "dtype")
+    if out_dtype is not None:
+        result["out_dtype"] = out_dtype
+    return result
+
+
+def _slice_parameters(scope: Any, where: str, method: str) -> Mapping[str, Any] | None:
+    if scope is None:
+        return None
+    if not isinstance(scope, Mapping):
+        raise _fail(where, f"must be a mapping of settings, got {scope!r}")
+    allowed = {"weight", "normalize"} if method == "linear" else set()
+    for key, value in scope.items():
+        if key not in allowed:
+            raise _fail(
+                f"{where}.{key}",
+                f"is no setting terge translates for {method} slices "
+                f"({', '.join(sorted(allowed)) or 'none'})",
+            )
+        if key == "normalize" and value is not True:
+            raise _fail(f"{where}.normalize", "must be true: terge.stack normalises the weights")
+    return scope
+
+
+def _slice_weight(scopes: Sequence[tuple[str, Mapping[str, Any] | None]]) -> Any:
+    """A source's weight: its own, its slice's, then the global one (default 1); a list is a
+    gradient over the slice's blocks."""
+    for where, scope in scopes:
+        if scope is None or "weight" not in scope:
+            continue
+        value = scope["weight"]
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            return [float(v) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _fail(
+            f"{where}.weight",
+            f"must be a number or a gradient (a list of numbers), got {value!r} (filtered "
+            "weights are not translated for slices)",
+        )
+    return 1.0

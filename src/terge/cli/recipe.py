@@ -60,6 +60,7 @@ __all__ = [
     "parse_out_format",
     "parse_pattern",
     "parse_recipe",
+    "parse_slices",
     "parse_vocabulary",
     "parse_weights",
 ]
@@ -115,6 +116,10 @@ RECIPE_KEYS: Mapping[str, str] = {
     "metric": 'with best: the metric to rank by, e.g. "val_loss" or "eval_loss"',
     "mode": '"min" or "max": with best, whether lower or higher metric is better (default: '
     'the trainer\'s record, else "min" for a loss)',
+    "slices": "[[slices]] tables: stack blocks instead of merging models (terge.stack): "
+    "model and layer_range = [start, stop] (stop excluded), or sources = [{model, layer_range, "
+    "weight}, ...] merged block by block",
+    "head": "with slices: the model whose head (final norm, lm_head) the stack takes",
 }
 """Every key a recipe may hold, with what it takes."""
 
@@ -156,6 +161,9 @@ class Settings:
     best: int | None = None
     metric: str | None = None
     mode: str | None = None
+    slices: tuple[Any, ...] | None = None
+    """``terge.stack`` slices (``terge.blocks`` or lists of them), paths resolved."""
+    head: Path | None = None
 
     def updated(self, other: Settings) -> Settings:
         """These settings with every value ``other`` gives replacing this one's."""
@@ -596,7 +604,73 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
         found["metric"] = metric
     if "mode" in data:
         found["mode"] = parse_mode(data["mode"], where("mode"))
+    if "slices" in data:
+        found["slices"] = parse_slices(data["slices"], folder, where("slices"))
+    if "head" in data:
+        found["head"] = _path(data["head"], folder, where("head"))
     return Settings(**found)
+
+
+_SLICE_FORMS = (
+    "{model = PATH, layer_range = [START, STOP]} (blocks START to STOP - 1) or {sources = "
+    "[{model = PATH, layer_range = [START, STOP], weight = W}, ...]} (merged block by block)"
+)
+
+
+def parse_slices(value: Any, folder: Path, where: str) -> tuple[Any, ...]:
+    """``[[slices]]`` tables as ``terge.stack`` slices: mergekit's ``slices:`` one to one."""
+    if not isinstance(value, list) or not value:
+        raise _type_error(where, f"a non-empty list of tables, each {_SLICE_FORMS}", value)
+    slices: list[Any] = []
+    for i, table in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(table, Mapping):
+            raise _type_error(at, f"a table, {_SLICE_FORMS}", table)
+        if "sources" in table:
+            _unknown_keys(table, ["sources"], at)
+            sources = table["sources"]
+            if not isinstance(sources, list) or not sources:
+                raise _type_error(f"{at}.sources", "a non-empty list of tables", sources)
+            slices.append(
+                [
+                    _slice_source(item, folder, f"{at}.sources[{j}]")
+                    for j, item in enumerate(sources)
+                ]
+            )
+        else:
+            slices.append(_slice_source(table, folder, at))
+    return tuple(slices)
+
+
+def _unknown_keys(table: Mapping[str, Any], valid: list[str], where: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise RecipeError(
+                f"{where}: unknown key {key!r}{_did_you_mean(key, valid)}; the valid keys are "
+                f"{', '.join(valid)}."
+            )
+
+
+def _slice_source(table: Any, folder: Path, where: str) -> Any:
+    from ..stacking import StackError, blocks
+
+    if not isinstance(table, Mapping):
+        raise _type_error(where, f"a table, {_SLICE_FORMS}", table)
+    _unknown_keys(table, ["model", "layer_range", "weight"], where)
+    for key in ("model", "layer_range"):
+        if key not in table:
+            raise RecipeError(f"{where} has no {key!r}; give {_SLICE_FORMS}.")
+    span = table["layer_range"]
+    ok = isinstance(span, list) and len(span) == 2
+    if not ok or any(isinstance(x, bool) or not isinstance(x, int) for x in span):
+        raise _type_error(f"{where}.layer_range", "[START, STOP], two ints (STOP excluded)", span)
+    weight = table.get("weight", 1.0)
+    if isinstance(weight, list):
+        weight = list(_numbers(weight, f"{where}.weight"))
+    try:
+        return blocks(_path(table["model"], folder, f"{where}.model"), *span, weight=weight)
+    except StackError as error:
+        raise RecipeError(f"{where}: {error}") from None
 
 
 def parse_count(value: Any, where: str) -> int:
