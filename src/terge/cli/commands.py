@@ -231,7 +231,7 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FORMAT",
         help="write OUT as safetensors (default), as a torch.distributed.checkpoint folder "
         "that dcp.load loads into an FSDP2 model (--out-format dcp), or as a PEFT LoRA adapter "
-        "over the base (--out-format lora --lora-rank 16)",
+        "over the base (e.g. --out-format lora --lora-rank 16)",
     )
     parser.add_argument(
         "--lora-rank",
