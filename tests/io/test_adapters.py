@@ -377,3 +377,10 @@ def test_the_command_line_merges_adapter_folders(tmp_path, capsys):
     assert all(torch.equal(written[n], expected[n]) for n in expected)
     lineage = terge.load_lineage(out / "lineage.json")
     assert [m.kind for m in lineage.models] == ["adapter", "adapter"]
+
+
+def test_a_distributed_merge_refuses_adapters_before_any_talk(tmp_path):
+    folder = write(tmp_path / "a")
+    for model in (str(folder), terge.adapter(folder, base=base_state())):
+        with pytest.raises(terge.MergeArgumentError, match=r"is the PEFT adapter .* base first"):
+            terge.merge([model, model], out=tmp_path / "out", distributed=True)
