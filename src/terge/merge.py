@@ -25,7 +25,7 @@ from .errors import (
 )
 from .execute import destinations, execute
 from .io import parse_size
-from .io.adapters import AdapterSpec
+from .io.adapters import AdapterSpec, is_adapter_folder
 from .io.choose import Chosen
 from .io.dtypes import floating_dtype
 from .io.hub import hub_reference
@@ -56,6 +56,7 @@ from .sources import (
     NameMap,
     Source,
     as_source,
+    is_path,
     on_disk,
     renamer,
 )
@@ -747,6 +748,12 @@ def _check_distributed(
         )
     given = list(enumerate(models)) if isinstance(models, (list, tuple)) else []
     for where, model in [(f"models[{i}]", m) for i, m in given] + [("base", base)]:
+        if isinstance(model, AdapterSpec) or (is_path(model) and is_adapter_folder(model)):
+            raise MergeArgumentError(
+                f"distributed=True merges checkpoints, but {where} is the PEFT adapter "
+                f"{model}; merge it into its base first (terge.merge([adapter], out='folder')) "
+                "and pass that folder, or drop distributed=True."
+            )
         if not (on_disk(model) or (where == "base" and isinstance(model, int))):
             raise MergeArgumentError(
                 f"distributed=True merges checkpoint files that every rank reads from a shared "

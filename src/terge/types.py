@@ -14,6 +14,7 @@ from typing import Any, Optional, TypeVar, Union
 
 import torch
 
+from .io.adapters import AdapterSpec
 from .io.training import CheckpointSpec
 from .layerwise import ByLayer
 from .methods import Method
@@ -39,9 +40,12 @@ __all__ = [
 
 V = TypeVar("V")
 
-Model = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike[str], CheckpointSpec]
+Model = Union[
+    torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike[str], CheckpointSpec, AdapterSpec
+]
 """A model in memory (a module or a state dict), or the path of a checkpoint file or folder (a
-``terge.checkpoint(...)`` spec for a training checkpoint's entry)."""
+``terge.checkpoint(...)`` spec for a training checkpoint's entry), or a PEFT adapter over its
+base (its folder's path, or ``terge.adapter(path, base=...)``)."""
 
 Models = Union[Sequence[Model], torch.nn.ModuleList, torch.nn.Sequential]
 """``merge()``'s ``models``: a list of them (an ``nn.ModuleList`` of models too)."""

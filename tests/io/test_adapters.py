@@ -359,3 +359,28 @@ def test_adapted_tensors_reuse_one_float64_buffer_unless_the_base_is_float64(tmp
     assert source.scratch is None and one.data_ptr() != two.data_ptr()  # fresh: the base's dtype
     assert torch.equal(one, first)  # a float32 base widened exactly: the same sums
     source.close()
+
+
+def test_the_command_line_merges_adapter_folders(tmp_path, capsys):
+    from terge.cli import main
+
+    base_file = tmp_path / "base.safetensors"
+    save_file(base_state(), base_file)
+    folders = [
+        write(tmp_path / name, factors(seed=seed), base_model_name_or_path=str(base_file))
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+    out = tmp_path / "soup"
+    assert main(["merge", *map(str, folders), "-o", str(out), "-q"]) == 0
+    written = terge.load(out)
+    expected = terge.merge([str(f) for f in folders])
+    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    lineage = terge.load_lineage(out / "lineage.json")
+    assert [m.kind for m in lineage.models] == ["adapter", "adapter"]
+
+
+def test_a_distributed_merge_refuses_adapters_before_any_talk(tmp_path):
+    folder = write(tmp_path / "a")
+    for model in (str(folder), terge.adapter(folder, base=base_state())):
+        with pytest.raises(terge.MergeArgumentError, match=r"is the PEFT adapter .* base first"):
+            terge.merge([model, model], out=tmp_path / "out", distributed=True)

@@ -47,6 +47,8 @@ terge.merge(
     [terge.checkpoint("a.ckpt", entry="state_dict"), "b.ckpt"], base=terge.checkpoint("c.pt")
 )
 terge.merge(terge.choose("runs/checkpoint-*", last=5), out="avg")
+terge.merge([terge.adapter("lora-a", base=torch.nn.Linear(2, 2)), "lora-b"], base="base")
+terge.merge(["lora-a"], base=terge.adapter("lora-b", base={"w": torch.zeros(2)}))
 
 # --- what they refuse ---
 terge.merge(models, method=3)  # type: ignore[call-overload]
