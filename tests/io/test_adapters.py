@@ -384,3 +384,31 @@ def test_a_distributed_merge_refuses_adapters_before_any_talk(tmp_path):
     for model in (str(folder), terge.adapter(folder, base=base_state())):
         with pytest.raises(terge.MergeArgumentError, match=r"is the PEFT adapter .* base first"):
             terge.merge([model, model], out=tmp_path / "out", distributed=True)
+
+
+def test_an_adapter_file_linked_out_of_its_folder_is_refused(tmp_path):
+    """terge reads no file outside a checkpoint folder: a weights file that is a link to
+    somewhere else is refused before it is opened."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["fc"]})
+    )
+    elsewhere = tmp_path / "secret.safetensors"
+    save_file({"base_model.model.fc.lora_A.weight": torch.zeros(2, 3)}, elsewhere)
+    (folder / "adapter_model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(terge.AdapterError, match=r"adapter_model.safetensors resolves to .*secret"):
+        Adapter(folder)
+
+
+def test_a_backtracking_rank_pattern_is_stopped(monkeypatch):
+    """rank_pattern keys are regular expressions from a file: one that backtracks without end
+    is stopped by a timeout with a clear error, not left to hang the merge."""
+    from terge.io import adapters
+
+    monkeypatch.setattr(adapters, "PATTERN_TIMEOUT", 0.05)
+    evil = "(a|aa)+c"  # exponential in the regex module's engine too
+    with pytest.raises(terge.AdapterError, match=r"took over 0.05 s to match"):
+        adapters._pattern_key({evil: 4}, "a" * 40)

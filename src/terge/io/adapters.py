@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from ..errors import AdapterError, CheckpointError
-from .reading import CheckpointReader, open_checkpoint
+from .reading import CheckpointReader, allowed_roots, open_checkpoint, outside
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -125,13 +126,38 @@ class AdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+PATTERN_TIMEOUT = 1.0
+"""Seconds one ``rank_pattern``/``alpha_pattern`` key may take to match one module's name: the
+keys are regular expressions from a file, and a hostile one can backtrack for ever."""
+
+
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """The first pattern matching the module's name at a dot boundary (PEFT's
-    ``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", module)``)."""
+    ``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", module)``), each match bounded by
+    :data:`PATTERN_TIMEOUT` (the ``regex`` module's timeout)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT)
+        except TimeoutError:
+            raise AdapterError(
+                f"the adapter's pattern {key!r} took over {PATTERN_TIMEOUT} s to match the "
+                f"module name {module!r} (a regular expression that backtracks without end); "
+                "write the pattern as the module's plain name."
+            ) from None
+        if found:
             return key
     return None
+
+
+def _check_inside(path: Path, roots: tuple[Path, ...], folder: Path) -> None:
+    """Refuse an adapter file that is a link out of its folder (terge reads no file outside a
+    checkpoint it was given)."""
+    real = outside(path, roots)
+    if real is not None:
+        raise AdapterError(
+            f"the adapter {folder}: {path.name} resolves to {real}, outside the adapter folder; "
+            "terge reads a folder's files only from inside it: copy the file into the folder."
+        )
 
 
 def read_config(folder: Path) -> AdapterConfig:
@@ -220,8 +246,8 @@ def _patterns(
                 f"{MAX_PATTERN_LENGTH}); name the modules with shorter patterns."
             )
         try:
-            re.compile(pattern)
-        except re.error as error:
+            regex.compile(pattern)
+        except regex.error as error:
             raise AdapterError(
                 f"{path}: the {key} key {pattern!r} is not a regular expression ({error})."
             ) from error
@@ -283,6 +309,8 @@ class Adapter:
         self.folder = Path(folder).expanduser()
         if not is_adapter_folder(self.folder):
             raise AdapterError(f"{self.folder} is no PEFT adapter folder: it has no {CONFIG_NAME}.")
+        roots = allowed_roots(self.folder)
+        _check_inside(self.folder / CONFIG_NAME, roots, self.folder)
         self.config = read_config(self.folder)
         weights = [self.folder / n for n in WEIGHT_NAMES if (self.folder / n).is_file()]
         if not weights:
@@ -291,6 +319,7 @@ class Adapter:
                 f"{' or '.join(WEIGHT_NAMES)} beside it."
             )
         self.file = weights[0]
+        _check_inside(self.file, roots, self.folder)
         try:
             self.reader: CheckpointReader = open_checkpoint(self.file)
         except CheckpointError as error:
