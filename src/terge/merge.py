@@ -836,7 +836,7 @@ def _lineage(
 
     def record(index: ModelIndex, source: Source) -> ModelRecord:
         files = source_files(source) if digests else None
-        hub = source.hub if isinstance(source, FileSource) else None
+        hub = source.hub if isinstance(source, (FileSource, AdapterSource)) else None
         adapter = None
         if isinstance(source, AdapterSource):
             summary = source.adapter.summary()
@@ -868,7 +868,7 @@ def _lineage(
 
 def _path_of(source: Source) -> str | None:
     if isinstance(source, AdapterSource):
-        return str(source.folder)
+        return str(source.folder) if source.hub is None else source.hub.pinned
     return source.spec if isinstance(source, FileSource) else None
 
 

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
-from .errors import AdapterError, MergeArgumentError
+from .errors import AdapterError, HubError, MergeArgumentError
 from .io.adapters import Adapter, AdapterSpec, is_adapter_folder, resolve_base_path
+from .io.hub import HubSnapshot, hub_reference, locate
 from .io.training import CheckpointLike, CheckpointSpec, resolved
 from .sharding import is_dtensor, sharding_of
 
@@ -339,6 +340,8 @@ class AdapterSource(Source):
         self.rename = rename
         self.adapter = Adapter(spec.folder, rename)
         self.folder = self.adapter.folder
+        self.hub: HubSnapshot | None = None
+        """The Hub snapshot the adapter was read from (``org/adapter@rev``), else ``None``."""
         try:
             given = spec.base
             if given is None:
@@ -349,7 +352,16 @@ class AdapterSource(Source):
                     f"({given}); merge that one into its base first (terge.merge([...], out=...)) "
                     "and pass the result as the base."
                 )
-            self.base = as_source(given, buffers, f"the base of {where}", rename)
+            try:
+                self.base = as_source(given, buffers, f"the base of {where}", rename)
+            except HubError as error:
+                if spec.base is not None:
+                    raise
+                raise AdapterError(
+                    f"{where}: the adapter {self.folder} was trained on {given!r}, a Hub model "
+                    f"that cannot be read here ({error}); fetch it, or pass the base yourself: "
+                    f"terge.adapter({os.fspath(self.folder)!r}, base=model_or_path)."
+                ) from error
         except BaseException:
             self.adapter.close()
             raise
@@ -473,6 +485,12 @@ def as_source(model: Any, buffers: bool, where: str, rename: NameMap = strip_wra
         return StateDictSource(model, rename=rename, where=where)
     if isinstance(model, AdapterSpec) or (is_path(model) and is_adapter_folder(model)):
         return AdapterSource(model, buffers, rename=rename, where=f"{where} ({model})")
+    if is_path(model) and hub_reference(model) is not None:
+        folder, snapshot = locate(model)  # an adapter on the Hub is an adapter too
+        if is_adapter_folder(folder):
+            source = AdapterSource(folder, buffers, rename=rename, where=f"{where} ({model})")
+            source.hub = snapshot
+            return source
     if on_disk(model):
         return FileSource(model, rename=rename, where=f"{where} ({model})")
     raise MergeArgumentError(

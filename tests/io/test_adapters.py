@@ -266,13 +266,16 @@ def test_an_adapter_without_weights_or_with_broken_weights_is_refused(tmp_path):
     [
         (None, r"does not say which model it adapts .* terge.adapter\("),
         (
-            "meta-llama/Llama-3-8B",
-            r"trained on 'meta-llama/Llama-3-8B', which is no file or folder",
+            "meta-llama/Llama-3-8B",  # a Hub id, not in the (empty, offline) cache
+            r"trained on 'meta-llama/Llama-3-8B', a Hub model that cannot be read here",
         ),
+        ("no such base", r"trained on 'no such base', which is no file or folder here nor"),
         (7, r"base_model_name_or_path must be a str"),
     ],
 )
-def test_a_base_that_cannot_be_found_says_how_to_pass_it(tmp_path, named, message):
+def test_a_base_that_cannot_be_found_says_how_to_pass_it(tmp_path, monkeypatch, named, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     folder = write(tmp_path / "a", base_model_name_or_path=named)
     with pytest.raises(terge.AdapterError, match=message):
         terge.merge([str(folder)])

@@ -397,3 +397,100 @@ def test_lineage_show_names_the_hub_models(cache, tmp_path, capsys):
         ("org/a", "v1", COMMIT_A1, True),
         ("org/b", None, COMMIT_B, True),
     ]
+
+
+# --- adapters: a Hub base, an adapter on the Hub -------------------------------------------------
+
+COMMIT_BASE = "ba" * 20
+COMMIT_LORA = "1a" * 20
+
+
+def publish_files(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
+    """One commit of a repository holding ``files``, as ``snapshot_download`` caches it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def lora_files(base: str) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
+    """A rank-2 LoRA adapter on ``lin`` (4 x 3), lora_alpha 4 (scaling 2), over ``base``."""
+    generator = torch.Generator().manual_seed(7)
+    factors = {
+        "base_model.model.lin.lora_A.weight": torch.randn(2, 3, generator=generator),
+        "base_model.model.lin.lora_B.weight": torch.randn(4, 2, generator=generator),
+    }
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["lin"],
+        "base_model_name_or_path": base,
+    }
+    files = {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save(factors),
+    }
+    return files, factors
+
+
+@pytest.fixture
+def lora_cache(cache) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """org/base (a Linear(3, 4)) and org/lora (an adapter over it) in the offline cache."""
+    generator = torch.Generator().manual_seed(5)
+    base = {"lin.weight": torch.randn(4, 3, generator=generator), "lin.bias": torch.zeros(4)}
+    publish_files(cache, "org/base", COMMIT_BASE, {"model.safetensors": save(base)})
+    files, factors = lora_files("org/base")
+    publish_files(cache, "org/lora", COMMIT_LORA, files)
+    return base, factors
+
+
+def adapted(base: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    a = factors["base_model.model.lin.lora_A.weight"].double()
+    b = factors["base_model.model.lin.lora_B.weight"].double()
+    return (base["lin.weight"].double() + 2.0 * (b @ a)).float()
+
+
+def test_an_adapter_whose_base_is_a_hub_id_reads_it_from_the_cache(lora_cache, tmp_path):
+    """PEFT writes the base as a Hub id (base_model_name_or_path: org/name): terge resolves it
+    as it resolves any Hub model, and records the adapter's base as pinned."""
+    base, factors = lora_cache
+    folder = tmp_path / "local-lora"
+    folder.mkdir()
+    for name, data in lora_files("org/base")[0].items():
+        (folder / name).write_bytes(data)
+    merged, lineage = terge.merge([str(folder)], lineage=True)
+    assert torch.equal(merged["lin.weight"], adapted(base, factors))
+    assert lineage.models[0].adapter["base"]["path"] == f"org/base@{COMMIT_BASE}"
+
+
+def test_an_adapter_on_the_hub_is_an_adapter(lora_cache):
+    """org/lora holds adapter_config.json: it is merged as base + delta (not read as a
+    checkpoint of two small matrices), and the lineage pins both to their commits."""
+    base, factors = lora_cache
+    merged, lineage = terge.merge(["org/lora"], lineage=True)
+    assert torch.equal(merged["lin.weight"], adapted(base, factors))
+    record = lineage.models[0]
+    assert (record.kind, record.path, record.repo, record.revision) == (
+        "adapter",
+        f"org/lora@{COMMIT_LORA}",
+        "org/lora",
+        COMMIT_LORA,
+    )
+    assert record.adapter["base"]["path"] == f"org/base@{COMMIT_BASE}"
+
+
+def test_an_adapter_whose_base_is_neither_here_nor_a_hub_id_says_how_to_give_it(tmp_path):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    for name, data in lora_files("x y")[0].items():  # neither a path nor org/name
+        (folder / name).write_bytes(data)
+    with pytest.raises(terge.AdapterError, match=r"nor a Hub id .*terge.adapter\("):
+        terge.merge([str(folder)])

@@ -34,6 +34,7 @@ import regex
 import torch
 
 from ..errors import AdapterError, CheckpointError
+from .hub import hub_reference
 from .reading import CheckpointReader, allowed_roots, open_checkpoint, outside
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,12 +68,14 @@ def is_adapter_folder(path: str | os.PathLike[str]) -> bool:
     return folder.is_dir() and (folder / CONFIG_NAME).is_file()
 
 
-def resolve_base_path(named: Any, folder: Path) -> Path:
-    """The base an adapter's config names (``base_model_name_or_path``) as a local path.
+def resolve_base_path(named: Any, folder: Path) -> Path | str:
+    """The base an adapter's config names (``base_model_name_or_path``): a local path, or a Hub
+    id (``org/name``, as PEFT writes it) that is no local path, returned as given for the
+    checkpoint reader to resolve (:mod:`terge.io.hub`: fetched, or offline from the cache).
 
     The one place this is decided: an absolute path, or one relative to the current directory
-    (as PEFT and transformers read it); a Hub id (``org/name``) that is no local folder is an
-    error saying how to give the base (``terge.adapter(path, base=...)``).
+    (as PEFT and transformers read it), wins over a Hub id; anything else is an error saying how
+    to give the base (``terge.adapter(path, base=...)``).
     """
     fix = (
         f"pass the base yourself: terge.adapter({os.fspath(folder)!r}, base=model_or_path) "
@@ -90,9 +93,11 @@ def resolve_base_path(named: Any, folder: Path) -> Path:
     path = Path(named).expanduser()
     if path.exists():
         return path
+    if hub_reference(named) is not None:  # org/name: read from the Hub (its cache offline)
+        return named
     raise AdapterError(
-        f"the adapter {folder} was trained on {named!r}, which is no file or folder here (a Hub "
-        f"id is not downloaded); {fix}."
+        f"the adapter {folder} was trained on {named!r}, which is no file or folder here nor a "
+        f"Hub id (org/name); {fix}."
     )
 
 
