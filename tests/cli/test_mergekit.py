@@ -211,11 +211,29 @@ def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
     ("text", "message"),
     [
         ("slices: []\nmerge_method: linear", "config slices: must be a non-empty list"),
-        ("models: [m0, m1]\nmerge_method: linear\ntokenizer_source: base", "tokenizer_source"),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\n"
+            "tokenizer: {source: union, tokens: {}}",
+            r"config tokenizer: only its source is read \(per-token overrides, \['tokens'\]",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\ntokenizer_source: m0",
+            "config tokenizer_source: must be base, union or model:PATH, got 'm0'",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\n"
+            "tokenizer_source: model:m1",
+            "config tokenizer_source: 'model:m1' names no model of the merge",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\n"
+            "tokenizer_source: base\ntokenizer: {source: base}",
+            "config tokenizer: and tokenizer_source both say",
+        ),
         ("models: [m0, m1]\nmerge_method: linear\nfoo: 1", "config foo: is not a mergekit key"),
         ("models: [m0, m1]\nmerge_method: sce", "merge_method: 'sce' has no terge translation"),
         ("models: [m0, m1]\nmerge_method: linear", "the required parameter 'weight' is not set"),
-        ("models: [hub/model]\nmerge_method: linear", "'hub/model' is no local file or folder"),
+        ("models: [a/b/c]\nmerge_method: linear", "'a/b/c' is no local file or folder, nor a Hub"),
         (
             "models: [{model: m0, parameters: {weight: 1, densty: 0.5}}]\nmerge_method: linear",
             r"models\[0\].parameters.densty: is no setting terge translates \(those of linear: "
@@ -235,6 +253,35 @@ def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
 def test_what_terge_cannot_honour_is_refused_naming_the_key(trio, text, message):
     with pytest.raises(MergeArgumentError, match=message):
         from_mergekit(config(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "vocabulary"),
+    [
+        ("tokenizer_source: base", "base"),
+        ("tokenizer_source: union", "union"),
+        ("tokenizer_source: model:m1", 1),
+        ("tokenizer: {source: union}", "union"),
+        ("", None),
+    ],
+)
+def test_tokenizer_source_becomes_the_vocabulary(trio, text, vocabulary):
+    """mergekit's tokenizer_source says where the output vocabulary comes from: terge aligns
+    the vocabulary tensors by token (``vocabulary=``) as asked; without it nothing is aligned."""
+    options = from_mergekit(
+        config("models: [m0, m1]\nmerge_method: linear\nparameters: {weight: 1}\n" + text)
+    )
+    assert options.get("vocabulary") == vocabulary
+
+
+def test_hub_ids_in_a_config_are_hub_models(trio):
+    """A model that is no local path but reads as org/name is a Hub model (resolved when the
+    merge opens it); a local folder of that name would win."""
+    from terge.cli.mergekit import _path
+
+    assert _path("org/name@v1", "models[0].model", trio) == "org/name@v1"
+    (trio / "org" / "name").mkdir(parents=True)
+    assert _path("org/name", "models[0].model", trio) == str(trio / "org" / "name")
 
 
 def test_a_yaml_file_is_read_and_bad_yaml_refused(trio):

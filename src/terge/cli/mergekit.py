@@ -12,8 +12,11 @@ blocks and at ``t = 0`` outside them (the first value), mergekit's defaults wher
 absent (``density`` 1, ``gamma`` 0.01, ``lambda`` 1, ``normalize`` and ``rescale`` per method).
 Each is then translated to terge's setting that reproduces mergekit's definition (:data:`TABLE`),
 per tensor, so the lineage records what each tensor was merged with. Keys terge cannot honour yet
-(``modules``, ``tokenizer_source``, ``tokenizer``, ``chat_template``) are refused by name, as are
-unknown ones.
+(``modules``, ``chat_template``, a ``tokenizer`` with ``tokens`` overrides, LoRA references) are
+refused by name, as are unknown ones. ``tokenizer_source`` (``base``, ``union``, ``model:PATH``;
+or ``tokenizer: {source: ...}``) becomes ``vocabulary=`` (rows aligned by token, the output
+folder's tokenizer that vocabulary's), and Hub ids (``org/name``, ``org/name@revision``) are
+models as everywhere in terge.
 
 A ``slices:`` configuration (frankenmerges, depth up-scaling) converts to :func:`terge.stack`'s
 keyword arguments instead (the result holds ``slices``): ``passthrough`` slices are copied blocks,
@@ -33,6 +36,7 @@ from typing import Any
 
 from ..errors import MergeArgumentError
 from ..io import open_checkpoint
+from ..io.hub import hub_reference
 from ..layers import layer_index
 from ..layerwise import count_layers
 from ..methods import (
@@ -50,13 +54,19 @@ from ..sources import strip_wrappers
 
 __all__ = ["TABLE", "evaluate", "from_mergekit"]
 
-KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype"}
+KEYS = {
+    "models",
+    "base_model",
+    "merge_method",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+}
 """The top-level keys read."""
 NOT_YET = {
     "modules": "per-module configurations are not supported yet; list whole models under 'models'",
-    "tokenizer_source": "vocabulary merging is not supported yet; remove tokenizer_source (the "
-    "base's tokenizer files are copied)",
-    "tokenizer": "vocabulary merging is not supported yet; remove tokenizer",
     "chat_template": "chat templates are not written; remove chat_template",
 }
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -233,7 +243,8 @@ def _one_line(error: Exception) -> str:
 
 
 def _path(reference: Any, where: str, root: Path) -> str:
-    """A model reference as a local path (hub names and LoRA ``+`` references are refused)."""
+    """A model reference as a local path or a Hub id (``org/name[@revision]``: a local path of
+    that name wins, as everywhere in terge); LoRA ``+`` references are refused."""
     if isinstance(reference, Mapping) and set(reference) <= {"model", "lora"}:
         if reference.get("lora") is not None:
             raise _fail(
@@ -249,12 +260,45 @@ def _path(reference: Any, where: str, root: Path) -> str:
         raise _fail(where, f"LoRA references (model+lora) are not supported: {text!r}")
     path = (root / text).expanduser()
     if not path.exists():
+        if hub_reference(text) is not None:
+            return text
         raise _fail(
             where,
-            f"{text!r} is no local file or folder (terge reads local checkpoints only; download "
-            "hub models first)",
+            f"{text!r} is no local file or folder, nor a Hub id (org/name or org/name@revision)",
         )
     return os.fspath(path)
+
+
+def _vocabulary(loaded: Mapping[str, Any], models: list[str], root: Path) -> str | int | None:
+    """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``) as ``vocabulary=``:
+    ``base`` and ``union`` as they are, ``model:PATH`` the index of that model in ``models``."""
+    source = loaded.get("tokenizer_source")
+    where = "tokenizer_source"
+    if loaded.get("tokenizer") is not None:
+        tokenizer = loaded["tokenizer"]
+        if source is not None:
+            raise _fail(
+                "tokenizer", "and tokenizer_source both say where the vocabulary comes from"
+            )
+        if not isinstance(tokenizer, Mapping) or set(tokenizer) - {"source"}:
+            extra = sorted(set(tokenizer) - {"source"}) if isinstance(tokenizer, Mapping) else []
+            raise _fail(
+                "tokenizer",
+                f"only its source is read (per-token overrides, {extra or tokenizer!r}, are not "
+                "supported); write tokenizer: {source: base | union | model:PATH}",
+            )
+        source, where = tokenizer.get("source"), "tokenizer.source"
+    if source is None:
+        return None
+    if source in ("base", "union"):
+        return str(source)
+    if isinstance(source, str) and source.startswith("model:"):
+        named = _path(source[len("model:") :], where, root)
+        for index, model in enumerate(models):
+            if model == named or Path(model).resolve() == Path(named).resolve():
+                return index
+        raise _fail(where, f"{source!r} names no model of the merge")
+    raise _fail(where, f"must be base, union or model:PATH, got {source!r}")
 
 
 def _dtype(config: Mapping[str, Any], key: str) -> str | None:
@@ -416,6 +460,9 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
         "weights": weights,
         "normalize": True if merge_normalize is None else merge_normalize,
     }
+    vocabulary = _vocabulary(loaded, models, root)
+    if vocabulary is not None:
+        result["vocabulary"] = vocabulary
     out_dtype = _dtype(loaded, "out_dtype") or _dtype(loaded, "dtype")
     if out_dtype is not None:
         result["out_dtype"] = out_dtype
