@@ -17,7 +17,8 @@ every ~5 ms from ``/proc/<pid>/status``:
 - ``extract_lora``: ``terge.extract_lora(tuned, base, out, rank=R)`` (files read lazily, every
   changed weight factored by a float64 SVD, the adapter written atomically);
 - ``SVDs alone``: the same 48 differences read from the same files and factored by
-  ``terge.lowrank.factor`` (the float64 thin SVD), nothing written (the arithmetic floor);
+  ``terge.lowrank.factor`` (the float64 thin SVD), freed memory returned after each as
+  ``extract_lora`` does, nothing written (the arithmetic floor);
 - ``plain copy``: ``terge.load`` of the fine-tuned checkpoint and ``terge.save`` of it (reading
   and writing every tensor once, in memory).
 
@@ -58,10 +59,12 @@ terge.extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=int(sys.argv[4]),
 SVDS = """
 import sys, torch, terge
 from terge.lowrank import factor
+from terge.lora import give_back_memory
 tuned, base = terge.open_checkpoint(sys.argv[1]), terge.open_checkpoint(sys.argv[2])
 for name in base.names():
     if len(base.info(name).shape) == 2 and name.startswith("h."):
         factor(tuned.view(name).double() - base.view(name).double(), rank=int(sys.argv[4]))
+        give_back_memory()
 """
 
 COPY = """

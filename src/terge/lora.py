@@ -19,8 +19,12 @@ module) and the tensors saved whole are kept until the adapter is written, atomi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -140,6 +144,31 @@ class LoraAdapter:
             "unchanged": self.unchanged,
             "max_error": self.max_error,
         }
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (not Linux, or another libc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the system after each SVD.
+
+    An SVD's float64 workspace is freed at once, but glibc keeps it when a small, long-lived
+    allocation (the factors just kept) lands above it in the heap; after the next SVD the same
+    happens again, so without this the resident memory of an extraction grows by a workspace per
+    layer (measured: 337 MiB for the SVDs alone, 749 MiB for the extraction of GPT-2 small).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -397,6 +426,8 @@ class _Collector:
         self.record.modules[module] = Factored(
             name, target.kind, target.shape, found.rank, found.error, found.energy, found.norm
         )
+        del found, matrix, delta
+        give_back_memory()
 
     def finish(self) -> None:
         """Place the changed tensors that were not factored: biases of factored modules as

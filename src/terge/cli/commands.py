@@ -230,8 +230,8 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "--out-format",
         metavar="FORMAT",
         help="write OUT as safetensors (default), as a torch.distributed.checkpoint folder "
-        "that dcp.load loads into an FSDP2 model (--out-format dcp), or as a PEFT LoRA adapter "
-        "over the base (e.g. --out-format lora --lora-rank 16)",
+        "that dcp.load loads into an FSDP2 model, or as a PEFT LoRA adapter over the base, "
+        "e.g. --out-format dcp, --out-format lora --lora-rank 16",
     )
     parser.add_argument(
         "--lora-rank",
@@ -250,7 +250,8 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora-embeddings",
         action="store_true",
         default=None,
-        help="with --out-format lora: factor embeddings too (else a changed one is saved whole)",
+        help="with --out-format lora: factor embeddings too (else a changed one is saved "
+        "whole), e.g. --out-format lora --lora-rank 16 --lora-embeddings",
     )
     parser.add_argument(
         "--vocabulary",
