@@ -310,11 +310,17 @@ def test_a_merge_written_as_an_adapter_over_its_base(tmp_path):
         [base, a, b], weights=[1, 1, 2], out=tmp_path / "m", out_format="lora", lora_rank=2
     )
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",  # the model card, as every out= folder has
         "adapter_config.json",
         "adapter_model.safetensors",
         "lineage.json",
         "lora.json",
     ]
+    assert "library_name: peft" in (out / "README.md").read_text()
+    bare = terge.merge(
+        [base, a, b], out=tmp_path / "bare", out_format="lora", lora_rank=2, model_card=False
+    )
+    assert not (bare / "README.md").exists()
     assert logit_gap(load_peft(llama, base, out), expected) < 1e-5
     record = json.loads((out / "lora.json").read_text())
     assert record["max_error"] < 1e-6

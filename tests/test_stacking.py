@@ -745,3 +745,37 @@ def test_a_failure_while_writing_leaves_no_folder(folders):
     assert len(calls) == 2  # the first merged tensor was written before the failure
     assert not (folders / "o").exists()
     assert [p.name for p in folders.iterdir() if p.name.startswith(".o")] == []
+
+
+def test_the_model_card_recipe_redoes_the_stack(folders, monkeypatch):
+    """A stack's folder gets a model card whose [[slices]] recipe, run through
+    ``terge merge --recipe``, writes the same tensors and the same stack lineage."""
+    import tomllib
+
+    from safetensors.torch import load_file
+
+    from terge.cli.commands import main
+
+    monkeypatch.chdir(folders)
+    slices = [
+        terge.blocks("a", 0, 2),
+        [terge.blocks("a", 2, 4, weight=[1, 0.25]), terge.blocks("b", 1, 3, weight=[0, 0.75])],
+        terge.blocks("b", 1, 4),
+    ]
+    out = terge.stack(slices, head="b", out="first")
+    card = (out / "README.md").read_text()
+    assert "# A stack of 7 blocks from 2 models" in card
+    recipe = card.split("```toml\n")[1].split("```")[0]
+    assert tomllib.loads(recipe)["slices"][1]["sources"][0]["weight"] == [1.0, 0.25]
+    (folders / "again.toml").write_text(recipe)
+    assert main(["merge", "--recipe", "again.toml", "--quiet"]) == 0
+    first, again = (
+        load_file(out / "model.safetensors"),
+        load_file(folders / "stacked/model.safetensors"),
+    )
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert load_lineage(out).stack == load_lineage(folders / "stacked").stack
+    assert not (terge.stack(slices, out="bare", model_card=False) / "README.md").exists()
+    with pytest.raises(terge.StackError, match="`model_card` must be True, False or the command"):
+        terge.stack(slices, out="never", model_card=3)

@@ -748,9 +748,11 @@ def write_merge_adapter(
     dtype: torch.dtype,
     lineage_text: str,
     lineage_file: str,
+    card: tuple[str, str] | None = None,
 ) -> LoraAdapter:
     """Compute each merged tensor of ``plan`` in turn and factor its difference from the base
-    straight away (memory holds one merged tensor at a time); write the adapter at ``out``."""
+    straight away (memory holds one merged tensor at a time); write the adapter at ``out``,
+    with the lineage and, given as ``(file name, text)``, its model card."""
     targets = check_merge_adapter(plan, settings, base)
     collector = _Collector(targets, settings, base)
     inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]
@@ -767,7 +769,10 @@ def write_merge_adapter(
             collector.add(step.name, delta, lambda m=merged: m)  # type: ignore[misc]
             del merged, delta
         collector.finish()
-        record = _write(collector, writer, base_path, {lineage_file: lineage_text})
+        files = {lineage_file: lineage_text}
+        if card is not None:
+            files[card[0]] = card[1]
+        record = _write(collector, writer, base_path, files)
     record.path = writer.path
     _warn_left_out(record)
     return record

@@ -38,6 +38,8 @@ from .lora import (
     lora_settings,
     write_merge_adapter,
 )
+from .modelcard import CARD_FILE
+from .modelcard import model_card as model_card_text
 from .output import (
     LINEAGE_FILE,
     Ranks,
@@ -514,6 +516,16 @@ def merge(
                 dtype=dtype,
                 lineage_text=lineage_text(record),
                 lineage_file=LINEAGE_FILE,
+                card=None
+                if card is False
+                else (
+                    CARD_FILE,
+                    model_card_text(
+                        record,
+                        command=card if isinstance(card, str) else None,
+                        library_name="peft",
+                    ),
+                ),
             ).path
         elif target is not None:
             assert record is not None  # every out= writes its lineage.json

@@ -243,7 +243,8 @@ def _reproduce(lineage: Lineage, command: str | None) -> list[str]:
     lines = []
     if command is not None:
         lines += ["Made with:", "", "```sh", command, "```", ""]
-    recipe, complete = recipe_from_lineage(lineage)
+    stacked = getattr(lineage, "stack", None) is not None
+    recipe, complete = (stack_recipe if stacked else recipe_from_lineage)(lineage)
     pinned = any(r.repo is not None for r in [lineage.base, *lineage.models] if r is not None)
     lead = (
         "As a recipe (`terge merge --recipe recipe.toml`)"
@@ -314,6 +315,73 @@ def recipe_from_lineage(lineage: Lineage) -> tuple[str, bool]:
     elif methods:
         complete = False
         lines.append("# the methods differ between tensors: see lineage.json")
+    return "\n".join(lines) + "\n", complete
+
+
+def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
+    """A ``terge merge --recipe`` TOML recipe with ``[[slices]]`` that redoes the stack a
+    lineage records (``lineage.stack``), and whether it is complete: runs of output blocks taken
+    from consecutive blocks of the same models become one slice each."""
+    stack = lineage.stack or {}
+    complete = True
+    paths: dict[int, str] = {}
+    for record in lineage.models:
+        if record.path is None:
+            complete = False
+            paths[record.index] = f"<models[{record.index}]: in memory>"  # type: ignore[index]
+        else:
+            paths[record.index] = _recipe_path(record)  # type: ignore[index]
+    runs: list[tuple[str, list[list[Any]]]] = []  # (method, [[model, first, weights...], ...])
+    for block in stack.get("blocks", []):
+        method, sources = block["method"], block["sources"]
+        if runs:
+            last_method, last = runs[-1]
+            follows = last_method == method and len(last) == len(sources)
+            follows = follows and all(
+                run[0] == model and run[1] + len(run) - 2 == first
+                for run, (model, first, _) in zip(last, sources)
+            )
+            if follows:
+                for run, (_, _, weight) in zip(last, sources):
+                    run.append(weight)
+                continue
+        runs.append((method, [[model, first, weight] for model, first, weight in sources]))
+    lines = []
+    for name in ("base", "head"):
+        if stack.get(name) is not None:
+            lines.append(f"{name} = {json.dumps(paths.get(stack[name], '?'))}")
+    lines.append('out = "stacked"')
+    merged = sorted({method for method, _ in runs if method != "passthrough"})
+    if len(merged) > 1:
+        complete = False
+        lines.append("# the merged slices use different methods: see lineage.json")
+    elif merged:
+        settings = {
+            key: value
+            for entry in lineage.values()
+            if entry[0] == merged[0]
+            for key, value in getattr(entry, "settings", {}).items()
+            if key != "seed"
+        }
+        table = [f"name = {json.dumps(merged[0])}"]
+        table += [f"{key} = {_toml_value(value)}" for key, value in sorted(settings.items())]
+        lines.append(f"method = {{{', '.join(table)}}}")
+    for method, sources in runs:
+        lines += ["", "[[slices]]"]
+        parts = []
+        for model, first, *weights in sources:
+            part = f"model = {json.dumps(paths.get(model, '?'))}, layer_range = [{first}, "
+            part += f"{first + len(weights)}]"
+            if method != "passthrough":
+                values = [_toml_number(w) for w in weights]
+                part += ", weight = " + (
+                    values[0] if len(set(values)) == 1 else f"[{', '.join(values)}]"
+                )
+            parts.append(part)
+        if method == "passthrough":
+            lines.append(parts[0].replace(", layer_range", "\nlayer_range"))
+        else:
+            lines.append("sources = [" + ", ".join("{" + part + "}" for part in parts) + "]")
     return "\n".join(lines) + "\n", complete
 
 

@@ -34,7 +34,8 @@ from .layers import block_prefix, layer_index, layers, renumbered
 from .layerwise import ByLayer, by_layer
 from .lineage import Lineage, LineageEntry, ModelRecord, lineage_text
 from .methods import resolve
-from .output import LINEAGE_FILE, folder_of
+from .modelcard import CARD_FILE, model_card
+from .output import LINEAGE_FILE, folder_of, library_of
 from .plan import Plan, build_plan, check_seed
 from .sources import Entry, FileSource, Source, StateDictSource, as_source, on_disk
 
@@ -547,6 +548,7 @@ def stack(
     seed: int | None = None,
     lineage: bool = False,
     dry_run: bool = False,
+    model_card: bool | str = True,
 ) -> Any:
     """Build a model whose blocks are slices of other models' blocks.
 
@@ -571,6 +573,9 @@ def stack(
         seed: seeds random methods; ``None`` draws one (recorded).
         lineage: also return the ``Lineage`` (``lineage.stack`` records each output block's and
             tensor's sources); ``dry_run``: return the lineage only, reading and writing nothing.
+        model_card: with ``out``, a ``README.md`` model card as ``merge()`` writes one (its
+            recipe a ``[[slices]]`` recipe that redoes the stack); ``False`` leaves it out, a
+            ``str`` is shown as the command that made it.
 
     Returns:
         The output folder's path (with ``out``), else a state dict; ``(result, lineage)`` with
@@ -587,6 +592,11 @@ def stack(
     for label, flag in (("overwrite", overwrite), ("lineage", lineage), ("dry_run", dry_run)):
         if not isinstance(flag, bool):
             raise StackError(f"`{label}` must be True or False; got {flag!r}.")
+    if not isinstance(model_card, (bool, str)) or model_card == "":
+        raise StackError(
+            f"`model_card` must be True, False or the command that made the stack; got "
+            f"{model_card!r}."
+        )
     target = _target(out, out_dtype, max_shard_size)
     written_dtype = None if out_dtype is None else floating_dtype(out_dtype)
     resolve(method)  # a bad method or dtype fails even where no slice is merged
@@ -632,6 +642,7 @@ def stack(
                 dtype,
                 record,
                 config,
+                None if model_card is False else _card(record, models, base_index, model_card),
             )
         else:
             result = _in_memory(layout, models, dtype)
@@ -796,6 +807,7 @@ def _write(
     dtype: torch.dtype,
     record: Lineage,
     config: str | None,
+    card: str | None = None,
 ) -> Path:
     """Stream the stack into ``target``: copies one tensor at a time, merged slices computed
     into their shard regions, the base's config re-sliced, the lineage beside them."""
@@ -809,4 +821,18 @@ def _write(
                 store_whole(writer.destination(name), read(name), buffers)
         _compute(layout, writer.destination, dtype)
         writer.write_text(LINEAGE_FILE, lineage_text(record))
+        if card is not None:
+            writer.write_text(CARD_FILE, card)
     return writer.path
+
+
+def _card(record: Lineage, models: _Models, base: int, command: bool | str) -> str:
+    """The stack's model card (see :func:`terge.modelcard.model_card`)."""
+    blocks = len((record.stack or {}).get("blocks", []))
+    return model_card(
+        record,
+        command=command if isinstance(command, str) else None,
+        library_name=library_of(models.sources[base]),
+        title=f"A stack of {blocks} block{'' if blocks == 1 else 's'} from "
+        f"{len(record.models)} model{'' if len(record.models) == 1 else 's'}",
+    )
