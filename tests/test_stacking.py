@@ -751,7 +751,6 @@ def test_the_model_card_recipe_redoes_the_stack(folders, monkeypatch):
     """A stack's folder gets a model card whose [[slices]] recipe, run through
     ``terge merge --recipe``, writes the same tensors and the same stack lineage."""
     import tomllib
-
     from safetensors.torch import load_file
 
     from terge.cli.commands import main
