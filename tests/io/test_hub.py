@@ -43,12 +43,24 @@ def publish(
     cache: Path, repo_id: str, commit: str, tensors: dict, refs: tuple[str, ...] = ("main",)
 ) -> Path:
     """Put one commit of a model repository into the cache, as ``snapshot_download`` would."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
     files = {
         "model.safetensors": save(tensors),
         "config.json": json.dumps(CONFIG).encode(),
         "README.md": b"# the upstream card\n",
     }
+    return publish_files(cache, repo_id, commit, files, refs)
+
+
+def publish_files(
+    cache: Path,
+    repo_id: str,
+    commit: str,
+    files: dict[str, bytes],
+    refs: tuple[str, ...] = ("main",),
+) -> Path:
+    """One commit of a repository holding ``files``, as ``snapshot_download`` caches it: the
+    snapshot's files link into ``blobs/``, and each ref names the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
@@ -403,21 +415,6 @@ def test_lineage_show_names_the_hub_models(cache, tmp_path, capsys):
 
 COMMIT_BASE = "ba" * 20
 COMMIT_LORA = "1a" * 20
-
-
-def publish_files(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
-    """One commit of a repository holding ``files``, as ``snapshot_download`` caches it."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def lora_files(base: str) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
