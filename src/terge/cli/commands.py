@@ -369,6 +369,9 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         best=args.best,
         metric=args.metric,
         mode=args.mode,
+        lora_rank=getattr(args, "lora_rank", None),
+        lora_energy=getattr(args, "lora_energy", None),
+        lora_embeddings=getattr(args, "lora_embeddings", None),
     )
 
 
@@ -587,9 +590,9 @@ def _merge_options(
         "out_format": settings.out_format,
         "overwrite": settings.overwrite,
         "digests": True if args.digests else None,
-        "lora_rank": getattr(args, "lora_rank", None),
-        "lora_energy": getattr(args, "lora_energy", None),
-        "lora_embeddings": getattr(args, "lora_embeddings", None),
+        "lora_rank": settings.lora_rank,
+        "lora_energy": settings.lora_energy,
+        "lora_embeddings": settings.lora_embeddings,
     }
     if isinstance(given["base"], Path):
         given["base"] = os.fspath(given["base"])
