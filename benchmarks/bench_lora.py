@@ -91,9 +91,11 @@ def make_inputs(folder: Path, quick: bool) -> tuple[Path, Path]:
     return tuned_path, base_path
 
 
-def run_case(code: str, argv: list[str]) -> tuple[float, float]:
+def run_case(code: str, argv: list[str], threads: int | None) -> tuple[float, float]:
     """Seconds from spawn to exit and the peak RssAnon (MiB) of ``python -c code argv``."""
     environment = {**os.environ, "PYTHONPATH": str(SRC_DIR)}
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", code, *argv], env=environment)
     peak = 0
@@ -117,6 +119,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--rank", type=int, default=16, help="the adapter's rank (default 16)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best counts")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for every case (default: torch's own); 1 keeps LAPACK's threads "
+        "from spinning against each other on a busy machine",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
 
@@ -125,21 +133,24 @@ def main() -> None:
     out = folder / "out"
     size = (tuned / "model.safetensors").stat().st_size / 2**20
     cases = {"extract_lora": EXTRACT, "SVDs alone": SVDS, "plain copy": COPY}
-    results = {}
-    for label, code in cases.items():
-        runs = []
-        for _ in range(args.repeat):
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in cases}
+    for _ in range(args.repeat):  # interleaved, so that a busy spell hits every case alike
+        for label, code in cases.items():
             shutil.rmtree(out, ignore_errors=True)
-            runs.append(run_case(code, [str(tuned), str(base), str(out), str(args.rank)]))
-        results[label] = {
-            "seconds": min(r[0] for r in runs),
-            "rss_anon_mib": max(r[1] for r in runs),
-        }
+            argv = [str(tuned), str(base), str(out), str(args.rank)]
+            runs[label].append(run_case(code, argv, args.threads))
+    results = {
+        label: {"seconds": min(r[0] for r in got), "rss_anon_mib": max(r[1] for r in got)}
+        for label, got in runs.items()
+    }
     rows = [
         [label, fmt_seconds(r["seconds"]), fmt_mib(r["rss_anon_mib"])]
         for label, r in results.items()
     ]
-    print(f"checkpoint: {size:.0f} MiB per model, rank {args.rank}\n")
+    print(
+        f"checkpoint: {size:.0f} MiB per model, rank {args.rank}, best of {args.repeat}, "
+        f"OMP_NUM_THREADS={args.threads or 'default'}\n"
+    )
     print(markdown_table(["case", "time (spawn to exit)", "peak RssAnon"], rows))
     print(f"\nmachine: {machine_info()}")
     if args.json is not None:

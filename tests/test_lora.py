@@ -569,3 +569,23 @@ def test_terge_merge_writes_an_adapter(tmp_path, capsys):
     assert (tmp_path / "m" / "adapter_config.json").is_file()
     assert main(["merge", *folders, "-o", str(tmp_path / "n"), "--lora-rank", "2"]) == 2
     assert "--lora-rank sets how a merge is written" in capsys.readouterr().err
+
+
+def test_a_recipe_writes_an_adapter_and_checks_its_lora_keys(tmp_path, capsys):
+    from terge.cli import main
+
+    base = llama()
+    tuned_copy(base, llama, rank=1).save_pretrained(tmp_path / "t")
+    base.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "soup.toml"
+    recipe.write_text(
+        'models = ["base", "t"]\nout = "m"\nout_format = "lora"\nlora_rank = 2\n'
+        "lora_embeddings = false\n"
+    )
+    assert main(["merge", "--recipe", str(recipe)]) == 0
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["r"] == 2
+    recipe.write_text('models = ["base", "t"]\nout = "n"\nout_format = "lora"\nlora_rank = "2"\n')
+    assert main(["merge", "--recipe", str(recipe)]) == 2
+    assert "'lora_rank' must be a positive integer; got '2' (str)" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()

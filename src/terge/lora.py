@@ -609,7 +609,7 @@ def extract_lora(
         >>> with torch.no_grad():
         ...     tuned[0].weight += torch.outer(torch.ones(8), torch.arange(8.0))
         >>> adapter = terge.extract_lora(tuned, base, os.path.join(tempfile.mkdtemp(), "a"), rank=1)
-        >>> adapter.modules["0"].rank, adapter.modules["0"].error < 1e-12
+        >>> adapter.modules["0"].rank, adapter.modules["0"].error < 1e-6  # float32 rounding
         (1, True)
     """
     settings = lora_settings(rank, energy, embeddings, fan_in_fan_out, out_dtype, task_type)

@@ -287,8 +287,8 @@ def test_unknown_key_names_it_and_lists_the_valid_ones(tmp_path):
     assert message == (
         f"{tmp_path / 'recipe.toml'}: unknown key 'modles' (did you mean 'models'?); the valid "
         "keys are models, base, out, method, weights, include, exclude, dtype, out_dtype, "
-        "max_shard_size, out_format, seed, vocabulary, lineage, overwrite, normalize, last, best, "
-        "metric, mode, slices, head."
+        "max_shard_size, out_format, lora_rank, lora_energy, lora_embeddings, seed, vocabulary, "
+        "lineage, overwrite, normalize, last, best, metric, mode, slices, head."
     )
 
 

@@ -391,6 +391,9 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         best=args.best,
         metric=args.metric,
         mode=args.mode,
+        lora_rank=getattr(args, "lora_rank", None),
+        lora_energy=getattr(args, "lora_energy", None),
+        lora_embeddings=getattr(args, "lora_embeddings", None),
     )
 
 
@@ -613,9 +616,9 @@ def _merge_options(
         "overwrite": settings.overwrite,
         "digests": True if args.digests else None,
         "model_card": False if args.model_card is False else _command_line(args),
-        "lora_rank": getattr(args, "lora_rank", None),
-        "lora_energy": getattr(args, "lora_energy", None),
-        "lora_embeddings": getattr(args, "lora_embeddings", None),
+        "lora_rank": settings.lora_rank,
+        "lora_energy": settings.lora_energy,
+        "lora_embeddings": settings.lora_embeddings,
     }
     if isinstance(given["base"], Path):
         given["base"] = os.fspath(given["base"])

@@ -105,7 +105,12 @@ RECIPE_KEYS: Mapping[str, str] = {
     "dtype": '"float64" (default) or "float32": the dtype the merge accumulates in',
     "out_dtype": 'dtype of the written floating tensors, e.g. "bfloat16"',
     "max_shard_size": 'largest shard, e.g. "2GB" or "500MiB" (default "5GB")',
-    "out_format": '"safetensors" (default) or "dcp": a torch.distributed.checkpoint folder',
+    "out_format": '"safetensors" (default), "dcp" (a torch.distributed.checkpoint folder) or '
+    '"lora" (a PEFT LoRA adapter over the base)',
+    "lora_rank": 'with out_format = "lora": int, the rank of every factored module',
+    "lora_energy": 'with out_format = "lora", instead of lora_rank: the share in (0, 1] of each '
+    "difference's squared singular values to keep",
+    "lora_embeddings": 'bool: with out_format = "lora", factor embeddings too',
     "seed": "int seeding random methods (dare_*)",
     "vocabulary": '"base", "union" or a model index: align embedding rows by token',
     "lineage": "also write the lineage JSON to this path (not inside an input)",
@@ -152,6 +157,9 @@ class Settings:
     out_dtype: torch.dtype | None = None
     max_shard_size: int | str | None = None
     out_format: str | None = None
+    lora_rank: int | None = None
+    lora_energy: float | None = None
+    lora_embeddings: bool | None = None
     seed: int | None = None
     vocabulary: str | int | None = None
     lineage: Path | None = None
@@ -586,6 +594,18 @@ def parse_recipe(data: Mapping[str, Any], folder: Path, source: str = "recipe") 
         found["out_format"] = parse_out_format(data["out_format"], where("out_format"))
     if "vocabulary" in data:
         found["vocabulary"] = parse_vocabulary(data["vocabulary"], where("vocabulary"))
+    if "lora_rank" in data:
+        rank = data["lora_rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise _type_error(where("lora_rank"), "a positive integer", rank)
+        found["lora_rank"] = rank
+    if "lora_energy" in data:
+        energy = data["lora_energy"]
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)):
+            raise _type_error(where("lora_energy"), "a number in (0, 1]", energy)
+        found["lora_energy"] = float(energy)
+    if "lora_embeddings" in data:
+        found["lora_embeddings"] = _bool(data["lora_embeddings"], where("lora_embeddings"))
     if "seed" in data:
         seed = data["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
