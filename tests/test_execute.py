@@ -253,3 +253,41 @@ def test_run_step_refuses_a_result_of_the_wrong_shape_naming_method_and_paramete
             ChunkBuffers(torch.float64),
         )
     assert out.tolist() == [0.0] * 4  # nothing written
+
+
+@pytest.mark.parametrize("name", ["magmax", "consensus", "nearswap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dtype, monkeypatch):
+    """A built-in element-wise method runs over chunks of the flattened tensors (memory of a
+    few chunks, not a float64 copy of every model): the same bits as on the whole tensors,
+    awkward values included, in place or not."""
+    import terge
+    from terge import execute as execute_module
+
+    generator = torch.Generator().manual_seed(3)
+    count = 2 if name == "nearswap" else 4
+    tensors = [torch.randn(61, 109, generator=generator) for _ in range(count)]
+    tensors[1][0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40, -float("inf")])
+    models = [{"w": t.to(dtype)} for t in tensors]
+    method = getattr(methods, name)()
+    whole = terge.merge(models, method=method, weights=list(range(1, count + 1)))["w"]
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    calls: list[int] = []
+    original = execute_module._run_chunks
+    monkeypatch.setattr(execute_module, "ELEMENTWISE_CHUNK", 1000)  # 7 chunks, a short last one
+    monkeypatch.setattr(
+        execute_module, "_run_chunks", lambda *a: (calls.append(1), original(*a))[1]
+    )
+    chunked = terge.merge(models, method=method, weights=list(range(1, count + 1)))["w"]
+    in_place = [dict(m) for m in models]
+    in_place[0] = {"w": models[0]["w"].clone()}
+    terge.merge(in_place, method=method, weights=list(range(1, count + 1)), inplace=True)
+    module = torch.nn.Module()  # a Parameter that requires grad, written in place
+    module.w = torch.nn.Parameter(models[0]["w"].clone())
+    terge.merge(
+        [module, *models[1:]], method=method, weights=list(range(1, count + 1)), inplace=True
+    )
+    assert calls == [1, 1, 1]  # the chunked path ran
+    assert module.w.requires_grad and torch.equal(module.w.detach().view(bits), whole.view(bits))
+    assert torch.equal(chunked.view(bits), whole.view(bits))
+    assert torch.equal(in_place[0]["w"].view(bits), whole.view(bits))

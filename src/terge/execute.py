@@ -324,15 +324,65 @@ def run_step(
     ):  # computed straight from the inputs as stored (whole CPU tensors, compiled loops)
         return
     device, dtype = destination.device, buffers.dtype
+    stored = local(base.get(step.name)).detach() if step.uses_base else None
+    if layout is None and _by_chunks(step, destination, inputs, stored):
+        _run_chunks(step, inputs, stored, seed, destination, buffers)
+        return
     tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]
-    reference = (
-        local(base.get(step.name)).detach().to(device=device, dtype=dtype)
-        if step.uses_base
-        else None
-    )
+    reference = None if stored is None else stored.to(device=device, dtype=dtype)
     result = _called(step, tensors, reference, seed, layout or Layout.whole(destination.shape))
     _check_result(step, result, destination)
     store_whole(destination, result.to(dtype), buffers)
+
+
+ELEMENTWISE_CHUNK = 1 << 16
+"""Elements per chunk of a built-in element-wise method (512 KiB per float64 input): the
+inputs are widened to float64 a chunk at a time, so the method runs in cache and its memory is a
+few chunks, not a float64 copy of every model's tensor."""
+
+
+def _by_chunks(
+    step: Step,
+    destination: torch.Tensor,
+    inputs: list[torch.Tensor],
+    stored: torch.Tensor | None,
+) -> bool:
+    """Whether the step can run chunk by chunk: a built-in method that declares each entry to
+    depend on the same entry only and draws nothing (a random draw is keyed by position in the
+    whole tensor), over contiguous tensors of one shape larger than one chunk."""
+    method = step.method
+    tensors = [destination, *inputs, *([] if stored is None else [stored])]
+    return (
+        method.builtin
+        and method.elementwise
+        and not method.random
+        and destination.numel() > ELEMENTWISE_CHUNK
+        and all(t.is_contiguous() and t.shape == destination.shape for t in tensors)
+    )
+
+
+def _run_chunks(
+    step: Step,
+    inputs: list[torch.Tensor],
+    stored: torch.Tensor | None,
+    seed: int | None,
+    destination: torch.Tensor,
+    buffers: ChunkBuffers,
+) -> None:
+    """An element-wise method over consecutive chunks of the flattened tensors, each widened to
+    the accumulation dtype and rounded once into its place: the same entries as on the whole."""
+    dtype = buffers.dtype
+    flat = destination.view(-1)
+    sources = [t.detach().reshape(-1) for t in inputs]
+    reference = None if stored is None else stored.reshape(-1)
+    for start in range(0, flat.numel(), ELEMENTWISE_CHUNK):
+        stop = min(start + ELEMENTWISE_CHUNK, flat.numel())
+        part = flat[start:stop]
+        tensors = [x[start:stop].to(device=flat.device, dtype=dtype) for x in sources]
+        base = None if reference is None else reference[start:stop].to(flat.device, dtype)
+        result = _called(step, tensors, base, seed, Layout.whole(part.shape))
+        _check_result(step, result, part)
+        store_whole(part, result.to(dtype), buffers)
 
 
 def _run_on_deltas(
