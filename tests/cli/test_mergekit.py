@@ -451,3 +451,46 @@ def test_float32_merges_are_mergekits_float64_results_rounded_once(llamas, metho
     got = load_file(merged / "model.safetensors")
     assert all(torch.equal(got[n], exact[n].float()) for n in exact), method
     assert os.path.isdir(merged)
+
+
+def lora_folder(folder, generator_seed: int = 9):
+    """A rank-2 PEFT LoRA on q_proj of layer 0 (4 x 6), lora_alpha 4 (scaling 2)."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    factors = {
+        f"{prefix}.lora_A.weight": torch.randn(2, 6, generator=generator),
+        f"{prefix}.lora_B.weight": torch.randn(4, 2, generator=generator),
+    }
+    folder.mkdir()
+    save_file(factors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return factors
+
+
+@pytest.mark.parametrize("form", ["m0+lora", "{model: m0, lora: lora}"])
+def test_lora_references_are_adapters_over_their_model(trio, form):
+    """mergekit's ``model+lora`` (or ``{model, lora}``) is the model with the LoRA merged in:
+    terge.adapter(lora, base=model), base + 2 * B @ A on the adapted tensor, in float64."""
+    factors = lora_folder(trio / "lora")
+    options = from_mergekit(
+        config(
+            f"models:\n  - model: {form}\n    parameters: {{weight: 1}}\n  - model: m1\n"
+            "    parameters: {weight: 1}\nmerge_method: linear"
+        )
+    )
+    adapter = options["models"][0]
+    assert isinstance(adapter, terge.AdapterSpec)
+    assert (adapter.folder, adapter.base) == (trio / "lora", str(trio / "m0"))
+    merged = terge.merge(**options)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    m0, m1 = (load_file(trio / m / "model.safetensors")[name].double() for m in ("m0", "m1"))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    a, b = factors[f"{prefix}.lora_A.weight"].double(), factors[f"{prefix}.lora_B.weight"].double()
+    expected = ((m0 + 2 * (b @ a)) + m1) / 2
+    assert torch.equal(merged[name], expected.float())
+
+
+def test_a_lora_reference_that_is_no_adapter_folder_is_refused(trio):
+    with pytest.raises(MergeArgumentError, match=r"its LoRA 'm1' is no local PEFT adapter folder"):
+        from_mergekit(config("models: [m0+m1]\nmerge_method: linear\nparameters: {weight: 1}"))

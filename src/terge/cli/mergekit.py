@@ -12,8 +12,9 @@ blocks and at ``t = 0`` outside them (the first value), mergekit's defaults wher
 absent (``density`` 1, ``gamma`` 0.01, ``lambda`` 1, ``normalize`` and ``rescale`` per method).
 Each is then translated to terge's setting that reproduces mergekit's definition (:data:`TABLE`),
 per tensor, so the lineage records what each tensor was merged with. Keys terge cannot honour yet
-(``modules``, ``chat_template``, a ``tokenizer`` with ``tokens`` overrides, LoRA references) are
-refused by name, as are unknown ones. ``tokenizer_source`` (``base``, ``union``, ``model:PATH``;
+(``modules``, ``chat_template``, a ``tokenizer`` with ``tokens`` overrides) are refused by name,
+as are unknown ones. A LoRA reference (``model+lora``, or ``{model: ..., lora: ...}``) is
+``terge.adapter(lora, base=model)``: the model with the adapter merged in, in float64. ``tokenizer_source`` (``base``, ``union``, ``model:PATH``;
 or ``tokenizer: {source: ...}``) becomes ``vocabulary=`` (rows aligned by token, the output
 folder's tokenizer that vocabulary's), and Hub ids (``org/name``, ``org/name@revision``) are
 models as everywhere in terge.
@@ -36,6 +37,7 @@ from typing import Any
 
 from ..errors import MergeArgumentError
 from ..io import open_checkpoint
+from ..io.adapters import AdapterSpec, is_adapter_folder
 from ..io.hub import hub_reference
 from ..layers import layer_index
 from ..layerwise import count_layers
@@ -244,12 +246,10 @@ def _one_line(error: Exception) -> str:
 
 def _path(reference: Any, where: str, root: Path) -> str:
     """A model reference as a local path or a Hub id (``org/name[@revision]``: a local path of
-    that name wins, as everywhere in terge); LoRA ``+`` references are refused."""
+    that name wins, as everywhere in terge); LoRA references are :func:`_model`'s."""
     if isinstance(reference, Mapping) and set(reference) <= {"model", "lora"}:
         if reference.get("lora") is not None:
-            raise _fail(
-                where, "LoRA references (model+lora) are not supported; merge the LoRA first"
-            )
+            raise _fail(where, "a LoRA reference (model+lora) is not taken here")
         reference = reference.get("model")
         if isinstance(reference, Mapping):
             reference = reference.get("path")
@@ -257,7 +257,7 @@ def _path(reference: Any, where: str, root: Path) -> str:
         raise _fail(where, f"must be the path of a local checkpoint, got {reference!r}")
     text = os.fspath(reference)
     if "+" in text and not (root / text).expanduser().exists():
-        raise _fail(where, f"LoRA references (model+lora) are not supported: {text!r}")
+        raise _fail(where, f"a LoRA reference (model+lora) is not taken here: {text!r}")
     path = (root / text).expanduser()
     if not path.exists():
         if hub_reference(text) is not None:
@@ -269,7 +269,47 @@ def _path(reference: Any, where: str, root: Path) -> str:
     return os.fspath(path)
 
 
-def _vocabulary(loaded: Mapping[str, Any], models: list[str], root: Path) -> str | int | None:
+def _model(reference: Any, where: str, root: Path) -> str | AdapterSpec:
+    """A model of ``models`` or ``base_model``: a path or Hub id, or a LoRA reference
+    (``model+lora``, or ``{model: ..., lora: ...}``) as ``terge.adapter(lora, base=model)``,
+    the adapter a local PEFT folder over its model (a path or a Hub id)."""
+    lora = None
+    if isinstance(reference, Mapping) and set(reference) <= {"model", "lora"}:
+        lora = reference.get("lora")
+        reference = reference.get("model")
+        if isinstance(reference, Mapping):
+            reference = reference.get("path")
+        if isinstance(lora, Mapping):
+            lora = lora.get("path")
+    elif isinstance(reference, (str, os.PathLike)):
+        text = os.fspath(reference)
+        if "+" in text and not (root / text).expanduser().exists():
+            reference, lora = text.split("+", 1)
+    model = _path(reference, where, root)
+    if lora is None:
+        return model
+    if not isinstance(lora, (str, os.PathLike)):
+        raise _fail(where, f"its LoRA must be the path of a PEFT adapter folder, got {lora!r}")
+    folder = (root / os.fspath(lora)).expanduser()
+    if not is_adapter_folder(folder):
+        raise _fail(
+            where,
+            f"its LoRA {os.fspath(lora)!r} is no local PEFT adapter folder (adapter_config.json); "
+            "a LoRA on the Hub: download it first (hf download ORG/NAME --local-dir DIR)",
+        )
+    return AdapterSpec(folder, model)
+
+
+def _key(model: str | AdapterSpec) -> Any:
+    """What tells two models of a config apart: the resolved path (and an adapter's base)."""
+    if isinstance(model, AdapterSpec):
+        return ("adapter", model.folder.resolve(), _key(model.base))
+    return Path(model).resolve()
+
+
+def _vocabulary(
+    loaded: Mapping[str, Any], models: Sequence[str | AdapterSpec], root: Path
+) -> str | int | None:
     """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``) as ``vocabulary=``:
     ``base`` and ``union`` as they are, ``model:PATH`` the index of that model in ``models``."""
     source = loaded.get("tokenizer_source")
@@ -295,7 +335,7 @@ def _vocabulary(loaded: Mapping[str, Any], models: list[str], root: Path) -> str
     if isinstance(source, str) and source.startswith("model:"):
         named = _path(source[len("model:") :], where, root)
         for index, model in enumerate(models):
-            if model == named or Path(model).resolve() == Path(named).resolve():
+            if _key(model) == _key(named):
                 return index
         raise _fail(where, f"{source!r} names no model of the merge")
     raise _fail(where, f"must be base, union or model:PATH, got {source!r}")
@@ -368,7 +408,7 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     if not isinstance(entries, list) or not entries:
         raise _fail("models", "must be a non-empty list of {model: PATH, parameters: {...}}")
     globals_ = _check_parameters(loaded.get("parameters"), "parameters", method_name)
-    paths: list[str] = []
+    paths: list[str | AdapterSpec] = []
     own: list[Mapping[str, Any] | None] = []
     for i, entry in enumerate(entries):
         where = f"models[{i}]"
@@ -379,26 +419,27 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
         unknown = set(entry) - {"model", "parameters"}
         if unknown:
             raise _fail(f"{where}.{sorted(unknown)[0]}", "is not a key of a model entry")
-        paths.append(_path(entry["model"], f"{where}.model", root))
+        paths.append(_model(entry["model"], f"{where}.model", root))
         own.append(_check_parameters(entry.get("parameters"), f"{where}.parameters", method_name))
 
     base_path = None
     if loaded.get("base_model") is not None:
-        base_path = _path(loaded["base_model"], "base_model", root)
+        base_path = _model(loaded["base_model"], "base_model", root)
     needs_base = method_name in _TASK_VECTOR or method_name in ("slerp", "model_stock")
     if needs_base and base_path is None:
         raise _fail("base_model", f"{method_name} needs a base_model")
 
-    resolved = [Path(p).resolve() for p in paths]
+    resolved = [_key(p) for p in paths]
     base_at = (
         None
         if base_path is None
-        else next((i for i, p in enumerate(resolved) if p == Path(base_path).resolve()), None)
+        else next((i for i, p in enumerate(resolved) if p == _key(base_path)), None)
     )
     if needs_base:  # the base first, then the other models: mergekit's non-base inputs
         others = [i for i in range(len(paths)) if i != base_at]
         order = others
-        models = [str(base_path), *(paths[i] for i in others)]
+        assert base_path is not None  # needs_base: checked above
+        models = [base_path, *(paths[i] for i in others)]
         base: Any = 0
     else:
         order = list(range(len(paths)))
@@ -409,7 +450,7 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     if method_name == "model_stock" and len(order) < 2:
         raise _fail("models", "model_stock needs at least two models besides base_model")
 
-    names = _tensor_names(models[base] if isinstance(base, int) else str(base))
+    names = _tensor_names(models[base] if isinstance(base, int) else base)
     layers = count_layers(names)
     normalize_default = _NORMALIZE.get(method_name, False)
     methods: dict[str, Method] = {}
@@ -469,8 +510,10 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     return result
 
 
-def _tensor_names(path: str) -> list[str]:
-    """The canonical tensor names of the checkpoint that supplies the merge's defaults."""
+def _tensor_names(model: str | AdapterSpec) -> list[str]:
+    """The canonical tensor names of the checkpoint that supplies the merge's defaults (an
+    adapter's: its base's)."""
+    path = model.base if isinstance(model, AdapterSpec) else model
     with open_checkpoint(path) as reader:
         return [strip_wrappers(name) for name in reader.names()]
 
