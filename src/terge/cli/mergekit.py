@@ -14,10 +14,11 @@ Each is then translated to terge's setting that reproduces mergekit's definition
 per tensor, so the lineage records what each tensor was merged with. Keys terge cannot honour yet
 (``modules``, ``chat_template``, a ``tokenizer`` with ``tokens`` overrides) are refused by name,
 as are unknown ones. A LoRA reference (``model+lora``, or ``{model: ..., lora: ...}``) is
-``terge.adapter(lora, base=model)``: the model with the adapter merged in, in float64. ``tokenizer_source`` (``base``, ``union``, ``model:PATH``;
-or ``tokenizer: {source: ...}``) becomes ``vocabulary=`` (rows aligned by token, the output
-folder's tokenizer that vocabulary's), and Hub ids (``org/name``, ``org/name@revision``) are
-models as everywhere in terge.
+``terge.adapter(lora, base=model)``: the model with the adapter merged in, in float64.
+``tokenizer_source`` (``base``, ``union``, ``model:PATH``; or ``tokenizer: {source: ...}``)
+becomes ``vocabulary=`` (rows aligned by token, the output folder's tokenizer that
+vocabulary's), and Hub ids (``org/name``, ``org/name@revision``) are models as everywhere in
+terge.
 
 A ``slices:`` configuration (frankenmerges, depth up-scaling) converts to :func:`terge.stack`'s
 keyword arguments instead (the result holds ``slices``): ``passthrough`` slices are copied blocks,
