@@ -53,6 +53,23 @@ def _models(folder: Path) -> list[str]:
     return paths
 
 
+def _dcp_models(folder: Path, models: list[str]) -> list[str]:
+    """The same three models as distributed checkpoints (``dcp.save({"model": ...})``, as a
+    training loop saves them), written here in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    paths = []
+    for i, model in enumerate(models):
+        path = folder / f"dcp{i}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is unavailable ... single process"
+            dcp.save({"model": terge.load(model)}, checkpoint_id=str(path), no_dist=True)
+        paths.append(str(path))
+    return paths
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -84,7 +101,9 @@ def _said(call) -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) -> None:
+def _worker(
+    rank: int, world: int, port: int, folder: str, models: list[str], dcps: list[str]
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank)
     )
@@ -122,6 +141,14 @@ def _worker(rank: int, world: int, port: int, folder: str, models: list[str]) ->
             distributed=True,
         )
         results["drawn_seed"] = next(iter(drawn.values())).settings["seed"]
+        terge.merge(  # distributed-checkpoint inputs: each rank stitches the tensors it needs
+            dcps,
+            method="ties",
+            out=root / "dist-dcp",
+            max_shard_size=SHARD,
+            seed=0,
+            distributed=True,
+        )
         terge.merge(models, out=root / "dist-one-shard", seed=0, distributed=True)
         for failing in (world - 1, 0):  # a rank that only writes, and the one that commits
             results[f"failure{failing}"] = _said(
@@ -171,12 +198,13 @@ def job(request, tmp_path_factory):
     world = request.param
     folder = tmp_path_factory.mktemp(f"files-{world}")
     models = _models(folder)
+    dcps = _dcp_models(folder, models)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = mp.start_processes(
         _worker,
-        args=(world, port, str(folder), models),
+        args=(world, port, str(folder), models, dcps),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -188,7 +216,7 @@ def job(request, tmp_path_factory):
                 process.kill()
             pytest.fail(f"the distributed job did not finish within {TIMEOUT} s")
     results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return SimpleNamespace(results=results, world=world, folder=folder, models=models)
+    return SimpleNamespace(results=results, world=world, folder=folder, models=models, dcps=dcps)
 
 
 @needs_gloo
@@ -321,3 +349,20 @@ def test_terge_merge_under_torchrun_splits_the_shards_too(job, tmp_path):
     assert distributed == alone
     index = json.loads((single / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= world
+
+
+@needs_gloo
+def test_distributed_checkpoint_inputs_merge_as_on_one_process(job, tmp_path):
+    """Distributed-checkpoint inputs (as FSDP2 training saves them): every rank reads the
+    tensors of its own shards, chunks stitched, and the files are one process's, byte for byte;
+    the tensors are those of the same merge of the safetensors copies."""
+    folder, dcps = job.folder, job.dcps
+    single = terge.merge(dcps, method="ties", out=tmp_path / "single", max_shard_size=SHARD, seed=0)
+    assert _files(folder / "dist-dcp") == _files(single)
+    again = terge.merge(
+        job.models, method="ties", out=tmp_path / "files", max_shard_size=SHARD, seed=0
+    )
+    from_files = terge.load(again)
+    merged = terge.load(folder / "dist-dcp")
+    assert merged.keys() == from_files.keys()
+    assert all(torch.equal(merged[k], from_files[k]) for k in merged)
