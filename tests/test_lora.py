@@ -487,6 +487,25 @@ def test_an_output_inside_an_input_is_refused(tmp_path):
     assert not (tmp_path / "base" / "adapter").exists()
 
 
+def test_an_output_inside_an_adapter_being_read_is_refused(tmp_path):
+    """A merge written as an adapter, or an extraction, reads an adapter folder as a model:
+    its output may not go inside that folder (nor the adapter's base), and nothing is written."""
+    tuned, base = two_linears()
+    tuned_adapter = terge.extract_lora(tuned, base, tmp_path / "lora", rank=1).path
+    inside = tmp_path / "lora" / "out"
+    adapter = terge.adapter(tuned_adapter, base=base)
+    for call in (
+        lambda: terge.merge([adapter, base], out=inside, out_format="lora", lora_rank=1),
+        lambda: terge.merge(
+            [adapter, base], out=inside, out_format="lora", lora_rank=1, dry_run=True
+        ),
+        lambda: terge.extract_lora(adapter, base, inside, rank=1),
+    ):
+        with pytest.raises(CheckpointError, match="is inside the input"):
+            call()
+        assert not inside.exists()
+
+
 def test_identical_models_write_nothing(tmp_path):
     _, base = two_linears()
     with pytest.raises(MergeArgumentError, match="do not differ in any tensor"):

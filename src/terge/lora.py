@@ -48,7 +48,16 @@ from .io.reading import allowed_roots, outside
 from .lowrank import check_energy, check_rank, factor
 from .patterns import PatternMap, PatternSet, pattern_repr, selected
 from .plan import Plan
-from .sources import FileSource, ModuleSource, NameMap, Source, as_source, renamer
+from .sources import (
+    FileSource,
+    ModuleSource,
+    NameMap,
+    Source,
+    as_source,
+    checkpoint_of,
+    folders_read,
+    renamer,
+)
 
 REPORT_FILE = "lora.json"
 """The record beside the adapter: per module its rank and truncation error, and what was left
@@ -641,7 +650,7 @@ def extract_lora(
         for name in sorted(set(base_source.entries) - set(tuned.entries)):
             collector.record.left_out[name] = "only in the base (not in the fine-tuned model)"
         base_path = base_source.spec if isinstance(base_source, FileSource) else None
-        inputs = [s.path for s in (tuned, base_source) if isinstance(s, FileSource)]
+        inputs = _inputs([tuned, base_source])
         with AdapterWriter(out, overwrite=overwrite, inputs=inputs) as writer:
             for name in shared:
                 new, old = tuned.get(name), base_source.get(name)
@@ -730,11 +739,16 @@ def check_merge_adapter(plan: Plan, settings: LoraSettings, base: Source) -> dic
     )
 
 
+def _inputs(sources: list[Source]) -> list[Path]:
+    """Every checkpoint and adapter folder the sources read (the output must not lie in one)."""
+    paths = [c.path for c in map(checkpoint_of, sources) if c is not None]
+    return list(dict.fromkeys([*paths, *(f for s in sources for f in folders_read(s))]))
+
+
 def check_adapter_target(out: Path, sources: list[Source], base: Source, overwrite: bool) -> None:
     """Refuse ``out`` as :class:`AdapterWriter` would (it exists, or lies in an input), writing
     nothing: a dry run fails where the real call would."""
-    inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]
-    AdapterWriter(out, overwrite=overwrite, inputs=inputs)  # checked, never entered
+    AdapterWriter(out, overwrite=overwrite, inputs=_inputs([*sources, base]))  # never entered
 
 
 def write_merge_adapter(
@@ -755,7 +769,7 @@ def write_merge_adapter(
     with the lineage and, given as ``(file name, text)``, its model card."""
     targets = check_merge_adapter(plan, settings, base)
     collector = _Collector(targets, settings, base)
-    inputs = [s.path for s in [*sources, base] if isinstance(s, FileSource)]
+    inputs = _inputs([*sources, base])
     base_path = base.spec if isinstance(base, FileSource) else None
     with AdapterWriter(out, overwrite=overwrite, inputs=inputs) as writer:
         for step in plan.steps:
