@@ -255,12 +255,13 @@ def test_run_step_refuses_a_result_of_the_wrong_shape_naming_method_and_paramete
     assert out.tolist() == [0.0] * 4  # nothing written
 
 
-@pytest.mark.parametrize("name", ["magmax", "consensus", "nearswap"])
+@pytest.mark.parametrize("name", ["magmax", "consensus", "nearswap", "della", "della_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dtype, monkeypatch):
-    """A built-in element-wise method runs over chunks of the flattened tensors (memory of a
-    few chunks, not a float64 copy of every model): the same bits as on the whole tensors,
-    awkward values included, in place or not."""
+    """A built-in element-wise method runs over chunks of the flattened tensors, a row-wise one
+    (DELLA: ranks within rows, draws keyed by whole-tensor index) over blocks of whole rows
+    (memory of a few chunks, not a float64 copy of every model): the same bits as on the whole
+    tensors, awkward values included, in place or not."""
     import terge
     from terge import execute as execute_module
 
@@ -270,7 +271,7 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     tensors[1][0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40, -float("inf")])
     models = [{"w": t.to(dtype)} for t in tensors]
     method = getattr(methods, name)()
-    whole = terge.merge(models, method=method, weights=list(range(1, count + 1)))["w"]
+    whole = terge.merge(models, method=method, weights=list(range(1, count + 1)), seed=0)["w"]
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     calls: list[int] = []
     original = execute_module._run_chunks
@@ -278,14 +279,18 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     monkeypatch.setattr(
         execute_module, "_run_chunks", lambda *a: (calls.append(1), original(*a))[1]
     )
-    chunked = terge.merge(models, method=method, weights=list(range(1, count + 1)))["w"]
+    chunked = terge.merge(models, method=method, weights=list(range(1, count + 1)), seed=0)["w"]
     in_place = [dict(m) for m in models]
     in_place[0] = {"w": models[0]["w"].clone()}
-    terge.merge(in_place, method=method, weights=list(range(1, count + 1)), inplace=True)
+    terge.merge(in_place, method=method, weights=list(range(1, count + 1)), seed=0, inplace=True)
     module = torch.nn.Module()  # a Parameter that requires grad, written in place
     module.w = torch.nn.Parameter(models[0]["w"].clone())
     terge.merge(
-        [module, *models[1:]], method=method, weights=list(range(1, count + 1)), inplace=True
+        [module, *models[1:]],
+        method=method,
+        weights=list(range(1, count + 1)),
+        seed=0,
+        inplace=True,
     )
     assert calls == [1, 1, 1]  # the chunked path ran
     assert module.w.requires_grad and torch.equal(module.w.detach().view(bits), whole.view(bits))

@@ -325,8 +325,9 @@ def run_step(
         return
     device, dtype = destination.device, buffers.dtype
     stored = local(base.get(step.name)).detach() if step.uses_base else None
-    if layout is None and _by_chunks(step, destination, inputs, stored):
-        _run_chunks(step, inputs, stored, seed, destination, buffers)
+    unit = None if layout is not None else _by_chunks(step, destination, inputs, stored)
+    if unit is not None:
+        _run_chunks(step, inputs, stored, seed, destination, buffers, unit)
         return
     tensors = [t.detach().to(device=device, dtype=dtype) for t in inputs]
     reference = None if stored is None else stored.to(device=device, dtype=dtype)
@@ -346,19 +347,25 @@ def _by_chunks(
     destination: torch.Tensor,
     inputs: list[torch.Tensor],
     stored: torch.Tensor | None,
-) -> bool:
-    """Whether the step can run chunk by chunk: a built-in method that declares each entry to
-    depend on the same entry only and draws nothing (a random draw is keyed by position in the
-    whole tensor), over contiguous tensors of one shape larger than one chunk."""
+) -> int | None:
+    """How many elements of the flattened tensors make one unit of a step run chunk by chunk:
+    1 for a built-in method whose entries each depend on the same entry alone and draw nothing
+    (a random draw is keyed by position in the whole tensor), a row's for one whose rows depend
+    on the same rows alone (:attr:`Method.rowwise`, told where each block of rows lies); over
+    contiguous tensors of one shape larger than one chunk. ``None``: run on the whole tensors."""
     method = step.method
     tensors = [destination, *inputs, *([] if stored is None else [stored])]
-    return (
+    if not (
         method.builtin
-        and method.elementwise
-        and not method.random
         and destination.numel() > ELEMENTWISE_CHUNK
         and all(t.is_contiguous() and t.shape == destination.shape for t in tensors)
-    )
+    ):
+        return None
+    if method.elementwise and not method.random:
+        return 1
+    if method.rowwise and destination.dim() >= 2 and destination.shape[0] > 1:
+        return destination.numel() // destination.shape[0]
+    return None
 
 
 def _run_chunks(
@@ -368,21 +375,32 @@ def _run_chunks(
     seed: int | None,
     destination: torch.Tensor,
     buffers: ChunkBuffers,
+    unit: int,
 ) -> None:
-    """An element-wise method over consecutive chunks of the flattened tensors, each widened to
-    the accumulation dtype and rounded once into its place: the same entries as on the whole."""
+    """The method over consecutive chunks of the flattened tensors (whole rows of ``unit``
+    elements), each widened to the accumulation dtype and rounded once into its place, its
+    :class:`Layout` saying where it lies in the whole: the same entries as on the whole."""
     dtype = buffers.dtype
+    shape = tuple(destination.shape)
     flat = destination.view(-1)
     sources = [t.detach().reshape(-1) for t in inputs]
     reference = None if stored is None else stored.reshape(-1)
-    for start in range(0, flat.numel(), ELEMENTWISE_CHUNK):
-        stop = min(start + ELEMENTWISE_CHUNK, flat.numel())
+    step_size = max(1, ELEMENTWISE_CHUNK // unit) * unit
+    for start in range(0, flat.numel(), step_size):
+        stop = min(start + step_size, flat.numel())
         part = flat[start:stop]
         tensors = [x[start:stop].to(device=flat.device, dtype=dtype) for x in sources]
         base = None if reference is None else reference[start:stop].to(flat.device, dtype)
-        result = _called(step, tensors, base, seed, Layout.whole(part.shape))
-        _check_result(step, result, part)
-        store_whole(part, result.to(dtype), buffers)
+        if unit == 1:
+            layout = Layout.whole(part.shape)
+        else:  # a block of whole rows, shaped as the rows are
+            local = ((stop - start) // unit, *shape[1:])
+            tensors = [t.view(local) for t in tensors]
+            base = None if base is None else base.view(local)
+            layout = Layout(shape, local, (start // unit, *([0] * (len(shape) - 1))))
+        result = _called(step, tensors, base, seed, layout)
+        _check_result(step, result, part.view(tensors[0].shape))
+        store_whole(part, result.reshape(-1).to(dtype), buffers)
 
 
 def _run_on_deltas(

@@ -126,6 +126,11 @@ class Method:
     elementwise: bool = False
     """Each entry of the result depends only on the same entry of the inputs, so ``function``
     runs on each shard of a sharded parameter as it is."""
+    rowwise: bool = False
+    """Each row of the result (the ``shape[0]`` rows, flattened) depends only on the same row of
+    the inputs, and random draws are keyed by the layout's whole-tensor indices: ``function``
+    may run on blocks of whole rows, each told where it lies by its :class:`Layout`."""
+
     into: Callable[..., bool] | None = None
     """Optionally, ``function`` computed straight into the destination from the inputs as stored
     (no float64 copies), equal to it bit for bit: ``into(destination, tensors, weights, base,
@@ -167,7 +172,7 @@ class Method:
             options["seed"] = seed
         if self.divides:
             options["divisor"] = divisor
-        if self.layout_aware:
+        if self.layout_aware or self.rowwise:
             options["layout"] = layout
         if self.named:
             options["name"] = name
@@ -1287,6 +1292,7 @@ def _della(name: str, density: Any, epsilon: Any, scale: Any, consensus: bool) -
         needs_base=True,
         random=True,
         paper=_DELLA,
+        rowwise=True,
         builtin=True,
     )
 
