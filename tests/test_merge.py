@@ -663,12 +663,17 @@ def test_distributed_must_be_a_bool(linears, tmp_path):
         terge.merge(linears, out=tmp_path / "out", distributed="yes")
 
 
-def test_distributed_writes_safetensors_only(tmp_path):
-    """A distributed file merge splits safetensors shards; a distributed checkpoint is written by
-    one process, so the two together are refused before any rank talks to another."""
-    terge.save({"w": torch.ones(2)}, tmp_path / "a")
-    terge.save({"w": torch.zeros(2)}, tmp_path / "b")
-    with pytest.raises(MergeArgumentError, match=r"distributed=True splits safetensors shards"):
+def test_distributed_writes_safetensors_or_a_distributed_checkpoint_only(tmp_path):
+    """A distributed file merge splits safetensors shards or a distributed checkpoint's data
+    files; a LoRA adapter is written by one process, so the two together are refused before any
+    rank talks to another."""
+    terge.save({"w": torch.ones(2, 2)}, tmp_path / "a")
+    terge.save({"w": torch.zeros(2, 2)}, tmp_path / "b")
+    with pytest.raises(MergeArgumentError, match=r"out_format='lora'; merge on one process"):
         terge.merge(
-            [tmp_path / "a", tmp_path / "b"], out=tmp_path / "o", out_format="dcp", distributed=True
+            [tmp_path / "a", tmp_path / "b"],
+            out=tmp_path / "o",
+            out_format="lora",
+            lora_rank=1,
+            distributed=True,
         )

@@ -359,7 +359,8 @@ def merge(
             ``_orig_mod.``), e.g. ``lambda n: n.replace("_checkpoint_wrapped_module.", "")``.
         distributed: with ``out`` and checkpoint paths, on every process of an initialised
             ``torch.distributed`` job (``torchrun``, any number of nodes sharing one filesystem):
-            split the output's shards between the processes. Each rank reads only what its
+            split the output's shards (or, with ``out_format="dcp"``, a distributed checkpoint's
+            tensors) between the processes. Each rank reads only what its
             shards need and writes its own shard files; rank 0 writes the index, config and
             lineage, and the folder appears only when every rank succeeded (a failure on any
             rank fails all, leaving nothing). The files are those one process would write, byte
@@ -744,7 +745,7 @@ def _check_distributed(
 ) -> None:
     """What ``distributed=True`` needs, refused the same way on every rank before any talk:
     checkpoint files that every rank reads (no rank holds the others' modules), an ``out`` in
-    safetensors shards, a process group."""
+    safetensors shards or a distributed checkpoint, a process group."""
     if not distributed:
         return
     if target is None:
@@ -752,11 +753,11 @@ def _check_distributed(
             "distributed=True splits the shards of the output folder between the processes; "
             "pass out='folder' too (an in-memory merge is not split)."
         )
-    if out_format != "safetensors":
+    if out_format not in ("safetensors", "dcp"):
         raise MergeArgumentError(
-            f"distributed=True splits safetensors shards between the processes, but "
-            f"out_format={out_format!r}; merge on one process for a distributed checkpoint "
-            "(drop distributed=True), or write safetensors."
+            f"distributed=True splits the output's files between the processes (safetensors "
+            f"shards, or a distributed checkpoint's data files), but out_format={out_format!r}; "
+            "merge on one process for it (drop distributed=True)."
         )
     given = list(enumerate(models)) if isinstance(models, (list, tuple)) else []
     for where, model in [(f"models[{i}]", m) for i, m in given] + [("base", base)]:

@@ -38,10 +38,10 @@ from .digests import DigestRecorder
 from .errors import CheckpointError, MergeArgumentError, MetaTensorError, ShardingError
 from .execute import execute, output_shape, run_step
 from .io import StreamingShardWriter, TensorInfo, parse_size
-from .io.distributed import DistributedCheckpointWriter
+from .io.distributed import DistributedCheckpointPart, DistributedCheckpointWriter
 from .io.dtypes import dtype_name
 from .io.reading import allowed_roots, outside
-from .io.writing import ShardFiles, shard_groups, shard_owners
+from .io.writing import ShardedWriter, ShardFiles, shard_groups, shard_owners
 from .kernels import ChunkBuffers, store_whole
 from .lineage import Lineage, lineage_text
 from .modelcard import CARD_FILE, model_card
@@ -287,7 +287,27 @@ def write_merge(
     layout = _Layout(plan, base, out_dtype)
     lineage.tied.update(layout.aliases)
     if out_format == "dcp":
-        into = _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
+
+        def writer_of() -> DistributedCheckpointWriter:
+            return _distributed_writer(plan, out, layout, sources, base, max_shard_size, overwrite)
+
+        if ranks is not None and ranks.world > 1:
+            _write_dcp_distributed(
+                writer_of,
+                out,
+                layout,
+                sources,
+                base,
+                max_shard_size,
+                ranks,
+                dtype,
+                progress,
+                lineage,
+                hook,
+                card,
+            )
+            return out
+        into = writer_of()
         _write_dcp(into, layout, sources, base, dtype, progress, lineage, hook, card)
         return into.path
     args = (out, layout, lineage, sources, base, max_shard_size, overwrite)
@@ -520,12 +540,13 @@ def _placer(writer: StreamingShardWriter | ShardFiles) -> Callable[[str], torch.
 
 
 def _commit(
-    writer: StreamingShardWriter,
+    writer: ShardedWriter,
     lineage: Lineage,
     failure: Exception | None,
     failed: list[Any],
     base: Source,
     card: bool | str,
+    dcp: bool = False,
 ) -> Exception | None:
     """On rank 0: rename the folder into place when every rank succeeded (the lineage written
     first), else remove it; the error that stops the merge, if any."""
@@ -534,7 +555,7 @@ def _commit(
         writer.__exit__(type(error), error, None)
         return failure
     try:
-        _write_records(writer, lineage, base, card)
+        _write_records(writer, lineage, base, card, dcp=dcp)
     except Exception as error:
         writer.__exit__(type(error), error, None)
         return error
@@ -605,10 +626,27 @@ def _write_dcp(
 ) -> None:
     """Compute each tensor into a fresh one and append it to the checkpoint at once, so memory
     holds one output tensor (and its inputs) at a time; tied names share one record."""
-    buffers = ChunkBuffers(dtype)
-    names = list(layout.tensors)
-    shown = tqdm(names, desc="Merging and writing", unit="tensors") if progress else names
     with writer, torch.no_grad():
+        _add_dcp(writer.add, layout, list(layout.tensors), sources, base, dtype, progress, hook)
+        if hook is not None:
+            lineage.digests = hook.digests
+        _write_records(writer, lineage, base, card, dcp=True)
+
+
+def _add_dcp(
+    add: Callable[[str, torch.Tensor], None],
+    layout: _Layout,
+    names: list[str],
+    sources: list[Source],
+    base: Source,
+    dtype: torch.dtype,
+    progress: bool,
+    hook: DigestRecorder | None,
+) -> None:
+    """Compute (or copy) each of ``names`` into a fresh tensor and hand it to ``add`` at once."""
+    buffers = ChunkBuffers(dtype)
+    shown = tqdm(names, desc="Merging and writing", unit="tensors") if progress else names
+    with torch.no_grad():
         for name in shown:
             info = layout.tensors[name]
             step = layout.steps.get(name)
@@ -625,11 +663,87 @@ def _write_dcp(
                     cast = torch.empty(info.shape, dtype=info.dtype)
                     store_whole(cast, value, buffers)
                     value = cast
-            writer.add(name, value)
+            add(name, value)
             del value
-        if hook is not None:
-            lineage.digests = hook.digests
-        _write_records(writer, lineage, base, card, dcp=True)
+
+
+def _write_dcp_distributed(
+    writer_of: Callable[[], DistributedCheckpointWriter],
+    out: Path,
+    layout: _Layout,
+    sources: list[Source],
+    base: Source,
+    max_shard_size: int | str,
+    ranks: Ranks,
+    dtype: torch.dtype,
+    progress: bool,
+    lineage: Lineage,
+    hook: DigestRecorder | None,
+    card: bool | str,
+) -> None:
+    """A distributed checkpoint written by every rank: the tensors shared out by bytes (as the
+    safetensors shards are), each rank appending its own to its own data files
+    (``__<rank>_<n>.distcp``) in rank 0's temporary folder; rank 0 writes ``.metadata`` (every
+    rank's records), the lineage and the card, and renames the folder into place once every rank
+    succeeded, removing it when any failed."""
+    groups = [[name] for name in layout.tensors]
+    owners = shard_owners(groups, layout.tensors, ranks.world)
+    names = [group[0] for group, owner in zip(groups, owners, strict=True) if owner == ranks.rank]
+    writer: DistributedCheckpointWriter | None = None
+    failure: Exception | None = None
+    if ranks.rank == 0:
+        try:
+            writer = writer_of()
+            writer.__enter__()
+        except Exception as error:
+            if writer is not None:
+                writer.__exit__(type(error), error, None)
+            writer, failure = None, error
+    said = _said(failure)
+    started = ranks.broadcast(("open", str(writer.temporary)) if writer is not None else said)
+    if not isinstance(started, tuple):
+        raise failure or CheckpointError(
+            f"rank 0 could not start writing {out} ({started}); nothing was written.", out
+        )
+    size = parse_size(max_shard_size)
+    part = (
+        writer.part
+        if writer is not None
+        else DistributedCheckpointPart(Path(started[1]), layout.tensors, ranks.rank, size)
+    )
+    try:
+        add = writer.add if writer is not None else (lambda n, t: part.add(n, t, out))
+        _add_dcp(add, layout, names, sources, base, dtype, progress, hook)
+        if writer is None:
+            part.close()
+    except Exception as error:
+        failure = error
+        if writer is None:
+            part.remove()
+    except BaseException:  # Ctrl-C, SIGTERM: nothing of this rank's is left
+        if writer is None:
+            part.remove()
+        else:
+            writer.__exit__(RuntimeError, None, None)
+        raise
+    shared = (part.records, part.files) if writer is None and failure is None else ({}, [])
+    results = ranks.gather((_said(failure), hook.digests if hook is not None else None, shared))
+    failed = [(rank, said) for rank, (said, _, _) in enumerate(results) if said is not None]
+    if not failed and hook is not None:  # every rank returns the whole lineage
+        lineage.digests = {k: v for _, digests, _ in results for k, v in (digests or {}).items()}
+    if writer is not None:
+        if not failed and failure is None:
+            try:
+                for _, _, (records, files) in results[1:]:
+                    writer.adopt(records, files)
+            except Exception as error:
+                failure = error
+        failure = _commit(writer, lineage, failure, failed, base, card, dcp=True)
+    committed = ranks.broadcast(_said(failure) if writer is not None else None)
+    if failure is not None:
+        raise failure
+    if failed or committed is not None:
+        raise _failed_elsewhere(ranks, *(failed[0] if failed else (0, committed)), out)
 
 
 def _fresh(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

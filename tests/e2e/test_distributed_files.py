@@ -141,6 +141,27 @@ def _worker(
             distributed=True,
         )
         results["drawn_seed"] = next(iter(drawn.values())).settings["seed"]
+        _, written = terge.merge(  # a distributed checkpoint out: each rank its data files
+            models,
+            method="ties",
+            out=root / "dist-dcp-out",
+            out_format="dcp",
+            max_shard_size=SHARD,
+            seed=0,
+            digests=True,
+            lineage=True,
+            distributed=True,
+        )
+        results["dcp_out"] = lineage_text(written)
+        results["dcp_failure"] = _said(
+            lambda: terge.merge(
+                models,
+                method=_failing(world - 1),
+                out=root / "dist-dcp-failed",
+                out_format="dcp",
+                distributed=True,
+            )
+        )
         terge.merge(  # distributed-checkpoint inputs: each rank stitches the tensors it needs
             dcps,
             method="ties",
@@ -366,3 +387,42 @@ def test_distributed_checkpoint_inputs_merge_as_on_one_process(job, tmp_path):
     merged = terge.load(folder / "dist-dcp")
     assert merged.keys() == from_files.keys()
     assert all(torch.equal(merged[k], from_files[k]) for k in merged)
+
+
+@needs_gloo
+def test_a_distributed_checkpoint_written_by_every_rank_loads_as_one_process_s(job, tmp_path):
+    """out_format="dcp" with distributed=True: every rank appends its own tensors to its own data
+    files, rank 0 writes .metadata with every rank's records; torch's dcp.load reads the same
+    tensors as from one process's checkpoint, the lineage (digests gathered) is the same bytes,
+    and a failure on one rank leaves nothing."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    results, world, folder, models = job.results, job.world, job.folder, job.models
+    out = folder / "dist-dcp-out"
+    single = terge.merge(
+        models,
+        method="ties",
+        out=tmp_path / "single",
+        out_format="dcp",
+        max_shard_size=SHARD,
+        seed=0,
+        digests=True,
+    )
+    data = sorted(p.name for p in out.iterdir() if p.name.endswith(".distcp"))
+    assert {name.split("_")[2] for name in data} == {str(r) for r in range(world)}  # every rank's
+    assert (out / "lineage.json").read_bytes() == (single / "lineage.json").read_bytes()
+    assert {r["dcp_out"] for r in results} == {(out / "lineage.json").read_text()}
+    assert verify_lineage(terge.load_lineage(out / "lineage.json"), out) == []
+    expected = terge.load(single)
+    state = {name: torch.empty_like(tensor) for name, tensor in expected.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is unavailable ... single process"
+        dcp.load(state, checkpoint_id=str(out), no_dist=True)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert all(
+        "injected failure" in r["dcp_failure"] or "failed" in r["dcp_failure"] for r in results
+    )
+    assert not (folder / "dist-dcp-failed").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".dist-dcp")]  # no leftovers

@@ -658,6 +658,76 @@ def _untransformed(stream: IO[bytes], descriptors: Sequence[str]) -> IO[bytes]:
 # -- writing --------------------------------------------------------------------------------------
 
 
+class DistributedCheckpointPart:
+    """One process's tensors of a distributed checkpoint being written: each appended whole, as
+    one chunk, to this rank's data files (``__<rank>_<n>.distcp``) in ``folder`` (the writer's
+    temporary folder), a new file where one would pass ``max_shard_size``. ``records`` says where
+    each went, for the ``.metadata`` that :class:`DistributedCheckpointWriter` writes
+    (:meth:`DistributedCheckpointWriter.adopt` takes another rank's part)."""
+
+    def __init__(
+        self, folder: Path, tensors: Mapping[str, TensorInfo], rank: int, max_shard_size: int
+    ) -> None:
+        self.folder = Path(folder)
+        self.layout = dict(tensors)
+        self.rank = rank
+        self.max_shard_size = max_shard_size
+        self.records: dict[str, tuple[str, int, int]] = {}
+        self.files: list[str] = []
+        self._data: IO[bytes] | None = None
+        self._data_name = ""
+
+    def add(self, name: str, tensor: torch.Tensor, where: Path) -> None:
+        """Append ``tensor`` as ``name`` (its layout's shape and dtype, on any device)."""
+        info = self.layout.get(name)
+        if info is None:
+            raise CheckpointError(f"{name!r} is not in the output's layout.", where)
+        if name in self.records:
+            raise CheckpointError(f"tensor {name!r} was already written to {where}.", where)
+        data = tensor.detach()
+        if data.shape != info.shape or data.dtype != info.dtype:
+            raise CheckpointError(
+                f"tensor {name!r} is {data.dtype} of shape {list(data.shape)}, but the layout "
+                f"says {info.dtype} of shape {list(info.shape)}.",
+                where,
+            )
+        data = data.to("cpu").contiguous()
+        if data.untyped_storage().nbytes() != data.nbytes:  # torch.save writes whole storages
+            data = data.clone()
+        stream = self.stream(data.nbytes)
+        begin = stream.tell()
+        torch.save(data, stream)
+        self.records[name] = (self._data_name, begin, stream.tell() - begin)
+
+    def stream(self, nbytes: int = 0) -> IO[bytes]:
+        """The data file to append ``nbytes`` of tensor data to: a new one when they would push
+        the current one past ``max_shard_size`` (as safetensors shards are cut)."""
+        current = self._data
+        if current is not None and current.tell() and current.tell() + nbytes > self.max_shard_size:
+            self.close()
+        if self._data is None:
+            self._data_name = f"__{self.rank}_{len(self.files)}{DATA_SUFFIX}"
+            self._data = open(self.folder / self._data_name, "wb")  # noqa: SIM115
+            self.files.append(self._data_name)
+        return self._data
+
+    def close(self) -> None:
+        """Flush the open data file to disk and close it."""
+        data, self._data = self._data, None
+        if data is not None:
+            data.flush()
+            os.fsync(data.fileno())
+            data.close()
+
+    def remove(self) -> None:
+        """Close and delete this part's files (a failed write)."""
+        data, self._data = self._data, None
+        if data is not None:
+            data.close()
+        for name in self.files:
+            (self.folder / name).unlink(missing_ok=True)
+
+
 class DistributedCheckpointWriter(ShardedWriter):
     """Streams tensors into a new distributed checkpoint folder that
     ``torch.distributed.checkpoint.load`` reads (into plain or FSDP2-sharded models), atomically.
@@ -709,61 +779,46 @@ class DistributedCheckpointWriter(ShardedWriter):
         self._layout = dict(tensors)
         self.total_size = sum(info.nbytes for info in tensors.values())
         self._records: dict[str, tuple[str, int, int]] = {}
-        self._data: IO[bytes] | None = None
-        self._data_name = ""
         self._data_files: list[str] = []
+        self._part: DistributedCheckpointPart | None = None
 
     def key(self, name: str) -> str:
         """The key ``name`` is saved under."""
         return f"{self.entry}.{name}" if self.entry else name
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` now as ``name`` (its layout's shape and dtype, on any device)."""
-        if self._state != "open":
+    @property
+    def part(self) -> DistributedCheckpointPart:
+        """This process's data files (rank 0's, ``__0_<n>.distcp``), in the temporary folder."""
+        if self._state != "open" or self._tmp is None:
             raise CheckpointError(
                 "DistributedCheckpointWriter.add() needs an open writer: call it inside the "
                 "`with` block.",
                 self.path,
             )
-        info = self._layout.get(name)
-        if info is None:
-            raise CheckpointError(f"{name!r} is not in the output's layout.", self.path)
+        if self._part is None:
+            self._part = DistributedCheckpointPart(self._tmp, self._layout, 0, self.max_shard_size)
+        return self._part
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` now as ``name`` (its layout's shape and dtype, on any device)."""
+        part = self.part
         if name in self._records:
             raise CheckpointError(f"tensor {name!r} was already written to {self.path}.", self.path)
-        data = tensor.detach()
-        if data.shape != info.shape or data.dtype != info.dtype:
-            raise CheckpointError(
-                f"tensor {name!r} is {data.dtype} of shape {list(data.shape)}, but the layout "
-                f"says {info.dtype} of shape {list(info.shape)}.",
-                self.path,
-            )
-        data = data.to("cpu").contiguous()
-        if data.untyped_storage().nbytes() != data.nbytes:  # torch.save writes whole storages
-            data = data.clone()
-        stream = self._stream(data.nbytes)
-        begin = stream.tell()
-        torch.save(data, stream)
-        self._records[name] = (self._data_name, begin, stream.tell() - begin)
+        part.add(name, tensor, self.path)
+        self._records[name] = part.records[name]
 
-    def _stream(self, nbytes: int = 0) -> IO[bytes]:
-        """The data file to append ``nbytes`` of tensor data to: a new one when they would push
-        the current one past ``max_shard_size`` (as safetensors shards are cut)."""
-        assert self._tmp is not None
-        current = self._data
-        if current is not None and current.tell() and current.tell() + nbytes > self.max_shard_size:
-            self._close_data()
-        if self._data is None:
-            self._data_name = f"__0_{len(self._data_files)}{DATA_SUFFIX}"
-            self._data = open(self._tmp / self._data_name, "wb")  # noqa: SIM115
-            self._data_files.append(self._data_name)
-        return self._data
-
-    def _close_data(self) -> None:
-        data, self._data = self._data, None
-        if data is not None:
-            data.flush()
-            os.fsync(data.fileno())
-            data.close()
+    def adopt(self, records: Mapping[str, tuple[str, int, int]], files: Sequence[str]) -> None:
+        """Take another process's part (:class:`DistributedCheckpointPart`, written into this
+        writer's temporary folder): its tensors' records and its data files."""
+        for name, record in records.items():
+            if name not in self._layout or name in self._records:
+                raise CheckpointError(
+                    f"another process wrote {name!r}, which is not in the layout or was written "
+                    "already; nothing was saved.",
+                    self.path,
+                )
+            self._records[name] = tuple(record)  # type: ignore[assignment]
+        self._data_files += list(files)
 
     def _finish_weights(self, tmp: Path) -> list[str]:
         unwritten = [name for name in self._layout if name not in self._records]
@@ -774,9 +829,12 @@ class DistributedCheckpointWriter(ShardedWriter):
                 "output would be incomplete, so nothing was saved.",
                 self.path,
             )
-        if not self._data_files:
-            self._stream()  # dcp.save writes a data file even for an empty state dict
-        self._close_data()
+        part = self._part
+        if part is None or not part.files:
+            part = self.part
+            part.stream()  # dcp.save writes a data file even for an empty state dict
+        part.close()
+        self._data_files = [*part.files, *self._data_files]
         with open(tmp / METADATA_FILE, "wb") as file:
             pickle.dump(self._metadata(), file)
         return [*self._data_files, METADATA_FILE]
@@ -810,9 +868,8 @@ class DistributedCheckpointWriter(ShardedWriter):
         )
 
     def _discard(self) -> None:
-        data, self._data = self._data, None
-        if data is not None:
-            data.close()
+        if self._part is not None:
+            self._part.remove()
         super()._discard()
 
 

@@ -408,6 +408,13 @@ class ShardedWriter:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def temporary(self) -> Path:
+        """The hidden folder the output is written into until it is renamed into place."""
+        if self._tmp is None:
+            raise CheckpointError("the writer is not open: enter it first.", self.path)
+        return self._tmp
+
     def __enter__(self) -> ShardedWriter:
         if self._state != "new":
             raise CheckpointError("a ShardedWriter can be entered only once.", self.path)
@@ -897,13 +904,6 @@ class StreamingShardWriter(ShardedWriter):
         """The names in each shard, in order (as every rank of a distributed write computes)."""
         self._owned = list(range(len(self.groups))) if owned is None else sorted(set(owned))
         self._files: ShardFiles | None = None
-
-    @property
-    def temporary(self) -> Path:
-        """The hidden folder the output is written into until it is renamed into place."""
-        if self._tmp is None:
-            raise CheckpointError("the writer is not open: enter it first.", self.path)
-        return self._tmp
 
     def __enter__(self) -> StreamingShardWriter:
         super().__enter__()
