@@ -416,6 +416,10 @@ def test_terge_stack_command_depth_up_scales_and_merges(folders, capsys):
 
     a, b = folders / "a", folders / "b"
     assert main(["stack", f"{a}:0:3", f"{a}:1:4", "-o", str(folders / "dus")]) == 0
+    assert (folders / "dus" / "README.md").is_file()
+    bare = ["stack", f"{a}:0:3", "-o", str(folders / "bare"), "--no-model-card", "--quiet"]
+    assert main(bare) == 0
+    assert not (folders / "bare" / "README.md").exists()
     assert blocks_of(folders / "dus") == [0, 1, 2, 1, 2, 3]
     config = json.loads((folders / "dus" / "config.json").read_text())
     assert config["num_hidden_layers"] == 6

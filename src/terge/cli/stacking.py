@@ -97,6 +97,12 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--dry-run", action="store_true", help="check and print, write nothing")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument(
+        "--no-model-card",
+        dest="model_card",
+        action="store_false",
+        help="write no OUT/README.md model card (by default one with a [[slices]] recipe)",
+    )
 
 
 def run_stack(args: argparse.Namespace) -> int:
@@ -116,7 +122,8 @@ def run_stack(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite or None,
     )
-    return run_stack_settings(settings, quiet=args.quiet, dry_run=args.dry_run)
+    options = {} if args.model_card else {"model_card": False}
+    return run_stack_settings(settings, quiet=args.quiet, dry_run=args.dry_run, options=options)
 
 
 _NOT_WITH_SLICES = ("models", "weights", "include", "exclude", "normalize", "last", "best")
