@@ -296,3 +296,33 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     assert module.w.requires_grad and torch.equal(module.w.detach().view(bits), whole.view(bits))
     assert torch.equal(chunked.view(bits), whole.view(bits))
     assert torch.equal(in_place[0]["w"].view(bits), whole.view(bits))
+
+
+def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkeypatch):
+    """In place, a SIGINT that arrives between two chunks of an element-wise method is held:
+    every chunk is written (the tensor is the whole merge, not half of it), then the
+    KeyboardInterrupt surfaces."""
+    import signal
+
+    import terge
+    from terge import execute as execute_module
+
+    monkeypatch.setattr(execute_module, "ELEMENTWISE_CHUNK", 1000)
+    generator = torch.Generator().manual_seed(5)
+    models = [{"w": torch.randn(40, 100, generator=generator)} for _ in range(3)]
+    expected = terge.merge(models, method="magmax")["w"]
+    calls = []
+    original = execute_module._called
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first chunk was written
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(execute_module, "_called", interrupted)
+    target = [{"w": models[0]["w"].clone()}, *models[1:]]
+    with pytest.raises(KeyboardInterrupt):
+        terge.merge(target, method="magmax", inplace=True)
+    assert len(calls) == 4  # every chunk ran
+    assert torch.equal(target[0]["w"], expected)
