@@ -250,3 +250,20 @@ def test_rounding_every_kind_of_float64_once(dtype):
     combine(fast, [sources], [1.0], None, reference=False)
     combine(slow, [sources], [1.0], None, reference=True)
     assert same_bits(fast, slow)
+
+
+@needs_loop
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16, torch.float16, torch.float32])
+def test_every_half_precision_value_is_read_and_stored_as_torch_does(dtype, out_dtype):
+    """All 65,536 bit patterns of a 16-bit float (subnormals, infinities, every NaN payload)
+    read by the compiled loop, whose conversions are written without branches so that they
+    vectorise, and stored into each dtype: the same bits as the reference's conversions."""
+    values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    fast = torch.empty(values.numel(), dtype=out_dtype)
+    slow = torch.empty(values.numel(), dtype=out_dtype)
+    combine(fast, [values], [1.0], None, reference=False)
+    combine(slow, [values], [1.0], None, reference=True)
+    assert same_bits(fast, slow)
+    if out_dtype == torch.float64:
+        assert same_bits(fast, values.to(torch.float64))
