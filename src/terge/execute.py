@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import signal
 import threading
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -14,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import MergeArgumentError, MethodError, MethodResultError
+from .io.readahead import Readahead
 from .kernels import ChunkBuffers, linear_combine, store_whole
 from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
@@ -192,11 +194,13 @@ def execute(
     buffers = ChunkBuffers(dtype)
     bar: Callable[..., Any] = tqdm if progress else _no_bar
     shown_as = {"total": len(steps), "desc": "Merging the models' parameters", "unit": "parameters"}
-    with torch.no_grad():
+    with torch.no_grad(), _read_ahead(steps, sources, base) as readahead:
         ready = _computed_ahead(steps, sources, base, destination, buffers) if atomic else {}
         with _interrupts_held() if atomic else contextlib.nullcontext(), bar(**shown_as) as shown:
             try:
-                for step in steps:
+                for index, step in enumerate(steps):
+                    if readahead is not None:
+                        readahead.reached(index)
                     if hook is not None:
                         hook.before(step)
                     written = destination(step.name)
@@ -211,6 +215,26 @@ def execute(
             finally:
                 if atomic:  # the caller's tensors: tell autograd they changed
                     _bump_versions([destination(step.name) for step in steps], steps)
+
+
+@contextlib.contextmanager
+def _read_ahead(
+    steps: Sequence[Step], sources: list[Source], base: Source
+) -> Iterator[Readahead | None]:
+    """A :class:`~terge.io.readahead.Readahead` over the steps' inputs where any is read lazily
+    from a file (the disk then streams while the CPU computes); ``None`` in memory."""
+    if not any(isinstance(source, FileSource) for source in (*sources, base)):
+        yield None
+        return
+
+    def job(step: Step) -> int:
+        asked = sum(sources[i].prefetch(step.name) for i in step.contributors)
+        if step.uses_base and all(sources[i] is not base for i in step.contributors):
+            asked += base.prefetch(step.name)
+        return asked
+
+    with Readahead([functools.partial(job, step) for step in steps]) as readahead:
+        yield readahead
 
 
 def _bump_versions(tensors: list[torch.Tensor], steps: Sequence[Step]) -> None:

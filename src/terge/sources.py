@@ -178,6 +178,11 @@ class Source:
     def close(self) -> None:
         """Release what the source holds open (files); nothing for in-memory models."""
 
+    def prefetch(self, name: str) -> int:
+        """Start reading ``name`` from disk in the background, for a file that is read lazily;
+        returns the bytes asked for (0: nothing to read ahead, as for in-memory models)."""
+        return 0
+
     def holds(self, name: str, shape: torch.Size) -> bool:
         entry = self.entries.get(name)
         return entry is not None and entry.shape == shape
@@ -302,6 +307,10 @@ class FileSource(Source):
 
     def get(self, name: str) -> torch.Tensor:
         return self.reader.view(self.raw_names[name])
+
+    def prefetch(self, name: str) -> int:
+        raw = self.raw_names.get(name)
+        return 0 if raw is None else self.reader.prefetch(raw)
 
     def close(self) -> None:
         self.reader.close()
