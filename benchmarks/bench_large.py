@@ -5,6 +5,7 @@ filling the models with random numbers)::
 
     python benchmarks/bench_large.py
     python benchmarks/bench_large.py --quick      # 8 layers instead of 22, smoke test
+    python benchmarks/bench_large.py --dtype bfloat16   # the models in bfloat16 (~6.6 GB)
 
 The models have TinyLlama-1.1B's shapes (vocabulary 32000, hidden 2048, 22 layers, MLP 5632,
 4 key/value heads, untied head). The copy limit is measured in the same process on the same
@@ -31,10 +32,10 @@ from _common import LlamaShaped, command_line, machine_info
 TARGET = 1.2
 
 
-def build(layers: int, seed: int) -> LlamaShaped:
+def build(layers: int, seed: int, dtype: torch.dtype) -> LlamaShaped:
     with torch.device("meta"):
         model = LlamaShaped(layers, vocab=32000, hidden=2048, mlp=5632, kv=256)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").to(dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -55,10 +56,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 layers (~0.5B parameters)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the models'"
+    )
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
     machine = machine_info()
     layers = 8 if args.quick else 22
-    models = [build(layers, seed) for seed in range(3)]
+    models = [build(layers, seed, dtype) for seed in range(3)]
     parameters = sum(p.numel() for p in models[0].parameters())
     triples = list(zip(*(list(m.parameters()) for m in models)))
 
@@ -76,7 +82,7 @@ def main() -> int:
         copy_times.append(best(copy, 1))
         merge_times.append(best(merge, 1))
     limit, merged = min(copy_times), min(merge_times)
-    gib = parameters * 4 / 2**30
+    gib = parameters * itemsize / 2**30
     ratio = merged / limit
     print(f"# terge large-model benchmark — {machine['date']}")
     print()
@@ -87,13 +93,13 @@ def main() -> int:
     )
     print()
     print(
-        f"3 fp32 models of {parameters / 1e9:.2f}B parameters ({gib:.1f} GiB each, "
+        f"3 {args.dtype} models of {parameters / 1e9:.2f}B parameters ({gib:.1f} GiB each, "
         f"{3 * gib:.1f} GiB of inputs), arithmetic mean in place, best of {args.repeat}:"
     )
     print()
     print("| case | time (s) | vs copy limit | effective bandwidth (GB/s) |")
     print("|---|---|---|---|")
-    moved = 4 * parameters * 4 / 1e9  # read 3 models, write 1
+    moved = 4 * parameters * itemsize / 1e9  # read 3 models, write 1
     for label, seconds in (
         ("copy limit (same bytes)", limit),
         ("terge in place, first call", first),
