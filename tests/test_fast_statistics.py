@@ -239,3 +239,36 @@ def test_gpu_tensors_give_the_cpu_bits(dtype):
     on_cpu = statistics.dot_products(tensors[:2], tensors[2], pairs)
     on_gpu = statistics.dot_products([t.cuda() for t in tensors[:2]], tensors[2].cuda(), pairs)
     assert bits(on_gpu) == bits(on_cpu)
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_verify_of_a_merge_summed_in_another_order_says_why_and_how(method, tmp_path, monkeypatch):
+    """A lineage written by a build that summed the angle differently (simulated: a dot product
+    off in its last places) fails bit-for-bit verify with the reason and the remedy, and passes
+    with the tolerance the message suggests."""
+    from terge.audit import verify_lineage
+    from terge.io import save
+
+    generator = torch.Generator().manual_seed(0)
+    folders = []
+    for name in "abc":
+        save({"w": torch.randn(64, 32, generator=generator, dtype=torch.float64)}, tmp_path / name)
+        folders.append(tmp_path / name)
+    models = folders[:2] if method == "slerp" else folders
+    real = methods._dot_products
+
+    def another_order(*args, **kwargs):  # the last pair's sum off as another order can be
+        sums = real(*args, **kwargs)  # (cancelling products: many of its ulps)
+        sums[-1] *= 1 + 1e-12
+        return sums
+
+    with monkeypatch.context() as patch:
+        patch.setattr(methods, "_dot_products", another_order)
+        terge.merge(models, method=method, out=tmp_path / "m", out_dtype=torch.float64)
+    lineage = terge.load_lineage(tmp_path / "m" / "lineage.json")
+    problems = verify_lineage(lineage, tmp_path / "m")
+    assert problems and all("summed in a fixed order since terge 0.2.0" in p for _, p in problems)
+    assert all("--rtol" in p for _, p in problems)
+    assert verify_lineage(lineage, tmp_path / "m", rtol=1e-9) == []
+    terge.merge(models, method=method, out=tmp_path / "n", out_dtype=torch.float64)
+    assert verify_lineage(terge.load_lineage(tmp_path / "n" / "lineage.json"), tmp_path / "n") == []
