@@ -272,3 +272,11 @@ def test_verify_of_a_merge_summed_in_another_order_says_why_and_how(method, tmp_
     assert verify_lineage(lineage, tmp_path / "m", rtol=1e-9) == []
     terge.merge(models, method=method, out=tmp_path / "n", out_dtype=torch.float64)
     assert verify_lineage(terge.load_lineage(tmp_path / "n" / "lineage.json"), tmp_path / "n") == []
+
+
+def test_the_reference_gives_the_same_bits_a_chunk_at_a_time(monkeypatch):
+    tensors = [awkward(5 * CHUNK + 9, 40 + i, 2).to(torch.bfloat16) for i in range(3)]
+    pairs = methods._gram_pairs(3)
+    together = reference(tensors, None, pairs)
+    monkeypatch.setattr(statistics, "GROUP_ENTRIES", CHUNK)  # one chunk per step
+    assert bits(reference(tensors, None, pairs)) == bits(together)

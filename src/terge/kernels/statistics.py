@@ -37,8 +37,8 @@ CHUNK = 1 << 15
 """Entries per chunk (256 KiB of float64): the unit the threads share and the sums add up."""
 LANES = 32
 """Lanes per row of a chunk: the compiled loop's vectors (four AVX-512 registers)."""
-GROUP = 8
-"""Chunks the reference computes at once (2 MiB of float64 per input)."""
+GROUP_ENTRIES = 1 << 21
+"""Entries (of all the inputs together) the reference widens at once: 16 MiB of float64."""
 MAX_INPUTS = 64
 MAX_PAIRS = 4096
 
@@ -114,12 +114,13 @@ def reference_chunk_sums(
     device: torch.device,
 ) -> torch.Tensor:
     """Each chunk's sums (one row per chunk, one column per pair, float64 on ``device``) in
-    plain torch operations, :data:`GROUP` chunks at a time."""
+    plain torch operations, a few chunks at a time (:data:`GROUP_ENTRIES`)."""
     n = flats[0].numel()
     count = -(-n // CHUNK)
     rows = torch.empty(count, len(pairs), dtype=torch.float64, device=device)
-    for first in range(0, count, GROUP):
-        last = min(first + GROUP, count)
+    group = max(1, GROUP_ENTRIES // CHUNK // (len(flats) + 1))
+    for first in range(0, count, group):
+        last = min(first + group, count)
         start, stop = first * CHUNK, min(last * CHUNK, n)
         pad = (last - first) * CHUNK - (stop - start)
         xs = []
