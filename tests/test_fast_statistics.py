@@ -203,6 +203,8 @@ def test_the_loop_refuses_bad_arguments():
         loop.chunks(0, 0, 10, 0, 1, [x.data_ptr()], [1], [], 0)
     with pytest.raises(ValueError, match="chunks out of range"):
         loop.chunks(0, 0, 10, 1, 2, [x.data_ptr()], [1], [(0, 0)], 0)
+    with pytest.raises(ValueError, match="chunks out of range"):  # past the last chunk
+        loop.chunks(0, 0, 10, 0, 2, [x.data_ptr()], [1], [(0, 0)], 0)
     with pytest.raises(ValueError, match="between 1 and 64 inputs"):
         loop.chunks(0, 0, 10, 0, 1, [], [], [(0, 0)], 0)
 

@@ -202,7 +202,7 @@ static PyObject *py_chunks(PyObject *self, PyObject *args) {
         !parse_inputs(inputs_obj, codes_obj, inputs, codes, &count)) {
         return NULL;
     }
-    if (n < 0 || first < 0 || last < first || (last > first && first * (Py_ssize_t)CHUNK >= n)) {
+    if (n < 0 || first < 0 || last < first || last > (n + CHUNK - 1) / CHUNK) {
         PyErr_SetString(PyExc_ValueError, "chunks out of range");
         return NULL;
     }
