@@ -486,6 +486,25 @@ def reopened(path: CheckpointSpec, record: ModelRecord | None) -> Source:
     return AdapterSource(AdapterSpec(path.path, base), buffers=False)
 
 
+ANGLE_ORDER_SINCE = "0.2.0"
+"""The terge release from which SLERP's and Model Stock's dot products are summed in the order
+``terge.kernels.statistics`` defines; merges by earlier builds can differ by the cosine's last
+places (more where the products cancel), so the output in its last places here and there."""
+
+
+def _angle_hint(entry: Any) -> str:
+    """Why a SLERP or Model Stock tensor may differ without being wrong, and what to do."""
+    settings = getattr(entry, "settings", {})
+    mergekit = settings.get("zero") == "unnormalised" or settings.get("clamp") is False
+    if entry[0] not in ("slerp", "model_stock") or mergekit or settings.get("filter_wise"):
+        return ""
+    return (
+        f" ({entry[0]}'s angle is summed in a fixed order since terge {ANGLE_ORDER_SINCE}; a merge "
+        "by an earlier build can differ from it in the last places of some values: check with "
+        "--rtol, e.g. 1e-2 for bfloat16, 1e-6 for float32, 1e-9 for float64)"
+    )
+
+
 class _Checker:
     """What ``verify_lineage`` needs to know about the lineage, checked as it is needed."""
 
@@ -741,7 +760,9 @@ class _Checker:
         recomputed = tensor_digest(result)
         del result
         if recomputed != written:
-            problems.append("the checkpoint's tensor differs from the recomputed one")
+            problems.append(
+                "the checkpoint's tensor differs from the recomputed one" + _angle_hint(entry)
+            )
         elif digests is not None and recomputed != digests.output:
             problems.append("recomputing gives another tensor than the one recorded")
         return problems

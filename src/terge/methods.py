@@ -44,7 +44,6 @@ import torch
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .families import elementwise, spherical, statistics, subspace
 from .kernels import ChunkBuffers, linear_combine
-from .kernels.cpu import ranges, run
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -53,6 +52,7 @@ from .kernels.primitives import (
     kth_largest_magnitude_bits,
     zero_below,
 )
+from .kernels.statistics import dot_products
 from .layerwise import ByLayer
 from .sharding import Layout
 
@@ -816,68 +816,17 @@ _NORM_EPS = 1e-8
 """mergekit's: a norm at most this is taken as 1 (the tensor is not normalised)."""
 
 
-STATISTICS_CHUNK = 1 << 15
-"""Entries per chunk of the streamed dot products (SLERP's and Model Stock's angles; 256 KiB of
-float64 per input, cache-sized): the sums
-are of the chunks' ``torch.dot``, in order, so the whole-tensor reference and the streamed pass
-over the inputs as stored give the same bits."""
-
-
 def _dot_products(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
     pairs: list[tuple[int, int]],
     device: torch.device,
-    buffers: ChunkBuffers | None = None,
 ) -> list[float]:
-    """``sum over chunks of dot(x_i, x_j)`` for each pair, in float64, where ``x_i`` is
-    ``tensors[i] - base`` (or ``tensors[i]`` without a base): one read of every input, chunk by
-    chunk, each chunk copied into a float64 buffer, each chunk's dot products summed in chunk
-    order. So the reference, given float64 tensors, and the streamed pass, given the inputs as
-    stored, compute the very same sums, however many threads share the chunks (on the CPU)."""
-    flats = [t.reshape(-1) for t in tensors]
-    reference = None if base is None else base.reshape(-1)
-    total = flats[0].numel()
-    starts = list(range(0, total, STATISTICS_CHUNK))
-    rows = torch.empty(len(starts), len(pairs), dtype=torch.float64, device=device)
-    groups = len(ranges(total)) if device.type == "cpu" else 1  # the linear loop's threads
-    step = -(-len(starts) // groups) if starts else 1
-
-    def part(group: int) -> None:  # the chunks from group * step on, into their rows
-        count = len(flats) + (reference is not None)
-        held = [_statistics_buffer(buffers, device, group, i) for i in range(count)]
-        for k in range(group * step, min((group + 1) * step, len(starts))):
-            start = starts[k]
-            stop = min(start + STATISTICS_CHUNK, total)
-            pieces = [b[: stop - start].copy_(f[start:stop]) for b, f in zip(held, flats)]
-            if reference is not None:
-                origin = held[-1][: stop - start].copy_(reference[start:stop])
-                for piece in pieces:
-                    piece.sub_(origin)
-            torch.stack([torch.dot(pieces[i], pieces[j]) for i, j in pairs], out=rows[k])
-
-    run([partial(part, group) for group in range(groups)])
-    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
-    for row in rows:  # in chunk order, whatever the threads
-        sums.add_(row)
-    return sums.tolist()
-
-
-def _statistics_buffer(
-    buffers: ChunkBuffers | None, device: torch.device, group: int, index: int
-) -> torch.Tensor:
-    """A float64 chunk buffer of the streamed dot products, one per thread and input, kept with
-    the merge's buffers (fresh without them)."""
-    if buffers is None:
-        return torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
-    held = getattr(buffers, "_statistics", None)
-    if held is None:
-        held = {}
-        buffers._statistics = held  # type: ignore[attr-defined]
-    key = (device, group, index)
-    if key not in held:
-        held[key] = torch.empty(STATISTICS_CHUNK, dtype=torch.float64, device=device)
-    return held[key]
+    """``sum(x_i * x_j)`` for each pair, in float64, where ``x_i`` is ``tensors[i] - base`` (or
+    ``tensors[i]`` without a base), in the order :mod:`terge.kernels.statistics` defines: the
+    reference, given float64 tensors, and the streamed pass, given the inputs as stored, compute
+    the very same sums, on any device and however many threads share the work."""
+    return dot_products(tensors, base, pairs, device)
 
 
 def _combine_whole(
@@ -963,7 +912,7 @@ def _slerp_into(
     if zero != "linear" or len(tensors) != 2 or not isinstance(scratch, ChunkBuffers):
         return False
     device = destination.device
-    sums = _dot_products(list(tensors), None, _SLERP_PAIRS, device, scratch)
+    sums = _dot_products(list(tensors), None, _SLERP_PAIRS, device)
     linear_combine(
         destination, list(tensors), _slerp_coefficients(sums, float(weights[1]), threshold), scratch
     )
@@ -1145,7 +1094,7 @@ def _model_stock_into(
     if filter_wise or not clamp or base is None or n < 2 or not isinstance(scratch, ChunkBuffers):
         return False
     device = destination.device
-    sums = _dot_products(list(tensors), base, _gram_pairs(n), device, scratch)
+    sums = _dot_products(list(tensors), base, _gram_pairs(n), device)
     coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
     linear_combine(destination, [*tensors, base], coefficients, scratch, divisor)
     return True

@@ -4,10 +4,12 @@ Every linear merge is ``destination = (sum_i c_i x_i) / d``, accumulated in a wi
 rounded once. :mod:`.reference` computes it in plain torch ops anywhere; on the CPU with float64
 accumulation the compiled loop (:mod:`.fastloop`, built at install) does the same arithmetic in
 one pass split between the cores; on CUDA GPUs the Triton kernel (:mod:`.triton_loop`, imported
-on first use) does. :mod:`.fastmethods` is the compiled task-vector loop, :mod:`.primitives` the
-exact selection and random draws shared with sharded tensors, and :mod:`.cpu` what the compiled
-loops share. The tests check every loop against the reference bit for bit; setting the
-environment variable ``TERGE_KERNELS=torch`` forces the reference everywhere.
+on first use) does. :mod:`.fastmethods` is the compiled task-vector loop, :mod:`.statistics`
+SLERP's and Model Stock's dot products (compiled on the CPU, in an order of terge's own),
+:mod:`.primitives` the exact selection and random draws shared with sharded tensors, and
+:mod:`.cpu` what the compiled loops share. The tests check every loop against the reference
+bit for bit; setting the environment variable ``TERGE_KERNELS=torch`` forces the reference
+everywhere.
 """
 
 from __future__ import annotations
