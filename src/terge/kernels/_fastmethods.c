@@ -610,6 +610,8 @@ static void merge(char *out, int out_code, const char *base, int base_code, Py_s
 }
 
 /* --- the element-wise methods: MagMax, TALL-mask consensus, NearSwap, SCE ----------------------- */
+/* Up to FUSED models each entry is computed in registers (elementwise_entry); more go through
+ * block buffers one model at a time (elementwise_block), in the same order. */
 
 /* The references are elementwise.magmax_merge, consensus_merge, nearswap_merge and sce_merge;
  * with d_i = x_i - b (widened, then one rounding) each entry is, in their order:
@@ -655,6 +657,102 @@ static inline void sce_deltas(double (*d)[BLOCK], double *v, const double *b,
         }
     }
 }
+
+/* One entry of an element-wise method (kind and count known when compiled: the loops over the
+ * models unrolled, the loop over the entries vectorised), from b and the models' x[i]. */
+static ALWAYS_INLINE double elementwise_entry(const int kind, const int count, const double b,
+                                              const double *x, const Elementwise *s) {
+    double d[FUSED];
+    for (int i = 0; i < count; i++) d[i] = x[i] - b;
+    if (kind == MAGMAX) {
+        double best = d[0];
+        uint64_t u = magnitude(best);
+        for (int i = 1; i < count; i++) {
+            const uint64_t ut = magnitude(d[i]), larger = ut > u;
+            best = choose(larger, d[i], best);
+            u = larger ? ut : u;
+        }
+        return b + best * s->scale;
+    }
+    if (kind == CONSENSUS) {
+        double total = 0.0, e = 0.0;
+        uint64_t votes = 0;
+        for (int i = 0; i < count; i++) total = total + d[i];
+        for (int i = 0; i < count; i++) votes += fabs(d[i]) >= fabs(total - d[i]) * s->lambda;
+        for (int i = 0; i < count; i++) e = e + d[i] * s->weights[i];
+        return b + masked(e, votes >= (uint64_t)s->votes) * s->scale;
+    }
+    if (kind == NEARSWAP) {
+        const double q = s->t / fabs(d[0]);
+        const double w = q != q ? 1.0 : (q > 1.0 ? 1.0 : q);
+        return x[0] * w + b * (1.0 - w);
+    }
+    if (kind == BASE) return b;
+    /* SCE */
+    if (s->select) {
+        double v = 0.0;
+        for (int i = 0; i < count; i++) {
+            for (int j = i + 1; j < count; j++) v = v + (d[i] - d[j]) * (d[i] - d[j]);
+        }
+        const uint64_t keep = magnitude(v) >= s->threshold;
+        for (int i = 0; i < count; i++) d[i] = masked(d[i], keep);
+    }
+    double e = 0.0, num = 0.0, den = 0.0;
+    for (int i = 0; i < count; i++) e = e + d[i];
+    for (int i = 0; i < count; i++) { /* literally: c may be inf or NaN */
+        const uint64_t a = agrees(e, d[i]);
+        num = num + choose(a, d[i], 0.0) * s->weights[i];
+        den = den + choose(a, 1.0, 0.0) * s->weights[i];
+    }
+    return b + choose(den != 0, num / den, num) * s->scale;
+}
+
+/* m entries from b and xs (float32 where they lie when f32, else float64 blocks) into out
+ * (float32 where it lies when f32, else a float64 block). */
+static ALWAYS_INLINE void elementwise_fused(void *out, const void *b, const void *const *xs,
+                                            Py_ssize_t m, const Elementwise *s, const int kind,
+                                            const int count, const int f32) {
+    const void *p[FUSED];
+    for (int i = 0; i < count; i++) p[i] = xs[i];
+    for (Py_ssize_t k = 0; k < m; k++) {
+        double x[FUSED];
+        for (int i = 0; i < count; i++) x[i] = AT(p[i], k);
+        const double r = elementwise_entry(kind, count, AT(b, k), x, s);
+        if (f32) {
+            ((float *)out)[k] = (float)r;
+        } else {
+            ((double *)out)[k] = r;
+        }
+    }
+}
+
+typedef void (*elementwise_fn)(void *, const void *, const void *const *, Py_ssize_t,
+                               const Elementwise *, int);
+#define ELEMENTWISE_CASE(KIND, COUNT)                                                              \
+    case KIND:                                                                                     \
+        if (f32) {                                                                                 \
+            elementwise_fused(out, b, xs, m, s, KIND, COUNT, 1);                                   \
+        } else {                                                                                   \
+            elementwise_fused(out, b, xs, m, s, KIND, COUNT, 0);                                   \
+        }                                                                                          \
+        break;
+#define DEFINE_ELEMENTWISE(COUNT)                                                                  \
+    CLONED static void elementwise_##COUNT(void *out, const void *b, const void *const *xs,       \
+                                           Py_ssize_t m, const Elementwise *s, int f32) {          \
+        switch (s->kind) {                                                                         \
+            ELEMENTWISE_CASE(MAGMAX, COUNT)                                                        \
+            ELEMENTWISE_CASE(CONSENSUS, COUNT)                                                     \
+            ELEMENTWISE_CASE(NEARSWAP, COUNT)                                                      \
+            ELEMENTWISE_CASE(SCE, COUNT)                                                           \
+            ELEMENTWISE_CASE(BASE, COUNT)                                                          \
+        }                                                                                          \
+    }
+DEFINE_ELEMENTWISE(1)
+DEFINE_ELEMENTWISE(2)
+DEFINE_ELEMENTWISE(3)
+DEFINE_ELEMENTWISE(4)
+static const elementwise_fn ELEMENTWISE_FNS[FUSED + 1] = {NULL, elementwise_1, elementwise_2,
+                                                          elementwise_3, elementwise_4};
 
 CLONED
 static void elementwise_block(double *RESTRICT r, const double *RESTRICT b,
@@ -744,11 +842,25 @@ static void elementwise(char *out, int out_code, const char *base, int base_code
                         double *xbuf, double (*d)[BLOCK]) {
     double bbuf[BLOCK], result[BLOCK];
     const double *x[MAX_MODELS];
+    const void *xs[MAX_MODELS];
+    int f32 = s->count <= FUSED && out_code == F32 && base_code == F32;
+    for (int i = 0; i < s->count; i++) f32 &= codes[i] == F32;
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        if (f32) { /* straight from the inputs into out */
+            for (int i = 0; i < s->count; i++) xs[i] = models[i] + start * sizeof(float);
+            ELEMENTWISE_FNS[s->count](out + start * sizeof(float), base + start * sizeof(float),
+                                      xs, m, s, 1);
+            continue;
+        }
         const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
         widen_all(x, xbuf, BLOCK, models, codes, s->count, start, m);
-        elementwise_block(result, b, x, m, s, d);
+        if (s->count <= FUSED) {
+            for (int i = 0; i < s->count; i++) xs[i] = x[i];
+            ELEMENTWISE_FNS[s->count](result, b, xs, m, s, 0);
+        } else {
+            elementwise_block(result, b, x, m, s, d);
+        }
         narrow(out + start * ITEMSIZE[out_code], out_code, result, m);
     }
 }
