@@ -630,7 +630,7 @@ static void merge(char *out, int out_code, const char *base, int base_code, Py_s
  * SCE's coefficients c_i are the sums of the kept d_i^2, which square_sums() adds up exactly:
  * per binary exponent of d_i^2, two int64 sums of its 53-bit significand's high and low 26 bits
  * (terge.kernels.primitives.exact_total rounds their total once). */
-enum { MAGMAX = 0, CONSENSUS = 1, NEARSWAP = 2, SCE = 3, BASE = 4 };
+enum { MAGMAX = 0, CONSENSUS = 1, NEARSWAP = 2, SCE = 3, BASE = 4, SCE_SELECT = 5 /* loops only */ };
 #define EXPONENTS 2048 /* the last one counts NaNs (slot 0) and infinities (slot 1) */
 #define HALF 26
 
@@ -689,7 +689,7 @@ static ALWAYS_INLINE double elementwise_entry(const int kind, const int count, c
     }
     if (kind == BASE) return b;
     /* SCE */
-    if (s->select) {
+    if (kind == SCE_SELECT) {
         double v = 0.0;
         for (int i = 0; i < count; i++) {
             for (int j = i + 1; j < count; j++) v = v + (d[i] - d[j]) * (d[i] - d[j]);
@@ -728,6 +728,7 @@ static ALWAYS_INLINE void elementwise_fused(void *out, const void *b, const void
 
 typedef void (*elementwise_fn)(void *, const void *, const void *const *, Py_ssize_t,
                                const Elementwise *, int);
+#define FUSED_KIND(s) ((s)->kind == SCE && (s)->select ? SCE_SELECT : (s)->kind)
 #define ELEMENTWISE_CASE(KIND, COUNT)                                                              \
     case KIND:                                                                                     \
         if (f32) {                                                                                 \
@@ -739,12 +740,13 @@ typedef void (*elementwise_fn)(void *, const void *, const void *const *, Py_ssi
 #define DEFINE_ELEMENTWISE(COUNT)                                                                  \
     CLONED static void elementwise_##COUNT(void *out, const void *b, const void *const *xs,       \
                                            Py_ssize_t m, const Elementwise *s, int f32) {          \
-        switch (s->kind) {                                                                         \
+        switch (FUSED_KIND(s)) {                                                                   \
             ELEMENTWISE_CASE(MAGMAX, COUNT)                                                        \
             ELEMENTWISE_CASE(CONSENSUS, COUNT)                                                     \
             ELEMENTWISE_CASE(NEARSWAP, COUNT)                                                      \
             ELEMENTWISE_CASE(SCE, COUNT)                                                           \
             ELEMENTWISE_CASE(BASE, COUNT)                                                          \
+            ELEMENTWISE_CASE(SCE_SELECT, COUNT)                                                    \
         }                                                                                          \
     }
 DEFINE_ELEMENTWISE(1)
@@ -866,27 +868,47 @@ static void elementwise(char *out, int out_code, const char *base, int base_code
 }
 
 /* sums[i][e] += the high and low halves of the significands of d_i^2 with biased exponent e
- * (subnormals: e = 0, no hidden bit); NaNs and infinities counted in sums[i][EXPONENTS - 1]. */
+ * (subnormals: e = 0, no hidden bit); NaNs and infinities counted in sums[i][EXPONENTS - 1].
+ * Within a block (at most BLOCK = 2^10 significands of 53 bits: below 2^63) each significand is
+ * added whole into a uint64 slot of one of two tables (alternate entries: no chain of stores
+ * into one slot); the slots between the block's least and greatest exponent are then split
+ * into the int64 sums and cleared. */
+#define TABLES 2
 CLONED
-static void square_sums_block(int64_t (*sums)[EXPONENTS][2], const double *b,
-                              const double *const *x, Py_ssize_t m, const Elementwise *s,
-                              double (*d)[BLOCK]) {
+static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t (*table)[EXPONENTS],
+                              const double *b, const double *const *x, Py_ssize_t m,
+                              const Elementwise *s, double (*d)[BLOCK]) {
     double v[BLOCK];
+    uint64_t exponents[BLOCK], significands[BLOCK];
     sce_deltas(d, v, b, x, s, m);
     for (int i = 0; i < s->count; i++) {
         int64_t (*row)[2] = sums[i];
-        for (Py_ssize_t k = 0; k < m; k++) {
+        uint64_t least = EXPONENTS, most = 0;
+        for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
             const double q = d[i][k] * d[i][k];
             uint64_t bits;
             memcpy(&bits, &q, sizeof bits);
             const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
-            if (e == 0x7FF) {
-                row[e][fraction == 0]++;
-                continue;
+            exponents[k] = e;
+            significands[k] = fraction | (uint64_t)(e != 0) << 52;
+            least = e < least ? e : least;
+            most = e > most ? e : most;
+        }
+        if (most == 0x7FF) { /* NaNs and infinities: counted, and out of the tables */
+            for (Py_ssize_t k = 0; k < m; k++) {
+                if (exponents[k] == 0x7FF) {
+                    row[0x7FF][significands[k] == (UINT64_C(1) << 52)]++;
+                    exponents[k] = 0, significands[k] = 0; /* adds 0 below */
+                }
             }
-            const uint64_t significand = fraction | (uint64_t)(e != 0) << 52;
-            row[e][0] += (int64_t)(significand >> HALF);
-            row[e][1] += (int64_t)(significand & ((UINT64_C(1) << HALF) - 1));
+            most = 0x7FE;
+        }
+        for (Py_ssize_t k = 0; k < m; k++) table[k & 1][exponents[k]] += significands[k];
+        for (uint64_t e = least; e <= most; e++) {
+            const uint64_t total = table[0][e] + table[1][e]; /* below 2^63 */
+            row[e][0] += (int64_t)(total >> HALF);
+            row[e][1] += (int64_t)(total & ((UINT64_C(1) << HALF) - 1));
+            table[0][e] = table[1][e] = 0;
         }
     }
 }
@@ -895,12 +917,13 @@ static void square_sums(const char *base, int base_code, Py_ssize_t n, char *con
                         const int *codes, const Elementwise *s, int64_t (*sums)[EXPONENTS][2],
                         double *xbuf, double (*d)[BLOCK]) {
     double bbuf[BLOCK];
+    uint64_t table[TABLES][EXPONENTS] = {{0}};
     const double *x[MAX_MODELS];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
         const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
         widen_all(x, xbuf, BLOCK, models, codes, s->count, start, m);
-        square_sums_block(sums, b, x, m, s, d);
+        square_sums_block(sums, table, b, x, m, s, d);
     }
 }
 
