@@ -1,5 +1,7 @@
 /* terge._fastmethods: the task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) on the
- * CPU, straight from the inputs as stored (no float64 copies of whole tensors).
+ * CPU, straight from the inputs as stored (no float64 copies of whole tensors); and the
+ * element-wise methods (MagMax, TALL-mask consensus, NearSwap, SCE: see elementwise() below),
+ * which share the widening, the rounding and, for SCE's selection, scan/sample/kth_largest.
  *
  * The reference is methods._task_vector_merge (plain torch on float64 copies). These loops do its
  * float64 operations in its order, so the results are equal bit for bit (tests/test_fast_methods):
@@ -1332,7 +1334,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastmethods",
-    "terge's CPU loops for the task-vector methods (see methods.py for the reference path).", -1,
+    "terge's CPU loops for the task-vector and element-wise methods (see methods.py and\n"
+    "families/elementwise.py for the reference paths).", -1,
     methods,
 };
 
