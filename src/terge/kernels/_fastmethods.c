@@ -891,9 +891,11 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t (*table)[E
             uint64_t bits;
             memcpy(&bits, &q, sizeof bits);
             const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
+            const uint64_t significand = fraction | (uint64_t)(e != 0) << 52;
             exponents[k] = e;
-            significands[k] = fraction | (uint64_t)(e != 0) << 52;
-            least = e < least ? e : least;
+            significands[k] = significand;
+            const uint64_t key = significand ? e : EXPONENTS; /* a zero adds 0: no slot */
+            least = key < least ? key : least;
             most = e > most ? e : most;
         }
         if (most == 0x7FF) { /* NaNs and infinities: counted, and out of the tables */
@@ -905,6 +907,7 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t (*table)[E
             }
             most = 0x7FE;
         }
+        if (least > most) continue; /* only zeros (and NaNs, infinities) */
         for (Py_ssize_t k = 0; k < m; k++) table[k & 1][exponents[k]] += significands[k];
         for (uint64_t e = least; e <= most; e++) {
             const uint64_t total = table[0][e] + table[1][e]; /* below 2^63 */

@@ -194,10 +194,11 @@ def _square_sums(
     """Each model's :func:`~terge.kernels.primitives.square_sums` of its kept task vector
     (``(models, EXPONENTS, 2)``), one read of the inputs split between threads."""
     spans = ranges(base.numel())
+    tables = torch.zeros(len(spans), len(tensors), EXPONENTS, 2, dtype=torch.int64)
 
-    def part(span: tuple[int, int]) -> torch.Tensor:
-        start, stop = span
-        sums = torch.zeros(len(tensors), EXPONENTS, 2, dtype=torch.int64)
+    def part(piece: int) -> None:
+        start, stop = spans[piece]
+        sums = tables[piece]
         _fastmethods.square_sums(
             base.data_ptr() + start * base.element_size(),
             DTYPE_CODES[base.dtype],
@@ -208,6 +209,6 @@ def _square_sums(
             0 if threshold is None else threshold,
             sums.data_ptr(),
         )
-        return sums
 
-    return functools.reduce(torch.add, run([functools.partial(part, s) for s in spans]))
+    run([functools.partial(part, piece) for piece in range(len(spans))])
+    return tables.sum(0)

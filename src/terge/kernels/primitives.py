@@ -229,16 +229,15 @@ def exact_total(sums: torch.Tensor) -> float:
     """The sum that :func:`square_sums` (added up over any parts) holds, correctly rounded to
     float64 (ties to even): NaN where a square is NaN, else infinity where one is infinite or
     the total overflows."""
-    rows = sums.tolist()
-    nans, infinities = rows[EXPONENTS - 1]
+    nans, infinities = sums[EXPONENTS - 1].tolist()
     if nans:
         return float("nan")
     if infinities:
         return float("inf")
+    used = sums[: EXPONENTS - 1].ne(0).any(1).nonzero().view(-1)  # a few dozen of 2047 rows
     total = 0  # in units of 2**-1074, the least subnormal
-    for exponent, (high, low) in enumerate(rows[: EXPONENTS - 1]):
-        if high or low:
-            total += ((high << HALF) + low) << max(exponent - 1, 0)
+    for exponent, (high, low) in zip(used.tolist(), sums[used].tolist(), strict=True):
+        total += ((high << HALF) + low) << max(exponent - 1, 0)
     try:
         return total / (1 << 1074)  # Python's integer division is correctly rounded
     except OverflowError:
