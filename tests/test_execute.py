@@ -261,9 +261,13 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     """A built-in element-wise method runs over chunks of the flattened tensors, a row-wise one
     (DELLA: ranks within rows, draws keyed by whole-tensor index) over blocks of whole rows
     (memory of a few chunks, not a float64 copy of every model): the same bits as on the whole
-    tensors, awkward values included, in place or not."""
+    tensors, awkward values included, in place or not. (magmax, consensus and nearswap run in
+    the compiled loops where those apply: TERGE_KERNELS=torch gives the chunks to this test;
+    tests/test_fast_elementwise.py holds the loops to the same bits.)"""
     import terge
     from terge import execute as execute_module
+
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
 
     generator = torch.Generator().manual_seed(3)
     count = 2 if name == "nearswap" else 4
@@ -301,12 +305,13 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
 def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkeypatch):
     """In place, a SIGINT that arrives between two chunks of an element-wise method is held:
     every chunk is written (the tensor is the whole merge, not half of it), then the
-    KeyboardInterrupt surfaces."""
+    KeyboardInterrupt surfaces. (TERGE_KERNELS=torch: magmax in chunks, not the compiled loop.)"""
     import signal
 
     import terge
     from terge import execute as execute_module
 
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
     monkeypatch.setattr(execute_module, "ELEMENTWISE_CHUNK", 1000)
     generator = torch.Generator().manual_seed(5)
     models = [{"w": torch.randn(40, 100, generator=generator)} for _ in range(3)]

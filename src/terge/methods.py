@@ -43,7 +43,7 @@ import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .families import elementwise, spherical, statistics, subspace
-from .kernels import ChunkBuffers, linear_combine
+from .kernels import ChunkBuffers, fastelementwise, linear_combine
 from .kernels.fastmethods import merge_into
 from .kernels.primitives import (
     DRAW_CHUNK,
@@ -1284,6 +1284,7 @@ def sce(*, select_topk: float = 1.0, scale: float = 1.0) -> Method:
     return Method(
         "sce",
         elementwise.sce_merge,
+        into=fastelementwise.sce_into,
         settings=settings,
         task_vectors=True,
         needs_base=True,
@@ -1305,11 +1306,16 @@ def breadcrumbs_ties(*, density: float = 0.2, gamma: float = 0.01, scale: float 
 
 
 def _elementwise_task_vectors(
-    name: str, function: MethodFunction, settings: dict[str, Any], paper: str
+    name: str,
+    function: MethodFunction,
+    settings: dict[str, Any],
+    paper: str,
+    into: Callable[..., bool] | None = None,
 ) -> Method:
     return Method(
         name,
         function,
+        into=into,
         settings=settings,
         task_vectors=True,
         needs_base=True,
@@ -1324,7 +1330,9 @@ def magmax(*, scale: float = 1.0) -> Method:
     largest magnitude across the models (the first model's among equals), times ``scale``.
     The merge weights are not used. Element-wise, so it runs on sharded parameters as is."""
     settings = {"scale": _check_scale("magmax", scale)}
-    return _elementwise_task_vectors("magmax", elementwise.magmax_merge, settings, _MAGMAX)
+    return _elementwise_task_vectors(
+        "magmax", elementwise.magmax_merge, settings, _MAGMAX, fastelementwise.magmax_into
+    )
 
 
 def consensus(*, k: int = 2, mask_lambda: float = 0.6, scale: float = 1.0) -> Method:
@@ -1341,7 +1349,9 @@ def consensus(*, k: int = 2, mask_lambda: float = 0.6, scale: float = 1.0) -> Me
         "mask_lambda": _ranged("consensus", "mask_lambda", mask_lambda, 0, math.inf, "[)"),
         "scale": _check_scale("consensus", scale),
     }
-    return _elementwise_task_vectors("consensus", elementwise.consensus_merge, settings, _TALL)
+    return _elementwise_task_vectors(
+        "consensus", elementwise.consensus_merge, settings, _TALL, fastelementwise.consensus_into
+    )
 
 
 def pcb(*, ratio: float = 0.1, scale: float = 1.0) -> Method:
@@ -1376,7 +1386,9 @@ def nearswap(*, t: float = 0.001) -> Method:
     they are apart: ``w = min(1, t / |theta - base|)``, ``w theta + (1 - w) base``. Exactly one
     model besides the base; its weight is not used."""
     settings = {"t": _ranged("nearswap", "t", t, 0, math.inf, "()")}
-    method = _elementwise_task_vectors("nearswap", elementwise.nearswap_merge, settings, _NEARSWAP)
+    method = _elementwise_task_vectors(
+        "nearswap", elementwise.nearswap_merge, settings, _NEARSWAP, fastelementwise.nearswap_into
+    )
     return dataclasses.replace(method, min_models=1, max_models=1)
 
 

@@ -14,8 +14,10 @@ from ..errors import MethodNotApplicableError
 from ..kernels.primitives import (
     counter_uniform,
     draw_key,
+    exact_total,
     kth_largest_magnitude_bits,
     magnitude_bits,
+    square_sums,
 )
 from ..sharding import Layout
 
@@ -169,7 +171,8 @@ def sce_merge(
     across the models (population variance, computed as ``sum_{i<j} (tau_i - tau_j)^2 / n^2``;
     the ``k = int(select_topk * nonzero)`` largest,
     every tie at the threshold kept), *calculate* each model's weight ``c_i`` as its task
-    vector's mean square over the sum of them (equal weights when all are 0), *erase* the entries
+    vector's mean square over the sum of them (equal weights when all are 0; each sum of squares
+    correctly rounded), *erase* the entries
     whose sign disagrees with the sign of ``sum_i tau_i``, and take the weighted mean of the rest:
     ``base + scale * sum_i c_i a_i tau_i / sum_i c_i a_i``, computed with the sums of squares
     themselves (the normalisation cancels). The merge weights are not used."""
@@ -195,8 +198,11 @@ def sce_merge(
             delta.masked_fill_(drop, 0)
         del variance, drop
     # The weights' common factor 1 / sum_j |tau_j|^2 cancels in the mean: left out, so that
-    # exact inputs give exact results.
-    squares = _total(layout, [torch.dot(d.reshape(-1), d.reshape(-1)) for d in deltas])
+    # exact inputs give exact results. Each sum of squares is correctly rounded (integer sums
+    # per exponent, added up over the shards), so it is the same on every device, however the
+    # tensor is sharded, and in the compiled loops (a BLAS dot's order is its own).
+    sums = layout.sum(torch.stack([square_sums(d) for d in deltas]))
+    squares = [exact_total(s) for s in sums]
     coefficients = squares if sum(squares) > 0 else [1.0] * n
     positive = _weighted_sum(deltas, [1.0] * n) >= 0
     numerator = torch.zeros_like(deltas[0])

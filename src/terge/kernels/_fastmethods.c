@@ -1,5 +1,7 @@
 /* terge._fastmethods: the task-vector methods (task arithmetic, TIES, DARE, breadcrumbs) on the
- * CPU, straight from the inputs as stored (no float64 copies of whole tensors).
+ * CPU, straight from the inputs as stored (no float64 copies of whole tensors); and the
+ * element-wise methods (MagMax, TALL-mask consensus, NearSwap, SCE: see elementwise() below),
+ * which share the widening, the rounding and, for SCE's selection, scan/sample/kth_largest.
  *
  * The reference is methods._task_vector_merge (plain torch on float64 copies). These loops do its
  * float64 operations in its order, so the results are equal bit for bit (tests/test_fast_methods):
@@ -258,10 +260,39 @@ static inline void count_and_collect(Query *q, const uint64_t *u, uint8_t *flags
     }
 }
 
+/* SCE's n^2 times the population variance of m entries, sum_{i<j} (d_i - d_j)^2 with
+ * d_i = x_i - b, added in that order from +0 (as elementwise.sce_merge adds them). */
+static inline void variance(double *RESTRICT v, const double *b, const double *const *x,
+                            int count, Py_ssize_t m) {
+    for (Py_ssize_t k = 0; k < m; k++) v[k] = 0.0;
+    for (int i = 0; i < count; i++) {
+        for (int j = i + 1; j < count; j++) {
+            for (Py_ssize_t k = 0; k < m; k++) {
+                const double diff = (x[i][k] - b[k]) - (x[j][k] - b[k]);
+                v[k] = v[k] + diff * diff;
+            }
+        }
+    }
+}
+
+/* x_i = the models' m elements from start widened (into xbuf's rows where not float64). */
+static inline void widen_all(const double **x, double *xbuf, Py_ssize_t stride,
+                             char *const *models, const int *codes, int count, Py_ssize_t start,
+                             Py_ssize_t m) {
+    for (int i = 0; i < count; i++) {
+        x[i] = widen(xbuf + i * stride, models[i] + start * ITEMSIZE[codes[i]], codes[i], m);
+    }
+}
+
 CLONED
 static void scan(const char *base, int base_code, Py_ssize_t n, char *const *models,
-                 const int *codes, Query *queries, int count) {
+                 const int *codes, int models_count, Query *queries, int count) {
     double bbuf[SCAN_BLOCK], xbuf[SCAN_BLOCK];
+    double *all = NULL; /* every model's block, for the variance (model -1) */
+    const double *x[MAX_MODELS];
+    for (int q = 0; q < count; q++) {
+        if (queries[q].model < 0 && !all) all = malloc(sizeof(double) * SCAN_BLOCK * models_count);
+    }
     uint64_t u[SCAN_BLOCK] = {0}; /* read past m (and ignored) in the last group of 8 */
     uint8_t flags[SCAN_BLOCK];
     for (Py_ssize_t start = 0; start < n; start += SCAN_BLOCK) {
@@ -271,10 +302,18 @@ static void scan(const char *base, int base_code, Py_ssize_t n, char *const *mod
         if (m < SCAN_BLOCK) memset(flags, 0, sizeof flags);
         if (later > 0) prefetch(base + ahead * ITEMSIZE[base_code], base_code, later);
         const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
-        int current = -1;
+        int current = -2; /* no model yet (-1 is the variance) */
         for (int q = 0; q < count; q++) {
             const int i = queries[q].model;
-            if (i != current) { /* queries come grouped by model */
+            if (i != current && i < 0) { /* SCE's variance over every model */
+                for (int j = 0; j < models_count; j++) {
+                    if (later > 0) prefetch(models[j] + ahead * ITEMSIZE[codes[j]], codes[j], later);
+                }
+                widen_all(x, all, SCAN_BLOCK, models, codes, models_count, start, m);
+                variance(xbuf, b, x, models_count, m);
+                for (Py_ssize_t k = 0; k < m; k++) u[k] = magnitude(xbuf[k]);
+                current = i;
+            } else if (i != current) { /* queries come grouped by model */
                 if (later > 0) prefetch(models[i] + ahead * ITEMSIZE[codes[i]], codes[i], later);
                 const double *x = widen(xbuf, models[i] + start * ITEMSIZE[codes[i]], codes[i], m);
                 for (Py_ssize_t k = 0; k < m; k++) u[k] = magnitude(x[k] - b[k]);
@@ -283,6 +322,7 @@ static void scan(const char *base, int base_code, Py_ssize_t n, char *const *mod
             count_and_collect(&queries[q], u, flags, m);
         }
     }
+    free(all);
 }
 
 /* m samples of each model's magnitudes (m a multiple of RUN, n >= m): runs of RUN adjacent
@@ -300,9 +340,10 @@ static inline Py_ssize_t run_start(Py_ssize_t r, Py_ssize_t runs, Py_ssize_t n) 
 }
 
 static void sample(const char *base, int base_code, Py_ssize_t n, char *const *models,
-                   const int *codes, int count, Py_ssize_t m, uint64_t *out) {
+                   const int *codes, int count, Py_ssize_t m, uint64_t *out, int of_variance) {
     const Py_ssize_t runs = m / RUN;
-    double bbuf[RUN], xbuf[RUN];
+    double bbuf[RUN], xbuf[RUN], all[MAX_MODELS * RUN];
+    const double *x[MAX_MODELS];
     for (Py_ssize_t r = 0; r < runs; r++) {
         if (r + RUNS_AHEAD < runs) { /* the runs are far apart: many cache misses in flight */
             const Py_ssize_t ahead = run_start(r + RUNS_AHEAD, runs, n);
@@ -313,6 +354,12 @@ static void sample(const char *base, int base_code, Py_ssize_t n, char *const *m
         }
         const Py_ssize_t j = run_start(r, runs, n);
         const double *b = widen(bbuf, base + j * ITEMSIZE[base_code], base_code, RUN);
+        if (of_variance) { /* one row: SCE's variance */
+            widen_all(x, all, RUN, models, codes, count, j, RUN);
+            variance(xbuf, b, x, count, RUN);
+            for (int k = 0; k < RUN; k++) out[r * RUN + k] = magnitude(xbuf[k]);
+            continue;
+        }
         for (int i = 0; i < count; i++) {
             const double *x = widen(xbuf, models[i] + j * ITEMSIZE[codes[i]], codes[i], RUN);
             for (int k = 0; k < RUN; k++) out[i * m + r * RUN + k] = magnitude(x[k] - b[k]);
@@ -564,6 +611,327 @@ static void merge(char *out, int out_code, const char *base, int base_code, Py_s
     }
 }
 
+/* --- the element-wise methods: MagMax, TALL-mask consensus, NearSwap, SCE ----------------------- */
+/* Up to FUSED models each entry is computed in registers (elementwise_entry); more go through
+ * block buffers one model at a time (elementwise_block), in the same order. */
+
+/* The references are elementwise.magmax_merge, consensus_merge, nearswap_merge and sce_merge;
+ * with d_i = x_i - b (widened, then one rounding) each entry is, in their order:
+ *
+ *     magmax:     t = d_0; t = d_i where magnitude(d_i) > magnitude(t)     out = b + t * scale
+ *     consensus:  s = (0 + d_0) + d_1 + ...; votes = #{i: |d_i| >= |s - d_i| * lambda}
+ *                 e = (0 + d_0 w_0) + d_1 w_1 + ..., +0 where votes < k   out = b + e * scale
+ *     nearswap:   q = t / |x_0 - b|; w = 1 where q is NaN, else min(q, 1)
+ *                 out = x_0 w + b (1 - w)
+ *     sce:        d_i = +0 where magnitude(variance) < threshold (when selecting);
+ *                 e = (0 + d_0) + d_1 + ...; a_i = e >= 0 ? d_i > 0 : d_i < 0;
+ *                 p = (0 + (a_i ? d_i : 0) c_i) + ..., q = (0 + (a_i ? 1 : 0) c_i) + ...
+ *                 out = b + (q != 0 ? p / q : p) * scale
+ *     base:       out = b (SCE when it selects nothing)
+ *
+ * SCE's coefficients c_i are the sums of the kept d_i^2, which square_sums() adds up exactly:
+ * per binary exponent of d_i^2, two int64 sums of its 53-bit significand's high and low 26 bits
+ * (terge.kernels.primitives.exact_total rounds their total once). */
+enum { MAGMAX = 0, CONSENSUS = 1, NEARSWAP = 2, SCE = 3, BASE = 4, SCE_SELECT = 5 /* loops only */ };
+#define EXPONENTS 2048 /* the last one counts NaNs (slot 0) and infinities (slot 1) */
+#define HALF 26
+
+typedef struct {
+    int kind, count;
+    double scale, lambda, t;
+    Py_ssize_t votes;   /* consensus: the masks an entry needs (k) */
+    int select;         /* sce: entries kept where magnitude(variance) >= threshold */
+    uint64_t threshold;
+    double weights[MAX_MODELS]; /* consensus: the merge weights; sce: the coefficients */
+} Elementwise;
+
+/* SCE's d_i (rows of d), +0 where the variance's magnitude is below the threshold. */
+static inline void sce_deltas(double (*d)[BLOCK], double *v, const double *b,
+                              const double *const *x, const Elementwise *s, Py_ssize_t m) {
+    for (int i = 0; i < s->count; i++) {
+        for (Py_ssize_t k = 0; k < m; k++) d[i][k] = x[i][k] - b[k];
+    }
+    if (!s->select) return;
+    variance(v, b, x, s->count, m);
+    for (int i = 0; i < s->count; i++) {
+        for (Py_ssize_t k = 0; k < m; k++) {
+            d[i][k] = masked(d[i][k], magnitude(v[k]) >= s->threshold);
+        }
+    }
+}
+
+/* One entry of an element-wise method (kind and count known when compiled: the loops over the
+ * models unrolled, the loop over the entries vectorised), from b and the models' x[i]. */
+static ALWAYS_INLINE double elementwise_entry(const int kind, const int count, const double b,
+                                              const double *x, const Elementwise *s) {
+    double d[FUSED];
+    for (int i = 0; i < count; i++) d[i] = x[i] - b;
+    if (kind == MAGMAX) {
+        double best = d[0];
+        uint64_t u = magnitude(best);
+        for (int i = 1; i < count; i++) {
+            const uint64_t ut = magnitude(d[i]), larger = ut > u;
+            best = choose(larger, d[i], best);
+            u = larger ? ut : u;
+        }
+        return b + best * s->scale;
+    }
+    if (kind == CONSENSUS) {
+        double total = 0.0, e = 0.0;
+        uint64_t votes = 0;
+        for (int i = 0; i < count; i++) total = total + d[i];
+        for (int i = 0; i < count; i++) votes += fabs(d[i]) >= fabs(total - d[i]) * s->lambda;
+        for (int i = 0; i < count; i++) e = e + d[i] * s->weights[i];
+        return b + masked(e, votes >= (uint64_t)s->votes) * s->scale;
+    }
+    if (kind == NEARSWAP) {
+        const double q = s->t / fabs(d[0]);
+        const double w = q != q ? 1.0 : (q > 1.0 ? 1.0 : q);
+        return x[0] * w + b * (1.0 - w);
+    }
+    if (kind == BASE) return b;
+    /* SCE */
+    if (kind == SCE_SELECT) {
+        double v = 0.0;
+        for (int i = 0; i < count; i++) {
+            for (int j = i + 1; j < count; j++) v = v + (d[i] - d[j]) * (d[i] - d[j]);
+        }
+        const uint64_t keep = magnitude(v) >= s->threshold;
+        for (int i = 0; i < count; i++) d[i] = masked(d[i], keep);
+    }
+    double e = 0.0, num = 0.0, den = 0.0;
+    for (int i = 0; i < count; i++) e = e + d[i];
+    for (int i = 0; i < count; i++) { /* literally: c may be inf or NaN */
+        const uint64_t a = agrees(e, d[i]);
+        num = num + choose(a, d[i], 0.0) * s->weights[i];
+        den = den + choose(a, 1.0, 0.0) * s->weights[i];
+    }
+    return b + choose(den != 0, num / den, num) * s->scale;
+}
+
+/* m entries from b and xs (float32 where they lie when f32, else float64 blocks) into out
+ * (float32 where it lies when f32, else a float64 block). */
+static ALWAYS_INLINE void elementwise_fused(void *out, const void *b, const void *const *xs,
+                                            Py_ssize_t m, const Elementwise *s, const int kind,
+                                            const int count, const int f32) {
+    const void *p[FUSED];
+    for (int i = 0; i < count; i++) p[i] = xs[i];
+    for (Py_ssize_t k = 0; k < m; k++) {
+        double x[FUSED];
+        for (int i = 0; i < count; i++) x[i] = AT(p[i], k);
+        const double r = elementwise_entry(kind, count, AT(b, k), x, s);
+        if (f32) {
+            ((float *)out)[k] = (float)r;
+        } else {
+            ((double *)out)[k] = r;
+        }
+    }
+}
+
+typedef void (*elementwise_fn)(void *, const void *, const void *const *, Py_ssize_t,
+                               const Elementwise *, int);
+#define FUSED_KIND(s) ((s)->kind == SCE && (s)->select ? SCE_SELECT : (s)->kind)
+#define ELEMENTWISE_CASE(KIND, COUNT)                                                              \
+    case KIND:                                                                                     \
+        if (f32) {                                                                                 \
+            elementwise_fused(out, b, xs, m, s, KIND, COUNT, 1);                                   \
+        } else {                                                                                   \
+            elementwise_fused(out, b, xs, m, s, KIND, COUNT, 0);                                   \
+        }                                                                                          \
+        break;
+#define DEFINE_ELEMENTWISE(COUNT)                                                                  \
+    CLONED static void elementwise_##COUNT(void *out, const void *b, const void *const *xs,       \
+                                           Py_ssize_t m, const Elementwise *s, int f32) {          \
+        switch (FUSED_KIND(s)) {                                                                   \
+            ELEMENTWISE_CASE(MAGMAX, COUNT)                                                        \
+            ELEMENTWISE_CASE(CONSENSUS, COUNT)                                                     \
+            ELEMENTWISE_CASE(NEARSWAP, COUNT)                                                      \
+            ELEMENTWISE_CASE(SCE, COUNT)                                                           \
+            ELEMENTWISE_CASE(BASE, COUNT)                                                          \
+            ELEMENTWISE_CASE(SCE_SELECT, COUNT)                                                    \
+        }                                                                                          \
+    }
+DEFINE_ELEMENTWISE(1)
+DEFINE_ELEMENTWISE(2)
+DEFINE_ELEMENTWISE(3)
+DEFINE_ELEMENTWISE(4)
+static const elementwise_fn ELEMENTWISE_FNS[FUSED + 1] = {NULL, elementwise_1, elementwise_2,
+                                                          elementwise_3, elementwise_4};
+
+CLONED
+static void elementwise_block(double *RESTRICT r, const double *RESTRICT b,
+                              const double *const *x, Py_ssize_t m, const Elementwise *s,
+                              double (*d)[BLOCK]) {
+    double e[BLOCK], v[BLOCK];
+    uint64_t u[BLOCK];
+    const double scale = s->scale;
+    switch (s->kind) {
+    case MAGMAX: {
+        double *best = d[0];
+        for (Py_ssize_t k = 0; k < m; k++) {
+            best[k] = x[0][k] - b[k];
+            u[k] = magnitude(best[k]);
+        }
+        for (int i = 1; i < s->count; i++) {
+            for (Py_ssize_t k = 0; k < m; k++) {
+                const double t = x[i][k] - b[k];
+                const uint64_t ut = magnitude(t), larger = ut > u[k];
+                best[k] = choose(larger, t, best[k]);
+                u[k] = larger ? ut : u[k];
+            }
+        }
+        for (Py_ssize_t k = 0; k < m; k++) r[k] = b[k] + best[k] * scale;
+        break;
+    }
+    case CONSENSUS: {
+        const double lambda = s->lambda;
+        for (int i = 0; i < s->count; i++) {
+            for (Py_ssize_t k = 0; k < m; k++) {
+                d[i][k] = x[i][k] - b[k];
+                v[k] = (i ? v[k] : 0.0) + d[i][k];
+            }
+        }
+        for (Py_ssize_t k = 0; k < m; k++) u[k] = 0;
+        for (int i = 0; i < s->count; i++) {
+            for (Py_ssize_t k = 0; k < m; k++) {
+                u[k] += fabs(d[i][k]) >= fabs(v[k] - d[i][k]) * lambda;
+            }
+        }
+        for (int i = 0; i < s->count; i++) {
+            const double w = s->weights[i];
+            for (Py_ssize_t k = 0; k < m; k++) e[k] = (i ? e[k] : 0.0) + d[i][k] * w;
+        }
+        const uint64_t votes = (uint64_t)s->votes;
+        for (Py_ssize_t k = 0; k < m; k++) r[k] = b[k] + masked(e[k], u[k] >= votes) * scale;
+        break;
+    }
+    case NEARSWAP: {
+        const double t = s->t;
+        for (Py_ssize_t k = 0; k < m; k++) {
+            const double q = t / fabs(x[0][k] - b[k]);
+            const double w = q != q ? 1.0 : (q > 1.0 ? 1.0 : q);
+            r[k] = x[0][k] * w + b[k] * (1.0 - w);
+        }
+        break;
+    }
+    case BASE:
+        for (Py_ssize_t k = 0; k < m; k++) r[k] = b[k];
+        break;
+    default: { /* SCE */
+        sce_deltas(d, v, b, x, s, m);
+        for (int i = 0; i < s->count; i++) {
+            for (Py_ssize_t k = 0; k < m; k++) e[k] = (i ? e[k] : 0.0) + d[i][k];
+        }
+        double num[BLOCK], den[BLOCK];
+        for (Py_ssize_t k = 0; k < m; k++) num[k] = den[k] = 0.0;
+        for (int i = 0; i < s->count; i++) {
+            const double c = s->weights[i];
+            for (Py_ssize_t k = 0; k < m; k++) { /* literally: c may be inf or NaN */
+                const uint64_t a = agrees(e[k], d[i][k]);
+                num[k] = num[k] + choose(a, d[i][k], 0.0) * c;
+                den[k] = den[k] + choose(a, 1.0, 0.0) * c;
+            }
+        }
+        for (Py_ssize_t k = 0; k < m; k++) {
+            const double merged = den[k] != 0 ? num[k] / den[k] : num[k];
+            r[k] = b[k] + merged * scale;
+        }
+        break;
+    }
+    }
+}
+
+static void elementwise(char *out, int out_code, const char *base, int base_code, Py_ssize_t n,
+                        char *const *models, const int *codes, const Elementwise *s,
+                        double *xbuf, double (*d)[BLOCK]) {
+    double bbuf[BLOCK], result[BLOCK];
+    const double *x[MAX_MODELS];
+    const void *xs[MAX_MODELS];
+    int f32 = s->count <= FUSED && out_code == F32 && base_code == F32;
+    for (int i = 0; i < s->count; i++) f32 &= codes[i] == F32;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        if (f32) { /* straight from the inputs into out */
+            for (int i = 0; i < s->count; i++) xs[i] = models[i] + start * sizeof(float);
+            ELEMENTWISE_FNS[s->count](out + start * sizeof(float), base + start * sizeof(float),
+                                      xs, m, s, 1);
+            continue;
+        }
+        const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
+        widen_all(x, xbuf, BLOCK, models, codes, s->count, start, m);
+        if (s->count <= FUSED) {
+            for (int i = 0; i < s->count; i++) xs[i] = x[i];
+            ELEMENTWISE_FNS[s->count](result, b, xs, m, s, 0);
+        } else {
+            elementwise_block(result, b, x, m, s, d);
+        }
+        narrow(out + start * ITEMSIZE[out_code], out_code, result, m);
+    }
+}
+
+/* sums[i][e] += the high and low halves of the significands of d_i^2 with biased exponent e
+ * (subnormals: e = 0, no hidden bit); NaNs and infinities counted in sums[i][EXPONENTS - 1].
+ * Within a block (at most BLOCK = 2^10 significands of 53 bits: below 2^63) each significand is
+ * added whole into a uint64 slot of one of two tables (alternate entries: no chain of stores
+ * into one slot); the slots between the block's least and greatest exponent are then split
+ * into the int64 sums and cleared. */
+#define TABLES 2
+CLONED
+static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t (*table)[EXPONENTS],
+                              const double *b, const double *const *x, Py_ssize_t m,
+                              const Elementwise *s, double (*d)[BLOCK]) {
+    double v[BLOCK];
+    uint64_t exponents[BLOCK], significands[BLOCK];
+    sce_deltas(d, v, b, x, s, m);
+    for (int i = 0; i < s->count; i++) {
+        int64_t (*row)[2] = sums[i];
+        uint64_t least = EXPONENTS, most = 0;
+        for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
+            const double q = d[i][k] * d[i][k];
+            uint64_t bits;
+            memcpy(&bits, &q, sizeof bits);
+            const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
+            const uint64_t significand = fraction | (uint64_t)(e != 0) << 52;
+            exponents[k] = e;
+            significands[k] = significand;
+            const uint64_t key = significand ? e : EXPONENTS; /* a zero adds 0: no slot */
+            least = key < least ? key : least;
+            most = e > most ? e : most;
+        }
+        if (most == 0x7FF) { /* NaNs and infinities: counted, and out of the tables */
+            for (Py_ssize_t k = 0; k < m; k++) {
+                if (exponents[k] == 0x7FF) {
+                    row[0x7FF][significands[k] == (UINT64_C(1) << 52)]++;
+                    exponents[k] = 0, significands[k] = 0; /* adds 0 below */
+                }
+            }
+            most = 0x7FE;
+        }
+        if (least > most) continue; /* only zeros (and NaNs, infinities) */
+        for (Py_ssize_t k = 0; k < m; k++) table[k & 1][exponents[k]] += significands[k];
+        for (uint64_t e = least; e <= most; e++) {
+            const uint64_t total = table[0][e] + table[1][e]; /* below 2^63 */
+            row[e][0] += (int64_t)(total >> HALF);
+            row[e][1] += (int64_t)(total & ((UINT64_C(1) << HALF) - 1));
+            table[0][e] = table[1][e] = 0;
+        }
+    }
+}
+
+static void square_sums(const char *base, int base_code, Py_ssize_t n, char *const *models,
+                        const int *codes, const Elementwise *s, int64_t (*sums)[EXPONENTS][2],
+                        double *xbuf, double (*d)[BLOCK]) {
+    double bbuf[BLOCK];
+    uint64_t table[TABLES][EXPONENTS] = {{0}};
+    const double *x[MAX_MODELS];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
+        widen_all(x, xbuf, BLOCK, models, codes, s->count, start, m);
+        square_sums_block(sums, table, b, x, m, s, d);
+    }
+}
+
 /* --- Python bindings ----------------------------------------------------------------------------- */
 
 static int check_code(int code) {
@@ -620,6 +988,7 @@ PyDoc_STRVAR(scan_doc,
              "    -> [(above, inside, floor, ceiling), ...]\n\n"
              "One read of n elements of the base and the models (addresses, dtype codes). Each\n"
              "query (model, lo, hi, top, shift, out, cap) counts the task vector's magnitude bits\n"
+             "(model -1: those of SCE's variance over every model, sum_{i<j} (t_i - t_j)^2)\n"
              "u in [hi, top) (above). With shift < 0 it counts u == lo (floor) and u == hi - 1 > lo\n"
              "(ceiling) and collects those between into out (cap + 8 uint64 slots; past cap only\n"
              "counted: inside); else it counts [lo, hi) (inside) in out[(u - lo) >> shift].\n"
@@ -659,7 +1028,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
             goto done;
         }
         const int binned = query->shift >= 0;
-        if (query->model < 0 || query->model >= count || query->lo > query->hi ||
+        if (query->model < -1 || query->model >= count || query->lo > query->hi ||
             query->hi > query->top ||
             (binned && (query->shift > 63 || query->hi == query->lo ||
                         (query->hi - query->lo - 1) >> query->shift >= BINS))) {
@@ -680,7 +1049,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    scan((const char *)(uintptr_t)base, base_code, n, models, codes, queries, (int)nq);
+    scan((const char *)(uintptr_t)base, base_code, n, models, codes, count, queries, (int)nq);
     Py_END_ALLOW_THREADS
     result = PyList_New(nq);
     for (Py_ssize_t q = 0; result && q < nq; q++) {
@@ -694,9 +1063,10 @@ done:
 }
 
 PyDoc_STRVAR(sample_doc,
-             "sample(base, base_code, n, models, codes, m, out)\n\n"
+             "sample(base, base_code, n, models, codes, m, out, of_variance=False)\n\n"
              "out[i * m:(i + 1) * m] = m samples (uint64) of the i-th model's task vector's\n"
-             "magnitude bits, in runs of 8 spread over the n elements (n >= m, m a multiple of 8).");
+             "magnitude bits, in runs of 8 spread over the n elements (n >= m, m a multiple of 8);\n"
+             "of_variance: one row, SCE's variance's (see scan).");
 
 static PyObject *py_sample(PyObject *self, PyObject *args) {
     (void)self;
@@ -704,8 +1074,9 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
     int base_code, count;
     Py_ssize_t n, m;
     PyObject *models_obj, *codes_obj;
-    if (!PyArg_ParseTuple(args, "KinOOnK", &base, &base_code, &n, &models_obj, &codes_obj, &m,
-                          &out_addr)) {
+    int of_variance = 0;
+    if (!PyArg_ParseTuple(args, "KinOOnK|p", &base, &base_code, &n, &models_obj, &codes_obj, &m,
+                          &out_addr, &of_variance)) {
         return NULL;
     }
     char *models[MAX_MODELS];
@@ -719,7 +1090,7 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
     }
     uint64_t *out = (uint64_t *)(uintptr_t)out_addr;
     Py_BEGIN_ALLOW_THREADS
-    sample((const char *)(uintptr_t)base, base_code, n, models, codes, count, m, out);
+    sample((const char *)(uintptr_t)base, base_code, n, models, codes, count, m, out, of_variance);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -845,17 +1216,129 @@ done:
     return result;
 }
 
+/* Parse the element-wise settings shared by elementwise() and square_sums(); models and codes
+ * filled in, s->count set. */
+static int parse_elementwise(Elementwise *s, PyObject *models_obj, PyObject *codes_obj,
+                             PyObject *weights_obj, char **models, int *codes) {
+    if (!parse_models(models_obj, codes_obj, models, codes, &s->count)) return 0;
+    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
+    if (!weights) return 0;
+    if (PySequence_Fast_GET_SIZE(weights) != s->count) {
+        PyErr_SetString(PyExc_ValueError, "one weight per model");
+    }
+    for (int i = 0; !PyErr_Occurred() && i < s->count; i++) {
+        s->weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, i));
+    }
+    Py_DECREF(weights);
+    if (PyErr_Occurred()) return 0;
+    if (s->kind < MAGMAX || s->kind > BASE || (s->kind == NEARSWAP && s->count != 1)) {
+        PyErr_SetString(PyExc_ValueError, "unknown element-wise method, or nearswap of many");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(elementwise_doc,
+             "elementwise(kind, out, out_code, base, base_code, n, models, codes, weights, scale,\n"
+             "            mask_lambda, t, votes, select, threshold)\n\n"
+             "n elements of MagMax (kind 0), TALL-mask consensus (1), NearSwap (2), SCE (3) or the\n"
+             "base itself (4)\n"
+             "into out (see the comment above elementwise()); weights are consensus' merge\n"
+             "weights or SCE's coefficients; SCE keeps the entries whose variance's magnitude bits\n"
+             "are at least threshold when select is true.");
+
+static PyObject *py_elementwise(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, base, threshold;
+    int out_code, base_code;
+    Py_ssize_t n;
+    PyObject *models_obj, *codes_obj, *weights_obj;
+    Elementwise *s = PyMem_Calloc(1, sizeof *s);
+    if (!s) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!PyArg_ParseTuple(args, "iKiKinOOOdddnpK", &s->kind, &out, &out_code, &base, &base_code,
+                          &n, &models_obj, &codes_obj, &weights_obj, &s->scale, &s->lambda,
+                          &s->t, &s->votes, &s->select, &threshold) ||
+        !check_code(out_code) || !check_code(base_code) ||
+        !parse_elementwise(s, models_obj, codes_obj, weights_obj, models, codes)) {
+        goto done;
+    }
+    s->threshold = threshold;
+    double *buffers = PyMem_RawMalloc(2 * (size_t)s->count * BLOCK * sizeof(double));
+    if (!buffers) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    elementwise((char *)(uintptr_t)out, out_code, (const char *)(uintptr_t)base, base_code, n,
+                models, codes, s, buffers, (double (*)[BLOCK])(buffers + s->count * BLOCK));
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buffers);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    return result;
+}
+
+PyDoc_STRVAR(square_sums_doc,
+             "square_sums(base, base_code, n, models, codes, select, threshold, out)\n\n"
+             "Add SCE's kept task vector entries' squares into out (int64, models x 2048 x 2):\n"
+             "per biased exponent, the high and low 26 bits of the significands; in row 2047 the\n"
+             "NaNs (slot 0) and infinities (slot 1) counted.");
+
+static PyObject *py_square_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long base, threshold, out;
+    int base_code;
+    Py_ssize_t n;
+    PyObject *models_obj, *codes_obj;
+    Elementwise *s = PyMem_Calloc(1, sizeof *s);
+    if (!s) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    s->kind = SCE;
+    if (!PyArg_ParseTuple(args, "KinOOpKK", &base, &base_code, &n, &models_obj, &codes_obj,
+                          &s->select, &threshold, &out) ||
+        !check_code(base_code) || !parse_models(models_obj, codes_obj, models, codes, &s->count)) {
+        goto done;
+    }
+    s->threshold = threshold;
+    double *buffers = PyMem_RawMalloc(2 * (size_t)s->count * BLOCK * sizeof(double));
+    if (!buffers) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    square_sums((const char *)(uintptr_t)base, base_code, n, models, codes, s,
+                (int64_t (*)[EXPONENTS][2])(uintptr_t)out, buffers,
+                (double (*)[BLOCK])(buffers + s->count * BLOCK));
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buffers);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"sample", py_sample, METH_VARARGS, sample_doc},
     {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
     {"merge", py_merge, METH_VARARGS, merge_doc},
+    {"elementwise", py_elementwise, METH_VARARGS, elementwise_doc},
+    {"square_sums", py_square_sums, METH_VARARGS, square_sums_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastmethods",
-    "terge's CPU loops for the task-vector methods (see methods.py for the reference path).", -1,
+    "terge's CPU loops for the task-vector and element-wise methods (see methods.py and\n"
+    "families/elementwise.py for the reference paths).", -1,
     methods,
 };
 

@@ -4,7 +4,7 @@
 from collections.abc import Sequence
 
 Query = tuple[int, int, int, int, int, int, int, bool]
-"""(model, lo, hi, top, shift, out, cap, ends)"""
+"""(model, lo, hi, top, shift, out, cap, ends); model -1: SCE's variance over every model"""
 
 def scan(
     base: int,
@@ -23,6 +23,7 @@ def sample(
     codes: Sequence[int],
     m: int,
     out: int,
+    of_variance: bool = False,
     /,
 ) -> None: ...
 def kth_largest(
@@ -48,5 +49,34 @@ def merge(
     scale: float,
     multiply: bool,
     divisor: float,
+    /,
+) -> None: ...
+def elementwise(
+    kind: int,
+    out: int,
+    out_code: int,
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    weights: Sequence[float],
+    scale: float,
+    mask_lambda: float,
+    t: float,
+    votes: int,
+    select: bool,
+    threshold: int,
+    /,
+) -> None: ...
+def square_sums(
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    select: bool,
+    threshold: int,
+    out: int,
     /,
 ) -> None: ...

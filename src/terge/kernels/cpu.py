@@ -62,6 +62,16 @@ def plain(tensor: torch.Tensor) -> bool:
     )
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory other than element for element (the loops read each
+    element of the inputs before writing the same element of the destination, nothing more)."""
+    if a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size():
+        return False
+    a_end = a.data_ptr() + a.numel() * a.element_size()
+    b_end = b.data_ptr() + b.numel() * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
+
+
 def ranges(total: int) -> list[tuple[int, int]]:
     """One range of ``total`` elements per thread (a single range for small tensors)."""
     workers = min(torch.get_num_threads(), max(1, total // PER_THREAD))

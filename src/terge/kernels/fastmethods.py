@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import fastloop
-from .cpu import DTYPE_CODES, plain, ranges, run, split
+from .cpu import DTYPE_CODES, overlaps, plain, ranges, run, split
 from .primitives import draw_key
 
 try:
@@ -162,18 +162,8 @@ def _applies(
         and (seed is not None or sparsification != "random")
         and plain(destination)
         and all(plain(t) and t.shape == destination.shape for t in (base, *tensors))
-        and not any(_overlap(destination, t) for t in (base, *tensors))
+        and not any(overlaps(destination, t) for t in (base, *tensors))
     )
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` share memory other than element for element (the loops read each
-    element of the inputs before writing the same element of the destination, nothing more)."""
-    if a.data_ptr() == b.data_ptr() and a.element_size() == b.element_size():
-        return False
-    a_end = a.data_ptr() + a.numel() * a.element_size()
-    b_end = b.data_ptr() + b.numel() * b.element_size()
-    return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
 def _power_of_two(value: float) -> bool:
@@ -249,10 +239,49 @@ def _bounds(
     return lows, highs
 
 
+VARIANCE = -1
+"""A search's ``model`` for SCE's variance over every model (``sum_{i<j} (tau_i - tau_j)^2``)
+rather than one model's task vector."""
+
+
+def variance_nonzero(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> int:
+    """How many entries of SCE's variance over the task vectors (see
+    :func:`terge.families.elementwise.sce_merge`) are not 0: one read of the inputs."""
+    spans = ranges(base.numel())
+
+    def part(span: tuple[int, int]) -> int:
+        start, stop = span
+        bins = torch.zeros(1, dtype=torch.int64)  # the zeros' count, unused
+        query = (VARIANCE, 0, 1, _TOP, 0, bins.data_ptr(), 0, False)
+        ((above, _, _, _),) = _fastmethods.scan(
+            base.data_ptr() + start * base.element_size(),
+            DTYPE_CODES[base.dtype],
+            stop - start,
+            _addresses(tensors, start),
+            [DTYPE_CODES[t.dtype] for t in tensors],
+            [query],
+        )
+        return above
+
+    return sum(run([functools.partial(part, span) for span in spans]))
+
+
+def variance_kth_largest(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], rank: int, scratch: object | None
+) -> int:
+    """The ``rank``-th largest magnitude bits of SCE's variance over the task vectors (as
+    :func:`terge.kernels.primitives.kth_largest_magnitude_bits` gives them), exactly."""
+    workspace = _Workspace() if scratch is None else _WORKSPACES.setdefault(scratch, _Workspace())
+    search = _Search(VARIANCE, rank)
+    _select(base, tensors, [search], workspace)
+    return search.value  # type: ignore[return-value]
+
+
 @dataclass
 class _Search:
-    """The ``rank``-th largest magnitude of a model's task vector, narrowed pass by pass: it is
-    always the ``rank``-th largest of the magnitudes in ``[low, high)``."""
+    """The ``rank``-th largest magnitude of a model's task vector (or of SCE's variance:
+    ``model`` :data:`VARIANCE`), narrowed pass by pass: it is always the ``rank``-th largest of
+    the magnitudes in ``[low, high)``."""
 
     model: int
     rank: int
@@ -304,7 +333,8 @@ def _bracket(
     the whole would fall among them, give or take ``_MARGIN`` standard deviations."""
     n = base.numel()
     m = min(max(round(n ** (2 / 3) / 2), _SAMPLES[0]), _SAMPLES[1], n) // 8 * 8
-    sample = workspace.get("sample", len(tensors) * m)
+    of_variance = any(search.model == VARIANCE for search in searches)
+    sample = workspace.get("sample", (1 if of_variance else len(tensors)) * m)
     _fastmethods.sample(
         base.data_ptr(),
         DTYPE_CODES[base.dtype],
@@ -313,10 +343,11 @@ def _bracket(
         [DTYPE_CODES[t.dtype] for t in tensors],
         m,
         sample.data_ptr(),
+        of_variance,
     )
     whole = [(0, m)]
     for search in searches:
-        row = sample.data_ptr() + search.model * m * 8
+        row = sample.data_ptr() + max(search.model, 0) * m * 8
         share = search.rank / n
         spread = _MARGIN * math.sqrt(m * share * (1 - share)) + 1
         first, last = math.floor(share * m - spread), math.ceil(share * m + spread)

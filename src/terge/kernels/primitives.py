@@ -9,7 +9,11 @@ or sharded across processes.
   position, element index): a shard draws exactly its slice of the whole tensor's draw, on any
   device and however the tensor is split.
 
-Both are specified bit for bit (in the docstrings) so that other implementations (the C
+- :func:`square_sums` and :func:`exact_total`: a sum of squares correctly rounded (SCE's
+  weights), as integer sums per binary exponent, which add up the same in any order: over
+  threads, shards, devices.
+
+All are specified bit for bit (in the docstrings) so that other implementations (the C
 kernels) can match them exactly.
 """
 
@@ -187,3 +191,54 @@ def counter_uniform(key: int, indices: torch.Tensor) -> torch.Tensor:
     """
     z = (indices + 1).mul_(_int64(_GOLDEN)).add_(_int64(key % _M))
     return _shift_right(_mix(z), 11).to(torch.float64).mul_(2.0**-53)
+
+
+# --- exact sums of squares ------------------------------------------------------------------------
+
+EXPONENTS = 2048
+"""Rows of :func:`square_sums`: one per biased float64 exponent; the last counts NaNs and
+infinities."""
+HALF = 26
+"""Bits in the low half of a significand (53 bits: the high half has 27)."""
+
+
+def square_sums(values: torch.Tensor) -> torch.Tensor:
+    """The squares ``x * x`` (float64, each rounded) of ``values`` as exact integer sums: an int64
+    ``(EXPONENTS, 2)`` tensor whose row ``e`` sums the high and low :data:`HALF`-bit halves of the
+    53-bit significands of the squares with biased exponent ``e`` (0: subnormals, no hidden bit);
+    row 2047 counts the NaNs (column 0) and infinities (column 1). Integer sums: the same in any
+    order, so threads, shards and devices add them up alike (:func:`exact_total` rounds them)."""
+    squares = values.reshape(-1).to(torch.float64)
+    squares = squares * squares
+    bits = squares.view(torch.int64)
+    exponent = (bits >> 52) & 0x7FF
+    fraction = bits & ((1 << 52) - 1)
+    significand = fraction | ((exponent != 0).to(torch.int64) << 52)
+    special = exponent == 0x7FF
+    sums = torch.zeros(EXPONENTS * 2, dtype=torch.int64, device=values.device)
+    finite = ~special
+    index = exponent[finite] * 2
+    sums.index_add_(0, index, significand[finite] >> HALF)
+    sums.index_add_(0, index + 1, significand[finite] & ((1 << HALF) - 1))
+    sums[(EXPONENTS - 1) * 2] = torch.count_nonzero(special & (fraction != 0))
+    sums[(EXPONENTS - 1) * 2 + 1] = torch.count_nonzero(special & (fraction == 0))
+    return sums.view(EXPONENTS, 2)
+
+
+def exact_total(sums: torch.Tensor) -> float:
+    """The sum that :func:`square_sums` (added up over any parts) holds, correctly rounded to
+    float64 (ties to even): NaN where a square is NaN, else infinity where one is infinite or
+    the total overflows."""
+    nans, infinities = sums[EXPONENTS - 1].tolist()
+    if nans:
+        return float("nan")
+    if infinities:
+        return float("inf")
+    used = sums[: EXPONENTS - 1].ne(0).any(1).nonzero().view(-1)  # a few dozen of 2047 rows
+    total = 0  # in units of 2**-1074, the least subnormal
+    for exponent, (high, low) in zip(used.tolist(), sums[used].tolist(), strict=True):
+        total += ((high << HALF) + low) << max(exponent - 1, 0)
+    try:
+        return total / (1 << 1074)  # Python's integer division is correctly rounded
+    except OverflowError:
+        return float("inf")

@@ -1,0 +1,343 @@
+"""The compiled element-wise methods (MagMax, TALL-mask consensus, NearSwap, SCE:
+``terge.kernels.fastelementwise``) against their references in ``terge.families.elementwise``,
+bit for bit, and SCE's exact sums of squares against ``math.fsum``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge import kernels, methods
+from terge.errors import MethodNotApplicableError
+from terge.families import elementwise
+from terge.kernels import cpu, fastelementwise, fastmethods
+from terge.kernels.primitives import EXPONENTS, HALF, exact_total, square_sums
+
+from helpers import same_bits
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+NAMES = ["magmax", "consensus", "nearswap", "sce"]
+BOUNDARIES = [127, 128, 129, 1023, 1024, 1025, 2047, 2048, 2049]
+"""Lengths around the loops' blocks (128 elements for the selection, 1024 for the merge)."""
+
+needs_loops = pytest.mark.skipif(
+    fastmethods._fastmethods is None,
+    reason="terge.kernels._fastmethods is not built (pip install -e .)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _compiled(monkeypatch):
+    """Both paths in every run: the compiled one here, the reference called directly."""
+    monkeypatch.setenv("TERGE_KERNELS", "auto")
+
+
+def awkward(numel: int, seed: int, kind: int) -> torch.Tensor:
+    """Float64 values with zeros, signed zeros, infinities, NaNs, subnormals and many ties."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == 0:  # few distinct values: ties in magnitude everywhere
+        values = torch.randint(-3, 4, (numel,), generator=generator).double() * 0.25
+    else:
+        values = torch.randn(numel, generator=generator, dtype=torch.float64)
+        values *= torch.exp2(torch.randint(-20, 5, (numel,), generator=generator).double())
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-310, -5e-324], dtype=torch.float64
+    )
+    picks = torch.randint(0, numel, (min(numel, kind * 3),), generator=generator)
+    values[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return values
+
+
+def inputs(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[torch.Tensor]:
+    """A base and models near it (task vectors small, often equal, sometimes 0)."""
+    base = awkward(numel, seed, kind)
+    tensors = [base.to(dtypes[0])]
+    for i, dtype in enumerate(dtypes[1:], start=1):
+        delta = awkward(numel, seed + i, kind) * 0.125
+        keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
+        tensors.append(torch.where(keep, base + delta, base).to(dtype))
+    return tensors
+
+
+def method_of(name: str, scale: float, k: int, mask_lambda: float, t: float, topk: float):
+    if name == "magmax":
+        return methods.magmax(scale=scale)
+    if name == "consensus":
+        return methods.consensus(k=k, mask_lambda=mask_lambda, scale=scale)
+    if name == "nearswap":
+        return methods.nearswap(t=t)
+    return methods.sce(select_topk=topk, scale=scale)
+
+
+def reference(method, destination_dtype, base, tensors, weights):
+    """What execute.run_step computes without the compiled loops."""
+    result = method([t.double() for t in tensors], weights, base.double())
+    out = torch.empty(base.shape, dtype=destination_dtype)
+    kernels.store_whole(out, result, kernels.ChunkBuffers(torch.float64))
+    return out
+
+
+def fast(method, destination_dtype, base, tensors, weights, inplace):
+    if inplace:
+        destination = base = base.clone()
+    else:
+        destination = torch.empty(base.shape, dtype=destination_dtype)
+    assert method.merge_into(destination, tensors, weights, base)
+    return destination
+
+
+def check(name, numel, dtypes, out_dtype, seed, kind, scale, k, mask_lambda, t, topk, inplace):
+    method = method_of(name, scale, k, mask_lambda, t, topk)
+    if name == "nearswap":
+        dtypes = dtypes[:2]
+    base, *tensors = inputs(numel, dtypes, seed, kind)
+    if inplace:
+        out_dtype = base.dtype
+    weights = [0.5, 1.25, -0.3, 1 / 3, 2.0][: len(tensors)]
+    expected = reference(method, out_dtype, base, tensors, weights)
+    got = fast(method, out_dtype, base, tensors, weights, inplace)
+    assert same_bits(got, expected)
+
+
+SETTINGS = {
+    "scale": st.sampled_from([1.0, 0.5, -1.0, 0.3, 2.0]),
+    "k": st.integers(0, 7),
+    "mask_lambda": st.sampled_from([0.0, 0.2, 0.6, 1.0, 3.7]),
+    "t": st.sampled_from([1e-3, 0.1, 0.25, 1.0, 1e-300, 1e300]),
+    "topk": st.sampled_from([1.0, 0.999, 0.5, 0.3, 0.01, 1e-9]),
+}
+
+
+@needs_loops
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(NAMES),
+    numel=st.one_of(st.integers(1, 70), st.integers(100, 3000), st.sampled_from(BOUNDARIES)),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=2, max_size=6),
+    out_dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 3),
+    inplace=st.booleans(),
+    **SETTINGS,
+)
+def test_equals_the_reference_bit_for_bit(
+    name, numel, dtypes, out_dtype, seed, kind, inplace, scale, k, mask_lambda, t, topk
+):
+    """Every dtype in and out, 1 to 5 models, NaN, inf, -0, subnormals, ties, odd lengths."""
+    check(name, numel, dtypes, out_dtype, seed, kind, scale, k, mask_lambda, t, topk, inplace)
+
+
+@needs_loops
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(NAMES),
+    models=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    **SETTINGS,
+)
+def test_split_between_threads_and_sampled(
+    name, models, dtype, seed, kind, scale, k, mask_lambda, t, topk
+):
+    """Ranges split between threads (and SCE's threshold bracketed by samples): the same bits."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "PER_THREAD", 1000)
+        patch.setattr(fastmethods, "_SAMPLED", 1000)
+        patch.setattr(torch, "get_num_threads", lambda: 3)
+        dtypes = [dtype] * (models + 1)
+        check(name, 4 * 1024 + 77, dtypes, dtype, seed, kind, scale, k, mask_lambda, t, topk, True)
+
+
+@needs_loops
+@pytest.mark.parametrize("topk", [0.5, 0.05])
+def test_sce_selection_over_many_threads_equals_one(topk, monkeypatch):
+    """The variance's k-th largest found by sampled brackets over three threads is the one a
+    single whole-tensor selection finds: the same bits."""
+    base, *tensors = inputs(300_000, [torch.float32] * 4, 11, 1)
+    method = methods.sce(select_topk=topk)
+    one = fast(method, torch.float32, base, tensors, [1.0] * 3, False)
+    monkeypatch.setattr(cpu, "PER_THREAD", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    many = fast(method, torch.float32, base, tensors, [1.0] * 3, False)
+    assert same_bits(one, many)
+    assert same_bits(many, reference(method, torch.float32, base, tensors, [1.0] * 3))
+
+
+@needs_loops
+def test_sce_that_selects_nothing_returns_the_base():
+    """k = int(select_topk * nonzero) = 0: the base itself, -0 and subnormals included."""
+    base = torch.tensor([1.0, 1e-40, 7.0, -0.0, 3.0])
+    tensors = [base + torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]), base.clone()]
+    method = methods.sce(select_topk=0.5)  # one entry varies: int(0.5 * 1) = 0
+    got = fast(method, torch.bfloat16, base, tensors, [1.0, 1.0], False)
+    assert same_bits(got, base.to(torch.bfloat16))
+    assert same_bits(got, reference(method, torch.bfloat16, base, tensors, [1.0, 1.0]))
+
+
+@needs_loops
+def test_sce_weights_overflowing_to_infinity_give_the_reference_nans():
+    """Sums of squares that overflow make a coefficient inf: 0 * inf is NaN where a model
+    disagrees, as the reference computes it literally."""
+    base = torch.zeros(4, dtype=torch.float64)
+    tensors = [
+        torch.tensor([1e200, -1e200, 1.0, 0.0], dtype=torch.float64),
+        torch.tensor([1.0, 2.0, -3.0, 0.0], dtype=torch.float64),
+    ]
+    method = methods.sce()
+    got = fast(method, torch.float64, base, tensors, [1.0, 1.0], False)
+    assert same_bits(got, reference(method, torch.float64, base, tensors, [1.0, 1.0]))
+    assert got.isnan().any()
+
+
+# --- SCE's exact sums of squares ------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=0, max_size=60
+    ),
+    cut=st.integers(0, 60),
+)
+def test_square_sums_round_their_exact_total_once(values, cut):
+    """The total is math.fsum's (correctly rounded) of the rounded squares, in any split."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    squares = [x * x for x in values]
+    expected = math.fsum(squares) if all(math.isfinite(s) for s in squares) else math.inf
+    whole = square_sums(tensor)
+    parts = square_sums(tensor[:cut]) + square_sums(tensor[cut:])
+    assert torch.equal(whole, parts)
+    assert exact_total(whole) == expected or (
+        math.isinf(expected) and exact_total(whole) == math.inf
+    )
+
+
+def test_square_sums_count_nans_and_infinities():
+    sums = square_sums(torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0]))
+    assert sums.shape == (EXPONENTS, 2)
+    assert sums[EXPONENTS - 1].tolist() == [1, 2]
+    assert math.isnan(exact_total(sums))
+    assert exact_total(square_sums(torch.tensor([float("inf"), 1.0]))) == math.inf
+    assert exact_total(square_sums(torch.tensor([1e200, 1e200], dtype=torch.float64))) == math.inf
+    subnormal = torch.tensor([5e-324, 1e-160], dtype=torch.float64)
+    assert exact_total(square_sums(subnormal)) == math.fsum([5e-324 * 5e-324, 1e-160 * 1e-160])
+    assert exact_total(square_sums(torch.tensor([1.0, 1e-30, -1.0]))) == math.fsum(
+        [1.0, 1e-30 * 1e-30, 1.0]
+    )
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_compiled_square_sums_equal_the_reference(dtype):
+    base, *tensors = inputs(5000, [dtype] * 3, 4, 1)
+    """Per exponent the same integer total (its split into halves may differ), so the same
+    rounded sum."""
+    got = fastelementwise._square_sums(base, tensors, None)
+    for sums, tensor in zip(got, tensors, strict=True):
+        expected = square_sums(tensor.double() - base.double())
+        assert torch.equal(
+            sums[:, 0] * 2**HALF + sums[:, 1], expected[:, 0] * 2**HALF + expected[:, 1]
+        )
+        assert same_bits(torch.tensor(exact_total(sums)), torch.tensor(exact_total(expected)))
+
+
+# --- through terge.merge --------------------------------------------------------------------------
+
+
+def models_near(count: int, seed: int) -> list[torch.nn.Module]:
+    torch.manual_seed(seed)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.LayerNorm(48)) for _ in range(count)
+    ]
+    for model in models[1:]:
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), models[0].parameters(), strict=True):
+                p.copy_(q + 0.01 * torch.randn_like(q))
+    return models
+
+
+def settings_of(name: str) -> dict:
+    return {"sce": {"select_topk": 0.4}, "consensus": {"k": 1}}.get(name, {})
+
+
+@needs_loops
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_equals_the_reference_end_to_end(name, inplace, monkeypatch):
+    """Whole models, in place and not, both ways: the same state dicts bit for bit (the
+    parameters require grad)."""
+    models = models_near(2 if name == "nearswap" else 4, 3)
+    assert all(p.requires_grad for p in models[0].parameters())
+    method = getattr(methods, name)(**settings_of(name))
+    results = {}
+    for kernels_ in ["torch", "auto"]:
+        monkeypatch.setenv("TERGE_KERNELS", kernels_)
+        copies = [copy.deepcopy(m) for m in models]
+        merged = terge.merge(copies, method=method, weights=None, inplace=inplace)
+        results[kernels_] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    for key, value in results["torch"].items():
+        assert same_bits(results["auto"][key], value), key
+
+
+@needs_loops
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_takes_the_compiled_path(name, monkeypatch):
+    """merge() never runs the reference for whole CPU tensors with float64 accumulation; with
+    float32 accumulation (no compiled path) it does."""
+
+    def refuse(*_, **__):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(elementwise, f"{name}_merge", refuse)
+    models = models_near(2 if name == "nearswap" else 3, 0)
+    terge.merge(models, method=name)
+    with pytest.raises(Exception, match="the reference ran"):
+        terge.merge(models, method=name, dtype=torch.float32)
+
+
+@needs_loops
+@pytest.mark.parametrize("name", NAMES)
+def test_terge_kernels_torch_forces_the_reference(name, monkeypatch):
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
+    monkeypatch.setattr(fastmethods._fastmethods, "elementwise", None)  # fails if called
+    base, *tensors = inputs(100, [torch.float32] * 3, 0, 1)
+    method = method_of(name, 1.0, 2, 0.6, 0.1, 0.5)
+    assert not method.merge_into(
+        torch.empty(100),
+        tensors[:1] if name == "nearswap" else tensors,
+        [1.0, 1.0][: 1 if name == "nearswap" else 2],
+        base,
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_falls_back_where_the_loops_do_not_apply(name):
+    """Non-contiguous, empty, partly overlapping, baseless: declined, nothing written."""
+    method = method_of(name, 1.0, 2, 0.6, 0.1, 0.5)
+    count = 1 if name == "nearswap" else 2
+    base = torch.randn(8, 8)
+    tensors = [torch.randn(8, 8) for _ in range(count)]
+    weights = [0.5] * count
+    untouched = torch.full((8, 8), 7.0)
+    assert not method.merge_into(untouched.t(), tensors, weights, base)
+    assert torch.equal(untouched, torch.full((8, 8), 7.0))
+    assert not method.merge_into(torch.empty(0), [torch.empty(0)] * count, weights, torch.empty(0))
+    assert not method.merge_into(torch.empty(8, 8), tensors, weights, None)
+    overlapping = torch.randn(65)
+    tensors = [overlapping[:64]] * count
+    assert not method.merge_into(overlapping[1:], tensors, weights, torch.randn(64))
+
+
+def test_nearswap_of_two_models_is_left_to_the_reference_to_refuse():
+    base = torch.randn(10)
+    tensors = [torch.randn(10), torch.randn(10)]
+    assert not methods.nearswap().merge_into(torch.empty(10), tensors, [1.0, 1.0], base)
+    with pytest.raises(MethodNotApplicableError, match="exactly one model"):
+        methods.nearswap()(tensors, [1.0, 1.0], base)
