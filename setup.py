@@ -24,4 +24,4 @@ def extension(name: str) -> Extension:
     )
 
 
-setup(ext_modules=[extension("_fastloop"), extension("_fastmethods")])
+setup(ext_modules=[extension("_fastloop"), extension("_fastmethods"), extension("_fastrank")])

@@ -46,6 +46,7 @@ from .families import elementwise, spherical, statistics, subspace
 from .kernels import ChunkBuffers, linear_combine
 from .kernels.cpu import ranges, run
 from .kernels.fastmethods import merge_into
+from .kernels.fastrank import della_into
 from .kernels.primitives import (
     DRAW_CHUNK,
     counter_uniform,
@@ -1287,6 +1288,7 @@ def _della(name: str, density: Any, epsilon: Any, scale: Any, consensus: bool) -
     return Method(
         name,
         partial(elementwise.della_merge, consensus=consensus),
+        into=partial(della_into, consensus=consensus),
         settings=settings,
         task_vectors=True,
         needs_base=True,
