@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import fastloop
-from .cpu import DTYPE_CODES, PER_THREAD, plain, run
+from . import cpu, fastloop
+from .cpu import DTYPE_CODES, plain, run
 from .primitives import draw_key
 
 try:
@@ -98,7 +98,7 @@ def _rows(tensor: torch.Tensor) -> tuple[int, int]:
 
 def row_ranges(rows: int, width: int) -> list[tuple[int, int]]:
     """One range of whole rows per thread (a single range for small tensors)."""
-    workers = min(torch.get_num_threads(), max(1, rows * width // PER_THREAD), rows)
+    workers = min(torch.get_num_threads(), max(1, rows * width // cpu.PER_THREAD), rows)
     step = -(-rows // max(1, workers))
     return [(first, min(first + step, rows)) for first in range(0, rows, step)]
 
