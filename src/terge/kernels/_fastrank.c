@@ -51,6 +51,14 @@
 #define SMALL 24   /* buckets this small are insertion sorted */
 #define MAX_WIDTH (INT64_C(1) << 31)
 
+#if defined(_MSC_VER)
+#define RESTRICT __restrict
+#define ALWAYS_INLINE __forceinline
+#else
+#define RESTRICT restrict
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
 static const size_t ITEMSIZE[] = {8, 4, 2, 2};
 
 #ifndef CLONED
@@ -148,10 +156,13 @@ static void insertion_sort(uint64_t *a, Py_ssize_t n) {
     }
 }
 
-/* a[0..n) sorted ascending: MSD radix, each level on the top bits of the bucket's own span
- * (at most RADIX and about log2 n of them), buckets of up to SMALL insertion sorted. tmp has n
- * slots. The depth is at most 64 / 4 levels: a level's buckets span 4 bits fewer or less. */
-static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n) {
+/* a[0..n) sorted ascending, the values distinct: MSD radix, each level on the top bits of the
+ * bucket's own span (at most RADIX and about log2 n of them). Values at or below `floor` (a
+ * hint: 0 for none) share the first bucket, so that the others spread the bulk of the values
+ * rather than a sparse tail. Where every bucket is small the whole array, each value already in
+ * its bucket, is finished by one insertion sort (its cost the moves within the buckets); larger
+ * buckets are sorted again. tmp has n slots. */
+static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor) {
     if (n <= SMALL) {
         insertion_sort(a, n);
         return;
@@ -161,8 +172,10 @@ static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n) {
         lo = a[k] < lo ? a[k] : lo;
         hi = a[k] > hi ? a[k] : hi;
     }
+    const int clamped = floor > lo && floor < hi;
+    lo = clamped ? floor : lo;
     const int span = bit_length(hi - lo);
-    if (span == 0) return; /* all equal */
+    if (span == 0) return; /* one value */
     int digits = bit_length((uint64_t)n);
     digits = digits > RADIX ? RADIX : digits;
     digits = digits > span ? span : digits;
@@ -171,18 +184,34 @@ static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n) {
     /* ends[b]: first the start of bucket b, then (after the scatter) its end */
     Py_ssize_t ends[1 << RADIX];
     memset(ends, 0, buckets * sizeof ends[0]);
-    for (Py_ssize_t k = 0; k < n; k++) ends[(a[k] - lo) >> shift]++;
+    for (Py_ssize_t k = 0; k < n; k++) ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++;
+    Py_ssize_t largest = 0;
     for (Py_ssize_t b = 0, total = 0; b < buckets; b++) {
         const Py_ssize_t size = ends[b];
+        largest = size > largest ? size : largest;
         ends[b] = total;
         total += size;
     }
-    for (Py_ssize_t k = 0; k < n; k++) tmp[ends[(a[k] - lo) >> shift]++] = a[k];
+    for (Py_ssize_t k = 0; k < n; k++) tmp[ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++] = a[k];
     memcpy(a, tmp, n * sizeof *a);
-    if (shift == 0) return; /* each bucket holds one value */
-    for (Py_ssize_t b = 0, start = 0; b < buckets; start = ends[b++]) {
-        if (ends[b] - start > 1) radix_sort(a + start, tmp + start, ends[b] - start);
+    if (largest <= SMALL) {
+        insertion_sort(a, n);
+        return;
     }
+    for (Py_ssize_t b = 0, start = 0; b < buckets; start = ends[b++]) {
+        const Py_ssize_t size = ends[b] - start;
+        if (size > SMALL) {
+            radix_sort(a + start, tmp + start, size, 0);
+        } else if (size > 1) {
+            insertion_sort(a + start, size);
+        }
+    }
+}
+
+CLONED
+static void pack(uint64_t *order, const uint64_t *keys, Py_ssize_t n, uint64_t lo, int dropped,
+                 int bits) {
+    for (Py_ssize_t k = 0; k < n; k++) order[k] = ((keys[k] - lo) >> dropped) << bits | (uint64_t)k;
 }
 
 /* order[0..n) = the positions 0..n-1 sorted by (keys[j], j): a stable sort of keys, n >= 2 and
@@ -196,10 +225,10 @@ static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, Py_s
     }
     const int room = 64 - bits, span = bit_length(hi - lo);
     const int dropped = span > room ? span - room : 0; /* at most bits - 1 (span <= 63) */
-    for (Py_ssize_t k = 0; k < n; k++) {
-        order[k] = ((keys[k] - lo) >> dropped) << bits | (uint64_t)k;
-    }
-    radix_sort(order, tmp, n);
+    pack(order, keys, n, lo, dropped, bits);
+    /* the hint: magnitudes below the largest's / 64 (its exponent less 6) share a bucket */
+    const uint64_t below = hi > lo + (UINT64_C(6) << 52) ? hi - (UINT64_C(6) << 52) : lo;
+    radix_sort(order, tmp, n, ((below - lo) >> dropped) << bits);
     if (!dropped) return bits;
     /* runs of equal truncated magnitudes: sorted again on the dropped bits, then position */
     const uint64_t mask = ((uint64_t)1 << bits) - 1, low_bits = ((uint64_t)1 << dropped) - 1;
@@ -211,7 +240,7 @@ static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, Py_s
                 const uint64_t j = order[q] & mask;
                 order[q] = ((keys[j] - lo) & low_bits) << bits | j;
             }
-            radix_sort(order + first, tmp + first, k - first);
+            radix_sort(order + first, tmp + first, k - first, 0);
         }
         first = k;
     }
@@ -227,54 +256,85 @@ typedef struct {
     uint64_t keys[MAX_MODELS];
 } Spec;
 
-/* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
- * top. keys, order and tmp: width slots each. */
-static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
-                         uint64_t *keys, uint64_t *order, uint64_t *tmp) {
-    if (width == 1) {
-        const double u = (double)(mix64(key + (at + 1) * GOLDEN) >> 11) * 0x1p-53;
-        t[0] = masked(t[0] / s->density, u < s->density);
-        return;
-    }
-    for (Py_ssize_t k = 0; k < width; k++) keys[k] = magnitude(t[k]);
-    const int bits = rank_order(keys, order, tmp, width);
-    const uint64_t mask = ((uint64_t)1 << bits) - 1;
-    /* the draws in order of position (tmp is free again) */
-    double *u = (double *)tmp;
-    for (Py_ssize_t k = 0; k < width; k++) {
-        u[k] = (double)(mix64(key + (at + (uint64_t)k + 1) * GOLDEN) >> 11) * 0x1p-53;
-    }
-    const double last = (double)(width - 1);
-    for (Py_ssize_t r = 0; r < width; r++) {
-        const uint64_t j = order[r] & mask;
-        const double p = ((double)r / last) * s->two_eps + s->low;
-        t[j] = masked(t[j] / p, u[j] < p);
+/* t[k] = u_k < p[k] ? t[k] / p[k] : +0, u_k the draw of global index at + k. */
+CLONED
+static void keep_drawn(double *RESTRICT t, const double *RESTRICT p, Py_ssize_t m, uint64_t at,
+                       uint64_t key) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const int64_t z = (int64_t)(mix64(key + (at + (uint64_t)k + 1) * GOLDEN) >> 11);
+        const double u = (double)z * 0x1p-53;
+        t[k] = masked(t[k] / p[k], u < p[k]);
     }
 }
 
+/* t = x - b and keys = the magnitude bits of t. */
 CLONED
-static void combine(double *result, const double *b, double *const *d, Py_ssize_t m,
-                    const Spec *s) {
+static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *x, const double *b,
+                     Py_ssize_t m) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        t[k] = x[k] - b[k];
+        keys[k] = magnitude(t[k]);
+    }
+}
+
+/* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
+ * top. keys (magnitude bits of t), order and tmp: width slots each. */
+static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
+                         const uint64_t *keys, uint64_t *order, uint64_t *tmp) {
+    double *p = (double *)tmp; /* the keep probabilities by position, once tmp is free */
+    if (width == 1) {
+        p[0] = s->density;
+    } else {
+        const int bits = rank_order(keys, order, tmp, width);
+        const uint64_t mask = ((uint64_t)1 << bits) - 1;
+        const double last = (double)(width - 1);
+        for (Py_ssize_t r = 0; r < width; r++) {
+            p[order[r] & mask] = ((double)r / last) * s->two_eps + s->low;
+        }
+    }
+    keep_drawn(t, p, width, at, key);
+}
+
+/* The merge of a row, element by element in registers; count known when compiled (1 to 4)
+ * or not (0: any). */
+static ALWAYS_INLINE void combine_n(double *RESTRICT result, const double *RESTRICT b,
+                                    double *const *d, Py_ssize_t m, const Spec *s, const int fixed,
+                                    const int consensus) {
+    const int count = fixed ? fixed : s->count;
+    const double scale = s->scale;
     for (Py_ssize_t k = 0; k < m; k++) {
         double e = 0.0;
-        for (int i = 0; i < s->count; i++) e = e + d[i][k] * s->weights[i];
-        if (s->consensus) {
+        for (int i = 0; i < count; i++) e = e + d[i][k] * s->weights[i];
+        if (consensus) {
             double num = 0.0, den = 0.0;
-            for (int i = 0; i < s->count; i++) {
+            for (int i = 0; i < count; i++) {
                 const uint64_t a = agrees(e, d[i][k]);
                 num = num + masked(d[i][k] * s->weights[i], a);
                 den = den + masked(s->weights[i], a);
             }
             e = den != 0 ? num / den : num;
         }
-        result[k] = b[k] + e * s->scale;
+        result[k] = b[k] + e * scale;
     }
 }
 
-CLONED
-static void subtract(double *t, const double *x, const double *b, Py_ssize_t m) {
-    for (Py_ssize_t k = 0; k < m; k++) t[k] = x[k] - b[k];
-}
+#define COMBINE(N)                                                                                 \
+    CLONED static void combine_##N(double *result, const double *b, double *const *d,             \
+                                   Py_ssize_t m, const Spec *s) {                                  \
+        if (s->consensus) {                                                                        \
+            combine_n(result, b, d, m, s, N, 1);                                                   \
+        } else {                                                                                   \
+            combine_n(result, b, d, m, s, N, 0);                                                   \
+        }                                                                                          \
+    }
+COMBINE(0)
+COMBINE(1)
+COMBINE(2)
+COMBINE(3)
+COMBINE(4)
+
+typedef void (*combine_fn)(double *, const double *, double *const *, Py_ssize_t, const Spec *);
+static const combine_fn COMBINE_FNS[] = {combine_0, combine_1, combine_2, combine_3, combine_4};
 
 /* rows rows of width entries; first: the global index of the first entry. buffers: see
  * py_della. */
@@ -293,10 +353,10 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
         for (int i = 0; i < s->count; i++) {
             const double *x =
                 widen(xbuf, models[i] + offset * ITEMSIZE[codes[i]], codes[i], width);
-            subtract(d[i], x, b, width);
+            subtract(d[i], keys, x, b, width);
             sparsify_row(d[i], width, at, s->keys[i], s, keys, order, tmp);
         }
-        combine(result, b, d, width, s);
+        COMBINE_FNS[s->count <= 4 ? s->count : 0](result, b, d, width, s);
         narrow(out + offset * ITEMSIZE[out_code], out_code, result, width);
     }
 }
