@@ -47,7 +47,8 @@
 #define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
 #define MIX1 UINT64_C(0xBF58476D1CE4E5B9)
 #define MIX2 UINT64_C(0x94D049BB133111EB)
-#define RADIX 11   /* most bits per radix level: 2048 buckets */
+#define RADIX 13   /* most bits per radix level: 8192 buckets */
+#define ENDS (12 << RADIX) /* bucket slots for every level of a sort: at most 11 levels deep */
 #define SMALL 24   /* buckets this small are insertion sorted */
 #define MAX_WIDTH (INT64_C(1) << 31)
 
@@ -157,12 +158,13 @@ static void insertion_sort(uint64_t *a, Py_ssize_t n) {
 }
 
 /* a[0..n) sorted ascending, the values distinct: MSD radix, each level on the top bits of the
- * bucket's own span (at most RADIX and about log2 n of them). Values at or below `floor` (a
+ * bucket's own span (about 2 to 4 buckets per value, at most 2**RADIX). Values at or below `floor` (a
  * hint: 0 for none) share the first bucket, so that the others spread the bulk of the values
- * rather than a sparse tail. Where every bucket is small the whole array, each value already in
- * its bucket, is finished by one insertion sort (its cost the moves within the buckets); larger
- * buckets are sorted again. tmp has n slots. */
-static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor) {
+ * rather than a sparse tail. The first bucket and any other larger than SMALL are sorted again;
+ * the rest of the array, each value already in its bucket and the buckets small, is finished
+ * by one insertion sort (its cost the moves within the buckets). tmp has n slots; ends has
+ * room for the levels' buckets (ENDS slots: a level's values span 7 bits fewer than its parent's). */
+static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor, uint32_t *ends) {
     if (n <= SMALL) {
         insertion_sort(a, n);
         return;
@@ -172,36 +174,37 @@ static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor)
         lo = a[k] < lo ? a[k] : lo;
         hi = a[k] > hi ? a[k] : hi;
     }
-    const int clamped = floor > lo && floor < hi;
-    lo = clamped ? floor : lo;
+    lo = floor > lo && floor < hi ? floor : lo;
     const int span = bit_length(hi - lo);
     if (span == 0) return; /* one value */
-    int digits = bit_length((uint64_t)n);
+    int digits = bit_length((uint64_t)n) + 1;
     digits = digits > RADIX ? RADIX : digits;
     digits = digits > span ? span : digits;
     const int shift = span - digits;
     const Py_ssize_t buckets = (Py_ssize_t)1 << digits;
     /* ends[b]: first the start of bucket b, then (after the scatter) its end */
-    Py_ssize_t ends[1 << RADIX];
     memset(ends, 0, buckets * sizeof ends[0]);
     for (Py_ssize_t k = 0; k < n; k++) ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++;
-    Py_ssize_t largest = 0;
-    for (Py_ssize_t b = 0, total = 0; b < buckets; b++) {
-        const Py_ssize_t size = ends[b];
+    uint32_t largest = 0, total = ends[0];
+    ends[0] = 0;
+    for (Py_ssize_t b = 1; b < buckets; b++) {
+        const uint32_t size = ends[b];
         largest = size > largest ? size : largest;
         ends[b] = total;
         total += size;
     }
     for (Py_ssize_t k = 0; k < n; k++) tmp[ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++] = a[k];
     memcpy(a, tmp, n * sizeof *a);
+    /* the first bucket: everything at or below lo (one value unless clamped) */
+    if (ends[0] > 1) radix_sort(a, tmp, ends[0], 0, ends + buckets);
     if (largest <= SMALL) {
-        insertion_sort(a, n);
+        insertion_sort(a + ends[0], n - ends[0]);
         return;
     }
-    for (Py_ssize_t b = 0, start = 0; b < buckets; start = ends[b++]) {
-        const Py_ssize_t size = ends[b] - start;
+    for (Py_ssize_t b = 1; b < buckets; b++) {
+        const Py_ssize_t start = ends[b - 1], size = ends[b] - start;
         if (size > SMALL) {
-            radix_sort(a + start, tmp + start, size, 0);
+            radix_sort(a + start, tmp + start, size, 0, ends + buckets);
         } else if (size > 1) {
             insertion_sort(a + start, size);
         }
@@ -216,7 +219,8 @@ static void pack(uint64_t *order, const uint64_t *keys, Py_ssize_t n, uint64_t l
 
 /* order[0..n) = the positions 0..n-1 sorted by (keys[j], j): a stable sort of keys, n >= 2 and
  * below MAX_WIDTH. tmp: n slots. The positions come back in order's low `bits` bits. */
-static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, Py_ssize_t n) {
+static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends,
+                      Py_ssize_t n) {
     const int bits = bit_length((uint64_t)(n - 1));
     uint64_t lo = keys[0], hi = keys[0];
     for (Py_ssize_t k = 1; k < n; k++) {
@@ -228,7 +232,7 @@ static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, Py_s
     pack(order, keys, n, lo, dropped, bits);
     /* the hint: magnitudes below the largest's / 64 (its exponent less 6) share a bucket */
     const uint64_t below = hi > lo + (UINT64_C(6) << 52) ? hi - (UINT64_C(6) << 52) : lo;
-    radix_sort(order, tmp, n, ((below - lo) >> dropped) << bits);
+    radix_sort(order, tmp, n, ((below - lo) >> dropped) << bits, ends);
     if (!dropped) return bits;
     /* runs of equal truncated magnitudes: sorted again on the dropped bits, then position */
     const uint64_t mask = ((uint64_t)1 << bits) - 1, low_bits = ((uint64_t)1 << dropped) - 1;
@@ -240,7 +244,7 @@ static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, Py_s
                 const uint64_t j = order[q] & mask;
                 order[q] = ((keys[j] - lo) & low_bits) << bits | j;
             }
-            radix_sort(order + first, tmp + first, k - first, 0);
+            radix_sort(order + first, tmp + first, k - first, 0, ends);
         }
         first = k;
     }
@@ -280,12 +284,12 @@ static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *
 /* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
  * top. keys (magnitude bits of t), order and tmp: width slots each. */
 static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
-                         const uint64_t *keys, uint64_t *order, uint64_t *tmp) {
+                         const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends) {
     double *p = (double *)tmp; /* the keep probabilities by position, once tmp is free */
     if (width == 1) {
         p[0] = s->density;
     } else {
-        const int bits = rank_order(keys, order, tmp, width);
+        const int bits = rank_order(keys, order, tmp, ends, width);
         const uint64_t mask = ((uint64_t)1 << bits) - 1;
         const double last = (double)(width - 1);
         for (Py_ssize_t r = 0; r < width; r++) {
@@ -346,6 +350,7 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
     for (int i = 0; i < s->count; i++) d[i] = result + (i + 1) * width;
     uint64_t *keys = (uint64_t *)(d[s->count - 1] + width), *order = keys + width,
              *tmp = order + width;
+    uint32_t *ends = (uint32_t *)(tmp + width);
     for (Py_ssize_t row = 0; row < rows; row++) {
         const Py_ssize_t offset = row * width;
         const uint64_t at = first + (uint64_t)offset;
@@ -354,7 +359,7 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
             const double *x =
                 widen(xbuf, models[i] + offset * ITEMSIZE[codes[i]], codes[i], width);
             subtract(d[i], keys, x, b, width);
-            sparsify_row(d[i], width, at, s->keys[i], s, keys, order, tmp);
+            sparsify_row(d[i], width, at, s->keys[i], s, keys, order, tmp, ends);
         }
         COMBINE_FNS[s->count <= 4 ? s->count : 0](result, b, d, width, s);
         narrow(out + offset * ITEMSIZE[out_code], out_code, result, width);
@@ -452,7 +457,8 @@ static PyObject *py_della(PyObject *self, PyObject *args) {
         goto done;
     }
     /* base, x, result and one row per model (float64); keys, order, tmp (uint64) */
-    double *buffers = PyMem_RawMalloc((size_t)(s->count + 6) * (size_t)width * sizeof(double));
+    double *buffers = PyMem_RawMalloc((size_t)(s->count + 6) * (size_t)width * sizeof(double) +
+                                      ENDS * sizeof(uint32_t));
     if (!buffers) {
         PyErr_NoMemory();
         goto done;
@@ -485,13 +491,13 @@ static PyObject *py_rank(PyObject *self, PyObject *args) {
     }
     const uint64_t *keys = (const uint64_t *)(uintptr_t)keys_addr;
     int64_t *ranks = (int64_t *)(uintptr_t)ranks_addr;
-    uint64_t *order = PyMem_RawMalloc(2 * (size_t)n * sizeof *order);
+    uint64_t *order = PyMem_RawMalloc(2 * (size_t)n * sizeof *order + ENDS * sizeof(uint32_t));
     if (!order) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     if (n == 1) {
         ranks[0] = 0;
     } else {
-        const int bits = rank_order(keys, order, order + n, n);
+        const int bits = rank_order(keys, order, order + n, (uint32_t *)(order + 2 * n), n);
         const uint64_t mask = ((uint64_t)1 << bits) - 1;
         for (Py_ssize_t r = 0; r < n; r++) ranks[order[r] & mask] = r;
     }
