@@ -1,7 +1,8 @@
 """Build the optional compiled CPU loops; everything else is declared in pyproject.toml.
 
-``terge.kernels._fastloop`` (the linear merges) and ``terge.kernels._fastmethods`` (the task-vector methods) are
-compiled where a C compiler is present. Where they cannot be built the install still succeeds
+``terge.kernels._fastloop`` (the linear merges), ``terge.kernels._fastmethods`` (the task-vector methods)
+and ``terge.kernels._fastrank`` (DELLA's per-row ranking and merge) are compiled where a C compiler is
+present. Where they cannot be built the install still succeeds
 (``optional=True``) and terge runs the same arithmetic in plain torch ops, equal bit for bit and
 slower. ``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add into one
 rounding, which would change results.

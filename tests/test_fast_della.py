@@ -103,7 +103,7 @@ def check(name, shape, dtypes, out_dtype, seed, kind, density, epsilon, scale, w
 
 
 @needs_loop
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(["della", "della_linear"]),
     shape=st.sampled_from(SHAPES),
@@ -132,7 +132,7 @@ def test_equals_the_reference_bit_for_bit(
 
 
 @needs_loop
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     name=st.sampled_from(["della", "della_linear"]),
     models=st.integers(1, 4),
@@ -159,7 +159,7 @@ def inverse_argsort(keys: torch.Tensor) -> torch.Tensor:
 
 
 @needs_loop
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     n=st.one_of(st.integers(1, 40), st.integers(100, 5000)),
     bits=st.integers(1, 63),

@@ -47,9 +47,16 @@
 #define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
 #define MIX1 UINT64_C(0xBF58476D1CE4E5B9)
 #define MIX2 UINT64_C(0x94D049BB133111EB)
-#define RADIX 13   /* most bits per radix level: 8192 buckets */
+#ifndef RADIX
+#define RADIX 13 /* most bits per radix level: 8192 buckets */
+#endif
 #define ENDS (12 << RADIX) /* bucket slots for every level of a sort: at most 11 levels deep */
-#define SMALL 24   /* buckets this small are insertion sorted */
+#ifndef SMALL
+#define SMALL 24 /* buckets this small are insertion sorted */
+#endif
+#ifndef EXTRA
+#define EXTRA 1 /* 2**EXTRA buckets per value (or so) */
+#endif
 #define MAX_WIDTH (INT64_C(1) << 31)
 
 #if defined(_MSC_VER)
@@ -177,7 +184,7 @@ static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor,
     lo = floor > lo && floor < hi ? floor : lo;
     const int span = bit_length(hi - lo);
     if (span == 0) return; /* one value */
-    int digits = bit_length((uint64_t)n) + 1;
+    int digits = bit_length((uint64_t)n) + EXTRA;
     digits = digits > RADIX ? RADIX : digits;
     digits = digits > span ? span : digits;
     const int shift = span - digits;
