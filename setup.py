@@ -1,8 +1,9 @@
 """Build the optional compiled CPU loops; everything else is declared in pyproject.toml.
 
 ``terge.kernels._fastloop`` (the linear merges), ``terge.kernels._fastmethods`` (the task-vector
-methods, and the element-wise ones: MagMax, TALL-mask consensus, NearSwap, SCE) and
-``terge.kernels._faststatistics`` (SLERP's and Model Stock's dot products) are
+methods, and the element-wise ones: MagMax, TALL-mask consensus, NearSwap, SCE),
+``terge.kernels._faststatistics`` (SLERP's and Model Stock's dot products) and
+``terge.kernels._fastrank`` (DELLA's per-row ranking and merge) are
 compiled where a C compiler is present. Where they cannot be built the install still succeeds
 (``optional=True``) and terge runs the same arithmetic in plain torch ops, equal bit for bit and
 slower. ``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add into one
@@ -27,5 +28,10 @@ def extension(name: str) -> Extension:
 
 
 setup(
-    ext_modules=[extension("_fastloop"), extension("_fastmethods"), extension("_faststatistics")]
+    ext_modules=[
+        extension("_fastloop"),
+        extension("_fastmethods"),
+        extension("_faststatistics"),
+        extension("_fastrank"),
+    ]
 )

@@ -45,6 +45,7 @@ from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMe
 from .families import elementwise, spherical, statistics, subspace
 from .kernels import ChunkBuffers, fastelementwise, linear_combine
 from .kernels.fastmethods import merge_into
+from .kernels.fastrank import della_into
 from .kernels.primitives import (
     DRAW_CHUNK,
     counter_uniform,
@@ -1236,6 +1237,7 @@ def _della(name: str, density: Any, epsilon: Any, scale: Any, consensus: bool) -
     return Method(
         name,
         partial(elementwise.della_merge, consensus=consensus),
+        into=partial(della_into, consensus=consensus),
         settings=settings,
         task_vectors=True,
         needs_base=True,

@@ -297,29 +297,41 @@ def pcb_merge(
     top ``ratio`` stay above it) and normalised to [0, 1], is ``s_i``;
     ``base + scale * sum_i s_i c_i / sum_i s_i`` (0 where every ``s_i`` is 0), ``norm`` a row's
     min-max scaling (0 for a constant row). The merge weights are not used."""
-    deltas = _task_vectors("pcb", tensors, base)
-    n = len(deltas)
-    stack = torch.stack([d.reshape(-1) for d in deltas])
-    del deltas
+    if base is None:
+        raise MethodNotApplicableError("pcb: needs a base model to take task vectors from.")
+    # The reference's operations on the same (n, d) tensors, in place where it made new ones:
+    # the same bits, with three n x d buffers (stack, magnitudes, clipped) instead of eight.
+    n = len(tensors)
+    flat = base.reshape(-1)
+    stack = torch.empty((n, flat.numel()), dtype=base.dtype, device=base.device)
+    for row, theta in zip(stack, tensors, strict=True):
+        torch.sub(theta.reshape(-1), flat, out=row)
     d = stack.shape[1]
     magnitudes = stack.abs()
     low = _sorted_at(magnitudes, int(d * PCB_CLIP))
     high = _sorted_at(magnitudes, int(d * (1 - PCB_CLIP)) - 1)
-    magnitudes = torch.maximum(torch.minimum(magnitudes, high), low)
-    clipped = torch.sign(stack) * magnitudes
-    intra = _normalise(magnitudes).square_().mul_(n).exp_()
+    torch.minimum(magnitudes, high, out=magnitudes)
+    torch.maximum(magnitudes, low, out=magnitudes)
+    clipped = torch.sign(stack).mul_(magnitudes)
+    intra = _normalise_(magnitudes).square_().mul_(n).exp_()
     del magnitudes
-    inter = torch.tanh(stack * stack.sum(dim=0, keepdim=True))
-    del stack
+    inter = stack.mul_(stack.sum(dim=0, keepdim=True)).tanh_()
     balance = intra.mul_(inter)
-    del inter
+    del stack, inter
     floor = _sorted_at(balance, min(int(d * (1 - ratio)), d - 1))
-    scores = _normalise(torch.maximum(balance, floor))
-    del balance
-    numerator = (clipped * scores).sum(dim=0)
+    scores = _normalise_(torch.maximum(balance, floor, out=balance))
     denominator = scores.sum(dim=0)
+    numerator = clipped.mul_(scores).sum(dim=0)
+    del clipped, scores
     merged = torch.where(denominator != 0, numerator / denominator, torch.zeros_like(numerator))
-    return _finish(base, merged.reshape(base.shape), scale)  # type: ignore[arg-type, union-attr]
+    return _finish(base, merged.reshape(base.shape), scale)
+
+
+def _normalise_(values: torch.Tensor) -> torch.Tensor:
+    """:func:`_normalise` in place: the same operations, no new rows."""
+    low = values.amin(dim=1, keepdim=True)
+    span = values.amax(dim=1, keepdim=True) - low
+    return values.sub_(low).div_(span).masked_fill_(~(span > 0), 0)
 
 
 # --- NearSwap -------------------------------------------------------------------------------------

@@ -1,0 +1,528 @@
+/* terge._fastrank: DELLA and DELLA-linear on the CPU, row by row, straight from the inputs as
+ * stored (no float64 copies of whole tensors).
+ *
+ * The reference is families.elementwise.della_merge (plain torch on float64 copies). For each
+ * row of `width` entries (a 2-D or larger tensor's shape[0] rows, flattened; a 0-D or 1-D tensor
+ * as one row) and each model i these loops do its float64 operations in its order, so the
+ * results are equal bit for bit (tests/test_fast_della.py):
+ *
+ *     t_j = x_j - b_j                       (both widened to float64, exactly; one rounding)
+ *     r_j = the rank of t_j's magnitude bits (primitives.magnitude_bits: the sign cleared, every
+ *           NaN as inf + 1) in the row, ascending, equal magnitudes by position (a stable sort)
+ *     p_j = ((double)r_j / (width - 1)) * two_eps + low    (density when width is 1)
+ *     d_j = u_j < p_j ? t_j / p_j : +0      u_j = (mix64(key_i + (J + 1) GOLDEN) >> 11) 2**-53,
+ *                                           J the entry's row-major index in the whole tensor
+ *     e   = ((0 + d_0 w_0) + d_1 w_1) + ...        (each product rounded: never an FMA)
+ *     della:  a_i = e >= 0 ? d_i > 0 : d_i < 0,  p = (0 + (a_i ? d_i : 0) w_i) + ...,
+ *             q = (0 + (a_i ? 1 : 0) w_i) + ...,  m = q != 0 ? p / q : p   (TIES' consensus)
+ *     della_linear:  m = e
+ *     out = b + m * scale, rounded once into out's dtype (as kernels.store_whole does)
+ *
+ * `low` (density - epsilon) and `two_eps` (2 * epsilon) are computed by Python, as the reference
+ * computes them.
+ *
+ * The ranking: each row's (magnitude - the row's least) is packed with the entry's position in
+ * the low bits (the magnitude's lowest bits dropped when both do not fit in 64) and the packed
+ * values, all distinct, are sorted by an MSD radix sort (insertion sort for small buckets): the
+ * position decides between equal magnitudes, as a stable sort does. Where bits were dropped,
+ * each run of equal packed magnitudes is packed again with the dropped bits and sorted: exact.
+ * Extra memory: one row of each model (float64) and three of uint64 per call, i.e. per thread.
+ *
+ * Compile with -ffp-contract=off: a fused multiply-add rounds once where the reference rounds
+ * twice.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_convert.h"
+
+#define MAX_MODELS 64
+#define TOP (UINT64_C(1) << 63)
+#define INF UINT64_C(0x7FF0000000000000)
+#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+#define MIX1 UINT64_C(0xBF58476D1CE4E5B9)
+#define MIX2 UINT64_C(0x94D049BB133111EB)
+#ifndef RADIX
+#define RADIX 13 /* most bits per radix level: 8192 buckets */
+#endif
+#define ENDS (12 << RADIX) /* bucket slots for every level of a sort: at most 11 levels deep */
+#ifndef SMALL
+#define SMALL 24 /* buckets this small are insertion sorted */
+#endif
+#ifndef EXTRA
+#define EXTRA 1 /* 2**EXTRA buckets per value (or so) */
+#endif
+#define MAX_WIDTH (INT64_C(1) << 31)
+
+#if defined(_MSC_VER)
+#define RESTRICT __restrict
+#define ALWAYS_INLINE __forceinline
+#else
+#define RESTRICT restrict
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
+static const size_t ITEMSIZE[] = {8, 4, 2, 2};
+
+#ifndef CLONED
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) &&     \
+    __GNUC__ >= 12
+#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONED
+#endif
+#endif
+
+/* --- element-wise helpers (as _fastmethods.c's) ------------------------------------------------ */
+
+/* |t|'s bit pattern (the sign bit cleared: -0 as +0), every NaN as INF + 1. */
+static inline uint64_t magnitude(double t) {
+    uint64_t u;
+    memcpy(&u, &t, sizeof u);
+    u &= ~TOP;
+    return u < INF + 1 ? u : INF + 1;
+}
+
+/* v where keep is 1, +0 where it is 0. */
+static inline double masked(double v, uint64_t keep) {
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    u &= -keep;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* 1 if d agrees with the elected sign (e >= 0: positive), else 0. Where d disagrees the
+ * reference adds (0 * w), +0 or -0, to sums that start at +0; adding +0 instead gives the same
+ * sums (see _fastmethods.c's agrees()). */
+static inline uint64_t agrees(double e, double d) {
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    u ^= (uint64_t)!(e >= 0) << 63;
+    memcpy(&d, &u, sizeof d);
+    return d > 0;
+}
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * MIX1;
+    z = (z ^ (z >> 27)) * MIX2;
+    return z ^ (z >> 31);
+}
+
+/* m elements of an input widened to float64: the input itself when it is float64. */
+static inline const double *widen(double *buffer, const char *p, int code, Py_ssize_t m) {
+    switch (code) {
+    case F64: return (const double *)p;
+    case F32:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = ((const float *)p)[k];
+        break;
+    case BF16:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = bf16_to_float(((const uint16_t *)p)[k]);
+        break;
+    default:
+        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = f16_to_float(((const uint16_t *)p)[k]);
+        break;
+    }
+    return buffer;
+}
+
+/* m float64 values rounded once into out's dtype (bfloat16/float16 through float32 to odd). */
+static inline void narrow(char *out, int code, const double *r, Py_ssize_t m) {
+    switch (code) {
+    case F64: memcpy(out, r, m * sizeof *r); break;
+    case F32:
+        for (Py_ssize_t k = 0; k < m; k++) ((float *)out)[k] = (float)r[k];
+        break;
+    case BF16:
+        for (Py_ssize_t k = 0; k < m; k++)
+            ((uint16_t *)out)[k] = float_to_bf16(round_to_odd(r[k]));
+        break;
+    default:
+        for (Py_ssize_t k = 0; k < m; k++) ((uint16_t *)out)[k] = float_to_f16(round_to_odd(r[k]));
+        break;
+    }
+}
+
+static inline int bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+/* --- the ranking --------------------------------------------------------------------------------- */
+
+static void insertion_sort(uint64_t *a, Py_ssize_t n) {
+    for (Py_ssize_t i = 1; i < n; i++) {
+        const uint64_t v = a[i];
+        Py_ssize_t j = i;
+        while (j > 0 && a[j - 1] > v) {
+            a[j] = a[j - 1];
+            j--;
+        }
+        a[j] = v;
+    }
+}
+
+/* a[0..n) sorted ascending, the values distinct: MSD radix, each level on the top bits of the
+ * bucket's own span (about 2 to 4 buckets per value, at most 2**RADIX). Values at or below `floor` (a
+ * hint: 0 for none) share the first bucket, so that the others spread the bulk of the values
+ * rather than a sparse tail. The first bucket and any other larger than SMALL are sorted again;
+ * the rest of the array, each value already in its bucket and the buckets small, is finished
+ * by one insertion sort (its cost the moves within the buckets). tmp has n slots; ends has
+ * room for the levels' buckets (ENDS slots: a level's values span 7 bits fewer than its parent's). */
+static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor, uint32_t *ends) {
+    if (n <= SMALL) {
+        insertion_sort(a, n);
+        return;
+    }
+    uint64_t lo = a[0], hi = a[0];
+    for (Py_ssize_t k = 1; k < n; k++) {
+        lo = a[k] < lo ? a[k] : lo;
+        hi = a[k] > hi ? a[k] : hi;
+    }
+    lo = floor > lo && floor < hi ? floor : lo;
+    const int span = bit_length(hi - lo);
+    if (span == 0) return; /* one value */
+    int digits = bit_length((uint64_t)n) + EXTRA;
+    digits = digits > RADIX ? RADIX : digits;
+    digits = digits > span ? span : digits;
+    const int shift = span - digits;
+    const Py_ssize_t buckets = (Py_ssize_t)1 << digits;
+    /* ends[b]: first the start of bucket b, then (after the scatter) its end */
+    memset(ends, 0, buckets * sizeof ends[0]);
+    for (Py_ssize_t k = 0; k < n; k++) ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++;
+    uint32_t largest = 0, total = ends[0];
+    ends[0] = 0;
+    for (Py_ssize_t b = 1; b < buckets; b++) {
+        const uint32_t size = ends[b];
+        largest = size > largest ? size : largest;
+        ends[b] = total;
+        total += size;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) tmp[ends[a[k] > lo ? (a[k] - lo) >> shift : 0]++] = a[k];
+    memcpy(a, tmp, n * sizeof *a);
+    /* the first bucket: everything at or below lo (one value unless clamped) */
+    if (ends[0] > 1) radix_sort(a, tmp, ends[0], 0, ends + buckets);
+    if (largest <= SMALL) {
+        insertion_sort(a + ends[0], n - ends[0]);
+        return;
+    }
+    for (Py_ssize_t b = 1; b < buckets; b++) {
+        const Py_ssize_t start = ends[b - 1], size = ends[b] - start;
+        if (size > SMALL) {
+            radix_sort(a + start, tmp + start, size, 0, ends + buckets);
+        } else if (size > 1) {
+            insertion_sort(a + start, size);
+        }
+    }
+}
+
+CLONED
+static void pack(uint64_t *order, const uint64_t *keys, Py_ssize_t n, uint64_t lo, int dropped,
+                 int bits) {
+    for (Py_ssize_t k = 0; k < n; k++) order[k] = ((keys[k] - lo) >> dropped) << bits | (uint64_t)k;
+}
+
+/* order[0..n) = the positions 0..n-1 sorted by (keys[j], j): a stable sort of keys, n >= 2 and
+ * below MAX_WIDTH. tmp: n slots. The positions come back in order's low `bits` bits. */
+static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends,
+                      Py_ssize_t n) {
+    const int bits = bit_length((uint64_t)(n - 1));
+    uint64_t lo = keys[0], hi = keys[0];
+    for (Py_ssize_t k = 1; k < n; k++) {
+        lo = keys[k] < lo ? keys[k] : lo;
+        hi = keys[k] > hi ? keys[k] : hi;
+    }
+    const int room = 64 - bits, span = bit_length(hi - lo);
+    const int dropped = span > room ? span - room : 0; /* at most bits - 1 (span <= 63) */
+    pack(order, keys, n, lo, dropped, bits);
+    /* the hint: magnitudes below the largest's / 64 (its exponent less 6) share a bucket */
+    const uint64_t below = hi > lo + (UINT64_C(6) << 52) ? hi - (UINT64_C(6) << 52) : lo;
+    radix_sort(order, tmp, n, ((below - lo) >> dropped) << bits, ends);
+    if (!dropped) return bits;
+    /* runs of equal truncated magnitudes: sorted again on the dropped bits, then position */
+    const uint64_t mask = ((uint64_t)1 << bits) - 1, low_bits = ((uint64_t)1 << dropped) - 1;
+    Py_ssize_t first = 0;
+    for (Py_ssize_t k = 1; k <= n; k++) {
+        if (k < n && order[k] >> bits == order[first] >> bits) continue;
+        if (k - first > 1) {
+            for (Py_ssize_t q = first; q < k; q++) {
+                const uint64_t j = order[q] & mask;
+                order[q] = ((keys[j] - lo) & low_bits) << bits | j;
+            }
+            radix_sort(order + first, tmp + first, k - first, 0, ends);
+        }
+        first = k;
+    }
+    return bits;
+}
+
+/* --- the merge ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int count, consensus;
+    double density, low, two_eps, scale;
+    double weights[MAX_MODELS];
+    uint64_t keys[MAX_MODELS];
+} Spec;
+
+/* t[k] = u_k < p[k] ? t[k] / p[k] : +0, u_k the draw of global index at + k. */
+CLONED
+static void keep_drawn(double *RESTRICT t, const double *RESTRICT p, Py_ssize_t m, uint64_t at,
+                       uint64_t key) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const int64_t z = (int64_t)(mix64(key + (at + (uint64_t)k + 1) * GOLDEN) >> 11);
+        const double u = (double)z * 0x1p-53;
+        t[k] = masked(t[k] / p[k], u < p[k]);
+    }
+}
+
+/* t = x - b and keys = the magnitude bits of t. */
+CLONED
+static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *x, const double *b,
+                     Py_ssize_t m) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        t[k] = x[k] - b[k];
+        keys[k] = magnitude(t[k]);
+    }
+}
+
+/* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
+ * top. keys (magnitude bits of t), order and tmp: width slots each. */
+static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
+                         const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends) {
+    double *p = (double *)tmp; /* the keep probabilities by position, once tmp is free */
+    if (width == 1) {
+        p[0] = s->density;
+    } else {
+        const int bits = rank_order(keys, order, tmp, ends, width);
+        const uint64_t mask = ((uint64_t)1 << bits) - 1;
+        const double last = (double)(width - 1);
+        for (Py_ssize_t r = 0; r < width; r++) {
+            p[order[r] & mask] = ((double)r / last) * s->two_eps + s->low;
+        }
+    }
+    keep_drawn(t, p, width, at, key);
+}
+
+/* The merge of a row, element by element in registers; count known when compiled (1 to 4)
+ * or not (0: any). */
+static ALWAYS_INLINE void combine_n(double *RESTRICT result, const double *RESTRICT b,
+                                    double *const *d, Py_ssize_t m, const Spec *s, const int fixed,
+                                    const int consensus) {
+    const int count = fixed ? fixed : s->count;
+    const double scale = s->scale;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        double e = 0.0;
+        for (int i = 0; i < count; i++) e = e + d[i][k] * s->weights[i];
+        if (consensus) {
+            double num = 0.0, den = 0.0;
+            for (int i = 0; i < count; i++) {
+                const uint64_t a = agrees(e, d[i][k]);
+                num = num + masked(d[i][k] * s->weights[i], a);
+                den = den + masked(s->weights[i], a);
+            }
+            e = den != 0 ? num / den : num;
+        }
+        result[k] = b[k] + e * scale;
+    }
+}
+
+#define COMBINE(N)                                                                                 \
+    CLONED static void combine_##N(double *result, const double *b, double *const *d,             \
+                                   Py_ssize_t m, const Spec *s) {                                  \
+        if (s->consensus) {                                                                        \
+            combine_n(result, b, d, m, s, N, 1);                                                   \
+        } else {                                                                                   \
+            combine_n(result, b, d, m, s, N, 0);                                                   \
+        }                                                                                          \
+    }
+COMBINE(0)
+COMBINE(1)
+COMBINE(2)
+COMBINE(3)
+COMBINE(4)
+
+typedef void (*combine_fn)(double *, const double *, double *const *, Py_ssize_t, const Spec *);
+static const combine_fn COMBINE_FNS[] = {combine_0, combine_1, combine_2, combine_3, combine_4};
+
+/* rows rows of width entries; first: the global index of the first entry. buffers: see
+ * py_della. */
+static void della(char *out, int out_code, const char *base, int base_code, Py_ssize_t rows,
+                  Py_ssize_t width, uint64_t first, char *const *models, const int *codes,
+                  const Spec *s, double *buffers) {
+    double *bbuf = buffers, *xbuf = bbuf + width, *result = xbuf + width;
+    double *d[MAX_MODELS];
+    for (int i = 0; i < s->count; i++) d[i] = result + (i + 1) * width;
+    uint64_t *keys = (uint64_t *)(d[s->count - 1] + width), *order = keys + width,
+             *tmp = order + width;
+    uint32_t *ends = (uint32_t *)(tmp + width);
+    for (Py_ssize_t row = 0; row < rows; row++) {
+        const Py_ssize_t offset = row * width;
+        const uint64_t at = first + (uint64_t)offset;
+        const double *b = widen(bbuf, base + offset * ITEMSIZE[base_code], base_code, width);
+        for (int i = 0; i < s->count; i++) {
+            const double *x =
+                widen(xbuf, models[i] + offset * ITEMSIZE[codes[i]], codes[i], width);
+            subtract(d[i], keys, x, b, width);
+            sparsify_row(d[i], width, at, s->keys[i], s, keys, order, tmp, ends);
+        }
+        COMBINE_FNS[s->count <= 4 ? s->count : 0](result, b, d, width, s);
+        narrow(out + offset * ITEMSIZE[out_code], out_code, result, width);
+    }
+}
+
+/* --- Python bindings ----------------------------------------------------------------------------- */
+
+static int check_code(int code) {
+    if (code < F64 || code > F16) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
+        return 0;
+    }
+    return 1;
+}
+
+/* count values of a sequence, each read by read() (1 on success). */
+static int parse_sequence(PyObject *obj, int *count, const char *what,
+                          int (*read)(PyObject *, int, void *), void *into) {
+    PyObject *seq = PySequence_Fast(obj, what);
+    if (!seq) return 0;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int ok = 1;
+    if (*count < 0) {
+        if (n < 1 || n > MAX_MODELS) {
+            PyErr_Format(PyExc_ValueError, "%s: between 1 and 64 values", what);
+            ok = 0;
+        } else {
+            *count = (int)n;
+        }
+    } else if (n != *count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, *count);
+        ok = 0;
+    }
+    for (int i = 0; ok && i < *count; i++) {
+        ok = read(PySequence_Fast_GET_ITEM(seq, i), i, into) && !PyErr_Occurred();
+    }
+    Py_DECREF(seq);
+    return ok;
+}
+
+static int read_address(PyObject *item, int i, void *into) {
+    ((char **)into)[i] = (char *)(uintptr_t)PyLong_AsUnsignedLongLong(item);
+    return 1;
+}
+
+static int read_code(PyObject *item, int i, void *into) {
+    ((int *)into)[i] = (int)PyLong_AsLong(item);
+    return PyErr_Occurred() ? 0 : check_code(((int *)into)[i]);
+}
+
+static int read_u64(PyObject *item, int i, void *into) {
+    ((uint64_t *)into)[i] = PyLong_AsUnsignedLongLong(item);
+    return 1;
+}
+
+static int read_double(PyObject *item, int i, void *into) {
+    ((double *)into)[i] = PyFloat_AsDouble(item);
+    return 1;
+}
+
+PyDoc_STRVAR(della_doc,
+             "della(out, out_code, base, base_code, rows, width, first, models, codes, weights,\n"
+             "      keys, density, low, two_eps, scale, consensus)\n\n"
+             "rows rows of width entries of DELLA (consensus) or DELLA-linear into out (see the\n"
+             "file's comment): models' task vectors over base ranked row by row, drawn with\n"
+             "keys (one per model) at global indices from first, combined with weights.");
+
+static PyObject *py_della(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, base, first;
+    int out_code, base_code;
+    Py_ssize_t rows, width;
+    PyObject *models_obj, *codes_obj, *weights_obj, *keys_obj;
+    Spec *s = PyMem_Calloc(1, sizeof *s);
+    if (!s) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!PyArg_ParseTuple(args, "KiKinnKOOOOddddp", &out, &out_code, &base, &base_code, &rows,
+                          &width, &first, &models_obj, &codes_obj, &weights_obj, &keys_obj,
+                          &s->density, &s->low, &s->two_eps, &s->scale, &s->consensus)) {
+        goto done;
+    }
+    s->count = -1;
+    if (!check_code(out_code) || !check_code(base_code) ||
+        !parse_sequence(models_obj, &s->count, "models", read_address, models) ||
+        !parse_sequence(codes_obj, &s->count, "codes", read_code, codes) ||
+        !parse_sequence(weights_obj, &s->count, "weights", read_double, s->weights) ||
+        !parse_sequence(keys_obj, &s->count, "keys", read_u64, s->keys)) {
+        goto done;
+    }
+    if (rows < 0 || width < 1 || width >= MAX_WIDTH) {
+        PyErr_SetString(PyExc_ValueError, "della: rows >= 0 and 1 <= width < 2**31");
+        goto done;
+    }
+    /* base, x, result and one row per model (float64); keys, order, tmp (uint64) */
+    double *buffers = PyMem_RawMalloc((size_t)(s->count + 6) * (size_t)width * sizeof(double) +
+                                      ENDS * sizeof(uint32_t));
+    if (!buffers) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    della((char *)(uintptr_t)out, out_code, (const char *)(uintptr_t)base, base_code, rows, width,
+          first, models, codes, s, buffers);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buffers);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(s);
+    return result;
+}
+
+PyDoc_STRVAR(rank_doc,
+             "rank(keys, n, ranks)\n\n"
+             "ranks[j] = the rank (0-based) of keys[j] among the n uint64 at address keys,\n"
+             "ascending, equal keys by position (a stable sort's order); ranks: n int64 slots.");
+
+static PyObject *py_rank(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long keys_addr, ranks_addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KnK", &keys_addr, &n, &ranks_addr)) return NULL;
+    if (n < 1 || n >= MAX_WIDTH) {
+        PyErr_SetString(PyExc_ValueError, "rank: 1 <= n < 2**31");
+        return NULL;
+    }
+    const uint64_t *keys = (const uint64_t *)(uintptr_t)keys_addr;
+    int64_t *ranks = (int64_t *)(uintptr_t)ranks_addr;
+    uint64_t *order = PyMem_RawMalloc(2 * (size_t)n * sizeof *order + ENDS * sizeof(uint32_t));
+    if (!order) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    if (n == 1) {
+        ranks[0] = 0;
+    } else {
+        const int bits = rank_order(keys, order, order + n, (uint32_t *)(order + 2 * n), n);
+        const uint64_t mask = ((uint64_t)1 << bits) - 1;
+        for (Py_ssize_t r = 0; r < n; r++) ranks[order[r] & mask] = r;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(order);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"della", py_della, METH_VARARGS, della_doc},
+    {"rank", py_rank, METH_VARARGS, rank_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastrank",
+    "terge's CPU loops for DELLA (see families/elementwise.py for the reference path).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fastrank(void) { return PyModule_Create(&module); }

@@ -1,0 +1,310 @@
+"""DELLA and DELLA-linear's compiled loop (``terge.kernels._fastrank``) against the plain-torch
+reference (``families.elementwise.della_merge``), bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge import kernels, methods
+from terge.families import elementwise
+from terge.kernels import cpu, fastrank
+from terge.kernels.primitives import magnitude_bits
+
+from helpers import same_bits
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [
+    (),
+    (1,),
+    (2,),
+    (3,),
+    (1, 1),
+    (5, 1),
+    (4, 2),
+    (3, 7),
+    (2, 3, 5),
+    (17,),
+    (6, 129),
+    (2, 1000),
+]
+SETTINGS = [(0.5, 0.1), (0.2, 0.1), (0.9, 0.1), (0.5, 0.0), (0.3, 0.29), (1.0, 0.0), (0.51, 0.49)]
+
+needs_loop = pytest.mark.skipif(
+    fastrank._fastrank is None, reason="terge.kernels._fastrank is not built (pip install -e .)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _compiled(monkeypatch):
+    """Both paths in every run: the compiled one here, the reference called directly."""
+    monkeypatch.setenv("TERGE_KERNELS", "auto")
+
+
+def awkward(shape: tuple[int, ...], seed: int, kind: int) -> torch.Tensor:
+    """Float64 values with signed zeros, infinities, NaNs, subnormals and many equal
+    magnitudes (kind 0: a few values, so ties of either sign everywhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    numel = max(1, int(torch.tensor(shape).prod()))
+    if kind == 0:
+        values = torch.randint(-3, 4, (numel,), generator=generator).double() * 0.25
+    else:
+        values = torch.randn(numel, generator=generator, dtype=torch.float64)
+        values *= torch.exp2(torch.randint(-30, 5, (numel,), generator=generator).double())
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-310, -5e-324, 2.0**-1074],
+        dtype=torch.float64,
+    )
+    picks = torch.randint(0, numel, (min(numel, kind * 3),), generator=generator)
+    values[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return values.reshape(shape)
+
+
+def inputs(shape, dtypes, seed, kind):
+    """A base and models near it: task vectors with ties, zeros and the values above."""
+    base = awkward(shape, seed, kind)
+    tensors = [base.to(dtypes[0])]
+    for i, dtype in enumerate(dtypes[1:], start=1):
+        delta = awkward(shape, seed + i, kind) * 0.125
+        keep = torch.rand(shape, generator=torch.Generator().manual_seed(seed - i)) < 0.8
+        tensors.append(torch.where(keep, base + delta, base).to(dtype))
+    return tensors
+
+
+def reference(method, out_dtype, base, tensors, weights, seed):
+    """What execute.run_step computes without the compiled loop."""
+    result = method([t.double() for t in tensors], weights, base.double(), seed)
+    out = torch.empty(base.shape, dtype=out_dtype)
+    kernels.store_whole(out, result, kernels.ChunkBuffers(torch.float64))
+    return out
+
+
+def fast(method, out_dtype, base, tensors, weights, seed, inplace):
+    if inplace:
+        destination = base = base.clone()
+    else:
+        destination = torch.empty(base.shape, dtype=out_dtype)
+    assert method.merge_into(destination, tensors, weights, base, seed)
+    return destination
+
+
+def check(name, shape, dtypes, out_dtype, seed, kind, density, epsilon, scale, weights, inplace):
+    method = getattr(methods, name)(density=density, epsilon=epsilon, scale=scale)
+    base, *tensors = inputs(shape, dtypes, seed, kind)
+    if inplace:
+        out_dtype = base.dtype
+    weights = weights[: len(tensors)]
+    expected = reference(method, out_dtype, base, tensors, weights, seed)
+    got = fast(method, out_dtype, base, tensors, weights, seed, inplace)
+    assert same_bits(got, expected)
+
+
+@needs_loop
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(["della", "della_linear"]),
+    shape=st.sampled_from(SHAPES),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=2, max_size=5),
+    out_dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    setting=st.sampled_from(SETTINGS),
+    scale=st.sampled_from([1.0, 0.7, -2.0]),
+    weights=st.lists(
+        st.sampled_from([1.0, 0.5, -0.5, 1 / 3, 0.7, -1.3, 1e-3, 0.0]), min_size=4, max_size=4
+    ),
+    inplace=st.booleans(),
+    same=st.booleans(),
+)
+def test_equals_the_reference_bit_for_bit(
+    name, shape, dtypes, out_dtype, seed, kind, setting, scale, weights, inplace, same
+):
+    """Every dtype mix, 1 to 4 models, 0-D to 3-D tensors with rows of 1, 2 and odd widths,
+    awkward values, into a fresh tensor or the base itself."""
+    if same:
+        dtypes = [dtypes[0]] * len(dtypes)
+        out_dtype = dtypes[0]
+    density, epsilon = setting
+    check(name, shape, dtypes, out_dtype, seed, kind, density, epsilon, scale, weights, inplace)
+
+
+@needs_loop
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(["della", "della_linear"]),
+    models=st.integers(1, 4),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    rows=st.integers(1, 40),
+    workers=st.integers(2, 5),
+)
+def test_split_between_threads(name, models, dtype, seed, kind, rows, workers):
+    """Blocks of whole rows in several threads give the same bits."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "PER_THREAD", 10)
+        patch.setattr(torch, "get_num_threads", lambda: workers)
+        check(name, (rows, 33), [dtype] * (models + 1), dtype, seed, kind, 0.5, 0.2, 1.0,
+              [0.6, 0.4, -0.3, 1.0], True)  # fmt: skip
+
+
+def inverse_argsort(keys: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(keys, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(keys.numel())
+    return ranks
+
+
+@needs_loop
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.one_of(st.integers(1, 40), st.integers(100, 5000)),
+    bits=st.integers(1, 63),
+    low_bits=st.integers(0, 20),
+    distinct=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_rank_is_a_stable_sorts_order(n, bits, low_bits, distinct, seed):
+    """Keys of any span (the magnitudes' low bits dropped and sorted again when the positions
+    need room), few distinct values (ties by position), runs equal in all but the low bits."""
+    generator = torch.Generator().manual_seed(seed)
+    high = torch.randint(0, distinct, (n,), generator=generator) << max(0, bits - 6)
+    low = torch.randint(0, 1 << low_bits, (n,), generator=generator)
+    keys = (high + low).clamp_(0, (1 << 63) - 1)
+    assert torch.equal(fastrank.rank(keys), inverse_argsort(keys))
+    wide = torch.randint(0, 1 << 62, (n,), generator=generator) * 2 + low % 2
+    assert torch.equal(fastrank.rank(wide), inverse_argsort(wide))
+
+
+@needs_loop
+def test_rank_of_float_magnitudes_and_errors():
+    values = awkward((3000,), 3, 1)
+    keys = magnitude_bits(values)
+    assert torch.equal(fastrank.rank(keys), inverse_argsort(keys))
+    with pytest.raises(ValueError, match="non-empty 1-D int64"):
+        fastrank.rank(torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="non-negative"):
+        fastrank.rank(torch.tensor([3, -1]))
+
+
+@needs_loop
+def test_declines_where_it_does_not_apply():
+    """No seed, a strided or non-CPU-plain tensor, different shapes, partial overlap: False
+    and nothing written (the reference runs)."""
+    method = methods.della()
+    base = torch.randn(4, 6)
+    tensors = [torch.randn(4, 6), torch.randn(4, 6)]
+    out = torch.full((4, 6), 7.0)
+    assert not method.merge_into(out, tensors, [0.5, 0.5], base, None)
+    assert not method.merge_into(out, [t.t() for t in tensors], [0.5, 0.5], base.t(), 1)
+    assert not method.merge_into(out, [torch.randn(6, 4), tensors[1]], [0.5, 0.5], base, 1)
+    storage = torch.randn(30)
+    assert not method.merge_into(
+        storage[1:25].view(4, 6), tensors, [0.5, 0.5], storage[:24].view(4, 6), 1
+    )
+    assert torch.equal(out, torch.full((4, 6), 7.0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch")
+        assert not method.merge_into(out, tensors, [0.5, 0.5], base, 1)
+
+
+def models_for_merge(seed: int, dtype: torch.dtype) -> list[torch.nn.Module]:
+    models = []
+    for i in range(3):
+        torch.manual_seed(seed + i)
+        model = torch.nn.Sequential(
+            torch.nn.Embedding(50, 24), torch.nn.Linear(24, 40), torch.nn.LayerNorm(40)
+        ).to(dtype)
+        models.append(model)
+    return models
+
+
+def merged(name: str, dtype: torch.dtype, inplace: bool, seed: int = 5) -> dict[str, torch.Tensor]:
+    models = models_for_merge(0, dtype)
+    result = terge.merge(models, method=name, seed=seed, inplace=inplace, lineage=False)
+    return {k: v.detach().clone() for k, v in result.state_dict().items()}
+
+
+@needs_loop
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_merge_takes_the_compiled_path_with_the_references_bits(name, dtype, inplace, monkeypatch):
+    """terge.merge in and out of place: the compiled loop runs (the reference, patched to fail,
+    is never called) and gives the reference's bits (TERGE_KERNELS=torch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch")
+        expected = merged(name, dtype, inplace)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(elementwise, "della_merge", refuse)
+    got = merged(name, dtype, inplace)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert same_bits(got[key], expected[key]), key
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
+    with pytest.raises(Exception, match="the reference ran"):
+        merged(name, dtype, inplace)
+
+
+@needs_loop
+def test_the_seed_matters():
+    a, b, c = (merged("della", torch.float32, False, seed) for seed in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --- PCB: the same operations with fewer buffers ---------------------------------------------------
+
+
+def pcb_before(tensors, weights, base, *, ratio, scale):
+    """terge 0.1.1's pcb_merge, verbatim: the oracle for the in-place rewrite."""
+    deltas = [theta - base for theta in tensors]
+    n = len(deltas)
+    stack = torch.stack([d.reshape(-1) for d in deltas])
+    del deltas
+    d = stack.shape[1]
+    magnitudes = stack.abs()
+    low = elementwise._sorted_at(magnitudes, int(d * elementwise.PCB_CLIP))
+    high = elementwise._sorted_at(magnitudes, int(d * (1 - elementwise.PCB_CLIP)) - 1)
+    magnitudes = torch.maximum(torch.minimum(magnitudes, high), low)
+    clipped = torch.sign(stack) * magnitudes
+    intra = elementwise._normalise(magnitudes).square_().mul_(n).exp_()
+    del magnitudes
+    inter = torch.tanh(stack * stack.sum(dim=0, keepdim=True))
+    del stack
+    balance = intra.mul_(inter)
+    del inter
+    floor = elementwise._sorted_at(balance, min(int(d * (1 - ratio)), d - 1))
+    scores = elementwise._normalise(torch.maximum(balance, floor))
+    del balance
+    numerator = (clipped * scores).sum(dim=0)
+    denominator = scores.sum(dim=0)
+    merged = torch.where(denominator != 0, numerator / denominator, torch.zeros_like(numerator))
+    return base + merged.reshape(base.shape).mul_(scale)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.sampled_from([(2,), (3,), (17,), (4, 2), (3, 7), (2, 3, 5), (6, 129), (2, 1000)]),
+    models=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    ratio=st.sampled_from([0.1, 0.5, 1.0, 1e-3]),
+    scale=st.sampled_from([1.0, -0.7]),
+)
+def test_pcb_keeps_its_bits(shape, models, seed, kind, ratio, scale):
+    """The rewrite (three n x d buffers instead of eight) gives 0.1.1's bits, NaN, inf, -0 and
+    ties included."""
+    base, *tensors = [t.double() for t in inputs(shape, [torch.float64] * (models + 1), seed, kind)]
+    weights = [1.0] * models
+    expected = pcb_before(tensors, weights, base, ratio=ratio, scale=scale)
+    got = elementwise.pcb_merge(tensors, weights, base, ratio=ratio, scale=scale)
+    assert same_bits(got, expected)
+    with pytest.raises(terge.errors.MethodNotApplicableError, match="pcb: needs a base"):
+        elementwise.pcb_merge(tensors, weights, None, ratio=ratio, scale=scale)
