@@ -78,10 +78,11 @@ class _Plan:
 
     pointers: list[int]
     """The model tensors' addresses the plan was made for, in ``batched`` order."""
-    batched: list[tuple[int, int, list[tuple[list[int], list[int], list[int]]]]]
-    """``(out_code, in_code, threads)`` per dtype pair: each thread's ``(shadow addresses,
-    lengths, model addresses)``, its even share of the pair's tensors (cut where a share ends
-    inside one), through one compiled call per thread."""
+    batched: list[tuple[int, int, int, int, list[int], list[int]]]
+    """``(first, stop, out_code, in_code, shadow addresses, lengths)`` per dtype pair:
+    the ``batched`` entries ``first:stop``, through one compiled call."""
+    parts: list[list[tuple[int, int]]]
+    """Each batch's split between threads."""
     single: list[_Entry] = field(default_factory=list)
     """Averaged one by one (large, sharded, GPU or other-device tensors)."""
     copied: list[_Entry] = field(default_factory=list)
@@ -347,12 +348,17 @@ class Average:
         single: list[_Entry] = []
         copied: list[_Entry] = []
         checked = [(e, self._check_tensor(e, self._tensor(e))) for e in self._entries]
+        # Batched tensors are shared out between the threads whole, one call for all: a tensor
+        # is batched unless it is large enough to unbalance the threads (then it is split).
+        total = sum(data.numel() for entry, data in checked if entry.averaged)
+        largest = max(kernel_cpu.PER_THREAD, total // (4 * max(1, torch.get_num_threads())))
         for entry, data in checked:
             if not entry.averaged:
                 copied.append(entry)
             elif (
                 batchable
                 and entry.sharding is None
+                and data.numel() < largest
                 and data.numel() > 0
                 and kernel_cpu.plain(data)
                 and kernel_cpu.plain(entry.shadow)
@@ -362,37 +368,33 @@ class Average:
                 groups.setdefault(key, []).append((entry, data))
             else:
                 single.append(entry)
-        batched: list[tuple[int, int, list[tuple[list[int], list[int], list[int]]]]] = []
+        batched: list[tuple[int, int, int, int, list[int], list[int]]] = []
+        parts: list[list[tuple[int, int]]] = []
         batched_entries: list[_Entry] = []
         pointers: list[int] = []
         for (out_code, in_code), members in groups.items():
+            first = len(batched_entries)
             batched_entries += [entry for entry, _ in members]
-            models = [data.data_ptr() for _, data in members]
-            pointers += models
+            pointers += [data.data_ptr() for _, data in members]
+            lengths = [data.numel() for _, data in members]
             outs = [entry.shadow.data_ptr() for entry, _ in members]
-            out_size, in_size = members[0][0].shadow.element_size(), members[0][1].element_size()
-            threads = [
-                (
-                    fastloop_module.sliced(outs, out_size, pieces),
-                    [count for _, _, count in pieces],
-                    fastloop_module.sliced(models, in_size, pieces),
-                )
-                for pieces in fastloop_module.even_pieces([data.numel() for _, data in members])
-            ]
-            batched.append((out_code, in_code, threads))
+            batched.append((first, len(batched_entries), out_code, in_code, outs, lengths))
+            parts.append(fastloop_module.partition(lengths))
         slots = [entry.slot for entry in batched_entries if entry.slot is not None]
-        return _Plan(pointers, batched, single, copied, batched_entries, slots)
+        return _Plan(pointers, batched, parts, single, copied, batched_entries, slots)
 
     def _run(
         self, plan: _Plan, coefficients: list[float], divisor: float | None, with_shadow: bool
     ) -> None:
-        for out_code, in_code, threads in plan.batched:
-            codes = [out_code, in_code] if with_shadow else [in_code]
-            calls = [
-                (outs, lengths, [outs, models] if with_shadow else [models])
-                for outs, lengths, models in threads
-            ]
-            fastloop_module.combine_threads(out_code, calls, codes, coefficients, divisor)
+        for (first, stop, out_code, in_code, outs, lengths), part in zip(plan.batched, plan.parts):
+            models = plan.pointers[first:stop]
+            if with_shadow:
+                inputs, codes = [outs, models], [out_code, in_code]
+            else:
+                inputs, codes = [models], [in_code]
+            fastloop_module.combine_many(
+                out_code, outs, lengths, codes, inputs, coefficients, divisor, part
+            )
         for entry in plan.single:
             data = local(self._tensor(entry).detach())
             if data.device != entry.shadow.device:

@@ -267,35 +267,3 @@ def test_every_half_precision_value_is_read_and_stored_as_torch_does(dtype, out_
     assert same_bits(fast, slow)
     if out_dtype == torch.float64:
         assert same_bits(fast, values.to(torch.float64))
-
-
-@given(
-    lengths=st.lists(st.integers(0, 3000), max_size=12),
-    threads=st.integers(1, 5),
-    align=st.sampled_from([1, 4, 64]),
-)
-@settings(max_examples=200, deadline=None)
-def test_even_pieces_cover_every_element_once_in_even_aligned_shares(lengths, threads, align):
-    """Each element of each tensor is in exactly one piece, in order; the threads' shares differ
-    by less than one aligned step; a cut inside a tensor falls on a multiple of ALIGN."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(fastloop, "PER_THREAD", 1)
-            patch.setattr(fastloop, "ALIGN", align)
-            pieces = fastloop.even_pieces(lengths)
-    finally:
-        torch.set_num_threads(previous)
-    flat = [piece for thread in pieces for piece in thread]
-    covered = [(i, start + k) for i, start, count in flat for k in range(count)]
-    assert covered == [(i, k) for i, n in enumerate(lengths) for k in range(n)]
-    assert all(count > 0 for _, _, count in flat)
-    assert len(pieces) <= threads
-    total = sum(lengths)
-    if total:
-        shares = [sum(count for _, _, count in thread) for thread in pieces]
-        assert max(shares) <= -(-total // len(pieces)) + align
-    for _, start, _ in flat:
-        if start:  # the second piece of a cut tensor
-            assert start % align == 0

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cpu import ALIGN, DTYPE_CODES, PER_THREAD, plain, reference_forced, run, split
+from .cpu import DTYPE_CODES, PER_THREAD, plain, reference_forced, run, split
 
 try:
     from . import _fastloop
@@ -82,64 +82,6 @@ def partition(lengths: Sequence[int]) -> list[tuple[int, int]]:
             start = index + 1
     parts.append((start, len(lengths)))
     return [part for part in parts if part[0] < part[1]]
-
-
-def even_pieces(lengths: Sequence[int]) -> list[list[tuple[int, int, int]]]:
-    """Each thread's pieces of the tensors, ``(tensor index, first element, count)``: about
-    equal elements per thread, a tensor cut between two threads where a share ends inside it
-    (on a multiple of ``ALIGN`` elements, so no cache line is shared). The loop computes each
-    element alone, so the cuts change no bit; whole tensors per thread (:func:`partition`) can
-    leave one thread a large tensor's worth of extra work (ResNet-50: 14.6M against 11.0M)."""
-    total = sum(lengths)
-    workers = min(torch.get_num_threads(), max(1, total // PER_THREAD))
-    if workers <= 1:
-        return [[(i, 0, n) for i, n in enumerate(lengths) if n]] if total else []
-    share = -(-total // workers)
-    pieces: list[list[tuple[int, int, int]]] = [[]]
-    room = share
-    for index, length in enumerate(lengths):
-        start = 0
-        while start < length:
-            take = length - start
-            if take > room and len(pieces) < workers:
-                cut = start + room
-                cut = min(length, -(-cut // ALIGN) * ALIGN)  # up to the next aligned element
-                take = cut - start
-            pieces[-1].append((index, start, take))
-            start += take
-            room -= take
-            if room <= 0 and len(pieces) < workers and (start < length or index + 1 < len(lengths)):
-                pieces.append([])
-                room = share
-    return [thread for thread in pieces if thread]
-
-
-def sliced(
-    addresses: Sequence[int], itemsize: int, pieces: Sequence[tuple[int, int, int]]
-) -> list[int]:
-    """The addresses of ``pieces`` (from :func:`even_pieces`) of the tensors at ``addresses``."""
-    return [addresses[index] + start * itemsize for index, start, _ in pieces]
-
-
-def combine_threads(
-    out_code: int,
-    calls: Sequence[tuple[Sequence[int], Sequence[int], Sequence[Sequence[int]]]],
-    codes: Sequence[int],
-    coefficients: Sequence[float],
-    divisor: float | None,
-) -> None:
-    """:func:`combine_many` given each thread's ``(outs, lengths, inputs)`` already sliced
-    (:func:`sliced`): one compiled call per thread, the first in this one."""
-    weights = [float(c) for c in coefficients]
-    divide = None if divisor is None or divisor == 1 else float(divisor)
-    run(
-        [
-            functools.partial(
-                _fastloop.combine_many, out_code, outs, lengths, codes, inputs, weights, divide
-            )
-            for outs, lengths, inputs in calls
-        ]
-    )
 
 
 def combine_many(
