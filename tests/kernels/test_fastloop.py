@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 
@@ -30,6 +31,14 @@ def test_the_compiled_loop_is_built():
         "terge.fastloop._fastloop is not built: run `pip install -e .` (needs a C compiler)"
     )
     assert fastloop.available()
+
+
+@pytest.mark.parametrize("module", ["_fastloop", "_fastmethods", "_faststatistics", "_fastrank"])
+def test_every_compiled_module_is_built(module):
+    """setup.py builds four C modules; a missing one would silently run the slower torch path."""
+    if os.environ.get("TERGE_KERNELS", "").lower() == "torch":
+        pytest.skip("TERGE_KERNELS=torch selects the reference loops")
+    importlib.import_module(f"terge.kernels.{module}")
 
 
 def combine(destination, sources, coefficients, divisor, *, reference):
