@@ -238,6 +238,37 @@ def test_combine_many_in_place_and_its_partition():
         fastloop._fastloop.combine_many(1, [a[0].data_ptr()], [3, 4], [1], [[1]], [1.0], None)
 
 
+@given(lengths=st.lists(st.integers(1, 1000), min_size=1, max_size=40), threads=st.integers(2, 5))
+@settings(max_examples=200, deadline=None)
+def test_the_partition_cuts_each_share_at_the_nearer_tensor_boundary(lengths, threads):
+    """Every tensor in exactly one range, in order; each cut is the tensor boundary nearest the
+    ideal share's end (on its side of the range's start), so a large tensor crossing the share
+    goes to whichever side leaves the ranges more even."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastloop, "PER_THREAD", 1)
+        patch.setattr(torch, "get_num_threads", lambda: threads)
+        parts = fastloop.partition(lengths)
+    assert parts[0][0] == 0 and parts[-1][1] == len(lengths)
+    assert all(p[1] == q[0] and p[0] < p[1] for p, q in itertools.pairwise(parts))
+    total = sum(lengths)
+    workers = min(threads, total, len(lengths))
+    assert len(parts) <= workers
+    bounds = [0, *itertools.accumulate(lengths)]  # elements before each tensor boundary
+    for number, (_, stop) in enumerate(parts[:-1], start=1):
+        target = total * number / workers
+        here = abs(bounds[stop] - target)
+        assert here <= min(abs(b - target) for b in bounds[parts[number - 1][0] + 1 :]) + 1e-9
+
+
+def test_a_large_tensor_crossing_the_half_goes_to_the_lighter_side():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastloop, "PER_THREAD", 1)
+        patch.setattr(torch, "get_num_threads", lambda: 2)
+        assert fastloop.partition([40, 20, 40]) == [(0, 2), (2, 3)]  # 60/40 either way: after
+        assert fastloop.partition([45, 30, 25]) == [(0, 1), (1, 3)]  # 45/55, not 75/25
+        assert fastloop.partition([10, 60, 30]) == [(0, 2), (2, 3)]  # 70/30, not 10/90
+
+
 @needs_loop
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rounding_every_kind_of_float64_once(dtype):
