@@ -21,7 +21,7 @@ def extension(name: str) -> Extension:
     return Extension(
         f"terge.kernels.{name}",
         sources=[f"src/terge/kernels/{name}.c"],
-        depends=["src/terge/kernels/_convert.h"],
+        depends=["src/terge/kernels/_convert.h", "src/terge/kernels/_loops.h"],
         extra_compile_args=flags,
         optional=True,
     )

@@ -40,13 +40,9 @@
 #include <string.h>
 
 #include "_convert.h"
+#include "_loops.h"
 
 #define MAX_MODELS 64
-#define TOP (UINT64_C(1) << 63)
-#define INF UINT64_C(0x7FF0000000000000)
-#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
-#define MIX1 UINT64_C(0xBF58476D1CE4E5B9)
-#define MIX2 UINT64_C(0x94D049BB133111EB)
 #ifndef RADIX
 #define RADIX 13 /* most bits per radix level: 8192 buckets */
 #endif
@@ -59,94 +55,16 @@
 #endif
 #define MAX_WIDTH (INT64_C(1) << 31)
 
-#if defined(_MSC_VER)
-#define RESTRICT __restrict
-#define ALWAYS_INLINE __forceinline
-#else
-#define RESTRICT restrict
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-#endif
 
-static const size_t ITEMSIZE[] = {8, 4, 2, 2};
 
-#ifndef CLONED
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) &&     \
-    __GNUC__ >= 12
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONED
-#endif
-#endif
 
 /* --- element-wise helpers (as _fastmethods.c's) ------------------------------------------------ */
 
-/* |t|'s bit pattern (the sign bit cleared: -0 as +0), every NaN as INF + 1. */
-static inline uint64_t magnitude(double t) {
-    uint64_t u;
-    memcpy(&u, &t, sizeof u);
-    u &= ~TOP;
-    return u < INF + 1 ? u : INF + 1;
-}
 
-/* v where keep is 1, +0 where it is 0. */
-static inline double masked(double v, uint64_t keep) {
-    uint64_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= -keep;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
 
-/* 1 if d agrees with the elected sign (e >= 0: positive), else 0. Where d disagrees the
- * reference adds (0 * w), +0 or -0, to sums that start at +0; adding +0 instead gives the same
- * sums (see _fastmethods.c's agrees()). */
-static inline uint64_t agrees(double e, double d) {
-    uint64_t u;
-    memcpy(&u, &d, sizeof u);
-    u ^= (uint64_t)!(e >= 0) << 63;
-    memcpy(&d, &u, sizeof d);
-    return d > 0;
-}
 
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * MIX1;
-    z = (z ^ (z >> 27)) * MIX2;
-    return z ^ (z >> 31);
-}
 
-/* m elements of an input widened to float64: the input itself when it is float64. */
-static inline const double *widen(double *buffer, const char *p, int code, Py_ssize_t m) {
-    switch (code) {
-    case F64: return (const double *)p;
-    case F32:
-        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = ((const float *)p)[k];
-        break;
-    case BF16:
-        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = bf16_to_float(((const uint16_t *)p)[k]);
-        break;
-    default:
-        for (Py_ssize_t k = 0; k < m; k++) buffer[k] = f16_to_float(((const uint16_t *)p)[k]);
-        break;
-    }
-    return buffer;
-}
 
-/* m float64 values rounded once into out's dtype (bfloat16/float16 through float32 to odd). */
-static inline void narrow(char *out, int code, const double *r, Py_ssize_t m) {
-    switch (code) {
-    case F64: memcpy(out, r, m * sizeof *r); break;
-    case F32:
-        for (Py_ssize_t k = 0; k < m; k++) ((float *)out)[k] = (float)r[k];
-        break;
-    case BF16:
-        for (Py_ssize_t k = 0; k < m; k++)
-            ((uint16_t *)out)[k] = float_to_bf16(round_to_odd(r[k]));
-        break;
-    default:
-        for (Py_ssize_t k = 0; k < m; k++) ((uint16_t *)out)[k] = float_to_f16(round_to_odd(r[k]));
-        break;
-    }
-}
 
 static inline int bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
 

@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "_convert.h"
+#include "_loops.h"
 
 #define CHUNK 32768
 #define LANES 32
@@ -40,30 +41,11 @@
 #define MAX_INPUTS 64
 #define MAX_PAIRS 4096
 
-static const size_t ITEMSIZE[] = {8, 4, 2, 2};
 
-#ifndef CLONED
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) &&     \
-    __GNUC__ >= 12
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONED
-#endif
-#endif
 
-/* Ask for the cache lines of the leaf AHEAD leaves on (the loop reads several streams a leaf at a
- * time, which the hardware prefetchers follow poorly). */
-static inline void prefetch(const char *p, int code, Py_ssize_t m) {
-#if defined(__GNUC__)
-    const Py_ssize_t bytes = m * (Py_ssize_t)ITEMSIZE[code];
-    for (Py_ssize_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
-#else
-    (void)p, (void)code, (void)m;
-#endif
-}
 
 /* m (<= LEAF) entries of an input widened to float64 into out, +0 after them up to LEAF. */
-static inline void widen(double *out, const char *p, int code, Py_ssize_t m) {
+static inline void widen_leaf(double *out, const char *p, int code, Py_ssize_t m) {
     switch (code) {
     case F64: memcpy(out, p, (size_t)m * sizeof(double)); break;
     case F32:
@@ -117,10 +99,10 @@ CLONED static void chunks(const char *base, int base_code, Py_ssize_t n, Py_ssiz
                     for (int i = 0; i < count; i++)
                         prefetch(inputs[i] + ahead * ITEMSIZE[codes[i]], codes[i], LEAF);
                 }
-                if (base) widen(b, base + start * ITEMSIZE[base_code], base_code, m);
+                if (base) widen_leaf(b, base + start * ITEMSIZE[base_code], base_code, m);
                 for (int i = 0; i < count; i++) {
                     double *xi = x + (size_t)i * LEAF;
-                    widen(xi, inputs[i] + start * ITEMSIZE[codes[i]], codes[i], m);
+                    widen_leaf(xi, inputs[i] + start * ITEMSIZE[codes[i]], codes[i], m);
                     if (base)
                         for (int e = 0; e < LEAF; e++) xi[e] = xi[e] - b[e];
                 }
