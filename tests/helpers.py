@@ -263,3 +263,33 @@ def trainer_run(folder, steps: int = 6, save_steps: int = 2):
     )
     trainer.train()
     return trainer.model
+
+
+# --- inputs for the compiled task-vector loops (tests/kernels/test_fastmethods.py, test_fast_elementwise.py)
+
+
+def awkward_with_ties(numel: int, seed: int, kind: int) -> torch.Tensor:
+    """Float64 values with zeros, signed zeros, infinities, NaNs, subnormals and many ties."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == 0:  # few distinct values: ties at any threshold
+        values = torch.randint(-3, 4, (numel,), generator=generator).double() * 0.25
+    else:
+        values = torch.randn(numel, generator=generator, dtype=torch.float64)
+        values *= torch.exp2(torch.randint(-20, 5, (numel,), generator=generator).double())
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-310, -5e-324], dtype=torch.float64
+    )
+    picks = torch.randint(0, numel, (min(numel, kind * 3),), generator=generator)
+    values[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return values
+
+
+def near_base(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[torch.Tensor]:
+    """A base and models near it (so that task vectors are small and share values)."""
+    base = awkward_with_ties(numel, seed, kind)
+    tensors = [base.to(dtypes[0])]
+    for i, dtype in enumerate(dtypes[1:], start=1):
+        delta = awkward_with_ties(numel, seed + i, kind) * 0.125
+        keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
+        tensors.append(torch.where(keep, base + delta, base).to(dtype))
+    return tensors

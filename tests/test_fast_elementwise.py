@@ -19,7 +19,7 @@ from terge.families import elementwise
 from terge.kernels import cpu, fastelementwise, fastmethods
 from terge.kernels.primitives import EXPONENTS, HALF, exact_total, square_sums
 
-from helpers import same_bits
+from helpers import near_base, same_bits
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 NAMES = ["magmax", "consensus", "nearswap", "sce"]
@@ -36,33 +36,6 @@ needs_loops = pytest.mark.skipif(
 def _compiled(monkeypatch):
     """Both paths in every run: the compiled one here, the reference called directly."""
     monkeypatch.setenv("TERGE_KERNELS", "auto")
-
-
-def awkward(numel: int, seed: int, kind: int) -> torch.Tensor:
-    """Float64 values with zeros, signed zeros, infinities, NaNs, subnormals and many ties."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind == 0:  # few distinct values: ties in magnitude everywhere
-        values = torch.randint(-3, 4, (numel,), generator=generator).double() * 0.25
-    else:
-        values = torch.randn(numel, generator=generator, dtype=torch.float64)
-        values *= torch.exp2(torch.randint(-20, 5, (numel,), generator=generator).double())
-    specials = torch.tensor(
-        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-310, -5e-324], dtype=torch.float64
-    )
-    picks = torch.randint(0, numel, (min(numel, kind * 3),), generator=generator)
-    values[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
-    return values
-
-
-def inputs(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[torch.Tensor]:
-    """A base and models near it (task vectors small, often equal, sometimes 0)."""
-    base = awkward(numel, seed, kind)
-    tensors = [base.to(dtypes[0])]
-    for i, dtype in enumerate(dtypes[1:], start=1):
-        delta = awkward(numel, seed + i, kind) * 0.125
-        keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
-        tensors.append(torch.where(keep, base + delta, base).to(dtype))
-    return tensors
 
 
 def method_of(name: str, scale: float, k: int, mask_lambda: float, t: float, topk: float):
@@ -96,7 +69,7 @@ def check(name, numel, dtypes, out_dtype, seed, kind, scale, k, mask_lambda, t, 
     method = method_of(name, scale, k, mask_lambda, t, topk)
     if name == "nearswap":
         dtypes = dtypes[:2]
-    base, *tensors = inputs(numel, dtypes, seed, kind)
+    base, *tensors = near_base(numel, dtypes, seed, kind)
     if inplace:
         out_dtype = base.dtype
     weights = [0.5, 1.25, -0.3, 1 / 3, 2.0][: len(tensors)]
@@ -160,7 +133,7 @@ def test_split_between_threads_and_sampled(
 def test_sce_selection_over_many_threads_equals_one(topk, monkeypatch):
     """The variance's k-th largest found by sampled brackets over three threads is the one a
     single whole-tensor selection finds: the same bits."""
-    base, *tensors = inputs(300_000, [torch.float32] * 4, 11, 1)
+    base, *tensors = near_base(300_000, [torch.float32] * 4, 11, 1)
     method = methods.sce(select_topk=topk)
     one = fast(method, torch.float32, base, tensors, [1.0] * 3, False)
     monkeypatch.setattr(cpu, "PER_THREAD", 1000)
@@ -236,7 +209,7 @@ def test_square_sums_count_nans_and_infinities():
 @needs_loops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_compiled_square_sums_equal_the_reference(dtype):
-    base, *tensors = inputs(5000, [dtype] * 3, 4, 1)
+    base, *tensors = near_base(5000, [dtype] * 3, 4, 1)
     """Per exponent the same integer total (its split into halves may differ), so the same
     rounded sum."""
     got = fastelementwise._square_sums(base, tensors, None)
@@ -307,7 +280,7 @@ def test_merge_takes_the_compiled_path(name, monkeypatch):
 def test_terge_kernels_torch_forces_the_reference(name, monkeypatch):
     monkeypatch.setenv("TERGE_KERNELS", "torch")
     monkeypatch.setattr(fastmethods._fastmethods, "elementwise", None)  # fails if called
-    base, *tensors = inputs(100, [torch.float32] * 3, 0, 1)
+    base, *tensors = near_base(100, [torch.float32] * 3, 0, 1)
     method = method_of(name, 1.0, 2, 0.6, 0.1, 0.5)
     assert not method.merge_into(
         torch.empty(100),

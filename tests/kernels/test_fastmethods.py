@@ -16,7 +16,7 @@ from terge import kernels, methods
 from terge.kernels import cpu, fastmethods
 from terge.kernels.fastmethods import _TOP
 
-from helpers import same_bits
+from helpers import near_base, same_bits
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = [1e-9, 0.01, 0.1, 0.2, 0.25, 0.5, 0.7, 0.999, 1.0]
@@ -56,33 +56,6 @@ def method_of(name: str, density: float, gamma: float, scale: float) -> methods.
     return getattr(methods, name)(density=density, scale=scale)
 
 
-def awkward(numel: int, seed: int, kind: int) -> torch.Tensor:
-    """Float64 values with zeros, signed zeros, infinities, NaNs, subnormals and many ties."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind == 0:  # few distinct values: ties at any threshold
-        values = torch.randint(-3, 4, (numel,), generator=generator).double() * 0.25
-    else:
-        values = torch.randn(numel, generator=generator, dtype=torch.float64)
-        values *= torch.exp2(torch.randint(-20, 5, (numel,), generator=generator).double())
-    specials = torch.tensor(
-        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-310, -5e-324], dtype=torch.float64
-    )
-    picks = torch.randint(0, numel, (min(numel, kind * 3),), generator=generator)
-    values[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
-    return values
-
-
-def inputs(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> list[torch.Tensor]:
-    """A base and models near it (so that task vectors are small and share values)."""
-    base = awkward(numel, seed, kind)
-    tensors = [base.to(dtypes[0])]
-    for i, dtype in enumerate(dtypes[1:], start=1):
-        delta = awkward(numel, seed + i, kind) * 0.125
-        keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
-        tensors.append(torch.where(keep, base + delta, base).to(dtype))
-    return tensors
-
-
 def reference(method, destination_dtype, base, tensors, weights, seed, divisor=None):
     """What execute.run_step computes without the compiled loops."""
     result = method([t.double() for t in tensors], weights, base.double(), seed, divisor=divisor)
@@ -115,7 +88,7 @@ def check(
     divisor=None,
 ):
     method = method_of(name, density, gamma, scale)
-    base, *tensors = inputs(numel, dtypes, seed, kind)
+    base, *tensors = near_base(numel, dtypes, seed, kind)
     if inplace:
         out_dtype = base.dtype
     weights = weights[: len(tensors)]
@@ -278,7 +251,7 @@ def test_equal_power_of_two_weights_multiply_and_others_divide():
 @needs_loops
 def test_the_sign_consensus_takes_no_divisor():
     """A divisor with TIES' disjoint mean would be silently ignored by the loops: refused."""
-    base, *tensors = inputs(64, [torch.float32] * 3, 0, 1)
+    base, *tensors = near_base(64, [torch.float32] * 3, 0, 1)
     with pytest.raises(ValueError, match="the sign consensus takes no divisor"):
         fastmethods.merge_into(
             base.clone(),
@@ -377,7 +350,7 @@ def test_falls_back_where_the_loops_do_not_apply():
     ids=repr,
 )
 def test_the_loops_decline_mergekit_options_and_write_nothing(method):
-    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    base, *tensors = near_base(300, [torch.float32] * 3, 0, 1)
     destination = torch.full(base.shape, 7.0)
     assert not method.merge_into(destination, tensors, [0.5, 0.5], base, 1)
     assert torch.equal(destination, torch.full(base.shape, 7.0))
@@ -385,7 +358,7 @@ def test_the_loops_decline_mergekit_options_and_write_nothing(method):
 
 @needs_loops
 def test_an_option_the_loops_do_not_know_is_declined_not_ignored():
-    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    base, *tensors = near_base(300, [torch.float32] * 3, 0, 1)
     destination = torch.empty(base.shape)
     args = (destination, tensors, [0.5, 0.5], base)
     assert not fastmethods.merge_into(*args, sparsification=None, consensus=None, novel=1)
@@ -399,6 +372,6 @@ def test_an_option_the_loops_do_not_know_is_declined_not_ignored():
 )
 def test_options_at_their_defaults_keep_the_loops(method):
     assert not {"rescale", "elect", "trim"} & set(method.settings)  # not recorded either
-    base, *tensors = inputs(300, [torch.float32] * 3, 0, 1)
+    base, *tensors = near_base(300, [torch.float32] * 3, 0, 1)
     destination = torch.empty(base.shape)
     assert method.merge_into(destination, tensors, [0.5, 0.5], base, 1)
