@@ -17,7 +17,7 @@ from terge import kernels, methods
 from terge.errors import MethodNotApplicableError
 from terge.families import elementwise
 from terge.kernels import cpu, fastelementwise, fastmethods
-from terge.kernels.primitives import EXPONENTS, HALF, exact_total, square_sums
+from terge.kernels.primitives import EXPONENTS, HALF, exact_total, magnitude_bits, square_sums
 
 from helpers import near_base, same_bits
 
@@ -206,19 +206,139 @@ def test_square_sums_count_nans_and_infinities():
     )
 
 
+def exact_integer(sums: torch.Tensor) -> int:
+    """The exact total the integer sums hold, in units of 2**-1074 (the rows may split it
+    differently: the compiled loop adds whole blocks' exact partial sums, signed)."""
+    total = 0
+    for exponent, (high, low) in enumerate(sums[: EXPONENTS - 1].tolist()):
+        total += ((high << HALF) + low) << max(exponent - 1, 0)
+    return total
+
+
+def fsum_of_squares(values: torch.Tensor) -> float:
+    squares = [x * x for x in values.double().tolist()]
+    if any(math.isnan(s) for s in squares):
+        return math.nan
+    if any(math.isinf(s) for s in squares):
+        return math.inf
+    try:
+        return math.fsum(squares)
+    except OverflowError:
+        return math.inf
+
+
+def assert_square_sums_match(base, tensors, threshold=None, keep=None):
+    got = fastelementwise._square_sums(base, tensors, threshold)
+    for sums, tensor in zip(got, tensors, strict=True):
+        delta = tensor.double() - base.double()
+        if keep is not None:
+            delta = delta.masked_fill(~keep, 0)
+        expected = square_sums(delta)
+        assert torch.equal(sums[EXPONENTS - 1], expected[EXPONENTS - 1])  # NaNs, infinities
+        assert exact_integer(sums) == exact_integer(expected)
+        assert same_bits(torch.tensor(exact_total(sums)), torch.tensor(exact_total(expected)))
+        assert same_bits(torch.tensor(exact_total(sums)), torch.tensor(fsum_of_squares(delta)))
+
+
 @needs_loops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_compiled_square_sums_equal_the_reference(dtype):
+    """The same exact total (its split into rows may differ), so the same rounded sum."""
     base, *tensors = near_base(5000, [dtype] * 3, 4, 1)
-    """Per exponent the same integer total (its split into halves may differ), so the same
-    rounded sum."""
-    got = fastelementwise._square_sums(base, tensors, None)
-    for sums, tensor in zip(got, tensors, strict=True):
-        expected = square_sums(tensor.double() - base.double())
-        assert torch.equal(
-            sums[:, 0] * 2**HALF + sums[:, 1], expected[:, 0] * 2**HALF + expected[:, 1]
+    assert_square_sums_match(base, tensors)
+
+
+def spread_block(numel: int, binades: int, seed: int) -> torch.Tensor:
+    """Task vectors whose squares span about ``binades`` binades within each block: the loop's
+    error-free extraction takes more levels the wider they span, and gives up past its
+    limit."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(numel, generator=generator, dtype=torch.float64) + 0.5
+    shifts = torch.randint(0, max(binades // 2, 1), (numel,), generator=generator)
+    signs = torch.where(torch.rand(numel, generator=generator) < 0.5, -1.0, 1.0)
+    return values * torch.exp2(-shifts.double()) * signs
+
+
+@needs_loops
+@pytest.mark.parametrize("binades", [0, 2, 30, 60, 90, 140, 250, 400, 900, 2000])
+@pytest.mark.parametrize("numel", [1, 31, 33, 1023, 1024, 1025, 3000])
+def test_the_square_sums_are_exact_at_every_spread(binades, numel):
+    """One level, several, and past the lowest sigma (the residuals added one by one); blocks
+    ending anywhere in the 32 partial sums."""
+    base = torch.zeros(numel, dtype=torch.float64)
+    tensors = [spread_block(numel, binades, seed) for seed in range(3)]
+    assert_square_sums_match(base, tensors)
+
+
+@needs_loops
+def test_the_square_sums_are_exact_at_each_spread_of_one_block():
+    """Each 1024-entry block: one square near 1 and the rest about 2^-s below it with full
+    significands, for every s from 0 to 260 — so the extraction ends at every level count, on
+    each side of the spread where one level fewer would leave a last bit behind."""
+    generator = torch.Generator().manual_seed(7)
+    blocks = []
+    for spread in range(261):
+        block = (1 + torch.rand(1024, generator=generator, dtype=torch.float64)) * 2.0 ** (
+            -spread / 2
         )
-        assert same_bits(torch.tensor(exact_total(sums)), torch.tensor(exact_total(expected)))
+        block[0] = 1.2345678901234567
+        blocks.append(block)
+    values = torch.cat(blocks)
+    assert_square_sums_match(torch.zeros_like(values), [values, values.neg(), values * 1.5])
+
+
+@needs_loops
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1e154, 1e154, 3.0],  # squares near overflow: the plain path
+        [1e300, 1.0],  # a square overflows: infinity
+        [float("nan"), 1.0, 2.0],
+        [float("inf"), -float("inf"), 1.0],
+        [5e-324, 1e-200, 1e-160],  # subnormal squares (and squares that are 0)
+        [1e-150, 1.0000000000000002e-150, 3e-160],  # squares just above the subnormals
+        [0.0, -0.0, 0.0],
+        [1.0, 1e-30, -1.0],
+        [2.0**-537, 2.0**-500, 2.0**-480],  # the lowest level's sigma near 2^-1000
+    ],
+)
+def test_the_square_sums_handle_every_kind_of_value(values):
+    repeated = torch.tensor(values * 700, dtype=torch.float64)
+    base = torch.zeros_like(repeated)
+    assert_square_sums_match(base, [repeated, repeated.flip(0), repeated * 0.5])
+
+
+@needs_loops
+@settings(max_examples=60, deadline=None)
+@given(
+    exponents=st.lists(st.integers(-540, 500), min_size=1, max_size=40),
+    numel=st.integers(1, 2100),
+    seed=st.integers(0, 2**20),
+)
+def test_the_square_sums_are_exact_for_any_mix_of_magnitudes(exponents, numel, seed):
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(exponents), (numel,), generator=generator)
+    scale = torch.exp2(torch.tensor(exponents, dtype=torch.float64)[picks])
+    values = (torch.rand(numel, generator=generator, dtype=torch.float64) - 0.5) * scale
+    base = torch.zeros_like(values)
+    assert_square_sums_match(base, [values, values.roll(1), values * 3])
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_selected_square_sums_equal_the_reference(dtype):
+    """With SCE's selection: the entries whose variance is below the threshold add 0."""
+    base, *tensors = near_base(5000, [dtype] * 4, 6, 1)
+    deltas = [t.double() - base.double() for t in tensors]
+    variance = torch.zeros_like(deltas[0])
+    for i in range(3):
+        for j in range(i + 1, 3):
+            variance.add_((deltas[i] - deltas[j]).square_())
+    k = int(0.3 * int(torch.count_nonzero(variance)))
+    threshold = fastmethods.variance_kth_largest(base, tensors, k, None)
+    keep = magnitude_bits(variance) >= threshold
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert_square_sums_match(base, tensors, threshold, keep)
 
 
 # --- through terge.merge --------------------------------------------------------------------------

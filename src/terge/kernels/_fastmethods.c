@@ -612,8 +612,10 @@ static ALWAYS_INLINE double elementwise_entry(const int kind, const int count, c
     /* SCE */
     if (kind == SCE_SELECT) {
         double v = 0.0;
-        for (int i = 0; i < count; i++) {
-            for (int j = i + 1; j < count; j++) v = v + (d[i] - d[j]) * (d[i] - d[j]);
+        for (int i = 0; i < count; i++) { /* j from 0, not i + 1: a fixed count, so unrolled */
+            for (int j = 0; j < count; j++) {
+                if (j > i) v = v + (d[i] - d[j]) * (d[i] - d[j]);
+            }
         }
         const uint64_t keep = magnitude(v) >= s->threshold;
         for (int i = 0; i < count; i++) d[i] = masked(d[i], keep);
@@ -760,6 +762,7 @@ static void elementwise_block(double *RESTRICT r, const double *RESTRICT b,
     }
 }
 
+CLONED
 static void elementwise(char *out, int out_code, const char *base, int base_code, Py_ssize_t n,
                         char *const *models, const int *codes, const Elementwise *s,
                         double *xbuf, double (*d)[BLOCK]) {
@@ -788,66 +791,179 @@ static void elementwise(char *out, int out_code, const char *base, int base_code
     }
 }
 
-/* sums[i][e] += the high and low halves of the significands of d_i^2 with biased exponent e
- * (subnormals: e = 0, no hidden bit); NaNs and infinities counted in sums[i][EXPONENTS - 1].
- * Within a block (at most BLOCK = 2^10 significands of 53 bits: below 2^63) each significand is
- * added whole into a uint64 slot of one of two tables (alternate entries: no chain of stores
- * into one slot); the slots between the block's least and greatest exponent are then split
- * into the int64 sums and cleared. */
-#define TABLES 2
-CLONED
-static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t (*table)[EXPONENTS],
-                              const double *b, const double *const *x, Py_ssize_t m,
-                              const Elementwise *s, double (*d)[BLOCK]) {
-    double v[BLOCK];
-    uint64_t exponents[BLOCK], significands[BLOCK];
-    sce_deltas(d, v, b, x, s, m);
-    for (int i = 0; i < s->count; i++) {
-        int64_t (*row)[2] = sums[i];
-        uint64_t least = EXPONENTS, most = 0;
-        for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
-            const double q = d[i][k] * d[i][k];
+/* sums[i][e] += the high and low halves of significands with biased exponent e (subnormals: e = 0,
+ * no hidden bit) whose signed total is the exact sum of d_i^2; NaNs and infinities counted in
+ * sums[i][EXPONENTS - 1] (terge.kernels.primitives.exact_total rounds the total once).
+ *
+ * Fast path, in vectors: Rump, Ogita and Oishi's error-free extraction ("Accurate floating-point
+ * summation", SIAM J. Sci. Comput. 31(1), 2008, Lemma 3.3). With sigma = 2^s and |p| <= 2^-10
+ * sigma, t = (sigma + p) - sigma and p - t are exact, p = t + (p - t), t is a multiple of 2^-53
+ * sigma and |p - t| <= 2^-53 sigma; and any sum of at most 2^10 such t is exact, in any order.
+ * A block (BLOCK = 2^10 entries) of squares is split level by level, sigma stepping down by
+ * 2^42, until every residual is 0; each level's exact float64 sum goes into the integer sums as
+ * one signed significand. Blocks with NaNs, infinities or squares near overflow take the plain
+ * path: each significand added whole into a uint64 slot per exponent (at most 2^10 significands
+ * of 53 bits: below 2^63), then split into the int64 sums. */
+#define LANES 32     /* partial sums per level (independent chains of additions) */
+#define LEVEL_STEP 42 /* binades between levels: 53 - 10 - 1 (one to spare) */
+
+/* Add the exact float64 value t (finite) into the signed integer sums. */
+static void add_exact(int64_t (*row)[2], double t) {
+    uint64_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
+    const int64_t significand = (int64_t)(fraction | (uint64_t)(e != 0) << 52);
+    const int64_t high = significand >> HALF, low = significand & ((INT64_C(1) << HALF) - 1);
+    if (bits >> 63) {
+        row[e][0] -= high, row[e][1] -= low;
+    } else {
+        row[e][0] += high, row[e][1] += low;
+    }
+}
+
+/* The plain path for one block of squares q (m of them). */
+static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *q, Py_ssize_t m) {
+    uint64_t least = EXPONENTS, most = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        uint64_t bits;
+        memcpy(&bits, &q[k], sizeof bits);
+        const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
+        if (e == 0x7FF) { /* NaNs and infinities: counted, and out of the tables */
+            row[0x7FF][fraction == 0]++;
+            continue;
+        }
+        const uint64_t significand = fraction | (uint64_t)(e != 0) << 52;
+        if (!significand) continue;
+        table[e] += significand;
+        least = e < least ? e : least;
+        most = e > most ? e : most;
+    }
+    for (uint64_t e = least; e <= most && least <= most; e++) {
+        const uint64_t total = table[e];
+        row[e][0] += (int64_t)(total >> HALF);
+        row[e][1] += (int64_t)(total & ((UINT64_C(1) << HALF) - 1));
+        table[e] = 0;
+    }
+}
+
+/* q[k] = the square of x[k] - b[k] (+0 where keep[k] is 0, with select); returns the greatest
+ * bit pattern of the squares (+0 or more, or NaN). */
+static ALWAYS_INLINE uint64_t squares(double *RESTRICT q, const void *x, const void *b,
+                                      const uint64_t *keep, Py_ssize_t m, const int f32,
+                                      const int select) {
+    uint64_t most = 0;
+    for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
+        double t = AT(x, k) - AT(b, k);
+        if (select) t = masked(t, keep[k]);
+        q[k] = t * t;
+        uint64_t bits;
+        memcpy(&bits, &q[k], sizeof bits);
+        most = bits > most ? bits : most;
+    }
+    return most;
+}
+
+/* One level of the extraction: t = (sigma + q) - sigma added up, q left with q - t; returns the
+ * level's exact sum, and in *left whether any q is not 0. */
+static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sigma, int *left) {
+    double lanes[LANES] = {0.0};
+    uint64_t rest = 0;
+    Py_ssize_t k = 0;
+    for (; k + LANES <= m; k += LANES) { /* vectorised: each lane's sum is exact */
+        for (int l = 0; l < LANES; l++) {
+            const double t = (sigma + q[k + l]) - sigma;
+            q[k + l] = q[k + l] - t;
+            lanes[l] = lanes[l] + t;
             uint64_t bits;
-            memcpy(&bits, &q, sizeof bits);
-            const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
-            const uint64_t significand = fraction | (uint64_t)(e != 0) << 52;
-            exponents[k] = e;
-            significands[k] = significand;
-            const uint64_t key = significand ? e : EXPONENTS; /* a zero adds 0: no slot */
-            least = key < least ? key : least;
-            most = e > most ? e : most;
+            memcpy(&bits, &q[k + l], sizeof bits);
+            rest |= bits << 1; /* -0 counts as 0 */
         }
-        if (most == 0x7FF) { /* NaNs and infinities: counted, and out of the tables */
+    }
+    for (; k < m; k++) {
+        const double t = (sigma + q[k]) - sigma;
+        q[k] = q[k] - t;
+        lanes[0] = lanes[0] + t;
+        uint64_t bits;
+        memcpy(&bits, &q[k], sizeof bits);
+        rest |= bits << 1;
+    }
+    double level = 0.0; /* exact, in any order */
+    for (int l = 0; l < LANES; l++) level = level + lanes[l];
+    *left = rest != 0;
+    return level;
+}
+
+/* One block's squares for each model, added into sums[i] (see above). */
+CLONED
+static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, const void *b,
+                              const void *const *x, const uint64_t *keep, Py_ssize_t m,
+                              int count, int f32) {
+    double q[BLOCK];
+    for (int i = 0; i < count; i++) {
+        int64_t (*row)[2] = sums[i];
+        uint64_t most;
+        if (f32) {
+            most = keep ? squares(q, x[i], b, keep, m, 1, 1) : squares(q, x[i], b, keep, m, 1, 0);
+        } else {
+            most = keep ? squares(q, x[i], b, keep, m, 0, 1) : squares(q, x[i], b, keep, m, 0, 0);
+        }
+        if (!most) continue; /* only zeros */
+        const int top = (int)(most >> 52);
+        if (top >= 0x7FF - 11) { /* NaNs, infinities, or sigma would overflow */
+            square_sums_plain(row, table, q, m);
+            continue;
+        }
+        /* sigma = 2^(top - 1012) >= 2^10 * every square, then 2^42 less level by level, until
+         * the residuals are all 0 (or sigma nears the subnormals: the few left are added one by
+         * one, exactly, as signed significands) */
+        int left = 1;
+        for (int e = top - 1023 + 11; left && e >= -1000; e -= LEVEL_STEP) {
+            const double level = extract(q, m, ldexp(1.0, e), &left);
+            if (level != 0.0) add_exact(row, level);
+        }
+        if (left) {
             for (Py_ssize_t k = 0; k < m; k++) {
-                if (exponents[k] == 0x7FF) {
-                    row[0x7FF][significands[k] == (UINT64_C(1) << 52)]++;
-                    exponents[k] = 0, significands[k] = 0; /* adds 0 below */
-                }
+                if (q[k] != 0.0) add_exact(row, q[k]);
             }
-            most = 0x7FE;
-        }
-        if (least > most) continue; /* only zeros (and NaNs, infinities) */
-        for (Py_ssize_t k = 0; k < m; k++) table[k & 1][exponents[k]] += significands[k];
-        for (uint64_t e = least; e <= most; e++) {
-            const uint64_t total = table[0][e] + table[1][e]; /* below 2^63 */
-            row[e][0] += (int64_t)(total >> HALF);
-            row[e][1] += (int64_t)(total & ((UINT64_C(1) << HALF) - 1));
-            table[0][e] = table[1][e] = 0;
         }
     }
 }
 
+/* Float32 inputs are read where they lie; others (and SCE's selection, whose variance reads
+ * float64 blocks) are widened a block at a time. */
+CLONED
 static void square_sums(const char *base, int base_code, Py_ssize_t n, char *const *models,
                         const int *codes, const Elementwise *s, int64_t (*sums)[EXPONENTS][2],
-                        double *xbuf, double (*d)[BLOCK]) {
-    double bbuf[BLOCK];
-    uint64_t table[TABLES][EXPONENTS] = {{0}};
+                        double *xbuf) {
+    double bbuf[BLOCK], v[BLOCK];
+    uint64_t table[EXPONENTS] = {0}, keep[BLOCK];
     const double *x[MAX_MODELS];
+    const void *p[MAX_MODELS];
+    int f32 = base_code == F32 && !s->select;
+    for (int i = 0; i < s->count; i++) f32 &= codes[i] == F32;
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         const Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
+        const Py_ssize_t ahead = start + AHEAD * BLOCK;
+        const Py_ssize_t later = n - ahead < BLOCK ? n - ahead : BLOCK;
+        if (later > 0) { /* the streams are read a block each in turn: ask for them early */
+            prefetch(base + ahead * ITEMSIZE[base_code], base_code, later);
+            for (int i = 0; i < s->count; i++) {
+                prefetch(models[i] + ahead * ITEMSIZE[codes[i]], codes[i], later);
+            }
+        }
+        if (f32) {
+            for (int i = 0; i < s->count; i++) p[i] = models[i] + start * sizeof(float);
+            square_sums_block(sums, table, base + start * sizeof(float), p, NULL, m, s->count, 1);
+            continue;
+        }
         const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
         widen_all(x, xbuf, BLOCK, models, codes, s->count, start, m);
-        square_sums_block(sums, table, b, x, m, s, d);
+        if (s->select) {
+            variance(v, b, x, s->count, m);
+            for (Py_ssize_t k = 0; k < m; k++) keep[k] = magnitude(v[k]) >= s->threshold;
+        }
+        for (int i = 0; i < s->count; i++) p[i] = x[i];
+        square_sums_block(sums, table, b, p, s->select ? keep : NULL, m, s->count, 0);
     }
 }
 
@@ -1233,15 +1349,14 @@ static PyObject *py_square_sums(PyObject *self, PyObject *args) {
         goto done;
     }
     s->threshold = threshold;
-    double *buffers = PyMem_RawMalloc(2 * (size_t)s->count * BLOCK * sizeof(double));
+    double *buffers = PyMem_RawMalloc((size_t)s->count * BLOCK * sizeof(double));
     if (!buffers) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     square_sums((const char *)(uintptr_t)base, base_code, n, models, codes, s,
-                (int64_t (*)[EXPONENTS][2])(uintptr_t)out, buffers,
-                (double (*)[BLOCK])(buffers + s->count * BLOCK));
+                (int64_t (*)[EXPONENTS][2])(uintptr_t)out, buffers);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(buffers);
     result = Py_None;

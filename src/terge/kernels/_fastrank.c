@@ -267,6 +267,7 @@ static const combine_fn COMBINE_FNS[] = {combine_0, combine_1, combine_2, combin
 
 /* rows rows of width entries; first: the global index of the first entry. buffers: see
  * py_della. */
+CLONED
 static void della(char *out, int out_code, const char *base, int base_code, Py_ssize_t rows,
                   Py_ssize_t width, uint64_t first, char *const *models, const int *codes,
                   const Spec *s, double *buffers) {

@@ -191,8 +191,10 @@ def sce_into(
 def _square_sums(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], threshold: int | None
 ) -> torch.Tensor:
-    """Each model's :func:`~terge.kernels.primitives.square_sums` of its kept task vector
-    (``(models, EXPONENTS, 2)``), one read of the inputs split between threads."""
+    """Each model's integer sums (``(models, EXPONENTS, 2)``) holding the same exact total as
+    :func:`~terge.kernels.primitives.square_sums` of its kept task vector, split differently
+    over the rows (blocks' exact partial sums, signed), so :func:`exact_total` gives the same
+    float; one read of the inputs split between threads."""
     spans = ranges(base.numel())
     tables = torch.zeros(len(spans), len(tensors), EXPONENTS, 2, dtype=torch.int64)
 
