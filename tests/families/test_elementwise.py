@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import terge
 from terge.errors import MergeArgumentError, MethodNotApplicableError
-from terge.families.elementwise import della_probabilities, sign_consensus
+from terge.families.elementwise import _sorted_at, della_probabilities, sign_consensus
 from terge.kernels.primitives import draw_key, mix64
 from terge.methods import (
     REGISTRY,
@@ -374,6 +374,31 @@ def test_pcb_formula(ratio, scale, n):
     thetas, base = family(n, shape=(12, 10), seed=n)
     merged = pcb(ratio=ratio, scale=scale)(thetas, [1 / n] * n, base)
     torch.testing.assert_close(merged, ref_pcb(thetas, base, ratio, scale), rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(
+            st.sampled_from([-2.0, -1.0, -0.0, 0.0, 1.0, 2.5, math.inf, -math.inf, math.nan]),
+            min_size=1,
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    data=st.data(),
+)
+def test_pcb_quantiles_are_kthvalue(rows, data):
+    """PCB's quantiles come from ``topk`` on the shorter side; they are ``kthvalue``'s, NaNs
+    (ordered above everything by both), infinities and ties included."""
+    d = min(len(row) for row in rows)
+    values = torch.tensor([row[:d] for row in rows], dtype=torch.float64)
+    index = data.draw(st.integers(0, d - 1))
+    expected = torch.kthvalue(values, index + 1, dim=1, keepdim=True).values
+    got = _sorted_at(values, index)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
 
 
 def test_pcb_keeps_about_ratio_of_the_scores_and_ignores_weights():

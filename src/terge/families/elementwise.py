@@ -8,6 +8,8 @@ and returns ``base + scale * merged task vector``. Products are rounded before t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import MethodNotApplicableError
@@ -270,8 +272,18 @@ quantiles (as the authors' code does) before scoring them."""
 
 
 def _sorted_at(values: torch.Tensor, index: int) -> torch.Tensor:
-    """Each row's ``index``-th smallest value (0-based), as a column."""
-    return torch.kthvalue(values, index + 1, dim=1, keepdim=True).values
+    """Each row's ``index``-th smallest value (0-based), as a column: the least of the ``d -
+    index`` largest or the greatest of the ``index + 1`` smallest, whichever side is shorter
+    (``topk`` keeps only those; ``kthvalue`` copies the whole row with its indices: twice as
+    slow at PCB's 0.01% clip). The same value either way."""
+    d = values.shape[1]
+    if d - index <= index + 1:
+        top = torch.topk(values, d - index, dim=1, largest=True, sorted=False).values
+        nan = top.isnan()  # topk and kthvalue both order NaN above everything
+        least = torch.where(nan, math.inf, top).amin(dim=1, keepdim=True)
+        return torch.where(nan.all(dim=1, keepdim=True), math.nan, least)
+    bottom = torch.topk(values, index + 1, dim=1, largest=False, sorted=False).values
+    return bottom.amax(dim=1, keepdim=True)
 
 
 def _normalise(values: torch.Tensor) -> torch.Tensor:
