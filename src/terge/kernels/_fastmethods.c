@@ -867,7 +867,7 @@ static ALWAYS_INLINE uint64_t squares(double *RESTRICT q, const void *x, const v
  * level's exact sum, and in *left whether any q is not 0. */
 static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sigma, int *left) {
     double lanes[LANES] = {0.0};
-    uint64_t rest = 0;
+    uint64_t rest[LANES] = {0}; /* per lane, so that the loop stays in vectors */
     Py_ssize_t k = 0;
     for (; k + LANES <= m; k += LANES) { /* vectorised: each lane's sum is exact */
         for (int l = 0; l < LANES; l++) {
@@ -876,7 +876,7 @@ static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sig
             lanes[l] = lanes[l] + t;
             uint64_t bits;
             memcpy(&bits, &q[k + l], sizeof bits);
-            rest |= bits << 1; /* -0 counts as 0 */
+            rest[l] |= bits << 1; /* -0 counts as 0 */
         }
     }
     for (; k < m; k++) {
@@ -885,11 +885,12 @@ static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sig
         lanes[0] = lanes[0] + t;
         uint64_t bits;
         memcpy(&bits, &q[k], sizeof bits);
-        rest |= bits << 1;
+        rest[0] |= bits << 1;
     }
     double level = 0.0; /* exact, in any order */
-    for (int l = 0; l < LANES; l++) level = level + lanes[l];
-    *left = rest != 0;
+    uint64_t any = 0;
+    for (int l = 0; l < LANES; l++) level = level + lanes[l], any |= rest[l];
+    *left = any != 0;
     return level;
 }
 
