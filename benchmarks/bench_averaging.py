@@ -127,15 +127,19 @@ class ManyTensors(nn.Module):
 
 
 def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Best time of each call, the calls interleaved in every repeat (after two warm-ups)."""
+    """Best time of each call, the calls interleaved in every repeat (after two warm-ups), their
+    order rotated from one repeat to the next. Each call leaves its own data in the caches, so a
+    fixed order would always run the same case right after the others evicted its data: with
+    terge first, its shadow was touched three calls before, lerp's buffers one or two."""
     for _ in range(2):
         for call in calls.values():
             call()
     best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeat):
-        for name, call in calls.items():
+    names = list(calls)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            call()
+            calls[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 

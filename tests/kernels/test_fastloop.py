@@ -211,6 +211,54 @@ def test_combine_many_equals_one_combine_per_tensor(
 
 
 @needs_loop
+@pytest.mark.skipif(
+    not getattr(fastloop._fastloop, "SHARED_WORK", 0), reason="shared work needs GCC or clang"
+)
+@settings(max_examples=25, deadline=None)
+@given(
+    picks=st.lists(st.integers(0, 11), min_size=1, max_size=8),
+    threads=st.integers(2, 4),
+    inplace=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inplace, seed):
+    """The threads claim pieces from one counter: large tensors cut into PIECE-element pieces
+    (the hinted loop inside each, AHEAD elements on), small ones in runs. Every element is
+    computed once, as the reference computes it: in place a second pass would change it."""
+    piece, ahead = fastloop._fastloop.PIECE, fastloop._fastloop.AHEAD
+    sizes = [0, 1, 5, 1000, 2 * ahead - 1, 2 * ahead, 3 * ahead + 13, piece - 1, piece,
+             piece + 1, 2 * piece + 255, 3 * piece + 4099]  # fmt: skip
+    numels = [sizes[p] for p in picks]
+
+    def values(n: int, seed: int) -> torch.Tensor:
+        return awkward(n, torch.float32, seed) if n else torch.empty(0)
+
+    base = [values(n, seed + j) for j, n in enumerate(numels)]
+    model = [values(n, seed + 100 + j) for j, n in enumerate(numels)]
+    expected = [torch.empty(n, dtype=torch.float32) for n in numels]
+    for e, b, m in zip(expected, base, model, strict=True):
+        combine(e, [b, m], [0.999, 0.001], None, reference=True)
+    outs = base if inplace else [torch.full((n,), float("nan")) for n in numels]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastloop, "PER_THREAD", 1)
+        patch.setattr(torch, "get_num_threads", lambda: threads)
+        parts = fastloop.partition(numels)
+        code = cpu.DTYPE_CODES[torch.float32]
+        fastloop.combine_many(
+            code,
+            [o.data_ptr() for o in outs],
+            numels,
+            [code, code],
+            [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
+            [0.999, 0.001],
+            None,
+            parts,
+        )
+    for j, (out, want) in enumerate(zip(outs, expected, strict=True)):
+        assert same_bits(out, want), (j, numels[j])
+
+
+@needs_loop
 def test_combine_many_in_place_and_its_partition():
     """The output may be an input (an EMA's shadow); the partition covers every tensor once."""
     a = [torch.full((n,), 2.0) for n in (3, 1000, 5)]

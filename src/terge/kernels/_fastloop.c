@@ -35,6 +35,13 @@
 #define VECTOR_CLONES
 #endif
 #define MAX_INPUTS 64
+#define STEP 256   /* elements per fused call, each with its hints */
+#define AHEAD 2048 /* elements between the hints and their use */
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
 
 /* --- fused loops -------------------------------------------------------------------------------
  *
@@ -189,8 +196,34 @@ static void combine(char *out, int out_code, Py_ssize_t n, int count, char *cons
             ACCUMULATE[in_code](acc, done == 0, xs + done, coefs + done, 4, m);
             done += 4;
         }
-        FINISH[in_code][out_code](out + start * out_size, done ? acc : NULL, xs + done,
-                                  coefs + done, count - done, divisor, m);
+        if (done) {
+            FINISH[in_code][out_code](out + start * out_size, acc, xs + done, coefs + done,
+                                      count - done, divisor, m);
+            continue;
+        }
+        /* Up to four inputs, fused: in steps of STEP elements, each step first asking for the
+         * inputs' cache lines AHEAD elements on. The loop converts to float64 and back, which
+         * leaves fewer loads in flight than a float32 loop: without these hints it ran 1.3x
+         * slower than a float32 lerp over the same bytes, with them at par. Hints never fault,
+         * and none is given past the end. */
+        if (n < 2 * AHEAD) { /* too short for the hints to pay: one call */
+            FINISH[in_code][out_code](out + start * out_size, NULL, xs, coefs, count, divisor, m);
+            continue;
+        }
+        for (Py_ssize_t step = 0; step < m; step += STEP) {
+            const Py_ssize_t k = m - step < STEP ? m - step : STEP;
+            const Py_ssize_t ahead = start + step + AHEAD;
+            if (ahead + k <= n) {
+                for (int i = 0; i < count; i++) {
+                    const char *p = inputs[i] + ahead * in_size;
+                    for (size_t b = 0; b < (size_t)k * in_size; b += 64) PREFETCH(p + b);
+                }
+            }
+            char *here[4];
+            for (int i = 0; i < count; i++) here[i] = xs[i] + step * in_size;
+            FINISH[in_code][out_code](out + (start + step) * out_size, NULL, here, coefs, count,
+                                      divisor, k);
+        }
     }
 }
 
@@ -258,12 +291,81 @@ done:
     return result;
 }
 
+/* --- many tensors, and threads sharing them -------------------------------------------------- */
+
+typedef struct {
+    unsigned long long *outs, *ns, **inputs;
+    const int *codes;
+    const double *coefficients;
+    double divisor;
+    int out_code, count;
+} Batch;
+
+static const size_t ITEMSIZES[] = {8, 4, 2, 2};
+
+/* Tensors [first, stop) whole, or (stop == first + 1 and until > 0) elements [from, until) of
+ * tensor first. */
+static void combine_range(const Batch *b, Py_ssize_t first, Py_ssize_t stop, Py_ssize_t from,
+                          Py_ssize_t until) {
+    for (Py_ssize_t j = first; j < stop; j++) {
+        const Py_ssize_t start = until > 0 ? from : 0, end = until > 0 ? until : (Py_ssize_t)b->ns[j];
+        char *addresses[MAX_INPUTS];
+        for (int i = 0; i < b->count; i++) {
+            addresses[i] = (char *)(uintptr_t)b->inputs[i][j] + start * ITEMSIZES[b->codes[i]];
+        }
+        combine((char *)(uintptr_t)b->outs[j] + start * ITEMSIZES[b->out_code], b->out_code,
+                end - start, b->count, addresses, b->codes, b->coefficients, b->divisor);
+    }
+}
+
+#if defined(__GNUC__)
+#define HAVE_SHARED_WORK 1
+#define PIECE 32768 /* elements per claim: a large tensor's piece, or a run of small tensors */
+
+/* Every thread calls this with the same batch and counter (0 before the first): each claims the
+ * next piece in order with one atomic add, so the threads stay balanced whatever the caches
+ * hold, and move through memory together. The pieces: a tensor of PIECE elements or more is cut
+ * into PIECE-element pieces; smaller ones are taken in runs of at least PIECE elements. Each
+ * element is computed as combine() computes it, so the split cannot change a bit. */
+static void combine_shared(const Batch *b, Py_ssize_t tensors, int64_t *counter) {
+    Py_ssize_t j = 0, offset = 0; /* where this thread's walk over the pieces stands */
+    int64_t next = 0;             /* the index of the piece starting there */
+    for (int64_t claim = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); j < tensors;
+         next++) {
+        const Py_ssize_t n = (Py_ssize_t)b->ns[j], first = j;
+        Py_ssize_t stop, from = 0, until = 0; /* until 0: tensors [first, stop) whole */
+        if (n >= PIECE) {
+            from = offset;
+            until = n - offset > PIECE ? offset + PIECE : n;
+            stop = j + 1;
+            if (until < n) {
+                offset = until;
+            } else {
+                j++, offset = 0;
+            }
+        } else {
+            Py_ssize_t total = 0;
+            for (stop = j; stop < tensors && (Py_ssize_t)b->ns[stop] < PIECE && total < PIECE;) {
+                total += (Py_ssize_t)b->ns[stop++];
+            }
+            j = stop;
+        }
+        if (next == claim) {
+            combine_range(b, first, stop, from, until);
+            claim = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+        }
+    }
+}
+#endif
+
 PyDoc_STRVAR(combine_many_doc,
-             "combine_many(out_code, outs, ns, codes, inputs, coefficients, divisor)\n\n"
+             "combine_many(out_code, outs, ns, codes, inputs, coefficients, divisor, counter=None)\n\n"
              "combine() over many small tensors in one call: for each j, outs[j] (ns[j] elements)\n"
              "= (sum_i coefficients[i] * inputs[i][j]) / divisor. Every output has out_code,\n"
              "every inputs[i][j] has codes[i]; inputs is one sequence of addresses per input.\n"
-             "Runs without the GIL, each tensor exactly as combine() would.");
+             "Runs without the GIL, each tensor exactly as combine() would. With counter (the\n"
+             "address of an int64 holding 0), every thread that calls it with the same arguments\n"
+             "shares the work: pieces claimed in order, one atomic add each.");
 
 /* Reads a sequence of n addresses (or lengths) into a fresh array; NULL with an error set. */
 static unsigned long long *read_integers(PyObject *sequence, Py_ssize_t n, const char *what) {
@@ -295,9 +397,20 @@ static PyObject *py_combine_many(PyObject *self, PyObject *args) {
     (void)self;
     int out_code;
     PyObject *outs_obj, *ns_obj, *codes_obj, *inputs_obj, *coefs_obj, *divisor_obj;
-    if (!PyArg_ParseTuple(args, "iOOOOOO", &out_code, &outs_obj, &ns_obj, &codes_obj,
-                          &inputs_obj, &coefs_obj, &divisor_obj)) {
+    PyObject *counter_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "iOOOOOO|O", &out_code, &outs_obj, &ns_obj, &codes_obj,
+                          &inputs_obj, &coefs_obj, &divisor_obj, &counter_obj)) {
         return NULL;
+    }
+    int64_t *counter = NULL;
+    if (counter_obj != Py_None) {
+#ifdef HAVE_SHARED_WORK
+        counter = (int64_t *)(uintptr_t)PyLong_AsUnsignedLongLong(counter_obj);
+        if (PyErr_Occurred()) return NULL;
+#else
+        PyErr_SetString(PyExc_ValueError, "shared work needs GCC or clang atomics");
+        return NULL;
+#endif
     }
     if (!check_code(out_code)) return NULL;
     PyObject *result = NULL;
@@ -333,11 +446,11 @@ static PyObject *py_combine_many(PyObject *self, PyObject *args) {
         if (!inputs[i]) goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t j = 0; j < tensors; j++) {
-        char *addresses[MAX_INPUTS];
-        for (Py_ssize_t i = 0; i < count; i++) addresses[i] = (char *)(uintptr_t)inputs[i][j];
-        combine((char *)(uintptr_t)outs[j], out_code, (Py_ssize_t)ns[j], (int)count, addresses,
-                input_codes, coefficients, divisor);
+    Batch batch = {outs, ns, inputs, input_codes, coefficients, divisor, out_code, (int)count};
+    if (counter) {
+        combine_shared(&batch, tensors, counter);
+    } else {
+        combine_range(&batch, 0, tensors, 0, 0);
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -364,4 +477,15 @@ static struct PyModuleDef module = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__fastloop(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastloop(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef HAVE_SHARED_WORK
+    if (m && (PyModule_AddIntConstant(m, "SHARED_WORK", 1) < 0 ||
+              PyModule_AddIntConstant(m, "PIECE", PIECE) < 0 ||
+              PyModule_AddIntConstant(m, "AHEAD", AHEAD) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
+}

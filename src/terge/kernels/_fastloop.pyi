@@ -2,6 +2,10 @@
 
 from collections.abc import Sequence
 
+SHARED_WORK: int
+PIECE: int
+AHEAD: int
+
 def combine(
     out: int,
     out_code: int,
@@ -20,5 +24,6 @@ def combine_many(
     inputs: Sequence[Sequence[int]],
     coefficients: Sequence[float],
     divisor: float | None,
+    counter: int | None = None,
     /,
 ) -> None: ...

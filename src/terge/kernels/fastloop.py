@@ -129,4 +129,22 @@ def combine_many(
     if len(parts) == 1 and parts[0] == (0, len(outs)):
         _fastloop.combine_many(out_code, outs, lengths, codes, inputs, weights, divide)
         return
+    if getattr(_fastloop, "SHARED_WORK", 0):
+        # As many threads as parts, claiming 32K-element pieces in order from one counter: they
+        # stay balanced whatever the caches hold (a fixed split by elements left one thread
+        # waiting on the other when their tensors were not equally cached).
+        counter = torch.zeros(1, dtype=torch.int64)
+        shared = functools.partial(
+            _fastloop.combine_many,
+            out_code,
+            outs,
+            lengths,
+            codes,
+            inputs,
+            weights,
+            divide,
+            counter.data_ptr(),
+        )
+        run([shared] * len(parts))
+        return
     run([functools.partial(part, start, stop) for start, stop in parts])
