@@ -223,10 +223,10 @@ def test_combine_many_equals_one_combine_per_tensor(
 )
 def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inplace, seed):
     """The threads claim pieces from one counter: large tensors cut into PIECE-element pieces
-    (the hinted loop inside each, AHEAD elements on), small ones in runs. Every element is
+    (the loop with cache hints inside those of HINTED elements or more), small ones in runs. Every element is
     computed once, as the reference computes it: in place a second pass would change it."""
-    piece, ahead = fastloop._fastloop.PIECE, fastloop._fastloop.AHEAD
-    sizes = [0, 1, 5, 1000, 2 * ahead - 1, 2 * ahead, 3 * ahead + 13, piece - 1, piece,
+    piece, hinted = fastloop._fastloop.PIECE, fastloop._fastloop.HINTED
+    sizes = [0, 1, 5, 1000, hinted - 1, hinted, hinted + 13, piece - 1, piece,
              piece + 1, 2 * piece + 255, 3 * piece + 4099]  # fmt: skip
     numels = [sizes[p] for p in picks]
 

@@ -37,6 +37,7 @@
 #define MAX_INPUTS 64
 #define STEP 256   /* elements per fused call, each with its hints */
 #define AHEAD 2048 /* elements between the hints and their use */
+#define HINTED 32768 /* the fewest elements that a call gives hints for */
 #if defined(__GNUC__)
 #define PREFETCH(p) __builtin_prefetch(p)
 #else
@@ -206,7 +207,7 @@ static void combine(char *out, int out_code, Py_ssize_t n, int count, char *cons
          * leaves fewer loads in flight than a float32 loop: without these hints it ran 1.3x
          * slower than a float32 lerp over the same bytes, with them at par. Hints never fault,
          * and none is given past the end. */
-        if (n < 2 * AHEAD) { /* too short for the hints to pay: one call */
+        if (n < HINTED) { /* too short for the hints to pay (its data likely cached): one call */
             FINISH[in_code][out_code](out + start * out_size, NULL, xs, coefs, count, divisor, m);
             continue;
         }
@@ -482,7 +483,8 @@ PyMODINIT_FUNC PyInit__fastloop(void) {
 #ifdef HAVE_SHARED_WORK
     if (m && (PyModule_AddIntConstant(m, "SHARED_WORK", 1) < 0 ||
               PyModule_AddIntConstant(m, "PIECE", PIECE) < 0 ||
-              PyModule_AddIntConstant(m, "AHEAD", AHEAD) < 0)) {
+              PyModule_AddIntConstant(m, "AHEAD", AHEAD) < 0 ||
+              PyModule_AddIntConstant(m, "HINTED", HINTED) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 SHARED_WORK: int
 PIECE: int
 AHEAD: int
+HINTED: int
 
 def combine(
     out: int,
