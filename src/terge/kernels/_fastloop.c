@@ -302,8 +302,6 @@ typedef struct {
     int out_code, count;
 } Batch;
 
-static const size_t ITEMSIZES[] = {8, 4, 2, 2};
-
 /* Tensors [first, stop) whole, or (stop == first + 1 and until > 0) elements [from, until) of
  * tensor first. */
 static void combine_range(const Batch *b, Py_ssize_t first, Py_ssize_t stop, Py_ssize_t from,
@@ -312,9 +310,9 @@ static void combine_range(const Batch *b, Py_ssize_t first, Py_ssize_t stop, Py_
         const Py_ssize_t start = until > 0 ? from : 0, end = until > 0 ? until : (Py_ssize_t)b->ns[j];
         char *addresses[MAX_INPUTS];
         for (int i = 0; i < b->count; i++) {
-            addresses[i] = (char *)(uintptr_t)b->inputs[i][j] + start * ITEMSIZES[b->codes[i]];
+            addresses[i] = (char *)(uintptr_t)b->inputs[i][j] + start * ITEMSIZE[b->codes[i]];
         }
-        combine((char *)(uintptr_t)b->outs[j] + start * ITEMSIZES[b->out_code], b->out_code,
+        combine((char *)(uintptr_t)b->outs[j] + start * ITEMSIZE[b->out_code], b->out_code,
                 end - start, b->count, addresses, b->codes, b->coefficients, b->divisor);
     }
 }
