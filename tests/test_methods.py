@@ -653,7 +653,8 @@ def test_dare_draws_the_same_on_any_device(factory):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    "name", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"]
+    "name",
+    ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock", "della"],
 )
 def test_task_vector_merges_give_the_same_bits_on_the_gpu_as_on_the_cpu(name):
     """A merge of GPU models (the torch reference on the GPU) equals the CPU's (the compiled

@@ -43,7 +43,7 @@ import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .families import elementwise, spherical, statistics, subspace
-from .kernels import ChunkBuffers, fastelementwise, linear_combine
+from .kernels import ChunkBuffers, fastelementwise, linear_combine, primitives
 from .kernels.fastmethods import merge_into
 from .kernels.fastrank import della_into
 from .kernels.primitives import (
@@ -404,20 +404,12 @@ def _random_drop(
         stop = min(start + DRAW_CHUNK, flat.numel())
         draw = counter_uniform(key, layout.indices(start, stop, flat.device))
         flat[start:stop].masked_fill_(draw >= density, 0)
-    return _divide(tau, density) if divide else tau
-
-
-def _divide(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """``tau / density`` in place, the quotient correctly rounded on any device."""
-    if tau.device.type != "cpu":  # torch divides a GPU tensor by a Python number as a product
-        # with its reciprocal, not always the quotient; dividing by a tensor is exact, as on the CPU
-        return tau.div_(torch.tensor(density, dtype=tau.dtype, device=tau.device))
-    return tau.div_(density)
+    return primitives.divide(tau, density) if divide else tau
 
 
 def _divided(total: torch.Tensor, divisor: float | None) -> torch.Tensor:
     """A weighted sum divided once by its weights' sum (``None``: weights already as wanted)."""
-    return total if divisor is None or divisor == 1 else _divide(total, divisor)
+    return total if divisor is None or divisor == 1 else primitives.divide(total, divisor)
 
 
 def _whole_only(name: str, option: str, layout: Layout) -> None:
@@ -578,7 +570,7 @@ def _task_vector_merge(
         if rescale in ("l1", "l2", "linf"):
             return _rescaled(tau, before, rescale, layout)
         if rescale == "density" and sparsification != "random" and share != 1:
-            return _divide(tau, share)
+            return primitives.divide(tau, share)
         return tau
 
     # Every product is rounded before it is added (``acc.add_(x.mul_(w))``, never
@@ -841,7 +833,7 @@ def _combine_whole(
     for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
         result.add_(tensor if coefficient == 1 else tensor * coefficient)
     if divisor is not None and divisor != 1:
-        result = _divide(result, divisor)
+        result = primitives.divide(result, divisor)
     return result
 
 
@@ -1010,7 +1002,7 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     total = tensors[0].clone()
     for tensor in tensors[1:]:
         total.add_(tensor)
-    return total.div_(len(tensors))
+    return primitives.divide(total, len(tensors))
 
 
 def _model_stock(

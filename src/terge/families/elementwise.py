@@ -15,6 +15,7 @@ import torch
 from ..errors import MethodNotApplicableError
 from ..kernels.primitives import (
     counter_uniform,
+    divide,
     draw_key,
     exact_total,
     kth_largest_magnitude_bits,
@@ -69,12 +70,6 @@ def sign_consensus(deltas: list[torch.Tensor], weights: list[float]) -> torch.Te
     return torch.where(denominator != 0, numerator / denominator, numerator)
 
 
-def divide(tensor: torch.Tensor, number: float) -> torch.Tensor:
-    """``tensor / number`` in place, correctly rounded on every device (a GPU divides by a Python
-    number as a product with its reciprocal; by a tensor it divides)."""
-    return tensor.div_(torch.tensor(number, dtype=tensor.dtype, device=tensor.device))
-
-
 def _finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
     return base + merged.mul_(scale)
 
@@ -102,7 +97,7 @@ def della_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> t
     ranks = torch.empty_like(order)
     positions = torch.arange(n, dtype=order.dtype, device=order.device).expand_as(order)
     ranks.scatter_(1, order, positions)
-    return (ranks.to(rows.dtype) / (n - 1)).mul_(2 * epsilon).add_(density - epsilon)
+    return divide(ranks.to(rows.dtype), n - 1).mul_(2 * epsilon).add_(density - epsilon)
 
 
 def _della_sparsify(

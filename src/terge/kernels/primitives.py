@@ -40,6 +40,15 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 # --- the k-th largest magnitude -------------------------------------------------------------------
 
 
+def divide(tensor: torch.Tensor, number: float) -> torch.Tensor:
+    """``tensor / number`` in place, correctly rounded on every device: torch divides a GPU
+    tensor by a Python number as a product with the number's reciprocal, which can be an ulp
+    off the quotient; dividing by a (0-dim) tensor divides, as the CPU always does."""
+    if tensor.device.type == "cpu":
+        return tensor.div_(number)
+    return tensor.div_(torch.tensor(number, dtype=tensor.dtype, device=tensor.device))
+
+
 def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     """The bit patterns of ``|values|`` as non-negative int64, which order exactly as the
     magnitudes do (``+0`` lowest, ``inf`` above every finite value), every NaN as the one pattern
