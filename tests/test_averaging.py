@@ -363,6 +363,51 @@ def test_a_gpu_model_with_its_average_on_the_gpu_or_the_cpu(device):
         assert same_bits(got[name].cpu(), want[name]), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["ema", "equal"])
+def test_a_gpu_average_takes_one_launch_per_dtype_pair_and_equals_the_cpu(kind, monkeypatch):
+    """A GPU model's tensors are averaged in one Triton launch per dtype pair, not one per
+    tensor (tens of microseconds each); every bit equals the CPU's average, buffers included."""
+    monkeypatch.setenv("TERGE_KERNELS", "auto")  # the Triton loop on, even in a reference-only run
+    from terge import kernels
+
+    loop = kernels.gpu_loop()
+    if loop is None:
+        pytest.skip("needs Triton")
+    generator = torch.Generator().manual_seed(4)
+    model = Net()
+    model.fc2.to(torch.bfloat16)  # a second dtype pair: (float32 shadow, bfloat16 model)
+    gpu_model = copy.deepcopy(model).cuda()
+    settings = {"shadow_dtype": torch.float32, "buffers": "average"}
+    cpu_average = terge.Average(model, kind, **settings)
+    gpu_average = terge.Average(gpu_model, kind, **settings)
+    launches = {"many": 0, "one": 0}
+    many, one = loop.combine_many, loop.combine
+    monkeypatch.setattr(
+        loop,
+        "combine_many",
+        lambda *a, **k: launches.update(many=launches["many"] + 1) or many(*a, **k),
+    )
+    monkeypatch.setattr(
+        loop, "combine", lambda *a, **k: launches.update(one=launches["one"] + 1) or one(*a, **k)
+    )
+    for step in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.1)
+            model.bn.running_mean.add_(torch.randn(8, generator=generator))
+        gpu_model.load_state_dict(model.state_dict())
+        cpu_average.update(model)
+        gpu_average.update(gpu_model)
+        assert launches == {"many": 2 * (step + 1), "one": 0}, step
+    want = cpu_average.state_dict()["shadow"]
+    got = gpu_average.state_dict()["shadow"]
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].device.type == "cuda"
+        assert same_bits(got[name].cpu(), want[name]), name
+
+
 # --- resume ---------------------------------------------------------------------------------------
 
 

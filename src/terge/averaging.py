@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .errors import AveragingError
-from .kernels import ChunkBuffers, linear_combine
+from .kernels import ChunkBuffers, gpu_loop, linear_combine
 from .kernels import cpu as kernel_cpu
 from .kernels import fastloop as fastloop_module
 from .sharding import Sharding, local, sharding_of
@@ -90,6 +90,28 @@ class _Plan:
     batched_entries: list[_Entry] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
     """Where the batched entries' tensors live, to read their addresses quickly."""
+    gpu: list[_GpuGroup] = field(default_factory=list)
+    """GPU tensors batched by device and dtype pair, one Triton launch each."""
+
+
+@dataclass
+class _GpuGroup:
+    """GPU entries sharing a device and dtype pair, averaged in one launch of the Triton loop
+    (one launch per tensor costs tens of microseconds of Python each)."""
+
+    shadows: list[torch.Tensor]
+    data: list[torch.Tensor]
+    tables: dict[bool, Any] = field(default_factory=dict)
+    """The launch tables with and without the shadow as an input, made on first use."""
+
+    def run(self, coefficients: list[float], divisor: float | None, with_shadow: bool) -> None:
+        loop = gpu_loop()
+        assert loop is not None  # grouped only where the Triton loop is there
+        tables = self.tables.get(with_shadow)
+        if tables is None:
+            sources = [[s, d] if with_shadow else [d] for s, d in zip(self.shadows, self.data)]
+            tables = self.tables[with_shadow] = loop.batch(self.shadows, sources)
+        loop.combine_many(tables, coefficients, divisor)
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Slot, torch.Tensor, bool]]:
@@ -345,6 +367,8 @@ class Average:
     def _make_plan(self) -> _Plan:
         batchable = fastloop_module.available()
         groups: dict[tuple[int, int], list[tuple[_Entry, torch.Tensor]]] = {}
+        gpu_groups: dict[tuple[Any, ...], list[tuple[_Entry, torch.Tensor]]] = {}
+        loop = gpu_loop()
         single: list[_Entry] = []
         copied: list[_Entry] = []
         checked = [(e, self._check_tensor(e, self._tensor(e))) for e in self._entries]
@@ -366,6 +390,14 @@ class Average:
                 codes = kernel_cpu.DTYPE_CODES
                 key = (codes[entry.shadow.dtype], codes[data.dtype])
                 groups.setdefault(key, []).append((entry, data))
+            elif (
+                loop is not None
+                and entry.sharding is None
+                and data.is_cuda
+                and loop.batchable(entry.shadow, [entry.shadow, data])
+            ):
+                pair = (data.device, entry.shadow.dtype, data.dtype)
+                gpu_groups.setdefault(pair, []).append((entry, data))
             else:
                 single.append(entry)
         batched: list[tuple[int, int, int, int, list[int], list[int]]] = []
@@ -380,8 +412,13 @@ class Average:
             outs = [entry.shadow.data_ptr() for entry, _ in members]
             batched.append((first, len(batched_entries), out_code, in_code, outs, lengths))
             parts.append(fastloop_module.partition(lengths))
+        gpu: list[_GpuGroup] = []
+        for members in gpu_groups.values():
+            batched_entries += [entry for entry, _ in members]
+            pointers += [data.data_ptr() for _, data in members]
+            gpu.append(_GpuGroup([entry.shadow for entry, _ in members], [d for _, d in members]))
         slots = [entry.slot for entry in batched_entries if entry.slot is not None]
-        return _Plan(pointers, batched, parts, single, copied, batched_entries, slots)
+        return _Plan(pointers, batched, parts, single, copied, batched_entries, slots, gpu)
 
     def _run(
         self, plan: _Plan, coefficients: list[float], divisor: float | None, with_shadow: bool
@@ -395,6 +432,8 @@ class Average:
             fastloop_module.combine_many(
                 out_code, outs, lengths, codes, inputs, coefficients, divisor, part
             )
+        for group in plan.gpu:
+            group.run(coefficients, divisor, with_shadow)
         for entry in plan.single:
             data = local(self._tensor(entry).detach())
             if data.device != entry.shadow.device:
