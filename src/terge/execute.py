@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import MergeArgumentError, MethodError, MethodResultError
 from .io.readahead import Readahead
-from .kernels import ChunkBuffers, linear_combine, store_whole
+from .kernels import ChunkBuffers, gpu_loop, linear_combine, store_whole
 from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
 from .sources import AdapterSource, FileSource, ModuleSource, Source, StateDictSource
@@ -192,6 +192,7 @@ def execute(
     (the built-in kernels cannot fail there: the plan refused what they cannot take).
     """
     buffers = ChunkBuffers(dtype)
+    batched = _GpuSteps.for_merge(sources, dtype) if hook is None else None
     bar: Callable[..., Any] = tqdm if progress else _no_bar
     shown_as = {"total": len(steps), "desc": "Merging the models' parameters", "unit": "parameters"}
     with torch.no_grad(), _read_ahead(steps, sources, base) as readahead:
@@ -205,16 +206,89 @@ def execute(
                         hook.before(step)
                     written = destination(step.name)
                     result = ready.pop(step.name, None)
-                    if result is None:
-                        run_step(step, sources, base, written, buffers)
-                    else:
+                    if result is not None:
                         local(written).copy_(local(result))
+                    elif batched is None or not batched.add(step, sources, written):
+                        if batched is not None:
+                            batched.flush()  # in order: a later step may read what it writes
+                        run_step(step, sources, base, written, buffers)
                     if hook is not None:
                         hook.after(step, written)
                     shown.update(1)
+                if batched is not None:
+                    batched.flush()
             finally:
                 if atomic:  # the caller's tensors: tell autograd they changed
                     _bump_versions([destination(step.name) for step in steps], steps)
+
+
+class _GpuSteps:
+    """Linear steps on a CUDA GPU, held back and launched together: one Triton launch per
+    group of steps that share dtypes and coefficients, instead of one per tensor (each costs
+    tens of microseconds of Python, more than a small tensor's kernel). A group is launched
+    once it holds :data:`STEPS` steps or :data:`ELEMENTS` elements, so the GPU starts while
+    the later steps are prepared; everything held is launched before any other step runs, and
+    at the end. Same kernel arithmetic, so the same bits."""
+
+    STEPS = 32
+    ELEMENTS = 1 << 27
+    ALONE = 1 << 24
+    """Tensors of this many elements or more get a launch of their own: their kernel outlasts
+    a launch's Python, and the one-tensor kernel moves large tensors faster (on an H200, three
+    7B-shaped bf16 models: 90% of the copy bandwidth one by one, 63% in one launch)."""
+
+    def __init__(self) -> None:
+        self.loop: Any = None  # the Triton loop, imported with the first GPU step
+        self.groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[list[torch.Tensor]]]]
+        self.groups = {}
+        self.elements = 0
+
+    @classmethod
+    def for_merge(cls, sources: list[Source], dtype: torch.dtype) -> _GpuSteps | None:
+        """A batcher where the Triton loop can run (float64 accumulation, no adapter's exact
+        deltas to take instead); else ``None``."""
+        if dtype != torch.float64 or any(isinstance(s, AdapterSource) for s in sources):
+            return None
+        return cls()
+
+    def add(self, step: Step, sources: list[Source], written: torch.Tensor) -> bool:
+        """Hold ``step`` back if one launch can compute it; ``False`` (nothing held) if not."""
+        if step.rows is not None or step.sharded or not step.method.streaming:
+            return False
+        if not written.is_cuda or is_dtensor(written) or not written.is_contiguous():
+            return False
+        if self.loop is None:
+            self.loop = gpu_loop()  # Triton is imported only once a GPU tensor is merged
+            if self.loop is None:
+                return False
+        # contiguous tensors as they are: a launch needs only their addresses and lengths
+        inputs = [sources[i].get(step.name) for i in step.contributors]
+        if not self.loop.batchable(written, inputs):
+            return False
+        if written.numel() >= self.ALONE:
+            self.loop.combine(written.view(-1), inputs, step.coefficients, step.divisor)
+            return True  # a tensor no held step reads or writes: launched in any order
+        key = (
+            written.device,
+            written.dtype,
+            tuple(t.dtype for t in inputs),
+            tuple(step.coefficients),
+            step.divisor,
+        )
+        targets, inputs_of = self.groups.setdefault(key, ([], []))
+        targets.append(written)
+        inputs_of.append(inputs)
+        self.elements += written.numel()
+        if len(targets) >= self.STEPS or self.elements >= self.ELEMENTS:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Launch every held step, in the order the groups were started."""
+        for (_, _, _, coefficients, divisor), (targets, inputs_of) in self.groups.items():
+            self.loop.combine_many(self.loop.batch(targets, inputs_of), coefficients, divisor)
+        self.groups.clear()
+        self.elements = 0
 
 
 @contextlib.contextmanager
