@@ -333,6 +333,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -361,6 +362,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def fmt_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "—"
+    if seconds < 0.01:
+        return f"{seconds:.5f}"  # a GPU's milliseconds keep three digits
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
 
 

@@ -126,11 +126,18 @@ class ManyTensors(nn.Module):
 # --- timing ---------------------------------------------------------------------------------------
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a no-op without CUDA), so that timings bracket it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
     """Best time of each call, the calls interleaved in every repeat (after two warm-ups), their
     order rotated from one repeat to the next. Each call leaves its own data in the caches, so a
     fixed order would always run the same case right after the others evicted its data: with
-    terge first, its shadow was touched three calls before, lerp's buffers one or two."""
+    terge first, its shadow was touched three calls before, lerp's buffers one or two. On a GPU
+    every call is bracketed by ``torch.cuda.synchronize()``."""
     for _ in range(2):
         for call in calls.values():
             call()
@@ -138,8 +145,10 @@ def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
     names = list(calls)
     for r in range(repeat):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            synchronize()
             start = time.perf_counter()
             calls[name]()
+            synchronize()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -176,8 +185,9 @@ def ema_case(model: nn.Module, repeat: int) -> dict[str, Any]:
 def copy_limit_case(model: nn.Module, repeat: int) -> dict[str, Any]:
     """GPT-2 small: ``update()``, ``_foreach_lerp_`` and a copy moving the same bytes."""
     numel = sum(p.numel() for p in model.parameters())
-    source = torch.empty(3 * numel // 2).fill_(1.0)
-    target = torch.empty(3 * numel // 2).fill_(0.0)
+    device = next(model.parameters()).device
+    source = torch.empty(3 * numel // 2, device=device).fill_(1.0)
+    target = torch.empty(3 * numel // 2, device=device).fill_(0.0)
     average = terge.Average(model, decay=0.999)
     params = [p.detach() for p in model.parameters()]
     shadow = [p.clone() for p in params]
@@ -199,7 +209,9 @@ def verdict(ratio: float, limit: float) -> str:
     return "PASS" if ratio <= limit else "FAIL"
 
 
-def small_rows(results: dict[str, Any], threads: int, layers: int) -> list[list[str]]:
+def small_rows(
+    results: dict[str, Any], threads: int, layers: int, gpu: bool = False
+) -> list[list[str]]:
     """Table rows of the ``update()`` against ``_foreach_lerp_`` cases timed on ``threads``."""
     rows = []
     for key, label, limit in [
@@ -211,7 +223,7 @@ def small_rows(results: dict[str, Any], threads: int, layers: int) -> list[list[
         ratio = r["terge"] / r["lerp"]
         rows.append(
             [
-                f"{label}, {threads} thread{'s' if threads > 1 else ''}",
+                f"{label}, " + ("GPU" if gpu else f"{threads} thread{'s' if threads > 1 else ''}"),
                 f"{r['tensors']} ({r['float_tensors']} float)",
                 f"{r['parameters'] / 1e6:.1f}M",
                 f"{r['terge'] * 1e3:.2f} ms ({r['terge'] * 1e6 / r['tensors']:.2f} us/tensor)",
@@ -232,24 +244,36 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9, help="timed calls per case")
     parser.add_argument("--layers", type=int, default=80, help="blocks of the small transformer")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models and averages live (default cpu; 'cuda' times the GPU loop, "
+        "on the GPU's own threads only)",
+    )
     args = parser.parse_args()
     repeat = 3 if args.quick else args.repeat
+    device = torch.device(args.device)
 
     print("building models ...", file=sys.stderr, flush=True)
-    cnn = ResNet50(base=16 if args.quick else 64)
-    small = SmallTransformer(args.layers)
-    many = ManyTensors(5000, 64)
-    gpt2 = build_gpt2(GPT2_TINY if args.quick else GPT2_SMALL)
+    cnn = ResNet50(base=16 if args.quick else 64).to(device)
+    small = SmallTransformer(args.layers).to(device)
+    many = ManyTensors(5000, 64).to(device)
+    gpt2 = build_gpt2(GPT2_TINY if args.quick else GPT2_SMALL).to(device)
 
-    results: dict[str, Any] = {"machine": machine_info(), "revision": source_revision()}
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "revision": source_revision(),
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    }
     threads = torch.get_num_threads()
     rows = []
-    for count in sorted({threads, 1}, reverse=True):
+    for count in sorted({threads, 1} if device.type == "cpu" else {threads}, reverse=True):
         print(f"timing on {count} thread(s) ...", file=sys.stderr, flush=True)
         torch.set_num_threads(count)
         for key, model in [("cnn", cnn), ("transformer", small), ("many", many)]:
             results[f"{key}@{count}"] = ema_case(model, repeat)
-        rows += small_rows(results, count, args.layers)
+        rows += small_rows(results, count, args.layers, gpu=device.type == "cuda")
     torch.set_num_threads(threads)
     results["gpt2"] = copy_limit_case(gpt2, repeat)
     g = results["gpt2"]
@@ -277,7 +301,7 @@ def main() -> None:
         "target",
     ]
     machine = results["machine"]
-    print(f"\n`{command_line()}` at {results['revision']}")
+    print(f"\n`{command_line()}` at {results['revision']}, on {results['device']}")
     print(
         f"{machine['cpu']}, {machine['nproc']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), load {machine['load_average']}\n"

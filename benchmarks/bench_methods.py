@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from _common import (
     GPT2_TINY,
     MIB,
     SRC_DIR,
+    Measurement,
     build_models,
     command_line,
     emit_result,
@@ -75,7 +78,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"imported terge from {where}, expected it under {SRC_DIR}")
     config = GPT2_TINY if args.quick else GPT2_SMALL
     n_models = MODELS_FOR.get(args.method, DEFAULT_MODELS)
-    models = build_models(n_models, config)
+    device = torch.device(args.device)
+    models = [model.to(device) for model in build_models(n_models, config)]
     base = models[0]
     pristine = [p.detach().clone() for p in base.parameters()]
 
@@ -92,12 +96,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for _ in range(args.repeat):
         restore()
-        runs.append(measure(call))
+        runs.append(measure(call) if device.type == "cpu" else measure_on_gpu(call))
     peaks = [r.extra_peak_mib for r in runs if r.extra_peak_mib is not None]
     from terge.kernels import fastloop, fastmethods
 
     return {
         "method": args.method,
+        "device": str(device),
         "models": n_models,
         "compiled": {
             "linear": fastloop.available(),
@@ -108,6 +113,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "extra_peak_mib": max(peaks) if peaks else None,
         "terge_version": terge.__version__,
     }
+
+
+def measure_on_gpu(fn: Callable[[], Any]) -> Measurement:
+    """Time one call of ``fn`` on the GPU (bracketed by ``synchronize``) and the GPU memory it
+    allocated beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    extra = (torch.cuda.max_memory_allocated() - before) / MIB
+    del result
+    return Measurement(seconds, extra)
 
 
 def run_as_worker(args: argparse.Namespace) -> int:
@@ -139,7 +159,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     names = args.methods or method_names()
     results = {}
     for name in names:
-        argv = ["--worker", "--method", name, "--repeat", str(args.repeat)]
+        argv = ["--worker", "--method", name, "--repeat", str(args.repeat), "--device", args.device]
         if args.quick:
             argv.append("--quick")
         print(f"  running {name} ...", file=sys.stderr, flush=True)
@@ -159,6 +179,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "mib": num_parameters(config) * 4 / MIB,
         },
         "repeat": args.repeat,
+        "device": args.device,
         "results": results,
     }
 
@@ -203,8 +224,14 @@ def report(data: dict[str, Any]) -> str:
         f"`terge.merge(models, method=NAME, seed=0, inplace=True)` on GPT-2-shaped fp32 models "
         f"({model['parameters'] / 1e6:.1f}M parameters, {model['mib']:.0f} MiB each), base "
         f"models[0]; best of {data['repeat']} after 1 warm-up, each method in a fresh subprocess; "
-        "extra peak memory = VmHWM during the call minus VmRSS before it (worst call). "
-        f"Compiled CPU loops used: {loops}.",
+        + (
+            f"on the GPU ({m.get('gpu') or data['device']}), each time bracketed by "
+            "`torch.cuda.synchronize()`; extra peak memory = GPU memory allocated during the call "
+            "beyond what was allocated before it (worst call). "
+            if data.get("device", "cpu") != "cpu"
+            else "extra peak memory = VmHWM during the call minus VmRSS before it (worst call). "
+        )
+        + f"Compiled CPU loops used: {loops}.",
         "",
         markdown_table(
             ["method", "models", "time (s)", "relative to arithmetic", "extra peak memory (MiB)"],
@@ -221,6 +248,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per method (best of)")
     parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models live (default cpu; with 'cuda' the time brackets the GPU's work "
+        "and the extra memory is GPU memory allocated beyond what was before the call)",
+    )
     parser.add_argument(
         "--methods", nargs="+", metavar="NAME", help="only these methods (default: all registered)"
     )
