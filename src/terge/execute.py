@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .errors import MergeArgumentError, MethodError, MethodResultError
 from .io.readahead import Readahead
 from .kernels import ChunkBuffers, gpu_loop, linear_combine, store_whole
+from .kernels.primitives import chunk_for
 from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
 from .sources import AdapterSource, FileSource, ModuleSource, Source, StateDictSource
@@ -455,7 +456,7 @@ def _by_chunks(
     tensors = [destination, *inputs, *([] if stored is None else [stored])]
     if not (
         method.builtin
-        and destination.numel() > ELEMENTWISE_CHUNK
+        and destination.numel() > chunk_for(destination.device, ELEMENTWISE_CHUNK)
         and all(t.is_contiguous() and t.shape == destination.shape for t in tensors)
     ):
         return None
@@ -483,7 +484,7 @@ def _run_chunks(
     flat = destination.view(-1)
     sources = [t.detach().reshape(-1) for t in inputs]
     reference = None if stored is None else stored.reshape(-1)
-    step_size = max(1, ELEMENTWISE_CHUNK // unit) * unit
+    step_size = max(1, chunk_for(flat.device, ELEMENTWISE_CHUNK) // unit) * unit
     for start in range(0, flat.numel(), step_size):
         stop = min(start + step_size, flat.numel())
         part = flat[start:stop]

@@ -400,8 +400,9 @@ def _random_drop(
         return tau
     key = draw_key(seed, position)
     flat = tau.view(-1)
-    for start in range(0, flat.numel(), DRAW_CHUNK):
-        stop = min(start + DRAW_CHUNK, flat.numel())
+    chunk = primitives.chunk_for(flat.device, DRAW_CHUNK)
+    for start in range(0, flat.numel(), chunk):
+        stop = min(start + chunk, flat.numel())
         draw = counter_uniform(key, layout.indices(start, stop, flat.device))
         flat[start:stop].masked_fill_(draw >= density, 0)
     return primitives.divide(tau, density) if divide else tau

@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 from terge import methods
 from terge.kernels.primitives import (
     DRAW_CHUNK,
+    GPU_CHUNK,
+    chunk_for,
     counter_uniform,
     draw_key,
+    kth_largest_by_topk,
     kth_largest_magnitude,
     kth_largest_magnitude_bits,
     magnitude_bits,
@@ -56,7 +59,28 @@ def test_radix_selection_is_kthvalue(values, data, chunk):
         bits = radix_kth_largest_bits(tensor, k, chunk=chunk)
         assert torch.tensor([bits]).view(torch.float64).item() == expected
         assert kth_largest_magnitude_bits(tensor, k) == bits  # the unsharded path agrees
+        assert kth_largest_by_topk(magnitude_bits(tensor), k) == bits  # the GPU's path too
         assert kth_largest_magnitude(tensor, k) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bits=st.lists(st.integers(0, 40), min_size=1, max_size=50),
+    data=st.data(),
+)
+def test_topk_on_the_shorter_side_is_kthvalue(bits, data):
+    """Either side of ``topk`` (the k largest when k <= n - k + 1, else the n - k + 1 smallest)
+    finds the k-th largest, ties and both ends included: what a GPU runs for TIES' threshold."""
+    tensor = torch.tensor(bits, dtype=torch.int64)
+    n = tensor.numel()
+    for k in {1, n, (n + 1) // 2, (n + 2) // 2, data.draw(st.integers(1, n))}:
+        assert kth_largest_by_topk(tensor, k) == int(torch.kthvalue(tensor, n - k + 1).values)
+
+
+def test_chunks_are_cache_sized_on_the_cpu_and_large_elsewhere():
+    assert chunk_for(torch.device("cpu"), DRAW_CHUNK) == DRAW_CHUNK
+    assert chunk_for(torch.device("meta"), DRAW_CHUNK) == GPU_CHUNK
+    assert chunk_for(torch.device("meta"), 2 * GPU_CHUNK) == 2 * GPU_CHUNK
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

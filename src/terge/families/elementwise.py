@@ -14,6 +14,7 @@ import torch
 
 from ..errors import MethodNotApplicableError
 from ..kernels.primitives import (
+    chunk_for,
     counter_uniform,
     divide,
     draw_key,
@@ -107,7 +108,7 @@ def _della_sparsify(
     ``counter_uniform(key, j) < p_j`` and divide it by ``p_j``; drop it otherwise."""
     rows = _rows(tau)
     width = rows.shape[1]
-    per_block = max(1, ROW_BLOCK // max(width, 1))
+    per_block = max(1, chunk_for(tau.device, ROW_BLOCK) // max(width, 1))
     for first in range(0, rows.shape[0], per_block):
         block = rows[first : first + per_block]
         p = della_probabilities(block, density, epsilon)

@@ -30,6 +30,18 @@ SELECT_CHUNK = 1 << 20
 DRAW_CHUNK = 1 << 16
 """Elements per chunk of DARE's counter-based draw (a few 512 KiB int64 temporaries)."""
 
+GPU_CHUNK = 1 << 24
+"""Elements per chunk on a GPU, where the CPU's cache-sized chunks would make thousands of
+kernel launches a tensor, each costing more CPU time than its kernel takes (128 MiB float64
+temporaries)."""
+
+
+def chunk_for(device: torch.device, chunk: int) -> int:
+    """``chunk`` on the CPU, at least :data:`GPU_CHUNK` elsewhere. Only how a loop is cut: the
+    results are the same for any chunk."""
+    return chunk if device.type == "cpu" else max(chunk, GPU_CHUNK)
+
+
 _BINS = 1 << 16
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -84,7 +96,20 @@ def kth_largest_magnitude_bits(values: torch.Tensor, k: int, reduce: Reduce | No
     bits = magnitude_bits(values.reshape(-1))
     if not 1 <= k <= bits.numel():
         raise ValueError(f"k = {k} is not between 1 and the number of elements ({bits.numel()})")
+    if bits.device.type != "cpu":
+        return kth_largest_by_topk(bits, k)
     return int(torch.kthvalue(bits, bits.numel() - k + 1).values)
+
+
+def kth_largest_by_topk(bits: torch.Tensor, k: int) -> int:
+    """The ``k``-th largest of a 1-D integer tensor by ``topk`` on the shorter side: the least
+    of the ``k`` largest, or the greatest of the ``n - k + 1`` smallest. What a GPU runs: torch's
+    CUDA ``kthvalue`` works through a whole slice in one thread block (about 20x slower than a
+    sort on 100M elements, pytorch/pytorch#75599), its ``topk`` in many."""
+    n = bits.numel()
+    if k <= n - k + 1:
+        return int(torch.topk(bits, k, largest=True, sorted=False).values.min())
+    return int(torch.topk(bits, n - k + 1, largest=False, sorted=False).values.max())
 
 
 def radix_kth_largest_bits(
@@ -102,6 +127,7 @@ def radix_kth_largest_bits(
     """
     _check_float(values)
     flat = values.reshape(-1)
+    chunk = chunk_for(flat.device, chunk)
     width = 8 * values.element_size()
     prefix = 0
     for level in range(width // 16):
@@ -141,8 +167,9 @@ def kth_largest_magnitude(values: torch.Tensor, k: int, reduce: Reduce | None = 
 def zero_below(flat: torch.Tensor, low: int, high: int | None = None) -> None:
     """Zero, in place, the entries of the 1-D ``flat`` whose magnitude bits are below ``low`` or,
     with ``high``, at or above it: what stays is ``low <= |x| < high``."""
-    for start in range(0, flat.numel(), SELECT_CHUNK):
-        piece = flat[start : start + SELECT_CHUNK]
+    chunk = chunk_for(flat.device, SELECT_CHUNK)
+    for start in range(0, flat.numel(), chunk):
+        piece = flat[start : start + chunk]
         bits = magnitude_bits(piece)
         drop = bits < low
         if high is not None:
