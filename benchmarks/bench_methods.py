@@ -163,9 +163,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.quick:
             argv.append("--quick")
         print(f"  running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_worker(
-            Path(__file__).resolve(), argv, [SRC_DIR], timeout=WORKER_TIMEOUT_S
-        )
+        results[name] = run_worker(Path(__file__).resolve(), argv, [SRC_DIR], timeout=args.timeout)
         result = results[name]
         shown = result.get("error") or f"{fmt_seconds(result['seconds'])} s"
         print(f"    {shown}", file=sys.stderr, flush=True)
@@ -248,6 +246,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per method (best of)")
     parser.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=WORKER_TIMEOUT_S,
+        help=f"seconds one method may take, its model building included (default "
+        f"{WORKER_TIMEOUT_S}); past it the method's row says so and the next one runs",
+    )
     parser.add_argument(
         "--device",
         default="cpu",

@@ -39,7 +39,7 @@ cuda_tests=$(grep -rl "cuda" tests --include='test_*.py' | sort)
 wanted gpu-tests && step gpu-tests 240 $python -m pytest -q -p no:cacheprovider -n 8 -rs $cuda_tests
 wanted bench-gpu && step bench-gpu 150 $python benchmarks/bench_gpu.py --repeat 5 --profile --json "$logs/bench_gpu.json"
 wanted bench-averaging && step bench-averaging 120 $python benchmarks/bench_averaging.py --device cuda --repeat 11
-wanted bench-methods && step bench-methods 240 $python benchmarks/bench_methods.py --device cuda --repeat 3 --json "$logs/bench_methods.json"
+wanted bench-methods && step bench-methods 240 $python benchmarks/bench_methods.py --device cuda --repeat 3 --timeout 40 --json "$logs/bench_methods.json"
 
 left=$((budget - ($(date +%s) - started)))
 if ! wanted all-tests; then
