@@ -333,3 +333,97 @@ def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkey
         terge.merge(target, method="magmax", inplace=True)
     assert len(calls) == 4  # every chunk ran
     assert torch.equal(target[0]["w"], expected)
+
+
+# --- small steps held back and computed together --------------------------------------------------
+
+
+def count_calls(monkeypatch, module, *names):
+    """Count the calls of ``module``'s functions ``names`` (still calling them)."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+def many_small_models(count: int = 70) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(11)
+    return [
+        {
+            f"t{i}": torch.randn(3 + 7 * i, generator=generator).to(
+                torch.bfloat16 if i % 2 else torch.float32
+            )
+            for i in range(count)
+        }
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_small_cpu_steps_are_computed_many_to_one_call_with_the_same_bits(monkeypatch, inplace):
+    """A merge in memory holds its small linear steps and computes them in one compiled call per
+    dtype group, not one per tensor; a step that cannot join (TIES) runs once everything held
+    before it is written; a user's method (computed ahead) needs no flush. The bits equal the
+    plain-torch reference's."""
+    import re
+
+    import terge
+    from terge.kernels import fastloop
+
+    if not fastloop.available():
+        pytest.skip("the compiled loop is not built")
+    models = many_small_models()
+    method = {"t40": "ties", "t41": lambda tensors, weights, base: tensors[1].clone()}
+    method[re.compile(r"t\d+")] = "arithmetic"
+    # t10-t19 weighed apart: steps join a call only with the same coefficients
+    weights = {re.compile(r"^t1\d$"): [1.0, 1.0, 1.0], re.compile(".*"): [0.2, 0.3, 0.5]}
+    with monkeypatch.context() as reference:
+        reference.setenv("TERGE_KERNELS", "torch")
+        expected = terge.merge(models, method=method, weights=weights)
+    calls = count_calls(monkeypatch, fastloop, "combine", "combine_many")
+    target = [{k: v.clone() for k, v in m.items()} for m in models] if inplace else models
+    merged = terge.merge(target, method=method, weights=weights, inplace=inplace)
+    # (float32 or bfloat16) x (two weightings) before t40, float32 and bfloat16 at the end
+    assert calls == {"combine": 0, "combine_many": 6}
+    for name, value in expected.items():
+        assert torch.equal(merged[name], value), name
+    if inplace:
+        assert merged is target[0]
+
+
+def test_cpu_steps_from_the_size_limit_run_alone(monkeypatch):
+    import terge
+    from terge import execute as execute_module
+    from terge.kernels import fastloop
+
+    if not fastloop.available():
+        pytest.skip("the compiled loop is not built")
+    monkeypatch.setattr(execute_module._HeldSteps, "CPU_ALONE", 200)  # t29 and up: 206+
+    models = many_small_models()
+    expected = terge.merge(models, weights=[0.2, 0.3, 0.5])
+    calls = count_calls(monkeypatch, fastloop, "combine", "combine_many")
+    merged = terge.merge(models, weights=[0.2, 0.3, 0.5])
+    assert calls == {"combine": 41, "combine_many": 2}  # t29-t69 alone; t0-t28 in two groups
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+
+
+def test_a_merge_written_to_files_holds_no_step(monkeypatch, tmp_path):
+    """Written to files, each destination is a view of a shard's memory map that may be closed
+    once its tensors are written: no step waits for a later call."""
+    import terge
+    from terge.io import load
+    from terge.kernels import fastloop
+
+    models = many_small_models()
+    expected = terge.merge(models)
+    calls = count_calls(monkeypatch, fastloop, "combine_many")
+    terge.merge(models, out=tmp_path / "merged", max_shard_size="2KB")
+    assert calls == {"combine_many": 0}
+    written = load(tmp_path / "merged")
+    assert all(torch.equal(written[k], v) for k, v in expected.items())

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .errors import MergeArgumentError, MethodError, MethodResultError
 from .io.readahead import Readahead
-from .kernels import ChunkBuffers, gpu_loop, linear_combine, store_whole
+from .kernels import ChunkBuffers, fastloop, gpu_loop, linear_combine, store_whole
+from .kernels.cpu import DTYPE_CODES, plain
 from .kernels.primitives import chunk_for
 from .plan import Plan, Step, derive_seed, is_registered
 from .sharding import Layout, is_dtensor, layout_of, local
@@ -181,6 +182,7 @@ def execute(
     hook: StepHook | None = None,
     *,
     atomic: bool = False,
+    hold: bool = False,
 ) -> None:
     """Compute every step into ``destination(step.name)``, one tensor at a time.
 
@@ -191,9 +193,12 @@ def execute(
     destination as it was. The steps that can fail at run time, a user's methods, are computed
     first into temporaries; then everything is written, with SIGINT held until the writes end
     (the built-in kernels cannot fail there: the plan refused what they cannot take).
+
+    ``hold``: every destination stays valid until the end (a merge in memory), so small linear
+    steps on the CPU may be held back and computed many to one call (:class:`_HeldSteps`).
     """
     buffers = ChunkBuffers(dtype)
-    batched = _GpuSteps.for_merge(sources, dtype) if hook is None else None
+    batched = _HeldSteps.for_merge(sources, dtype, hold) if hook is None else None
     bar: Callable[..., Any] = tqdm if progress else _no_bar
     shown_as = {"total": len(steps), "desc": "Merging the models' parameters", "unit": "parameters"}
     with torch.no_grad(), _read_ahead(steps, sources, base) as readahead:
@@ -223,13 +228,19 @@ def execute(
                     _bump_versions([destination(step.name) for step in steps], steps)
 
 
-class _GpuSteps:
-    """Linear steps on a CUDA GPU, held back and launched together: one Triton launch per
-    group of steps that share dtypes and coefficients, instead of one per tensor (each costs
-    tens of microseconds of Python, more than a small tensor's kernel). A group is launched
-    once it holds :data:`STEPS` steps or :data:`ELEMENTS` elements, so the GPU starts while
-    the later steps are prepared; everything held is launched before any other step runs, and
-    at the end. Same kernel arithmetic, so the same bits."""
+class _HeldSteps:
+    """Linear steps held back and computed together: on a CUDA GPU one Triton launch per group
+    of steps that share dtypes and coefficients instead of one per tensor (each costs tens of
+    microseconds of Python, more than a small tensor's kernel); on the CPU, with ``cpu``, one
+    call of the compiled loop per group (``_fastloop.combine_many``, as ``Average`` uses)
+    instead of one call and thread split per tensor. Everything held is computed before any
+    other step runs, and at the end; on a GPU a group is launched once it holds :data:`STEPS`
+    steps or :data:`ELEMENTS` elements, so the GPU starts while the later steps are prepared.
+    The same loops' arithmetic, so the same bits.
+
+    ``cpu`` only where every destination stays valid until the end (a merge in memory): a
+    file writer's destination may be a shard's memory map that is closed once its tensors are
+    written."""
 
     STEPS = 32
     ELEMENTS = 1 << 27
@@ -237,38 +248,51 @@ class _GpuSteps:
     """Tensors of this many elements or more get a launch of their own: their kernel outlasts
     a launch's Python, and the one-tensor kernel moves large tensors faster (on an H200, three
     7B-shaped bf16 models: 90% of the copy bandwidth one by one, 63% in one launch)."""
+    CPU_STEPS = 1024
+    CPU_ALONE = 1 << 22
+    """On the CPU, tensors from this size run alone, split between the threads by elements."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu: bool) -> None:
+        self.cpu = cpu and fastloop.available()  # asked once: it reads the environment
         self.loop: Any = None  # the Triton loop, imported with the first GPU step
         self.groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[list[torch.Tensor]]]]
         self.groups = {}
         self.elements = 0
 
     @classmethod
-    def for_merge(cls, sources: list[Source], dtype: torch.dtype) -> _GpuSteps | None:
-        """A batcher where the Triton loop can run (float64 accumulation, no adapter's exact
-        deltas to take instead); else ``None``."""
+    def for_merge(cls, sources: list[Source], dtype: torch.dtype, cpu: bool) -> _HeldSteps | None:
+        """A batcher where the compiled or Triton loop can run (float64 accumulation, no
+        adapter's exact deltas to take instead); else ``None``."""
         if dtype != torch.float64 or any(isinstance(s, AdapterSource) for s in sources):
             return None
-        return cls()
+        return cls(cpu)
 
     def add(self, step: Step, sources: list[Source], written: torch.Tensor) -> bool:
-        """Hold ``step`` back if one launch can compute it; ``False`` (nothing held) if not."""
+        """Hold ``step`` back if one call can compute it; ``False`` (nothing held) if not."""
         if step.rows is not None or step.sharded or not step.method.streaming:
             return False
-        if not written.is_cuda or is_dtensor(written) or not written.is_contiguous():
+        if is_dtensor(written) or not written.is_contiguous():
             return False
-        if self.loop is None:
-            self.loop = gpu_loop()  # Triton is imported only once a GPU tensor is merged
+        # contiguous tensors as they are: a call needs only their addresses and lengths
+        if written.is_cuda:
             if self.loop is None:
+                self.loop = gpu_loop()  # Triton is imported only once a GPU tensor is merged
+                if self.loop is None:
+                    return False
+            inputs = [sources[i].get(step.name) for i in step.contributors]
+            if not self.loop.batchable(written, inputs):
                 return False
-        # contiguous tensors as they are: a launch needs only their addresses and lengths
-        inputs = [sources[i].get(step.name) for i in step.contributors]
-        if not self.loop.batchable(written, inputs):
+            if written.numel() >= self.ALONE:
+                self.loop.combine(written.view(-1), inputs, step.coefficients, step.divisor)
+                return True  # a tensor no held step reads or writes: launched in any order
+            limits = (self.STEPS, self.ELEMENTS)
+        elif self.cpu and 0 < written.numel() < self.CPU_ALONE:
+            inputs = [sources[i].get(step.name) for i in step.contributors]
+            if len(inputs) > fastloop.MAX_INPUTS or not all(map(plain, (written, *inputs))):
+                return False
+            limits = (self.CPU_STEPS, self.ELEMENTS)
+        else:
             return False
-        if written.numel() >= self.ALONE:
-            self.loop.combine(written.view(-1), inputs, step.coefficients, step.divisor)
-            return True  # a tensor no held step reads or writes: launched in any order
         key = (
             written.device,
             written.dtype,
@@ -280,14 +304,29 @@ class _GpuSteps:
         targets.append(written)
         inputs_of.append(inputs)
         self.elements += written.numel()
-        if len(targets) >= self.STEPS or self.elements >= self.ELEMENTS:
+        if len(targets) >= limits[0] or self.elements >= limits[1]:
             self.flush()
         return True
 
     def flush(self) -> None:
-        """Launch every held step, in the order the groups were started."""
-        for (_, _, _, coefficients, divisor), (targets, inputs_of) in self.groups.items():
-            self.loop.combine_many(self.loop.batch(targets, inputs_of), coefficients, divisor)
+        """Compute every held step, in the order the groups were started."""
+        for (device, dtype, _, coefficients, divisor), (targets, inputs_of) in self.groups.items():
+            if device.type == "cuda":
+                tables = self.loop.batch(targets, inputs_of)
+                self.loop.combine_many(tables, coefficients, divisor)
+            else:
+                fastloop.combine_many(
+                    DTYPE_CODES[dtype],
+                    [t.data_ptr() for t in targets],
+                    [t.numel() for t in targets],
+                    [DTYPE_CODES[t.dtype] for t in inputs_of[0]],
+                    [
+                        [inputs[i].data_ptr() for inputs in inputs_of]
+                        for i in range(len(inputs_of[0]))
+                    ],
+                    coefficients,
+                    divisor,
+                )
         self.groups.clear()
         self.elements = 0
 

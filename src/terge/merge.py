@@ -558,6 +558,7 @@ def merge(
                 progress,
                 hook,
                 atomic=inplace,
+                hold=True,
             )
             if hook is not None and record is not None:  # digests need a lineage (checked)
                 record.digests = hook.digests

@@ -122,15 +122,15 @@ def test_merge_uses_the_compiled_loop(monkeypatch):
     """merge() reaches the compiled loop for CPU float64 accumulation (and not otherwise)."""
     monkeypatch.setenv("TERGE_KERNELS", "auto")
     calls = []
-    real = fastloop._fastloop.combine
-    monkeypatch.setattr(
-        fastloop,
-        "_fastloop",
-        type("Spy", (), {"combine": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}),
-    )
+    real = fastloop._fastloop
+    spy = {
+        name: staticmethod(lambda *a, name=name: (calls.append(name), getattr(real, name)(*a))[1])
+        for name in ("combine", "combine_many")
+    }
+    monkeypatch.setattr(fastloop, "_fastloop", type("Spy", (), {**vars(real), **spy}))
     models = [torch.nn.Linear(8, 8) for _ in range(3)]
     terge.merge(models)
-    assert len(calls) == 2  # weight and bias
+    assert calls == ["combine_many"]  # weight and bias, held and computed in one call
     calls.clear()
     terge.merge(models, dtype=torch.float32)
     assert calls == []

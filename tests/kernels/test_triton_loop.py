@@ -238,9 +238,9 @@ def test_a_gpu_merge_launches_its_tensors_together_in_order(monkeypatch):
     for name, value in on_cpu.items():
         assert torch.equal(merged[name].cpu(), value), name
 
-    from terge.execute import _GpuSteps
+    from terge.execute import _HeldSteps
 
-    monkeypatch.setattr(_GpuSteps, "ALONE", 1000)  # t20 and up (1,003 elements) launch alone
+    monkeypatch.setattr(_HeldSteps, "ALONE", 1000)  # t20 and up (1,003 elements) launch alone
     gpu_models = [{k: v.cuda() for k, v in m.items()} for m in models]
     launches.update(combine=0, combine_many=0)
     merged = terge.merge(gpu_models, method=method, weights=[0.2, 0.3, 0.5], inplace=True)
