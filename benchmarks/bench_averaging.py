@@ -17,7 +17,9 @@ warm-up calls:
   that plus ``torch._foreach_copy_`` of the integer buffers (timm's whole update, less its
   ``state_dict()`` walk);
 - a transformer of many small tensors (``--layers`` blocks of 16 tensors, hidden 64): the same;
-- the issue's example, 5,000 tensors of 64 floats: microseconds per tensor;
+- the issue's example, 5,000 tensors of 64 floats: microseconds per tensor; and ``merge()`` in
+  place of three such models against the foreach ops of their mean (``_foreach_add_`` twice,
+  ``_foreach_div_``);
 - GPT-2 small (124M float32 parameters): ``update()`` against the copy limit, ``dst.copy_(src)``
   moving the same bytes (an EMA update reads the shadow and the model and writes the shadow:
   3 model sizes; the copy reads 1.5 and writes 1.5), and against ``_foreach_lerp_``.
@@ -202,6 +204,23 @@ def copy_limit_case(model: nn.Module, repeat: int) -> dict[str, Any]:
     return {"parameters": numel, "tensors": len(params), "bytes": 3 * numel * 4, **times}
 
 
+def merge_case(count: int, size: int, repeat: int, device: torch.device) -> dict[str, Any]:
+    """``merge()`` in place of three models of ``count`` tensors of ``size`` floats against the
+    foreach ops a user would write for their mean (``(a + b + c) / 3`` in float32)."""
+    models = [ManyTensors(count, size).to(device) for _ in range(3)]
+    tensors = [[p.detach() for p in m.parameters()] for m in models]
+
+    def foreach() -> None:
+        torch._foreach_add_(tensors[0], tensors[1])
+        torch._foreach_add_(tensors[0], tensors[2])
+        torch._foreach_div_(tensors[0], 3.0)
+
+    times = side_by_side(
+        {"terge": lambda: terge.merge(models, inplace=True), "foreach": foreach}, repeat
+    )
+    return {"tensors": count, "parameters": count * size, **times}
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 
@@ -275,6 +294,20 @@ def main() -> None:
             results[f"{key}@{count}"] = ema_case(model, repeat)
         rows += small_rows(results, count, args.layers, gpu=device.type == "cuda")
     torch.set_num_threads(threads)
+    results["merge"] = merge_case(5000, 64, repeat, device)
+    m = results["merge"]
+    rows.append(
+        [
+            "merge() of three such models, in place",
+            str(m["tensors"]),
+            f"{m['parameters'] / 1e6:.1f}M",
+            f"{m['terge'] * 1e3:.2f} ms ({m['terge'] * 1e6 / m['tensors']:.2f} us/tensor)",
+            "—",
+            f"foreach mean {m['foreach'] * 1e3:.2f} ms",
+            f"{fmt_ratio(m['terge'] / m['foreach'])} of foreach",
+            "(the issue's example: 39 us/tensor)",
+        ]
+    )
     results["gpt2"] = copy_limit_case(gpt2, repeat)
     g = results["gpt2"]
     ratio = g["terge"] / g["copy"]
