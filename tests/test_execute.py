@@ -427,3 +427,28 @@ def test_a_merge_written_to_files_holds_no_step(monkeypatch, tmp_path):
     assert calls == {"combine_many": 0}
     written = load(tmp_path / "merged")
     assert all(torch.equal(written[k], v) for k, v in expected.items())
+
+
+def test_a_step_reading_what_a_held_step_writes_waits_for_it(monkeypatch):
+    """One tensor shared by two models under different names (model 1's 't2' is the base's
+    't1'): merged in place, 't2' reads 't1' as merged, as when the steps run one by one. The
+    steps sit in different calls (weighed apart), so without the wait 't2' would be computed
+    first and read 't1' unmerged."""
+    import re
+
+    import terge
+
+    def models():
+        shared = torch.arange(4.0)
+        base = {"t0": torch.ones(4), "t1": shared, "t2": torch.full((4,), 2.0)}
+        other = {"t0": torch.zeros(4), "t1": torch.full((4,), 8.0), "t2": shared}
+        return [base, other]
+
+    weights = {re.compile("t1"): [1.0, 3.0], re.compile(".*"): [1.0, 1.0]}
+    with monkeypatch.context() as reference:
+        reference.setenv("TERGE_KERNELS", "torch")  # one step after the other
+        expected = terge.merge(models(), weights=weights, inplace=True)
+    assert torch.equal(expected["t2"], (2.0 + (torch.arange(4.0) + 24.0) / 4) / 2)
+    merged = terge.merge(models(), weights=weights, inplace=True)
+    for name, value in expected.items():
+        assert torch.equal(merged[name], value), name

@@ -258,6 +258,11 @@ class _HeldSteps:
         self.groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[list[torch.Tensor]]]]
         self.groups = {}
         self.elements = 0
+        self.writes: set[int] = set()
+        self.reads: set[int] = set()
+        """Addresses the held steps write and read: a step that reads what one of them writes,
+        or writes what one reads (one tensor shared by two models under different names), waits
+        for them, since one call computes its tensors in no set order."""
 
     @classmethod
     def for_merge(cls, sources: list[Source], dtype: torch.dtype, cpu: bool) -> _HeldSteps | None:
@@ -282,17 +287,21 @@ class _HeldSteps:
             inputs = [sources[i].get(step.name) for i in step.contributors]
             if not self.loop.batchable(written, inputs):
                 return False
+            reads = self._ordered(written, inputs)
             if written.numel() >= self.ALONE:
                 self.loop.combine(written.view(-1), inputs, step.coefficients, step.divisor)
-                return True  # a tensor no held step reads or writes: launched in any order
+                return True  # after every held step it depends on (see _ordered)
             limits = (self.STEPS, self.ELEMENTS)
         elif self.cpu and 0 < written.numel() < self.CPU_ALONE:
             inputs = [sources[i].get(step.name) for i in step.contributors]
             if len(inputs) > fastloop.MAX_INPUTS or not all(map(plain, (written, *inputs))):
                 return False
+            reads = self._ordered(written, inputs)
             limits = (self.CPU_STEPS, self.ELEMENTS)
         else:
             return False
+        self.writes.add(written.data_ptr())
+        self.reads.update(reads)
         key = (
             written.device,
             written.dtype,
@@ -307,6 +316,16 @@ class _HeldSteps:
         if len(targets) >= limits[0] or self.elements >= limits[1]:
             self.flush()
         return True
+
+    def _ordered(self, written: torch.Tensor, inputs: list[torch.Tensor]) -> list[int]:
+        """Compute what is held first if this step reads what a held step writes or writes what
+        one reads; return the addresses it reads (its own destination aside: a step may write
+        where it reads, element by element)."""
+        target = written.data_ptr()
+        reads = [a for a in map(torch.Tensor.data_ptr, inputs) if a != target]
+        if target in self.reads or not self.writes.isdisjoint(reads):
+            self.flush()
+        return reads
 
     def flush(self) -> None:
         """Compute every held step, in the order the groups were started."""
@@ -329,6 +348,8 @@ class _HeldSteps:
                 )
         self.groups.clear()
         self.elements = 0
+        self.writes.clear()
+        self.reads.clear()
 
 
 @contextlib.contextmanager
