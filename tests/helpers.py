@@ -4,6 +4,7 @@ the path), so that no test module imports another."""
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -293,3 +294,18 @@ def near_base(numel: int, dtypes: list[torch.dtype], seed: int, kind: int) -> li
         keep = torch.rand(numel, generator=torch.Generator().manual_seed(seed - i)) < 0.7
         tensors.append(torch.where(keep, base + delta, base).to(dtype))
     return tensors
+
+
+def count_calls(monkeypatch: Any, module: Any, *names: str) -> dict[str, int]:
+    """Count the calls of ``module``'s functions ``names`` (each still called), e.g. which loop
+    a merge reached and how often."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args: Any, name: str = name, original: Any = original, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts

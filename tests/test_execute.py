@@ -15,7 +15,7 @@ from terge.kernels import ChunkBuffers
 from terge.plan import Step, derive_seed
 from terge.sources import FileSource, ModuleSource, Source, StateDictSource
 
-from helpers import Tied, plan_for
+from helpers import Tied, count_calls, plan_for
 
 
 def tied_sources(buffers: bool = False) -> tuple[list[Tied], list[ModuleSource]]:
@@ -336,20 +336,6 @@ def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkey
 
 
 # --- small steps held back and computed together --------------------------------------------------
-
-
-def count_calls(monkeypatch, module, *names):
-    """Count the calls of ``module``'s functions ``names`` (still calling them)."""
-    counts = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(module, name)
-
-        def counted(*args, name=name, original=original, **kwargs):
-            counts[name] += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return counts
 
 
 def many_small_models(count: int = 70) -> list[dict[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ import terge
 from terge import kernels
 
 from helpers import FLOAT_DTYPES as DTYPES
-from helpers import awkward, same_bits
+from helpers import awkward, count_calls, same_bits
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_gpu = pytest.mark.skipif(
@@ -189,17 +189,7 @@ def test_more_inputs_than_one_launch_takes_use_the_reference(monkeypatch):
 
 def count_launches(patch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the Triton loop's launches, one tensor (``combine``) and many (``combine_many``)."""
-    loop = kernels.gpu_loop()
-    launches = {"combine": 0, "combine_many": 0}
-    for name in launches:
-        original = getattr(loop, name)
-
-        def counted(*args, name=name, original=original, **kwargs):
-            launches[name] += 1
-            return original(*args, **kwargs)
-
-        patch.setattr(loop, name, counted)
-    return launches
+    return count_calls(patch, kernels.gpu_loop(), "combine", "combine_many")
 
 
 @needs_gpu
