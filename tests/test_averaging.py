@@ -609,3 +609,16 @@ def test_an_fsdp2_model_is_averaged_shard_by_shard_as_its_whole_copy(tmp_path):
         for name, whole in result["whole"].items():
             assert same_bits(result["gathered"][name], whole), name
             assert same_bits(result["swapped"][name], whole), name
+
+
+def test_a_cpu_average_never_asks_for_the_gpu_loop(monkeypatch):
+    """Triton (a large import) is looked for only when a model's tensor is on a GPU."""
+    from terge import averaging
+
+    asked = []
+    monkeypatch.setattr(averaging, "gpu_loop", lambda: asked.append(1))
+    model = Net()
+    average = terge.Average(model, decay=0.9)
+    for _ in range(3):
+        average.update(model)
+    assert asked == []

@@ -99,14 +99,15 @@ class _GpuGroup:
     """GPU entries sharing a device and dtype pair, averaged in one launch of the Triton loop
     (one launch per tensor costs tens of microseconds of Python each)."""
 
+    loop: Any
+    """The Triton loop module."""
     shadows: list[torch.Tensor]
     data: list[torch.Tensor]
     tables: dict[bool, Any] = field(default_factory=dict)
     """The launch tables with and without the shadow as an input, made on first use."""
 
     def run(self, coefficients: list[float], divisor: float | None, with_shadow: bool) -> None:
-        loop = gpu_loop()
-        assert loop is not None  # grouped only where the Triton loop is there
+        loop = self.loop
         tables = self.tables.get(with_shadow)
         if tables is None:
             sources = [[s, d] if with_shadow else [d] for s, d in zip(self.shadows, self.data)]
@@ -368,10 +369,11 @@ class Average:
         batchable = fastloop_module.available()
         groups: dict[tuple[int, int], list[tuple[_Entry, torch.Tensor]]] = {}
         gpu_groups: dict[tuple[Any, ...], list[tuple[_Entry, torch.Tensor]]] = {}
-        loop = gpu_loop()
         single: list[_Entry] = []
         copied: list[_Entry] = []
         checked = [(e, self._check_tensor(e, self._tensor(e))) for e in self._entries]
+        # Triton is imported only for a model on a GPU (a CPU average never pays for it)
+        loop = gpu_loop() if any(data.is_cuda for _, data in checked) else None
         # Batched tensors are shared out between the threads whole, one call for all: a tensor
         # is batched unless it is large enough to unbalance the threads (then it is split).
         total = sum(data.numel() for entry, data in checked if entry.averaged)
@@ -416,7 +418,8 @@ class Average:
         for members in gpu_groups.values():
             batched_entries += [entry for entry, _ in members]
             pointers += [data.data_ptr() for _, data in members]
-            gpu.append(_GpuGroup([entry.shadow for entry, _ in members], [d for _, d in members]))
+            shadows = [entry.shadow for entry, _ in members]
+            gpu.append(_GpuGroup(loop, shadows, [d for _, d in members]))
         slots = [entry.slot for entry in batched_entries if entry.slot is not None]
         return _Plan(pointers, batched, parts, single, copied, batched_entries, slots, gpu)
 
