@@ -438,3 +438,32 @@ def test_a_step_reading_what_a_held_step_writes_waits_for_it(monkeypatch):
     merged = terge.merge(models(), weights=weights, inplace=True)
     for name, value in expected.items():
         assert torch.equal(merged[name], value), name
+
+
+def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(monkeypatch):
+    """A SIGINT that arrives while steps are held (here: when the TIES step between them runs)
+    is held until every write is done: the steps held before it and those after are all
+    written, then the KeyboardInterrupt surfaces. Nothing held is dropped."""
+    import re
+    import signal
+
+    import terge
+    from terge import execute as execute_module
+
+    method = {"t40": "ties", re.compile(r"t\d+"): "arithmetic"}
+    expected = terge.merge(many_small_models(), method=method)
+    original = execute_module.run_step
+
+    def interrupted(step, *args, **kwargs):
+        if step.name == "t40":
+            signal.raise_signal(signal.SIGINT)
+        return original(step, *args, **kwargs)
+
+    monkeypatch.setattr(execute_module, "run_step", interrupted)
+    calls = count_calls(monkeypatch, execute_module.fastloop, "combine_many")
+    target = many_small_models()
+    with pytest.raises(KeyboardInterrupt):
+        terge.merge(target, method=method, inplace=True)
+    assert calls["combine_many"] == 4  # held steps were computed, before t40 and at the end
+    for name, value in expected.items():
+        assert torch.equal(target[0][name], value), name
