@@ -36,6 +36,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,12 +135,41 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+def cache_bytes(device: torch.device) -> int:
+    """The size of the last cache level in front of ``device``'s memory: the CPU's largest cache
+    (from sysfs; 64 MiB when unknown) or the GPU's L2."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=64 << 20)
+
+
+class Evictor:
+    """Writes a buffer twice the size of the last cache level, so that the next call finds
+    none of its data cached: in a training loop the forward and backward passes run between
+    two updates of the average, and every case then starts from the same (cold) state."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffer = torch.empty(2 * cache_bytes(device) // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1.0)
+        self.buffer.add_(1.0)
+
+
+def side_by_side(
+    calls: dict[str, Callable[[], Any]], repeat: int, evict: Callable[[], None] | None = None
+) -> dict[str, float]:
     """Best time of each call, the calls interleaved in every repeat (after two warm-ups), their
-    order rotated from one repeat to the next. Each call leaves its own data in the caches, so a
-    fixed order would always run the same case right after the others evicted its data: with
-    terge first, its shadow was touched three calls before, lerp's buffers one or two. On a GPU
-    every call is bracketed by ``torch.cuda.synchronize()``."""
+    order rotated from one repeat to the next. With ``evict`` (an :class:`Evictor`), the caches
+    are emptied before every timed call. Without it each call leaves its own data in the caches:
+    a call's time then depends on what ran before it (``lerp`` right after ``lerp`` + copy finds
+    its buffers cached; this machine's 300 MiB cache holds a whole ResNet-50 and its average).
+    On a GPU every call is bracketed by ``torch.cuda.synchronize()``."""
     for _ in range(2):
         for call in calls.values():
             call()
@@ -147,6 +177,8 @@ def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
     names = list(calls)
     for r in range(repeat):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if evict is not None:
+                evict()
             synchronize()
             start = time.perf_counter()
             calls[name]()
@@ -155,7 +187,9 @@ def side_by_side(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
     return best
 
 
-def ema_case(model: nn.Module, repeat: int) -> dict[str, Any]:
+def ema_case(
+    model: nn.Module, repeat: int, evict: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """``Average.update`` against ``_foreach_lerp_`` (and ``+ _foreach_copy_`` of the integer
     buffers) over the same tensors."""
     average = terge.Average(model, decay=0.999)
@@ -174,7 +208,7 @@ def ema_case(model: nn.Module, repeat: int) -> dict[str, Any]:
             torch._foreach_copy_(ema_integers, integers)
 
     times = side_by_side(
-        {"terge": lambda: average.update(model), "lerp": lerp, "lerp+copy": timm}, repeat
+        {"terge": lambda: average.update(model), "lerp": lerp, "lerp+copy": timm}, repeat, evict
     )
     return {
         "tensors": len(state),
@@ -184,7 +218,9 @@ def ema_case(model: nn.Module, repeat: int) -> dict[str, Any]:
     }
 
 
-def copy_limit_case(model: nn.Module, repeat: int) -> dict[str, Any]:
+def copy_limit_case(
+    model: nn.Module, repeat: int, evict: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """GPT-2 small: ``update()``, ``_foreach_lerp_`` and a copy moving the same bytes."""
     numel = sum(p.numel() for p in model.parameters())
     device = next(model.parameters()).device
@@ -200,11 +236,18 @@ def copy_limit_case(model: nn.Module, repeat: int) -> dict[str, Any]:
             "lerp": lambda: torch._foreach_lerp_(shadow, params, 0.001),
         },
         repeat,
+        evict,
     )
     return {"parameters": numel, "tensors": len(params), "bytes": 3 * numel * 4, **times}
 
 
-def merge_case(count: int, size: int, repeat: int, device: torch.device) -> dict[str, Any]:
+def merge_case(
+    count: int,
+    size: int,
+    repeat: int,
+    device: torch.device,
+    evict: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """``merge()`` in place of three models of ``count`` tensors of ``size`` floats against the
     foreach ops a user would write for their mean (``(a + b + c) / 3`` in float32)."""
     models = [ManyTensors(count, size).to(device) for _ in range(3)]
@@ -216,7 +259,7 @@ def merge_case(count: int, size: int, repeat: int, device: torch.device) -> dict
         torch._foreach_div_(tensors[0], 3.0)
 
     times = side_by_side(
-        {"terge": lambda: terge.merge(models, inplace=True), "foreach": foreach}, repeat
+        {"terge": lambda: terge.merge(models, inplace=True), "foreach": foreach}, repeat, evict
     )
     return {"tensors": count, "parameters": count * size, **times}
 
@@ -269,9 +312,16 @@ def main() -> None:
         help="where the models and averages live (default cpu; 'cuda' times the GPU loop, "
         "on the GPU's own threads only)",
     )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="leave the caches as the previous call left them (default: empty them before every "
+        "timed call, as a training step between two updates does)",
+    )
     args = parser.parse_args()
     repeat = 3 if args.quick else args.repeat
     device = torch.device(args.device)
+    evict = None if args.warm else Evictor(device)
 
     print("building models ...", file=sys.stderr, flush=True)
     cnn = ResNet50(base=16 if args.quick else 64).to(device)
@@ -281,6 +331,7 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "machine": machine_info(),
+        "caches": "warm" if evict is None else "emptied before every timed call",
         "revision": source_revision(),
         "device": str(device)
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -291,10 +342,10 @@ def main() -> None:
         print(f"timing on {count} thread(s) ...", file=sys.stderr, flush=True)
         torch.set_num_threads(count)
         for key, model in [("cnn", cnn), ("transformer", small), ("many", many)]:
-            results[f"{key}@{count}"] = ema_case(model, repeat)
+            results[f"{key}@{count}"] = ema_case(model, repeat, evict)
         rows += small_rows(results, count, args.layers, gpu=device.type == "cuda")
     torch.set_num_threads(threads)
-    results["merge"] = merge_case(5000, 64, repeat, device)
+    results["merge"] = merge_case(5000, 64, repeat, device, evict)
     m = results["merge"]
     rows.append(
         [
@@ -308,7 +359,7 @@ def main() -> None:
             "(the issue's example: 39 us/tensor)",
         ]
     )
-    results["gpt2"] = copy_limit_case(gpt2, repeat)
+    results["gpt2"] = copy_limit_case(gpt2, repeat, evict)
     g = results["gpt2"]
     ratio = g["terge"] / g["copy"]
     rows.append(
@@ -337,7 +388,13 @@ def main() -> None:
     print(f"\n`{command_line()}` at {results['revision']}, on {results['device']}")
     print(
         f"{machine['cpu']}, {machine['nproc']} cores, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), load {machine['load_average']}\n"
+        f"({machine['torch_threads']} threads), load {machine['load_average']}; "
+        + (
+            "caches left warm by the previous call (--warm)\n"
+            if evict is None
+            else f"caches emptied before every timed call ({cache_bytes(device) >> 20} MiB "
+            "last-level cache, twice that written)\n"
+        )
     )
     print(markdown_table(headers, rows))
     if args.json:

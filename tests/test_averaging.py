@@ -332,6 +332,27 @@ def test_a_tensor_replaced_under_the_same_name_is_read_afresh():
     assert torch.equal(got["bias"], ((2 * b0.double() + 5.0) / 3).float())
 
 
+def test_copied_buffers_follow_the_model_in_place_and_when_replaced():
+    """Integer buffers are copied through the cached plan: changed in place (as BatchNorm counts
+    its batches), given new storage (``.data``) or replaced by a new tensor, the average holds
+    the model's current value after every update."""
+    model = nn.BatchNorm1d(3)
+    average = terge.Average(model, decay=0.5)
+    average.update(model)
+    model.num_batches_tracked.add_(4)
+    average.update(model)
+    assert average.averaged_state_dict()["num_batches_tracked"].item() == 4
+    model.num_batches_tracked.data = torch.tensor(9)
+    average.update(model)
+    assert average.averaged_state_dict()["num_batches_tracked"].item() == 9
+    model._buffers["num_batches_tracked"] = torch.tensor(11)
+    average.update(model)
+    assert average.averaged_state_dict()["num_batches_tracked"].item() == 11
+    model.num_batches_tracked.add_(1)
+    average.update(model)
+    assert average.averaged_state_dict()["num_batches_tracked"].item() == 12
+
+
 def test_another_model_of_the_same_architecture_can_be_passed():
     """update() takes the model it is given (a fresh copy after a restart, say)."""
     model = nn.Linear(2, 2)

@@ -86,7 +86,11 @@ class _Plan:
     single: list[_Entry] = field(default_factory=list)
     """Averaged one by one (large, sharded, GPU or other-device tensors)."""
     copied: list[_Entry] = field(default_factory=list)
-    """Copied from the model (integer buffers, buffers in ``copy`` mode)."""
+    """Copied from the model (integer buffers, buffers in ``copy`` mode) one by one: sharded,
+    or on another device or in another dtype than their shadows."""
+    copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    """The other copied entries: their shadows and the model's tensors (kept: their addresses
+    are checked with the batched ones'), copied in one ``_foreach_copy_``."""
     batched_entries: list[_Entry] = field(default_factory=list)
     slots: list[Slot] = field(default_factory=list)
     """Where the batched entries' tensors live, to read their addresses quickly."""
@@ -352,8 +356,8 @@ class Average:
         return True
 
     def _current_plan(self) -> _Plan:
-        """The cached plan while the model's batched tensors keep their addresses; else a new
-        one, every tensor checked (before anything is written)."""
+        """The cached plan while the model's batched and copied tensors keep their addresses;
+        else a new one, every tensor checked (before anything is written)."""
         plan = self._plan
         if plan is not None:
             try:
@@ -371,6 +375,8 @@ class Average:
         gpu_groups: dict[tuple[Any, ...], list[tuple[_Entry, torch.Tensor]]] = {}
         single: list[_Entry] = []
         copied: list[_Entry] = []
+        copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        copy_slots: list[Slot] = []
         checked = [(e, self._check_tensor(e, self._tensor(e))) for e in self._entries]
         # Triton is imported only for a model on a GPU (a CPU average never pays for it)
         loop = gpu_loop() if any(data.is_cuda for _, data in checked) else None
@@ -380,7 +386,17 @@ class Average:
         largest = max(kernel_cpu.PER_THREAD, total // (4 * max(1, torch.get_num_threads())))
         for entry, data in checked:
             if not entry.averaged:
-                copied.append(entry)
+                if (
+                    entry.sharding is None
+                    and data.device == entry.shadow.device
+                    and data.dtype == entry.shadow.dtype
+                    and entry.slot is not None
+                ):
+                    copy_pairs[0].append(entry.shadow)
+                    copy_pairs[1].append(data)
+                    copy_slots.append(entry.slot)
+                else:
+                    copied.append(entry)
             elif (
                 batchable
                 and entry.sharding is None
@@ -421,7 +437,12 @@ class Average:
             shadows = [entry.shadow for entry, _ in members]
             gpu.append(_GpuGroup(loop, shadows, [d for _, d in members]))
         slots = [entry.slot for entry in batched_entries if entry.slot is not None]
-        return _Plan(pointers, batched, parts, single, copied, batched_entries, slots, gpu)
+        # the copied tensors' addresses are checked after the batched ones'
+        pointers += [data.data_ptr() for data in copy_pairs[1]]
+        slots += copy_slots
+        return _Plan(
+            pointers, batched, parts, single, copied, copy_pairs, batched_entries, slots, gpu
+        )
 
     def _run(
         self, plan: _Plan, coefficients: list[float], divisor: float | None, with_shadow: bool
@@ -443,6 +464,8 @@ class Average:
                 data = data.to(entry.shadow.device)
             sources = [entry.shadow, data] if with_shadow else [data]
             linear_combine(entry.shadow, sources, coefficients, self._scratch, divisor)
+        if plan.copy_pairs[0]:
+            torch._foreach_copy_(*plan.copy_pairs)
         self._copy([e.shadow for e in plan.copied], [self._tensor(e) for e in plan.copied])
 
     @staticmethod

@@ -319,7 +319,9 @@ static void combine_range(const Batch *b, Py_ssize_t first, Py_ssize_t stop, Py_
 
 #if defined(__GNUC__)
 #define HAVE_SHARED_WORK 1
-#define PIECE 32768 /* elements per claim: a large tensor's piece, or a run of small tensors */
+#define PIECE 262144 /* elements per claim: a large tensor's piece, or a run of small tensors */
+/* (32K-element pieces measured 2-3% slower on two threads, a ResNet-50 average read from memory:
+ * the threads switch pieces eight times as often, and the stream prefetch restarts each time.) */
 
 /* Every thread calls this with the same batch and counter (0 before the first): each claims the
  * next piece in order with one atomic add, so the threads stay balanced whatever the caches

@@ -130,7 +130,7 @@ def combine_many(
         _fastloop.combine_many(out_code, outs, lengths, codes, inputs, weights, divide)
         return
     if getattr(_fastloop, "SHARED_WORK", 0):
-        # As many threads as parts, claiming 32K-element pieces in order from one counter: they
+        # As many threads as parts, claiming 256K-element pieces in order from one counter: they
         # stay balanced whatever the caches hold (a fixed split by elements left one thread
         # waiting on the other when their tensors were not equally cached).
         counter = torch.zeros(1, dtype=torch.int64)
