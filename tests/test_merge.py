@@ -677,3 +677,78 @@ def test_distributed_writes_safetensors_or_a_distributed_checkpoint_only(tmp_pat
             lora_rank=1,
             distributed=True,
         )
+
+
+class _ManyTensors(torch.nn.Module):
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(4)) for _ in range(count)
+        )
+
+
+@pytest.fixture
+def collections():
+    """The garbage collections that start while the test runs (``gc.callbacks``)."""
+    import gc
+
+    started = []
+
+    def record(phase, info):
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(record)
+    yield started
+    gc.callbacks.remove(record)
+
+
+def test_no_garbage_collection_starts_during_a_merge_in_memory(collections):
+    """A merge of many tensors makes thousands of small objects; the collector stays paused
+    while it plans and merges (a full collection walks every object of the process), and runs
+    again after."""
+    import gc
+
+    models = [_ManyTensors(600) for _ in range(3)]
+    assert gc.isenabled()
+    seen = []
+
+    def mean(tensors, weights, base):  # a user's method: runs while the merge computes
+        seen.append(gc.isenabled())
+        return sum(tensors) / len(tensors)
+
+    collections.clear()  # those while the models were built
+    terge.merge(models, inplace=True, method={"weights.0": mean, re.compile(r".*"): "arithmetic"})
+    assert collections == []
+    assert seen == [False]
+    assert gc.isenabled()
+    gc.collect()  # the collector still works after
+    assert collections
+
+
+def test_the_collector_is_resumed_after_a_failed_merge_and_left_off_if_it_was_off():
+    import gc
+
+    with pytest.raises(MergeArgumentError):
+        terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], weights=[1.0])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_merge_written_to_files_runs_with_the_collector_on(tmp_path):
+    """Writing goes tensor by tensor and must not keep what it drops in a cycle until the end."""
+    import gc
+
+    seen = []
+
+    def mean(tensors, weights, base):
+        seen.append(gc.isenabled())
+        return sum(tensors) / len(tensors)
+
+    terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], method=mean, out=tmp_path / "o")
+    assert seen == [True, True]

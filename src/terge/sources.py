@@ -123,20 +123,30 @@ def view_key(tensor: torch.Tensor) -> Hashable:
     """
     if type(tensor) not in _PLAIN_TYPES and is_dtensor(tensor):
         return ("dtensor", view_key(tensor.to_local()))
-    device = tensor.device
+    return _key(tensor, tensor.shape, tensor.dtype, tensor.device)
+
+
+def _key(
+    tensor: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.device
+) -> Hashable:
+    """:func:`view_key` of a tensor that is not a DTensor, from the attributes already read."""
     if device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     try:
-        pointer = tensor.data_ptr()
+        return (device, tensor.data_ptr(), tuple(shape), tensor.stride(), dtype)
     except (RuntimeError, NotImplementedError):  # tensor subclasses without plain storage
         return ("object", id(tensor))
-    return (device, pointer, tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
 def entry_of(name: str, tensor: torch.Tensor) -> Entry:
-    """What the plan needs to know of a tensor, read off it once."""
-    sharding = None if type(tensor) in _PLAIN_TYPES else sharding_of(tensor)
-    return Entry(name, tensor.shape, tensor.dtype, tensor.device, view_key(tensor), sharding)
+    """What the plan needs to know of a tensor, read off it once (each attribute read once: an
+    entry is made per tensor per model on every call)."""
+    if type(tensor) not in _PLAIN_TYPES:
+        return Entry(
+            name, tensor.shape, tensor.dtype, tensor.device, view_key(tensor), sharding_of(tensor)
+        )
+    shape, dtype, device = tensor.shape, tensor.dtype, tensor.device
+    return Entry(name, shape, dtype, device, _key(tensor, shape, dtype, device))
 
 
 class Source:
