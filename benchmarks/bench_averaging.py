@@ -6,9 +6,11 @@ Run from the repository root::
     python benchmarks/bench_averaging.py --quick    # smaller models, smoke test
     python benchmarks/bench_averaging.py --repeat 15 --json results.json
 
-All on the CPU, in one process, the cases side by side (each repeat times terge, then the
-alternative, so both see the same machine load); times are the best of ``--repeat`` after two
-warm-up calls:
+In one process, the cases side by side (each repeat times terge and the alternatives, in an
+order that rotates, so all see the same machine load); times are the best of ``--repeat`` after
+two warm-up calls. Before every timed call the caches are emptied (twice the last-level cache
+written), as a training step between two updates does; ``--warm`` leaves them as the previous
+call left them. With ``--device cuda`` the same cases run on the GPU:
 
 - ResNet-50-shaped CNN (built from torch layers: 25.6M parameters, 161 parameter tensors, 106
   float and 53 integer BatchNorm buffers), float32, EMA with buffers averaged: ``update()``
