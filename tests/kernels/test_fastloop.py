@@ -355,3 +355,28 @@ def test_every_half_precision_value_is_read_and_stored_as_torch_does(dtype, out_
     assert same_bits(fast, slow)
     if out_dtype == torch.float64:
         assert same_bits(fast, values.to(torch.float64))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: torch.ones(4, 3), True),
+        (lambda: torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16)), True),
+        (lambda: torch.ones(3, dtype=torch.float16), True),
+        (lambda: torch.ones(4, 3).T, False),  # not contiguous
+        (lambda: torch.ones(4, 3, device="meta"), False),
+        (lambda: torch.ones(3, dtype=torch.int64), False),
+        (lambda: torch.ones(3, dtype=torch.complex64), False),
+        (lambda: torch._neg_view(torch.ones(3)), False),  # negated lazily: raw memory is not it
+        (lambda: torch.ones(3, dtype=torch.complex64).conj(), False),
+        (lambda: torch.ones(3).as_subclass(_Subclass), False),
+    ],
+)
+def test_plain_says_which_tensors_the_compiled_loops_read_as_raw_memory(make, expected):
+    from terge.kernels.cpu import plain
+
+    assert plain(make()) is expected

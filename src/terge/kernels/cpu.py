@@ -52,13 +52,14 @@ def threads() -> ThreadPoolExecutor:
 
 def plain(tensor: torch.Tensor) -> bool:
     """Whether the compiled loops can read or write ``tensor`` as raw memory."""
+    # the cheapest tests first (a merge asks this of every input of every small step)
     return (
-        tensor.device.type == "cpu"
+        (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter)
+        and tensor.is_cpu
         and tensor.dtype in DTYPE_CODES
         and tensor.is_contiguous()
         and not tensor.is_conj()
         and not tensor.is_neg()
-        and (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter)
     )
 
 
