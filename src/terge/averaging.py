@@ -88,7 +88,9 @@ class _Plan:
     copied: list[_Entry] = field(default_factory=list)
     """Copied from the model (integer buffers, buffers in ``copy`` mode) one by one: sharded,
     or on another device or in another dtype than their shadows."""
-    copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    copy_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = field(
+        default_factory=lambda: ([], [])
+    )
     """The other copied entries: their shadows and the model's tensors (kept: their addresses
     are checked with the batched ones'), copied in one ``_foreach_copy_``."""
     batched_entries: list[_Entry] = field(default_factory=list)
