@@ -192,6 +192,33 @@ def test_square_sums_round_their_exact_total_once(values, cut):
     )
 
 
+@given(
+    models=st.lists(
+        st.lists(
+            st.floats(width=64) | st.sampled_from([0.0, 1e200, 5e-324, float("nan")]),
+            min_size=0,
+            max_size=20,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_exact_totals_of_a_stack_are_each_models_own(models):
+    """A stack of sums (one row per model, read in one go) gives each model the total it gives
+    alone: NaN where a square is NaN, else infinity where one is infinite or the sum
+    overflows, else math.fsum's correctly rounded sum of the rounded squares."""
+    from terge.kernels.primitives import exact_totals
+
+    stack = torch.stack([square_sums(torch.tensor(v, dtype=torch.float64)) for v in models])
+    for got, values in zip(exact_totals(stack), models, strict=True):
+        squares = [x * x for x in values]
+        if any(math.isnan(x) for x in squares):
+            assert math.isnan(got)
+            continue
+        expected = math.fsum(squares) if all(math.isfinite(x) for x in squares) else math.inf
+        assert got == expected or (math.isinf(expected) and got == math.inf), (got, expected)
+
+
 def test_square_sums_count_nans_and_infinities():
     sums = square_sums(torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0]))
     assert sums.shape == (EXPONENTS, 2)

@@ -18,7 +18,7 @@ from ..kernels.primitives import (
     counter_uniform,
     divide,
     draw_key,
-    exact_total,
+    exact_totals,
     kth_largest_magnitude_bits,
     magnitude_bits,
     square_sums,
@@ -200,7 +200,7 @@ def sce_merge(
     # per exponent, added up over the shards), so it is the same on every device, however the
     # tensor is sharded, and in the compiled loops (a BLAS dot's order is its own).
     sums = layout.sum(torch.stack([square_sums(d) for d in deltas]))
-    squares = [exact_total(s) for s in sums]
+    squares = exact_totals(sums)
     coefficients = squares if sum(squares) > 0 else [1.0] * n
     positive = _weighted_sum(deltas, [1.0] * n) >= 0
     numerator = torch.zeros_like(deltas[0])

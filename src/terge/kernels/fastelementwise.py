@@ -24,7 +24,7 @@ import torch
 
 from . import fastmethods
 from .cpu import DTYPE_CODES, overlaps, plain, ranges, run, split
-from .primitives import EXPONENTS, exact_total
+from .primitives import EXPONENTS, exact_totals
 
 try:
     from . import _fastmethods
@@ -182,7 +182,7 @@ def sce_into(
             _merge(BASE, destination, tensors, base, [1.0] * len(tensors))
             return True
         threshold = fastmethods.variance_kth_largest(base, tensors, k, scratch)
-    squares = [exact_total(s) for s in _square_sums(base, tensors, threshold)]
+    squares = exact_totals(_square_sums(base, tensors, threshold))
     coefficients = squares if sum(squares) > 0 else [1.0] * len(tensors)
     _merge(SCE, destination, tensors, base, coefficients, scale=scale, threshold=threshold)
     return True
@@ -193,7 +193,7 @@ def _square_sums(
 ) -> torch.Tensor:
     """Each model's integer sums (``(models, EXPONENTS, 2)``) holding the same exact total as
     :func:`~terge.kernels.primitives.square_sums` of its kept task vector, split differently
-    over the rows (blocks' exact partial sums, signed), so :func:`exact_total` gives the same
+    over the rows (blocks' exact partial sums, signed), so :func:`exact_totals` gives the same
     float; one read of the inputs split between threads."""
     spans = ranges(base.numel())
     tables = torch.zeros(len(spans), len(tensors), EXPONENTS, 2, dtype=torch.int64)

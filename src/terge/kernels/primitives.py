@@ -9,9 +9,9 @@ or sharded across processes.
   position, element index): a shard draws exactly its slice of the whole tensor's draw, on any
   device and however the tensor is split.
 
-- :func:`square_sums` and :func:`exact_total`: a sum of squares correctly rounded (SCE's
-  weights), as integer sums per binary exponent, which add up the same in any order: over
-  threads, shards, devices.
+- :func:`square_sums` and :func:`exact_total` (:func:`exact_totals` for a stack): a sum of
+  squares correctly rounded (SCE's weights), as integer sums per binary exponent, which add up
+  the same in any order: over threads, shards, devices.
 
 All are specified bit for bit (in the docstrings) so that other implementations (the C
 kernels) can match them exactly.
@@ -265,11 +265,34 @@ def exact_total(sums: torch.Tensor) -> float:
     """The sum that :func:`square_sums` (added up over any parts) holds, correctly rounded to
     float64 (ties to even): NaN where a square is NaN, else infinity where one is infinite or
     the total overflows."""
-    nans, infinities = sums[EXPONENTS - 1].tolist()
-    if nans:
-        return float("nan")
-    if infinities:
-        return float("inf")
+    return exact_totals(sums.unsqueeze(0))[0]
+
+
+def exact_totals(sums: torch.Tensor) -> list[float]:
+    """:func:`exact_total` of each of a stack of sums (``(models, EXPONENTS, 2)``), reading the
+    stack in a few torch calls for all of them (each call on a small tensor costs microseconds:
+    one model at a time took about 80 us, 35 ms of an SCE merge of GPT-2 small)."""
+    special = sums[:, EXPONENTS - 1].tolist()
+    rows = sums[:, : EXPONENTS - 1]
+    used = rows.ne(0).any(2).nonzero()  # (model, exponent) pairs: a few dozen per model
+    totals = [0] * len(special)  # in units of 2**-1074, the least subnormal
+    pairs = used.tolist()
+    for (model, exponent), (high, low) in zip(
+        pairs, rows[used[:, 0], used[:, 1]].tolist(), strict=True
+    ):
+        totals[model] += ((high << HALF) + low) << max(exponent - 1, 0)
+    results = []
+    for (nans, infinities), total in zip(special, totals, strict=True):
+        if nans:
+            results.append(float("nan"))
+        elif infinities:
+            results.append(float("inf"))
+        else:
+            try:
+                results.append(total / (1 << 1074))  # Python's integer division rounds correctly
+            except OverflowError:
+                results.append(float("inf"))
+    return results
     used = sums[: EXPONENTS - 1].ne(0).any(1).nonzero().view(-1)  # a few dozen of 2047 rows
     total = 0  # in units of 2**-1074, the least subnormal
     for exponent, (high, low) in zip(used.tolist(), sums[used].tolist(), strict=True):
