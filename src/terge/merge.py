@@ -507,8 +507,8 @@ def merge(
                 )
             return record
         hook = DigestRecorder(sources, base_source, base_index) if digests else None
-        if target is not None:
-            collection.resume()
+        if target is not None or any(not step.method.builtin for step in plan.steps):
+            collection.resume()  # see _CollectionPaused
         if adapter is not None and target is not None:
             assert record is not None  # every out= writes its lineage.json
             result: Merged = write_merge_adapter(
@@ -578,8 +578,10 @@ class _CollectionPaused:
     process (a large model's modules and tensors): 5,000 tensors of three models took 220-240 ms
     with the collector on, two calls in three, and 150 ms with it paused. Reference counting
     still frees what the merge drops; the few cycles it makes wait for the next collection.
-    A merge written to files resumes it first (:meth:`resume`): the writing goes tensor by
-    tensor, and nothing it leaves in a cycle should wait for the end."""
+    It is resumed before the tensors are computed (:meth:`resume`) where what runs then is not
+    all terge's own: a merge written to files (the writing goes tensor by tensor) and a merge
+    with a user's method (which may leave a cycle holding a tensor), so that nothing they drop
+    waits for the end."""
 
     def __enter__(self) -> _CollectionPaused:
         self.enabled = gc.isenabled()
