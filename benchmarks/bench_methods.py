@@ -19,6 +19,9 @@ base ``models[0]``:
   (an in-place merge otherwise moves the base towards the others call after call);
 - time is the best of the measured calls; extra peak memory is ``VmHWM`` during the call minus
   ``VmRSS`` just before it (``_common.measure``), the worst of the measured calls;
+- with ``--paired``, ``arithmetic`` on the same models is timed right after each call of the
+  method, in the same process, and the report adds that ratio (best against best): the drift of
+  a shared machine between processes cancels out;
 - the report says whether the compiled CPU loops were built and used
   (``terge.kernels._fastloop`` for the linear methods, ``terge.kernels._fastmethods`` for the
   task-vector ones; ``TERGE_KERNELS=torch`` measures the plain-torch reference instead).
@@ -91,12 +94,22 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def call() -> Any:
         return terge.merge(models, method=args.method, seed=0, inplace=True)
 
+    def arithmetic() -> Any:
+        return terge.merge(models, method="arithmetic", inplace=True)
+
+    timer = measure if device.type == "cpu" else measure_on_gpu
     restore()
     call()  # warm-up
-    runs = []
+    if args.paired:
+        restore()
+        arithmetic()
+    runs, paired = [], []
     for _ in range(args.repeat):
         restore()
-        runs.append(measure(call) if device.type == "cpu" else measure_on_gpu(call))
+        runs.append(timer(call))
+        if args.paired:  # the same models, right after: the machine's drift cancels out
+            restore()
+            paired.append(timer(arithmetic).seconds)
     peaks = [r.extra_peak_mib for r in runs if r.extra_peak_mib is not None]
     from terge.kernels import fastloop, fastmethods
 
@@ -109,6 +122,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "task_vectors": fastmethods.available(),
         },
         "seconds": min(r.seconds for r in runs),
+        "paired_arithmetic_seconds": min(paired) if paired else None,
         "all_seconds": [r.seconds for r in runs],
         "extra_peak_mib": max(peaks) if peaks else None,
         "terge_version": terge.__version__,
@@ -162,6 +176,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         argv = ["--worker", "--method", name, "--repeat", str(args.repeat), "--device", args.device]
         if args.quick:
             argv.append("--quick")
+        if args.paired:
+            argv.append("--paired")
         print(f"  running {name} ...", file=sys.stderr, flush=True)
         results[name] = run_worker(Path(__file__).resolve(), argv, [SRC_DIR], timeout=args.timeout)
         result = results[name]
@@ -184,6 +200,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(data: dict[str, Any]) -> str:
     results = data["results"]
+    paired = any(r.get("paired_arithmetic_seconds") for r in results.values())
     reference = results.get("arithmetic", {}).get("seconds")
     rows = []
     errors = []
@@ -193,6 +210,7 @@ def report(data: dict[str, Any]) -> str:
             rows.append([f"`{name}`", "—", "error", "—", "—"])
             continue
         relative = None if reference is None else result["seconds"] / reference
+        pair = result.get("paired_arithmetic_seconds")
         rows.append(
             [
                 f"`{name}`",
@@ -200,6 +218,7 @@ def report(data: dict[str, Any]) -> str:
                 + (f" (exactly {MODELS_FOR[name]})" if name in MODELS_FOR else ""),
                 fmt_seconds(result["seconds"]),
                 fmt_ratio(relative),
+                *([fmt_ratio(None if not pair else result["seconds"] / pair)] if paired else []),
                 fmt_mib(result.get("extra_peak_mib")),
             ]
         )
@@ -229,10 +248,24 @@ def report(data: dict[str, Any]) -> str:
             if data.get("device", "cpu") != "cpu"
             else "extra peak memory = VmHWM during the call minus VmRSS before it (worst call). "
         )
-        + f"Compiled CPU loops used: {loops}.",
+        + f"Compiled CPU loops used: {loops}."
+        + (
+            " Paired: in each method's process, `arithmetic` on the same models timed right "
+            "after each call of the method (best against best), so the machine's drift between "
+            "processes cancels out."
+            if paired
+            else ""
+        ),
         "",
         markdown_table(
-            ["method", "models", "time (s)", "relative to arithmetic", "extra peak memory (MiB)"],
+            [
+                "method",
+                "models",
+                "time (s)",
+                "relative to arithmetic",
+                *(["relative to arithmetic, paired"] if paired else []),
+                "extra peak memory (MiB)",
+            ],
             rows,
         ),
     ]
@@ -261,6 +294,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--methods", nargs="+", metavar="NAME", help="only these methods (default: all registered)"
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time arithmetic on the same models in each method's process, alternating "
+        "with the method call by call, and report that ratio (drift between processes cancels)",
     )
     # Internal: run one method (in a subprocess started by the driver).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
