@@ -467,3 +467,6 @@ def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(mo
     assert calls["combine_many"] == 4  # held steps were computed, before t40 and at the end
     for name, value in expected.items():
         assert torch.equal(target[0][name], value), name
+    import gc
+
+    assert gc.isenabled()  # paused during the merge, resumed as the interrupt left it
