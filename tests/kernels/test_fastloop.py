@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -220,8 +221,9 @@ def test_combine_many_equals_one_combine_per_tensor(
     threads=st.integers(2, 4),
     inplace=st.booleans(),
     seed=st.integers(0, 2**16),
+    openmp=st.booleans(),
 )
-def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inplace, seed):
+def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inplace, seed, openmp):
     """The threads claim pieces from one counter: large tensors cut into PIECE-element pieces
     (the loop with cache hints inside those of HINTED elements or more), small ones in runs. Every element is
     computed once, as the reference computes it: in place a second pass would change it."""
@@ -240,6 +242,7 @@ def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inpla
         combine(e, [b, m], [0.999, 0.001], None, reference=True)
     outs = base if inplace else [torch.full((n,), float("nan")) for n in numels]
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_OPENMP", "1" if openmp else "0")  # torch's OpenMP team, or ours
         patch.setattr(fastloop, "PER_THREAD", 1)
         patch.setattr(torch, "get_num_threads", lambda: threads)
         parts = fastloop.partition(numels)
@@ -380,3 +383,109 @@ def test_plain_says_which_tensors_the_compiled_loops_read_as_raw_memory(make, ex
     from terge.kernels.cpu import plain
 
     assert plain(make()) is expected
+
+
+@needs_loop
+@pytest.mark.skipif(not fastloop._loaded_openmp(), reason="torch loaded no OpenMP runtime here")
+def test_the_shared_work_runs_on_torchs_openmp_threads(monkeypatch):
+    """Where torch runs on OpenMP (Linux wheels), the batched loop joins that team: one call
+    does the work of every thread (no Python thread is started), with the same bits."""
+    assert fastloop.openmp_team()
+    calls = []
+    monkeypatch.setattr(fastloop, "run", lambda parts: calls.append(parts))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(fastloop, "PER_THREAD", 1)
+    numels = [70_000, 3, 300_000, 5]
+    base = [awkward(n, torch.float32, j) for j, n in enumerate(numels)]
+    model = [awkward(n, torch.float32, 10 + j) for j, n in enumerate(numels)]
+    expected = [torch.empty(n) for n in numels]
+    for e, b, m in zip(expected, base, model, strict=True):
+        combine(e, [b, m], [0.9, 0.1], None, reference=True)
+    code = cpu.DTYPE_CODES[torch.float32]
+    fastloop.combine_many(
+        code,
+        [t.data_ptr() for t in base],
+        numels,
+        [code, code],
+        [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
+        [0.9, 0.1],
+        None,
+    )
+    assert calls == []  # no thread of terge's own
+    for got, want in zip(base, expected, strict=True):
+        assert same_bits(got, want)
+
+
+@needs_loop
+def test_joining_a_team_never_loads_a_library_and_a_team_needs_one():
+    assert fastloop._fastloop.join_team("/nonexistent/libgomp.so.1") is False
+    assert fastloop._fastloop.join_team("libm.so.6") is False  # loaded, but no GOMP_parallel
+    with pytest.raises(ValueError, match=r"a team needs join_team\(\) first, and a counter"):
+        fastloop._fastloop.combine_many(1, [], [], [1], [[]], [1.0], None, None, 2)
+
+
+@needs_loop
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_uses_threads_of_its_own():
+    """An OpenMP runtime is not promised to work in a forked child of a process that used its
+    threads (torch's own loops hang there: DataLoader's workers run one thread): a child does
+    not join the team, and its threads of terge's own compute the same bits. (The child runs no
+    torch loop of its own: its tensors come from the parent.)"""
+    import ctypes
+    import multiprocessing
+    from queue import Empty
+
+    fastloop.openmp_team()  # the parent has looked (and joined, where it could)
+    numels = [70_000, 3, 300_000]
+    _FORKED["base"] = [awkward(n, torch.float32, j) for j, n in enumerate(numels)]
+    _FORKED["model"] = [awkward(n, torch.float32, 10 + j) for j, n in enumerate(numels)]
+    _FORKED["expected"] = [torch.empty(n) for n in numels]
+    for e, b, m in zip(_FORKED["expected"], _FORKED["base"], _FORKED["model"], strict=True):
+        combine(e, [b, m], [0.9, 0.1], None, reference=True)
+    _FORKED["counter"] = torch.zeros(1, dtype=torch.int64)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_in_forked_child, args=(queue,))
+    process.start()
+    try:  # read before joining: the child's feeder thread waits until its bytes are read
+        joined, threads, results = queue.get(timeout=60)
+    except Empty:
+        process.kill()
+        pytest.fail("the forked child's merge hung (did it join the parent's OpenMP team?)")
+    process.join(timeout=10)
+    assert joined is False
+    assert threads == 2  # terge's own: the work was split, not run in one thread
+    for got, want in zip(results, _FORKED["expected"], strict=True):
+        assert got == ctypes.string_at(want.data_ptr(), want.numel() * 4)
+
+
+_FORKED: dict[str, object] = {}
+
+
+def _in_forked_child(queue: Any) -> None:
+    import ctypes
+
+    base, model = _FORKED["base"], _FORKED["model"]
+    started = []
+    original = fastloop.run
+
+    def counted(parts):
+        started.append(len(parts))
+        return original(parts)
+
+    fastloop.run = counted
+    fastloop.PER_THREAD = 1
+    torch.get_num_threads = lambda: 2
+    code = cpu.DTYPE_CODES[torch.float32]
+    fastloop.combine_many(
+        code,
+        [t.data_ptr() for t in base],
+        [t.numel() for t in base],
+        [code, code],
+        [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
+        [0.9, 0.1],
+        None,
+    )
+    # the bytes as they are, read without a torch loop (one would hang in this child)
+    results = [ctypes.string_at(t.data_ptr(), t.numel() * 4) for t in base]
+    queue.put((fastloop.openmp_team(), started[0] if started else 0, results))

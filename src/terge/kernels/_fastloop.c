@@ -357,16 +357,41 @@ static void combine_shared(const Batch *b, Py_ssize_t tensors, int64_t *counter)
         }
     }
 }
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#define HAVE_TEAM 1
+/* The threads of the OpenMP runtime that torch loaded, for combine_shared: torch's own loops run
+ * on them, and right after one (an optimizer step) they spin waiting for more work, holding the
+ * cores that threads of terge's own would need (an EMA update then waited for its second thread,
+ * sometimes for milliseconds). GOMP_parallel(fn, data, threads, flags) is the entry point that
+ * `#pragma omp parallel` compiles to, exported by GNU's libgomp and by Intel's libiomp5. */
+typedef void (*team_fn)(void (*)(void *), void *, unsigned, unsigned);
+static team_fn team_parallel;
+
+typedef struct {
+    const Batch *batch;
+    Py_ssize_t tensors;
+    int64_t *counter;
+} Shared;
+
+static void shared_entry(void *data) {
+    const Shared *s = data;
+    combine_shared(s->batch, s->tensors, s->counter);
+}
+#endif
 #endif
 
 PyDoc_STRVAR(combine_many_doc,
-             "combine_many(out_code, outs, ns, codes, inputs, coefficients, divisor, counter=None)\n\n"
+             "combine_many(out_code, outs, ns, codes, inputs, coefficients, divisor, counter=None,\n"
+             "             team=0)\n\n"
              "combine() over many small tensors in one call: for each j, outs[j] (ns[j] elements)\n"
              "= (sum_i coefficients[i] * inputs[i][j]) / divisor. Every output has out_code,\n"
              "every inputs[i][j] has codes[i]; inputs is one sequence of addresses per input.\n"
              "Runs without the GIL, each tensor exactly as combine() would. With counter (the\n"
              "address of an int64 holding 0), every thread that calls it with the same arguments\n"
-             "shares the work: pieces claimed in order, one atomic add each.");
+             "shares the work: pieces claimed in order, one atomic add each. With team > 1\n"
+             "(after join_team()), that many threads of the OpenMP team share it in one call.");
 
 /* Reads a sequence of n addresses (or lengths) into a fresh array; NULL with an error set. */
 static unsigned long long *read_integers(PyObject *sequence, Py_ssize_t n, const char *what) {
@@ -399,8 +424,17 @@ static PyObject *py_combine_many(PyObject *self, PyObject *args) {
     int out_code;
     PyObject *outs_obj, *ns_obj, *codes_obj, *inputs_obj, *coefs_obj, *divisor_obj;
     PyObject *counter_obj = Py_None;
-    if (!PyArg_ParseTuple(args, "iOOOOOO|O", &out_code, &outs_obj, &ns_obj, &codes_obj,
-                          &inputs_obj, &coefs_obj, &divisor_obj, &counter_obj)) {
+    int team = 0;
+    if (!PyArg_ParseTuple(args, "iOOOOOO|Oi", &out_code, &outs_obj, &ns_obj, &codes_obj,
+                          &inputs_obj, &coefs_obj, &divisor_obj, &counter_obj, &team)) {
+        return NULL;
+    }
+#ifdef HAVE_TEAM
+    if (team > 1 && (!team_parallel || counter_obj == Py_None)) {
+#else
+    if (team > 1) {
+#endif
+        PyErr_SetString(PyExc_ValueError, "a team needs join_team() first, and a counter");
         return NULL;
     }
     int64_t *counter = NULL;
@@ -448,7 +482,12 @@ static PyObject *py_combine_many(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     Batch batch = {outs, ns, inputs, input_codes, coefficients, divisor, out_code, (int)count};
-    if (counter) {
+    if (counter && team > 1) {
+#ifdef HAVE_TEAM
+        Shared shared = {&batch, tensors, counter};
+        team_parallel(shared_entry, &shared, (unsigned)team, 0);
+#endif
+    } else if (counter) {
         combine_shared(&batch, tensors, counter);
     } else {
         combine_range(&batch, 0, tensors, 0, 0);
@@ -466,9 +505,32 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(join_team_doc,
+             "join_team(path) -> bool\n\n"
+             "Use the OpenMP runtime already loaded from path (torch's libgomp) for\n"
+             "combine_many(..., counter, team): True when its GOMP_parallel was found. Never\n"
+             "loads a library that is not loaded already.");
+
+static PyObject *py_join_team(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
+#ifdef HAVE_TEAM
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (!handle) Py_RETURN_FALSE;
+    team_fn found = (team_fn)dlsym(handle, "GOMP_parallel");
+    if (found) team_parallel = found;
+    return PyBool_FromLong(found != NULL);
+#else
+    (void)path;
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"combine", py_combine, METH_VARARGS, combine_doc},
     {"combine_many", py_combine_many, METH_VARARGS, combine_many_doc},
+    {"join_team", py_join_team, METH_VARARGS, join_team_doc},
     {NULL, NULL, 0, NULL},
 };
 

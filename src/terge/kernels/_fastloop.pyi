@@ -26,5 +26,7 @@ def combine_many(
     coefficients: Sequence[float],
     divisor: float | None,
     counter: int | None = None,
+    team: int = 0,
     /,
 ) -> None: ...
+def join_team(path: str, /) -> bool: ...
