@@ -489,3 +489,18 @@ def _in_forked_child(queue: Any) -> None:
     # the bytes as they are, read without a torch loop (one would hang in this child)
     results = [ctypes.string_at(t.data_ptr(), t.numel() * 4) for t in base]
     queue.put((fastloop.openmp_team(), started[0] if started else 0, results))
+
+
+def test_openmp_paths_are_the_mapped_runtimes_gnus_first():
+    maps = [
+        "7f00-7f01 r-xp 00000000 08:01 12 /a/intel/lib/libiomp5.so",
+        "7f02-7f03 r-xp 00000000 08:01 13 /env/torch/lib/libgomp-a34b3233.so.1",
+        "7f04-7f05 r--p 00001000 08:01 13 /env/torch/lib/libgomp-a34b3233.so.1",
+        "7f06-7f07 rw-p 00000000 00:00 0 ",
+        "7f08-7f09 r-xp 00000000 08:01 14 /usr/lib/libm.so.6",
+    ]
+    assert fastloop.openmp_paths(maps) == [
+        "/env/torch/lib/libgomp-a34b3233.so.1",
+        "/a/intel/lib/libiomp5.so",
+    ]
+    assert fastloop.openmp_paths(maps[3:]) == []

@@ -189,12 +189,18 @@ def _parent_team_ok(pid: int) -> bool:
 
 
 def _loaded_openmp() -> list[str]:
-    """Paths of the OpenMP runtimes loaded in this process (GNU's libgomp, Intel's libiomp5),
-    from ``/proc/self/maps``; none elsewhere."""
+    """Paths of the OpenMP runtimes loaded in this process, from ``/proc/self/maps`` (none
+    elsewhere), in the order :func:`openmp_paths` gives."""
     try:
         with open("/proc/self/maps") as maps:
-            lines = maps.read().splitlines()
+            return openmp_paths(maps.read().splitlines())
     except OSError:
         return []
-    paths = {line.split(maxsplit=5)[-1] for line in lines if line.count(" ") >= 5}
-    return sorted(p for p in paths if "/libgomp" in p or "/libiomp5" in p)
+
+
+def openmp_paths(maps: list[str]) -> list[str]:
+    """The OpenMP runtimes among the mapped files of ``/proc/self/maps`` lines: GNU's libgomp
+    first (the one torch's Linux wheels use), then Intel's libiomp5; each path once."""
+    paths = {line.split(maxsplit=5)[-1] for line in maps if line.count(" ") >= 5}
+    found = [p for p in paths if "/libgomp" in p or "/libiomp5" in p]
+    return sorted(found, key=lambda p: ("/libgomp" not in p, p))
