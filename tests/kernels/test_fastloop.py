@@ -211,6 +211,22 @@ def test_combine_many_equals_one_combine_per_tensor(
         assert same_bits(out, expected), j
 
 
+def ema_many(outs, base, model, weights, parts=None) -> None:
+    """``fastloop.combine_many`` of float32 ``outs[j] = weights[0] * base[j] + weights[1] *
+    model[j]``, every tensor by its address."""
+    code = cpu.DTYPE_CODES[torch.float32]
+    fastloop.combine_many(
+        code,
+        [o.data_ptr() for o in outs],
+        [o.numel() for o in outs],
+        [code, code],
+        [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
+        weights,
+        None,
+        parts,
+    )
+
+
 @needs_loop
 @pytest.mark.skipif(
     not getattr(fastloop._fastloop, "SHARED_WORK", 0), reason="shared work needs GCC or clang"
@@ -246,17 +262,7 @@ def test_threads_sharing_pieces_compute_every_element_once(picks, threads, inpla
         patch.setattr(fastloop, "PER_THREAD", 1)
         patch.setattr(torch, "get_num_threads", lambda: threads)
         parts = fastloop.partition(numels)
-        code = cpu.DTYPE_CODES[torch.float32]
-        fastloop.combine_many(
-            code,
-            [o.data_ptr() for o in outs],
-            numels,
-            [code, code],
-            [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
-            [0.999, 0.001],
-            None,
-            parts,
-        )
+        ema_many(outs, base, model, [0.999, 0.001], parts)
     for j, (out, want) in enumerate(zip(outs, expected, strict=True)):
         assert same_bits(out, want), (j, numels[j])
 
@@ -401,16 +407,7 @@ def test_the_shared_work_runs_on_torchs_openmp_threads(monkeypatch):
     expected = [torch.empty(n) for n in numels]
     for e, b, m in zip(expected, base, model, strict=True):
         combine(e, [b, m], [0.9, 0.1], None, reference=True)
-    code = cpu.DTYPE_CODES[torch.float32]
-    fastloop.combine_many(
-        code,
-        [t.data_ptr() for t in base],
-        numels,
-        [code, code],
-        [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
-        [0.9, 0.1],
-        None,
-    )
+    ema_many(base, base, model, [0.9, 0.1])
     assert calls == []  # no thread of terge's own
     for got, want in zip(base, expected, strict=True):
         assert same_bits(got, want)
@@ -476,16 +473,7 @@ def _in_forked_child(queue: Any) -> None:
     fastloop.run = counted
     fastloop.PER_THREAD = 1
     torch.get_num_threads = lambda: 2
-    code = cpu.DTYPE_CODES[torch.float32]
-    fastloop.combine_many(
-        code,
-        [t.data_ptr() for t in base],
-        [t.numel() for t in base],
-        [code, code],
-        [[t.data_ptr() for t in base], [t.data_ptr() for t in model]],
-        [0.9, 0.1],
-        None,
-    )
+    ema_many(base, base, model, [0.9, 0.1])
     # the bytes as they are, read without a torch loop (one would hang in this child)
     results = [ctypes.string_at(t.data_ptr(), t.numel() * 4) for t in base]
     queue.put((fastloop.openmp_team(), started[0] if started else 0, results))
