@@ -847,11 +847,12 @@ static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *
 }
 
 /* q[k] = the square of x[k] - b[k] (+0 where keep[k] is 0, with select); returns the greatest
- * bit pattern of the squares (+0 or more, or NaN). */
+ * bit pattern of the squares (+0 or more, or NaN), and in *least the least of the nonzero ones
+ * (UINT64_MAX when all are 0). */
 static ALWAYS_INLINE uint64_t squares(double *RESTRICT q, const void *x, const void *b,
-                                      const uint64_t *keep, Py_ssize_t m, const int f32,
-                                      const int select) {
-    uint64_t most = 0;
+                                      const uint64_t *keep, Py_ssize_t m, uint64_t *least,
+                                      const int f32, const int select) {
+    uint64_t most = 0, fewest = UINT64_MAX;
     for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
         double t = AT(x, k) - AT(b, k);
         if (select) t = masked(t, keep[k]);
@@ -859,38 +860,31 @@ static ALWAYS_INLINE uint64_t squares(double *RESTRICT q, const void *x, const v
         uint64_t bits;
         memcpy(&bits, &q[k], sizeof bits);
         most = bits > most ? bits : most;
+        fewest = bits - 1 < fewest ? bits - 1 : fewest; /* +0 wraps to the top */
     }
+    *least = fewest + 1 ? fewest + 1 : UINT64_MAX;
     return most;
 }
 
 /* One level of the extraction: t = (sigma + q) - sigma added up, q left with q - t; returns the
- * level's exact sum, and in *left whether any q is not 0. */
-static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sigma, int *left) {
+ * level's exact sum. */
+static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sigma) {
     double lanes[LANES] = {0.0};
-    uint64_t rest[LANES] = {0}; /* per lane, so that the loop stays in vectors */
     Py_ssize_t k = 0;
     for (; k + LANES <= m; k += LANES) { /* vectorised: each lane's sum is exact */
         for (int l = 0; l < LANES; l++) {
             const double t = (sigma + q[k + l]) - sigma;
             q[k + l] = q[k + l] - t;
             lanes[l] = lanes[l] + t;
-            uint64_t bits;
-            memcpy(&bits, &q[k + l], sizeof bits);
-            rest[l] |= bits << 1; /* -0 counts as 0 */
         }
     }
     for (; k < m; k++) {
         const double t = (sigma + q[k]) - sigma;
         q[k] = q[k] - t;
         lanes[0] = lanes[0] + t;
-        uint64_t bits;
-        memcpy(&bits, &q[k], sizeof bits);
-        rest[0] |= bits << 1;
     }
     double level = 0.0; /* exact, in any order */
-    uint64_t any = 0;
-    for (int l = 0; l < LANES; l++) level = level + lanes[l], any |= rest[l];
-    *left = any != 0;
+    for (int l = 0; l < LANES; l++) level = level + lanes[l];
     return level;
 }
 
@@ -902,11 +896,13 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
     double q[BLOCK];
     for (int i = 0; i < count; i++) {
         int64_t (*row)[2] = sums[i];
-        uint64_t most;
+        uint64_t most, least;
         if (f32) {
-            most = keep ? squares(q, x[i], b, keep, m, 1, 1) : squares(q, x[i], b, keep, m, 1, 0);
+            most = keep ? squares(q, x[i], b, keep, m, &least, 1, 1)
+                        : squares(q, x[i], b, keep, m, &least, 1, 0);
         } else {
-            most = keep ? squares(q, x[i], b, keep, m, 0, 1) : squares(q, x[i], b, keep, m, 0, 0);
+            most = keep ? squares(q, x[i], b, keep, m, &least, 0, 1)
+                        : squares(q, x[i], b, keep, m, &least, 0, 0);
         }
         if (!most) continue; /* only zeros */
         const int top = (int)(most >> 52);
@@ -914,15 +910,19 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
             square_sums_plain(row, table, q, m);
             continue;
         }
-        /* sigma = 2^(top - 1012) >= 2^10 * every square, then 2^42 less level by level, until
-         * the residuals are all 0 (or sigma nears the subnormals: the few left are added one by
-         * one, exactly, as signed significands) */
-        int left = 1;
-        for (int e = top - 1023 + 11; left && e >= -1000; e -= LEVEL_STEP) {
-            const double level = extract(q, m, ldexp(1.0, e), &left);
+        /* sigma = 2^(top - 1012) >= 2^10 * every square, then 2^42 less level by level. Every
+         * square (and every residual) is a multiple of the least square's ulp, 2^(low - 52)
+         * with low its exponent (-1022 for a subnormal): the level whose sigma is 2^low or
+         * less takes what is left whole, and nothing remains. Below 2^-1000 (squares near the
+         * subnormals) the few left are added one by one, exactly, as signed significands. */
+        const int low = (least >> 52 ? (int)(least >> 52) : 1) - 1023;
+        int e = top - 1023 + 11;
+        for (; e >= -1000; e -= LEVEL_STEP) {
+            const double level = extract(q, m, ldexp(1.0, e));
             if (level != 0.0) add_exact(row, level);
+            if (e <= low) break;
         }
-        if (left) {
+        if (e < -1000) {
             for (Py_ssize_t k = 0; k < m; k++) {
                 if (q[k] != 0.0) add_exact(row, q[k]);
             }
