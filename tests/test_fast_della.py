@@ -3,6 +3,8 @@ reference (``families.elementwise.della_merge``), bit for bit."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import terge
 from terge import kernels, methods
 from terge.families import elementwise
-from terge.kernels import cpu, fastrank
+from terge.kernels import cpu, fastelementwise, fastmethods, fastrank
 from terge.kernels.primitives import magnitude_bits
 
 from helpers import same_bits
@@ -308,3 +310,117 @@ def test_pcb_keeps_its_bits(shape, models, seed, kind, ratio, scale):
     assert same_bits(got, expected)
     with pytest.raises(terge.errors.MethodNotApplicableError, match="pcb: needs a base"):
         elementwise.pcb_merge(tensors, weights, None, ratio=ratio, scale=scale)
+
+
+# --- PCB's order statistics: the compiled selection against topk ----------------------------------
+
+needs_selection = pytest.mark.skipif(
+    fastmethods._fastmethods is None, reason="terge.kernels._fastmethods is not built"
+)
+ORDERED = st.floats(allow_nan=False, width=64) | st.sampled_from(
+    [0.0, -0.0, math.inf, -math.inf, 5e-324, -5e-324, 1.0, -1.0]
+)
+
+
+def by_topk(values, index, monkeypatch):
+    """_sorted_at with the compiled selection switched off: topk's answer."""
+    with monkeypatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch")
+        return elementwise._sorted_at(values, index)
+
+
+@needs_selection
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(st.lists(ORDERED, min_size=1, max_size=40), min_size=1, max_size=4),
+    where=st.floats(0, 1),
+)
+def test_order_statistics_are_the_sorted_entries(rows, where, monkeypatch):
+    """Each row's index-th smallest, exactly the sorted row's entry (a zero as +0.0), and what
+    topk gives: infinities, subnormals, both zeros and ties included."""
+    width = min(len(row) for row in rows)
+    values = torch.tensor([row[:width] for row in rows], dtype=torch.float64)
+    index = min(int(where * width), width - 1)
+    got = fastelementwise.order_statistics(values, index)
+    expected = values.sort(dim=1).values[:, index : index + 1] + 0.0
+    assert got is not None and same_bits(got, expected)
+    assert same_bits(by_topk(values, index, monkeypatch), expected)
+    assert same_bits(elementwise._sorted_at(values, index), expected)
+
+
+@needs_selection
+def test_order_statistics_on_long_rows_use_every_bin(monkeypatch):
+    """Rows long enough that the first read's bins hold many values each: the 0.01%, median
+    and 99.99% entries of a million, with heavy ties."""
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(3, 1_000_003, dtype=torch.float64, generator=generator)
+    values[1] = values[1].round()  # a few dozen distinct values, each tied many times
+    values[2, ::3] = -0.0
+    for index in (0, 100, 500_001, 999_902, 1_000_002):
+        expected = values.sort(dim=1).values[:, index : index + 1] + 0.0
+        assert same_bits(fastelementwise.order_statistics(values, index), expected), index
+        assert same_bits(by_topk(values, index, monkeypatch), expected), index
+
+
+@needs_selection
+def test_a_zero_is_plus_zero_both_ways(monkeypatch):
+    """Which zero a sort puts at the index is its own affair; _sorted_at says +0.0 both ways."""
+    values = torch.tensor([[-0.0, -0.0, 1.0], [2.0, -0.0, 0.0]], dtype=torch.float64)
+    for got in (fastelementwise.order_statistics(values, 0), by_topk(values, 0, monkeypatch)):
+        assert got.view(torch.int64).tolist() == [[0], [0]]
+
+
+@needs_selection
+def test_a_nan_leaves_the_row_to_topk(monkeypatch):
+    """topk orders NaN above everything; the compiled selection declines a matrix holding one,
+    and _sorted_at gives topk's answer."""
+    values = torch.tensor([[3.0, math.nan, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    assert fastelementwise.order_statistics(values, 1) is None
+    assert same_bits(elementwise._sorted_at(values, 1), torch.tensor([[2.0], [2.0]]).double())
+    assert same_bits(elementwise._sorted_at(values, 3), torch.tensor([[math.nan], [4.0]]).double())
+    assert same_bits(by_topk(values, 3, monkeypatch), elementwise._sorted_at(values, 3))
+
+
+@needs_selection
+def test_order_statistics_decline_what_they_do_not_take():
+    values = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    assert fastelementwise.order_statistics(values.float(), 1) is None  # float32
+    assert fastelementwise.order_statistics(values.t(), 1) is None  # not contiguous
+    assert fastelementwise.order_statistics(values.reshape(-1), 1) is None  # 1-D
+    assert fastelementwise.order_statistics(values, 4) is None  # past the row
+    address = values.data_ptr()
+    with pytest.raises(ValueError, match=r"order_statistic: index 4 is not in \[0, 4\)"):
+        fastmethods._fastmethods.order_statistic(address, 4, 4)
+    with pytest.raises(ValueError, match=r"order_statistic: index -1 is not in \[0, 4\)"):
+        fastmethods._fastmethods.order_statistic(address, 4, -1)
+
+
+@needs_selection
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shape=st.sampled_from([(17,), (3, 7), (6, 129), (2, 1000)]),
+    models=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    ratio=st.sampled_from([0.1, 0.5, 1e-3]),
+)
+def test_pcb_is_the_same_with_and_without_the_compiled_selection(
+    shape, models, seed, kind, ratio, monkeypatch
+):
+    """PCB's bits do not depend on which path found its quantiles, and the compiled one ran
+    (topk refused) wherever no NaN was in the way."""
+    base, *tensors = [t.double() for t in inputs(shape, [torch.float64] * (models + 1), seed, kind)]
+    weights = [1.0] * models
+    with monkeypatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch")
+        expected = elementwise.pcb_merge(tensors, weights, base, ratio=ratio, scale=1.0)
+    has_nan = any(bool((t - base).isnan().any()) for t in tensors)
+    with monkeypatch.context() as patch:
+        if not has_nan:
+            patch.setattr(torch, "topk", lambda *a, **k: pytest.fail("topk ran"))
+        got = elementwise.pcb_merge(tensors, weights, base, ratio=ratio, scale=1.0)
+    assert same_bits(got, expected)

@@ -334,6 +334,82 @@ static uint64_t kth_largest(uint64_t *a, Py_ssize_t n, Py_ssize_t k, uint64_t lo
     }
 }
 
+/* --- order statistics of float64 rows (PCB) ----------------------------------------------------- */
+
+/* x's place in the order of float64 values, as an unsigned integer: -inf < ... < -0 = +0 < ...
+ * < +inf (the two zeros one key: they compare equal). x is not a NaN. */
+static inline uint64_t order_key(double x) {
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    if (u << 1 == 0) return TOP; /* +-0 */
+    return u >> 63 ? ~u : u | TOP;
+}
+
+static inline double from_order_key(uint64_t key) {
+    const uint64_t u = key & TOP ? key & ~TOP : ~key;
+    double x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+#define ORDER_BITS 16
+
+/* The index-th smallest (0-based) of x[0..n), +0 for a zero, into *value; 0 (nothing written)
+ * where x holds a NaN. One pass bins the values' keys by their top ORDER_BITS bits, a second
+ * collects the bin that holds the index-th (malloc'd, its size), then radix selection. */
+static int order_statistic(const double *x, Py_ssize_t n, Py_ssize_t index, double *value) {
+    /* four histograms, one per entry mod 4: runs of equal bins do not wait on one counter */
+    uint32_t *counts = calloc((size_t)4 << ORDER_BITS, sizeof *counts);
+    Py_ssize_t *bins = malloc(((size_t)1 << ORDER_BITS) * sizeof *bins);
+    if (!counts || !bins || n > UINT32_MAX) {
+        free(counts);
+        free(bins);
+        return -1;
+    }
+    const int shift = 64 - ORDER_BITS;
+    int nan = 0;
+    Py_ssize_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+        for (int c = 0; c < 4; c++) {
+            nan |= x[k + c] != x[k + c];
+            counts[((size_t)c << ORDER_BITS) + (order_key(x[k + c]) >> shift)]++;
+        }
+    }
+    for (; k < n; k++) {
+        nan |= x[k] != x[k];
+        counts[order_key(x[k]) >> shift]++;
+    }
+    for (size_t b = 0; b < (size_t)1 << ORDER_BITS; b++) {
+        bins[b] = (Py_ssize_t)counts[b] + counts[b + (1 << ORDER_BITS)] +
+                  counts[b + (2 << ORDER_BITS)] + counts[b + (3 << ORDER_BITS)];
+    }
+    free(counts);
+    if (nan) {
+        free(bins);
+        return 0;
+    }
+    uint64_t bin = 0;
+    Py_ssize_t below = 0; /* values in the bins under bin */
+    while (below + bins[bin] <= index) below += bins[bin++];
+    const Py_ssize_t size = bins[bin];
+    free(bins);
+    uint64_t *chosen = malloc((size_t)(size + 1) * sizeof *chosen); /* + 1: written, not kept */
+    if (!chosen) return -1;
+    Py_ssize_t w = 0;
+    for (Py_ssize_t j = 0; j < n && w < size; j++) { /* no branch on the data */
+        const uint64_t key = order_key(x[j]);
+        chosen[w] = key;
+        w += key >> shift == bin;
+    }
+    Py_ssize_t equal;
+    /* the bins of keys run to +inf's (0xFFF0...): hi never wraps */
+    const uint64_t lo = bin << shift, hi = lo + ((uint64_t)1 << shift);
+    const uint64_t key = kth_largest(chosen, size, size - (index - below), lo, hi, &equal);
+    free(chosen);
+    *value = from_order_key(key);
+    return 1;
+}
+
 /* --- the merge ---------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -1367,10 +1443,35 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(order_statistic_doc,
+             "order_statistic(values, n, index) -> float | None\n\n"
+             "The index-th smallest (0-based) of the n float64 at address values, +0.0 for a\n"
+             "zero of either sign; None where they hold a NaN.");
+
+static PyObject *py_order_statistic(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long values_addr;
+    Py_ssize_t n, index;
+    if (!PyArg_ParseTuple(args, "Knn", &values_addr, &n, &index)) return NULL;
+    if (n < 1 || index < 0 || index >= n) {
+        PyErr_Format(PyExc_ValueError, "order_statistic: index %zd is not in [0, %zd)", index, n);
+        return NULL;
+    }
+    double value = 0.0;
+    int found;
+    Py_BEGIN_ALLOW_THREADS
+    found = order_statistic((const double *)(uintptr_t)values_addr, n, index, &value);
+    Py_END_ALLOW_THREADS
+    if (found < 0) return PyErr_NoMemory();
+    if (!found) Py_RETURN_NONE;
+    return PyFloat_FromDouble(value);
+}
+
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"sample", py_sample, METH_VARARGS, sample_doc},
     {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
+    {"order_statistic", py_order_statistic, METH_VARARGS, order_statistic_doc},
     {"merge", py_merge, METH_VARARGS, merge_doc},
     {"elementwise", py_elementwise, METH_VARARGS, elementwise_doc},
     {"square_sums", py_square_sums, METH_VARARGS, square_sums_doc},

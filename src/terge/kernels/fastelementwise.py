@@ -1,5 +1,5 @@
 """MagMax, TALL-mask consensus, NearSwap and SCE as compiled CPU loops, reading the inputs as
-stored.
+stored; and PCB's order statistics (:func:`order_statistics`).
 
 Each ``*_into`` writes what its reference in :mod:`terge.families.elementwise` computes, bit for
 bit, straight into the destination: the inputs widened to float64 a block at a time (exactly),
@@ -214,3 +214,30 @@ def _square_sums(
 
     run([functools.partial(part, piece) for piece in range(len(spans))])
     return tables.sum(0)
+
+
+def order_statistics(values: torch.Tensor, index: int) -> torch.Tensor | None:
+    """Each row's ``index``-th smallest value (0-based) of a float64 CPU matrix, as a column,
+    +0.0 for a zero of either sign: what :func:`terge.families.elementwise._sorted_at` computes,
+    by radix selection in two reads of each row (the rows split between threads) rather than
+    ``topk``. ``None`` where the loop does not apply: not built, ``TERGE_KERNELS=torch``, not a
+    plain 2-D float64 CPU tensor, or a NaN in any row (``topk``'s NaN order is left to it)."""
+    if not (
+        fastmethods.available()
+        and values.dim() == 2
+        and values.dtype == torch.float64
+        and values.shape[1] > 0
+        and 0 <= index < values.shape[1]
+        and plain(values)
+    ):
+        return None
+    rows, width = values.shape
+    address, row_bytes = values.data_ptr(), width * values.element_size()
+
+    def part(row: int) -> float | None:
+        return _fastmethods.order_statistic(address + row * row_bytes, width, index)
+
+    found = run([functools.partial(part, row) for row in range(rows)])
+    if any(value is None for value in found):
+        return None
+    return torch.tensor(found, dtype=torch.float64).reshape(rows, 1)
