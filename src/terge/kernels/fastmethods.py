@@ -48,6 +48,9 @@ _MARGIN = 5.0
 """The bracket's half-width, in standard deviations of the sample's count above the k-th."""
 _COLLECT = 1 << 20
 """Most values collected after a histogram pass; more take another histogram."""
+_SERIAL_SELECT = 1 << 16
+"""Fewer values collected than this (a small tensor's): selected in the calling thread, one
+search after another (handing each to a worker thread took longer than selecting)."""
 _BINS = 1 << 16
 _SLACK = 8
 """Slots past the cap of a collecting buffer, which the compiled loop may write (not count)."""
@@ -403,13 +406,19 @@ def _pass(
 
     counts = run([functools.partial(part, piece) for piece in range(pieces)])
     finish = []
+    collected = 0
     for q, (search, buffer) in enumerate(zip(searches, buffers, strict=True)):
         found = [c[q] for c in counts]
         if search.cap:
             finish += _collected(search, buffer, found)
+            collected += sum(c[1] for c in found)
         else:
             _binned(search, buffer.view(pieces, _BINS).sum(0))
-    run(finish)
+    if collected < _SERIAL_SELECT:  # a handful of values: the threads' hand-off would cost more
+        for select in finish:
+            select()
+    else:
+        run(finish)
 
 
 def _collected(

@@ -293,11 +293,3 @@ def exact_totals(sums: torch.Tensor) -> list[float]:
             except OverflowError:
                 results.append(float("inf"))
     return results
-    used = sums[: EXPONENTS - 1].ne(0).any(1).nonzero().view(-1)  # a few dozen of 2047 rows
-    total = 0  # in units of 2**-1074, the least subnormal
-    for exponent, (high, low) in zip(used.tolist(), sums[used].tolist(), strict=True):
-        total += ((high << HALF) + low) << max(exponent - 1, 0)
-    try:
-        return total / (1 << 1074)  # Python's integer division is correctly rounded
-    except OverflowError:
-        return float("inf")
