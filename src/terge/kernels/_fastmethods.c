@@ -876,7 +876,8 @@ static void elementwise(char *out, int out_code, const char *base, int base_code
  * sigma, t = (sigma + p) - sigma and p - t are exact, p = t + (p - t), t is a multiple of 2^-53
  * sigma and |p - t| <= 2^-53 sigma; and any sum of at most 2^10 such t is exact, in any order.
  * A block (BLOCK = 2^10 entries) of squares is split level by level, sigma stepping down by
- * 2^42, until every residual is 0; each level's exact float64 sum goes into the integer sums as
+ * 2^42, until every residual is 0 (the level whose sigma is at most the least square's
+ * exponent is the last: counted, not checked); each level's exact float64 sum goes into the integer sums as
  * one signed significand. Blocks with NaNs, infinities or squares near overflow take the plain
  * path: each significand added whole into a uint64 slot per exponent (at most 2^10 significands
  * of 53 bits: below 2^63), then split into the int64 sums. */
