@@ -390,7 +390,12 @@ def test_order_statistics_decline_what_they_do_not_take():
     assert fastelementwise.order_statistics(values.t(), 1) is None  # not contiguous
     assert fastelementwise.order_statistics(values.reshape(-1), 1) is None  # 1-D
     assert fastelementwise.order_statistics(values, 4) is None  # past the row
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastelementwise, "MAX_ORDER_WIDTH", 3)
+        assert fastelementwise.order_statistics(values, 1) is None  # rows too long
     address = values.data_ptr()
+    with pytest.raises(ValueError, match=r"order_statistic: 4294967296 values, more than 2\*\*32"):
+        fastmethods._fastmethods.order_statistic(address, 1 << 32, 0)  # refused before any read
     with pytest.raises(ValueError, match=r"order_statistic: index 4 is not in \[0, 4\)"):
         fastmethods._fastmethods.order_statistic(address, 4, 4)
     with pytest.raises(ValueError, match=r"order_statistic: index -1 is not in \[0, 4\)"):

@@ -361,7 +361,7 @@ static int order_statistic(const double *x, Py_ssize_t n, Py_ssize_t index, doub
     /* four histograms, one per entry mod 4: runs of equal bins do not wait on one counter */
     uint32_t *counts = calloc((size_t)4 << ORDER_BITS, sizeof *counts);
     Py_ssize_t *bins = malloc(((size_t)1 << ORDER_BITS) * sizeof *bins);
-    if (!counts || !bins || n > UINT32_MAX) {
+    if (!counts || !bins) {
         free(counts);
         free(bins);
         return -1;
@@ -1456,6 +1456,10 @@ static PyObject *py_order_statistic(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Knn", &values_addr, &n, &index)) return NULL;
     if (n < 1 || index < 0 || index >= n) {
         PyErr_Format(PyExc_ValueError, "order_statistic: index %zd is not in [0, %zd)", index, n);
+        return NULL;
+    }
+    if ((uint64_t)n > UINT32_MAX) { /* the bins count in 32 bits */
+        PyErr_Format(PyExc_ValueError, "order_statistic: %zd values, more than 2**32 - 1", n);
         return NULL;
     }
     double value = 0.0;

@@ -216,18 +216,25 @@ def _square_sums(
     return tables.sum(0)
 
 
+MAX_ORDER_WIDTH = (1 << 32) - 1
+"""Longest row :func:`order_statistics` takes (its bins count in 32 bits); longer ones are left
+to ``topk``."""
+
+
 def order_statistics(values: torch.Tensor, index: int) -> torch.Tensor | None:
     """Each row's ``index``-th smallest value (0-based) of a float64 CPU matrix, as a column,
     +0.0 for a zero of either sign: what :func:`terge.families.elementwise._sorted_at` computes,
     by radix selection in two reads of each row (the rows split between threads) rather than
     ``topk``. ``None`` where the loop does not apply: not built, ``TERGE_KERNELS=torch``, not a
-    plain 2-D float64 CPU tensor, or a NaN in any row (``topk``'s NaN order is left to it)."""
+    plain 2-D float64 CPU tensor, rows longer than :data:`MAX_ORDER_WIDTH`, or a NaN in any row
+    (``topk``'s NaN order is left to it)."""
     if not (
         fastmethods.available()
         and values.dim() == 2
         and values.dtype == torch.float64
         and values.shape[1] > 0
         and 0 <= index < values.shape[1]
+        and values.shape[1] <= MAX_ORDER_WIDTH
         and plain(values)
     ):
         return None
