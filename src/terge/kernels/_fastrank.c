@@ -26,7 +26,8 @@
  * values, all distinct, are sorted by an MSD radix sort (insertion sort for small buckets): the
  * position decides between equal magnitudes, as a stable sort does. Where bits were dropped,
  * each run of equal packed magnitudes is packed again with the dropped bits and sorted: exact.
- * Extra memory: one row of each model (float64) and three of uint64 per call, i.e. per thread.
+ * Extra memory: one row of each model and the keep probabilities by rank (float64), and three
+ * rows of uint64, per call, i.e. per thread.
  *
  * Compile with -ffp-contract=off: a fused multiply-add rounds once where the reference rounds
  * twice.
@@ -209,19 +210,24 @@ static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *
 /* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
  * top. keys (magnitude bits of t), order and tmp: width slots each. */
 static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
-                         const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends) {
+                         const double *levels, const uint64_t *keys, uint64_t *order,
+                         uint64_t *tmp, uint32_t *ends) {
     double *p = (double *)tmp; /* the keep probabilities by position, once tmp is free */
     if (width == 1) {
         p[0] = s->density;
     } else {
         const int bits = rank_order(keys, order, tmp, ends, width);
         const uint64_t mask = ((uint64_t)1 << bits) - 1;
-        const double last = (double)(width - 1);
-        for (Py_ssize_t r = 0; r < width; r++) {
-            p[order[r] & mask] = ((double)r / last) * s->two_eps + s->low;
-        }
+        for (Py_ssize_t r = 0; r < width; r++) p[order[r] & mask] = levels[r];
     }
     keep_drawn(t, p, width, at, key);
+}
+
+/* levels[r] = the keep probability of rank r in a row of width entries (width >= 2): the same
+ * for every row, so each row's scatter reads it rather than dividing again. */
+static void probability_levels(double *levels, Py_ssize_t width, const Spec *s) {
+    const double last = (double)(width - 1);
+    for (Py_ssize_t r = 0; r < width; r++) levels[r] = ((double)r / last) * s->two_eps + s->low;
 }
 
 /* The merge of a row, element by element in registers; count known when compiled (1 to 4)
@@ -274,9 +280,10 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
     double *bbuf = buffers, *xbuf = bbuf + width, *result = xbuf + width;
     double *d[MAX_MODELS];
     for (int i = 0; i < s->count; i++) d[i] = result + (i + 1) * width;
-    uint64_t *keys = (uint64_t *)(d[s->count - 1] + width), *order = keys + width,
-             *tmp = order + width;
+    double *levels = d[s->count - 1] + width;
+    uint64_t *keys = (uint64_t *)(levels + width), *order = keys + width, *tmp = order + width;
     uint32_t *ends = (uint32_t *)(tmp + width);
+    if (width > 1) probability_levels(levels, width, s);
     for (Py_ssize_t row = 0; row < rows; row++) {
         const Py_ssize_t offset = row * width;
         const uint64_t at = first + (uint64_t)offset;
@@ -285,7 +292,7 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
             const double *x =
                 widen(xbuf, models[i] + offset * ITEMSIZE[codes[i]], codes[i], width);
             subtract(d[i], keys, x, b, width);
-            sparsify_row(d[i], width, at, s->keys[i], s, keys, order, tmp, ends);
+            sparsify_row(d[i], width, at, s->keys[i], s, levels, keys, order, tmp, ends);
         }
         COMBINE_FNS[s->count <= 4 ? s->count : 0](result, b, d, width, s);
         narrow(out + offset * ITEMSIZE[out_code], out_code, result, width);
@@ -382,8 +389,8 @@ static PyObject *py_della(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "della: rows >= 0 and 1 <= width < 2**31");
         goto done;
     }
-    /* base, x, result and one row per model (float64); keys, order, tmp (uint64) */
-    double *buffers = PyMem_RawMalloc((size_t)(s->count + 6) * (size_t)width * sizeof(double) +
+    /* base, x, result, one row per model and the levels (float64); keys, order, tmp (uint64) */
+    double *buffers = PyMem_RawMalloc((size_t)(s->count + 7) * (size_t)width * sizeof(double) +
                                       ENDS * sizeof(uint32_t));
     if (!buffers) {
         PyErr_NoMemory();
