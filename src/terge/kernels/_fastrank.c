@@ -90,6 +90,7 @@ static void insertion_sort(uint64_t *a, Py_ssize_t n) {
  * the rest of the array, each value already in its bucket and the buckets small, is finished
  * by one insertion sort (its cost the moves within the buckets). tmp has n slots; ends has
  * room for the levels' buckets (ENDS slots: a level's values span 7 bits fewer than its parent's). */
+CLONED
 static void radix_sort(uint64_t *a, uint64_t *tmp, Py_ssize_t n, uint64_t floor, uint32_t *ends) {
     if (n <= SMALL) {
         insertion_sort(a, n);
@@ -145,6 +146,7 @@ static void pack(uint64_t *order, const uint64_t *keys, Py_ssize_t n, uint64_t l
 
 /* order[0..n) = the positions 0..n-1 sorted by (keys[j], j): a stable sort of keys, n >= 2 and
  * below MAX_WIDTH. tmp: n slots. The positions come back in order's low `bits` bits. */
+CLONED
 static int rank_order(const uint64_t *keys, uint64_t *order, uint64_t *tmp, uint32_t *ends,
                       Py_ssize_t n) {
     const int bits = bit_length((uint64_t)(n - 1));
