@@ -303,6 +303,7 @@ static void sample(const char *base, int base_code, Py_ssize_t n, char *const *m
 /* The k-th largest (1 <= k <= n) of a[0..n), all in [lo, hi) (lo < hi), and in *equal how
  * many of them equal it: radix selection from the top, 11 bits at a time, moving the bin that
  * holds it to the front (a is permuted, its values unchanged). */
+CLONED
 static uint64_t kth_largest(uint64_t *a, Py_ssize_t n, Py_ssize_t k, uint64_t lo, uint64_t hi,
                             Py_ssize_t *equal) {
     Py_ssize_t bins[1 << 11];
