@@ -478,3 +478,34 @@ def test_a_statistics_method_failing_at_a_later_tensor_leaves_the_base_whole():
     with pytest.raises(terge.MethodNotApplicableError, match=r"'1\.weight' has Fisher diagonals"):
         terge.merge(models, method=terge.methods.fisher(fishers=[full, partial]), inplace=True)
     assert all(torch.equal(before[k], v) for k, v in models[0].state_dict().items())
+
+
+@pytest.mark.parametrize("k", [0, 20, 40])
+def test_a_failure_inside_a_built_in_methods_compiled_step_leaves_the_base_bit_identical(
+    k, monkeypatch
+):
+    """PCB's quantiles come from a compiled selection that allocates: a MemoryError there, at
+    its k-th call, reaches the caller as itself, and the base is as it was."""
+    from terge.kernels import fastelementwise, fastmethods
+
+    if not fastmethods.available():
+        pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
+    real = fastelementwise._fastmethods
+    calls = []
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def order_statistic(self, *args):
+            calls.append(1)
+            if len(calls) == k + 1:
+                raise MemoryError("injected")
+            return real.order_statistic(*args)
+
+    monkeypatch.setattr(fastelementwise, "_fastmethods", Failing())
+    models = _models()
+    before = _record(models[0])
+    with pytest.raises(MemoryError, match="injected"):
+        terge.merge(models, method="pcb", inplace=True)
+    _assert_unchanged(models[0], before)
