@@ -80,10 +80,7 @@ typedef struct {
     Py_ssize_t above, inside, floor, ceiling;
 } Query;
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(TERGE_NO_AVX512)
-#include <immintrin.h>
-#define HAVE_AVX512 1
-static int have_avx512; /* set when the module loads */
+#ifdef HAVE_AVX512
 
 /* count_and_collect()'s collecting case with AVX-512's compress, where the whole block fits
  * below the cap (each store writes 8 slots: the out buffer has cap + 8). */
@@ -1493,8 +1490,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastmethods(void) {
 #ifdef HAVE_AVX512
-    __builtin_cpu_init();
-    have_avx512 = __builtin_cpu_supports("avx512f");
+    detect_avx512();
 #endif
     return PyModule_Create(&module);
 }

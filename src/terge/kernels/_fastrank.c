@@ -74,10 +74,7 @@ static uint32_t bucket_starts_plain(uint32_t *counts, Py_ssize_t buckets) {
     return largest;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(TERGE_NO_AVX512)
-#include <immintrin.h>
-#define HAVE_AVX512 1
-static int have_avx512; /* set when the module loads */
+#ifdef HAVE_AVX512
 
 /* bucket_starts_plain() 16 buckets at a time: each vector's sums by four shifted additions,
  * plus the total so far (a row's 2,048 buckets were a chain of 2,048 dependent additions). */
@@ -483,8 +480,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastrank(void) {
 #ifdef HAVE_AVX512
-    __builtin_cpu_init();
-    have_avx512 = __builtin_cpu_supports("avx512f");
+    detect_avx512();
 #endif
     return PyModule_Create(&module);
 }

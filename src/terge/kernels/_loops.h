@@ -17,6 +17,18 @@
 
 static const size_t ITEMSIZE[] = {8, 4, 2, 2};
 
+/* The loops with an AVX-512 path picked at run time (-DTERGE_NO_AVX512 builds without it):
+ * have_avx512 is set by detect_avx512() when the module loads. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(TERGE_NO_AVX512)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+static int have_avx512;
+static inline void detect_avx512(void) {
+    __builtin_cpu_init();
+    have_avx512 = __builtin_cpu_supports("avx512f");
+}
+#endif
+
 #if defined(_MSC_VER)
 #define RESTRICT __restrict
 #define ALWAYS_INLINE __forceinline
