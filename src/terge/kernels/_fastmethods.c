@@ -356,32 +356,14 @@ static inline double from_order_key(uint64_t key) {
  * where x holds a NaN. One pass bins the values' keys by their top ORDER_BITS bits, a second
  * collects the bin that holds the index-th (malloc'd, its size), then radix selection. */
 static int order_statistic(const double *x, Py_ssize_t n, Py_ssize_t index, double *value) {
-    /* four histograms, one per entry mod 4: runs of equal bins do not wait on one counter */
-    uint32_t *counts = calloc((size_t)4 << ORDER_BITS, sizeof *counts);
-    Py_ssize_t *bins = malloc(((size_t)1 << ORDER_BITS) * sizeof *bins);
-    if (!counts || !bins) {
-        free(counts);
-        free(bins);
-        return -1;
-    }
+    Py_ssize_t *bins = calloc((size_t)1 << ORDER_BITS, sizeof *bins);
+    if (!bins) return -1;
     const int shift = 64 - ORDER_BITS;
     int nan = 0;
-    Py_ssize_t k = 0;
-    for (; k + 4 <= n; k += 4) {
-        for (int c = 0; c < 4; c++) {
-            nan |= x[k + c] != x[k + c];
-            counts[((size_t)c << ORDER_BITS) + (order_key(x[k + c]) >> shift)]++;
-        }
-    }
-    for (; k < n; k++) {
+    for (Py_ssize_t k = 0; k < n; k++) {
         nan |= x[k] != x[k];
-        counts[order_key(x[k]) >> shift]++;
+        bins[order_key(x[k]) >> shift]++;
     }
-    for (size_t b = 0; b < (size_t)1 << ORDER_BITS; b++) {
-        bins[b] = (Py_ssize_t)counts[b] + counts[b + (1 << ORDER_BITS)] +
-                  counts[b + (2 << ORDER_BITS)] + counts[b + (3 << ORDER_BITS)];
-    }
-    free(counts);
     if (nan) {
         free(bins);
         return 0;
@@ -1454,10 +1436,6 @@ static PyObject *py_order_statistic(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Knn", &values_addr, &n, &index)) return NULL;
     if (n < 1 || index < 0 || index >= n) {
         PyErr_Format(PyExc_ValueError, "order_statistic: index %zd is not in [0, %zd)", index, n);
-        return NULL;
-    }
-    if ((uint64_t)n > UINT32_MAX) { /* the bins count in 32 bits */
-        PyErr_Format(PyExc_ValueError, "order_statistic: %zd values, more than 2**32 - 1", n);
         return NULL;
     }
     double value = 0.0;

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from . import fastmethods
-from .cpu import DTYPE_CODES, overlaps, plain, ranges, run, split
+from .cpu import DTYPE_CODES, PER_THREAD, overlaps, plain, ranges, run, split
 from .primitives import EXPONENTS, exact_totals
 
 try:
@@ -216,25 +216,18 @@ def _square_sums(
     return tables.sum(0)
 
 
-MAX_ORDER_WIDTH = (1 << 32) - 1
-"""Longest row :func:`order_statistics` takes (its bins count in 32 bits); longer ones are left
-to ``topk``."""
-
-
 def order_statistics(values: torch.Tensor, index: int) -> torch.Tensor | None:
     """Each row's ``index``-th smallest value (0-based) of a float64 CPU matrix, as a column,
     +0.0 for a zero of either sign: what :func:`terge.families.elementwise._sorted_at` computes,
     by radix selection in two reads of each row (the rows split between threads) rather than
     ``topk``. ``None`` where the loop does not apply: not built, ``TERGE_KERNELS=torch``, not a
-    plain 2-D float64 CPU tensor, rows longer than :data:`MAX_ORDER_WIDTH`, or a NaN in any row
-    (``topk``'s NaN order is left to it)."""
+    plain 2-D float64 CPU tensor, or a NaN in any row (``topk``'s NaN order is left to it)."""
     if not (
         fastmethods.available()
         and values.dim() == 2
         and values.dtype == torch.float64
         and values.shape[1] > 0
         and 0 <= index < values.shape[1]
-        and values.shape[1] <= MAX_ORDER_WIDTH
         and plain(values)
     ):
         return None
@@ -244,7 +237,9 @@ def order_statistics(values: torch.Tensor, index: int) -> torch.Tensor | None:
     def part(row: int) -> float | None:
         return _fastmethods.order_statistic(address + row * row_bytes, width, index)
 
-    found = run([functools.partial(part, row) for row in range(rows)])
+    parts = [functools.partial(part, row) for row in range(rows)]
+    # a small tensor's rows in this thread: the hand-off to a worker costs more than the work
+    found = run(parts) if rows * width >= PER_THREAD else [select() for select in parts]
     if any(value is None for value in found):
         return None
     return torch.tensor(found, dtype=torch.float64).reshape(rows, 1)
