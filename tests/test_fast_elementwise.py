@@ -17,7 +17,14 @@ from terge import kernels, methods
 from terge.errors import MethodNotApplicableError
 from terge.families import elementwise
 from terge.kernels import cpu, fastelementwise, fastmethods
-from terge.kernels.primitives import EXPONENTS, HALF, exact_total, magnitude_bits, square_sums
+from terge.kernels.primitives import (
+    EXPONENTS,
+    HALF,
+    exact_total,
+    exact_totals,
+    magnitude_bits,
+    square_sums,
+)
 
 from helpers import near_base, same_bits
 
@@ -207,8 +214,6 @@ def test_exact_totals_of_a_stack_are_each_models_own(models):
     """A stack of sums (one row per model, read in one go) gives each model the total it gives
     alone: NaN where a square is NaN, else infinity where one is infinite or the sum
     overflows, else math.fsum's correctly rounded sum of the rounded squares."""
-    from terge.kernels.primitives import exact_totals
-
     stack = torch.stack([square_sums(torch.tensor(v, dtype=torch.float64)) for v in models])
     for got, values in zip(exact_totals(stack), models, strict=True):
         squares = [x * x for x in values]
@@ -255,7 +260,14 @@ def fsum_of_squares(values: torch.Tensor) -> float:
 
 
 def assert_square_sums_match(base, tensors, threshold=None, keep=None):
-    got = fastelementwise._square_sums(base, tensors, threshold)
+    got, (least, most) = fastelementwise._square_sums(base, tensors, threshold)
+    outside = torch.ones(EXPONENTS - 1, dtype=torch.bool)
+    outside[least : most + 1] = False
+    assert not got[:, : EXPONENTS - 1][:, outside].any()  # the rows said to be used hold all
+    if least <= most:  # and the least and greatest of them are used
+        assert got[:, least].any() and got[:, most].any()
+    windowed, whole = exact_totals(got, (least, most)), exact_totals(got)
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(windowed, whole))
     for sums, tensor in zip(got, tensors, strict=True):
         delta = tensor.double() - base.double()
         if keep is not None:

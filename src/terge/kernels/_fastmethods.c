@@ -857,18 +857,32 @@ static void elementwise(char *out, int out_code, const char *base, int base_code
  * sigma and |p - t| <= 2^-53 sigma; and any sum of at most 2^10 such t is exact, in any order.
  * A block (BLOCK = 2^10 entries) of squares is split level by level, sigma stepping down by
  * 2^42, until every residual is 0 (the level whose sigma is at most the least square's
- * exponent is the last: counted, not checked); each level's exact float64 sum goes into the integer sums as
- * one signed significand. Blocks with NaNs, infinities or squares near overflow take the plain
- * path: each significand added whole into a uint64 slot per exponent (at most 2^10 significands
- * of 53 bits: below 2^63), then split into the int64 sums. */
+ * exponent is the last: counted, not checked); each level's exact float64 sum goes into the
+ * integer sums as one signed significand. Where two levels take it all (squares spanning at
+ * most 31 binades: the common case) both are extracted in one read of the block. Blocks with
+ * NaNs, infinities or squares near overflow take the plain path: each significand added whole
+ * into a uint64 slot per exponent (at most 2^10 significands of 53 bits: below 2^63), then
+ * split into the int64 sums. */
 #define LANES 32     /* partial sums per level (independent chains of additions) */
 #define LEVEL_STEP 42 /* binades between levels: 53 - 10 - 1 (one to spare) */
 
+/* The least and greatest rows of the sums written (0 to EXPONENTS - 2; the last, NaNs and
+ * infinities, apart): the rest are left 0, so the rounding reads only these. */
+typedef struct {
+    int least, most;
+} Used;
+
+static inline void note_used(Used *used, int least, int most) {
+    used->least = least < used->least ? least : used->least;
+    used->most = most > used->most ? most : used->most;
+}
+
 /* Add the exact float64 value t (finite) into the signed integer sums. */
-static void add_exact(int64_t (*row)[2], double t) {
+static void add_exact(int64_t (*row)[2], double t, Used *used) {
     uint64_t bits;
     memcpy(&bits, &t, sizeof bits);
     const uint64_t e = (bits >> 52) & 0x7FF, fraction = bits & ((UINT64_C(1) << 52) - 1);
+    note_used(used, (int)e, (int)e);
     const int64_t significand = (int64_t)(fraction | (uint64_t)(e != 0) << 52);
     const int64_t high = significand >> HALF, low = significand & ((INT64_C(1) << HALF) - 1);
     if (bits >> 63) {
@@ -879,7 +893,8 @@ static void add_exact(int64_t (*row)[2], double t) {
 }
 
 /* The plain path for one block of squares q (m of them). */
-static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *q, Py_ssize_t m) {
+static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *q, Py_ssize_t m,
+                              Used *used) {
     uint64_t least = EXPONENTS, most = 0;
     for (Py_ssize_t k = 0; k < m; k++) {
         uint64_t bits;
@@ -895,6 +910,7 @@ static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *
         least = e < least ? e : least;
         most = e > most ? e : most;
     }
+    if (least <= most) note_used(used, (int)least, (int)most);
     for (uint64_t e = least; e <= most && least <= most; e++) {
         const uint64_t total = table[e];
         row[e][0] += (int64_t)(total >> HALF);
@@ -945,11 +961,37 @@ static ALWAYS_INLINE double extract(double *RESTRICT q, Py_ssize_t m, double sig
     return level;
 }
 
+/* Two levels of the extraction in one read of q, where the second leaves nothing: returns the
+ * first level's exact sum, the second's in *second. */
+static ALWAYS_INLINE double extract2(const double *RESTRICT q, Py_ssize_t m, double sigma,
+                                     double sigma2, double *second) {
+    double lanes[LANES] = {0.0}, lanes2[LANES] = {0.0};
+    Py_ssize_t k = 0;
+    for (; k + LANES <= m; k += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            const double t = (sigma + q[k + l]) - sigma;
+            const double r = q[k + l] - t;
+            lanes[l] = lanes[l] + t;
+            lanes2[l] = lanes2[l] + ((sigma2 + r) - sigma2);
+        }
+    }
+    for (; k < m; k++) {
+        const double t = (sigma + q[k]) - sigma;
+        const double r = q[k] - t;
+        lanes[0] = lanes[0] + t;
+        lanes2[0] = lanes2[0] + ((sigma2 + r) - sigma2);
+    }
+    double level = 0.0, level2 = 0.0;
+    for (int l = 0; l < LANES; l++) level = level + lanes[l], level2 = level2 + lanes2[l];
+    *second = level2;
+    return level;
+}
+
 /* One block's squares for each model, added into sums[i] (see above). */
 CLONED
 static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, const void *b,
                               const void *const *x, const uint64_t *keep, Py_ssize_t m,
-                              int count, int f32) {
+                              int count, int f32, Used *used) {
     double q[BLOCK];
     for (int i = 0; i < count; i++) {
         int64_t (*row)[2] = sums[i];
@@ -964,7 +1006,7 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
         if (!most) continue; /* only zeros */
         const int top = (int)(most >> 52);
         if (top >= 0x7FF - 11) { /* NaNs, infinities, or sigma would overflow */
-            square_sums_plain(row, table, q, m);
+            square_sums_plain(row, table, q, m, used);
             continue;
         }
         /* sigma = 2^(top - 1012) >= 2^10 * every square, then 2^42 less level by level. Every
@@ -974,14 +1016,21 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
          * subnormals) the few left are added one by one, exactly, as signed significands. */
         const int low = (least >> 52 ? (int)(least >> 52) : 1) - 1023;
         int e = top - 1023 + 11;
+        if (e - LEVEL_STEP <= low && e - LEVEL_STEP >= -1000) { /* the common case: two levels */
+            double second;
+            const double first = extract2(q, m, ldexp(1.0, e), ldexp(1.0, e - LEVEL_STEP), &second);
+            if (first != 0.0) add_exact(row, first, used);
+            if (second != 0.0) add_exact(row, second, used);
+            continue;
+        }
         for (; e >= -1000; e -= LEVEL_STEP) {
             const double level = extract(q, m, ldexp(1.0, e));
-            if (level != 0.0) add_exact(row, level);
+            if (level != 0.0) add_exact(row, level, used);
             if (e <= low) break;
         }
         if (e < -1000) {
             for (Py_ssize_t k = 0; k < m; k++) {
-                if (q[k] != 0.0) add_exact(row, q[k]);
+                if (q[k] != 0.0) add_exact(row, q[k], used);
             }
         }
     }
@@ -992,7 +1041,7 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
 CLONED
 static void square_sums(const char *base, int base_code, Py_ssize_t n, char *const *models,
                         const int *codes, const Elementwise *s, int64_t (*sums)[EXPONENTS][2],
-                        double *xbuf) {
+                        double *xbuf, Used *used) {
     double bbuf[BLOCK], v[BLOCK];
     uint64_t table[EXPONENTS] = {0}, keep[BLOCK];
     const double *x[MAX_MODELS];
@@ -1011,7 +1060,8 @@ static void square_sums(const char *base, int base_code, Py_ssize_t n, char *con
         }
         if (f32) {
             for (int i = 0; i < s->count; i++) p[i] = models[i] + start * sizeof(float);
-            square_sums_block(sums, table, base + start * sizeof(float), p, NULL, m, s->count, 1);
+            square_sums_block(sums, table, base + start * sizeof(float), p, NULL, m, s->count, 1,
+                              used);
             continue;
         }
         const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
@@ -1021,7 +1071,7 @@ static void square_sums(const char *base, int base_code, Py_ssize_t n, char *con
             for (Py_ssize_t k = 0; k < m; k++) keep[k] = magnitude(v[k]) >= s->threshold;
         }
         for (int i = 0; i < s->count; i++) p[i] = x[i];
-        square_sums_block(sums, table, b, p, s->select ? keep : NULL, m, s->count, 0);
+        square_sums_block(sums, table, b, p, s->select ? keep : NULL, m, s->count, 0, used);
     }
 }
 
@@ -1387,7 +1437,8 @@ PyDoc_STRVAR(square_sums_doc,
              "square_sums(base, base_code, n, models, codes, select, threshold, out)\n\n"
              "Add SCE's kept task vector entries' squares into out (int64, models x 2048 x 2):\n"
              "per biased exponent, the high and low 26 bits of the significands; in row 2047 the\n"
-             "NaNs (slot 0) and infinities (slot 1) counted.");
+             "NaNs (slot 0) and infinities (slot 1) counted. Returns the least and greatest\n"
+             "row written below 2047 (least > greatest: none).");
 
 static PyObject *py_square_sums(PyObject *self, PyObject *args) {
     (void)self;
@@ -1412,13 +1463,13 @@ static PyObject *py_square_sums(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    Used used = {EXPONENTS - 1, -1};
     Py_BEGIN_ALLOW_THREADS
     square_sums((const char *)(uintptr_t)base, base_code, n, models, codes, s,
-                (int64_t (*)[EXPONENTS][2])(uintptr_t)out, buffers);
+                (int64_t (*)[EXPONENTS][2])(uintptr_t)out, buffers, &used);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(buffers);
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_BuildValue("ii", used.least, used.most);
 done:
     PyMem_Free(s);
     return result;

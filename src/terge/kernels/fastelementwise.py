@@ -182,7 +182,7 @@ def sce_into(
             _merge(BASE, destination, tensors, base, [1.0] * len(tensors))
             return True
         threshold = fastmethods.variance_kth_largest(base, tensors, k, scratch)
-    squares = exact_totals(_square_sums(base, tensors, threshold))
+    squares = exact_totals(*_square_sums(base, tensors, threshold))
     coefficients = squares if sum(squares) > 0 else [1.0] * len(tensors)
     _merge(SCE, destination, tensors, base, coefficients, scale=scale, threshold=threshold)
     return True
@@ -190,18 +190,18 @@ def sce_into(
 
 def _square_sums(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], threshold: int | None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Each model's integer sums (``(models, EXPONENTS, 2)``) holding the same exact total as
     :func:`~terge.kernels.primitives.square_sums` of its kept task vector, split differently
     over the rows (blocks' exact partial sums, signed), so :func:`exact_totals` gives the same
-    float; one read of the inputs split between threads."""
+    float; and the least and greatest rows written below the last (every other is 0), so that
+    :func:`exact_totals` reads only those. One read of the inputs split between threads."""
     spans = ranges(base.numel())
     tables = torch.zeros(len(spans), len(tensors), EXPONENTS, 2, dtype=torch.int64)
 
-    def part(piece: int) -> None:
+    def part(piece: int) -> tuple[int, int]:
         start, stop = spans[piece]
-        sums = tables[piece]
-        _fastmethods.square_sums(
+        return _fastmethods.square_sums(
             base.data_ptr() + start * base.element_size(),
             DTYPE_CODES[base.dtype],
             stop - start,
@@ -209,11 +209,12 @@ def _square_sums(
             _codes(tensors),
             threshold is not None,
             0 if threshold is None else threshold,
-            sums.data_ptr(),
+            tables[piece].data_ptr(),
         )
 
-    run([functools.partial(part, piece) for piece in range(len(spans))])
-    return tables.sum(0)
+    used = run([functools.partial(part, piece) for piece in range(len(spans))])
+    rows = (min(least for least, _ in used), max(most for _, most in used))
+    return (tables[0] if len(spans) == 1 else tables.sum(0)), rows
 
 
 def order_statistics(values: torch.Tensor, index: int) -> torch.Tensor | None:
