@@ -189,10 +189,13 @@ def execute(
     The destination is asked for only when its step runs, so a file writer can hand out a view
     of its shard's memory map and nothing needs to be held for long.
 
-    ``atomic`` (merging in place, into tensors the caller keeps): a failure leaves every
-    destination as it was. The steps that can fail at run time, a user's methods, are computed
-    first into temporaries; then everything is written, with SIGINT held until the writes end
-    (the built-in kernels cannot fail there: the plan refused what they cannot take).
+    ``atomic`` (merging in place, into tensors the caller keeps): a user's method that fails
+    leaves every destination as it was. Those steps are computed first into temporaries; then
+    everything is written, with SIGINT held until the writes end. The plan refused what the
+    built-in kernels cannot take, but they can still run out of memory while writing: such an
+    error is raised as itself, with a note saying which tensors may be merged already and
+    which are untouched (:func:`_note_partly_written`). Holding every result until the end
+    would make it all or nothing, at the cost of a copy of the model.
 
     ``hold``: every destination stays valid until the end (a merge in memory), so small linear
     steps on the CPU may be held back and computed many to one call (:class:`_HeldSteps`).
@@ -204,8 +207,9 @@ def execute(
     with torch.no_grad(), _read_ahead(steps, sources, base) as readahead:
         ready = _computed_ahead(steps, sources, base, destination, buffers) if atomic else {}
         with _interrupts_held() if atomic else contextlib.nullcontext(), bar(**shown_as) as shown:
+            index = 0
             try:
-                for index, step in enumerate(steps):
+                for index, step in enumerate(steps):  # index: read after a failure too
                     if readahead is not None:
                         readahead.reached(index)
                     if hook is not None:
@@ -222,10 +226,43 @@ def execute(
                         hook.after(step, written)
                     shown.update(1)
                 if batched is not None:
+                    index = len(steps)
                     batched.flush()
+            except Exception as error:
+                if atomic:
+                    _note_partly_written(error, [step.name for step in steps], index)
+                raise
             finally:
                 if atomic:  # the caller's tensors: tell autograd they changed
                     _bump_versions([destination(step.name) for step in steps], steps)
+
+
+def _note_partly_written(error: Exception, names: list[str], index: int) -> None:
+    """Add a note to an error raised while writing in place (``names[index]`` was being
+    computed; ``index == len(names)``: the small tensors held to the end): what may be merged
+    already, and what is untouched, so that the caller knows the base is partly merged."""
+
+    def listed(some: list[str]) -> str:
+        shown = [repr(name) for name in some]
+        return ", ".join(shown if len(shown) <= 4 else [*shown[:3], "...", shown[-1]])
+
+    if index >= len(names):
+        state = f"while writing the small tensors it held to the end; any of the {index} may"
+        state += " hold merged values"
+    else:
+        name, after = repr(names[index]), len(names) - index - 1
+        state = f"at {name} (tensor {index + 1} of {len(names)}); "
+        if index:
+            state += f"the {index} before it ({listed(names[:index])}) may hold merged values, "
+        state += f"{name} may be partly written, and the {after} after it are untouched"
+    text = (
+        f"terge: the in-place merge stopped {state}. The base is partly merged: reload it, or "
+        "merge with inplace=False where a failure must leave it as it was."
+    )
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    else:  # Python 3.10: kept where 3.11's traceback would show it
+        error.__notes__ = [*getattr(error, "__notes__", []), text]  # type: ignore[attr-defined]
 
 
 class _HeldSteps:
