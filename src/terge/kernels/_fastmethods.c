@@ -924,10 +924,11 @@ static void square_sums_plain(int64_t (*row)[2], uint64_t *table, const double *
  * (UINT64_MAX when all are 0). */
 static ALWAYS_INLINE uint64_t squares(double *RESTRICT q, const void *x, const void *b,
                                       const uint64_t *keep, Py_ssize_t m, uint64_t *least,
-                                      const int f32, const int select) {
+                                      const int f32, const int b32, const int select) {
     uint64_t most = 0, fewest = UINT64_MAX;
     for (Py_ssize_t k = 0; k < m; k++) { /* vectorised */
-        double t = AT(x, k) - AT(b, k);
+        const double bk = b32 ? (double)((const float *)b)[k] : ((const double *)b)[k];
+        double t = AT(x, k) - bk;
         if (select) t = masked(t, keep[k]);
         q[k] = t * t;
         uint64_t bits;
@@ -992,16 +993,21 @@ CLONED
 static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, const void *b,
                               const void *const *x, const uint64_t *keep, Py_ssize_t m,
                               int count, int f32, Used *used) {
-    double q[BLOCK];
+    double q[BLOCK], wide[BLOCK];
+    const int b32 = f32 && count == 1; /* else a float32 base is widened once for every model */
+    if (f32 && !b32) {
+        for (Py_ssize_t k = 0; k < m; k++) wide[k] = ((const float *)b)[k];
+        b = wide;
+    }
     for (int i = 0; i < count; i++) {
         int64_t (*row)[2] = sums[i];
         uint64_t most, least;
-        if (f32) {
-            most = keep ? squares(q, x[i], b, keep, m, &least, 1, 1)
-                        : squares(q, x[i], b, keep, m, &least, 1, 0);
+        if (f32) { /* float32 models: only without a selection (see square_sums) */
+            most = b32 ? squares(q, x[i], b, keep, m, &least, 1, 1, 0)
+                       : squares(q, x[i], b, keep, m, &least, 1, 0, 0);
         } else {
-            most = keep ? squares(q, x[i], b, keep, m, &least, 0, 1)
-                        : squares(q, x[i], b, keep, m, &least, 0, 0);
+            most = keep ? squares(q, x[i], b, keep, m, &least, 0, 0, 1)
+                        : squares(q, x[i], b, keep, m, &least, 0, 0, 0);
         }
         if (!most) continue; /* only zeros */
         const int top = (int)(most >> 52);
