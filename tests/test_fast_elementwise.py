@@ -224,6 +224,113 @@ def test_exact_totals_of_a_stack_are_each_models_own(models):
         assert got == expected or (math.isinf(expected) and got == math.inf), (got, expected)
 
 
+def _rounded_in_c(tables: torch.Tensor, least: int, most: int):
+    parts, models = tables.shape[:2]
+    return fastmethods._fastmethods.round_sums(tables.data_ptr(), parts, models, least, most)
+
+
+def _same_floats(got, expected) -> bool:
+    return all(
+        (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+        for a, b in zip(got, expected, strict=True)
+    )
+
+
+@needs_loops
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.lists(
+        st.tuples(
+            st.integers(0, EXPONENTS - 2),
+            st.integers(-(2**40), 2**62),
+            st.integers(-(2**40), 2**40),
+        ),
+        min_size=0,
+        max_size=12,
+    ),
+    st.integers(0, 7),
+)
+def test_the_compiled_rounding_of_sums_equals_pythons_exact_one(parts, models, rows, specials):
+    """round_sums (C: limbs, the smaller part taken from the larger, ties to even) gives what
+    exact_totals (Python's integers) gives for any table: rows anywhere from the subnormals to
+    past overflow, signed halves, spread over the threads' parts; NaN and infinity counts."""
+    tables = torch.zeros(parts, models, EXPONENTS, 2, dtype=torch.int64)
+    for index, (exponent, high, low) in enumerate(rows):
+        tables[index % parts, index % models, exponent] += torch.tensor([high, low])
+    if specials & 1:
+        tables[0, 0, EXPONENTS - 1, 1] = 1  # an infinity
+    if specials & 2:
+        tables[parts - 1, models - 1, EXPONENTS - 1, 0] = 2  # NaNs
+    used = [exponent for exponent, *_ in rows] or [EXPONENTS - 1]
+    least, most = min(used), max(used) if rows else -1
+    expected = exact_totals(tables.sum(0))
+    got = _rounded_in_c(tables, least, most)
+    if got is None:  # only where a total is negative: not a sum of squares
+        exact = [
+            sum(((int(h) << HALF) + int(lo)) << max(e - 1, 0) for e, (h, lo) in enumerate(rows))
+            for rows in tables.sum(0)[:, : EXPONENTS - 1].tolist()
+        ]
+        assert any(total < 0 for total in exact)
+        return
+    assert _same_floats(got, expected), (got, expected)
+
+
+@needs_loops
+@pytest.mark.parametrize(
+    ("value", "exponent"),
+    [
+        (0, 1),
+        (1, 1),  # the least subnormal
+        (2**52 + 1, 1),  # a subnormal's 53 bits, exact
+        (2**53 - 1, 1),
+        (2**53 + 1, 1),  # 54 bits, exactly half way: to even (down)
+        (2**54 + 2, 1),  # half way, even below: down
+        (2**54 + 6, 1),  # half way, odd below: up
+        (2**54 + 7, 1),  # above half way: up
+        (2**54 + 5, 1),  # below half way: down
+        (2**54 + 6, 1000),  # half way, shifted across limbs
+        (2**88 + 2**35 + 1, 700),  # far past 53 bits: the sticky bits in lower limbs
+        (2**53 - 1, 2046),  # the greatest float64
+        (2**54 - 1, 2045),  # half way between it and 2**1024: to even, so overflows
+        (2**54 - 1, 2046),  # overflows
+    ],
+)
+def test_the_compiled_rounding_is_correct_at_half_way_cases(value, exponent):
+    """A total written in one row (row e holds (high 2**26 + low) 2**(e - 1) units of
+    2**-1074), so that the exact value is known: rounded ties to even, past the greatest
+    float64 to infinity, as Python's integer division rounds it."""
+    tables = torch.zeros(1, 1, EXPONENTS, 2, dtype=torch.int64)
+    tables[0, 0, exponent] = torch.tensor([value >> HALF, value & ((1 << HALF) - 1)])
+    try:
+        expected = (value << (exponent - 1)) / (1 << 1074)
+    except OverflowError:
+        expected = math.inf
+    (got,) = _rounded_in_c(tables, exponent, exponent)
+    assert got == expected and expected == exact_totals(tables.sum(0))[0]
+
+
+@needs_loops
+def test_the_compiled_rounding_borrows_through_equal_limbs():
+    """(2**128 + 2**64) - (2**64 + 1): the negative part's middle limb equals the positive
+    part's, so the borrow from the lowest must pass through it (2**128 - 1, rounded: 2**128)."""
+    tables = torch.zeros(1, 1, EXPONENTS, 2, dtype=torch.int64)
+    tables[0, 0, 65] = torch.tensor([2**38, 1])  # (2**64 + 1) 2**64
+    tables[0, 0, 1] = torch.tensor([-(2**38), -1])  # -(2**64 + 1)
+    assert _rounded_in_c(tables, 1, 65) == [2.0 ** (128 - 1074)] == exact_totals(tables.sum(0))
+
+
+@needs_loops
+def test_the_compiled_rounding_refuses_rows_outside_the_table():
+    tables = torch.zeros(1, 1, EXPONENTS, 2, dtype=torch.int64)
+    for least, most in [(-1, 3), (0, EXPONENTS - 1)]:
+        with pytest.raises(ValueError, match=r"rows within 0\.\.2046"):
+            _rounded_in_c(tables, least, most)
+    with pytest.raises(ValueError, match="expected at least one of each"):
+        fastmethods._fastmethods.round_sums(tables.data_ptr(), 0, 1, 0, 3)
+
+
 def test_square_sums_count_nans_and_infinities():
     sums = square_sums(torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0]))
     assert sums.shape == (EXPONENTS, 2)

@@ -1042,6 +1042,80 @@ static void square_sums_block(int64_t (*sums)[EXPONENTS][2], uint64_t *table, co
     }
 }
 
+/* The exact total of rows least..most of parts tables of sums (each EXPONENTS x 2 int64, row e
+ * holding the signed sums of the high and low halves of significands with biased exponent e),
+ * correctly rounded to float64 (ties to even), as terge.kernels.primitives.exact_totals rounds
+ * it: in units of 2^-1074 the total is sum_e (high_e 2^26 + low_e) 2^max(e - 1, 0). The
+ * positive and negative terms are added into two unsigned integers of LIMBS 64-bit limbs, then
+ * the smaller taken from the larger. Returns 0, or -1 where the total is negative (a sum of
+ * squares cannot be: left to the caller's exact_totals, which says what it is). */
+#define LIMBS 36 /* 2,304 bits: shifts up to 2,045, terms below 2^90, carries */
+
+static void add_shifted(uint64_t *big, unsigned __int128 v, int shift) {
+    int w = shift / 64;
+    const int r = shift % 64;
+    uint64_t parts[3] = {(uint64_t)(v << r), (uint64_t)(v >> 64), 0}; /* v 2^r, limb by limb */
+    if (r) {
+        const unsigned __int128 high = v >> (64 - r); /* the bits shifted past the first limb */
+        parts[1] = (uint64_t)high;
+        parts[2] = (uint64_t)(high >> 64);
+    }
+    unsigned __int128 carry = 0;
+    for (int k = 0; w < LIMBS && (k < 3 || carry); k++, w++) {
+        carry += (unsigned __int128)big[w] + (k < 3 ? parts[k] : 0);
+        big[w] = (uint64_t)carry;
+        carry >>= 64;
+    }
+}
+
+static int round_total(const int64_t *tables, Py_ssize_t parts, Py_ssize_t stride, int least,
+                       int most, double *total) {
+    uint64_t plus[LIMBS] = {0}, minus[LIMBS] = {0};
+    for (int e = least; e <= most; e++) {
+        __int128 term = 0;
+        for (Py_ssize_t p = 0; p < parts; p++) {
+            const int64_t *row = tables + p * stride + 2 * (Py_ssize_t)e;
+            term += (__int128)row[0] * ((__int128)1 << HALF) + row[1];
+        }
+        if (term == 0) continue;
+        const int shift = e > 1 ? e - 1 : 0;
+        if (term > 0) {
+            add_shifted(plus, (unsigned __int128)term, shift);
+        } else {
+            add_shifted(minus, (unsigned __int128)(-term), shift);
+        }
+    }
+    int top = LIMBS - 1; /* compare, then take the smaller from the larger */
+    while (top >= 0 && plus[top] == minus[top]) top--;
+    if (top < 0) {
+        *total = 0.0;
+        return 0;
+    }
+    if (plus[top] < minus[top]) return -1;
+    uint64_t borrow = 0;
+    for (int w = 0; w < LIMBS; w++) {
+        const uint64_t a = plus[w], b = minus[w];
+        plus[w] = a - b - borrow;
+        borrow = (a < b) || (a - b < borrow);
+    }
+    while (plus[top] == 0) top--; /* the difference is not 0 */
+    const int bit = 63 - __builtin_clzll(plus[top]), p = top * 64 + bit; /* the leading 1 */
+    if (p < 53) { /* fewer than 54 bits: exact */
+        *total = ldexp((double)plus[0], -1074);
+        return 0;
+    }
+    /* the 53 bits from p down, then the rounding bit (p - 53) and whether any below is set */
+    uint64_t mantissa = 0;
+    for (int k = p; k > p - 53; k--) mantissa = mantissa << 1 | ((plus[k / 64] >> (k % 64)) & 1);
+    const int r = p - 53;
+    const int round = (plus[r / 64] >> (r % 64)) & 1;
+    int sticky = (plus[r / 64] & ((UINT64_C(1) << (r % 64)) - 1)) != 0;
+    for (int w = r / 64 - 1; w >= 0 && !sticky; w--) sticky = plus[w] != 0;
+    if (round && (sticky || (mantissa & 1))) mantissa++; /* 2^53 at most: exact as a double */
+    *total = ldexp((double)mantissa, p - 52 - 1074); /* a normal result, or infinity */
+    return 0;
+}
+
 /* Float32 inputs are read where they lie; others (and SCE's selection, whose variance reads
  * float64 blocks) are widened a block at a time. */
 CLONED
@@ -1505,7 +1579,57 @@ static PyObject *py_order_statistic(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(value);
 }
 
+PyDoc_STRVAR(round_sums_doc,
+             "round_sums(tables, parts, models, least, most)\n\n"
+             "Each model's exact total of parts tables of square_sums (int64, parts x models x\n"
+             "2048 x 2; rows least..most, the others 0), correctly rounded to float64: NaN where\n"
+             "a square was NaN, else infinity where one was infinite or the total overflows.\n"
+             "None where a total is negative (not a sum of squares).");
+
+static PyObject *py_round_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address;
+    Py_ssize_t parts, models;
+    int least, most;
+    if (!PyArg_ParseTuple(args, "Knnii", &address, &parts, &models, &least, &most)) return NULL;
+    if (parts < 1 || models < 1 || least < 0 || most > EXPONENTS - 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "round_sums: %zd parts of %zd models, rows %d..%d: expected at least one "
+                     "of each, rows within 0..%d",
+                     parts, models, least, most, EXPONENTS - 2);
+        return NULL;
+    }
+    const int64_t *tables = (const int64_t *)(uintptr_t)address;
+    const Py_ssize_t stride = models * EXPONENTS * 2; /* one part's tables */
+    PyObject *totals = PyList_New(models);
+    if (!totals) return NULL;
+    for (Py_ssize_t i = 0; i < models; i++) {
+        const int64_t *own = tables + i * EXPONENTS * 2;
+        int64_t nans = 0, infinities = 0;
+        for (Py_ssize_t p = 0; p < parts; p++) {
+            nans += own[p * stride + 2 * (EXPONENTS - 1)];
+            infinities += own[p * stride + 2 * (EXPONENTS - 1) + 1];
+        }
+        double total = NAN;
+        if (!nans) {
+            total = INFINITY;
+            if (!infinities && round_total(own, parts, stride, least, most, &total) < 0) {
+                Py_DECREF(totals);
+                Py_RETURN_NONE;
+            }
+        }
+        PyObject *value = PyFloat_FromDouble(total);
+        if (!value) {
+            Py_DECREF(totals);
+            return NULL;
+        }
+        PyList_SET_ITEM(totals, i, value);
+    }
+    return totals;
+}
+
 static PyMethodDef methods[] = {
+    {"round_sums", py_round_sums, METH_VARARGS, round_sums_doc},
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"sample", py_sample, METH_VARARGS, sample_doc},
     {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
