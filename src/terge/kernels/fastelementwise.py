@@ -216,15 +216,6 @@ def _square_tables(
     return tables, (min(least for least, _ in used), max(most for _, most in used))
 
 
-def _square_sums(
-    base: torch.Tensor, tensors: Sequence[torch.Tensor], threshold: int | None
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """:func:`_square_tables` added up over the parts (``(models, EXPONENTS, 2)``), so that
-    :func:`exact_totals` gives the same floats as for the reference's sums."""
-    tables, rows = _square_tables(base, tensors, threshold)
-    return tables.sum(0), rows
-
-
 def _square_totals(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], threshold: int | None
 ) -> list[float]:
@@ -235,7 +226,7 @@ def _square_totals(
     parts, models = tables.shape[:2]
     totals = _fastmethods.round_sums(tables.data_ptr(), parts, models, least, most)
     if totals is None:  # a negative total: not a sum of squares, so not expected; said exactly
-        return exact_totals(tables.sum(0), (least, most))
+        return exact_totals(tables.sum(0))
     return totals
 
 
