@@ -153,6 +153,39 @@ def test_a_failed_lineage_write_keeps_the_old_file_whole(tmp_path, monkeypatch):
     assert (tmp_path / "l.json").read_text() == "old\n"
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_lineage_file_is_flushed_to_disk_before_it_is_renamed_into_place(
+    tmp_path, monkeypatch, overwrite
+):
+    """Atomic means temporary file, fsync, rename: the temporary file's data reaches the disk
+    before it gets the lineage file's name (else a crash after the rename can leave it empty)."""
+    lineage = terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], dry_run=True)
+    if overwrite:
+        (tmp_path / "l.json").write_text("old\n")
+    events: list[str] = []
+    real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync file" if stat.S_ISREG(os.fstat(fd).st_mode) else "fsync folder")
+        real_fsync(fd)
+
+    def link(source: object, destination: object, **kwargs: object) -> None:
+        events.append("named")
+        real_link(source, destination, **kwargs)
+
+    def replace(source: object, destination: object, **kwargs: object) -> None:
+        events.append("named")
+        real_replace(source, destination, **kwargs)
+
+    monkeypatch.setattr(writing.os, "fsync", fsync)
+    monkeypatch.setattr(writing.os, "link", link)
+    monkeypatch.setattr(writing.os, "replace", replace)
+    terge.save_lineage(lineage, tmp_path / "l.json", overwrite=overwrite)
+    assert "named" in events and "fsync file" in events, events
+    assert events.index("fsync file") < events.index("named"), events
+    assert terge.load_lineage(tmp_path / "l.json") == lineage
+
+
 def test_a_lineage_file_appearing_meanwhile_is_not_clobbered(tmp_path, monkeypatch):
     lineage = terge.merge([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], dry_run=True)
     target = tmp_path / "l.json"
@@ -395,6 +428,25 @@ def test_sigterm_mid_write_removes_the_temporary_folder(tmp_path):
     child = start_slow_merge(tmp_path)
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_mid_write_removes_the_temporary_folder(tmp_path):
+    """A KeyboardInterrupt while the folder is being written (here from a user's method, at the
+    second tensor, with the temporary folder already made) leaves neither it nor the output."""
+    a, b = folders(tmp_path)
+    seen: list[list[str]] = []
+
+    def interrupted(tensors, weights, base):
+        seen.append(leftovers(tmp_path))
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return tensors[0]
+
+    with pytest.raises(KeyboardInterrupt):
+        terge.merge([a, b], out=tmp_path / "o", method=interrupted)
+    assert len(seen) == 2 and any(".o.tmp-" in name for name in seen[1])  # it was mid-write
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "o").exists()
 

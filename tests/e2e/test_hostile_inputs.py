@@ -188,6 +188,35 @@ def test_a_huge_recipe_is_refused_not_read_forever(monkeypatch, tmp_path):
         terge.cli.recipe.load_recipe(path)
 
 
+def test_a_recipe_from_an_endless_pipe_is_read_only_up_to_the_limit(monkeypatch, tmp_path):
+    """Recipes may come from a pipe: terge reads at most the limit (and one byte) of it and
+    closes it, so a writer that never stops is cut off (its writes fail) rather than read
+    whole. The writer here stops by itself after 32 MiB, so that reading it all cannot hang."""
+    monkeypatch.setattr(terge.cli.recipe, "MAX_RECIPE_BYTES", 100)
+    pipe = tmp_path / "recipe.toml"
+    os.mkfifo(pipe)
+    total, chunk = 32 << 20, b"#" * (64 << 10)
+    written: list[int] = []
+
+    def writer():
+        sent = 0
+        try:
+            with open(pipe, "wb") as file:
+                while sent < total:
+                    file.write(chunk)
+                    sent += len(chunk)
+        except BrokenPipeError:
+            pass
+        written.append(sent)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    error = finishes(lambda: terge.cli.recipe.load_recipe(pipe))
+    thread.join(20)
+    assert isinstance(error, RecipeError) and "is larger than 100 bytes" in str(error), error
+    assert written and written[0] < total, "the whole pipe was read"
+
+
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_numbers_in_a_header_are_named(tmp_path, text):
     path = tmp_path / "x.safetensors"

@@ -295,6 +295,22 @@ def test_an_expanded_base_tensor_is_refused_in_place_before_anything_is_written(
     assert torch.equal(merged["t9"], mean.float())
 
 
+def test_an_expanded_base_tensor_is_refused_before_an_earlier_tensor_is_written():
+    """As above, with TIES, which writes each tensor at its turn: the mean holds small tensors
+    to the end, so above nothing would be written even if the view were refused only when its
+    turn came. Here the tensors before it would already be merged."""
+    models = _sixteen(torch.randn(4), at=4)
+    models[0]["t9"] = torch.ones(1).expand(4)
+    before = _raw(models[0])
+    with pytest.raises(MergeArgumentError, match=r"'t9': it is an expanded view"):
+        terge.merge(models, method="ties", inplace=True)
+    assert _raw(models[0]) == before
+    models[0]["t9"] = models[0]["t9"].clone()  # its own memory: the same merge changes t0..t8
+    terge.merge(models, method="ties", inplace=True)
+    after = _raw(models[0])
+    assert all(after[f"t{i}"] != before[f"t{i}"] for i in range(9))
+
+
 def test_partly_overlapping_base_views_are_refused_in_place():
     storage = torch.zeros(15)
     base = {"a": storage[0:10], "b": storage[5:15]}
@@ -305,6 +321,21 @@ def test_partly_overlapping_base_views_are_refused_in_place():
     merged = terge.merge([base, other])  # copied, each is merged from the inputs
     assert torch.equal(merged["a"], torch.full((10,), 0.5))
     assert torch.equal(merged["b"], torch.full((10,), 0.5))
+
+
+def test_overlapping_views_are_refused_before_the_first_is_written():
+    """As above, merged by TIES, which writes each tensor at its turn (the mean holds small
+    tensors to the end, so above 'a' would stay unwritten even if the views were refused only
+    when the turn of 'b' came)."""
+    storage = torch.zeros(15)
+    base = {"a": storage[0:10], "b": storage[5:15]}
+    others = [{"a": torch.ones(10), "b": torch.ones(10)}] * 2
+    with pytest.raises(MergeArgumentError, match=r"'a' and 'b': they are different views"):
+        terge.merge([base, *others], method="ties", inplace=True)
+    assert torch.equal(storage, torch.zeros(15))
+    apart = {"a": torch.zeros(10), "b": torch.zeros(10)}  # the same merge, views apart: written
+    terge.merge([apart, *others], method="ties", inplace=True)
+    assert not torch.equal(apart["a"], torch.zeros(10))
 
 
 def test_a_merged_view_overlapping_a_tensor_left_alone_is_refused_in_place():
@@ -363,6 +394,20 @@ def test_flags_take_booleans_only(flag, value):
     with pytest.raises(MergeArgumentError, match=rf"^`{flag}` must be True or False; got "):
         terge.merge(models, **{flag: value})
     assert _raw(models[0]) == before
+
+
+@pytest.mark.parametrize("flag", [f for f in FLAGS if f != "inplace"])
+@pytest.mark.parametrize("value", ["no", 1])
+def test_a_bad_flag_is_refused_before_an_in_place_merge_writes(flag, value):
+    """The test above merges into a copy, so its base could not change anyway: here the merge
+    is in place and would change the base (the mean of ones and zeros), and a bad flag must
+    stop it before the first write."""
+    models = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
+    before = _raw(models[0])
+    with pytest.raises(MergeArgumentError, match=rf"^`{flag}` must be True or False; got "):
+        terge.merge(models, inplace=True, **{flag: value})
+    assert _raw(models[0]) == before
+    assert not torch.equal(terge.merge(models, inplace=True)["w"], torch.ones(2))  # it would
 
 
 def test_the_issues_flag_message():
@@ -426,6 +471,26 @@ def test_digests_of_an_atomic_merge_with_a_users_method():
     _, in_place = terge.merge(models, method=mean, inplace=True, lineage=True, digests=True)
     _, copied = terge.merge(copies, method=mean, lineage=True, digests=True)
     assert in_place.digests == copied.digests and len(in_place.digests) == TENSORS
+
+
+def test_a_method_that_cannot_apply_is_refused_before_an_earlier_tensor_is_written():
+    """Slerp takes exactly two models: with three, the tensor that asks for it is refused while
+    planning, so the tensors before it are not written either. The earlier tensors are merged
+    by TIES, which writes each at its turn (the mean would hold these small tensors to the end,
+    and leave them unwritten whenever the check came), and the inapplicable tensor comes last:
+    were the check made only at its turn, the earlier ones would already be merged."""
+    models = _wide_models()
+    before = _record(models[0])
+    assert [name for name, *_ in before][-1] == "3.bias"
+    methods = {re.compile(r"^3\.bias$"): "slerp", re.compile(".*"): "ties"}
+    with pytest.raises(
+        terge.MethodNotApplicableError, match=r"'slerp' needs exactly 2 contributing models"
+    ):
+        terge.merge(models, method=methods, inplace=True)
+    _assert_unchanged(models[0], before)
+    methods[re.compile(r"^3\.bias$")] = "arithmetic"  # let finish, the merge changes them all
+    terge.merge(models, method=methods, inplace=True)
+    assert all(raw != raw0 for (*_, raw), (*_, raw0) in zip(_record(models[0]), before))
 
 
 def test_a_method_built_by_hand_is_a_users_method():
@@ -591,6 +656,28 @@ def test_out_of_memory_in_a_compiled_loop_writing_in_place_is_noted(k, monkeypat
     assert _assert_partly_written_as_noted(models, before, "ties", raised) == k
 
 
+def test_out_of_memory_while_writing_in_place_still_bumps_the_versions(monkeypatch):
+    """README: after a built-in kernel's error while writing, the Parameter objects stay the
+    same and their versions are bumped, so a graph that saved the partly merged tensors
+    raises in backward() instead of using them."""
+    from terge.kernels import fastmethods
+
+    if not fastmethods.available():
+        pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
+    _failing_kernel(monkeypatch, fastmethods._fastmethods, "merge", 3)
+    models = _wide_models()
+    parameters = list(models[0].parameters())
+    versions = [p._version for p in parameters]
+    x = torch.randn(16, requires_grad=True)
+    loss = (models[0][0].weight @ x).sum()  # saves the first weight, which is merged
+    with pytest.raises(MemoryError, match="injected"):
+        terge.merge(models, method="ties", inplace=True)
+    assert all(p is q for p, q in zip(models[0].parameters(), parameters, strict=True))
+    assert all(p._version > v for p, v in zip(parameters, versions, strict=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_out_of_memory_writing_the_held_small_tensors_is_noted(monkeypatch):
     """The mean's small tensors are held and computed together at the end: a failure there
     says that any tensor may hold merged values."""
@@ -613,9 +700,6 @@ def test_a_failure_merging_into_a_copy_has_no_note(monkeypatch):
     if not fastmethods.available():
         pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
     _failing_kernel(monkeypatch, fastmethods._fastmethods, "merge", 3)
-    models = _wide_models()
-    before = _record(models[0])
     with pytest.raises(MemoryError, match="injected") as raised:
-        terge.merge(models, method="ties")
+        terge.merge(_wide_models(), method="ties")
     assert not getattr(raised.value, "__notes__", [])
-    _assert_unchanged(models[0], before)

@@ -151,6 +151,23 @@ def test_digests_must_name_the_models_read(folders):
     ]
 
 
+def test_digests_must_name_the_separate_base_read(folders):
+    """Task arithmetic over a separate base reads that base: digests that drop its digest, or
+    a plain merge's digests that add one, do not describe the models read."""
+    terge.merge(folders[:2], base="p", method="task_arithmetic", out="m", digests=True)
+    assert verify_lineage(load_lineage("m"), "m") == []
+    edit("m/lineage.json", lambda d: d["digests"]["norm.bias"].pop("base"))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "its digests lack the separate base the merge read")
+    ]
+    terge.merge(folders[:2], method="task_arithmetic", out="n", digests=True)
+    assert verify_lineage(load_lineage("n"), "n") == []
+    edit("n/lineage.json", lambda d: d["digests"]["norm.bias"].update(base="0" * 64))
+    assert ("norm.bias", "its digests record a separate base, which the merge did not read") in (
+        verify_lineage(load_lineage("n"), "n")
+    )
+
+
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e400", "9" * 400])
 def test_a_non_finite_weight_does_not_load(folders, text):
     terge.merge(folders[:2], out="m")
@@ -210,6 +227,25 @@ def test_a_separate_base_is_read_for_the_tensors_it_left(folders):
     assert verify_lineage(lineage, "m") == []
     rewrite("m", lambda t: t.update({"steps": torch.tensor([0])}))  # a's, not p's
     assert names(verify_lineage(lineage, "m")) == ["steps"]
+
+
+def test_a_merged_tensor_edited_in_place_fails_verify(capsys, folders):
+    """Every merged tensor is recomputed and compared bit for bit: one element changed (same
+    dtype, same shape, no digests to give it away) is named."""
+    terge.merge(folders, out="m")
+    assert verify_lineage(load_lineage("m"), "m") == []
+
+    def nudge(tensors):
+        weight = tensors["layers.0.weight"].clone()
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+        tensors["layers.0.weight"] = weight
+
+    rewrite("m", nudge)
+    problems = verify_lineage(load_lineage("m"), "m")
+    assert names(problems) == ["layers.0.weight"]
+    assert "differs from the recomputed one" in problems[0][1]
+    code, out, _ = run(capsys, "lineage", "verify", "m", "--merged", "m")
+    assert code == 1 and "layers.0.weight" in out
 
 
 def test_a_merged_dtype_changed_after_the_merge_fails(folders):

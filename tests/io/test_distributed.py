@@ -407,6 +407,29 @@ def test_a_metadata_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch)
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_chunk_record_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    """A chunk's record is loaded with weights_only=True: a record that pickles a call is
+    refused, and the call never runs."""
+    monkeypatch.chdir(tmp_path)
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=lambda _: _Boom())
+    refused = pytest.raises(CheckpointError, match=r"is not a tensor torch.load can read")
+    with open_checkpoint(tmp_path / "c") as reader, refused:  # opening reads no record
+        reader.get("w")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_metadata_link_out_of_the_folder_is_refused(saved, tmp_path):
+    """The .metadata file itself must lie inside the folder: a link to one elsewhere (which
+    could name any data) is refused before it is read."""
+    folder, _ = saved
+    (tmp_path / "elsewhere.metadata").write_bytes((folder / ".metadata").read_bytes())
+    (folder / ".metadata").unlink()
+    os.symlink(tmp_path / "elsewhere.metadata", folder / ".metadata")
+    with pytest.raises(CheckpointError, match=r"\.metadata is a link to .*outside the checkpoint"):
+        open_checkpoint(folder)
+
+
 def test_a_metadata_of_another_type_or_damaged_is_refused(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps({"a": 1}))
