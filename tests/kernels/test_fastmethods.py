@@ -174,6 +174,25 @@ def test_split_between_threads_and_sampled(name, models, dtype, seed, kind, dens
         check(name, numel, dtypes, dtype, seed, kind, density, 0.05, 1.0, weights, True)
 
 
+@needs_loops
+@pytest.mark.parametrize("numel", [fastmethods._SAMPLED - 1, fastmethods._SAMPLED, 30_000])
+def test_the_default_sampling_threshold_gives_the_references_bits(numel, monkeypatch):
+    """Without any patching, a tensor just below the threshold collects every magnitude and one
+    at or above it is bracketed by samples (counted here): both give the reference's bits."""
+    sampled = []
+    original = fastmethods._bracket
+
+    def counted(*args):
+        sampled.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fastmethods, "_bracket", counted)
+    for name in ["ties", "breadcrumbs"]:
+        check(name, numel, [torch.float32] * 3, torch.float32, 3, 0, 0.3, 0.05, 1.0,
+              [0.5, 0.5], False)  # fmt: skip
+    assert bool(sampled) == (numel >= fastmethods._SAMPLED)
+
+
 def brackets(kind: str):
     """A stand-in for fastmethods._bracket that puts the bracket where the k-th is not (or
     leaves too little room), so that the fallbacks run."""
