@@ -9,7 +9,16 @@ from safetensors.torch import save_file
 
 import terge
 from terge.errors import PolicyError, TergeError
-from terge.lineage import NOT_FLOATING, SHAPE_MISMATCH, ModelRecord
+from terge.lineage import (
+    EXCLUDED,
+    NOT_A_TENSOR,
+    NOT_FLOATING,
+    ONE_MODEL,
+    SEPARATE,
+    SHAPE_MISMATCH,
+    TIED,
+    ModelRecord,
+)
 from terge.policy import Policy, Violation, check_lineage
 
 
@@ -174,3 +183,160 @@ def test_forbidden_reasons_cover_models_dropped_from_a_merged_tensor():
     ]
     found = check_lineage(lineage, Policy(require_merged=("w",), forbid_skipped=(SHAPE_MISMATCH,)))
     assert found == []
+
+
+def _by_hand(weights=((0, 0.5), (1, 0.5)), **record) -> terge.Lineage:
+    return terge.Lineage({"w": terge.LineageEntry("arithmetic", list(weights))}, **record)
+
+
+@pytest.mark.parametrize(
+    ("rules_", "message"),
+    [
+        ({"tied": (("a", ""),)}, "tied: ('a', '') must be a pair of tensor names."),
+        ({"tied": (("a", 1),)}, "tied: ('a', 1) must be a pair of tensor names."),
+        (
+            {"ranges": {"weight": (0, 1, 2)}},
+            "ranges: 'weight' must be [low, high], two finite numbers with low <= high; got "
+            "[0, 1, 2].",
+        ),
+        (
+            {"ranges": {"weight": (False, 1)}},
+            "ranges: 'weight' must be [low, high], two finite numbers with low <= high; got "
+            "[False, 1].",
+        ),
+    ],
+)
+def test_each_bad_rule_is_refused_by_its_own_check(rules_, message):
+    """An empty name, a name that is no string, three bounds and a bool bound are each refused
+    (exact messages: no other check may fire first)."""
+    with pytest.raises(PolicyError, match=regex.escape(message)):
+        Policy(**rules_)
+
+
+def test_a_range_of_one_value_is_a_range():
+    """low == high is allowed (inclusive bounds), and a weight on either bound passes."""
+    policy = Policy(ranges={"weight": (0.5, 0.5)})
+    assert check_lineage(_by_hand(), policy) == []
+    assert check_lineage(_by_hand(), Policy(ranges={"weight": (0.25, 0.5)})) == []
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (2.0, "w: models[0]'s weight is 2.0, outside [0.0, 1.0]"),
+        (float("nan"), "w: models[0]'s weight is nan, outside [0.0, 1.0]"),
+    ],
+)
+def test_a_weight_above_the_range_or_not_a_number_breaks_it(weight, message):
+    """The upper bound is checked too, and a NaN weight (which no comparison orders) fails."""
+    lineage = _by_hand(weights=((0, weight), (1, 0.5)))
+    found = check_lineage(lineage, Policy(ranges={"weight": (0.0, 1.0)}))
+    assert [str(v) for v in found] == [message]
+
+
+@pytest.mark.parametrize(
+    "rules_",
+    [
+        {"require_merged": ("w",)},
+        {"forbid_skipped": (EXCLUDED,)},
+        {"merged_is_base_floating": True},
+        {"same_dtypes": True},
+        {"tied": (("a", "b"),)},
+        {"pinned": True},
+        {"ranges": {"weight": (0.0, 1.0)}},
+    ],
+)
+def test_any_one_rule_makes_a_policy_not_empty(rules_):
+    """`terge lineage check` refuses an empty policy (it would pass anything): every rule on its
+    own counts."""
+    assert not Policy(**rules_).empty
+
+
+def test_a_tied_alias_counts_as_merged_only_when_its_tensor_is():
+    """An alias (skipped as tied) of a merged tensor is merged; one tied to a tensor not merged
+    is not, and the message says why (with the models dropped from it)."""
+    lineage = _by_hand(
+        skipped={"a": TIED, "b": TIED, "x": ONE_MODEL},
+        tied={"a": "w", "b": "x"},
+        dropped={"x": {1: SHAPE_MISMATCH}},
+    )
+    found = check_lineage(lineage, Policy(require_merged=("a", "b", "x")))
+    assert [str(v) for v in found] == [
+        "b: must be merged ('b'), but was left as in the base (tied)",
+        "x: must be merged ('x'), but was left as in the base (held by one model; models[1] "
+        "dropped: shape mismatch)",
+    ]
+
+
+def test_the_base_rule_from_the_lineage_alone_ignores_what_cannot_be_merged():
+    """Without the base's headers, tensors left alone as tied, not floating or not tensors are
+    not floating tensors left unmerged; any other reason is."""
+    lineage = _by_hand(
+        skipped={"a": TIED, "n": NOT_A_TENSOR, "s": NOT_FLOATING, "x": EXCLUDED},
+        tied={"a": "w"},
+    )
+    found = check_lineage(lineage, Policy(merged_is_base_floating=True))
+    assert rules(found) == [("base", "x")]
+
+
+def test_the_base_rule_against_the_bases_headers(tmp_path):
+    """With the base's headers: a tied alias of a merged tensor is merged, a merged name the
+    base lacks and a merged tensor the base holds as integers are violations."""
+    save_file(
+        {"w": torch.ones(2), "a": torch.ones(3), "steps": torch.tensor([1])},
+        tmp_path / "base.safetensors",
+    )
+    lineage = terge.Lineage(
+        {
+            "w": terge.LineageEntry("arithmetic", [(0, 1.0)]),
+            "z": terge.LineageEntry("arithmetic", [(0, 1.0)]),
+            "steps": terge.LineageEntry("arithmetic", [(0, 1.0)]),
+        },
+        skipped={"a": TIED},
+        tied={"a": "w"},
+    )
+    found = check_lineage(
+        lineage, Policy(merged_is_base_floating=True), base=tmp_path / "base.safetensors"
+    )
+    assert [str(v) for v in found] == [
+        "z: merged, but the base has no such tensor",
+        "steps: merged, but the base holds int64",
+    ]
+
+
+def test_a_recorded_base_path_not_found_is_judged_by_the_lineage(files):
+    """A base path the lineage records but this machine lacks is no error: the lineage's own
+    record judges it (as a base merged from memory)."""
+    lineage = _merged(files, excluded=[regex.compile("layers.1")])
+    lineage.base = ModelRecord(0, "file", "elsewhere/m0.safetensors")
+    found = check_lineage(lineage, Policy(merged_is_base_floating=True))
+    assert rules(found) == [("base", "model.layers.1.mlp.up_proj.weight")]
+
+
+def test_same_dtypes_reads_the_merged_checkpoints_headers(files):
+    """With --merged, the written headers are compared (a file edited after the merge is
+    caught even though the lineage records no out_dtype); an out_dtype equal to the base's
+    dtype is no change."""
+    policy = Policy(same_dtypes=True)
+    lineage = _merged(files)
+    terge.save({k: v.to(torch.bfloat16) for k, v in terge.load("out").items()}, "edited")
+    found = check_lineage(lineage, policy, merged="edited")
+    assert "lm_head.weight" in {v.name for v in found}
+    assert "written as bfloat16, but the base holds float32" in found[0].message
+    assert check_lineage(_merged(files, out_dtype="float32"), policy) == []
+
+
+def test_pinned_needs_models_and_a_pinned_separate_base():
+    """A lineage that records no models pins none; a separate base must be pinned too."""
+    found = check_lineage(_by_hand(), Policy(pinned=True))
+    assert [str(v) for v in found] == ["the lineage records no models, so none is pinned"]
+    digests = {"model.safetensors": "0" * 64}
+    lineage = _by_hand(
+        models=(ModelRecord(0, "file", "a", digests), ModelRecord(1, "file", "b", digests)),
+        base=ModelRecord(SEPARATE, "file", "base"),
+    )
+    found = check_lineage(lineage, Policy(pinned=True))
+    assert [str(v) for v in found] == [
+        "the base (file, read from base) is not pinned: no file digests and no revision; merge "
+        "from files with digests=True (--digests)"
+    ]

@@ -601,6 +601,115 @@ def test_mergekit_linear_middle_slice_takes_weights_and_gradients(folders, monke
     assert blocks_of(out) == [0, (1 + 11) / 2, (0 + 12) / 1, 13]
 
 
+def test_mergekit_slice_weights_take_the_sources_then_the_slices_then_the_global(
+    folders, monkeypatch
+):
+    """A source's weight is its own, else its slice's, else the global parameters' (mergekit's
+    order), and out_dtype wins over dtype for slices too."""
+    from terge.cli.mergekit import from_mergekit
+
+    monkeypatch.chdir(folders)
+    a, b = str(folders / "a"), str(folders / "b")
+    one = lambda m, r: {"sources": [{"model": m, "layer_range": r}]}  # noqa: E731
+    options = from_mergekit(
+        {
+            "merge_method": "linear",
+            "parameters": {"weight": 3.0},
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+            "slices": [
+                one("a", [0, 1]),
+                {
+                    "parameters": {"weight": 2.0},
+                    "sources": [
+                        {"model": "a", "layer_range": [1, 2], "parameters": {"weight": 1.0}},
+                        {"model": "b", "layer_range": [1, 2]},
+                    ],
+                },
+                {
+                    "sources": [
+                        {"model": "a", "layer_range": [2, 3]},
+                        {"model": "b", "layer_range": [2, 3]},
+                    ]
+                },
+                one("b", [3, 4]),
+            ],
+        }
+    )
+    assert options["slices"][1] == [
+        terge.blocks(a, 1, 2, weight=1.0),
+        terge.blocks(b, 1, 2, weight=2.0),
+    ]
+    assert options["slices"][2] == [
+        terge.blocks(a, 2, 3, weight=3.0),
+        terge.blocks(b, 2, 3, weight=3.0),
+    ]
+    assert options["out_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"foo": 1}, "config foo: is not a key of a slices config terge reads"),
+        (
+            {"chat_template": "chatml"},
+            "config chat_template: chat templates are not written; remove chat_template.",
+        ),
+        (
+            {"parameters": {"weight": 0.5}},
+            "config parameters.weight: is no setting terge translates for passthrough slices "
+            "(none)",
+        ),
+        (
+            {"merge_method": "linear", "parameters": {"normalize": False}},
+            "config parameters.normalize: must be true: terge.stack normalises the weights",
+        ),
+        ({"slices": [{"sources": []}]}, "config slices[0].sources: is empty"),
+        (
+            {"slices": [{"sources": [{"model": "a", "layer_range": [0, True]}]}]},
+            "config slices[0].sources[0].layer_range: must be [START, STOP], two ints, got "
+            "[0, True]",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "a", "layer_range": [0, 2], "weight": 1}]}]},
+            "config slices[0].sources[0].weight: is not a key of a slice source",
+        ),
+        (
+            {"slices": [{"sources": [{"model": "a", "layer_range": [3, 3]}]}]},
+            "config slices[0].sources[0]: blocks(3, 3) is empty",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {"sources": [{"model": "a", "layer_range": [0, 2]}]},
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [2, 4]},
+                            {"model": "b", "layer_range": [2, 4]},
+                        ]
+                    },
+                ],
+            },
+            "config slices[1]: merges several sources in the first or last slice",
+        ),
+    ],
+)
+def test_mergekit_slices_refusals_name_the_key(folders, monkeypatch, change, message):
+    """Each check of a slices config fires on its own input, naming the key (the last slice
+    merged is refused as the first is; an empty block range is terge.blocks' error, as a
+    config error)."""
+    from terge.cli.mergekit import from_mergekit
+
+    monkeypatch.chdir(folders)
+    config = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}],
+    }
+    with pytest.raises(terge.MergeArgumentError, match=re.escape(message)):
+        from_mergekit({**config, **change})
+
+
 def test_head_model_must_hold_the_bases_head_with_its_shapes():
     base = {**small(), "lm_head.weight": torch.zeros(3, 2)}
     with pytest.raises(terge.StackError, match="which the head model dict lacks"):

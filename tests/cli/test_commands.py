@@ -613,6 +613,50 @@ def test_check_passes_a_merge_that_keeps_the_policy(capsys, checkpoints, tmp_pat
     assert code == 1 and out.count("[range]") == 3  # an option adds to (here: overrides) the file
 
 
+def test_check_options_add_to_the_policy_files_rules(capsys, checkpoints, tmp_path):
+    """Each rule option adds to the file's rule of that kind: the file's pattern, reason, tied
+    pair and range are still checked when an option of the same kind is given."""
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    (tmp_path / "policy.toml").write_text(
+        'require_merged = ["no.such.tensor"]\nforbid_skipped = ["not floating point"]\n'
+        'tied = [["attn.weight", "mlp.weight"]]\n[ranges]\nweight = [0.5, 1.0]\n'
+    )
+    code, out, _ = run(
+        capsys,
+        "lineage",
+        "check",
+        "m",
+        "--policy",
+        "policy.toml",
+        "--require-merged",
+        "attn.weight",
+        "--forbid-skipped",
+        "shape mismatch",
+        "--tied",
+        "norm.bias=norm.bias",
+        "--range",
+        "density=0:1",
+    )
+    assert code == 1
+    for rule in ("[merged]", "[skipped]", "[tied]", "[range]"):
+        assert rule in out, rule
+
+
+@pytest.mark.parametrize("flag", ["--merged-is-base-floating", "--same-dtypes"])
+def test_check_each_flag_is_a_rule(capsys, checkpoints, flag):
+    """--merged-is-base-floating and --same-dtypes alone are policies (not "no rules")."""
+    assert run(capsys, "merge", "a", "b", "c", "-o", "m", "-q")[0] == 0
+    code, out, err = run(capsys, "lineage", "check", "m", flag)
+    assert (code, err) == (0, "")
+    assert out.startswith("terge: the lineage keeps the policy")
+
+
+def test_check_tied_needs_two_names(capsys, checkpoints):
+    assert run(capsys, "merge", "a", "b", "-o", "m", "-q")[0] == 0
+    code, _, err = run(capsys, "lineage", "check", "m", "--tied", "a.weight=")
+    assert code == 2 and "--tied 'a.weight=' must be NAME=NAME" in err
+
+
 # --- training checkpoints and choosing ------------------------------------------------------------
 
 

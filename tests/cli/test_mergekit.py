@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -306,6 +307,181 @@ def test_every_translated_method_is_in_the_table():
     }
 
 
+def test_each_methods_own_normalize_rescale_and_lambda(trio):
+    """The README table's per-method defaults and keys not covered above: normalize false for
+    task_arithmetic and dare_linear, rescale true (L1) for dare_linear, lambda as the scale of
+    task_arithmetic and dare_linear, and a config's own normalize kept (linear, dare_linear,
+    breadcrumbs) or ignored where the weights go as given (dare_ties)."""
+
+    def options(method: str, parameters: str = "{}") -> dict:
+        return from_mergekit(
+            config(f"""
+            models:
+              - model: m0
+                parameters: {{weight: 1.0}}
+              - model: m1
+                parameters: {{weight: 1.0}}
+            merge_method: {method}
+            base_model: base
+            parameters: {parameters}
+            """)
+        )
+
+    def settings(found: dict) -> dict:
+        return dict(found["method"]["model.norm.weight"].settings)
+
+    assert options("task_arithmetic")["normalize"] is False
+    assert settings(options("task_arithmetic", "{lambda: 0.5}")) == {"scale": 0.5}
+    dare = options("dare_linear")
+    assert dare["normalize"] is False
+    assert settings(dare) == {"density": 1.0, "scale": 1.0, "rescale": "l1"}
+    assert settings(options("dare_linear", "{lambda: 0.5}"))["scale"] == 0.5
+    assert options("dare_linear", "{normalize: true}")["normalize"] is True
+    assert options("breadcrumbs", "{normalize: true}")["normalize"] is True
+    assert options("linear", "{normalize: false}")["normalize"] is False
+    dare_ties = options("dare_ties", "{normalize: true}")
+    assert dare_ties["normalize"] is False  # weights as given; normalize is the disjoint mean
+    assert "disjoint_mean" not in settings(dare_ties)  # True: terge's default, not recorded
+    stock = from_mergekit(config("models: [m0, m1]\nmerge_method: model_stock\nbase_model: base"))
+    assert settings(stock) == {"clamp": False}  # filter_wise false where absent
+
+
+def test_int8_mask_is_read_checked_and_changes_nothing(trio):
+    """int8_mask is a key terge reads (the mask's dtype in mergekit): accepted, checked as a
+    flag, and without effect on the settings."""
+    text = "models: [m0]\nmerge_method: task_arithmetic\nbase_model: base\nparameters: "
+    plain = from_mergekit(config(text + "{weight: 1}"))
+    masked = from_mergekit(config(text + "{weight: 1, int8_mask: true}"))
+    assert {n: (m.name, m.settings) for n, m in masked["method"].items()} == {
+        n: (m.name, m.settings) for n, m in plain["method"].items()
+    }
+    assert masked["weights"] == plain["weights"]
+    with pytest.raises(
+        MergeArgumentError, match=r"config parameters.int8_mask: must be true or false, got 3"
+    ):
+        from_mergekit(config(text + "{weight: 1, int8_mask: 3}"))
+
+
+def test_a_models_filtered_setting_that_matches_nothing_falls_back_to_the_global(trio):
+    """mergekit reads a model's own parameters first, but a filtered value matching no filter
+    for a tensor leaves it to the global parameters (not to a missing value)."""
+    options = from_mergekit(
+        config("""
+        models:
+          - model: m0
+            parameters: {weight: [{filter: mlp, value: 3}]}
+          - model: m1
+        merge_method: linear
+        parameters: {weight: 1}
+        """)
+    )
+    assert options["weights"]["model.layers.0.mlp.up_proj.weight"] == [3.0, 1.0]
+    assert options["weights"]["model.norm.weight"] == [1.0, 1.0]
+
+
+def test_a_linear_base_model_among_the_models_is_its_index(trio):
+    """A base_model that is one of a linear merge's models is that model (its index), not a
+    separate base read a second time."""
+    options = from_mergekit(
+        config("models: [m0, m1]\nmerge_method: linear\nbase_model: m1\nparameters: {weight: 1}")
+    )
+    assert options["models"] == [str(trio / "m0"), str(trio / "m1")]
+    assert options["base"] == 1
+
+
+def test_out_dtype_wins_over_dtype_and_torch_names_are_read(trio):
+    """mergekit's out_dtype, else its dtype, is the written dtype; torch.bfloat16 is bfloat16."""
+    text = "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\n"
+    assert from_mergekit(config(text + "dtype: float32\nout_dtype: bfloat16"))["out_dtype"] == (
+        "bfloat16"
+    )
+    assert from_mergekit(config(text + "out_dtype: torch.float16"))["out_dtype"] == "float16"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\nmodules: {}",
+            "config modules: per-module configurations are not supported yet",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\nchat_template: chatml",
+            "config chat_template: chat templates are not written; remove chat_template.",
+        ),
+        ("models: [m0]", "config merge_method: must name a merge method, got None"),
+        ("models: []\nmerge_method: linear", "config models: must be a non-empty list"),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: 3",
+            "config parameters: must be a mapping of settings, got 3",
+        ),
+        (
+            "models: [{model: m0, weight: 1}]\nmerge_method: linear",
+            "config models[0].weight: is not a key of a model entry",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: [{value: 1, filtre: mlp}]}",
+            "config parameters.weight: a filtered value has the unknown key 'filtre'",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: [1, {value: 2}]}",
+            "config parameters.weight: a list mixing values and {filter, value} entries",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: [{filter: mlp}]}",
+            "config parameters.weight: a list mixing values and {filter, value} entries: "
+            "[{'filter': 'mlp'}]",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: .inf}",
+            "config parameters.weight: must be a finite number, got inf",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: true}",
+            "config parameters.weight: must be a number, got True",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: null}",
+            "config parameters.weight: must be a value, a list or filtered values, got None",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1, normalize: 1}",
+            "config parameters.normalize: must be true or false, got 1",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\n"
+            "parameters: {weight: 1, normalize: [{filter: mlp, value: false}, {value: true}]}",
+            "config parameters.normalize: differs from tensor to tensor",
+        ),
+        (
+            "models: [m0]\nmerge_method: slerp\nbase_model: base",
+            "config parameters: the required parameter 't' is not set for",
+        ),
+        (
+            "models: [m0, m1]\nmerge_method: slerp\nbase_model: base\nparameters: {t: 0.5}",
+            "config models: slerp takes base_model and one other model, got 3",
+        ),
+        (
+            "models: [m0]\nmerge_method: model_stock\nbase_model: base",
+            "config models: model_stock needs at least two models besides base_model",
+        ),
+    ],
+)
+def test_each_refusal_names_its_key_and_its_reason(trio, text, message):
+    """Every check of the reader fires on its own input, naming the key and why (the exact
+    message, so another check failing first would not pass)."""
+    with pytest.raises(MergeArgumentError, match=re.escape(message)):
+        from_mergekit(config(text))
+
+
+def test_a_yaml_file_that_is_no_mapping_is_refused(trio):
+    (trio / "list.yml").write_text("- m0\n- m1\n")
+    with pytest.raises(
+        MergeArgumentError, match=r"must be a mapping \(models, merge_method, \.\.\.\)"
+    ):
+        from_mergekit(trio / "list.yml")
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 
@@ -326,6 +502,16 @@ def test_terge_merge_mergekit_writes_the_merge_with_its_lineage(trio, capsys):
     assert lineage["merged"]["lm_head.weight"]["settings"]["trim"] == "exact"
     assert main(["merge", "--mergekit", "c.yml", "-o", "again", "m0"]) == 2
     assert "MODEL cannot be given with --mergekit" in capsys.readouterr().err
+
+
+def test_a_refused_config_writes_nothing(trio, capsys):
+    """The whole config is read and checked before the output folder is made."""
+    (trio / "c.yml").write_text(
+        "models: [m0, m1]\nmerge_method: linear\nparameters: {weight: 1}\nmodules: {}\n"
+    )
+    assert main(["merge", "--mergekit", "c.yml", "-o", "out"]) == 2
+    assert "config modules: per-module configurations" in capsys.readouterr().err
+    assert not (trio / "out").exists()
 
 
 # --- against mergekit itself (opt-in: where mergekit is importable) ---------------------------------

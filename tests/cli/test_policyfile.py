@@ -66,3 +66,25 @@ def test_ranges_on_the_command_line():
         with pytest.raises(PolicyError, match="--range"):
             parse_range(text)
     assert bounds([1, 1], "x") == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"tied": [["a", 1]]}, "tied must be a list of name pairs"),
+        ({"tied": "a=b"}, "tied must be a list of name pairs"),
+        ({"tied": 1}, "tied must be a list of name pairs"),
+        (
+            {"require_merged": ["mlp", 1]},
+            "require_merged must be a list of strings; got ['mlp', 1]",
+        ),
+        ({"forbid_skipped": "tied"}, "forbid_skipped must be a list of strings; got 'tied'"),
+        ({"ranges": {"weight": [0, 1, 2]}}, "ranges.weight must be [low, high]"),
+        ({"ranges": {"weight": [False, 1]}}, "ranges.weight must be [low, high]"),
+    ],
+)
+def test_each_malformed_rule_is_refused_by_its_check(data, message):
+    """Names that are no strings, a tied value that is no list, a forbid_skipped string (not a
+    list of reasons), three bounds and a bool bound: each refused naming its key."""
+    with pytest.raises(PolicyError, match=regex.escape(message)):
+        parse_policy(data, "the policy 'p.toml'")
