@@ -163,7 +163,10 @@ def test_weights_and_settings_within_ranges(files):
         ({"ranges": {"weight": (1, 0)}}, r"two finite numbers with low <= high"),
         ({"ranges": {"weight": (0, float("inf"))}}, r"two finite numbers"),
         ({"tied": (("a",),)}, "must be a pair of tensor names"),
-        ({"require_merged": (b"mlp",)}, "bytes"),
+        (
+            {"require_merged": (b"mlp",)},
+            r"`require_merged` got a pattern of type bytes \(b'mlp'\); .* pass 'mlp' instead",
+        ),
     ],
 )
 def test_bad_policies_are_refused(rules_, message):

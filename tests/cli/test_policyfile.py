@@ -62,8 +62,11 @@ def test_bad_files(tmp_path):
 def test_ranges_on_the_command_line():
     assert parse_range("density=0.2:0.8") == ("density", (0.2, 0.8))
     assert parse_range(" weight = -1:1") == ("weight", (-1.0, 1.0))
-    for text in ("density", "density=0.2", "=0:1", "density=a:b", "density=1:0"):
-        with pytest.raises(PolicyError, match="--range"):
+    for text in ("density", "density=0.2", "=0:1", "density=a:b"):  # not KEY=LOW:HIGH
+        with pytest.raises(PolicyError, match=r"must be KEY=LOW:HIGH, e\.g\. --range weight=0:1"):
+            parse_range(text)
+    for text in ("density=1:0", "density=0:inf", "density=nan:1"):  # the bounds themselves
+        with pytest.raises(PolicyError, match=r"must be \[low, high\], two finite numbers"):
             parse_range(text)
     assert bounds([1, 1], "x") == (1.0, 1.0)
 
