@@ -157,6 +157,119 @@ def test_a_newly_merged_tensor(golden):
     ]
 
 
+def test_the_record_s_out_dtype_base_vocabulary_and_chosen_are_compared(golden):
+    """Each field of the record as a whole is compared on its own: the output dtype, where the
+    base came from, the vocabulary alignment and the run checkpoints were chosen from."""
+    new = copy.deepcopy(golden)
+    new.out_dtype = torch.float16
+    assert changes(golden, new) == ["~ out_dtype: None -> float16"]
+    new = copy.deepcopy(golden)
+    new.base = ModelRecord(1, "state_dict")
+    assert changes(golden, new) == ["~ base: models[0], state_dict -> models[1], state_dict"]
+    new = copy.deepcopy(golden)
+    new.vocabulary = {"source": "union", "rows": 9, "normalize": True, "added": {1: 2}}
+    assert changes(golden, new) == [
+        "~ vocabulary: not aligned -> union, 9 rows (models[1] added 2 tokens)"
+    ]
+    new = copy.deepcopy(golden)
+    new.chosen = {"rule": "last 1 by step", "from": "runs/*", "candidates": [], "chosen": ["r"]}
+    assert changes(golden, new) == [
+        "~ chosen: not chosen from a run -> last 1 by step of runs/*: r"
+    ]
+
+
+def test_a_model_added_or_gone_is_a_change(golden):
+    """A model only the new lineage records is an addition, one only the old records is gone."""
+    new = copy.deepcopy(golden)
+    new.models = (*golden.models, ModelRecord(3, "file", "d"))
+    assert changes(golden, new) == ["+ models[3]: models[3], file d"]
+    assert changes(new, golden) == ["- models[3]: models[3], file d"]
+
+
+def test_an_input_file_added_or_gone_and_a_separate_base_s_pins_are_changes(golden):
+    """Input files are compared over both lineages' names (a file only the new one lists is
+    added, one only the old lists is gone), and a separate base's pins are compared as a
+    model's are."""
+    files = {"a.safetensors": "0" * 64}
+    old = copy.deepcopy(golden)
+    old.models = (ModelRecord(0, "file", "a", files), *golden.models[1:])
+    new = copy.deepcopy(golden)
+    more = {**files, "b.safetensors": "1" * 64}
+    new.models = (ModelRecord(0, "file", "a", more), *golden.models[1:])
+    assert changes(old, new) == ["+ models[0]: file b.safetensors added"]
+    assert changes(new, old) == ["- models[0]: file b.safetensors gone"]
+    old, new = copy.deepcopy(golden), copy.deepcopy(golden)
+    old.base = ModelRecord("separate", "file", "p", files, "r1")
+    new.base = ModelRecord("separate", "file", "p", {"a.safetensors": "1" * 64}, "r2")
+    assert changes(old, new) == [
+        "~ base: revision r1 -> r2",
+        "~ base: file a.safetensors changed (digest 000000000000 -> 111111111111)",
+    ]
+
+
+def test_a_change_in_dropped_is_a_change(golden):
+    """``dropped`` (models left out of one tensor's merge, and why) is compared like ``skipped``:
+    a model newly dropped from a tensor changes the merge."""
+    new = copy.deepcopy(golden)
+    new.dropped["norm.bias"] = {1: "all zero"}
+    assert changes(golden, new) == ["+ norm.bias: dropped ({1: 'all zero'})"]
+
+
+def test_a_stack_s_base_and_head_and_being_a_stack_are_compared():
+    """Two stacks' base and head models are compared (each its own line), and a lineage that
+    is a stack against one that is not is a change, not silence."""
+    blocks = [{"method": "passthrough", "sources": [[0, 0, 1.0]]}]
+    stack = {"base": 0, "head": 0, "blocks": blocks, "tensors": {}}
+    old = terge.Lineage(models=(ModelRecord(0, "file", "a"), ModelRecord(1, "file", "b")))
+    old.stack = stack
+    new = copy.deepcopy(old)
+    new.stack = {**stack, "base": 1, "head": 1}
+    assert changes(old, new) == [
+        "~ stack base: models[0] -> models[1]",
+        "~ stack head: models[0] -> models[1]",
+    ]
+    new.stack = None
+    assert changes(old, new) == ["~ stack: only the old lineage is a stacked model (terge.stack)"]
+    assert changes(new, old) == ["~ stack: only the new lineage is a stacked model (terge.stack)"]
+
+
+def test_a_setting_only_the_new_lineage_has_is_a_change(golden):
+    """Settings are compared over both lineages' keys: one the new entry adds (that the old
+    lacked) is a change from 'unset', as one it drops is a change to 'unset'."""
+    new = copy.deepcopy(golden)
+    new["layers.0.weight"].settings["lambda"] = 2.0
+    assert changes(golden, new) == ["~ layers.0.weight: setting lambda 'unset' -> 2.0"]
+    assert changes(new, golden) == ["~ layers.0.weight: setting lambda 2.0 -> 'unset'"]
+
+
+def test_a_change_in_unused_is_a_change(golden):
+    """``unused`` (tensors a model has that the merge did not read) is compared like ``skipped``
+    and ``tied``: a tensor newly unused, no longer unused or unused in other models is a change."""
+    old = copy.deepcopy(golden)
+    old.unused["extra"] = [1]
+    new = copy.deepcopy(old)
+    new.unused["extra"] = [1, 2]
+    new.unused["more"] = [0]
+    assert changes(old, new) == ["~ extra: unused [1] -> [1, 2]", "+ more: unused ([0])"]
+    assert changes(new, golden) == [
+        "- extra: no longer unused (was [1, 2])",
+        "- more: no longer unused (was [0])",
+    ]
+
+
+def test_a_changed_separate_base_tensor_is_a_change(golden):
+    """A separate base's digest is compared where both lineages recorded one: the base's tensor
+    changing changes the merge even when every model's tensor is the same."""
+    old = copy.deepcopy(golden)
+    digest = old.digests["norm.bias"]
+    old.digests["norm.bias"] = TensorDigests(digest.output, digest.models, "0" * 64)
+    new = copy.deepcopy(old)
+    new.digests["norm.bias"] = TensorDigests(digest.output, digest.models, "1" * 64)
+    assert changes(old, new) == ["~ norm.bias: the base's tensor changed (digest differs)"]
+    new.digests["norm.bias"] = TensorDigests(digest.output, digest.models)
+    assert changes(old, new) == []  # only one lineage has the base's digest: not compared
+
+
 # --- verify ---------------------------------------------------------------------------------------
 
 METHODS = [

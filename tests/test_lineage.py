@@ -443,6 +443,203 @@ def test_a_bad_lineage_file_is_a_clear_error_naming_the_file(tmp_path, text, mes
     assert isinstance(caught.value, terge.TergeError) and isinstance(caught.value, ValueError)
 
 
+def refusal(tmp_path: Path, text: str) -> str:
+    """The message ``load_lineage`` refuses ``text`` with, less the file's name."""
+    path = tmp_path / "l.json"
+    path.write_text(text)
+    with pytest.raises(LineageError) as caught:
+        load_lineage(path)
+    assert caught.value.path == path
+    return str(caught.value).removeprefix(f"the lineage file {path}")
+
+
+def test_a_model_index_equal_to_the_model_count_is_refused(tmp_path):
+    """Indices run 0 to count - 1: with two models recorded, model 2 is one past the end and
+    must be refused as an index the lineage does not record (not only indices well past it)."""
+    assert refusal(tmp_path, merged_with(contributions=[[2, 1.0]])) == (
+        ': merged["w"].contributions[0][0] is model 2, but the lineage records 2.'
+    )
+    assert load_lineage_text(tmp_path, merged_with(contributions=[[1, 1.0]]))["w"][1] == [(1, 1.0)]
+
+
+def test_a_model_dropped_twice_from_one_tensor_is_refused(tmp_path):
+    """``dropped`` maps a tensor to [model, reason] pairs read into a dict by model: a model
+    listed twice would silently lose one reason, so the file is refused, naming the pair."""
+    text = with_(dropped={"w": [[0, "all zero"], [1, "all zero"], [0, "shape"]]})
+    assert refusal(tmp_path, text) == (': dropped["w"][2][0] must be a model listed once, got 0.')
+    text = with_(dropped={"w": [[0, "all zero"], [1, "shape"]]})
+    assert load_lineage_text(tmp_path, text).dropped == {"w": {0: "all zero", 1: "shape"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            merged_with(contributions=[[-1, 1.0]]),
+            ': merged["w"].contributions[0][0] must be a model index (an int >= 0), got -1.',
+        ),
+        (
+            merged_with(contributions=[[0, True]]),
+            ': merged["w"].contributions[0][1] must be a number, got true.',
+        ),
+        (
+            merged_with(coefficients=["x"]),
+            ': merged["w"].coefficients[0] must be a number, got "x".',
+        ),
+        (merged_with(divisor="6"), ': merged["w"].divisor must be a number, got "6".'),
+        (merged_with(custom="yes"), ': merged["w"].custom must be true or false, got "yes".'),
+        (
+            with_(dropped={"w": [[0, "all zero", "again"]]}),
+            ': dropped["w"][0] must be a [model, reason] pair, got [0, "all zero", "again"].',
+        ),
+    ],
+)
+def test_each_field_of_an_entry_is_checked(tmp_path, text, message):
+    """Every field of a merged entry is checked on its own: a negative model, a weight of
+    ``true`` (a bool is not a number), a coefficient, the divisor, the ``custom`` flag and a
+    drop that is not a pair are each refused, naming that field, not loaded as they are."""
+    assert refusal(tmp_path, text) == message
+
+
+def test_unused_models_of_a_tensor_must_be_a_list_of_indices(tmp_path):
+    """``unused[name]`` is a list of model indices: a number or an object there (which
+    iteration would read as something else) is refused naming the tensor."""
+    assert refusal(tmp_path, with_(unused={"w": 5})) == (
+        ': unused["w"] must be a list of model indices, got 5.'
+    )
+    assert refusal(tmp_path, with_(unused={"w": {"0": 1}})) == (
+        ': unused["w"] must be a list of model indices, got {"0": 1}.'
+    )
+
+
+def test_models_must_be_a_list_and_each_path_a_string(tmp_path):
+    """``models`` is a list (an object would read as no models at all, and every index would go
+    unchecked), and each model's path is a string or null."""
+    assert refusal(tmp_path, with_(models={})) == ": models must be a list, got {}."
+    models = [{"index": 0, "kind": "file", "path": 5}]
+    assert refusal(tmp_path, with_(models=models)) == (
+        ": models[0].path must be a string or null, got 5."
+    )
+
+
+@pytest.mark.parametrize("key", ["\u0661", "0" * 19, "9" * 5000])
+def test_a_digest_model_key_is_ascii_digits_and_not_too_long(tmp_path, key):
+    """A key of ``digests[...].models`` is up to 18 ASCII digits: an Arabic-Indic one (which
+    ``str.isdigit`` and ``int`` accept), 19 digits, or 5000 (past what ``int`` parses) are all
+    refused as a LineageError naming the key."""
+    text = with_(digests={"w": {"output": HEX, "models": {key: HEX}}})
+    shown = json.dumps(key)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    assert refusal(tmp_path, text) == (
+        f': digests["w"].models key must be a model index, got {shown}.'
+    )
+
+
+VOCABULARY = {
+    "source": "base",
+    "rows": 4,
+    "tensors": {"w": [{"models": [0, 1], "weights": [0.5, 0.5], "rows": [[0, 4]]}]},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({}, None),
+        (
+            {"source": "other"},
+            ": vocabulary.source must be 'base', 'union' or a model index, got \"other\".",
+        ),
+        ({"rows": 0}, ": vocabulary.rows must be a positive row count, got 0."),
+        ({"rows": True}, ": vocabulary.rows must be a positive row count, got true."),
+        (
+            {"tensors": {"w": [{"models": [0], "weights": [1.0], "rows": [[0, 5]]}]}},
+            ': vocabulary.tensors["w"][0].rows must be [start, stop) row ranges, got [0, 5].',
+        ),
+        ({"normalize": "yes"}, ': vocabulary.normalize must be true or false, got "yes".'),
+        ({"added": {"x": 1}}, ': vocabulary.added must be model indices as keys, got "x".'),
+    ],
+)
+def test_each_field_of_the_vocabulary_is_checked(tmp_path, change, message):
+    """``vocabulary``'s source, row count (positive, not a bool), row ranges (within the rows),
+    ``normalize`` flag and ``added`` keys are each checked, naming the field."""
+    text = with_(vocabulary={**VOCABULARY, **change})
+    if message is None:
+        assert load_lineage_text(tmp_path, text).vocabulary["rows"] == 4
+    else:
+        assert refusal(tmp_path, text) == message
+
+
+STACK = {
+    "base": 0,
+    "blocks": [{"method": "passthrough", "sources": [[0, 0, 1.0]]}],
+    "tensors": {"x": [[1, "x"]]},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({}, None),
+        (
+            {"blocks": [{"method": "passthrough", "sources": [[0, -1, 1.0]]}]},
+            ": stack.blocks[0].sources[0][1] must be a block index, got -1.",
+        ),
+        (
+            {"blocks": [{"method": "passthrough", "sources": []}]},
+            ": stack.blocks[0].sources must be a non-empty list of [model, block, weight], got [].",
+        ),
+        (
+            {"tensors": {"x": [[1, "x", "y"]]}},
+            ': stack.tensors["x"][0] must be [model, input_name], got [1, "x", "y"].',
+        ),
+    ],
+)
+def test_each_field_of_a_stack_is_checked(tmp_path, change, message):
+    """A stack block's source names a block index >= 0, a block has at least one source, and a
+    stacked tensor's source is exactly [model, input_name]; each is refused, naming the field."""
+    text = with_(stack={**STACK, **change})
+    if message is None:
+        assert load_lineage_text(tmp_path, text).stack["blocks"][0]["sources"] == [[0, 0, 1.0]]
+    else:
+        assert refusal(tmp_path, text) == message
+
+
+ADAPTER = {"base": {"kind": "file", "path": "b"}, "r": [4], "lora_alpha": [8.0]}
+ADAPTER |= {"use_rslora": False, "use_dora": False, "modules": 2, "whole": 0}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (None, None, None),
+        ("r", [0], "models[0].adapter.r must be a list of positive ints, got [0]."),
+        ("r", [True], "models[0].adapter.r must be a list of positive ints, got [true]."),
+        ("use_dora", "no", 'models[0].adapter.use_dora must be a bool, got "no".'),
+        ("whole", -1, "models[0].adapter.whole must be an int >= 0, got -1."),
+        ("modules", 1.5, "models[0].adapter.modules must be an int >= 0, got 1.5."),
+    ],
+)
+def test_each_field_of_an_adapter_record_is_checked(field, value, message):
+    """An adapter model's ranks are positive ints, its flags bools and its counts ints >= 0:
+    a rank of 0 or ``true``, a flag of "no", a count of -1 or 1.5 are refused, naming the field."""
+    model = ModelRecord(0, "adapter", "a", None, None, None, None, ADAPTER)
+    record = terge.lineage.lineage_to_json(terge.Lineage(models=(model,)))
+    if field is None:
+        assert terge.lineage.lineage_from_json(record).models[0].adapter == ADAPTER
+        return
+    record["models"][0]["adapter"][field] = value
+    with pytest.raises(LineageError) as caught:
+        terge.lineage.lineage_from_json(record)
+    assert str(caught.value) == f"lineage: {message}"
+
+
+def load_lineage_text(tmp_path: Path, text: str) -> Lineage:
+    path = tmp_path / "ok.json"
+    path.write_text(text)
+    return load_lineage(path)
+
+
 def test_a_missing_or_binary_lineage_file(tmp_path):
     with pytest.raises(
         LineageError,
