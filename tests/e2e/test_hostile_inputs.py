@@ -180,6 +180,18 @@ def test_a_pipe_is_not_read_as_a_checkpoint(tmp_path):
     assert "is not a regular file" in str(error)
 
 
+def test_a_pipe_is_not_read_as_an_index(tmp_path):
+    """An *.index.json that is a pipe is refused before it is opened: opening a pipe with no
+    writer would block forever."""
+    pipe = tmp_path / "model.safetensors.index.json"
+    os.mkfifo(pipe)
+    error = finishes(lambda: open_checkpoint(pipe))
+    assert isinstance(error, CheckpointError)
+    assert f"the index {pipe} is a pipe, not a regular file; give a *.index.json file." in str(
+        error
+    )
+
+
 def test_a_huge_recipe_is_refused_not_read_forever(monkeypatch, tmp_path):
     monkeypatch.setattr(terge.cli.recipe, "MAX_RECIPE_BYTES", 100)
     path = tmp_path / "big.toml"
@@ -222,6 +234,60 @@ def test_non_finite_numbers_in_a_header_are_named(tmp_path, text):
     path = tmp_path / "x.safetensors"
     path.write_bytes(safetensors_bytes(f'{{"w": {{"dtype": "F32", "shape": [{text}]}}}}'.encode()))
     with pytest.raises(CheckpointError, match=r"the safetensors header: w\.shape\[0\] is "):
+        open_checkpoint(path)
+
+
+def test_a_long_non_finite_number_is_shown_cut_short(tmp_path):
+    """A 400-digit float that overflows to inf is shown by its first 21 characters and "...",
+    so one hostile number cannot make the error message thousands of characters long."""
+    path = tmp_path / "x.safetensors"
+    digits = "1" + "0" * 400 + ".0"
+    path.write_bytes(
+        safetensors_bytes(f'{{"w": {{"dtype": "F32", "shape": [{digits}]}}}}'.encode())
+    )
+    with pytest.raises(
+        CheckpointError, match=r"w\.shape\[0\] is 100000000000000000000\.\.\., which is not "
+    ) as caught:
+        open_checkpoint(path)
+    assert digits not in str(caught.value)
+
+
+def test_the_first_non_finite_number_is_the_one_named(tmp_path):
+    """With several non-finite numbers, the error names the first in file order (lists and
+    objects alike), not whichever a traversal happens to reach first."""
+    path = tmp_path / "x.safetensors"
+    header = '{"w": {"shape": [1, NaN, Infinity]}, "v": {"shape": [-Infinity]}}'
+    path.write_bytes(safetensors_bytes(header.encode()))
+    with pytest.raises(
+        CheckpointError, match=r"the safetensors header: w\.shape\[1\] is NaN, which is not a fin"
+    ):
+        open_checkpoint(path)
+
+
+def test_a_non_finite_number_under_a_dotted_name_is_quoted(tmp_path):
+    """A key that is not an identifier (a tensor name with dots) is shown as ["a.weight"], so
+    the field named is not mistaken for a nested path."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(safetensors_bytes(b'{"a.weight": {"dtype": "F32", "shape": [NaN]}}'))
+    with pytest.raises(
+        CheckpointError, match=r'the safetensors header: \["a\.weight"\]\.shape\[0\] is NaN'
+    ):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize(("depth", "refused"), [(MAX_DEPTH, False), (MAX_DEPTH + 1, True)])
+def test_nesting_is_refused_just_past_max_depth(tmp_path, depth, refused):
+    """Exactly MAX_DEPTH nested objects and arrays are read (and then refused for what they
+    hold); one more is refused as too deep. Pins the bound, not just far-off cases."""
+    path = tmp_path / "x.safetensors"
+    inner = "[" * (depth - 1) + "0" + "]" * (depth - 1)  # the header object is one level
+    path.write_bytes(safetensors_bytes(f'{{"w": {inner}}}'.encode()))
+    wanted = (
+        rf"the safetensors header nests arrays or objects more than {MAX_DEPTH} deep"
+        if refused
+        else r"the header entry of tensor 'w' is malformed: its value is \[\[\["
+    )
+    with pytest.raises(CheckpointError, match=wanted):
         open_checkpoint(path)
 
 

@@ -151,6 +151,8 @@ def test_the_source_computes_each_tensor_only_when_asked(tmp_path, monkeypatch):
         ({"r": "4"}, r"r must be a positive int; got '4'"),
         ({"r": True}, r"r must be a positive int; got True"),
         ({"lora_alpha": float("inf")}, r"lora_alpha must be a finite number; got inf"),
+        ({"lora_alpha": True}, r"lora_alpha must be a finite number; got True"),
+        ({"alpha_pattern": {"lin": False}}, r"alpha_pattern\['lin'\] must be a finite number"),
         ({"use_rslora": "yes"}, r"use_rslora must be true or false; got 'yes'"),
         ({"bias": "some"}, r"bias must be 'none', 'all' or 'lora_only'; got 'some'"),
         ({"layer_replication": [[0, 2]]}, r"sets layer_replication=.*duplicates layers"),
@@ -171,6 +173,18 @@ def test_a_bad_config_is_refused_naming_the_field(tmp_path, config, message):
         merged(folder)
 
 
+def test_null_flags_read_as_false(tmp_path):
+    """PEFT writes null for flags it leaves unset; they read as false (plain LoRA), not as a
+    wrong type."""
+    folder = write(tmp_path / "a", use_rslora=None, use_dora=None, fan_in_fan_out=None)
+    config = read_config(folder)
+    assert (config.use_rslora, config.use_dora, config.fan_in_fan_out) == (False, False, False)
+    f = factors()
+    a, b = f[f"{P}lin.lora_A.weight"].double(), f[f"{P}lin.lora_B.weight"].double()
+    expected = (base_state()["lin.weight"].double() + 2.0 * (b @ a)).float()
+    assert torch.equal(merged(folder)["lin.weight"], expected)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -178,6 +192,8 @@ def test_a_bad_config_is_refused_naming_the_field(tmp_path, config, message):
         (b"[1, 2]", r"must hold a JSON object; got list"),
         (b"\xff\xfe", r"is not readable JSON"),
         (b" " * (1 << 20) + b"{}", r"an adapter config is a few kilobytes"),
+        (b" " * ((1 << 20) - 1) + b"{}", r"is 1048577 bytes; an adapter config is a few kil"),
+        (b" " * ((1 << 20) - 2) + b"{}", r"is a None adapter; terge merges LoRA adapters"),
     ],
 )
 def test_a_config_that_is_no_json_object_is_refused(tmp_path, text, message):
@@ -213,6 +229,13 @@ def test_a_config_that_is_no_json_object_is_refused(tmp_path, text, message):
         ),
         (
             {
+                f"{P}lin.lora_A.weight": torch.ones(2, 3),
+                f"{P}lin.lora_B.weight": torch.ones(4, 2, 1),
+            },
+            r"lin\.lora_B\.weight' has shape \(4, 2, 1\), but lora_A has 2 rows; lora_B must",
+        ),
+        (
+            {
                 f"{P}lin.lora_A.weight": torch.ones(2, 3, 1, 1),
                 f"{P}lin.lora_B.weight": torch.ones(4, 2, 1, 1),
             },
@@ -234,6 +257,11 @@ def test_a_config_that_is_no_json_object_is_refused(tmp_path, text, message):
             r"has shape \(5,\), but the base's 'lin.bias' is \(4,\)",
         ),
         (
+            {**factors(), f"{P}head.weight": torch.ones(2, 3, dtype=torch.int64)},
+            r"its 'base_model\.model\.head\.weight' is torch\.int64 but the base's 'head\.weight' "
+            r"is torch\.float32; a saved tensor must keep its kind",
+        ),
+        (
             {
                 f"{P}emb.lora_embedding_A": torch.ones(2, 10),
                 f"{P}emb.lora_B.weight": torch.ones(3, 2),
@@ -247,6 +275,57 @@ def test_weights_that_do_not_fit_are_refused_before_anything_is_computed(
 ):
     folder = write(tmp_path / "a", tensors)
     monkeypatch.setattr(Adapter, "_factors", lambda *a: pytest.fail("computed before checking"))
+    with pytest.raises(terge.AdapterError, match=message):
+        merged(folder)
+
+
+def test_dora_on_an_embedding_is_refused(tmp_path):
+    """PEFT's DoRA on an embedding rescales differently from a linear layer's rows; terge
+    does not merge it and says so, rather than merging it as if it were linear."""
+    tensors = {
+        f"{P}emb.lora_embedding_A": torch.ones(2, 10),
+        f"{P}emb.lora_embedding_B": torch.ones(3, 2),
+        f"{P}emb.lora_magnitude_vector": torch.ones(3),
+    }
+    folder = write(tmp_path / "a", tensors, use_dora=True)
+    with pytest.raises(
+        terge.AdapterError,
+        match=r"a uses DoRA on the embedding 'emb', which terge does not merge; merge it with",
+    ):
+        merged(folder)
+
+
+def test_an_integer_base_tensor_is_refused(tmp_path):
+    """A LoRA delta is added to a floating weight; an integer (quantised) base weight is
+    refused by name rather than rounded."""
+    base = {**base_state(), "lin.weight": torch.ones(4, 3, dtype=torch.int64)}
+    with pytest.raises(
+        terge.AdapterError, match=r"a: the base's 'lin.weight' is torch.int64, not floating\."
+    ):
+        merged(write(tmp_path / "a"), base)
+
+
+@pytest.mark.parametrize(
+    ("extra", "config", "message"),
+    [
+        (
+            {f"{P}lin.lora_magnitude_vector": torch.ones(5)},
+            {"use_dora": True},
+            r"the DoRA magnitude 'base_model\.model\.lin\.lora_magnitude_vector' has shape "
+            r"\(5,\), not \(4,\)\.",
+        ),
+        (
+            {f"{P}lin.lora_B.bias": torch.ones(5)},
+            {"lora_bias": True},
+            r"'base_model\.model\.lin\.lora_B\.bias' \(lora_bias\) needs the base's 'lin\.bias' "
+            r"of shape \(5,\), but the base has \(4,\)\.",
+        ),
+    ],
+)
+def test_a_magnitude_or_lora_bias_of_the_wrong_size_is_refused(tmp_path, extra, config, message):
+    """DoRA's magnitude holds one norm per output row and a LoRA bias is added to the base's
+    bias: either of another length is refused before anything is computed."""
+    folder = write(tmp_path / "a", {**factors(), **extra}, **config)
     with pytest.raises(terge.AdapterError, match=message):
         merged(folder)
 
@@ -403,6 +482,21 @@ def test_an_adapter_file_linked_out_of_its_folder_is_refused(tmp_path):
     save_file({"base_model.model.fc.lora_A.weight": torch.zeros(2, 3)}, elsewhere)
     (folder / "adapter_model.safetensors").symlink_to(elsewhere)
     with pytest.raises(terge.AdapterError, match=r"adapter_model.safetensors resolves to .*secret"):
+        Adapter(folder)
+
+
+def test_an_adapter_config_linked_out_of_its_folder_is_refused(tmp_path):
+    """The config is a file of the folder too: a link to a config elsewhere is refused
+    before it is read, like a linked weights file."""
+    folder = write(tmp_path / "adapter")
+    elsewhere = tmp_path / "secret.json"
+    (folder / "adapter_config.json").replace(elsewhere)
+    (folder / "adapter_config.json").symlink_to(elsewhere)
+    with pytest.raises(
+        terge.AdapterError,
+        match=r"adapter: adapter_config\.json resolves to .*secret\.json, outside the adapter "
+        r"folder; terge reads a folder's files only from inside it",
+    ):
         Adapter(folder)
 
 

@@ -316,6 +316,55 @@ def test_truncated_safetensors_header(good_file):
         open_checkpoint(good_file)
 
 
+def test_header_length_one_byte_past_the_end(good_file):
+    """A length that claims just one byte more than the file holds is a truncation, caught at
+    the exact bound (the header JSON itself may still parse)."""
+    raw = json.dumps(header_of(good_file)).encode()
+    good_file.write_bytes(struct.pack("<Q", len(raw) + 1) + raw)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"header claims {len(raw) + 1} bytes but only {len(raw)} follow its 8-byte length",
+    ):
+        open_checkpoint(good_file)
+
+
+def test_header_over_the_size_limit(good_file, monkeypatch):
+    """A header longer than the limit the safetensors library enforces is refused before it
+    is read (a scribbled length must not make terge read and parse 100 MB of JSON)."""
+    (length,) = struct.unpack("<Q", good_file.read_bytes()[:8])
+    monkeypatch.setattr(reading, "_MAX_HEADER_BYTES", length - 1)
+    with pytest.raises(
+        CheckpointError, match=rf"the safetensors header claims an implausible {length} bytes"
+    ):
+        open_checkpoint(good_file)
+
+
+def test_names_follow_data_order_not_header_order(tmp_path):
+    """A header may list its tensors in any order (JSON objects are unordered); names() follows
+    where each tensor's data lies in the file, so the order does not depend on the writer."""
+    path = tmp_path / "w.safetensors"
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    }
+    with_header(path, header, struct.pack("<2f", 2.0, 1.0))
+    with open_checkpoint(path) as reader:
+        assert reader.names() == ["b", "a"]
+        assert reader.get("a").tolist() == [1.0]
+
+
+def test_a_long_tensor_name_is_cut_in_the_error(good_file):
+    """A hostile 100-character tensor name is shown cut to 80 characters ending in "...", so
+    the error stays one readable line."""
+    name = "x" * 100
+    with_header(good_file, {name: "F32"}, b"")
+    with pytest.raises(
+        CheckpointError, match=rf"the header entry of tensor '{'x' * 76}\.\.\. is malformed: its"
+    ) as info:
+        open_checkpoint(good_file)
+    assert name not in str(info.value)
+
+
 def test_safetensors_file_too_short(good_file):
     good_file.write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError, match="2 bytes is too short for a safetensors file"):
@@ -361,6 +410,29 @@ def test_malformed_header_entry(good_file, entry):
         open_checkpoint(good_file)
 
 
+def test_offsets_one_apart_backwards(good_file):
+    """data_offsets [1, 0] (begin just past end) is malformed at the exact bound, not reported
+    as a size mismatch of -1 bytes."""
+    with_header(good_file, {"e": {"dtype": "F32", "shape": [0], "data_offsets": [1, 0]}}, b"\0")
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'e' is malformed: its data_offsets is \[1, 0\], not \[begin, end\] with "
+        r"begin <= end",
+    ):
+        open_checkpoint(good_file)
+
+
+@pytest.mark.parametrize("offsets", [[-1, 3], [True, 4], [0, "4"], [0.0, 4]])
+def test_data_offsets_that_are_not_counts(good_file, offsets):
+    """Each data offset must be an int >= 0: a negative, bool, string or float one is named."""
+    with_header(good_file, {"e": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}, b"")
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'e' is malformed: its data_offsets is .*, not \[begin, end\] \(ints >= 0\)",
+    ):
+        open_checkpoint(good_file)
+
+
 def test_offsets_disagreeing_with_shape(good_file):
     header = header_of(good_file)
     data = data_of(good_file)
@@ -391,6 +463,65 @@ def test_errors_the_library_finds_are_reported_too(good_file):
         open_checkpoint(good_file)
 
 
+@pytest.mark.parametrize(
+    ("repo", "middle", "allowed"),
+    [
+        ("models--org--name", "snapshots", True),
+        ("plain", "snapshots", False),
+        ("models--org--name", "refs", False),
+    ],
+)
+def test_only_a_hub_cache_snapshot_may_link_into_its_repository(tmp_path, repo, middle, allowed):
+    """A folder's files may be links out of it only in a Hub cache snapshot
+    (models--org--name/snapshots/REV/ linking into ../../blobs/): any other folder two levels
+    down, or another subfolder of a Hub repository, gets no such exception."""
+    blobs, folder = tmp_path / repo / "blobs", tmp_path / repo / middle / "rev"
+    blobs.mkdir(parents=True)
+    folder.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, blobs / "f00d")
+    (folder / "model.safetensors").symlink_to("../../blobs/f00d")
+    if allowed:
+        with open_checkpoint(folder) as reader:
+            assert reader.names() == ["w"]
+        return
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors is a link that resolves to .*blobs/f00d, outside the "
+        rf"checkpoint folder .*{middle}/rev; terge reads",
+    ):
+        open_checkpoint(folder)
+
+
+def test_a_shard_that_is_a_link_loop_is_refused(tmp_path):
+    """A shard named by an index that is a link loop cannot be resolved, so it is not known to
+    lie inside the folder: it is refused as outside, not reported as missing."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    index = {"metadata": {}, "weight_map": {"w": "loop.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "loop.safetensors").symlink_to("loop.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=r"index\.json: shard 'loop\.safetensors' of the index resolves to .*loop\.safe"
+        r"tensors, outside the checkpoint folder",
+    ):
+        open_checkpoint(folder)
+
+
+def test_entry_on_a_folder_named_like_a_torch_file_is_refused(tmp_path):
+    """entry= chooses inside one torch file: a folder whose name ends in .pt is still a
+    folder, so it is refused, not applied to each file in it."""
+    folder = tmp_path / "run.pt"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(
+        CheckpointError,
+        match=r"run\.pt::entry=model: entry= and prefix= choose the state dict inside one torch "
+        r"file \(.pt, .pth, .bin, .ckpt\); give that file's path, or drop them for a folder",
+    ):
+        open_checkpoint(folder, entry="model")
+
+
 def test_index_naming_a_missing_shard(tmp_path):
     save(tensors(2), tmp_path / "out", max_shard_size=1)
     (tmp_path / "out" / "model-00002-of-00002.safetensors").unlink()
@@ -400,6 +531,40 @@ def test_index_naming_a_missing_shard(tmp_path):
         r".* does not exist; download the missing shard",
     ):
         open_checkpoint(tmp_path / "out")
+
+
+def test_index_naming_a_folder_as_a_shard(tmp_path):
+    """A shard the index names must be a file: a folder of that name counts as missing, and
+    is refused before any shard is opened."""
+    save(tensors(2), tmp_path / "out", max_shard_size=1)
+    shard = tmp_path / "out" / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(
+        CheckpointError,
+        match=r"names shard 'model-00002-of-00002.safetensors' but .*model-00002-of-00002"
+        r"\.safetensors does not exist; download the missing shard",
+    ):
+        open_checkpoint(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "shard", ["..\\b\\model.safetensors", "../b/model.safetensors", "/abs/model.safetensors"]
+)
+def test_index_naming_a_shard_outside_its_folder(tmp_path, shard):
+    """An index names its shards by file name: a Windows-style path with backslashes, a ..
+    step or an absolute path is refused as it is written, whatever lies there."""
+    save({"w": torch.ones(2)}, tmp_path / "b")
+    folder = tmp_path / "a"
+    folder.mkdir()
+    index = {"metadata": {}, "weight_map": {"w": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"names shard {re.escape(repr(shard))}, which is not a file inside the index's "
+        r"folder .*; an index may only name its own shards",
+    ):
+        open_checkpoint(folder)
 
 
 def test_index_disagreeing_with_its_shards(tmp_path):
