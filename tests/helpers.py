@@ -309,3 +309,40 @@ def count_calls(monkeypatch: Any, module: Any, *names: str) -> dict[str, int]:
 
         monkeypatch.setattr(module, name, counted)
     return counts
+
+
+def reference(
+    method: Any,
+    destination_dtype: torch.dtype,
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    seed: int | None,
+    divisor: float | None = None,
+) -> torch.Tensor:
+    """What execute.run_step computes for a task-vector method without the compiled loops."""
+    from terge import kernels
+
+    result = method([t.double() for t in tensors], weights, base.double(), seed, divisor=divisor)
+    out = torch.empty(base.shape, dtype=destination_dtype)
+    kernels.store_whole(out, result, kernels.ChunkBuffers(torch.float64))
+    return out
+
+
+def fast(
+    method: Any,
+    destination_dtype: torch.dtype,
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    seed: int | None,
+    inplace: bool,
+    divisor: float | None = None,
+) -> torch.Tensor:
+    """The same through the method's compiled loops (which must take it)."""
+    if inplace:
+        destination = base = base.clone()
+    else:
+        destination = torch.empty(base.shape, dtype=destination_dtype)
+    assert method.merge_into(destination, tensors, weights, base, seed, divisor=divisor)
+    return destination

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import terge
-from terge import kernels, methods
+from terge import methods
 from terge.kernels import cpu, fastmethods
 from terge.kernels.fastmethods import _TOP
 
-from helpers import near_base, same_bits
+from helpers import fast, near_base, reference, same_bits
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DENSITIES = [1e-9, 0.01, 0.1, 0.2, 0.25, 0.5, 0.7, 0.999, 1.0]
@@ -54,23 +54,6 @@ def method_of(name: str, density: float, gamma: float, scale: float) -> methods.
     if name == "breadcrumbs":
         return methods.breadcrumbs(density=density, gamma=min(gamma, 1 - density), scale=scale)
     return getattr(methods, name)(density=density, scale=scale)
-
-
-def reference(method, destination_dtype, base, tensors, weights, seed, divisor=None):
-    """What execute.run_step computes without the compiled loops."""
-    result = method([t.double() for t in tensors], weights, base.double(), seed, divisor=divisor)
-    out = torch.empty(base.shape, dtype=destination_dtype)
-    kernels.store_whole(out, result, kernels.ChunkBuffers(torch.float64))
-    return out
-
-
-def fast(method, destination_dtype, base, tensors, weights, seed, inplace, divisor=None):
-    if inplace:
-        destination = base = base.clone()
-    else:
-        destination = torch.empty(base.shape, dtype=destination_dtype)
-    assert method.merge_into(destination, tensors, weights, base, seed, divisor=divisor)
-    return destination
 
 
 def check(
@@ -243,8 +226,9 @@ def test_one_value_everywhere_and_k_of_one(monkeypatch):
 def test_a_mostly_unchanged_task_vector_takes_one_pass(unchanged, monkeypatch):
     """Zeros tied at a bracket's end are counted, not collected: no fallback pass for them."""
     passes = []
-    original = fastmethods._pass
-    monkeypatch.setattr(fastmethods, "_pass", lambda *a: (passes.append(1), original(*a))[1])
+    for name in ["_pass", "_pass_keys"]:  # every read of the inputs after the samples
+        original = getattr(fastmethods, name)
+        monkeypatch.setattr(fastmethods, name, lambda *a, f=original: (passes.append(1), f(*a))[1])
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(200_000, generator=generator)
     changed = torch.rand(200_000, generator=generator) >= unchanged

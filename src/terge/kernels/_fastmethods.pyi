@@ -29,6 +29,23 @@ def sample(
 def kth_largest(
     values: int, segments: Sequence[tuple[int, int]], k: int, lo: int, hi: int, /
 ) -> tuple[int, int]: ...
+
+KeyQuery = tuple[int, int, int, int, int]
+"""(model, lo, hi, out, cap): a key bracket [lo, hi) and room for cap pairs at out"""
+
+def scan_keys(
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    queries: Sequence[KeyQuery],
+    /,
+) -> list[tuple[int, int]] | None: ...
+def key_bounds(lo: int, hi: int, /) -> tuple[int, int]: ...
+def kth_pairs(
+    address: int, segments: Sequence[tuple[int, int]], cap: int, k: int, scratch: int, /
+) -> int: ...
 def merge(
     out: int,
     out_code: int,

@@ -58,6 +58,10 @@ search after another (handing each to a worker thread took longer than selecting
 _BINS = 1 << 16
 _SLACK = 8
 """Slots past the cap of a collecting buffer, which the compiled loop may write (not count)."""
+_KEY_SLACK = 16
+"""The same for the float32 pairs a key pass collects (``cap + 16`` x, then as many b)."""
+_KEYED = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes whose first pass compares float32 keys (``_fastmethods.scan_keys``)."""
 
 _SPARSIFY = {None: 0, "magnitude": 1, "breadcrumbs": 1, "random": 2}
 _CONSENSUS = {None: 0, "sign": 1}
@@ -302,6 +306,12 @@ class _Search:
     cap: int = 0
     ends: bool = True
     """Collecting, count ``lo`` and ``hi - 1`` rather than collect them: where many are tied."""
+    keys: tuple[int, int] | None = None
+    """The bracket ``[lo, hi)`` as float32 keys, for a first pass by ``_pass_keys``."""
+    few_tied: bool = True
+    """The samples tied at the bracket's ends are few (a quarter of those in it at most): the key
+    pass, which collects its ends like any value, takes it (many ties, such as the zeros of a
+    mostly unchanged task vector, would overflow its buffers)."""
 
     @property
     def shift(self) -> int:
@@ -322,6 +332,8 @@ def _select(
             search.cap = n
     else:
         _bracket(base, tensors, searches, workspace)
+        if _keyed(base, tensors, searches):
+            _pass_keys(base, tensors, sorted(searches, key=lambda s: s.model), workspace)
     while pending := [s for s in searches if s.value is None]:
         _pass(base, tensors, sorted(pending, key=lambda s: s.model), workspace)
 
@@ -363,6 +375,89 @@ def _bracket(
         search.hi = top + 1
         search.cap = min(n, 2 * math.ceil((last - first + 1) * n / m) + 4096)
         search.ends = tied_top > 1 or tied_low > 1  # ties in the sample: many more in the whole
+        search.few_tied = 4 * max(tied_top, tied_low) <= last - first + 1
+
+
+def _keyed(base: torch.Tensor, tensors: Sequence[torch.Tensor], searches: list[_Search]) -> bool:
+    """Whether the first pass can compare float32 keys: float32, bfloat16 or float16 inputs, each
+    search one model's task vector (at most two a model) with few ties at its ends. Sets the
+    searches' key brackets when it can."""
+    if base.dtype not in _KEYED or any(t.dtype not in _KEYED for t in tensors):
+        return False
+    models = [s.model for s in searches]
+    if any(s.model < 0 or not s.few_tied or models.count(s.model) > 2 for s in searches):
+        return False
+    for search in searches:
+        search.keys = _fastmethods.key_bounds(search.lo, search.hi)
+    return True
+
+
+def _pass_keys(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    searches: list[_Search],
+    workspace: _Workspace,
+) -> None:
+    """The first pass in float32 keys (see ``_fastmethods.scan_keys``): each search whose k-th is
+    among the pairs collected is finished from them; one whose bracket missed (or overflowed)
+    starts again from a histogram of every magnitude. Where the loop is not built for this
+    machine, the searches go on with their brackets unchanged."""
+    spans = ranges(base.numel())
+    pieces = len(spans)
+    slots = [s.cap + _KEY_SLACK for s in searches]
+    buffers = [workspace.get(q, pieces * slot) for q, slot in enumerate(slots)]
+
+    def part(piece: int) -> list[tuple[int, int]] | None:
+        start, stop = spans[piece]
+        queries = [
+            (s.model, *s.keys, buffer.data_ptr() + piece * slot * 8, s.cap)  # type: ignore[misc]
+            for s, buffer, slot in zip(searches, buffers, slots, strict=True)
+        ]
+        return _fastmethods.scan_keys(
+            base.data_ptr() + start * base.element_size(),
+            DTYPE_CODES[base.dtype],
+            stop - start,
+            _addresses(tensors, start),
+            [DTYPE_CODES[t.dtype] for t in tensors],
+            queries,
+        )
+
+    counts = run([functools.partial(part, piece) for piece in range(pieces)])
+    if any(c is None for c in counts):
+        return
+    finish = []
+    collected = 0
+    for q, (search, buffer, slot) in enumerate(zip(searches, buffers, slots, strict=True)):
+        found = [c[q] for c in counts]  # type: ignore[index]
+        above = sum(a for a, _ in found)
+        inside = sum(i for _, i in found)
+        search.keys = None
+        if not above < search.rank <= above + inside or any(i > search.cap for _, i in found):
+            search.cap = 0  # again from a histogram of [low, high): every magnitude, still
+            continue
+        segments = [(piece * slot, i) for piece, (_, i) in enumerate(found)]
+        scratch = workspace.get(("pairs", q), inside)
+        finish.append(
+            functools.partial(_select_pairs, search, buffer, segments, search.rank - above, scratch)
+        )
+        collected += inside
+    if collected < _SERIAL_SELECT:
+        for select in finish:
+            select()
+    else:
+        run(finish)
+
+
+def _select_pairs(
+    search: _Search,
+    buffer: torch.Tensor,
+    segments: list[tuple[int, int]],
+    rank: int,
+    scratch: torch.Tensor,
+) -> None:
+    search.value = _fastmethods.kth_pairs(
+        buffer.data_ptr(), segments, search.cap, rank, scratch.data_ptr()
+    )
 
 
 def _kth(values: int, segments: list[tuple[int, int]], k: int) -> tuple[int, int]:
