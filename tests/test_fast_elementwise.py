@@ -244,8 +244,8 @@ def _same_floats(got, expected) -> bool:
     st.lists(
         st.tuples(
             st.integers(0, EXPONENTS - 2),
-            st.integers(-(2**40), 2**62),
-            st.integers(-(2**40), 2**40),
+            st.integers(-(2**40), 2**59),  # twelve of them sum within int64, as the reference
+            st.integers(-(2**40), 2**40),  # sums the parts in torch (it wrapped at 2 x 2**62)
         ),
         min_size=0,
         max_size=12,
@@ -275,6 +275,17 @@ def test_the_compiled_rounding_of_sums_equals_pythons_exact_one(parts, models, r
         assert any(total < 0 for total in exact)
         return
     assert _same_floats(got, expected), (got, expected)
+
+
+@needs_loops
+def test_the_threads_parts_are_summed_past_int64():
+    """Two parts of 2**62 each: their sum, 2**63, does not wrap (twice the one part's total)."""
+    tables = torch.zeros(2, 1, EXPONENTS, 2, dtype=torch.int64)
+    tables[:, 0, 0, 0] = 2**62
+    (one,) = _rounded_in_c(tables[:1].clone(), 0, 0)
+    (two,) = _rounded_in_c(tables, 0, 0)
+    assert one > 0
+    assert two == 2 * one
 
 
 @needs_loops

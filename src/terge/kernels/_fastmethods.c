@@ -385,26 +385,34 @@ static void scan_keys(const char *base, int base_code, Py_ssize_t n, char *const
 #endif
 
 /* m samples of each model's magnitudes (m a multiple of RUN, n >= m): runs of RUN adjacent
- * elements (a cache line or two each), one at a pseudo-random place in each of m / RUN equal
- * strata, so that no stride of the tensor's layout lines up with them. */
-#define RUN 8
+ * elements, one at a pseudo-random place in each of m / RUN equal strata, so that no stride of
+ * the tensor's layout lines up with them. A run starts at a multiple of RUN elements where its
+ * stratum has room: one cache line of float32 (the misses, not the samples, cost the time; 16
+ * aligned samples took as long as 8 anywhere). */
+#define RUN 16
 #define RUNS_AHEAD 16
 
 /* The first element of run r of runs over n elements. */
 static inline Py_ssize_t run_start(Py_ssize_t r, Py_ssize_t runs, Py_ssize_t n) {
     const Py_ssize_t first = (Py_ssize_t)((double)r * (double)n / (double)runs);
     const Py_ssize_t last = (Py_ssize_t)((double)(r + 1) * (double)n / (double)runs);
+    const uint64_t draw = mix64((uint64_t)r + 1);
+    const Py_ssize_t aligned = (first + RUN - 1) / RUN * RUN;
+    if (aligned + RUN <= last) {
+        return aligned + (Py_ssize_t)(draw % (uint64_t)((last - RUN - aligned) / RUN + 1)) * RUN;
+    }
     const Py_ssize_t room = last - first > RUN ? last - first - RUN + 1 : 1;
-    return first + (Py_ssize_t)(mix64((uint64_t)r + 1) % (uint64_t)room);
+    return first + (Py_ssize_t)(draw % (uint64_t)room);
 }
 
 static void sample(const char *base, int base_code, Py_ssize_t n, char *const *models,
-                   const int *codes, int count, Py_ssize_t m, uint64_t *out, int of_variance) {
+                   const int *codes, int count, Py_ssize_t m, uint64_t *out, int of_variance,
+                   Py_ssize_t from, Py_ssize_t to) {
     const Py_ssize_t runs = m / RUN;
     double bbuf[RUN], xbuf[RUN], all[MAX_MODELS * RUN];
     const double *x[MAX_MODELS];
-    for (Py_ssize_t r = 0; r < runs; r++) {
-        if (r + RUNS_AHEAD < runs) { /* the runs are far apart: many cache misses in flight */
+    for (Py_ssize_t r = from; r < to; r++) {
+        if (r + RUNS_AHEAD < to) { /* the runs are far apart: many cache misses in flight */
             const Py_ssize_t ahead = run_start(r + RUNS_AHEAD, runs, n);
             prefetch(base + ahead * ITEMSIZE[base_code], base_code, RUN);
             for (int i = 0; i < count; i++) {
@@ -1437,8 +1445,9 @@ done:
 PyDoc_STRVAR(sample_doc,
              "sample(base, base_code, n, models, codes, m, out, of_variance=False)\n\n"
              "out[i * m:(i + 1) * m] = m samples (uint64) of the i-th model's task vector's\n"
-             "magnitude bits, in runs of 8 spread over the n elements (n >= m, m a multiple of 8);\n"
-             "of_variance: one row, SCE's variance's (see scan).");
+             "magnitude bits, in runs of 16 spread over the n elements (n >= m, m a multiple of\n"
+             "16); of_variance: one row, SCE's variance's (see scan). Only runs [start, stop) of the\n"
+             "m / 16 (all by default) are taken: threads share the work that way.");
 
 static PyObject *py_sample(PyObject *self, PyObject *args) {
     (void)self;
@@ -1447,8 +1456,9 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
     Py_ssize_t n, m;
     PyObject *models_obj, *codes_obj;
     int of_variance = 0;
-    if (!PyArg_ParseTuple(args, "KinOOnK|p", &base, &base_code, &n, &models_obj, &codes_obj, &m,
-                          &out_addr, &of_variance)) {
+    Py_ssize_t start = 0, stop = -1;
+    if (!PyArg_ParseTuple(args, "KinOOnK|pnn", &base, &base_code, &n, &models_obj, &codes_obj, &m,
+                          &out_addr, &of_variance, &start, &stop)) {
         return NULL;
     }
     char *models[MAX_MODELS];
@@ -1457,12 +1467,18 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (m < RUN || m % RUN || n < m) {
-        PyErr_SetString(PyExc_ValueError, "sample: n >= m, m a multiple of 8");
+        PyErr_SetString(PyExc_ValueError, "sample: n >= m, m a multiple of 16");
+        return NULL;
+    }
+    if (stop < 0) stop = m / RUN;
+    if (start < 0 || start > stop || stop > m / RUN) {
+        PyErr_SetString(PyExc_ValueError, "sample: runs 0 <= start <= stop <= m / 16");
         return NULL;
     }
     uint64_t *out = (uint64_t *)(uintptr_t)out_addr;
     Py_BEGIN_ALLOW_THREADS
-    sample((const char *)(uintptr_t)base, base_code, n, models, codes, count, m, out, of_variance);
+    sample((const char *)(uintptr_t)base, base_code, n, models, codes, count, m, out, of_variance,
+           start, stop);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1670,6 +1686,179 @@ static PyObject *py_kth_pairs(PyObject *self, PyObject *args) {
     result = kth_largest(u, total, k, least, most + 1, &equal);
     Py_END_ALLOW_THREADS
     return PyLong_FromUnsignedLongLong(result);
+}
+
+PyDoc_STRVAR(kth_many_doc,
+             "kth_many(values, n, ks) -> [(value, equal), ...]\n\n"
+             "For each k of ks (1 <= k <= n), the k-th largest of the n uint64 values at address\n"
+             "values and how many equal it, from one histogram of them all (the values are\n"
+             "permuted, not changed): a sample's several order statistics at once.");
+
+CLONED
+static void histogram11(const uint64_t *a, Py_ssize_t n, uint64_t lo, int shift, Py_ssize_t *bins) {
+    for (Py_ssize_t i = 0; i < n; i++) bins[(a[i] - lo) >> shift]++;
+}
+
+CLONED
+static void value_range(const uint64_t *a, Py_ssize_t n, uint64_t *least, uint64_t *most) {
+    uint64_t low = a[0], high = a[0];
+    for (Py_ssize_t i = 1; i < n; i++) {
+        low = a[i] < low ? a[i] : low;
+        high = a[i] > high ? a[i] : high;
+    }
+    *least = low;
+    *most = high;
+}
+
+/* ks[0..count) from a sequence of at most 16 ranks, each in [1, n]; 0 with an exception set. */
+static int parse_ranks(PyObject *obj, Py_ssize_t n, Py_ssize_t *ks, Py_ssize_t *count) {
+    PyObject *seq = PySequence_Fast(obj, "ks must be a sequence");
+    if (!seq) return 0;
+    *count = PySequence_Fast_GET_SIZE(seq);
+    int ok = *count <= 16;
+    if (!ok) PyErr_SetString(PyExc_ValueError, "kth_many: at most 16 ranks");
+    for (Py_ssize_t j = 0; ok && j < *count; j++) {
+        ks[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, j));
+        ok = !(ks[j] == -1 && PyErr_Occurred());
+        if (ok && (ks[j] < 1 || ks[j] > n)) {
+            PyErr_Format(PyExc_ValueError, "k = %zd is not between 1 and %zd", ks[j], n);
+            ok = 0;
+        }
+    }
+    Py_DECREF(seq);
+    return ok;
+}
+
+/* The ks' largest of a[0..n) (a permuted at most) and how many equal each, from one histogram of
+ * them all; 0 where memory ran out. No Python calls: runs without the GIL. */
+static int kth_many(uint64_t *a, Py_ssize_t n, const Py_ssize_t *ks, Py_ssize_t count,
+                    uint64_t *values, Py_ssize_t *equals) {
+    if (!count) return 1;
+    uint64_t least, most;
+    value_range(a, n, &least, &most);
+    const uint64_t span = most - least;
+    int bits = 0;
+    while (bits < 64 && span >> bits) bits++;
+    const int shift = bits > 11 ? bits - 11 : 0;
+    Py_ssize_t bins[1 << 11] = {0};
+    histogram11(a, n, least, shift, bins);
+    uint64_t *chosen = NULL;
+    Py_ssize_t room = 0;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        Py_ssize_t bin = (Py_ssize_t)(span >> shift), rank = ks[j];
+        while (bins[bin] < rank) rank -= bins[bin--];
+        if (bins[bin] > room) { /* the bin's values copied out: a stays whole for the others */
+            free(chosen);
+            room = bins[bin];
+            chosen = malloc(sizeof *chosen * (size_t)room);
+            if (!chosen) return 0;
+        }
+        Py_ssize_t w = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            chosen[w] = a[i];
+            w += (a[i] - least) >> shift == (uint64_t)bin;
+            if (w == bins[bin]) break;
+        }
+        const uint64_t from = least + ((uint64_t)bin << shift);
+        const uint64_t to = shift ? from + (((uint64_t)1 << shift) - 1) : from;
+        values[j] = kth_largest(chosen, w, rank, from, (to < most ? to : most) + 1, &equals[j]);
+    }
+    free(chosen);
+    return 1;
+}
+
+static PyObject *order_statistics_list(const uint64_t *values, const Py_ssize_t *equals,
+                                       Py_ssize_t count) {
+    PyObject *result = PyList_New(count);
+    for (Py_ssize_t j = 0; result && j < count; j++) {
+        PyList_SET_ITEM(result, j, Py_BuildValue("(Kn)", (unsigned long long)values[j], equals[j]));
+    }
+    return result;
+}
+
+static PyObject *py_kth_many(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address;
+    Py_ssize_t n, count, ks[16], equals[16];
+    PyObject *ks_obj;
+    if (!PyArg_ParseTuple(args, "KnO", &address, &n, &ks_obj)) return NULL;
+    if (!parse_ranks(ks_obj, n, ks, &count)) return NULL;
+    uint64_t values[16];
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = kth_many((uint64_t *)(uintptr_t)address, n, ks, count, values, equals);
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    return order_statistics_list(values, equals, count);
+}
+
+PyDoc_STRVAR(small_thresholds_doc,
+             "small_thresholds(base, base_code, n, models, codes, ranks, scratch)\n"
+             "    -> [[(value, equal), ...], ...]\n\n"
+             "A small tensor's thresholds in one call: for each model, its task vector's\n"
+             "magnitude bits (as scan's) into scratch (n uint64 slots), then the ranks[i]-th\n"
+             "largest of them (kth_many).");
+
+/* Model x's task vector's magnitude bits over the base (as scan_models makes them) into u. */
+CLONED
+static void task_magnitudes(const char *base, int base_code, const char *x, int code,
+                            Py_ssize_t n, uint64_t *u) {
+    double bbuf[SCAN_BLOCK], xbuf[SCAN_BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += SCAN_BLOCK) {
+        const Py_ssize_t m = n - start < SCAN_BLOCK ? n - start : SCAN_BLOCK;
+        const double *b = widen(bbuf, base + start * ITEMSIZE[base_code], base_code, m);
+        const double *v = widen(xbuf, x + start * ITEMSIZE[code], code, m);
+        for (Py_ssize_t k = 0; k < m; k++) u[start + k] = magnitude(v[k] - b[k]);
+    }
+}
+
+static PyObject *py_small_thresholds(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long base, scratch;
+    int base_code, count;
+    Py_ssize_t n;
+    PyObject *models_obj, *codes_obj, *ranks_obj;
+    if (!PyArg_ParseTuple(args, "KinOOOK", &base, &base_code, &n, &models_obj, &codes_obj,
+                          &ranks_obj, &scratch)) {
+        return NULL;
+    }
+    char *models[MAX_MODELS];
+    int codes[MAX_MODELS];
+    if (!check_code(base_code) || !parse_models(models_obj, codes_obj, models, codes, &count)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(ranks_obj, "ranks must be a sequence");
+    if (!seq) return NULL;
+    PyObject *result = NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != count || n < 1) {
+        PyErr_SetString(PyExc_ValueError, "small_thresholds: one list of ranks a model, n >= 1");
+        goto done;
+    }
+    result = PyList_New(count);
+    for (int i = 0; result && i < count; i++) {
+        Py_ssize_t ks[16], equals[16], many;
+        uint64_t values[16];
+        int ok = 0;
+        if (!parse_ranks(PySequence_Fast_GET_ITEM(seq, i), n, ks, &many)) goto failed;
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t *u = (uint64_t *)(uintptr_t)scratch;
+        if (many) task_magnitudes((const char *)(uintptr_t)base, base_code, models[i], codes[i], n, u);
+        ok = kth_many(u, n, ks, many, values, equals);
+        Py_END_ALLOW_THREADS
+        if (!ok) {
+            PyErr_NoMemory();
+            goto failed;
+        }
+        PyObject *found = order_statistics_list(values, equals, many);
+        if (!found) goto failed;
+        PyList_SET_ITEM(result, i, found);
+    }
+    goto done;
+failed:
+    Py_CLEAR(result);
+done:
+    Py_DECREF(seq);
+    return result;
 }
 
 PyDoc_STRVAR(merge_doc,
@@ -1944,6 +2133,8 @@ static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"sample", py_sample, METH_VARARGS, sample_doc},
     {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
+    {"kth_many", py_kth_many, METH_VARARGS, kth_many_doc},
+    {"small_thresholds", py_small_thresholds, METH_VARARGS, small_thresholds_doc},
     {"scan_keys", py_scan_keys, METH_VARARGS, scan_keys_doc},
     {"key_bounds", py_key_bounds, METH_VARARGS, key_bounds_doc},
     {"kth_pairs", py_kth_pairs, METH_VARARGS, kth_pairs_doc},

@@ -24,6 +24,8 @@ def sample(
     m: int,
     out: int,
     of_variance: bool = False,
+    start: int = 0,
+    stop: int = -1,
     /,
 ) -> None: ...
 def kth_largest(
@@ -46,6 +48,17 @@ def key_bounds(lo: int, hi: int, /) -> tuple[int, int]: ...
 def kth_pairs(
     address: int, segments: Sequence[tuple[int, int]], cap: int, k: int, scratch: int, /
 ) -> int: ...
+def kth_many(values: int, n: int, ks: Sequence[int], /) -> list[tuple[int, int]]: ...
+def small_thresholds(
+    base: int,
+    base_code: int,
+    n: int,
+    models: Sequence[int],
+    codes: Sequence[int],
+    ranks: Sequence[Sequence[int]],
+    scratch: int,
+    /,
+) -> list[list[tuple[int, int]]]: ...
 def merge(
     out: int,
     out_code: int,

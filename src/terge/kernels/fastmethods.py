@@ -47,7 +47,13 @@ per model from 16K entries up (30K: 815 us for breadcrumbs' two thresholds, samp
 170 us)."""
 _SAMPLES = (1 << 11, 1 << 17)
 """Fewest and most samples per task vector; in between ``n ** (2/3) / 2``, which balances the
-cost of sampling against that of the values collected, a share of ``1 / sqrt(samples)``."""
+cost of sampling (a cache miss for each run of 16) against that of the values collected, a share
+of ``1 / sqrt(samples)``. Twice as many cost more in sampling than they saved in selecting
+(GPT-2 small, 2026-11-27)."""
+_RUN = 16
+"""Samples are taken in runs of this many adjacent entries (``_fastmethods.sample``)."""
+_SAMPLE_THREADED = 1 << 14
+"""Samples from this many up are drawn in every thread, each taking its share of the runs."""
 _MARGIN = 5.0
 """The bracket's half-width, in standard deviations of the sample's count above the k-th."""
 _COLLECT = 1 << 20
@@ -327,6 +333,9 @@ def _select(
 ) -> None:
     """Fill in each search's value, one read of every input per pass."""
     n = base.numel()
+    if n < _SAMPLED and all(search.model >= 0 for search in searches):
+        _small(base, tensors, searches, workspace)
+        return
     if n < _SAMPLED:
         for search in searches:
             search.cap = n
@@ -336,6 +345,31 @@ def _select(
             _pass_keys(base, tensors, sorted(searches, key=lambda s: s.model), workspace)
     while pending := [s for s in searches if s.value is None]:
         _pass(base, tensors, sorted(pending, key=lambda s: s.model), workspace)
+
+
+def _small(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    searches: list[_Search],
+    workspace: _Workspace,
+) -> None:
+    """A small tensor's searches in one compiled call: each model's magnitudes, then their
+    order statistics (the Python of a pass per tensor cost more than the work)."""
+    ranks: list[list[int]] = [[] for _ in tensors]
+    for search in searches:
+        ranks[search.model].append(search.rank)
+    scratch = workspace.get("small", base.numel())
+    found = _fastmethods.small_thresholds(
+        base.data_ptr(),
+        DTYPE_CODES[base.dtype],
+        base.numel(),
+        _addresses(tensors, 0),
+        [DTYPE_CODES[t.dtype] for t in tensors],
+        ranks,
+        scratch.data_ptr(),
+    )
+    for search in searches:
+        search.value = found[search.model][ranks[search.model].index(search.rank)][0]
 
 
 def _addresses(tensors: Sequence[torch.Tensor], start: int) -> list[int]:
@@ -351,27 +385,47 @@ def _bracket(
     """A first range for each search from samples spread over its task vector: where the k-th of
     the whole would fall among them, give or take ``_MARGIN`` standard deviations."""
     n = base.numel()
-    m = min(max(round(n ** (2 / 3) / 2), _SAMPLES[0]), _SAMPLES[1], n) // 8 * 8
+    m = min(max(round(n ** (2 / 3) / 2), _SAMPLES[0]), _SAMPLES[1], n) // _RUN * _RUN
     of_variance = any(search.model == VARIANCE for search in searches)
     sample = workspace.get("sample", (1 if of_variance else len(tensors)) * m)
-    _fastmethods.sample(
-        base.data_ptr(),
-        DTYPE_CODES[base.dtype],
-        n,
-        _addresses(tensors, 0),
-        [DTYPE_CODES[t.dtype] for t in tensors],
-        m,
-        sample.data_ptr(),
-        of_variance,
-    )
-    whole = [(0, m)]
+    runs = m // _RUN
+    parts = max(1, min(torch.get_num_threads() if m >= _SAMPLE_THREADED else 1, runs))
+    bounds = [runs * p // parts for p in range(parts + 1)]
+
+    def draw(start: int, stop: int) -> None:
+        _fastmethods.sample(
+            base.data_ptr(),
+            DTYPE_CODES[base.dtype],
+            n,
+            _addresses(tensors, 0),
+            [DTYPE_CODES[t.dtype] for t in tensors],
+            m,
+            sample.data_ptr(),
+            of_variance,
+            start,
+            stop,
+        )
+
+    run([functools.partial(draw, *bounds[p : p + 2]) for p in range(parts)])
+    ends = {}
     for search in searches:
-        row = sample.data_ptr() + max(search.model, 0) * m * 8
         share = search.rank / n
         spread = _MARGIN * math.sqrt(m * share * (1 - share)) + 1
-        first, last = math.floor(share * m - spread), math.ceil(share * m + spread)
-        top, tied_top = (_TOP - 1, 1) if first < 1 else _kth(row, whole, first)
-        search.lo, tied_low = (0, 1) if last > m else _kth(row, whole, last)
+        ends[id(search)] = math.floor(share * m - spread), math.ceil(share * m + spread)
+    rows: dict[int, list[int]] = {}  # the ranks each row of samples is asked for
+    for search in searches:
+        first, last = ends[id(search)]
+        rows.setdefault(max(search.model, 0), []).extend(k for k in (first, last) if 1 <= k <= m)
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    for row, ranks in rows.items():
+        ranks = sorted(set(ranks))
+        address = sample.data_ptr() + row * m * 8
+        found.update(zip(((row, k) for k in ranks), _fastmethods.kth_many(address, m, ranks)))
+    for search in searches:
+        first, last = ends[id(search)]
+        row = max(search.model, 0)
+        top, tied_top = (_TOP - 1, 1) if first < 1 else found[row, first]
+        search.lo, tied_low = (0, 1) if last > m else found[row, last]
         search.hi = top + 1
         search.cap = min(n, 2 * math.ceil((last - first + 1) * n / m) + 4096)
         search.ends = tied_top > 1 or tied_low > 1  # ties in the sample: many more in the whole
@@ -458,11 +512,6 @@ def _select_pairs(
     search.value = _fastmethods.kth_pairs(
         buffer.data_ptr(), segments, search.cap, rank, scratch.data_ptr()
     )
-
-
-def _kth(values: int, segments: list[tuple[int, int]], k: int) -> tuple[int, int]:
-    """The k-th largest magnitude bits among samples, and how many are tied with it."""
-    return _fastmethods.kth_largest(values, segments, k, 0, _TOP)
 
 
 def _pass(
