@@ -224,6 +224,13 @@ class _Workspace:
             tensor = self._tensors[role] = torch.empty(size, dtype=torch.int64)
         return tensor[:size]
 
+    def address(self, role: object, size: int) -> int:
+        """``get(role, size).data_ptr()`` without the view (a merge asks hundreds of times)."""
+        tensor = self._tensors.get(role)
+        if tensor is None or tensor.numel() < size:
+            tensor = self._tensors[role] = torch.empty(size, dtype=torch.int64)
+        return tensor.data_ptr()
+
 
 _WORKSPACES: weakref.WeakKeyDictionary[object, _Workspace] = weakref.WeakKeyDictionary()
 
@@ -360,7 +367,7 @@ def _small(
     ranks: list[list[int]] = [[] for _ in tensors]
     for search in searches:
         ranks[search.model].append(search.rank)
-    scratch = workspace.get("small", base.numel())
+    scratch = workspace.address("small", base.numel())
     found = _fastmethods.small_thresholds(
         base.data_ptr(),
         DTYPE_CODES[base.dtype],
@@ -368,7 +375,7 @@ def _small(
         _addresses(tensors, 0),
         [DTYPE_CODES[t.dtype] for t in tensors],
         ranks,
-        scratch.data_ptr(),
+        scratch,
     )
     for search in searches:
         search.value = found[search.model][ranks[search.model].index(search.rank)][0]
@@ -461,12 +468,12 @@ def _pass_keys(
     spans = ranges(base.numel())
     pieces = len(spans)
     slots = [s.cap + _KEY_SLACK for s in searches]
-    buffers = [workspace.get(q, pieces * slot) for q, slot in enumerate(slots)]
+    buffers = [workspace.address(q, pieces * slot) for q, slot in enumerate(slots)]
 
     def part(piece: int) -> list[tuple[int, int]] | None:
         start, stop = spans[piece]
         queries = [
-            (s.model, *s.keys, buffer.data_ptr() + piece * slot * 8, s.cap)  # type: ignore[misc]
+            (s.model, *s.keys, buffer + piece * slot * 8, s.cap)  # type: ignore[misc]
             for s, buffer, slot in zip(searches, buffers, slots, strict=True)
         ]
         return _fastmethods.scan_keys(
@@ -492,7 +499,7 @@ def _pass_keys(
             search.cap = 0  # again from a histogram of [low, high): every magnitude, still
             continue
         segments = [(piece * slot, i) for piece, (_, i) in enumerate(found)]
-        scratch = workspace.get(("pairs", q), inside)
+        scratch = workspace.address(("pairs", q), inside)
         finish.append(
             functools.partial(_select_pairs, search, buffer, segments, search.rank - above, scratch)
         )
@@ -506,14 +513,12 @@ def _pass_keys(
 
 def _select_pairs(
     search: _Search,
-    buffer: torch.Tensor,
+    buffer: int,
     segments: list[tuple[int, int]],
     rank: int,
-    scratch: torch.Tensor,
+    scratch: int,
 ) -> None:
-    search.value = _fastmethods.kth_pairs(
-        buffer.data_ptr(), segments, search.cap, rank, scratch.data_ptr()
-    )
+    search.value = _fastmethods.kth_pairs(buffer, segments, search.cap, rank, scratch)
 
 
 def _pass(
