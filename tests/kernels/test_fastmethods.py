@@ -158,6 +158,25 @@ def test_split_between_threads_and_sampled(name, models, dtype, seed, kind, dens
 
 
 @needs_loops
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(["ties", "breadcrumbs", "dare_ties"]),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=3, max_size=3),
+    same=st.booleans(),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    density=st.sampled_from([0.2, 0.5, 1.0]),
+    inplace=st.booleans(),
+)
+def test_two_models_with_unit_weights_and_scale(name, dtypes, same, seed, kind, density, inplace):
+    """TIES' and breadcrumbs' defaults with two models (weights 1, scale 1) have a loop of their
+    own, with num / den as num, num or num * 0.5: the reference's bits, ties and NaNs included."""
+    if same:
+        dtypes = [dtypes[0]] * 3
+    check(name, 2000, dtypes, dtypes[0], seed, kind, density, 0.05, 1.0, [1.0, 1.0], inplace)
+
+
+@needs_loops
 @pytest.mark.parametrize("numel", [fastmethods._SAMPLED - 1, fastmethods._SAMPLED, 30_000])
 def test_the_default_sampling_threshold_gives_the_references_bits(numel, monkeypatch):
     """Without any patching, a tensor just below the threshold collects every magnitude and one

@@ -608,7 +608,12 @@ static ALWAYS_INLINE void fused(
             dw[i] = d[i] * w[i];
             e = e + dw[i];
         }
-        if (consensus == SIGN) {
+        if (consensus == SIGN && unit && count == 2 && multiply) {
+            /* two unit weights: den is 0, 1 or 2, so num * (1 / den) is num, num or num * 0.5 */
+            const uint64_t a0 = agrees(e, d[0]), a1 = agrees(e, d[1]);
+            const double num = (0.0 + masked(d[0], a0)) + masked(d[1], a1);
+            e = choose(a0 & a1, num * 0.5, num);
+        } else if (consensus == SIGN) {
             double num = 0.0, den = 0.0;
             for (int i = 0; i < count; i++) { /* see agrees() */
                 const uint64_t a = agrees(e, d[i]);
