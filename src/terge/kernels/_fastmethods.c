@@ -1747,26 +1747,36 @@ static int kth_many(uint64_t *a, Py_ssize_t n, const Py_ssize_t *ks, Py_ssize_t 
     const int shift = bits > 11 ? bits - 11 : 0;
     Py_ssize_t bins[1 << 11] = {0};
     histogram11(a, n, least, shift, bins);
-    uint64_t *chosen = NULL;
-    Py_ssize_t room = 0;
+    /* each rank's bin and its rank within it; then the wanted bins' values copied out in one
+     * read (a stays whole), each bin's after the one before */
+    Py_ssize_t bin_of[16], rank_in[16], start[1 << 11];
+    uint16_t slot[1 << 11] = {0}; /* 1 + the wanted bin's place, 0 for the others */
+    Py_ssize_t wanted = 0, total = 0;
     for (Py_ssize_t j = 0; j < count; j++) {
         Py_ssize_t bin = (Py_ssize_t)(span >> shift), rank = ks[j];
         while (bins[bin] < rank) rank -= bins[bin--];
-        if (bins[bin] > room) { /* the bin's values copied out: a stays whole for the others */
-            free(chosen);
-            room = bins[bin];
-            chosen = malloc(sizeof *chosen * (size_t)room);
-            if (!chosen) return 0;
+        bin_of[j] = bin;
+        rank_in[j] = rank;
+        if (!slot[bin]) {
+            slot[bin] = (uint16_t)++wanted;
+            start[bin] = total;
+            total += bins[bin];
         }
-        Py_ssize_t w = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            chosen[w] = a[i];
-            w += (a[i] - least) >> shift == (uint64_t)bin;
-            if (w == bins[bin]) break;
-        }
+    }
+    uint64_t *chosen = malloc(sizeof *chosen * (size_t)total);
+    if (!chosen) return 0;
+    Py_ssize_t fill[1 << 11];
+    for (Py_ssize_t j = 0; j < count; j++) fill[bin_of[j]] = start[bin_of[j]];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint64_t bin = (a[i] - least) >> shift;
+        if (slot[bin]) chosen[fill[bin]++] = a[i];
+    }
+    for (Py_ssize_t j = 0; j < count; j++) {
+        const Py_ssize_t bin = bin_of[j];
         const uint64_t from = least + ((uint64_t)bin << shift);
         const uint64_t to = shift ? from + (((uint64_t)1 << shift) - 1) : from;
-        values[j] = kth_largest(chosen, w, rank, from, (to < most ? to : most) + 1, &equals[j]);
+        values[j] = kth_largest(chosen + start[bin], bins[bin], rank_in[j], from,
+                                (to < most ? to : most) + 1, &equals[j]);
     }
     free(chosen);
     return 1;
