@@ -159,6 +159,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             resumed, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         torch.save({"logits": logits, "full": full, "refusal": refusal}, root / f"rank{rank}.pt")
+        torch.distributed.barrier()  # no rank tears gloo down while another still uses it
     finally:
         torch.distributed.destroy_process_group()
 
