@@ -656,6 +656,46 @@ def test_out_of_memory_in_a_compiled_loop_writing_in_place_is_noted(k, monkeypat
     assert _assert_partly_written_as_noted(models, before, "ties", raised) == k
 
 
+@pytest.mark.parametrize("entry", ["small_thresholds", "scan_keys", "kth_pairs", "kth_many"])
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_out_of_memory_finding_a_tensors_thresholds_is_noted(entry, k, monkeypatch):
+    """TIES' thresholds come from compiled calls that allocate (a small tensor's in one call;
+    a larger one's samples, key pass and selection): a MemoryError from the k-th, found before
+    that tensor is written, leaves it and every tensor after it as they were."""
+    from terge.kernels import fastmethods
+
+    if not fastmethods.available():
+        pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
+    if entry != "small_thresholds":  # the 16 x 16 weights sampled, as a large tensor's are
+        monkeypatch.setattr(fastmethods, "_SAMPLED", 100)
+    real = fastmethods._fastmethods
+    calls = []
+
+    class Failing:
+        def __getattr__(self, name):
+            attribute = getattr(real, name)
+            if name != entry:
+                return attribute
+
+            def failing(*args):
+                calls.append(1)
+                if len(calls) == k + 1:
+                    raise MemoryError("injected")
+                return attribute(*args)
+
+            return failing
+
+    monkeypatch.setattr(fastmethods, "_fastmethods", Failing())
+    models = _wide_models()
+    before = _record(models[0])
+    with pytest.raises(MemoryError, match="injected") as raised:
+        terge.merge(models, method="ties", inplace=True)
+    position = _assert_partly_written_as_noted(models, before, "ties", raised)
+    changed = [raw != raw0 for (*_, raw), (*_, raw0) in zip(_record(models[0]), before)]
+    assert changed == [i < position for i in range(len(before))]  # the failing one untouched
+    assert calls and len(calls) == k + 1
+
+
 def test_out_of_memory_while_writing_in_place_still_bumps_the_versions(monkeypatch):
     """README: after a built-in kernel's error while writing, the Parameter objects stay the
     same and their versions are bumped, so a graph that saved the partly merged tensors
