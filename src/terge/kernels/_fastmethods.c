@@ -1653,28 +1653,32 @@ static PyObject *py_kth_pairs(PyObject *self, PyObject *args) {
     PyObject *seq = PySequence_Fast(segments_obj, "segments must be a sequence");
     if (!seq) return NULL;
     const Py_ssize_t parts = PySequence_Fast_GET_SIZE(seq);
-    Py_ssize_t offsets[256], counts[256], total = 0;
-    if (parts > 256 || cap < 0) {
+    Py_ssize_t total = 0;
+    /* one segment a thread's range: as many as the machine has threads */
+    Py_ssize_t *offsets = PyMem_Malloc(sizeof *offsets * (size_t)(2 * parts + 1));
+    if (!offsets) {
         Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "at most 256 segments, cap at least 0");
-        return NULL;
+        return PyErr_NoMemory();
     }
-    for (Py_ssize_t i = 0; i < parts; i++) {
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "nn;a segment", &offsets[i],
-                              &counts[i])) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        if (counts[i] < 0 || counts[i] > cap) {
-            Py_DECREF(seq);
+    Py_ssize_t *counts = offsets + parts;
+    int ok = cap >= 0;
+    if (!ok) PyErr_SetString(PyExc_ValueError, "kth_pairs: cap must be at least 0");
+    for (Py_ssize_t i = 0; ok && i < parts; i++) {
+        ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "nn;a segment", &offsets[i],
+                              &counts[i]);
+        if (ok && (counts[i] < 0 || counts[i] > cap)) {
             PyErr_SetString(PyExc_ValueError, "a segment's count must be between 0 and cap");
-            return NULL;
+            ok = 0;
         }
-        total += counts[i];
+        if (ok) total += counts[i];
     }
     Py_DECREF(seq);
-    if (k < 1 || k > total) {
+    if (ok && (k < 1 || k > total)) {
         PyErr_Format(PyExc_ValueError, "k = %zd is not between 1 and %zd", k, total);
+        ok = 0;
+    }
+    if (!ok) {
+        PyMem_Free(offsets);
         return NULL;
     }
     uint64_t *u = (uint64_t *)(uintptr_t)scratch;
@@ -1690,6 +1694,7 @@ static PyObject *py_kth_pairs(PyObject *self, PyObject *args) {
     Py_ssize_t equal;
     result = kth_largest(u, total, k, least, most + 1, &equal);
     Py_END_ALLOW_THREADS
+    PyMem_Free(offsets);
     return PyLong_FromUnsignedLongLong(result);
 }
 
