@@ -573,6 +573,30 @@ def _failing_kernel(monkeypatch, module, name: str, k: int) -> list[int]:
     return calls
 
 
+def _failing_entry(monkeypatch, module, entry: str, k: int) -> list[int]:
+    """Replace ``module._fastmethods`` (the compiled module as that module sees it) by a proxy
+    whose ``entry`` raises MemoryError at its k-th call; every other name is the real one's."""
+    real = module._fastmethods
+    calls: list[int] = []
+
+    class Failing:
+        def __getattr__(self, name):
+            attribute = getattr(real, name)
+            if name != entry:
+                return attribute
+
+            def failing(*args):
+                calls.append(1)
+                if len(calls) == k + 1:
+                    raise MemoryError("injected")
+                return attribute(*args)
+
+            return failing
+
+    monkeypatch.setattr(module, "_fastmethods", Failing())
+    return calls
+
+
 def _assert_partly_written_as_noted(models, before, method, raised) -> int:
     """The note names the tensor that failed; every tensor after it (in the model's order, the
     merge's) is bit for bit as it was, and every Parameter is the same object with its dtype.
@@ -616,20 +640,7 @@ def test_out_of_memory_in_a_built_in_methods_step_is_noted_and_leaves_the_rest_u
 
     if not fastmethods.available():
         pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
-    real = fastelementwise._fastmethods
-    calls = []
-
-    class Failing:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def order_statistic(self, *args):
-            calls.append(1)
-            if len(calls) == k + 1:
-                raise MemoryError("injected")
-            return real.order_statistic(*args)
-
-    monkeypatch.setattr(fastelementwise, "_fastmethods", Failing())
+    _failing_entry(monkeypatch, fastelementwise, "order_statistic", k)
     models = _wide_models()
     before = _record(models[0])
     with pytest.raises(MemoryError, match="injected") as raised:
@@ -668,24 +679,7 @@ def test_out_of_memory_finding_a_tensors_thresholds_is_noted(entry, k, monkeypat
         pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
     if entry != "small_thresholds":  # the 16 x 16 weights sampled, as a large tensor's are
         monkeypatch.setattr(fastmethods, "_SAMPLED", 100)
-    real = fastmethods._fastmethods
-    calls = []
-
-    class Failing:
-        def __getattr__(self, name):
-            attribute = getattr(real, name)
-            if name != entry:
-                return attribute
-
-            def failing(*args):
-                calls.append(1)
-                if len(calls) == k + 1:
-                    raise MemoryError("injected")
-                return attribute(*args)
-
-            return failing
-
-    monkeypatch.setattr(fastmethods, "_fastmethods", Failing())
+    calls = _failing_entry(monkeypatch, fastmethods, entry, k)
     models = _wide_models()
     before = _record(models[0])
     with pytest.raises(MemoryError, match="injected") as raised:
