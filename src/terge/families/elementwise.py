@@ -307,10 +307,17 @@ def pcb_merge(
     task vectors: clip the magnitudes ``|tau_i|`` to their sorted entries ``int(d * 1e-4)`` and
     ``int(d * (1 - 1e-4)) - 1`` (``c_i = sign(tau_i) * clipped``); *intra-balancing*
     ``exp(n * norm(clipped)^2)``, *inter-balancing* ``tanh(tau_i * sum_j tau_j)``; their
-    product ``b_i``, raised to its sorted entry ``int(d * (1 - ratio))`` (so only about the
-    top ``ratio`` stay above it) and normalised to [0, 1], is ``s_i``;
+    product ``b_i``, raised to its sorted entry ``f_i = int(d * (1 - ratio))`` (so only about
+    the top ``ratio`` stay above it) and normalised to [0, 1], is ``s_i``;
     ``base + scale * sum_i s_i c_i / sum_i s_i`` (0 where every ``s_i`` is 0), ``norm`` a row's
-    min-max scaling (0 for a constant row). The merge weights are not used."""
+    min-max scaling (0 for a constant row). The merge weights are not used.
+
+    Every sum over the models is a fold from +0 in the models' order (``(0 + x_0) + x_1 ...``),
+    and ``s_i = (b_i > f_i ? b_i - f_i : 0) / (max b_i - f_i)``: the values of torch's
+    ``sum(dim=0)`` and of ``maximum`` then min-max scaling, with an order and zeros' signs that
+    do not depend on torch's kernels (its sums over rows change order past four rows; its
+    ``maximum`` of -0 and +0 differs between its vector and scalar paths). The compiled loop
+    (:func:`terge.kernels.fastpcb.pcb_into`) computes the same bits."""
     if base is None:
         raise MethodNotApplicableError("pcb: needs a base model to take task vectors from.")
     # The reference's operations on the same (n, d) tensors, in place where it made new ones:
@@ -329,17 +336,29 @@ def pcb_merge(
     clipped = torch.sign(stack).mul_(magnitudes)
     intra = _normalise_(magnitudes).square_().mul_(n).exp_()
     del magnitudes
-    inter = stack.mul_(stack.sum(dim=0, keepdim=True)).tanh_()
+    inter = stack.mul_(_fold(stack)).tanh_()
     balance = intra.mul_(inter)
     del stack, inter
     floor = _sorted_at(balance, min(int(d * (1 - ratio)), d - 1))
-    scores = _normalise_(torch.maximum(balance, floor, out=balance))
-    denominator = scores.sum(dim=0)
-    numerator = clipped.mul_(scores).sum(dim=0)
+    span = balance.amax(dim=1, keepdim=True).sub_(floor)
+    above = balance > floor
+    scores = balance.sub_(floor).masked_fill_(~above, 0).div_(span).masked_fill_(~(span > 0), 0)
+    del above
+    denominator = _fold(scores)
+    numerator = _fold(clipped.mul_(scores))
     del clipped, scores
     # torch.where(denominator != 0, numerator / denominator, 0), in numerator's own buffer
     merged = numerator.div_(denominator).masked_fill_(denominator == 0, 0)
     return _finish(base, merged.reshape(base.shape), scale)
+
+
+def _fold(rows: torch.Tensor) -> torch.Tensor:
+    """``(0 + rows[0]) + rows[1] + ...``: a sum over the rows in their order, each addition
+    rounded (``sum(dim=0)`` adds in an order of its own past four rows)."""
+    total = torch.zeros_like(rows[0])
+    for row in rows:
+        total.add_(row)
+    return total
 
 
 def _normalise_(values: torch.Tensor) -> torch.Tensor:
