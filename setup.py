@@ -3,7 +3,8 @@
 ``terge.kernels._fastloop`` (the linear merges), ``terge.kernels._fastmethods`` (the task-vector
 methods, and the element-wise ones: MagMax, TALL-mask consensus, NearSwap, SCE),
 ``terge.kernels._faststatistics`` (SLERP's and Model Stock's dot products) and
-``terge.kernels._fastrank`` (DELLA's per-row ranking and merge) are
+``terge.kernels._fastrank`` (DELLA's per-row ranking and merge) and ``terge.kernels._fastpcb``
+(PCB's scores and merge) are
 compiled where a C compiler is present. Where they cannot be built the install still succeeds
 (``optional=True``) and terge runs the same arithmetic in plain torch ops, equal bit for bit and
 slower. ``-ffp-contract=off`` keeps the compiler from fusing a multiply and an add into one
@@ -33,5 +34,6 @@ setup(
         extension("_fastmethods"),
         extension("_faststatistics"),
         extension("_fastrank"),
+        extension("_fastpcb"),
     ]
 )

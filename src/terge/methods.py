@@ -43,7 +43,7 @@ import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .families import elementwise, spherical, statistics, subspace
-from .kernels import ChunkBuffers, fastelementwise, linear_combine, primitives
+from .kernels import ChunkBuffers, fastelementwise, fastpcb, linear_combine, primitives
 from .kernels.fastmethods import merge_into
 from .kernels.fastrank import della_into
 from .kernels.primitives import (
@@ -1367,6 +1367,7 @@ def pcb(*, ratio: float = 0.1, scale: float = 1.0) -> Method:
     return Method(
         "pcb",
         elementwise.pcb_merge,
+        into=fastpcb.pcb_into,
         settings=settings,
         task_vectors=True,
         needs_base=True,

@@ -573,10 +573,12 @@ def _failing_kernel(monkeypatch, module, name: str, k: int) -> list[int]:
     return calls
 
 
-def _failing_entry(monkeypatch, module, entry: str, k: int) -> list[int]:
-    """Replace ``module._fastmethods`` (the compiled module as that module sees it) by a proxy
+def _failing_entry(
+    monkeypatch, module, entry: str, k: int, compiled: str = "_fastmethods"
+) -> list[int]:
+    """Replace ``module.<compiled>`` (the compiled module as that module sees it) by a proxy
     whose ``entry`` raises MemoryError at its k-th call; every other name is the real one's."""
-    real = module._fastmethods
+    real = getattr(module, compiled)
     calls: list[int] = []
 
     class Failing:
@@ -593,7 +595,7 @@ def _failing_entry(monkeypatch, module, entry: str, k: int) -> list[int]:
 
             return failing
 
-    monkeypatch.setattr(module, "_fastmethods", Failing())
+    monkeypatch.setattr(module, compiled, Failing())
     return calls
 
 
@@ -628,19 +630,27 @@ def test_the_wide_models_merge_changes_every_tensor(method):
         assert raw != raw0, f"{name} was not changed by {method}"
 
 
-@pytest.mark.parametrize("k", [0, 20, 40])
+@pytest.mark.parametrize("k", [0, 3, 6])
+@pytest.mark.parametrize("path", ["compiled", "reference"])
 def test_out_of_memory_in_a_built_in_methods_step_is_noted_and_leaves_the_rest_untouched(
-    k, monkeypatch
+    path, k, monkeypatch
 ):
-    """PCB's quantiles come from a compiled selection that allocates: a MemoryError there, at
-    its k-th call, reaches the caller as itself, with a note naming the tensor it stopped at.
-    The tensors after it are untouched; those before it were merged (so in place is not all
-    or nothing for terge's own kernels running out of memory, as README says)."""
-    from terge.kernels import fastelementwise, fastmethods
+    """PCB counts each tensor's balances (compiled loop) or selects its quantiles (reference)
+    in compiled calls that allocate before anything is written: a MemoryError there, at its
+    k-th call, reaches the caller as itself, with a note naming the tensor it stopped at. The
+    tensors after it are untouched; those before it were merged (so in place is not all or
+    nothing for terge's own kernels running out of memory, as README says)."""
+    from terge.kernels import fastelementwise, fastmethods, fastpcb
 
     if not fastmethods.available():
         pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
-    _failing_entry(monkeypatch, fastelementwise, "order_statistic", k)
+    if path == "compiled":
+        if not fastpcb.available():
+            pytest.skip("the compiled PCB loop does not run on this build")
+        calls = _failing_entry(monkeypatch, fastpcb, "scan", k, compiled="_fastpcb")
+    else:
+        monkeypatch.setattr(fastpcb, "available", lambda: False)
+        calls = _failing_entry(monkeypatch, fastelementwise, "order_statistic", 7 * k)
     models = _wide_models()
     before = _record(models[0])
     with pytest.raises(MemoryError, match="injected") as raised:
@@ -648,7 +658,10 @@ def test_out_of_memory_in_a_built_in_methods_step_is_noted_and_leaves_the_rest_u
     position = _assert_partly_written_as_noted(models, before, "pcb", raised)
     changed = [raw != raw0 for (*_, raw), (*_, raw0) in zip(_record(models[0]), before)]
     assert changed == [i < position for i in range(len(before))]  # PCB stores whole results
-    assert (position == 0) == (k == 0)
+    if path == "compiled":  # one scan per tensor
+        assert position == k and len(calls) == k + 1
+    else:  # several selections per tensor
+        assert (position == 0) == (k == 0) and len(calls) == 7 * k + 1
 
 
 @pytest.mark.parametrize("k", [0, 3, 6])

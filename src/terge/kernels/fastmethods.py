@@ -265,6 +265,26 @@ def _bounds(
     return lows, highs
 
 
+def kth_largest_magnitudes(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    ranks: Sequence[Sequence[int]],
+    scratch: object | None,
+) -> list[list[int]]:
+    """For each model, the ``k``-th largest magnitude bits of its task vector for each ``k`` in
+    ``ranks[i]`` (1-based, at most two a model), exactly: the searches TIES' thresholds use
+    (PCB's clipping bounds)."""
+    workspace = _Workspace() if scratch is None else _WORKSPACES.setdefault(scratch, _Workspace())
+    searches = [[_Search(i, k) for k in wanted] for i, wanted in enumerate(ranks)]
+    _select(base, tensors, [s for row in searches for s in row], workspace)
+    return [[s.value for s in row] for row in searches]  # type: ignore[misc]
+
+
+def addresses(tensors: Sequence[torch.Tensor], start: int) -> list[int]:
+    """Each tensor's address of its element ``start``."""
+    return _addresses(tensors, start)
+
+
 VARIANCE = -1
 """A search's ``model`` for SCE's variance over every model (``sum_{i<j} (tau_i - tau_j)^2``)
 rather than one model's task vector."""

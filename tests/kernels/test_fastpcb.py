@@ -1,0 +1,320 @@
+"""PCB's compiled loop (``terge.kernels.fastpcb``) against its reference
+(``terge.families.elementwise.pcb_merge``), bit for bit; its refusals, its fallbacks to the
+reference, and the check that its ``exp`` and ``tanh`` are torch's."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import terge
+from terge import kernels
+from terge.families import elementwise
+from terge.kernels import cpu, fastpcb
+
+from helpers import near_base, same_bits
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+needs_loop = pytest.mark.skipif(
+    not fastpcb.available(),
+    reason="terge.kernels._fastpcb is not built, or this torch has no MKL exp and tanh",
+)
+pytestmark = needs_loop
+
+
+@pytest.fixture(autouse=True)
+def _compiled(monkeypatch):
+    """Both paths in every run: the compiled one here, the reference called directly."""
+    monkeypatch.setenv("TERGE_KERNELS", "auto")
+
+
+def reference(base, tensors, ratio, scale, dtype):
+    """What execute.run_step computes without the loop: the float64 reference, rounded once."""
+    merged = elementwise.pcb_merge(
+        [t.double() for t in tensors], [1.0] * len(tensors), base.double(), ratio=ratio, scale=scale
+    )
+    out = torch.empty(base.shape, dtype=dtype)
+    kernels.store_whole(out, merged, kernels.ChunkBuffers(torch.float64))
+    return out
+
+
+def compiled(base, tensors, ratio, scale, dtype, inplace=False):
+    destination = base if inplace else torch.empty(base.shape, dtype=dtype)
+    assert fastpcb.pcb_into(
+        destination, tensors, [1.0] * len(tensors), base, ratio=ratio, scale=scale
+    )
+    return destination
+
+
+def models(numel, count, seed, dtypes=(torch.float32,), sparse=0.0, spread=0.01):
+    """A base and ``count`` models near it; a share ``sparse`` of each model's entries equal to
+    the base's (a mostly unchanged task vector: its balances tie at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=generator, dtype=torch.float64)
+    out = []
+    for i in range(count):
+        moved = base + torch.randn(numel, generator=generator, dtype=torch.float64) * spread
+        kept = torch.rand(numel, generator=generator) < sparse
+        out.append(torch.where(kept, base, moved).to(dtypes[i % len(dtypes)]))
+    return base.to(dtypes[0]), out
+
+
+# --- the same bits ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel", [2, 3, 37, 1000, 8191, 8192, 20_000, 70_001])
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_the_same_bits_as_the_reference(numel, count):
+    """Small tensors (every balance collected) and sampled ones (a bracket), one to five task
+    vectors (past four, the reference's sums are its own folds, not ``sum(dim=0)``'s order)."""
+    for ratio in (0.1, 0.5, 1.0):
+        base, tensors = models(numel, count, seed=numel + count)
+        got = compiled(base, tensors, ratio, 1.0, torch.float32)
+        assert same_bits(got, reference(base, tensors, ratio, 1.0, torch.float32)), ratio
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_every_dtype_in_and_out(dtype, out_dtype):
+    base, tensors = models(30_000, 3, seed=7, dtypes=(dtype, torch.float32, torch.bfloat16))
+    got = compiled(base, tensors, 0.2, 0.7, out_dtype)
+    assert same_bits(got, reference(base, tensors, 0.2, 0.7, out_dtype))
+
+
+@pytest.mark.parametrize("numel", [5_000, 50_000])
+@pytest.mark.parametrize("sparse", [0.5, 0.95, 1.0])
+def test_balances_tied_at_the_floor(numel, sparse):
+    """Mostly unchanged task vectors: most balances are zero, so the floor falls among
+    thousands of equal keys (counted at the bracket's ends, never collected)."""
+    base, tensors = models(numel, 2, seed=3, sparse=sparse)
+    for ratio in (0.01, 0.1, 0.3):
+        got = compiled(base, tensors, ratio, 1.0, torch.float32)
+        assert same_bits(got, reference(base, tensors, ratio, 1.0, torch.float32)), ratio
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_awkward_values_or_a_refusal(kind):
+    """Ties at every threshold, signed zeros and subnormals match; where an input holds a NaN or
+    an infinity the loop declines, having written nothing (the reference's orders are its own)."""
+    base, *tensors = near_base(12_345, [torch.float64, torch.float32, torch.float64], 5, kind)
+    destination = torch.full(base.shape, 7.0)
+    done = fastpcb.pcb_into(destination, tensors, [1.0, 1.0], base, ratio=0.1, scale=1.0)
+    finite = all(bool(torch.isfinite(t.double() - base).all()) for t in tensors)
+    assert done == finite
+    if done:
+        assert same_bits(destination, reference(base, tensors, 0.1, 1.0, torch.float32))
+    else:
+        assert bool((destination == 7.0).all())
+
+
+def test_in_place_into_the_base_and_into_a_model():
+    base, tensors = models(20_000, 2, seed=11)
+    expected = reference(base, tensors, 0.1, 1.0, torch.float32)
+    assert same_bits(
+        compiled(base.clone(), tensors, 0.1, 1.0, torch.float32, inplace=True), expected
+    )
+    first = tensors[0].clone()
+    into = [first, tensors[1]]
+    assert fastpcb.pcb_into(first, into, [1.0, 1.0], base, ratio=0.1, scale=1.0)
+    assert same_bits(first, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_number_of_threads_gives_the_same_bits(threads, monkeypatch):
+    monkeypatch.setattr(cpu, "PER_THREAD", 1 << 12)
+    base, tensors = models(100_003, 3, seed=2)
+    expected = reference(base, tensors, 0.1, 1.0, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert same_bits(compiled(base, tensors, 0.1, 1.0, torch.float32), expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
+VALUES = st.sampled_from(
+    [0.0, -0.0, 1.0, -1.0, 0.5, -0.25, 3.0, 1e-310, -5e-324, 1e-3, 2.0**-30, 1e30, -7.5]
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    columns=st.lists(st.tuples(VALUES, VALUES, VALUES), min_size=2, max_size=40),
+    ratio=st.sampled_from([0.05, 0.1, 0.5, 0.9, 1.0]),
+    scale=st.sampled_from([1.0, 0.5, -2.0]),
+)
+def test_property_small_awkward_tensors(columns, ratio, scale):
+    """Signed zeros, subnormals, huge and tied values, a base and two models: the same bits."""
+    base, a, b = (torch.tensor(c, dtype=torch.float64) for c in zip(*columns, strict=True))
+    tensors = [a, b]
+    got = compiled(base, tensors, ratio, scale, torch.float64)
+    assert same_bits(got, reference(base, tensors, ratio, scale, torch.float64))
+
+
+# --- refusals and fallbacks -----------------------------------------------------------------------
+
+
+def test_declines_what_it_cannot_take():
+    base, tensors = models(100, 2, seed=1)
+    out = torch.empty(100)
+    call = fastpcb.pcb_into
+    assert not call(out, tensors, [1.0, 1.0], None, ratio=0.1, scale=1.0)  # no base
+    assert not call(torch.empty(1), [torch.ones(1)], [1.0], torch.zeros(1), ratio=0.1, scale=1.0)
+    assert not call(
+        out[::2], [t[::2] for t in tensors], [1.0, 1.0], base[::2], ratio=0.1, scale=1.0
+    )
+    assert not call(
+        out, [tensors[0], tensors[1][:50].repeat(2)[:99]], [1, 1], base, ratio=0.1, scale=1.0
+    )
+    assert not call(out, tensors * 33, [1.0] * 66, base, ratio=0.1, scale=1.0)  # over 64 models
+    shifted = torch.empty(101)
+    assert not call(shifted[1:], [shifted[:100], tensors[1]], [1, 1], base, ratio=0.1, scale=1.0)
+    assert not call(
+        out, [tensors[0].to(torch.int32), tensors[1]], [1, 1], base, ratio=0.1, scale=1.0
+    )
+
+
+@pytest.mark.parametrize("how", ["miss", "overflow"])
+def test_a_missed_or_overflowing_bracket_leaves_the_merge_to_the_reference(how, monkeypatch):
+    """A bracket that does not hold the floor, or holds more balances than its buffers, makes
+    the loop decline with nothing written; ``terge.merge`` then runs the reference: same bits."""
+    real = fastpcb._brackets
+
+    def broken(base, spec, rank):
+        brackets = real(base, spec, rank)
+        if how == "miss":  # a bracket above every balance
+            return [(fastpcb._MASK - 1, fastpcb._MASK, cap) for *_, cap in brackets]
+        return [(0, fastpcb._MASK, 16) for _ in brackets]  # everything inside, room for 16
+
+    monkeypatch.setattr(fastpcb, "_brackets", broken)
+    base, tensors = models(20_000, 2, seed=4)
+    destination = torch.full((20_000,), 7.0)
+    assert not fastpcb.pcb_into(destination, tensors, [1.0, 1.0], base, ratio=0.1, scale=1.0)
+    assert bool((destination == 7.0).all())
+    merged = terge.merge([{"w": t} for t in tensors], base={"w": base}, method="pcb")
+    assert same_bits(merged["w"], reference(base, tensors, 0.1, 1.0, torch.float32))
+
+
+def test_the_bracket_holds_the_floor_with_few_values():
+    """The sampled bracket is narrow (a few percent of the balances collected) yet holds the
+    floor: the counts below it and inside it place the floor's rank inside."""
+    base, tensors = models(200_000, 2, seed=9)
+    spec = ([t.data_ptr() for t in tensors], [1, 1], [0.0, 0.0], [0.05, 0.05])
+    brackets = fastpcb._brackets(base, spec, int(200_000 * 0.9))
+    assert brackets is not None and all(cap < 200_000 * 0.15 for *_, cap in brackets)
+
+
+def test_a_nan_or_infinity_anywhere_makes_merge_run_the_reference():
+    base, tensors = models(20_000, 2, seed=6)
+    tensors[1][12_345] = math.inf
+    destination = torch.full((20_000,), 7.0)
+    assert not fastpcb.pcb_into(destination, tensors, [1.0, 1.0], base, ratio=0.1, scale=1.0)
+    assert bool((destination == 7.0).all())
+    merged = terge.merge([{"w": t} for t in tensors], base={"w": base}, method="pcb")
+    assert same_bits(merged["w"], reference(base, tensors, 0.1, 1.0, torch.float32))
+
+
+def test_merge_uses_the_loop_for_pcb(monkeypatch):
+    from helpers import count_calls
+
+    counts = count_calls(monkeypatch, fastpcb, "pcb_into")
+    base, tensors = models(20_000, 2, seed=8)
+    merged = terge.merge([{"w": t} for t in tensors], base={"w": base}, method="pcb")
+    assert counts["pcb_into"] == 1
+    assert same_bits(merged["w"], reference(base, tensors, 0.1, 1.0, torch.float32))
+
+
+# --- torch's own exp and tanh ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def reconfigured():
+    """A monkeypatch for tests that configure the loop with other functions: undone, and the
+    loop configured properly again, after each."""
+    fastpcb._configured.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+    fastpcb._configured.cache_clear()
+    assert fastpcb.available()
+
+
+def test_functions_that_are_not_torchs_are_refused(reconfigured):
+    """The probe: ``vmdTanh`` given as ``exp`` (or anything not bit-equal to torch's) turns the
+    loop off, and PCB runs as the reference."""
+    _, tanh, threads = fastpcb._vml_functions()
+    reconfigured.setattr(fastpcb, "_vml_functions", lambda: (tanh, tanh, threads))
+    assert not fastpcb.available()
+    base, tensors = models(300, 2, seed=1)
+    assert not fastpcb.pcb_into(torch.empty(300), tensors, [1.0, 1.0], base, ratio=0.1, scale=1.0)
+
+
+def test_no_mkl_functions_no_loop(reconfigured):
+    reconfigured.setattr(fastpcb, "_vml_functions", lambda: None)
+    assert not fastpcb.available()
+
+
+def test_the_probe_holds_the_awkward_arguments():
+    probe = fastpcb._probe()
+    n = probe.numel() // 2
+    exps, tanhs = probe[:n], probe[n:]
+    assert float(exps.max()) == 64.0 and float(exps.min()) == 0.0
+    assert bool((exps[1:2].signbit()).all()) and 5e-324 in tanhs.tolist()
+    assert bool((tanhs.abs() > 19).any()) and bool((tanhs.abs() < 1e-10).any())
+
+
+def test_mkl_runs_each_pass_on_its_own_thread_and_restores_the_setting():
+    """VML threads a call from outside OpenMP: each pass sets MKL's thread-local count to 1 and
+    restores it, so two passes at once do not oversubscribe the cores."""
+    library = ctypes.CDLL(str(next(iter(_torch_cpu()))))
+    getter = library.mkl_get_max_threads
+    before = getter()
+    assert fastpcb._vml_functions()[2] != 0
+    base, tensors = models(20_000, 2, seed=1)
+    compiled(base, tensors, 0.1, 1.0, torch.float32)
+    assert getter() == before
+
+
+def _torch_cpu():
+    from pathlib import Path
+
+    folder = Path(torch.__file__).parent / "lib"
+    return [p for p in folder.iterdir() if p.name.startswith(("libtorch_cpu.", "torch_cpu."))]
+
+
+# --- the compiled entries' own refusals -----------------------------------------------------------
+
+
+def test_the_entries_refuse_bad_arguments():
+    from terge.kernels import _fastpcb
+
+    with pytest.raises(ValueError, match="null function address"):
+        _fastpcb.configure(0, 1, 0, 0)
+    base, tensors = models(64, 2, seed=1)
+    spec = ([t.data_ptr() for t in tensors], [1, 1], [0.0, 0.0], [1.0, 1.0])
+    keys = torch.empty(2, 64, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^sample: 1 <= runs <= total / 16$"):
+        _fastpcb.sample(base.data_ptr(), 1, 64, *spec, 5, keys.data_ptr())
+    with pytest.raises(ValueError, match=r"^sample: 1 <= runs <= total / 16$"):
+        _fastpcb.sample(base.data_ptr(), 1, 64, *spec, 0, keys.data_ptr())
+    with pytest.raises(ValueError, match=r"^scan: m >= 0 and cap >= 0$"):
+        _fastpcb.scan(base.data_ptr(), 1, -1, *spec, [0, 0], [1, 1], 4, keys.data_ptr())
+    with pytest.raises(ValueError, match=r"^scan: m >= 0 and cap >= 0$"):
+        _fastpcb.scan(base.data_ptr(), 1, 4, *spec, [0, 0], [1, 1], -4, keys.data_ptr())
+    with pytest.raises(ValueError, match=r"^merge: m >= 0$"):
+        _fastpcb.merge(base.data_ptr(), 1, base.data_ptr(), 1, -1, *spec, [0.0] * 2, [1.0] * 2, 1.0)
+    with pytest.raises(ValueError, match=r"^unknown dtype code 4$"):
+        _fastpcb.merge(base.data_ptr(), 4, base.data_ptr(), 1, 4, *spec, [0.0] * 2, [1.0] * 2, 1.0)
+    with pytest.raises(ValueError, match=r"^codes: expected 2 values$"):
+        _fastpcb.scan(base.data_ptr(), 1, 4, spec[0], [1], *spec[2:], [0, 0], [1, 1], 4, 0)
+    with pytest.raises(ValueError, match=r"^models: between 1 and 64 values$"):
+        _fastpcb.scan(base.data_ptr(), 1, 4, [], [], [], [], [], [], 4, 0)
+    with pytest.raises(ValueError, match=r"^floors: expected 2 values$"):
+        _fastpcb.merge(base.data_ptr(), 1, base.data_ptr(), 1, 4, *spec, [0.0], [1.0] * 2, 1.0)
+    with pytest.raises(ValueError, match=r"^balance: 0 <= n < 2\*\*31$"):
+        _fastpcb.balance(keys.data_ptr(), -1, keys.data_ptr())
