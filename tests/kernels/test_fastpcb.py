@@ -318,3 +318,118 @@ def test_the_entries_refuse_bad_arguments():
         _fastpcb.merge(base.data_ptr(), 1, base.data_ptr(), 1, 4, *spec, [0.0], [1.0] * 2, 1.0)
     with pytest.raises(ValueError, match=r"^balance: 0 <= n < 2\*\*31$"):
         _fastpcb.balance(keys.data_ptr(), -1, keys.data_ptr())
+
+
+# --- the screen -----------------------------------------------------------------------------------
+
+
+def _exact_and_bound(z: list[float], v: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    from terge.kernels import _fastpcb
+
+    values = torch.tensor(z + v, dtype=torch.float64)
+    exact, bound = (
+        torch.empty(len(z), dtype=torch.float64),
+        torch.empty(len(z), dtype=torch.float64),
+    )
+    _fastpcb.balance(values.data_ptr(), len(z), exact.data_ptr())
+    _fastpcb.bounds(values.data_ptr(), len(z), bound.data_ptr())
+    return exact, bound
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.one_of(
+                st.floats(0.0, 0.5),
+                st.floats(0.0, 1e-6),
+                st.sampled_from([0.0, 5e-324, 2.0**-52, 0.5]),
+            ),
+            st.one_of(
+                st.floats(1e-300, 1e3),
+                st.floats(1e-12, 1e-4),
+                st.sampled_from([5e-324, 1e-308, 2.0**-1022, 1.0, 0.999999999, 19.06, 1e300]),
+            ),
+        ),
+        min_size=1,
+        max_size=64,
+    )
+)
+def test_the_screens_bound_is_never_below_the_exact_balance(pairs):
+    """What makes skipping a screened balance exact: for ``0 <= z <= 1/2`` and ``v > 0``, the
+    bound the screen computes is at least the balance the loop would compute, whatever the
+    roundings (tiny ``z`` and ``v``, where the bound is tightest, included)."""
+    z, v = (list(column) for column in zip(*pairs, strict=True))
+    exact, bound = _exact_and_bound(z, v)
+    assert bool((bound >= exact).all()), [
+        (a, b) for a, b, ok in zip(z, v, bound >= exact) if not ok
+    ]
+
+
+def test_the_bound_holds_where_its_own_roundings_are_as_large_as_its_margin():
+    """For z near 1e-8 the bound's 1 + z + z^2 exceeds e^z by less than one rounding of 1 + z:
+    without its SLACK, about one in a hundred such bounds came out below the balance (tanh(v)
+    is v for these v)."""
+    generator = torch.Generator().manual_seed(0)
+    z = (torch.rand(200_000, generator=generator, dtype=torch.float64) * 1e-7).tolist()
+    for v in (1e-9, 7.77e-12, 1e-300):
+        exact, bound = _exact_and_bound(z, [v] * len(z))
+        assert bool((bound >= exact).all()), v
+
+
+def test_the_bound_is_tight_where_balances_are_small():
+    """And close (within 1e-5) for the small arguments fine-tuning gives: the screen keeps few."""
+    z = [1e-6 * k for k in range(1, 200)]
+    v = [1e-5 * k for k in range(1, 200)]
+    exact, bound = _exact_and_bound(z, v)
+    assert bool(((bound - exact) / exact < 1e-5).all())
+
+
+def test_the_screen_keeps_few_balances_yet_merges_the_same_bits(monkeypatch):
+    """The scan computes exact balances for little more than the top tenth (the others are
+    screened out below its bracket), with the same result as the reference."""
+    from terge.kernels import _fastpcb
+
+    counted = []
+    real = _fastpcb.scan
+
+    def scan(*args):
+        result = real(*args)
+        counted.append((args[2], result))
+        return result
+
+    monkeypatch.setattr(
+        fastpcb,
+        "_fastpcb",
+        type(
+            "Proxy",
+            (),
+            {"__getattr__": lambda _, n: getattr(_fastpcb, n), "scan": staticmethod(scan)},
+        )(),
+    )
+    base, tensors = models(100_000, 2, seed=12)
+    got = compiled(base, tensors, 0.1, 1.0, torch.float32)
+    assert same_bits(got, reference(base, tensors, 0.1, 1.0, torch.float32))
+    entries = sum(m for m, _ in counted)
+    for model in range(2):
+        computed = sum(result[model][5] for _, result in counted)
+        assert 0.1 * entries < computed < 0.15 * entries
+
+
+def test_small_tensors_and_zero_floors_compute_every_balance():
+    """No screen without a positive threshold: a small tensor's bracket is everything, and a
+    floor of zero (mostly unchanged task vectors) bounds nothing."""
+    from terge.kernels import _fastpcb
+
+    base, tensors = models(1_000, 2, seed=3)
+    spec = ([t.data_ptr() for t in tensors], [1, 1], [0.0, 0.0], [0.05, 0.05])
+    buffer = torch.empty(2, 1_000, dtype=torch.int64)
+    counts = _fastpcb.scan(
+        base.data_ptr(), 1, 1_000, *spec, [0, 0], [fastpcb._MASK] * 2, 1_000, buffer.data_ptr()
+    )
+    assert [c[5] for c in counts] == [1_000, 1_000] and [c[2] for c in counts] == [1_000, 1_000]
+    zero = fastpcb._TOP  # +0's key
+    counts = _fastpcb.scan(
+        base.data_ptr(), 1, 1_000, *spec, [zero] * 2, [fastpcb._MASK] * 2, 1_000, buffer.data_ptr()
+    )
+    assert [c[5] for c in counts] == [1_000, 1_000]

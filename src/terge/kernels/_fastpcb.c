@@ -70,25 +70,39 @@ typedef struct {
     double multiplier; /* n, as the reference's mul_(n) */
 } Spec;
 
-/* A block's working rows: every model's task vector and clipped one, then the shared rows. */
+/* A block's working rows: every model's task vector, then one model's rows at a time. */
 typedef struct {
-    double *tau, *clipped, *balance; /* count x BLOCK each */
-    double *sum, *z, *y, *ez, *ty, *base, *x;
+    double *tau;                     /* count x BLOCK */
+    double *sum, *base, *x;          /* the block's */
+    double *magnitude, *y;           /* a model's clipped magnitudes, tanh arguments */
+    double *z, *t, *ez, *ty, *balance; /* its candidates' exp and tanh arguments and balances */
+    double *num, *den;               /* the merge's sums */
+    int32_t *index;                  /* the candidates' positions in the block */
+    uint8_t *keep;
 } Rows;
 
-static double *rows_alloc(Rows *w, int count) {
-    double *all = PyMem_RawMalloc((size_t)(3 * count + 7) * BLOCK * sizeof(double));
+#define ROWS 13
+
+static void *rows_alloc(Rows *w, int count) {
+    char *all = PyMem_RawMalloc((size_t)(count + ROWS) * BLOCK * sizeof(double) +
+                                BLOCK * (sizeof(int32_t) + 1));
     if (!all) return NULL;
-    w->tau = all;
-    w->clipped = w->tau + (size_t)count * BLOCK;
-    w->balance = w->clipped + (size_t)count * BLOCK;
-    w->sum = w->balance + (size_t)count * BLOCK;
-    w->z = w->sum + BLOCK;
-    w->y = w->z + BLOCK;
-    w->ez = w->y + BLOCK;
-    w->ty = w->ez + BLOCK;
-    w->base = w->ty + BLOCK;
-    w->x = w->base + BLOCK;
+    double *d = (double *)all;
+    w->tau = d, d += (size_t)count * BLOCK;
+    w->sum = d, d += BLOCK;
+    w->base = d, d += BLOCK;
+    w->x = d, d += BLOCK;
+    w->magnitude = d, d += BLOCK;
+    w->y = d, d += BLOCK;
+    w->z = d, d += BLOCK;
+    w->t = d, d += BLOCK;
+    w->ez = d, d += BLOCK;
+    w->ty = d, d += BLOCK;
+    w->balance = d, d += BLOCK;
+    w->num = d, d += BLOCK;
+    w->den = d, d += BLOCK;
+    w->index = (int32_t *)d;
+    w->keep = (uint8_t *)(w->index + BLOCK);
     return all;
 }
 
@@ -99,6 +113,14 @@ static inline uint64_t order_key(double v) {
     memcpy(&u, &v, sizeof u);
     const uint64_t key = u ^ ((uint64_t)((int64_t)u >> 63) | TOP); /* ~u if negative, else u | TOP */
     return v == 0 ? TOP : key;
+}
+
+/* The number of an order key (NaN for the keys no number has). */
+static inline double key_number(uint64_t key) {
+    const uint64_t u = key >= TOP ? key & ~TOP : ~key;
+    double v;
+    memcpy(&v, &u, sizeof v);
+    return v;
 }
 
 /* t = x - b into tau, and sum += t; 0 where a t is not finite. */
@@ -114,33 +136,10 @@ CLONED static int subtract(double *RESTRICT tau, double *RESTRICT sum, const dou
     return finite;
 }
 
-/* A model's clipped task vector, and the arguments of its exp and tanh. */
-CLONED static void arguments(double *RESTRICT clipped, double *RESTRICT z, double *RESTRICT y,
-                             const double *RESTRICT tau, const double *RESTRICT sum,
-                             Py_ssize_t m, double low, double high, double span,
-                             double multiplier) {
-    for (Py_ssize_t k = 0; k < m; k++) {
-        const double t = tau[k];
-        double c = fabs(t);
-        c = c > high ? high : c;
-        c = c < low ? low : c;
-        clipped[k] = (double)((t > 0) - (t < 0)) * c;
-        const double r = span > 0 ? (c - low) / span : 0.0;
-        z[k] = (r * r) * multiplier;
-        y[k] = t * sum[k];
-    }
-}
-
-CLONED static void product(double *RESTRICT out, const double *RESTRICT a,
-                           const double *RESTRICT b, Py_ssize_t m) {
-    for (Py_ssize_t k = 0; k < m; k++) out[k] = a[k] * b[k];
-}
-
-/* The balances of m entries from offset (m <= BLOCK) into w->balance; the clipped task vectors
- * into w->clipped. Returns 0 where a task vector entry is not finite (nothing else done then:
- * the reference's NaN and infinity orders are left to it). */
-static int balances(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
-                    Py_ssize_t m, Rows *w) {
+/* The block's task vectors and their sum. 0 where a task vector entry is not finite (the
+ * reference's NaN and infinity orders are left to it). */
+static int prepare(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
+                   Py_ssize_t m, Rows *w) {
     const double *b = widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, m);
     int finite = 1;
     for (Py_ssize_t k = 0; k < m; k++) w->sum[k] = 0.0;
@@ -149,16 +148,87 @@ static int balances(const Spec *s, const char *base, int base_code, Py_ssize_t o
                                 s->codes[i], m);
         finite &= subtract(w->tau + (size_t)i * BLOCK, w->sum, x, b, m);
     }
-    if (!finite) return 0;
-    if (m == 0) return 1;
-    for (int i = 0; i < s->count; i++) {
-        arguments(w->clipped + (size_t)i * BLOCK, w->z, w->y, w->tau + (size_t)i * BLOCK, w->sum,
-                  m, s->lows[i], s->highs[i], s->spans[i], s->multiplier);
-        vector_exp((int)m, w->z, w->ez, vector_mode);
-        vector_tanh((int)m, w->y, w->ty, vector_mode);
-        product(w->balance + (size_t)i * BLOCK, w->ez, w->ty, m);
+    return finite;
+}
+
+/* The screen: a balance is exp(z) tanh(y) with z = n r^2 >= 0. Where z <= 1/2, exp(z) <=
+ * 1 + z + z^2 (true up to z = 1.79), and tanh(y) <= min(y, 1) for y > 0, <= 0 for y <= 0: so
+ * (1 + z + z^2) min(y, 1), times SLACK, bounds the balance from above. SLACK (1 + 2**-30) covers
+ * this bound's own roundings, z's from a reciprocal rather than a division (a few ulps), and
+ * exp's and tanh's errors (VML's high accuracy: under 1 ulp) a million times over. A balance so
+ * bounded below a threshold need not be computed: it is below it. The threshold is a positive
+ * normal number (SCREENED and above), so no subnormal rounding enters. */
+#define SLACK (1.0 + 0x1p-30)
+#define SCREENED 0x1p-990
+
+/* The screen's upper bound of exp(z) tanh(v) for 0 <= z <= 1/2 and v > 0. */
+static ALWAYS_INLINE double upper_bound(double z, double v) {
+    return ((1.0 + z + z * z) * (v < 1.0 ? v : 1.0)) * SLACK;
+}
+
+/* A model's clipped magnitudes and tanh arguments, and which entries may have a balance at
+ * threshold or above (all of them when not screening). */
+CLONED static void screen(double *RESTRICT magnitude, double *RESTRICT y, uint8_t *RESTRICT keep,
+                          const double *RESTRICT tau, const double *RESTRICT sum, Py_ssize_t m,
+                          double low, double high, double inverse, double multiplier,
+                          double threshold, int screening) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const double t = tau[k];
+        double c = fabs(t);
+        c = c > high ? high : c;
+        c = c < low ? low : c;
+        magnitude[k] = c;
+        const double v = t * sum[k];
+        y[k] = v;
+        const double r = (c - low) * inverse;
+        const double z = (r * r) * multiplier;
+        const int below = (z <= 0.5) & ((v <= 0) | (upper_bound(z, v) < threshold));
+        keep[k] = (uint8_t)(1 - (screening & below));
     }
-    return 1;
+}
+
+/* The kept entries' positions; how many. */
+static Py_ssize_t compact(int32_t *RESTRICT index, const uint8_t *RESTRICT keep, Py_ssize_t m) {
+    Py_ssize_t j = 0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        index[j] = (int32_t)k;
+        j += keep[k];
+    }
+    return j;
+}
+
+/* The candidates' exact exp and tanh arguments, as the reference computes them. */
+CLONED static void arguments(double *RESTRICT z, double *RESTRICT t, const int32_t *RESTRICT index,
+                             const double *RESTRICT magnitude, const double *RESTRICT y,
+                             Py_ssize_t j, double low, double span, double multiplier) {
+    for (Py_ssize_t q = 0; q < j; q++) {
+        const int32_t k = index[q];
+        const double r = span > 0 ? (magnitude[k] - low) / span : 0.0;
+        z[q] = (r * r) * multiplier;
+        t[q] = y[k];
+    }
+}
+
+CLONED static void product(double *RESTRICT out, const double *RESTRICT a,
+                           const double *RESTRICT b, Py_ssize_t m) {
+    for (Py_ssize_t k = 0; k < m; k++) out[k] = a[k] * b[k];
+}
+
+/* Model i's balances in the block (after prepare()) where they may reach threshold (screening:
+ * a positive normal threshold; else all of them), into w->balance, their positions in
+ * w->index. Returns how many. */
+static Py_ssize_t balances(const Spec *s, int i, Py_ssize_t m, double threshold, Rows *w) {
+    const double span = s->spans[i];
+    const int screening = threshold >= SCREENED;
+    screen(w->magnitude, w->y, w->keep, w->tau + (size_t)i * BLOCK, w->sum, m, s->lows[i],
+           s->highs[i], span > 0 ? 1.0 / span : 0.0, s->multiplier, threshold, screening);
+    const Py_ssize_t j = compact(w->index, w->keep, m);
+    if (j == 0) return 0;
+    arguments(w->z, w->t, w->index, w->magnitude, w->y, j, s->lows[i], span, s->multiplier);
+    vector_exp((int)j, w->z, w->ez, vector_mode);
+    vector_tanh((int)j, w->t, w->ty, vector_mode);
+    product(w->balance, w->ez, w->ty, j);
+    return j;
 }
 
 /* --- the passes ------------------------------------------------------------------------------------ */
@@ -169,11 +239,11 @@ static int sample(const Spec *s, const char *base, int base_code, Py_ssize_t tot
                   Py_ssize_t runs, uint64_t *keys, Rows *w) {
     for (Py_ssize_t r = 0; r < runs; r++) {
         const Py_ssize_t start = runs > 1 ? r * (total - RUN) / (runs - 1) : 0;
-        if (!balances(s, base, base_code, start, RUN, w)) return 0;
+        if (!prepare(s, base, base_code, start, RUN, w)) return 0;
         for (int i = 0; i < s->count; i++) {
-            const double *balance = w->balance + (size_t)i * BLOCK;
+            balances(s, i, RUN, 0.0, w); /* not screened: every entry, in order */
             uint64_t *into = keys + ((size_t)i * runs + r) * RUN;
-            for (Py_ssize_t k = 0; k < RUN; k++) into[k] = order_key(balance[k]);
+            for (Py_ssize_t k = 0; k < RUN; k++) into[k] = order_key(w->balance[k]);
         }
     }
     return 1;
@@ -186,6 +256,7 @@ typedef struct {
     /* out */
     Py_ssize_t below[MAX_MODELS], at_lo[MAX_MODELS], inside[MAX_MODELS], at_hi[MAX_MODELS];
     uint64_t greatest[MAX_MODELS];
+    Py_ssize_t computed[MAX_MODELS]; /* balances computed: not screened out */
 } Scan;
 
 /* The order keys of n balances, and the counts of those below lo, at lo and at hi (not lo),
@@ -210,23 +281,29 @@ CLONED static void count_block(uint64_t *RESTRICT keys, const double *RESTRICT b
 }
 
 /* Per model, the balances' keys below lo, equal to lo, strictly between lo and hi (collected,
- * cap at most: the count goes on past it), equal to hi; and the greatest key. 0 where a task
- * vector entry is not finite. */
+ * cap at most: the count goes on past it), equal to hi; and the greatest key (of those at lo
+ * or above when lo is screened: the greatest is there whenever the bracket holds the floor).
+ * Balances screened below lo are counted below it, not computed. 0 where a task vector entry
+ * is not finite. */
 static int scan(const Spec *s, const char *base, int base_code, Py_ssize_t m, Scan *q, Rows *w) {
     for (int i = 0; i < s->count; i++) {
-        q->below[i] = q->at_lo[i] = q->inside[i] = q->at_hi[i] = 0;
+        q->below[i] = q->at_lo[i] = q->inside[i] = q->at_hi[i] = q->computed[i] = 0;
         q->greatest[i] = 0;
     }
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
-        if (!balances(s, base, base_code, offset, n, w)) return 0;
+        if (!prepare(s, base, base_code, offset, n, w)) return 0;
         for (int i = 0; i < s->count; i++) {
-            uint64_t *keys = (uint64_t *)w->z; /* free once the balances are made */
-            count_block(keys, w->balance + (size_t)i * BLOCK, n, q->lo[i], q->hi[i], q, i);
             const uint64_t lo = q->lo[i], hi = q->hi[i];
+            const double threshold = lo >= TOP ? key_number(lo) : 0.0;
+            const Py_ssize_t j = balances(s, i, n, threshold, w);
+            q->below[i] += n - j; /* screened out: below lo */
+            q->computed[i] += j;
+            uint64_t *keys = (uint64_t *)w->z; /* free once the balances are made */
+            count_block(keys, w->balance, j, lo, hi, q, i);
             uint64_t *collected = q->collected + (size_t)i * q->cap;
             Py_ssize_t inside = q->inside[i];
-            for (Py_ssize_t k = 0; k < n; k++) {
+            for (Py_ssize_t k = 0; k < j; k++) {
                 const uint64_t key = keys[k];
                 if (key > lo && key < hi) {
                     if (inside < q->cap) collected[inside] = key;
@@ -239,15 +316,20 @@ static int scan(const Spec *s, const char *base, int base_code, Py_ssize_t m, Sc
     return 1;
 }
 
-/* A model's scores added to the block's numerators and denominators. */
-CLONED static void accumulate(double *RESTRICT num, double *RESTRICT den,
-                              const double *RESTRICT balance, const double *RESTRICT clipped,
-                              Py_ssize_t n, double f, double g) {
-    for (Py_ssize_t k = 0; k < n; k++) {
-        double score = balance[k] > f ? balance[k] - f : 0.0;
-        score = g > 0 ? score / g : 0.0;
+/* A model's scores added to the block's numerators and denominators, at the candidates'
+ * positions (a screened entry's score is +0: adding it, or +-0 times its clipped value, to
+ * sums that start at +0 changes nothing). */
+static void accumulate(double *RESTRICT num, double *RESTRICT den, const double *RESTRICT balance,
+                       const int32_t *RESTRICT index, const double *RESTRICT tau,
+                       const double *RESTRICT magnitude, Py_ssize_t j, double f, double g) {
+    for (Py_ssize_t q = 0; q < j; q++) {
+        const int32_t k = index[q];
+        double score = balance[q] > f ? balance[q] - f : 0.0;
+        score = score / g;
+        const double t = tau[k];
+        const double clipped = (double)((t > 0) - (t < 0)) * magnitude[k];
         den[k] = den[k] + score;
-        num[k] = num[k] + clipped[k] * score;
+        num[k] = num[k] + clipped * score;
     }
 }
 
@@ -260,24 +342,26 @@ CLONED static void finish(double *RESTRICT out, const double *RESTRICT num,
     }
 }
 
-/* m entries of the merge into out (floors and their spans per model). 0 where a task vector
- * entry is not finite (the block's output then not written; Python checked by scan() first). */
+/* m entries of the merge into out (floors and their gaps per model). A model whose gap is not
+ * above 0 scores 0 everywhere, so adds nothing. 0 where a task vector entry is not finite (the
+ * block's output then not written; Python checked by scan() first). */
 static int merge(const Spec *s, char *out, int out_code, const char *base, int base_code,
                  Py_ssize_t m, const double *floors, const double *gaps, double scale, Rows *w) {
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
-        if (!balances(s, base, base_code, offset, n, w)) return 0;
-        double *num = w->z, *den = w->y; /* free once the balances are made */
-        for (Py_ssize_t k = 0; k < n; k++) num[k] = den[k] = 0.0;
+        if (!prepare(s, base + 0, base_code, offset, n, w)) return 0;
+        for (Py_ssize_t k = 0; k < n; k++) w->num[k] = w->den[k] = 0.0;
         for (int i = 0; i < s->count; i++) {
-            accumulate(num, den, w->balance + (size_t)i * BLOCK, w->clipped + (size_t)i * BLOCK, n,
-                       floors[i], gaps[i]);
+            if (!(gaps[i] > 0)) continue;
+            const Py_ssize_t j = balances(s, i, n, floors[i], w);
+            accumulate(w->num, w->den, w->balance, w->index, w->tau + (size_t)i * BLOCK,
+                       w->magnitude, j, floors[i], gaps[i]);
         }
         /* widen() may have handed back base's own memory, and out may be base: the block's
          * base is read here, before its result is written below */
         const double *b =
             widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, n);
-        finish(w->ez, num, den, b, n, scale);
+        finish(w->ez, w->num, w->den, b, n, scale);
         narrow(out + offset * (Py_ssize_t)ITEMSIZE[out_code], out_code, w->ez, n);
     }
     return 1;
@@ -413,6 +497,26 @@ static PyObject *py_balance(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(bounds_doc,
+             "bounds(values, n, out)\n\n"
+             "The screen's upper bounds of exp(values[j]) * tanh(values[n + j]) for j < n into\n"
+             "out (float64 addresses; for 0 <= values[j] <= 1/2 and values[n + j] > 0).");
+
+static PyObject *py_bounds(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long values, out;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KnK", &values, &n, &out)) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "bounds: n >= 0");
+        return NULL;
+    }
+    const double *v = (const double *)(uintptr_t)values;
+    double *r = (double *)(uintptr_t)out;
+    for (Py_ssize_t k = 0; k < n; k++) r[k] = upper_bound(v[k], v[n + k]);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(sample_doc,
              "sample(base, base_code, total, models, codes, lows, highs, runs, keys) -> bool\n\n"
              "runs runs of 16 balances spread over the total entries, as order keys (uint64) into\n"
@@ -437,7 +541,7 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
         return NULL;
     }
     Rows w;
-    double *all = rows_alloc(&w, s.count);
+    void *all = rows_alloc(&w, s.count);
     if (!all) return PyErr_NoMemory();
     int ok;
     Py_BEGIN_ALLOW_THREADS
@@ -452,7 +556,7 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(scan_doc,
              "scan(base, base_code, m, models, codes, lows, highs, los, his, cap, collected)\n"
-             "    -> list of (below, at_lo, inside, at_hi, greatest) per model, or None\n\n"
+             "    -> list of (below, at_lo, inside, at_hi, greatest, computed) per model, or None\n\n"
              "The balances of m entries counted against each model's key bracket [lo, hi]: the\n"
              "keys strictly inside collected into collected (uint64, cap per model; inside\n"
              "counts on past cap). None where a task vector entry is not finite.");
@@ -483,7 +587,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     q->cap = cap;
     q->collected = (uint64_t *)(uintptr_t)collected;
     Rows w;
-    double *all = rows_alloc(&w, s.count);
+    void *all = rows_alloc(&w, s.count);
     if (!all) {
         PyErr_NoMemory();
         goto done;
@@ -502,8 +606,9 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     }
     result = PyList_New(s.count);
     for (int i = 0; result && i < s.count; i++) {
-        PyObject *item = Py_BuildValue("(nnnnK)", q->below[i], q->at_lo[i], q->inside[i],
-                                       q->at_hi[i], (unsigned long long)q->greatest[i]);
+        PyObject *item = Py_BuildValue("(nnnnKn)", q->below[i], q->at_lo[i], q->inside[i],
+                                       q->at_hi[i], (unsigned long long)q->greatest[i],
+                                       q->computed[i]);
         if (!item) {
             Py_CLEAR(result);
             break;
@@ -546,7 +651,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         return NULL;
     }
     Rows w;
-    double *all = rows_alloc(&w, s.count);
+    void *all = rows_alloc(&w, s.count);
     if (!all) return PyErr_NoMemory();
     int ok;
     Py_BEGIN_ALLOW_THREADS
@@ -562,6 +667,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"configure", py_configure, METH_VARARGS, configure_doc},
     {"balance", py_balance, METH_VARARGS, balance_doc},
+    {"bounds", py_bounds, METH_VARARGS, bounds_doc},
     {"sample", py_sample, METH_VARARGS, sample_doc},
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"merge", py_merge, METH_VARARGS, merge_doc},

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 def configure(exp: int, tanh: int, mode: int, threads: int, /) -> None: ...
 def balance(values: int, n: int, out: int, /) -> None: ...
+def bounds(values: int, n: int, out: int, /) -> None: ...
 def sample(
     base: int,
     base_code: int,
@@ -30,7 +31,7 @@ def scan(
     cap: int,
     collected: int,
     /,
-) -> list[tuple[int, int, int, int, int]] | None: ...
+) -> list[tuple[int, int, int, int, int, int]] | None: ...
 def merge(
     out: int,
     out_code: int,

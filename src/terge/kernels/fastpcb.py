@@ -211,9 +211,10 @@ def _number(key: int) -> float:
     return struct.unpack("<d", struct.pack("<Q", bits))[0]
 
 
-Counts = tuple[int, int, int, int, int]
+Counts = tuple[int, int, int, int, int, int]
 """A thread's range's counts for one model (``_fastpcb.scan``): balances below the bracket, at
-its low end, strictly inside (collected), at its high end, and the greatest balance's key."""
+its low end, strictly inside (collected), at its high end; the greatest balance's key; and how
+many balances were computed (the others screened out below the bracket)."""
 
 
 def _floors(
