@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -48,3 +50,13 @@ def tied_models() -> list[Tied]:
         model.norm.running_var.uniform_(0.5, 2)
         model.norm.num_batches_tracked += 7
     return models
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, whatever the suite inherited: a shell runs a
+    command put in the background (``pytest &``) with SIGINT ignored, and Python then installs
+    no handler, so a test of terge's Ctrl-C handling would see no KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -304,7 +304,7 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     assert torch.equal(in_place[0]["w"].view(bits), whole.view(bits))
 
 
-def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkeypatch):
+def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkeypatch, python_sigint):
     """In place, a SIGINT that arrives between two chunks of an element-wise method is held:
     every chunk is written (the tensor is the whole merge, not half of it), then the
     KeyboardInterrupt surfaces. (TERGE_KERNELS=torch: magmax in chunks, not the compiled loop.)"""
@@ -440,7 +440,9 @@ def test_a_step_reading_what_a_held_step_writes_waits_for_it(monkeypatch):
         assert torch.equal(merged[name], value), name
 
 
-def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(monkeypatch):
+def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(
+    monkeypatch, python_sigint
+):
     """A SIGINT that arrives while steps are held (here: when the TIES step between them runs)
     is held until every write is done: the steps held before it and those after are all
     written, then the KeyboardInterrupt surfaces. Nothing held is dropped."""

@@ -131,6 +131,9 @@ _SCRIPT = """
 import json, os, signal, sys
 import torch, terge
 
+# Python's own handler, even where the suite runs in the background (SIGINT ignored, inherited)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def models():
     torch.manual_seed(0)
     return [torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(8))) for _ in range(3)]
