@@ -304,7 +304,9 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     assert torch.equal(in_place[0]["w"].view(bits), whole.view(bits))
 
 
-def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(monkeypatch, python_sigint):
+def test_a_ctrl_c_during_a_chunked_in_place_merge_lets_every_chunk_finish(
+    monkeypatch, python_sigint
+):
     """In place, a SIGINT that arrives between two chunks of an element-wise method is held:
     every chunk is written (the tensor is the whole merge, not half of it), then the
     KeyboardInterrupt surfaces. (TERGE_KERNELS=torch: magmax in chunks, not the compiled loop.)"""

@@ -302,18 +302,21 @@ def test_the_entries_refuse_bad_arguments():
         _fastpcb.sample(base.data_ptr(), 1, 64, *spec, 5, keys.data_ptr())
     with pytest.raises(ValueError, match=r"^sample: 1 <= runs <= total / 16$"):
         _fastpcb.sample(base.data_ptr(), 1, 64, *spec, 0, keys.data_ptr())
-    with pytest.raises(ValueError, match=r"^scan: m >= 0 and cap >= 0$"):
-        _fastpcb.scan(base.data_ptr(), 1, -1, *spec, [0, 0], [1, 1], 4, keys.data_ptr())
-    with pytest.raises(ValueError, match=r"^scan: m >= 0 and cap >= 0$"):
-        _fastpcb.scan(base.data_ptr(), 1, 4, *spec, [0, 0], [1, 1], -4, keys.data_ptr())
+    refused = r"^scan: m >= 0 and 0 <= cap <= stride$"
+    with pytest.raises(ValueError, match=refused):
+        _fastpcb.scan(base.data_ptr(), 1, -1, *spec, [0, 0], [1, 1], 4, keys.data_ptr(), 64)
+    with pytest.raises(ValueError, match=refused):
+        _fastpcb.scan(base.data_ptr(), 1, 4, *spec, [0, 0], [1, 1], -4, keys.data_ptr(), 64)
+    with pytest.raises(ValueError, match=refused):  # model 1's slots would overlap model 0's
+        _fastpcb.scan(base.data_ptr(), 1, 4, *spec, [0, 0], [1, 1], 65, keys.data_ptr(), 64)
     with pytest.raises(ValueError, match=r"^merge: m >= 0$"):
         _fastpcb.merge(base.data_ptr(), 1, base.data_ptr(), 1, -1, *spec, [0.0] * 2, [1.0] * 2, 1.0)
     with pytest.raises(ValueError, match=r"^unknown dtype code 4$"):
         _fastpcb.merge(base.data_ptr(), 4, base.data_ptr(), 1, 4, *spec, [0.0] * 2, [1.0] * 2, 1.0)
     with pytest.raises(ValueError, match=r"^codes: expected 2 values$"):
-        _fastpcb.scan(base.data_ptr(), 1, 4, spec[0], [1], *spec[2:], [0, 0], [1, 1], 4, 0)
+        _fastpcb.scan(base.data_ptr(), 1, 4, spec[0], [1], *spec[2:], [0, 0], [1, 1], 4, 0, 4)
     with pytest.raises(ValueError, match=r"^models: between 1 and 64 values$"):
-        _fastpcb.scan(base.data_ptr(), 1, 4, [], [], [], [], [], [], 4, 0)
+        _fastpcb.scan(base.data_ptr(), 1, 4, [], [], [], [], [], [], 4, 0, 4)
     with pytest.raises(ValueError, match=r"^floors: expected 2 values$"):
         _fastpcb.merge(base.data_ptr(), 1, base.data_ptr(), 1, 4, *spec, [0.0], [1.0] * 2, 1.0)
     with pytest.raises(ValueError, match=r"^balance: 0 <= n < 2\*\*31$"):
@@ -425,11 +428,27 @@ def test_small_tensors_and_zero_floors_compute_every_balance():
     spec = ([t.data_ptr() for t in tensors], [1, 1], [0.0, 0.0], [0.05, 0.05])
     buffer = torch.empty(2, 1_000, dtype=torch.int64)
     counts = _fastpcb.scan(
-        base.data_ptr(), 1, 1_000, *spec, [0, 0], [fastpcb._MASK] * 2, 1_000, buffer.data_ptr()
+        base.data_ptr(),
+        1,
+        1_000,
+        *spec,
+        [0, 0],
+        [fastpcb._MASK] * 2,
+        1_000,
+        buffer.data_ptr(),
+        1_000,
     )
     assert [c[5] for c in counts] == [1_000, 1_000] and [c[2] for c in counts] == [1_000, 1_000]
     zero = fastpcb._TOP  # +0's key
     counts = _fastpcb.scan(
-        base.data_ptr(), 1, 1_000, *spec, [zero] * 2, [fastpcb._MASK] * 2, 1_000, buffer.data_ptr()
+        base.data_ptr(),
+        1,
+        1_000,
+        *spec,
+        [zero] * 2,
+        [fastpcb._MASK] * 2,
+        1_000,
+        buffer.data_ptr(),
+        1_000,
     )
     assert [c[5] for c in counts] == [1_000, 1_000]

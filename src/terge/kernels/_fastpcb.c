@@ -136,17 +136,34 @@ CLONED static int subtract(double *RESTRICT tau, double *RESTRICT sum, const dou
     return finite;
 }
 
+/* subtract() from float32 inputs as stored: each widened as it is read (exactly). */
+CLONED static int subtract_f32(double *RESTRICT tau, double *RESTRICT sum, const float *RESTRICT x,
+                               const double *RESTRICT b, Py_ssize_t m) {
+    int finite = 1;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const double t = (double)x[k] - b[k];
+        tau[k] = t;
+        sum[k] = sum[k] + t;
+        finite &= (t - t) == 0;
+    }
+    return finite;
+}
+
 /* The block's task vectors and their sum. 0 where a task vector entry is not finite (the
  * reference's NaN and infinity orders are left to it). */
-static int prepare(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
+CLONED static int prepare(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
                    Py_ssize_t m, Rows *w) {
     const double *b = widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, m);
     int finite = 1;
     for (Py_ssize_t k = 0; k < m; k++) w->sum[k] = 0.0;
     for (int i = 0; i < s->count; i++) {
-        const double *x = widen(w->x, s->models[i] + offset * (Py_ssize_t)ITEMSIZE[s->codes[i]],
-                                s->codes[i], m);
-        finite &= subtract(w->tau + (size_t)i * BLOCK, w->sum, x, b, m);
+        const char *p = s->models[i] + offset * (Py_ssize_t)ITEMSIZE[s->codes[i]];
+        double *tau = w->tau + (size_t)i * BLOCK;
+        if (s->codes[i] == F32) {
+            finite &= subtract_f32(tau, w->sum, (const float *)p, b, m);
+        } else {
+            finite &= subtract(tau, w->sum, widen(w->x, p, s->codes[i], m), b, m);
+        }
     }
     return finite;
 }
@@ -188,13 +205,39 @@ CLONED static void screen(double *RESTRICT magnitude, double *RESTRICT y, uint8_
 }
 
 /* The kept entries' positions; how many. */
-static Py_ssize_t compact(int32_t *RESTRICT index, const uint8_t *RESTRICT keep, Py_ssize_t m) {
-    Py_ssize_t j = 0;
-    for (Py_ssize_t k = 0; k < m; k++) {
+static Py_ssize_t compact_plain(int32_t *RESTRICT index, const uint8_t *RESTRICT keep,
+                                Py_ssize_t k, Py_ssize_t j, Py_ssize_t m) {
+    for (; k < m; k++) {
         index[j] = (int32_t)k;
         j += keep[k];
     }
     return j;
+}
+
+#ifdef HAVE_AVX512
+/* compact_plain() 16 flags at a time: the kept lanes' positions stored by one compress. */
+__attribute__((target("avx512f"))) static Py_ssize_t compact_avx512(int32_t *RESTRICT index,
+                                                                    const uint8_t *RESTRICT keep,
+                                                                    Py_ssize_t m) {
+    Py_ssize_t j = 0, k = 0;
+    __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; k + 16 <= m; k += 16) {
+        const __m512i flags = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(keep + k)));
+        const __mmask16 mask = _mm512_test_epi32_mask(flags, flags);
+        _mm512_mask_compressstoreu_epi32(index + j, mask, lanes);
+        j += __builtin_popcount((unsigned)mask);
+        lanes = _mm512_add_epi32(lanes, step);
+    }
+    return compact_plain(index, keep, k, j, m);
+}
+#endif
+
+static Py_ssize_t compact(int32_t *RESTRICT index, const uint8_t *RESTRICT keep, Py_ssize_t m) {
+#ifdef HAVE_AVX512
+    if (have_avx512) return compact_avx512(index, keep, m);
+#endif
+    return compact_plain(index, keep, 0, 0, m);
 }
 
 /* The candidates' exact exp and tanh arguments, as the reference computes them. */
@@ -251,8 +294,8 @@ static int sample(const Spec *s, const char *base, int base_code, Py_ssize_t tot
 
 typedef struct {
     uint64_t lo[MAX_MODELS], hi[MAX_MODELS];
-    Py_ssize_t cap;
-    uint64_t *collected; /* count x cap */
+    Py_ssize_t cap, stride;
+    uint64_t *collected; /* model i's cap slots at collected + i * stride */
     /* out */
     Py_ssize_t below[MAX_MODELS], at_lo[MAX_MODELS], inside[MAX_MODELS], at_hi[MAX_MODELS];
     uint64_t greatest[MAX_MODELS];
@@ -301,7 +344,7 @@ static int scan(const Spec *s, const char *base, int base_code, Py_ssize_t m, Sc
             q->computed[i] += j;
             uint64_t *keys = (uint64_t *)w->z; /* free once the balances are made */
             count_block(keys, w->balance, j, lo, hi, q, i);
-            uint64_t *collected = q->collected + (size_t)i * q->cap;
+            uint64_t *collected = q->collected + (size_t)i * q->stride;
             Py_ssize_t inside = q->inside[i];
             for (Py_ssize_t k = 0; k < j; k++) {
                 const uint64_t key = keys[k];
@@ -345,7 +388,7 @@ CLONED static void finish(double *RESTRICT out, const double *RESTRICT num,
 /* m entries of the merge into out (floors and their gaps per model). A model whose gap is not
  * above 0 scores 0 everywhere, so adds nothing. 0 where a task vector entry is not finite (the
  * block's output then not written; Python checked by scan() first). */
-static int merge(const Spec *s, char *out, int out_code, const char *base, int base_code,
+CLONED static int merge(const Spec *s, char *out, int out_code, const char *base, int base_code,
                  Py_ssize_t m, const double *floors, const double *gaps, double scale, Rows *w) {
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
@@ -555,24 +598,25 @@ static PyObject *py_sample(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(scan_doc,
-             "scan(base, base_code, m, models, codes, lows, highs, los, his, cap, collected)\n"
+             "scan(base, base_code, m, models, codes, lows, highs, los, his, cap, collected,\n"
+             "     stride)\n"
              "    -> list of (below, at_lo, inside, at_hi, greatest, computed) per model, or None\n\n"
              "The balances of m entries counted against each model's key bracket [lo, hi]: the\n"
-             "keys strictly inside collected into collected (uint64, cap per model; inside\n"
-             "counts on past cap). None where a task vector entry is not finite.");
+             "keys strictly inside collected at collected + i * stride for model i (uint64, cap at\n"
+             "most; inside counts on past cap). None where a task vector entry is not finite.");
 
 static PyObject *py_scan(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long base, collected;
     int base_code;
-    Py_ssize_t m, cap;
+    Py_ssize_t m, cap, stride;
     PyObject *models, *codes, *lows, *highs, *los, *his;
     Spec s;
     Scan *q = PyMem_Calloc(1, sizeof *q);
     if (!q) return PyErr_NoMemory();
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "KinOOOOOOnK", &base, &base_code, &m, &models, &codes, &lows,
-                          &highs, &los, &his, &cap, &collected)) {
+    if (!PyArg_ParseTuple(args, "KinOOOOOOnKn", &base, &base_code, &m, &models, &codes, &lows,
+                          &highs, &los, &his, &cap, &collected, &stride)) {
         goto done;
     }
     if (!configured() || !check_code(base_code) || !parse_spec(&s, models, codes, lows, highs) ||
@@ -580,11 +624,12 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
         !parse_sequence(his, &s.count, "his", read_u64, q->hi)) {
         goto done;
     }
-    if (m < 0 || cap < 0) {
-        PyErr_SetString(PyExc_ValueError, "scan: m >= 0 and cap >= 0");
+    if (m < 0 || cap < 0 || stride < cap) {
+        PyErr_SetString(PyExc_ValueError, "scan: m >= 0 and 0 <= cap <= stride");
         goto done;
     }
     q->cap = cap;
+    q->stride = stride;
     q->collected = (uint64_t *)(uintptr_t)collected;
     Rows w;
     void *all = rows_alloc(&w, s.count);
@@ -680,4 +725,9 @@ static struct PyModuleDef module = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__fastpcb(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastpcb(void) {
+#ifdef HAVE_AVX512
+    detect_avx512();
+#endif
+    return PyModule_Create(&module);
+}

@@ -30,6 +30,7 @@ def scan(
     his: Sequence[int],
     cap: int,
     collected: int,
+    stride: int,
     /,
 ) -> list[tuple[int, int, int, int, int, int]] | None: ...
 def merge(

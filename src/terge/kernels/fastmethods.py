@@ -280,6 +280,22 @@ def kth_largest_magnitudes(
     return [[s.value for s in row] for row in searches]  # type: ignore[misc]
 
 
+def kth_largest_values(values: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    """For each ``k`` of ``ks`` (1-based, at most 16), the ``k``-th largest of a contiguous 1-D
+    int64 tensor's values read as uint64 (the tensor is permuted), from one histogram."""
+    found = _fastmethods.kth_many(values.data_ptr(), values.numel(), list(ks))
+    return [value for value, _ in found]
+
+
+def kth_largest_between(
+    values: torch.Tensor, segments: Sequence[tuple[int, int]], k: int, lo: int, hi: int
+) -> int:
+    """The ``k``-th largest (1-based) of the values in ``segments`` (offset, count) of a
+    contiguous int64 tensor, read as uint64, every one in ``[lo, hi)``: radix selection in that
+    range. The segments are first moved together to the tensor's start (it is overwritten)."""
+    return _fastmethods.kth_largest(values.data_ptr(), list(segments), k, lo, hi)[0]
+
+
 def addresses(tensors: Sequence[torch.Tensor], start: int) -> list[int]:
     """Each tensor's address of its element ``start``."""
     return _addresses(tensors, start)

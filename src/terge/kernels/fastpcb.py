@@ -231,8 +231,11 @@ def _floors(
             return None
         brackets = sampled
     spans = ranges(d)
-    caps = [min(stop - start, max(cap for *_, cap in brackets)) for start, stop in spans]
-    buffers = [torch.empty(len(tensors), cap, dtype=torch.int64) for cap in caps]
+    cap = max(cap for *_, cap in brackets)
+    caps = [min(stop - start, cap) for start, stop in spans]
+    # model i's keys from range p at buffer[i, p]: each model's in one block, to select from
+    buffer = torch.empty(len(tensors), len(spans), max(caps), dtype=torch.int64)
+    stride = len(spans) * max(caps)
 
     def part(piece: int) -> list[Counts] | None:
         start, stop = spans[piece]
@@ -245,7 +248,8 @@ def _floors(
             [lo for lo, _, _ in brackets],
             [hi for _, hi, _ in brackets],
             caps[piece],
-            buffers[piece].data_ptr(),
+            buffer[0, piece].data_ptr(),
+            stride,
         )
 
     counted = run([functools.partial(part, piece) for piece in range(len(spans))])
@@ -255,7 +259,7 @@ def _floors(
     floors = []
     for i, (lo, hi, _) in enumerate(brackets):
         mine = [c[i] for c in parts]
-        key = _floor_key(lo, hi, rank, mine, [b[i] for b in buffers], caps)
+        key = _floor_key(lo, hi, rank, mine, buffer[i], caps)
         if key is None:
             return None
         floors.append((_number(key), _number(max(c[4] for c in mine))))
@@ -263,11 +267,12 @@ def _floors(
 
 
 def _floor_key(
-    lo: int, hi: int, rank: int, counts: list[Counts], buffers: list[torch.Tensor], caps: list[int]
+    lo: int, hi: int, rank: int, counts: list[Counts], collected: torch.Tensor, caps: list[int]
 ) -> int | None:
     """The key of the ``rank``-th smallest balance from one model's counts against its bracket
-    ``[lo, hi]`` and the keys collected strictly inside it; ``None`` where the rank is not in the
-    bracket or a range collected more than its buffer held."""
+    ``[lo, hi]`` and the keys each range collected strictly inside it (``collected[p]``);
+    ``None`` where the rank is not in the bracket or a range collected more than it had room
+    for."""
     below, at_lo, inside, at_hi = (sum(c[j] for c in counts) for j in range(4))
     k = rank - below
     if k < 0 or k >= at_lo + inside + at_hi:
@@ -278,9 +283,9 @@ def _floor_key(
         return hi
     if any(c[2] > cap for c, cap in zip(counts, caps, strict=True)):
         return None  # overflowed
-    keys = torch.cat([b[: c[2]] for b, c in zip(buffers, counts, strict=True)])
-    signed = keys ^ torch.tensor(-(1 << 63), dtype=torch.int64)  # ordered as signed integers
-    return (int(torch.kthvalue(signed, k - at_lo + 1).values) & _MASK) ^ _TOP
+    width = collected.shape[1]
+    segments = [(p * width, c[2]) for p, c in enumerate(counts)]
+    return fastmethods.kth_largest_between(collected, segments, inside - (k - at_lo), lo + 1, hi)
 
 
 def _brackets(base: torch.Tensor, spec: Spec, rank: int) -> list[tuple[int, int, int]] | None:
@@ -296,14 +301,17 @@ def _brackets(base: torch.Tensor, spec: Spec, rank: int) -> list[tuple[int, int,
         base.data_ptr(), DTYPE_CODES[base.dtype], d, *spec, runs, keys.data_ptr()
     ):
         return None
-    ordered = (keys ^ torch.tensor(-(1 << 63), dtype=torch.int64)).sort(dim=1).values
     share = rank / d
     spread = _MARGIN * math.sqrt(m * share * (1 - share)) + 1
     first, last = math.floor(share * m - spread), math.ceil(share * m + spread)
     cap = min(d, 2 * math.ceil((last - first + 1) * d / m) + 4096)
+    # the first-th and last-th smallest samples (0-based): the (m - first)-th and (m - last)-th
+    # largest; past either end, the bracket is open there
+    ranks = [m - i for i in (first, last) if 0 <= i < m]
     brackets = []
-    for row in ordered.tolist():
-        lo = (row[first] & _MASK) ^ _TOP if first >= 0 else 0
-        hi = (row[last] & _MASK) ^ _TOP if last < m else _MASK
+    for row in keys:
+        found = dict(zip(ranks, fastmethods.kth_largest_values(row, ranks), strict=True))
+        lo = found[m - first] if first >= 0 else 0
+        hi = found[m - last] if last < m else _MASK
         brackets.append((lo, hi, cap))
     return brackets
