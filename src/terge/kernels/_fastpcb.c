@@ -78,6 +78,7 @@ typedef struct {
     double *z, *t, *ez, *ty, *balance; /* its candidates' exp and tanh arguments and balances */
     double *num, *den;               /* the merge's sums */
     int32_t *index;                  /* the candidates' positions in the block */
+    int32_t *stamp, *touched;        /* the merge's: which block's sums an entry holds; which */
     uint8_t *keep;
 } Rows;
 
@@ -85,7 +86,7 @@ typedef struct {
 
 static void *rows_alloc(Rows *w, int count) {
     char *all = PyMem_RawMalloc((size_t)(count + ROWS) * BLOCK * sizeof(double) +
-                                BLOCK * (sizeof(int32_t) + 1));
+                                BLOCK * (3 * sizeof(int32_t) + 1));
     if (!all) return NULL;
     double *d = (double *)all;
     w->tau = d, d += (size_t)count * BLOCK;
@@ -102,7 +103,10 @@ static void *rows_alloc(Rows *w, int count) {
     w->num = d, d += BLOCK;
     w->den = d, d += BLOCK;
     w->index = (int32_t *)d;
-    w->keep = (uint8_t *)(w->index + BLOCK);
+    w->stamp = w->index + BLOCK;
+    w->touched = w->stamp + BLOCK;
+    w->keep = (uint8_t *)(w->touched + BLOCK);
+    for (Py_ssize_t k = 0; k < BLOCK; k++) w->stamp[k] = -1;
     return all;
 }
 
@@ -152,7 +156,7 @@ CLONED static int subtract_f32(double *RESTRICT tau, double *RESTRICT sum, const
 /* The block's task vectors and their sum. 0 where a task vector entry is not finite (the
  * reference's NaN and infinity orders are left to it). */
 CLONED static int prepare(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
-                   Py_ssize_t m, Rows *w) {
+                          Py_ssize_t m, Rows *w) {
     const double *b = widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, m);
     int finite = 1;
     for (Py_ssize_t k = 0; k < m; k++) w->sum[k] = 0.0;
@@ -359,27 +363,42 @@ static int scan(const Spec *s, const char *base, int base_code, Py_ssize_t m, Sc
     return 1;
 }
 
-/* A model's scores added to the block's numerators and denominators, at the candidates'
- * positions (a screened entry's score is +0: adding it, or +-0 times its clipped value, to
- * sums that start at +0 changes nothing). */
-static void accumulate(double *RESTRICT num, double *RESTRICT den, const double *RESTRICT balance,
-                       const int32_t *RESTRICT index, const double *RESTRICT tau,
-                       const double *RESTRICT magnitude, Py_ssize_t j, double f, double g) {
+/* A model's scores added to the block's numerators and denominators at the candidates'
+ * positions; an entry's sums start at +0 the first time the block (id) touches it, and its
+ * position is listed in touched (used so far; returns the new count). A screened entry's score
+ * is +0: adding it, or +-0 times its clipped value, to sums that start at +0 changes nothing,
+ * so an entry no model touched merges as 0. */
+static Py_ssize_t accumulate(double *RESTRICT num, double *RESTRICT den,
+                             const double *RESTRICT balance, const int32_t *RESTRICT index,
+                             const double *RESTRICT tau, const double *RESTRICT magnitude,
+                             Py_ssize_t j, double f, double g, int32_t *RESTRICT stamp,
+                             int32_t *RESTRICT touched, Py_ssize_t used, int32_t id) {
     for (Py_ssize_t q = 0; q < j; q++) {
         const int32_t k = index[q];
         double score = balance[q] > f ? balance[q] - f : 0.0;
         score = score / g;
         const double t = tau[k];
         const double clipped = (double)((t > 0) - (t < 0)) * magnitude[k];
+        if (stamp[k] != id) {
+            stamp[k] = id;
+            num[k] = den[k] = 0.0;
+            touched[used++] = k;
+        }
         den[k] = den[k] + score;
         num[k] = num[k] + clipped * score;
     }
+    return used;
 }
 
+/* out = b + merged * scale: merged is +0 (q = 0, or no model touched the entry) but at the
+ * touched entries, where it is p / q where q is not 0. */
 CLONED static void finish(double *RESTRICT out, const double *RESTRICT num,
                           const double *RESTRICT den, const double *RESTRICT b, Py_ssize_t n,
-                          double scale) {
-    for (Py_ssize_t k = 0; k < n; k++) {
+                          const int32_t *RESTRICT touched, Py_ssize_t used, double scale) {
+    const double zero = 0.0 * scale;
+    for (Py_ssize_t k = 0; k < n; k++) out[k] = b[k] + zero;
+    for (Py_ssize_t q = 0; q < used; q++) {
+        const int32_t k = touched[q];
         const double merged = den[k] != 0 ? num[k] / den[k] : 0.0;
         out[k] = b[k] + merged * scale;
     }
@@ -389,22 +408,24 @@ CLONED static void finish(double *RESTRICT out, const double *RESTRICT num,
  * above 0 scores 0 everywhere, so adds nothing. 0 where a task vector entry is not finite (the
  * block's output then not written; Python checked by scan() first). */
 CLONED static int merge(const Spec *s, char *out, int out_code, const char *base, int base_code,
-                 Py_ssize_t m, const double *floors, const double *gaps, double scale, Rows *w) {
+                        Py_ssize_t m, const double *floors, const double *gaps, double scale,
+                        Rows *w) {
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
-        if (!prepare(s, base + 0, base_code, offset, n, w)) return 0;
-        for (Py_ssize_t k = 0; k < n; k++) w->num[k] = w->den[k] = 0.0;
+        const int32_t id = (int32_t)(offset / BLOCK);
+        if (!prepare(s, base, base_code, offset, n, w)) return 0;
+        Py_ssize_t used = 0;
         for (int i = 0; i < s->count; i++) {
             if (!(gaps[i] > 0)) continue;
             const Py_ssize_t j = balances(s, i, n, floors[i], w);
-            accumulate(w->num, w->den, w->balance, w->index, w->tau + (size_t)i * BLOCK,
-                       w->magnitude, j, floors[i], gaps[i]);
+            used = accumulate(w->num, w->den, w->balance, w->index, w->tau + (size_t)i * BLOCK,
+                              w->magnitude, j, floors[i], gaps[i], w->stamp, w->touched, used, id);
         }
         /* widen() may have handed back base's own memory, and out may be base: the block's
          * base is read here, before its result is written below */
         const double *b =
             widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, n);
-        finish(w->ez, w->num, w->den, b, n, scale);
+        finish(w->ez, w->num, w->den, b, n, w->touched, used, scale);
         narrow(out + offset * (Py_ssize_t)ITEMSIZE[out_code], out_code, w->ez, n);
     }
     return 1;
