@@ -22,7 +22,7 @@ def extension(name: str) -> Extension:
     return Extension(
         f"terge.kernels.{name}",
         sources=[f"src/terge/kernels/{name}.c"],
-        depends=["src/terge/kernels/_convert.h", "src/terge/kernels/_loops.h"],
+        depends=[f"src/terge/kernels/{h}" for h in ("_convert.h", "_loops.h", "_args.h")],
         extra_compile_args=flags,
         optional=True,
     )

@@ -40,6 +40,7 @@
 #include "_loops.h"
 
 #define MAX_MODELS 64
+#include "_args.h"
 #define BLOCK 1024
 #define RUN 16
 
@@ -433,59 +434,6 @@ CLONED static int merge(const Spec *s, char *out, int out_code, const char *base
 
 /* --- Python bindings ----------------------------------------------------------------------------- */
 
-static int check_code(int code) {
-    if (code < F64 || code > F16) {
-        PyErr_Format(PyExc_ValueError, "unknown dtype code %d", code);
-        return 0;
-    }
-    return 1;
-}
-
-/* Every value of a sequence of count values (count < 0: 1 to 64 of them, count set), each read
- * by read(). 1 on success. */
-static int parse_sequence(PyObject *obj, int *count, const char *what,
-                          int (*read)(PyObject *, int, void *), void *into) {
-    PyObject *seq = PySequence_Fast(obj, what);
-    if (!seq) return 0;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    int ok = 1;
-    if (*count < 0) {
-        if (n < 1 || n > MAX_MODELS) {
-            PyErr_Format(PyExc_ValueError, "%s: between 1 and 64 values", what);
-            ok = 0;
-        } else {
-            *count = (int)n;
-        }
-    } else if (n != *count) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %d values", what, *count);
-        ok = 0;
-    }
-    for (int i = 0; ok && i < *count; i++) {
-        ok = read(PySequence_Fast_GET_ITEM(seq, i), i, into) && !PyErr_Occurred();
-    }
-    Py_DECREF(seq);
-    return ok;
-}
-
-static int read_address(PyObject *item, int i, void *into) {
-    ((const char **)into)[i] = (const char *)(uintptr_t)PyLong_AsUnsignedLongLong(item);
-    return 1;
-}
-
-static int read_code(PyObject *item, int i, void *into) {
-    ((int *)into)[i] = (int)PyLong_AsLong(item);
-    return PyErr_Occurred() ? 0 : check_code(((int *)into)[i]);
-}
-
-static int read_double(PyObject *item, int i, void *into) {
-    ((double *)into)[i] = PyFloat_AsDouble(item);
-    return 1;
-}
-
-static int read_u64(PyObject *item, int i, void *into) {
-    ((uint64_t *)into)[i] = PyLong_AsUnsignedLongLong(item);
-    return 1;
-}
 
 /* The models, their codes and their clipping bounds: the arguments every pass shares. */
 static int parse_spec(Spec *s, PyObject *models, PyObject *codes, PyObject *lows,
