@@ -452,3 +452,38 @@ def test_small_tensors_and_zero_floors_compute_every_balance():
         1_000,
     )
     assert [c[5] for c in counts] == [1_000, 1_000]
+
+
+def _int64(key: int) -> int:
+    """A uint64 key as the int64 of the same bits (how the buffers hold them)."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_the_floor_key_at_every_edge_of_its_bracket(split):
+    """The rank placed among one model's counts: below the bracket (a miss), at its low end,
+    each key collected inside it in order (over one range's buffer or two), at its high end,
+    past it (a miss)."""
+    top = fastpcb._TOP
+    lo, hi, keys = top + 10, top + 100, [top + 50, top + 20, top + 70]
+    if split:  # two ranges: 10 below, 2 at lo, 3 inside, 4 at hi in all
+        counts = [(6, 1, 2, 3, hi, 12), (4, 1, 1, 1, hi, 7)]
+        collected = torch.tensor([[_int64(k) for k in keys[:2]] + [0], [_int64(keys[2]), 0, 0]])
+        caps = [3, 3]
+    else:
+        counts = [(10, 2, 3, 4, hi, 19)]
+        collected = torch.tensor([[_int64(k) for k in keys] + [0] * 5])
+        caps = [8]
+    expected = {9: None, 10: lo, 11: lo, 12: top + 20, 13: top + 50, 14: top + 70}
+    expected |= {15: hi, 16: hi, 17: hi, 18: hi, 19: None}
+    for rank, key in expected.items():
+        got = fastpcb._floor_key(lo, hi, rank, counts, collected.clone(), caps)
+        assert got == key, rank
+
+
+def test_the_floor_key_refuses_an_overflowed_range():
+    top = fastpcb._TOP
+    counts = [(10, 2, 4, 4, top + 100, 20)]  # four inside, room for three: some were not kept
+    collected = torch.tensor([[_int64(top + 20), _int64(top + 50), _int64(top + 70)]])
+    assert fastpcb._floor_key(top + 10, top + 100, 13, counts, collected, [3]) is None
+    assert fastpcb._floor_key(top + 10, top + 100, 11, counts, collected, [3]) == top + 10
