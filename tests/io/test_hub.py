@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def cache(tmp_path, monkeypatch) -> Path:
         ("org/na..me", None),
         ("org/name@", None),
         ("org/name@v1/../../x", None),
+        ("org/name@v1/", None),  # an empty part of a revision
+        ("org/name@.x", None),  # a revision starts with a letter or digit
+        ("org/name@-x", None),
+        ("org/name@" + "v" * 200, HubReference("org/name", "v" * 200)),
+        ("org/name@" + "v" * 201, None),
+        ("org/" + "n" * 96, HubReference("org/" + "n" * 96)),  # the Hub's longest name
+        ("org/" + "n" * 97, None),
+        ("org/-name", None),  # the Hub's names neither start nor end with - or .
+        ("org/.name", None),
+        ("org/name-", None),
+        ("org/name.", None),
         ("ckpt/epoch=3.ckpt::entry=model", None),
         (42, None),
     ],
@@ -122,10 +134,44 @@ def test_what_is_a_hub_reference(tmp_path, monkeypatch, text, expected):
     assert hub_reference(text) == expected
 
 
-@pytest.mark.parametrize("text", ["hf://", "hf://bad name", "hf://org/name@", "hf://a/b/c"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hf://",
+        "hf://bad name",
+        "hf://org/name@",
+        "hf://a/b/c",
+        "hf://org--x/name",
+        "hf://org/na..me",
+        "hf://org/name@v1/../../x",  # would name a file outside the cache's refs/
+    ],
+)
 def test_a_malformed_explicit_reference_is_an_error(text):
     with pytest.raises(HubError, match=r"is not a Hub reference; write hf://org/name"):
         hub_reference(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "shaped"),
+    [
+        ("org/name@v1", True),
+        ("hf://anything at all", True),  # hf:// is the Hub's, even malformed (then an error)
+        ("gpt2", False),
+        ("org--x/name", False),
+        ("org/name@v1/../x", False),
+    ],
+)
+def test_what_has_a_hub_references_form(text, shaped):
+    assert hub_shaped(text) is shaped
+
+
+def test_a_folder_named_hf_colon_stays_local(tmp_path, monkeypatch):
+    """``hf:/org/name`` is ``hf://org/name`` collapsed by ``Path``, unless a folder of exactly
+    that name exists: then, like any existing path, it is local."""
+    monkeypatch.chdir(tmp_path)
+    assert hub_reference("hf:/org/name") == HubReference("org/name")
+    (tmp_path / "hf:" / "org" / "name").mkdir(parents=True)
+    assert hub_reference("hf:/org/name") is None
 
 
 def test_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
@@ -152,6 +198,25 @@ def test_resolves_a_branch_a_tag_or_a_commit_from_the_cache(cache, asked, commit
     assert snapshot.pinned == f"org/a@{commit}"
 
 
+@pytest.mark.parametrize("name", ["not-a-commit", "a1" * 20 + "a", "A1" * 20])
+def test_a_snapshot_folder_not_named_by_a_commit_is_refused(cache, name):
+    """The commit recorded in a lineage is the snapshot folder's name: a folder that is not
+    named by 40 lowercase hex digits (the Hub's commit form) is no snapshot to pin."""
+    publish(cache, "org/c", name, weights(4))
+    with pytest.raises(HubError, match=r"org/c resolved to .*not a snapshot folder named by a"):
+        resolve_hub("org/c")
+
+
+def test_resolve_hub_text_is_always_the_hub(cache):
+    """``resolve_hub`` is asked for the Hub: with or without ``hf://``, a local folder of the
+    same name does not shadow it, and a name without an organisation is a repository."""
+    Path("org", "b").mkdir(parents=True)
+    publish(cache, "gpt2", COMMIT_B, weights(4))
+    assert resolve_hub("org/b").commit == COMMIT_B
+    assert resolve_hub("hf://org/a@v1").commit == COMMIT_A1
+    assert resolve_hub("gpt2").folder.parent.parent.name == "models--gpt2"
+
+
 def test_a_revision_not_in_the_cache_lists_what_is(cache):
     with pytest.raises(
         HubError, match=r"revision 'v9' of the Hub model 'org/a' is not in"
@@ -162,10 +227,30 @@ def test_a_revision_not_in_the_cache_lists_what_is(cache):
     assert "HF_HUB_OFFLINE is set" in message and "hf download org/a --revision v9" in message
 
 
+def test_the_default_branch_not_in_the_cache_lists_branches_tags_and_pull_requests(cache):
+    """Without a revision the default branch (main) is asked for; the listing names a pull
+    request's ref as it is asked for (``refs/pr/1``), and no folder of ``refs/``."""
+    commit = "c0" * 20
+    publish(cache, "org/c", commit, weights(4), refs=("refs/pr/1",))
+    with pytest.raises(HubError, match=r"the revision 'main' of the Hub model 'org/c' is not in"):
+        resolve_hub("org/c")
+    with pytest.raises(HubError, match=rf"the cache holds refs/pr/1, {commit}\. Ask"):
+        resolve_hub("org/c@v1")
+    assert resolve_hub("org/c@refs/pr/1").commit == commit
+
+
+def test_a_repository_with_no_complete_revision_says_so(cache):
+    """An interrupted download leaves the repository's folder without refs or snapshots."""
+    (cache / "models--org--c" / "blobs").mkdir(parents=True)
+    with pytest.raises(HubError, match=r"'v1' of .* the cache holds no complete revision\. Ask"):
+        resolve_hub("org/c@v1")
+
+
 def test_a_repository_not_in_the_cache_says_how_to_get_it(cache):
     with pytest.raises(HubError, match=r"'org/missing' is not in the local cache") as error:
         terge.open_checkpoint("org/missing")
-    assert "hf download org/missing" in str(error.value)
+    assert f"({cache}) and HF_HUB_OFFLINE is set" in str(error.value)
+    assert "(hf download org/missing)" in str(error.value)
     assert "no local file or folder is named 'org/missing'" in str(error.value)
     assert isinstance(error.value, terge.CheckpointError)
 
@@ -390,6 +475,92 @@ def test_online_without_a_connection_the_cache_is_used(online, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
     assert resolve_hub("org/b").commit == COMMIT_B
     assert online[0]["allow_patterns"] is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "constant", "offline"),
+    [
+        ("1", False, True),  # set after huggingface_hub was imported: the environment says
+        ("true", False, True),
+        (" Yes ", False, True),
+        ("ON", False, True),
+        ("", True, True),  # huggingface_hub read it when imported
+        ("0", False, False),
+    ],
+)
+def test_offline_as_the_environment_or_huggingface_hub_says(
+    online, monkeypatch, variable, constant, offline
+):
+    """Offline, nothing is listed on the Hub and only the cache is read."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", variable)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", constant)
+    listed: list[str] = []
+
+    def files(repo, revision):
+        listed.append(repo)
+        return ["model.safetensors"]
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", files)
+    assert resolve_hub("org/b").commit == COMMIT_B
+    (call,) = online
+    assert (listed, call["local_files_only"]) == ([] if offline else ["org/b"], offline)
+
+
+def test_online_the_other_weights_and_the_tokenizer_and_code_files(online, monkeypatch):
+    """Without safetensors or .bin, every .pt, .pth and .ckpt is the weights; SentencePiece,
+    tiktoken and vocabulary files and the remote code come along; nothing else does."""
+    listed = ["a.pt", "b.pth", "c.ckpt", "notes.md", "spiece.model", "cl100k.tiktoken"]
+    listed += ["modeling_x.py", "vocab.txt", "tokenizer_config.json"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: listed)
+    resolve_hub("org/a")
+    assert online[0]["allow_patterns"] == sorted(set(listed) - {"notes.md"})
+
+
+@pytest.mark.parametrize(
+    ("listed", "holds"),
+    [
+        (
+            [f"f{i:02}.gguf" for i in reversed(range(13))],
+            ", ".join(f"f{i:02}.gguf" for i in range(12)),
+        ),
+        (["unet/model.safetensors"], "no files"),  # weights in a subfolder are not read
+    ],
+)
+def test_online_without_weights_the_error_lists_twelve_files(online, monkeypatch, listed, holds):
+    """The error shows what the repository holds at its top level: the first twelve names."""
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: listed)
+    with pytest.raises(HubError, match=re.escape(f"*.ckpt); it holds {holds}.") + "$"):
+        resolve_hub("org/a")
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("RevisionNotFoundError", r"^the Hub model 'org/a' has no revision 'v1', and no local"),
+        ("RepositoryNotFoundError", r"^the Hub model 'org/a' does not exist, or is private"),
+        ("HfHubHTTPError", r"^the Hub refused org/a@v1: 404 Client Error$"),
+    ],
+)
+def test_online_the_download_refused(online, monkeypatch, kind, message):
+    """The repository could be listed, yet the download is refused (the revision moved, the
+    token expired, the Hub is down): the error says which reference and why."""
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: ["x.bin"])
+
+    def refuse(repo_id, **options):
+        raise refusal(getattr(huggingface_hub.utils, kind))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(HubError, match=message):
+        resolve_hub("org/a@v1")
+
+
+def test_online_without_a_connection_a_missing_model_says_so(online, monkeypatch):
+    def unreachable(repo, revision):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    with pytest.raises(HubError, match=r"'org/missing' is not in .* the Hub could not be reached"):
+        resolve_hub("org/missing")
 
 
 def test_inspect_takes_hub_models(cache, capsys):
