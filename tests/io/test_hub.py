@@ -125,6 +125,7 @@ def cache(tmp_path, monkeypatch) -> Path:
         ("org/.name", None),
         ("org/name-", None),
         ("org/name.", None),
+        ("org/name.git", None),  # the Hub refuses such names (huggingface_hub's validate_repo_id)
         ("ckpt/epoch=3.ckpt::entry=model", None),
         (42, None),
     ],
@@ -144,6 +145,7 @@ def test_what_is_a_hub_reference(tmp_path, monkeypatch, text, expected):
         "hf://org--x/name",
         "hf://org/na..me",
         "hf://org/name@v1/../../x",  # would name a file outside the cache's refs/
+        "hf://org/name.git",
     ],
 )
 def test_a_malformed_explicit_reference_is_an_error(text):

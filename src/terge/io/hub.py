@@ -117,11 +117,15 @@ def hub_shaped(text: str) -> bool:
 
 
 def _valid_name(repo_id: str, revision: str | None = None) -> bool:
-    """The Hub's own rules beyond the characters: no ``--`` or ``..`` in a name; and no ``..``
-    or empty part in a revision (it names a file under the cache's ``refs/``)."""
+    """The Hub's own rules beyond the characters: no ``--`` or ``..`` in a name, and no name
+    ending in ``.git``; and no ``..`` or empty part in a revision (it names a file under the
+    cache's ``refs/``)."""
     parts = [] if revision is None else revision.split("/")
     return (
-        "--" not in repo_id and ".." not in repo_id and all(part and part != ".." for part in parts)
+        "--" not in repo_id
+        and ".." not in repo_id
+        and not repo_id.endswith(".git")
+        and all(part and part != ".." for part in parts)
     )
 
 
