@@ -587,3 +587,11 @@ def test_chosen_copies_and_pickles_whole(tmp_path):
     for again in (copy.deepcopy(chosen), pickle.loads(pickle.dumps(chosen))):
         assert again == chosen and type(again) is type(chosen)
         assert again.record() == chosen.record()
+
+
+def test_a_positive_or_capital_exponent_in_a_name_is_read(tmp_path):
+    """Python writes {ppl:.2e} as 1.00e+05 and {x:.1E} as 2.0E-03: both are the whole value."""
+    for value in ("1.00e+05", "2.0E-03", "3e+02"):
+        save_file(small(1), tmp_path / f"epoch-ppl={value}.safetensors")
+    chosen = choose(tmp_path, best=3, metric="ppl", mode="min")
+    assert [v for _, v in chosen.candidates] == [2.0e-03, 3e02, 1.0e05]

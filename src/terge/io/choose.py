@@ -301,7 +301,7 @@ def _last(records: list[_Record], count: int) -> tuple[str, list[tuple[Path, flo
 
 
 def _name_value(name: str, metric: str) -> float | None:
-    found = re.search(rf"(?:^|[^\w.]){re.escape(metric)}=(-?\d+(?:\.\d+)?(?:e-?\d+)?)", name)
+    found = re.search(rf"(?:^|[^\w.]){re.escape(metric)}=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", name)
     if found is None:
         return None
     return float(found.group(1).rstrip("."))
