@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fractions
 import mmap
 import os
+import wsgiref.headers
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,15 @@ from safetensors.torch import save_file
 import terge
 from terge.errors import CheckpointError
 from terge.io import open_checkpoint
-from terge.io.training import CheckpointSpec, checkpoint, parse_spec
+from terge.io.training import (
+    CheckpointSpec,
+    Selection,
+    as_spec,
+    checkpoint,
+    parse_spec,
+    refused_globals,
+    resolved,
+)
 
 from helpers import lightning_run, states
 
@@ -427,3 +437,185 @@ def test_an_empty_entry_is_the_top_level(tmp_path):
     assert torch.equal(
         terge.load(terge.checkpoint(tmp_path / "a.pt", entry=""))["w"], torch.ones(2)
     )
+
+
+# --- mutation audit: behaviour no test above pinned -----------------------------------------------
+
+
+def test_a_home_relative_path_is_the_users_home(tmp_path, monkeypatch):
+    """`~` is expanded wherever a checkpoint is named: terge.checkpoint, a plain path and the
+    text form; a path that exists as written (after `~`) is a path, `::` or not."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint("~/a.pt", entry="ema").path == tmp_path / "a.pt"
+    assert as_spec("~/a.pt") == CheckpointSpec(tmp_path / "a.pt")
+    assert as_spec("~/a.pt::ema") == CheckpointSpec(tmp_path / "a.pt", ("ema",))
+    (tmp_path / "odd::name.pt").touch()
+    assert parse_spec("~/odd::name.pt") is None
+
+
+def test_spec_text_forms_read_back_as_written(tmp_path):
+    """The options are after the last `::` (a folder may have `::` in its name), a space after
+    the comma is allowed, and a nested or top-level entry round-trips through str()."""
+    assert parse_spec(f"{tmp_path}/run::3/a.pt::entry=model") == CheckpointSpec(
+        tmp_path / "run::3" / "a.pt", ("model",)
+    )
+    assert parse_spec("a.pt::entry=ema, prefix=model.") == CheckpointSpec(
+        Path("a.pt"), ("ema",), "model."
+    )
+    nested, top = checkpoint("a.pt", entry="ema/model"), checkpoint("a.pt", entry="")
+    assert (str(nested), str(top)) == ("a.pt::entry=ema/model", "a.pt::entry=")
+    assert parse_spec(str(nested)) == nested and parse_spec(str(top)) == top
+
+
+def test_an_option_without_a_value_is_refused():
+    """`entry` among several options needs `=KEY`; it is not read as the top level."""
+    with pytest.raises(CheckpointError, match=r"cannot read the options 'entry,prefix=model\.'"):
+        parse_spec("a.pt::entry,prefix=model.")
+
+
+def test_a_model_with_scalar_buffers_and_int_keyed_tensors_beside_it(tmp_path):
+    """A state dict with scalars beside its weights (BatchNorm's num_batches_tracked) is a model;
+    a mapping of int keys to tensors (no names) is not one."""
+    model = {"bn.weight": torch.ones(4), "bn.num_batches_tracked": torch.tensor(5)}
+    torch.save({"model": model, "by_index": {0: torch.ones(4, 3)}, "epoch": 1}, tmp_path / "b.pt")
+    assert_same(read(tmp_path / "b.pt"), model)
+
+
+def test_listings_describe_each_entry_and_stop_at_twelve(tmp_path):
+    """Error listings give a tensor's shape and a list's length, and show 12 entries at most."""
+    torch.save({"losses": [0.5, 0.25, 0.125], "mask": torch.zeros(2, 3)}, tmp_path / "l.pt")
+    with pytest.raises(
+        CheckpointError, match=r"\(it holds 'losses' \(list of 3\), 'mask' \(tensor\[2, 3\]\)\)\."
+    ):
+        open_checkpoint(tmp_path / "l.pt")
+    for count, end in [(12, r"'k11' \(int\)\)\."), (13, r"'k11' \(int\), \.\.\.\)\.")]:
+        torch.save({f"k{i}": i for i in range(count)}, tmp_path / f"{count}.pt")
+        with pytest.raises(CheckpointError, match=r"\(it holds 'k0' \(int\), .*" + end):
+            open_checkpoint(tmp_path / f"{count}.pt")
+
+
+def test_entry_errors_say_what_is_where(tmp_path):
+    """A path through something that is no mapping, or an empty one, and an entry that is not a
+    state dict, each say what is there; an entry of a plain state dict is a tensor, no model."""
+    torch.save({"model": tensors(), "extra": {}, "epoch": 2}, tmp_path / "c.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"has no entry 'epoch/x' \(entry='epoch/x'\); epoch holds int\.$",
+    ):
+        open_checkpoint(checkpoint(tmp_path / "c.pt", entry="epoch/x"))
+    with pytest.raises(CheckpointError, match=r"has no entry 'extra/x' .*; extra holds nothing\.$"):
+        open_checkpoint(checkpoint(tmp_path / "c.pt", entry="extra/x"))
+    torch.save({"model": tensors(), "optimizer": optimizer_state(tensors())}, tmp_path / "o.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"o.pt: the entry 'optimizer' is a dict of 2 entries \(0 tensors\), not a state dict "
+        r"mapping str names to tensors only, e.g. 'state' is a dict; name the entry",
+    ):
+        open_checkpoint(checkpoint(tmp_path / "o.pt", entry="optimizer"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match=r"the entry 'w' is a tensor\[2\], not a state dict"):
+        open_checkpoint(checkpoint(tmp_path / "plain.pt", entry="w"))
+
+
+def test_prefix_errors_and_a_prefix_on_a_plain_state_dict(tmp_path):
+    """A prefix that is a whole name leaves nothing after it: refused; the names' first parts are
+    listed sorted, or said to share none; a prefix read from a plain file is recorded."""
+    torch.save({"z.w": torch.ones(2), "a.w": torch.ones(2), "b": torch.ones(1)}, tmp_path / "p.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"prefix 'z\.w' .*; the names start with 'a\.', 'z\.'\. Give one",
+    ):
+        open_checkpoint(checkpoint(tmp_path / "p.pt", prefix="z.w"))
+    torch.save({f"m{i}.w": torch.ones(1) for i in range(12)}, tmp_path / "many.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"start with 'm0\.', 'm1\.', 'm10\.', 'm11\.', 'm2\.', 'm3\.', 'm4\.', 'm5\.', "
+        r"'m6\.', 'm7\.'\. Give",
+    ):
+        open_checkpoint(checkpoint(tmp_path / "many.pt", prefix="x."))
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "n.pt")
+    with pytest.raises(CheckpointError, match=r"the names start with no common prefix\. Give"):
+        open_checkpoint(checkpoint(tmp_path / "n.pt", prefix="x."))
+    with open_checkpoint(checkpoint(tmp_path / "p.pt", prefix="z.")) as reader:
+        assert reader.names() == ["w"]
+        assert reader.selection == Selection((), "z.")
+        assert resolved(tmp_path / "p.pt", reader.selection) == f"{tmp_path / 'p.pt'}::prefix=z."
+
+
+LIGHTNING = {"pytorch-lightning_version": "2.5.0", "epoch": 3, "global_step": 30}
+
+
+def test_lightning_rules_by_hand(tmp_path):
+    """Lightning's prefix is stripped only from its state_dict, only when every name has it (a
+    parameter of the LightningModule itself keeps all names as they are); a timm state_dict
+    keeps its names; a file with Lightning's key but no state_dict is read by the general rule."""
+    inner = {"model.w": torch.ones(2), "model.b": torch.zeros(2)}
+    torch.save(
+        {**LIGHTNING, "state_dict": inner, "current_model_state": inner}, tmp_path / "l.ckpt"
+    )
+    assert list(read(tmp_path / "l.ckpt")) == ["w", "b"]
+    with open_checkpoint(checkpoint(tmp_path / "l.ckpt", entry="current_model_state")) as reader:
+        assert reader.names() == ["model.w", "model.b"]
+        assert reader.selection == Selection(("current_model_state",), "")
+    torch.save({**LIGHTNING, "state_dict": {**inner, "scale": torch.ones(1)}}, tmp_path / "s.ckpt")
+    assert list(read(tmp_path / "s.ckpt")) == ["model.w", "model.b", "scale"]
+    torch.save({"epoch": 3, "state_dict": inner}, tmp_path / "timm.pth")
+    assert list(read(tmp_path / "timm.pth")) == ["model.w", "model.b"]
+    torch.save({**LIGHTNING, "state_dict": {}}, tmp_path / "e.ckpt")  # no parameters: no names
+    assert read(tmp_path / "e.ckpt") == {}
+    torch.save({**LIGHTNING, "model": inner}, tmp_path / "m.ckpt")
+    with open_checkpoint(tmp_path / "m.ckpt") as reader:
+        assert reader.selection == Selection(("model",), "")
+
+
+def test_refused_globals_all_listed_or_the_first_of_an_old_file(tmp_path):
+    """Every global a zip file's pickle needs is listed (allow "them"); a legacy-format file,
+    which torch cannot list, names the one its error names; other errors name none."""
+    objects = {"args": argparse.Namespace(lr=0.1), "ratio": fractions.Fraction(1, 3)}
+    torch.save({"model": tensors(), **objects}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(tmp_path / "two.pth")
+    listed = str(info.value).split("refuses to unpickle ")[1].split(", which")[0]
+    assert sorted(listed.split(", ")) == ["argparse.Namespace", "fractions.Fraction"]
+    assert "allow them before calling terge" in str(info.value)
+    assert refused_globals(tmp_path / "two.pth", RuntimeError("disk read failed")) == []
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": tensors(), **objects}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"refuses to unpickle argparse\.Namespace, which"):
+        open_checkpoint(legacy)
+
+
+def test_training_state_files_beside_the_weights_are_left_alone(tmp_path):
+    """In a folder whose weights have no transformers name (weights.pt), the state files a
+    Trainer or accelerate's save_state leaves beside them (numbered ones too, a GradScaler's,
+    the samplers', every rng_state*.pth) are never read as weights."""
+    torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
+    names = [
+        "training_args.bin",
+        "optimizer.pt",
+        "optimizer_1.bin",
+        "scheduler_1.bin",
+        "scaler.pt",
+        "sampler.bin",
+        "sampler_1.bin",
+        "dl_state_dict.bin",
+        "dl_state_dict_1.bin",
+        "rng_state.pth",
+        "rng_state_7.pth",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"pickled objects, not tensors")
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / "weights.pt"]
+        assert reader.names() == ["w"]
+
+
+def test_a_refused_class_in_a_package_is_imported_from_its_module(tmp_path):
+    """The way out imports a class from its own module, however deep (omegaconf.dictconfig's
+    DictConfig in a Hydra run's checkpoint; wsgiref.headers.Headers here)."""
+    torch.save({"model": tensors(), "headers": wsgiref.headers.Headers([])}, tmp_path / "h.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"add_safe_globals\(\[Headers\]\) \(from wsgiref\.headers import Headers\);",
+    ):
+        open_checkpoint(tmp_path / "h.pt")
