@@ -619,3 +619,15 @@ def test_a_refused_class_in_a_package_is_imported_from_its_module(tmp_path):
         match=r"add_safe_globals\(\[Headers\]\) \(from wsgiref\.headers import Headers\);",
     ):
         open_checkpoint(tmp_path / "h.pt")
+
+
+def test_an_empty_entry_is_checked_like_any_entry(tmp_path):
+    """entry="" on a training checkpoint (not a plain state dict) is refused with what is there,
+    not read as tensors."""
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "t.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"t.pt: the entry '' \(the top level\) is a dict of 2 entries \(0 tensors\), not a "
+        r"state dict mapping str names to tensors only, e.g. 'model' is a dict",
+    ):
+        open_checkpoint(checkpoint(tmp_path / "t.pt", entry=""))

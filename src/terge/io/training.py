@@ -257,7 +257,8 @@ def _entry(loaded: Mapping[Any, Any], keys: tuple[str, ...], path: Path) -> Mapp
         )
         detail = f", e.g. {bad!r} is a {type(value[bad]).__name__}" if bad is not None else ""
         raise CheckpointError(
-            f"{path}: the entry {'/'.join(keys)!r} is a {_describe(value)}, not a state dict "
+            f"{path}: the entry {'/'.join(keys)!r}{' (the top level)' if not keys else ''} is a "
+            f"{_describe(value)}, not a state dict "
             f"mapping str names to tensors only{detail}; name the entry that holds the model's "
             "state dict.",
             path,
@@ -302,7 +303,7 @@ def select(
     if entry is None and is_state_dict(loaded):
         return _strip(loaded, prefix or "", path), None if not prefix else Selection((), prefix)
     keys = entry if entry is not None else _automatic_entry(loaded, path)
-    state = _entry(loaded, keys, path) if keys else loaded
+    state = _entry(loaded, keys, path)  # entry=(): the top level, checked like any entry
     if prefix is None:
         lightning = keys == ("state_dict",) and LIGHTNING_VERSION in loaded
         prefix = _common_attribute(list(state)) if lightning else ""
@@ -332,7 +333,7 @@ def refused_globals(path: Path, error: BaseException) -> list[str]:
     lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     if lister is not None:
         try:
-            found = list(lister(os.fspath(path)))
+            found = sorted(lister(os.fspath(path)))  # torch's is a set's order
         except Exception:  # not a zip file, or unreadable: the error's own name below
             found = []
         if found:
