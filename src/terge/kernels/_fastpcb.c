@@ -154,20 +154,23 @@ CLONED static int subtract_f32(double *RESTRICT tau, double *RESTRICT sum, const
     return finite;
 }
 
-/* The block's task vectors and their sum. 0 where a task vector entry is not finite (the
- * reference's NaN and infinity orders are left to it). */
+/* The task vectors of m entries from offset and their sum, into the block's rows from slot
+ * `at` on (the samples fill a block with many runs). 0 where a task vector entry is not finite
+ * (the reference's NaN and infinity orders are left to it). */
 CLONED static int prepare(const Spec *s, const char *base, int base_code, Py_ssize_t offset,
-                          Py_ssize_t m, Rows *w) {
-    const double *b = widen(w->base, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, m);
+                          Py_ssize_t m, Py_ssize_t at, Rows *w) {
+    const double *b =
+        widen(w->base + at, base + offset * (Py_ssize_t)ITEMSIZE[base_code], base_code, m);
     int finite = 1;
-    for (Py_ssize_t k = 0; k < m; k++) w->sum[k] = 0.0;
+    double *sum = w->sum + at;
+    for (Py_ssize_t k = 0; k < m; k++) sum[k] = 0.0;
     for (int i = 0; i < s->count; i++) {
         const char *p = s->models[i] + offset * (Py_ssize_t)ITEMSIZE[s->codes[i]];
-        double *tau = w->tau + (size_t)i * BLOCK;
+        double *tau = w->tau + (size_t)i * BLOCK + at;
         if (s->codes[i] == F32) {
-            finite &= subtract_f32(tau, w->sum, (const float *)p, b, m);
+            finite &= subtract_f32(tau, sum, (const float *)p, b, m);
         } else {
-            finite &= subtract(tau, w->sum, widen(w->x, p, s->codes[i], m), b, m);
+            finite &= subtract(tau, sum, widen(w->x, p, s->codes[i], m), b, m);
         }
     }
     return finite;
@@ -285,13 +288,18 @@ static Py_ssize_t balances(const Spec *s, int i, Py_ssize_t m, double threshold,
  * model i's at keys[i * runs * RUN ...]. 0 where a task vector entry is not finite. */
 static int sample(const Spec *s, const char *base, int base_code, Py_ssize_t total,
                   Py_ssize_t runs, uint64_t *keys, Rows *w) {
-    for (Py_ssize_t r = 0; r < runs; r++) {
-        const Py_ssize_t start = runs > 1 ? r * (total - RUN) / (runs - 1) : 0;
-        if (!prepare(s, base, base_code, start, RUN, w)) return 0;
+    const Py_ssize_t per = BLOCK / RUN; /* runs a block holds: exp and tanh called once for them */
+    for (Py_ssize_t first = 0; first < runs; first += per) {
+        const Py_ssize_t batch = runs - first < per ? runs - first : per;
+        for (Py_ssize_t r = 0; r < batch; r++) {
+            const Py_ssize_t run = first + r;
+            const Py_ssize_t start = runs > 1 ? run * (total - RUN) / (runs - 1) : 0;
+            if (!prepare(s, base, base_code, start, RUN, r * RUN, w)) return 0;
+        }
         for (int i = 0; i < s->count; i++) {
-            balances(s, i, RUN, 0.0, w); /* not screened: every entry, in order */
-            uint64_t *into = keys + ((size_t)i * runs + r) * RUN;
-            for (Py_ssize_t k = 0; k < RUN; k++) into[k] = order_key(w->balance[k]);
+            balances(s, i, batch * RUN, 0.0, w); /* not screened: every entry, in order */
+            uint64_t *into = keys + ((size_t)i * runs + first) * RUN;
+            for (Py_ssize_t q = 0; q < batch * RUN; q++) into[q] = order_key(w->balance[q]);
         }
     }
     return 1;
@@ -340,7 +348,7 @@ static int scan(const Spec *s, const char *base, int base_code, Py_ssize_t m, Sc
     }
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
-        if (!prepare(s, base, base_code, offset, n, w)) return 0;
+        if (!prepare(s, base, base_code, offset, n, 0, w)) return 0;
         for (int i = 0; i < s->count; i++) {
             const uint64_t lo = q->lo[i], hi = q->hi[i];
             const double threshold = lo >= TOP ? key_number(lo) : 0.0;
@@ -414,7 +422,7 @@ CLONED static int merge(const Spec *s, char *out, int out_code, const char *base
     for (Py_ssize_t offset = 0; offset < m; offset += BLOCK) {
         const Py_ssize_t n = m - offset < BLOCK ? m - offset : BLOCK;
         const int32_t id = (int32_t)(offset / BLOCK);
-        if (!prepare(s, base, base_code, offset, n, w)) return 0;
+        if (!prepare(s, base, base_code, offset, n, 0, w)) return 0;
         Py_ssize_t used = 0;
         for (int i = 0; i < s->count; i++) {
             if (!(gaps[i] > 0)) continue;
