@@ -243,11 +243,6 @@ def accumulating_trainer(pl, folder, max_steps, callbacks):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with accumulate_grad_batches=2 the first micro-batch (global_step still 0, "
-    "_last_step -1) folds the untrained weights in: 2 optimizer steps give count 3",
-)
 def test_lightning_accumulation_folds_once_per_optimizer_step(tmp_path):
     """accumulate_grad_batches=2, 2 optimizer steps (4 micro-batches): kind="equal" folds exactly
     the weights after each optimizer step (after micro-batches 2 and 4), so the average is their

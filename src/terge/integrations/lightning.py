@@ -67,6 +67,12 @@ class AverageCallback(Callback):
                 self._load(self._restored)
                 self._restored = None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fold only once ``global_step`` moves past the step this fit starts at: with gradient
+        accumulation the micro-batches before the first optimizer step (``global_step`` still 0,
+        or the resumed step) must not fold the untrained (or already folded) weights in."""
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(
         self,
         trainer: Trainer,
