@@ -56,10 +56,11 @@ def loader():
     return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)  # 4 steps an epoch
 
 
-def lightning_trainer(pl, folder, max_steps, callbacks):
+def lightning_trainer(pl, folder, max_steps, callbacks, accumulate=1):
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     return pl.Trainer(
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -228,19 +229,7 @@ def test_transformers_resume_without_a_saved_average_warns(tmp_path):
 
 def accumulating_trainer(pl, folder, max_steps, callbacks):
     """``lightning_trainer`` with two micro-batches per optimizer step (2 steps an epoch)."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    return pl.Trainer(
-        max_steps=max_steps,
-        accumulate_grad_batches=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=folder,
-        callbacks=callbacks,
-    )
+    return lightning_trainer(pl, folder, max_steps, callbacks, accumulate=2)
 
 
 def test_lightning_accumulation_folds_once_per_optimizer_step(tmp_path):
