@@ -11,7 +11,7 @@ import torch
 
 import terge
 from terge.errors import MergeArgumentError, MethodNotApplicableError
-from terge.families.subspace import polar
+from terge.families.subspace import polar, thin_svd
 from terge.methods import REGISTRY, iso_c, iso_cts, resolve, tsv_m
 
 T = torch.float64
@@ -208,3 +208,28 @@ def test_inputs_are_left_alone(factory):
     copies = [x.clone() for x in (*thetas, base)]
     factory()(thetas, [0.5, 0.5], base)
     assert all(torch.equal(x, y) for x, y in zip((*thetas, base), copies, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (7, 40), (13, 7), (7, 13), (9, 9), (1, 5), (5, 1)])
+def test_thin_svd_is_the_svd_of_long_and_short_matrices(shape):
+    """The QR-first route (a side at least twice the other) and the plain one both give the
+    matrix back, orthonormal singular vectors and numpy's singular values."""
+    matrix = rand(*shape, seed=3)
+    u, s, vh = thin_svd(matrix)
+    r = min(shape)
+    assert (u.shape, s.shape, vh.shape) == ((shape[0], r), (r,), (r, shape[1]))
+    close(u * s @ vh, matrix)
+    close(u.T @ u, torch.eye(r, dtype=T))
+    close(vh @ vh.T, torch.eye(r, dtype=T))
+    close(s, np.linalg.svd(matrix.numpy(), compute_uv=False))
+    assert bool((s[:-1] >= s[1:]).all())
+
+
+def test_thin_svd_reduces_a_long_matrix_by_qr_first(monkeypatch):
+    calls = []
+    real = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda m: calls.append(tuple(m.shape)) or real(m))
+    thin_svd(rand(14, 7, seed=1))
+    thin_svd(rand(7, 14, seed=1))
+    thin_svd(rand(13, 7, seed=1))  # under twice as long: the SVD alone
+    assert calls == [(14, 7), (14, 7)]

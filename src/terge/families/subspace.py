@@ -14,13 +14,36 @@ import torch
 from ..errors import MethodNotApplicableError
 from .elementwise import divide
 
-__all__ = ["iso_c_merge", "iso_cts_merge", "polar", "tsv_merge"]
+__all__ = ["iso_c_merge", "iso_cts_merge", "polar", "thin_svd", "tsv_merge"]
+
+
+#: A matrix whose long side is at least this many times its short side is reduced by QR first.
+LONG = 2
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)``, a long matrix first reduced by a QR
+    decomposition to its short side's square (``matrix = Q R``, ``R = U' S V^T``, ``U = Q U'``:
+    Chan's R-SVD, backward stable as the SVD itself). Why: LAPACK reduces a tall matrix so itself,
+    but torch hands it GPT-2's wide 768 x 2,304 and 768 x 3,072 projections as they are (on this
+    project's 2-core CPU: 0.45 s -> 0.27 s for one 768 x 2,304 float64 SVD). On an H200 it
+    changed no SVD's time (measured 2026-11-27)."""
+    rows, columns = matrix.shape
+    if max(rows, columns) < LONG * min(rows, columns):
+        return torch.linalg.svd(matrix, full_matrices=False)
+    if rows >= columns:
+        q, r = torch.linalg.qr(matrix)
+        u, s, vh = torch.linalg.svd(r)
+        return q @ u, s, vh
+    q, r = torch.linalg.qr(matrix.mT)
+    u, s, vh = torch.linalg.svd(r)
+    return vh.mT, s, (q @ u).mT
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (or rows), ``A B`` for ``matrix = A S B``:
     how TSV-M and Iso-CTS orthogonalise the singular vectors they gather."""
-    left, _, right = torch.linalg.svd(matrix, full_matrices=False)
+    left, _, right = thin_svd(matrix)
     return left @ right
 
 
@@ -62,7 +85,7 @@ def tsv_merge(
     k = max(1, int(min(deltas[0].shape) / len(deltas)))
     us, ss, vs = [], [], []
     for delta in deltas:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = thin_svd(delta)
         us.append(u[:, :k])
         ss.append(s[:k])
         vs.append(vh[:k])
@@ -84,7 +107,7 @@ def iso_c_merge(
     deltas = _prepare("iso_c", tensors, base)
     if deltas[0].dim() != 2:
         return base + _fallback(deltas, fallback).mul_(scale)  # type: ignore[operator]
-    u, s, vh = torch.linalg.svd(_sum(deltas), full_matrices=False)
+    u, s, vh = thin_svd(_sum(deltas))
     return base + (u @ vh).mul_(s.mean() * scale)
 
 
@@ -110,14 +133,14 @@ def iso_cts_merge(
     r, t = min(deltas[0].shape), len(deltas)
     per_task = round((r - int(r * common_fraction)) / t)
     common = r - per_task * t
-    u, s, vh = torch.linalg.svd(_sum(deltas), full_matrices=False)
+    u, s, vh = thin_svd(_sum(deltas))
     us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common]]
     projector = us[0]
     for delta in deltas:
         if per_task == 0:
             break
         residual = delta - projector @ (projector.T @ delta)
-        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        ut, st, vht = thin_svd(residual)
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vs.append(vht[:per_task])
