@@ -346,3 +346,27 @@ def fast(
         destination = torch.empty(base.shape, dtype=destination_dtype)
     assert method.merge_into(destination, tensors, weights, base, seed, divisor=divisor)
     return destination
+
+
+def streamed(method: Any, destination_dtype, tensors, weights, base, inplace=False):
+    """What run_step writes through the method's ``into`` (the streamed passes)."""
+    from terge.kernels import ChunkBuffers
+
+    if inplace:
+        destination = base if base is not None else tensors[0]
+    else:
+        destination = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    assert method.merge_into(
+        destination, tensors, weights, base, scratch=ChunkBuffers(torch.float64)
+    )
+    return destination
+
+
+def whole(method: Any, destination_dtype, tensors, weights, base):
+    """What run_step writes through the whole-tensor float64 reference."""
+    from terge.kernels import ChunkBuffers, store_whole
+
+    result = method([t.double() for t in tensors], weights, None if base is None else base.double())
+    out = torch.empty(tensors[0].shape, dtype=destination_dtype)
+    store_whole(out, result, ChunkBuffers(torch.float64))
+    return out

@@ -33,6 +33,8 @@ from terge.methods import (
     ties,
 )
 
+from helpers import streamed, whole
+
 SHAPE = (6, 7)
 TASK_VECTOR_FACTORIES = [task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs]
 
@@ -832,30 +834,6 @@ def test_model_stock_mean_is_summed_then_divided():
 
 
 # --- slerp and model_stock streamed: two passes over the inputs as stored ------------------------
-
-
-def streamed(method: Method, destination_dtype, tensors, weights, base, inplace=False):
-    """What run_step writes through the method's ``into`` (the streamed passes)."""
-    from terge.kernels import ChunkBuffers
-
-    if inplace:
-        destination = base if base is not None else tensors[0]
-    else:
-        destination = torch.empty(tensors[0].shape, dtype=destination_dtype)
-    assert method.merge_into(
-        destination, tensors, weights, base, scratch=ChunkBuffers(torch.float64)
-    )
-    return destination
-
-
-def whole(method: Method, destination_dtype, tensors, weights, base):
-    """What run_step writes through the whole-tensor float64 reference."""
-    from terge.kernels import ChunkBuffers, store_whole
-
-    result = method([t.double() for t in tensors], weights, None if base is None else base.double())
-    out = torch.empty(tensors[0].shape, dtype=destination_dtype)
-    store_whole(out, result, ChunkBuffers(torch.float64))
-    return out
 
 
 SIZES = [1, 7, (1 << 15) - 1, (1 << 15) + 3, 2 * (1 << 15) + 11]

@@ -43,7 +43,14 @@ import torch
 
 from .errors import MergeArgumentError, MethodNotApplicableError, UnknownMergeMethodError
 from .families import elementwise, spherical, statistics, subspace
-from .kernels import ChunkBuffers, fastelementwise, fastpcb, linear_combine, primitives
+from .kernels import (
+    ChunkBuffers,
+    combine_whole,
+    fastelementwise,
+    fastpcb,
+    linear_combine,
+    primitives,
+)
 from .kernels.fastmethods import merge_into
 from .kernels.fastrank import della_into
 from .kernels.primitives import (
@@ -823,21 +830,6 @@ def _dot_products(
     return dot_products(tensors, base, pairs, device)
 
 
-def _combine_whole(
-    tensors: list[torch.Tensor], coefficients: list[float], divisor: float | None = None
-) -> torch.Tensor:
-    """``(sum_i c_i x_i) / divisor`` in the linear kernels' arithmetic (each product rounded,
-    summed in order, divided once), so the streamed pass writes the same bits."""
-    result = tensors[0].clone()
-    if coefficients[0] != 1:
-        result.mul_(coefficients[0])
-    for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
-        result.add_(tensor if coefficient == 1 else tensor * coefficient)
-    if divisor is not None and divisor != 1:
-        result = primitives.divide(result, divisor)
-    return result
-
-
 def _sums_over_shards(layout: Layout, values: list[torch.Tensor]) -> list[float]:
     """Float64 partial sums (0-d tensors) of the local shards, summed over every shard in one
     ``all_reduce``."""
@@ -870,7 +862,7 @@ def _slerp(
         )
     else:
         sums = _dot_products([v0, v1], None, _SLERP_PAIRS, v0.device)
-    return _combine_whole([v0, v1], _slerp_coefficients(sums, t, threshold))
+    return combine_whole([v0, v1], _slerp_coefficients(sums, t, threshold))
 
 
 _SLERP_PAIRS = [(0, 0), (1, 1), (0, 1)]
@@ -1036,7 +1028,7 @@ def _model_stock(
     else:
         sums = _dot_products(tensors, base, _gram_pairs(n), base.device)
     coefficients, divisor = _model_stock_coefficients(sums, n, clamp)
-    return _combine_whole([*tensors, base], coefficients, divisor)
+    return combine_whole([*tensors, base], coefficients, divisor)
 
 
 def _gram_pairs(n: int) -> list[tuple[int, int]]:
@@ -1389,12 +1381,18 @@ def nearswap(*, t: float = 0.001) -> Method:
 
 
 def _spherical(
-    name: str, function: MethodFunction, settings: dict[str, Any], paper: str, **flags: Any
+    name: str,
+    function: MethodFunction,
+    into: Callable[..., bool],
+    settings: dict[str, Any],
+    paper: str,
+    **flags: Any,
 ) -> Method:
     task_vectors = settings["task_vectors"]
     return Method(
         name,
         function,
+        into=into,
         settings=settings,
         task_vectors=task_vectors,
         needs_base=task_vectors,
@@ -1410,7 +1408,9 @@ def multislerp(*, task_vectors: bool = False) -> Method:
     flattened tensors (``task_vectors=True``: over ``theta_i - base``, the base added back).
     A sharded parameter's norms are float64 sums over the shards."""
     settings = {"task_vectors": _flag("multislerp", "task_vectors", task_vectors)}
-    return _spherical("multislerp", spherical.multislerp_merge, settings, _MULTISLERP)
+    return _spherical(
+        "multislerp", spherical.multislerp_merge, spherical.multislerp_into, settings, _MULTISLERP
+    )
 
 
 def nuslerp(*, flatten: bool = True, row_wise: bool = False, task_vectors: bool = False) -> Method:
@@ -1428,6 +1428,7 @@ def nuslerp(*, flatten: bool = True, row_wise: bool = False, task_vectors: bool 
     return _spherical(
         "nuslerp",
         spherical.nuslerp_merge,
+        spherical.nuslerp_into,
         settings,
         _MULTISLERP,
         min_models=2,
@@ -1448,7 +1449,9 @@ def karcher(*, max_iter: int = 10, tol: float = 1e-5, task_vectors: bool = False
         "tol": _ranged("karcher", "tol", tol, 0, math.inf, "()"),
         "task_vectors": _flag("karcher", "task_vectors", task_vectors),
     }
-    return _spherical("karcher", spherical.karcher_merge, settings, _KARCHER)
+    return _spherical(
+        "karcher", spherical.karcher_merge, spherical.karcher_into, settings, _KARCHER
+    )
 
 
 def _subspace(name: str, function: MethodFunction, settings: dict[str, Any], paper: str) -> Method:

@@ -12,7 +12,11 @@ from hypothesis import strategies as st
 
 import terge
 from terge.errors import MergeArgumentError, MethodNotApplicableError
+from terge.families import spherical
+from terge.kernels import ChunkBuffers
 from terge.methods import REGISTRY, karcher, multislerp, nuslerp, resolve, slerp
+
+from helpers import same_bits, streamed, whole
 
 T = torch.float64
 
@@ -237,3 +241,145 @@ def test_inputs_are_left_alone(factory, task_vectors):
     copies = [x.clone() for x in (*tensors, base)]
     factory(task_vectors=task_vectors)(tensors, [0.5, 0.5], base)
     assert all(torch.equal(x, y) for x, y in zip((*tensors, base), copies, strict=True))
+
+
+# --- streamed: the Gram matrix in one pass, the combination in another ----------------------------
+
+SIZES = [1, 7, (1 << 15) - 1, (1 << 15) + 3, 2 * (1 << 15) + 11]
+"""Around the statistics' chunks (32,768 entries)."""
+
+STREAMED = [
+    (multislerp(), 3, False),
+    (multislerp(task_vectors=True), 3, True),
+    (nuslerp(), 2, False),
+    (nuslerp(task_vectors=True, flatten=False), 2, True),  # 1-D: flattened all the same
+    (karcher(), 3, False),
+    (karcher(max_iter=3, tol=1e-9, task_vectors=True), 4, True),
+]
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(STREAMED)))
+def test_streamed_equals_the_reference_bit_for_bit(numel, dtype, case):
+    method, n, with_base = STREAMED[case]
+    base = rand(numel, seed=0).to(dtype)
+    tensors = [(base.double() + rand(numel, seed=i) * 0.1).to(dtype) for i in range(1, n + 1)]
+    weights = [(i + 1) / (n * (n + 1) / 2) for i in range(n)]
+    origin = base if with_base else None
+    expected = whole(method, dtype, tensors, weights, origin)
+    assert same_bits(streamed(method, dtype, tensors, weights, origin), expected)
+    copies = [x.clone() for x in tensors]  # in place: into the base, or the first model
+    into = streamed(method, dtype, copies, weights, base.clone() if with_base else None, True)
+    assert same_bits(into, expected)
+
+
+def _on_vectors(name, tensors, weights, base, options):
+    """The same methods computed on the vectors themselves (terge's code before the Gram matrix
+    took over, kept for directions that cancel): an independent oracle for the coefficients."""
+    task_vectors = options.get("task_vectors", False)
+    if name == "multislerp":
+        return spherical._multislerp_on_vectors(tensors, weights, base, None, task_vectors)
+    if name == "karcher":
+        return spherical._karcher_on_vectors(
+            tensors, weights, base, None, options["max_iter"], options["tol"], task_vectors
+        )
+    v0, v1 = [(x - base if task_vectors else x).reshape(1, -1) for x in tensors]
+    rows = spherical._slerp_rows(weights[1] / (weights[0] + weights[1]), v0, v1)
+    return rows.reshape(tensors[0].shape) + (base if task_vectors else 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["multislerp", "nuslerp", "karcher"]),
+    st.integers(2, 4),
+    st.booleans(),
+    st.integers(1, 6),
+    st.integers(0, 10_000),
+    st.data(),
+)
+def test_the_gram_matrix_gives_what_the_vectors_give(name, n, task_vectors, iterations, seed, data):
+    n = 2 if name == "nuslerp" else n
+    spread = data.draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
+    base = rand(5, 3, seed=seed)
+    tensors = [base + rand(5, 3, seed=seed + 1 + i) * spread for i in range(n)]
+    weights = [data.draw(st.floats(0.05, 1.0)) for _ in range(n)]
+    options = {"task_vectors": task_vectors}
+    if name == "karcher":
+        options |= {"max_iter": iterations, "tol": 1e-12}
+    merged = {"multislerp": multislerp, "nuslerp": nuslerp, "karcher": karcher}[name](**options)(
+        tensors, weights, base
+    )
+    expected = _on_vectors(name, tensors, weights, base, options)
+    torch.testing.assert_close(merged, expected, rtol=1e-10, atol=1e-12 * spread)
+
+
+def test_directions_that_nearly_cancel_are_computed_on_the_vectors():
+    """``m = (x_1 / |x_1| + x_2 / |x_2|) / 2`` for nearly opposite ``x_i``: ``|m|^2`` from the Gram
+    matrix would be a difference of terms 10^8 times larger, so half its digits would be lost;
+    on the vectors ``|m|`` is exact to the last place and so is the merge's larger entry."""
+    d = 1e-4
+    x1, x2 = t(1, 0), t(-1, d)
+    n2 = math.hypot(1, d)
+    m1, m2 = 0.5 * d * d / (n2 * (n2 + 1)), 0.5 * d / n2  # 0.5 (1 - 1 / n2) written stably
+    scale = 0.5 * (1 + n2) / math.hypot(m1, m2)
+    merged = multislerp()([x1, x2], [0.5, 0.5], None)
+    torch.testing.assert_close(merged[1], t(m2 * scale)[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(merged[0], t(m1 * scale)[0], rtol=1e-6, atol=0)
+    gram = spherical._gram([x1, x2], None, None)
+    assert gram is not None and spherical._multislerp_coefficients(gram, [0.5, 0.5]) is None
+    buffers = ChunkBuffers(torch.float64)
+    destination = torch.full((2,), 7.0, dtype=T)
+    assert not multislerp().merge_into(destination, [x1, x2], [0.5, 0.5], None, scratch=buffers)
+
+
+def test_a_cancelling_sum_is_told_by_its_share_of_the_terms():
+    # |x_1 - x_2|^2 of four terms whose magnitudes sum to about 4: 2^-20 of that is 2^-18
+    gram = [[1.0, -1.0], [-1.0, 1.0 + 2.0**-17]]
+    assert spherical._square(gram, [1.0, 1.0]) == 2.0**-17
+    assert spherical._square([[1.0, -1.0], [-1.0, 1.0 + 2.0**-19]], [1.0, 1.0]) is None
+    assert spherical._square([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0]) is None  # no direction
+    assert spherical._square([[1.0, 0.0], [0.0, 1.0]], [3.0, 4.0]) == 25.0
+
+
+def test_the_streamed_forms_decline_what_they_do_not_compute():
+    x = rand(4, 5, seed=1)
+    nan = torch.full_like(x, math.nan)
+    buffers = ChunkBuffers(torch.float64)
+    cases = [
+        (nuslerp(flatten=False), [x, x * 2 + 1], None),  # vector by vector
+        (nuslerp(row_wise=True, flatten=False), [x, x * 2 + 1], None),
+        (multislerp(), [x], None),  # one model: the function returns it
+        (multislerp(task_vectors=True), [x, x * 2], None),  # no base: the function says so
+        (karcher(task_vectors=True), [x, x * 2], None),
+        (multislerp(), [x, -x], None),  # no mean direction
+        (karcher(), [x, -x], None),
+        (multislerp(), [x, nan], None),  # not finite
+        (karcher(), [x, nan], None),
+        (karcher(tol=100.0), [x, x * 2], None),  # every vector below tol: zeros
+    ]
+    for method, tensors, base in cases:
+        destination = torch.full(x.shape, 7.0, dtype=T)
+        assert not method.merge_into(
+            destination, tensors, [0.5] * len(tensors), base, scratch=buffers
+        )
+        assert torch.equal(destination, torch.full(x.shape, 7.0, dtype=T)), method
+    assert not multislerp().merge_into(torch.empty_like(x), [x, x * 2], [0.5, 0.5], None)
+    assert torch.equal(karcher(tol=100.0)([x, x * 2], [0.5, 0.5], None), torch.zeros_like(x))
+
+
+def test_non_finite_inputs_merge_as_they_did():
+    x, nan = rand(6, seed=2), torch.full((6,), math.nan, dtype=T)
+    for name in ("multislerp", "karcher", "nuslerp"):
+        merged = resolve(name)([x, nan], [0.5, 0.5], None)
+        assert torch.isnan(merged).all(), name
+
+
+def test_karcher_starts_from_the_first_direction_when_the_weighted_one_is_shorter_than_tol():
+    """Three orthogonal directions: their mean has norm 1/sqrt(3), under tol = 0.6, so the
+    iteration starts from the first (mergekit's rule), as on the vectors themselves."""
+    e = torch.eye(3, dtype=T) * torch.tensor([[1.0], [2.0], [3.0]], dtype=T)
+    method = karcher(max_iter=1, tol=0.6)
+    merged = method(list(e), [1 / 3] * 3, None)
+    close(merged, spherical._karcher_on_vectors(list(e), [1 / 3] * 3, None, None, 1, 0.6, False))
+    assert not torch.allclose(merged, karcher(max_iter=1, tol=0.5)(list(e), [1 / 3] * 3, None))

@@ -19,11 +19,18 @@ from types import ModuleType
 
 import torch
 
-from . import fastloop
+from . import fastloop, primitives
 from .cpu import reference_forced
 from .reference import ChunkBuffers, reference_combine, store_rounded, store_whole
 
-__all__ = ["ChunkBuffers", "gpu_loop", "linear_combine", "store_rounded", "store_whole"]
+__all__ = [
+    "ChunkBuffers",
+    "combine_whole",
+    "gpu_loop",
+    "linear_combine",
+    "store_rounded",
+    "store_whole",
+]
 
 _triton_loop: ModuleType | bool | None = None
 """``.triton_loop`` once imported, ``False`` where Triton is missing or broken."""
@@ -71,3 +78,19 @@ def linear_combine(
             fastloop.combine(destination, flats, coefficients, divisor)
             return
     reference_combine(destination, sources, coefficients, buffers, divisor)
+
+
+def combine_whole(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], divisor: float | None = None
+) -> torch.Tensor:
+    """``(sum_i c_i x_i) / divisor`` of whole tensors in the linear loops' arithmetic (each
+    product rounded, summed in order, divided once): how a method's reference computes what its
+    streamed form writes with :func:`linear_combine`, so that both give the same bits."""
+    result = tensors[0].clone()
+    if coefficients[0] != 1:
+        result.mul_(coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
+        result.add_(tensor if coefficient == 1 else tensor * coefficient)
+    if divisor is not None and divisor != 1:
+        result = primitives.divide(result, divisor)
+    return result
