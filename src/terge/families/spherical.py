@@ -90,12 +90,13 @@ def _gram(
 
 
 def _form(gram: Gram, c: list[float]) -> float:
-    """``c^T G c``, correctly rounded."""
+    """``c^T G c``: each product rounded, their sum rounded once (``math.fsum``)."""
     return math.fsum(c[i] * gram[i][j] * c[j] for i in range(len(c)) for j in range(len(c)))
 
 
 def _square(gram: Gram, c: list[float]) -> float | None:
-    """``c^T G c``, or ``None`` where it has lost more than 20 bits to cancellation."""
+    """``c^T G c`` as :func:`_form` sums it, or ``None`` where it is not positive or has lost
+    more than 20 bits to cancellation."""
     terms = [c[i] * gram[i][j] * c[j] for i in range(len(c)) for j in range(len(c))]
     value = math.fsum(terms)
     scale = math.fsum(abs(term) for term in terms)
@@ -194,7 +195,7 @@ def multislerp_merge(
     coefficients = None if gram is None else _multislerp_coefficients(gram, weights)
     if coefficients is None:
         return _multislerp_on_vectors(tensors, weights, base, layout, task_vectors)
-    return _combine(tensors, origin, coefficients)  # type: ignore[return-value]
+    return _combine(tensors, origin, coefficients)
 
 
 def multislerp_into(

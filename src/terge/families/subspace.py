@@ -108,7 +108,7 @@ def iso_c_merge(
     if deltas[0].dim() != 2:
         return base + _fallback(deltas, fallback).mul_(scale)  # type: ignore[operator]
     u, s, vh = thin_svd(_sum(deltas))
-    return base + (u @ vh).mul_(s.mean() * scale)
+    return base + (u @ vh).mul_(s.mean() * scale)  # type: ignore[operator]
 
 
 def iso_cts_merge(
