@@ -221,6 +221,89 @@ def test_unindexed_bin_folder_skips_trainer_state_files(tmp_path):
         assert reader.files == [tmp_path / "m" / "pytorch_model.bin"]
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth"])
+def test_a_folder_reads_its_unindexed_torch_files(tmp_path, suffix):
+    torch.save({"b": torch.zeros(1)}, tmp_path / f"second{suffix}")
+    torch.save({"a": torch.ones(1)}, tmp_path / f"first{suffix}")
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / f"first{suffix}", tmp_path / f"second{suffix}"]
+        assert reader.names() == ["a", "b"]
+
+
+def test_a_lone_index_is_read_whatever_its_name(tmp_path):
+    """model.safetensors.index.json is preferred only among several: a folder's one index is read
+    whatever its name (diffusers' diffusion_pytorch_model.safetensors.index.json)."""
+    save(tensors(2), tmp_path / "out", max_shard_size=1)
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    index.rename(tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json")
+    assert_same(load(tmp_path / "out"), tensors(2), ordered=True)
+
+
+def test_the_preferred_index_is_known_by_its_whole_name(tmp_path):
+    save(tensors(2), tmp_path / "out", max_shard_size=1)
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    index.rename(tmp_path / "out" / "a.safetensors.index.json")
+    (tmp_path / "out" / "tiny_model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"several indexes \(a.safetensors.index.json, tiny_"):
+        open_checkpoint(tmp_path / "out")
+
+
+def bin_shards(folder, index_name="pytorch_model.bin.index.json"):
+    """A folder of two .bin shards and their index: a is 1, b is 0."""
+    folder.mkdir(exist_ok=True)
+    torch.save({"a": torch.ones(1)}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": torch.zeros(1)}, folder / "pytorch_model-00002-of-00002.bin")
+    weight_map = {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_pytorch_model_bin_index_is_preferred_among_several(tmp_path):
+    bin_shards(tmp_path)
+    (tmp_path / "other.bin.index.json").write_text("{}")  # would fail if read
+    assert_same(load(tmp_path), {"a": torch.ones(1), "b": torch.zeros(1)}, ordered=True)
+
+
+def test_safetensors_files_are_preferred_over_a_bin_index(tmp_path):
+    """Without a safetensors index, model.safetensors still comes before every torch layout,
+    an index of .bin shards included."""
+    bin_shards(tmp_path)
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / "model.safetensors"]
+
+
+def test_other_frameworks_indexes_are_not_torch_indexes(tmp_path):
+    """A Hub repository often holds sharded Flax or TensorFlow weights beside one
+    pytorch_model.bin: their *.index.json are not a torch index."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    for name in ["flax_model.msgpack.index.json", "tf_model.h5.index.json"]:
+        weight_map = {"w": name.replace(".index.json", "")}
+        (tmp_path / name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / "pytorch_model.bin"]
+
+
+def test_subfolders_and_partial_files_are_not_shards(tmp_path):
+    """Only the folder's own files ending in .safetensors are its shards: not a subfolder named
+    like one, nor a download in progress (b.safetensors.incomplete)."""
+    save_file({"a": torch.ones(1)}, tmp_path / "a.safetensors")
+    save_file({"b": torch.ones(1)}, tmp_path / "b.safetensors.incomplete")
+    (tmp_path / "old.safetensors").mkdir()
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / "a.safetensors"]
+        assert reader.names() == ["a"]
+
+
+def test_only_the_exact_names_of_state_files_are_skipped(tmp_path):
+    """A torch file whose name merely contains (feature_scaler.pt) or extends (scaler.pth) the
+    name of a Trainer's or accelerate's state file is read as weights like any other."""
+    torch.save({"a": torch.ones(1)}, tmp_path / "feature_scaler.pt")
+    torch.save({"b": torch.ones(1)}, tmp_path / "scaler.pth")
+    (tmp_path / "scaler.pt").write_bytes(b"pickled objects, not tensors")
+    with open_checkpoint(tmp_path) as reader:
+        assert reader.files == [tmp_path / "feature_scaler.pt", tmp_path / "scaler.pth"]
+
+
 def test_reader_lookup_and_close(tmp_path):
     save({"model.layers.0.weight": torch.ones(1)}, tmp_path / "out")
     reader = open_checkpoint(tmp_path / "out")
@@ -288,6 +371,53 @@ def test_folder_without_tensor_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="it holds nothing"):
         open_checkpoint(tmp_path / "empty")
+
+
+def test_a_folder_without_weights_lists_at_most_ten_names(tmp_path):
+    names = [f"f{i:02}.txt" for i in range(11)]
+    for name in names:
+        (tmp_path / name).write_text("")
+    listing = re.escape(f"it holds {', '.join(names[:10])}, ...); pass the folder or file")
+    with pytest.raises(CheckpointError, match=listing):
+        open_checkpoint(tmp_path)
+    (tmp_path / names[-1]).unlink()
+    listing = re.escape(f"it holds {', '.join(names[:10])}); pass the folder or file")
+    with pytest.raises(CheckpointError, match=listing):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "listing"),
+    [
+        (["checkpoint-500/model.safetensors", "checkpoint-1000/model.safetensors"], "nothing"),
+        (["hparams.yaml", "last.ckpt"], "hparams.yaml, last.ckpt"),
+    ],
+)
+def test_a_runs_folder_is_told_to_choose(tmp_path, layout, listing):
+    """A Trainer's output_dir (checkpoint-N/ subfolders, which are not listed: only files are)
+    or a folder with a Lightning .ckpt among other files is a run: choose from it."""
+    for name in layout:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"it holds {re.escape(listing)}\); it is a run's folder of checkpoints: merge some",
+    ):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("layout", [["checkpoint-notes.txt"], ["checkpoints/epoch=1.ckpt"]])
+def test_a_folder_without_checkpoint_n_subfolders_is_no_run(tmp_path, layout):
+    """Only checkpoint-N subfolders (and .ckpt files in the folder itself) make a run's folder:
+    not a file named checkpoint-..., nor Lightning's checkpoints/ (subfolders are not searched,
+    by open_checkpoint or by choose)."""
+    for name in layout:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(
+        CheckpointError, match=r"\); pass the folder or file that holds the weights\.$"
+    ):
+        open_checkpoint(tmp_path)
 
 
 def test_unknown_suffix(tmp_path):
@@ -506,6 +636,35 @@ def test_a_shard_that_is_a_link_loop_is_refused(tmp_path):
         r"tensors, outside the checkpoint folder",
     ):
         open_checkpoint(folder)
+
+
+def test_a_folder_index_that_links_out_is_refused(tmp_path):
+    """The index a folder is read from must lie in it, like its shards: a link out is refused
+    before the index is read."""
+    save(tensors(2), tmp_path / "elsewhere", max_shard_size=1)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors.index.json").symlink_to(
+        tmp_path / "elsewhere" / "model.safetensors.index.json"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"m: model\.safetensors\.index\.json is a link that resolves to .*elsewhere/model"
+        r"\.safetensors\.index\.json, outside the checkpoint folder",
+    ):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_every_unindexed_shard_that_links_out_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    save_file({"a": torch.ones(1)}, tmp_path / "m" / "a.safetensors")
+    save_file({"b": torch.ones(1)}, tmp_path / "secret.safetensors")
+    (tmp_path / "m" / "b.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=r"b\.safetensors is a link that resolves to .*secret\.safetensors, outside the "
+        r"checkpoint folder",
+    ):
+        open_checkpoint(tmp_path / "m")
 
 
 def test_entry_on_a_folder_named_like_a_torch_file_is_refused(tmp_path):

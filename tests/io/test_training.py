@@ -594,6 +594,7 @@ def test_training_state_files_beside_the_weights_are_left_alone(tmp_path):
         "training_args.bin",
         "optimizer.pt",
         "optimizer_1.bin",
+        "optimizer_10.bin",
         "scheduler_1.bin",
         "scaler.pt",
         "sampler.bin",
@@ -602,6 +603,7 @@ def test_training_state_files_beside_the_weights_are_left_alone(tmp_path):
         "dl_state_dict_1.bin",
         "rng_state.pth",
         "rng_state_7.pth",
+        "rng_state_0_1.pth",
     ]
     for name in names:
         (tmp_path / name).write_bytes(b"pickled objects, not tensors")
