@@ -19,7 +19,9 @@ declines.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -154,6 +156,42 @@ def _streamable(
     )
 
 
+Rule = Callable[[Gram, list[float]], list[float] | None]
+"""A method's coefficients from the Gram matrix and the weights (``None``: not from these)."""
+
+
+def _coefficients(
+    tensors: list[torch.Tensor],
+    origin: torch.Tensor | None,
+    layout: Layout | None,
+    weights: list[float],
+    rule: Rule,
+) -> list[float] | None:
+    gram = _gram(tensors, origin, layout)
+    return None if gram is None else rule(gram, weights)
+
+
+def _streamed(
+    destination: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    scratch: object,
+    task_vectors: bool,
+    rule: Rule,
+) -> bool:
+    """A method's ``into``: its coefficients by ``rule`` from the Gram matrix of the inputs as
+    stored, then the combination streamed into ``destination``; ``False`` (nothing written)
+    where the whole-tensor function computes otherwise."""
+    if not _streamable(scratch, tensors, base, task_vectors):
+        return False
+    origin = base if task_vectors else None
+    coefficients = _coefficients(tensors, origin, None, weights, rule)
+    return coefficients is not None and _combine_into(
+        destination, tensors, origin, coefficients, scratch
+    )
+
+
 def _checked_base(name: str, base: torch.Tensor | None, task_vectors: bool) -> torch.Tensor | None:
     """The origin the vectors are taken from: the base with ``task_vectors``, else none."""
     if task_vectors and base is None:
@@ -191,8 +229,7 @@ def multislerp_merge(
     if len(tensors) == 1:  # nothing to interpolate: the model itself
         return tensors[0].clone()
     origin = _checked_base("multislerp", base, task_vectors)
-    gram = _gram(tensors, origin, layout)
-    coefficients = None if gram is None else _multislerp_coefficients(gram, weights)
+    coefficients = _coefficients(tensors, origin, layout, weights, _multislerp_coefficients)
     if coefficients is None:
         return _multislerp_on_vectors(tensors, weights, base, layout, task_vectors)
     return _combine(tensors, origin, coefficients)
@@ -209,13 +246,8 @@ def multislerp_into(
 ) -> bool:
     """:func:`multislerp_merge` streamed from the inputs as stored, the same bits; ``False``
     (nothing written) where it computes on the vectors themselves."""
-    if not _streamable(scratch, tensors, base, task_vectors):
-        return False
-    origin = base if task_vectors else None
-    gram = _gram(tensors, origin, None)
-    coefficients = None if gram is None else _multislerp_coefficients(gram, weights)
-    return coefficients is not None and _combine_into(
-        destination, tensors, origin, coefficients, scratch
+    return _streamed(
+        destination, tensors, weights, base, scratch, task_vectors, _multislerp_coefficients
     )
 
 
@@ -411,8 +443,8 @@ def karcher_merge(
     if len(tensors) == 1:  # nothing to average: the model itself
         return tensors[0].clone()
     origin = _checked_base("karcher", base, task_vectors)
-    gram = _gram(tensors, origin, layout)
-    coefficients = None if gram is None else _karcher_coefficients(gram, weights, max_iter, tol)
+    rule = functools.partial(_karcher_coefficients, max_iter=max_iter, tol=tol)
+    coefficients = _coefficients(tensors, origin, layout, weights, rule)
     if coefficients is None:
         return _karcher_on_vectors(tensors, weights, base, layout, max_iter, tol, task_vectors)
     return _combine(tensors, origin, coefficients)
@@ -431,14 +463,8 @@ def karcher_into(
 ) -> bool:
     """:func:`karcher_merge` streamed from the inputs as stored, the same bits; ``False``
     (nothing written) where it computes on the vectors themselves."""
-    if not _streamable(scratch, tensors, base, task_vectors):
-        return False
-    origin = base if task_vectors else None
-    gram = _gram(tensors, origin, None)
-    coefficients = None if gram is None else _karcher_coefficients(gram, weights, max_iter, tol)
-    return coefficients is not None and _combine_into(
-        destination, tensors, origin, coefficients, scratch
-    )
+    rule = functools.partial(_karcher_coefficients, max_iter=max_iter, tol=tol)
+    return _streamed(destination, tensors, weights, base, scratch, task_vectors, rule)
 
 
 def _karcher_on_vectors(
