@@ -383,3 +383,21 @@ def test_karcher_starts_from_the_first_direction_when_the_weighted_one_is_shorte
     merged = method(list(e), [1 / 3] * 3, None)
     close(merged, spherical._karcher_on_vectors(list(e), [1 / 3] * 3, None, None, 1, 0.6, False))
     assert not torch.allclose(merged, karcher(max_iter=1, tol=0.5)(list(e), [1 / 3] * 3, None))
+
+
+def test_karcher_leaves_out_directions_closer_to_the_mean_than_tol():
+    """On a circle the Karcher iteration is one of angles: ``phi += sum_i a_i (theta_i - phi)``
+    over the directions at least ``tol`` from ``phi``, stopping at a step under ``tol``. With
+    weights 0.98 and 0.02 on directions 0 and pi/2 and tol = 0.025, the first direction is
+    0.0204 from the start and left out of the first step (0.031), so the mean moves; counting
+    it would make the step 0.011 and stop at the start."""
+    weights, angles, tol = [0.98, 0.02], [0.0, math.pi / 2], 0.025
+    phi = math.atan2(0.02, 0.98)
+    for _ in range(10):
+        step = sum(a * (th - phi) for a, th in zip(weights, angles) if abs(th - phi) >= tol)
+        if abs(step) < tol:
+            break
+        phi += step
+    assert phi > 0.05  # it moved
+    merged = karcher(max_iter=10, tol=tol)([t(1, 0), t(0, 2)], weights, None)
+    close(merged, t(math.cos(phi), math.sin(phi)) * (0.98 * 1 + 0.02 * 2))
