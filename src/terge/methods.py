@@ -1419,7 +1419,9 @@ def nuslerp(*, flatten: bool = True, row_wise: bool = False, task_vectors: bool 
     last dimension (``flatten=False``), or the first (``row_wise=True``, mergekit's
     ``nuslerp_row_wise``); ``task_vectors=True`` interpolates ``theta_i - base``. Zero or
     (anti)parallel vectors are interpolated linearly (mergekit slerps a zero vector as if at
-    a right angle). Flattened, it runs on sharded parameters; vector by vector it is refused."""
+    a right angle). Flattened, it runs on sharded parameters; vector by vector it is refused.
+    Along the last dimension each row's vectors are its own, so a large tensor is merged a
+    block of rows at a time (no float64 copy of a whole model)."""
     settings = {
         "flatten": _flag("nuslerp", "flatten", flatten),
         "row_wise": _flag("nuslerp", "row_wise", row_wise),
@@ -1434,6 +1436,7 @@ def nuslerp(*, flatten: bool = True, row_wise: bool = False, task_vectors: bool 
         min_models=2,
         max_models=2,
         layout_aware=settings["flatten"],
+        rowwise=not settings["flatten"] and not settings["row_wise"],
     )
 
 

@@ -132,6 +132,9 @@ def test_nuslerp_takes_exactly_two_models_and_flattened_runs_on_shards():
     method = nuslerp()
     assert (method.min_models, method.max_models) == (2, 2) and method.layout_aware
     assert not nuslerp(flatten=False).layout_aware
+    # vector by vector along the last dimension: each row alone, merged a block of rows at a time
+    assert nuslerp(flatten=False).rowwise
+    assert not nuslerp(flatten=False, row_wise=True).rowwise and not method.rowwise
     with pytest.raises(MethodNotApplicableError, match=r"^nuslerp: interpolates exactly two"):
         method([t(1.0)] * 3, [1 / 3] * 3, None)
 
