@@ -256,13 +256,14 @@ def test_run_step_refuses_a_result_of_the_wrong_shape_naming_method_and_paramete
 
 
 @pytest.mark.parametrize(
-    "name", ["magmax", "consensus", "nearswap", "della", "della_linear", "nuslerp_rows"]
+    "name",
+    ["magmax", "consensus", "nearswap", "della", "della_linear", "nuslerp_rows", "stock_rows"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dtype, monkeypatch):
     """A built-in element-wise method runs over chunks of the flattened tensors, a row-wise one
     (DELLA: ranks within rows, draws keyed by whole-tensor index; NuSLERP vector by vector
-    along the last dimension) over blocks of whole rows
+    and Model Stock filter-wise, along the last dimension) over blocks of whole rows
     (memory of a few chunks, not a float64 copy of every model): the same bits as on the whole
     tensors, awkward values included, in place or not. (magmax, consensus and nearswap run in
     the compiled loops where those apply: TERGE_KERNELS=torch gives the chunks to this test;
@@ -277,7 +278,10 @@ def test_elementwise_methods_run_by_chunks_with_the_whole_tensors_bits(name, dty
     tensors = [torch.randn(61, 109, generator=generator) for _ in range(count)]
     tensors[1][0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40, -float("inf")])
     models = [{"w": t.to(dtype)} for t in tensors]
-    method = methods.nuslerp(flatten=False) if name == "nuslerp_rows" else getattr(methods, name)()
+    method = {
+        "nuslerp_rows": methods.nuslerp(flatten=False),
+        "stock_rows": methods.model_stock(filter_wise=True),
+    }.get(name) or getattr(methods, name)()
     if method.into is not None:  # DELLA's compiled loop would run: the torch code is tested here
         monkeypatch.setenv("TERGE_KERNELS", "torch")
     whole = terge.merge(models, method=method, weights=list(range(1, count + 1)), seed=0)["w"]

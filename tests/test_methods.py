@@ -807,6 +807,9 @@ def test_model_stock_unclamped_and_filter_wise():
     t = 3 * cos / (1 + 2 * cos)
     whole = model_stock(clamp=False)([a, b, c], [1 / 3] * 3, base)
     assert torch.allclose(whole, t * (a + b + c) / 3, rtol=0, atol=1e-15)
+    # filter-wise, each row alone: a large tensor merges a block of rows at a time
+    assert model_stock(filter_wise=True).rowwise
+    assert not model_stock().rowwise and not model_stock(clamp=False).rowwise
 
 
 # --- ratios formed from the weights as given: exact half-way points -------------------------------

@@ -1134,7 +1134,8 @@ def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
     mergekit's definition: ``clamp=False`` leaves ``cos`` unclamped (each pair's in [-1, 1],
     its norm product floored at ``1e-6``; ``t = 0`` where ``|1 + (N - 1) cos| < 1e-6``);
     ``filter_wise=True`` gives each row (vector along the last dimension) its own ``cos`` and
-    ``t``. Options left at their defaults are not recorded.
+    ``t`` (so a large tensor merges a block of rows at a time). Options left at their defaults
+    are not recorded.
     """
     given = {
         "clamp": _flag("model_stock", "clamp", clamp),
@@ -1151,6 +1152,7 @@ def model_stock(*, clamp: bool = True, filter_wise: bool = False) -> Method:
         min_models=2,
         paper=_MODEL_STOCK,
         layout_aware=True,
+        rowwise=given["filter_wise"],
         builtin=True,
     )
 
