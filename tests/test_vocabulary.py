@@ -7,8 +7,10 @@ models that have its token; output folders are loaded back with transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -572,3 +574,238 @@ def test_the_bases_index_names_the_base_vocabulary(two_llamas, tmp_path):
     out = terge.merge([a, b], vocabulary=0, out=tmp_path / "out")
     assert (out / "tokenizer.json").read_bytes() == (Path(a) / "tokenizer.json").read_bytes()
     assert json.loads((out / "lineage.json").read_text())["vocabulary"]["source"] == "base"
+
+
+# --- the module's rules, one at a time ----------------------------------------------------
+
+
+def copy_folder(source: str, target: Path) -> Path:
+    target.mkdir()
+    for name in os.listdir(source):
+        (target / name).write_bytes((Path(source) / name).read_bytes())
+    return target
+
+
+def test_a_negative_index_names_the_model_it_counts_back_to(two_llamas):
+    a, b, *_ = two_llamas
+    _, lineage = terge.merge([a, b], vocabulary=-1, lineage=True)
+    assert lineage.vocabulary["source"] == 1
+    _, lineage = terge.merge([a, b], vocabulary=-2, lineage=True)  # the base's
+    assert lineage.vocabulary["source"] == "base"
+    with pytest.raises(VocabularyError, match=r"is -3, .* pass an index from -2 to 1, 'base'"):
+        terge.merge([a, b], vocabulary=-3)
+
+
+def test_a_base_at_another_index_owns_the_base_vocabulary(two_llamas):
+    a, b, states, vocabs, _ = two_llamas
+    merged = terge.merge([b, a], base=1, vocabulary="base")
+    check_rows(merged, vocabs[0], states, vocabs)
+
+
+def test_tokenizers_given_as_folders_bring_their_folders_files(two_llamas, tmp_path, monkeypatch):
+    """A folder (or ``~/...``) in ``tokenizers`` is where the named model's tokenizer files come
+    from, even for a model in memory."""
+    a, _, states, vocabs, root = two_llamas
+    monkeypatch.setenv("HOME", str(root))
+    out = terge.merge(list(states), vocabulary=1, tokenizers=[a, "~/b"], out=tmp_path / "out")
+    got = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab()
+    assert got == vocabs[1]
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["added_tokens_decoder"][str(vocabs[1]["<|im_start|>"])]["special"] is True
+
+
+def test_read_vocabulary_keeps_the_tokenizer_only_where_asked(two_llamas):
+    a, *_ = two_llamas
+    kept = terge.vocabulary.read_vocabulary(Path(a), None, None, "models[0]")
+    dropped = terge.vocabulary.read_vocabulary(Path(a), None, None, "models[0]", keep=False)
+    assert isinstance(kept.tokenizer, tokenizers.Tokenizer) and dropped.tokenizer is None
+    assert dropped.tokens == kept.tokens and dropped.folder == Path(a)
+
+
+def test_an_empty_tokenizer_is_refused(two_llamas):
+    _, b, states, *_ = two_llamas
+    empty = tokenizers.Tokenizer(tokenizers.models.WordLevel({}, "<unk>"))
+    with pytest.raises(VocabularyError, match=r"models\[0\]'s vocabulary is empty \(0 rows\)"):
+        terge.merge(list(states), vocabulary="base", tokenizers=[empty, Path(b)])
+
+
+def test_ids_up_to_the_sparse_limit_are_read():
+    """Ids up to twice the token count plus 1024 are a vocabulary's; one more is refused."""
+    sparse = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1027}, "a"))
+    assert vocabulary_of(sparse).rows == 1028
+    sparse = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1028}, "a"))
+    with pytest.raises(VocabularyError, match=r"ids up to 1028 to only 2 tokens"):
+        vocabulary_of(sparse)
+
+
+@pytest.mark.parametrize("config", ['{"vocab_size": 0}', '{"vocab_size": true}', "{", None])
+def test_a_config_without_a_usable_vocab_size_leaves_the_tokenizers_size(
+    two_llamas, tmp_path, config
+):
+    a, b, states, vocabs, _ = two_llamas
+    folder = copy_folder(a, tmp_path / "a")
+    if config is None:
+        (folder / "config.json").unlink()
+    else:
+        (folder / "config.json").write_text(config)
+    assert terge.vocabulary.config_rows(folder) is None
+    merged = terge.merge([str(folder), b], vocabulary="base")
+    check_rows(merged, vocabs[0], states, vocabs)
+
+
+def test_a_vocab_size_no_tensor_has_is_refused(two_llamas, tmp_path):
+    a, b, *_ = two_llamas
+    folder = copy_folder(a, tmp_path / "a")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 7}))  # < 8, 16
+    with pytest.raises(VocabularyError, match=r"vocab_size 7, but none of its tensors has 7"):
+        terge.merge([str(folder), b], vocabulary="base")
+
+
+def test_a_tokenizer_over_a_gib_is_not_read(two_llamas, tmp_path):
+    a, b, *_ = two_llamas
+    folder = copy_folder(a, tmp_path / "a")
+    with open(folder / "tokenizer.json", "r+b") as file:
+        file.truncate((1 << 30) + 1)  # sparse: nothing is written
+    with pytest.raises(VocabularyError, match=r"is 1073741825 bytes, more than the 1073741824"):
+        terge.merge([str(folder), b], vocabulary="base")
+
+
+def test_a_sentencepiece_bpe_folder_is_named(two_llamas, tmp_path):
+    a, b, *_ = two_llamas
+    folder = copy_folder(a, tmp_path / "a")
+    (folder / "tokenizer.json").unlink()
+    (folder / "sentencepiece.bpe.model").write_bytes(b"")
+    with pytest.raises(VocabularyError, match=r"holds sentencepiece.bpe.model, a slow tokenizer"):
+        terge.merge([str(folder), b], vocabulary="base")
+
+
+def test_a_union_over_a_base_smaller_than_its_tokenizer_is_refused(two_llamas, tmp_path):
+    """The union's new ids come after the base's: the base's own ids must still fit its rows."""
+    a, b, *_ = two_llamas
+    folder = copy_folder(a, tmp_path / "small")
+    word_level("red green blue one two three four").save(str(folder / "tokenizer.json"))
+    with pytest.raises(VocabularyError, match=r"has 9 ids but its vocabulary tensors have 5 rows"):
+        terge.merge([str(folder), b], vocabulary="union", out=tmp_path / "out")
+
+
+def vocabulary_of(tokenizer, rows=None):
+    return terge.vocabulary.read_vocabulary(tokenizer, None, rows, "a model")
+
+
+def fixed(tokens: list[str]) -> tokenizers.Tokenizer:
+    """A WordLevel tokenizer whose ids are the order of ``tokens``."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=tokens[0]))
+
+
+def test_a_union_appends_model_by_model_in_their_id_order():
+    base = vocabulary_of(fixed(["<unk>", "a", "b"]))
+    one = vocabulary_of(fixed(["<unk>", "z", "b", "y"]))
+    two = vocabulary_of(fixed(["x", "a", "w"]))
+    output = terge.vocabulary.output_vocabulary([base, one, two], 0, "union")
+    assert list(output.tokens.items())[3:] == [("z", 3), ("y", 4), ("x", 5), ("w", 6)]
+    assert output.added == ((1, "z"), (1, "y"), (2, "x"), (2, "w"))
+    assert output.rows == 7
+    assert output.index[1].tolist() == [0, -1, 2, 1, 3, -1, -1]
+    assert output.index[2].tolist() == [-1, 1, -1, -1, -1, 0, 2]
+    # the base named by its index elsewhere than 0
+    output = terge.vocabulary.output_vocabulary([one, base], 1, "union")
+    assert list(output.tokens)[3:] == ["z", "y"] and output.owner == 1
+
+
+def test_padding_rows_of_the_owner_and_of_a_union():
+    """A resized base's padding rows are copied from it; a union's new tokens take their ids
+    (one row per token); a union that adds nothing keeps the base's rows."""
+    padded = vocabulary_of(fixed(["<unk>", "a", "b"]), rows=5)
+    other = vocabulary_of(fixed(["<unk>", "b", "c"]))
+    output = terge.vocabulary.output_vocabulary([padded, other], 0, "base")
+    assert output.index[0].tolist() == [0, 1, 2, 3, 4] and output.identity is False
+    assert output.index[1].tolist() == [0, -1, 1, -1, -1]
+    named = terge.vocabulary.output_vocabulary([other, padded], 0, 1)
+    assert named.rows == 5 and named.index[1].tolist() == [0, 1, 2, 3, 4]
+    union = terge.vocabulary.output_vocabulary([padded, other], 0, "union")
+    assert union.rows == 4 and union.tokens["c"] == 3
+    assert union.index[0].tolist() == [0, 1, 2, -1]
+    subset = vocabulary_of(fixed(["<unk>", "b"]))
+    union = terge.vocabulary.output_vocabulary([padded, subset], 0, "union")
+    assert union.rows == 5 and union.added == ()
+    assert terge.vocabulary.tokenizer_files(union, [padded, subset]) is None  # the base's files
+
+
+def test_identity_needs_every_model_in_place():
+    base = vocabulary_of(fixed(["<unk>", "a", "b"]))
+    same = vocabulary_of(fixed(["<unk>", "a", "b"]))
+    swapped = vocabulary_of(fixed(["<unk>", "b", "a"]))
+    assert terge.vocabulary.output_vocabulary([base, same], 0, "base").identity
+    assert not terge.vocabulary.output_vocabulary([base, swapped], 0, "base").identity
+
+
+def test_row_ranges_sorts_and_runs():
+    row_ranges = terge.vocabulary.row_ranges
+    assert row_ranges(torch.tensor([7, 3, 0, 1, 4])) == [[0, 2], [3, 5], [7, 8]]
+    assert row_ranges(torch.tensor([], dtype=torch.int64)) == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        tokenizers.models.WordPiece({"[UNK]": 0, "red": 1, "green": 2}, unk_token="[UNK]"),
+        tokenizers.models.BPE({"r": 0, "e": 1, "d": 2, "re": 3}, [("r", "e")]),
+        tokenizers.models.Unigram([("<unk>", 0.0), ("red", -1.0), ("green", -1.0)], 0, False),
+    ],
+    ids=["WordPiece", "BPE", "Unigram"],
+)
+def test_which_tokenizer_models_a_union_extends(model):
+    base = tokenizers.Tokenizer(model)
+    other = fixed(["<unk>", "x", "<t>", "y"])
+    other.add_special_tokens([tokenizers.AddedToken("<t>", lstrip=True)])
+    vocabularies = [vocabulary_of(base), vocabulary_of(other)]
+    output = terge.vocabulary.output_vocabulary(vocabularies, 0, "union")
+    if isinstance(model, tokenizers.models.Unigram):
+        with pytest.raises(VocabularyError, match=r"models\[1\]'s token 'x' .* 'Unigram'"):
+            terge.vocabulary.tokenizer_files(output, vocabularies)
+        return
+    files = terge.vocabulary.tokenizer_files(output, vocabularies)
+    union = tokenizers.Tokenizer.from_str(files["tokenizer.json"])
+    assert {t: union.token_to_id(t) for t in output.tokens} == dict(output.tokens)
+    added = {t.content: t for t in union.get_added_tokens_decoder().values()}
+    assert added["<t>"].lstrip is True and added["<t>"].special is True
+    assert "x" not in added  # a vocabulary token joins the model's vocabulary
+    first = next(iter(output.tokens))  # a base token given another id than the base's
+    tampered = dataclasses.replace(output, tokens={**output.tokens, first: 99})
+    with pytest.raises(
+        VocabularyError, match=rf"not give 1 tokens their ids \(first {re.escape(repr(first))}"
+    ):
+        terge.vocabulary.tokenizer_files(tampered, vocabularies)
+
+
+def test_a_named_models_tokenizer_files(two_llamas, tmp_path):
+    """vocabulary=<index> writes that model's tokenizer_config.json (its added tokens in id
+    order, as UTF-8) and special_tokens_map.json; a config that is a link out of its folder is
+    not read, and one that is not a JSON object is refused."""
+    a, b, *_ = two_llamas
+    folder = copy_folder(b, tmp_path / "b")
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_tokens([tokenizers.AddedToken(t, normalized=True) for t in ("<é>", "<c>", "<d>")])
+    tokenizer.add_special_tokens(["<e>", "<f>"])
+    save(folder, llama(tokenizer.get_vocab_size(), 2), tokenizer)
+    (folder / "special_tokens_map.json").write_text('{"bos_token": "<s>"}')
+    out = terge.merge([a, str(folder)], vocabulary=1, out=tmp_path / "out")
+    text = (out / "tokenizer_config.json").read_text(encoding="utf-8")
+    assert text.endswith("}\n") and '"<é>"' in text
+    decoder = json.loads(text)["added_tokens_decoder"]
+    assert list(decoder) == sorted(decoder, key=int) and len(decoder) == 8
+    assert decoder[str(tokenizer.token_to_id("<c>"))]["normalized"] is True
+    assert (out / "special_tokens_map.json").read_text() == '{"bos_token": "<s>"}'
+
+    (folder / "tokenizer_config.json").unlink()
+    (tmp_path / "outside.json").write_text("{}")
+    (folder / "tokenizer_config.json").symlink_to(tmp_path / "outside.json")
+    out = terge.merge([a, str(folder)], vocabulary=1, out=tmp_path / "linked")
+    assert not (out / "tokenizer_config.json").exists()
+
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(VocabularyError, match=r"tokenizer_config.json is not a JSON object"):
+        terge.merge([a, str(folder)], vocabulary=1, out=tmp_path / "listed")

@@ -256,10 +256,10 @@ def output_vocabulary(
                     next_id += 1
         rows = next_id if added else kept.rows
     out_ids = torch.tensor(list(tokens.values()), dtype=torch.int64)  # one pass, as ints
-    if bool((out_ids >= rows).any()):
+    if kept.size > kept.rows:  # a union's new ids are past it: its own must fit its rows
         raise VocabularyError(
             f"models[{owner}]'s tokenizer has {kept.size} ids but its vocabulary tensors have "
-            f"{rows} rows (config.json's vocab_size); the embedding is smaller than its "
+            f"{kept.rows} rows (config.json's vocab_size); the embedding is smaller than its "
             "tokenizer. Resize it (model.resize_token_embeddings(len(tokenizer))) first."
         )
     index = []
