@@ -622,7 +622,7 @@ def _assert_partly_written_as_noted(models, before, method, raised) -> int:
     return position
 
 
-@pytest.mark.parametrize("method", ["pcb", "ties", "arithmetic"])
+@pytest.mark.parametrize("method", ["pcb", "ties", "arithmetic", "multislerp", "karcher"])
 def test_the_wide_models_merge_changes_every_tensor(method):
     """What makes the tests below able to fail: each of their merges, let finish, changes
     every tensor of the base."""
@@ -753,3 +753,25 @@ def test_a_failure_merging_into_a_copy_has_no_note(monkeypatch):
     with pytest.raises(MemoryError, match="injected") as raised:
         terge.merge(_wide_models(), method="ties")
     assert not getattr(raised.value, "__notes__", [])
+
+
+@pytest.mark.parametrize("k", [0, 3, 7])
+@pytest.mark.parametrize("method", ["multislerp", "karcher"])
+def test_out_of_memory_in_a_streamed_methods_dot_products_is_noted(method, k, monkeypatch):
+    """Multi-SLERP and Karcher take each tensor's dot products (one compiled call for these
+    small tensors) before they write it: a MemoryError there, at the k-th tensor, reaches the
+    caller with a note naming that tensor; the ones after it are untouched, those before it
+    merged."""
+    from terge.kernels import statistics
+
+    if not statistics.available():
+        pytest.skip("the compiled loops are not built, or TERGE_KERNELS=torch")
+    calls = _failing_entry(monkeypatch, statistics, "chunks", k, compiled="_faststatistics")
+    models = _wide_models()
+    before = _record(models[0])
+    with pytest.raises(MemoryError, match="injected") as raised:
+        terge.merge(models, method=method, inplace=True)
+    position = _assert_partly_written_as_noted(models, before, method, raised)
+    changed = [raw != raw0 for (*_, raw), (*_, raw0) in zip(_record(models[0]), before)]
+    assert changed == [i < position for i in range(len(before))]
+    assert position == k and len(calls) == k + 1
