@@ -8,7 +8,8 @@
 # tests, then the GPU benchmarks, then (while SECONDS, default 540, allow) the whole suite. Each
 # step's output goes to LOG_FOLDER (default $OUT, else ./gpu-logs) and to the terminal; a step
 # that fails is reported and the next one still runs. Exits 0 when every step passed. STEPS
-# (default: all) names the steps to run, so that a short lease can be split over two calls.
+# (default: all) names the steps to run, so that a short lease can be split over two calls;
+# METHODS (default: every method) names the methods bench-methods times.
 set -u
 export PYTHONUNBUFFERED=1
 logs=${1:-${OUT:-gpu-logs}}
@@ -39,7 +40,7 @@ cuda_tests=$(grep -rl "cuda" tests --include='test_*.py' | sort)
 wanted gpu-tests && step gpu-tests 240 $python -m pytest -q -p no:cacheprovider -n 8 -rs $cuda_tests
 wanted bench-gpu && step bench-gpu 150 $python benchmarks/bench_gpu.py --repeat 5 --profile --json "$logs/bench_gpu.json"
 wanted bench-averaging && step bench-averaging 120 $python benchmarks/bench_averaging.py --device cuda --repeat 11
-wanted bench-methods && step bench-methods 240 $python benchmarks/bench_methods.py --device cuda --repeat 3 --timeout 40 --json "$logs/bench_methods.json"
+wanted bench-methods && step bench-methods 240 $python benchmarks/bench_methods.py --device cuda --repeat 3 --timeout 40 --json "$logs/bench_methods.json" ${METHODS:+--methods $METHODS}
 
 left=$((budget - ($(date +%s) - started)))
 if ! wanted all-tests; then
