@@ -38,7 +38,11 @@ CHUNK = 1 << 15
 LANES = 32
 """Lanes per row of a chunk: the compiled loop's vectors (four AVX-512 registers)."""
 GROUP_ENTRIES = 1 << 21
-"""Entries (of all the inputs together) the reference widens at once: 16 MiB of float64."""
+"""Float64 entries (inputs, products and folds together) the reference holds at once on the
+CPU: 16 MiB."""
+GROUP_ENTRIES_CUDA = 1 << 25
+"""The same on a GPU: 256 MiB, so that a GPT-2 embedding takes a few dozen groups of kernels
+rather than a few hundred."""
 MAX_INPUTS = 64
 MAX_PAIRS = 4096
 
@@ -114,35 +118,45 @@ def reference_chunk_sums(
     device: torch.device,
 ) -> torch.Tensor:
     """Each chunk's sums (one row per chunk, one column per pair, float64 on ``device``) in
-    plain torch operations, a few chunks at a time (:data:`GROUP_ENTRIES`)."""
+    plain torch operations, a group of chunks at a time: every pair's products folded together
+    (about twenty kernels a group, whatever the number of pairs), the group sized so that its
+    float64 buffers stay within :data:`GROUP_ENTRIES` entries (:data:`GROUP_ENTRIES_CUDA` on a
+    GPU, where each kernel's launch, not its bytes, is the cost)."""
     n = flats[0].numel()
     count = -(-n // CHUNK)
     rows = torch.empty(count, len(pairs), dtype=torch.float64, device=device)
-    group = max(1, GROUP_ENTRIES // CHUNK // (len(flats) + 1))
+    budget = GROUP_ENTRIES_CUDA if device.type == "cuda" else GROUP_ENTRIES
+    # the inputs, the products and the first fold's halves: (inputs + 2 pairs) entries per entry
+    group = max(1, budget // CHUNK // (len(flats) + 2 * len(pairs) + 1))
     for first in range(0, count, group):
         last = min(first + group, count)
         start, stop = first * CHUNK, min(last * CHUNK, n)
-        pad = (last - first) * CHUNK - (stop - start)
-        xs = []
-        for flat in flats:
-            x = flat[start:stop].to(device=device, dtype=torch.float64)
-            if origin is not None:
-                x = x - origin[start:stop].to(device=device, dtype=torch.float64)
-            xs.append(torch.nn.functional.pad(x, (0, pad)).view(last - first, -1, LANES))
+        size = (last - first) * CHUNK
+        xs = torch.empty(len(flats), size, dtype=torch.float64, device=device)
+        if stop - start < size:
+            xs[:, stop - start :].zero_()  # the last chunk's padding: +0
+        for slot, flat in enumerate(flats):
+            xs[slot, : stop - start].copy_(flat[start:stop])  # widened exactly
+        if origin is not None:
+            xs[:, : stop - start].sub_(origin[start:stop].to(device=device, dtype=torch.float64))
+        products = torch.empty(len(pairs), size, dtype=torch.float64, device=device)
         for q, (i, j) in enumerate(pairs):
-            rows[first:last, q] = _fold(xs[i] * xs[j])
+            torch.mul(xs[i], xs[j], out=products[q])
+        del xs
+        sums = _fold(products.view(len(pairs), last - first, -1, LANES))
+        rows[first:last] = sums.transpose(0, 1)
     return rows
 
 
 def _fold(products: torch.Tensor) -> torch.Tensor:
-    """``(chunks, rows, LANES)`` products to ``(chunks,)`` sums: rows, then lanes, folded
-    pairwise, neighbours first."""
-    while products.shape[1] > 1:
-        products = products[:, 0::2] + products[:, 1::2]
-    lanes = products[:, 0]
-    while lanes.shape[1] > 1:
-        lanes = lanes[:, 0::2] + lanes[:, 1::2]
-    return lanes[:, 0]
+    """``(..., rows, LANES)`` products to ``(...)`` sums: rows, then lanes, folded pairwise,
+    neighbours first."""
+    while products.shape[-2] > 1:
+        products = products[..., 0::2, :] + products[..., 1::2, :]
+    lanes = products[..., 0, :]
+    while lanes.shape[-1] > 1:
+        lanes = lanes[..., 0::2] + lanes[..., 1::2]
+    return lanes[..., 0]
 
 
 def totals(rows: torch.Tensor) -> list[float]:
