@@ -243,6 +243,19 @@ def test_gpu_tensors_give_the_cpu_bits(dtype):
     assert bits(on_gpu) == bits(on_cpu)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("group", [CHUNK, 7 * CHUNK, 1 << 25])
+def test_gpu_groups_of_any_size_give_the_cpu_bits(group, monkeypatch):
+    """A GPU folds many chunks of every pair at once: one chunk a group, a few, or all of them,
+    the sums are the CPU's bits."""
+    tensors = [awkward(9 * CHUNK + 5, 60 + i, 2) for i in range(4)]
+    pairs = methods._gram_pairs(3)
+    on_cpu = statistics.dot_products(tensors[:3], tensors[3], pairs)
+    monkeypatch.setattr(statistics, "GROUP_ENTRIES_CUDA", group)
+    on_gpu = statistics.dot_products([t.cuda() for t in tensors[:3]], tensors[3].cuda(), pairs)
+    assert bits(on_gpu) == bits(on_cpu)
+
+
 @pytest.mark.parametrize("method", ["slerp", "model_stock"])
 def test_verify_of_a_merge_summed_in_another_order_says_why_and_how(method, tmp_path, monkeypatch):
     """A lineage written by a build that summed the angle differently (simulated: a dot product
@@ -276,9 +289,14 @@ def test_verify_of_a_merge_summed_in_another_order_says_why_and_how(method, tmp_
     assert verify_lineage(terge.load_lineage(tmp_path / "n" / "lineage.json"), tmp_path / "n") == []
 
 
-def test_the_reference_gives_the_same_bits_a_chunk_at_a_time(monkeypatch):
-    tensors = [awkward(5 * CHUNK + 9, 40 + i, 2).to(torch.bfloat16) for i in range(3)]
+@pytest.mark.parametrize("origin", [False, True])
+def test_the_reference_gives_the_same_bits_a_chunk_at_a_time(origin, monkeypatch):
+    tensors = [awkward(5 * CHUNK + 9, 40 + i, 2).to(torch.bfloat16) for i in range(4)]
+    base = tensors.pop() if origin else None
     pairs = methods._gram_pairs(3)
-    together = reference(tensors, None, pairs)
+    together = reference(tensors, base, pairs)
+    assert bits(together) == bits(statistics.dot_products(tensors, base, pairs))
     monkeypatch.setattr(statistics, "GROUP_ENTRIES", CHUNK)  # one chunk per step
-    assert bits(reference(tensors, None, pairs)) == bits(together)
+    assert bits(reference(tensors, base, pairs)) == bits(together)
+    monkeypatch.setattr(statistics, "GROUP_ENTRIES", 3 * CHUNK * 16)  # three chunks, the last short
+    assert bits(reference(tensors, base, pairs)) == bits(together)
