@@ -72,3 +72,64 @@ def test_pattern_type_error_is_a_type_error():
 def test_pattern_repr():
     assert pattern_repr(re.compile("a.b")) == "re.compile('a.b')"
     assert pattern_repr("a.b") == "'a.b'"
+
+
+def _bytes_message(argument: str, what: str, shown: str, fix: str) -> str:
+    return (
+        f"`{argument}` got {what} ({shown}); tensor names are str, so a pattern must be a str or "
+        f"a re.compile(...) of a str: {fix}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("patterns", "what", "fix"),
+    [
+        (b"bias", "a pattern of type bytes", "pass 'bias' instead"),  # bytes itself: no list
+        ([bytearray(b"bias")], "a pattern of type bytes", "pass 'bias' instead"),
+        ([memoryview(b"bias")], "a pattern of type bytes", "pass 'bias' instead"),
+        ([b"\xff"], "a pattern of type bytes", "decode it to str first"),
+        (re.compile(b"bias"), "a pattern compiled from bytes", "pass re.compile('bias') instead"),
+        (
+            [regex.compile(b"bias")],
+            "a pattern compiled from bytes",
+            "pass re.compile('bias') instead",
+        ),
+    ],
+)
+def test_bytes_patterns_are_refused_saying_how_to_fix_them(patterns, what, fix):
+    """Bytes in any form (and patterns compiled from bytes, which would only fail when matched)
+    are refused when the set is made, with the str to pass instead."""
+    shown = patterns if isinstance(patterns, (bytes, re.Pattern)) else patterns[0]
+    message = _bytes_message("excluded", what, repr(shown), fix)
+    with pytest.raises(PatternTypeError, match=regex.escape(message)):
+        PatternSet(patterns, "excluded")
+
+
+def test_an_empty_list_is_given_and_matches_nothing():
+    """As in terge 0.1.1 (which tested `is not None`): `included=[]` merges nothing and
+    `excluded=[]` excludes nothing; only None means 'no filter'."""
+    assert PatternSet([], "included").given
+    assert not selected("w", PatternSet([], "included"), PatternSet(None, "excluded"))
+    assert selected("w", PatternSet(None, "included"), PatternSet([], "excluded"))
+
+
+def test_pattern_map_looks_keys_up_by_equality():
+    """A map is a Mapping: a key equal to one given (not the same object) finds its value."""
+    mapping = PatternMap({"a.weight": 2, re.compile("bias"): 3}, "weights")
+    key = "".join(["a.", "weight"])  # built at run time: equal, not identical
+    assert mapping[key] == 2 and key in mapping and mapping.get(key) == 2
+    assert mapping.get("b.weight") is None
+    with pytest.raises(KeyError):
+        mapping["b.weight"]
+
+
+@pytest.mark.parametrize(("patterns", "name"), [(5, "int"), ({"a": 1}, "dict"), (1.5, "float")])
+def test_a_set_of_the_wrong_type_names_its_type(patterns, name):
+    message = f"`included` must be a str, a compiled pattern or a list of them; got {name}."
+    with pytest.raises(PatternTypeError, match=regex.escape(message)):
+        PatternSet(patterns, "included")
+
+
+def test_pattern_repr_shows_regex_patterns_as_compiled_patterns():
+    """Both kinds of compiled pattern read the same in messages and lineage files."""
+    assert pattern_repr(regex.compile(r"layers\.0\.")) == "re.compile('layers\\\\.0\\\\.')"

@@ -19,7 +19,7 @@ from terge.lineage import (
     TIED,
     ModelRecord,
 )
-from terge.policy import Policy, Violation, check_lineage
+from terge.policy import RULES, Policy, Violation, check_lineage
 
 
 def _state(seed: int, head: int = 5):
@@ -197,6 +197,7 @@ def _by_hand(weights=((0, 0.5), (1, 0.5)), **record) -> terge.Lineage:
     [
         ({"tied": (("a", ""),)}, "tied: ('a', '') must be a pair of tensor names."),
         ({"tied": (("a", 1),)}, "tied: ('a', 1) must be a pair of tensor names."),
+        ({"tied": (("a", "b", "c"),)}, "tied: ('a', 'b', 'c') must be a pair of tensor names."),
         (
             {"ranges": {"weight": (0, 1, 2)}},
             "ranges: 'weight' must be [low, high], two finite numbers with low <= high; got "
@@ -210,7 +211,8 @@ def _by_hand(weights=((0, 0.5), (1, 0.5)), **record) -> terge.Lineage:
     ],
 )
 def test_each_bad_rule_is_refused_by_its_own_check(rules_, message):
-    """An empty name, a name that is no string, three bounds and a bool bound are each refused
+    """An empty name, a name that is no string, three names, three bounds and a bool bound are
+    each refused
     (exact messages: no other check may fire first)."""
     with pytest.raises(PolicyError, match=regex.escape(message)):
         Policy(**rules_)
@@ -343,3 +345,162 @@ def test_pinned_needs_models_and_a_pinned_separate_base():
         "the base (file, read from base) is not pinned: no file digests and no revision; merge "
         "from files with digests=True (--digests)"
     ]
+
+
+def test_violations_come_in_the_order_of_the_rules():
+    """One lineage breaking every rule once: the violations come rule by rule, in RULES's order
+    (what `terge lineage check` prints and counts)."""
+    lineage = _by_hand(weights=((0, 2.0),), skipped={"x": EXCLUDED}, out_dtype=torch.bfloat16)
+    policy = Policy(
+        require_merged=("x",),
+        forbid_skipped=(EXCLUDED,),
+        merged_is_base_floating=True,
+        same_dtypes=True,
+        tied=(("w", "x"),),
+        pinned=True,
+        ranges={"weight": (0.0, 1.0)},
+    )
+    found = check_lineage(lineage, policy)
+    assert [v.rule for v in found] == list(RULES)
+    assert rules(found) == [
+        ("merged", "x"),
+        ("skipped", "x"),
+        ("base", "x"),
+        ("dtypes", None),
+        ("tied", "w"),
+        ("pinned", None),
+        ("range", "w"),
+    ]
+
+
+def test_each_rule_reading_the_base_runs_only_when_asked():
+    """Both rules read the base's headers, but each judges only when it is in the policy."""
+    lineage = _by_hand(skipped={"x": EXCLUDED}, out_dtype=torch.bfloat16)
+    assert rules(check_lineage(lineage, Policy(same_dtypes=True))) == [("dtypes", None)]
+    assert rules(check_lineage(lineage, Policy(merged_is_base_floating=True))) == [("base", "x")]
+
+
+def test_the_base_path_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """`--base ~/...` is the user's home, as a shell would expand it."""
+    save_file({"w": torch.ones(2), "x": torch.ones(2)}, tmp_path / "base.safetensors")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    found = check_lineage(
+        _by_hand(), Policy(merged_is_base_floating=True), base="~/base.safetensors"
+    )
+    assert [str(v) for v in found] == [
+        "x: a floating tensor of the base, but not in the lineage (the base has no such tensor)"
+    ]
+
+
+def test_wrapper_prefixes_are_stripped_from_the_base_and_merged_headers(tmp_path):
+    """A base and a merged checkpoint saved from a DDP or compiled model (``module.``,
+    ``_orig_mod.``) name their tensors as the lineage does once the prefixes are stripped."""
+    save_file(
+        {"module.w": torch.ones(2), "module.steps": torch.tensor([1])},
+        tmp_path / "base.safetensors",
+    )
+    save_file({"_orig_mod.w": torch.ones(2, dtype=torch.bfloat16)}, tmp_path / "out.safetensors")
+    lineage = _by_hand(skipped={"steps": NOT_FLOATING})
+    base = tmp_path / "base.safetensors"
+    assert check_lineage(lineage, Policy(merged_is_base_floating=True), base=base) == []
+    found = check_lineage(
+        lineage, Policy(same_dtypes=True), base=base, merged=tmp_path / "out.safetensors"
+    )
+    assert [str(v) for v in found] == ["w: written as bfloat16, but the base holds float32"]
+
+
+def test_same_dtypes_with_a_merged_checkpoint(tmp_path):
+    """A merged tensor the base lacks has no base dtype to keep (no error); without the base's
+    headers, the merged checkpoint cannot be compared and the lineage's out_dtype judges."""
+    save_file({"w": torch.ones(2)}, tmp_path / "base.safetensors")
+    save_file(
+        {"w": torch.ones(2), "extra": torch.ones(2, dtype=torch.bfloat16)},
+        tmp_path / "out.safetensors",
+    )
+    policy, out = Policy(same_dtypes=True), tmp_path / "out.safetensors"
+    assert check_lineage(_by_hand(), policy, base=tmp_path / "base.safetensors", merged=out) == []
+    assert check_lineage(_by_hand(), policy, merged=out) == []  # no base: no out_dtype, no change
+    found = check_lineage(_by_hand(out_dtype=torch.bfloat16), policy, merged=out)
+    assert rules(found) == [("dtypes", None)]
+    assert "give --base" in found[0].message
+
+
+def test_models_dropped_are_listed_in_index_order():
+    """Both the forbidden reasons and the reason a required tensor was not merged list the
+    models dropped by index, whatever order the lineage records them in."""
+    lineage = _by_hand(
+        weights=((0, 0.5), (3, 0.5)),
+        skipped={"x": ONE_MODEL},
+        dropped={"w": {2: SHAPE_MISMATCH, 1: NOT_FLOATING}, "x": {2: SHAPE_MISMATCH, 1: EXCLUDED}},
+    )
+    found = check_lineage(lineage, Policy(forbid_skipped=(SHAPE_MISMATCH, NOT_FLOATING)))
+    assert [str(v) for v in found] == [
+        "w: models[1]'s tensor did not contribute (not floating point), which the policy forbids",
+        "w: models[2]'s tensor did not contribute (shape mismatch), which the policy forbids",
+        "x: models[2]'s tensor did not contribute (shape mismatch), which the policy forbids",
+    ]
+    found = check_lineage(lineage, Policy(require_merged=("x",)))
+    assert [str(v) for v in found] == [
+        "x: must be merged ('x'), but was left as in the base (held by one model; models[1] "
+        "dropped: excluded; models[2] dropped: shape mismatch)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        (
+            ("w", "x"),
+            "w: must be tied to 'x', but they are two tensors ('w': merged by arithmetic; 'x': "
+            "left as in the base (held by one model))",
+        ),
+        (
+            ("a", "nope"),
+            "a: must be tied to 'nope', but they are two tensors ('a': tied to 'w'; 'nope': not "
+            "in the lineage (the base has no such tensor))",
+        ),
+    ],
+)
+def test_tied_violations_say_what_each_name_is(pair, message):
+    lineage = _by_hand(skipped={"a": TIED, "x": ONE_MODEL}, tied={"a": "w"})
+    assert [str(v) for v in check_lineage(lineage, Policy(tied=(pair,)))] == [message]
+
+
+def test_a_seed_may_be_bounded():
+    """`seed` is a setting a range may bound (the random methods record it)."""
+    lineage = terge.Lineage({"w": terge.LineageEntry("dare_ties", [(0, 1.0)], {"seed": 3})})
+    assert check_lineage(lineage, Policy(ranges={"seed": (0, 3)})) == []
+    found = check_lineage(lineage, Policy(ranges={"seed": (0, 0)}))
+    assert [str(v) for v in found] == ["w: the setting seed is 3, outside [0, 0]"]
+
+
+def test_a_setting_that_is_no_number_is_outside_any_range():
+    """A bool or a str setting is never within [low, high] (nor an error): the bounds are
+    numbers, and True is not 1 here."""
+    entry = terge.LineageEntry("custom", [(0, 1.0)], {"rescale": True, "elect": "sum"})
+    found = check_lineage(
+        terge.Lineage({"w": entry}), Policy(ranges={"rescale": (0, 1), "elect": (0, 1)})
+    )
+    assert [str(v) for v in found] == [
+        "w: the setting rescale is True, outside [0, 1]",
+        "w: the setting elect is 'sum', outside [0, 1]",
+    ]
+
+
+def test_ranges_skip_settings_an_entry_lacks():
+    """A setting the entry's method does not record is passed over and the next range still
+    applies, also for entries assigned as plain (method, weights) tuples (no settings)."""
+    policy = Policy(ranges={"density": (0.0, 1.0), "weight": (0.0, 0.4)})
+    expected = [
+        "w: models[0]'s weight is 0.5, outside [0.0, 0.4]",
+        "w: models[1]'s weight is 0.5, outside [0.0, 0.4]",
+    ]
+    assert [str(v) for v in check_lineage(_by_hand(), policy)] == expected
+    plain = terge.Lineage({"w": ("arithmetic", [(0, 0.5), (1, 0.5)])})
+    assert [str(v) for v in check_lineage(plain, policy)] == expected
+
+
+def test_every_models_weight_is_bounded():
+    lineage = _by_hand(weights=((0, 0.5), (1, 2.0)))
+    found = check_lineage(lineage, Policy(ranges={"weight": (0.0, 1.0)}))
+    assert [str(v) for v in found] == ["w: models[1]'s weight is 2.0, outside [0.0, 1.0]"]
