@@ -504,3 +504,40 @@ def test_every_models_weight_is_bounded():
     lineage = _by_hand(weights=((0, 0.5), (1, 2.0)))
     found = check_lineage(lineage, Policy(ranges={"weight": (0.0, 1.0)}))
     assert [str(v) for v in found] == ["w: models[1]'s weight is 2.0, outside [0.0, 1.0]"]
+
+
+def test_one_pattern_reason_or_pair_is_a_rule_of_one(files):
+    """A single name is one pattern, not its letters (which matched nothing, one violation a
+    letter); a single compiled pattern, a ``terge.layers(...)``, a single reason and a single
+    pair are rules of one; lists become tuples, so the policy is what it was made with."""
+    lineage = _merged(files[:2], excluded=["lm_head.weight"])
+    found = check_lineage(lineage, Policy(require_merged="lm_head.weight"))
+    assert rules(found) == [("merged", "lm_head.weight")]
+    assert Policy(require_merged=regex.compile("mlp")).require_merged == (regex.compile("mlp"),)
+    blocks = terge.layers("0-1")
+    assert Policy(require_merged=blocks).require_merged == (blocks,)
+    assert Policy(require_merged=["a", "b"]).require_merged == ("a", "b")
+    assert Policy(forbid_skipped=NOT_FLOATING).forbid_skipped == (NOT_FLOATING,)
+    assert check_lineage(_merged(files), Policy(forbid_skipped=NOT_FLOATING)) == check_lineage(
+        _merged(files), Policy(forbid_skipped=(NOT_FLOATING,))
+    )
+    assert Policy(tied=("a", "b")).tied == (("a", "b"),)
+    assert Policy(tied=[["a", "b"], ["c", "d"]]).tied == (("a", "b"), ("c", "d"))
+    assert Policy(require_merged=None, forbid_skipped=None, tied=None).empty
+
+
+@pytest.mark.parametrize(
+    ("rules_", "error", "message"),
+    [
+        ({"require_merged": 5}, TypeError, "`require_merged` must be a str, a compiled pattern"),
+        ({"require_merged": {"a": 1}}, TypeError, "a list of them; got dict."),
+        ({"require_merged": b"head"}, TypeError, "pass 'head' instead"),
+        ({"forbid_skipped": 5}, PolicyError, "forbid_skipped: give a list of them; got int."),
+        ({"forbid_skipped": {NOT_FLOATING: 1}}, PolicyError, "give a list of them; got dict."),
+        ({"tied": "ab"}, PolicyError, "tied: give a list of them; got str."),
+        ({"tied": ("a",)}, PolicyError, "tied: 'a' must be a pair of tensor names."),
+    ],
+)
+def test_rules_of_the_wrong_type_are_refused_by_name(rules_, error, message):
+    with pytest.raises(error, match=regex.escape(message)):
+        Policy(**rules_)

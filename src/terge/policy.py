@@ -25,7 +25,7 @@ from .io import open_checkpoint
 from .io.dtypes import dtype_name
 from .lineage import NOT_A_TENSOR, NOT_FLOATING, REASONS, SEPARATE, TIED, Lineage, ModelRecord
 from .methods import REGISTRY
-from .patterns import PatternSet, pattern_repr
+from .patterns import PatternSet, is_pattern, pattern_repr
 from .sources import strip_wrappers
 
 RULES = ("merged", "skipped", "base", "dtypes", "tied", "pinned", "range")
@@ -57,6 +57,13 @@ class Violation:
         return self.message if self.name is None else f"{self.name}: {self.message}"
 
 
+def _as_tuple(values: Any, argument: str) -> tuple[Any, ...]:
+    """``values`` (any iterable but a string or a mapping) as a tuple, or a ``PolicyError``."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise PolicyError(f"{argument}: give a list of them; got {type(values).__name__}.")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class Policy:
     """What ``check_lineage`` enforces; every rule is off unless given.
@@ -80,6 +87,21 @@ class Policy:
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # One pattern, reason or pair stands for a tuple of one (a string is not read letter
+        # by letter); other iterables become tuples, so that a policy stays as it was made.
+        required = () if self.require_merged is None else self.require_merged
+        if is_pattern(required) or isinstance(required, (bytes, bytearray, memoryview)):
+            required = (required,)  # bytes: for PatternSet's error saying how to fix them
+        elif not isinstance(required, Iterable) or isinstance(required, Mapping):
+            PatternSet(required, "require_merged")  # raises: names the type and the fix
+        skipped = () if self.forbid_skipped is None else self.forbid_skipped
+        skipped = (skipped,) if isinstance(skipped, str) else _as_tuple(skipped, "forbid_skipped")
+        tied = _as_tuple(() if self.tied is None else self.tied, "tied")
+        if len(tied) == 2 and all(isinstance(name, str) for name in tied):
+            tied = (tied,)
+        object.__setattr__(self, "require_merged", tuple(required))
+        object.__setattr__(self, "forbid_skipped", skipped)
+        object.__setattr__(self, "tied", tied)
         PatternSet(list(self.require_merged), "require_merged")  # type-checks every pattern
         for reason in self.forbid_skipped:
             if reason not in REASONS:
@@ -90,6 +112,7 @@ class Policy:
         for pair in self.tied:
             if len(pair) != 2 or not all(isinstance(n, str) and n for n in pair):
                 raise PolicyError(f"tied: {pair!r} must be a pair of tensor names.")
+        object.__setattr__(self, "tied", tuple(tuple(pair) for pair in self.tied))
         settings = known_settings()
         for key, bounds in self.ranges.items():
             if key != WEIGHT and key not in settings:
