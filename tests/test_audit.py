@@ -685,3 +685,83 @@ def test_the_newer_methods_verify(folders, method):
 def test_nearswap_verifies(folders):
     terge.merge(folders[:1], base="p", method=terge.methods.nearswap(t=0.5), out="m")
     assert verify_lineage(load_lineage("m"), "m") == []
+
+
+def rewrite(folder: str, change) -> None:
+    """Apply ``change`` to the tensors of the folder's single shard."""
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), True, "0"])
+@pytest.mark.parametrize("label", ["rtol", "atol"])
+def test_a_tolerance_must_be_a_finite_number(folders, label, value):
+    terge.merge(folders, out="m")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "m", **{label: value})
+    assert str(caught.value) == f"`{label}` must be a finite number >= 0; got {value!r}."
+
+
+def test_a_tolerance_passes_nans_in_both_and_names_one_only_the_checkpoint_has(folders):
+    state = states()[0]
+    state["norm.bias"][1] = float("nan")
+    save(state, "a", overwrite=True)
+    terge.merge(folders, out="m")
+    lineage = load_lineage("m")
+    assert verify_lineage(lineage, "m", rtol=1e-6) == []  # NaN where the recomputation has it
+
+    def change(tensors):
+        tensors["norm.bias"] = tensors["norm.bias"].clone()
+        tensors["norm.bias"][0] = float("nan")
+
+    rewrite("m", change)
+    assert verify_lineage(lineage, "m", rtol=1e-6) == [
+        (
+            "norm.bias",
+            "1 of 3 values differ from the recomputed ones by more than atol=0.0 + rtol=1e-06 x "
+            "|value| (largest difference inf)",
+        )
+    ]
+
+
+def test_a_tolerance_counts_every_chunk_and_keeps_the_largest_difference(folders, monkeypatch):
+    terge.merge(folders, out="m")
+
+    def change(tensors):
+        weight = tensors["layers.0.weight"] + 1e-3  # 12 values, all off by about 1e-3
+        weight[0, 0] += 1  # the largest difference, in the first chunk
+        tensors["layers.0.weight"] = weight
+
+    rewrite("m", change)
+    monkeypatch.setattr(terge.audit, "_CLOSE_CHUNK", 5)
+    ((name, problem),) = verify_lineage(load_lineage("m"), "m", atol=1e-4)
+    assert name == "layers.0.weight"
+    assert problem == (
+        "12 of 12 values differ from the recomputed ones by more than atol=0.0001 + rtol=0.0 x "
+        "|value| (largest difference 1)"
+    )
+
+
+def test_rtol_is_relative_to_the_recomputed_value(folders):
+    """``|written - recomputed| <= rtol * |recomputed|``: a value doubled is 100% off, which
+    rtol=0.5 does not allow (relative to the written value, it would be 50%)."""
+    terge.merge(folders, out="m")
+    rewrite("m", lambda t: t.update({"norm.bias": t["norm.bias"] * 2}))
+    assert verify_lineage(load_lineage("m"), "m", rtol=0.5) == [
+        (
+            "norm.bias",
+            "3 of 3 values differ from the recomputed ones by more than atol=0.0 + rtol=0.5 x "
+            "|value| (largest difference "
+            f"{load_file('m/model.safetensors')['norm.bias'].abs().max().item() / 2:.3g})",
+        )
+    ]
+
+
+def test_a_tolerance_still_compares_the_digests_exactly(folders):
+    terge.merge(folders, out="m", digests=True)
+    nudge(Path("m"), "norm.bias", 1e-6)
+    assert verify_lineage(load_lineage("m"), "m", rtol=1e-5) == [
+        ("norm.bias", "the checkpoint's tensor is not the one merged (digest differs)")
+    ]

@@ -122,3 +122,19 @@ def test_source_files_names_each_shard_relative_to_the_folder(tmp_path):
     for name, digest in files.items():
         assert digest == hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
     assert source_files(StateDictSource(states)) is None
+
+
+def test_source_files_names_a_single_file_checkpoint_by_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from terge.digests import source_files
+    from terge.sources import FileSource
+
+    save_file({"w": torch.ones(3)}, tmp_path / "one.safetensors")
+    source = FileSource(tmp_path / "one.safetensors")
+    try:
+        files = source_files(source)
+    finally:
+        source.close()
+    digest = hashlib.sha256((tmp_path / "one.safetensors").read_bytes()).hexdigest()
+    assert files == {"one.safetensors": digest}

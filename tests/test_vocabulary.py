@@ -569,6 +569,48 @@ def test_verify_finds_a_changed_row_and_a_changed_tokenizer(two_llamas, tmp_path
     assert "its vocabulary cannot be rebuilt (models[0]: no tokenizer.json" in problems[HEAD]
 
 
+def test_verify_finds_an_edited_row_group(two_llamas, tmp_path):
+    """The row groups a lineage records are compared with the ones rebuilt from the tokenizers:
+    weights edited in a group fail, though the tensor recomputes from the entry as written."""
+    from terge.audit import verify_lineage
+
+    a, b, *_ = two_llamas
+    out = terge.merge([a, b], vocabulary="union", out=tmp_path / "out")
+    path = out / "lineage.json"
+    data = json.loads(path.read_text())
+    (merged,) = [g for g in data["vocabulary"]["tensors"][HEAD] if g["models"] == [0, 1]]
+    assert merged["weights"] == [0.5, 0.5]
+    merged["weights"] = [0.25, 0.75]
+    path.write_text(json.dumps(data))
+    assert verify_lineage(terge.load_lineage(path), out) == [
+        (
+            HEAD,
+            "aligned by token (vocabulary=...): its row groups, rebuilt from the tokenizers, "
+            "differ from the recorded ones",
+        )
+    ]
+
+
+def test_verify_of_an_aligned_lineage_edited_to_a_separate_base_names_the_tensors(
+    two_llamas, tmp_path
+):
+    """A merge aligned by token has its base among the models; a lineage edited to name a
+    separate base cannot rebuild the vocabulary, and says so per aligned tensor."""
+    from terge.audit import verify_lineage
+
+    a, b, *_ = two_llamas
+    out = terge.merge([a, b], vocabulary="union", out=tmp_path / "out")
+    path = out / "lineage.json"
+    data = json.loads(path.read_text())
+    data["base"] = {"index": "separate", "kind": "file", "path": str(a)}
+    path.write_text(json.dumps(data))
+    problem = (
+        "aligned by token (vocabulary=...): its vocabulary cannot be rebuilt (the base was given "
+        "apart from the models)"
+    )
+    assert verify_lineage(terge.load_lineage(path), out) == [(HEAD, problem), (EMBED, problem)]
+
+
 def test_the_bases_index_names_the_base_vocabulary(two_llamas, tmp_path):
     a, b, *_ = two_llamas
     out = terge.merge([a, b], vocabulary=0, out=tmp_path / "out")

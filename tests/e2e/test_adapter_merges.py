@@ -364,3 +364,18 @@ def test_an_adapter_merge_verifies_against_its_lineage(work, tmp_path):
     save_file(tensors, weights)
     problems = terge.audit.verify_lineage(lineage, out)
     assert [name for name, _ in problems] == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_verify_reads_an_adapter_over_the_base_its_merge_used(work, tmp_path):
+    """An adapter merged over another base than the one its config names (``terge.adapter(path,
+    base=...)``) is read again over that base, as the lineage records it."""
+    first = case(work, "verify-other-a", llama, seed=17, **LLAMA_LORA)
+    second = case(work, "verify-other-b", llama, seed=18, **LLAMA_LORA)
+    other = tmp_path / "other-base"
+    llama(seed=9).save_pretrained(other)  # the same architecture, other weights
+    out = tmp_path / "merged"
+    models = [terge.adapter(first, base=other), terge.adapter(second, base=other)]
+    terge.merge(models, out=out)
+    lineage = terge.load_lineage(out / "lineage.json")
+    assert [record.adapter["base"]["path"] for record in lineage.models] == [str(other)] * 2
+    assert terge.audit.verify_lineage(lineage, out) == []

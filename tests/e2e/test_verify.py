@@ -340,3 +340,297 @@ def test_verify_from_another_folder_suggests_models(capsys, folders, tmp_path, m
         "../c",
     )
     assert code == 0, out
+
+
+# --- fields only verify reads: a custom mark, a missing seed or base, digests of the output -------
+
+
+def test_an_entry_marked_custom_is_not_recomputed_by_the_method_of_its_name(folders):
+    """A user's function may share a built-in's name: ``custom`` says terge cannot recompute
+    it, whatever it is called."""
+    terge.merge(folders, out="m")
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"].update(custom=True))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "made by the custom method 'arithmetic'; cannot be recomputed")
+    ]
+
+
+def test_a_random_method_without_its_seed_or_a_base_method_without_a_base_is_bad_input(folders):
+    terge.merge(folders, method="dare_ties", seed=3, out="m")
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"]["settings"].pop("seed"))
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "m")
+    assert (
+        str(caught.value)
+        == "lineage: 'norm.bias' was merged by dare_ties, which is random, but no seed."
+    )
+    terge.merge(folders, method="task_arithmetic", out="n")
+    edit("n/lineage.json", lambda d: d.update(base=None))
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("n"), "n")
+    assert str(caught.value) == (
+        "lineage: 'layers.0.weight' was merged with a base, but no base is recorded."
+    )
+
+
+def test_an_edited_output_digest_fails_both_comparisons(folders):
+    """The checkpoint is the one merged, but the lineage's digest of it was edited: the
+    checkpoint does not match the digest, and neither does the recomputed tensor."""
+    terge.merge(folders, out="m", digests=True)
+    edit("m/lineage.json", lambda d: d["digests"]["norm.bias"].update(output="0" * 64))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "the checkpoint's tensor is not the one merged (digest differs)"),
+        ("norm.bias", "recomputing gives another tensor than the one recorded"),
+    ]
+
+
+def test_every_changed_model_and_a_changed_separate_base_are_named(folders):
+    terge.merge(folders[:2], base="p", method="task_arithmetic", out="m", digests=True)
+    rewrite("a", lambda t: t.update({"norm.bias": t["norm.bias"] + 1}))
+    rewrite("b", lambda t: t.update({"norm.bias": t["norm.bias"] + 1}))
+    rewrite("p", lambda t: t.update({"norm.bias": t["norm.bias"] + 1}))
+    problems = verify_lineage(load_lineage("m"), "m")
+    assert problems[:3] == [
+        ("norm.bias", "models[0]'s tensor is not the one merged (digest differs)"),
+        ("norm.bias", "models[1]'s tensor is not the one merged (digest differs)"),
+        ("norm.bias", "the base's tensor is not the one merged (digest differs)"),
+    ]
+    assert names(problems) == ["norm.bias"]
+
+
+# --- the weighing: every way an edit can make it inconsistent -------------------------------------
+
+
+def test_a_divisor_without_coefficients_or_on_a_method_that_does_not_divide_fails(folders):
+    terge.merge(folders[:2], weights=[1, 3], out="m")
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"].pop("coefficients"))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "it records a divisor but no coefficients"),
+        ("norm.bias", "the checkpoint's tensor differs from the recomputed one"),
+    ]
+    terge.merge(folders, method="magmax", seed=0, out="n")
+    edit("n/lineage.json", lambda d: d["merged"]["norm.bias"].update(divisor=2))
+    assert verify_lineage(load_lineage("n"), "n") == [
+        ("norm.bias", "it records coefficients or a divisor, which magmax does not use")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("weights", "shown"),
+    [
+        ([0.5 + 1e-13, 0.5 + 1e-13], "[0.5000000000001, 0.5000000000001]"),  # beyond rounding
+        ([1 / 3, 1 / 3, 0.5], "[0.3333333333333333, 0.3333333333333333, 0.5]"),  # not equal
+    ],
+)
+def test_equal_weights_must_be_equal_and_sum_to_one_within_rounding(folders, weights, shown):
+    terge.merge(folders[: len(weights)], out="m")
+    contributions = [[i, w] for i, w in enumerate(weights)]
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"].update(contributions=contributions))
+    ones = ", ".join(["1.0"] * len(weights))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        (
+            "norm.bias",
+            f"its weights {shown}, coefficients [{ones}] and divisor {float(len(weights))} "
+            "disagree (equal coefficients mean equal weights that sum to 1); the lineage was "
+            "edited",
+        )
+    ]
+
+
+def test_equal_float32_weights_verify(folders):
+    """1/3 rounded to float32 is not 1/3: equal weights are checked within the accumulation
+    dtype's rounding."""
+    terge.merge(folders, dtype=torch.float32, out="m")
+    lineage = load_lineage("m")
+    assert lineage["norm.bias"][1][0][1] == torch.tensor(1 / 3, dtype=torch.float32).item()
+    assert verify_lineage(lineage, "m") == []
+
+
+def test_equal_coefficients_over_another_divisor_fail(folders):
+    terge.merge(folders[:2], out="m")
+    edit("m/lineage.json", lambda d: d["merged"]["norm.bias"].update(divisor=8.0))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        (
+            "norm.bias",
+            "its weights [0.5, 0.5], coefficients [1.0, 1.0] and divisor 8.0 disagree (the "
+            "divisor is the coefficients' sum and the weights are the coefficients over it); the "
+            "lineage was edited",
+        ),
+        ("norm.bias", "the checkpoint's tensor differs from the recomputed one"),
+    ]
+
+
+# --- tied names and tensors left as in the base ---------------------------------------------------
+
+
+def test_a_tied_name_must_hold_its_first_name_s_tensor(folders):
+    terge.merge(folders, out="m")
+    edit(
+        "m/lineage.json",
+        lambda d: (d["skipped"].update(alias="tied"), d["tied"].update(alias="norm.bias")),
+    )
+    rewrite("m", lambda t: t.update(alias=t["norm.bias"].clone()))
+    assert verify_lineage(load_lineage("m"), "m") == []
+    rewrite("m", lambda t: t.update(alias=t["norm.bias"] + 1))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("alias", "tied to 'norm.bias', but holds another tensor")
+    ]
+    edit("m/lineage.json", lambda d: d["tied"].pop("alias"))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("alias", "left alone as tied, but tied to no name")
+    ]
+
+
+def test_a_tensor_left_as_in_the_base_must_be_in_the_checkpoint_and_the_base_alike(folders):
+    terge.merge(folders, out="m", excluded="norm.bias")
+    state = states()[0]
+    del state["norm.bias"]
+    save(state, "a2")
+    assert verify_lineage(load_lineage("m"), "m", models=["a2", *folders[1:]]) == [
+        ("norm.bias", "left as in the base (excluded), but the base has no such tensor")
+    ]
+    state["norm.bias"] = torch.zeros(4)
+    save(state, "a3")
+    assert verify_lineage(load_lineage("m"), "m", models=["a3", *folders[1:]]) == [
+        (
+            "norm.bias",
+            "left as in the base (excluded), but the checkpoint's shape (3,) is not the base's "
+            "(4,)",
+        )
+    ]
+    rewrite("m", lambda t: t.pop("norm.bias"))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "left as in the base (excluded), but the checkpoint lacks it")
+    ]
+
+
+def test_a_value_that_is_not_a_tensor_is_left_alone_without_a_tensor_to_compare(folders):
+    models = states()
+    for state in models:
+        state["config"] = {"layers": 2}
+    terge.merge(models, out="m")
+    lineage = load_lineage("m")
+    assert lineage.skipped["config"] == "not a tensor"
+    assert verify_lineage(lineage, "m", models=folders) == []
+
+
+def test_out_dtype_is_checked_where_the_base_cannot_be_read(folders):
+    """A separate base in memory is not read again: a merged tensor is still expected in
+    out_dtype."""
+    terge.merge(folders, base=states(4)[3], out="m", out_dtype="bfloat16")
+    rewrite("m", lambda t: t.update({"norm.bias": t["norm.bias"].float()}))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "the checkpoint holds float32, not bfloat16"),
+        ("norm.bias", "the checkpoint's tensor differs from the recomputed one"),
+    ]
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_more_than_five_missing_names_are_abridged(folders):
+    terge.merge(folders, out="m")
+    edit(
+        "m/lineage.json",
+        lambda d: d["merged"].update({f"x{i}": d["merged"]["norm.bias"] for i in range(3)}),
+    )
+    save({"other": torch.zeros(2)}, "wrong")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "wrong")
+    assert str(caught.value) == (
+        "lineage: it names 6 merged tensors that the checkpoint wrong lacks ('layers.0.weight', "
+        "'layers.1.weight', 'norm.bias', 'x0', 'x1', ...); is it the right checkpoint?"
+    )
+
+
+def test_models_given_for_a_lineage_that_records_none_must_cover_the_contributors(folders):
+    terge.merge(folders[:2], out="m")
+    edit("m/lineage.json", lambda d: d.update(models=[]))
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "m", models=folders[:1])
+    assert str(caught.value) == "lineage: models[1] contributed but only 1 given."
+    assert verify_lineage(load_lineage("m"), "m", models=folders[:2]) == []
+
+
+# --- stacks ---------------------------------------------------------------------------------------
+
+
+def blocks(*names: str) -> dict[str, torch.Tensor]:
+    """Folders of 3 blocks (with a config.json) under ``names``; the last one's tensors."""
+    for k, name in enumerate(names):
+        generator = torch.Generator().manual_seed(k)
+        state = {f"model.layers.{i}.w": torch.randn(3, generator=generator) for i in range(3)}
+        state["model.embed_tokens.weight"] = torch.randn(2, 3, generator=generator)
+        save(state, name)
+        (Path(name) / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    return state
+
+
+def stacked(folders) -> dict[str, torch.Tensor]:
+    """Stack s: blocks 0-1 of x, then x's block 2 averaged with y's block 0; y's tensors."""
+    del folders  # the working folder
+    state = blocks("x", "y")
+    terge.stack([("x", 0, 2), [("x", 2, 3), ("y", 0, 1)]], out="s")
+    assert verify_lineage(load_lineage("s"), "s") == []
+    return state
+
+
+def test_a_stack_s_missing_unaccounted_or_reassigned_tensors_are_named(folders):
+    stacked(folders)
+    rewrite("s", lambda t: (t.pop("model.layers.0.w"), t.update(extra=torch.ones(2))))
+    edit(
+        "s/lineage.json",
+        lambda d: d["merged"]["model.layers.2.w"].update(contributions=[[1, 0.5], [0, 0.5]]),
+    )
+    assert verify_lineage(load_lineage("s"), "s") == [
+        ("model.layers.0.w", "the stack wrote it, but the checkpoint lacks it"),
+        ("model.layers.2.w", "its merged entry and stack.tensors name other models"),
+        ("extra", "the checkpoint holds it, but the stack's lineage does not account for it"),
+    ]
+
+
+def test_a_stack_input_that_lacks_a_tensor_is_bad_input(folders):
+    state = stacked(folders)
+    del state["model.layers.0.w"]
+    save(state, "y2")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("s"), "s", models=["x", "y2"])
+    assert str(caught.value) == (
+        "lineage: 'model.layers.2.w' comes from 'model.layers.0.w' of models[1], which y2 "
+        "lacks; are these the models that were stacked?"
+    )
+
+
+# --- what a difference says -----------------------------------------------------------------------
+
+ANGLE_HINT = (
+    " ({method}'s angle is summed in a fixed order since terge 0.2.0; a merge by an earlier build "
+    "can differ from it in the last places of some values: check with --rtol, e.g. 1e-2 for "
+    "bfloat16, 1e-6 for float32, 1e-9 for float64)"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "count", "hinted"),
+    [
+        (terge.methods.slerp(), 2, True),
+        (terge.methods.model_stock(), 3, True),
+        (terge.methods.slerp(zero="unnormalised"), 2, False),  # mergekit's: no fixed-order sum
+        (terge.methods.model_stock(clamp=False), 3, False),
+        (terge.methods.model_stock(filter_wise=True), 3, False),
+        ("arithmetic", 3, False),
+    ],
+)
+def test_a_difference_hints_at_the_angle_s_order_only_where_it_is_summed(
+    folders, method, count, hinted
+):
+    terge.merge(folders[:count], method=method, out="m")
+    rewrite("m", lambda t: t.update({"norm.bias": t["norm.bias"] + 1}))
+    name = load_lineage("m")["norm.bias"][0]
+    assert verify_lineage(load_lineage("m"), "m") == [
+        (
+            "norm.bias",
+            "the checkpoint's tensor differs from the recomputed one"
+            + (ANGLE_HINT.format(method=name) if hinted else ""),
+        )
+    ]
