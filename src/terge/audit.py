@@ -430,12 +430,17 @@ def _verify_stack(
                 if problem is not None:
                     problems.append((name, problem.replace("left as in the base", "copied")))
                 continue
-            if [index for index, _ in entry[1]] != [model for model, _ in pairs]:
+            named = [index for index, _ in entry[1]]
+            inputs = [model for model, _ in pairs]
+            method = check.methods[name]
+            # a method that reads the base (the first source) merges the other sources
+            offset = int(method is not None and reads_base(method) and named == inputs[1:])
+            if named != inputs[offset:]:
                 problems.append((name, "its merged entry and stack.tensors name other models"))
                 continue
             local = LineageEntry(
                 entry[0],
-                [(k, weight) for k, (_, weight) in enumerate(entry[1])],
+                [(offset + k, weight) for k, (_, weight) in enumerate(entry[1])],
                 getattr(entry, "settings", {}),
                 coefficients=getattr(entry, "coefficients", None),
                 divisor=getattr(entry, "divisor", None),
@@ -445,6 +450,9 @@ def _verify_stack(
             problems += [
                 (name, p) for p in check.tensor(name, local, reader, views, views[0], buffers)
             ]
+        for name, first in lineage.tied.items():  # a tied name held must hold its first name's
+            if name in reader and first in reader and not _same(reader, name, first):
+                problems.append((name, f"tied to {first!r}, but holds another tensor"))
         known = set(tensors) | set(lineage.tied)
         problems += [
             (name, "the checkpoint holds it, but the stack's lineage does not account for it")
@@ -852,12 +860,19 @@ class _Checker:
     def sources_changed(
         self, name: str, digests: TensorDigests, sources: Mapping[int, Source], base: Source | None
     ) -> list[str]:
+        """The models (and the separate base) whose tensor is not the one merged. One that lacks
+        the tensor is not hashed: where the merge read it, :meth:`step` refuses it as bad input."""
         problems = []
         for index, digest in digests.models.items():
-            if index in sources and tensor_digest(sources[index].get(name)) != digest:
+            source = sources.get(index)
+            if source is None or name not in source.entries:
+                continue
+            if tensor_digest(source.get(name)) != digest:
                 problems.append(f"models[{index}]'s tensor is not the one merged (digest differs)")
         recorded = digests.base
-        if recorded is not None and base is not None and tensor_digest(base.get(name)) != recorded:
+        if recorded is None or base is None or name not in base.entries:
+            return problems
+        if tensor_digest(base.get(name)) != recorded:
             problems.append("the base's tensor is not the one merged (digest differs)")
         return problems
 

@@ -552,6 +552,35 @@ def test_models_given_for_a_lineage_that_records_none_must_cover_the_contributor
     assert verify_lineage(load_lineage("m"), "m", models=folders[:2]) == []
 
 
+def test_a_model_or_separate_base_lacking_a_tensor_is_bad_input_with_digests_too(capsys, folders):
+    """The recorded digests are compared only once the tensor is known to be there: a model
+    that lacks it is bad input (exit 2), as without digests, not a KeyError."""
+    terge.merge(folders[:2], base="p", method="task_arithmetic", out="m", digests=True)
+    for folder in ("b", "p"):
+        state = dict(zip("abcp", states(4)))[folder]
+        del state["norm.bias"]
+        save(state, f"{folder}2")
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "m", models=["a", "b2"], base="p")
+    assert str(caught.value) == (
+        "lineage: 'norm.bias' (shape (3,) in the checkpoint) was merged from models[1], but b2 "
+        "has no such tensor; are these the models that were merged?"
+    )
+    with pytest.raises(LineageError) as caught:
+        verify_lineage(load_lineage("m"), "m", base="p2")
+    assert str(caught.value) == (
+        "lineage: 'norm.bias' (shape (3,) in the checkpoint) was merged from the base, but p2 "
+        "has no such tensor; are these the models that were merged?"
+    )
+    argv = ["lineage", "verify", "m", "--merged", "m", "--models", "a", "b2", "--base", "p"]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == (
+        "terge: error: the lineage file m: 'norm.bias' (shape (3,) in the checkpoint) was merged "
+        "from models[1], but b2 has no such tensor; are these the models that were merged?\n"
+    )
+
+
 # --- stacks ---------------------------------------------------------------------------------------
 
 
@@ -634,3 +663,62 @@ def test_a_difference_hints_at_the_angle_s_order_only_where_it_is_summed(
             + (ANGLE_HINT.format(method=name) if hinted else ""),
         )
     ]
+
+
+def test_a_tied_name_a_stack_s_checkpoint_holds_must_hold_its_first_name_s_tensor(folders):
+    stacked(folders)
+    edit(
+        "s/lineage.json",
+        lambda d: d["tied"].update({"lm_head.weight": "model.embed_tokens.weight"}),
+    )
+    rewrite("s", lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    assert verify_lineage(load_lineage("s"), "s") == []
+    rewrite("s", lambda t: t.update({"lm_head.weight": torch.zeros(2, 3)}))
+    assert verify_lineage(load_lineage("s"), "s") == [
+        ("lm_head.weight", "tied to 'model.embed_tokens.weight', but holds another tensor")
+    ]
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_a_stack_merged_by_a_method_that_reads_the_base_verifies(folders, method):
+    """Such a method merges a slice's other sources over its first: the entry names those, and
+    stack.tensors every source."""
+    del folders  # the working folder
+    blocks("x", "y", "z")
+    slices = [("x", 0, 2), [("x", 2, 3), ("y", 0, 1), ("z", 1, 2)]]
+    terge.stack(slices, out="s", method=method, seed=0)
+    lineage = load_lineage("s")
+    assert [model for model, _ in lineage["model.layers.2.w"][1]] == [1, 2]
+    assert verify_lineage(lineage, "s") == []
+    rewrite("s", lambda t: t.update({"model.layers.2.w": t["model.layers.2.w"] + 1}))
+    assert verify_lineage(lineage, "s") == [
+        ("model.layers.2.w", "the checkpoint's tensor differs from the recomputed one")
+    ]
+
+
+def test_digests_of_a_model_that_lacks_the_tensor_are_named_not_a_key_error(folders):
+    """c lacks norm.bias, so it was merged from a and b; digests edited to add c's are of
+    models the merge did not read (verify does not look for the tensor in c)."""
+    state = states()[2]
+    del state["norm.bias"]
+    save(state, "c", overwrite=True)
+    terge.merge(folders, out="m", digests=True)
+    assert [index for index, _ in load_lineage("m")["norm.bias"][1]] == [0, 1]
+    edit("m/lineage.json", lambda d: d["digests"]["norm.bias"]["models"].update({"2": "0" * 64}))
+    assert verify_lineage(load_lineage("m"), "m") == [
+        ("norm.bias", "its digests are of models [0, 1, 2], but the merge read models [0, 1]")
+    ]
+
+
+def test_a_stack_s_base_of_another_shape_is_bad_input(folders):
+    del folders  # the working folder
+    state = blocks("x", "y", "z")
+    terge.stack([("y", 0, 2), [("x", 2, 3), ("y", 0, 1), ("z", 1, 2)]], out="s", method="ties")
+    state["model.layers.2.w"] = torch.zeros(4)
+    save(state, "x2")
+    with pytest.raises(
+        LineageError,
+        match=r"'model\.layers\.2\.w' \(shape \(3,\) in the checkpoint\) was merged from "
+        r"models\[\d\], but x2 has shape \(4,\); are these the models that were merged\?",
+    ):
+        verify_lineage(load_lineage("s"), "s", models=["y", "x2", "z"])
