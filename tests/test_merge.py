@@ -23,6 +23,8 @@ from terge import (
     TergeError,
     UnknownMergeMethodError,
 )
+from terge.lineage import BUFFER, NOT_FLOATING
+from terge.policy import Policy, check_lineage
 
 from helpers import Tied, assert_unchanged, nearest, snapshot, states
 
@@ -345,6 +347,27 @@ def test_buffers_are_left_alone_by_default(tied_models):
     merged = terge.merge(tied_models)
     assert torch.equal(merged.norm.running_mean, tied_models[0].norm.running_mean)
     assert merged.norm.running_mean is not tied_models[0].norm.running_mean
+
+
+def test_buffers_left_alone_are_in_the_lineage_with_their_reason(tied_models):
+    """A module's state dict holds its persistent buffers, so a merge written from it does too:
+    the lineage says why they are the base's (``buffer``; an integer one is ``not floating
+    point``, as with ``buffers=True``), and leaves out what no state dict holds (a
+    non-persistent buffer) and what is merged (``buffers=True``)."""
+    for model in tied_models:
+        model.register_buffer("table", torch.arange(3.0), persistent=False)
+    _, lineage = terge.merge(tied_models, lineage=True)
+    expected = {f"norm.{b}": BUFFER for b in ("running_mean", "running_var")}
+    assert {n: r for n, r in lineage.skipped.items() if r == BUFFER} == expected
+    assert lineage.skipped["norm.num_batches_tracked"] == NOT_FLOATING  # as with buffers=True
+    assert "table" not in lineage.skipped and "table" not in lineage
+    compiled = [torch.compile(m) for m in tied_models]  # names as the module's, not the wrapper's
+    _, through = terge.merge(compiled, lineage=True)
+    assert {n: r for n, r in through.skipped.items() if r == BUFFER} == expected
+    _, merged = terge.merge(tied_models, buffers=True, lineage=True)
+    assert BUFFER not in merged.skipped.values()
+    violations = check_lineage(lineage, Policy(forbid_skipped=BUFFER))
+    assert {v.name for v in violations} == set(expected)
 
 
 def test_buffers_true_merges_floating_buffers_and_keeps_integer_ones(tied_models):

@@ -37,6 +37,9 @@ TIED = "tied"
 """Another name of a tensor merged under its first name (see ``Lineage.tied``)."""
 NOT_A_TENSOR = "not a tensor"
 """A state-dict value that is not a tensor, kept from the base."""
+BUFFER = "buffer"
+"""A module's floating-point buffer (BatchNorm's running statistics) with ``buffers=False``:
+kept from the base (an integer buffer is ``NOT_FLOATING``, as with ``buffers=True``)."""
 
 UNSUPPORTED_DTYPE = "unsupported floating dtype"
 """A floating dtype no kernel computes in exactly (float8, float4): the base's is kept, and a
@@ -55,6 +58,7 @@ REASONS = (
     NOT_FLOATING,
     TIED,
     NOT_A_TENSOR,
+    BUFFER,
     UNSUPPORTED_DTYPE,
     NOT_DENSE,
     OTHERS_NOT_MERGEABLE,

@@ -460,6 +460,8 @@ def build_plan(
 
     for name in base.others:
         skipped[name] = reasons.NOT_A_TENSOR
+    for name, floating in base.buffers.items():  # an integer one is never merged anyway
+        skipped[name] = reasons.BUFFER if floating else reasons.NOT_FLOATING
 
     for name, entry in base.entries.items():
         canonical = first_name_of_view.setdefault(entry.key, name)
@@ -861,7 +863,7 @@ def _span(key: Any) -> int:
 
 def _unused(sources: Sequence[Source], base: Source) -> dict[str, tuple[int, ...]]:
     """Names other models hold that the base lacks: recorded, since they cannot be merged."""
-    known = set(base.entries) | set(base.others)
+    known = set(base.entries) | set(base.others) | set(base.buffers)
     unused: dict[str, list[int]] = {}
     for index, source in enumerate(sources):
         if source is not base:

@@ -180,6 +180,13 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    @property
+    def buffers(self) -> Mapping[str, bool]:
+        """A module's buffers left out of the merge (``buffers=False``), each with whether it is
+        floating point: its state dict holds them, so the lineage says why they are as the base
+        has them."""
+        return {}
+
     @functools.cached_property
     def unusual(self) -> bool:
         """Whether any tensor is on the meta device or sharded (the plan checks these names)."""
@@ -241,7 +248,28 @@ class ModuleSource(Source):
             for name, buffer in module.named_buffers(remove_duplicate=False):
                 if buffer is not None:
                     tensors[name] = buffer
+        self.merges_buffers = buffers
         super().__init__(tensors, rename=rename, where=where)
+
+    @functools.cached_property
+    def buffers(self) -> Mapping[str, bool]:
+        """The persistent buffers, unless they are merged; found when the plan asks (only the
+        base's are), not for every model."""
+        if self.merges_buffers:
+            return {}
+        found = ((self.rename(name), b) for name, b in _persistent_buffers(self.module))
+        return {name: b.is_floating_point() for name, b in found if name not in self.entries}
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers ``module.state_dict()`` holds (not the non-persistent ones), by name, read
+    from the modules themselves: ``state_dict()`` would run its hooks (FSDP's gather)."""
+    found = []
+    for prefix, child in module.named_modules(remove_duplicate=False):
+        for name, buffer in child._buffers.items():
+            if buffer is not None and name not in child._non_persistent_buffers_set:
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return found
 
 
 class StateDictSource(Source):
@@ -389,6 +417,10 @@ class AdapterSource(Source):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def buffers(self) -> Mapping[str, bool]:
+        return self.base.buffers  # a module base's, left out as they would be without adapter
 
     def _take_base_view(self) -> None:
         base = self.base

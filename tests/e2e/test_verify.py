@@ -722,3 +722,28 @@ def test_a_stack_s_base_of_another_shape_is_bad_input(folders):
         r"models\[\d\], but x2 has shape \(4,\); are these the models that were merged\?",
     ):
         verify_lineage(load_lineage("s"), "s", models=["y", "x2", "z"])
+
+
+@pytest.mark.parametrize("buffers", [False, True])
+def test_a_merge_of_modules_with_batchnorm_verifies_against_their_saved_states(tmp_path, buffers):
+    """The merge of modules writes their state dicts' names, buffers included. With
+    ``buffers=False`` the lineage lists the buffers as left alone (``buffer``), so verify finds
+    them as the base has them, rather than naming them as unaccounted for; a tampered one is
+    still named."""
+    torch.manual_seed(0)
+    modules = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)) for _ in "ab"]
+    paths = []
+    for i, module in enumerate(modules):
+        module[1].running_mean.normal_()
+        module[1].num_batches_tracked += i + 1
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, paths[i])
+    terge.merge(modules, out=tmp_path / "m", buffers=buffers)
+    lineage = load_lineage(tmp_path / "m" / "lineage.json")
+    assert ("1.running_mean" in lineage) is buffers
+    assert verify_lineage(lineage, tmp_path / "m", models=paths) == []
+    rewrite_at = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(rewrite_at)
+    tensors["1.running_var"] = tensors["1.running_var"] + 1
+    save_file(tensors, rewrite_at, metadata={"format": "pt"})
+    assert names(verify_lineage(lineage, tmp_path / "m", models=paths)) == ["1.running_var"]
