@@ -422,7 +422,8 @@ def _verify_stack(
                         f"{sources[model].path} lacks; are these the models that were stacked?"
                     )
             views: dict[int, Source] = {
-                k: _Renamed(sources[model], name, inner) for k, (model, inner) in enumerate(pairs)
+                k: _Renamed(sources[model], name, inner, f"models[{model}]")
+                for k, (model, inner) in enumerate(pairs)
             }
             entry = lineage.get(name)
             if entry is None:
@@ -465,12 +466,15 @@ def _verify_stack(
 class _Renamed(Source):
     """One tensor of a source under another name: an output tensor's input, for recomputing."""
 
-    def __init__(self, source: Source, name: str, inner: str) -> None:
+    def __init__(self, source: Source, name: str, inner: str, label: str) -> None:
         self.source, self.inner = source, inner
         found = source.entries.get(inner)
         self.entries = {} if found is None else {name: found._replace(name=name)}
         self.others = ()
         self.path = getattr(source, "path", None)
+        self.label = label
+        """What an error calls the model (``models[i]``: its index among the stack's models,
+        not its place in this tensor's slice)."""
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.inner)
@@ -891,7 +895,8 @@ class _Checker:
             holders.append((self.base_index, base))
         for index, source in holders:
             if not source.holds(name, shape):
-                where = "the base" if index == SEPARATE else f"models[{index}]"
+                label = getattr(source, "label", f"models[{index}]")
+                where = "the base" if index == SEPARATE else label
                 has = source.entries.get(name)
                 found = "no such tensor" if has is None else f"shape {tuple(has.shape)}"
                 raise self.fail(

@@ -719,7 +719,7 @@ def test_a_stack_s_base_of_another_shape_is_bad_input(folders):
     with pytest.raises(
         LineageError,
         match=r"'model\.layers\.2\.w' \(shape \(3,\) in the checkpoint\) was merged from "
-        r"models\[\d\], but x2 has shape \(4,\); are these the models that were merged\?",
+        r"models\[1\], but x2 has shape \(4,\); are these the models that were merged\?",
     ):
         verify_lineage(load_lineage("s"), "s", models=["y", "x2", "z"])
 
