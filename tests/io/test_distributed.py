@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import pickle
 import re
 import warnings
@@ -568,3 +569,407 @@ def test_the_writer_refuses_what_its_layout_does_not_say(tmp_path):
     with pytest.raises(CheckpointError, match="without a leading or trailing dot"):
         DistributedCheckpointWriter(tmp_path / "c", layout, entry="model.")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Found by mutation testing: what each check of the reader is for
+# --------------------------------------------------------------------------------------------
+
+
+def test_only_a_folder_with_a_metadata_file_or_that_file_is_a_distributed_checkpoint(tmp_path):
+    (tmp_path / "c").mkdir()
+    assert not is_distributed_checkpoint(tmp_path / "c")
+    assert not is_distributed_checkpoint(tmp_path / "c" / ".metadata")  # missing
+    (tmp_path / "c" / ".metadata").mkdir()
+    assert not is_distributed_checkpoint(tmp_path / "c" / ".metadata")  # a folder
+    assert not is_distributed_checkpoint(tmp_path / "c")
+
+
+def test_a_metadata_pickle_naming_a_torch_function_is_refused(tmp_path, monkeypatch):
+    """Only torch's dtypes and layouts are taken from the ``torch`` module: a pickle naming
+    ``torch.save`` (which would write a file) is refused, and the call never runs."""
+
+    class Save:
+        def __reduce__(self):
+            return (torch.save, ([1], "pwned"))
+
+    monkeypatch.setattr(torch.save, "__module__", "torch")  # pickled as torch.save
+    data = pickle.dumps(Save())
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / ".metadata").write_bytes(data)
+    with pytest.raises(
+        CheckpointError,
+        match=r"metadata cannot be read \(it names torch\.save, which is not one of torch's",
+    ):
+        open_checkpoint(tmp_path / "c")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_metadata_that_is_not_a_plain_file_or_too_large_is_refused_unread(tmp_path):
+    (tmp_path / "c" / ".metadata").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"\.metadata is not a plausible DCP metadata file"):
+        DistributedCheckpoint(tmp_path / "c")
+    (tmp_path / "c" / ".metadata").rmdir()
+    with open(tmp_path / "c" / ".metadata", "wb") as file:  # sparse: no disk space taken
+        file.truncate(2**31)  # the limit itself is read (and is no pickle)
+    with pytest.raises(CheckpointError, match=r"metadata cannot be read \(invalid load key"):
+        open_checkpoint(tmp_path / "c")
+    with open(tmp_path / "c" / ".metadata", "wb") as file:
+        file.truncate(2**31 + 1)
+    with pytest.raises(CheckpointError, match=r"\.metadata is not a plausible DCP metadata file"):
+        open_checkpoint(tmp_path / "c")
+
+
+def test_an_empty_or_mistyped_metadata_is_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"metadata cannot be read \(Ran out of input\)"):
+        open_checkpoint(tmp_path / "c")
+    weight = md.TensorStorageMetadata(md.TensorProperties(), torch.Size([2]), [])
+    for metadata in (md.Metadata(None), md.Metadata({"": weight})):
+        (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(
+            CheckpointError, match=r"holds a Metadata, not torch\.distributed\.checkpoint's Meta"
+        ):
+            open_checkpoint(tmp_path / "c")
+
+
+def test_a_planner_data_that_contradicts_its_keys_is_ignored(saved):
+    """Each key's path comes from ``planner_data`` only where the path spells the key: one that
+    says the model's tensors are an optimizer's cannot hide them."""
+    folder, model = saved
+
+    def change(metadata):
+        metadata.planner_data = {key: ("optimizer", key) for key in metadata.planner_data}
+
+    tamper(folder, change)
+    with open_checkpoint(folder) as reader:
+        assert (reader.entry, reader.names()) == ("", [f"model.{name}" for name in model])
+
+
+def test_training_state_is_told_apart_without_planner_data(tmp_path):
+    """Without ``planner_data`` (or where it is no help) the keys' dotted parts say where an
+    optimizer (a parent of ``param_groups``) and known training state lie."""
+    weight = md.TensorStorageMetadata(md.TensorProperties(dtype=torch.float32), torch.Size([2]), [])
+    metadata = md.Metadata(
+        {
+            "net.w": weight,
+            "opt.state.0.exp_avg": weight,
+            "opt.param_groups.0.lr": md.BytesStorageMetadata(),
+            "scaler.scale": weight,
+        },
+        planner_data=None,
+    )
+    assert model_entries(metadata) == {"": ["net.w"]}
+
+
+@pytest.mark.parametrize("name", ["opt", "optimizer"])
+def test_an_optimizer_under_any_name_is_training_state(tmp_path, name):
+    """An optimizer is found by its ``param_groups``, whatever it is saved as; its tensors
+    (a tensor learning rate in ``param_groups`` too) are never the model's."""
+    model = model_state()
+    optimizer = optimizer_state(model)
+    optimizer["param_groups"][0]["lr"] = torch.tensor(0.1)
+    dcp_save({"model": model, name: optimizer}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("model", list(model))
+    dcp_save({**model, name: optimizer}, tmp_path / "top")
+    with open_checkpoint(tmp_path / "top") as reader:
+        assert (reader.entry, reader.names()) == ("", list(model))
+
+
+def test_a_models_own_state_submodule_is_kept(tmp_path):
+    """A module named ``state`` is no optimizer's state: only a parent of ``param_groups`` is
+    an optimizer."""
+    model = {"state.weight": torch.ones(2, 2), "head.weight": torch.zeros(3, 2)}
+    dcp_save({"model": model}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("model", list(model))
+
+
+def test_a_model_is_a_group_with_a_floating_tensor_of_rank_one_or_more(tmp_path):
+    """Integer buffers and non-tensor values beside the weights stay in (buffers) or out
+    (non-tensors) of the model; a float scalar or an integer vector alone is no model."""
+    model = {**model_state(), "norm.num_batches_tracked": torch.tensor(3), "epoch": 3}
+    state = {"model": model, "loss_scale": torch.tensor(0.5), "positions": torch.arange(4)}
+    dcp_save(state, tmp_path / "c")
+    metadata = pickle.loads((tmp_path / "c" / ".metadata").read_bytes())
+    tensors = [name for name in model if name != "epoch"]
+    assert model_entries(metadata) == {"model": [f"model.{name}" for name in tensors]}
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert (reader.entry, reader.names()) == ("model", tensors)
+
+
+def test_an_entry_is_a_whole_dotted_part_and_a_str(tmp_path):
+    model, ema = model_state(0), model_state(1)
+    dcp_save({"model": model, "model_ema": ema}, tmp_path / "c")
+    with open_checkpoint(tmp_path / "c", entry="model") as reader:
+        assert reader.names() == list(model)
+        assert torch.equal(reader.get("head.weight"), model["head.weight"])
+    with pytest.raises(CheckpointError, match=r"entry must be a str or None; got 3\."):
+        DistributedCheckpoint(tmp_path / "c", entry=3)
+
+
+def test_the_top_level_listing_stops_at_twelve_names(tmp_path):
+    dcp_save({f"n{i:02}": i for i in range(13)}, tmp_path / "c")
+    listing = ", ".join(f"'n{i:02}'" for i in range(12))
+    with pytest.raises(CheckpointError, match=re.escape(f"no model tensors ({listing}, ...)")):
+        open_checkpoint(tmp_path / "c")
+
+
+def _chunk_of(metadata, key: str = "model.head.weight"):
+    return metadata.state_dict_metadata[key].chunks[0]
+
+
+def _where(metadata, key: str = "model.head.weight"):
+    return metadata.storage_data[storage_of(metadata, key)]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda m: setattr(m.state_dict_metadata["model.head.weight"].properties, "dtype", "f4"),
+            "gives the dtype 'f4'",
+        ),
+        (
+            lambda m: setattr(m.state_dict_metadata["model.head.weight"], "size", [11, -4]),
+            "gives the shape [11, -4]",
+        ),
+        (
+            lambda m: setattr(m.state_dict_metadata["model.head.weight"], "chunks", []),
+            "lists no chunks",
+        ),
+        (
+            lambda m: setattr(
+                m.state_dict_metadata["model.head.weight"],
+                "chunks",
+                [md.ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([11]))],
+            ),
+            "has chunk 0 at torch.Size([0]) of size torch.Size([11]), outside its shape",
+        ),
+        (
+            lambda m: setattr(_chunk_of(m), "offsets", (False, False)),
+            "has chunk 0 at (False, False) of size torch.Size([11, 4]), outside its shape",
+        ),
+        (
+            lambda m: m.storage_data.pop(storage_of(m, "model.head.weight")),
+            "has chunk 0 stored nowhere (its storage entry is None)",
+        ),
+        (lambda m: setattr(_where(m), "length", -1), "has chunk 0 stored nowhere"),
+        (lambda m: setattr(_where(m), "offset", -1), "has chunk 0 stored nowhere"),
+        (
+            lambda m: setattr(_where(m), "transform_descriptors", [3]),
+            "has chunk 0 with transforms [3]",
+        ),
+    ],
+    ids=[
+        "dtype",
+        "shape",
+        "no chunks",
+        "chunk of another rank",
+        "bool offsets",
+        "no storage",
+        "negative length",
+        "negative offset",
+        "transforms",
+    ],
+)
+def test_a_damaged_tensor_metadata_is_refused_on_opening_naming_the_field(saved, change, problem):
+    folder, _ = saved
+    tamper(folder, change)
+    message = f"{folder}: the metadata of tensor 'model.head.weight' {problem}"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        open_checkpoint(folder)
+
+
+def test_a_chunk_one_byte_past_the_end_of_its_file_is_refused(saved):
+    folder, _ = saved
+    size = (folder / "__0_0.distcp").stat().st_size
+    begin = _where(pickle.loads((folder / ".metadata").read_bytes())).offset
+
+    def change(metadata):
+        _where(metadata).length = size - begin + 1
+
+    tamper(folder, change)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"puts chunk 0 at bytes {begin}-{size + 1} of __0_0.distcp, which holds "),
+    ):
+        open_checkpoint(folder)
+
+
+def test_the_files_read_are_the_metadata_and_every_data_file_named(tmp_path):
+    """What the lineage's digests hash: every rank's data file the model's chunks lie in."""
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))])
+    checkpoint = DistributedCheckpoint(tmp_path / "c")
+    folder = tmp_path / "c"
+    assert checkpoint.files == [
+        folder / ".metadata",
+        folder / "__0_0.distcp",
+        folder / "__1_0.distcp",
+    ]
+
+
+def test_hundreds_of_chunks_split_both_ways_are_checked_block_by_block(tmp_path):
+    """More than one block of 256 chunks, split along both dimensions: each chunk meets itself
+    in its own block only, and an overlap in the last block is found."""
+    tensor = torch.arange(17 * 17, dtype=torch.float32).view(17, 17)
+    pieces = [((i, j), (1, 1)) for i in range(17) for j in range(17)]  # 289 chunks
+    chunked(tmp_path / "c", tensor, pieces)
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert reader.info("w") == TensorInfo(torch.Size([17, 17]), torch.float32)
+    removed = {(14, 16), (15, 15), (15, 16), (16, 16)}
+    overlapping = [piece for piece in pieces if piece[0] not in removed]
+    overlapping += [((15, 15), (1, 2)), ((14, 16), (2, 1))]  # both on (15, 16), none on (16, 16)
+    chunked(tmp_path / "d", tensor, overlapping)
+    with pytest.raises(CheckpointError, match="has chunks that overlap or leave part of the"):
+        open_checkpoint(tmp_path / "d")
+
+
+@pytest.mark.parametrize("name", ["..", "..\\outside.distcp", "", "."])
+def test_a_data_file_name_that_is_not_a_file_of_the_folder_is_refused(saved, tmp_path, name):
+    folder, _ = saved
+    (tmp_path / "outside.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    tamper(folder, lambda metadata: setattr(_where(metadata), "relative_path", name))
+    message = f"stores tensor 'model.head.weight' in {name!r}, which is not a file inside the"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        open_checkpoint(folder)
+
+
+def test_a_data_file_that_is_a_folder_is_refused(saved):
+    folder, _ = saved
+    (folder / "__1_0.distcp").mkdir()
+    tamper(folder, lambda metadata: setattr(_where(metadata), "relative_path", "__1_0.distcp"))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp is not a regular file; the check"):
+        open_checkpoint(folder)
+
+
+def test_a_link_to_a_data_file_inside_the_folder_is_read(saved):
+    """Links are followed: one that stays inside the folder is read as its file."""
+    folder, model = saved
+    os.symlink("__0_0.distcp", folder / "__1_0.distcp")
+    tamper(folder, lambda metadata: setattr(_where(metadata), "relative_path", "__1_0.distcp"))
+    with open_checkpoint(folder) as reader:
+        assert torch.equal(reader.get("head.weight"), model["head.weight"])
+
+
+@pytest.mark.parametrize(
+    "saved", [lambda piece: piece[:1], lambda piece: piece.t().contiguous()], ids=["rows", "t"]
+)
+def test_a_record_of_another_shape_is_an_error(tmp_path, saved):
+    """A record's shape must be the chunk's, not merely hold as many bytes or fewer: it is
+    never read past or copied by broadcasting."""
+    tensor = torch.arange(12 * 4, dtype=torch.float32).view(12, 4)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 4)), ((6, 0), (6, 4))], saved=saved)
+    shape = list(saved(tensor[:6]).shape)
+    message = f"holds a torch.float32 tensor of shape {shape}, but the metadata says torch.float32"
+    refused = pytest.raises(CheckpointError, match=re.escape(f"{message} of shape [6, 4]"))
+    with open_checkpoint(tmp_path / "c") as reader, refused:
+        reader.get("w")
+
+
+def test_an_empty_chunk_anywhere_is_no_overlap(tmp_path):
+    tensor = torch.arange(11 * 6, dtype=torch.float32).view(11, 6)
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((3, 0), (0, 6)), ((6, 0), (5, 6))])
+    with open_checkpoint(tmp_path / "c") as reader:
+        assert torch.equal(reader.get("w"), tensor)
+
+
+def test_a_window_reads_its_bytes_of_the_file_and_nothing_around_them():
+    """What ``torch.load`` reads a chunk's record from: bytes 3-8 of the file, seekable, no
+    byte before or after them."""
+    from terge.io.distributed import _Window
+
+    window = _Window(io.BytesIO(b"0123456789abc"), 3, 5)
+    assert window.read() == b"34567"
+    assert window.seek(-2, io.SEEK_END) == 3
+    assert window.read(10) == b"67"
+    assert window.seek(-9) == 0  # before the window: its start
+    assert window.read(2) == b"34"
+    assert (window.seek(1, io.SEEK_CUR), window.read()) == (3, b"67")
+
+
+def test_the_writer_refuses_a_bad_entry_or_tied_name(tmp_path):
+    layout = {"w": TensorInfo(torch.Size([2]), torch.float32)}
+    for entry in (".model", "model.", 3):
+        with pytest.raises(
+            CheckpointError, match=f"without a leading or trailing dot; got {entry!r}"
+        ):
+            DistributedCheckpointWriter(tmp_path / "a", layout, entry=entry)
+    for aliases in ({"w": "w"}, {"v": "u"}):
+        with pytest.raises(CheckpointError, match="must stand for a tensor of the layout"):
+            DistributedCheckpointWriter(tmp_path / "a", layout, aliases=aliases)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writer_writes_a_nested_entry_as_dcp_save_does(tmp_path):
+    state = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
+    dcp_save({"app": {"model": state}}, tmp_path / "dcp")
+    layout = {name: TensorInfo(t.shape, t.dtype) for name, t in state.items()}
+    with DistributedCheckpointWriter(tmp_path / "ours", layout, entry="app.model") as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+    a, b = (pickle.loads((tmp_path / f / ".metadata").read_bytes()) for f in ("dcp", "ours"))
+    assert (
+        b.planner_data
+        == a.planner_data
+        == {"app.model.w": ("app", "model", "w"), "app.model.b": ("app", "model", "b")}
+    )
+    with open_checkpoint(tmp_path / "ours") as reader:
+        assert (reader.entry, reader.names()) == ("app.model", ["w", "b"])
+
+
+def test_the_writer_saves_a_view_without_the_rest_of_its_storage(tmp_path):
+    base = torch.arange(4096, dtype=torch.float32)  # 16 KiB
+    layout = {"w": TensorInfo(torch.Size([4]), torch.float32)}
+    with DistributedCheckpointWriter(tmp_path / "out", layout) as writer:
+        writer.add("w", base[8:12])
+    assert (tmp_path / "out" / "__0_0.distcp").stat().st_size < 4096
+    with open_checkpoint(tmp_path / "out") as reader:
+        assert torch.equal(reader.get("w"), base[8:12])
+
+
+def test_the_writer_adopts_only_unwritten_tensors_of_its_layout(tmp_path):
+    layout = {"w": TensorInfo(torch.Size([2]), torch.float32)}
+    refused = pytest.raises(CheckpointError, match="another process wrote 'x', which is not in")
+    with refused, DistributedCheckpointWriter(tmp_path / "a", layout) as writer:
+        writer.adopt({"x": ("__1_0.distcp", 0, 8)}, ["__1_0.distcp"])
+    refused = pytest.raises(CheckpointError, match="another process wrote 'w', which is not in")
+    with refused, DistributedCheckpointWriter(tmp_path / "a", layout) as writer:
+        writer.add("w", torch.ones(2))
+        writer.adopt({"w": ("__1_0.distcp", 0, 8)}, ["__1_0.distcp"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_is_written_once_whoever_wrote_it(tmp_path):
+    from terge.io.distributed import DistributedCheckpointPart
+
+    layout = {"w": TensorInfo(torch.Size([2]), torch.float32)}
+    again = pytest.raises(CheckpointError, match="tensor 'w' was already written to")
+    with again, DistributedCheckpointWriter(tmp_path / "a", layout) as writer:
+        writer.adopt({"w": ("__1_0.distcp", 0, 8)}, ["__1_0.distcp"])
+        writer.add("w", torch.ones(2))
+    (tmp_path / "part").mkdir()
+    part = DistributedCheckpointPart(tmp_path / "part", layout, 1, 1 << 30)
+    part.add("w", torch.ones(2), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="tensor 'w' was already written to"):
+        part.add("w", torch.zeros(2), tmp_path / "a")
+    part.close()
+    assert part.files == ["__1_0.distcp"]
+
+
+def test_a_file_that_ends_before_the_bytes_asked_for_is_an_error(tmp_path):
+    from terge.io.distributed import _read_exactly
+
+    into = torch.empty(4, dtype=torch.int32)
+    with pytest.raises(
+        CheckpointError,
+        match=r"^/f: chunk 0 ends before its tensor's bytes do \(the file is truncated\)",
+    ):
+        _read_exactly(io.BytesIO(bytes(range(20))), 8, into, pathlib.Path("/f"), "chunk 0")
+    _read_exactly(io.BytesIO(bytes(range(20))), 4, into, pathlib.Path("/f"), "chunk 0")
+    assert into.tolist() == torch.frombuffer(bytearray(range(4, 20)), dtype=torch.int32).tolist()
