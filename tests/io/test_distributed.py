@@ -13,6 +13,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import warnings
 
 import pytest
@@ -628,7 +629,9 @@ def test_an_empty_or_mistyped_metadata_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"metadata cannot be read \(Ran out of input\)"):
         open_checkpoint(tmp_path / "c")
     weight = md.TensorStorageMetadata(md.TensorProperties(), torch.Size([2]), [])
-    for metadata in (md.Metadata(None), md.Metadata({"": weight})):
+    fieldless = md.Metadata({})
+    del fieldless.state_dict_metadata  # as a crafted pickle may leave it
+    for metadata in (md.Metadata(None), md.Metadata({"": weight}), fieldless):
         (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(metadata))
         with pytest.raises(
             CheckpointError, match=r"holds a Metadata, not torch\.distributed\.checkpoint's Meta"
@@ -758,6 +761,10 @@ def _where(metadata, key: str = "model.head.weight"):
             lambda m: m.storage_data.pop(storage_of(m, "model.head.weight")),
             "has chunk 0 stored nowhere (its storage entry is None)",
         ),
+        (
+            lambda m: setattr(_where(m), "relative_path", None),
+            "has chunk 0 stored nowhere (its storage entry is a _StorageInfo without all its fields)",
+        ),
         (lambda m: setattr(_where(m), "length", -1), "has chunk 0 stored nowhere"),
         (lambda m: setattr(_where(m), "offset", -1), "has chunk 0 stored nowhere"),
         (
@@ -772,6 +779,7 @@ def _where(metadata, key: str = "model.head.weight"):
         "chunk of another rank",
         "bool offsets",
         "no storage",
+        "no file",
         "negative length",
         "negative offset",
         "transforms",
@@ -870,6 +878,23 @@ def test_a_record_of_another_shape_is_an_error(tmp_path, saved):
     refused = pytest.raises(CheckpointError, match=re.escape(f"{message} of shape [6, 4]"))
     with open_checkpoint(tmp_path / "c") as reader, refused:
         reader.get("w")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16, torch.uint8])
+def test_a_record_saved_on_a_big_endian_machine_is_read_by_torch(tmp_path, monkeypatch, dtype):
+    """Its bytes are swapped: torch.load swaps them back on the CPU. Neither read as they are
+    nor loaded onto "meta" first (torch swaps even the bytes of a meta tensor: a segfault)."""
+    tensor = torch.arange(11 * 6).view(11, 6).to(dtype)
+
+    def big_endian(piece):  # the bytes a big-endian machine writes, marked as such
+        swapped = piece.contiguous().view(torch.uint8).view(*piece.shape, -1).flip(-1)
+        return swapped.contiguous().view(dtype).view(piece.shape)
+
+    monkeypatch.setattr(sys, "byteorder", "big")
+    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=big_endian)
+    monkeypatch.undo()
+    with open_checkpoint(tmp_path / "c", entry="") as reader:  # integers are no model alone
+        assert torch.equal(reader.get("w"), tensor)
 
 
 def test_an_empty_chunk_anywhere_is_no_overlap(tmp_path):

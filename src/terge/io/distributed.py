@@ -26,7 +26,6 @@ import pickle
 import stat
 import sys
 import uuid
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -145,10 +144,11 @@ def _read_metadata(folder: Path) -> Any:
             f"{_CORRUPT_FIX}: save it again with torch.distributed.checkpoint.save.",
             path,
         ) from None
+    entries = getattr(metadata, "state_dict_metadata", None)  # a crafted pickle may leave it out
     if (
         not isinstance(metadata, Metadata)
-        or not isinstance(metadata.state_dict_metadata, dict)
-        or not all(isinstance(key, str) and key for key in metadata.state_dict_metadata)
+        or not isinstance(entries, dict)
+        or not all(isinstance(key, str) and key for key in entries)
     ):
         raise CheckpointError(
             f"{path} holds a {type(metadata).__name__}, not torch.distributed.checkpoint's "
@@ -341,9 +341,9 @@ def _checked_tensor(folder: Path, metadata: Any, key: str, files: dict[str, int]
     dtype = getattr(getattr(value, "properties", None), "dtype", None)
     size, chunks = getattr(value, "size", None), getattr(value, "chunks", None)
     if not isinstance(dtype, torch.dtype):
-        raise bad(f"gives the dtype {dtype!r}")
+        raise bad(f"gives the dtype {_shown(dtype)}")
     if not (isinstance(size, Sequence) and all(map(_count, size))):
-        raise bad(f"gives the shape {size!r}")
+        raise bad(f"gives the shape {_shown(size)}")
     if not isinstance(chunks, list) or not chunks:
         raise bad("lists no chunks")
     storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
@@ -357,16 +357,17 @@ def _checked_tensor(folder: Path, metadata: Any, key: str, files: dict[str, int]
             and all(map(_count, [*offsets, *sizes]))
             and all(o + s <= n for o, s, n in zip(offsets, sizes, size))
         ):
-            raise bad(f"has chunk {number} at {offsets!r} of size {sizes!r}, outside its shape")
+            place = f"at {_shown(offsets)} of size {_shown(sizes)}"
+            raise bad(f"has chunk {number} {place}, outside its shape")
         where = storage.get(MetadataIndex(key, offsets))
         file: Any = getattr(where, "relative_path", None)
         begin: Any = getattr(where, "offset", None)
         length: Any = getattr(where, "length", None)
         transforms: Any = getattr(where, "transform_descriptors", None) or ()
         if not (isinstance(file, str) and _count(begin) and _count(length)):
-            raise bad(f"has chunk {number} stored nowhere (its storage entry is {where!r})")
+            raise bad(f"has chunk {number} stored nowhere (its storage entry is {_shown(where)})")
         if not (isinstance(transforms, Sequence) and all(isinstance(t, str) for t in transforms)):
-            raise bad(f"has chunk {number} with transforms {transforms!r}")
+            raise bad(f"has chunk {number} with transforms {_shown(transforms)}")
         file_size = files.get(file)
         if file_size is None:
             file_size = files[file] = _data_file_size(folder, file, key)
@@ -379,6 +380,15 @@ def _checked_tensor(folder: Path, metadata: Any, key: str, files: dict[str, int]
     if not _covers(tuple(size), read):
         raise bad("has chunks that overlap or leave part of the tensor out")
     return _Tensor(key, TensorInfo(torch.Size(size), dtype), tuple(read))
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, or what ``value`` is where its repr fails (a metadata dataclass that a
+    crafted pickle left a field out of)."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"a {type(value).__name__} without all its fields"
 
 
 def _covers(size: tuple[int, ...], chunks: Sequence[_Chunk]) -> bool:
@@ -545,9 +555,10 @@ class DistributedCheckpoint:
         if handle is None:
             handle = self._handles[chunk.file] = open(self.path / chunk.file, "rb")  # noqa: SIM115
         self.chunk_reads += 1
-        if not chunk.transforms:
+        if not chunk.transforms and _byteorder(handle, chunk) == sys.byteorder:
+            # torch.load byteswaps a record of the other byte order even onto "meta": a segfault
             meta = self._load(handle, tensor, chunk, where, "meta")
-            start = _plain_record(meta, handle, chunk)
+            start = _plain_record(meta, chunk)
             if start is not None:
                 _read_exactly(handle, chunk.begin + start, into, self.path, where)
                 return
@@ -594,10 +605,29 @@ class DistributedCheckpoint:
             handle.close()
 
 
-def _plain_record(meta: torch.Tensor, handle: IO[bytes], chunk: _Chunk) -> int | None:
+def _byteorder(handle: IO[bytes], chunk: _Chunk) -> str | None:
+    """The byte order ``torch.load`` takes a record's tensor bytes to be in, as torch's own zip
+    reader finds it; ``None`` where that reader cannot read the record."""
+    from torch.serialization import LoadEndianness, get_default_load_endianness
+
+    try:
+        record = torch._C.PyTorchFileReader(
+            io.BufferedReader(_Window(handle, chunk.begin, chunk.length))
+        )
+        if record.has_record("byteorder"):  # type: ignore[attr-defined]
+            return bytes(record.get_record("byteorder")).decode()
+    except Exception:
+        return None
+    default = get_default_load_endianness()  # what torch.load assumes without a byteorder
+    return {None: "little", LoadEndianness.LITTLE: "little", LoadEndianness.BIG: "big"}.get(
+        default, sys.byteorder
+    )
+
+
+def _plain_record(meta: torch.Tensor, chunk: _Chunk) -> int | None:
     """Where a record's tensor bytes start in it, when they can be read as they are: one
-    contiguous storage holding exactly the tensor, in this machine's byte order, inside the
-    record. ``None`` otherwise (``torch.load`` then reads it)."""
+    contiguous storage holding exactly the tensor, inside the record (in this machine's byte
+    order: see :func:`_byteorder`). ``None`` otherwise (``torch.load`` then reads it)."""
     storage = meta.untyped_storage()
     start = getattr(storage, "_checkpoint_offset", None)  # set by torch.load onto "meta"
     if not (
@@ -608,13 +638,7 @@ def _plain_record(meta: torch.Tensor, handle: IO[bytes], chunk: _Chunk) -> int |
         and 0 <= start <= chunk.length - storage.nbytes()
     ):
         return None
-    try:
-        with zipfile.ZipFile(io.BufferedReader(_Window(handle, chunk.begin, chunk.length))) as z:
-            orders = [n for n in z.namelist() if n == "byteorder" or n.endswith("/byteorder")]
-            order = z.read(orders[0]).decode() if orders else "little"
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError):
-        return None
-    return start if order == sys.byteorder or meta.element_size() == 1 else None
+    return start
 
 
 def _read_exactly(
