@@ -654,18 +654,20 @@ def test_a_planner_data_that_contradicts_its_keys_is_ignored(saved):
 
 def test_training_state_is_told_apart_without_planner_data(tmp_path):
     """Without ``planner_data`` (or where it is no help) the keys' dotted parts say where an
-    optimizer (a parent of ``param_groups``) and known training state lie."""
+    optimizer (a parent of ``param_groups``) and known training state lie; a module named
+    ``state`` is no optimizer's."""
     weight = md.TensorStorageMetadata(md.TensorProperties(dtype=torch.float32), torch.Size([2]), [])
     metadata = md.Metadata(
         {
             "net.w": weight,
+            "state.weight": weight,
             "opt.state.0.exp_avg": weight,
             "opt.param_groups.0.lr": md.BytesStorageMetadata(),
             "scaler.scale": weight,
         },
         planner_data=None,
     )
-    assert model_entries(metadata) == {"": ["net.w"]}
+    assert model_entries(metadata) == {"": ["net.w", "state.weight"]}
 
 
 @pytest.mark.parametrize("name", ["opt", "optimizer"])
