@@ -13,6 +13,7 @@ import os
 import pathlib
 import pickle
 import re
+import subprocess
 import sys
 import warnings
 
@@ -882,21 +883,39 @@ def test_a_record_of_another_shape_is_an_error(tmp_path, saved):
         reader.get("w")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16, torch.uint8])
-def test_a_record_saved_on_a_big_endian_machine_is_read_by_torch(tmp_path, monkeypatch, dtype):
+BIG_ENDIAN_DTYPES = [torch.float32, torch.bfloat16, torch.int16, torch.uint8]
+
+
+def test_a_record_saved_on_a_big_endian_machine_is_read_by_torch(tmp_path, monkeypatch):
     """Its bytes are swapped: torch.load swaps them back on the CPU. Neither read as they are
-    nor loaded onto "meta" first (torch swaps even the bytes of a meta tensor: a segfault)."""
-    tensor = torch.arange(11 * 6).view(11, 6).to(dtype)
+    nor loaded onto "meta" first (torch swaps even the bytes of a meta tensor: a segfault, so
+    the folders are read in a child process, where a crash fails this test rather than ending
+    the test run)."""
+    for number, dtype in enumerate(BIG_ENDIAN_DTYPES):
+        tensor = torch.arange(11 * 6).view(11, 6).to(dtype)
 
-    def big_endian(piece):  # the bytes a big-endian machine writes, marked as such
-        swapped = piece.contiguous().view(torch.uint8).view(*piece.shape, -1).flip(-1)
-        return swapped.contiguous().view(dtype).view(piece.shape)
+        def big_endian(piece, dtype=dtype):  # the bytes a big-endian machine writes, so marked
+            swapped = piece.contiguous().view(torch.uint8).view(*piece.shape, -1).flip(-1)
+            return swapped.contiguous().view(dtype).view(piece.shape)
 
-    monkeypatch.setattr(sys, "byteorder", "big")
-    chunked(tmp_path / "c", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=big_endian)
-    monkeypatch.undo()
-    with open_checkpoint(tmp_path / "c", entry="") as reader:  # integers are no model alone
-        assert torch.equal(reader.get("w"), tensor)
+        monkeypatch.setattr(sys, "byteorder", "big")
+        chunked(
+            tmp_path / f"c{number}", tensor, [((0, 0), (6, 6)), ((6, 0), (5, 6))], saved=big_endian
+        )
+        monkeypatch.undo()
+    reads = f"""
+import sys, torch
+from terge.io import open_checkpoint
+for number, dtype in enumerate([{", ".join(map(str, BIG_ENDIAN_DTYPES))}]):
+    expected = torch.arange(11 * 6).view(11, 6).to(dtype)
+    with open_checkpoint(sys.argv[1] + f"/c{{number}}", entry="") as reader:  # integers: no model
+        assert torch.equal(reader.get("w"), expected), dtype
+print("read")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", reads, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "read"), done.stderr[-2000:]
 
 
 def test_an_empty_chunk_anywhere_is_no_overlap(tmp_path):
