@@ -765,3 +765,21 @@ def test_a_tolerance_still_compares_the_digests_exactly(folders):
     assert verify_lineage(load_lineage("m"), "m", rtol=1e-5) == [
         ("norm.bias", "the checkpoint's tensor is not the one merged (digest differs)")
     ]
+
+
+def test_an_in_memory_entry_whose_coefficients_do_not_pair_up_is_named_not_recomputed(folders):
+    """The lineage loader refuses such a file; a ``Lineage`` built or edited in Python reaches
+    verify as it is, and gets the problem rather than an error from the kernel."""
+    terge.merge(folders[:2], out="m")
+    lineage = load_lineage("m")
+    entry = lineage["norm.bias"]
+    lineage["norm.bias"] = terge.LineageEntry(
+        entry[0], entry[1], coefficients=(1.0, 1.0, 1.0), divisor=3.0
+    )
+    assert verify_lineage(lineage, "m") == [
+        (
+            "norm.bias",
+            "its weights [0.5, 0.5], coefficients [1.0, 1.0, 1.0] and divisor 3.0 do not pair "
+            "up (one coefficient per contribution)",
+        )
+    ]
