@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from terge.errors import TergeError
-from terge.layers import LayerSpecError, layer_index, layers
+from terge.layers import LayerSpecError, block_prefix, layer_index, layers, renumbered
 from terge.patterns import PatternMap, PatternSet, selected
 
 INDICES = (0, 1, 2, 10, 11)  # 1 and 10/11 share a prefix: "1" must not select 10 or 11
@@ -275,3 +275,33 @@ def test_bad_specs_are_refused_with_the_accepted_forms(spec, message):
 def test_layer_spec_error_is_a_terge_value_error():
     assert issubclass(LayerSpecError, TergeError)
     assert issubclass(LayerSpecError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("fc_norm.weight", True),  # timm's ViT
+        ("head.weight", True),
+        ("score", True),  # a top-level parameter: the name ends at the head segment
+        ("lm_head", True),
+        ("blocks.0.norm1.weight", False),
+        ("scores.weight", False),
+    ],
+)
+def test_head_segments_end_at_a_dot_or_at_the_end_of_the_name(name, head):
+    assert bool(layers(head=True).search(name)) is head
+
+
+@pytest.mark.parametrize("name", ["model.layers.3", "layers.3", "h.0"])
+def test_digits_that_end_a_name_are_no_block(name):
+    """A block segment is followed by more of the name: a tensor called ``layers.3`` (a list of
+    parameters, say) is outside the blocks, and neither renumbered nor given a stack."""
+    assert layer_index(name) is None
+    assert block_prefix(name) is None
+    assert renumbered(name, 7) == name
+    assert block_prefix(name + ".weight") is not None
+
+
+def test_part_specs_are_recognised_in_capitals_too():
+    with pytest.raises(LayerSpecError, match=r"llm_sepweight part specs such as 'b 0-5 e'"):
+        layers("B 0-5 E")

@@ -46,3 +46,12 @@ def test_parse_size_rejects_with_the_value_and_the_accepted_forms(size):
         parse_size(size)
     assert issubclass(SizeFormatError, ValueError)
     assert issubclass(SizeFormatError, TergeError)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [(".5GB", 500_000_000), ("4.1MB", 4_100_000), ("8.2GB", 8_200_000_000), ("0.3 mib", 314_572)],
+)
+def test_fractions_count_exactly_and_may_start_with_their_point(size, expected):
+    """Exact decimal arithmetic: 4.1 x 10^6 in float64 is 4,099,999.999..., one byte short."""
+    assert parse_size(size) == expected
