@@ -121,3 +121,39 @@ def test_layer_count_comes_from_the_models_and_gpt2_names_work():
 def test_bad_layer_wise_input_is_refused(call, message):
     with pytest.raises(MergeArgumentError, match=message):
         call()
+
+
+def test_outside_the_blocks_an_other_of_zero_is_zero_and_the_mean_is_of_every_block():
+    """``other=0`` is a value, not "unset"; the default is the mean of the blocks' own values
+    (interpolated: 0, 0.5, 1, 1, 1 for anchors [0, 1, 1] over five blocks), not of the anchors;
+    with no blocks at all, the anchors' mean."""
+    assert by_layer([1, 3], other=0).at(None, LAYERS) == 0.0
+    assert by_layer([0, 1, 1]).at(None, LAYERS) == 0.7
+    assert by_layer([1, 2]).at(None, 0) == 1.5
+
+
+def test_one_block_takes_the_first_anchor_and_anchors_interpolate_as_documented():
+    """A model of one block is at the start of the gradient. Between anchors ``a`` and ``b`` at
+    fraction ``f`` the value is ``a (1 - f) + b f``, rounded as written (``a + (b - a) f``
+    rounds otherwise: 0.5 at f = 2/3 here)."""
+    assert by_layer([0.2, 0.8]).at(0, 1) == 0.2
+    gradient = by_layer([0.1, 0.7])
+    assert gradient.at(2, 4) == 0.1 * (1 - 2 / 3) + 0.7 * (2 / 3) == 0.49999999999999994
+
+
+def test_other_is_validated_compared_and_shown():
+    with pytest.raises(MergeArgumentError, match=r"ties: density must be in \(0, 1\], got 1\.5\."):
+        methods.ties(density=by_layer([0.3], other=1.5))
+    assert by_layer([1], other=2) != by_layer([1], other=3)
+    assert by_layer([1], other=2) == by_layer([1.0], other=2.0)
+    assert repr(by_layer([1, 2], other=0.5)) == "by_layer([1.0, 2.0], other=0.5)"
+    with pytest.raises(MergeArgumentError, match=r"by_layer\(\) values must be finite real"):
+        by_layer([True, 0])
+
+
+def test_the_block_count_is_one_past_the_largest_index():
+    """Blocks 0 and 2 make three (block 1 holds nothing to merge, say); no block names, none."""
+    from terge.layerwise import count_layers
+
+    assert count_layers(["model.layers.0.w", "model.layers.2.w", "lm_head.weight"]) == 3
+    assert count_layers(["model.embed_tokens.weight", "lm_head.weight"]) == 0
