@@ -262,6 +262,7 @@ def test_what_terge_cannot_honour_is_refused_naming_the_key(trio, text, message)
         ("tokenizer_source: base", "base"),
         ("tokenizer_source: union", "union"),
         ("tokenizer_source: model:m1", 1),
+        ("tokenizer_source: model:base/../m1", 1),  # the same folder, spelled otherwise
         ("tokenizer: {source: union}", "union"),
         ("", None),
     ],
@@ -288,6 +289,12 @@ def test_hub_ids_in_a_config_are_hub_models(trio):
 def test_a_yaml_file_is_read_and_bad_yaml_refused(trio):
     (trio / "c.yml").write_text("models: [m0, m1]\nmerge_method: linear\nparameters: {weight: 1}")
     assert from_mergekit(trio / "c.yml")["models"] == [str(trio / "m0"), str(trio / "m1")]
+    (trio / "configs").mkdir()  # relative paths start from the current folder, not the file's
+    (trio / "configs" / "c.yml").write_text((trio / "c.yml").read_text())
+    assert from_mergekit(trio / "configs" / "c.yml")["models"] == [
+        str(trio / "m0"),
+        str(trio / "m1"),
+    ]
     (trio / "bad.yml").write_text("models: [m0\n")
     with pytest.raises(MergeArgumentError, match="is not valid YAML"):
         from_mergekit(trio / "bad.yml")
@@ -465,6 +472,14 @@ def test_out_dtype_wins_over_dtype_and_torch_names_are_read(trio):
             "models: [m0]\nmerge_method: model_stock\nbase_model: base",
             "config models: model_stock needs at least two models besides base_model",
         ),
+        (
+            "models: [m0, m1]\nmerge_method: model_stock",
+            "config base_model: model_stock needs a base_model",
+        ),
+        (
+            "models: [m0]\nmerge_method: linear\nparameters: {weight: 1}\ntokenizer: {source: m0}",
+            "config tokenizer.source: must be base, union or model:PATH, got 'm0'",
+        ),
     ],
 )
 def test_each_refusal_names_its_key_and_its_reason(trio, text, message):
@@ -480,6 +495,77 @@ def test_a_yaml_file_that_is_no_mapping_is_refused(trio):
         MergeArgumentError, match=r"must be a mapping \(models, merge_method, \.\.\.\)"
     ):
         from_mergekit(trio / "list.yml")
+
+
+def test_rescale_and_per_model_gamma_of_ties_and_breadcrumbs(trio):
+    """rescale (default false for ties and breadcrumbs) set true is L1 rescaling, and
+    breadcrumbs' gamma is per model (a model's own, else the global one, else 0.01)."""
+    text = """
+        models:
+          - {model: m0, parameters: {weight: 1.0, gamma: 0.2}}
+          - {model: m1, parameters: {weight: 1.0}}
+        merge_method: %s
+        base_model: base
+        parameters: {rescale: true}
+        """
+    ties_ = from_mergekit(config(text % "ties"))["method"]["model.norm.weight"]
+    assert ties_.settings == {
+        "density": 1.0,
+        "scale": 1.0,
+        "trim": "exact",
+        "elect": "weighted",
+        "rescale": "l1",
+    }
+    crumbs = from_mergekit(config(text % "breadcrumbs"))["method"]["model.norm.weight"]
+    assert crumbs.settings == {
+        "density": 1.0,
+        "gamma": [0.2, 0.01],
+        "scale": 1.0,
+        "trim": "exact",
+        "rescale": "l1",
+    }
+    crumbs = from_mergekit(config((text % "breadcrumbs").replace("rescale: true", "gamma: 0.3")))
+    assert crumbs["method"]["model.norm.weight"].settings["gamma"] == [0.2, 0.3]
+
+
+def test_model_stock_merges_the_base_first_and_others_after(trio):
+    """model_stock's base_model is the first model (listed among the models or not) and the
+    others follow in order; it sets its own weights."""
+    options = from_mergekit(
+        config("models: [m1, base, m0]\nmerge_method: model_stock\nbase_model: base")
+    )
+    assert options["models"] == [str(trio / n) for n in ("base", "m1", "m0")]
+    assert options["base"] == 0 and options["weights"] == {}
+
+
+def test_a_single_block_model_reads_gradients_at_t_1(trio):
+    """mergekit's t is layer / (layers - 1), and 1 where there is one block (0 outside it)."""
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+    for k, name in enumerate(["one0", "one1"]):
+        (trio / name).mkdir()
+        save_file(
+            {n: torch.full((2, 2), float(k)) for n in names}, trio / name / "model.safetensors"
+        )
+    options = from_mergekit(
+        config("models: [one0, one1]\nmerge_method: linear\nparameters: {weight: [1, 3]}")
+    )
+    assert options["weights"] == {
+        "model.embed_tokens.weight": [1.0, 1.0],
+        "model.layers.0.mlp.up_proj.weight": [3.0, 3.0],
+        "model.norm.weight": [1.0, 1.0],
+    }
+
+
+def test_slices_accept_a_base_model_and_ignore_it(trio):
+    """base_model is a key of a slices config (passthrough and linear slices do not use it)."""
+    slices = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "m0", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "m1", "layer_range": [1, 3]}]},
+        ],
+    }
+    assert from_mergekit({**slices, "base_model": "base"}) == from_mergekit(slices)
 
 
 # --- the command ------------------------------------------------------------------------------------
