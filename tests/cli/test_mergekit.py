@@ -568,6 +568,36 @@ def test_slices_accept_a_base_model_and_ignore_it(trio):
     assert from_mergekit({**slices, "base_model": "base"}) == from_mergekit(slices)
 
 
+def test_a_linear_base_model_not_among_the_models_is_merged_with_the_global_weight(trio):
+    """mergekit adds a base_model that is not among a linear merge's models to the merged
+    models (last), its weight the global one: (w0 m0 + w1 m1 + w base) / (w0 + w1 + w)."""
+    text = """
+        models:
+          - {model: m0, parameters: {weight: 1.0}}
+          - {model: m1, parameters: {weight: 3.0}}
+        merge_method: linear
+        base_model: base
+        parameters: {weight: %s}
+        """
+    options = from_mergekit(config(text % "2.0"))
+    assert options["models"] == [str(trio / n) for n in ("m0", "m1", "base")]
+    assert options["base"] == 2 and options["normalize"] is True
+    assert options["weights"]["model.norm.weight"] == [1.0, 3.0, 2.0]
+    merged = terge.merge(**options)
+    name = "model.layers.1.mlp.up_proj.weight"
+    m0, m1, base = (
+        load_file(trio / m / "model.safetensors")[name].double() for m in ("m0", "m1", "base")
+    )
+    assert torch.allclose(merged[name].double(), (m0 + 3 * m1 + 2 * base) / 6, atol=1e-6, rtol=0)
+    with pytest.raises(
+        MergeArgumentError,
+        match=re.escape(
+            "config base_model: the required parameter 'weight' is not set for 'lm_head.weight'"
+        ),
+    ):
+        from_mergekit(config(text % "[{filter: mlp, value: 1.0}]"))
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 

@@ -446,6 +446,14 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
         order = list(range(len(paths)))
         models = list(paths)
         base = 0 if base_path is None else (base_at if base_at is not None else base_path)
+        if base_path is not None and base_at is None and globals_ and "weight" in globals_:
+            # mergekit merges a base_model missing from the models too, last, with the global
+            # weight (without one it has no weight and mergekit fails; terge leaves it out)
+            order.append(len(paths))
+            paths.append(base_path)
+            own.append(None)
+            models.append(base_path)
+            base = len(models) - 1
     if method_name == "slerp" and len(order) != 1:
         raise _fail("models", f"slerp takes base_model and one other model, got {len(order) + 1}")
     if method_name == "model_stock" and len(order) < 2:
@@ -471,7 +479,10 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
                 _resolve(
                     key,
                     kind,
-                    [(f"models[{i}].parameters", own[i]), *global_scope],
+                    [
+                        ("base_model" if i == len(entries) else f"models[{i}].parameters", own[i]),
+                        *global_scope,
+                    ],
                     name,
                     t,
                     default,
