@@ -130,3 +130,22 @@ def test_factor_takes_one_of_rank_and_energy_and_a_matrix():
         factor(torch.randn(3, 3), rank=1, energy=0.5)
     with pytest.raises(MergeArgumentError, match=r"2-D tensor; got shape \(3,\)"):
         factor(torch.randn(3), rank=1)
+
+
+def test_edges_of_the_energy_rule():
+    """Energy 1 is allowed and keeps every singular value; a zero difference takes rank 1; a
+    share short of the threshold by more than rounding (5e-5 here) does not reach it."""
+    delta = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    assert check_energy(1) == 1.0
+    assert factor(delta, energy=1.0).rank == 3
+    assert factor(torch.zeros(4, 3), energy=0.9).rank == 1
+    values = torch.tensor([0.9999, 0.0001], dtype=torch.float64).sqrt()
+    assert rank_for_energy(values, 0.99995) == 2
+    assert rank_for_energy(values, 0.9999) == 1
+
+
+def test_only_matrices_are_factored():
+    with pytest.raises(
+        MergeArgumentError, match=r"factor\(\) takes a 2-D tensor; got shape \(2, 3, 4\)"
+    ):
+        factor(torch.zeros(2, 3, 4), rank=1)
