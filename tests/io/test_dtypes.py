@@ -41,3 +41,14 @@ def test_safetensors_codes_and_dtypes_are_inverse_maps():
     assert {
         SAFETENSORS_DTYPES[code]: code for code in SAFETENSORS_CODES.values()
     } == SAFETENSORS_CODES
+
+
+def test_every_code_means_what_safetensors_means_by_it():
+    """safetensors' own table (its torch module's) is the oracle for every code it knows; the
+    newer F8_E8M0 (MX scales) is torch's float8_e8m0fnu where this torch has it."""
+    import safetensors.torch
+
+    theirs = safetensors.torch._TYPES
+    assert {code: SAFETENSORS_DTYPES.get(code) for code in theirs} == theirs
+    if hasattr(torch, "float8_e8m0fnu"):
+        assert SAFETENSORS_DTYPES["F8_E8M0"] is torch.float8_e8m0fnu
