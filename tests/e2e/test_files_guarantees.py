@@ -547,3 +547,85 @@ def test_a_lineage_temp_file_of_a_killed_run_is_removed_by_the_next_write(tmp_pa
     with pytest.warns(UserWarning, match=rf"removed its leftover {left}"):
         terge.save_lineage(lineage, tmp_path / "l.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json"]
+
+
+def _sigterm_self() -> None:
+    # Never with the default handler: that would kill the test run.
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_sigterm_while_renaming_into_place_waits_for_the_rename(tmp_path, monkeypatch, overwrite):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if overwrite:
+        save({"w": torch.zeros(2)}, tmp_path / "out")
+    real_rename = os.rename
+    renames: list[str] = []
+
+    def rename(source: object, destination: object) -> None:
+        if Path(destination).parent == tmp_path:  # installing (not naming the shards)
+            if not renames:
+                _sigterm_self()
+            renames.append(Path(destination).name)
+        real_rename(source, destination)
+
+    def write() -> None:
+        with ShardedWriter(tmp_path / "out", overwrite=overwrite) as writer:
+            writer.add("w", torch.ones(2))
+            monkeypatch.setattr(writing.os, "rename", rename)
+
+    with pytest.raises(SystemExit) as exited:
+        write()
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert len(renames) == (2 if overwrite else 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"], torch.ones(2))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_sigterm_while_removing_the_temporary_folder_waits_for_it(tmp_path, monkeypatch):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    real_rmtree = writing.shutil.rmtree
+
+    def rmtree(path: object, **kwargs: object) -> None:
+        _sigterm_self()
+        real_rmtree(path, **kwargs)
+
+    def write() -> None:
+        with ShardedWriter(tmp_path / "out") as writer:
+            writer.add("w", torch.ones(2))
+            monkeypatch.setattr(writing.shutil, "rmtree", rmtree)
+            raise RuntimeError("boom")
+
+    with pytest.raises(SystemExit) as exited:
+        write()
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert isinstance(exited.value.__context__, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("where", ["entering", "committing"])
+def test_a_ctrl_c_while_entering_or_committing_leaves_nothing(tmp_path, monkeypatch, where):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if where == "committing":
+        monkeypatch.setattr(writing, "save_file", interrupted)
+    else:
+        monkeypatch.setattr(writing.shutil, "copy2", interrupted)
+
+    def write() -> None:
+        with ShardedWriter(tmp_path / "out", copy_files_from=tmp_path / "base") as writer:
+            writer.add("w", torch.ones(2))
+
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

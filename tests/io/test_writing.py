@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from safetensors import safe_open
 import terge.io.writing as writing
 from terge.errors import (
     CheckpointError,
+    LineageError,
     SizeFormatError,
 )
 from terge.io import (
@@ -407,3 +413,512 @@ def test_shard_files_left_unwritten_are_refused_and_removed_on_failure(tmp_path)
         files.finish(tmp_path / "out")
     files.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Shard boundaries and streamed layouts
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_shard_filled_exactly_to_max_shard_size_is_one_shard(tmp_path):
+    state = tensors(2)  # 1024 bytes each
+    save(state, tmp_path / "out", max_shard_size=2048)
+    assert listing(tmp_path / "out") == ["model.safetensors"]
+    save(state, tmp_path / "over", max_shard_size=2047)
+    assert listing(tmp_path / "over") == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    layout = {name: writing.TensorInfo(t.shape, t.dtype) for name, t in state.items()}
+    assert writing.shard_groups(layout, 2048) == [list(state)]
+    assert writing.shard_groups(layout, 2047) == [[name] for name in state]
+
+
+def test_tensors_each_larger_than_max_shard_size_get_one_shard_each_and_no_empty_one(tmp_path):
+    state = tensors(3)
+    with ShardedWriter(tmp_path / "out", max_shard_size=1) as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert listing(tmp_path / "out") == [*shards, "model.safetensors.index.json"]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == dict(zip(state, shards, strict=True))
+    layout = {name: writing.TensorInfo(t.shape, t.dtype) for name, t in state.items()}
+    assert writing.shard_groups(layout, 1) == [[name] for name in state]
+
+
+def test_streamed_shards_align_every_tensor_for_its_dtype(tmp_path):
+    layout = {
+        "a": writing.TensorInfo(torch.Size([3]), torch.int8),
+        "b": writing.TensorInfo(torch.Size([5]), torch.float16),
+        "c": writing.TensorInfo(torch.Size([2]), torch.float64),
+    }
+    values = {
+        "a": torch.tensor([1, -2, 3], dtype=torch.int8),
+        "b": torch.arange(5, dtype=torch.float16),
+        "c": torch.tensor([0.5, -1.5], dtype=torch.float64),
+    }
+    with writing.StreamingShardWriter(tmp_path / "out", layout) as writer:
+        for name, value in values.items():
+            writer.destination(name).copy_(value)
+    raw = (tmp_path / "out" / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert size % 8 == 0
+    header = json.loads(raw[8 : 8 + size])
+    assert [name for name in header if name != "__metadata__"] == ["c", "b", "a"]  # largest first
+    for name, value in values.items():
+        begin, end = header[name]["data_offsets"]
+        assert (8 + size + begin) % value.element_size() == 0
+        assert raw[8 + size + begin : 8 + size + end] == value.numpy().tobytes()
+    assert_same(load(tmp_path / "out"), values)
+
+
+def test_a_streamed_empty_tensor_is_written(tmp_path):
+    layout = {
+        "empty": writing.TensorInfo(torch.Size([0, 4]), torch.float32),
+        "w": writing.TensorInfo(torch.Size([2]), torch.float32),
+    }
+    with writing.StreamingShardWriter(tmp_path / "out", layout) as writer:
+        writer.destination("empty").copy_(torch.empty(0, 4))
+        writer.destination("w").copy_(torch.ones(2))
+    assert_same(load(tmp_path / "out"), {"empty": torch.empty(0, 4), "w": torch.ones(2)})
+
+
+def test_a_streaming_writer_refuses_a_dtype_safetensors_cannot_store(tmp_path):
+    layout = {"z": writing.TensorInfo(torch.Size([2]), torch.complex128)}
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'z' has dtype torch.complex128, which safetensors cannot"
+    ):
+        writing.StreamingShardWriter(tmp_path / "out", layout)
+    assert listing(tmp_path) == []
+
+
+def test_a_streaming_writer_hands_out_destinations_only_while_open(tmp_path):
+    layout = _layout([4])
+    writer = writing.StreamingShardWriter(tmp_path / "out", layout)
+    with pytest.raises(CheckpointError, match=r"destination\(\) needs an open writer"):
+        writer.destination("t0")
+    with writer:
+        writer.destination("t0").copy_(torch.ones(4))
+    with pytest.raises(CheckpointError, match=r"destination\(\) needs an open writer"):
+        writer.destination("t0")
+    assert_same(load(tmp_path / "out"), {"t0": torch.ones(4)})
+
+
+def test_a_streamed_tensor_never_written_is_refused_and_nothing_saved(tmp_path):
+    layout = _layout([4, 4])
+
+    def write() -> None:
+        with writing.StreamingShardWriter(tmp_path / "out", layout) as writer:
+            writer.destination("t0").copy_(torch.ones(4))
+
+    with pytest.raises(CheckpointError, match=r"1 tensors of the layout were never written \('t1'"):
+        write()
+    assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk, or one without fallocate
+# --------------------------------------------------------------------------------------------
+
+
+def _fallocate_failing(code: int):
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fallocate
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="posix_fallocate")
+def test_a_full_disk_fails_before_computing_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(writing.os, "posix_fallocate", _fallocate_failing(errno.ENOSPC))
+    layout = {"w": writing.TensorInfo(torch.Size([4, 4]), torch.float32)}
+    with (
+        pytest.raises(
+            CheckpointError,
+            match=r"no space left on the disk for .*model-00001\.safetensors \(160 bytes\)",
+        ),
+        writing.StreamingShardWriter(tmp_path / "out", layout),
+    ):
+        pytest.fail("the block must not run")
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="posix_fallocate")
+def test_a_file_system_without_fallocate_still_gets_whole_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(writing.os, "posix_fallocate", _fallocate_failing(errno.EOPNOTSUPP))
+    layout = {"w": writing.TensorInfo(torch.Size([4, 4]), torch.float32)}
+    value = torch.arange(16, dtype=torch.float32).view(4, 4)
+    with writing.StreamingShardWriter(tmp_path / "out", layout) as writer:
+        writer.destination("w").copy_(value)
+    assert_same(load(tmp_path / "out"), {"w": value})
+
+
+# --------------------------------------------------------------------------------------------
+# Flushed to disk before the rename (a crash cannot be tested: the calls and their order are)
+# --------------------------------------------------------------------------------------------
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Record, in order, each path os.fsync flushes and each rename (``rename <dest name>``)."""
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def rename(source: object, destination: object) -> None:
+        events.append(f"rename {Path(destination).name}")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.os, "fsync", fsync)
+    monkeypatch.setattr(writing.os, "rename", rename)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="/proc")
+@pytest.mark.parametrize("streamed", [False, True])
+def test_every_file_and_the_folder_are_flushed_before_the_rename_into_place(
+    tmp_path, monkeypatch, streamed
+):
+    state = tensors(3)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    events = _record_fsyncs(monkeypatch)
+    options = {"max_shard_size": 1, "copy_files_from": tmp_path / "base"}
+    if streamed:
+        layout = {name: writing.TensorInfo(t.shape, t.dtype) for name, t in state.items()}
+        writer: ShardedWriter = writing.StreamingShardWriter(tmp_path / "out", layout, **options)
+    else:
+        writer = ShardedWriter(tmp_path / "out", **options)
+    with writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+        writer.write_text("notes.txt", "hello")
+        temporary = str(writer.temporary)
+    installed = events.index("rename out")
+    before = events[:installed]
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for name in [*shards, "model.safetensors.index.json", "notes.txt"]:
+        assert f"{temporary}/{name}" in before, (name, events)
+    assert before[-1] == temporary, events  # the folder last, after its files
+    if streamed:  # the shard files themselves, before they are renamed to their final names
+        first_rename = next(i for i, e in enumerate(events) if e.startswith("rename "))
+        flushed = events[:first_rename]
+        assert [f"{temporary}/model-0000{i}.safetensors" for i in (1, 2, 3)] == flushed, events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="/proc")
+def test_every_shard_map_is_flushed_before_its_file_and_the_rename(tmp_path, monkeypatch):
+    events: list[str] = []
+
+    class Mapped(mmap.mmap):
+        def flush(self, *args: object) -> None:
+            events.append("flush map")
+            super().flush(*args)
+
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def rename(source: object, destination: object) -> None:
+        events.append(f"rename {Path(destination).name}")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.mmap, "mmap", Mapped)
+    monkeypatch.setattr(writing.os, "fsync", fsync)
+    monkeypatch.setattr(writing.os, "rename", rename)
+    layout = _layout([4, 4])
+    with writing.StreamingShardWriter(tmp_path / "out", layout, max_shard_size=16) as writer:
+        for name in layout:
+            writer.destination(name).copy_(torch.full((4,), 2.0))
+    assert events[:4] == [
+        "flush map",
+        "flush map",
+        "model-00001.safetensors",
+        "model-00002.safetensors",
+    ], events
+    assert_same(load(tmp_path / "out"), {name: torch.full((4,), 2.0) for name in layout})
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="/proc")
+def test_a_text_file_s_folder_is_flushed_after_the_rename(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def link(source: object, destination: object, **kwargs: object) -> None:
+        events.append("named")
+        real_link(source, destination, **kwargs)
+
+    monkeypatch.setattr(writing.os, "fsync", fsync)
+    monkeypatch.setattr(writing.os, "link", link)
+    writing.write_text_atomic(tmp_path / "l.json", "{}\n")
+    assert events[-2:] == ["named", str(tmp_path)], events
+    assert (tmp_path / "l.json").read_text() == "{}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Text files, write_text() and files
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_text_file_is_written_by_rename_where_hard_links_are_unsupported(tmp_path, monkeypatch):
+    def no_links(source: object, destination: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(writing.os, "link", no_links)
+    assert writing.write_text_atomic(tmp_path / "l.json", "new\n") == tmp_path / "l.json"
+    assert listing(tmp_path) == ["l.json"]
+    assert (tmp_path / "l.json").read_text() == "new\n"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_text_file_over_a_folder_is_refused(tmp_path, overwrite):
+    (tmp_path / "l.json").mkdir()
+    with pytest.raises(LineageError, match=r"l\.json is a folder; give the path of a file"):
+        writing.write_text_atomic(tmp_path / "l.json", "x", overwrite=overwrite, error=LineageError)
+    assert listing(tmp_path) == ["l.json"]
+    assert listing(tmp_path / "l.json") == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks")
+def test_a_dangling_link_at_the_target_is_not_replaced_unasked(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "l.json").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"out already exists; pass overwrite=True"):
+        ShardedWriter(tmp_path / "out")
+    with pytest.raises(LineageError, match=r"l\.json already exists; pass overwrite=True"):
+        writing.write_text_atomic(tmp_path / "l.json", "x", error=LineageError)
+    assert listing(tmp_path) == ["l.json", "out"]
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "l.json").is_symlink()
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "sub/x.json", "../x.json", "model.safetensors"])
+def test_write_text_takes_plain_non_weight_names_only(tmp_path, name):
+    with ShardedWriter(tmp_path / "out") as writer:
+        with pytest.raises(CheckpointError, match=rf"a plain file name .*; got {name!r}"):
+            writer.write_text(name, "x")
+        writer.add("w", torch.ones(1))
+    assert listing(tmp_path) == ["out"]
+    assert listing(tmp_path / "out") == ["model.safetensors"]
+
+
+def test_files_lists_copies_and_a_rewritten_copy_once(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("old")
+    (tmp_path / "base" / "vocab.txt").write_text("v")
+    with ShardedWriter(tmp_path / "out", copy_files_from=tmp_path / "base") as writer:
+        writer.add("w", torch.ones(1))
+        writer.write_text("config.json", "new")
+        writer.write_text("lineage.json", "{}")
+    out = tmp_path / "out"
+    assert writer.files == [
+        out / "model.safetensors",
+        out / "config.json",
+        out / "vocab.txt",
+        out / "lineage.json",
+    ]
+    assert (out / "config.json").read_text() == "new"
+
+
+def test_not_copied_names_are_left_for_the_caller_to_write(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("old")
+    (tmp_path / "base" / "vocab.txt").write_text("v")
+    options = {"copy_files_from": tmp_path / "base", "not_copied": ["config.json"]}
+    with ShardedWriter(tmp_path / "out", **options) as writer:
+        writer.add("w", torch.ones(1))
+    assert writer.copied == ["vocab.txt"]
+    assert listing(tmp_path / "out") == ["model.safetensors", "vocab.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: an index stands for its folder; a file may lie above an input
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_output_in_the_folder_of_an_index_input_is_refused(tmp_path):
+    save(tensors(2), tmp_path / "in", max_shard_size=1)
+    index = tmp_path / "in" / "model.safetensors.index.json"
+    with pytest.raises(
+        CheckpointError, match=r"the output .*in/merged is inside the input .*index\.json"
+    ):
+        ShardedWriter(tmp_path / "in" / "merged", inputs=[index])
+    with pytest.raises(LineageError, match=r"the lineage file .*in/l\.json is inside the input"):
+        writing.check_file_apart(
+            tmp_path / "in" / "l.json", [index], what="the lineage file", error=LineageError
+        )
+    assert "merged" not in listing(tmp_path / "in")
+
+
+def test_a_file_may_lie_beside_or_above_an_input_but_not_over_or_in_one(tmp_path):
+    model = tmp_path / "a" / "model.safetensors"
+    for path in (tmp_path / "l.json", tmp_path / "a"):  # apart, and above (a file holds none)
+        writing.check_file_apart(path, [model])
+    with pytest.raises(CheckpointError, match=r"the file .*model\.safetensors is the input "):
+        writing.check_file_apart(model, [model])
+    with pytest.raises(CheckpointError, match=r"the file .*a/l\.json is inside the input .*/a; "):
+        writing.check_file_apart(tmp_path / "a" / "l.json", [tmp_path / "a"])
+
+
+# --------------------------------------------------------------------------------------------
+# Racing and failing installs, leftovers
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_target_made_after_the_writer_is_refused_on_entering(tmp_path):
+    writer = ShardedWriter(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("theirs")
+    with pytest.raises(CheckpointError, match=r"out already exists; pass overwrite=True"), writer:
+        pytest.fail("the block must not run")
+    assert listing(tmp_path) == ["out"]
+    assert listing(tmp_path / "out") == ["keep.txt"]
+
+
+def test_a_target_appearing_during_the_write_is_kept_without_overwrite(tmp_path):
+    def write() -> None:
+        with ShardedWriter(tmp_path / "out") as writer:
+            writer.add("w", torch.ones(2))
+            save({"w": torch.zeros(2)}, tmp_path / "out")  # another run, meanwhile
+
+    with pytest.raises(CheckpointError, match="out appeared while it was being written"):
+        write()
+    assert listing(tmp_path) == ["out"]
+    assert_same(load(tmp_path / "out"), {"w": torch.zeros(2)})
+
+
+def test_a_file_appearing_at_the_target_during_the_rename_is_kept(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    real_rename = os.rename
+
+    def racing_rename(source: object, destination: object) -> None:
+        if Path(destination) == target:
+            target.write_text("the other run's\n")  # between our check and our rename
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.os, "rename", racing_rename)
+
+    def write() -> None:
+        with ShardedWriter(target) as writer:
+            writer.add("w", torch.ones(2))
+
+    with pytest.raises(CheckpointError, match="out appeared while it was being written"):
+        write()
+    assert listing(tmp_path) == ["out"]
+    assert target.read_text() == "the other run's\n"
+
+
+def test_a_failed_rename_into_place_puts_the_old_output_back(tmp_path, monkeypatch):
+    save({"old": torch.ones(2)}, tmp_path / "out")
+    real_rename = os.rename
+
+    def rename(source: object, destination: object) -> None:
+        if ".tmp-" in Path(source).name:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.os, "rename", rename)
+    with (
+        pytest.raises(
+            CheckpointError,
+            match=r"cannot rename the finished output into place at .*out \(Invalid cross-device "
+            r"link\); nothing was written there",
+        ),
+        ShardedWriter(tmp_path / "out", overwrite=True) as writer,
+    ):
+        writer.add("new", torch.zeros(2))
+    assert listing(tmp_path) == ["out"]
+    assert_same(load(tmp_path / "out"), {"old": torch.ones(2)})
+
+
+def test_an_output_moved_away_by_another_run_meanwhile_is_simply_replaced(tmp_path, monkeypatch):
+    save({"old": torch.ones(2)}, tmp_path / "out")
+    real_rename = os.rename
+
+    def rename(source: object, destination: object) -> None:
+        if Path(source) == tmp_path / "out" and ".old-" in Path(destination).name:
+            real_rename(tmp_path / "out", tmp_path / "theirs")  # another run, just before us
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.os, "rename", rename)
+    save({"new": torch.zeros(2)}, tmp_path / "out", overwrite=True)
+    assert listing(tmp_path) == ["out", "theirs"]
+    assert_same(load(tmp_path / "out"), {"new": torch.zeros(2)})
+    assert_same(load(tmp_path / "theirs"), {"old": torch.ones(2)})
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks")
+def test_overwriting_a_link_to_a_folder_replaces_the_link_not_what_it_points_at(tmp_path):
+    save({"theirs": torch.ones(2)}, tmp_path / "elsewhere")
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    save({"new": torch.zeros(2)}, tmp_path / "out", overwrite=True)
+    assert listing(tmp_path) == ["elsewhere", "out"]
+    assert not (tmp_path / "out").is_symlink()
+    assert_same(load(tmp_path / "out"), {"new": torch.zeros(2)})
+    assert_same(load(tmp_path / "elsewhere"), {"theirs": torch.ones(2)})
+
+
+def test_the_output_moved_aside_is_named_for_clean_leftovers(tmp_path, monkeypatch):
+    """While an output is replaced, the old one is moved to a name that clean_leftovers puts
+    back should the process be killed before the new one is in place."""
+    save({"old": torch.ones(2)}, tmp_path / "out")
+    aside: list[str] = []
+    real_rename = os.rename
+
+    def rename(source: object, destination: object) -> None:
+        if Path(source) == tmp_path / "out":
+            aside.append(Path(destination).name)
+        real_rename(source, destination)
+
+    monkeypatch.setattr(writing.os, "rename", rename)
+    save({"new": torch.zeros(2)}, tmp_path / "out", overwrite=True)
+    (name,) = aside
+    found = writing._LEFTOVER.fullmatch(name)
+    assert found is not None, name
+    assert (found["name"], found["kind"], found["host"], found["pid"]) == (
+        "out",
+        "old",
+        writing._HOST,
+        str(os.getpid()),
+    )
+    assert listing(tmp_path) == ["out"]
+
+
+def test_an_output_moved_aside_whose_target_was_installed_is_removed(tmp_path, monkeypatch):
+    save({"new": torch.zeros(2)}, tmp_path / "out")
+    old = tmp_path / f".out.old-{writing._HOST}-999999-1234abcd"
+    save({"old": torch.ones(2)}, old)
+    monkeypatch.setattr(writing, "_running", lambda pid: pid != 999999)
+    with pytest.warns(UserWarning, match=r"process 999999\) was stopped .*removed its leftover"):
+        assert writing.clean_leftovers(tmp_path) == [old]
+    assert listing(tmp_path) == ["out"]
+    assert_same(load(tmp_path / "out"), {"new": torch.zeros(2)})
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks")
+def test_a_link_named_like_a_leftover_is_left_alone(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    link = tmp_path / f".out.tmp-{writing._HOST}-999999-abc123"
+    link.symlink_to(tmp_path / "data")
+    monkeypatch.setattr(writing, "_running", lambda pid: pid != 999999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert writing.clean_leftovers(tmp_path) == []
+    assert link.is_symlink() and (tmp_path / "data").is_dir()
+
+
+def test_a_process_that_cannot_be_signalled_counts_as_running(monkeypatch):
+    def kill(pid: int, signum: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(writing.os, "kill", kill)
+    assert writing._running(os.getpid() + 1)
