@@ -629,3 +629,29 @@ def test_a_ctrl_c_while_entering_or_committing_leaves_nothing(tmp_path, monkeypa
         write()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_ctrl_c_as_the_old_output_is_moved_aside_puts_it_back(tmp_path, monkeypatch):
+    """Ctrl-C lands as soon as a system call returns: if it comes just as the existing output has
+    been moved aside, that output is put back, not left hidden while the process lives on."""
+    save({"old": torch.ones(2)}, tmp_path / "out")
+    real_rename = os.rename
+
+    def rename(source: object, destination: object) -> None:
+        real_rename(source, destination)
+        if Path(source) == tmp_path / "out":
+            raise KeyboardInterrupt  # delivered right after the rename
+
+    monkeypatch.setattr(writing.os, "rename", rename)
+
+    def write() -> None:
+        with ShardedWriter(tmp_path / "out", overwrite=True) as writer:
+            writer.add("new", torch.zeros(2))
+
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    kept = load_file(tmp_path / "out" / "model.safetensors")
+    assert list(kept) == ["old"] and torch.equal(kept["old"], torch.ones(2))
+    assert writing.clean_leftovers(tmp_path) == []

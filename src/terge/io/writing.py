@@ -643,13 +643,13 @@ class ShardedWriter:
                 f"({error.strerror or error}); check its permissions, or choose another path.",
                 target,
             ) from error
+        except BaseException:  # Ctrl-C lands as the rename returns: it may be done already
+            _put_back(old, target)
+            raise
         try:
             self._rename_into_place(tmp)
         except BaseException:
-            try:
-                os.rename(old, target)  # the previous output back where it was
-            except OSError:  # another run installed its own output there: ours is obsolete
-                _remove(old)
+            _put_back(old, target)
             raise
         _remove(old)
 
@@ -671,6 +671,17 @@ class ShardedWriter:
             "output?); pass overwrite=True to replace it, or choose another path.",
             self.path,
         )
+
+
+def _put_back(old: Path, target: Path) -> None:
+    """Return the previous output moved aside to ``old`` to ``target``, if it was moved; if
+    another run installed its own output there meanwhile, ours is obsolete and removed."""
+    if not (old.exists() or old.is_symlink()):
+        return
+    try:
+        os.rename(old, target)
+    except OSError:
+        _remove(old)
 
 
 def _remove(path: Path) -> None:
