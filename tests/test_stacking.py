@@ -286,6 +286,8 @@ def small(layers: int = 4, width: int = 2, prefix: str = "model.layers") -> dict
         (lambda m: [(m, 3, 3)], r"slices\[0\]: blocks\(3, 3\) is empty"),
         (lambda m: [(m, -1, 2)], r"blocks\(-1, 2\) is empty or negative"),
         (lambda m: [(m, 0, 1.5)], r"needs an int `stop`; got 1.5"),
+        (lambda m: [(m, 0, True)], r"needs an int `stop`; got True"),
+        (lambda m: (m, 0, 2), "takes a list of slices; got tuple"),
         (lambda m: [], "got no slices"),
         (lambda m: terge.blocks(m, 0, 2), "takes a list of slices"),
         (lambda m: [[]], r"slices\[0\] is an empty list"),
@@ -891,3 +893,142 @@ def test_the_model_card_recipe_redoes_the_stack(folders, monkeypatch):
     assert not (terge.stack(slices, out="bare", model_card=False) / "README.md").exists()
     with pytest.raises(terge.StackError, match="`model_card` must be True, False or the command"):
         terge.stack(slices, out="never", model_card=3)
+
+
+# --- found by a mutation audit of stacking.py --------------------------------------------------
+
+
+def test_a_range_one_past_the_last_block_is_refused_naming_the_bounds():
+    message = (
+        "slices[0] asks for blocks 2 to 4 of dict, which has 4 blocks (0 to 3); give a range "
+        "inside it (stop at most 4)."
+    )
+    with pytest.raises(terge.StackError, match=re.escape(message)):
+        terge.stack([(small(), 2, 5)])
+
+
+def test_a_structure_mismatch_names_the_missing_tensor_and_the_slice_that_holds_it():
+    other = {**small(), "model.layers.0.b": torch.ones(2)}
+    del other["model.layers.1.w"]  # missing from slices[0][1], and it holds an extra one
+    message = "'model.layers.1.w' (numbered within the slice) is held only by slices[0][0]"
+    with pytest.raises(terge.StackError, match=re.escape(message)):
+        terge.stack([[(small(), 0, 2), (other, 0, 2)]])
+    extra = {**small(), "model.layers.0.b": torch.ones(2)}
+    message = "'model.layers.0.b' (numbered within the slice) is held only by slices[0][1]"
+    with pytest.raises(terge.StackError, match=re.escape(message)):
+        terge.stack([[(small(), 0, 2), (extra, 0, 2)]])
+
+
+class Tied(torch.nn.Module):
+    """Two blocks, with the head tied to the embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(3, 2)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+        self.head = torch.nn.Linear(2, 3, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_a_tied_head_stays_one_tensor_in_memory_and_in_the_lineage():
+    model = Tied()
+    result, record = terge.stack([(model, 1, 2)], lineage=True)
+    assert result.keys() == {"embed.weight", "head.weight", "layers.0.weight", "layers.0.bias"}
+    assert result["head.weight"] is result["embed.weight"]
+    assert torch.equal(result["embed.weight"], model.embed.weight.detach())
+    assert torch.equal(result["layers.0.weight"], model.layers[1].weight.detach())
+    assert record.tied == {"head.weight": "embed.weight"}
+
+
+def test_a_base_keeping_its_blocks_under_another_name_is_refused():
+    with pytest.raises(
+        terge.StackError, match=r"under different names \('model.layers', 'transformer.h'\)"
+    ):
+        terge.stack([(small(), 0, 2)], base=small(prefix="transformer.h"))
+
+
+def with_ints(shift: int) -> dict[str, torch.Tensor]:
+    state = {n: t + shift for n, t in small().items()}
+    for i in range(4):
+        state[f"model.layers.{i}.n"] = torch.tensor([i + shift])
+    return state
+
+
+def test_a_merged_slices_unmergeable_tensors_are_the_first_sources_renumbered():
+    a, b = with_ints(0), with_ints(10)
+    result, record = terge.stack([(a, 0, 1), [(a, 2, 4), (b, 0, 2)]], lineage=True)
+    assert [result[f"model.layers.{i}.n"].item() for i in range(3)] == [0, 2, 3]
+    assert [result[f"model.layers.{i}.w"][0].item() for i in range(3)] == [0, 6, 7]
+    assert record.skipped == {
+        "model.layers.1.n": "not floating point",
+        "model.layers.2.n": "not floating point",
+    }
+    assert record.stack["tensors"]["model.layers.2.n"] == [[0, "model.layers.3.n"]]
+
+
+def test_an_explicit_base_gives_the_embeddings_config_and_files(folders):
+    (folders / "a" / "tokenizer.json").write_text('{"from": "a"}')
+    (folders / "b" / "tokenizer.json").write_text('{"from": "b"}')
+    out = terge.stack([(folders / "a", 1, 3)], base=folders / "b", out=folders / "o")
+    assert (out / "tokenizer.json").read_text() == '{"from": "b"}'
+    state = terge.load(out)
+    assert torch.equal(state["model.embed_tokens.weight"], torch.full((3, 2), 10.0))
+    assert torch.equal(state["lm_head.weight"], torch.ones(3, 2))
+    assert blocks_of(out) == [1, 2]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["layer_types"]) == (2, ["x1", "x2"])
+    record = load_lineage(out)
+    assert (record.stack["base"], record.stack["head"], record.base.path) == (
+        1,
+        1,
+        str(folders / "b"),
+    )
+
+
+def test_blocks_built_directly_are_checked_as_blocks_checks_them():
+    with pytest.raises(terge.StackError, match=r"blocks\(3, 1\) is empty or negative"):
+        terge.stack([terge.Blocks(small(), 3, 1)])
+
+
+def test_a_width_mismatch_names_the_input_block_it_comes_from():
+    message = "block 1 of dict holds 'model.layers.0.w' of shape (3,), but the base's blocks"
+    with pytest.raises(terge.StackError, match=re.escape(message)):
+        terge.stack([(small(), 0, 2), (small(width=3), 1, 3)])
+
+
+def test_a_base_whose_blocks_differ_in_shape_holds_no_slice_to_one_shape():
+    base = {**small(), "model.layers.3.w": torch.zeros(3)}  # blocks of widths 2 and 3
+    result = terge.stack([(small(width=4), 0, 2)], base=base)
+    assert [tuple(result[f"model.layers.{i}.w"].shape) for i in range(2)] == [(4,), (4,)]
+    assert torch.equal(result["model.embed_tokens.weight"], torch.zeros(3, 2))
+
+
+def test_a_block_just_past_the_bases_per_layer_list_is_refused(folders):
+    terge.save(small(6), folders / "deep")  # six blocks, and no config.json
+    (folders / "deep" / "config.json").unlink(missing_ok=True)
+    with pytest.raises(terge.StackError, match="'layer_types' has no entry for block 4 of"):
+        terge.stack([(folders / "a", 0, 2), (folders / "deep", 4, 6)], out=folders / "o")
+    assert not (folders / "o").exists()
+
+
+def test_the_per_layer_lists_follow_the_configs_depth_not_the_tensors(folders):
+    """A checkpoint with a block its config does not count (DeepSeek-V3's multi-token
+    prediction layer): the per-layer lists are those of the config's depth, so still resliced."""
+    state = terge.load(folders / "a")
+    config = (folders / "a" / "config.json").read_text()
+    terge.save({**state, "model.layers.4.w": torch.full((2,), 4.0)}, folders / "a", overwrite=True)
+    (folders / "a" / "config.json").write_text(config)  # still num_hidden_layers 4
+    out = terge.stack([(folders / "a", 1, 3)], out=folders / "o")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["layer_types"]) == (2, ["x1", "x2"])
+
+
+def test_a_base_config_without_a_layer_count_lends_its_list_by_its_own_depth(folders):
+    (folders / "a" / "config.json").write_text(
+        json.dumps({"layer_types": ["x0", "x1", "x2", "x3"]})
+    )
+    terge.save(small(8), folders / "deep")  # eight blocks, and no config.json
+    (folders / "deep" / "config.json").unlink(missing_ok=True)
+    out = terge.stack([(folders / "a", 0, 2), (folders / "deep", 2, 4)], out=folders / "o")
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"layer_types": ["x0", "x1", "x2", "x3"]}
