@@ -1032,3 +1032,24 @@ def test_a_base_config_without_a_layer_count_lends_its_list_by_its_own_depth(fol
     out = terge.stack([(folders / "a", 0, 2), (folders / "deep", 2, 4)], out=folders / "o")
     config = json.loads((out / "config.json").read_text())
     assert config == {"layer_types": ["x0", "x1", "x2", "x3"]}
+
+
+def test_a_block_held_as_a_dtensor_is_refused_before_anything_is_read():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = small()
+        mesh = init_device_mesh("cpu", (1,))
+        model["model.layers.1.w"] = distribute_tensor(
+            model["model.layers.1.w"], mesh, [Replicate()]
+        )
+        message = "'model.layers.0.w' would come from a sharded DTensor, which stack() cannot copy"
+        with pytest.raises(terge.StackError, match=re.escape(message)):
+            terge.stack([(model, 1, 2)])
+    finally:
+        dist.destroy_process_group()

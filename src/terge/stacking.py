@@ -390,9 +390,9 @@ def _layout(
     _check_shapes(entries, models, base, planned)
     for name, entry in entries.items():
         if entry.is_meta or entry.sharding is not None:
-            what = "on the meta device" if entry.is_meta else "a sharded DTensor"
+            what = "a tensor on the meta device" if entry.is_meta else "a sharded DTensor"
             raise StackError(
-                f"the output's tensor {name!r} would come from a tensor {what}, which stack() "
+                f"the output's tensor {name!r} would come from {what}, which stack() "
                 "cannot copy; load real weights, or save the model (terge.save) and stack paths."
             )
     return _Layout(copies, computed, entries, aliases, block_sources, block_methods, from_blocks)
