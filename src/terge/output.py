@@ -471,7 +471,9 @@ def _write_distributed(
         failure = _write_own(writer, layout, names, sources, base, dtype, progress, hook)
     else:
         try:  # a full disk fails here, before anything is computed
-            files = ShardFiles(Path(started[0]), layout.tensors, groups, owned, started[1])
+            files = ShardFiles(
+                Path(started[0]), layout.tensors, groups, owned, started[1], output=Path(out)
+            )
         except Exception as error:
             failure = error  # what was created goes with rank 0's folder
         else:

@@ -6,6 +6,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -537,12 +538,27 @@ def test_a_full_disk_fails_before_computing_and_leaves_nothing(tmp_path, monkeyp
     with (
         pytest.raises(
             CheckpointError,
-            match=r"no space left on the disk for .*model-00001\.safetensors \(160 bytes\)",
-        ),
+            match=(
+                rf"^no space left on the disk for {re.escape(str(tmp_path / 'out'))}: its shard "
+                r"model-00001\.safetensors needs 160 bytes, the whole output about 64; free "
+            ),
+        ) as raised,
         writing.StreamingShardWriter(tmp_path / "out", layout),
     ):
         pytest.fail("the block must not run")
+    assert raised.value.path == tmp_path / "out"
     assert listing(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="posix_fallocate")
+def test_a_full_disk_on_another_rank_s_shards_names_the_output(tmp_path, monkeypatch):
+    layout = _layout([64, 64])
+    groups = writing.shard_groups(layout, 256)
+    monkeypatch.setattr(writing.os, "posix_fallocate", _fallocate_failing(errno.ENOSPC))
+    hidden = tmp_path / ".out.tmp"
+    hidden.mkdir()
+    with pytest.raises(CheckpointError, match=r"disk for \S*out: its shard model-00002\.safe"):
+        writing.ShardFiles(hidden, layout, groups, [1], {}, output=tmp_path / "out")
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="posix_fallocate")

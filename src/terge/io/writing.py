@@ -734,11 +734,13 @@ def shard_header(
     return struct.pack("<Q", len(raw)) + raw, offsets, begin
 
 
-def _reserve(fd: int, size: int, path: Path) -> None:
+def _reserve(fd: int, size: int, path: Path, output: Path, total: int) -> None:
     """Give the file its final size with its disk blocks allocated now.
 
     A full disk then fails here, as an error, before anything is computed: writing through a
     memory map into a sparse file would instead kill the process (SIGBUS) when space runs out.
+    The error names the output the user asked for (``path`` is in its hidden temporary folder,
+    gone once the error is raised) and how many bytes it holds.
     """
     os.ftruncate(fd, size)
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the size alone
@@ -748,9 +750,10 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise CheckpointError(
-                f"no space left on the disk for {path} ({size:,} bytes); free some space or "
-                "choose an output on another disk.",
-                path,
+                f"no space left on the disk for {output}: its shard {path.name} needs "
+                f"{size:,} bytes, the whole output about {total:,}; free some space or choose "
+                "an output on another disk.",
+                output,
             ) from None
         if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
@@ -780,7 +783,8 @@ class ShardFiles:
     rank holds one for the shards it owns (:func:`shard_owners`), in the temporary folder that
     rank 0's writer created, and the files are independent, so each rank fills its own.
     ``numbers`` are indices into ``groups``; shard ``i`` is the file ``model-{i+1:05d}``, renamed
-    by the writer when it commits.
+    by the writer when it commits. ``output``: the folder the user asked for, which a full
+    disk's error names (the shards are in a hidden temporary folder beside it).
     """
 
     def __init__(
@@ -790,12 +794,15 @@ class ShardFiles:
         groups: Sequence[Sequence[str]],
         numbers: Iterable[int],
         metadata: Mapping[str, str],
+        *,
+        output: Path | None = None,
     ) -> None:
         self.folder = folder
         self.paths: list[Path] = []
         self._layout = tensors
         self._slots: dict[str, tuple[mmap.mmap, int]] = {}
         self.unwritten: set[str] = set()
+        total = sum(info.nbytes for info in tensors.values())
         for number in numbers:
             path = folder / shard_file(number)
             header, offsets, data_size = shard_header(groups[number], tensors, metadata)
@@ -803,7 +810,7 @@ class ShardFiles:
                 self.paths.append(path)
                 file.write(header)
                 file.flush()
-                _reserve(file.fileno(), len(header) + data_size, path)
+                _reserve(file.fileno(), len(header) + data_size, path, output or folder, total)
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE)
             self._slots.update((name, (mapped, offset)) for name, offset in offsets.items())
             self.unwritten.update(groups[number])
@@ -927,7 +934,9 @@ class StreamingShardWriter(ShardedWriter):
 
     def _allocate(self) -> None:
         assert self._tmp is not None
-        self._files = ShardFiles(self._tmp, self._layout, self.groups, self._owned, self.metadata)
+        self._files = ShardFiles(
+            self._tmp, self._layout, self.groups, self._owned, self.metadata, output=self.path
+        )
         self._shards = [(shard_file(n), names) for n, names in enumerate(self.groups)]
 
     def destination(self, name: str) -> torch.Tensor:
