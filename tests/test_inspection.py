@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -190,3 +191,55 @@ def test_bad_arguments():
         inspect(models, base=5)
     with pytest.raises(MergeArgumentError, match="non-empty list"):
         inspect(base)
+
+
+def test_tensors_the_base_lacks_are_left_out_with_why():
+    base, models = _models()
+    models[1]["extra.weight"] = torch.ones(2)
+    models[2]["extra.weight"] = torch.ones(2)
+    models[2]["skipped.weight"] = torch.ones(2)
+    report = inspect(models, base=base, excluded="skipped.weight")
+    assert report.left_out == {
+        "steps": "not floating point",
+        "extra.weight": "the base lacks it (model 1 has it)",
+    }
+    assert "extra.weight" not in report.tensors
+    assert "  extra.weight: the base lacks it (model 1 has it)\n" in report.table()
+
+
+@pytest.mark.parametrize("where", ["model", "base"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_task_vector_with_nan_or_inf_is_left_out_not_measured(where, bad):
+    base, models = _models()
+    name = "model.layers.0.mlp.up_proj.weight"
+    clean = inspect(models, base=base)
+    (models[1] if where == "model" else base)[name][2, :2] = bad
+    report = inspect(models, base=base)
+    first = 1 if where == "model" else 0  # a bad base spoils every model's task vector
+    assert report.left_out[name] == f"model {first}'s task vector has 2 NaN or infinite entries"
+    assert name not in report.tensors
+    assert report.to_json()["blocks"]["1"] == clean.to_json()["blocks"]["1"]  # others untouched
+    assert all(math.isfinite(v) for v in report.total().norms())
+    json.dumps(report.to_json(), allow_nan=False)  # what `terge inspect --format json` writes
+    assert f"  {name}: model {first}'s task vector has 2 NaN" in report.table()
+
+
+def test_sums_that_overflow_are_null_in_json_not_nan():
+    base = {"w": torch.zeros(2, dtype=torch.float64)}
+    huge = {"w": torch.full((2,), 1e200, dtype=torch.float64)}
+    report = inspect([huge, {"w": torch.ones(2, dtype=torch.float64)}], base=base)
+    total = report.to_json()["total"]
+    assert total["norms"] == [None, math.sqrt(2)]
+    assert total["cosine"] == {"0-1": None}
+    json.dumps(report.to_json(), allow_nan=False)
+
+
+def test_the_table_names_the_first_tensors_left_out(monkeypatch):
+    base, models = _models()
+    for m in models:
+        m["extra.weight"] = torch.ones(2)
+    monkeypatch.setattr(inspection, "LISTED", 1)
+    table = inspect(models, base=base).table()
+    assert "left out: 2 tensors\n  steps: not floating point\n" in table
+    assert "  ... and 1 more (--format json lists all)\n" in table
+    assert "extra.weight" not in table

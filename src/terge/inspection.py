@@ -26,6 +26,8 @@ from .sources import FileSource, Source, as_source
 
 CHUNK = 1 << 20
 """Entries summed at a time (n models x 8 MiB of float64)."""
+LISTED = 20
+"""Tensors left out that the text table names (JSON lists them all)."""
 OTHER = "other"
 """The block of tensors outside the transformer blocks (embeddings, head, final norm)."""
 
@@ -111,6 +113,9 @@ class Sums:
     conflicts: list[list[int]] = field(default_factory=list)
     ties_kept: list[int] = field(default_factory=list)
     tensors: int = 0
+    non_finite: list[int] = field(default_factory=list)
+    """Each model's task-vector entries that are NaN or infinite (a tensor with any is left
+    out of the report: its sums would be NaN)."""
 
     def __post_init__(self) -> None:
         n = self.count
@@ -118,6 +123,7 @@ class Sums:
         self.dots = self.dots or [[0.0] * n for _ in range(n)]
         self.conflicts = self.conflicts or [[0] * n for _ in range(n)]
         self.ties_kept = self.ties_kept or [0] * n
+        self.non_finite = self.non_finite or [0] * n
 
     def add(self, other: Sums) -> None:
         n = self.count
@@ -126,6 +132,7 @@ class Sums:
         for i in range(n):
             self.squares[i] += other.squares[i]
             self.ties_kept[i] += other.ties_kept[i]
+            self.non_finite[i] += other.non_finite[i]
             for j in range(n):
                 self.dots[i][j] += other.dots[i][j]
                 self.conflicts[i][j] += other.conflicts[i][j]
@@ -135,9 +142,12 @@ class Sums:
         return [math.sqrt(s) for s in self.squares]
 
     def cosine(self, i: int, j: int) -> float | None:
-        """The cosine similarity of models ``i`` and ``j``'s task vectors (``None``: one is 0)."""
+        """The cosine similarity of models ``i`` and ``j``'s task vectors (``None``: one is 0,
+        or their sums overflowed float64)."""
         scale = math.sqrt(self.squares[i]) * math.sqrt(self.squares[j])
-        return None if scale == 0 else self.dots[i][j] / scale
+        if scale == 0 or not math.isfinite(scale) or not math.isfinite(self.dots[i][j]):
+            return None
+        return self.dots[i][j] / scale
 
     def conflict_rate(self, i: int, j: int) -> float:
         """The share of entries where ``i`` and ``j``'s task vectors have opposite signs."""
@@ -158,7 +168,8 @@ class Inspection:
 
     ``models`` labels the models whose task vectors were measured (the base excluded);
     ``density`` is the density TIES and DARE were judged at; ``tensors`` maps each measured
-    tensor to its :class:`Sums`; ``left_out`` the tensors not shared by all (with why).
+    tensor to its :class:`Sums`; ``left_out`` the tensors not measured, with why: not shared by
+    all (same name, shape, floating dtype), or a task vector with NaN or infinite entries.
     """
 
     models: list[str]
@@ -208,8 +219,8 @@ class Inspection:
         return {
             "tensors": sums.tensors,
             "numel": sums.numel,
-            "norms": sums.norms(),
-            "cosine": {f"{i}-{j}": sums.cosine(i, j) for i, j in self.pairs},
+            "norms": [_finite(v) for v in sums.norms()],
+            "cosine": {f"{i}-{j}": _finite(sums.cosine(i, j)) for i, j in self.pairs},
             "sign_conflicts": {f"{i}-{j}": sums.conflict_rate(i, j) for i, j in self.pairs},
             "ties_kept": [sums.ties_share(i) for i in range(len(self.models))],
             "dare_kept": self.density,
@@ -241,7 +252,13 @@ class Inspection:
             lines += self._table(by)
         if self.left_out:
             lines.append("")
-            lines.append(f"left out: {len(self.left_out)} tensors not shared by all models")
+            lines.append(f"left out: {len(self.left_out)} tensors")
+            shown = list(self.left_out.items())[:LISTED]
+            lines += [f"  {name}: {why}" for name, why in shown]
+            if len(self.left_out) > LISTED:
+                lines.append(
+                    f"  ... and {len(self.left_out) - LISTED} more (--format json lists all)"
+                )
         return "\n".join(lines) + "\n"
 
     def _table(self, by: str) -> list[str]:
@@ -268,6 +285,11 @@ class Inspection:
             )
             for row in rows
         ]
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: a sum that overflowed is ``null``, as an undefined cosine."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _number(value: float | None) -> str:
@@ -323,9 +345,19 @@ def inspect(
             if why is not None:
                 left_out[name] = why
                 continue
-            tensors[name] = measure(
-                base_source.get(name), [s.get(name) for s in sources], float(density)
-            )
+            sums = measure(base_source.get(name), [s.get(name) for s in sources], float(density))
+            bad = next(((i, c) for i, c in enumerate(sums.non_finite) if c), None)
+            if bad is not None:
+                left_out[name] = (
+                    f"model {bad[0]}'s task vector has {bad[1]} NaN or infinite entries"
+                )
+                continue
+            tensors[name] = sums
+        for i, source in enumerate(sources):  # what the base lacks is not silently dropped
+            for name in source.entries:
+                lacked = name not in base_source.entries and name not in left_out
+                if lacked and selected(name, include, exclude):
+                    left_out[name] = f"the base lacks it (model {i} has it)"
     return Inspection(labels, float(density), tensors, left_out)
 
 
@@ -386,6 +418,7 @@ def measure(base: torch.Tensor, models: Sequence[torch.Tensor], density: float) 
     dots = torch.zeros(count, count, dtype=torch.float64)
     conflicts = torch.zeros(count, count, dtype=torch.int64)
     kept = torch.zeros(count, dtype=torch.int64)
+    non_finite = torch.zeros(count, dtype=torch.int64)
     with torch.no_grad():
         for chunks in zip(*(_chunks(m, base) for m in models)):
             tau = torch.stack(chunks)
@@ -397,8 +430,10 @@ def measure(base: torch.Tensor, models: Sequence[torch.Tensor], density: float) 
             elected = torch.sign(trimmed.sum(0))
             agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
             kept += agree.sum(1)
+            non_finite += (~torch.isfinite(tau)).sum(1)
     sums.squares = squares.tolist()
     sums.dots = dots.tolist()
     sums.conflicts = conflicts.tolist()
     sums.ties_kept = kept.tolist()
+    sums.non_finite = non_finite.tolist()
     return sums

@@ -800,7 +800,7 @@ def test_inspect_prints_a_table_json_and_a_heatmap(capsys, checkpoints, tmp_path
     code, out, _ = run(capsys, "inspect", "a", "b", "c")
     assert code == 0
     assert out.splitlines()[0] == "models: 0: b, 1: c"
-    assert "cos01" in out and "left out: 1 tensors not shared by all models" in out
+    assert "cos01" in out and "left out: 1 tensors\n  steps: not floating point\n" in out
     code, out, _ = run(
         capsys, "inspect", "b", "c", "--base", "a", "--density", "0.5", "--format", "json"
     )
