@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from terge.io import parsing
-from terge.io.parsing import ParseProblem, read_capped
+from terge.io.parsing import ParseProblem, is_float_number, read_capped
 
 
 def test_a_folder_is_named_a_folder(tmp_path):
@@ -82,3 +82,26 @@ def test_regular_false_reads_what_is_not_a_regular_file():
     with pytest.raises(ParseProblem, match=r"larger than 10 bytes"):
         read_capped("/dev/zero", 10, regular=False)
     assert read_capped("/dev/null", 10, regular=False) == b""
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [
+        (0, True),
+        (-3, True),
+        (0.5, True),
+        (1e308, True),
+        (True, False),
+        (False, False),
+        ("1", False),
+        (None, False),
+        (float("nan"), False),
+        (float("inf"), False),
+        (int("9" * 400), False),
+    ],
+    ids=lambda v: repr(v)[:10],
+)
+def test_is_float_number(value, number):
+    """A lineage's weights: a finite int or float, never a bool (JSON true is not 1.0), a
+    string, a non-finite float or an int too large for a float."""
+    assert is_float_number(value) is number
