@@ -180,6 +180,26 @@ def test_a_pipe_is_not_read_as_a_checkpoint(tmp_path):
     assert "is not a regular file" in str(error)
 
 
+@pytest.mark.parametrize("name", ["pipe.bin", "pipe.pt", "pipe.ckpt"])
+def test_a_pipe_is_not_read_as_a_torch_file(tmp_path, name):
+    """A torch file that is a pipe is refused before it is opened, like a safetensors one:
+    torch.load (and the zip check before it) would block forever on a pipe with no writer."""
+    pipe = tmp_path / name
+    os.mkfifo(pipe)
+    error = finishes(lambda: open_checkpoint(pipe))
+    assert isinstance(error, CheckpointError)
+    assert str(error) == f"{pipe} is not a regular file; give a .bin, .pt, .pth or .ckpt file."
+
+
+def test_a_device_is_not_read_as_a_torch_file(tmp_path):
+    """A link to /dev/zero named like a torch file is refused, not read forever."""
+    path = tmp_path / "zero.pt"
+    path.symlink_to("/dev/zero")
+    error = finishes(lambda: open_checkpoint(path))
+    assert isinstance(error, CheckpointError)
+    assert "zero.pt is not a regular file; give a .bin, .pt, .pth or .ckpt file." in str(error)
+
+
 def test_a_pipe_is_not_read_as_an_index(tmp_path):
     """An *.index.json that is a pipe is refused before it is opened: opening a pipe with no
     writer would block forever."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import struct
 
@@ -483,6 +485,81 @@ def test_names_follow_data_order_not_header_order(tmp_path):
         assert reader.get("a").tolist() == [1.0]
 
 
+def test_a_view_holds_what_get_reads(tmp_path):
+    """view() maps the file where each tensor's data lies (past the 8-byte length and the
+    header): the same values as get(), for every dtype width, and an empty tensor too."""
+    state = {
+        "a": torch.arange(6.0).reshape(2, 3),
+        "b": torch.arange(-2, 2, dtype=torch.int64),
+        "c": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "e": torch.ones(0, 3),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(state, path)
+    with open_checkpoint(path) as reader:
+        for name, tensor in state.items():
+            view = reader.view(name)
+            assert (view.dtype, view.shape) == (tensor.dtype, tensor.shape)
+            assert torch.equal(view, tensor)
+
+
+def test_a_misaligned_tensor_is_viewed_with_its_values(tmp_path):
+    """A float32 tensor whose data starts at an odd byte is read by the library instead of
+    viewed in terge's map, with the right values."""
+    path = tmp_path / "w.safetensors"
+    header = {
+        "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, so b starts at an odd byte
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\7" + struct.pack("<2f", 1.5, -2.0))
+    with open_checkpoint(path) as reader:
+        assert reader.view("b").tolist() == [1.5, -2.0]
+        assert reader.view("a").tolist() == [7]
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc")
+
+
+def held(path) -> tuple[int, int]:
+    """How many of this process's file descriptors and memory maps are of ``path``."""
+    real = os.path.realpath(path)
+    descriptors = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # listdir's own descriptor, closed by now
+            descriptors += os.path.realpath(f"/proc/self/fd/{fd}") == real
+    with open("/proc/self/maps") as maps:
+        mapped = sum(line.rstrip().endswith(real) for line in maps)
+    return descriptors, mapped
+
+
+@needs_proc
+def test_close_releases_every_descriptor_and_map(tmp_path):
+    """After get, view, prefetch and close (and the view's end), nothing holds the file."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4)}, path)
+    reader = open_checkpoint(path)
+    reader.get("a")
+    view = reader.view("a")
+    reader.prefetch("a")
+    reader.close()
+    del view
+    assert held(path) == (0, 0)
+
+
+@needs_proc
+def test_a_failed_open_releases_the_shards_opened_before(tmp_path):
+    """A folder whose second shard is broken fails to open, and the first shard, opened
+    already, is released, though the error (and its traceback) is still held."""
+    save_file({"a": torch.ones(1)}, tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_bytes(b"\1\2")
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: 2 bytes is too short") as info:
+        open_checkpoint(tmp_path)
+    assert info.value is not None
+    assert held(tmp_path / "a.safetensors") == (0, 0)
+
+
 def test_a_long_tensor_name_is_cut_in_the_error(good_file):
     """A hostile 100-character tensor name is shown cut to 80 characters ending in "...", so
     the error stays one readable line."""
@@ -552,13 +629,32 @@ def test_offsets_one_apart_backwards(good_file):
         open_checkpoint(good_file)
 
 
-@pytest.mark.parametrize("offsets", [[-1, 3], [True, 4], [0, "4"], [0.0, 4]])
+@pytest.mark.parametrize("offsets", [[-1, 3], [True, 4], [0, "4"], [0.0, 4], [0, 4, 8]])
 def test_data_offsets_that_are_not_counts(good_file, offsets):
-    """Each data offset must be an int >= 0: a negative, bool, string or float one is named."""
+    """Each data offset must be an int >= 0: a negative, bool, string or float one is named,
+    and so are offsets that are not a pair."""
     with_header(good_file, {"e": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}, b"")
     with pytest.raises(
         CheckpointError,
         match=r"tensor 'e' is malformed: its data_offsets is .*, not \[begin, end\] \(ints >= 0\)",
+    ):
+        open_checkpoint(good_file)
+
+
+@pytest.mark.parametrize(("size", "refused"), [(2**63 - 1, False), (2**63, True)])
+def test_a_dimension_torch_cannot_hold_is_refused(good_file, size, refused):
+    """An empty tensor's other dimensions are unchecked by its (zero) byte count: one past
+    int64 is refused at open, not left to crash get() with torch's overflow traceback."""
+    entry = {"dtype": "F32", "shape": [0, size], "data_offsets": [0, 0]}
+    with_header(good_file, {"e": entry}, b"")
+    if not refused:
+        with open_checkpoint(good_file) as reader:
+            assert reader.info("e").numel == 0
+        return
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor 'e' is malformed: its shape is \[0, {size}\], not a list of sizes torch "
+        rf"can hold \(at most {size - 1}\)",
     ):
         open_checkpoint(good_file)
 
@@ -726,6 +822,37 @@ def test_index_naming_a_shard_outside_its_folder(tmp_path, shard):
         open_checkpoint(folder)
 
 
+@pytest.mark.parametrize("shard", ["", "."])
+def test_index_naming_its_own_folder_as_a_shard(tmp_path, shard):
+    """A shard name that is empty or "." names the index's folder itself: refused as no file
+    inside it, not reported as a folder that "does not exist"."""
+    index = {"metadata": {}, "weight_map": {"w": shard}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"names shard {re.escape(repr(shard))}, which is not a file inside the index's "
+        r"folder .*; an index may only name its own shards",
+    ):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "shard", ["a\0b.safetensors", "\ud800.safetensors"], ids=["NUL", "surrogate"]
+)
+def test_index_naming_a_shard_no_file_can_be_named(tmp_path, shard):
+    """A JSON index can hold a NUL or an unpaired surrogate (\\u0000, \\ud800), which no path
+    can: the index is named as at fault, not a ValueError raised from deep in pathlib."""
+    index = {"metadata": {}, "weight_map": {"w": shard}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors\.index\.json names shard {re.escape(repr(shard))}, which no "
+        r"file can be named \(it holds a NUL character or an unpaired surrogate\); fix the index",
+    ) as info:
+        open_checkpoint(tmp_path)
+    assert info.value.path == tmp_path / "model.safetensors.index.json"
+
+
 def test_index_disagreeing_with_its_shards(tmp_path):
     save(tensors(2), tmp_path / "out", max_shard_size=1)
     index_path = tmp_path / "out" / "model.safetensors.index.json"
@@ -775,6 +902,19 @@ def test_corrupt_torch_file(tmp_path):
         CheckpointError, match=r"model.bin: torch.load\(weights_only=True\) cannot read it \("
     ):
         open_checkpoint(tmp_path / "model.bin")
+
+
+def test_a_weights_only_refusal_names_its_cause_on_one_line(tmp_path):
+    """torch's weights-only error is many lines opening with advice to load with
+    weights_only=False: the message shows the cause it gives, on one line."""
+    (tmp_path / "model.pt").write_bytes(b"\x82\x01.")  # pickle's EXT1, which torch refuses
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(tmp_path / "model.pt")
+    assert str(info.value) == (
+        f"{tmp_path / 'model.pt'}: torch.load(weights_only=True) cannot read it (UnpicklingError: "
+        "Unsupported operand 130); the file is truncated or corrupt, or holds pickled objects "
+        "other than tensors: save a state_dict of tensors (or safetensors) instead."
+    )
 
 
 def test_torch_file_that_is_not_a_state_dict(tmp_path):

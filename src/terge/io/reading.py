@@ -61,6 +61,7 @@ class TensorInfo(NamedTuple):
 
 
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+_MAX_SIZE = 2**63 - 1  # the largest size of a dimension torch can hold (an int64)
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _FOLDER_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 """The torch files a folder's weights may be in; ``.ckpt`` files are whole training checkpoints
@@ -178,6 +179,8 @@ def _header_entry(path: Path, name: str, entry: Any) -> tuple[str, list[int], in
         raise bad("dtype", 'a dtype name such as "F32"', dtype_code)
     if not (isinstance(shape, list) and all(count(n) for n in shape)):
         raise bad("shape", "a list of sizes (ints >= 0)", shape)
+    if any(n > _MAX_SIZE for n in shape):  # torch.Size holds it, but no tensor can take it
+        raise bad("shape", f"a list of sizes torch can hold (at most {_MAX_SIZE})", shape)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(count, offsets))):
         raise bad("data_offsets", "[begin, end] (ints >= 0)", offsets)
     begin, end = offsets
@@ -266,6 +269,10 @@ class _TorchFile:
 
     def __init__(self, path: Path, spec: CheckpointSpec | None = None) -> None:
         self.path = path
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block torch.load forever
+            raise CheckpointError(
+                f"{path} is not a regular file; give a .bin, .pt, .pth or .ckpt file.", path
+            )
         # mmap needs the zip format of torch >= 1.6; the legacy format is loaded into memory.
         mmap = zipfile.is_zipfile(path)
         try:
@@ -274,7 +281,10 @@ class _TorchFile:
             refused = refused_globals(path, error)
             if refused:
                 raise refused_error(path, refused) from None
-            first_line = next(iter(str(error).strip().splitlines()), "")
+            # torch's weights-only errors open with boilerplate: the cause follows this marker
+            _, marker, cause = str(error).partition("WeightsUnpickler error:")
+            lines = (cause if marker else str(error)).splitlines()
+            first_line = next((line.strip() for line in lines if line.strip()), "")
             raise CheckpointError(
                 f"{path}: torch.load(weights_only=True) cannot read it ({type(error).__name__}: "
                 f"{first_line}); the file is truncated or corrupt, or holds pickled objects "
@@ -463,11 +473,34 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _file_name(name: str) -> bool:
+    """Whether ``name`` can name a file at all: no NUL, and encodable for the file system (a
+    JSON index can hold an unpaired surrogate such as ``\\ud800``)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in name
+
+
 def _check_shard_name(index: Path, shard_name: str, roots: tuple[Path, ...]) -> None:
     """An index may name only files inside its own folder: never an absolute path, a ``..``
     step, or a link whose target lies outside (a crafted index could read any file)."""
     pure = Path(shard_name)
-    if pure.is_absolute() or pure.drive or ".." in pure.parts or "\\" in shard_name:
+    if not _file_name(shard_name):
+        raise CheckpointError(
+            f"{index} names shard {shard_name!r}, which no file can be named (it holds a NUL "
+            "character or an unpaired surrogate); fix the index, or download the checkpoint "
+            "again.",
+            index,
+        )
+    if (
+        pure.is_absolute()
+        or pure.drive
+        or ".." in pure.parts
+        or "\\" in shard_name
+        or not pure.parts  # "" or ".": the folder itself
+    ):
         raise CheckpointError(
             f"{index} names shard {shard_name!r}, which is not a file inside the index's folder "
             f"{index.parent}; an index may only name its own shards (by file name): fix the "
