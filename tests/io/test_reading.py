@@ -884,6 +884,19 @@ def test_bad_index(tmp_path, text, message):
         open_checkpoint(tmp_path / "out")
 
 
+def test_an_index_that_is_not_utf8_names_the_byte(tmp_path):
+    save(tensors(2), tmp_path / "out", max_shard_size=1)
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    index.write_bytes(b'{"weight_map": {"caf\xe9": "x.safetensors"}}')
+    with pytest.raises(
+        CheckpointError,
+        match=r"index\.json: the index is not UTF-8 text \(byte 0xe9 at offset 20 cannot start "
+        r"or continue a UTF-8 character\); it is not a checkpoint index \(or was damaged\)",
+    ) as info:
+        open_checkpoint(tmp_path / "out")
+    assert info.value.path == index
+
+
 def test_duplicated_names_across_unindexed_shards(tmp_path):
     (tmp_path / "m").mkdir()
     save_file({"x": torch.ones(1), "y": torch.ones(1)}, tmp_path / "m" / "a.safetensors")
