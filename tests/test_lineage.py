@@ -335,6 +335,11 @@ def test_chosen_round_trips_and_is_written_only_where_there_is_one(tmp_path, lin
         ),
         ("", "is not valid JSON (Expecting value: line 1 column 1 (char 0)); is it truncated?"),
         ("[1, 2]", ": expected a JSON object, got list."),
+        (
+            with_().replace('"merged": {', '"merged": {"w": {}, ', 1),  # an edit hiding a record
+            "gives the key 'w' twice in one object (JSON keys must be unique: readers disagree "
+            "on which value counts).",
+        ),
         (with_(schema=...), ': no "schema" field; it is not a terge lineage file.'),
         (
             with_(schema=2),

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from terge.io import parsing
-from terge.io.parsing import ParseProblem, is_float_number, read_capped
+from terge.io.parsing import ParseProblem, is_float_number, loads_json, read_capped
 
 
 def test_a_folder_is_named_a_folder(tmp_path):
@@ -105,3 +105,25 @@ def test_is_float_number(value, number):
     """A lineage's weights: a finite int or float, never a bool (JSON true is not 1.0), a
     string, a non-finite float or an int too large for a float."""
     assert is_float_number(value) is number
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"a": 1, "a": 2}', "a"),
+        ('{"x": {"b": 1, "c": 2, "b": 3}}', "b"),  # nested
+        ('[{"w": 1}, {"w": 2, "v": {"q": 1, "q": 1}}]', "q"),  # the same value twice too
+        ('{"a": 1, "a": 2, "z": 0, "z": 0}', "a"),  # the first repeated key is named
+    ],
+)
+def test_a_key_twice_in_one_object_is_refused(text, key):
+    with pytest.raises(ParseProblem) as raised:
+        loads_json(text, "the file")
+    assert str(raised.value) == (
+        f"the file gives the key {key!r} twice in one object (JSON keys must be unique: "
+        "readers disagree on which value counts)"
+    )
+
+
+def test_the_same_key_in_different_objects_is_fine():
+    assert loads_json('[{"a": 1}, {"a": 2, "b": {"a": 3}}]') == [{"a": 1}, {"a": 2, "b": {"a": 3}}]

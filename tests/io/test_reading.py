@@ -592,6 +592,15 @@ def test_scribbled_header_json(good_file):
         open_checkpoint(good_file)
 
 
+def test_a_header_naming_a_tensor_twice_is_refused(good_file):
+    entry = b'{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    with_header(good_file, b'{"w": ' + entry + b', "w": ' + entry + b"}", b"\0" * 4)
+    with pytest.raises(
+        CheckpointError, match=r"the safetensors header gives the key 'w' twice in one object"
+    ):
+        open_checkpoint(good_file)
+
+
 def test_header_not_an_object(good_file):
     with_header(good_file, b"[1, 2]", b"")
     with pytest.raises(CheckpointError, match="header is not a JSON object"):
@@ -875,6 +884,11 @@ def test_index_disagreeing_with_its_shards(tmp_path):
         ('{"metadata": {}}', r'the index has no "weight_map" object'),
         ('{"weight_map": {"a": 1}}', r'the index has no "weight_map" object'),
         ("[]", r'the index has no "weight_map" object'),
+        ('{"weight_map": {}}', r'the index\'s "weight_map" is empty: it maps no tensor to a shard'),
+        (
+            '{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}',
+            r"the index gives the key 'w' twice in one object",
+        ),
     ],
 )
 def test_bad_index(tmp_path, text, message):

@@ -76,8 +76,22 @@ class _NotFinite:
 
 
 def loads_json(text: str, what: str = "its JSON") -> Any:
-    """Parse ``text`` as strict JSON: finite numbers only, nested at most :data:`MAX_DEPTH` deep."""
+    """Parse ``text`` as strict JSON: finite numbers only, nested at most :data:`MAX_DEPTH` deep,
+    and no key twice in one object (``json`` keeps the last silently, where another reader,
+    a diff or a person may see the first: an edited lineage could hide a record that way)."""
     found: list[_NotFinite] = []
+    repeated: list[str] = []
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) != len(pairs) and not repeated:
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append(key)
+                    break
+                seen.add(key)
+        return value
 
     def not_finite(text: str) -> _NotFinite:
         found.append(_NotFinite(text))
@@ -88,12 +102,19 @@ def loads_json(text: str, what: str = "its JSON") -> Any:
         return value if math.isfinite(value) else not_finite(text)
 
     try:
-        value = json.loads(text, parse_constant=not_finite, parse_float=number)
+        value = json.loads(
+            text, parse_constant=not_finite, parse_float=number, object_pairs_hook=unique
+        )
     except RecursionError:
         raise ParseProblem(f"{what} nests arrays or objects too deeply to read") from None
     except ValueError as error:
         raise ParseProblem(f"{what} is not valid JSON ({error})") from None
     check_depth(value, what)
+    if repeated:
+        raise ParseProblem(
+            f"{what} gives the key {repeated[0]!r} twice in one object (JSON keys must be "
+            "unique: readers disagree on which value counts)"
+        )
     marker = _first_marker(value) if found else None
     if found:
         where, mark = marker if marker is not None else ("a value", found[0])

@@ -216,7 +216,8 @@ class _SafetensorsFile:
         """``name`` as a view of a private (copy-on-write) memory map of the file, no copy.
 
         Its pages stay file-backed, so reading a whole model costs page cache, not process
-        memory. A misaligned tensor (or a dtype ``torch.frombuffer`` refuses) is read by copy.
+        memory. A misaligned tensor (or a dtype ``torch.frombuffer`` refuses) is left to the
+        safetensors library (which, since 0.8, also returns a view of its own map).
         """
         info, offset = self.infos[name], self._offsets[name]
         if info.numel == 0 or offset % info.dtype.itemsize:
@@ -470,6 +471,8 @@ def _read_index(index: Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise _corrupt(index, 'the index has no "weight_map" object mapping names to shard files')
+    if not weight_map:
+        raise _corrupt(index, 'the index\'s "weight_map" is empty: it maps no tensor to a shard')
     return weight_map
 
 
@@ -652,8 +655,9 @@ class CheckpointReader:
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read ``name`` alone (and move it to ``device``).
 
-        Do not modify the result in place: a CPU tensor from a torch file is a view of the
-        reader's memory map, shared with later reads of the same (or a tied) name.
+        Do not modify the result in place: a CPU tensor may be a view of the reader's memory
+        map (a torch file's, and a safetensors file's since safetensors 0.8), shared with later
+        reads of the same (or a tied) name; the file itself never changes.
         """
         return self._open_file_of(name).get(name).to(device)
 
