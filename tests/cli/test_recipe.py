@@ -478,3 +478,48 @@ def test_hub_models_in_a_recipe(tmp_path):
         HubReference("org/remote", "v1"),
         HubReference("org/local"),
     ]
+
+
+# --- found by a mutation audit of recipe.py -------------------------------------------------------
+
+
+def test_tables_whose_patterns_read_the_same_are_refused(tmp_path):
+    """``x`` and ``name:x``, or ``layers:0-1`` and ``layers: 0-1``, are one pattern: the later
+    table silently replaced the earlier one's values (and took its place in the order)."""
+    message = error(
+        tmp_path,
+        '[[weights]]\npattern = "x"\nvalues = [1, 0]\n[[weights]]\npattern = "re:.*"\n'
+        'values = [1, 1]\n[[weights]]\npattern = "name:x"\nvalues = [0, 1]',
+    )
+    assert message == (
+        f"{tmp_path / 'recipe.toml'}: [[weights]] #3: the pattern 'name:x' is already used by an "
+        "earlier table as 'x', so this one would never match; remove one."
+    )
+    message = error(
+        tmp_path,
+        '[[method]]\npattern = "layers:0-1"\nname = "ties"\n'
+        '[[method]]\npattern = "layers: 0-1"\nname = "arithmetic"',
+    )
+    assert message == (
+        f"{tmp_path / 'recipe.toml'}: [[method]] #2: the pattern 'layers: 0-1' is already used by "
+        "an earlier table as 'layers:0-1', so this one would never match; remove one."
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dtype = []", "'dtype' must be one of 'float64', 'float32'; got []."),
+        ("dtype = {a = 1}", "'dtype' must be one of 'float64', 'float32'; got {'a': 1}."),
+        ('last = "²"', "'last' must be a number of checkpoints (an int >= 1); got '²'."),
+        (
+            'vocabulary = "²"',
+            "'vocabulary' must be 'base', 'union' or a model index (aligning embedding rows by "
+            "token); got '²'.",
+        ),
+    ],
+)
+def test_odd_values_get_an_error_not_a_traceback(tmp_path, text, message):
+    """An unhashable dtype raised TypeError; a digit int() cannot read raised ValueError."""
+    assert error(tmp_path, text) == f"{tmp_path / 'recipe.toml'}: {message}"
+    assert recipe(tmp_path, 'last = " 3 "\nvocabulary = "2"') == Settings(last=3, vocabulary=2)

@@ -320,7 +320,7 @@ def parse_weights(text: str, where: str) -> tuple[float, ...]:
 
 def parse_dtype(text: Any, where: str) -> torch.dtype:
     """The accumulation dtype: ``"float64"`` or ``"float32"``."""
-    if text not in _ACCUMULATE_DTYPES:
+    if not isinstance(text, str) or text not in _ACCUMULATE_DTYPES:
         raise RecipeError(
             f"{where} must be one of {', '.join(map(repr, _ACCUMULATE_DTYPES))}; got {text!r}."
         )
@@ -349,7 +349,7 @@ def parse_shard_size(value: Any, where: str) -> int | str:
 
 def parse_vocabulary(value: Any, where: str) -> str | int:
     """The output vocabulary: ``"base"``, ``"union"`` or a model index (a digit string too)."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdecimal():  # not isdigit: int() refuses '²'
         return int(value)
     if value in ("base", "union") or (isinstance(value, int) and not isinstance(value, bool)):
         return value
@@ -479,8 +479,11 @@ def _check_keys(table: Mapping[str, Any], valid: list[str], where: str) -> None:
 
 
 def _patterned(tables: list[Mapping[str, Any]], where: str) -> list[tuple[str, Any]]:
-    """``(where, pattern)`` for each table, refusing repeated patterns (one would be dead)."""
+    """``(where, pattern)`` for each table, refusing repeated patterns (one would be dead): the
+    same text, or texts that read as the same pattern (``x`` and ``name:x``), which would also
+    share one key of the dict the tables become."""
     seen: set[str] = set()
+    patterns: dict[Any, str] = {}  # each pattern as read -> the text that gave it
     found = []
     for index, table in enumerate(tables):
         here = f"{where} #{index + 1}"
@@ -488,12 +491,15 @@ def _patterned(tables: list[Mapping[str, Any]], where: str) -> list[tuple[str, A
             raise RecipeError(f"{here}: missing key 'pattern'.")
         text = table["pattern"]
         pattern = parse_pattern(text, f"{here}: 'pattern'")
-        if text in seen:
+        if text in seen or pattern in patterns:
+            earlier = patterns.get(pattern, text)
+            same = "" if earlier == text else f" as {earlier!r}"
             raise RecipeError(
-                f"{here}: the pattern {text!r} is already used by an earlier table, so this one "
-                "would never match; remove one."
+                f"{here}: the pattern {text!r} is already used by an earlier table{same}, so this "
+                "one would never match; remove one."
             )
         seen.add(text)
+        patterns[pattern] = text
         found.append((f"{here} (pattern {text!r})", pattern))
     return found
 
@@ -695,7 +701,7 @@ def _slice_source(table: Any, folder: Path, where: str) -> Any:
 
 def parse_count(value: Any, where: str) -> int:
     """How many checkpoints ``last``/``best`` choose: an int >= 1."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():  # not isdigit: int() refuses '²'
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RecipeError(f"{where} must be a number of checkpoints (an int >= 1); got {value!r}.")
