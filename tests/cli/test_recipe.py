@@ -483,6 +483,148 @@ def test_hub_models_in_a_recipe(tmp_path):
 # --- found by a mutation audit of recipe.py -------------------------------------------------------
 
 
+def test_pattern_text_is_read_as_written():
+    """A regular expression keeps its spaces; ``layers:`` words may have spaces around them."""
+    assert parse_pattern("re: x", "x").pattern == " x"
+    spaced = parse_pattern("layers: 0-1 , embeddings ", "x")
+    assert spaced.search("model.layers.1.mlp.weight")
+    assert spaced.search("model.embed_tokens.weight")
+    assert not spaced.search("model.layers.2.mlp.weight")
+
+
+def test_method_spec_edges():
+    assert parse_method("ties:  ", "--method").settings == {"density": 0.2, "scale": 1.0}
+    with pytest.raises(RecipeError, match=r"^--method: cannot read 'ties:density=': settings are"):
+        parse_method("ties:density=", "--method")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("weights = [1, nan]", "'weights' holds nan; weights must be finite numbers."),
+        ("weights = [inf]", "'weights' holds inf; weights must be finite numbers."),
+        (
+            '[method]\nname = "ties"\nseed = 1',
+            "'method': method 'ties' has no setting 'seed'; its settings are density, scale, "
+            "trim, rescale, elect, disjoint_mean.",
+        ),
+        (
+            "method = []",
+            "'method' must be a method spec string (\"ties:density=0.3\"), a table or [[method]] "
+            "tables; got [] (list).",
+        ),
+        (
+            'weights = [1, {pattern = "x", values = [1]}]',
+            "'weights'[0] must be a table; got 1 (int).",
+        ),
+        (
+            "include = []",
+            "'include' must be a pattern string or a non-empty list of them; got [] (list).",
+        ),
+        ("lora_rank = 0", "'lora_rank' must be a positive integer; got 0 (int)."),
+        ("lora_rank = true", "'lora_rank' must be a positive integer; got True (bool)."),
+        ("lora_energy = true", "'lora_energy' must be a number in (0, 1]; got True (bool)."),
+        ('lora_embeddings = "yes"', "'lora_embeddings' must be true or false; got 'yes' (str)."),
+        ('metric = ""', "'metric' must be a metric's name such as \"val_loss\"; got '' (str)."),
+        (
+            "vocabulary = true",
+            "'vocabulary' must be 'base', 'union' or a model index (aligning embedding rows by "
+            "token); got True.",
+        ),
+    ],
+)
+def test_more_wrong_values(tmp_path, text, message):
+    assert error(tmp_path, text) == f"{tmp_path / 'recipe.toml'}: {message}"
+
+
+def test_values_of_the_right_kind(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    settings = recipe(
+        tmp_path,
+        """
+        models = ["~/m"]
+        vocabulary = "1"
+        lora_rank = 1
+        lora_energy = 1
+        lora_embeddings = true
+        head = "h"
+        slices = [{model = "a", layer_range = [0, 2]}]
+        """,
+    )
+    assert settings.models == (tmp_path / "home" / "m",)
+    assert settings.vocabulary == 1
+    assert (settings.lora_rank, settings.lora_embeddings) == (1, True)
+    assert settings.lora_energy == 1.0 and isinstance(settings.lora_energy, float)
+    assert settings.head == tmp_path / "h"
+
+
+def test_deeply_nested_recipes_are_refused(tmp_path):
+    path = tmp_path / "recipe.toml"
+    for depth, message in [
+        (200, "nests arrays or objects more than 64 deep; no file terge reads does."),
+        (100_000, "nests arrays or tables too deeply to read."),
+    ]:
+        path.write_text("a = " + "[" * depth + "]" * depth)
+        with pytest.raises(RecipeError) as caught:
+            load_recipe(path)
+        assert str(caught.value) == f"recipe {str(path)!r} {message}"
+
+
+def test_slices(tmp_path):
+    settings = recipe(
+        tmp_path,
+        """
+        [[slices]]
+        model = "a"
+        layer_range = [0, 2]
+        [[slices]]
+        sources = [{model = "a", layer_range = [2, 4], weight = [1, 0.5]}, {model = "b", layer_range = [1, 3]}]
+        """,
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    first, (second, third) = settings.slices
+    assert first == terge.blocks(a, 0, 2)
+    assert second == terge.blocks(a, 2, 4, weight=[1.0, 0.5])
+    assert third == terge.blocks(b, 1, 3)
+    assert third.weight == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'slices = [{sources = [{model = "a", layer_range = [0, 1]}], model = "b"}]',
+            "'slices'[0]: unknown key 'model'; the valid keys are sources.",
+        ),
+        (
+            "slices = [{sources = []}]",
+            "'slices'[0].sources must be a non-empty list of tables; got [] (list).",
+        ),
+        (
+            'slices = [{model = "a", layer_range = [0, 1, 2]}]',
+            "'slices'[0].layer_range must be [START, STOP], two ints (STOP excluded); got "
+            "[0, 1, 2] (list).",
+        ),
+        (
+            'slices = [{model = "a", layer_range = [true, 2]}]',
+            "'slices'[0].layer_range must be [START, STOP], two ints (STOP excluded); got "
+            "[True, 2] (list).",
+        ),
+        (
+            'slices = [{model = "a", layer_range = [0, 2], weight = []}]',
+            "'slices'[0].weight must be a non-empty list of numbers, one per model; got [] (list).",
+        ),
+        (
+            'slices = [{model = "a", layer_range = [3, 1]}]',
+            "'slices'[0]: blocks(3, 1) is empty or negative: give 0 <= start < stop (stop "
+            "excluded, as in range()).",
+        ),
+    ],
+)
+def test_bad_slices(tmp_path, text, message):
+    assert error(tmp_path, text) == f"{tmp_path / 'recipe.toml'}: {message}"
+
+
 def test_tables_whose_patterns_read_the_same_are_refused(tmp_path):
     """``x`` and ``name:x``, or ``layers:0-1`` and ``layers: 0-1``, are one pattern: the later
     table silently replaced the earlier one's values (and took its place in the order)."""
@@ -523,3 +665,32 @@ def test_odd_values_get_an_error_not_a_traceback(tmp_path, text, message):
     """An unhashable dtype raised TypeError; a digit int() cannot read raised ValueError."""
     assert error(tmp_path, text) == f"{tmp_path / 'recipe.toml'}: {message}"
     assert recipe(tmp_path, 'last = " 3 "\nvocabulary = "2"') == Settings(last=3, vocabulary=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base = true", "'base' must be an index into models or a path; got True (bool)."),
+        ('method = ["ties"]', "'method'[0] must be a table; got 'ties' (str)."),
+    ],
+)
+def test_wrong_types_found_by_the_audit(tmp_path, text, message):
+    assert error(tmp_path, text) == f"{tmp_path / 'recipe.toml'}: {message}"
+    assert recipe(tmp_path, 'best = "3"').best == 3  # a count may be a digit string
+
+
+def test_unreadable_recipes(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(tmp_path / "file" / "r.toml")
+    assert str(caught.value) == (
+        f"cannot read recipe {str(tmp_path / 'file' / 'r.toml')!r}: Not a directory."
+    )
+    path = write(tmp_path, "seed = 1  # eleven bytes and more")
+    monkeypatch.setattr("terge.cli.recipe.MAX_RECIPE_BYTES", 10)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(caught.value) == (
+        f"recipe {str(path)!r} is larger than 10 bytes, more than such a file ever holds; give a "
+        "TOML file."
+    )
