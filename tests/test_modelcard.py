@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import terge
 from terge.cli import commands as cli
-from terge.cli.recipe import load_recipe, toml_module
+from terge.cli.recipe import load_recipe, parse_recipe, toml_module
 from terge.errors import RecipeError
+from terge.lineage import EXCLUDED
 from terge.modelcard import lineage_digest, model_card, recipe_from_lineage
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -221,3 +222,64 @@ def test_a_config_linking_out_of_the_base_folder_is_not_read(tmp_path):
         out = terge.merge([str(m) for m in bases], out=tmp_path / "soup")
     data, _ = card_of(out)
     assert "library_name" not in data
+
+
+def test_a_stacks_recipe_keeps_its_dtypes_and_seed(tmp_path, monkeypatch, capsys):
+    """The card's [[slices]] recipe says the stack's dtype, out_dtype and seed: without them it
+    redid a dare_ties stack with other random masks and wrote float32 instead of bfloat16."""
+    monkeypatch.chdir(tmp_path)
+    for k, name in enumerate("ab"):
+        generator = torch.Generator().manual_seed(k)
+        state = {f"model.layers.{i}.w": torch.randn(8, generator=generator) for i in range(4)}
+        state["model.embed_tokens.weight"] = torch.randn(3, 8, generator=generator)
+        terge.save(state, tmp_path / name)
+    slices = [terge.blocks("a", 0, 2), [terge.blocks("a", 2, 4), terge.blocks("b", 2, 4)]]
+    out = terge.stack(
+        slices,
+        method=terge.methods.dare_ties(density=0.5),
+        seed=3,
+        dtype=torch.float32,
+        out_dtype="bfloat16",
+        out="first",
+    )
+    recipe = (out / "README.md").read_text().split("```toml\n")[1].split("```")[0]
+    assert recipe.splitlines()[3:7] == [
+        'dtype = "float32"',
+        'out_dtype = "bfloat16"',
+        "seed = 3",
+        'method = {name = "dare_ties", density = 0.5, scale = 1.0}',
+    ]
+    (tmp_path / "again.toml").write_text(recipe)
+    assert cli.main(["merge", "--recipe", "again.toml", "--quiet"]) == 0, capsys.readouterr()
+    first = load_file(out / "model.safetensors")
+    again = load_file(tmp_path / "stacked" / "model.safetensors")
+    assert first.keys() == again.keys()
+    assert all(first[k].dtype == torch.bfloat16 and torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_command_with_backticks_stays_in_its_code_block():
+    """A command holding a fence (a path with a newline and backticks in it) cannot end the
+    card's code block and write Markdown of its own."""
+    command = "terge merge 'a\n```\n# injected' ``b``"
+    text = model_card(terge.Lineage(), command=command)
+    assert f"Made with:\n\n````sh\n{command}\n````\n" in text
+    assert "```sh\nterge merge x\n```\n" in model_card(terge.Lineage(), command="terge merge x")
+
+
+def test_a_requested_revision_is_safe_in_the_table():
+    record = terge.lineage.ModelRecord(0, "file", "p", None, "1" * 40, "org/a", "a|b`c")
+    text = model_card(terge.Lineage(models=[record]))
+    assert "| `111111111111` (asked: `a\\|b'c`) |" in text
+
+
+def test_excluded_names_that_look_like_patterns_stay_names():
+    """The recipe excludes a tensor named ``re:x`` by its name, not as the regex ``x``."""
+    lineage = terge.Lineage(
+        {},
+        {"re:x": EXCLUDED, "layers:0": EXCLUDED, "plain": EXCLUDED},
+        models=[terge.lineage.ModelRecord(0, "file", "a", None)],
+    )
+    recipe, _ = recipe_from_lineage(lineage)
+    assert 'exclude = ["name:layers:0", "plain", "name:re:x"]' in recipe.splitlines()
+    settings = parse_recipe(tomllib.loads(recipe), Path("."))
+    assert settings.exclude == ("layers:0", "plain", "re:x")

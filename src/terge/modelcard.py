@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,7 +217,7 @@ def _revision(record: ModelRecord | None) -> str:
     if record is None or record.revision is None:
         return ""
     asked = record.requested_revision
-    return f"`{record.revision[:12]}`" + ("" if asked is None else f" (asked: `{asked}`)")
+    return f"`{record.revision[:12]}`" + ("" if asked is None else f" (asked: {_code(asked)})")
 
 
 def _model_table(lineage: Lineage) -> list[str]:
@@ -242,7 +243,9 @@ def _number(value: float | None) -> str:
 def _reproduce(lineage: Lineage, command: str | None) -> list[str]:
     lines = []
     if command is not None:
-        lines += ["Made with:", "", "```sh", command, "```", ""]
+        # a fence longer than any run of backticks in the command, which cannot end it early
+        fence = "`" * max([3, *(len(run) + 1 for run in re.findall("`+", command))])
+        lines += ["Made with:", "", f"{fence}sh", command, fence, ""]
     stacked = getattr(lineage, "stack", None) is not None
     recipe, complete = (stack_recipe if stacked else recipe_from_lineage)(lineage)
     pinned = any(r.repo is not None for r in [lineage.base, *lineage.models] if r is not None)
@@ -282,10 +285,7 @@ def recipe_from_lineage(lineage: Lineage) -> tuple[str, bool]:
     elif base is not None:
         lines.append(f"base = {base.index}")
     lines.append('out = "merged"')
-    if lineage.dtype is not None:
-        lines.append(f'dtype = "{_dtype(lineage.dtype)}"')
-    if lineage.out_dtype is not None:
-        lines.append(f'out_dtype = "{_dtype(lineage.out_dtype)}"')
+    lines += _dtype_lines(lineage)
     methods = {(e[0], _frozen(getattr(e, "settings", {}))) for e in lineage.values()}
     seeds = {dict(s).get("seed") for _, s in methods} - {None}
     if len(seeds) == 1:
@@ -295,7 +295,7 @@ def recipe_from_lineage(lineage: Lineage) -> tuple[str, bool]:
         lines.append("normalize = false")
     excluded = sorted(name for name, why in lineage.skipped.items() if why == EXCLUDED)
     if excluded:
-        lines.append(f"exclude = [{', '.join(json.dumps(name) for name in excluded)}]")
+        lines.append(f"exclude = [{', '.join(json.dumps(_exact(name)) for name in excluded)}]")
     if weights is not None and lineage.models:
         values = [weights.get(i, 1.0) for i in range(len(lineage.models))]
         lines.append(f"weights = [{', '.join(_toml_number(v) for v in values)}]")
@@ -351,6 +351,7 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
         if stack.get(name) is not None:
             lines.append(f"{name} = {json.dumps(paths.get(stack[name], '?'))}")
     lines.append('out = "stacked"')
+    lines += _dtype_lines(lineage)
     merged = sorted({method for method, _ in runs if method != "passthrough"})
     if len(merged) > 1:
         complete = False
@@ -363,6 +364,13 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
             for key, value in getattr(entry, "settings", {}).items()
             if key != "seed"
         }
+        seeds = {
+            getattr(entry, "settings", {}).get("seed")
+            for entry in lineage.values()
+            if entry[0] == merged[0]
+        } - {None}
+        if len(seeds) == 1:
+            lines.append(f"seed = {seeds.pop()}")
         table = [f"name = {json.dumps(merged[0])}"]
         table += [f"{key} = {_toml_value(value)}" for key, value in sorted(settings.items())]
         lines.append(f"method = {{{', '.join(table)}}}")
@@ -385,10 +393,25 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
     return "\n".join(lines) + "\n", complete
 
 
+def _dtype_lines(lineage: Lineage) -> list[str]:
+    """The recipe's ``dtype`` and ``out_dtype`` lines: the dtypes the lineage records."""
+    lines = []
+    if lineage.dtype is not None:
+        lines.append(f'dtype = "{_dtype(lineage.dtype)}"')
+    if lineage.out_dtype is not None:
+        lines.append(f'out_dtype = "{_dtype(lineage.out_dtype)}"')
+    return lines
+
+
 def _recipe_path(record: ModelRecord) -> str:
     if record.repo is not None and record.revision is not None:
         return f"hf://{record.repo}@{record.revision}"
     return str(record.path)
+
+
+def _exact(name: str) -> str:
+    """A tensor's name as a recipe pattern: ``name:`` before one a pattern's prefix begins."""
+    return f"name:{name}" if name.startswith(("re:", "layers:", "name:")) else name
 
 
 def _frozen(settings: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
