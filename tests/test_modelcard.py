@@ -283,3 +283,201 @@ def test_excluded_names_that_look_like_patterns_stay_names():
     assert 'exclude = ["name:layers:0", "plain", "name:re:x"]' in recipe.splitlines()
     settings = parse_recipe(tomllib.loads(recipe), Path("."))
     assert settings.exclude == ("layers:0", "plain", "re:x")
+
+
+# --- found by a mutation audit of modelcard.py ---------------------------------------------------
+
+Entry = terge.lineage.LineageEntry
+Record = terge.lineage.ModelRecord
+
+
+def test_the_whole_card_of_a_lineage():
+    """Every part of a card, closed form: methods by count (then name), tags sorted, settings
+    that all a method's tensors share, the excluded tensor, the dtypes, no base_model for
+    local models."""
+    lineage = terge.Lineage(
+        {
+            "a": Entry("ties", [(0, 1.0), (1, 2.0)], {"density": 0.3, "scale": 1.0}),
+            "b": Entry("ties", [(0, 1.0), (1, 2.0)], {"density": 0.3, "scale": 2.0}),
+            "c": Entry("slerp", [(0, 1.0), (1, 2.0)], {"t": 0.5}),
+        },
+        {"d": EXCLUDED, "e": terge.lineage.NOT_FLOATING},
+        models=[Record(0, "file", "m0", None), Record(1, "file", "m1", None)],
+        base=Record(0, "file", "m0", None),
+        dtype=torch.float64,
+        out_dtype=torch.bfloat16,
+        terge_version="9.9",
+        torch_version="2.0",
+    )
+    assert model_card(lineage) == "\n".join(
+        [
+            "---",
+            "tags:",
+            "- merge",
+            "- terge",
+            "- slerp",
+            "- ties",
+            "---",
+            "",
+            "# A merge of 2 models",
+            "",
+            "Merged with [terge](https://pypi.org/project/terge/) 9.9 (PyTorch 2.0), accumulating "
+            "in float64, written in bfloat16.",
+            "",
+            "## Method",
+            "",
+            "- `ties` ([paper](https://arxiv.org/abs/2306.01708)): 2 tensors, with density=0.3",
+            "- `slerp` ([paper](https://dl.acm.org/doi/10.1145/325165.325242)): 1 tensor, with "
+            "t=0.5",
+            "- 2 tensors kept as the base has them (see the lineage).",
+            "",
+            "## Models",
+            "",
+            "| | model | revision | weight |",
+            "|---|---|---|---|",
+            "| 0 (base) | `m0` |  | 1.0 |",
+            "| 1 | `m1` |  | 2.0 |",
+            "",
+            "## Reproduce",
+            "",
+            "A recipe from the lineage (incomplete: see its comments):",
+            "",
+            "```toml",
+            'models = ["m0", "m1"]',
+            "base = 0",
+            'out = "merged"',
+            'dtype = "float64"',
+            'out_dtype = "bfloat16"',
+            'exclude = ["d"]',
+            "weights = [1.0, 2.0]",
+            "# the methods differ between tensors: see lineage.json",
+            "```",
+            "",
+            "## Lineage",
+            "",
+            "`lineage.json` beside this card records every tensor's method, models and weights; "
+            f"its SHA-256 is `{lineage_digest(lineage)}`. Check the weights against it with "
+            "`terge lineage verify lineage.json --merged .` (run where the models' paths lead).",
+            "",
+        ]
+    )
+
+
+def test_a_card_of_nothing_merged():
+    text = model_card(terge.Lineage(), title="x\x7fy")
+    assert "\n# x y\n" in text
+    assert "\n- No tensor was merged" not in text
+    assert "\nNo tensor was merged: the folder holds the base's tensors unchanged.\n" in text
+    assert "# A merge of 0 models\n" in model_card(terge.Lineage())
+
+
+@pytest.mark.parametrize(
+    ("entries", "note", "weights"),
+    [
+        ([Entry("arithmetic", [(0, 1.0), (1, 2.0)])] * 2, False, "weights = [1.0, 2.0]"),
+        (
+            [Entry("arithmetic", [(0, 1.0), (1, 2.0)]), Entry("arithmetic", [(0, 1.0), (1, 3.0)])],
+            True,
+            "# the weights differ between tensors: see lineage.json",
+        ),
+        (
+            [
+                Entry("arithmetic", [(0, 0.5), (1, 0.5)], coefficients=[1, 1], divisor=2.0),
+                Entry("arithmetic", [(0, 1.0), (1, 1.0)], coefficients=[1, 1]),
+            ],
+            True,
+            "# the weights differ between tensors: see lineage.json",
+        ),
+        (
+            [Entry("mine", [(0, 1.0), (1, 2.0)], custom=True)] * 2,
+            True,
+            "# the weights differ between tensors: see lineage.json",
+        ),
+    ],
+)
+def test_weights_that_vary_are_not_written_as_one(entries, note, weights):
+    """Weights that differ between tensors, normalised for one and not another, or given to a
+    user's own function cannot be one ``weights`` line: the card and recipe say so."""
+    lineage = terge.Lineage(
+        {f"t{i}": entry for i, entry in enumerate(entries)},
+        models=[Record(0, "file", "a", None), Record(1, "file", "b", None)],
+    )
+    text = model_card(lineage)
+    said = "The weights differ between tensors; the lineage records each tensor's."
+    assert (said in text) is note
+    recipe, complete = recipe_from_lineage(lineage)
+    assert weights in recipe.splitlines()
+    assert complete is not note
+    custom = entries[0].custom
+    assert ("- `mine` (a user's own function): 2 tensors" in text) is custom
+    assert ("# a user's own method function cannot be written in a recipe" in recipe) is custom
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("transformers", "library_name: transformers"),
+        ("org/name@v1.0", "library_name: org/name@v1.0"),
+        ("Yes", 'library_name: "Yes"'),
+        ("null", 'library_name: "null"'),
+        ("@x", 'library_name: "@x"'),
+        ("a:b", 'library_name: "a:b"'),
+        ("", 'library_name: ""'),
+    ],
+)
+def test_front_matter_strings_are_quoted_where_yaml_would_misread_them(name, line):
+    text = model_card(terge.Lineage(), library_name=name)
+    assert line in text.splitlines()
+    assert huggingface_hub.ModelCard(text).data.to_dict()["library_name"] == name
+
+
+def test_a_tag_is_listed_once():
+    lineage = terge.Lineage({"w": Entry("terge", [(0, 1.0)], custom=True)})
+    assert "tags:\n- merge\n- terge\n---\n" in model_card(lineage)
+
+
+def test_models_in_memory_and_a_separate_base():
+    lineage = terge.Lineage(
+        models=[Record(0, "module", None, None), Record(1, "file", "b", None)],
+        base=Record("separate", "module", None, None),
+    )
+    text = model_card(lineage)
+    assert "| 0 | (in memory, a module) |  |  |\n| 1 | `b` |  |  |\n" in text
+    assert "| base | (in memory, a module) |  | |\n" in text
+    recipe, complete = recipe_from_lineage(lineage)
+    assert recipe.splitlines()[:2] == [
+        'models = ["<models[0]: in memory>", "b"]',
+        'base = "<base: in memory>"',
+    ]
+    assert not complete
+    files = [Record(0, "file", "a", None), Record(1, "file", "b", None)]
+    lineage = terge.Lineage(models=files, base=Record("separate", "module", None, None))
+    assert not recipe_from_lineage(lineage)[1]  # the base alone is in memory
+    lineage = terge.Lineage(models=files, base=Record("separate", "file", "c", None))
+    assert recipe_from_lineage(lineage) == (
+        'models = ["a", "b"]\nbase = "c"\nout = "merged"\nweights = [1.0, 1.0]\n',
+        True,
+    )
+    assert "| base | `c` |  | |\n" in model_card(lineage)
+
+
+def test_a_complete_recipe_says_the_hub_models_are_pinned():
+    record = Record(0, "file", "p", None, "1" * 40, "org/a")
+    lead = "As a recipe (`terge merge --recipe recipe.toml`)"
+    assert f"{lead}, the Hub models pinned to the commits they resolved to:" in model_card(
+        terge.Lineage(models=[record])
+    )
+    assert f"{lead}:" in model_card(terge.Lineage(models=[Record(0, "file", "p", None)]))
+
+
+def test_the_recipe_writes_each_kind_of_setting():
+    settings = {"flag": True, "off": False, "n": 3, "x": 0.5, "s": "a b", "t": ([1], 2), "seed": 7}
+    lineage = terge.Lineage(
+        {"w": Entry("m", [(0, 1.0)], settings)}, models=[Record(0, "file", "a", None)]
+    )
+    lines = recipe_from_lineage(lineage)[0].splitlines()
+    assert lines[2:] == [
+        "seed = 7",
+        "weights = [1.0]",
+        'method = {name = "m", flag = true, n = 3, off = false, s = "a b", t = [[1], 2], x = 0.5}',
+    ]
