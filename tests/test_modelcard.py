@@ -16,7 +16,7 @@ from terge.cli import commands as cli
 from terge.cli.recipe import load_recipe, parse_recipe, toml_module
 from terge.errors import RecipeError
 from terge.lineage import EXCLUDED
-from terge.modelcard import lineage_digest, model_card, recipe_from_lineage
+from terge.modelcard import lineage_digest, model_card, recipe_from_lineage, stack_recipe
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 tomllib = toml_module(RecipeError, "a recipe")  # tomllib, or tomli on Python 3.10
@@ -276,13 +276,13 @@ def test_excluded_names_that_look_like_patterns_stay_names():
     """The recipe excludes a tensor named ``re:x`` by its name, not as the regex ``x``."""
     lineage = terge.Lineage(
         {},
-        {"re:x": EXCLUDED, "layers:0": EXCLUDED, "plain": EXCLUDED},
+        {"re:x": EXCLUDED, "layers:0": EXCLUDED, "name:n": EXCLUDED, "plain": EXCLUDED},
         models=[terge.lineage.ModelRecord(0, "file", "a", None)],
     )
     recipe, _ = recipe_from_lineage(lineage)
-    assert 'exclude = ["name:layers:0", "plain", "name:re:x"]' in recipe.splitlines()
+    assert 'exclude = ["name:layers:0", "name:name:n", "plain", "name:re:x"]' in recipe.splitlines()
     settings = parse_recipe(tomllib.loads(recipe), Path("."))
-    assert settings.exclude == ("layers:0", "plain", "re:x")
+    assert settings.exclude == ("layers:0", "name:n", "plain", "re:x")
 
 
 # --- found by a mutation audit of modelcard.py ---------------------------------------------------
@@ -481,3 +481,68 @@ def test_the_recipe_writes_each_kind_of_setting():
         "weights = [1.0]",
         'method = {name = "m", flag = true, n = 3, off = false, s = "a b", t = [[1], 2], x = 0.5}',
     ]
+
+
+def test_a_model_in_memory_makes_the_recipe_incomplete():
+    lineage = terge.Lineage(
+        models=[Record(0, "module", None, None), Record(1, "file", "b", None)],
+        base=Record(1, "file", "b", None),
+    )
+    recipe, complete = recipe_from_lineage(lineage)
+    assert recipe.splitlines()[:2] == ['models = ["<models[0]: in memory>", "b"]', "base = 1"]
+    assert not complete
+
+
+def stacked(*blocks: tuple[str, list[list]]) -> terge.Lineage:
+    lineage = terge.Lineage(models=[Record(0, "file", "a", None), Record(1, "file", "b", None)])
+    lineage.stack = {
+        "base": 0,
+        "head": 1,
+        "blocks": [{"method": method, "sources": sources} for method, sources in blocks],
+    }
+    return lineage
+
+
+def test_a_stacks_runs_join_only_the_same_models_blocks_in_order():
+    """Output blocks become one slice only while they come from the next blocks of the same
+    models by the same method; two merging methods cannot be one recipe."""
+    recipe, complete = stack_recipe(
+        stacked(
+            ("passthrough", [[0, 0, 1.0]]),
+            ("passthrough", [[0, 1, 1.0]]),
+            ("passthrough", [[1, 2, 1.0]]),
+            ("arithmetic", [[1, 3, 1.0]]),
+        )
+    )
+    assert complete
+    assert recipe == "\n".join(
+        [
+            'base = "a"',
+            'head = "b"',
+            'out = "stacked"',
+            'method = {name = "arithmetic"}',
+            "",
+            "[[slices]]",
+            'model = "a"',
+            "layer_range = [0, 2]",
+            "",
+            "[[slices]]",
+            'model = "b"',
+            "layer_range = [2, 3]",
+            "",
+            "[[slices]]",
+            'sources = [{model = "b", layer_range = [3, 4], weight = 1.0}]',
+            "",
+        ]
+    )
+    recipe, complete = stack_recipe(
+        stacked(("arithmetic", [[0, 0, 1.0]]), ("slerp", [[0, 1, 1.0]]))
+    )
+    assert not complete
+    assert "# the merged slices use different methods: see lineage.json" in recipe.splitlines()
+
+    lineage = stacked(("passthrough", [[0, 0, 1.0]]))
+    lineage.models = (Record(0, "module", None, None), Record(1, "file", "b", None))
+    recipe, complete = stack_recipe(lineage)
+    assert 'model = "<models[0]: in memory>"' in recipe.splitlines()
+    assert not complete
