@@ -423,6 +423,13 @@ def test_weights_that_vary_are_not_written_as_one(entries, note, weights):
         ("@x", 'library_name: "@x"'),
         ("a:b", 'library_name: "a:b"'),
         ("", 'library_name: ""'),
+        ("123", 'library_name: "123"'),  # a number
+        ("1e5", 'library_name: "1e5"'),
+        ("2024-01-01", 'library_name: "2024-01-01"'),  # a date
+        ("on", 'library_name: "on"'),  # YAML 1.1's booleans
+        ("Off", 'library_name: "Off"'),
+        ("y", 'library_name: "y"'),
+        ("01-ai/Yi", 'library_name: "01-ai/Yi"'),
     ],
 )
 def test_front_matter_strings_are_quoted_where_yaml_would_misread_them(name, line):
@@ -546,3 +553,14 @@ def test_a_stacks_runs_join_only_the_same_models_blocks_in_order():
     recipe, complete = stack_recipe(lineage)
     assert 'model = "<models[0]: in memory>"' in recipe.splitlines()
     assert not complete
+
+
+@pytest.mark.parametrize("where", ["base", "head", "slice"])
+def test_a_stack_naming_a_model_the_lineage_lacks_is_incomplete(where):
+    blocks = [("passthrough", [[5 if where == "slice" else 0, 0, 1.0]])]
+    lineage = stacked(*blocks)
+    if where != "slice":
+        lineage.stack[where] = 5  # no record of a model 5: an edited lineage
+    recipe, complete = stack_recipe(lineage)
+    assert not complete
+    assert '"?"' in recipe

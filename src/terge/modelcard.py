@@ -96,14 +96,15 @@ def model_card(
     return "\n".join(lines)
 
 
+_YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n"}
+"""Plain words YAML 1.1 (the Hub's parser) reads as booleans or null."""
+
+
 def _yaml(text: str) -> str:
     """A YAML scalar: plain where that is unambiguous, else a JSON (double-quoted) string."""
-    plain = text and all(c.isalnum() or c in "-_./@" for c in text) and text[0] not in "-.@"
-    return (
-        text
-        if plain and text.lower() not in {"true", "false", "null", "yes", "no"}
-        else (json.dumps(text))
-    )
+    plain = text[:1].isascii() and text[:1].isalpha()  # not a number or a date (2024-01-01)
+    plain = plain and all(c.isalnum() or c in "-_./@" for c in text)
+    return text if plain and text.lower() not in _YAML_WORDS else json.dumps(text)
 
 
 def _plain(text: str | None) -> str:
@@ -346,10 +347,17 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
                     run.append(weight)
                 continue
         runs.append((method, [[model, first, weight] for model, first, weight in sources]))
+    unknown: set[Any] = set()  # a model index the lineage has no record of: no path to give
+
+    def path_of(index: Any) -> str:
+        if index not in paths:
+            unknown.add(index)
+        return json.dumps(paths.get(index, "?"))
+
     lines = []
     for name in ("base", "head"):
         if stack.get(name) is not None:
-            lines.append(f"{name} = {json.dumps(paths.get(stack[name], '?'))}")
+            lines.append(f"{name} = {path_of(stack[name])}")
     lines.append('out = "stacked"')
     lines += _dtype_lines(lineage)
     merged = sorted({method for method, _ in runs if method != "passthrough"})
@@ -378,7 +386,7 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
         lines += ["", "[[slices]]"]
         parts = []
         for model, first, *weights in sources:
-            part = f"model = {json.dumps(paths.get(model, '?'))}, layer_range = [{first}, "
+            part = f"model = {path_of(model)}, layer_range = [{first}, "
             part += f"{first + len(weights)}]"
             if method != "passthrough":
                 values = [_toml_number(w) for w in weights]
@@ -390,7 +398,7 @@ def stack_recipe(lineage: Lineage) -> tuple[str, bool]:
             lines.append(parts[0].replace(", layer_range", "\nlayer_range"))
         else:
             lines.append("sources = [" + ", ".join("{" + part + "}" for part in parts) + "]")
-    return "\n".join(lines) + "\n", complete
+    return "\n".join(lines) + "\n", complete and not unknown
 
 
 def _dtype_lines(lineage: Lineage) -> list[str]:
