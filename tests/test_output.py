@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
 
-from terge.errors import CheckpointError, MetaTensorError
+from terge._version import __version__
+from terge.digests import DigestRecorder, tensor_digest
+from terge.errors import CheckpointError, MergeArgumentError, MetaTensorError
 from terge.io import load, save
 from terge.lineage import lineage_text
-from terge.output import LINEAGE_FILE, write_merge
+from terge.output import (
+    LINEAGE_FILE,
+    OUT_FORMATS,
+    check_out_format,
+    check_output,
+    write_merge,
+)
 from terge.plan import Plan, Step
 from terge.sources import FileSource, ModuleSource, Source, StateDictSource
 
@@ -195,3 +207,277 @@ def test_a_meta_tensor_in_the_base_is_refused_before_writing_naming_it(tmp_path)
     with pytest.raises(MetaTensorError, match=r"the base's tensor 'ghost' is on the meta device"):
         write(plan_for(sources), sources, tmp_path / "out")
     assert listing(tmp_path) == []
+
+
+def test_the_shard_header_names_the_terge_version(tmp_path):
+    sources = [StateDictSource({"a": torch.ones(2)}) for _ in range(2)]
+    path = write(plan_for(sources), sources, tmp_path / "out")
+    with safe_open(path / "model.safetensors", "pt") as handle:
+        assert handle.metadata()["terge_version"] == __version__
+
+
+class SharedBuffer(torch.nn.Module):
+    """A weight, and one buffer registered under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        shared = torch.arange(3.0)
+        self.register_buffer("first", shared)
+        self.register_buffer("second", shared)
+
+
+def test_a_buffer_under_two_names_is_written_once_and_recorded_as_tied(tmp_path):
+    sources = [ModuleSource(SharedBuffer(), buffers=False) for _ in range(2)]
+    plan = plan_for(sources)
+    lineage = plan.lineage()
+    path = write(plan, sources, tmp_path / "out", lineage=lineage)
+    assert names_in(path) == ["first", "weight"]
+    assert lineage.tied == {"second": "first"}
+    assert json.loads((path / LINEAGE_FILE).read_text(encoding="utf-8"))["tied"] == {
+        "second": "first"
+    }
+
+
+class SparseBuffer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.register_buffer("mask", torch.eye(2).to_sparse())
+
+
+def test_a_sparse_tensor_in_the_base_is_refused_before_writing_naming_it(tmp_path):
+    sources = [ModuleSource(SparseBuffer(), buffers=False) for _ in range(2)]
+    message = r"the base's tensor 'mask' is not dense \(torch.sparse_coo\).*\.to_dense\(\) first"
+    with pytest.raises(CheckpointError, match=message):
+        write(plan_for(sources), sources, tmp_path / "out")
+    assert listing(tmp_path) == []
+
+
+class WithExtraState(torch.nn.Module):
+    """A module whose state dict holds an object that is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def get_extra_state(self) -> dict:
+        return {"step": 3}
+
+    def set_extra_state(self, state: dict) -> None:
+        pass
+
+
+def test_what_is_not_a_tensor_in_a_modules_state_is_not_written(tmp_path):
+    sources = [ModuleSource(WithExtraState(), buffers=False) for _ in range(2)]
+    path = write(plan_for(sources), sources, tmp_path / "out")
+    assert names_in(path) == ["weight"]
+
+
+def test_a_rewritten_config_is_indented_json_ending_in_a_newline(tmp_path):
+    sources = [FileSource(f) for f in checkpoint_folders(tmp_path, {"torch_dtype": "float32"})]
+    path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.float16)
+    expected = json.dumps({"torch_dtype": "float16"}, indent=2) + "\n"
+    assert (path / "config.json").read_text(encoding="utf-8") == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"torch_dtype": null, "hidden_size": 4}',  # no dtype named
+        b'{"torch_dtype": ',  # not JSON
+        b'["torch_dtype", "float32"]',  # not an object
+        b'{"torch_dtype": "\xff"}',  # not UTF-8
+    ],
+)
+def test_a_config_that_names_no_dtype_is_copied_as_it_is_and_names_no_library(tmp_path, raw):
+    folders = checkpoint_folders(tmp_path, None)
+    (folders[0] / "config.json").write_bytes(raw)
+    sources = [FileSource(f) for f in folders]
+    path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.bfloat16)
+    assert (path / "config.json").read_bytes() == raw
+    assert "library_name" not in (path / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("config", "library"),
+    [
+        ({"model_type": "llama"}, "library_name: transformers\n"),
+        ({"architectures": ["LlamaForCausalLM"]}, "library_name: transformers\n"),
+        ({"model_type": 3, "architectures": "Llama"}, None),
+        ({"hidden_size": 4}, None),
+    ],
+)
+def test_the_card_names_transformers_when_the_config_names_a_model_type_or_architecture(
+    tmp_path, config, library
+):
+    sources = [FileSource(f) for f in checkpoint_folders(tmp_path, config)]
+    path = write(plan_for(sources), sources, tmp_path / "out")
+    card = (path / "README.md").read_text(encoding="utf-8")
+    assert ("library_name" in card) == (library is not None)
+    assert library is None or library in card
+
+
+def test_a_config_linked_from_outside_the_base_folder_is_neither_read_nor_copied(tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"torch_dtype": "float32", "model_type": "secret"}', encoding="utf-8")
+    folders = checkpoint_folders(tmp_path, None)
+    (folders[0] / "config.json").symlink_to(elsewhere)
+    sources = [FileSource(f) for f in folders]
+    with pytest.warns(UserWarning, match=r"did not copy 1 file\(s\).*config.json ->"):
+        path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.bfloat16)
+    assert "config.json" not in listing(path)
+    assert "library_name" not in (path / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "dcp"])
+def test_card_false_writes_no_card_and_a_command_is_shown_in_it(tmp_path, out_format):
+    sources = [StateDictSource({"a": torch.ones(2)}) for _ in range(2)]
+    plan = plan_for(sources)
+    path = write(plan, sources, tmp_path / "none", card=False, out_format=out_format)
+    assert "README.md" not in listing(path) and LINEAGE_FILE in listing(path)
+    command = "terge merge a b --out made-by-this-command"
+    path = write(plan, sources, tmp_path / "card", card=command, out_format=out_format)
+    assert command in (path / "README.md").read_text(encoding="utf-8")
+
+
+def sharded_folder(tmp_path: Path, name: str) -> Path:
+    """A float32 checkpoint saved as two shards and an index, with a config and a tokenizer."""
+    folder = tmp_path / name
+    save({"a": torch.ones(64), "b": torch.zeros(64)}, folder, max_shard_size=300)
+    (folder / "config.json").write_text('{"torch_dtype": "float32"}', encoding="utf-8")
+    (folder / "tokenizer.json").write_text('{"vocab": 1}', encoding="utf-8")
+    return folder
+
+
+def test_a_base_read_through_its_index_has_its_folders_files_copied(tmp_path):
+    folders = [sharded_folder(tmp_path, f"model{i}") for i in range(2)]
+    index = folders[0] / "model.safetensors.index.json"
+    assert index.is_file()
+    sources = [FileSource(index), FileSource(folders[1])]
+    path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.bfloat16)
+    assert "tokenizer.json" in listing(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    assert config == {"torch_dtype": "bfloat16"}
+
+
+def test_an_output_inside_an_input_read_through_its_index_is_refused(tmp_path):
+    folders = [sharded_folder(tmp_path, f"model{i}") for i in range(2)]
+    sources = [FileSource(folders[0]), FileSource(folders[1] / "model.safetensors.index.json")]
+    before = listing(folders[1])
+    message = f"is inside the input {re.escape(str(folders[1]))}; writing there"
+    with pytest.raises(CheckpointError, match=message):
+        write(plan_for(sources), sources, folders[1] / "out")
+    assert listing(folders[1]) == before
+
+
+def test_given_tokenizer_files_replace_every_tokenizer_file_of_the_base(tmp_path):
+    folders = checkpoint_folders(tmp_path, None)
+    (folders[0] / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    sources = [FileSource(f) for f in folders]
+    path = write(
+        plan_for(sources), sources, tmp_path / "out", tokenizer_files={"tokenizer.json": "new"}
+    )
+    assert listing(path) == ["README.md", LINEAGE_FILE, "model.safetensors", "tokenizer.json"]
+    assert (path / "tokenizer.json").read_text(encoding="utf-8") == "new"
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "dcp"])
+def test_a_digest_hook_records_every_merged_tensor_as_written(tmp_path, out_format):
+    states = [{"a": torch.full((2,), float(i)), "n": torch.tensor([i])} for i in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+    lineage = plan.lineage()
+    hook = DigestRecorder(sources, sources[0], 0)
+    path = write(plan, sources, tmp_path / "out", hook=hook, lineage=lineage, out_format=out_format)
+    assert list(lineage.digests) == ["a"]
+    assert lineage.digests["a"].output == tensor_digest(torch.full((2,), 0.5))
+    assert (path / LINEAGE_FILE).read_text(encoding="utf-8") == lineage_text(lineage)
+
+
+def dcp_keys(folder: Path) -> dict:
+    """Each key of a distributed checkpoint, with its dtype."""
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    return {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items()}
+
+
+def test_a_dcp_output_casts_copied_floats_and_keeps_tied_names(tmp_path):
+    torch.manual_seed(0)
+    sources = [ModuleSource(Tied(), buffers=False) for _ in range(2)]
+    path = write(
+        plan_for(sources), sources, tmp_path / "out", out_format="dcp", out_dtype=torch.float16
+    )
+    keys = dcp_keys(path)
+    assert keys["embed.weight"] == keys["head.weight"] == torch.float16  # merged, and tied
+    assert keys["norm.running_var"] == torch.float16  # copied from the base, cast
+    assert keys["norm.num_batches_tracked"] == torch.int64
+    written = load(path)
+    assert torch.equal(written["norm.running_var"], torch.ones(4, dtype=torch.float16))
+
+
+def test_a_dcp_output_of_a_dcp_base_keeps_its_entry_and_its_card_names_no_library(tmp_path):
+    folders = []
+    for i in range(2):
+        folders.append(tmp_path / f"c{i}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is unavailable ..."
+            dcp.save(
+                {"model": {"w": torch.full((2,), float(i))}},
+                checkpoint_id=str(folders[-1]),
+                no_dist=True,
+            )
+    (folders[0] / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    sources = [FileSource(f) for f in folders]
+    path = write(plan_for(sources), sources, tmp_path / "out", out_format="dcp")
+    assert list(dcp_keys(path)) == ["model.w"]
+    assert "library_name" not in (path / "README.md").read_text(encoding="utf-8")
+
+
+def test_check_output_fails_where_the_write_would_and_writes_nothing(tmp_path):
+    states = [{"a": torch.ones(2), "ghost": torch.empty(2, device="meta")}, {"a": torch.ones(2)}]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+    settings = {"out_dtype": None, "max_shard_size": "5GB", "overwrite": False}
+    for out_format in ("safetensors", "dcp"):
+        with pytest.raises(MetaTensorError, match=r"the base's tensor 'ghost'"):
+            check_output(
+                plan,
+                sources,
+                sources[0],
+                out=tmp_path / "new",
+                lineage=plan.lineage(),
+                out_format=out_format,
+                **settings,
+            )
+    (tmp_path / "out").mkdir()
+    sources = [StateDictSource({"a": torch.ones(2)}) for _ in range(2)]
+    plan = plan_for(sources)
+    for out_format in ("safetensors", "dcp"):
+        with pytest.raises(CheckpointError, match=r"already exists; pass overwrite=True"):
+            check_output(
+                plan,
+                sources,
+                sources[0],
+                out=tmp_path / "out",
+                lineage=plan.lineage(),
+                out_format=out_format,
+                **settings,
+            )
+        check_output(
+            plan,
+            sources,
+            sources[0],
+            out=tmp_path / "new",
+            lineage=plan.lineage(),
+            out_format=out_format,
+            **settings,
+        )
+    assert listing(tmp_path) == ["out"]
+    assert listing(tmp_path / "out") == []
+
+
+def test_check_out_format_names_the_formats_it_takes():
+    assert [check_out_format(f) for f in OUT_FORMATS] == ["safetensors", "dcp", "lora"]
+    message = r"`out_format` must be one of 'safetensors', 'dcp', 'lora' .*; got 'zip'\."
+    with pytest.raises(MergeArgumentError, match=message):
+        check_out_format("zip")
