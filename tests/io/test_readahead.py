@@ -168,3 +168,53 @@ def test_in_memory_merges_start_no_read_ahead_thread(monkeypatch):
     models = [torch.nn.Linear(4, 4) for _ in range(3)]
     terge.merge(models, progress=False)
     assert "terge-readahead" not in started
+
+
+def stopped(readahead: Readahead, jobs: Jobs) -> list[int]:
+    """The jobs run once the thread is closed, checking that it would run no more: either a
+    wrong extra job ran before ``close``, or the thread would have run it next."""
+    readahead.close()
+    assert not readahead._due()
+    return jobs.ran
+
+
+def test_jobs_are_asked_for_while_less_than_the_window_is_ahead_not_when_it_is_reached():
+    jobs = Jobs([100] * 4)
+    readahead = Readahead(jobs.all(), window=200)
+    wait_for(lambda: len(jobs.ran) >= 3)  # jobs 1 and 2: 100 bytes ahead, less than 200
+    assert stopped(readahead, jobs) == [0, 1, 2]  # with job 2, 200 bytes ahead: no more
+
+
+def test_the_next_job_is_asked_for_even_with_no_window():
+    jobs = Jobs([10] * 4)
+    readahead = Readahead(jobs.all(), window=0)
+    wait_for(lambda: len(jobs.ran) >= 2)
+    readahead.reached(1)
+    wait_for(lambda: len(jobs.ran) >= 3)
+    assert stopped(readahead, jobs) == [0, 1, 2]
+
+
+def test_two_jobs_start_a_thread_that_reads_the_second_ahead():
+    jobs = Jobs([10, 10])
+    with Readahead(jobs.all(), window=0) as readahead:
+        assert readahead._thread is not None
+        wait_for(lambda: len(jobs.ran) == 2)
+    assert jobs.ran == [0, 1]
+
+
+def test_the_default_window_is_half_a_gibibyte():
+    jobs = Jobs([1, 300 << 20, 300 << 20, 1])
+    readahead = Readahead(jobs.all())
+    wait_for(lambda: len(jobs.ran) >= 3)  # 300 MiB ahead, less than 512 MiB
+    assert stopped(readahead, jobs) == [0, 1, 2]  # 600 MiB ahead: no more
+
+
+def test_the_thread_waits_quietly_past_the_last_job_until_closed(monkeypatch):
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    jobs = Jobs([10] * 3)
+    readahead = Readahead(jobs.all(), window=1 << 20)
+    wait_for(lambda: len(jobs.ran) == 3)
+    readahead.reached(2)
+    assert stopped(readahead, jobs) == [0, 1, 2]
+    assert crashed == []
