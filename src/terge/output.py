@@ -782,7 +782,7 @@ def _write_sharded(
     sharded = next(t for n in layout.tensors if is_dtensor(t := layout.tensor_of(n)))
     mesh, device = sharded.device_mesh, sharded.device
     writer: StreamingShardWriter | None = None
-    failure: BaseException | None = None
+    failure: Exception | None = None
     if rank() == 0:
         try:
             writer = _writer(out, layout, lineage, sources, base, max_shard_size, overwrite)
@@ -797,15 +797,8 @@ def _write_sharded(
         if writer is not None:
             writer.__exit__(type(error), error, None)
         raise
-    if writer is not None:
-        try:
-            if failure is None:
-                _write_records(writer, lineage, base, card)
-                writer.__exit__(None, None, None)
-            else:
-                writer.__exit__(type(failure), failure, None)
-        except Exception as error:
-            failure = failure or error
+    if writer is not None:  # a failure to write the records removes the folder too
+        failure = _commit(writer, lineage, failure, [], base, card)
     _agree(failure, mesh, device, out)
 
 
@@ -814,10 +807,10 @@ def _merge_sharded(
     sources: Sequence[Source],
     base: Source,
     writer: StreamingShardWriter | None,
-    failure: BaseException | None,
+    failure: Exception | None,
     dtype: torch.dtype,
     progress: bool,
-) -> BaseException | None:
+) -> Exception | None:
     """Merge and gather every tensor on every rank, and write it on rank 0; the first write
     failure is kept (and returned), not raised, so that every rank joins every collective."""
     buffers = ChunkBuffers(dtype)
