@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 
+import terge.output
 from terge._version import __version__
 from terge.digests import DigestRecorder, tensor_digest
 from terge.errors import CheckpointError, MergeArgumentError, MetaTensorError
@@ -481,3 +482,47 @@ def test_check_out_format_names_the_formats_it_takes():
     message = r"`out_format` must be one of 'safetensors', 'dcp', 'lora' .*; got 'zip'\."
     with pytest.raises(MergeArgumentError, match=message):
         check_out_format("zip")
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of this process alone, for DTensors on a one-rank CPU mesh."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_linear(mesh, value: float) -> torch.nn.Module:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = torch.nn.Linear(2, 4, bias=False)
+    weight = distribute_tensor(torch.full((4, 2), value), mesh, [Shard(0)])
+    model.weight = torch.nn.Parameter(weight)
+    return model
+
+
+def test_sharded_parameters_are_gathered_and_written(tmp_path, one_rank):
+    sources = [ModuleSource(sharded_linear(one_rank, float(i)), buffers=False) for i in range(2)]
+    plan = plan_for(sources)
+    assert plan.sharded
+    path = write(plan, sources, tmp_path / "out")
+    assert listing(path) == ["README.md", LINEAGE_FILE, "model.safetensors"]
+    assert torch.equal(load(path)["weight"], torch.full((4, 2), 0.5))
+
+
+def test_a_sharded_merge_whose_records_fail_leaves_nothing_behind(tmp_path, one_rank, monkeypatch):
+    def full_disk(lineage):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(terge.output, "lineage_text", full_disk)
+    sources = [ModuleSource(sharded_linear(one_rank, float(i)), buffers=False) for i in range(2)]
+    with pytest.raises(OSError, match="disk full"):
+        write(plan_for(sources), sources, tmp_path / "out")
+    assert listing(tmp_path) == []  # no target, no temporary folder
