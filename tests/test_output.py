@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +173,7 @@ class FailOnSecond:
     def __init__(self) -> None:
         self.before_calls: list[str] = []
         self.after_calls = 0
+        self.digests: dict = {}
 
     def before(self, step: Step) -> None:
         self.before_calls.append(step.name)
@@ -526,3 +531,226 @@ def test_a_sharded_merge_whose_records_fail_leaves_nothing_behind(tmp_path, one_
     with pytest.raises(OSError, match="disk full"):
         write(plan_for(sources), sources, tmp_path / "out")
     assert listing(tmp_path) == []  # no target, no temporary folder
+
+
+def test_a_sharded_merge_rounds_once_into_out_dtype(tmp_path, one_rank):
+    # the mean, 1 + 2^-8 + 2^-24, is above bfloat16's half-way point: rounded once it goes up;
+    # through float32 it lands on the half-way point and goes down to 1
+    values = [1 + 2**-8, 1 + 2**-8 + 2**-23]
+    sources = [ModuleSource(sharded_linear(one_rank, v), buffers=False) for v in values]
+    path = write(plan_for(sources), sources, tmp_path / "out", out_dtype=torch.bfloat16)
+    written = load(path)["weight"]
+    assert written.dtype == torch.bfloat16
+    assert written.unique().tolist() == [1 + 2**-7]
+
+
+def test_a_sharded_merge_refuses_an_existing_target_before_computing_anything(
+    tmp_path, one_rank, monkeypatch
+):
+    computed = []
+    monkeypatch.setattr(terge.output, "run_step", lambda step, *args: computed.append(step))
+    (tmp_path / "out").mkdir()
+    sources = [ModuleSource(sharded_linear(one_rank, float(i)), buffers=False) for i in range(2)]
+    with pytest.raises(CheckpointError, match=r"already exists; pass overwrite=True"):
+        write(plan_for(sources), sources, tmp_path / "out")
+    assert computed == []
+    assert listing(tmp_path) == ["out"]
+
+
+def test_a_sharded_merge_stops_writing_at_the_first_failure_and_raises_it(
+    tmp_path, one_rank, monkeypatch
+):
+    stored = []
+
+    def full_disk(into, tensor, buffers):
+        stored.append(tensor.shape)
+        raise OSError(f"disk full after {len(stored)} tensor(s)")
+
+    monkeypatch.setattr(terge.output, "store_whole", full_disk)
+    models = [sharded_linear(one_rank, float(i)) for i in range(2)]
+    for model in models:
+        model.register_buffer("steps", torch.tensor([1]))  # copied, after the weight
+    sources = [ModuleSource(m, buffers=False) for m in models]
+    with pytest.raises(OSError, match=r"disk full after 1 tensor\(s\)"):
+        write(plan_for(sources), sources, tmp_path / "out")
+    assert len(stored) == 1
+    assert listing(tmp_path) == []
+
+
+class Exchange:
+    """What the ranks of an in-process distributed write (one thread each) hand each other."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=10)
+        self.slots: list = [None] * world
+
+
+@dataclass(frozen=True)
+class ThreadRanks:
+    """:class:`terge.output.Ranks` for ranks that are threads of this process."""
+
+    rank: int
+    world: int
+    exchange: Exchange
+
+    def gather(self, value):
+        self.exchange.slots[self.rank] = value
+        self.exchange.barrier.wait()
+        values = list(self.exchange.slots)
+        self.exchange.barrier.wait()
+        return values
+
+    def broadcast(self, value):
+        return self.gather(value)[0]
+
+
+def write_on_ranks(world: int, write_on) -> list:
+    """``write_on(ranks)`` on ``world`` ranks, rank 0 on this thread: each one's result or error."""
+    exchange = Exchange(world)
+    results: list = [None] * world
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = write_on(ThreadRanks(rank, world, exchange))
+        except Exception as error:
+            results[rank] = error
+
+    others = [threading.Thread(target=run, args=(r,)) for r in range(1, world)]
+    for thread in others:
+        thread.start()
+    run(0)
+    for thread in others:
+        thread.join()
+    return results
+
+
+def four_tensor_folders(tmp_path: Path) -> list[Path]:
+    """Two float32 checkpoint folders of four 256-byte tensors, the first with a config."""
+    folders = []
+    for i in range(2):
+        folders.append(save({n: torch.full((64,), float(i)) for n in "abcd"}, tmp_path / f"m{i}"))
+    (folders[0] / "config.json").write_text('{"torch_dtype": "float32"}', encoding="utf-8")
+    return folders
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "dcp"])
+def test_a_distributed_file_merge_writes_every_ranks_part_into_one_output(tmp_path, out_format):
+    folders = four_tensor_folders(tmp_path / "in")
+
+    def write_on(ranks):  # each rank reads the models itself
+        sources = [FileSource(f) for f in folders]
+        plan = plan_for(sources)
+        lineage = plan.lineage()
+        hook = DigestRecorder(sources, sources[0], 0)
+        options = {"max_shard_size": 300, "out_dtype": torch.bfloat16, "out_format": out_format}
+        path = write(
+            plan, sources, tmp_path / "out", hook=hook, lineage=lineage, ranks=ranks, **options
+        )
+        return path, sorted(lineage.digests)
+
+    results = write_on_ranks(2, write_on)
+    assert results == [(tmp_path / "out", ["a", "b", "c", "d"])] * 2  # every rank, every digest
+    assert listing(tmp_path) == ["in", "out"]
+    written = load(tmp_path / "out")
+    assert sorted(written) == ["a", "b", "c", "d"]
+    half = torch.full((64,), 0.5, dtype=torch.bfloat16)
+    assert all(torch.equal(t, half) for t in written.values())
+    if out_format == "safetensors":  # the config's dtype updated
+        config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+        assert config == {"torch_dtype": "bfloat16"}
+
+
+def test_a_failure_on_one_rank_stops_every_rank_and_leaves_nothing(tmp_path):
+    states = [{n: torch.full((64,), float(i)) for n in "abcd"} for i in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+
+    def write_on(ranks):
+        hook = FailOnSecond() if ranks.rank == 1 else None
+        return write(plan, sources, tmp_path / "out", max_shard_size=300, ranks=ranks, hook=hook)
+
+    results = write_on_ranks(2, write_on)
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "disk full"
+    assert isinstance(results[0], CheckpointError)
+    assert str(results[0]).startswith(
+        "rank 1 of 2 failed (RuntimeError: disk full); every rank stopped and nothing was "
+        f"written to {tmp_path / 'out'}."
+    )
+    assert listing(tmp_path) == []
+
+
+def test_a_failure_on_one_rank_of_a_dcp_merge_stops_every_rank_and_leaves_nothing(tmp_path):
+    states = [{n: torch.full((64,), float(i)) for n in "abcd"} for i in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+
+    def write_on(ranks):
+        hook = FailOnSecond() if ranks.rank == 1 else DigestRecorder(sources, sources[0], 0)
+        return write(plan, sources, tmp_path / "out", out_format="dcp", ranks=ranks, hook=hook)
+
+    results = write_on_ranks(2, write_on)
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "disk full"
+    assert isinstance(results[0], CheckpointError)
+    assert str(results[0]).startswith(
+        "rank 1 of 2 failed (RuntimeError: disk full); every rank stopped and nothing was "
+        f"written to {tmp_path / 'out'}."
+    )
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("config", "written"),
+    [
+        (
+            {"torch_dtype": "float32", "vocab_size": 5, "hidden_size": 4},
+            {"torch_dtype": "float32", "vocab_size": 7, "hidden_size": 4},
+        ),
+        ({"torch_dtype": "float32", "vocab_size": "5"}, None),  # no number: left as it is
+    ],
+)
+def test_the_configs_vocab_size_becomes_the_output_vocabularys(tmp_path, config, written):
+    folders = checkpoint_folders(tmp_path, config)
+    sources = [FileSource(f) for f in folders]
+    plan = plan_for(sources)
+    aligned = dataclasses.replace(plan, vocabulary=SimpleNamespace(rows=7))
+    settings = {"out_dtype": None, "max_shard_size": "5GB", "overwrite": False}
+    path = write_merge(
+        aligned,
+        sources,
+        sources[0],
+        out=tmp_path / "out",
+        dtype=torch.float64,
+        progress=False,
+        lineage=plan.lineage(),
+        **settings,
+    )
+    if written is None:
+        assert (path / "config.json").read_bytes() == (folders[0] / "config.json").read_bytes()
+    else:
+        assert json.loads((path / "config.json").read_text(encoding="utf-8")) == written
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "dcp"])
+def test_a_failure_of_rank_0s_commit_stops_every_rank_and_leaves_nothing(
+    tmp_path, monkeypatch, out_format
+):
+    def full_disk(lineage):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(terge.output, "lineage_text", full_disk)  # rank 0 writes the records
+    states = [{n: torch.full((64,), float(i)) for n in "abcd"} for i in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    plan = plan_for(sources)
+
+    def write_on(ranks):
+        options = {"max_shard_size": 300, "out_format": out_format}
+        return write(plan, sources, tmp_path / "out", ranks=ranks, **options)
+
+    results = write_on_ranks(2, write_on)
+    assert isinstance(results[0], OSError) and str(results[0]) == "disk full"
+    assert isinstance(results[1], CheckpointError)
+    assert str(results[1]).startswith(
+        "rank 0 of 2 failed (OSError: disk full); every rank stopped and nothing was "
+        f"written to {tmp_path / 'out'}."
+    )
+    assert listing(tmp_path) == []
