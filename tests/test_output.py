@@ -754,3 +754,23 @@ def test_a_failure_of_rank_0s_commit_stops_every_rank_and_leaves_nothing(
         f"written to {tmp_path / 'out'}."
     )
     assert listing(tmp_path) == []
+
+
+class WrappedWithABuffer(torch.nn.Module):
+    """A compiled model's wrapper ('_orig_mod.') with a buffer of its own named as a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._orig_mod = torch.nn.Linear(2, 2, bias=False)
+        self.register_buffer("weight", torch.zeros(3))
+
+
+def test_a_buffer_whose_name_meets_a_weights_is_refused_not_dropped(tmp_path):
+    sources = [ModuleSource(WrappedWithABuffer(), buffers=False) for _ in range(2)]
+    message = (
+        r"the base has two tensors, 'weight' and '_orig_mod.weight', that both map to the name "
+        r"'weight' once wrapper prefixes \('module.', '_orig_mod.'\) are stripped"
+    )
+    with pytest.raises(MergeArgumentError, match=message):
+        write(plan_for(sources), sources, tmp_path / "out")
+    assert listing(tmp_path) == []

@@ -52,6 +52,7 @@ from .sources import (
     FileSource,
     ModuleSource,
     Source,
+    canonical_names,
     checkpoint_of,
     entry_of,
     folders_read,
@@ -105,7 +106,9 @@ def _base_tensors(base: Source) -> tuple[dict[str, Entry], Callable[[str], torch
     if not isinstance(base, ModuleSource):
         return dict(base.entries), base.get
     state = base.module.state_dict(keep_vars=True)
-    tensors = {base.rename(n): t for n, t in state.items() if isinstance(t, torch.Tensor)}
+    raw = {n: t for n, t in state.items() if isinstance(t, torch.Tensor)}
+    # the buffers too: one whose name meets another's once renamed is refused, not dropped
+    tensors = {name: raw[n] for name, n in canonical_names(raw, base.rename, "the base").items()}
     for name, tensor in tensors.items():
         if tensor.layout != torch.strided:
             raise CheckpointError(
