@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import terge
 from terge.errors import CheckpointError, LoraLeftOutWarning, MergeArgumentError
@@ -139,9 +140,16 @@ def test_gpt2_conv1d_and_biases_are_exact(tmp_path, as_files):
     else:
         adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=3)
     assert {m.layout for m in adapter.modules.values()} == {"conv1d"}
-    assert len(adapter.biases) == 8  # c_attn, c_proj, c_fc, mlp.c_proj of 2 blocks
+    assert adapter.biases == [
+        f"transformer.h.{i}.{m}"
+        for i in (0, 1)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and config["lora_bias"] is True
+    record = json.loads((tmp_path / "a" / "lora.json").read_text())
+    assert record["biases"] == adapter.biases
+    assert {m["layout"] for m in record["modules"].values()} == {"conv1d"}
     assert logit_gap(load_peft(gpt2, base, tmp_path / "a"), tuned) < 1e-5
 
 
@@ -160,7 +168,19 @@ def test_a_conv1d_file_read_as_linear_is_not_exact(tmp_path):
         load_peft(gpt2, base, tmp_path / "a")
 
 
-@pytest.mark.parametrize("config", ["[1, 2]", "{not json", '{"model_type": 7}', "fifo", "link"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "[1, 2]",
+        "{not json",
+        '{"model_type": 7}',
+        '{"model_type": ["gpt2"]}',
+        "deep",
+        "big",
+        "fifo",
+        "link",
+    ],
+)
 def test_a_strange_config_json_is_ignored(tmp_path, config):
     """The layout falls back to nn.Linear's; a pipe is never opened, a link out never read."""
     import os
@@ -171,6 +191,10 @@ def test_a_strange_config_json_is_ignored(tmp_path, config):
     target = tmp_path / "base" / "config.json"
     if config == "fifo":
         os.mkfifo(target)
+    elif config == "deep":  # too deep for the json parser
+        target.write_text("[" * 100_000)
+    elif config == "big":  # over CONFIG_LIMIT: not read
+        target.write_text(json.dumps({"model_type": "gpt2", "pad": " " * (1 << 20)}))
     elif config == "link":
         (tmp_path / "elsewhere.json").write_text('{"model_type": "gpt2"}')
         target.symlink_to(tmp_path / "elsewhere.json")
@@ -178,6 +202,39 @@ def test_a_strange_config_json_is_ignored(tmp_path, config):
         target.write_text(config)
     adapter = terge.extract_lora(tmp_path / "tuned", tmp_path / "base", tmp_path / "a", rank=1)
     assert adapter.modules["h.0.fc"].layout == "linear"
+
+
+def test_a_file_embedding_is_known_by_its_module_name(tmp_path):
+    """Without a module to ask, an embedding is told by its module's last name."""
+    base = {"model.embed_tokens.weight": torch.zeros(10, 4), "model.fc.weight": torch.zeros(3, 4)}
+    terge.save(base, tmp_path / "base")
+    terge.save({n: torch.eye(*t.shape) for n, t in base.items()}, tmp_path / "tuned")
+    files = (tmp_path / "tuned", tmp_path / "base")
+    whole = terge.extract_lora(*files, tmp_path / "a", rank=1)
+    assert whole.modules_to_save == {"model.embed_tokens": ["model.embed_tokens.weight"]}
+    assert {n: m.layout for n, m in whole.modules.items()} == {"model.fc": "linear"}
+    factored = terge.extract_lora(*files, tmp_path / "b", rank=3, embeddings=True)
+    assert factored.modules["model.embed_tokens"].layout == "embedding"
+
+
+def test_a_2d_tensor_that_is_not_a_weight_is_never_factored(tmp_path):
+    base = {"fc.weight": torch.zeros(3, 4), "fc.scales": torch.zeros(3, 4)}
+    tuned = {"fc.weight": torch.ones(3, 4), "fc.scales": torch.ones(3, 4)}
+    with pytest.warns(LoraLeftOutWarning):
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert adapter.modules["fc"].tensor == "fc.weight"
+    assert adapter.left_out == {
+        "fc.scales": "changed in the module 'fc', whose weight is factored: PEFT holds a module "
+        "either as LoRA or whole, not both"
+    }
+
+
+def test_the_kind_of_module_comes_from_the_fine_tuned_module_when_the_base_is_a_dict(tmp_path):
+    torch.manual_seed(0)
+    tuned = torch.nn.Sequential(torch.nn.Embedding(10, 4))
+    base = {"0.weight": torch.zeros(10, 4)}
+    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=2)
+    assert adapter.modules == {} and adapter.modules_to_save == {"0": ["0.weight"]}
 
 
 def test_embeddings_are_factored_when_asked_and_saved_whole_otherwise(tmp_path):
@@ -298,6 +355,78 @@ def test_energy_picks_each_modules_rank_from_its_spectrum(tmp_path):
     assert adapter.modules["0"].energy >= 0.9 and adapter.modules["1"].error < 1e-6
 
 
+def test_the_record_holds_the_settings_and_each_modules_numbers(tmp_path):
+    """Two weights of known spectra: 4, 2, 1 at rank 2 (a map of ranks) and 3, 1 by energy
+    0.5 (the names the map misses); a changed norm saved whole; all written as bfloat16."""
+    f64 = torch.float64
+    base = {"a.weight": torch.zeros(3, 4, dtype=f64), "b.weight": torch.zeros(3, 4, dtype=f64)}
+    base["n.weight"] = torch.ones(4, dtype=f64)
+    tuned = {name: t.clone() for name, t in base.items()}
+    tuned["n.weight"] += 1
+    tuned["a.weight"][[0, 1, 2], [0, 1, 2]] = torch.tensor([4.0, 2.0, 1.0], dtype=f64)
+    tuned["b.weight"][[0, 1], [0, 1]] = torch.tensor([3.0, 1.0], dtype=f64)
+    adapter = terge.extract_lora(
+        tuned,
+        base,
+        tmp_path / "a",
+        rank={re.compile("^a"): 2},
+        energy=0.5,
+        fan_in_fan_out=False,
+        out_dtype="bfloat16",
+        task_type="CAUSAL_LM",
+    )
+    record = json.loads((tmp_path / "a" / "lora.json").read_text())
+    assert record["settings"] == {
+        "rank": {"re.compile('^a')": 2},
+        "energy": 0.5,
+        "embeddings": False,
+        "fan_in_fan_out": False,
+        "out_dtype": "bfloat16",
+        "task_type": "CAUSAL_LM",
+        "svd_dtype": "float64",
+    }
+    assert record["modules"] == {
+        "a": {
+            "tensor": "a.weight",
+            "layout": "linear",
+            "shape": [3, 4],
+            "rank": 2,
+            "error": pytest.approx((1 / 21) ** 0.5),
+            "energy": pytest.approx(20 / 21),
+            "norm": pytest.approx(21**0.5),
+        },
+        "b": {
+            "tensor": "b.weight",
+            "layout": "linear",
+            "shape": [3, 4],
+            "rank": 1,
+            "error": pytest.approx(0.1**0.5),
+            "energy": pytest.approx(0.9),
+            "norm": pytest.approx(10**0.5),
+        },
+    }
+    assert record["max_error"] == adapter.max_error == pytest.approx(0.1**0.5)
+    assert record["modules_to_save"] == {"n": ["n.weight"]}
+    assert (record["biases"], record["left_out"], record["unchanged"]) == ([], {}, 0)
+    assert adapter.settings["finetuned"] == adapter.settings["base"] == "state_dict"
+    written = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert torch.equal(written["base_model.model.n.weight"], torch.full((4,), 2.0).bfloat16())
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+
+
+def test_a_change_only_to_modules_saved_whole_has_no_truncation_error(tmp_path):
+    """Nothing factored: the adapter is written with the module whole and max_error 0. (PEFT
+    itself refuses to load an adapter that targets no module.)"""
+    base = {"fc.weight": torch.zeros(3, 4), "norm.weight": torch.ones(4)}
+    tuned = {"fc.weight": torch.zeros(3, 4), "norm.weight": torch.full((4,), 2.0)}
+    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert adapter.modules == {} and adapter.modules_to_save == {"norm": ["norm.weight"]}
+    assert adapter.max_error == 0.0
+    assert json.loads((tmp_path / "a" / "lora.json").read_text())["max_error"] == 0.0
+
+
 # --- merge(out_format="lora") ---------------------------------------------------------------------
 
 
@@ -411,6 +540,72 @@ def test_a_changed_bias_where_lora_bias_cannot_hold_it_is_reported(tmp_path):
     with pytest.warns(LoraLeftOutWarning, match="not supported together with factored embeddings"):
         adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=2, embeddings=True)
     assert list(adapter.left_out) == ["1.bias"]
+
+
+def test_a_changed_bias_of_a_factored_module_without_one_elsewhere_is_reported(tmp_path):
+    base = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(3, 4), "b.bias": torch.zeros(3)}
+    tuned = {"a.weight": torch.ones(3, 4), "b.weight": torch.ones(3, 4), "b.bias": torch.ones(3)}
+    with pytest.warns(LoraLeftOutWarning, match="b.bias"):
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert adapter.left_out == {
+        "b.bias": "a changed bias of a factored module: PEFT's lora_bias=True, which would hold "
+        "it, needs every factored module to have a bias, and 'a' has none"
+    }
+    assert adapter.biases == []
+
+
+def test_a_parameter_of_the_root_module_is_reported_not_factored(tmp_path):
+    base = {"weight": torch.zeros(3, 4), "scale": torch.zeros(3), "fc.weight": torch.zeros(3, 4)}
+    tuned = {name: torch.ones(t.shape) for name, t in base.items()}
+    with pytest.warns(LoraLeftOutWarning, match="root module"):
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert list(adapter.modules) == ["fc"]
+    why = (
+        "a parameter of the root module, which PEFT cannot save (modules_to_save names submodules)"
+    )
+    assert adapter.left_out == {"scale": why, "weight": why}
+
+
+def test_the_warning_names_five_differences_and_counts_the_rest(tmp_path):
+    base = {"fc.weight": torch.zeros(3, 4), "only_base": torch.zeros(2)}
+    tuned = {"fc.weight": torch.ones(3, 4)}
+    for i in range(6):
+        base[f"fc.s{i}"], tuned[f"fc.s{i}"] = torch.tensor([0]), torch.tensor([1])
+    with pytest.warns(LoraLeftOutWarning) as caught:
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert adapter.left_out["only_base"] == "only in the base (not in the fine-tuned model)"
+    said = str(caught[0].message)
+    assert said.startswith("terge: the adapter does not hold 7 difference(s) between the models (")
+    assert "fc.s4: changed, but not floating point" in said and "fc.s5" not in said
+    assert said.endswith("; and 2 more); they are listed in lora.json under left_out.")
+    assert caught[0].filename == __file__  # the caller's line, not terge's
+    del base["only_base"], base["fc.s5"], tuned["fc.s5"]
+    with pytest.warns(LoraLeftOutWarning, match=r"fc\.s4: [^;]*\); they are listed"):
+        terge.extract_lora(tuned, base, tmp_path / "b", rank=1)
+
+
+def test_a_merge_warns_its_caller_of_what_the_adapter_does_not_hold(tmp_path):
+    base = {"scale": torch.zeros(3), "fc.weight": torch.zeros(3, 4)}
+    tuned = {"scale": torch.ones(3), "fc.weight": torch.ones(3, 4)}
+    with pytest.warns(LoraLeftOutWarning, match="scale: a parameter of the root module") as caught:
+        terge.merge([base, tuned], out=tmp_path / "m", out_format="lora", lora_rank=1)
+    assert caught[0].filename == __file__
+
+
+def test_an_excluded_weight_is_not_held_to_the_rank(tmp_path):
+    base = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(1, 4)}
+    tuned = {"a.weight": torch.ones(3, 4), "b.weight": torch.ones(1, 4)}
+    with pytest.warns(LoraLeftOutWarning):
+        adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=2, excluded=["b.weight"])
+    assert list(adapter.modules) == ["a"]
+    assert adapter.left_out == {"b.weight": "changed, but excluded by the patterns"}
+
+
+def test_a_tensor_equal_in_another_dtype_is_unchanged(tmp_path):
+    base = {"a.weight": torch.ones(3, 4), "b.weight": torch.zeros(3, 4)}
+    tuned = {"a.weight": torch.ones(3, 4, dtype=torch.float16), "b.weight": torch.ones(3, 4)}
+    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert list(adapter.modules) == ["b"] and adapter.unchanged == 1
 
 
 def test_the_record_is_deterministic(tmp_path):
@@ -533,10 +728,68 @@ def test_a_failure_mid_way_leaves_no_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bare_layer_has_nothing_an_adapter_can_hold(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(MergeArgumentError, match=r"\(0 unchanged, 2 left out\); nothing to write"):
+        terge.extract_lora(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), tmp_path / "a", rank=1)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_difference_that_is_not_finite_is_refused(tmp_path, value):
+    tuned = {"fc.weight": torch.ones(3, 4)}
+    tuned["fc.weight"][1, 2] = value
+    with pytest.raises(
+        MergeArgumentError, match=r"the difference of 'fc\.weight' is not finite .* \(excluded=\)"
+    ):
+        terge.extract_lora(tuned, {"fc.weight": torch.zeros(3, 4)}, tmp_path / "a", rank=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_models_are_not_modified(tmp_path):
+    tuned, base = two_linears()
+    tuned, base = tuned.double(), base.double()
+    before = {n: t.clone() for n, t in tuned.state_dict().items()}
+    terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert all(torch.equal(t, before[n]) for n, t in tuned.state_dict().items())
+
+
+def test_both_checkpoints_are_closed_after_success_and_failure(tmp_path, monkeypatch):
+    from terge.sources import FileSource
+
+    tuned, base = two_linears()
+    terge.save(tuned, tmp_path / "tuned")
+    terge.save(base, tmp_path / "base")
+    closed = []
+    original = FileSource.close
+
+    def close(self):
+        closed.append(self.path.name)
+        original(self)
+
+    monkeypatch.setattr(FileSource, "close", close)
+    adapter = terge.extract_lora(tmp_path / "tuned", tmp_path / "base", tmp_path / "a", rank=1)
+    assert sorted(closed) == ["base", "tuned"]
+    assert adapter.settings["base"] == str(tmp_path / "base")
+    closed.clear()
+    with pytest.raises(MergeArgumentError, match="do not differ"):
+        terge.extract_lora(tmp_path / "base", tmp_path / "base", tmp_path / "b", rank=1)
+    assert closed == ["base", "base"]
+
+
 def test_bad_out_is_refused(tmp_path):
     tuned, base = two_linears()
     with pytest.raises(MergeArgumentError, match=r"`out` must be the path"):
         terge.extract_lora(tuned, base, 3, rank=1)  # type: ignore[arg-type]
+
+
+def test_a_name_map_still_finds_each_weights_module(tmp_path):
+    tuned, base = two_linears()
+    adapter = terge.extract_lora(
+        tuned, base, tmp_path / "a", rank=1, name_map=lambda n: n.replace("0.", "fc.", 1)
+    )
+    assert {n: m.layout for n, m in adapter.modules.items()} == {"fc": "linear"}
+    assert adapter.biases == ["fc"]
 
 
 # --- the command ----------------------------------------------------------------------------------

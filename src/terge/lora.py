@@ -342,11 +342,12 @@ def kinds_of(
         conv1d = bool(types & CONV1D_MODEL_TYPES)
 
     def kind(name: str, shape: torch.Size) -> str:
-        if len(shape) != 2 or module_of(name)[1] != "weight":
+        module, leaf = module_of(name)
+        # a weight of the root module has no module name for PEFT to target: never factored
+        if len(shape) != 2 or leaf != "weight" or not module:
             return "other"
         if from_module is not None:
             return from_module(name)
-        module, _ = module_of(name)
         if module.rpartition(".")[2] in EMBEDDING_NAMES:
             return "embedding"
         return "conv1d" if conv1d else "linear"
@@ -424,6 +425,12 @@ class _Collector:
         if target is None:
             self.changed[name] = new().detach().to("cpu", copy=True)
             return
+        if not bool(torch.isfinite(delta).all()):
+            raise MergeArgumentError(
+                f"the difference of {name!r} is not finite (the models hold NaN or infinite "
+                "values in it), so no LoRA factors can hold it; check both models for NaN or "
+                "infinite values, or leave the tensor out (excluded=)."
+            )
         module, _ = module_of(name)
         # PEFT computes B @ A for a Linear (out x in), (B @ A)^T for Conv1D and embeddings
         matrix = delta if target.kind == "linear" else delta.T
@@ -539,7 +546,8 @@ def _write(
     return record
 
 
-def _warn_left_out(record: LoraAdapter) -> None:
+def _warn_left_out(record: LoraAdapter, stacklevel: int) -> None:
+    """Warn of what the adapter does not hold, at the frame ``stacklevel`` up (the user's call)."""
     if not record.left_out:
         return
     shown = "; ".join(f"{n}: {why}" for n, why in sorted(record.left_out.items())[:5])
@@ -549,7 +557,7 @@ def _warn_left_out(record: LoraAdapter) -> None:
         f"models ({shown}{f'; and {more} more' if more > 0 else ''}); they are listed in "
         f"{REPORT_FILE} under left_out.",
         LoraLeftOutWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -675,7 +683,7 @@ def extract_lora(
         record.path = writer.path
         record.settings["finetuned"] = _described(tuned)
         record.settings["base"] = _described(base_source)
-    _warn_left_out(record)
+    _warn_left_out(record, 3)  # the caller of extract_lora
     return record
 
 
@@ -788,5 +796,5 @@ def write_merge_adapter(
             files[card[0]] = card[1]
         record = _write(collector, writer, base_path, files)
     record.path = writer.path
-    _warn_left_out(record)
+    _warn_left_out(record, 4)  # the caller of merge()
     return record
