@@ -244,6 +244,7 @@ def test_embeddings_are_factored_when_asked_and_saved_whole_otherwise(tmp_path):
     assert factored.modules["model.embed_tokens"].layout == "embedding"
     assert factored.modules["lm_head"].layout == "linear"
     assert factored.modules_to_save == {}
+    assert json.loads((tmp_path / "a" / "lora.json").read_text())["settings"]["embeddings"] is True
     assert logit_gap(load_peft(llama, base, tmp_path / "a"), tuned) < 1e-5
     whole = terge.extract_lora(tuned, base, tmp_path / "b", rank=2)
     assert "model.embed_tokens" not in whole.modules
