@@ -280,8 +280,11 @@ def test_tied_module_base_written_once(two_llamas, tmp_path):
 
 def test_the_default_aligns_nothing_and_warns(two_llamas):
     a, b, states, *_ = two_llamas
-    with pytest.warns(VocabularyMismatchWarning, match=r"vocabulary='base', 'union' or a model"):
+    with pytest.warns(
+        VocabularyMismatchWarning, match=r"vocabulary='base', 'union' or a model"
+    ) as caught:
         merged, lineage = terge.merge([a, b], lineage=True)
+    assert caught[0].filename == __file__  # the caller's line, not terge's (nor <sys>)
     assert lineage.skipped[EMBED] == "shape mismatch"  # 0.1.1's reason, kept
     assert lineage.vocabulary is None
     assert "vocabulary" not in terge.lineage.lineage_to_json(lineage)

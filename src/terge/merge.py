@@ -731,13 +731,14 @@ def _vocabulary_output(
 
 
 def _warn_rows_differ(names: Sequence[str]) -> None:
+    """Tell the caller of ``merge()`` (two frames up) which tensors' rows differ."""
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     warnings.warn(
         f"terge: {len(names)} tensor(s) ({shown}) have rows that differ between the models (the "
         "vocabularies differ?) and were left as the base has them; pass vocabulary='base', "
         "'union' or a model index to align them by token.",
         VocabularyMismatchWarning,
-        stacklevel=4,
+        stacklevel=3,
     )
 
 
