@@ -233,8 +233,8 @@ def test_the_kind_of_module_comes_from_the_fine_tuned_module_when_the_base_is_a_
     torch.manual_seed(0)
     tuned = torch.nn.Sequential(torch.nn.Embedding(10, 4))
     base = {"0.weight": torch.zeros(10, 4)}
-    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=2)
-    assert adapter.modules == {} and adapter.modules_to_save == {"0": ["0.weight"]}
+    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=2, embeddings=True)
+    assert list(adapter.modules) == ["0"] and adapter.modules["0"].layout == "embedding"
 
 
 def test_embeddings_are_factored_when_asked_and_saved_whole_otherwise(tmp_path):
@@ -385,7 +385,10 @@ def test_the_record_holds_the_settings_and_each_modules_numbers(tmp_path):
         "out_dtype": "bfloat16",
         "task_type": "CAUSAL_LM",
         "svd_dtype": "float64",
+        "finetuned": "state_dict",  # in the file as in the returned record
+        "base": "state_dict",
     }
+    assert record == adapter.to_json()
     assert record["modules"] == {
         "a": {
             "tensor": "a.weight",
@@ -417,15 +420,28 @@ def test_the_record_holds_the_settings_and_each_modules_numbers(tmp_path):
     assert config["task_type"] == "CAUSAL_LM"
 
 
-def test_a_change_only_to_modules_saved_whole_has_no_truncation_error(tmp_path):
-    """Nothing factored: the adapter is written with the module whole and max_error 0. (PEFT
-    itself refuses to load an adapter that targets no module.)"""
+def test_a_change_only_to_modules_saved_whole_is_refused_as_peft_cannot_load_it(tmp_path):
+    """An adapter that factors no module makes PEFT raise NoMatchingPeftModuleError: refused
+    before anything is written, with what to do instead."""
     base = {"fc.weight": torch.zeros(3, 4), "norm.weight": torch.ones(4)}
     tuned = {"fc.weight": torch.zeros(3, 4), "norm.weight": torch.full((4,), 2.0)}
-    adapter = terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
-    assert adapter.modules == {} and adapter.modules_to_save == {"norm": ["norm.weight"]}
-    assert adapter.max_error == 0.0
-    assert json.loads((tmp_path / "a" / "lora.json").read_text())["max_error"] == 0.0
+    with pytest.raises(
+        MergeArgumentError,
+        match=r"^the models differ only in modules an adapter saves whole \('norm'\), and PEFT "
+        r"cannot load an adapter that factors no module with LoRA \(it raises "
+        r"NoMatchingPeftModuleError\), so none is written; factor a changed embedding with "
+        r"embeddings=True, or save the difference as a checkpoint instead\.$",
+    ):
+        terge.extract_lora(tuned, base, tmp_path / "a", rank=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_peft_indeed_cannot_load_an_adapter_without_a_target(tmp_path):
+    """What the refusal above guards against, checked against PEFT itself."""
+    base = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+    config = peft.LoraConfig(r=1, target_modules=[], modules_to_save=["1"])
+    with pytest.raises(ValueError, match="No modules were targeted for adaptation"):
+        peft.get_peft_model(base, config)
 
 
 # --- merge(out_format="lora") ---------------------------------------------------------------------

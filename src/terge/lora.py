@@ -537,6 +537,14 @@ def _write(
             "the models do not differ in any tensor the adapter could hold "
             f"({record.unchanged} unchanged, {len(record.left_out)} left out); nothing to write."
         )
+    if not record.modules:  # PEFT raises NoMatchingPeftModuleError for no target module
+        whole = ", ".join(repr(m) for m in sorted(record.modules_to_save)[:5])
+        raise MergeArgumentError(
+            f"the models differ only in modules an adapter saves whole ({whole}), and PEFT "
+            "cannot load an adapter that factors no module with LoRA (it raises "
+            "NoMatchingPeftModuleError), so none is written; factor a changed embedding with "
+            "embeddings=True, or save the difference as a checkpoint instead."
+        )
     for name, tensor in collector.tensors.items():
         writer.add(name, tensor)
     writer.write_config(collector.config(base_path))
@@ -679,10 +687,10 @@ def extract_lora(
                 collector.add(name, delta, lambda n=name: tuned.get(n))  # type: ignore[misc]
                 del delta
             collector.finish()
+            collector.record.settings["finetuned"] = _described(tuned)  # in lora.json too
+            collector.record.settings["base"] = _described(base_source)
             record = _write(collector, writer, base_path, {})
         record.path = writer.path
-        record.settings["finetuned"] = _described(tuned)
-        record.settings["base"] = _described(base_source)
     _warn_left_out(record, 3)  # the caller of extract_lora
     return record
 
