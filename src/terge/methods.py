@@ -1254,7 +1254,7 @@ def della_linear(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1
     return _della("della_linear", density, epsilon, scale, False)
 
 
-def sce(*, select_topk: float = 1.0, scale: float = 1.0) -> Method:
+def sce(*, select_topk: float = 1.0, scale: float = 1.0, floor: float = 0.0) -> Method:
     """SCE (https://arxiv.org/abs/2408.07990): select, calculate, erase, as mergekit's ``sce``.
 
     Keeps the ``select_topk`` share of entries (of those that vary at all) whose task vectors
@@ -1263,13 +1263,17 @@ def sce(*, select_topk: float = 1.0, scale: float = 1.0) -> Method:
     weights are not used. Differences from mergekit: entries tied at the selection threshold are
     all kept, and the weights fall back to equal only when every task vector is 0 (mergekit:
     when their sum is below 1e-6), and the disjoint mean divides wherever the agreeing weight is
-    not 0 (mergekit clamps it to 1e-6). A sharded parameter's selection and weights come from
-    histograms and sums over the shards, so it merges exactly as the whole.
+    not 0 (mergekit clamps it to 1e-6). ``floor=1e-6`` is mergekit's arithmetic for both
+    (what ``terge.from_mergekit`` sets; the float64 reference runs). A sharded parameter's
+    selection and weights come from histograms and sums over the shards, so it merges exactly
+    as the whole.
     """
     settings = {
         "select_topk": _ranged("sce", "select_topk", select_topk, 0, 1, "(]"),
         "scale": _check_scale("sce", scale),
     }
+    if floor != 0:  # left out at its default: default merges and lineages are unchanged
+        settings["floor"] = _ranged("sce", "floor", floor, 0, math.inf, "()")
     return Method(
         "sce",
         elementwise.sce_merge,
@@ -1283,15 +1287,29 @@ def sce(*, select_topk: float = 1.0, scale: float = 1.0) -> Method:
     )
 
 
-def breadcrumbs_ties(*, density: float = 0.2, gamma: float = 0.01, scale: float = 1.0) -> Method:
+def breadcrumbs_ties(
+    *,
+    density: float | list[float] = 0.2,
+    gamma: float | list[float] = 0.01,
+    scale: float = 1.0,
+    trim: str = "threshold",
+    rescale: str | None = None,
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """Model Breadcrumbs' mask, then TIES' sign election and disjoint mean (mergekit's
     ``breadcrumbs_ties``; https://arxiv.org/abs/2312.06795, https://arxiv.org/abs/2306.01708).
-    Settings as :func:`breadcrumbs`; runs in the same compiled loops and on sharded parameters
-    as TIES does."""
-    method = breadcrumbs(density=density, gamma=gamma, scale=scale)
-    return _task_vector_method(
-        "breadcrumbs_ties", "breadcrumbs", "sign", dict(method.settings), _BREADCRUMBS
-    )
+    Settings as :func:`breadcrumbs` and :func:`ties`; runs in the same compiled loops and on
+    sharded parameters as TIES does."""
+    method = breadcrumbs(density=density, gamma=gamma, scale=scale, trim=trim, rescale=rescale)
+    settings = {
+        **method.settings,
+        **_options("breadcrumbs_ties", _DEFAULTS, elect=elect, disjoint_mean=disjoint_mean),
+    }
+    return _task_vector_method("breadcrumbs_ties", "breadcrumbs", "sign", settings, _BREADCRUMBS)
+
+
+breadcrumbs_ties.__doc__ = (breadcrumbs_ties.__doc__ or "") + _MERGEKIT_OPTIONS
 
 
 def _elementwise_task_vectors(
@@ -1404,12 +1422,16 @@ def _spherical(
     )
 
 
-def multislerp(*, task_vectors: bool = False) -> Method:
+def multislerp(*, task_vectors: bool = False, eps: float = 0.0) -> Method:
     """Multi-SLERP (mergekit's ``multislerp``): the weighted mean of any number of models on
     the sphere, ``(sum_i w_i |x_i|) m / |m|`` with ``m = sum_i w_i x_i / |x_i|``, over the
     flattened tensors (``task_vectors=True``: over ``theta_i - base``, the base added back).
-    A sharded parameter's norms are float64 sums over the shards."""
-    settings = {"task_vectors": _flag("multislerp", "task_vectors", task_vectors)}
+    A sharded parameter's norms are float64 sums over the shards. ``eps`` is mergekit's
+    ``x_i / (|x_i| + eps)`` (its default 1e-8, which ``terge.from_mergekit`` sets): the
+    directions are then weighted as mergekit weighs them."""
+    settings: dict[str, Any] = {"task_vectors": _flag("multislerp", "task_vectors", task_vectors)}
+    if eps != 0:  # left out at its default: default merges and lineages are unchanged
+        settings["eps"] = _ranged("multislerp", "eps", eps, 0, math.inf, "()")
     return _spherical(
         "multislerp", spherical.multislerp_merge, spherical.multislerp_into, settings, _MULTISLERP
     )

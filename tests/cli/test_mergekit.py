@@ -7,6 +7,7 @@ import json
 import os
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,89 @@ def test_mergekits_defaults_per_method(trio):
     assert stock == {"clamp": False, "filter_wise": True} and options["weights"] == {}
 
 
+def test_the_other_shared_methods_translate_with_mergekits_settings(trio):
+    def translated(text: str) -> dict:
+        return from_mergekit(config(text))
+
+    crumbs = translated("""
+        models:
+          - {model: m0, parameters: {weight: 1.0, density: 0.7, gamma: 0.1}}
+          - {model: m1, parameters: {weight: -0.5, density: 0.4}}
+        merge_method: breadcrumbs_ties
+        base_model: base
+        parameters: {rescale: true}
+        """)
+    method = crumbs["method"]["model.norm.weight"]
+    assert method.name == "breadcrumbs_ties"
+    assert method.settings == {
+        "density": [0.7, 0.4],
+        "gamma": [0.1, 0.01],
+        "scale": 1.0,
+        "trim": "exact",
+        "rescale": "l1",
+        "elect": "weighted",
+        "disjoint_mean": False,  # mergekit's normalize: false by default
+    }
+    assert crumbs["weights"]["model.norm.weight"] == [0.0, 1.0, -0.5]
+    assert crumbs["normalize"] is False
+
+    sce_ = translated(
+        "models: [m0, m1]\nmerge_method: sce\nbase_model: base\n"
+        "parameters: {select_topk: 0.3, int8_mask: true}"
+    )
+    assert sce_["method"]["lm_head.weight"].settings == {
+        "select_topk": 0.3,
+        "scale": 1.0,
+        "floor": 1e-6,
+    }
+    assert sce_["models"][0] == str(trio / "base") and sce_["weights"] == {}
+
+    swap = translated(
+        "models: [base, m0]\nmerge_method: nearswap\nbase_model: base\n"
+        "parameters: {t: [0.001, 0.005]}"
+    )
+    assert swap["models"] == [str(trio / "base"), str(trio / "m0")] and swap["base"] == 0
+    assert swap["method"]["model.layers.2.mlp.up_proj.weight"].settings == {"t": 0.005}
+
+    multi = translated("""
+        models: [{model: m0, parameters: {weight: 1}}, {model: m1, parameters: {weight: 3}}]
+        merge_method: multislerp
+        parameters: {normalize_weights: false, eps: 0.001}
+        """)
+    assert multi["method"]["lm_head.weight"].settings == {"task_vectors": False, "eps": 0.001}
+    assert multi["weights"]["lm_head.weight"] == [1.0, 3.0] and multi["normalize"] is False
+    based = translated("""
+        models: [{model: m0, parameters: {weight: 1}}, {model: m1, parameters: {weight: 3}}]
+        merge_method: multislerp
+        base_model: base
+        """)
+    assert based["method"]["lm_head.weight"].settings == {"task_vectors": True, "eps": 1e-8}
+    assert based["weights"]["lm_head.weight"] == [0.0, 1.0, 3.0]
+    assert based["base"] == 0 and based["normalize"] is True
+
+    nu = translated("""
+        models: [{model: m0, parameters: {weight: 1}}, {model: m1, parameters: {weight: 3}}]
+        merge_method: nuslerp
+        parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}
+        """)
+    assert nu["method"]["lm_head.weight"].settings == {
+        "flatten": False,
+        "row_wise": True,
+        "task_vectors": False,
+    }
+    assert nu["weights"]["lm_head.weight"] == [1.0, 3.0]
+
+    mean = translated(
+        "models: [m0, m1, m2]\nmerge_method: karcher\nparameters: {max_iter: 20, tol: 1e-9}"
+    )
+    assert mean["method"]["lm_head.weight"].settings == {
+        "max_iter": 20,
+        "tol": 1e-9,
+        "task_vectors": False,
+    }
+    assert mean["weights"] == {}  # equal weights, as mergekit's karcher
+
+
 def test_slerp_takes_t_per_tensor_and_the_base_first(trio):
     options = from_mergekit(
         config("""
@@ -232,7 +316,35 @@ def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
             "config tokenizer: and tokenizer_source both say",
         ),
         ("models: [m0, m1]\nmerge_method: linear\nfoo: 1", "config foo: is not a mergekit key"),
-        ("models: [m0, m1]\nmerge_method: sce", "merge_method: 'sce' has no terge translation"),
+        ("models: [m0, m1]\nmerge_method: ram", "merge_method: 'ram' has no terge translation"),
+        (
+            "models: [m0, m1]\nmerge_method: della\nbase_model: base",
+            "merge_method: 'della' has no terge translation: mergekit rescales a pruned task "
+            "vector by its L1 norm ratio",
+        ),
+        ("models: [m0, m1]\nmerge_method: sce", "config base_model: sce needs a base_model"),
+        (
+            "models: [m0, m1, m2]\nmerge_method: nearswap\nbase_model: base\nparameters: {t: 1}",
+            "config models: nearswap takes base_model and one other model, got 4",
+        ),
+        (
+            "models: [m0]\nmerge_method: nearswap\nbase_model: base\nparameters: {t: 1e-7}",
+            r"config parameters.t: is 1e-07; below 1e-6 mergekit clamps \|theta - base\| at "
+            "1e-6, which terge's nearswap does not reproduce",
+        ),
+        (
+            "models: [{model: m0, parameters: {weight: 1}}]\nmerge_method: nuslerp",
+            "config models: nuslerp takes two models besides base_model, got 1",
+        ),
+        (
+            "models: [m0, m1]\nmerge_method: karcher\nbase_model: base",
+            "config base_model: karcher takes no base_model",
+        ),
+        (
+            "models: [m0, m1]\nmerge_method: karcher\nparameters: {max_iter: 2.5}",
+            "config parameters.max_iter: must be a whole number, got 2.5",
+        ),
+        ("models: [m0, m1]\nmerge_method: nuslerp", "the required parameter 'weight' is not set"),
         ("models: [m0, m1]\nmerge_method: linear", "the required parameter 'weight' is not set"),
         ("models: [a/b/c]\nmerge_method: linear", "'a/b/c' is no local file or folder, nor a Hub"),
         (
@@ -301,7 +413,7 @@ def test_a_yaml_file_is_read_and_bad_yaml_refused(trio):
     assert terge.from_mergekit is from_mergekit
 
 
-def test_every_translated_method_is_in_the_table():
+def test_every_translated_method_is_in_the_table_and_the_readme():
     assert set(TABLE) == {
         "linear",
         "task_arithmetic",
@@ -311,7 +423,17 @@ def test_every_translated_method_is_in_the_table():
         "breadcrumbs",
         "slerp",
         "model_stock",
+        "breadcrumbs_ties",
+        "sce",
+        "nearswap",
+        "multislerp",
+        "nuslerp",
+        "karcher",
     }
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## From mergekit") :]
+    for name in TABLE:
+        assert f"| `{name}` |" in section, name
 
 
 def test_each_methods_own_normalize_rescale_and_lambda(trio):
@@ -689,6 +811,45 @@ ORACLE_CONFIGS = {
         parameters: {filter_wise: true}
         """,
 }
+ORACLE_CONFIGS["breadcrumbs_ties"] = """
+    models:
+      - {model: m0, parameters: {weight: 1.0, density: 0.7, gamma: 0.1}}
+      - {model: m1, parameters: {weight: -0.5, density: [0.3, 0.6]}}
+      - {model: m2, parameters: {weight: 0.8, density: 0.5}}
+    merge_method: breadcrumbs_ties
+    base_model: base
+    parameters: {lambda: 0.9}
+    """
+ORACLE_CONFIGS["breadcrumbs_ties_normalized"] = """
+    models:
+      - {model: m0, parameters: {weight: 1.0, density: 0.7}}
+      - {model: m1, parameters: {weight: 0.5, density: 0.4}}
+    merge_method: breadcrumbs_ties
+    base_model: base
+    parameters: {normalize: true, rescale: true}
+    """
+_TWO = "models: [{model: m0, parameters: {weight: 1.0}}, {model: m1, parameters: {weight: 3.0}}]\n"
+ORACLE_CLOSE = {
+    "sce": "models: [{model: m0}, {model: m1}, {model: m2}]\nmerge_method: sce\nbase_model: base\n",
+    "sce_select": "models: [{model: m0}, {model: m1}, {model: m2}]\nmerge_method: sce\nbase_model: base\n"
+    "parameters: {select_topk: 0.5}\n",
+    "nearswap": "models: [{model: base}, {model: m0}]\nmerge_method: nearswap\nbase_model: base\n"
+    "parameters: {t: [0.001, 0.05]}\n",
+    "multislerp": "models: [{model: m0, parameters: {weight: 1.0}}, {model: m1, parameters: "
+    "{weight: 2.0}}, {model: m2, parameters: {weight: 0.5}}]\nmerge_method: multislerp\n",
+    "multislerp_base": "models: [{model: m0, parameters: {weight: 1.0}}, {model: m1, "
+    "parameters: {weight: [2.0, 0.5]}}]\nmerge_method: multislerp\nbase_model: base\n",
+    "multislerp_unnormalized": _TWO + "merge_method: multislerp\n"
+    "parameters: {normalize_weights: false}\n",
+    "nuslerp": _TWO + "merge_method: nuslerp\n",
+    "nuslerp_vectors": _TWO + "merge_method: nuslerp\nparameters: {nuslerp_flatten: false}\n",
+    "nuslerp_row_wise": _TWO + "merge_method: nuslerp\n"
+    "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
+    "nuslerp_base": _TWO + "merge_method: nuslerp\nbase_model: base\n",
+    "karcher": "models: [{model: m0}, {model: m1}, {model: m2}]\nmerge_method: karcher\nparameters: {max_iter: 20, tol: 1e-9}\n",
+}
+"""mergekit configs terge reproduces to float64 rounding (a few ulps; the same operations in
+another order), not bit for bit."""
 
 
 @pytest.fixture(scope="module")
@@ -738,6 +899,18 @@ def test_float64_merges_equal_mergekits_bit_for_bit(llamas, method, monkeypatch)
     got = load_file(merged / "model.safetensors")
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[n], expected[n]) for n in expected), method
+
+
+@pytest.mark.parametrize("method", list(ORACLE_CLOSE))
+def test_float64_merges_equal_mergekits_to_float64_rounding(llamas, method, monkeypatch):
+    monkeypatch.chdir(llamas)
+    configuration = {**config(ORACLE_CLOSE[method]), "dtype": "float64"}
+    expected = run_mergekit(configuration, llamas / f"mk-{method}")
+    merged = terge.merge(**from_mergekit(configuration), out=f"terge-{method}")
+    got = load_file(merged / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp", "model_stock_filter_wise"])

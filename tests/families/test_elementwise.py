@@ -178,7 +178,7 @@ def test_della_per_layer_settings_are_checked_together():
 # --- SCE ------------------------------------------------------------------------------------------
 
 
-def ref_sce(thetas, base, select_topk, scale=1.0):
+def ref_sce(thetas, base, select_topk, scale=1.0, floor=0.0):
     b = base.reshape(-1).tolist()
     taus = [[x - y for x, y in zip(th.reshape(-1).tolist(), b, strict=True)] for th in thetas]
     n, d = len(taus), len(b)
@@ -192,13 +192,18 @@ def ref_sce(thetas, base, select_topk, scale=1.0):
         taus = [[v if variance[j] >= threshold else 0.0 for j, v in enumerate(tau)] for tau in taus]
     squares = [sum(v * v for v in tau) / d for tau in taus]  # mean squares
     c = [s / sum(squares) for s in squares] if sum(squares) else [1 / n] * n
+    if floor:  # mergekit's: equal weights below floor, the divisor at least floor
+        c = [1 / n] * n if abs(sum(squares)) < floor else c
     out = []
     for j in range(d):
         sign = 1 if sum(tau[j] for tau in taus) >= 0 else -1
         agree = [i for i in range(n) if taus[i][j] * sign > 0]
         den = sum(c[i] for i in agree)
         num = sum(taus[i][j] * c[i] for i in agree)
-        out.append(b[j] + scale * (num / den if den else 0.0))
+        if floor:
+            out.append(b[j] + scale * (num / max(den, floor)))
+        else:
+            out.append(b[j] + scale * (num / den if den else 0.0))
     return torch.tensor(out, dtype=T).reshape(base.shape)
 
 
@@ -207,6 +212,59 @@ def test_sce_formula(select_topk):
     thetas, base = integers(3, seed=2)
     merged = sce(select_topk=select_topk)(thetas, [0.1, 0.2, 0.7], base)
     torch.testing.assert_close(merged, ref_sce(thetas, base, select_topk), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5])
+@pytest.mark.parametrize("size", [1.0, 1e-4])  # mean squares above 1e-6, and below: equal
+def test_sce_floor_is_mergekit_s_arithmetic(select_topk, size):
+    thetas, base = integers(3, seed=4)
+    thetas = [base + (theta - base) * size for theta in thetas]
+    method = sce(select_topk=select_topk, floor=1e-6)
+    expected = ref_sce(thetas, base, select_topk, floor=1e-6)
+    torch.testing.assert_close(method(thetas, [1.0] * 3, base), expected, rtol=1e-13, atol=0)
+    assert method.settings == {"select_topk": select_topk, "scale": 1.0, "floor": 1e-6}
+    plain = sce(select_topk=select_topk)(thetas, [1.0] * 3, base)
+    assert torch.equal(plain, expected) is False or size == 1.0  # below 1e-6 they differ
+
+
+def test_sce_floor_raises_a_small_divisor_as_mergekit_does():
+    base = t(0, 0)
+    thetas = [t(1e-4, 0), t(0, 1000)]  # model 0's weight is about 1e-14, below the floor
+    torch.testing.assert_close(sce()(thetas, [0.5, 0.5], base), t(1e-4, 1000.0), rtol=1e-15, atol=0)
+    floored = sce(floor=1e-6)(thetas, [0.5, 0.5], base)
+    c0 = (1e-8 / 2) / (1e-8 / 2 + 1e6 / 2)
+    torch.testing.assert_close(floored, t(1e-4 * c0 / 1e-6, 1000.0), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("floor", [-1e-6, math.inf, math.nan])
+def test_sce_floor_must_be_positive_and_finite(floor):
+    with pytest.raises(MergeArgumentError, match=r"^sce: floor must be in \(0, ∞\), got"):
+        sce(floor=floor)
+
+
+def test_sce_floor_merges_through_the_reference_in_a_merge():
+    thetas, base = integers(3, seed=5)
+    models = [{"w": x.float()} for x in (base, *thetas)]
+    method = sce(floor=1e-6)
+    merged = terge.merge(models, method=method, base=0)["w"]
+    expected = method([x.double() for x in thetas], [1.0] * 3, base.double()).float()
+    assert torch.equal(merged, expected)
+
+
+def test_breadcrumbs_ties_takes_mergekit_s_options():
+    thetas, base = family(3, shape=(8, 9), seed=6)
+    weights = [0.5, -0.25, 0.75]
+    options = {"trim": "exact", "rescale": "l1", "elect": "weighted", "disjoint_mean": False}
+    method = breadcrumbs_ties(density=[0.5, 0.3, 0.7], gamma=0.1, **options)
+    assert method.settings == {"density": [0.5, 0.3, 0.7], "gamma": 0.1, "scale": 1.0, **options}
+    masked = [  # mergekit: each pruned task vector rescaled, weighted, then the consensus
+        (breadcrumbs(density=d, gamma=0.1, trim="exact", rescale="l1")([x], [1.0], base) - base) * w
+        for x, d, w in zip(thetas, [0.5, 0.3, 0.7], weights, strict=True)
+    ]
+    positive = sum(masked) >= 0
+    agreeing = [torch.where(positive, m > 0, m < 0) for m in masked]
+    expected = base + sum(torch.where(a, m, 0.0) for a, m in zip(agreeing, masked, strict=True))
+    torch.testing.assert_close(method(thetas, weights, base), expected, rtol=1e-14, atol=1e-15)
 
 
 def test_sce_hand_computed():

@@ -36,16 +36,17 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 # --- Multi-SLERP ----------------------------------------------------------------------------------
 
 
-def mergekit_multislerp(tensors, weights):
-    """mergekit's algorithm, tangent step included (without its eps terms)."""
+def mergekit_multislerp(tensors, weights, eps=0.0):
+    """mergekit's algorithm, tangent step included (its eps terms with ``eps``: the units
+    ``x / (|x| + eps)`` and the step ``|tangent| + eps``)."""
     flat = torch.stack([x.reshape(-1) for x in tensors])
     w = torch.tensor(weights, dtype=T)
     norms = flat.norm(dim=1, keepdim=True)
-    units = flat / norms
+    units = flat / (norms + eps)
     mean = (units * w[:, None]).sum(0)
     mean = mean / mean.norm()
     tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
-    step = tangent.norm()
+    step = tangent.norm() + eps
     result = mean * torch.cos(step) + (tangent * torch.sin(step) / step if step > 0 else 0)
     return (result * (norms[:, 0] * w).sum()).reshape(tensors[0].shape)
 
@@ -60,6 +61,30 @@ def test_multislerp_is_mergekit_s_algorithm(n):
     tensors = [rand(4, 5, seed=i) for i in range(n)]
     weights = [(i + 1) / (n * (n + 1) / 2) for i in range(n)]
     close(multislerp()(tensors, weights, None), mergekit_multislerp(tensors, weights))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_multislerp_with_eps_is_mergekit_s_arithmetic(n):
+    """eps weighs the directions as mergekit does: x / (|x| + eps). A large eps shows it."""
+    tensors = [rand(4, 5, seed=i) * (i + 1) for i in range(n)]
+    weights = [(i + 1) / (n * (n + 1) / 2) for i in range(n)]
+    method = multislerp(eps=0.5)
+    expected = mergekit_multislerp(tensors, weights, eps=0.5)
+    close(method(tensors, weights, None), expected)
+    assert not torch.allclose(multislerp()(tensors, weights, None), expected, rtol=1e-6)
+    narrowed = [x.float() for x in tensors]  # the streamed path: the same bits as the reference
+    assert same_bits(
+        streamed(method, torch.float32, narrowed, weights, None),
+        whole(method, torch.float32, narrowed, weights, None),
+    )
+    assert method.settings == {"task_vectors": False, "eps": 0.5}
+    assert multislerp().settings == {"task_vectors": False}  # the default is not recorded
+
+
+@pytest.mark.parametrize("eps", [-1e-8, math.inf, math.nan])
+def test_multislerp_eps_must_be_positive_and_finite(eps):
+    with pytest.raises(MergeArgumentError, match=r"^multislerp: eps must be in \(0, ∞\), got"):
+        multislerp(eps=eps)
 
 
 def test_multislerp_on_task_vectors_adds_the_base_back():

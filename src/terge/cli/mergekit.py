@@ -46,9 +46,15 @@ from ..methods import (
     Method,
     arithmetic,
     breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    karcher,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -73,6 +79,14 @@ NOT_YET = {
     "chat_template": "chat templates are not written; remove chat_template",
 }
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
+_DELLA = (
+    "mergekit rescales a pruned task vector by its L1 norm ratio, terge's della divides each "
+    "kept entry by its keep probability (the paper's), and mergekit's draws are its global "
+    "RNG's; use terge.methods.{0}(density=..., epsilon=...) directly (mergekit's epsilon "
+    "default is 0.15)"
+)
+_UNTRANSLATED = {"della": _DELLA.format("della"), "della_linear": _DELLA.format("della_linear")}
+"""mergekit methods terge has but cannot translate faithfully, with why."""
 
 TABLE: Mapping[str, str] = {
     "linear": "arithmetic; weight -> weights; normalize (default true) -> normalize",
@@ -89,12 +103,35 @@ TABLE: Mapping[str, str] = {
     "slerp": "slerp(threshold=0.9995, zero='unnormalised'); t -> weights [1 - t, t] "
     "of [base_model, the other model], as given",
     "model_stock": "model_stock(clamp=False, filter_wise=filter_wise)",
+    "breadcrumbs_ties": "breadcrumbs_ties(density, gamma (default 0.01), scale=lambda, "
+    "trim='exact', elect='weighted', disjoint_mean=normalize (default false), rescale='l1' if "
+    "rescale else 'none'); weights as given",
+    "sce": "sce(select_topk, floor=1e-6) (mergekit's weights: equal below a 1e-6 sum of mean "
+    "squares, the divisor at least 1e-6); weights unused",
+    "nearswap": "nearswap(t); base_model and one other model (t below 1e-6 is refused: "
+    "mergekit clamps |theta - base| at 1e-6 there)",
+    "multislerp": "multislerp(task_vectors=base_model given, eps (default 1e-8)); weight -> "
+    "weights; normalize_weights (default true) -> normalize",
+    "nuslerp": "nuslerp(flatten=nuslerp_flatten (default true), row_wise=nuslerp_row_wise, "
+    "task_vectors=base_model given); weight -> weights",
+    "karcher": "karcher(max_iter (default 10), tol (default 1e-5)); equal weights, as mergekit",
 }
 """mergekit's ``merge_method`` -> terge's method and settings."""
 
-_TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs"}
-_CONSENSUS = {"ties", "dare_ties"}
-_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs"}
+_TASK_VECTOR = {
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+}
+_CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties"}
+_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+_BASE_REQUIRED = _TASK_VECTOR | {"slerp", "model_stock", "sce", "nearswap"}
+"""Methods mergekit runs only with a base_model, listed first of the inputs."""
+_BASE_OPTIONAL = {"multislerp", "nuslerp"}
+"""Methods over task vectors when a base_model is given, over the models otherwise."""
 _NORMALIZE = {"linear": True, "ties": True}  # mergekit's default_normalize; False elsewhere
 _RESCALE = {"dare_ties": True, "dare_linear": True}  # mergekit's default_rescale
 _SHARED: dict[str, dict[str, type]] = {
@@ -102,9 +139,18 @@ _SHARED: dict[str, dict[str, type]] = {
     "task_arithmetic": {"normalize": bool, "lambda": float, "int8_mask": bool},
     "slerp": {"t": float},
     "model_stock": {"filter_wise": bool},
+    "sce": {"select_topk": float, "int8_mask": bool},
+    "nearswap": {"t": float},
+    "multislerp": {"normalize_weights": bool, "eps": float},
+    "nuslerp": {"nuslerp_flatten": bool, "nuslerp_row_wise": bool},
+    "karcher": {"max_iter": float, "tol": float},
 }
 """Each method's settings that hold for the whole merge (read from the global parameters)."""
-_PER_MODEL: dict[str, dict[str, type]] = {"linear": {"weight": float}}
+_PER_MODEL: dict[str, dict[str, type]] = {
+    "linear": {"weight": float},
+    "multislerp": {"weight": float},
+    "nuslerp": {"weight": float},
+}
 """Each method's settings per model (a model's own parameters, then the global ones)."""
 for _name in _SPARSIFYING:
     _SHARED[_name] = {**_SHARED["task_arithmetic"], "rescale": bool}
@@ -112,7 +158,8 @@ for _name in _TASK_VECTOR:
     _PER_MODEL[_name] = {"weight": float}
 for _name in _SPARSIFYING:
     _PER_MODEL[_name] = {"weight": float, "density": float}
-_PER_MODEL["breadcrumbs"] = {**_PER_MODEL["breadcrumbs"], "gamma": float}
+for _name in ("breadcrumbs", "breadcrumbs_ties"):
+    _PER_MODEL[_name] = {**_PER_MODEL[_name], "gamma": float}
 _DEFAULTS: dict[str, Any] = {
     "lambda": 1.0,
     "int8_mask": False,
@@ -360,6 +407,8 @@ def _check_keys(config: Mapping[str, Any], method: str) -> None:
             raise _fail(
                 key, f"is not a mergekit key terge reads (it reads {', '.join(sorted(KEYS))})"
             )
+    if method in _UNTRANSLATED:
+        raise _fail("merge_method", f"{method!r} has no terge translation: {_UNTRANSLATED[method]}")
     if method not in TABLE:
         raise _fail(
             "merge_method",
@@ -426,9 +475,16 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
     base_path = None
     if loaded.get("base_model") is not None:
         base_path = _model(loaded["base_model"], "base_model", root)
-    needs_base = method_name in _TASK_VECTOR or method_name in ("slerp", "model_stock")
+    needs_base = method_name in _BASE_REQUIRED
     if needs_base and base_path is None:
         raise _fail("base_model", f"{method_name} needs a base_model")
+    if method_name in _BASE_OPTIONAL and base_path is not None:
+        needs_base = True  # mergekit then interpolates the task vectors over it
+    if method_name == "karcher" and base_path is not None:
+        raise _fail(
+            "base_model",
+            "karcher takes no base_model (mergekit ignores it); list every model under models",
+        )
 
     resolved = [_key(p) for p in paths]
     base_at = (
@@ -458,6 +514,12 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
         raise _fail("models", f"slerp takes base_model and one other model, got {len(order) + 1}")
     if method_name == "model_stock" and len(order) < 2:
         raise _fail("models", "model_stock needs at least two models besides base_model")
+    if method_name == "nearswap" and len(order) != 1:
+        raise _fail(
+            "models", f"nearswap takes base_model and one other model, got {len(order) + 1}"
+        )
+    if method_name == "nuslerp" and len(order) != 2:
+        raise _fail("models", f"nuslerp takes two models besides base_model, got {len(order)}")
 
     names = _tensor_names(models[base] if isinstance(base, int) else base)
     layers = count_layers(names)
@@ -490,10 +552,13 @@ def from_mergekit(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[st
                 for i in order
             ]
 
-        method, vector, normalize = _translate(method_name, shared, per_model, normalize_default)
+        method, vector, normalize = _translate(
+            method_name, shared, per_model, normalize_default, base_path is not None
+        )
         key = (method.name, tuple(sorted((k, repr(v)) for k, v in method.settings.items())))
         methods[name] = made.setdefault(key, method)
-        if method_name in _TASK_VECTOR:
+        over_base = method_name in _TASK_VECTOR or (method_name in _BASE_OPTIONAL and needs_base)
+        if vector and over_base:
             vector = [0.0, *vector]  # the base's own weight is unused: it contributes no vector
         if vector:  # (model_stock sets its own)
             weights[name] = vector
@@ -543,10 +608,13 @@ def _one(values: list[float]) -> float | list[float]:
 
 
 def _translate(
-    method: str, shared: Resolver, per_model: Resolver, normalize_default: bool
+    method: str, shared: Resolver, per_model: Resolver, normalize_default: bool, based: bool
 ) -> tuple[Method, list[float], bool | None]:
     """One tensor's method, its models' weights (the base excluded), and the ``normalize`` of
-    the merge it needs (``None``: any)."""
+    the merge it needs (``None``: any). ``based``: a base_model is given."""
+    translated = _translate_other(method, shared, per_model, based)
+    if translated is not None:
+        return translated
     if method == "slerp":
         t = shared("t", float, None)
         return slerp(threshold=0.9995, zero="unnormalised"), [1 - t, t], False
@@ -580,10 +648,57 @@ def _translate(
     if method == "dare_linear":
         return dare_linear(density=density, scale=scale, rescale=rescale), weight, normalize
     gamma = _one(per_model("gamma", float, 0.01))
+    if method == "breadcrumbs_ties":
+        configured = breadcrumbs_ties(
+            density=density,
+            gamma=gamma,
+            scale=scale,
+            trim="exact",
+            rescale=rescale,
+            elect="weighted",
+            disjoint_mean=normalize,
+        )
+        return configured, weight, False
     configured = breadcrumbs(
         density=density, gamma=gamma, scale=scale, trim="exact", rescale=rescale
     )
     return configured, weight, normalize
+
+
+def _translate_other(
+    method: str, shared: Resolver, per_model: Resolver, based: bool
+) -> tuple[Method, list[float], bool | None] | None:
+    """The methods outside mergekit's task-arithmetic family, or ``None`` for those."""
+    if method == "sce":
+        shared("int8_mask", bool, False)  # the mask's dtype: no effect on the values
+        return sce(select_topk=shared("select_topk", float, 1.0), floor=1e-6), [], None
+    if method == "nearswap":
+        t = shared("t", float, None)
+        if t < 1e-6:
+            raise _fail(
+                "parameters.t",
+                f"is {t!r}; below 1e-6 mergekit clamps |theta - base| at 1e-6, which terge's "
+                "nearswap does not reproduce",
+            )
+        return nearswap(t=t), [], None
+    if method == "multislerp":
+        configured = multislerp(task_vectors=based, eps=shared("eps", float, 1e-8))
+        normalize = shared("normalize_weights", bool, True)
+        return configured, per_model("weight", float, None), normalize
+    if method == "nuslerp":
+        configured = nuslerp(
+            flatten=shared("nuslerp_flatten", bool, True),
+            row_wise=shared("nuslerp_row_wise", bool, False),
+            task_vectors=based,
+        )
+        return configured, per_model("weight", float, None), None
+    if method == "karcher":
+        max_iter = shared("max_iter", float, 10)
+        if max_iter != int(max_iter):
+            raise _fail("parameters.max_iter", f"must be a whole number, got {max_iter!r}")
+        configured = karcher(max_iter=int(max_iter), tol=shared("tol", float, 1e-5))
+        return configured, [], None
+    return None
 
 
 # --- slices: terge.stack --------------------------------------------------------------------------

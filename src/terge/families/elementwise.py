@@ -165,6 +165,7 @@ def sce_merge(
     layout: Layout | None = None,
     select_topk: float,
     scale: float,
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """SCE (https://arxiv.org/abs/2408.07990): *select* the entries whose task vectors vary most
     across the models (population variance, computed as ``sum_{i<j} (tau_i - tau_j)^2 / n^2``;
@@ -174,7 +175,11 @@ def sce_merge(
     correctly rounded), *erase* the entries
     whose sign disagrees with the sign of ``sum_i tau_i``, and take the weighted mean of the rest:
     ``base + scale * sum_i c_i a_i tau_i / sum_i c_i a_i``, computed with the sums of squares
-    themselves (the normalisation cancels). The merge weights are not used."""
+    themselves (the normalisation cancels). The merge weights are not used.
+
+    ``floor > 0`` is mergekit's arithmetic (its ``1e-6``): equal weights where the mean squares
+    sum to less than ``floor``, otherwise ``c_i`` normalised, and the agreeing weights' sum
+    raised to at least ``floor`` before dividing."""
     if layout is None:
         layout = Layout.whole(tensors[0].shape)
     deltas = _task_vectors("sce", tensors, base)
@@ -203,6 +208,10 @@ def sce_merge(
     sums = layout.sum(torch.stack([square_sums(d) for d in deltas]))
     squares = exact_totals(sums)
     coefficients = squares if sum(squares) > 0 else [1.0] * n
+    if floor > 0:  # mergekit's: weights normalised (or equal), the divisor at least floor
+        means = [s / layout.numel for s in squares]
+        total = sum(means)
+        coefficients = [1.0 / n] * n if abs(total) < floor else [m / total for m in means]
     positive = _weighted_sum(deltas, [1.0] * n) >= 0
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
@@ -210,7 +219,10 @@ def sce_merge(
         agrees = torch.where(positive, delta > 0, delta < 0)
         numerator.add_(delta.masked_fill(~agrees, 0).mul_(c))
         denominator.add_(agrees.to(delta.dtype).mul_(c))
-    merged = torch.where(denominator != 0, numerator / denominator, numerator)
+    if floor > 0:
+        merged = numerator.div_(denominator.clamp_(min=floor))
+    else:
+        merged = torch.where(denominator != 0, numerator / denominator, numerator)
     return _finish(base, merged, scale)  # type: ignore[arg-type]
 
 

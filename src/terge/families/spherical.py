@@ -199,16 +199,20 @@ def _checked_base(name: str, base: torch.Tensor | None, task_vectors: bool) -> t
     return base if task_vectors else None
 
 
-def _multislerp_coefficients(gram: Gram, weights: list[float]) -> list[float] | None:
-    """Multi-SLERP's ``c_i = w_i / |x_i| * (sum_j w_j |x_j|) / |m|`` (``0`` for a zero
-    ``x_i``), ``|m|^2`` a quadratic form of the Gram matrix; ``None`` where ``m`` has no
+def _multislerp_coefficients(
+    gram: Gram, weights: list[float], eps: float = 0.0
+) -> list[float] | None:
+    """Multi-SLERP's ``c_i = w_i / (|x_i| + eps) * (sum_j w_j |x_j|) / |m|`` (``0`` for a
+    zero ``x_i``), ``|m|^2`` a quadratic form of the Gram matrix; ``None`` where ``m`` has no
     reliable direction (see :func:`_square`)."""
     norms = [math.sqrt(gram[i][i]) for i in range(len(gram))]
-    scaled = [w / norm if norm > 0 else 0.0 for w, norm in zip(weights, norms, strict=True)]
+    scaled = [w / (norm + eps) if norm > 0 else 0.0 for w, norm in zip(weights, norms, strict=True)]
     square = _square(gram, scaled)
     if square is None:
         return None
     factor = math.fsum(w * n for w, n in zip(weights, norms, strict=True)) / math.sqrt(square)
+    if eps:  # mergekit's exponential map of a tangent step of length 0 + eps
+        factor *= math.cos(eps)
     return [c * factor for c in scaled]
 
 
@@ -219,19 +223,23 @@ def multislerp_merge(
     *,
     layout: Layout | None = None,
     task_vectors: bool,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Multi-SLERP (mergekit's ``multislerp``, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea):
     the weighted mean direction of the unit vectors ``u_i = x_i / |x_i|`` scaled to the weighted
     mean norm, ``(sum_i w_i |x_i|) * m / |m|`` with ``m = sum_i w_i u_i``; its tangent step at
     ``m / |m|`` is 0 (the weighted tangent vectors there sum to nothing), so this is its exact
     value. A zero ``x_i`` has no direction (``u_i = 0``); where ``m = 0`` it is the weighted sum
-    ``sum_i w_i x_i``. Computed as ``sum_i c_i x_i`` from the Gram matrix (module docstring)."""
+    ``sum_i w_i x_i``. Computed as ``sum_i c_i x_i`` from the Gram matrix (module docstring).
+    ``eps > 0`` is mergekit's arithmetic (its default ``1e-8``): ``u_i = x_i / (|x_i| + eps)``
+    and the exponential map of its tangent step, of length ``0 + eps``: a factor ``cos(eps)``."""
     if len(tensors) == 1:  # nothing to interpolate: the model itself
         return tensors[0].clone()
     origin = _checked_base("multislerp", base, task_vectors)
-    coefficients = _coefficients(tensors, origin, layout, weights, _multislerp_coefficients)
+    rule = functools.partial(_multislerp_coefficients, eps=eps)
+    coefficients = _coefficients(tensors, origin, layout, weights, rule)
     if coefficients is None:
-        return _multislerp_on_vectors(tensors, weights, base, layout, task_vectors)
+        return _multislerp_on_vectors(tensors, weights, base, layout, task_vectors, eps)
     return _combine(tensors, origin, coefficients)
 
 
@@ -243,12 +251,12 @@ def multislerp_into(
     *,
     scratch: object = None,
     task_vectors: bool,
+    eps: float = 0.0,
 ) -> bool:
     """:func:`multislerp_merge` streamed from the inputs as stored, the same bits; ``False``
     (nothing written) where it computes on the vectors themselves."""
-    return _streamed(
-        destination, tensors, weights, base, scratch, task_vectors, _multislerp_coefficients
-    )
+    rule = functools.partial(_multislerp_coefficients, eps=eps)
+    return _streamed(destination, tensors, weights, base, scratch, task_vectors, rule)
 
 
 def _multislerp_on_vectors(
@@ -257,6 +265,7 @@ def _multislerp_on_vectors(
     base: torch.Tensor | None,
     layout: Layout | None,
     task_vectors: bool,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Multi-SLERP on the vectors themselves: where the directions nearly cancel."""
     if layout is None:
@@ -266,7 +275,7 @@ def _multislerp_on_vectors(
     mean = torch.zeros_like(vectors[0])
     for vector, weight, norm in zip(vectors, weights, norms, strict=True):
         if norm > 0:
-            mean.add_(vector * (weight / norm))
+            mean.add_(vector * (weight / (norm + eps)))
     (square,) = _dots(layout, [(mean, mean)])
     if not square > 0:  # no mean direction (or NaN, which the sum propagates)
         result = torch.zeros_like(vectors[0])
@@ -274,6 +283,8 @@ def _multislerp_on_vectors(
             result.add_(vector * weight)
         return _add_base(result, base, task_vectors)
     radius = math.fsum(w * n for w, n in zip(weights, norms, strict=True))
+    if eps:  # mergekit's exponential map of a tangent step of length 0 + eps
+        radius *= math.cos(eps)
     return _add_base(mean.mul_(radius / math.sqrt(square)), base, task_vectors)
 
 

@@ -168,11 +168,13 @@ def sce_into(
     *,
     select_topk: float,
     scale: float,
+    floor: float = 0.0,
     scratch: object | None = None,
 ) -> bool:
     """:func:`~terge.families.elementwise.sce_merge` into ``destination``: the selection's
-    threshold, the kept task vectors' sums of squares, then the sign-elected weighted mean."""
-    if not _applies(destination, tensors, base):
+    threshold, the kept task vectors' sums of squares, then the sign-elected weighted mean.
+    mergekit's arithmetic (``floor > 0``) is left to the reference."""
+    if floor > 0 or not _applies(destination, tensors, base):
         return False
     assert base is not None  # _applies saw to it
     threshold = None
