@@ -517,6 +517,7 @@ def _task_vector_merge(
     scale: float = 1.0,
     density: float | list[float] = 1.0,
     gamma: float | list[float] = 0.0,
+    epsilon: float | list[float] = 0.0,
     trim: str = "threshold",
     rescale: str | None = None,
     elect: str = "task_vector",
@@ -527,7 +528,8 @@ def _task_vector_merge(
 
     ``sparsification`` is ``None``, ``"magnitude"`` (TIES' trim), ``"random"`` (DARE's drop and
     rescale) or ``"breadcrumbs"``; ``consensus`` is ``None`` (the weighted sum) or ``"sign"``
-    (TIES' elected sign and disjoint mean). Everything but the trims' thresholds is element-wise,
+    (TIES' elected sign and disjoint mean); ``"della"`` is DELLA's MagPrune (``epsilon``, rows
+    ranked whole) with its options. Everything but the trims' thresholds is element-wise,
     and those are summed over the shards of a sharded parameter, so a sharded merge gives
     exactly the whole one's entries.
 
@@ -548,12 +550,12 @@ def _task_vector_merge(
         raise MethodNotApplicableError(f"{name}: needs a base model to take task vectors from.")
     if layout is None:
         layout = Layout.whole(base.shape)
-    _check_per_model(name, {"density": density, "gamma": gamma}, len(tensors))
+    _check_per_model(name, {"density": density, "gamma": gamma, "epsilon": epsilon}, len(tensors))
     if trim == "exact" and sparsification in ("magnitude", "breadcrumbs"):
         _whole_only(name, "trim='exact'", layout)
     if rescale is None:
-        rescale = "density" if sparsification == "random" else "none"
-    if sparsification == "random" and seed is None:
+        rescale = {"random": "density", "della": "probability"}.get(sparsification or "", "none")
+    if sparsification in ("random", "della") and seed is None:
         seed = int(torch.randint(0, (1 << 63) - 1, ()).item())  # torch's global generator
 
     def sparsified(theta: torch.Tensor, position: int) -> torch.Tensor:
@@ -571,6 +573,12 @@ def _task_vector_merge(
                 tau = _keep_largest(tau, share, layout)
         elif sparsification == "random":
             tau = _random_drop(tau, share, seed, position, layout, rescale == "density")  # type: ignore[arg-type]
+        elif sparsification == "della":
+            key = draw_key(seed, position)  # type: ignore[arg-type]
+            divide = rescale == "probability"
+            tau = elementwise._della_sparsify(
+                tau, share, _per(epsilon, position), key, layout, divide
+            )
         elif trim == "exact":
             tau = _keep_breadcrumbs_exactly(tau, share, _per(gamma, position))
         else:
@@ -636,7 +644,7 @@ def _task_vector_method(
         task_vectors=True,
         needs_base=True,
         min_models=1,
-        random=sparsification == "random",
+        random=sparsification in ("random", "della"),
         paper=paper,
         layout_aware=True,
         ratios=consensus == "sign" and bool(settings.get("disjoint_mean", True)),
@@ -1210,32 +1218,99 @@ def _count(method: str, setting: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _della(name: str, density: Any, epsilon: Any, scale: Any, consensus: bool) -> Method:
-    density_ = _ranged(name, "density", density, 0, 1, "(]")
-    epsilon_ = _ranged(name, "epsilon", epsilon, 0, 1, "[)")
-    for d in _each(density_):
-        for e in _each(epsilon_):
-            if not (d - e > 0 and d + e <= 1):
-                raise MergeArgumentError(
-                    f"{name}: density - epsilon must be above 0 and density + epsilon at most 1 "
-                    f"(they bound the keep probabilities), got density={d!r}, epsilon={e!r}."
-                )
-    settings = {"density": density_, "epsilon": epsilon_, "scale": _check_scale(name, scale)}
-    return Method(
-        name,
-        partial(elementwise.della_merge, consensus=consensus),
-        into=partial(della_into, consensus=consensus),
-        settings=settings,
-        task_vectors=True,
-        needs_base=True,
-        random=True,
-        paper=_DELLA,
-        rowwise=True,
-        builtin=True,
+_DELLA_RESCALES = ("probability", "l1", "l2", "linf", "none")
+"""How DELLA rescales a kept entry: divided by its keep probability (the paper's), or the
+pruned task vector to its L1 (mergekit's ``rescale: true``), L2 or L-infinity norm before, or
+not at all (mergekit's ``rescale: false``)."""
+
+
+def _della_values(name: str, setting: str, value: Any, interval: str) -> Any:
+    """A DELLA setting: one value, a per-layer value, or a list of one per contributing model."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise MergeArgumentError(f"{name}: {setting} is an empty list; give one per model.")
+        return [_check_in(name, setting, v, 0, 1, interval) for v in value]
+    return _ranged(name, setting, value, 0, 1, interval)
+
+
+def _della_pairs(name: str, density: Any, epsilon: Any) -> list[tuple[float, float]]:
+    """The (density, epsilon) pairs a model can get: per model where lists, else every one."""
+    if isinstance(density, list) and isinstance(epsilon, list):
+        if len(density) != len(epsilon):
+            raise MergeArgumentError(
+                f"{name}: density has {len(density)} per-model values and epsilon "
+                f"{len(epsilon)}; give both one per contributing model."
+            )
+        return list(zip(density, epsilon, strict=True))
+    densities = density if isinstance(density, list) else _each(density)
+    epsilons = epsilon if isinstance(epsilon, list) else _each(epsilon)
+    return [(d, e) for d in densities for e in epsilons]
+
+
+def _della(
+    name: str,
+    density: Any,
+    epsilon: Any,
+    scale: Any,
+    consensus: bool,
+    rescale: Any = "probability",
+    elect: Any = "task_vector",
+    disjoint_mean: Any = True,
+) -> Method:
+    density_ = _della_values(name, "density", density, "(]")
+    epsilon_ = _della_values(name, "epsilon", epsilon, "[)")
+    for d, e in _della_pairs(name, density_, epsilon_):
+        if not (d - e > 0 and d + e <= 1):
+            raise MergeArgumentError(
+                f"{name}: density - epsilon must be above 0 and density + epsilon at most 1 "
+                f"(they bound the keep probabilities), got density={d!r}, epsilon={e!r}."
+            )
+    settings: dict[str, Any] = {
+        "density": density_,
+        "epsilon": epsilon_,
+        "scale": _check_scale(name, scale),
+    }
+    if _choice(name, "rescale", rescale, _DELLA_RESCALES) != "probability":
+        settings["rescale"] = rescale
+    settings.update(
+        _options(name, _DEFAULTS, elect=elect, disjoint_mean=disjoint_mean) if consensus else {}
     )
+    if not consensus and (elect != "task_vector" or disjoint_mean is not True):
+        raise MergeArgumentError(
+            f"{name}: elect and disjoint_mean belong to the sign election, which della_linear "
+            "does not hold; use della."
+        )
+    plain = set(settings) == {"density", "epsilon", "scale"} and not any(
+        isinstance(v, list) for v in (density_, epsilon_)
+    )
+    if plain:  # the paper's definition: the reference and its compiled row loop
+        return Method(
+            name,
+            partial(elementwise.della_merge, consensus=consensus),
+            into=partial(della_into, consensus=consensus),
+            settings=settings,
+            task_vectors=True,
+            needs_base=True,
+            random=True,
+            paper=_DELLA,
+            rowwise=True,
+            builtin=True,
+        )
+    method = _task_vector_method(name, "della", "sign" if consensus else None, settings, _DELLA)
+    # rows ranked whole: no shards; a norm rescale needs the whole tensor, not blocks of rows
+    rowwise = settings.get("rescale", "probability") in ("probability", "none")
+    return dataclasses.replace(method, into=None, layout_aware=False, rowwise=rowwise)
 
 
-def della(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1.0) -> Method:
+def della(
+    *,
+    density: float | list[float] = 0.5,
+    epsilon: float | list[float] = 0.1,
+    scale: float = 1.0,
+    rescale: str = "probability",
+    elect: str = "task_vector",
+    disjoint_mean: bool = True,
+) -> Method:
     """DELLA-merging (https://arxiv.org/abs/2406.11617): MagPrune, then TIES' sign election and
     disjoint mean, then ``scale`` (λ).
 
@@ -1244,14 +1319,28 @@ def della(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1.0) -> 
     largest), and divides a kept entry by its probability, so the expectation is unchanged. The
     draw is counter-based like DARE's, reproducible from the recorded seed. Whole rows are
     ranked, so a sharded parameter (DTensor) is refused.
+
+    mergekit's definition (what ``terge.from_mergekit`` sets): ``density`` and ``epsilon`` may
+    be lists, one per contributing model; ``rescale="l1"`` (mergekit's ``rescale: true``) keeps
+    the kept entries as they are and rescales the pruned task vector to its L1 norm before
+    (``"l2"``, ``"linf"`` likewise), ``"none"`` does not rescale (``rescale: false``);
+    ``elect="weighted"`` and ``disjoint_mean=False`` as :func:`ties`'s. The draws stay terge's
+    (mergekit's come from torch's global generator). Options left at their defaults are not
+    recorded, and only the default runs in the compiled loop.
     """
-    return _della("della", density, epsilon, scale, True)
+    return _della("della", density, epsilon, scale, True, rescale, elect, disjoint_mean)
 
 
-def della_linear(*, density: float = 0.5, epsilon: float = 0.1, scale: float = 1.0) -> Method:
+def della_linear(
+    *,
+    density: float | list[float] = 0.5,
+    epsilon: float | list[float] = 0.1,
+    scale: float = 1.0,
+    rescale: str = "probability",
+) -> Method:
     """DELLA's MagPrune then task arithmetic, without sign election
     (https://arxiv.org/abs/2406.11617); settings as :func:`della`."""
-    return _della("della_linear", density, epsilon, scale, False)
+    return _della("della_linear", density, epsilon, scale, False, rescale)
 
 
 def sce(*, select_topk: float = 1.0, scale: float = 1.0, floor: float = 0.0) -> Method:

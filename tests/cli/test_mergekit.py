@@ -236,6 +236,37 @@ def test_the_other_shared_methods_translate_with_mergekits_settings(trio):
     }
     assert nu["weights"]["lm_head.weight"] == [1.0, 3.0]
 
+    pruned = translated("""
+        models:
+          - {model: m0, parameters: {weight: 1.0, density: 0.5}}
+          - {model: m1, parameters: {weight: 0.5}}
+        merge_method: della
+        base_model: base
+        parameters: {lambda: 0.8}
+        """)
+    assert pruned["method"]["lm_head.weight"].settings == {
+        "density": [0.5, 1.0],  # mergekit's default density 1 prunes nothing: epsilon 0
+        "epsilon": [0.15, 0.0],
+        "scale": 0.8,
+        "rescale": "l1",
+        "elect": "weighted",
+    }
+    assert pruned["weights"]["lm_head.weight"] == [0.0, 1.0, 0.5] and not pruned["normalize"]
+    linear = translated("""
+        models: [{model: m0, parameters: {weight: 1.0, density: 0.4, epsilon: 0.3}}]
+        merge_method: della_linear
+        base_model: base
+        parameters: {rescale: false}
+        """)
+    assert linear["method"]["lm_head.weight"].name == "della_linear"
+    assert linear["method"]["lm_head.weight"].settings == {
+        "density": 0.4,
+        "epsilon": 0.3,
+        "scale": 1.0,
+        "rescale": "none",
+    }
+    assert linear["normalize"] is False
+
     mean = translated(
         "models: [m0, m1, m2]\nmerge_method: karcher\nparameters: {max_iter: 20, tol: 1e-9}"
     )
@@ -318,9 +349,15 @@ def test_a_ties_merge_through_the_config_is_mergekits_formula(trio):
         ("models: [m0, m1]\nmerge_method: linear\nfoo: 1", "config foo: is not a mergekit key"),
         ("models: [m0, m1]\nmerge_method: ram", "merge_method: 'ram' has no terge translation"),
         (
-            "models: [m0, m1]\nmerge_method: della\nbase_model: base",
-            "merge_method: 'della' has no terge translation: mergekit rescales a pruned task "
-            "vector by its L1 norm ratio",
+            "models: [{model: m0, parameters: {weight: 1, density: 0.9}}]\n"
+            "merge_method: della\nbase_model: base",
+            r"config models\[0\].parameters.epsilon: density 0.9 \+/- epsilon 0.15 must lie in "
+            r"\(0, 1\), as mergekit requires",
+        ),
+        (
+            "models: [{model: m0, parameters: {weight: 1, density: 0}}]\n"
+            "merge_method: della_linear\nbase_model: base",
+            r"config models\[0\].parameters.density: is 0.0: mergekit prunes every entry there",
         ),
         ("models: [m0, m1]\nmerge_method: sce", "config base_model: sce needs a base_model"),
         (
@@ -429,6 +466,8 @@ def test_every_translated_method_is_in_the_table_and_the_readme():
         "multislerp",
         "nuslerp",
         "karcher",
+        "della",
+        "della_linear",
     }
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## From mergekit") :]
@@ -827,6 +866,20 @@ ORACLE_CONFIGS["breadcrumbs_ties_normalized"] = """
     merge_method: breadcrumbs_ties
     base_model: base
     parameters: {normalize: true, rescale: true}
+    """
+ORACLE_CONFIGS["della_unpruned"] = """
+    models:
+      - {model: m0, parameters: {weight: 1.0}}
+      - {model: m1, parameters: {weight: -0.5}}
+      - {model: m2, parameters: {weight: [0.8, 0.2]}}
+    merge_method: della
+    base_model: base
+    """
+ORACLE_CONFIGS["della_linear_unpruned"] = """
+    models: [{model: m0, parameters: {weight: 1.0}}, {model: m1, parameters: {weight: 0.5}}]
+    merge_method: della_linear
+    base_model: base
+    parameters: {lambda: 0.7}
     """
 _TWO = "models: [{model: m0, parameters: {weight: 1.0}}, {model: m1, parameters: {weight: 3.0}}]\n"
 ORACLE_CLOSE = {

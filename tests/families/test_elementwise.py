@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 
 import terge
 from terge.errors import MergeArgumentError, MethodNotApplicableError
-from terge.families.elementwise import _sorted_at, della_probabilities, sign_consensus
+from terge.families.elementwise import (
+    _della_sparsify,
+    _sorted_at,
+    della_probabilities,
+    sign_consensus,
+)
 from terge.kernels.primitives import draw_key, mix64
 from terge.methods import (
     REGISTRY,
@@ -30,6 +35,7 @@ from terge.methods import (
     ties,
 )
 from terge.plan import derive_seed
+from terge.sharding import Layout
 
 T = torch.float64
 
@@ -163,11 +169,86 @@ def test_della_same_seed_same_draw_and_inputs_untouched():
             r"density - epsilon .* got density=0\.9, epsilon=0\.15\.",
         ),
         ({"scale": math.inf}, r"scale must be a finite number"),
+        ({"density": []}, r"density is an empty list; give one per model\."),
+        ({"density": [0.5, 1.5]}, r"density must be in \(0, 1\], got 1\.5\."),
+        (
+            {"density": [0.5, 0.3], "epsilon": [0.1, 0.1, 0.1]},
+            r"density has 2 per-model values and epsilon 3; give both one per contributing",
+        ),
+        (  # per model: 0.1 - 0.05 is fine for the first, 0.2 + 0.9 too much for the second
+            {"density": [0.1, 0.9], "epsilon": [0.05, 0.2]},
+            r"density - epsilon must be above 0 and density \+ epsilon at most 1 .* got "
+            r"density=0\.9, epsilon=0\.2\.",
+        ),
+        ({"rescale": "density"}, r"rescale must be one of 'probability', 'l1', 'l2', 'linf', "),
     ],
 )
 def test_della_settings_are_checked(factory, options, message):
     with pytest.raises(MergeArgumentError, match=f"^{factory.__name__}: {message}"):
         factory(**options)
+
+
+def test_della_per_model_pairs_are_checked_model_by_model():
+    method = della(density=[0.1, 0.9], epsilon=[0.05, 0.1])  # 0.1 +/- 0.1 would not be
+    assert method.settings == {"density": [0.1, 0.9], "epsilon": [0.05, 0.1], "scale": 1.0}
+
+
+def test_della_election_options_belong_to_della_alone():
+    with pytest.raises(MergeArgumentError, match=r"^della_linear: elect and disjoint_mean"):
+        terge.methods._della("della_linear", 0.5, 0.1, 1.0, False, "probability", "weighted")
+
+
+@pytest.mark.parametrize("factory", [della, della_linear])
+def test_della_with_options_at_their_defaults_is_the_paper_s_della(factory):
+    """Per-model lists of one value go through the options' path: the same bits as the
+    default (and the compiled row loop's reference), draws keyed alike."""
+    thetas, base = family(3, shape=(7, 9), seed=8)
+    weights = [0.2, 0.5, 0.3]
+    plain = factory(density=0.6, epsilon=0.2)
+    listed = factory(density=[0.6] * 3, epsilon=[0.2] * 3)
+    assert plain.into is not None and listed.into is None  # the options: the reference alone
+    expected = plain(thetas, weights, base, seed=11)
+    assert torch.equal(listed(thetas, weights, base, seed=11), expected)
+    assert not torch.equal(listed(thetas, weights, base, seed=12), expected)
+
+
+def test_della_rescale_by_the_l1_norm_keeps_the_draws_and_the_norm():
+    """mergekit's rescale: the same entries kept as without rescaling, the pruned task vector
+    then scaled to its L1 norm before; 'none' keeps the kept entries as they are."""
+    (theta,), base = family(1, shape=(30, 40), seed=9)
+    tau = theta - base
+    kept = della_linear(density=0.5, epsilon=0.2, rescale="none")([theta], [1.0], base, seed=5)
+    kept = kept - base
+    assert ((kept == 0) | (kept == tau)).all()  # no 1 / p
+    assert 0.45 < float((kept != 0).double().mean()) < 0.55
+    scaled = della_linear(density=0.5, epsilon=0.2, rescale="l1")([theta], [1.0], base, seed=5)
+    scaled = scaled - base
+    assert torch.equal(scaled != 0, kept != 0)
+    ratio = tau.abs().sum() / kept.abs().sum()
+    torch.testing.assert_close(scaled, kept * ratio, rtol=1e-14, atol=0)
+    torch.testing.assert_close(scaled.abs().sum(), tau.abs().sum(), rtol=1e-13, atol=0)
+    assert della(rescale="l1").settings["rescale"] == "l1"
+    assert "rescale" not in della(rescale="probability").settings
+
+
+def test_della_weighted_election_and_sum_as_ties_options():
+    """elect='weighted' and disjoint_mean=False, as ties': the pruned task vectors (the same
+    draws as the default), the sign of sum_i w_i d_i elected, the agreeing w_i d_i summed."""
+    thetas, base = family(2, shape=(6, 8), seed=10)
+    weights = [1.0, -0.5]
+    method = della(density=0.5, epsilon=0.1, elect="weighted", disjoint_mean=False)
+    merged = method(thetas, weights, base, seed=2)
+    layout = Layout.whole(base.shape)
+    pruned = [
+        _della_sparsify((theta - base).contiguous(), 0.5, 0.1, draw_key(2, i), layout)
+        for i, theta in enumerate(thetas)
+    ]
+    weighted = [d * w for d, w in zip(pruned, weights, strict=True)]
+    positive = sum(weighted) >= 0
+    expected = base + sum(torch.where(positive, x > 0, x < 0) * x for x in weighted)
+    torch.testing.assert_close(merged, expected, rtol=1e-14, atol=1e-15)
+    unweighted = della(density=0.5, epsilon=0.1)(thetas, weights, base, seed=2)
+    assert not torch.allclose(unweighted, merged)  # the default divides and elects otherwise
 
 
 def test_della_per_layer_settings_are_checked_together():

@@ -49,6 +49,8 @@ from ..methods import (
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    della,
+    della_linear,
     karcher,
     model_stock,
     multislerp,
@@ -79,14 +81,6 @@ NOT_YET = {
     "chat_template": "chat templates are not written; remove chat_template",
 }
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
-_DELLA = (
-    "mergekit rescales a pruned task vector by its L1 norm ratio, terge's della divides each "
-    "kept entry by its keep probability (the paper's), and mergekit's draws are its global "
-    "RNG's; use terge.methods.{0}(density=..., epsilon=...) directly (mergekit's epsilon "
-    "default is 0.15)"
-)
-_UNTRANSLATED = {"della": _DELLA.format("della"), "della_linear": _DELLA.format("della_linear")}
-"""mergekit methods terge has but cannot translate faithfully, with why."""
 
 TABLE: Mapping[str, str] = {
     "linear": "arithmetic; weight -> weights; normalize (default true) -> normalize",
@@ -115,6 +109,12 @@ TABLE: Mapping[str, str] = {
     "nuslerp": "nuslerp(flatten=nuslerp_flatten (default true), row_wise=nuslerp_row_wise, "
     "task_vectors=base_model given); weight -> weights",
     "karcher": "karcher(max_iter (default 10), tol (default 1e-5)); equal weights, as mergekit",
+    "della": "della(density, epsilon (default 0.15), scale=lambda, elect='weighted', "
+    "disjoint_mean=normalize (default true), rescale='l1' if rescale (default true) else "
+    "'none'); a model of density 1 is not pruned (epsilon 0); weights as given; terge's draws",
+    "della_linear": "della_linear(density, epsilon (default 0.15), scale=lambda, rescale='l1' "
+    "if rescale (default true) else 'none'); normalize (default false) -> normalize; terge's "
+    "draws",
 }
 """mergekit's ``merge_method`` -> terge's method and settings."""
 
@@ -125,15 +125,25 @@ _TASK_VECTOR = {
     "dare_linear",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "della",
+    "della_linear",
 }
-_CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties"}
-_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+_CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
+_SPARSIFYING = {
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+}
 _BASE_REQUIRED = _TASK_VECTOR | {"slerp", "model_stock", "sce", "nearswap"}
 """Methods mergekit runs only with a base_model, listed first of the inputs."""
 _BASE_OPTIONAL = {"multislerp", "nuslerp"}
 """Methods over task vectors when a base_model is given, over the models otherwise."""
-_NORMALIZE = {"linear": True, "ties": True}  # mergekit's default_normalize; False elsewhere
-_RESCALE = {"dare_ties": True, "dare_linear": True}  # mergekit's default_rescale
+_NORMALIZE = {"linear": True, "ties": True, "della": True}  # mergekit's; False elsewhere
+_RESCALE = {"dare_ties": True, "dare_linear": True, "della": True, "della_linear": True}
 _SHARED: dict[str, dict[str, type]] = {
     "linear": {"normalize": bool},
     "task_arithmetic": {"normalize": bool, "lambda": float, "int8_mask": bool},
@@ -160,6 +170,8 @@ for _name in _SPARSIFYING:
     _PER_MODEL[_name] = {"weight": float, "density": float}
 for _name in ("breadcrumbs", "breadcrumbs_ties"):
     _PER_MODEL[_name] = {**_PER_MODEL[_name], "gamma": float}
+for _name in ("della", "della_linear"):
+    _PER_MODEL[_name] = {**_PER_MODEL[_name], "epsilon": float}
 _DEFAULTS: dict[str, Any] = {
     "lambda": 1.0,
     "int8_mask": False,
@@ -407,8 +419,6 @@ def _check_keys(config: Mapping[str, Any], method: str) -> None:
             raise _fail(
                 key, f"is not a mergekit key terge reads (it reads {', '.join(sorted(KEYS))})"
             )
-    if method in _UNTRANSLATED:
-        raise _fail("merge_method", f"{method!r} has no terge translation: {_UNTRANSLATED[method]}")
     if method not in TABLE:
         raise _fail(
             "merge_method",
@@ -647,6 +657,20 @@ def _translate(
         return configured, weight, False
     if method == "dare_linear":
         return dare_linear(density=density, scale=scale, rescale=rescale), weight, normalize
+    if method in ("della", "della_linear"):
+        densities, epsilons = _della_settings(per_model)
+        if method == "della":
+            configured = della(
+                density=densities,
+                epsilon=epsilons,
+                scale=scale,
+                rescale=rescale,
+                elect="weighted",
+                disjoint_mean=normalize,
+            )
+            return configured, weight, False
+        configured = della_linear(density=densities, epsilon=epsilons, scale=scale, rescale=rescale)
+        return configured, weight, normalize
     gamma = _one(per_model("gamma", float, 0.01))
     if method == "breadcrumbs_ties":
         configured = breadcrumbs_ties(
@@ -663,6 +687,31 @@ def _translate(
         density=density, gamma=gamma, scale=scale, trim="exact", rescale=rescale
     )
     return configured, weight, normalize
+
+
+def _della_settings(per_model: Resolver) -> tuple[Any, Any]:
+    """Each model's (density, epsilon) as mergekit's ``della_magprune`` reads them: a density of
+    1 or more prunes nothing (terge: density 1, epsilon 0, every entry kept), otherwise
+    ``density +/- epsilon`` must lie in (0, 1), as mergekit requires."""
+    densities, epsilons = [], []
+    for i, (d, e) in enumerate(
+        zip(per_model("density", float, 1.0), per_model("epsilon", float, 0.15), strict=True)
+    ):
+        if d >= 1:
+            d, e = 1.0, 0.0
+        elif d <= 0:
+            raise _fail(
+                f"models[{i}].parameters.density",
+                f"is {d!r}: mergekit prunes every entry there; leave the model out instead",
+            )
+        elif not (d - e > 0 and d + e < 1):
+            raise _fail(
+                f"models[{i}].parameters.epsilon",
+                f"density {d!r} +/- epsilon {e!r} must lie in (0, 1), as mergekit requires",
+            )
+        densities.append(d)
+        epsilons.append(e)
+    return _one(densities), _one(epsilons)
 
 
 def _translate_other(

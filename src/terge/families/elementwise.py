@@ -103,10 +103,16 @@ def della_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> t
 
 
 def _della_sparsify(
-    tau: torch.Tensor, density: float, epsilon: float, key: int, layout: Layout
+    tau: torch.Tensor,
+    density: float,
+    epsilon: float,
+    key: int,
+    layout: Layout,
+    divide: bool = True,
 ) -> torch.Tensor:
     """Keep entry ``j`` (its row-major index in the whole tensor) when
-    ``counter_uniform(key, j) < p_j`` and divide it by ``p_j``; drop it otherwise."""
+    ``counter_uniform(key, j) < p_j`` and divide it by ``p_j`` (``divide``; else keep it as it
+    is, for a rescale by the norm as mergekit's); drop it otherwise."""
     rows = _rows(tau)
     width = rows.shape[1]
     per_block = max(1, chunk_for(tau.device, ROW_BLOCK) // max(width, 1))
@@ -116,7 +122,7 @@ def _della_sparsify(
         start = first * width
         draw = counter_uniform(key, layout.indices(start, start + block.numel(), tau.device))
         keep = draw.view_as(block) < p
-        block.copy_(torch.where(keep, block / p, torch.zeros_like(block)))
+        block.copy_(torch.where(keep, block / p if divide else block, torch.zeros_like(block)))
     return tau
 
 
