@@ -682,6 +682,31 @@ def test_the_newer_methods_verify(folders, method):
     assert verify_lineage(load_lineage("m"), "m") == []
 
 
+MERGEKIT_OPTIONS = [  # the settings terge.from_mergekit gives the newer methods
+    terge.methods.della(
+        density=[0.5, 1.0],
+        epsilon=[0.15, 0.0],
+        rescale="l1",
+        elect="weighted",
+        disjoint_mean=False,
+    ),
+    terge.methods.della_linear(density=0.6, epsilon=0.2, rescale="none"),
+    terge.methods.sce(floor=1e-6),
+    terge.methods.multislerp(task_vectors=True, eps=1e-8),
+    terge.methods.breadcrumbs_ties(density=[0.7, 0.4], trim="exact", elect="weighted"),
+]
+
+
+@pytest.mark.parametrize("method", MERGEKIT_OPTIONS, ids=lambda m: m.name)
+def test_the_newer_methods_with_mergekit_s_options_are_recorded_as_built_in_and_verify(
+    folders, method
+):
+    terge.merge(folders[:2], base="p", method=method, seed=5, out="m")
+    lineage = load_lineage("m")
+    assert not any(entry.custom for entry in lineage.values())
+    assert verify_lineage(lineage, "m") == []
+
+
 def test_nearswap_verifies(folders):
     terge.merge(folders[:1], base="p", method=terge.methods.nearswap(t=0.5), out="m")
     assert verify_lineage(load_lineage("m"), "m") == []

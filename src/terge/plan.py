@@ -243,7 +243,17 @@ def _function_key(function: Any) -> Any:
 
 
 def is_registered(method: Method) -> bool:
-    """Whether ``method`` is the registry's method of its name (else a user's own function)."""
+    """Whether ``method`` is the registry's method of its name (else a user's own function):
+    what its factory makes from the method's settings (a factory may pick another function for
+    some settings, as DELLA's for mergekit's options), else from its defaults."""
+    info = REGISTRY.get(method.name)
+    if info is not None and method.settings:
+        try:
+            rebuilt = info.factory(**method.settings)
+        except (TypeError, ValueError):  # settings the factory does not take back as they are
+            pass
+        else:
+            return _function_key(rebuilt.function) == _function_key(method.function)
     key = _registered_function(method.name)
     return key is not None and key == _function_key(method.function)
 
