@@ -1053,3 +1053,150 @@ def test_a_block_held_as_a_dtensor_is_refused_before_anything_is_read():
             terge.stack([(model, 1, 2)])
     finally:
         dist.destroy_process_group()
+
+
+# --- the command line's slices and options, as terge.stack receives them --------------------
+
+
+def test_a_command_line_slice_reads_weights_gradients_home_and_colons_in_paths(
+    monkeypatch, tmp_path
+):
+    from pathlib import Path
+
+    from terge.cli.stacking import parse_slice
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_slice("a:0:2") == terge.blocks(Path("a"), 0, 2)
+    assert parse_slice("a:0:2@0.5") == terge.blocks(Path("a"), 0, 2, weight=0.5)
+    assert parse_slice("a:0:2@0,1") == terge.blocks(Path("a"), 0, 2, weight=[0.0, 1.0])
+    assert parse_slice("~/m:1:3") == terge.blocks(tmp_path / "m", 1, 3)
+    assert parse_slice("c:/x:y:0:2") == terge.blocks(Path("c:/x:y"), 0, 2)  # ':' in the path
+    assert parse_slice("a@1:0:2") == terge.blocks(Path("a@1"), 0, 2)  # '@' in the path
+    assert parse_slice("a:0:2@1+b:2:4@3") == [
+        terge.blocks(Path("a"), 0, 2, weight=1.0),
+        terge.blocks(Path("b"), 2, 4, weight=3.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "a slice must be PATH:START:STOP; got ''."),
+        ("a:0", "cannot read the slice 'a:0': give PATH:START:STOP (blocks START to STOP - 1)"),
+        ("a:0:2@", "cannot read the slice 'a:0:2@'"),
+        ("a:1:x", "cannot read the slice 'a:1:x'"),
+        ("a:0:2+", "cannot read the slice 'a:0:2+'"),
+        ("a:3:1", "the slice 'a:3:1': blocks(3, 1) is empty or negative"),
+        ("a:0:2@1,x", "cannot read the slice 'a:0:2@1,x'"),
+    ],
+)
+def test_a_command_line_slice_it_cannot_read_is_refused_naming_it(text, message):
+    from terge.cli.stacking import parse_slice
+    from terge.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_slice(text)
+
+
+@pytest.fixture
+def fake_stack(monkeypatch):
+    """terge.cli.stacking's stack() replaced: records its keywords, returns a 2-block record."""
+    from types import SimpleNamespace
+
+    import terge.cli.stacking as cli_stacking
+
+    calls = []
+
+    def fake(slices, **kwargs):
+        calls.append({"slices": slices, **kwargs})
+        record = SimpleNamespace(
+            stack={"blocks": [{"method": "passthrough"}, {"method": "arithmetic"}]}
+        )
+        return record if kwargs.get("dry_run") else (kwargs["out"], record)
+
+    monkeypatch.setattr(cli_stacking, "stack", fake)
+    return calls
+
+
+def test_terge_stack_passes_each_option_to_stack(fake_stack, capsys):
+    from pathlib import Path
+
+    from terge.cli.commands import main
+    from terge.cli.recipe import parse_method
+
+    argv = ["stack", "a:0:2", "-o", "o", "--base", "b", "--head", "c", "--method", "slerp"]
+    argv += ["--out-dtype", "bfloat16", "--max-shard-size", "2GB", "--seed", "3", "--overwrite"]
+    assert main(argv) == 0
+    (call,) = fake_stack
+    assert call == {
+        "slices": [terge.blocks(Path("a"), 0, 2)],
+        "out": "o",
+        "lineage": True,
+        "base": Path("b"),
+        "head": Path("c"),
+        "method": parse_method("slerp", "--method"),
+        "out_dtype": torch.bfloat16,
+        "max_shard_size": "2GB",
+        "seed": 3,
+        "overwrite": True,
+    }
+    assert re.fullmatch(
+        r"terge: wrote o \(2 blocks, 1 merged\) in \d+\.\ds\n", capsys.readouterr().out
+    )
+    assert main(["stack", "a:0:2", "-o", "o", "--quiet", "--no-model-card"]) == 0
+    assert fake_stack[-1] == {
+        "slices": [terge.blocks(Path("a"), 0, 2)],
+        "out": "o",
+        "lineage": True,
+        "model_card": False,
+    }
+    assert capsys.readouterr().out == ""
+
+
+def test_terge_stack_dry_run_asks_stack_for_a_dry_run(fake_stack, capsys):
+    from terge.cli.commands import main
+
+    assert main(["stack", "a:0:2", "-o", "o", "--dry-run"]) == 0
+    assert fake_stack[-1]["dry_run"] is True and "lineage" not in fake_stack[-1]
+    assert capsys.readouterr().out == "terge: would write o (2 blocks)\n"
+    assert main(["stack", "a:0:2", "-o", "o", "--dry-run", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_slices_from_a_recipe_take_its_dtype_and_a_config_s_options_win(fake_stack):
+    from pathlib import Path
+
+    from terge.cli.recipe import Settings
+    from terge.cli.stacking import run_stack_settings
+
+    slices = (terge.blocks(Path("a"), 0, 2),)
+    settings = Settings(slices=slices, out=Path("o"), dtype=torch.float32)
+    assert run_stack_settings(settings, quiet=True) == 0
+    assert fake_stack[-1]["dtype"] == torch.float32
+    other = [terge.blocks("b", 1, 3)]
+    options = {"slices": other, "head": "c"}
+    assert run_stack_settings(settings, quiet=True, options=options) == 0
+    assert (fake_stack[-1]["slices"], fake_stack[-1]["head"]) == (other, "c")
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"weights": (1.0,)}, "'weights' cannot be given with slices: a stack takes its blocks"),
+        ({"out_format": "dcp"}, "a stack is written as safetensors; drop out_format."),
+        ({"base": 0}, "with slices, base must be a path (the model giving the embeddings)."),
+        ({"method": {"re:x": None}}, "with slices, method is one method for every merged slice."),
+        ({"out": None}, "no output folder: give -o/--out OUT, or a recipe with 'out'."),
+    ],
+)
+def test_settings_a_stack_cannot_take_are_refused_before_stacking(fake_stack, given, message):
+    from pathlib import Path
+
+    from terge.cli.recipe import Settings
+    from terge.cli.stacking import run_stack_settings
+    from terge.errors import UsageError
+
+    settings = Settings(**{"slices": (terge.blocks(Path("a"), 0, 2),), "out": Path("o"), **given})
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run_stack_settings(settings)
+    assert fake_stack == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 import pytest
 import regex
@@ -91,3 +93,37 @@ def test_each_malformed_rule_is_refused_by_its_check(data, message):
     list of reasons), three bounds and a bool bound: each refused naming its key."""
     with pytest.raises(PolicyError, match=regex.escape(message)):
         parse_policy(data, "the policy 'p.toml'")
+
+
+def test_files_that_cannot_be_read_as_a_policy_say_why(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(b"pinned = true # caf\xe9\n")
+    with pytest.raises(PolicyError, match=r"'.*latin1\.toml': the policy .* is not UTF-8 text"):
+        load_policy(tmp_path / "latin1.toml")
+    (tmp_path / "deep.toml").write_text("tied = " + "[" * 70 + "]" * 70 + "\n")
+    with pytest.raises(PolicyError, match="nests arrays or objects more than 64 deep"):
+        load_policy(tmp_path / "deep.toml")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PolicyError, match=r"cannot read the policy '.*p\.toml': Not a directory"):
+        load_policy(tmp_path / "file" / "p.toml")
+    with pytest.raises(PolicyError, match=r"the policy '.*missing\.toml' not found\.$"):
+        load_policy(tmp_path / "missing.toml")
+
+
+def test_a_policy_is_read_from_a_pipe(tmp_path):
+    """--policy <(...) works: a pipe is read (up to the cap), not refused as no regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("pinned = true\n"))
+    writer.start()
+    try:
+        assert load_policy(fifo) == {"pinned": True}
+    finally:  # a refused pipe is never opened: open it here so the writer can finish
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join()
+        os.close(reader)
+
+
+def test_each_flag_keeps_its_value_and_ranges_are_floats():
+    rules = parse_policy({"same_dtypes": False, "pinned": True, "ranges": {"weight": [0, 2]}}, "p")
+    assert rules == {"same_dtypes": False, "pinned": True, "ranges": {"weight": (0.0, 2.0)}}
+    assert all(type(b) is float for b in rules["ranges"]["weight"])
