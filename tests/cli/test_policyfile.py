@@ -127,3 +127,15 @@ def test_each_flag_keeps_its_value_and_ranges_are_floats():
     rules = parse_policy({"same_dtypes": False, "pinned": True, "ranges": {"weight": [0, 2]}}, "p")
     assert rules == {"same_dtypes": False, "pinned": True, "ranges": {"weight": (0.0, 2.0)}}
     assert all(type(b) is float for b in rules["ranges"]["weight"])
+
+
+def test_a_bound_too_large_for_a_float_or_a_file_nested_past_the_parser_is_a_policy_error(
+    tmp_path,
+):
+    """Both were tracebacks (OverflowError, RecursionError) instead of an error naming the file."""
+    (tmp_path / "big.toml").write_text("[ranges]\nweight = [0, 1" + "0" * 400 + "]\n")
+    with pytest.raises(PolicyError, match=r"ranges\.weight must be \[low, high\], two finite"):
+        load_policy(tmp_path / "big.toml")
+    (tmp_path / "deep.toml").write_text("tied = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(PolicyError, match=r"'.*deep\.toml' nests arrays or tables too deeply"):
+        load_policy(tmp_path / "deep.toml")

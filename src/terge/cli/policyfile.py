@@ -18,12 +18,11 @@ Options given on the command line add to the file's rules.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyError, TergeError
-from ..io.parsing import ParseProblem, check_depth, decode_utf8, read_capped
+from ..io.parsing import ParseProblem, check_depth, decode_utf8, is_float_number, read_capped
 from ..policy import Policy
 from .recipe import parse_pattern, toml_module
 
@@ -57,6 +56,8 @@ def load_policy(path: str | Path) -> dict[str, Any]:
         raise PolicyError(f"cannot read {what}: {error.strerror or error}.") from None
     except ParseProblem as problem:
         raise PolicyError(f"{what}: {problem}; give a TOML file.") from None
+    except RecursionError:  # tomllib recurses per nested array, before check_depth can look
+        raise PolicyError(f"{what} nests arrays or tables too deeply to read.") from None
     except toml.TOMLDecodeError as error:
         raise PolicyError(f"{what} is not valid TOML: {error}.") from None
     return parse_policy(data, what)
@@ -119,8 +120,8 @@ def pattern(text: str, where: str) -> Any:
 def bounds(value: Any, where: str) -> tuple[float, float]:
     """``[low, high]``: two finite numbers, low <= high."""
     ok = isinstance(value, list) and len(value) == 2
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not ok or not all(math.isfinite(v) for v in value) or value[0] > value[1]:
+    ok = ok and all(is_float_number(v) for v in value)  # no bool, and 10**400 is no float
+    if not ok or value[0] > value[1]:
         raise PolicyError(f"{where} must be [low, high], two finite numbers; got {value!r}.")
     return (float(value[0]), float(value[1]))
 
