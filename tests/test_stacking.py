@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -486,6 +487,10 @@ sources = [{model = "a", layer_range = [1, 3], weight = [1, 0]}, {model = "b", l
             "'models' cannot be given with slices",
         ),
         ("slices = []\n", "non-empty list of tables"),
+        (
+            'lineage = "l.json"\n[[slices]]\nmodel = "a"\nlayer_range = [0, 2]\n',
+            "'lineage' cannot be given with slices: a stack writes its lineage to OUT/lineage.json",
+        ),
     ],
 )
 def test_bad_recipe_slices_are_refused(folders, recipe, match, capsys):
@@ -1061,8 +1066,6 @@ def test_a_block_held_as_a_dtensor_is_refused_before_anything_is_read():
 def test_a_command_line_slice_reads_weights_gradients_home_and_colons_in_paths(
     monkeypatch, tmp_path
 ):
-    from pathlib import Path
-
     from terge.cli.stacking import parse_slice
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -1085,6 +1088,7 @@ def test_a_command_line_slice_reads_weights_gradients_home_and_colons_in_paths(
         ("a:0", "cannot read the slice 'a:0': give PATH:START:STOP (blocks START to STOP - 1)"),
         ("a:0:2@", "cannot read the slice 'a:0:2@'"),
         ("a:1:x", "cannot read the slice 'a:1:x'"),
+        ("a:0:\u00b2", "cannot read the slice 'a:0:\u00b2'"),  # a digit int() cannot read
         ("a:0:2+", "cannot read the slice 'a:0:2+'"),
         ("a:3:1", "the slice 'a:3:1': blocks(3, 1) is empty or negative"),
         ("a:0:2@1,x", "cannot read the slice 'a:0:2@1,x'"),
@@ -1119,8 +1123,6 @@ def fake_stack(monkeypatch):
 
 
 def test_terge_stack_passes_each_option_to_stack(fake_stack, capsys):
-    from pathlib import Path
-
     from terge.cli.commands import main
     from terge.cli.recipe import parse_method
 
@@ -1164,8 +1166,6 @@ def test_terge_stack_dry_run_asks_stack_for_a_dry_run(fake_stack, capsys):
 
 
 def test_slices_from_a_recipe_take_its_dtype_and_a_config_s_options_win(fake_stack):
-    from pathlib import Path
-
     from terge.cli.recipe import Settings
     from terge.cli.stacking import run_stack_settings
 
@@ -1187,11 +1187,19 @@ def test_slices_from_a_recipe_take_its_dtype_and_a_config_s_options_win(fake_sta
         ({"base": 0}, "with slices, base must be a path (the model giving the embeddings)."),
         ({"method": {"re:x": None}}, "with slices, method is one method for every merged slice."),
         ({"out": None}, "no output folder: give -o/--out OUT, or a recipe with 'out'."),
+        ({"lineage": Path("l.json")}, "'lineage' cannot be given with slices: a stack writes"),
+        ({"vocabulary": "union"}, "'vocabulary' cannot be given with slices"),
+        (
+            {"lora_rank": 8},
+            "'lora_rank' cannot be given with slices: a stack is written as a whole",
+        ),
+        ({"lora_energy": 0.9}, "'lora_energy' cannot be given with slices"),
+        ({"lora_embeddings": True}, "'lora_embeddings' cannot be given with slices"),
+        ({"metric": "loss"}, "'metric' cannot be given with slices: it ranks the checkpoints"),
+        ({"mode": "max"}, "'mode' cannot be given with slices"),
     ],
 )
 def test_settings_a_stack_cannot_take_are_refused_before_stacking(fake_stack, given, message):
-    from pathlib import Path
-
     from terge.cli.recipe import Settings
     from terge.cli.stacking import run_stack_settings
     from terge.errors import UsageError

@@ -59,7 +59,7 @@ def _source(part: str, whole: str) -> Blocks:
             part, weight = head, numbers if len(numbers) > 1 else numbers[0]
     path, _, span = part.partition(":") if part.count(":") < 2 else _split(part)
     start, _, stop = span.partition(":")
-    if not (path and start.isdigit() and stop.isdigit()):
+    if not (path and start.isdecimal() and stop.isdecimal()):  # not isdigit: int() refuses '²'
         raise UsageError(
             f"cannot read the slice {whole!r}: give PATH:START:STOP (blocks START to STOP - 1), "
             "optionally @WEIGHT, sources joined by '+'; e.g. llama:0:24 or a:0:8@0.3+b:0:8@0.7."
@@ -127,6 +127,16 @@ def run_stack(args: argparse.Namespace) -> int:
 
 
 _NOT_WITH_SLICES = ("models", "weights", "include", "exclude", "normalize", "last", "best")
+_NOT_FOR_A_STACK = {
+    "lineage": "a stack writes its lineage to OUT/lineage.json",
+    "vocabulary": "a stack aligns no vocabularies (its embeddings are the base's)",
+    "lora_rank": "a stack is written as a whole model, not a LoRA adapter",
+    "lora_energy": "a stack is written as a whole model, not a LoRA adapter",
+    "lora_embeddings": "a stack is written as a whole model, not a LoRA adapter",
+    "metric": "it ranks the checkpoints that best N chooses, and a stack takes no best",
+    "mode": "it ranks the checkpoints that best N chooses, and a stack takes no best",
+}
+"""Settings of a merge that a stack has no use for: refused, not dropped silently."""
 
 
 def run_stack_settings(
@@ -140,6 +150,9 @@ def run_stack_settings(
                 f"{key!r} cannot be given with slices: a stack takes its blocks from the slices "
                 "(give each source's weight in its slice)."
             )
+    for key, why in _NOT_FOR_A_STACK.items():
+        if getattr(settings, key) is not None:
+            raise UsageError(f"{key!r} cannot be given with slices: {why}; drop it.")
     if settings.out_format not in (None, "safetensors"):
         raise UsageError("a stack is written as safetensors; drop out_format.")
     if isinstance(settings.base, int):
