@@ -122,13 +122,14 @@ def test_junit_counts_each_case_once_and_a_failure_s_message_is_its_first_line()
         Case("skipped", skipped="why"),
         Case("both", failures=["bad"], skipped="why"),
         Case("fine", output="a\tb"),
+        Case("plain"),
     ]
     root = ET.fromstring(junit("suite", cases))
     (suite,) = root
     for node in (root, suite):
-        assert (node.get("tests"), node.get("failures"), node.get("errors")) == ("4", "2", "0")
+        assert (node.get("tests"), node.get("failures"), node.get("errors")) == ("5", "2", "0")
     assert suite.get("skipped") == "1"
-    assert [case.get("classname") for case in suite] == ["suite"] * 4
+    assert [case.get("classname") for case in suite] == ["suite"] * 5
     by_name = {case.get("name"): case for case in suite}
     first, second = by_name["fails"]
     assert (first.get("message"), first.text) == ("first line", "first line\nsecond line")
@@ -248,3 +249,9 @@ def test_check_names_each_violations_rule_and_tensor_in_each_format():
         "terge: the lineage keeps the policy (2 tensors merged, 1 left alone)\n"
     )
     assert json.loads(render_check([], lineage, "json")) == {"ok": True, "violations": []}
+    left = [Violation("skipped", "steps", "left alone (not floating point)")]
+    cases = _cases(render_check(left, lineage, "junit"))  # a tensor left alone fails too
+    assert [child.tag for child in cases["steps"]] == ["failure"]
+    both = terge.Lineage({"w": LineageEntry("arithmetic", [(0, 1.0)])}, {"w": "shape mismatch"})
+    (suite,) = ET.fromstring(render_show(both, "f", "junit"))
+    assert [case.get("name") for case in suite] == [RECORD_CASE, "w"]  # one case per name
