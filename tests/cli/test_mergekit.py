@@ -781,6 +781,47 @@ def test_terge_merge_mergekit_writes_the_merge_with_its_lineage(trio, capsys):
     assert "MODEL cannot be given with --mergekit" in capsys.readouterr().err
 
 
+def test_the_command_line_s_own_settings_reach_a_mergekit_merge(trio, capsys):
+    """--out-format, --lora-*, --vocabulary and --lineage were dropped silently with
+    --mergekit (a safetensors folder written where an adapter was asked for)."""
+    (trio / "c.yml").write_text(
+        "models: [{model: m0, parameters: {weight: 1}}, {model: m1, parameters: {weight: 2}}]\n"
+        "merge_method: linear\n"
+    )
+    argv = ["merge", "--mergekit", "c.yml", "-q", "--lineage", "l.json"]
+    assert main([*argv, "-o", "ad", "--out-format", "lora", "--lora-rank", "1"]) == 0
+    assert (trio / "ad" / "adapter_config.json").exists()
+    assert json.loads((trio / "ad" / "lora.json").read_text())["settings"]["rank"] == 1
+    assert (trio / "l.json").exists()
+    for option in (["--last", "2"], ["--best", "2"], ["--metric", "loss"], ["--mode", "min"]):
+        assert main(["merge", "--mergekit", "c.yml", "-o", "x", *option]) == 2
+        assert f"{option[0]} cannot be given with --mergekit" in capsys.readouterr().err
+    (trio / "t.yml").write_text((trio / "c.yml").read_text() + "tokenizer_source: base\n")
+    assert main(["merge", "--mergekit", "t.yml", "-o", "x", "--vocabulary", "union"]) == 2
+    assert (
+        "--vocabulary cannot be given with --mergekit when the config has a tokenizer_source"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_a_mergekit_stack_refuses_what_it_has_no_use_for(trio, capsys):
+    (trio / "s.yml").write_text(
+        "slices:\n  - sources: [{model: m0, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: m1, layer_range: [1, 3]}]\nmerge_method: passthrough\n"
+    )
+    assert main(["merge", "--mergekit", "s.yml", "-o", "s", "-q"]) == 0  # the stack itself
+    for option, key in (
+        (["--lineage", "l.json"], "lineage"),
+        (["--vocabulary", "union"], "vocabulary"),
+        (["--lora-rank", "2"], "lora_rank"),
+    ):
+        assert main(["merge", "--mergekit", "s.yml", "-o", "t", *option]) == 2
+        assert f"{key!r} cannot be given with slices" in capsys.readouterr().err
+    assert main(["merge", "--mergekit", "s.yml", "-o", "t", "--out-format", "lora"]) == 2
+    assert "a stack is written as safetensors; drop out_format" in capsys.readouterr().err
+    assert not (trio / "t").exists()
+
+
 def test_a_refused_config_writes_nothing(trio, capsys):
     """The whole config is read and checked before the output folder is made."""
     (trio / "c.yml").write_text(

@@ -642,8 +642,13 @@ _NOT_WITH_MERGEKIT = {
     "dtype": "--dtype",
     "out_dtype": "--out-dtype",
     "normalize": "--normalize",
+    "last": "--last",
+    "best": "--best",
+    "metric": "--metric",
+    "mode": "--mode",
 }
-"""What a mergekit config decides: giving it besides --mergekit is refused."""
+"""What a mergekit config decides (its models are the models): giving it besides --mergekit is
+refused."""
 
 
 def _mergekit_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
@@ -658,22 +663,30 @@ def _mergekit_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, An
             )
     options = from_mergekit(Path(args.mergekit).expanduser())
     given = _settings_from_args(args)
-    if "slices" in options:  # a stack: the slices, base and head are in the options
-        settings = Settings(
-            out=given.out,
-            max_shard_size=given.max_shard_size,
-            seed=given.seed,
-            overwrite=given.overwrite,
-        )
-        return settings, options
-    settings = Settings(
-        models=tuple(Path(m) for m in options.pop("models")),
-        base=options["base"] if isinstance(options["base"], int) else Path(options["base"]),
+    # what the command line adds to the config; a stack refuses what it has no use for
+    added = Settings(
         out=given.out,
         max_shard_size=given.max_shard_size,
         seed=given.seed,
-        lineage=given.lineage,
         overwrite=given.overwrite,
+        lineage=given.lineage,
+        vocabulary=given.vocabulary,
+        out_format=given.out_format,
+        lora_rank=given.lora_rank,
+        lora_energy=given.lora_energy,
+        lora_embeddings=given.lora_embeddings,
+    )
+    if "slices" in options:  # a stack: the slices, base and head are in the options
+        return added, options
+    if given.vocabulary is not None and "vocabulary" in options:
+        raise UsageError(
+            "--vocabulary cannot be given with --mergekit when the config has a "
+            "tokenizer_source: the config decides it."
+        )
+    settings = dataclasses.replace(
+        added,
+        models=tuple(Path(m) for m in options.pop("models")),
+        base=options["base"] if isinstance(options["base"], int) else Path(options["base"]),
     )
     return settings, options
 
