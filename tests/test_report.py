@@ -168,7 +168,9 @@ def test_show_json_records_a_separate_base_digests_unused_tensors_and_a_stack():
         "revision": None,
         "repo": None,
         "requested_revision": None,
+        "adapter": None,
     }
+    assert (record["chosen"], record["vocabulary"], record["dropped"]) == (None, None, {})
     assert (record["by_method"], record["by_reason"]) == (
         {"arithmetic": 2},
         {"not floating point": 2},
@@ -180,6 +182,23 @@ def test_show_json_records_a_separate_base_digests_unused_tensors_and_a_stack():
     assert "stacked_blocks" not in record
     cases = _cases(render_show(lineage, "f", "junit"))
     assert cases["w"].find("system-out").text == "arithmetic of models 0: 0.5, 1: 0.5"
+
+
+def test_show_json_holds_what_the_text_shows_of_choice_vocabulary_drops_and_adapters():
+    adapter = {"base": {"kind": "file", "path": "base"}, "r": {"q": 2}, "lora_alpha": {"q": 4}}
+    lineage = terge.Lineage(
+        {"w": LineageEntry("arithmetic", [(0, 0.5), (1, 0.5)])},
+        models=[ModelRecord(0, "file", "a"), ModelRecord(1, "adapter", "b", adapter=adapter)],
+        dropped={"w": {1: "shape mismatch", 0: "not floating point"}},
+    )
+    lineage.chosen = {"rule": "last 2", "from": "runs/*", "candidates": [], "chosen": []}
+    lineage.vocabulary = {"source": "union", "size": 10}
+    record = json.loads(render_show(lineage, "f", "json"))
+    assert record["chosen"] == lineage.chosen
+    assert record["vocabulary"] == {"source": "union", "size": 10}
+    assert record["dropped"] == {"w": [[0, "not floating point"], [1, "shape mismatch"]]}
+    assert record["models"][1]["adapter"] == adapter
+    assert record["models"][0]["adapter"] is None
 
 
 def test_diff_shows_notes_counts_one_change_and_lists_only_changed_tensors():

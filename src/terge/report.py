@@ -120,6 +120,7 @@ def _model_json(record: ModelRecord) -> dict[str, Any]:
         "revision": record.revision,
         "repo": record.repo,
         "requested_revision": record.requested_revision,
+        "adapter": None if record.adapter is None else dict(record.adapter),
     }
 
 
@@ -145,6 +146,12 @@ def summary_record(lineage: Lineage) -> dict[str, Any]:
         "tied": dict(lineage.tied),
         "unused": len(lineage.unused),
         "digests": None if lineage.digests is None else len(lineage.digests),
+        "chosen": None if lineage.chosen is None else dict(lineage.chosen),
+        "vocabulary": None if lineage.vocabulary is None else dict(lineage.vocabulary),
+        "dropped": {
+            name: [[model, why] for model, why in sorted(models.items())]
+            for name, models in lineage.dropped.items()
+        },
         "terge_version": lineage.terge_version,
         "torch_version": lineage.torch_version,
         **({} if lineage.stack is None else {"stacked_blocks": len(lineage.stack["blocks"])}),
