@@ -15,6 +15,7 @@ from terge import kernels, methods
 from terge.families import elementwise
 from terge.kernels import cpu, fastelementwise, fastmethods, fastrank
 from terge.kernels.primitives import magnitude_bits
+from terge.sharding import Layout
 
 from helpers import same_bits
 
@@ -151,6 +152,75 @@ def test_split_between_threads(name, models, dtype, seed, kind, rows, workers):
         patch.setattr(torch, "get_num_threads", lambda: workers)
         check(name, (rows, 33), [dtype] * (models + 1), dtype, seed, kind, 0.5, 0.2, 1.0,
               [0.6, 0.4, -0.3, 1.0], True)  # fmt: skip
+
+
+@needs_loop
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from(SHAPES),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=2, max_size=2),
+    seed=st.integers(0, 2**16),
+    kind=st.integers(0, 2),
+    setting=st.sampled_from(SETTINGS),
+    divide=st.booleans(),
+    offset=st.sampled_from([0, 7, 1 << 40]),
+)
+def test_prune_equals_the_reference_bit_for_bit(shape, dtypes, seed, kind, setting, divide, offset):
+    """One model's MagPrune (mergekit's options' path): every dtype, kept entries divided by
+    their probability or not, rows anywhere in a larger tensor (the draws' indices)."""
+    base, theta = inputs(shape, dtypes, seed, kind)
+    density, epsilon = setting
+    key = 12345 + seed
+    rows = max(1, shape[0]) if len(shape) >= 2 else 1
+    width = max(1, base.numel() // rows)
+    whole = (rows + offset // width + 1, width)
+    first_row = offset // width  # a block of whole rows of a larger tensor
+    layout = Layout(whole, (rows, width), (first_row, 0))
+    expected = (theta.double() - base.double()).reshape(rows, width).contiguous()
+    expected = elementwise._della_sparsify(expected, density, epsilon, key, layout, divide)
+    out = torch.empty(base.shape, dtype=torch.float64)
+    assert fastrank.prune_into(
+        out, theta, base, key=key, density=density, epsilon=epsilon, divide=divide,
+        first=first_row * width,
+    )  # fmt: skip
+    assert same_bits(out.reshape(rows, width), expected)
+
+
+@needs_loop
+def test_prune_declines_what_it_does_not_take():
+    base, theta = torch.zeros(2, 3), torch.ones(2, 3)
+    out = torch.empty(2, 3, dtype=torch.float64)
+    kwargs = {"key": 1, "density": 0.5, "epsilon": 0.1, "divide": True}
+    assert not fastrank.prune_into(out.float(), theta, base, **kwargs)  # float64 out only
+    assert not fastrank.prune_into(out[:, :2], theta[:, :2], base[:, :2], **kwargs)
+    assert not fastrank.prune_into(out, theta.t().contiguous().t(), base, **kwargs)
+    assert not fastrank.prune_into(
+        torch.empty(0, dtype=torch.float64), theta[:0], base[:0], **kwargs
+    )
+    assert not fastrank.prune_into(out, theta, base, **{**kwargs, "density": 1})  # not a float
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TERGE_KERNELS", "torch")
+        assert not fastrank.prune_into(out, theta, base, **kwargs)
+
+
+@needs_loop
+@pytest.mark.parametrize("rescale", ["probability", "none", "l1"])
+def test_della_with_mergekit_s_options_prunes_in_the_loop_with_the_references_bits(
+    rescale, monkeypatch
+):
+    base, *thetas = inputs((9, 31), [torch.float32] * 3, 5, 1)
+    method = methods.della(density=[0.5, 0.6], epsilon=0.2, rescale=rescale, elect="weighted")
+    args = ([t.double() for t in thetas], [0.7, -0.3], base.double())
+    taken = []
+    original = methods.della_prune_into
+    monkeypatch.setattr(
+        methods, "della_prune_into", lambda *a, **k: taken.append(original(*a, **k)) or taken[-1]
+    )
+    fast_ = method(*args, seed=4)
+    assert taken == [True, True]  # both models pruned in the loop
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
+    assert same_bits(method(*args, seed=4), fast_)
+    assert taken[2:] == [False, False]  # then by the torch reference
 
 
 def inverse_argsort(keys: torch.Tensor) -> torch.Tensor:

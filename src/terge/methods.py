@@ -53,6 +53,7 @@ from .kernels import (
 )
 from .kernels.fastmethods import merge_into
 from .kernels.fastrank import della_into
+from .kernels.fastrank import prune_into as della_prune_into
 from .kernels.primitives import (
     DRAW_CHUNK,
     counter_uniform,
@@ -574,11 +575,8 @@ def _task_vector_merge(
         elif sparsification == "random":
             tau = _random_drop(tau, share, seed, position, layout, rescale == "density")  # type: ignore[arg-type]
         elif sparsification == "della":
-            key = draw_key(seed, position)  # type: ignore[arg-type]
-            divide = rescale == "probability"
-            tau = elementwise._della_sparsify(
-                tau, share, _per(epsilon, position), key, layout, divide
-            )
+            epsilon_ = _per(epsilon, position)
+            tau = _della_pruned(theta, base, tau, share, epsilon_, seed, position, layout, rescale)
         elif trim == "exact":
             tau = _keep_breadcrumbs_exactly(tau, share, _per(gamma, position))
         else:
@@ -623,6 +621,28 @@ def _task_vector_merge(
     # with unnormalised signed weights) the weighted sum stands, as in mergekit.
     merged = torch.where(denominator != 0, numerator / denominator, numerator)
     return base + merged.mul_(scale)
+
+
+def _della_pruned(
+    theta: torch.Tensor,
+    base: torch.Tensor,
+    tau: torch.Tensor,
+    density: float,
+    epsilon: float,
+    seed: Any,
+    position: int,
+    layout: Layout,
+    rescale: str,
+) -> torch.Tensor:
+    """DELLA's MagPrune of one task vector with mergekit's options: the compiled row loop where
+    it applies (the same bits as the torch reference, which runs elsewhere)."""
+    key, divide = draw_key(seed, position), rescale == "probability"
+    first = int(layout.indices(0, 1, "cpu")[0]) if tau.numel() else 0
+    if tau.device.type == "cpu" and della_prune_into(
+        tau, theta, base, key=key, density=density, epsilon=epsilon, divide=divide, first=first
+    ):
+        return tau
+    return elementwise._della_sparsify(tau, density, epsilon, key, layout, divide)
 
 
 def _task_vector_method(

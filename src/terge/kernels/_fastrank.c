@@ -225,6 +225,17 @@ static void keep_drawn(double *RESTRICT t, const double *RESTRICT p, Py_ssize_t 
     }
 }
 
+/* t[k] = u_k < p[k] ? t[k] : +0 (kept as it is: mergekit's pruning, rescaled afterwards). */
+CLONED
+static void keep_drawn_plain(double *RESTRICT t, const double *RESTRICT p, Py_ssize_t m,
+                             uint64_t at, uint64_t key) {
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const int64_t z = (int64_t)(mix64(key + (at + (uint64_t)k + 1) * GOLDEN) >> 11);
+        const double u = (double)z * 0x1p-53;
+        t[k] = masked(t[k], u < p[k]);
+    }
+}
+
 /* t = x - b and keys = the magnitude bits of t. */
 CLONED
 static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *x, const double *b,
@@ -327,6 +338,37 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
     }
 }
 
+/* One model's task vector pruned by MagPrune, row by row, into out (float64): d_j as in the
+ * comment up top (divide), or u_j < p_j ? t_j : +0 (not divide). buffers: see py_prune. */
+static void prune(double *out, const char *base, int base_code, const char *model, int model_code,
+                  Py_ssize_t rows, Py_ssize_t width, uint64_t first, uint64_t key,
+                  const Spec *s, int divide, double *buffers) {
+    double *bbuf = buffers, *xbuf = bbuf + width, *levels = xbuf + width, *p = levels + width;
+    uint64_t *keys = (uint64_t *)(p + width), *order = keys + width, *tmp = order + width;
+    uint32_t *ends = (uint32_t *)(tmp + width);
+    if (width > 1) probability_levels(levels, width, s);
+    for (Py_ssize_t row = 0; row < rows; row++) {
+        const Py_ssize_t offset = row * width;
+        const uint64_t at = first + (uint64_t)offset;
+        const double *b = widen(bbuf, base + offset * ITEMSIZE[base_code], base_code, width);
+        const double *x = widen(xbuf, model + offset * ITEMSIZE[model_code], model_code, width);
+        double *t = out + offset;
+        subtract(t, keys, x, b, width);
+        if (width == 1) {
+            p[0] = s->density;
+        } else {
+            const int bits = rank_order(keys, order, tmp, ends, width);
+            const uint64_t mask = ((uint64_t)1 << bits) - 1;
+            for (Py_ssize_t r = 0; r < width; r++) p[order[r] & mask] = levels[r];
+        }
+        if (divide) {
+            keep_drawn(t, p, width, at, key);
+        } else {
+            keep_drawn_plain(t, p, width, at, key);
+        }
+    }
+}
+
 /* --- Python bindings ----------------------------------------------------------------------------- */
 
 
@@ -384,6 +426,43 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(prune_doc,
+             "prune(out, base, base_code, model, model_code, rows, width, first, key, density,\n"
+             "      low, two_eps, divide)\n\n"
+             "rows rows of width entries of one model's task vector over base, pruned by DELLA's\n"
+             "MagPrune (drawn with key at global indices from first), into out (float64): each\n"
+             "kept entry divided by its keep probability (divide) or kept as it is.");
+
+static PyObject *py_prune(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, base, model, first, key;
+    int base_code, model_code, divide;
+    Py_ssize_t rows, width;
+    Spec s;
+    memset(&s, 0, sizeof s);
+    if (!PyArg_ParseTuple(args, "KKiKinnKKdddp", &out, &base, &base_code, &model, &model_code,
+                          &rows, &width, &first, &key, &s.density, &s.low, &s.two_eps,
+                          &divide)) {
+        return NULL;
+    }
+    if (!check_code(base_code) || !check_code(model_code)) return NULL;
+    if (rows < 0 || width < 1 || width >= MAX_WIDTH) {
+        PyErr_SetString(PyExc_ValueError, "prune: rows >= 0 and 1 <= width < 2**31");
+        return NULL;
+    }
+    /* base, x, levels, p (float64); keys, order, tmp (uint64); the buckets' ends */
+    double *buffers =
+        PyMem_RawMalloc((size_t)7 * (size_t)width * sizeof(double) + ENDS * sizeof(uint32_t));
+    if (!buffers) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    prune((double *)(uintptr_t)out, (const char *)(uintptr_t)base, base_code,
+          (const char *)(uintptr_t)model, model_code, rows, width, first, key, &s, divide,
+          buffers);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buffers);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(rank_doc,
              "rank(keys, n, ranks)\n\n"
              "ranks[j] = the rank (0-based) of keys[j] among the n uint64 at address keys,\n"
@@ -417,6 +496,7 @@ static PyObject *py_rank(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"della", py_della, METH_VARARGS, della_doc},
+    {"prune", py_prune, METH_VARARGS, prune_doc},
     {"rank", py_rank, METH_VARARGS, rank_doc},
     {NULL, NULL, 0, NULL},
 };

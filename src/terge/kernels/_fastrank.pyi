@@ -22,4 +22,20 @@ def della(
     consensus: bool,
     /,
 ) -> None: ...
+def prune(
+    out: int,
+    base: int,
+    base_code: int,
+    model: int,
+    model_code: int,
+    rows: int,
+    width: int,
+    first: int,
+    key: int,
+    density: float,
+    low: float,
+    two_eps: float,
+    divide: bool,
+    /,
+) -> None: ...
 def rank(keys: int, n: int, ranks: int, /) -> None: ...

@@ -88,6 +88,61 @@ def della_into(
     return True
 
 
+def prune_into(
+    out: torch.Tensor,
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    key: int,
+    density: float,
+    epsilon: float,
+    divide: bool,
+    first: int = 0,
+) -> bool:
+    """One model's task vector ``tensor - base`` pruned by DELLA's MagPrune into the float64
+    ``out`` (each kept entry divided by its keep probability where ``divide``, else kept as
+    it is), as :func:`terge.families.elementwise._della_sparsify` prunes it, bit for bit;
+    ``first``: the whole tensor's index of the first entry (a block of rows). ``False``
+    (nothing written) where the loop does not apply."""
+    if not (
+        available()
+        and out.dtype == torch.float64
+        and plain(out)
+        and plain(tensor)
+        and plain(base)
+        and tensor.shape == base.shape == out.shape
+        and out.numel() > 0
+        and not _overlap(out, tensor)
+        and not _overlap(out, base)
+        and all(isinstance(v, float) for v in (density, epsilon))
+    ):
+        return False
+    rows, width = _rows(out)
+    if width >= MAX_WIDTH:
+        return False
+
+    def part(begin: int, stop: int) -> None:
+        start = begin * width
+        _fastrank.prune(
+            out.data_ptr() + start * out.element_size(),
+            base.data_ptr() + start * base.element_size(),
+            DTYPE_CODES[base.dtype],
+            tensor.data_ptr() + start * tensor.element_size(),
+            DTYPE_CODES[tensor.dtype],
+            stop - begin,
+            width,
+            first + start,
+            key,
+            density,
+            density - epsilon,  # as the reference computes them
+            2 * epsilon,
+            divide,
+        )
+
+    run([functools.partial(part, begin, stop) for begin, stop in row_ranges(rows, width)])
+    return True
+
+
 def _rows(tensor: torch.Tensor) -> tuple[int, int]:
     """The rows DELLA ranks within, and their width: a 2-D or larger tensor's ``shape[0]``, a
     0-D or 1-D tensor as one row (as the reference's ``_rows``)."""
