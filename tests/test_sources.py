@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from terge.errors import MergeArgumentError
-from terge.io import save
+from terge.errors import AdapterError, MergeArgumentError, TergeError
+from terge.io import reading, save
+from terge.io.adapters import adapter
 from terge.io.training import checkpoint
 from terge.sources import (
+    AdapterSource,
     FileSource,
     ModuleSource,
     StateDictSource,
     as_source,
     canonical_names,
+    checkpoint_of,
+    folders_read,
     renamer,
+    same_model,
     strip_wrappers,
     view_key,
 )
@@ -163,3 +172,124 @@ def test_a_file_source_records_the_entry_and_prefix_it_read(tmp_path):
     }
     for source in (training, plain):
         source.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: behaviour the tests above left open
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name_map", "message"),
+    [
+        (lambda name: 5, r"`name_map` returned 5 for the name 'x' \(from 'module.x'\)"),
+        ({}.__getitem__, r"`name_map` raised KeyError: 'x' for the name 'x'"),
+    ],
+)
+def test_a_name_map_that_returns_no_str_or_raises_anything_is_reported(name_map, message):
+    with pytest.raises(MergeArgumentError, match=message):
+        renamer(name_map)("module.x")
+
+
+def test_a_module_source_lists_the_persistent_buffers_it_leaves_out_by_their_names():
+    norm = torch.nn.BatchNorm1d(2)
+    norm.register_buffer("scratch", torch.zeros(1), persistent=False)
+    assert ModuleSource(norm, buffers=False).buffers == {
+        "running_mean": True,
+        "running_var": True,
+        "num_batches_tracked": False,
+    }
+    assert ModuleSource(norm, buffers=True).buffers == {}  # merged: none left out
+
+
+class OptimizedModule(torch.nn.Module):
+    """What torch.compile returns, as unwrap() knows it: its class name and ``_orig_mod``
+    (torch.compile itself takes seconds to import its compiler)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = inner
+
+
+def test_a_compiled_module_is_read_through_its_wrapper():
+    inner = torch.nn.Linear(2, 2)
+    compiled = torch.nn.DataParallel(OptimizedModule(inner))
+    source = ModuleSource(compiled, buffers=False)
+    assert source.module is inner and source.wrapper is compiled
+    assert list(source.entries) == ["weight", "bias"]
+
+
+def test_a_file_source_that_fails_while_opening_closes_its_file(tmp_path, monkeypatch):
+    save({"x": torch.ones(1), "module.x": torch.ones(1)}, tmp_path / "m")
+    closed = []
+    close = reading.CheckpointReader.close
+    monkeypatch.setattr(
+        reading.CheckpointReader, "close", lambda self: (closed.append(self), close(self))
+    )
+    with pytest.raises(MergeArgumentError, match=r"two tensors, '(module\.)?x' and"):
+        FileSource(tmp_path / "m")
+    assert len(closed) == 1
+
+
+def test_the_same_model_is_one_object_one_mapping_or_one_file_and_entry(tmp_path):
+    state = {"w": torch.ones(1)}
+    assert same_model(StateDictSource(state), StateDictSource(state))
+    assert not same_model(StateDictSource(state), StateDictSource(dict(state)))
+    linear = torch.nn.Linear(1, 1)
+    assert same_model(ModuleSource(linear, False), ModuleSource(linear, True))
+    assert not same_model(ModuleSource(linear, False), ModuleSource(torch.nn.Linear(1, 1), False))
+    assert not same_model(ModuleSource(linear, False), StateDictSource(linear.state_dict()))
+    torch.save({"a": state, "b": state}, tmp_path / "t.pt")
+    a, b = (FileSource(checkpoint(tmp_path / "t.pt", entry=e)) for e in "ab")
+    again = FileSource(f"{tmp_path}/./t.pt::entry=a")
+    try:
+        assert same_model(a, again) and not same_model(a, b)
+    finally:
+        for source in (a, b, again):
+            source.close()
+
+
+def lora_folder(folder: Path) -> Path:
+    """A rank-1 PEFT LoRA adapter of ``lin`` (4, 3), its base given by the caller."""
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "base_model_name_or_path": None}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    factors = {
+        "base_model.model.lin.lora_A.weight": torch.ones(1, 3),
+        "base_model.model.lin.lora_B.weight": torch.ones(4, 1),
+    }
+    save_file(factors, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.fixture
+def closed(monkeypatch) -> list[str]:
+    """The names of the checkpoints closed, in order (an adapter's weights file among them)."""
+    log: list[str] = []
+    close = reading.CheckpointReader.close
+    monkeypatch.setattr(
+        reading.CheckpointReader, "close", lambda self: (log.append(self.path.name), close(self))
+    )
+    return log
+
+
+def test_an_adapter_source_reads_its_base_file_and_closes_both(tmp_path, closed):
+    save({"lin.weight": torch.zeros(4, 3)}, tmp_path / "base")
+    source = AdapterSource(adapter(lora_folder(tmp_path / "a"), base=tmp_path / "base"), False)
+    assert checkpoint_of(source) is source.base and source.base.path == tmp_path / "base"
+    assert folders_read(source) == [tmp_path / "a"]
+    assert torch.equal(source.get("lin.weight"), torch.ones(4, 3, dtype=torch.float64))
+    source.close()
+    assert closed == ["adapter_model.safetensors", "base"]
+
+
+def test_an_adapter_source_that_fails_closes_what_it_opened(tmp_path, closed):
+    folder = lora_folder(tmp_path / "a")
+    save({"lin.weight": torch.zeros(5, 3)}, tmp_path / "wide")
+    with pytest.raises(AdapterError, match=r"lin"):  # the adapter does not fit this base
+        AdapterSource(adapter(folder, base=tmp_path / "wide"), False)
+    assert sorted(closed) == ["adapter_model.safetensors", "wide"]
+    closed.clear()
+    with pytest.raises(TergeError):  # no base there
+        AdapterSource(adapter(folder, base=tmp_path / "missing"), False)
+    assert closed[-1] == "adapter_model.safetensors"  # after the base's own reader, if any
