@@ -431,6 +431,16 @@ def test_a_list_with_per_layer_weights_is_checked_like_any_other(weights, messag
         plan_of(layered(), weights=weights)
 
 
+def test_a_per_layer_weight_that_overflows_the_accumulation_dtype_is_refused():
+    """1e39 is finite, but not in float32: every other weight is checked in the dtype."""
+    with pytest.raises(
+        MergeArgumentError,
+        match=r"the weights of 'layers.0.w' hold a weight that is not finite in torch.float32 "
+        r"\(\[inf, 1.0\], from \[1e\+39, 1\]\)",
+    ):
+        plan_of(layered(), weights=[by_layer([1e39, 1]), 1], normalize=False, dtype=torch.float32)
+
+
 # --- what is left alone, and why -------------------------------------------------------------
 
 

@@ -338,7 +338,14 @@ class _Weights:
             return vector
         layer = layer_index(name)
         values = [v.at(layer, self.layers) if isinstance(v, ByLayer) else v for v in vector]
-        return torch.tensor(values, dtype=self.dtype)
+        resolved = torch.tensor(values, dtype=self.dtype)
+        if not bool(torch.isfinite(resolved).all()):  # finite in float64, not in this dtype
+            raise MergeArgumentError(
+                f"the weights of '{name}' hold a weight that is not finite in {self.dtype} "
+                f"({resolved.tolist()}, from {values}); weights must be finite numbers in the "
+                "accumulation dtype: scale them down, or pass a wider `dtype`."
+            )
+        return resolved
 
 
 class _Methods:
