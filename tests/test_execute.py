@@ -481,3 +481,189 @@ def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(
     import gc
 
     assert gc.isenabled()  # paused during the merge, resumed as the interrupt left it
+
+
+# --- what a copy keeps, and what it must not share -------------------------------------------------
+
+
+def test_a_checkpoint_bases_tensors_left_alone_are_read_into_memory(tmp_path):
+    """The result's tensors that are not merged are the base's values read into memory, not a
+    view of its file: the file rewritten in place afterwards (as saving the result over its own
+    input does) leaves them as they were."""
+    for i in range(2):
+        save(
+            {"w": torch.full((2,), float(i)), "solo" if i == 0 else "o": torch.ones(1)},
+            tmp_path / f"m{i}",
+        )
+    sources = [FileSource(tmp_path / f"m{i}") for i in range(2)]
+    result, _ = destinations(sources[0], plan_for(sources), inplace=False)
+    file = tmp_path / "m0" / "model.safetensors"
+    with open(file, "r+b") as handle:  # every tensor's bytes zeroed, the file's size kept
+        handle.seek(file.stat().st_size - 12)
+        handle.write(bytes(12))
+    assert torch.equal(FileSource(tmp_path / "m0").get("solo"), torch.zeros(1))  # rewritten
+    assert torch.equal(result["solo"], torch.ones(1))
+    for source in sources:
+        source.close()
+
+
+def test_a_copied_module_keeps_frozen_parameters_frozen_and_views_shared():
+    """Parameters that do not require grad stay so in the copy; two Parameter objects viewing
+    the same memory (``b`` made from ``a.data``) still share one fresh tensor, each keeping its
+    own requires_grad."""
+
+    def model(value: float) -> torch.nn.Module:
+        module = torch.nn.Module()
+        module.a = torch.nn.Parameter(torch.full((3,), value))
+        module.b = torch.nn.Parameter(module.a.data, requires_grad=False)
+        module.frozen = torch.nn.Parameter(torch.full((2,), value), requires_grad=False)
+        return module
+
+    models = [model(1.0), model(3.0)]
+    import terge
+
+    merged = terge.merge(models)
+    assert merged.a.requires_grad and not merged.b.requires_grad
+    assert not merged.frozen.requires_grad
+    assert shares_memory(merged.a, merged.b)
+    assert torch.equal(merged.b, torch.full((3,), 2.0))
+    assert torch.equal(merged.frozen, torch.full((2,), 2.0))
+
+
+def test_a_copied_state_dict_keeps_the_strides_of_what_it_does_not_merge():
+    transposed = torch.arange(6).view(2, 3).t()  # an integer tensor: copied, not merged
+    states = [{"w": torch.full((2,), float(i)), "n": transposed} for i in range(2)]
+    sources = [StateDictSource(s) for s in states]
+    result, _ = destinations(sources[0], plan_for(sources), inplace=False)
+    assert torch.equal(result["n"], transposed) and not shares_memory(result["n"], transposed)
+    assert result["n"].stride() == transposed.stride()
+
+
+def test_a_hook_sees_each_step_written_when_small_steps_may_be_held():
+    """With ``hold`` (a merge in memory) and a hook (digests), no step is held back: the hook's
+    ``after`` reads each result once it is written."""
+    states = [{"a": torch.full((2,), float(i)), "b": torch.full((1,), 2.0 * i)} for i in range(3)]
+    sources = [StateDictSource(s) for s in states]
+    made = {name: torch.full(states[0][name].shape, -1.0) for name in ("a", "b")}
+    events: list = []
+    plan = plan_for(sources)
+    execute(
+        plan.steps,
+        sources,
+        sources[0],
+        made.__getitem__,
+        torch.float64,
+        False,
+        Recorder(events),
+        hold=True,
+    )
+    assert events == [
+        ("before", "a"),
+        ("after", "a", [1.0, 1.0]),
+        ("before", "b"),
+        ("after", "b", [2.0]),
+    ]
+
+
+# --- a failure while writing in place says what is merged already ---------------------------------
+
+
+def six_tensors() -> list[dict[str, torch.Tensor]]:
+    return [{f"t{i}": torch.full((3,), float(m + i)) for i in range(6)} for m in range(2)]
+
+
+def fail_at(monkeypatch, name: str) -> None:
+    """Make the step that computes ``name`` raise, as a kernel running out of memory would."""
+    from terge import execute as execute_module
+
+    original = execute_module.run_step
+
+    def failing(step, *args, **kwargs):
+        if step.name == name:
+            raise RuntimeError("out of memory")
+        return original(step, *args, **kwargs)
+
+    monkeypatch.setattr(execute_module, "run_step", failing)
+
+
+@pytest.mark.parametrize(
+    ("name", "state"),
+    [
+        (
+            "t0",
+            "at 't0' (tensor 1 of 6); 't0' may be partly written, and the 5 after it are untouched",
+        ),
+        (
+            "t4",
+            "at 't4' (tensor 5 of 6); the 4 before it ('t0', 't1', 't2', 't3') may hold merged "
+            "values, 't4' may be partly written, and the 1 after it are untouched",
+        ),
+        (
+            "t5",
+            "at 't5' (tensor 6 of 6); the 5 before it ('t0', 't1', 't2', ..., 't4') may hold "
+            "merged values, 't5' may be partly written, and the 0 after it are untouched",
+        ),
+    ],
+)
+def test_an_in_place_merge_that_fails_midway_notes_what_may_be_merged(monkeypatch, name, state):
+    import terge
+
+    fail_at(monkeypatch, name)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        terge.merge(six_tensors(), method="ties", inplace=True)
+    assert info.value.__notes__ == [
+        f"terge: the in-place merge stopped {state}. The base is partly merged: reload it, or "
+        "merge with inplace=False where a failure must leave it as it was."
+    ]
+
+
+def test_a_failure_writing_the_held_steps_at_the_end_notes_that_any_may_be_merged(monkeypatch):
+    import terge
+    from terge.kernels import fastloop
+
+    if not fastloop.available():
+        pytest.skip("the compiled loop is not built")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fastloop, "combine_many", failing)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        terge.merge(six_tensors(), inplace=True)
+    assert info.value.__notes__ == [
+        "terge: the in-place merge stopped while writing the small tensors it held to the end; "
+        "any of the 6 may hold merged values. The base is partly merged: reload it, or merge "
+        "with inplace=False where a failure must leave it as it was."
+    ]
+
+
+def test_a_merge_into_a_copy_that_fails_adds_no_note(monkeypatch):
+    import terge
+
+    fail_at(monkeypatch, "t4")
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        terge.merge(six_tensors(), method="ties")
+    assert not hasattr(info.value, "__notes__")
+
+
+def test_an_in_place_merge_tells_autograd_the_parameters_changed():
+    """The compiled loops write through raw pointers: the merge bumps each tensor's version, so
+    a graph that saved a parameter refuses ``backward()`` instead of using the merged values."""
+    import terge
+
+    models = [torch.nn.Linear(3, 2) for _ in range(2)]
+    loss = (models[0].weight * models[0].weight).sum()  # saves the weight for backward
+    terge.merge(models, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_more_models_than_one_compiled_call_takes_are_merged_step_by_step():
+    """The compiled loop reads at most ``fastloop.MAX_INPUTS`` inputs per call: a merge of more
+    models is not held for it, and still gives the mean."""
+    import terge
+    from terge.kernels import fastloop
+
+    count = fastloop.MAX_INPUTS + 1
+    merged = terge.merge([{"w": torch.full((3,), float(i))} for i in range(count)])
+    assert torch.equal(merged["w"], torch.full((3,), (count - 1) / 2))
