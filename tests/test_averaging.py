@@ -643,3 +643,170 @@ def test_a_cpu_average_never_asks_for_the_gpu_loop(monkeypatch):
     for _ in range(3):
         average.update(model)
     assert asked == []
+
+
+# --- more of what is refused, and the edges of what is accepted -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"decay": "0.9"}, "decay='0.9' must be a number between 0 and 1"),
+        ({"start_at": 1.5}, "start_at=1.5 must be a step number, 0 or more"),
+        ({"every": True}, "every=True must be a whole number, 1 or more"),
+        ({"shadow_dtype": "float32"}, "shadow_dtype='float32' is not a floating torch dtype"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused(options, message):
+    with pytest.raises(AveragingError, match=message):
+        terge.Average(nn.Linear(2, 2), **options)
+
+
+def test_the_ends_of_each_range_are_accepted():
+    model = nn.Linear(2, 2)
+    for options in ({"decay": 0.0}, {"decay": 1.0, "min_decay": 1.0}, {"start_at": 0}):
+        terge.Average(model, **options)
+
+
+def test_without_warmup_the_decay_is_kept_at_or_above_min_decay_and_the_first_copies():
+    model = nn.Linear(2, 2)
+    assert terge.Average(model, decay=0.9).decay_at(0) == 0.0
+    assert terge.Average(model, decay=0.5, min_decay=0.7).decay_at(3) == 0.7
+
+
+def test_repr_names_the_kind_and_counters():
+    model = nn.Linear(2, 2)
+    average = terge.Average(model, "equal")
+    average.update(model)
+    assert repr(average) == "Average(equal, equal weights, step=1, count=1, 2 tensors)"
+    assert (
+        repr(terge.Average(model, decay=0.5))
+        == "Average(ema, decay=0.5, step=0, count=0, 2 tensors)"
+    )
+
+
+def test_non_persistent_buffers_are_not_averaged():
+    model = nn.Linear(2, 2)
+    model.register_buffer("scratch", torch.ones(2), persistent=False)
+    average = terge.Average(model)
+    assert set(average.state_dict()["shadow"]) == {"weight", "bias"}
+    assert set(average.averaged_state_dict()) == {"weight", "bias"}
+
+
+def test_a_model_with_tensors_the_average_lacks_is_refused_naming_them():
+    model = nn.Linear(2, 2, bias=False)
+    average = terge.Average(model)
+    with pytest.raises(AveragingError, match=r"missing \[\], not in the average \['bias'\]"):
+        average.update(nn.Linear(2, 2))
+    many = terge.Average(nn.Sequential(*[nn.Linear(2, 2) for _ in range(3)]))
+    with pytest.raises(
+        AveragingError,
+        match=r"missing \['0\.weight', '0\.bias', '1\.weight', '1\.bias', '2\.weight'\] \.\.\., "
+        r"not in the average \['weight', 'bias'\]\.",
+    ):
+        many.update(nn.Linear(2, 2))
+    five = terge.Average(
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2, bias=False))
+    )
+    with pytest.raises(AveragingError, match=r"'2\.weight'\], not in the average"):
+        five.update(nn.Linear(2, 2))
+
+
+def test_a_tensor_removed_or_made_integer_after_binding_is_refused_before_anything_changes():
+    model = nn.BatchNorm1d(3)
+    average = terge.Average(model, "equal")
+    average.update(model)
+    before = copy.deepcopy(average.state_dict())
+    model._buffers["running_mean"] = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(AveragingError, match=r"'running_mean' is now torch\.int64"):
+        average.update(model)
+    model.running_mean = None
+    with pytest.raises(AveragingError, match=r"'running_mean' was removed \(set to None\)"):
+        average.update(model)
+    assert (average.step, average.count) == (1, 1)
+    for name, value in average.state_dict()["shadow"].items():
+        assert same_bits(value, before["shadow"][name]), name
+
+
+def test_copy_to_checks_every_tensor_before_writing_any():
+    model = nn.Linear(3, 3)
+    average = terge.Average(model)
+    weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    model.bias.data = torch.zeros(5)  # the model it is bound to, changed after binding
+    with pytest.raises(AveragingError, match=r"'bias' has shape \(5,\)"):
+        average.copy_to(model)
+    assert torch.equal(model.weight, torch.full((3, 3), 7.0))
+    assert not torch.equal(weight, model.weight)
+
+
+def test_a_saved_float64_shadow_is_rounded_once_into_a_bfloat16_one():
+    """1 + 2^-8 + 2^-40 rounds to 1 + 2^-7 in bfloat16 (through float32 it would land on the
+    half-way point and round down to 1)."""
+    model = nn.Linear(2, 2, bias=False).to(torch.bfloat16)
+    state = terge.Average(model, shadow_dtype=torch.float64).state_dict()
+    state["shadow"]["weight"].fill_(1 + 2**-8 + 2**-40)
+    average = terge.Average(model)
+    average.load_state_dict(state)
+    assert average.state_dict()["shadow"]["weight"].tolist() == [[1 + 2**-7] * 2] * 2
+
+
+def test_a_complex_tensor_is_refused_naming_it():
+    """The kernels sum real numbers: a complex parameter is refused when the Average is made
+    (it crashed in the first update that averaged, and shadow_dtype dropped its imaginary
+    part); a complex buffer copied (buffers="copy") is kept as it is."""
+    model = nn.Linear(2, 2)
+    model.phase = nn.Parameter(torch.tensor([1 + 2j, 3j]))
+    for options in ({}, {"shadow_dtype": torch.float32}):
+        with pytest.raises(AveragingError, match=r"'phase' is torch\.complex64; Average averages"):
+            terge.Average(model, **options)
+    model = nn.Linear(2, 2)
+    model.register_buffer("phase", torch.tensor([1 + 2j, 3j]))
+    average = terge.Average(model, buffers="copy", shadow_dtype=torch.float64)
+    model.phase.mul_(2)
+    average.update(model)
+    assert torch.equal(average.averaged_state_dict()["phase"], torch.tensor([2 + 4j, 6j]))
+
+
+def _saved(**changes):
+    model = nn.Linear(2, 2)
+    average = terge.Average(model, "equal")
+    average.update(model)
+    state = average.state_dict()
+    state["shadow"] = {k: v + 100 for k, v in state["shadow"].items()}
+    state["settings"] = dict(state["settings"])
+    for key, value in changes.items():
+        if key in state["settings"]:
+            state["settings"][key] = value
+        elif value is None:
+            del state[key]
+        else:
+            state[key] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"kind": None}, r"the saved average is kind=None but this one kind='equal'"),
+        ({"shadow": [1, 2]}, r"the saved average's shadow is list, not a mapping of tensors"),
+        ({"shadow": {"weight": [[0.0] * 2] * 2, "bias": torch.zeros(2)}}, r"'weight' is list"),
+        ({"step": None}, r"valid settings: step=None and count=1 must be whole numbers"),
+        ({"count": 2}, r"step=1 and count=2 must be whole numbers, count at most step"),
+        ({"every": 0}, r"valid settings: every=0 must be a whole number, 1 or more\. Pass what"),
+        ({"decay": 5.0}, r"valid settings: decay=5\.0 must be a number between 0 and 1"),
+    ],
+)
+def test_a_malformed_saved_state_is_refused_before_anything_changes(changes, message):
+    """load_state_dict checks the whole state (the counters, the settings it takes, the
+    shadow's tensors) before it writes anything: a broken one raises a clear error, not a
+    KeyError after the shadow was overwritten or a ZeroDivisionError in the next update."""
+    model = nn.Linear(2, 2)
+    average = terge.Average(model, "equal")
+    before = copy.deepcopy(average.state_dict())
+    with pytest.raises(AveragingError, match=message):
+        average.load_state_dict(_saved(**changes))
+    assert (average.step, average.count, average.every) == (0, 0, 1)
+    for name, value in average.state_dict()["shadow"].items():
+        assert same_bits(value, before["shadow"][name]), name

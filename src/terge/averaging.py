@@ -174,9 +174,11 @@ class Average:
         shadow_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_settings(
-            model, kind, decay, warmup, warmup_gamma, warmup_power, min_decay, start_at, every
-        )
+        if not isinstance(model, torch.nn.Module):
+            raise AveragingError(
+                f"Average needs the torch.nn.Module that trains, got {type(model).__name__}."
+            )
+        _check_settings(kind, decay, warmup, warmup_gamma, warmup_power, min_decay, start_at, every)
         if buffers not in BUFFER_MODES:
             raise AveragingError(
                 f"buffers={buffers!r} is not one of {BUFFER_MODES}: 'average' folds floating "
@@ -242,8 +244,14 @@ class Average:
             if seen is not None:
                 seen.aliases.append(name)
                 continue
-            floating = tensor.dtype.is_floating_point or tensor.dtype.is_complex
+            floating = tensor.dtype.is_floating_point
             averaged = floating and (is_parameter or self.buffers == "average")
+            if tensor.dtype.is_complex and (is_parameter or self.buffers == "average"):
+                raise AveragingError(
+                    f"the model's tensor '{name}' is {tensor.dtype}; Average averages real "
+                    "floating-point tensors only. Hold it as a real tensor with a last dimension "
+                    "of 2 (torch.view_as_real) to average it."
+                )
             data = local(tensor.detach())
             if data.device.type == "meta":
                 raise AveragingError(
@@ -594,7 +602,9 @@ class Average:
                 "buffers": self.buffers,
             },
             "shadow": {
-                e.name: self._as_sharded(e.shadow, e, self._tensor(e) if e.slot else None)
+                e.name: self._as_sharded(
+                    e.shadow, e, self._tensor(e) if e.slot and e.sharding is not None else None
+                )
                 for e in self._entries
             },
         }
@@ -609,12 +619,18 @@ class Average:
                 f"the state given to Average.load_state_dict has format {got!r}, not {FORMAT!r}; "
                 "pass what Average.state_dict() returned."
             )
-        if state["kind"] != self.kind:
+        if state.get("kind") != self.kind:
             raise AveragingError(
-                f"the saved average is kind={state['kind']!r} but this one kind={self.kind!r}; "
-                f"create the Average with kind={state['kind']!r} to resume it."
+                f"the saved average is kind={state.get('kind')!r} but this one "
+                f"kind={self.kind!r}; create the Average with kind={state.get('kind')!r} to "
+                "resume it."
             )
-        shadow = state["shadow"]
+        shadow = state.get("shadow")
+        if not isinstance(shadow, Mapping):
+            raise AveragingError(
+                f"the saved average's shadow is {type(shadow).__name__}, not a mapping of "
+                "tensors; pass what Average.state_dict() returned."
+            )
         names = [e.name for e in self._entries]
         if set(shadow) != set(names):
             missing = sorted(set(names) - set(shadow))[:5]
@@ -625,6 +641,11 @@ class Average:
             )
         values = {}
         for entry in self._entries:
+            if not isinstance(shadow[entry.name], torch.Tensor):
+                raise AveragingError(
+                    f"the saved average's '{entry.name}' is {type(shadow[entry.name]).__name__}, "
+                    "not a tensor; pass what Average.state_dict() returned."
+                )
             value = local(shadow[entry.name])
             if tuple(value.shape) != tuple(entry.shadow.shape):
                 raise AveragingError(
@@ -640,20 +661,39 @@ class Average:
                 f"buffers={self.buffers!r}; create the Average with buffers="
                 f"{settings['buffers']!r} to resume it."
             )
+        keys = (
+            "decay",
+            "warmup",
+            "warmup_gamma",
+            "warmup_power",
+            "min_decay",
+            "start_at",
+            "every",
+        )
+        saved = {key: settings.get(key, getattr(self, key)) for key in keys}
+        step: Any = state.get("step")
+        count: Any = state.get("count")
+        try:
+            _check_settings(self.kind, *saved.values())
+            if not (_is_int(step) and _is_int(count) and 0 <= count <= step):
+                raise AveragingError(
+                    f"step={step!r} and count={count!r} must be whole numbers, count at most step."
+                )
+        except AveragingError as error:
+            raise AveragingError(
+                f"the saved average does not hold valid settings: {error} Pass what "
+                "Average.state_dict() returned."
+            ) from None
         for entry in self._entries:
             value = values[entry.name]
             if value.dtype == entry.shadow.dtype:
                 entry.shadow.copy_(value)
             else:
                 self._write(entry.shadow, value)
-        for key in ("decay", "warmup", "warmup_gamma", "warmup_power", "min_decay"):
-            if key in settings:
-                setattr(self, key, settings[key])
-        for key in ("start_at", "every"):
-            if key in settings:
-                setattr(self, key, int(settings[key]))
-        self.step = int(state["step"])
-        self.count = int(state["count"])
+        for key, value in saved.items():
+            setattr(self, key, value if key in ("warmup", "start_at", "every") else float(value))
+        self.step = int(step)
+        self.count = int(count)
         self._plan = None
 
     def __repr__(self) -> str:
@@ -665,7 +705,6 @@ class Average:
 
 
 def _check_settings(
-    model: Any,
     kind: str,
     decay: float,
     warmup: str | None,
@@ -676,10 +715,6 @@ def _check_settings(
     every: int,
 ) -> None:
     """Raise :class:`AveragingError` for a setting out of range, naming it and its range."""
-    if not isinstance(model, torch.nn.Module):
-        raise AveragingError(
-            f"Average needs the torch.nn.Module that trains, got {type(model).__name__}."
-        )
     if kind not in KINDS:
         raise AveragingError(
             f"kind={kind!r} is not one of {KINDS}: 'ema' for an exponential moving average, "
