@@ -11,6 +11,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+import terge
 from terge import lineage as reasons
 from terge import methods
 from terge.errors import (
@@ -491,6 +492,20 @@ def test_a_tensor_only_the_base_holds_is_left_alone_whatever_the_method():
     models = trio()
     models[0]["mine"] = torch.zeros(2)
     assert plan_of(models, method="task_arithmetic").skipped == {"mine": reasons.ONE_MODEL}
+
+
+def test_a_separate_base_is_a_holder_for_a_user_s_own_method_which_reads_it():
+    """One fine-tuned model and a separate base: a user's own task-vector method is called
+    (it receives the base, as every built-in that reads it does), not silently skipped."""
+
+    def doubled(tensors, weights, base):
+        return base + 2 * (tensors[0] - base)
+
+    plan = plan_of([{"w": torch.ones(2)}], base={"w": torch.zeros(2)}, method=doubled)
+    s = step(plan, "w")
+    assert s.contributors == (0,) and s.uses_base and plan.skipped == {}
+    merged = terge.merge([{"w": torch.ones(2)}], base={"w": torch.zeros(2)}, method=doubled)
+    assert merged["w"].tolist() == [2.0, 2.0]
 
 
 def test_a_separate_base_is_a_holder_for_a_method_that_declares_it_needs_it():

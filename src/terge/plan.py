@@ -902,7 +902,7 @@ def _method_for(
         return method_of(name)
     if len(holders) == 1 and base_index is None:
         method = method_of.find(name)
-        if method is not None and (method.task_vectors or method.needs_base):
+        if method is not None and reads_base(method):  # a user's own method too
             return method
     return None
 
