@@ -80,7 +80,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if SRC_DIR.resolve() not in where.parents:
         raise RuntimeError(f"imported terge from {where}, expected it under {SRC_DIR}")
     config = GPT2_TINY if args.quick else GPT2_SMALL
-    n_models = MODELS_FOR.get(args.method, DEFAULT_MODELS)
+    name = args.method.partition(":")[0]
+    n_models = MODELS_FOR.get(name, DEFAULT_MODELS)
+    method: Any = args.method
+    if ":" in method:  # a configured method, as the command line's --method takes it
+        from terge.cli.recipe import parse_method
+
+        method = parse_method(args.method, "--methods")
     device = torch.device(args.device)
     models = [model.to(device) for model in build_models(n_models, config)]
     base = models[0]
@@ -92,7 +98,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                 parameter.copy_(saved)
 
     def call() -> Any:
-        return terge.merge(models, method=args.method, seed=0, inplace=True)
+        return terge.merge(models, method=method, seed=0, inplace=True)
 
     def arithmetic() -> Any:
         return terge.merge(models, method="arithmetic", inplace=True)
@@ -215,7 +221,11 @@ def report(data: dict[str, Any]) -> str:
             [
                 f"`{name}`",
                 str(result["models"])
-                + (f" (exactly {MODELS_FOR[name]})" if name in MODELS_FOR else ""),
+                + (
+                    f" (exactly {MODELS_FOR[name.partition(':')[0]]})"
+                    if name.partition(":")[0] in MODELS_FOR
+                    else ""
+                ),
                 fmt_seconds(result["seconds"]),
                 fmt_ratio(relative),
                 *([fmt_ratio(None if not pair else result["seconds"] / pair)] if paired else []),
@@ -293,7 +303,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and the extra memory is GPU memory allocated beyond what was before the call)",
     )
     parser.add_argument(
-        "--methods", nargs="+", metavar="NAME", help="only these methods (default: all registered)"
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="only these methods (default: all registered); a method may carry settings as the "
+        "command line's --method does, e.g. 'della:rescale=l1,elect=weighted'",
     )
     parser.add_argument(
         "--paired",
