@@ -129,15 +129,7 @@ _TASK_VECTOR = {
     "della_linear",
 }
 _CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
-_SPARSIFYING = {
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-}
+_SPARSIFYING = _TASK_VECTOR - {"task_arithmetic"}
 _BASE_REQUIRED = _TASK_VECTOR | {"slerp", "model_stock", "sce", "nearswap"}
 """Methods mergekit runs only with a base_model, listed first of the inputs."""
 _BASE_OPTIONAL = {"multislerp", "nuslerp"}

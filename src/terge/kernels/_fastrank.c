@@ -247,10 +247,11 @@ static void subtract(double *RESTRICT t, uint64_t *RESTRICT keys, const double *
 }
 
 /* Model i's row (t in place, from row global index `at`) sparsified: d_j as in the comment up
- * top. keys (magnitude bits of t), order and tmp: width slots each. */
+ * top (divide), or u_j < p_j ? t_j : +0 (not divide). keys (magnitude bits of t), order and
+ * tmp: width slots each. */
 static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key, const Spec *s,
                          const double *levels, const uint64_t *keys, uint64_t *order,
-                         uint64_t *tmp, uint32_t *ends) {
+                         uint64_t *tmp, uint32_t *ends, int divide) {
     double *p = (double *)tmp; /* the keep probabilities by position, once tmp is free */
     if (width == 1) {
         p[0] = s->density;
@@ -259,7 +260,11 @@ static void sparsify_row(double *t, Py_ssize_t width, uint64_t at, uint64_t key,
         const uint64_t mask = ((uint64_t)1 << bits) - 1;
         for (Py_ssize_t r = 0; r < width; r++) p[order[r] & mask] = levels[r];
     }
-    keep_drawn(t, p, width, at, key);
+    if (divide) {
+        keep_drawn(t, p, width, at, key);
+    } else {
+        keep_drawn_plain(t, p, width, at, key);
+    }
 }
 
 /* levels[r] = the keep probability of rank r in a row of width entries (width >= 2): the same
@@ -331,7 +336,7 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
             const double *x =
                 widen(xbuf, models[i] + offset * ITEMSIZE[codes[i]], codes[i], width);
             subtract(d[i], keys, x, b, width);
-            sparsify_row(d[i], width, at, s->keys[i], s, levels, keys, order, tmp, ends);
+            sparsify_row(d[i], width, at, s->keys[i], s, levels, keys, order, tmp, ends, 1);
         }
         COMBINE_FNS[s->count <= 4 ? s->count : 0](result, b, d, width, s);
         narrow(out + offset * ITEMSIZE[out_code], out_code, result, width);
@@ -343,29 +348,17 @@ static void della(char *out, int out_code, const char *base, int base_code, Py_s
 static void prune(double *out, const char *base, int base_code, const char *model, int model_code,
                   Py_ssize_t rows, Py_ssize_t width, uint64_t first, uint64_t key,
                   const Spec *s, int divide, double *buffers) {
-    double *bbuf = buffers, *xbuf = bbuf + width, *levels = xbuf + width, *p = levels + width;
-    uint64_t *keys = (uint64_t *)(p + width), *order = keys + width, *tmp = order + width;
+    double *bbuf = buffers, *xbuf = bbuf + width, *levels = xbuf + width;
+    uint64_t *keys = (uint64_t *)(levels + width), *order = keys + width, *tmp = order + width;
     uint32_t *ends = (uint32_t *)(tmp + width);
     if (width > 1) probability_levels(levels, width, s);
     for (Py_ssize_t row = 0; row < rows; row++) {
         const Py_ssize_t offset = row * width;
-        const uint64_t at = first + (uint64_t)offset;
         const double *b = widen(bbuf, base + offset * ITEMSIZE[base_code], base_code, width);
         const double *x = widen(xbuf, model + offset * ITEMSIZE[model_code], model_code, width);
-        double *t = out + offset;
-        subtract(t, keys, x, b, width);
-        if (width == 1) {
-            p[0] = s->density;
-        } else {
-            const int bits = rank_order(keys, order, tmp, ends, width);
-            const uint64_t mask = ((uint64_t)1 << bits) - 1;
-            for (Py_ssize_t r = 0; r < width; r++) p[order[r] & mask] = levels[r];
-        }
-        if (divide) {
-            keep_drawn(t, p, width, at, key);
-        } else {
-            keep_drawn_plain(t, p, width, at, key);
-        }
+        subtract(out + offset, keys, x, b, width);
+        sparsify_row(out + offset, width, first + (uint64_t)offset, key, s, levels, keys, order,
+                     tmp, ends, divide);
     }
 }
 
@@ -450,9 +443,9 @@ static PyObject *py_prune(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "prune: rows >= 0 and 1 <= width < 2**31");
         return NULL;
     }
-    /* base, x, levels, p (float64); keys, order, tmp (uint64); the buckets' ends */
+    /* base, x, levels (float64); keys, order, tmp (uint64); the buckets' ends */
     double *buffers =
-        PyMem_RawMalloc((size_t)7 * (size_t)width * sizeof(double) + ENDS * sizeof(uint32_t));
+        PyMem_RawMalloc((size_t)6 * (size_t)width * sizeof(double) + ENDS * sizeof(uint32_t));
     if (!buffers) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     prune((double *)(uintptr_t)out, (const char *)(uintptr_t)base, base_code,
