@@ -96,6 +96,9 @@ def test_verify_and_check_in_each_format():
         "terge: 1 of 2 merged tensors do not match\n"
     )
     assert json.loads(render_verify([], lineage, "m", "json"))["ok"] is True
+    record = json.loads(render_verify(problems, lineage, "m", "json"))
+    assert (record["ok"], record["tensors"], record["merged"]) == (False, 2, "m")  # all checked
+    assert record["problems"] == [{"name": "layers.0.weight", "problem": problems[0][1]}]
     cases = _cases(render_verify(problems, lineage, "m", "junit"))
     assert cases["layers.0.weight"].find("failure").get("message").startswith("the checkpoint's")
     violations = [
