@@ -449,6 +449,26 @@ def test_a_step_reading_what_a_held_step_writes_waits_for_it(monkeypatch):
         assert torch.equal(merged[name], value), name
 
 
+def test_a_step_writing_what_a_held_step_reads_waits_for_it():
+    """The other way round: 't2' reads the base's 't1' through model 1 and is held; 't1',
+    merged in place after it, must wait until 't2' has read it, as one by one. 't0' starts
+    't1''s group of held steps before 't2''s, so the groups' order alone would run 't1' first."""
+    import re
+
+    import terge
+
+    def models():
+        shared = torch.arange(4.0)
+        base = {"t0": torch.ones(4), "t2": torch.full((4,), 2.0), "t1": shared}
+        other = {"t0": torch.zeros(4), "t2": shared, "t1": torch.full((4,), 8.0)}
+        return [base, other]
+
+    weights = {re.compile("t[01]"): [1.0, 3.0], re.compile(".*"): [1.0, 1.0]}
+    merged = terge.merge(models(), weights=weights, inplace=True)
+    assert torch.equal(merged["t2"], (2.0 + torch.arange(4.0)) / 2)  # 't1' as it was
+    assert torch.equal(merged["t1"], (torch.arange(4.0) + 24.0) / 4)
+
+
 def test_a_ctrl_c_during_an_in_place_merge_with_held_steps_loses_none_of_them(
     monkeypatch, python_sigint
 ):
