@@ -687,3 +687,20 @@ def test_more_models_than_one_compiled_call_takes_are_merged_step_by_step():
     count = fastloop.MAX_INPUTS + 1
     merged = terge.merge([{"w": torch.full((3,), float(i))} for i in range(count)])
     assert torch.equal(merged["w"], torch.full((3,), (count - 1) / 2))
+
+
+def test_a_user_s_method_that_raises_leaves_an_in_place_merge_unwritten():
+    """A user's own method runs before anything is written in place: where it raises for the
+    second tensor, the first (a built-in's) is not half-merged into the base."""
+    import terge
+    from terge.errors import MethodError
+
+    base = {"a": torch.ones(3), "b": torch.ones(3)}
+    other = {"a": torch.zeros(3), "b": torch.zeros(3)}
+
+    def bad(tensors, weights, base):
+        raise RuntimeError("boom")
+
+    with pytest.raises(MethodError, match=r"^the merge method '\S*bad' raised RuntimeError: boom"):
+        terge.merge([base, other], method={"a": "arithmetic", "b": bad}, inplace=True)
+    assert torch.equal(base["a"], torch.ones(3)) and torch.equal(base["b"], torch.ones(3))
