@@ -704,3 +704,47 @@ def test_a_user_s_method_that_raises_leaves_an_in_place_merge_unwritten():
     with pytest.raises(MethodError, match=r"^the merge method '\S*bad' raised RuntimeError: boom"):
         terge.merge([base, other], method={"a": "arithmetic", "b": bad}, inplace=True)
     assert torch.equal(base["a"], torch.ones(3)) and torch.equal(base["b"], torch.ones(3))
+
+
+def test_an_in_place_merge_puts_the_ctrl_c_handler_back(python_sigint):
+    """Ctrl-C is held only while the base is written: afterwards the caller's handler is the
+    one installed again (else every later Ctrl-C would be swallowed), with and without one."""
+    import signal
+
+    import terge
+
+    def mine(signum, frame):
+        raise KeyboardInterrupt
+
+    for handler in (signal.default_int_handler, mine, signal.SIG_IGN):
+        signal.signal(signal.SIGINT, handler)
+        terge.merge([{"w": torch.ones(3)}, {"w": torch.zeros(3)}], inplace=True)
+        assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_ctrl_c_held_under_the_default_action_still_ends_the_process(tmp_path):
+    """With SIGINT's default action (no Python handler), a Ctrl-C held while the base is
+    written is delivered afterwards: the process ends of it, as it would have without terge."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "held.py"
+    script.write_text(
+        "import signal, torch, terge\n"
+        "from terge import execute\n"
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        "original = execute.run_step\n"
+        "def interrupted(step, *args, **kwargs):\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    return original(step, *args, **kwargs)\n"
+        "execute.run_step = interrupted\n"
+        "models = [{'w': torch.ones(3)}, {'w': torch.zeros(3)}]\n"
+        "terge.merge(models, method='ties', inplace=True)  # run_step inside the hold\n"
+        "print('the Ctrl-C was lost')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGINT, (done.returncode, done.stdout, done.stderr)
+    assert "lost" not in done.stdout
