@@ -748,3 +748,18 @@ def test_a_ctrl_c_held_under_the_default_action_still_ends_the_process(tmp_path)
     )
     assert done.returncode == -signal.SIGINT, (done.returncode, done.stdout, done.stderr)
     assert "lost" not in done.stdout
+
+
+@pytest.mark.parametrize("method", ["ties", "magmax", "breadcrumbs_ties"])
+def test_float32_accumulation_never_takes_the_float64_compiled_loops(method, monkeypatch):
+    """The compiled task-vector loops compute in float64: with dtype=float32 the float32
+    reference runs (the same as with the loops switched off), not the loops' other bits."""
+    import terge
+
+    generator = torch.Generator().manual_seed(3)
+    models = [{"w": torch.randn(64, 64, generator=generator)} for _ in range(4)]
+    got = terge.merge(models, method=method, dtype=torch.float32, seed=0)["w"]
+    in_float64 = terge.merge(models, method=method, seed=0)["w"]
+    assert not torch.equal(got, in_float64)  # the accumulations differ on these values
+    monkeypatch.setenv("TERGE_KERNELS", "torch")
+    assert torch.equal(got, terge.merge(models, method=method, dtype=torch.float32, seed=0)["w"])
