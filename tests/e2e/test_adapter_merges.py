@@ -228,6 +228,23 @@ def test_a_soup_of_two_adapters_is_the_average_of_the_two_merged_models(work):
         assert operand_ulps(value, expected, base[name]) <= ULPS, name
 
 
+def test_a_random_method_over_adapter_deltas_draws_with_each_tensor_s_seed(work):
+    """DARE over adapters' deltas (the delta path) draws each tensor's mask from the seed the
+    plan derives for it, as over the same models merged in: the same masks, so the results
+    agree to rounding (only how each task vector is formed differs)."""
+    first = case(work, "dr-a", llama, seed=5, **LLAMA_LORA)
+    second = case(work, "dr-b", llama, seed=6, **LLAMA_LORA)
+    base_folder = work / "llama-base"
+    method = terge.methods.dare_linear(density=0.5)
+    merged = terge.merge([str(first), str(second)], base=str(base_folder), method=method, seed=9)
+    whole = [peft_merged(base_folder, first), peft_merged(base_folder, second)]
+    base = llama().state_dict()
+    expected = terge.merge(whole, base=base, method=method, seed=9)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged[name], base[name])
+
+
 def test_task_arithmetic_takes_each_adapters_delta_as_its_task_vector(work, monkeypatch):
     first = case(work, "ta-a", llama, seed=5, **LLAMA_LORA)
     second = case(work, "ta-b", llama, seed=6, **LLAMA_LORA)
