@@ -763,3 +763,19 @@ def test_float32_accumulation_never_takes_the_float64_compiled_loops(method, mon
     assert not torch.equal(got, in_float64)  # the accumulations differ on these values
     monkeypatch.setenv("TERGE_KERNELS", "torch")
     assert torch.equal(got, terge.merge(models, method=method, dtype=torch.float32, seed=0)["w"])
+
+
+def test_a_built_in_method_s_own_error_is_not_wrapped_as_a_user_s():
+    """A built-in method's refusal while merging (three per-model densities for two
+    contributors) surfaces as itself, with its message, not as a MethodError about 'the merge
+    method ... raised'."""
+    import terge
+    from terge.errors import MethodError, MethodNotApplicableError
+
+    generator = torch.Generator().manual_seed(0)
+    models = [{"w": torch.randn(4, 4, generator=generator)} for _ in range(3)]
+    method = terge.methods.della(density=[0.5, 0.5, 0.5], epsilon=0.1)
+    with pytest.raises(MethodNotApplicableError) as raised:
+        terge.merge(models, base=0, method=method, seed=1)
+    assert not isinstance(raised.value, MethodError)
+    assert str(raised.value).startswith("della: density has 3 per-model values, but 2 models")
