@@ -701,7 +701,11 @@ def test_a_user_s_method_that_raises_leaves_an_in_place_merge_unwritten():
     def bad(tensors, weights, base):
         raise RuntimeError("boom")
 
-    with pytest.raises(MethodError, match=r"^the merge method '\S*bad' raised RuntimeError: boom"):
+    with pytest.raises(
+        MethodError,
+        match=r"^the merge method '\S*bad' raised RuntimeError: boom while merging the parameter "
+        r"'b' of models \[0, 1\] with the base \(the original error is chained as its cause\)\.$",
+    ):
         terge.merge([base, other], method={"a": "arithmetic", "b": bad}, inplace=True)
     assert torch.equal(base["a"], torch.ones(3)) and torch.equal(base["b"], torch.ones(3))
 
@@ -779,3 +783,18 @@ def test_a_built_in_method_s_own_error_is_not_wrapped_as_a_user_s():
         terge.merge(models, base=0, method=method, seed=1)
     assert not isinstance(raised.value, MethodError)
     assert str(raised.value).startswith("della: density has 3 per-model values, but 2 models")
+
+
+def test_a_user_s_method_returning_complex_numbers_is_refused_naming_it():
+    import terge
+    from terge.errors import MethodResultError
+
+    def complex_mean(tensors, weights, base):
+        return torch.complex(tensors[0], tensors[0])
+
+    with pytest.raises(
+        MethodResultError,
+        match=r"^the merge method '\S*complex_mean' returned a torch.complex(64|128) tensor for "
+        r"the parameter 'w'; a method must return real numbers\.$",
+    ):
+        terge.merge([{"w": torch.ones(3)}, {"w": torch.zeros(3)}], method=complex_mean)
