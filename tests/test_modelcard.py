@@ -389,9 +389,10 @@ def test_a_card_of_nothing_merged():
             "# the weights differ between tensors: see lineage.json",
         ),
         (
-            [Entry("mine", [(0, 1.0), (1, 2.0)], custom=True)] * 2,
+            [Entry("mine", [(0, 1.0), (1, 2.0)], custom=True)] * 2,  # the same weights
             True,
-            "# the weights differ between tensors: see lineage.json",
+            "# some tensors were made by a user's own method, whose weights are its own: see "
+            "lineage.json",
         ),
     ],
 )
@@ -403,12 +404,17 @@ def test_weights_that_vary_are_not_written_as_one(entries, note, weights):
         models=[Record(0, "file", "a", None), Record(1, "file", "b", None)],
     )
     text = model_card(lineage)
+    custom = entries[0].custom
     said = "The weights differ between tensors; the lineage records each tensor's."
-    assert (said in text) is note
+    own = (
+        "Some tensors were made by a user's own method, whose weights are its own; the lineage "
+        "records each tensor's."
+    )
+    assert (said in text) is (note and not custom)  # not "differ" where they are the same
+    assert (own in text) is custom
     recipe, complete = recipe_from_lineage(lineage)
     assert weights in recipe.splitlines()
     assert complete is not note
-    custom = entries[0].custom
     assert ("- `mine` (a user's own function): 2 tensors" in text) is custom
     assert ("# a user's own method function cannot be written in a recipe" in recipe) is custom
 

@@ -221,6 +221,10 @@ def _revision(record: ModelRecord | None) -> str:
     return f"`{record.revision[:12]}`" + ("" if asked is None else f" (asked: {_code(asked)})")
 
 
+_WEIGHTS_VARY = "the weights differ between tensors"
+_WEIGHTS_OF_OWN = "some tensors were made by a user's own method, whose weights are its own"
+
+
 def _model_table(lineage: Lineage) -> list[str]:
     weights, _ = _weights(lineage)
     base = lineage.base
@@ -233,7 +237,9 @@ def _model_table(lineage: Lineage) -> list[str]:
     if base is not None and base.index == SEPARATE:
         rows.append(f"| base | {_label(base)} | {_revision(base)} | |")
     if weights is None and lineage:
-        rows += ["", "The weights differ between tensors; the lineage records each tensor's."]
+        custom = any(getattr(e, "custom", False) for e in lineage.values())
+        said = (_WEIGHTS_OF_OWN if custom else _WEIGHTS_VARY).capitalize()
+        rows += ["", f"{said}; the lineage records each tensor's."]
     return rows
 
 
@@ -300,10 +306,10 @@ def recipe_from_lineage(lineage: Lineage) -> tuple[str, bool]:
     if weights is not None and lineage.models:
         values = [weights.get(i, 1.0) for i in range(len(lineage.models))]
         lines.append(f"weights = [{', '.join(_toml_number(v) for v in values)}]")
-    elif lineage:
-        complete = False
-        lines.append("# the weights differ between tensors: see lineage.json")
     custom = any(getattr(e, "custom", False) for e in lineage.values())
+    if weights is None and lineage:
+        complete = False
+        lines.append(f"# {_WEIGHTS_OF_OWN if custom else _WEIGHTS_VARY}: see lineage.json")
     if custom:
         complete = False
         lines.append("# a user's own method function cannot be written in a recipe")
