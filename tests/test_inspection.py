@@ -243,3 +243,100 @@ def test_the_table_names_the_first_tensors_left_out(monkeypatch):
     assert "left out: 2 tensors\n  steps: not floating point\n" in table
     assert "  ... and 1 more (--format json lists all)\n" in table
     assert "extra.weight" not in table
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("model.layers.0.feed_forward.w9.weight", "mlp"),  # by the module above the last
+        ("encoder.layer.1.ffn.lin9.weight", "mlp"),
+        ("model.layers.0.experts.proj.weight", "other"),
+    ],
+)
+def test_tensor_kinds_from_the_modules_above(name, kind):
+    assert tensor_kind(name) == kind
+
+
+def test_empty_sums_and_undefined_cosines_in_the_heatmap():
+    empty = inspection.Sums(2)
+    assert (empty.conflict_rate(0, 1), empty.ties_share(0)) == (0.0, 0.0)
+    report = inspect([{"w": torch.ones(3)}, {"w": torch.zeros(3)}], base={"w": torch.ones(3)})
+    labels, rows = report.matrix("cosine")
+    assert labels == [OTHER] and math.isnan(rows[0][0])  # a zero task vector: no cosine
+    with pytest.raises(MergeArgumentError, match="`metric` must be 'cosine' or 'conflicts'"):
+        report.matrix("cos")
+
+
+def test_blocks_are_listed_by_number_then_other():
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.zeros(2) for i in range(12)}
+    base["lm_head.weight"] = torch.zeros(2)
+    models = [{n: torch.ones(2) for n in base}, {n: -torch.ones(2) for n in base}]
+    report = inspect(models, base=base)
+    assert list(report.groups("block")) == [*range(12), OTHER]  # 2 before 10
+    assert list(report.to_json()["blocks"]) == [*map(str, range(12)), OTHER]
+
+
+def test_the_json_lists_what_was_left_out():
+    base, models = _models()
+    assert inspect(models, base=base).to_json()["left_out"] == {"steps": "not floating point"}
+
+
+def test_a_model_of_another_shape_is_named():
+    base, models = _models()
+    models[1]["model.norm.weight"] = torch.zeros(5)
+    assert inspect(models, base=base).left_out["model.norm.weight"] == "model 1 has shape (5,)"
+
+
+@pytest.mark.parametrize("density", [True, "0.5", None])
+def test_density_must_be_a_number(density):
+    base, models = _models()
+    with pytest.raises(MergeArgumentError, match=r"`density` must be a number in \(0, 1\]"):
+        inspect(models, base=base, density=density)
+
+
+def test_a_base_by_negative_index_and_not_by_bool():
+    base, models = _models()
+    by_index = inspect([*models, base], base=-1)
+    assert by_index.to_json()["blocks"] == inspect(models, base=base).to_json()["blocks"]
+    with pytest.raises(MergeArgumentError, match="the base is a bool"):
+        inspect(models, base=True)
+
+
+def test_checkpoint_files_are_closed_after_inspecting(tmp_path, monkeypatch):
+    from terge.sources import FileSource
+
+    base, models = _models(seed=2)
+    paths = []
+    for i, state in enumerate([base, *models]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, paths[-1])
+    closed = []
+    original = FileSource.close
+    monkeypatch.setattr(FileSource, "close", lambda self: closed.append(self) or original(self))
+    inspect([str(p) for p in paths], base=0)
+    assert len(closed) == 4
+
+
+def test_a_model_holding_integers_where_the_base_has_floats_is_named():
+    base, models = _models()
+    models[0]["model.norm.weight"] = torch.zeros(4, dtype=torch.int64)
+    assert inspect(models, base=base).left_out["model.norm.weight"] == (
+        "model 0's is not floating point"
+    )
+
+
+def test_the_table_lists_exactly_listed_names_without_a_more_line(monkeypatch):
+    base, models = _models()
+    for m in models:
+        m["extra.weight"] = torch.ones(2)
+    monkeypatch.setattr(inspection, "LISTED", 2)
+    table = inspect(models, base=base).table()
+    assert "  extra.weight: the base lacks it (model 0 has it)\n" in table
+    assert "more (--format json lists all)" not in table
+
+
+def test_sums_keep_and_add_their_non_finite_counts():
+    sums = inspection.Sums(2, non_finite=[1, 0])
+    assert sums.non_finite == [1, 0]
+    sums.add(inspection.Sums(2, non_finite=[2, 3]))
+    assert sums.non_finite == [3, 3]
