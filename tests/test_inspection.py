@@ -119,12 +119,17 @@ def test_chunks_do_not_change_the_numbers(monkeypatch):
         assert chunked["blocks"][block]["ties_kept"] == stats["ties_kept"]
 
 
+def _saved(folder, states) -> list:
+    """Each state dict saved as its own safetensors file; their paths."""
+    paths = [folder / f"m{i}.safetensors" for i in range(len(states))]
+    for state, path in zip(states, paths, strict=True):
+        save_file(state, path)
+    return paths
+
+
 def test_one_tensor_at_a_time_from_files(tmp_path, monkeypatch):
     base, models = _models(seed=1)
-    paths = []
-    for i, state in enumerate([base, *models]):
-        paths.append(tmp_path / f"m{i}.safetensors")
-        save_file(state, paths[-1])
+    paths = _saved(tmp_path, [base, *models])
     in_memory = inspect(models, base=base).to_json()
     measured = []
     original = inspection.measure
@@ -306,10 +311,7 @@ def test_checkpoint_files_are_closed_after_inspecting(tmp_path, monkeypatch):
     from terge.sources import FileSource
 
     base, models = _models(seed=2)
-    paths = []
-    for i, state in enumerate([base, *models]):
-        paths.append(tmp_path / f"m{i}.safetensors")
-        save_file(state, paths[-1])
+    paths = _saved(tmp_path, [base, *models])
     closed = []
     original = FileSource.close
     monkeypatch.setattr(FileSource, "close", lambda self: closed.append(self) or original(self))
